@@ -1,0 +1,85 @@
+"""Paged KV cache: store keys/values into fixed-size blocks, attend over a block table.
+
+Cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, Hkv, D]. A token's slot is
+block_id * block_size + offset; slot -1 means "do not store" (padding). A sequence's block table row
+lists its block ids in order; entries past its length are ignored (fill with 0 or -1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """k, v: [N, Hkv, D]; slot_mapping: [N] int -> writes in place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's newest queries over its whole cached context.
+
+    q: [N, Hq, D], the last qlen_s tokens of sequence s (their K/V already stored);
+    cu_seqlens_q: [S+1]; block_tables: [S, max_blocks]; context_lens: [S] (cached + new tokens).
+    Query i of sequence s sits at absolute position context_len_s - qlen_s + i and sees keys 0..that.
+    Returns [N, Hq, D].
+    """
+    N, Hq, D = q.shape
+    S = block_tables.shape[0]
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    qlens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    Lq = int(qlens.max())
+    Lk = int(context_lens.max())
+    nb = (Lk + bs - 1) // bs
+    bt = block_tables[:, :nb].long().clamp_min(0)
+    kp = k_cache[bt].reshape(S, nb * bs, Hkv, D)[:, :Lk].transpose(1, 2)   # [S, Hkv, Lk, D]
+    vp = v_cache[bt].reshape(S, nb * bs, Hkv, D)[:, :Lk].transpose(1, 2)
+    seq = torch.repeat_interleave(torch.arange(S, device=q.device), qlens)
+    off = torch.arange(N, device=q.device) - cu_seqlens_q[:-1].long()[seq]
+    qp = q.new_zeros(S, Lq, Hq, D).index_put((seq, off), q).transpose(1, 2)  # [S, Hq, Lq, D]
+    rep = Hq // Hkv
+    if rep > 1:
+        kp = kp.repeat_interleave(rep, dim=1)
+        vp = vp.repeat_interleave(rep, dim=1)
+    ctx = context_lens.long()
+    qpos = (ctx - qlens)[:, None] + torch.arange(Lq, device=q.device)[None, :]   # [S, Lq]
+    kpos = torch.arange(Lk, device=q.device)
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx[:, None, None])
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2)[seq, off]
+
+
+def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
+    B = q.shape[0]
+    cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    return paged_prefill_ref(q, k_cache, v_cache, cu, block_tables, context_lens, scale)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    from kernels import use_triton
+    if use_triton(k):
+        from kernels.paged_triton import store_kv_triton
+        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None):
+    from kernels import use_triton
+    if use_triton(q):
+        from kernels.paged_triton import paged_decode_triton
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale=None):
+    # On CUDA with flash-attn installed, flash_attn_varlen_func with block_table does this; the kernels
+    # issue wires it. Elsewhere the twin (it gathers each sequence's blocks once per layer).
+    return paged_prefill_ref(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)

@@ -1,0 +1,26 @@
+"""RMSNorm, optionally fused with the residual add that precedes it.
+
+    y = w * x / sqrt(mean(x^2) + eps)          (statistics in fp32, as transformers' Llama does)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None):
+    """x, residual: [..., H]; weight: [H]. Returns y, or (y, x + residual) when residual is given."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    from kernels import use_triton
+    if use_triton(x):
+        from kernels.rmsnorm_triton import rmsnorm_triton
+        return rmsnorm_triton(x, weight, eps, residual)
+    return rmsnorm_ref(x, weight, eps, residual)

@@ -1,0 +1,189 @@
+"""Hugging Face checkpoint I/O through one explicit name table.
+
+Reads `model.safetensors` or a sharded set (`model.safetensors.index.json` + shards) into our module
+names; writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer
+files, so transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import ModelConfig
+from model.llama import Transformer
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+# ours <- HF; {i} is the layer index
+_LAYER_TABLE = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+}
+
+
+def name_table(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> HF tensor name, for exactly the tensors this config has."""
+    t = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    if not cfg.tie_word_embeddings:
+        t["output.weight"] = "lm_head.weight"
+    for i in range(cfg.num_hidden_layers):
+        for ours, hf in _LAYER_TABLE.items():
+            if ours.endswith(".bias") and not cfg.attention_bias:
+                continue
+            t[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"
+    return t
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {k: path / v for k, v in wm.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
+        return files
+    if single.exists():
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    raise CheckpointError(f"{path}: not a checkpoint folder (no model.safetensors or "
+                          f"model.safetensors.index.json)")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               cfg: ModelConfig | None = None) -> Transformer:
+    """Build the model from a HF folder and load its weights. Tied checkpoints that also store
+    lm_head.weight are accepted (it must equal the embedding's shape)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    cfg = cfg or ModelConfig.from_json(path)
+    files = _tensor_files(path)
+    table = name_table(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    expected = set(table.values())
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = [k for k in files if k not in expected and k not in ignorable
+                  and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
+                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
+    state = {}
+    handles = {}
+    try:
+        for ours, hf in table.items():
+            if hf not in files:
+                raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
+            f = files[hf]
+            if f not in handles:
+                handles[f] = safe_open(str(f), "pt", device="cpu")
+            t = handles[f].get_tensor(hf)
+            want = tuple(params[ours].shape)
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
+            state[ours] = t.to(dtype)
+    finally:
+        handles.clear()
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=True, assign=False)
+    model.inv_freq = cfg.inv_freq().to(device)
+    return model.to(dtype=dtype)
+
+
+def _atomic_dir_write(out: Path, write):
+    """Write into a temp folder beside `out`, then swap it in: a crash never leaves half a checkpoint."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
+               max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> Path:
+    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
+    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names."""
+    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    table = name_table(cfg)
+    tensors = {}
+    for ours, hf in table.items():
+        if ours not in sd:
+            raise CheckpointError(f"state dict has no '{ours}' (for {hf})")
+        t = sd[ours].detach().to("cpu")
+        tensors[hf] = (t.to(dtype) if dtype else t).contiguous()
+
+    def write(tmp: Path):
+        shards, cur, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = t
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            wm, total = {}, 0
+            for i, sh in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, str(tmp / fname), metadata={"format": "pt"})
+                for k, t in sh.items():
+                    wm[k] = fname
+                    total += t.numel() * t.element_size()
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
+        hf = cfg.to_hf_dict()
+        some = next(iter(tensors.values()))
+        hf["torch_dtype"] = str(some.dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.exists():
+                    shutil.copy(src, tmp / name)
+
+    _atomic_dir_write(Path(out), write)
+    return Path(out)

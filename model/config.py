@@ -1,0 +1,165 @@
+"""ModelConfig: the Llama-family architecture read from a Hugging Face `config.json`.
+
+Supported: model_type llama (Llama 2, Llama 3/3.1 with `llama3` rope scaling), mistral, qwen2 (bias on
+q/k/v). Anything we would compute differently from transformers is refused with a message naming the
+file and field, never silently mis-computed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # None, or {"rope_type": "llama3", factor, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False              # bias on q/k/v (qwen2 always)
+    sliding_window: int | None = None         # mistral; sequences longer than this are refused
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    dropout: float = 0.0                      # residual-branch dropout, set by the trainers (papers: 0.1)
+    extra: dict = field(default_factory=dict, repr=False)  # the rest of config.json, kept for export
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type == "qwen2":
+            self.attention_bias = True
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim/2], fp32, with llama3 scaling applied where configured."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        rs = self.rope_scaling
+        if rs and rs.get("rope_type") == "llama3":
+            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+            old = rs["original_max_position_embeddings"]
+            lo_wl, hi_wl = old / lo, old / hi
+            wavelen = 2 * math.pi / inv
+            # long wavelengths are slowed by `factor`, short ones kept, the band between blended
+            scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            mid = (wavelen >= hi_wl) & (wavelen <= lo_wl)
+            inv = torch.where(mid, blended, scaled)
+        return inv
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":
+        def bad(fld, why):
+            raise ConfigError(f"{source}: field '{fld}': {why}")
+
+        mt = raw.get("model_type")
+        if mt not in SUPPORTED_TYPES:
+            bad("model_type", f"{mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(raw.get(k), int) or raw[k] <= 0:
+                bad(k, f"missing or not a positive integer ({raw.get(k)!r})")
+        if raw.get("hidden_act", "silu") != "silu":
+            bad("hidden_act", f"{raw['hidden_act']!r} is not supported (only silu)")
+        if raw.get("mlp_bias"):
+            bad("mlp_bias", "MLP biases are not supported")
+        if raw.get("pretraining_tp", 1) != 1:
+            bad("pretraining_tp", "only 1 is supported")
+        # transformers 5 writes rope_parameters (with rope_theta inside); older versions rope_scaling
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or None
+        theta = raw.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+        scaling = None
+        if rope:
+            rtype = rope.get("rope_type", rope.get("type", "default"))
+            if rtype == "llama3":
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    if k not in rope:
+                        bad("rope_scaling", f"llama3 scaling needs '{k}'")
+                scaling = {"rope_type": "llama3", **{k: rope[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+            elif rtype != "default":
+                bad("rope_scaling", f"rope_type {rtype!r} is not supported (supported: default, llama3)")
+        window = None
+        if mt == "mistral":
+            window = raw.get("sliding_window")
+        elif mt == "qwen2" and raw.get("use_sliding_window"):
+            bad("use_sliding_window", "sliding-window attention is not supported for qwen2")
+        if mt == "llama" and raw.get("attention_bias"):
+            attention_bias = True
+        else:
+            attention_bias = mt == "qwen2"
+        known = set(cls.__dataclass_fields__) | {"rope_parameters", "rope_theta", "rope_scaling"}
+        cfg = cls(
+            model_type=mt, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
+            num_key_value_heads=raw.get("num_key_value_heads"), head_dim=raw.get("head_dim"),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False), attention_bias=attention_bias,
+            sliding_window=window, bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+        if raw.get("num_attention_heads") % cfg.num_key_value_heads:
+            bad("num_key_value_heads", "must divide num_attention_heads")
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        """config.json contents that transformers reads back to the same architecture."""
+        d = dict(self.extra)
+        d.update({k: v for k, v in asdict(self).items() if k not in ("extra", "dropout", "rope_scaling", "sliding_window")})
+        d["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]]
+        d["hidden_act"] = "silu"
+        d["rope_theta"] = self.rope_theta
+        params = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            params.update(self.rope_scaling)
+            d["rope_scaling"] = dict(self.rope_scaling)
+        d["rope_parameters"] = params
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d.pop("attention_bias", None)
+        return d

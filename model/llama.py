@@ -1,0 +1,157 @@
+"""The Llama-family transformer, single-device. Parallelism (FSDP2, activation checkpointing) is applied
+from outside (train/parallel.py); math goes through the `kernels` switch.
+
+Every forward works on a flat token axis: N tokens from S sequences laid end to end, delimited by
+`cu_seqlens`. A padded batch, a packed training row and a paged inference step are all this one shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels as K
+from model.config import ModelConfig
+
+
+@dataclass
+class AttnContext:
+    """What attention needs besides q, k, v. Training / full forward: cu_seqlens only.
+    Paged inference (built by infer/runner.py): the KV caches and where this step's tokens go."""
+    cu_seqlens: torch.Tensor                 # [S+1] int32, over this call's tokens
+    max_seqlen: int
+    kv_caches: list | None = None            # per layer (k_cache, v_cache): [blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor | None = None  # [N] cache slot of each new token (-1: don't store)
+    block_tables: torch.Tensor | None = None  # [S, max_blocks]
+    context_lens: torch.Tensor | None = None  # [S] cached + new tokens per sequence
+    decode: bool = False                     # every sequence has exactly one new token
+
+
+def context_from_positions(positions: torch.Tensor) -> tuple[torch.Tensor, AttnContext]:
+    """positions: [B, T] that restart at 0 where a new example begins (packing) -> flat positions [B*T],
+    and a context whose sequences are the examples. Each row also starts a new sequence."""
+    B, T = positions.shape
+    flat = positions.reshape(-1)
+    starts = flat == 0
+    starts[::T] = True
+    idx = torch.nonzero(starts).flatten()
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    return flat, AttnContext(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.wo = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, ctx: AttnContext):
+        N = x.shape[0]
+        q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
+        k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
+        v = self.wv(x).view(N, self.nkv, self.hd)
+        if ctx.kv_caches is None:
+            o = K.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen)
+        else:
+            k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+            K.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            if ctx.decode:
+                o = K.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+            else:
+                o = K.paged_prefill(q, k_cache, v_cache, ctx.cu_seqlens, ctx.block_tables, ctx.context_lens)
+        return self.wo(o.reshape(N, self.nh * self.hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(K.swiglu(self.w1(x), self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.attention = Attention(cfg, layer_idx)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.feed_forward = FeedForward(cfg)
+        self.eps, self.p = cfg.rms_norm_eps, cfg.dropout
+
+    def forward(self, x, cos, sin, ctx):
+        h = self.attention(K.rmsnorm(x, self.attention_norm, self.eps), cos, sin, ctx)
+        x = x + F.dropout(h, self.p, self.training)
+        h = self.feed_forward(K.rmsnorm(x, self.ffn_norm, self.eps))
+        return x + F.dropout(h, self.p, self.training)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # [V, H]
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Fresh random weights (for models trained from scratch, e.g. the embedded world's M0)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.dim() == 1 and "bias" not in name:
+                    p.fill_(1.0)
+                elif "bias" in name:
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """tokens, positions: [N] -> final-norm hidden states [N, H]. Use .logits() or
+        kernels.linear_logprobs(h, model.lm_head_weight, targets) on the result."""
+        if self.cfg.sliding_window is not None and ctx.max_seqlen > self.cfg.sliding_window and ctx.kv_caches is None:
+            raise ValueError(f"sequence of {ctx.max_seqlen} tokens exceeds sliding_window "
+                             f"{self.cfg.sliding_window}, which this model does not implement")
+        cos, sin = K.rope_cos_sin(self.inv_freq, positions)       # [N, hd/2] each
+        x = F.dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return K.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.lm_head_weight.T).float()                 # [N, V]
+
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids: [B, T], positions restarting at 0 per packed example -> hidden [B, T, H]."""
+        B, T = input_ids.shape
+        pos, ctx = context_from_positions(position_ids)
+        return self(input_ids.reshape(-1), pos, ctx).view(B, T, -1)
+
+    def forward_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A padded batch (left or right padding), as transformers takes it -> logits [B, T, V] (fp32).
+        Padding positions' logits are zeros."""
+        B, T = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        lens = mask.sum(1)
+        pos = (mask.long().cumsum(1) - 1)[mask]                     # [N] positions of real tokens
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=input_ids.device)
+        cu[1:] = lens.cumsum(0)
+        h = self(input_ids[mask], pos, AttnContext(cu, int(lens.max())))
+        out = torch.zeros(B, T, self.cfg.vocab_size, device=h.device)
+        out[mask] = self.logits(h)
+        return out
