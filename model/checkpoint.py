@@ -78,6 +78,18 @@ def _tensor_files(path: Path) -> dict[str, Path]:
                           f"model.safetensors.index.json)")
 
 
+def check_tokenizer_fits(path: Path, cfg: ModelConfig) -> None:
+    """A tokenizer whose ids run past the embedding would index out of range at the first rare token."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    from model.tokenizer import Tokenizer
+    n = Tokenizer.load(path).vocab_size
+    if n > cfg.vocab_size:
+        name = "tokenizer.json" if (path / "tokenizer.json").exists() else "tokenizer.model"
+        raise CheckpointError(f"{path / name}: tokenizer has {n} tokens but config.json field 'vocab_size' "
+                              f"(the embedding) has only {cfg.vocab_size}")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                cfg: ModelConfig | None = None) -> Transformer:
     """Build the model from a HF folder and load its weights. Tied checkpoints that also store
@@ -86,6 +98,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")
     cfg = cfg or ModelConfig.from_json(path)
+    check_tokenizer_fits(path, cfg)
     files = _tensor_files(path)
     table = name_table(cfg)
     with torch.device("meta"):

@@ -99,6 +99,13 @@ class ModelConfig:
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(raw.get(k), int) or raw[k] <= 0:
                 bad(k, f"missing or not a positive integer ({raw.get(k)!r})")
+        kv = raw.get("num_key_value_heads", raw["num_attention_heads"])
+        if not isinstance(kv, int) or kv <= 0 or raw["num_attention_heads"] % kv:
+            bad("num_key_value_heads", f"{kv!r} must be a positive divisor of num_attention_heads "
+                                       f"({raw['num_attention_heads']})")
+        hd = raw.get("head_dim")
+        if hd is not None and (not isinstance(hd, int) or hd <= 0 or hd % 2):
+            bad("head_dim", f"{hd!r} must be a positive even integer (RoPE rotates pairs)")
         if raw.get("hidden_act", "silu") != "silu":
             bad("hidden_act", f"{raw['hidden_act']!r} is not supported (only silu)")
         if raw.get("mlp_bias"):
@@ -141,8 +148,6 @@ class ModelConfig:
             eos_token_id=raw.get("eos_token_id"),
             extra={k: v for k, v in raw.items() if k not in known},
         )
-        if raw.get("num_attention_heads") % cfg.num_key_value_heads:
-            bad("num_key_value_heads", "must divide num_attention_heads")
         return cfg
 
     def to_hf_dict(self) -> dict:

@@ -1,17 +1,248 @@
-"""Tokenizer: SentencePiece `tokenizer.model` or HF `tokenizer.json` folders (work in progress)."""
+"""Tokenizers of Hugging Face checkpoint folders, chat rendering, and the assistant-target mask.
+
+Two backends behind one interface: SentencePiece (`tokenizer.model`, Llama 2 style) and HF `tokenizers`
+(`tokenizer.json`, Llama 3 / Mistral / Qwen2 style). Special tokens come from `tokenizer_config.json`
+(falling back to the SentencePiece model's own ids) and stop ids also from `generation_config.json`.
+
+Chat rendering works on token segments, not on one rendered string: each message is turned into
+(header text, content, trailer text), each piece is encoded on its own and the ids are concatenated. This
+is what makes the assistant mask exact and what makes
+
+    render_chat(prompt_messages, add_generation_prompt=True)[0] + render_response(reply)
+        == render_chat(prompt_messages + [assistant reply])[0]
+
+hold by construction, so the sampler, the SFT trainer and the DPO trainer see the very same ids. (For a
+SentencePiece tokenizer this can differ from encoding the whole rendered string at a segment boundary; we
+choose consistency across our own stages.)
+
+Templates: the checkpoint's own `chat_template` (tokenizer_config.json or chat_template.jinja) when it has
+one, rendered with jinja2 as transformers does; otherwise the PLAIN template below.
+"""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+
+# The plain template, used when a checkpoint has no chat_template:
+#   <bos>System: {system}\n\nUser: {user}\n\nAssistant: {assistant}<eos>User: {user}\n\nAssistant: ...
+PLAIN_HEADERS = {"system": "System: {}\n\n", "user": "User: {}\n\n"}
+PLAIN_ASSISTANT = "Assistant:"   # the reply follows; SentencePiece's dummy prefix supplies the space
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_text(v) -> str | None:
+    """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=str(Path(path) / "tokenizer.model"))
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        path = Path(path)
+        self.path = path
+        cfg_file = path / "tokenizer_config.json"
+        try:
+            self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{cfg_file}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if (path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            self._hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            self._sp = None
+            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        elif (path / "tokenizer.model").exists():
+            import sentencepiece as spm
+            self._sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            self._hf = None
+            self.vocab_size = self._sp.vocab_size()
+        else:
+            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+        self.bos_id = self._special("bos_token", self._sp.bos_id() if self._sp else None)
+        self.eos_id = self._special("eos_token", self._sp.eos_id() if self._sp else None)
+        pad = self._special("pad_token", self._sp.pad_id() if self._sp else None)
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.chat_template = self._find_template()
+        self.stop_ids = self._stop_ids()
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return ([self.bos_id] if bos else []) + self.sp.encode(text)
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        return cls(path)
+
+    # ---- special tokens -------------------------------------------------------------------------
+    def _special(self, key: str, fallback: int | None) -> int | None:
+        text = _token_text(self.config.get(key))
+        if text is None:
+            return fallback if (fallback is not None and fallback >= 0) else None
+        tid = self.token_to_id(text)
+        if tid is None:
+            raise TokenizerError(f"{self.path / 'tokenizer_config.json'}: field '{key}': token {text!r} "
+                                 f"is not in the vocabulary")
+        return tid
+
+    def token_to_id(self, text: str) -> int | None:
+        if self._hf is not None:
+            return self._hf.token_to_id(text)
+        tid = self._sp.piece_to_id(text)
+        return None if tid == self._sp.unk_id() and text != self._sp.id_to_piece(tid) else tid
+
+    def _stop_ids(self) -> list[int]:
+        ids = [] if self.eos_id is None else [self.eos_id]
+        gen = self.path / "generation_config.json"
+        if gen.exists():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            for t in ([e] if isinstance(e, int) else (e or [])):
+                if t not in ids:
+                    ids.append(t)
+        return ids
+
+    def _find_template(self) -> str | None:
+        jinja = self.path / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text()
+        t = self.config.get("chat_template")
+        if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
+            named = {d.get("name"): d.get("template") for d in t}
+            t = named.get("default") or next(iter(named.values()), None)
+        return t
+
+    # ---- text <-> ids ---------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Plain text -> ids. Special-token strings in the text (e.g. "<s>" written by a chat template) map to
+        their ids, as HF tokenizers do for its added tokens."""
+        if self._hf is not None:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._sp_encode(text)
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def _sp_encode(self, text: str) -> list[int]:
+        specials = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        if not any(sp in text for sp in specials):
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        """Text of `ids` with special tokens (BOS, EOS, pad, control tokens) left out."""
+        if self._hf is not None:
+            return self._hf.decode(list(ids), skip_special_tokens=True)
+        return self._sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id, self.pad_id)])
+
+    # ---- chat -----------------------------------------------------------------------------------
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise TokenizerError(f"{self.path}: chat_template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        tmpl = env.from_string(self.chat_template)
+        extra = {k: _token_text(v) for k, v in self.config.items()
+                 if k.endswith("_token") and isinstance(_token_text(v), str)}
+        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+    def _segments(self, messages: list[dict], add_generation_prompt: bool):
+        """-> [(text, is_special_content)] where is_special_content marks an assistant reply."""
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise TokenizerError(f"message {i}: field 'role': {m.get('role')!r} is not system/user/assistant")
+            if not isinstance(m.get("content"), str):
+                raise TokenizerError(f"message {i}: field 'content': missing or not a string")
+        if self.chat_template is None:
+            segs = []
+            for m in messages:
+                if m["role"] == "assistant":
+                    segs += [(PLAIN_ASSISTANT, False), (m["content"], True)]
+                else:
+                    segs.append((PLAIN_HEADERS[m["role"]].format(m["content"]), False))
+            if add_generation_prompt:
+                segs.append((PLAIN_ASSISTANT, False))
+            return segs
+        # A jinja template: find each message's text by rendering growing prefixes of the conversation.
+        segs, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], add_generation_prompt=True)
+                full = self._render(messages[:i + 1], add_generation_prompt=False)
+                if not head.startswith(done) or not full.startswith(head):
+                    raise TokenizerError(f"{self.path}: chat_template does not render conversations as growing "
+                                         f"prefixes; cannot locate assistant turn {i}")
+                rest = full[len(head):]
+                at = rest.find(m["content"])
+                if at < 0:
+                    raise TokenizerError(f"{self.path}: chat_template alters assistant content of turn {i}")
+                segs += [(head[len(done):] + rest[:at], False), (m["content"], True)]
+                tail = rest[at + len(m["content"]):]
+                if tail:
+                    segs.append((tail, None))  # None: the turn's closing text (its end token is a target)
+                done = full
+            else:
+                full = self._render(messages[:i + 1], add_generation_prompt=False)
+                if not full.startswith(done):
+                    raise TokenizerError(f"{self.path}: chat_template does not render conversations as growing "
+                                         f"prefixes (message {i})")
+                segs.append((full[len(done):], False))
+                done = full
+        if add_generation_prompt:
+            head = self._render(messages, add_generation_prompt=True)
+            segs.append((head[len(done):], False))
+        return segs
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Chat turns -> (ids, target_mask). The mask is True on assistant content tokens and on the token
+        that ends each assistant turn (EOS, or the template's end-of-turn token): what SFT trains on."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        if self.chat_template is None and self.bos_id is not None:
+            ids.append(self.bos_id)
+            mask.append(False)
+        for text, kind in self._segments(messages, add_generation_prompt):
+            if kind is True:            # an assistant reply: content, and EOS on the plain template
+                piece = self.encode(text)
+                if self.chat_template is None and self.eos_id is not None:
+                    piece = piece + [self.eos_id]
+                ids += piece
+                mask += [True] * len(piece)
+            elif kind is None:          # closing text of an assistant turn: targets up to its first stop id
+                piece = self.encode(text)
+                cut = next((j + 1 for j, t in enumerate(piece) if t in self.stop_ids), 0)
+                ids += piece
+                mask += [True] * cut + [False] * (len(piece) - cut)
+            elif text:
+                piece = self.encode(text)
+                ids += piece
+                mask += [False] * len(piece)
+        return ids, mask
+
+    def render_response(self, text: str) -> list[int]:
+        """Ids of an assistant reply as render_chat lays it after the generation prompt, end token included
+        (plain template: content + EOS; a jinja template: content + its closing text up to the stop id)."""
+        if self.chat_template is None:
+            return self.encode(text) + ([self.eos_id] if self.eos_id is not None else [])
+        probe = [{"role": "user", "content": "x"}]
+        p_ids, _ = self.render_chat(probe, add_generation_prompt=True)
+        f_ids, f_mask = self.render_chat(probe + [{"role": "assistant", "content": text}])
+        tail = f_ids[len(p_ids):]
+        return [t for t, m in zip(tail, f_mask[len(p_ids):]) if m]
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """A request record's prompt: `messages` rendered with the generation prompt, or raw `prompt` text
+        after BOS (no template)."""
+        if "messages" in record:
+            return self.render_chat(record["messages"], add_generation_prompt=True)[0]
+        return self.encode(record["prompt"], bos=True)
