@@ -1,0 +1,115 @@
+"""RMSNorm (optionally fused with the residual add) in Triton: forward, backward, autograd Function.
+
+One program normalises one row of H features (the whole row sits in registers, BLOCK = next_pow2(H)).
+The backward recomputes x_hat from the saved input and per-row 1/rms; the weight gradient is summed in
+fp32 per program over a stripe of rows, then the few stripes are added by torch.
+Numerics follow the twin `kernels.rmsnorm.rmsnorm_ref` (statistics in fp32, the normalised row rounded
+to the input dtype before the weight multiply).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_fwd(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, H, eps,
+                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)   # in the input dtype
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    n = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * n).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rmsnorm_bwd(DY, DS, X, W, RSTD, DX, DWP, M, H, stride_dy, stride_ds, stride_x, stride_dx,
+                 HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in tl.range(pid, M, G):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = xf * rstd
+        dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+        dn = dy * w
+        dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / H))
+        if HAS_DS:
+            dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DWP + pid * H + cols, dw, mask=mask)
+
+
+def _fwd(x2, r2, weight, eps):
+    M, H = x2.shape
+    out_dtype = torch.promote_types(weight.dtype, x2.dtype)
+    y = torch.empty(M, H, dtype=out_dtype, device=x2.device)
+    s = torch.empty_like(x2) if r2 is not None else x2
+    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    BLOCK = triton.next_power_of_2(H)
+    if M:
+        _rmsnorm_fwd[(M,)](x2, r2 if r2 is not None else x2, weight, y, s, rstd,
+                           x2.stride(0), (r2 if r2 is not None else x2).stride(0), y.stride(0), s.stride(0),
+                           H, eps, HAS_RES=r2 is not None, BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+    return y, s, rstd
+
+
+def _n_stripes(x: torch.Tensor, M: int) -> int:
+    if x.is_cuda:
+        return max(1, min(M, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    return max(1, min(M, 4))   # interpreter: few programs, each looping over rows
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        shape = x.shape
+        H = shape[-1]
+        x2 = x.reshape(-1, H).contiguous()
+        r2 = residual.reshape(-1, H).contiguous() if residual is not None else None
+        y, s, rstd = _fwd(x2, r2, weight.contiguous(), eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.has_res, ctx.shape = residual is not None, shape
+        ctx.mark_non_differentiable(rstd)
+        if residual is None:
+            return y.view(shape)
+        return y.view(shape), s.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s, weight, rstd = ctx.saved_tensors
+        M, H = s.shape
+        dy2 = dy.reshape(-1, H).contiguous()
+        ds2 = ds.reshape(-1, H).contiguous() if ds is not None else None
+        dx = torch.empty_like(s)
+        G = _n_stripes(s, M)
+        dwp = torch.zeros(G, H, dtype=torch.float32, device=s.device)
+        BLOCK = triton.next_power_of_2(H)
+        if M:
+            _rmsnorm_bwd[(G,)](dy2, ds2 if ds2 is not None else dy2, s, weight, rstd, dx, dwp, M, H,
+                               dy2.stride(0), (ds2 if ds2 is not None else dy2).stride(0), s.stride(0),
+                               dx.stride(0), HAS_DS=ds2 is not None, BLOCK=BLOCK,
+                               num_warps=4 if BLOCK <= 4096 else 8)
+        dw = dwp.sum(0).to(weight.dtype)
+        dx = dx.view(ctx.shape)
+        return dx, dw, None, (dx if ctx.has_res else None)
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Same contract as `kernels.rmsnorm.rmsnorm_ref`: y, or (y, x + residual) when residual is given."""
+    return _RMSNorm.apply(x, weight, eps, residual)
