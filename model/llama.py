@@ -86,13 +86,14 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer_idx)
         self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.feed_forward = FeedForward(cfg)
-        self.eps, self.p = cfg.rms_norm_eps, cfg.dropout
+        self.cfg = cfg   # shared with the Transformer: setting model.cfg.dropout reaches every block
 
     def forward(self, x, cos, sin, ctx):
-        h = self.attention(K.rmsnorm(x, self.attention_norm, self.eps), cos, sin, ctx)
-        x = x + F.dropout(h, self.p, self.training)
-        h = self.feed_forward(K.rmsnorm(x, self.ffn_norm, self.eps))
-        return x + F.dropout(h, self.p, self.training)
+        eps, p = self.cfg.rms_norm_eps, self.cfg.dropout
+        h = self.attention(K.rmsnorm(x, self.attention_norm, eps), cos, sin, ctx)
+        x = x + F.dropout(h, p, self.training)
+        h = self.feed_forward(K.rmsnorm(x, self.ffn_norm, eps))
+        return x + F.dropout(h, p, self.training)
 
 
 class Transformer(nn.Module):

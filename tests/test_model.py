@@ -53,3 +53,18 @@ def test_stories260k_greedy_from_bos(stories260k):
     text = tok.decode(ids[1:])
     # llama2.c, which published the text, ends its output with a newline after the last token
     assert text + "\n" == (stories260k / "greedy_from_bos.txt").read_text()
+
+
+def test_dropout_only_in_training(tmp_path):
+    ck = make_hf_checkpoint(tmp_path / "m", "llama_tied")
+    model = load_model(ck)
+    model.cfg.dropout = 0.1     # what the trainers set; every block reads it
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        model.eval()
+        a, b = model.forward_batch(ids), model.forward_batch(ids)
+        model.train()
+        torch.manual_seed(0)
+        c = model.forward_batch(ids)
+    assert torch.equal(a, b)                    # eval: deterministic, no dropout
+    assert (a - c).abs().max().item() > 1e-3    # train: dropout changes the output
