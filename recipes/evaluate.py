@@ -1,0 +1,209 @@
+"""Evaluation commands: reward-model metrics of a judge checkpoint against human ranks, and head-to-head
+win / tie / loss of two checkpoints judged by a third in both orders. Each prints a table and writes JSON.
+
+    python -m recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
+    python -m recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
+
+Metric definitions: recipes/metrics.py. The head-to-head judge sees a pairwise template (ours; placeholders
+{instruction}, {response_1}, {response_2}; `--pair-template FILE` to bring your own) and ends with
+`Better: 1` or `Better: 2` (the last such label counts; anything else is no verdict, counted as a tie).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+from recipes.jsonl import DataError, field, iter_jsonl, write_json
+from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, judge_prompt, load_template, \
+    mean_score, sample_judgments
+from recipes.metrics import h2h_outcome, rm_metrics
+
+PAIR_TEMPLATE = """\
+A user sent the request below to an AI assistant, and two replies came back. Decide which reply serves the \
+user better: more relevant, more correct, more complete, clearer, with nothing that does not belong. \
+Ignore which reply comes first and how long each one is.
+
+Request:
+{instruction}
+
+Reply 1:
+{response_1}
+
+Reply 2:
+{response_2}
+
+Give your reasons in at most 100 words, then end with a line "Better: 1" or "Better: 2"."""
+
+_BETTER = re.compile(r"(?<![A-Za-z0-9_])better\s*:\s*(?:\*\*|\*)?\s*(?:reply\s*)?([12])(?![0-9])", re.IGNORECASE)
+_PAIR_SLOT = re.compile(r"\{(instruction|response_1|response_2)\}")
+
+
+def parse_choice(text: str) -> int | None:
+    last = None
+    for m in _BETTER.finditer(text):
+        last = m
+    return int(last.group(1)) if last else None
+
+
+def pair_prompt(template: str, instruction: str, r1: str, r2: str) -> str:
+    vals = {"instruction": instruction, "response_1": r1, "response_2": r2}
+    return _PAIR_SLOT.sub(lambda m: vals[m.group(1)], template)
+
+
+def _load(path: str):
+    from infer.engine import Engine
+    from model.tokenizer import Tokenizer
+    return Engine.from_pretrained(path), Tokenizer.load(path)
+
+
+def load_groups(path: str | Path) -> list[dict]:
+    out = []
+    for i, rec in iter_jsonl(path):
+        where = f"{path}:{i}"
+        field(rec, "prompt", where)
+        reps = field(rec, "replies", where, list)
+        for r in reps:
+            if not isinstance(r, dict) or "text" not in r or "rank" not in r:
+                raise DataError(f"{where}: field 'replies' needs objects with 'text' and 'rank'")
+        out.append(rec)
+    return out
+
+
+def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig) -> dict:
+    """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
+    compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}."""
+    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+    judged = sample_judgments(engine, tok, items, cfg)
+    exp = None
+    if cfg.expected:
+        exp = expected_scores(engine, tok, [chat_prompt_ids(tok, judge_prompt(cfg.template, i, r))
+                                            for i, r in items], cfg.score_prefix)
+    records, sampled_groups, expected_groups, pos = [], [], [], 0
+    for g in groups:
+        ranks, ms, es = [], [], []
+        for r in g["replies"]:
+            js = judged[pos]
+            m = mean_score([s for _, s in js])
+            ranks.append(r["rank"])
+            ms.append(m)
+            rec = {"group": g.get("id"), "rank": r["rank"], "scores": [s for _, s in js], "mean": m,
+                   "judgment": js[0][0]}
+            if exp is not None:
+                rec["expected"] = exp[pos][0]
+                es.append(exp[pos][0])
+            records.append(rec)
+            pos += 1
+        sampled_groups.append((ranks, ms))
+        expected_groups.append((ranks, es))
+    out = {"sampled": rm_metrics(sampled_groups), "expected": rm_metrics(expected_groups) if exp else None,
+           "judgments": sum(len(j) for j in judged), "parse_failures": sum(s is None for j in judged for _, s in j),
+           "records": records}
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_rm(res: dict, title: str = "") -> None:
+    names = [("pairwise_accuracy", "pairwise accuracy"), ("five_best", "5-best"), ("exact_match", "exact match"),
+             ("spearman", "Spearman"), ("kendall_tau", "Kendall tau")]
+    cols = ["sampled"] + (["expected"] if res.get("expected") else [])
+    print(title)
+    print(f"| metric | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
+    for key, name in names:
+        print(f"| {name} | {' | '.join(_fmt(res[c][key]) for c in cols)} |")
+    s = res["sampled"]
+    print(f"groups {s['groups']} (used {s['groups_used']}), pairs {s['pairs']} (judge-tied {s['pairs_judge_tied']}),"
+          f" judgments {res['judgments']}, unparsable {res['parse_failures']}, perfect 5s {s['perfect_scores']}")
+
+
+def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,
+                       seed: int) -> list[str]:
+    from infer.sequence import SamplingParams
+    ids = [chat_prompt_ids(tok, p) for p in prompts]
+    ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
+          for i in range(len(ids))]
+    return [g[0].text for g in engine.generate(ids, ps, n=1)]
+
+
+def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str], resp_b: list[str],
+                 template: str = PAIR_TEMPLATE, temperature: float = 0.0, max_tokens: int = 256,
+                 seed: int = 0) -> dict:
+    """Judge each prompt's (A, B) pair in both orders; win only when both orders prefer A."""
+    from infer.sequence import SamplingParams
+    texts = [pair_prompt(template, p, a, b) for p, a, b in zip(prompts, resp_a, resp_b)] + \
+            [pair_prompt(template, p, b, a) for p, a, b in zip(prompts, resp_a, resp_b)]
+    ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(texts))]
+    outs = judge_engine.generate([chat_prompt_ids(judge_tok, t) for t in texts], ps, n=1)
+    n = len(prompts)
+    verdicts = [parse_choice(g[0].text) for g in outs]
+    records = [{"prompt": prompts[i], "a": resp_a[i], "b": resp_b[i], "a_first": verdicts[i],
+                "b_first": verdicts[n + i], "outcome": h2h_outcome(verdicts[i], verdicts[n + i])} for i in range(n)]
+    c = Counter(r["outcome"] for r in records)
+    return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
+            "loss": c["loss"] / n if n else None, "n": n, "no_verdict": sum(v is None for v in verdicts),
+            "records": records}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="reward-model metrics and head-to-head evaluation")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rm = sub.add_parser("rm", help="judge held-out human-ranked groups; Table 4 metrics")
+    rm.add_argument("--judge", required=True)
+    rm.add_argument("--groups", required=True, help="groups JSONL from recipes.oasst (groups_eval.jsonl)")
+    rm.add_argument("--judge-template")
+    rm.add_argument("--k", type=int, default=3)
+    rm.add_argument("--temperature", type=float, default=0.7)
+    rm.add_argument("--top-p", type=float, default=0.9)
+    rm.add_argument("--max-tokens", type=int, default=256)
+    rm.add_argument("--expected", action="store_true", help="also the expected score from the digit distribution")
+    rm.add_argument("--limit", type=int, help="only the first N groups")
+    hh = sub.add_parser("h2h", help="win / tie / loss of --a against --b, judged in both orders")
+    hh.add_argument("--a", required=True)
+    hh.add_argument("--b", required=True)
+    hh.add_argument("--judge", required=True)
+    hh.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field")
+    hh.add_argument("--pair-template")
+    hh.add_argument("--temperature", type=float, default=0.0, help="response sampling (0 = greedy)")
+    hh.add_argument("--top-p", type=float, default=1.0)
+    hh.add_argument("--judge-temperature", type=float, default=0.0)
+    hh.add_argument("--max-tokens", type=int, default=256)
+    hh.add_argument("--limit", type=int)
+    for p in (rm, hh):
+        p.add_argument("--out", required=True, help="JSON file for the results")
+        p.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.cmd == "rm":
+        groups = load_groups(a.groups)[:a.limit]
+        cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
+                          template=load_template(a.judge_template), expected=a.expected)
+        engine, tok = _load(a.judge)
+        res = rm_eval(engine, tok, groups, cfg)
+        res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
+                           "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
+        print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
+    else:
+        prompts = [field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit]
+        tmpl = PAIR_TEMPLATE if a.pair_template is None else Path(a.pair_template).read_text(encoding="utf-8")
+        for slot in ("{instruction}", "{response_1}", "{response_2}"):
+            if slot not in tmpl:
+                raise DataError(f"{a.pair_template}: pair template lacks placeholder {slot}")
+        outs = []
+        for path in (a.a, a.b):
+            eng, tok = _load(path)
+            outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed))
+            del eng
+        jeng, jtok = _load(a.judge)
+        res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens, a.seed)
+        res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
+        print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
+              f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
+    write_json(a.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

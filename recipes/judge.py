@@ -1,0 +1,179 @@
+"""The judge: an additive 5-point rubric (our wording), prompt building, score parsing, K-sample means and
+the expected score read from the next-token distribution over the digits "0".."5".
+
+A template is plain text with two placeholders, replaced literally (other braces are left alone):
+    {instruction}   the user's request
+    {response}      the reply to judge
+It must ask for a final line `Score: <n>`; the score is read from the LAST such line (see `parse_score`).
+The judge prompt is sent as one user turn through the chat template; the judgment is the assistant turn.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Sequence
+
+DEFAULT_TEMPLATE = """\
+Please rate how well the reply below serves the user's request. Start from 0 and add one point for each \
+statement that holds:
+- The reply is on topic and tells the user something relevant, even if it is partial or contains \
+some unrelated material.
+- It deals with a large part of what was asked, though it may not settle the question or answer it directly.
+- It answers the core of the request in a way the user can act on, even if it is not complete or not the \
+most helpful it could be.
+- It speaks clearly as an AI assistant, answers directly and fully, and is well organised; small gains in \
+brevity, focus or clarity would still be possible.
+- It is tailored exactly to the request: expert, engaging and insightful, with nothing that does not \
+belong.
+
+Request:
+{instruction}
+
+Reply:
+{response}
+
+Explain your rating in at most 100 words. End with a line of the form "Score: <points>", where <points> \
+is a whole number from 0 to 5."""
+
+PLACEHOLDERS = ("{instruction}", "{response}")
+_SLOT = re.compile(r"\{(instruction|response)\}")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def load_template(path: str | Path | None) -> str:
+    """The default rubric, or a user's template file (which must hold both placeholders)."""
+    if path is None:
+        return DEFAULT_TEMPLATE
+    text = Path(path).read_text(encoding="utf-8")
+    check_template(text, str(path))
+    return text
+
+
+def check_template(text: str, where: str = "template") -> None:
+    missing = [p for p in PLACEHOLDERS if p not in text]
+    if missing:
+        raise TemplateError(f"{where}: judge template lacks placeholder(s) {', '.join(missing)} "
+                            f"(it needs {{instruction}} and {{response}})")
+
+
+def judge_prompt(template: str, instruction: str, response: str) -> str:
+    """Fill both slots in one pass, so a '{response}' inside the instruction is never substituted."""
+    vals = {"instruction": instruction, "response": response}
+    return _SLOT.sub(lambda m: vals[m.group(1)], template)
+
+
+# "Score" as a word and a colon; then, at that point, optional markdown emphasis and a number: digits with
+# an optional decimal part. ASCII digits only ([0-9], not \d, which would accept Arabic-Indic digits).
+_LABEL = re.compile(r"(?<![A-Za-z0-9_])score\s*[:\uff1a]", re.IGNORECASE)
+_NUMBER = re.compile(r"\s*(?:\*\*|\*|__)?\s*([0-9]+(?:\.[0-9]+)?)(?![0-9]|\.[0-9]|[eE][+-]?[0-9])")
+
+
+def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
+    """The number after the LAST `Score:` label in `text`; None when there is no label, when the last label
+    is not followed by a number ("Score: 3 ... Score: N/A" is None, not 3), or when the number lies outside
+    [lo, hi] ("Score: 45" is 45, out of range, not 4). Case-insensitive; `Score:4`, `Score: **4**`,
+    `Score: 4.5`, `Score: 5/5` and `Score: 3.` are read as 4, 4, 4.5, 5 and 3."""
+    last = None
+    for m in _LABEL.finditer(text):
+        last = m
+    if last is None:
+        return None
+    num = _NUMBER.match(text, last.end())
+    if num is None:
+        return None
+    v = float(num.group(1))
+    return v if lo <= v <= hi else None
+
+
+def mean_score(scores: Sequence[float | None]) -> float | None:
+    """Mean over the parsable samples; None when none parsed (the candidate is then excluded, not a loser)."""
+    ok = [s for s in scores if s is not None]
+    return mean(ok) if ok else None
+
+
+@dataclass
+class JudgeConfig:
+    k: int = 3                     # judgments sampled per response, scores averaged
+    temperature: float = 0.7       # the paper does not state it; 0.7 / top-p 0.9 as for candidates
+    top_p: float = 0.9
+    max_tokens: int = 256
+    seed: int = 0
+    template: str = field(default=DEFAULT_TEMPLATE, repr=False)
+    expected: bool = False         # also the expected score from the digit distribution after "Score:"
+    score_prefix: str = "Score:"
+
+    def __post_init__(self):
+        assert self.k >= 1, "k must be >= 1"
+        check_template(self.template)
+
+
+def chat_prompt_ids(tok, text: str) -> list[int]:
+    ids, _ = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    return ids
+
+
+def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
+                     progress: bool = False) -> list[list[tuple[str, float | None]]]:
+    """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
+    Sample i of item j uses seed (seed + j * K) + i, so a resumed run redraws the same judgments."""
+    from infer.sequence import SamplingParams
+    base = cfg.seed if seed is None else seed
+    prompts = [chat_prompt_ids(tok, judge_prompt(cfg.template, ins, resp)) for ins, resp in items]
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                             seed=base + j * cfg.k) for j in range(len(items))]
+    outs = engine.generate(prompts, params, n=cfg.k, progress=progress)
+    return [[(c.text, parse_score(c.text)) for c in group] for group in outs]
+
+
+def digit_candidates(tok, prefix: str = "Score:") -> tuple[list[int], list[list[int]]]:
+    """Token ids of `prefix` as the tokenizer writes it before a digit, and each digit's continuation.
+    encode(prefix + ' ' + d) for d in 0..5 share a common head; what follows is the digit's tokens."""
+    encs = [tok.encode(f"{prefix} {d}") for d in range(6)]
+    n = 0
+    while all(len(e) > n for e in encs) and len({e[n] for e in encs}) == 1:
+        n += 1
+    return encs[0][:n], [e[n:] for e in encs]
+
+
+def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:") -> list[tuple[float, list[float]]]:
+    """For each judge prompt (chat ids with generation prompt): the assistant turn is forced to start with
+    `prefix`, and the distribution over "0".."5" at the next position, renormalised over those six, gives
+    (expected score, probabilities). One scoring pass, no sampling."""
+    head, tails = digit_candidates(tok, prefix)
+    full = [p + head for p in prompts]
+    if all(len(t) == 1 for t in tails):
+        lp = engine.next_token_logprobs(full, [t[0] for t in tails]).float()  # [B, 6]
+        rows = lp.tolist()
+    else:  # a digit spans several tokens: sum its tokens' log-probs by teacher forcing
+        flat = engine.score([f for f in full for _ in tails], [t for _ in full for t in tails])
+        rows = [[sum(flat[i * 6 + d]) for d in range(6)] for i in range(len(full))]
+    out = []
+    for row in rows:
+        m = max(row)
+        w = [math.exp(x - m) for x in row]
+        z = sum(w)
+        p = [x / z for x in w]
+        out.append((sum(d * pd for d, pd in enumerate(p)), p))
+    return out
+
+
+def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig):
+    """A judge function for recipes.oasst.build_eft: one judgment per item from the checkpoint."""
+    from infer.engine import Engine
+    from model.tokenizer import Tokenizer
+    engine, tok = Engine.from_pretrained(str(model_dir)), Tokenizer.load(str(model_dir))
+    calls = [0]
+
+    def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
+        calls[0] += 1
+        one = JudgeConfig(k=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                          seed=cfg.seed + 100_003 * calls[0], template=cfg.template)
+        res = sample_judgments(engine, tok, items, one)
+        return [(judge_prompt(cfg.template, i, r), js[0][0], js[0][1]) for (i, r), js in zip(items, res)]
+    return fn

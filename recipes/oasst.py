@@ -1,0 +1,231 @@
+"""Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples.
+
+Two input formats, detected from the first record:
+- the tree export: one tree per line, `{"prompt": {message, "replies": [...]}}`, nested replies;
+- the flat message table: one message per line with `message_id`, `parent_id` (null at the root), `role`
+  ("prompter" | "assistant"), `lang`, `text`, `rank` (null when unranked; NaN is read as null).
+Both are read into the same `Node` trees, so every builder sees one shape.
+
+    python -m recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
+        [--eft-model DIR --k 1]       # also the EFT examples, judged by that model (recipes.judge)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field as dfield
+from pathlib import Path
+from typing import Callable
+
+from recipes.jsonl import DataError, field, iter_jsonl, write_jsonl
+
+
+@dataclass
+class Node:
+    id: str
+    role: str                       # "prompter" | "assistant"
+    text: str
+    lang: str | None = None
+    rank: int | None = None
+    deleted: bool = False
+    replies: list["Node"] = dfield(default_factory=list)
+
+
+def _rank(v, where: str) -> int | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+        raise DataError(f"{where}: field 'rank' should be a non-negative integer or null, got {v!r}")
+    return int(v)
+
+
+def _node(m: dict, where: str) -> Node:
+    role = field(m, "role", where)
+    if role not in ("prompter", "assistant"):
+        raise DataError(f"{where}: field 'role' should be 'prompter' or 'assistant', got {role!r}")
+    return Node(id=str(field(m, "message_id", where)), role=role, text=field(m, "text", where),
+                lang=m.get("lang"), rank=_rank(m.get("rank"), where), deleted=bool(m.get("deleted", False)))
+
+
+def _tree(m: dict, where: str) -> Node:
+    n = _node(m, where)
+    n.replies = [_tree(c, where) for c in field(m, "replies", where, list)] if "replies" in m else []
+    return n
+
+
+def load_messages(path: str | Path) -> list[Node]:
+    """Root prompter nodes, in file order, from either export format."""
+    roots: list[Node] = []
+    flat: dict[str, Node] = {}
+    parents: list[tuple[str, str | None, str]] = []
+    fmt = None
+    for i, rec in iter_jsonl(path):
+        where = f"{path}:{i}"
+        kind = "tree" if isinstance(rec.get("prompt"), dict) else "flat" if "message_id" in rec else None
+        if kind is None:
+            raise DataError(f"{where}: neither a tree record (field 'prompt' with replies) nor a flat message "
+                            f"(field 'message_id')")
+        if fmt and kind != fmt:
+            raise DataError(f"{where}: a {kind} record in a file of {fmt} records")
+        fmt = kind
+        if kind == "tree":
+            roots.append(_tree(rec["prompt"], where))
+        else:
+            n = _node(rec, where)
+            if n.id in flat:
+                raise DataError(f"{where}: duplicate message_id {n.id!r}")
+            flat[n.id] = n
+            parents.append((n.id, rec.get("parent_id"), where))
+    for mid, pid, where in parents:  # children keep file order
+        if pid is None:
+            roots.append(flat[mid])
+        elif pid not in flat:
+            raise DataError(f"{where}: field 'parent_id' names {pid!r}, which is not in the file")
+        else:
+            flat[pid].replies.append(flat[mid])
+    return roots
+
+
+def _ok(n: Node, lang: str | None) -> bool:
+    return not n.deleted and (lang is None or n.lang == lang)
+
+
+def ift_pairs(roots: list[Node], lang: str | None = "en") -> list[dict]:
+    """First-turn (prompt, human rank-0 assistant reply), both in `lang` (None: any language)."""
+    out = []
+    for r in roots:
+        if r.role != "prompter" or not _ok(r, lang):
+            continue
+        best = [c for c in r.replies if c.role == "assistant" and c.rank == 0 and _ok(c, lang)]
+        if best:
+            out.append({"id": r.id, "prompt": r.text, "response": best[0].text, "source": "oasst"})
+    return out
+
+
+def _transcript(path: list[Node]) -> str:
+    who = {"prompter": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{who[n.role]}: {n.text}" for n in path)
+
+
+def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: bool = True) -> list[dict]:
+    """Prompts with 2+ human-ranked assistant replies: {id, prompt, replies: [{text, rank}]}.
+    Deeper groups (first_turn_only=False) carry the conversation so far as a transcript in `prompt`."""
+    out = []
+
+    def visit(n: Node, path: list[Node]) -> None:
+        path = path + [n]
+        if n.role == "prompter" and _ok(n, lang):
+            ranked = [c for c in n.replies if c.role == "assistant" and c.rank is not None and _ok(c, lang)]
+            if len(ranked) >= 2:
+                ranked.sort(key=lambda c: c.rank)
+                out.append({"id": n.id, "prompt": n.text if len(path) == 1 else _transcript(path),
+                            "turn": len(path) // 2 + 1,
+                            "replies": [{"text": c.text, "rank": c.rank} for c in ranked]})
+        if not first_turn_only:
+            for c in n.replies:
+                if _ok(c, lang):
+                    visit(c, path)
+
+    for r in roots:
+        if r.role == "prompter":
+            visit(r, [])
+    return out
+
+
+def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train / held-out by a hash of (seed, id): stable when groups are added or reordered."""
+    def h(g: dict) -> float:
+        return int(hashlib.sha1(f"{seed}:{g['id']}".encode()).hexdigest()[:12], 16) / 16**12
+    return [g for g in groups if h(g) >= eval_frac], [g for g in groups if h(g) < eval_frac]
+
+
+def agrees_with_humans(ranks: list[int], scores: list[float | None]) -> bool:
+    """True when every pair the humans ordered is ordered the same way, strictly, by the scores."""
+    if any(s is None for s in scores):
+        return False
+    n = len(ranks)
+    return all((ranks[i] < ranks[j]) == (scores[i] > scores[j])
+               for i in range(n) for j in range(n) if ranks[i] != ranks[j])
+
+
+# judge_fn(list of (instruction, response)) -> list of (judge prompt text, judgment text, score or None)
+JudgeFn = Callable[[list[tuple[str, str]]], list[tuple[str, str, float | None]]]
+
+
+def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample: bool = True,
+              seed: int = 0) -> tuple[list[dict], dict]:
+    """EFT examples: each group's replies judged once per try; a group's judgments are kept (first try that
+    agrees) only where their scores order the replies as the humans did. Then the most common score is
+    down-sampled to the count of the next most common one. Returns (examples, stats)."""
+    kept: list[dict] = []
+    stats = Counter(groups=len(groups))
+    for g in groups:
+        items = [(g["prompt"], r["text"]) for r in g["replies"]]
+        ranks = [r["rank"] for r in g["replies"]]
+        for _ in range(tries):
+            judged = judge_fn(items)
+            stats["judgments"] += len(judged)
+            stats["unparsable"] += sum(s is None for _, _, s in judged)
+            if agrees_with_humans(ranks, [s for _, _, s in judged]):
+                stats["groups_kept"] += 1
+                kept += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": j}],
+                          "score": s, "group": g["id"], "rank": rk} for (p, j, s), rk in zip(judged, ranks)]
+                break
+    hist = Counter(e["score"] for e in kept)
+    stats["examples_before_downsample"] = len(kept)
+    if downsample and len(hist) >= 2:
+        (top, n_top), (_, n_next) = hist.most_common(2)
+        rng = random.Random(seed)
+        idx = [i for i, e in enumerate(kept) if e["score"] == top]
+        drop = set(rng.sample(idx, n_top - n_next))
+        kept = [e for i, e in enumerate(kept) if i not in drop]
+        stats["downsampled_score"] = top
+        stats["downsampled_dropped"] = len(drop)
+    stats["examples"] = len(kept)
+    out = dict(stats)
+    out["score_histogram"] = {str(k): v for k, v in sorted(Counter(e["score"] for e in kept).items())}
+    return kept, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--out", required=True, help="folder for ift.jsonl, groups_{train,eval}.jsonl, eft_*.jsonl")
+    ap.add_argument("--lang", default="en", help="language filter; 'any' for none")
+    ap.add_argument("--eval-frac", type=float, default=0.25)
+    ap.add_argument("--all-turns", action="store_true", help="ranked groups at every depth, not only turn 1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eft-model", help="checkpoint that writes the EFT judgments")
+    ap.add_argument("--judge-template", help="judge template file (see recipes/judge.py)")
+    ap.add_argument("--tries", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    a = ap.parse_args(argv)
+    lang = None if a.lang == "any" else a.lang
+    roots = load_messages(a.input)
+    out = Path(a.out)
+    ift = ift_pairs(roots, lang)
+    train, held = split_groups(ranked_groups(roots, lang, not a.all_turns), a.eval_frac, a.seed)
+    write_jsonl(out / "ift.jsonl", ift)
+    write_jsonl(out / "groups_train.jsonl", train)
+    write_jsonl(out / "groups_eval.jsonl", held)
+    counts: dict = {"trees": len(roots), "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
+    if a.eft_model:
+        from recipes.judge import JudgeConfig, load_template, model_judge_fn
+        cfg = JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed,
+                          template=load_template(a.judge_template))
+        fn = model_judge_fn(a.eft_model, cfg)
+        for name, gs in (("train", train), ("eval", held)):
+            ex, st = build_eft(gs, fn, tries=a.tries, seed=a.seed)
+            write_jsonl(out / f"eft_{name}.jsonl", ex)
+            counts[f"eft_{name}"] = st
+    for k, v in counts.items():
+        print(f"{k:>14}: {v}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()
