@@ -80,6 +80,10 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None):
 
 
 def paged_prefill(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale=None):
-    # On CUDA with flash-attn installed, flash_attn_varlen_func with block_table does this; the kernels
-    # issue wires it. Elsewhere the twin (it gathers each sequence's blocks once per layer).
+    # Triton: the same block-table kernel as decode, with several new queries per sequence
+    # (flash-attn's paged varlen path needs block_size % 256 == 0, which our caches do not use).
+    from kernels import use_triton
+    if use_triton(q):
+        from kernels.paged_triton import paged_prefill_triton
+        return paged_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
     return paged_prefill_ref(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)

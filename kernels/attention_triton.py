@@ -1,0 +1,227 @@
+"""Flash attention in Triton: causal, grouped-query, packed variable-length sequences (cu_seqlens).
+
+Layout as the twin `kernels.attention.attention_ref`: q [N, Hq, D], k, v [N, Hkv, D], sequences laid
+end to end and delimited by cu_seqlens [S+1]. Query head h reads kv head h // (Hq // Hkv).
+
+- forward (FlashAttention-2 style): one program per (query tile, sequence, query head); it streams the
+  key/value tiles up to the causal diagonal, keeps a running max / sum-exp in base 2, and writes O and
+  the row logsumexp (lse, [Hq, N] fp32) for the backward.
+- backward: delta = rowsum(O * dO) (torch), then two kernels: one program per (key tile, sequence,
+  kv head) accumulates dK, dV over every query head of its group (so GQA needs no atomics), and one per
+  (query tile, sequence, query head) accumulates dQ. P is recomputed from lse, never stored.
+
+On CUDA with flash-attn installed and fp16/bf16 inputs, `flash_attn_varlen_func` is used instead
+(imported lazily). fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
+GPU paths are untested here (no GPU); the interpreter runs the kernels on CPU in the tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
+              REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh = h // REP
+    start = tl.load(CU + sid)
+    L = tl.load(CU + sid + 1) - start
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rows = (start + offs_m).to(tl.int64)
+    qmask = (offs_m < L)[:, None] & dmask[None, :]
+    q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    hi = tl.minimum(L, (mt + 1) * BLOCK_M)
+    for n0 in tl.range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        cols = (start + offs_n).to(tl.int64)
+        kvmask = (offs_n < L)[:, None] & dmask[None, :]
+        k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < L)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * son + h * soh + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + h * N + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh,
+                   son, soh, REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # DO has the strides (son, soh); DK / DV the strides of K / V
+    nt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + sid)
+    L = tl.load(CU + sid + 1) - start
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    cols = (start + offs_n).to(tl.int64)
+    kvmask = (offs_n < L)[:, None] & dmask[None, :]
+    k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    lo = (nt * BLOCK_N // BLOCK_M) * BLOCK_M          # first query tile that can see this key tile
+    for hh in tl.static_range(REP):
+        h = kvh * REP + hh
+        for m0 in tl.range(lo, L, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rows = (start + offs_m).to(tl.int64)
+            rmask = offs_m < L
+            qmask = rmask[:, None] & dmask[None, :]
+            q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(DO + rows[:, None] * son + h * soh + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale            # [M, N]
+            valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
+            p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    tl.store(DK + cols[:, None] * skn + kvh * skh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kvmask)
+    tl.store(DV + cols[:, None] * svn + kvh * svh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
+                 REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # DQ has the strides of Q
+    mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh = h // REP
+    start = tl.load(CU + sid)
+    L = tl.load(CU + sid + 1) - start
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rows = (start + offs_m).to(tl.int64)
+    rmask = offs_m < L
+    qmask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + rows[:, None] * son + h * soh + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    hi = tl.minimum(L, (mt + 1) * BLOCK_M)
+    for n0 in tl.range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        cols = (start + offs_n).to(tl.int64)
+        kvmask = (offs_n < L)[:, None] & dmask[None, :]
+        k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
+        p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + rows[:, None] * sqn + h * sqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+def _config(x: torch.Tensor, D: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) forward and backward. Interpreter: small tiles."""
+    if not x.is_cuda:
+        return (16, 16, 1, 1), (16, 16, 1, 1)
+    fwd = (128, 64, 8, 3 if D <= 64 else 2)
+    bwd = (64, 64, 8, 2) if D <= 64 else (64, 32, 8, 2)
+    return fwd, bwd
+
+
+def _prec(dtype: torch.dtype):
+    return "ieee" if dtype == torch.float32 else None
+
+
+class _FlashAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        N, Hq, D = q.shape
+        Hkv = k.shape[1]
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        cu = cu_seqlens.to(torch.int32).contiguous()
+        S = cu.numel() - 1
+        o = torch.empty_like(q)
+        lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
+        (BM, BN, nw, ns), _ = _config(q, D)
+        BD = triton.next_power_of_2(D)
+        if N and S:
+            grid = (triton.cdiv(max_seqlen, BM), S, Hq)
+            _attn_fwd[grid](q, k, v, o, lse, cu, scale, N, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                            v.stride(0), v.stride(1), o.stride(0), o.stride(1), REP=Hq // Hkv, D=D, BLOCK_D=BD,
+                            BLOCK_M=BM, BLOCK_N=BN, PREC=_prec(q.dtype), num_warps=nw, num_stages=ns)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        N, Hq, D = q.shape
+        Hkv = k.shape[1]
+        S = cu.numel() - 1
+        do = do.contiguous() if do.stride(-1) != 1 or do.stride() != o.stride() else do
+        delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _, (BM, BN, nw, ns) = _config(q, D)
+        BD = triton.next_power_of_2(D)
+        common = dict(REP=Hq // Hkv, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, PREC=_prec(q.dtype),
+                      num_warps=nw, num_stages=ns)
+        if N and S:
+            strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                       do.stride(0), do.stride(1))
+            _attn_bwd_dkdv[(triton.cdiv(ctx.max_seqlen, BN), S, Hkv)](
+                q, k, v, do, lse, delta, dk, dv, cu, ctx.scale, N, *strides, **common)
+            _attn_bwd_dq[(triton.cdiv(ctx.max_seqlen, BM), S, Hq)](
+                q, k, v, do, lse, delta, dq, cu, ctx.scale, N, *strides, **common)
+        return dq, dk, dv, None, None, None
+
+
+def _flash_attn_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256 \
+            or q.shape[-1] % 8 or k.dtype != q.dtype:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1] -> [N, Hq, D], causal within each sequence."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _flash_attn_fits(q, k):
+        from flash_attn import flash_attn_varlen_func
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    return _FlashAttn.apply(q, k, v, cu_seqlens, max_seqlen, scale)

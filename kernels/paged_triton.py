@@ -1,0 +1,142 @@
+"""Paged KV cache in Triton: store new keys/values through a slot mapping, attend over a block table.
+
+Cache layout (twin: `kernels.paged`): k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot =
+block_id * block_size + offset, slot -1 = skip. Block table [S, max_blocks]; context_lens [S].
+
+- `_store_kv`: one program per new token copies its Hkv x D keys and values into the slot.
+- `_paged_attn`: one program per (row tile, sequence, kv head). The rows of a tile are
+  (query, head-in-group) pairs, so every query head that shares a kv head is served by one pass over the
+  cached keys (GQA reads K/V once per group; for decode the tile is just the group's heads). Keys are
+  visited in BLOCK_N-token tiles; each token's physical block comes from the block table, so any
+  block_size works. Causal: query i of a sequence with qlen new tokens sits at position
+  ctx - qlen + i. Online softmax in base 2, as in attention_triton.
+  `paged_decode_triton` is the qlen = 1 case, `paged_prefill_triton` the general one.
+No split-K (flash-decoding) yet: very long contexts with few sequences leave SMs idle on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv(K, V, KC, VC, SLOT, skn, skh, svn, svh, s_kslot, s_kh, s_vslot, s_vh, Hkv, D,
+              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0)
+    slot = tl.load(SLOT + tok).to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    ds = tl.arange(0, BLOCK_D)
+    keep = (tl.zeros([BLOCK_H], tl.int64) + slot) >= 0
+    mask = (hs < Hkv)[:, None] & (ds < D)[None, :] & keep[:, None]
+    k = tl.load(K + tok * skn + hs[:, None] * skh + ds[None, :], mask=mask)
+    v = tl.load(V + tok * svn + hs[:, None] * svh + ds[None, :], mask=mask)
+    tl.store(KC + slot * s_kslot + hs[:, None] * s_kh + ds[None, :], k, mask=mask)
+    tl.store(VC + slot * s_vslot + hs[:, None] * s_vh + ds[None, :], v, mask=mask)
+
+
+@triton.jit
+def _paged_attn(Q, KC, VC, O, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, s_kb, s_kt, s_kh,
+                s_vb, s_vt, s_vh, s_bt, block_size, REP: tl.constexpr, D: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    mt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    qs = tl.load(CUQ + sid)
+    qlen = tl.load(CUQ + sid + 1) - qs
+    ctx = tl.load(CTX + sid)
+    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = r // REP
+    head = kvh * REP + r % REP
+    rmask = qi < qlen
+    qpos = ctx - qlen + qi
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qrow = (qs + qi).to(tl.int64)
+    qmask = rmask[:, None] & dmask[None, :]
+    q = tl.load(Q + qrow[:, None] * sqn + head[:, None] * sqh + offs_d[None, :], mask=qmask, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    last_q = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // REP, qlen - 1)
+    hi = tl.minimum(ctx, ctx - qlen + last_q + 1)
+    for n0 in tl.range(0, hi, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tmask = tok < ctx
+        blk = tl.load(BT + sid * s_bt + tok // block_size, mask=tmask, other=0).to(tl.int64)
+        off = (tok % block_size).to(tl.int64)
+        kvmask = tmask[:, None] & dmask[None, :]
+        k = tl.load(KC + (blk * s_kb + off * s_kt + kvh * s_kh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(VC + (blk * s_vb + off * s_vt + kvh * s_vh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        valid = (tok[None, :] <= qpos[:, None]) & tmask[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=qmask)
+
+
+def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
+    if k_cache.dim() != 4 or k_cache.stride(-1) != 1 or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+        raise ValueError(f"paged_triton: {name} must be [num_blocks, block_size, Hkv, D] with contiguous "
+                         f"blocks and last dim, got shape {tuple(k_cache.shape)} strides {k_cache.stride()}")
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
+    _check_cache(k_cache), _check_cache(v_cache, "v_cache")
+    N, Hkv, D = k.shape
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    if N:
+        _store_kv[(N,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1), v.stride(0),
+                        v.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+                        Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
+
+
+def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         scale: float | None = None, max_qlen: int | None = None) -> torch.Tensor:
+    """q: [N, Hq, D], each sequence's newest tokens (already stored) -> [N, Hq, D]. See module doc."""
+    _check_cache(k_cache), _check_cache(v_cache, "v_cache")
+    N, Hq, D = q.shape
+    Hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"paged attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
+    rep = Hq // Hkv
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    cu = cu_seqlens_q.to(torch.int32).contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    ctx = context_lens.to(torch.int32).contiguous()
+    S = cu.numel() - 1
+    if max_qlen is None:
+        max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0
+    o = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    BM = max(16, min(64 if q.is_cuda else 16, triton.next_power_of_2(max_qlen * rep)))
+    BN = 64 if q.is_cuda else 16
+    if N and S:
+        grid = (triton.cdiv(max_qlen * rep, BM), S, Hkv)
+        _paged_attn[grid](q, k_cache, v_cache, o, cu, bt, ctx, scale, q.stride(0), q.stride(1), o.stride(0),
+                          o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+                          v_cache.stride(1), v_cache.stride(2), bt.stride(0), bs, REP=rep, D=D,
+                          BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
+                          PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4)
+    return o
+
+
+def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
+    B = q.shape[0]
+    cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1)
