@@ -1,0 +1,179 @@
+"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write.
+
+The pool has `num_blocks` blocks of `block_size` token slots (the runner owns the tensors; this file only
+does the bookkeeping). A full block is keyed by a hash chained over its tokens and its predecessor's key,
+so equal keys mean equal whole prefixes; a hit is still checked token by token (and predecessor key)
+before it is trusted. Freed blocks keep their contents and key until the free list hands them out again
+(least recently freed first), so a prefix that was used recently is found again.
+
+Samples forked from one prompt share every block, including a partly filled last block; the first
+sample to write into a shared block gets a private copy (`copies` lists the (src, dst) block copies the
+runner must make before the next forward).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from infer.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("id", "ref", "key", "prev", "tokens")
+
+    def __init__(self, block_id: int):
+        self.id = block_id
+        self.ref = 0
+        self.key: int | None = None        # prefix-cache key when full and registered
+        self.prev: int | None = None       # predecessor block's key (-1 for the first block)
+        self.tokens: tuple[int, ...] = ()
+
+
+def chain_key(prev: int, tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True):
+        assert num_blocks > 0 and block_size > 0
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cache: dict[int, int] = {}   # key -> block id
+        self.prefix_cache = prefix_cache
+        self.copies: list[tuple[int, int]] = []
+        self.prefill_computed = 0         # statistics: prompt tokens computed vs served by the cache
+        self.prefill_hit = 0
+        self.num_cow = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _take_free(self) -> Block:
+        bid, _ = self.free.popitem(last=False)
+        b = self.blocks[bid]
+        if b.key is not None and self.cache.get(b.key) == bid:
+            del self.cache[b.key]
+        b.key, b.prev, b.tokens, b.ref = None, None, (), 1
+        return b
+
+    def _register(self, b: Block, prev: int, tokens: tuple[int, ...]) -> int:
+        key = chain_key(prev, tokens)
+        b.key, b.prev, b.tokens = key, prev, tokens
+        if self.prefix_cache and key not in self.cache:
+            self.cache[key] = b.id
+        return key
+
+    def _lookup(self, prev: int, tokens: tuple[int, ...]) -> int | None:
+        bid = self.cache.get(chain_key(prev, tokens))
+        if bid is None:
+            return None
+        b = self.blocks[bid]
+        return bid if (b.tokens == tokens and b.prev == prev) else None
+
+    # -- prefill -----------------------------------------------------------------------------------
+    def _hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold seq's leading full blocks (only before seq.need_from)."""
+        hits: list[int] = []
+        if not self.prefix_cache:
+            return hits
+        bs, toks, prev = self.block_size, seq.token_ids, -1
+        for i in range(seq.need_from // bs):   # positions the model must compute are never served
+            bid = self._lookup(prev, tuple(toks[i * bs:(i + 1) * bs]))
+            if bid is None:
+                break
+            hits.append(bid)
+            prev = self.blocks[bid].key
+        return hits
+
+    def cached_prefix_len(self, seq: Sequence) -> int:
+        return len(self._hits(seq)) * self.block_size
+
+    def allocate(self, seq: Sequence) -> bool:
+        """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix. Returns False
+        (changing nothing) if the free list is too short."""
+        assert not seq.block_table
+        bs, toks = self.block_size, seq.token_ids
+        n = seq.num_blocks(bs)
+        hits = self._hits(seq)
+        prev = self.blocks[hits[-1]].key if hits else -1
+        reused_free = sum(1 for b in hits if self.blocks[b].ref == 0)
+        if n - len(hits) > self.num_free - reused_free:
+            return False
+        for bid in hits:
+            b = self.blocks[bid]
+            if b.ref == 0:
+                del self.free[bid]
+            b.ref += 1
+        table = list(hits)
+        for i in range(len(hits), n):
+            b = self._take_free()
+            table.append(b.id)
+            if (i + 1) * bs <= len(toks):   # full block: computed in this very step, so key it now
+                prev = self._register(b, prev, tuple(toks[i * bs:(i + 1) * bs]))
+        seq.block_table = table
+        seq.num_cached = len(hits) * bs
+        seq.num_prefix_hit = seq.num_cached
+        self.prefill_hit += seq.num_cached
+        self.prefill_computed += len(toks) - seq.num_cached
+        return True
+
+    def free_seq(self, seq: Sequence) -> None:
+        for bid in reversed(seq.block_table):
+            b = self.blocks[bid]
+            b.ref -= 1
+            assert b.ref >= 0, f"block {bid} freed twice"
+            if b.ref == 0:
+                self.free[bid] = None
+        seq.block_table = []
+        seq.num_cached = 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child shares every block of parent (its KV is the same prompt)."""
+        for bid in parent.block_table:
+            self.blocks[bid].ref += 1
+        child.block_table = list(parent.block_table)
+        child.num_cached = parent.num_cached
+
+    # -- decode ------------------------------------------------------------------------------------
+    def can_append(self, seq: Sequence) -> bool:
+        pos = len(seq) - 1
+        bi = pos // self.block_size
+        if bi == len(seq.block_table):
+            return self.num_free > 0
+        return self.blocks[seq.block_table[bi]].ref == 1 or self.num_free > 0
+
+    def append(self, seq: Sequence) -> None:
+        """Make room for the K/V of seq's newest token (position len-1): a fresh block at a block
+        boundary, or a private copy of a shared partial block. Call can_append first."""
+        pos = len(seq) - 1
+        bi = pos // self.block_size
+        if bi == len(seq.block_table):
+            seq.block_table.append(self._take_free().id)
+            return
+        assert bi == len(seq.block_table) - 1, "appending behind the cache"
+        old = self.blocks[seq.block_table[bi]]
+        if old.ref > 1:                    # copy on write
+            new = self._take_free()
+            old.ref -= 1
+            self.copies.append((old.id, new.id))
+            self.num_cow += 1
+            seq.block_table[bi] = new.id
+
+    def written(self, seq: Sequence) -> None:
+        """After a decode step stored position len-1: key the block if that filled it."""
+        bs = self.block_size
+        n = len(seq)
+        seq.num_cached = n
+        if n % bs or not self.prefix_cache:
+            return
+        bi = n // bs - 1
+        prev = -1 if bi == 0 else self.blocks[seq.block_table[bi - 1]].key
+        b = self.blocks[seq.block_table[bi]]
+        if prev is not None and b.key is None:
+            self._register(b, prev, tuple(seq.token_ids[bi * bs:n]))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        c, self.copies = self.copies, []
+        return c

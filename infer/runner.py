@@ -1,0 +1,101 @@
+"""The KV pool and the model call: a scheduled step -> flat tensors -> the model's paged forward.
+
+Per layer the pool holds k_cache, v_cache: [num_blocks, block_size, Hkv, D]. A step's tokens go in one
+flat axis (sequences end to end, delimited by cu_seqlens); each token's cache slot is
+block_table[pos // block_size] * block_size + pos % block_size. The block-table tensor is built once per
+step and shared by every layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.llama import AttnContext, Transformer
+from infer.sequence import Sequence
+
+DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
+
+
+def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+    c = model.cfg
+    elt = torch.empty((), dtype=dtype).element_size()
+    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elt
+
+
+def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -> int:
+    """Enough for max_num_seqs full-length sequences, capped by a memory budget (half the free memory
+    on CUDA, DEFAULT_KV_BYTES on CPU)."""
+    p = next(model.parameters())
+    per = kv_bytes_per_block(model, block_size, p.dtype)
+    budget = DEFAULT_KV_BYTES
+    if p.is_cuda:
+        free, _ = torch.cuda.mem_get_info(p.device)
+        budget = free // 2
+    want = max_num_seqs * ((model.cfg.max_position_embeddings + block_size - 1) // block_size)
+    return max(1, min(want, budget // per))
+
+
+class Runner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        c = model.cfg
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(c.num_hidden_layers)]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """Run every uncached token of `seqs`. -> (hidden [N, H], start row of each sequence in it).
+        The token at absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
+        dev, bs = self.device, self.block_size
+        flat: list[int] = []
+        starts: list[int] = []
+        for s in seqs:
+            starts.append(len(flat))
+            flat.extend(s.token_ids[s.num_cached:])
+        N, S = len(flat), len(seqs)
+        qlens = torch.tensor([len(s) - s.num_cached for s in seqs], device=dev)
+        cached = torch.tensor([s.num_cached for s in seqs], device=dev)
+        cu = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+        cu[1:] = qlens.cumsum(0)
+        seq_idx = torch.repeat_interleave(torch.arange(S, device=dev), qlens)
+        pos = torch.arange(N, device=dev) - cu[:-1].long()[seq_idx] + cached[seq_idx]
+        bt = self._block_tables(seqs)
+        slots = bt[seq_idx, pos // bs].long() * bs + pos % bs
+        ctx = AttnContext(cu_seqlens=cu, max_seqlen=int(qlens.max()), kv_caches=self.kv_caches,
+                          slot_mapping=slots, block_tables=bt, context_lens=(cached + qlens).to(torch.int32),
+                          decode=False)
+        h = self.model(torch.tensor(flat, device=dev), pos, ctx)
+        return h, starts
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new token (each sequence's last) per sequence -> hidden [B, H]."""
+        dev, bs = self.device, self.block_size
+        B = len(seqs)
+        tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=dev)
+        lens = torch.tensor([len(s) for s in seqs], device=dev)
+        pos = lens - 1
+        bt = self._block_tables(seqs)
+        slots = bt[torch.arange(B, device=dev), pos // bs].long() * bs + pos % bs
+        ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32, device=dev), max_seqlen=1,
+                          kv_caches=self.kv_caches, slot_mapping=slots, block_tables=bt,
+                          context_lens=lens.to(torch.int32), decode=True)
+        return self.model(tokens, pos, ctx)

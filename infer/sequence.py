@@ -1,0 +1,111 @@
+"""One request's state inside the engine (Sequence) and the knobs a caller sets on it (SamplingParams)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings. temperature 0 = greedy (top_p / top_k / seed then ignored).
+
+    top_k 0 = off; top_p 1.0 = off. seed None draws one from torch's global generator, so
+    torch.manual_seed makes a whole run reproducible. A request with n samples uses seed, seed+1, ...
+    stop_token_ids end a sample (the token is kept in token_ids); stop strings end it with the text cut
+    right before the string. logprobs=True returns, per generated token, its log-prob under the model's
+    unmodified distribution (full-vocabulary softmax of the raw logits, before temperature / top-p / top-k).
+    """
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | list[int] = ()
+    stop: tuple[str, ...] | list[str] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = tuple(self.stop)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: str          # "stop" | "length"
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Kind(Enum):
+    GENERATE = auto()   # sample new tokens
+    SCORE = auto()      # teacher-forced log-probs of token_ids[score_from + 1:]
+    NEXT = auto()       # full log-softmax after the last token (next_token_logprobs)
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """token_ids holds prompt + generated tokens. The KV cache holds the first `num_cached` of them
+    (after a prefill: all but the newest sampled token). block_table lists this sequence's KV blocks."""
+    token_ids: list[int]
+    params: SamplingParams
+    kind: Kind = Kind.GENERATE
+    request: int = 0                    # index of the caller's prompt
+    sample: int = 0                     # index among the request's n samples
+    n_forks: int = 1                    # samples still to split off at the first sampled token
+    seed: int = 0                       # sample j draws from torch.Generator seeded seed + j
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0                 # tokens whose K/V are in the cache
+    num_prefix_hit: int = 0             # of those, tokens taken from the prefix cache at the last prefill
+    generator: torch.Generator | None = None
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None             # set when a stop string cut the text
+    num_prompt: int = -1
+
+    def __post_init__(self):
+        if self.num_prompt < 0:
+            self.num_prompt = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def need_from(self) -> int:
+        """First position whose hidden state this sequence needs; the prefix cache may only serve tokens
+        before it (so those positions are computed and their outputs exist)."""
+        if self.kind is Kind.SCORE:
+            return self.num_prompt - 1
+        return len(self.token_ids) - 1
+
+    def num_blocks(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size
