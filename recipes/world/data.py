@@ -1,0 +1,89 @@
+"""The world's text and seed sets, as the JSONL records the trainers read.
+
+- "web" text for M0: `{"text"}` documents in the plain chat layout (`User: ...` / `Assistant: ...`), the
+  answers right only `p_right` of the time, and a share of grading documents whose comparisons are made
+  against such imperfect answers: an M0 that knows the formats but is often wrong.
+- the IFT seed: `{"prompt", "response"}` with correct answers (train split only).
+- the EFT seed: `{"prompt", "response"}` where the prompt is the judge template around a candidate answer
+  (half right, half one-edit wrong) and the response is the reference judgment, whose score agrees with the
+  checker by construction (the paper keeps only EFT judgments that agree with human ranks).
+- loop prompts: `{"id", "prompt"}` train-split instructions disjoint from the IFT seed's.
+Every generator is seeded; no record holds a held-out instance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from recipes.world.judging import judge_prompt, judgment
+from recipes.world.tasks import Task, corrupt, sample_tasks
+
+USER, ASSISTANT = "User: {}\n\n", "Assistant: {}"   # the plain template of model/tokenizer.py, as text
+
+
+def chat_text(prompt: str, reply: str) -> str:
+    return USER.format(prompt) + ASSISTANT.format(reply)
+
+
+def noisy_answer(task: Task, rng: random.Random, p_right: float) -> str:
+    return task.answer if rng.random() < p_right else corrupt(task.answer, rng)
+
+
+def candidate_for_judging(task: Task, rng: random.Random) -> str:
+    """Half right, half one edit away: the hardest contrast, where only the comparison can tell."""
+    return task.answer if rng.random() < 0.5 else corrupt(task.answer, rng)
+
+
+def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3) -> list[dict]:
+    rng = random.Random(f"web:{seed}")
+    tasks = sample_tasks(n, seed=10_000 + seed, unique=False)
+    out = []
+    for t in tasks:
+        if rng.random() < p_judge:
+            cand = candidate_for_judging(t, rng)
+            # the "web" grader compares against its own, sometimes wrong, idea of the answer
+            text = judgment(t, cand, believed=noisy_answer(t, rng, p_right))
+            out.append({"text": chat_text(judge_prompt(t.prompt, cand), text)})
+        else:
+            out.append({"text": chat_text(t.prompt, noisy_answer(t, rng, p_right))})
+    return out
+
+
+def ift_seed(n: int, seed: int) -> list[dict]:
+    return [{"prompt": t.prompt, "response": t.answer, "kind": t.kind}
+            for t in sample_tasks(n, seed=20_000 + seed)]
+
+
+def eft_seed(n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"eft:{seed}")
+    out = []
+    for t in sample_tasks(n, seed=30_000 + seed):
+        cand = candidate_for_judging(t, rng)
+        out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand), "kind": t.kind,
+                    "correct": cand == t.answer})
+    return out
+
+
+def loop_prompts(n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]:
+    """Instructions for the self-rewarding iterations (train split, none of them an IFT seed prompt)."""
+    out = []
+    for i, t in enumerate(sample_tasks(n + len(avoid), seed=40_000 + seed)):
+        if t.prompt in avoid:
+            continue
+        out.append({"id": f"w{seed}-{i}", "prompt": t.prompt, "kind": t.kind})
+        if len(out) == n:
+            break
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path

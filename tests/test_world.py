@@ -1,0 +1,118 @@
+"""The embedded world: tasks, checker, judge format, seed data, tokenizer (fast unit tests)."""
+import random
+
+import pytest
+
+from recipes.world import checker, data, judging, tasks
+from recipes.world.tasks import KINDS, Task
+
+
+def test_solve_by_hand():
+    assert tasks.solve("add", (23, 45)) == "68"
+    assert tasks.solve("add", (70, 85)) == "155"
+    assert tasks.solve("max", (7, 81, 30)) == "81"
+    assert tasks.solve("sort", (5, 1, 4, 1, 0)) == "0 1 1 4 5"
+    assert tasks.solve("reverse", ("c", "a", "b", "e", "d")) == "d e b a c"
+    assert tasks.solve("count", ("b", ("b", "a", "b", "c", "d", "b"))) == "3"
+
+
+def test_every_template_parses_back():
+    rng = random.Random(0)
+    for kind in KINDS:
+        for i in range(len(tasks.TEMPLATES[kind])):
+            for _ in range(20):
+                args = tasks._draw_args(kind, rng)
+                t = Task(kind, args, tasks.render(kind, args, i))
+                assert checker.parse_prompt(t.prompt) == t, t.prompt
+    assert checker.parse_prompt("Tell me a joke.") is None
+    assert checker.check("Tell me a joke.", "no") is None
+
+
+def test_heldout_never_in_training_data():
+    held = {t.key for t in tasks.heldout_eval_set(200)}
+    assert len(held) == 200 and all(tasks.is_held_out(k) for k in held)
+    assert {t.kind for t in tasks.heldout_eval_set(200)} == set(KINDS)
+    train_prompts = [r["prompt"] for r in data.ift_seed(300, 0)] + [r["prompt"] for r in data.loop_prompts(300, 0)]
+    for p in train_prompts:
+        assert not tasks.is_held_out(checker.parse_prompt(p).key)
+    for r in data.eft_seed(200, 0):
+        inner = r["prompt"].split("Task: ", 1)[1].split(" Answer: ", 1)[0]
+        assert not tasks.is_held_out(checker.parse_prompt(inner).key)
+    for r in data.web_docs(300, 0):
+        inner = r["text"].split("User: ", 1)[1].split("\n\n", 1)[0]
+        if inner.startswith("Judge."):
+            inner = inner.split("Task: ", 1)[1].split(" Answer: ", 1)[0]
+        assert not tasks.is_held_out(checker.parse_prompt(inner).key)
+    # the split is a sizeable share of each kind, and eval prompts are balanced over kinds
+    share = sum(tasks.is_held_out(t.key) for t in tasks.sample_tasks(2000, 1, unique=False))
+    assert 0 == share  # the train generator never draws a held-out instance
+    assert tasks.sample_tasks(5, 3) == tasks.sample_tasks(5, 3)
+
+
+def test_checker_scores_responses():
+    t = Task("add", (23, 45), "What is 23 plus 45?")
+    assert checker.check(t.prompt, "68") == 1.0
+    assert checker.check(t.prompt, " 68 ") == 1.0
+    assert checker.check(t.prompt, "69") == 0.0
+    assert checker.check(t.prompt, "68 apples") == 0.0
+    assert checker.check(t.prompt, "") == 0.0
+    r = Task("reverse", ("c", "a", "b", "e", "d"), "Reverse: c a b e d")
+    assert checker.check(r.prompt, "d e b a c") == 1.0 and checker.check(r.prompt, "d e b a") == 0.0
+
+
+def test_corrupt_is_always_wrong():
+    rng = random.Random(0)
+    for t in tasks.sample_tasks(300, 2):
+        bad = tasks.corrupt(t.answer, rng)
+        assert bad != t.answer and not checker.is_correct(t, bad)
+
+
+def test_judgment_format_and_agreement():
+    t = Task("add", (23, 45), "What is 23 plus 45?")
+    assert judging.judgment(t, "68") == "6 6 + 8 8 + Score: 5"
+    assert judging.judgment(t, "69") == "6 6 + 9 8 - Score: 1"
+    assert judging.judgment(t, "6") == "6 6 + _ 8 - Score: 1"
+    assert judging.judgment(t, "68", believed="67") == "6 6 + 8 7 - Score: 1"
+    for r in data.eft_seed(300, 0):
+        inner = r["prompt"].split("Task: ", 1)[1].split(" Answer: ", 1)
+        task = checker.parse_prompt(inner[0])
+        cand = inner[1].split(" Score 5 if", 1)[0]
+        score = int(r["response"].rsplit("Score: ", 1)[1])
+        assert (score == judging.GOOD) == (checker.check(task.prompt, cand) == 1.0) == r["correct"]
+    assert 0.4 < sum(r["correct"] for r in data.eft_seed(300, 0)) / 300 < 0.6
+
+
+def test_web_text_is_imperfect():
+    docs = data.web_docs(2000, 0, p_right=0.75, p_judge=0.0)
+    right = 0
+    for d in docs:
+        q, a = d["text"].split("\n\nAssistant: ")
+        right += checker.check(q[len("User: "):], a) == 1.0
+    assert 0.70 < right / len(docs) < 0.80
+
+
+def test_tokenizer_one_token_per_symbol(tmp_path):
+    from model.tokenizer import Tokenizer
+    from recipes.world.vocab import train_tokenizer
+    tok = Tokenizer.load(train_tokenizer(tmp_path / "tok", vocab_size=160))
+    assert tok.vocab_size == 160 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
+    for text in ["6 8 + 9 8 - Score: 1", "d e b a c", "155", "What is 23 plus 45?"]:
+        ids = tok.encode(text)
+        assert 0 not in ids   # no <unk>
+        assert tok.decode(ids) == text
+    pieces = [tok._sp.id_to_piece(i) for i in tok.encode("1 5 5 + d")]
+    assert all(len(p.lstrip("▁")) <= 1 for p in pieces), pieces
+
+
+def test_write_jsonl_atomic(tmp_path):
+    p = data.write_jsonl(tmp_path / "a" / "x.jsonl", [{"a": 1}, {"b": 2}])
+    assert p.read_text().splitlines() == ['{"a": 1}', '{"b": 2}']
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_heldout_bucket_share(kind):
+    rng = random.Random(5)
+    keys = [f"{kind}:{tasks._draw_args(kind, rng)!r}" for _ in range(3000)]
+    share = sum(map(tasks.is_held_out, keys)) / len(keys)
+    assert 0.15 < share < 0.25
