@@ -42,25 +42,32 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     seq = torch.repeat_interleave(torch.arange(S, device=q.device), qlens)
     off = torch.arange(N, device=q.device) - cu_seqlens_q[:-1].long()[seq]
     qp = q.new_zeros(S, Lq, Hq, D).index_put((seq, off), q).transpose(1, 2)  # [S, Hq, Lq, D]
-    rep = Hq // Hkv
-    if rep > 1:
-        kp = kp.repeat_interleave(rep, dim=1)
-        vp = vp.repeat_interleave(rep, dim=1)
     ctx = context_lens.long()
     qpos = (ctx - qlens)[:, None] + torch.arange(Lq, device=q.device)[None, :]   # [S, Lq]
     kpos = torch.arange(Lk, device=q.device)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx[:, None, None])
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None], scale=scale)
+    # enable_gqa: kv head j serves query heads j*rep .. j*rep+rep-1 without materialising the repeat
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != Hkv)
     return o.transpose(1, 2)[seq, off]
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
-    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
-    B = q.shape[0]
-    cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
-    return paged_prefill_ref(q, k_cache, v_cache, cu, block_tables, context_lens, scale)
+    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D].
+
+    One gather of each sequence's blocks and one SDPA call with a length mask (no per-sequence loop, no
+    query padding, no repeated K/V heads): the CPU decode step's attention cost is the gather itself."""
+    B, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    nb = (int(context_lens.max()) + bs - 1) // bs
+    bt = block_tables[:, :nb].long().clamp_min(0).reshape(-1)
+    kp = k_cache.index_select(0, bt).view(B, nb * bs, Hkv, D).transpose(1, 2)   # [B, Hkv, L, D]
+    vp = v_cache.index_select(0, bt).view(B, nb * bs, Hkv, D).transpose(1, 2)
+    mask = torch.arange(nb * bs, device=q.device)[None, :] < context_lens[:, None]   # [B, L]
+    o = F.scaled_dot_product_attention(q[:, :, None], kp, vp, attn_mask=mask[:, None, None], scale=scale,
+                                       enable_gqa=Hq != Hkv)                       # [B, Hq, 1, D]
+    return o[:, :, 0]
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
