@@ -38,6 +38,15 @@ Reply:
 Explain your rating in at most 100 words. End with a line of the form "Score: <points>", where <points> \
 is a whole number from 0 to 5."""
 
+# The same rubric in fewer words, for models with a short context (a 512-token model cannot hold the default).
+SHORT_TEMPLATE = """\
+Rate the reply from 0 to 5, one point for each: on topic; covers much of the request; answers its core \
+usefully; clear, direct and complete; expert and tailored with nothing extra.
+Request: {instruction}
+Reply: {response}
+Explain briefly, then end with "Score: <points>"."""
+
+BUILTIN = {"default": DEFAULT_TEMPLATE, "short": SHORT_TEMPLATE}
 PLACEHOLDERS = ("{instruction}", "{response}")
 _SLOT = re.compile(r"\{(instruction|response)\}")
 
@@ -47,9 +56,12 @@ class TemplateError(ValueError):
 
 
 def load_template(path: str | Path | None) -> str:
-    """The default rubric, or a user's template file (which must hold both placeholders)."""
+    """The default rubric (None), a built-in by name ("default", "short"), or a user's template file (which
+    must hold both placeholders). An existing file wins over a built-in name."""
     if path is None:
         return DEFAULT_TEMPLATE
+    if str(path) in BUILTIN and not Path(path).exists():
+        return BUILTIN[str(path)]
     text = Path(path).read_text(encoding="utf-8")
     check_template(text, str(path))
     return text
@@ -118,13 +130,46 @@ def chat_prompt_ids(tok, text: str) -> list[int]:
     return ids
 
 
+def fit_prompt_ids(tok, template: str, instruction: str, response: str, budget: int) -> tuple[list[int], bool]:
+    """Chat ids of the judge prompt, at most `budget` tokens: when too long, the response (then the
+    instruction) is cut, keeping its start and marking the cut with ' [...]'. Returns (ids, was_cut)."""
+    ids = chat_prompt_ids(tok, judge_prompt(template, instruction, response))
+    if len(ids) <= budget:
+        return ids, False
+    empty = len(chat_prompt_ids(tok, judge_prompt(template, "", "")))
+    if empty + 8 > budget:
+        raise ValueError(f"the judge template alone takes {empty} tokens; the prompt budget is {budget} "
+                         f"(context minus max_tokens): use a shorter template or fewer max tokens")
+    ins, resp = instruction, response
+    chars_per_token = max(1.0, (len(ins) + len(resp)) / max(1, len(ids) - empty))
+    for _ in range(40):
+        over = len(ids) - budget
+        if over <= 0:
+            return ids, True
+        cut = max(4, int((over + 4) * chars_per_token))  # about the excess, plus room for the ' [...]' mark
+        if len(resp) >= len(ins) and resp:
+            resp = resp[:max(0, len(resp) - cut)]
+        else:
+            ins = ins[:max(0, len(ins) - cut)]
+        ids = chat_prompt_ids(tok, judge_prompt(template, ins + " [...]" if ins != instruction else ins,
+                                                resp + " [...]" if resp != response else resp))
+    raise ValueError("could not fit the judge prompt into the context")
+
+
+def prompt_budget(engine, max_tokens: int) -> int:
+    """Prompt tokens that leave room for `max_tokens` of judgment (at least a quarter of the context)."""
+    max_len = getattr(engine, "max_len", 1 << 30)
+    return max(max_len - max_tokens, max_len // 4) - 1
+
+
 def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
                      progress: bool = False) -> list[list[tuple[str, float | None]]]:
     """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
     Sample i of item j uses seed (seed + j * K) + i, so a resumed run redraws the same judgments."""
     from infer.sequence import SamplingParams
     base = cfg.seed if seed is None else seed
-    prompts = [chat_prompt_ids(tok, judge_prompt(cfg.template, ins, resp)) for ins, resp in items]
+    budget = prompt_budget(engine, cfg.max_tokens)
+    prompts = [fit_prompt_ids(tok, cfg.template, ins, resp, budget)[0] for ins, resp in items]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                              seed=base + j * cfg.k) for j in range(len(items))]
     outs = engine.generate(prompts, params, n=cfg.k, progress=progress)

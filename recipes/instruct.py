@@ -1,0 +1,181 @@
+"""Self-instruct prompts: 8-shot generation (6 seed + 2 generated earlier) and the Self-Instruct filters.
+
+Each few-shot prompt is plain text (BOS + text, no chat template) listing numbered requests; the model writes
+the next one. Every generated text gets a verdict, in this order:
+    empty | too_short | too_long (word bounds) | duplicate (exact, after case and whitespace folding)
+    | keyword (a word naming something a text model cannot do) | rouge (ROUGE-L F >= 0.7 against any prompt
+    in the pool: seeds + accepted) | ok | surplus (accepted after the target count was reached)
+An accepted prompt joins the pool at once, so two near-copies in one batch do not both pass.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from rouge_score import rouge_scorer, tokenizers
+
+DEFAULT_KEYWORDS = ("image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "diagram",
+                    "flowchart", "video", "audio", "music", "draw", "plot", "file", "files", "map", "maps",
+                    "go to")
+
+
+@dataclass
+class InstructConfig:
+    n_seed_shots: int = 6
+    n_generated_shots: int = 2
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_tokens: int = 128
+    batch: int = 16                 # few-shot prompts per generate call (one round)
+    max_rounds: int = 1000          # give up after this many rounds even if short of the target
+    rouge_threshold: float = 0.7
+    min_words: int = 3
+    max_words: int = 150
+    keywords: tuple[str, ...] = field(default=DEFAULT_KEYWORDS)
+    header: str = "Here are some requests that users sent to an AI assistant."
+    seed: int = 0
+
+
+def few_shot_text(examples: Sequence[str], header: str) -> str:
+    parts = [header, ""]
+    for i, ex in enumerate(examples, 1):
+        parts += [f"Request {i}:", ex.strip(), ""]
+    parts.append(f"Request {len(examples) + 1}:")
+    return "\n".join(parts) + "\n"
+
+
+_NEXT = re.compile(r"\n\s*Request \d+\s*:")
+
+
+def cut_generated(text: str) -> str:
+    """The model's new request: its text up to the next 'Request k:' marker, stripped."""
+    m = _NEXT.search(text)
+    return (text[:m.start()] if m else text).strip()
+
+
+def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str],
+               cfg: InstructConfig) -> list[str]:
+    """6 seed + 2 generated examples (fewer generated while the pool is small: seeds fill in), shuffled."""
+    n_gen = min(cfg.n_generated_shots, len(generated))
+    n_seed = min(cfg.n_seed_shots + cfg.n_generated_shots - n_gen, len(seeds))
+    shots = rng.sample(list(seeds), n_seed) + rng.sample(list(generated), n_gen)
+    rng.shuffle(shots)
+    return shots
+
+
+def fit_shots(tok, shots: list[str], cfg: InstructConfig, limit: int) -> list[int]:
+    """BOS + the few-shot text, dropping the longest shot until it fits in `limit` tokens."""
+    shots = list(shots)
+    while True:
+        ids = tok.encode(few_shot_text(shots, cfg.header), bos=True)
+        if len(ids) <= limit or len(shots) <= 1:
+            if len(ids) > limit:
+                raise ValueError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
+            return ids
+        shots.remove(max(shots, key=len))
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+class PromptFilter:
+    """The Self-Instruct filters over a growing pool. `check` gives a verdict; `add` puts a text in the pool."""
+
+    def __init__(self, pool: Sequence[str], cfg: InstructConfig):
+        self.cfg = cfg
+        self.tok = tokenizers.DefaultTokenizer(use_stemmer=False)
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self.texts: list[str] = []
+        self.bags: list[Counter] = []
+        self.seen: set[str] = set()
+        self.kw = re.compile(r"\b(" + "|".join(re.escape(k) for k in cfg.keywords) + r")\b", re.IGNORECASE) \
+            if cfg.keywords else None
+        for p in pool:
+            self.add(p)
+
+    def add(self, text: str) -> None:
+        self.texts.append(text)
+        self.bags.append(Counter(self.tok.tokenize(text)))
+        self.seen.add(_norm(text))
+
+    def max_rouge(self, text: str) -> float:
+        """Max ROUGE-L F over the pool. The LCS is at most the bag-of-words overlap, so pool texts whose
+        overlap bound is below the best so far (or below what could reach the threshold) are skipped."""
+        bag = Counter(self.tok.tokenize(text))
+        n = sum(bag.values())
+        best = 0.0
+        for t, b in zip(self.texts, self.bags):
+            m = sum(b.values())
+            if n == 0 or m == 0:
+                continue
+            bound = 2 * sum((bag & b).values()) / (n + m)
+            if bound <= best:
+                continue
+            best = max(best, self.scorer.score(t, text)["rougeL"].fmeasure)
+        return best
+
+    def check(self, text: str) -> tuple[str, float | None]:
+        words = len(text.split())
+        if not text.strip():
+            return "empty", None
+        if words < self.cfg.min_words:
+            return "too_short", None
+        if words > self.cfg.max_words:
+            return "too_long", None
+        if _norm(text) in self.seen:
+            return "duplicate", None
+        if self.kw is not None and self.kw.search(text):
+            return "keyword", None
+        r = self.max_rouge(text)
+        if r >= self.cfg.rouge_threshold:
+            return "rouge", r
+        return "ok", r
+
+
+def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructConfig, writer,
+                     earlier: Sequence[str] = (), progress: bool = False) -> list[dict]:
+    """Make `n` accepted prompts. Records go to `writer` (a recipes.jsonl.PartialWriter) one round at a
+    time: {id, prompt, source: "generated", verdict, rouge, round}. Rounds already in the writer (a resumed
+    run) rebuild the pool and are not redone; round r draws its shots and sampling seed from (seed, r)."""
+    from infer.sequence import SamplingParams
+    done = writer.records
+    accepted = [r["prompt"] for r in done if r["verdict"] == "ok"]
+    filt = PromptFilter(list(seeds) + list(earlier), cfg)
+    for r in done:
+        if r["verdict"] == "ok":
+            filt.add(r["prompt"])
+    rnd = 1 + max((r["round"] for r in done), default=-1)
+    limit = getattr(engine, "max_len", 1 << 30) - cfg.max_tokens - 1
+    gen_pool = list(earlier) + accepted
+    while len(accepted) < n and rnd < cfg.max_rounds:
+        rng = random.Random(cfg.seed * 1_000_003 + rnd)
+        ids = [fit_shots(tok, pick_shots(rng, seeds, gen_pool, cfg), cfg, limit) for _ in range(cfg.batch)]
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                seed=cfg.seed * 1_000_003 + rnd * cfg.batch, stop=("\nRequest",))
+        outs = engine.generate(ids, [params] * len(ids), n=1)
+        recs = []
+        for j, group in enumerate(outs):
+            text = cut_generated(group[0].text)
+            verdict, rouge = filt.check(text)
+            if verdict == "ok":
+                if len(accepted) >= n:
+                    verdict = "surplus"
+                else:
+                    filt.add(text)
+                    accepted.append(text)
+                    gen_pool.append(text)
+            recs.append({"id": f"gen-{rnd}-{j}", "prompt": text, "source": "generated", "verdict": verdict,
+                         "rouge": None if rouge is None else round(rouge, 4), "round": rnd})
+        writer.write(recs)
+        if progress:
+            print(f"[prompts] round {rnd}: {len(accepted)}/{n} accepted", flush=True)
+        rnd += 1
+    return writer.records
+
+
+def verdict_counts(records: Sequence[dict]) -> dict[str, int]:
+    return dict(Counter(r["verdict"] for r in records))

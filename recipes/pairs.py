@@ -1,0 +1,88 @@
+"""From judgments to preference pairs, and the per-iteration statistics the manifest records."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from statistics import mean
+from typing import Sequence
+
+from recipes.judge import mean_score
+
+
+def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tuple[str, int], float | None]:
+    """(prompt id, sample) -> mean of its parsable judgment scores, None when none parsed. key="expected"
+    reads the expected score (from the digit distribution) instead of the sampled one."""
+    by: dict[tuple[str, int], list] = defaultdict(list)
+    for j in judgments:
+        by[(j["id"], j["sample"])].append(j.get(key))
+    return {k: mean_score(v) for k, v in by.items()}
+
+
+def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
+                key: str = "score") -> tuple[list[dict], Counter]:
+    """One pair per prompt: its highest- against its lowest-scored candidate (mean over K judgments).
+    Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
+    scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
+    lowest sample index is taken. Returns (pairs, counts)."""
+    scores = candidate_scores(judgments, key)
+    text = {r["id"]: r["prompt"] for r in prompts}
+    cands: dict[str, list[dict]] = defaultdict(list)
+    for c in candidates:
+        cands[c["id"]].append(c)
+    pairs, counts = [], Counter()
+    for pid in text:
+        scored = [(scores.get((c["id"], c["sample"])), c) for c in sorted(cands.get(pid, []),
+                                                                          key=lambda c: c["sample"])]
+        counts["candidates_unscored"] += sum(s is None for s, _ in scored)
+        scored = [(s, c) for s, c in scored if s is not None]
+        if len(scored) < 2:
+            counts["prompts_too_few_scored"] += 1
+            continue
+        hi = max(scored, key=lambda x: x[0])   # max/min return the first of equals: lowest sample index
+        lo = min(scored, key=lambda x: x[0])
+        if hi[0] == lo[0]:
+            counts["ties"] += 1
+            continue
+        pairs.append({"id": pid, "prompt": text[pid], "chosen": hi[1]["text"], "rejected": lo[1]["text"],
+                      "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],
+                      "rejected_sample": lo[1]["sample"]})
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def _hist(values) -> dict[str, int]:
+    return {f"{k:g}": v for k, v in sorted(Counter(values).items())}
+
+
+def _mean(xs: list) -> float | None:
+    return round(mean(xs), 2) if xs else None
+
+
+def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
+                    pairs: Sequence[dict], pair_counts: Counter | dict) -> dict:
+    """Counts, score histograms and mean lengths of one iteration (what the manifest holds)."""
+    verdicts = Counter(p.get("verdict", "ok") for p in prompts)
+    scores = candidate_scores(judgments)
+    counts = {
+        "prompts": verdicts.get("ok", 0),
+        "prompts_made": len(prompts),
+        "prompts_filtered": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
+        "candidates": len(candidates),
+        "judgments": len(judgments),
+        "parse_failures": sum(j["score"] is None for j in judgments),
+        "candidates_unscored": pair_counts.get("candidates_unscored", 0),
+        "prompts_too_few_scored": pair_counts.get("prompts_too_few_scored", 0),
+        "ties": pair_counts.get("ties", 0),
+        "pairs": len(pairs),
+    }
+    return {
+        "counts": counts,
+        "score_histogram": _hist(j["score"] for j in judgments if j["score"] is not None),
+        "mean_score_histogram": _hist(round(s, 2) for s in scores.values() if s is not None),
+        "mean_len": {
+            "candidate_chars": _mean([len(c["text"]) for c in candidates]),
+            "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),
+            "chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
+            "rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
+            "judgment_chars": _mean([len(j["judgment"]) for j in judgments]),
+        },
+    }

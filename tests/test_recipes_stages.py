@@ -1,0 +1,146 @@
+"""The loop's stages on a tiny random model through the real engine: prompts from a file / callable,
+candidates killed with SIGKILL and resumed, the judge failing mid-way and resumed, the expected score
+against a plain forward pass."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.jsonl import partial_path, read_jsonl
+from recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
+    stage_prompts
+from tests.conftest import ROOT
+from tests.recipes_tiny import SEEDS, one_thread, tiny_chat_model, write_prompts  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.conftest import need_shared
+    tok_dir = need_shared("fixtures/stories260k")
+    return tiny_chat_model(tmp_path_factory.mktemp("m") / "m1", tok_dir)
+
+
+def _cfg(run, m1, **kw):
+    base = dict(run_dir=str(run), init_model=str(m1), prompt_source=str(write_prompts(run.parent / "p.jsonl", SEEDS)),
+                n_prompts=4, n_candidates=2, judge_k=2, max_tokens=8, judge_max_tokens=8, judge_template="short",
+                chunk=2)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def test_prompt_sources(tiny, tmp_path):
+    cfg = _cfg(tmp_path / "r1", tiny, n_prompts=5)
+    m = Models()
+    stage_prompts(cfg, 1, m)
+    stage_prompts(cfg, 2, m)
+    p1, p2 = read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl"), read_jsonl(iter_dir(cfg, 2) / "prompts.jsonl")
+    assert [r["prompt"] for r in p1] == SEEDS[:5]
+    assert [r["prompt"] for r in p2] == SEEDS[5:] + SEEDS[:2]   # the next block, wrapping around
+    assert all(r["verdict"] == "ok" and r["source"] == "given" for r in p1)
+    seen = []
+    cfg = _cfg(tmp_path / "r2", tiny, prompt_source=lambda t, n, seed: seen.append((t, n)) or
+               ["x " * 600, {"id": "q", "prompt": "hello"}])
+    stage_prompts(cfg, 1, m)
+    recs = read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl")
+    assert seen == [(1, 4)] and [r["verdict"] for r in recs] == ["too_long_for_context", "ok"]
+    assert recs[1]["id"] == "q"
+
+
+def test_candidates_sigkill_then_resume(tiny, tmp_path):
+    prompts = [f"Question number {i}: tell me something." for i in range(24)]
+    run = tmp_path / "run"
+    cfg = _cfg(run, tiny, prompt_source=str(write_prompts(tmp_path / "q.jsonl", prompts)), n_prompts=24,
+               max_tokens=16, chunk=1)
+    stage_prompts(cfg, 1, Models())
+    cmd = [sys.executable, "-m", "recipes.self_reward", "--run-dir", str(run), "--init", str(tiny),
+           "--prompts", str(tmp_path / "q.jsonl"), "--n-prompts", "24", "--n", "2", "--max-tokens", "16",
+           "--chunk", "1", "--stage", "candidates", "--iter", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = iter_dir(cfg, 1) / "candidates.jsonl"
+    part = partial_path(out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if part.exists() and part.read_text().count("\n") >= 6:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"stage ended before the kill: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the stage finished before it could be killed"
+    before = part.read_text()
+    done_before = before.count("\n")
+    assert 6 <= done_before < 48
+    part.write_text(before + '{"id": "p23", "sample"')          # a torn write, as a kill can leave
+    stage_candidates(cfg, 1, Models())                          # resume in-process
+    recs = read_jsonl(out)
+    keys = [(r["id"], r["sample"]) for r in recs]
+    assert len(keys) == len(set(keys)) == 48                    # nothing lost, nothing duplicated
+    assert sorted(keys) == sorted((f"p{i}", s) for i in range(24) for s in range(2))
+    # the units finished before the kill are kept as they were, first in the file (only a torn unit is redone)
+    lines = before[:before.rfind("\n") + 1].splitlines(keepends=True)
+    ids = [json.loads(x)["id"] for x in lines]
+    whole = [x for x, i in zip(lines, ids) if ids.count(i) == 2]
+    assert len(whole) >= 6 and out.read_text().startswith("".join(whole))
+
+
+def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path / "ref", tiny, judge_expected=True)
+    m = Models()
+    stage_prompts(cfg, 1, m)
+    stage_candidates(cfg, 1, m)
+    stage_judge(cfg, 1, m)
+    ref = read_jsonl(iter_dir(cfg, 1) / "judgments.jsonl")
+    assert len(ref) == 4 * 2 * 2 and {(r["k"]) for r in ref} == {0, 1}
+    assert all(r["score"] is None or 0 <= r["score"] <= 5 for r in ref)
+    assert all(0 <= r["expected"] <= 5 for r in ref)
+    # the same run, with the engine failing on its third generate call in the judge stage
+    cfg2 = _cfg(tmp_path / "run", tiny, judge_expected=True)
+    stage_prompts(cfg2, 1, m)
+    stage_candidates(cfg2, 1, m)
+    engine, _ = m.get(str(tiny))
+    real, calls = engine.generate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "generate", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        stage_judge(cfg2, 1, m)
+    assert len(read_jsonl(partial_path(iter_dir(cfg2, 1) / "judgments.jsonl"))) == 2 * 2 * 2   # 2 chunks of 2
+    stage_judge(cfg2, 1, m)
+    assert read_jsonl(iter_dir(cfg2, 1) / "judgments.jsonl") == ref
+    counts = stage_pairs(cfg2, 1)
+    assert counts["pairs"] + counts["ties"] + counts["prompts_too_few_scored"] == 4
+
+
+def test_expected_score_against_plain_forward(tiny):
+    from infer.engine import Engine
+    from model.checkpoint import load_model
+    from model.tokenizer import Tokenizer
+    from recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    tok = Tokenizer.load(tiny)
+    eng = Engine.from_pretrained(tiny)
+    prompts = [chat_prompt_ids(tok, "Rate this: hello"), chat_prompt_ids(tok, "Rate: the sky is green")]
+    got = expected_scores(eng, tok, prompts)
+    head, tails = digit_candidates(tok)
+    assert all(len(t) == 1 for t in tails)
+    model = load_model(tiny)
+    for (e, p), ids in zip(got, prompts):
+        x = torch.tensor([ids + head])
+        with torch.no_grad():
+            lp = torch.log_softmax(model.forward_batch(x)[0, -1], -1)[[t[0] for t in tails]]
+        want = torch.softmax(lp, -1)
+        assert p == pytest.approx(want.tolist(), abs=1e-5)
+        assert e == pytest.approx(sum(d * w for d, w in enumerate(want.tolist())), abs=1e-4)
