@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from recipes.jsonl import DataError, field, iter_jsonl, write_json
-from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, judge_prompt, load_template, \
-    mean_score, sample_judgments
+from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, load_template, \
+    mean_score, prompt_budget, sample_judgments
 from recipes.metrics import h2h_outcome, rm_metrics
 
 PAIR_TEMPLATE = """\
@@ -75,11 +75,11 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig) -> dict:
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
     compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}."""
     items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
-    judged = sample_judgments(engine, tok, items, cfg)
-    exp = None
-    if cfg.expected:
-        exp = expected_scores(engine, tok, [chat_prompt_ids(tok, judge_prompt(cfg.template, i, r))
-                                            for i, r in items], cfg.score_prefix)
+    budget = prompt_budget(engine, cfg.max_tokens)
+    fitted = [fit_prompt_ids(tok, cfg.template, i, r, budget) for i, r in items]
+    ids = [f[0] for f in fitted]
+    judged = sample_judgments(engine, tok, items, cfg, prompts=ids, progress=True)
+    exp = expected_scores(engine, tok, ids, cfg.score_prefix) if cfg.expected else None
     records, sampled_groups, expected_groups, pos = [], [], [], 0
     for g in groups:
         ranks, ms, es = [], [], []
@@ -98,7 +98,7 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig) -> dict:
         sampled_groups.append((ranks, ms))
         expected_groups.append((ranks, es))
     out = {"sampled": rm_metrics(sampled_groups), "expected": rm_metrics(expected_groups) if exp else None,
-           "judgments": sum(len(j) for j in judged), "parse_failures": sum(s is None for j in judged for _, s in j),
+           "judgments": sum(len(j) for j in judged), "prompts_cut": sum(c for _, c in fitted), "parse_failures": sum(s is None for j in judged for _, s in j),
            "records": records}
     return out
 
@@ -117,7 +117,8 @@ def print_rm(res: dict, title: str = "") -> None:
         print(f"| {name} | {' | '.join(_fmt(res[c][key]) for c in cols)} |")
     s = res["sampled"]
     print(f"groups {s['groups']} (used {s['groups_used']}), pairs {s['pairs']} (judge-tied {s['pairs_judge_tied']}),"
-          f" judgments {res['judgments']}, unparsable {res['parse_failures']}, perfect 5s {s['perfect_scores']}")
+          f" judgments {res['judgments']}, unparsable {res['parse_failures']}, perfect 5s {s['perfect_scores']},"
+          f" judge prompts cut to fit the context {res['prompts_cut']}")
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,

@@ -163,13 +163,15 @@ def prompt_budget(engine, max_tokens: int) -> int:
 
 
 def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
-                     progress: bool = False) -> list[list[tuple[str, float | None]]]:
+                     progress: bool = False, prompts: list[list[int]] | None = None
+                     ) -> list[list[tuple[str, float | None]]]:
     """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
     Sample i of item j uses seed (seed + j * K) + i, so a resumed run redraws the same judgments."""
     from infer.sequence import SamplingParams
     base = cfg.seed if seed is None else seed
-    budget = prompt_budget(engine, cfg.max_tokens)
-    prompts = [fit_prompt_ids(tok, cfg.template, ins, resp, budget)[0] for ins, resp in items]
+    if prompts is None:   # the judge prompts' ids, cut to fit the context (see fit_prompt_ids)
+        budget = prompt_budget(engine, cfg.max_tokens)
+        prompts = [fit_prompt_ids(tok, cfg.template, ins, resp, budget)[0] for ins, resp in items]
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                              seed=base + j * cfg.k) for j in range(len(items))]
     outs = engine.generate(prompts, params, n=cfg.k, progress=progress)

@@ -316,7 +316,9 @@ def run_iteration(cfg: LoopConfig, t: int, models: Models | None = None, stages=
 def run_loop(cfg: LoopConfig) -> list[dict]:
     """M1 -> M_{T+1}. Rerunning the same command after a crash continues where it stopped."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(cfg.run_dir) / "config.json", cfg.settings())
+    conf = Path(cfg.run_dir) / "config.json"
+    if not conf.exists() or json.loads(conf.read_text()) != cfg.settings():
+        write_json(conf, cfg.settings())
     models = Models()
     out = []
     for t in range(1, cfg.iterations + 1):

@@ -144,3 +144,30 @@ def test_expected_score_against_plain_forward(tiny):
         want = torch.softmax(lp, -1)
         assert p == pytest.approx(want.tolist(), abs=1e-5)
         assert e == pytest.approx(sum(d * w for d, w in enumerate(want.tolist())), abs=1e-4)
+
+
+def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
+    from recipes.evaluate import main as evaluate
+    from recipes.metrics import rm_metrics
+    groups = [{"id": "g1", "prompt": "Name a red fruit.", "replies": [{"text": "An apple.", "rank": 0},
+                                                                      {"text": "Blue.", "rank": 1},
+                                                                      {"text": "x " * 400, "rank": 2}]},
+              {"id": "g2", "prompt": "Say hi.", "replies": [{"text": "Hi!", "rank": 1}, {"text": "Hello!", "rank": 0}]}]
+    gf = tmp_path / "groups.jsonl"
+    gf.write_text("".join(json.dumps(g) + "\n" for g in groups))
+    res = evaluate(["rm", "--judge", str(tiny), "--groups", str(gf), "--k", "2", "--max-tokens", "8",
+                    "--judge-template", "short", "--expected", "--out", str(tmp_path / "rm.json")])
+    assert json.loads((tmp_path / "rm.json").read_text())["expected"] == res["expected"]
+    recs = res["records"]
+    assert len(recs) == 5 and res["judgments"] == 10 and res["prompts_cut"] == 1  # the 800-char reply is cut
+    want = rm_metrics([([r["rank"] for r in recs[:3]], [r["expected"] for r in recs[:3]]),
+                       ([r["rank"] for r in recs[3:]], [r["expected"] for r in recs[3:]])])
+    assert res["expected"] == want and res["expected"]["groups_used"] == 2
+    assert "pairwise accuracy" in capsys.readouterr().out
+    pf = write_prompts(tmp_path / "hp.jsonl", ["Say hi.", "Name a color."])
+    res = evaluate(["h2h", "--a", str(tiny), "--b", str(tiny), "--judge", str(tiny), "--prompts", str(pf),
+                    "--max-tokens", "8", "--out", str(tmp_path / "h2h.json")])
+    assert res["n"] == 2 and res["win"] + res["tie"] + res["loss"] == pytest.approx(1.0)
+    # A and B are the same greedy model: identical responses, so no win or loss can be consistent across orders
+    # unless the judge always picks one position -> tie
+    assert all(r["a"] == r["b"] for r in res["records"]) and res["tie"] == 1.0
