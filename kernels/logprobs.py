@@ -26,8 +26,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         safe_t = torch.where(valid, targets, 0)
         for s in range(0, N, chunk):
             logits = (h[s:s + chunk] @ weight.T).float()              # [c, V]
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe_t[s:s + chunk, None])[:, 0]
+            m = logits.amax(dim=-1)                                    # logsumexp in place: one [c, V]
+            lse[s:s + chunk] = logits.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
             logp[s:s + chunk] = picked - lse[s:s + chunk]
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         ctx.save_for_backward(h, weight, safe_t, valid, lse)
@@ -45,13 +46,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
             logits = (hc @ weight.T).float()                          # [c, V]
-            dlogits = torch.exp(logits - lse[s:s + chunk, None])       # softmax
+            dlogits = logits.sub_(lse[s:s + chunk, None]).exp_()       # softmax, in place
             dlogits.mul_(-g[s:s + chunk, None])
             dlogits.scatter_add_(1, safe_t[s:s + chunk, None], g[s:s + chunk, None])
             if dh is not None:
                 dh[s:s + chunk] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
             if dw is not None:
-                dw += dlogits.T @ hc.float()
+                dw.addmm_(dlogits.T, hc.float())
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 

@@ -136,3 +136,15 @@ def test_linear_logprobs_matches_naive():
     assert got[3].item() == 0.0 and h.grad[3].abs().max().item() == 0.0
     with pytest.raises(ValueError, match="outside"):
         K.linear_logprobs(h.detach(), w, torch.full((11,), 50))
+
+
+def test_linear_logprobs_memory_vs_naive(monkeypatch):
+    """The chunked log-prob forward+backward peaks at <= 25% of the naive one (fresh processes, peak RSS;
+    `python benchmarks/bench_kernels.py --memory` gives the full-size figure)."""
+    from benchmarks.bench_kernels import measure_memory
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = measure_memory(N=4096, V=6000, H=64, chunk=256, variants=("naive", "twin"))
+    naive, twin = res["naive"]["peak_delta_mib"], res["twin"]["peak_delta_mib"]
+    assert naive > 250                       # the [N, V] logits and their copies really were allocated
+    assert abs(res["naive"]["logp_sum"] - res["twin"]["logp_sum"]) < 1e-3 * abs(res["naive"]["logp_sum"])
+    assert twin <= 0.25 * naive, (twin, naive)
