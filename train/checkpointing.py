@@ -1,0 +1,116 @@
+"""Training checkpoints that resume exactly, and the final Hugging Face export.
+
+Layout under the run folder:
+    checkpoints/step_00000010/   torch.distributed.checkpoint files (model + optimizer, sharded under
+                                 FSDP), trainer_state.json (step, scheduler, counters), rng_<rank>.pt
+    checkpoints/latest           the name of the newest complete checkpoint
+A checkpoint is written into checkpoints/.tmp-step_N/ by every rank, then (after a barrier) rank 0 renames
+it into place and rewrites `latest` with os.replace; a crash at any moment leaves the previous checkpoint
+and pointer intact. Older checkpoints beyond `keep` are removed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+)
+
+from model.checkpoint import save_model
+from train.parallel import Dist, barrier
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ptr = Path(run_dir) / "checkpoints" / "latest"
+    if not ptr.exists():
+        return None
+    p = ptr.parent / ptr.read_text().strip()
+    if not (p / "trainer_state.json").exists():
+        raise FileNotFoundError(f"{ptr}: points to {p.name}, which is incomplete or missing")
+    return p
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
+                    keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    name = f"step_{step:08d}"
+    tmp = root / f".tmp-{name}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)   # leftovers of a crash during an earlier write
+        tmp.mkdir(parents=True)
+    barrier(d)
+    msd, osd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_{d.rank}.pt")
+    if d.is_main:
+        full = dict(state, step=step, world=d.world, scheduler=scheduler.state_dict())
+        (tmp / "trainer_state.json").write_text(json.dumps(full, indent=1))
+    barrier(d)
+    final = root / name
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _write_text(root / "latest", name + "\n")
+        old = sorted(p for p in root.glob("step_*") if p.name != name)
+        for p in old[:max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; -> the trainer state dict."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    msd, osd = get_state_dict(model, optimizer)
+    both = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(both, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng_{d.rank}.pt"
+    if state.get("world") == d.world and rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    elif d.is_main:
+        print(f"[checkpoint] {path}: saved with {state.get('world')} ranks, resuming with {d.world}: "
+              f"RNG streams (dropout) are not restored")
+    return state
+
+
+def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Gather the full weights on rank 0 and write a Hugging Face folder (config, safetensors, tokenizer)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+    barrier(d)
+    return Path(out)

@@ -1,0 +1,274 @@
+"""Training data: JSONL readers with file:line errors, chat formatting, truncation, packing, pair batches.
+
+SFT records (one JSON object per line):
+    {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}  loss on assistant turns
+    {"prompt": str, "response": str}                                           same, as one user turn
+    {"text": str}                                                              BOS + text + EOS, loss on all
+DPO records:
+    {"prompt": str | "messages": [...], "chosen": str, "rejected": str}       (+ any extra fields)
+
+Truncation rules (counted and logged by the trainers):
+- SFT: an example longer than max_length tokens keeps its first max_length tokens; one left with no
+  target token is dropped.
+- DPO: the prompt keeps BOS and its LAST max_prompt_length-1 tokens (the end of a conversation is what
+  the reply answers); then each response keeps its first max_length - len(prompt) tokens.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON or a non-object raises DataError."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            out.append((where, rec))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def _str_field(rec: dict, name: str, where: str) -> str:
+    if name not in rec:
+        raise DataError(f"{where}: missing field '{name}'")
+    v = rec[name]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def _messages(rec: dict, where: str) -> list[dict]:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': one of {ROLES}, "
+                            f"'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
+    if system is None or msgs[0]["role"] == "system":
+        return msgs
+    return [{"role": "system", "content": system}] + msgs
+
+
+@dataclass
+class Example:
+    ids: list[int]     # the whole rendered sequence, BOS first
+    mask: list[bool]   # mask[i]: token i is a training target (predicted from tokens < i)
+
+
+def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Example:
+    if "messages" in rec:
+        msgs = _with_system(_messages(rec, where), system)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+        ids, mask = tok.render_chat(msgs)
+    elif "prompt" in rec or "response" in rec:
+        msgs = [{"role": "user", "content": _str_field(rec, "prompt", where)},
+                {"role": "assistant", "content": _str_field(rec, "response", where)}]
+        ids, mask = tok.render_chat(_with_system(msgs, system))
+    elif "text" in rec:
+        ids = [tok.bos_id] + tok.encode(_str_field(rec, "text", where)) + [tok.eos_id]
+        mask = [False] + [True] * (len(ids) - 1)
+    else:
+        raise DataError(f"{where}: needs field 'messages', 'prompt'+'response' or 'text'")
+    return Example(list(ids), [bool(m) for m in mask])
+
+
+def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | None = None
+             ) -> tuple[list[Example], dict]:
+    """Read and render every file; truncate. -> (examples, counts {read, truncated, dropped})."""
+    systems = systems or {}
+    out, counts = [], {"read": 0, "truncated": 0, "dropped": 0}
+    for p in paths:
+        for where, rec in read_jsonl(p):
+            ex = sft_example(rec, tok, where, systems.get(p))
+            counts["read"] += 1
+            if len(ex.ids) > max_length:
+                counts["truncated"] += 1
+                ex = Example(ex.ids[:max_length], ex.mask[:max_length])
+            if not any(ex.mask[1:]):
+                counts["dropped"] += 1
+                continue
+            out.append(ex)
+    return out, counts
+
+
+def n_targets(ex: Example) -> int:
+    return sum(ex.mask[1:])
+
+
+def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """Lay examples out as rows for Transformer.forward_packed: input_ids, targets, positions [B, T].
+    Each example contributes its ids[:-1] as inputs and ids[1:] as targets (IGNORE where not a target);
+    positions restart at 0 per example, so attention stays inside it. packing=True fills rows of row_len
+    first-fit in order; packing=False puts one example per row, padded to the longest. Padding is its own
+    segment (positions from 0) with IGNORE targets."""
+    segs = []
+    for ex in examples:
+        inp = ex.ids[:-1]
+        tgt = [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]
+        segs.append((inp, tgt))
+    rows: list[list[tuple]] = []
+    if packing:
+        fill: list[int] = []
+        for s in segs:
+            for r, used in enumerate(fill):
+                if used + len(s[0]) <= row_len:
+                    rows[r].append(s)
+                    fill[r] += len(s[0])
+                    break
+            else:
+                rows.append([s])
+                fill.append(len(s[0]))
+        T = row_len
+    else:
+        rows = [[s] for s in segs]
+        T = max(len(s[0]) for s in segs)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for b, row in enumerate(rows):
+        c = 0
+        for inp, t in row:
+            n = len(inp)
+            ids[b, c:c + n] = torch.tensor(inp)
+            tgt[b, c:c + n] = torch.tensor(t)
+            pos[b, c:c + n] = torch.arange(n)
+            c += n
+        pos[b, c:] = torch.arange(T - c)
+    return {"input_ids": ids, "targets": tgt, "positions": pos}
+
+
+# ---- DPO -----------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    prompt: list[int]     # chat-rendered with the generation prompt, BOS first
+    chosen: list[int]     # response ids + EOS
+    rejected: list[int]
+
+
+def _response_ids(tok, text: str) -> list[int]:
+    """The reply as render_chat lays it after the generation prompt (content + end-of-turn token)."""
+    return tok.render_response(text)
+
+
+def dpo_pair(rec: dict, tok, where: str) -> Pair:
+    if "messages" in rec:
+        msgs = _messages(rec, where)
+        if msgs[-1]["role"] == "assistant":
+            raise DataError(f"{where}: field 'messages' must end with a user turn (the reply is chosen/rejected)")
+    elif "prompt" in rec:
+        msgs = [{"role": "user", "content": _str_field(rec, "prompt", where)}]
+    else:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    prompt, _ = tok.render_chat(msgs, add_generation_prompt=True)
+    return Pair(list(prompt), _response_ids(tok, _str_field(rec, "chosen", where)),
+                _response_ids(tok, _str_field(rec, "rejected", where)))
+
+
+def truncate_pair(p: Pair, max_length: int, max_prompt_length: int) -> tuple[Pair, bool]:
+    assert 2 <= max_prompt_length < max_length
+    prompt = p.prompt if len(p.prompt) <= max_prompt_length else \
+        p.prompt[:1] + p.prompt[len(p.prompt) - (max_prompt_length - 1):]
+    room = max_length - len(prompt)
+    q = Pair(prompt, p.chosen[:room], p.rejected[:room])
+    cut = len(prompt) < len(p.prompt) or len(q.chosen) < len(p.chosen) or len(q.rejected) < len(p.rejected)
+    return q, cut
+
+
+def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int) -> tuple[list[Pair], dict]:
+    out, counts = [], {"read": 0, "truncated": 0}
+    for path in paths:
+        for where, rec in read_jsonl(path):
+            q, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
+            counts["read"] += 1
+            counts["truncated"] += int(cut)
+            out.append(q)
+    return out, counts
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B flat sequences (chosen 0..B-1, then rejected 0..B-1) for ONE forward pass."""
+    tokens: torch.Tensor       # [N] prompt+response[:-1] of each sequence, end to end
+    positions: torch.Tensor    # [N]
+    targets: torch.Tensor      # [N] the next token on response positions, IGNORE elsewhere
+    seq_id: torch.Tensor       # [N] which of the 2B sequences a token belongs to
+    cu_seqlens: torch.Tensor   # [2B+1] int32
+    max_seqlen: int
+    resp_len: torch.Tensor     # [2B] response tokens (targets) per sequence
+
+    @property
+    def num_pairs(self) -> int:
+        return self.resp_len.numel() // 2
+
+
+def pair_batch(pairs: list[Pair]) -> PairBatch:
+    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    toks, pos, tgt, sid, lens, rl = [], [], [], [], [], []
+    for s, (pr, rs) in enumerate(seqs):
+        full = pr + rs
+        n = len(full) - 1
+        toks += full[:-1]
+        pos += range(n)
+        tgt += [IGNORE] * (len(pr) - 1) + rs
+        sid += [s] * n
+        lens.append(n)
+        rl.append(len(rs))
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return PairBatch(torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt), torch.tensor(sid), cu,
+                     max(lens), torch.tensor(rl))
+
+
+# ---- order -----------------------------------------------------------------------------------------
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+    idx = list(range(n))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return idx
+
+
+def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Indices of the global batch at `step` (0-based); epochs drop their incomplete last batch."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
+    epoch, k = divmod(step, per_epoch)
+    return epoch_order(n, epoch, seed, shuffle)[k * batch:(k + 1) * batch]
+
+
+def rank_micro_batches(batch: list, world: int, rank: int, micro: int) -> list[list]:
+    """Split a global batch among ranks, then into micro-batches: rank r gets the r-th contiguous slice."""
+    per_rank = len(batch) // world
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro] for i in range(0, per_rank, micro)]

@@ -1,0 +1,148 @@
+"""Direct preference optimisation with the fused one-pass loss.
+
+    torchrun --nproc_per_node 8 train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --beta 0.1
+    python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
+
+The reference is the starting checkpoint, frozen and in eval mode (no dropout). --ref-mode cache (default)
+computes every pair's reference log-probs once, before training, with the starting weights and stores them
+in --ref-cache-dir keyed by a hash of the tokenized data and of those weights: no reference model is held
+during training. --ref-mode online keeps a frozen reference and scores each batch in a no-grad pass.
+Per step metrics.jsonl holds loss, rewards (chosen, rejected), margin, accuracy, log-probs, lengths.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from model.checkpoint import load_model
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from train.config import TrainConfig, parse_config
+from train.data import Pair, load_pairs, pair_batch
+from train.loop import TrainingStopped, run
+from train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
+from train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, parallelize, reshard
+
+STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
+         "logp_rejected", "len_chosen", "len_rejected")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    lr: float = 1e-6                  # paper: 1e-6 -> 1e-7, beta 0.1, global batch 16, dropout 0.1
+    final_lr: float = 1e-7
+    beta: float = 0.1
+    loss: str = "sigmoid"             # sigmoid | ipo | robust (label-smoothed) | simpo (reference-free)
+    label_smoothing: float = 0.1      # robust: assumed share of flipped labels
+    simpo_gamma: float = 0.5          # simpo: target margin between length-normalised rewards
+    max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
+    ref_mode: str = "cache"           # cache | online
+    ref_cache_dir: str = ""           # default OUTPUT/ref_cache
+
+    def check(self) -> None:
+        super().check()
+        if self.ref_mode not in ("cache", "online"):
+            raise SystemExit(f"--ref-mode {self.ref_mode!r}: choose cache or online")
+
+
+class DPOTask:
+    def __init__(self, cfg: DPOConfig, pairs: list[Pair], ref_table: torch.Tensor | None, ref_model=None):
+        self.cfg, self.pairs, self.ref_table, self.ref_model = cfg, pairs, ref_table, ref_model
+        self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+        self.num_examples = len(pairs)
+
+    def norm(self, batch: list[int]) -> float:
+        return float(len(batch))
+
+    def micro(self, model, idx: list[int]):
+        b = pair_batch([self.pairs[i] for i in idx])
+        B = len(idx)
+        pol = sequence_logps(model, b)                                   # [2B], ONE forward
+        ref = None
+        if self.ref_table is not None:
+            t = self.ref_table[idx]                                      # [B, 2]
+            ref = torch.cat([t[:, 0], t[:, 1]])
+        elif self.ref_model is not None:
+            with torch.no_grad():
+                ref = sequence_logps(self.ref_model, b)
+        loss, rc, rr = dpo_loss(pol, ref, b.resp_len, self.lcfg)
+        lens = b.resp_len.double()
+        st = dict(zip(STATS, (loss.sum(), rc.sum(), rr.sum(), (rc - rr).sum(), (rc > rr).double().sum(),
+                              pol[:B].sum(), pol[B:].sum(), lens[:B].sum(), lens[B:].sum())))
+        st["tokens"] = torch.tensor(float(b.tokens.numel()))
+        return loss.sum(), st
+
+    def summarize(self, s: dict, norm: float) -> dict:
+        out = {("loss" if k == "loss_sum" else k): s[k] / norm for k in STATS}
+        return out
+
+
+def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
+    """Load the cached reference log-probs, or compute them with the (still untrained) model: each rank
+    scores every world-th pair, padded to equal forward counts, then one all-reduce fills the table."""
+    cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
+    table = cache.load()
+    if table is not None and table.shape == (len(pairs), 2):
+        if d.is_main:
+            print(f"[dpo] reference log-probs from cache {cache.path}")
+        return table
+    mine = list(range(d.rank, len(pairs), d.world))
+    per_rank = -(-len(pairs) // d.world)
+    m = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
+    padded = mine + [0] * (per_rank - len(mine))
+    vals = compute_reference(model, pairs, padded, m)[:len(mine)]
+    if d.sharded:
+        reshard(model)
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    table[mine] = vals
+    table = all_reduce_sum(table, d)
+    if d.is_main:
+        cache.save(table)
+        print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(DPOConfig, argv, __doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = init_distributed()
+    tok_dir = cfg.tokenizer or cfg.model
+    tok = Tokenizer.load(tok_dir)
+    mpl = cfg.max_prompt_length or cfg.max_length // 2
+    pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
+    if d.is_main:
+        print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
+              f"tokens): {counts['truncated']}")
+    mcfg = ModelConfig.from_json(cfg.model)
+    mcfg.dropout = cfg.dropout
+    model = load_model(cfg.model, cfg=mcfg)
+    needs_ref = DPOLossConfig(cfg.loss).needs_reference
+    key = weights_hash(model.state_dict()) if needs_ref and cfg.ref_mode == "cache" else ""
+    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+    table, ref_model = None, None
+    if needs_ref and cfg.ref_mode == "cache":
+        table = reference_table(cfg, model, pairs, key, d)
+    elif needs_ref:
+        ref_model = load_model(cfg.model).eval().requires_grad_(False)   # dropout 0 and eval: deterministic
+        parallelize(ref_model, d, False, cfg.mixed_precision)
+    task = DPOTask(cfg, pairs, table, ref_model)
+    try:
+        last = run(cfg, task, model, d, tok_dir, "dpo")
+        return dict(last, truncated=counts["truncated"])
+    finally:
+        cleanup(d)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,157 @@
+"""The optimisation loop both trainers share: global batches, accumulation, clipping, schedule, NaN stop,
+metrics JSONL, progress, checkpoints, resume, export.
+
+A trainer supplies a Task: `num_examples`, `norm(batch)` (the denominator of the global batch's loss:
+target tokens for SFT, pairs for DPO), `micro(model, indices)` -> (summed loss with grad, stat sums) and
+`summarize(sums, norm)` -> metrics; optionally `evaluate(model)`. Each rank backpropagates
+`sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on
+the same global batch whatever the world size and accumulation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+from train.data import global_batch, rank_micro_batches
+from train.parallel import Dist, all_reduce_sum, set_grad_sync
+
+
+class TrainingStopped(RuntimeError):
+    """A non-finite loss or gradient: the step was not applied and the last good checkpoint is kept."""
+
+
+def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
+    """Multiplier of the peak lr before optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup - 1)
+    t = min(1.0, (step - warmup) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+    return final_ratio + (1 - final_ratio) * shape
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0; on resume, lines past the restored step are dropped (atomic rewrite)."""
+
+    def __init__(self, path: Path, d: Dist, resume_step: int | None):
+        self.path, self.on = path, d.is_main
+        if not self.on:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    pass   # a line cut by the crash
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+
+    def write(self, rec: dict) -> None:
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -> dict:
+    out = Path(cfg.output)
+    n = task.num_examples
+    per_epoch = n // cfg.batch_size
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    micro = cfg.micro_batch_size or cfg.batch_size // d.world
+    if micro < 1 or cfg.batch_size % (micro * d.world):
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch {micro} x "
+                         f"world size {d.world}")
+    accum = cfg.batch_size // (micro * d.world)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.final_lr / cfg.lr, cfg.schedule))
+    torch.manual_seed(cfg.seed * 1000 + d.rank)
+    start, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, opt, sched, d)["step"]
+        if d.is_main:
+            print(f"[{name}] resumed from {ckpt} at step {start}")
+    log = MetricsLog(out / "metrics.jsonl", d, start if ckpt is not None else None)
+    if d.is_main:
+        print(f"[{name}] {n} examples, {total} steps of {cfg.batch_size} (micro {micro} x accum {accum} x "
+              f"world {d.world}), warmup {warmup}, lr {cfg.lr:g} -> {cfg.final_lr:g} ({cfg.schedule})")
+    if start == 0 and hasattr(task, "evaluate"):
+        log.write({"step": 0, **task.evaluate(model)})
+    model.train()
+    t_start, tokens_seen, last = time.time(), 0, {}
+    for step in range(start, total):
+        t0 = time.time()
+        batch = global_batch(n, cfg.batch_size, step, cfg.seed, cfg.shuffle)
+        norm = task.norm(batch)
+        parts = rank_micro_batches(batch, d.world, d.rank, micro)
+        sums: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(parts):
+            set_grad_sync(model, i == len(parts) - 1)
+            loss_sum, stats = task.micro(model, mb)
+            (loss_sum * (d.world / norm)).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+        keys = sorted(sums)
+        red = all_reduce_sum(torch.stack([sums[k] for k in keys]), d)
+        sums = dict(zip(keys, red.tolist()))
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        metrics = task.summarize(sums, norm)
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(gnorm)):
+            good = latest_checkpoint(out)
+            raise TrainingStopped(
+                f"[{name}] non-finite loss {metrics['loss']} / grad norm {gnorm} at step {step + 1}: stopped "
+                f"before applying it; last good checkpoint: {good if good else 'none (nothing saved yet)'}")
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.sleep_per_step:
+            time.sleep(cfg.sleep_per_step)
+        dt = time.time() - t0
+        tokens_seen += int(sums.get("tokens", 0))
+        elapsed = time.time() - t_start
+        done = step + 1 - start
+        last = {"step": step + 1, **metrics, "lr": lr, "grad_norm": gnorm,
+                "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3)}
+        log.write(last)
+        if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            eta = elapsed / done * (total - step - 1)
+            print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f} lr {lr:.3g} "
+                  f"| {tokens_seen / elapsed:.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+        evaluate = hasattr(task, "evaluate") and getattr(cfg, "eval_every", 0) and \
+            (step + 1) % cfg.eval_every == 0 and step + 1 < total
+        if evaluate:
+            log.write({"step": step + 1, **task.evaluate(model)})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
+    if hasattr(task, "evaluate") and start < total:
+        ev = task.evaluate(model)
+        log.write({"step": total, **ev})
+        last.update(ev)
+    if start < total:
+        save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
+    export = Path(cfg.export or out / "model")
+    export_model(model, export, tokenizer_dir, d)
+    if d.is_main:
+        print(f"[{name}] exported {export}")
+    return last

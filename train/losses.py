@@ -1,0 +1,170 @@
+"""Losses: SFT cross-entropy and the DPO family, all on kernels.linear_logprobs (no [tokens, vocab] logits).
+
+The fused DPO pass: the chosen and rejected sequences of a batch go through the policy in ONE forward over
+a flat token axis (train.data.PairBatch); per-token log-probs come from the chunked fused linear log-prob
+and are summed per sequence. The reference log-probs come from a no-grad pass over the same batch or from
+the on-disk cache (ReferenceCache), in which case no reference model is held at all.
+
+`naive_sequence_logps` is the plain twin (padded batches, full logits, log_softmax, separate passes) that
+the tests and benchmarks/bench_dpo.py hold the fused path against.
+
+DPO variants, with z = (pi_c - ref_c) - (pi_r - ref_r) on summed response log-probs:
+    sigmoid  -logsigmoid(beta z)                                             (Rafailov et al. 2023)
+    ipo      (z - 1/(2 beta))^2                                              (Azar et al. 2023)
+    robust   -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           (label-smoothed, cDPO)
+    simpo    -logsigmoid(beta (pi_c/|c| - pi_r/|r|) - gamma)                 reference-free, length-normalised
+Rewards logged: beta (pi - ref) for the first three, beta pi/|y| for simpo.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels as K
+from model.llama import AttnContext, context_from_positions
+from train.data import IGNORE, Pair, PairBatch, pair_batch
+
+LOSS_TYPES = ("sigmoid", "ipo", "robust", "simpo")
+
+
+def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
+    """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel."""
+    h = model(tokens, positions, ctx)                                   # [N, H]
+    return K.linear_logprobs(h, model.lm_head_weight, targets, ignore_index=IGNORE)
+
+
+def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Packed rows (train.data.pack_rows) -> (sum of target log-probs, number of targets).
+    SFT loss = -sum / (targets in the global batch)."""
+    pos, ctx = context_from_positions(rows["positions"])
+    tgt = rows["targets"].reshape(-1)
+    lp = token_logps(model, rows["input_ids"].reshape(-1), pos, ctx, tgt)
+    return lp.sum(), int((tgt != IGNORE).sum())
+
+
+def sequence_logps(model, b: PairBatch) -> torch.Tensor:
+    """One forward over all 2B sequences -> summed response log-probs [2B] (chosen first)."""
+    ctx = AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+    lp = token_logps(model, b.tokens, b.positions, ctx, b.targets)     # [N] fp32
+    # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
+    return torch.zeros(b.resp_len.numel(), dtype=torch.float64).index_add(0, b.seq_id, lp.double())
+
+
+def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
+    """The plain twin: chosen and rejected as two separate right-padded batches through
+    Transformer.forward_batch, full [B, T, V] logits, log_softmax, gather. -> [2B] (chosen first)."""
+    out = []
+    for which in ("chosen", "rejected"):
+        seqs = [p.prompt + getattr(p, which) for p in pairs]
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        resp = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, (p, s) in enumerate(zip(pairs, seqs)):
+            ids[i, :len(s)] = torch.tensor(s)
+            attn[i, :len(s)] = 1
+            resp[i, len(p.prompt):len(s)] = True
+        logits = model.forward_batch(ids, attn)                          # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)             # predicts tokens 1..T-1
+        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]               # [B, T-1]
+        out.append((picked.double() * resp[:, 1:]).sum(-1))
+    return torch.cat(out)
+
+
+@dataclass
+class DPOLossConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.1    # robust only
+    simpo_gamma: float = 0.5        # simpo only: target reward margin
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss type {self.loss_type!r}: choose one of {LOSS_TYPES}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
+def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Tensor, cfg: DPOLossConfig
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """policy, ref: [2B] summed response log-probs (chosen first); resp_len: [2B].
+    -> per-pair loss [B], chosen rewards [B], rejected rewards [B]."""
+    B = policy.numel() // 2
+    beta = cfg.beta
+    if cfg.loss_type == "simpo":
+        avg = policy / resp_len.clamp(min=1).to(policy.dtype)
+        rc, rr = beta * avg[:B], beta * avg[B:]
+        return -F.logsigmoid(rc - rr - cfg.simpo_gamma), rc.detach(), rr.detach()
+    if ref is None:
+        raise ValueError(f"loss {cfg.loss_type} needs reference log-probs")
+    ratio = policy - ref.to(policy.dtype)                                # [2B]
+    z = ratio[:B] - ratio[B:]
+    if cfg.loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * z)
+    elif cfg.loss_type == "ipo":
+        loss = (z - 1 / (2 * beta)) ** 2
+    else:
+        eps = cfg.label_smoothing
+        loss = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+    return loss, beta * ratio[:B].detach(), beta * ratio[B:].detach()
+
+
+# ---- the reference log-prob cache ----------------------------------------------------------------
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pairs_hash(pairs: list[Pair]) -> str:
+    """Hash of the tokenized, truncated pairs: covers the data, the tokenizer and the truncation settings."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for part in (p.prompt, p.chosen, p.rejected):
+            h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+class ReferenceCache:
+    """Summed reference log-probs of every pair, [num_pairs, 2] (chosen, rejected), in
+    `dir/ref_logps-<data hash>-<weights hash>.pt`, written atomically."""
+
+    def __init__(self, directory: str | Path, pairs: list[Pair], weights_key: str):
+        self.path = Path(directory) / f"ref_logps-{pairs_hash(pairs)}-{weights_key}.pt"
+
+    def load(self) -> torch.Tensor | None:
+        return torch.load(self.path) if self.path.exists() else None
+
+    def save(self, table: torch.Tensor) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ref_logps.tmp")
+        os.close(fd)
+        torch.save(table, tmp)
+        os.replace(tmp, self.path)
+
+
+@torch.no_grad()
+def compute_reference(model, pairs: list[Pair], indices: list[int], batch_pairs: int) -> torch.Tensor:
+    """Reference log-probs of pairs[indices] in eval mode (no dropout) -> [len(indices), 2]."""
+    was = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(indices), batch_pairs):
+        chunk = [pairs[i] for i in indices[s:s + batch_pairs]]
+        lp = sequence_logps(model, pair_batch(chunk))
+        out.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], 1))
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)

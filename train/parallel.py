@@ -1,0 +1,113 @@
+"""Parallelism applied from outside the single-device model: process group, device mesh, activation
+checkpointing, FSDP2 (`fully_shard` on each block, then the root).
+
+Launched by torchrun (WORLD_SIZE set) we join a process group: NCCL on CUDA, gloo on CPU (how the tests
+run 2 ranks on one machine). Run as a plain `python train/sft.py` or called in-process (`main(argv)`),
+we stay single-process and the model is left unwrapped.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
+
+
+def init_distributed() -> Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device, mesh)
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block in backward. The instance's forward is replaced, so parameter names (and
+    therefore checkpoints and exports) are unchanged; RNG state is replayed, so dropout matches."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
+    """fully_shard each block, then the root. bf16 parameters with fp32 gradient reduction on CUDA only
+    (CPU runs stay fp32). The root keeps its parameters gathered between forward and backward, which is
+    what lets the trainers apply kernels.linear_logprobs to model.lm_head_weight after the forward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {"mesh": d.mesh}
+    if mixed_precision and d.device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # the last block's parameters are needed again at once by backward: don't free them
+        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kw)
+    fully_shard(model, **kw)
+
+
+def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True):
+    """The one place parallelism is applied, in a fixed order: activation checkpointing, then FSDP."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if d.sharded:
+        apply_fsdp(model, d, mixed_precision)
+    return model
+
+
+def reshard(model) -> None:
+    """Free the gathered parameters after a no-grad forward (reference scoring, evaluation). The root and
+    the last block keep theirs after forward for the backward that normally follows; without a backward
+    they would stay gathered, and model.parameters() would hand the optimizer plain tensors."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def set_grad_sync(model, sync: bool) -> None:
+    """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def cleanup(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Supervised fine-tuning (loss on assistant tokens; on all tokens for {"text"} records).
+
+    torchrun --nproc_per_node 8 train/sft.py --model M0 --data ift.jsonl eft.jsonl --output runs/m1
+    python train/sft.py --model M0 --data ift.jsonl --output runs/m1 --max-steps 100 --batch-size 16
+
+Writes OUTPUT/metrics.jsonl (per step: loss, lr, grad_norm, tokens/s; eval_loss rows when held-out data is
+set), OUTPUT/checkpoints/, and the final Hugging Face export in OUTPUT/model/ (or --export). See
+train/README.md.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a script: put the repo root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from model.checkpoint import load_model
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from train.config import TrainConfig, parse_config
+from train.data import Example, load_sft, n_targets, pack_rows
+from train.loop import TrainingStopped, run
+from train.losses import sft_logp_sum
+from train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, parallelize, reshard
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    lr: float = 5.5e-6                # paper: 5.5e-6 -> 1.1e-6, global batch 16, dropout 0.1
+    final_lr: float = 1.1e-6
+    packing: bool = True              # several examples per row of max_length (False: one per row, padded)
+    eval_data: list[str] = field(default_factory=list)  # held-out JSONL; or use --eval-fraction
+    eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
+    eval_every: int = 0               # also evaluate every N steps (always at start and end)
+    system_prompt: list[str] = field(default_factory=list)  # FILE=TEXT: system turn for that data file
+
+
+class SFTTask:
+    def __init__(self, cfg: SFTConfig, train: list[Example], held_out: list[Example], pad_id: int, d: Dist):
+        self.cfg, self.train, self.held_out, self.pad_id, self.d = cfg, train, held_out, pad_id, d
+        self.num_examples = len(train)
+
+    def norm(self, batch: list[int]) -> float:
+        return float(max(1, sum(n_targets(self.train[i]) for i in batch)))
+
+    def _sums(self, model, exs: list[Example]):
+        rows = pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing)
+        lp, n = sft_logp_sum(model, rows)
+        return -lp, n, sum(len(e.ids) - 1 for e in exs)
+
+    def micro(self, model, idx: list[int]):
+        loss, n, toks = self._sums(model, [self.train[i] for i in idx])
+        return loss, {"loss_sum": loss, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
+
+    def summarize(self, s: dict, norm: float) -> dict:
+        return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Mean token cross-entropy on the held-out set (eval mode). Every rank runs the same number of
+        forwards (FSDP's collectives need it): short ranks repeat an example with weight 0."""
+        if not self.held_out:
+            return {}
+        d, m = self.d, self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
+        mine = self.held_out[d.rank::d.world]
+        per_rank = -(-len(self.held_out) // d.world)
+        model.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for s in range(0, per_rank, m):
+            chunk = mine[s:s + m]
+            loss, n, _ = self._sums(model, chunk or self.held_out[:1])
+            if chunk:
+                tot += torch.tensor([float(loss), n], dtype=torch.float64)
+        model.train()
+        if d.sharded:
+            reshard(model)
+        tot = all_reduce_sum(tot, d)
+        return {"eval_loss": float(tot[0] / tot[1])}
+
+
+def _systems(cfg: SFTConfig) -> dict[str, str]:
+    out = {}
+    for s in cfg.system_prompt:
+        path, sep, text = s.partition("=")
+        if not sep or path not in cfg.data + cfg.eval_data:
+            raise SystemExit(f"--system-prompt {s!r}: expected FILE=TEXT with FILE one of the --data files")
+        out[path] = text
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(SFTConfig, argv, __doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = init_distributed()
+    tok_dir = cfg.tokenizer or cfg.model
+    tok = Tokenizer.load(tok_dir)
+    systems = _systems(cfg)
+    data, counts = load_sft(cfg.data, tok, cfg.max_length, systems)
+    held: list[Example] = []
+    if cfg.eval_data:
+        held, _ = load_sft(cfg.eval_data, tok, cfg.max_length, systems)
+    elif cfg.eval_fraction > 0:
+        order = list(range(len(data)))
+        random.Random(cfg.seed).shuffle(order)
+        k = max(1, int(len(data) * cfg.eval_fraction))
+        held, data = [data[i] for i in order[:k]], [data[i] for i in sorted(order[k:])]
+    if d.is_main:
+        print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
+              f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(held)}")
+    mcfg = ModelConfig.from_json(cfg.model)
+    mcfg.dropout = cfg.dropout
+    model = load_model(cfg.model, cfg=mcfg)
+    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+    task = SFTTask(cfg, data, held, tok.pad_id, d)
+    try:
+        last = run(cfg, task, model, d, tok_dir, "sft")
+        return dict(last, truncated=counts["truncated"], dropped=counts["dropped"])
+    finally:
+        cleanup(d)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
