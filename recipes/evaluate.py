@@ -115,6 +115,8 @@ def print_rm(res: dict, title: str = "") -> None:
     print(f"| metric | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
     for key, name in names:
         print(f"| {name} | {' | '.join(_fmt(res[c][key]) for c in cols)} |")
+    for key in ("groups_used", "pairs", "pairs_judge_tied"):
+        print(f"| {key.replace('_', ' ')} | {' | '.join(str(res[c][key]) for c in cols)} |")
     s = res["sampled"]
     print(f"groups {s['groups']} (used {s['groups_used']}), pairs {s['pairs']} (judge-tied {s['pairs_judge_tied']}),"
           f" judgments {res['judgments']}, unparsable {res['parse_failures']}, perfect 5s {s['perfect_scores']},"

@@ -171,3 +171,35 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
     # A and B are the same greedy model: identical responses, so no win or loss can be consistent across orders
     # unless the judge always picks one position -> tie
     assert all(r["a"] == r["b"] for r in res["records"]) and res["tie"] == 1.0
+
+
+def test_eft_cli_with_a_model_judge(tiny, tmp_path):
+    """The EFT path end to end with a real (random) judge: it runs, and whatever it keeps is consistent."""
+    from tests.conftest import need_shared
+    from recipes.oasst import main as oasst
+    src = tmp_path / "three.jsonl"
+    src.write_text("".join(open(need_shared("data/oasst_en_100_trees.jsonl")).readlines()[:3]))
+    counts = oasst(["--input", str(src), "--out", str(tmp_path / "seed"), "--eval-frac", "0.0",
+                    "--eft-model", str(tiny), "--judge-template", "short", "--max-tokens", "8", "--tries", "2"])
+    st = counts["eft_train"]
+    n_replies = sum(len(g["replies"]) for g in read_jsonl(tmp_path / "seed" / "groups_train.jsonl"))
+    assert st["groups"] == 3 and n_replies <= st["judgments"] <= 2 * n_replies
+    assert len(read_jsonl(tmp_path / "seed" / "eft_train.jsonl")) == st["examples"]
+
+
+def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
+    from recipes.jsonl import write_json
+    cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1) for name in ("one", "two")]
+    for c in cfgs:
+        stage_prompts(c, 1, Models())
+    stage_candidates(cfgs[0], 1, Models())
+    write_json(tmp_path / "two" / "config.json", cfgs[1].settings())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage", "candidates",
+           "--iter", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (read_jsonl(iter_dir(c, 1) / "candidates.jsonl") for c in cfgs)
+    assert len(two) == 10 and two == one
+    assert not list(iter_dir(cfgs[1], 1).glob("candidates.jsonl.rank*"))

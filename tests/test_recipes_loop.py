@@ -1,0 +1,53 @@
+"""A whole M1 -> M3 self-rewarding run on a tiny random model, through the real engine and DPO trainer;
+then the same command again, which finds every stage done and recomputes nothing."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from recipes.jsonl import read_jsonl
+from recipes.self_reward import LoopConfig, iter_dir, run_loop
+from tests.recipes_tiny import SEEDS, one_thread, tiny_chat_model, write_prompts  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_loop_m1_to_m3_and_rerun(tmp_path):
+    from tests.conftest import need_shared
+    m1 = tiny_chat_model(tmp_path / "m1", need_shared("fixtures/stories260k"))
+    seeds = write_prompts(tmp_path / "seeds.jsonl", SEEDS)
+    hooked = []
+
+    def hook(t, model_dir):
+        hooked.append((t, model_dir))
+        return {"bytes": sum(len(v.numpy().tobytes()) for v in load_file(f"{model_dir}/model.safetensors").values())}
+
+    cfg = LoopConfig(run_dir=str(tmp_path / "run"), init_model=str(m1), iterations=2, seed_prompts=str(seeds),
+                     n_prompts=3, prompt_max_tokens=16, prompt_min_words=1, n_candidates=2, max_tokens=8,
+                     judge_k=1, judge_max_tokens=8, judge_template="short", score_from="expected", chunk=4,
+                     dpo_args=["--max-steps", "1", "--batch-size", "2", "--max-length", "128", "--lr", "1e-3",
+                               "--warmup-steps", "0"], eval_hook=hook)
+    ms = run_loop(cfg)
+    assert [t for t, _ in hooked] == [1, 2, 3]
+    weights = [load_file(f"{d}/model.safetensors") for _, d in hooked]
+    for a, b in zip(weights, weights[1:]):   # each DPO step moved the weights
+        assert any((a[k] != b[k]).any() for k in a)
+    for t, m in enumerate(ms, 1):
+        it = iter_dir(cfg, t)
+        c = m["counts"]
+        assert c["prompts"] == 3 and c["candidates"] == 6 and c["judgments"] == 6
+        assert c["pairs"] + c["ties"] + c["prompts_too_few_scored"] == 3 and c["pairs"] >= 1
+        assert len(read_jsonl(it / "pairs.jsonl")) == c["pairs"]
+        assert (it / "model" / "config.json").exists() and (it / "dpo" / "metrics.jsonl").exists()
+        assert set(m["timings"]) == {"prompts", "candidates", "judge", "pairs", "dpo"}
+        assert m["mean_len"]["candidate_tokens"] <= 8 and "expected_score_mean" in m
+    assert ms[0]["eval"].keys() == {"M1"} and ms[1]["eval"].keys() == {"M2", "M3"}
+    gen2 = [r for r in read_jsonl(iter_dir(cfg, 2) / "prompts.jsonl") if r["verdict"] == "ok"]
+    assert len(gen2) == 3 and all(r["source"] == "generated" for r in gen2)
+    # the same command again: every stage is skipped, nothing is rewritten, the hook is not called again
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file() and "manifest" not in p.name)
+    stamp = {p: p.stat().st_mtime_ns for p in files}
+    ms2 = run_loop(cfg)
+    assert {p: p.stat().st_mtime_ns for p in files} == stamp and len(hooked) == 3
+    assert [m["counts"] for m in ms2] == [m["counts"] for m in ms]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 2
