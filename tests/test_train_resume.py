@@ -1,0 +1,78 @@
+"""A run killed with SIGKILL mid-way and resumed ends with the weights of an uninterrupted run; a NaN loss
+stops the run with a message and keeps the last checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_fixtures import make_model, make_spm, sft_records, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    model = make_model(d / "m0", make_spm(d / "spm"))
+    data = write_jsonl(d / "sft.jsonl", sft_records(40, seed=1))
+    return d, model, data
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup):
+    from model.checkpoint import load_model
+    from train import sft
+    d, model, data = setup
+    # dropout on: the resumed run must also restore the RNG stream, not only weights and optimizer
+    args = ["--model", str(model), "--data", str(data), "--max-steps", "12", "--batch-size", "4", "--lr", "1e-3",
+            "--final-lr", "1e-4", "--max-length", "40", "--dropout", "0.1", "--save-every", "3", "--warmup-steps", "2",
+            "--eval-fraction", "0.1"]
+    run = d / "killed"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train" / "sft.py"), *args, "--output", str(run),
+                          "--sleep-per-step", "0.4"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    latest = run / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 120
+        while not (latest.exists() and latest.read_text().strip() >= "step_00000006"):
+            assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.5)                        # somewhere in step 7 or 8
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL and not (run / "model").exists()
+    (run / "checkpoints" / ".tmp-step_00000009").mkdir()   # as if killed while writing the next one
+    (run / "checkpoints" / ".tmp-step_00000009" / "junk").write_text("half a checkpoint")
+
+    sft.main(args + ["--output", str(run), "--resume"])
+    sft.main(args + ["--output", str(d / "straight")])
+    a, b = load_model(run / "model").state_dict(), load_model(d / "straight" / "model").state_dict()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                   if "loss" in json.loads(x)]
+    assert train_steps == list(range(1, 13)) and steps[0] == 0   # no step logged twice after the resume
+    assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
+    from train import sft
+    from train.loop import TrainingStopped
+    d, model, data = setup
+    out = d / "nan"
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 2.*step_00000001"):
+        # an absurd lr blows the weights up in step 1, so step 2's loss is not finite
+        sft.main(["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "5",
+                  "--batch-size", "4", "--lr", "1e35", "--final-lr", "1e35", "--max-length", "40",
+                  "--save-every", "1", "--grad-clip", "0"])
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (out / "model").exists()
