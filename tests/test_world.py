@@ -104,12 +104,6 @@ def test_tokenizer_one_token_per_symbol(tmp_path):
     assert all(len(p.lstrip("▁")) <= 1 for p in pieces), pieces
 
 
-def test_write_jsonl_atomic(tmp_path):
-    p = data.write_jsonl(tmp_path / "a" / "x.jsonl", [{"a": 1}, {"b": 2}])
-    assert p.read_text().splitlines() == ['{"a": 1}', '{"b": 2}']
-    assert not list((tmp_path / "a").glob("*.tmp"))
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_heldout_bucket_share(kind):
     rng = random.Random(5)

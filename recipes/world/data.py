@@ -12,11 +12,9 @@ Every generator is seeded; no record holds a held-out instance.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-from pathlib import Path
 
+from recipes.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
 from recipes.world.judging import judge_prompt, judgment
 from recipes.world.tasks import Task, corrupt, sample_tasks
 
@@ -76,14 +74,3 @@ def loop_prompts(n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]
         if len(out) == n:
             break
     return out
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-    return path

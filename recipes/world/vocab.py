@@ -1,7 +1,7 @@
 """The world's own SentencePiece tokenizer, trained on the world's text.
 
-Small vocabulary (BPE, 160 pieces by default), digits split, so every answer symbol (a digit, a letter a-h,
-a mark + / -) is its own token: the judge's per-position comparisons stay one token each. The folder it
+Small vocabulary (BPE, 160 pieces by default), digits split, and a space + digit one piece, so every
+answer symbol (a digit, a letter a-h, a mark + / -) is one token: the judge's per-position comparisons stay one token each. The folder it
 writes is a normal Hugging Face tokenizer folder (`tokenizer.model` + `tokenizer_config.json`, no chat
 template, so model/tokenizer.py renders chats with its plain template).
 """
@@ -37,6 +37,7 @@ def train_tokenizer(out_dir: str | Path, seed: int = 0, vocab_size: int = 160) -
         vocab_size=vocab_size, character_coverage=1.0, split_digits=True, byte_fallback=False,
         unk_id=SPECIALS["unk"][0], bos_id=SPECIALS["bos"][0], eos_id=SPECIALS["eos"][0],
         pad_id=SPECIALS["pad"][0], pad_piece=SPECIALS["pad"][1],
+        user_defined_symbols=["\u2581" + str(d) for d in range(10)],   # ' 7' is one token
         minloglevel=2, num_threads=1)
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
               "model_max_length": 256, "tokenizer_class": "LlamaTokenizer", "add_bos_token": True,

@@ -1,0 +1,98 @@
+"""Building the world's starting point: tokenizer, M0 (pretrained on "web" text), the seeds, M1.
+
+Every step goes through the user's commands: M0 is a random tiny Llama saved as a HF folder and then trained
+by train/sft.py on `{"text"}` web documents (loss on all tokens); M1 is train/sft.py on the IFT + EFT seeds
+(plain chat template, loss on the replies). The tokenizer and M0 are cached under a key of their settings,
+so a second run starts at the seeds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from recipes.world.data import eft_seed, ift_seed, web_docs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class WorldModelConfig:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn: int = 384
+    vocab: int = 160
+    context: int = 256
+    # M0 pretraining on web text
+    web_docs: int = 20000
+    web_p_right: float = 0.75
+    web_p_judge: float = 0.4
+    pretrain_steps: int = 400
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_trainer(script: str, argv: list[str], nproc: int) -> None:
+    """train/sft.py or train/dpo.py: in-process for one rank, under torchrun for more (as a user runs it)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train" / script)] + argv
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return
+    if script == "sft.py":
+        from train.sft import main
+    else:
+        from train.dpo import main
+    main(argv)
+
+
+def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0) -> Path:
+    """-> the folder of M0 (cached: returned at once when it exists)."""
+    import torch
+
+    from model.checkpoint import save_model
+    from model.config import ModelConfig
+    from model.llama import Transformer
+    from recipes.world.vocab import train_tokenizer
+
+    home = cache / f"m0-{mc.key()}"
+    m0 = home / "model"
+    if (m0 / "config.json").exists():
+        print(f"[world] M0 from cache: {m0}", flush=True)
+        return m0
+    tok_dir = train_tokenizer(home / "tokenizer", seed=mc.seed, vocab_size=mc.vocab)
+    cfg = ModelConfig(vocab_size=mc.vocab, hidden_size=mc.hidden, intermediate_size=mc.ffn,
+                      num_hidden_layers=mc.layers, num_attention_heads=mc.heads, max_position_embeddings=mc.context,
+                      bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    model = Transformer(cfg)
+    model.init_weights(seed=mc.seed)
+    save_model(model, cfg, home / "init", tokenizer_dir=tok_dir)
+    web = write_jsonl(home / "web.jsonl", web_docs(mc.web_docs, mc.seed, mc.web_p_right, mc.web_p_judge))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"[world] M0: {n / 1e6:.2f}M parameters, pretraining {mc.pretrain_steps} steps on {mc.web_docs} "
+          f"web documents", flush=True)
+    del model
+    argv = ["--model", str(home / "init"), "--data", str(web), "--output", str(home / "pretrain"),
+            "--export", str(m0), "--max-steps", str(mc.pretrain_steps), "--batch-size", str(mc.pretrain_batch),
+            "--lr", str(mc.pretrain_lr), "--final-lr", str(mc.pretrain_lr / 10), "--max-length", "128",
+            "--dropout", "0", "--seed", str(mc.seed), "--resume", "--log-every", "25", "--weight-decay", "0.0"]
+    if threads:
+        argv += ["--threads", str(threads)]
+    run_trainer("sft.py", argv, nproc)
+    shutil.rmtree(home / "init", ignore_errors=True)
+    return m0
+
+
+def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int) -> tuple[Path, Path]:
+    ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed))
+    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed))
+    return ift, eft

@@ -1,0 +1,224 @@
+"""The embedded default: the whole self-rewarding loop on the checkable world, on a CPU, in minutes.
+
+    python -m recipes.world.demo                          # the default run (runs/world)
+    python -m recipes.world.demo --seed 1 --run-dir runs/world-s1
+    python -m recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
+    python -m recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
+
+Stages: tokenizer + M0 (cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
+seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
+After each model the checker measures held-out accuracy and the judge's agreement (recipes/world/measure.py);
+the figures go to a terminal table, RUN/summary.json and RUN/curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
+from recipes.world.measure import MeasureConfig, measure
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoConfig:
+    run_dir: str = "runs/world"
+    cache_dir: str = ""               # "" = ~/.cache/selfreward/world
+    seed: int = 0
+    iterations: int = 2
+    nproc: int = 1                    # ranks for train/sft.py, train/dpo.py and the sampling stages (torchrun)
+    threads: int = 0
+    # seeds and M1
+    n_ift: int = 300
+    n_eft: int = 500
+    sft_steps: int = 300
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    # each iteration
+    n_prompts: int = 300
+    n_candidates: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    judge_k: int = 3
+    judge_temperature: float = 0.7
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 3
+    dpo_batch: int = 16
+    # evaluation
+    n_eval: int = 200
+    n_judge: int = 100
+    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+
+    def scaled(self, s: float) -> "DemoConfig":
+        """Sizes times s (steps, data, prompts); the model's shape is set by its own flags."""
+        m = dataclasses.replace(self.model, web_docs=int(self.model.web_docs * s),
+                                pretrain_steps=int(self.model.pretrain_steps * s))
+        return dataclasses.replace(self, model=m, n_ift=int(self.n_ift * s), n_eft=int(self.n_eft * s),
+                                   sft_steps=int(self.sft_steps * s), n_prompts=int(self.n_prompts * s))
+
+
+def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
+    """Every stage, tiny sizes: what tests/test_world_smoke.py runs."""
+    m = WorldModelConfig(hidden=32, layers=2, heads=2, ffn=64, web_docs=2000, web_p_judge=0.5, pretrain_steps=120,
+                         pretrain_batch=16, pretrain_lr=1e-2)
+    return DemoConfig(run_dir=run_dir, cache_dir=cache_dir, n_ift=24, n_eft=48, sft_steps=10, sft_batch=8,
+                      n_prompts=12, n_candidates=3, judge_k=2, judge_temperature=1.0, temperature=1.0,
+                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_judge=5, model=m)
+
+
+class Clock:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages[name] = round(self.stages.get(name, 0.0) + seconds, 2)
+
+    def banner(self, text: str) -> None:
+        print(f"\n[world {time.perf_counter() - self.t0:7.1f}s] {text}", flush=True)
+
+
+def run(cfg: DemoConfig) -> dict:
+    from recipes.self_reward import LoopConfig, run_loop
+    from recipes.world.data import loop_prompts
+    from recipes.world.judging import write_template
+    from recipes.world.report import pair_quality, plot, table, write_summary
+    from recipes.jsonl import read_jsonl
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
+    clock = Clock()
+    thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+    clock.banner("tokenizer + M0 (pretraining on web text with imperfect answers; cached)")
+    t = time.perf_counter()
+    m0 = build_m0(cache, cfg.model, cfg.nproc, thr)
+    clock.stage("m0", time.perf_counter() - t)
+
+    mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, temperature=cfg.temperature, top_p=cfg.top_p,
+                         judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, seed=cfg.seed)
+    results: dict[str, dict] = {}
+
+    def evaluate(name: str, model_dir: str) -> dict:
+        clock.banner(f"measuring {name} ({cfg.n_eval} held-out prompts, {cfg.n_judge} judge groups)")
+        t = time.perf_counter()
+        r = measure(model_dir, mcfg)
+        clock.stage("measure", time.perf_counter() - t)
+        print(f"[world] {name}: greedy acc {r['greedy_acc']:.3f}  sampled acc {r['sampled_acc']:.3f}  "
+              f"judge pairwise {_f(r['judge_pairwise'])}  by kind {r['acc_by_kind']}", flush=True)
+        results[name] = r
+        return r
+
+    evaluate("M0", str(m0))
+
+    clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
+    t = time.perf_counter()
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed)
+    m1 = run_dir / "m1"
+    if not (m1 / "config.json").exists():
+        argv = ["--model", str(m0), "--data", str(ift), str(eft), "--output", str(run_dir / "sft"),
+                "--export", str(m1), "--max-steps", str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch),
+                "--lr", str(cfg.sft_lr), "--final-lr", str(cfg.sft_lr / 10), "--max-length", "128",
+                "--dropout", "0", "--seed", str(cfg.seed), "--resume", "--log-every", "50"]
+        run_trainer("sft.py", argv + (["--threads", str(thr)] if thr else []), cfg.nproc)
+    clock.stage("sft", time.perf_counter() - t)
+
+    template = write_template(run_dir / "seed" / "judge_template.txt")
+    avoid = {r["prompt"] for r in read_jsonl(ift)}
+    prompts = run_dir / "seed" / "loop_prompts.jsonl"
+    from recipes.world.data import write_jsonl
+    write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid))
+
+    def hook(t_: int, model_dir: str) -> dict:
+        return evaluate(f"M{t_}", model_dir)
+
+    dpo_args = ["--lr", str(cfg.dpo_lr), "--final-lr", str(cfg.dpo_lr / 10), "--beta", str(cfg.dpo_beta),
+                "--epochs", str(cfg.dpo_epochs), "--batch-size", str(cfg.dpo_batch), "--max-length", "192",
+                "--dropout", "0", "--log-every", "10"] + (["--threads", str(thr)] if thr else [])
+    lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
+                    prompt_source=str(prompts), n_prompts=cfg.n_prompts, n_candidates=cfg.n_candidates,
+                    temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=mcfg.max_tokens,
+                    judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, judge_top_p=0.9,
+                    judge_max_tokens=mcfg.judge_max_tokens, judge_template=str(template),
+                    dpo_args=dpo_args, nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed)
+    clock.banner(f"self-rewarding loop: {cfg.iterations} iterations of {cfg.n_prompts} prompts x "
+                 f"{cfg.n_candidates} candidates x {cfg.judge_k} judgments, then DPO")
+    t = time.perf_counter()
+    manifests = run_loop(lc)
+    loop_time = time.perf_counter() - t
+    for m in manifests:
+        for st, sec in m.get("timings", {}).items():
+            clock.stage(f"loop_{st}", sec)
+        for name, r in m.get("eval", {}).items():   # measured in an earlier, resumed run
+            results.setdefault(name, r)
+    clock.stage("loop_total_incl_measure", loop_time)
+
+    rows = []
+    for i in range(cfg.iterations + 2):
+        name = f"M{i}"
+        if name not in results:
+            continue
+        row = {"model": name, **{k: v for k, v in results[name].items() if k != "examples"}}
+        if 1 <= i <= len(manifests):
+            m = manifests[i - 1]
+            c = m["counts"]
+            pairs = read_jsonl(Path(lc.run_dir) / f"iter_{i}" / "pairs.jsonl")
+            row.update(pairs=c["pairs"], ties=c["ties"], parse_failures=c["parse_failures"],
+                       judgments=c["judgments"], candidate_len_tokens=m["mean_len"]["candidate_tokens"],
+                       **pair_quality(pairs))
+        rows.append(row)
+    wall = time.perf_counter() - clock.t0
+    print("\n" + table(rows), flush=True)
+    png = plot(rows, run_dir / "curves.png")
+    summary = {"rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
+               "config": dataclasses.asdict(cfg), "m0": str(m0), "plot": str(png) if png else None,
+               "examples": {k: v.get("examples") for k, v in results.items()}}
+    path = write_summary(run_dir, summary)
+    print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
+          + (f"\n[world] plot: {png}" if png else ""), flush=True)
+    return summary
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(DemoConfig):
+        if f.name == "model":
+            continue
+        typ = {"int": int, "float": float}.get(str(f.type), str)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None)
+    for f in dataclasses.fields(WorldModelConfig):
+        typ = {"int": int, "float": float}.get(str(f.type), str)
+        ap.add_argument("--m0-" + f.name.replace("_", "-"), dest="m0_" + f.name, type=typ, default=None)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
+    ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+    cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
+    if a.scale != 1.0:
+        cfg = cfg.scaled(a.scale)
+    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)
+            if f.name != "model" and getattr(a, f.name) is not None}
+    mover = {f.name: getattr(a, "m0_" + f.name) for f in dataclasses.fields(WorldModelConfig)
+             if getattr(a, "m0_" + f.name) is not None}
+    if "seed" in over and "seed" not in mover:
+        mover["seed"] = over["seed"]
+    cfg = dataclasses.replace(cfg, **over, model=dataclasses.replace(cfg.model, **mover))
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

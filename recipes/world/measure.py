@@ -1,0 +1,89 @@
+"""What the demo reports for each model, all judged by the world's checker.
+
+- held-out accuracy: greedy, and sampled at the candidates' temperature (the responses the loop pairs);
+- mean response length (tokens and characters) of the greedy responses;
+- the model as judge: fixed held-out groups of three replies (the right answer, rank 0, and two one-edit wrong
+  answers, rank 1), judged K times with the world's template through recipes.evaluate.rm_eval, giving the
+  reward-model metrics (pairwise accuracy, 5-best, exact match, Spearman, Kendall tau) and parse failures.
+The groups and prompts are the same for every model, so the rows of the table compare like with like.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from recipes.world.checker import is_correct
+from recipes.world.judging import JUDGE_TEMPLATE
+from recipes.world.tasks import corrupt, heldout_eval_set
+
+
+@dataclass
+class MeasureConfig:
+    n_eval: int = 200                 # held-out prompts for accuracy
+    n_judge: int = 100                # held-out groups (3 replies each) for the judge metrics
+    temperature: float = 0.7          # the candidates' sampling settings
+    top_p: float = 0.9
+    samples: int = 2                  # sampled responses per prompt
+    max_tokens: int = 24
+    judge_k: int = 3
+    judge_temperature: float = 0.7
+    judge_top_p: float = 0.9
+    judge_max_tokens: int = 64
+    template: str = JUDGE_TEMPLATE
+    seed: int = 0
+
+
+def judge_groups(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(f"judge-groups:{seed}")
+    groups = []
+    for i, t in enumerate(heldout_eval_set(n, seed=4321 + seed)):
+        wrong = []
+        while len(wrong) < 2:
+            w = corrupt(t.answer, rng)
+            if w not in wrong:
+                wrong.append(w)
+        groups.append({"id": f"g{i}", "prompt": t.prompt, "kind": t.kind,
+                       "replies": [{"text": t.answer, "rank": 0}] + [{"text": w, "rank": 1} for w in wrong]})
+    return groups
+
+
+def measure(model_dir: str, cfg: MeasureConfig, engine=None, tok=None) -> dict:
+    from infer.engine import Engine
+    from infer.sequence import SamplingParams
+    from model.tokenizer import Tokenizer
+    from recipes.evaluate import rm_eval
+    from recipes.judge import JudgeConfig, chat_prompt_ids
+
+    engine = engine or Engine.from_pretrained(model_dir)
+    tok = tok or Tokenizer.load(model_dir)
+    tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed)
+    ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
+    greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
+    sampled = engine.generate(ids, [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                   max_tokens=cfg.max_tokens, seed=cfg.seed * 7919 + i * cfg.samples)
+                                    for i in range(len(ids))], n=cfg.samples)
+    by_kind = defaultdict(list)
+    g_ok = []
+    for t, comps in zip(tasks, greedy):
+        ok = is_correct(t, comps[0].text)
+        g_ok.append(ok)
+        by_kind[t.kind].append(ok)
+    s_ok = [is_correct(t, c.text) for t, comps in zip(tasks, sampled) for c in comps]
+    texts = [c[0].text for c in greedy]
+    jc = JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
+                     max_tokens=cfg.judge_max_tokens, seed=cfg.seed, template=cfg.template)
+    rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed), jc)
+    s = rm["sampled"]
+    return {
+        "greedy_acc": sum(g_ok) / len(g_ok),
+        "sampled_acc": sum(s_ok) / len(s_ok),
+        "acc_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
+        "mean_len_tokens": sum(len(c[0].token_ids) for c in greedy) / len(greedy),
+        "mean_len_chars": sum(len(x) for x in texts) / len(texts),
+        "judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],
+        "judge_exact_match": s["exact_match"], "judge_spearman": s["spearman"],
+        "judge_kendall_tau": s["kendall_tau"], "judge_pairs_tied": s["pairs_judge_tied"],
+        "judge_pairs": s["pairs"], "judge_parse_failures": rm["parse_failures"], "judge_judgments": rm["judgments"],
+        "examples": [{"prompt": t.prompt, "greedy": x, "answer": t.answer} for t, x in zip(tasks[:5], texts[:5])],
+    }

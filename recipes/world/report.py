@@ -1,0 +1,86 @@
+"""The demo's report: a terminal table, RUN/summary.json and RUN/curves.png (when matplotlib is installed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from recipes.jsonl import write_json
+from recipes.world.checker import check
+
+COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),
+           ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_five_best", "5-best", "{:.3f}"),
+           ("judge_exact_match", "exact", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
+           ("judge_kendall_tau", "kendall", "{:.3f}"), ("judge_parse_failures", "j.unparsed", "{}"),
+           ("mean_len_tokens", "len tok", "{:.1f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
+           ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}")]
+
+
+def pair_quality(pairs: list[dict]) -> dict:
+    """By the checker: the share of pairs whose chosen reply is right and rejected wrong, and the share where
+    the judge got it backwards (chosen wrong, rejected right)."""
+    good = bad = 0
+    for p in pairs:
+        c, r = check(p["prompt"], p["chosen"]), check(p["prompt"], p["rejected"])
+        good += c == 1.0 and r == 0.0
+        bad += c == 0.0 and r == 1.0
+    n = max(1, len(pairs))
+    return {"pair_quality": good / n if pairs else None, "pair_backwards": bad / n if pairs else None}
+
+
+def table(rows: list[dict]) -> str:
+    cells = [[h for _, h, _ in COLUMNS]]
+    for r in rows:
+        line = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            line.append("-" if v is None else fmt.format(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    out = []
+    for j, c in enumerate(cells):
+        out.append("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[world] matplotlib is not installed (pip install -e '.[plot]'): no plot, the table and "
+              "summary.json hold the same figures", flush=True)
+        return None
+    names = [r["model"] for r in rows]
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("greedy_acc", "held-out accuracy (greedy)"), ("sampled_acc", "held-out accuracy (T)")):
+        axes[0].plot(x, [r.get(key) for r in rows], marker="o", label=label)
+    axes[0].set_title("instruction following (checker)")
+    for key, label in (("judge_pairwise", "pairwise accuracy"), ("judge_spearman", "Spearman"),
+                       ("judge_kendall_tau", "Kendall tau")):
+        axes[1].plot(x, [r.get(key) for r in rows], marker="o", label=label)
+    axes[1].set_title("model as judge vs checker")
+    for ax in axes:
+        ax.set_xticks(x, names)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = Path(run_dir) / "summary.json"
+    write_json(path, summary)
+    return path
+
+
+def load_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
