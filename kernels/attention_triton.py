@@ -144,12 +144,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, N, sqn, sqh, skn, sk
              mask=qmask)
 
 
-def _config(x: torch.Tensor, D: int):
+def tile_config(cuda: bool, D: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) forward and backward. Interpreter: small tiles."""
-    if not x.is_cuda:
+    if not cuda:
         return (16, 16, 1, 1), (16, 16, 1, 1)
     fwd = (128, 64, 8, 3 if D <= 64 else 2)
-    bwd = (64, 64, 8, 2) if D <= 64 else (64, 32, 8, 2)
+    bwd = (64, 64, 8, 2) if D <= 64 else (32, 64, 8, 2)
     return fwd, bwd
 
 
@@ -167,7 +167,7 @@ class _FlashAttn(torch.autograd.Function):
         S = cu.numel() - 1
         o = torch.empty_like(q)
         lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
-        (BM, BN, nw, ns), _ = _config(q, D)
+        (BM, BN, nw, ns), _ = tile_config(q.is_cuda, D)
         BD = triton.next_power_of_2(D)
         if N and S:
             grid = (triton.cdiv(max_seqlen, BM), S, Hq)
@@ -187,7 +187,7 @@ class _FlashAttn(torch.autograd.Function):
         do = do.contiguous() if do.stride(-1) != 1 or do.stride() != o.stride() else do
         delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _, (BM, BN, nw, ns) = _config(q, D)
+        _, (BM, BN, nw, ns) = tile_config(q.is_cuda, D)
         BD = triton.next_power_of_2(D)
         common = dict(REP=Hq // Hkv, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, PREC=_prec(q.dtype),
                       num_warps=nw, num_stages=ns)

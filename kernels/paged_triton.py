@@ -89,6 +89,13 @@ def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
                          f"blocks and last dim, got shape {tuple(k_cache.shape)} strides {k_cache.stride()}")
 
 
+def tile_config(cuda: bool, max_qlen: int, rep: int, D: int = 128) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of `_paged_attn`: a tile of >= 16 (query, head) rows for tl.dot.
+    8 warps at head dim 128 keep the sm_90 build free of register spills (benchmarks/compile_kernels.py)."""
+    BM = max(16, min(64 if cuda else 16, triton.next_power_of_2(max_qlen * rep)))
+    return BM, (64 if cuda else 16), (8 if D > 64 else 4)
+
+
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
@@ -121,15 +128,14 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0
     o = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    BM = max(16, min(64 if q.is_cuda else 16, triton.next_power_of_2(max_qlen * rep)))
-    BN = 64 if q.is_cuda else 16
+    BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
     if N and S:
         grid = (triton.cdiv(max_qlen * rep, BM), S, Hkv)
         _paged_attn[grid](q, k_cache, v_cache, o, cu, bt, ctx, scale, q.stride(0), q.stride(1), o.stride(0),
                           o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
                           v_cache.stride(1), v_cache.stride(2), bt.stride(0), bs, REP=rep, D=D,
                           BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
-                          PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4)
+                          PREC="ieee" if q.dtype == torch.float32 else None, num_warps=nw)
     return o
 
 

@@ -55,6 +55,10 @@ def _rmsnorm_bwd(DY, DS, X, W, RSTD, DX, DWP, M, H, stride_dy, stride_ds, stride
     tl.store(DWP + pid * H + cols, dw, mask=mask)
 
 
+def num_warps(BLOCK: int) -> int:
+    return 4 if BLOCK <= 4096 else 8
+
+
 def _fwd(x2, r2, weight, eps):
     M, H = x2.shape
     out_dtype = torch.promote_types(weight.dtype, x2.dtype)
@@ -65,7 +69,7 @@ def _fwd(x2, r2, weight, eps):
     if M:
         _rmsnorm_fwd[(M,)](x2, r2 if r2 is not None else x2, weight, y, s, rstd,
                            x2.stride(0), (r2 if r2 is not None else x2).stride(0), y.stride(0), s.stride(0),
-                           H, eps, HAS_RES=r2 is not None, BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+                           H, eps, HAS_RES=r2 is not None, BLOCK=BLOCK, num_warps=num_warps(BLOCK))
     return y, s, rstd
 
 
@@ -104,7 +108,7 @@ class _RMSNorm(torch.autograd.Function):
             _rmsnorm_bwd[(G,)](dy2, ds2 if ds2 is not None else dy2, s, weight, rstd, dx, dwp, M, H,
                                dy2.stride(0), (ds2 if ds2 is not None else dy2).stride(0), s.stride(0),
                                dx.stride(0), HAS_DS=ds2 is not None, BLOCK=BLOCK,
-                               num_warps=4 if BLOCK <= 4096 else 8)
+                               num_warps=num_warps(BLOCK))
         dw = dwp.sum(0).to(weight.dtype)
         dx = dx.view(ctx.shape)
         return dx, dw, None, (dx if ctx.has_res else None)
