@@ -2,11 +2,102 @@
 
 Each row's token depends only on that row's logits and its own torch.Generator, never on the other rows
 of the batch: the filtering (temperature, top-k, top-p) is row-wise, and the randomness is one uniform
-draw per row from the row's generator, turned into a token by inverse-CDF over the kept probabilities.
+draw per row from the row's generator, turned into a token by inverse-CDF over the kept probabilities
+(in vocabulary order).
+
+Filters, on the temperature-scaled distribution q:
+  top-k: keep tokens whose q is >= the k-th largest q (ties at the k-th value are all kept);
+  top-p: keep token i iff the mass of tokens with strictly larger q (after top-k) is < p. This is the
+         usual "smallest set of most likely tokens reaching p", with tied tokens treated alike.
+Top-p is computed without sorting the vocabulary (a sort of [B, 32000] costs more than the model's
+decode step on a CPU): token probabilities are bucketed by value, the bucket where the mass from the top
+crosses p is found with one cumulative sum, and only that bucket's tokens are compared exactly. Rows
+whose crossing bucket is crowded fall back to a full sort; both give the same set.
 """
 from __future__ import annotations
 
 import torch
+
+N_BUCKETS = 4096
+MAX_BOUNDARY = 256     # above this many tokens in the crossing bucket, sort the row instead
+
+
+def _top_p_keep_sorted(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Reference rule by sorting. q: [R, V] probabilities, p: [R] -> keep [R, V] bool."""
+    s, _ = q.sort(dim=-1, descending=True)
+    # mass strictly above each sorted value: the cumulative mass before the first token of that value
+    before = s.cumsum(-1) - s
+    first = torch.searchsorted(-s, -q, side="left")                          # index of q's first tie in s
+    return before.gather(1, first) < p[:, None]
+
+
+def _compact(mask: torch.Tensor, *tensors: torch.Tensor, fill: float = -1.0):
+    """Gather each row's masked entries to the left of a padded [R, M] -> (r, slot, counts, gathered...)."""
+    R = mask.shape[0]
+    counts = mask.sum(-1)
+    M = int(counts.max()) if R else 0
+    r, c = mask.nonzero(as_tuple=True)
+    slot = torch.arange(len(r), device=mask.device) - (counts.cumsum(0) - counts)[r]
+    out = []
+    for t in tensors:
+        g = torch.full((R, M), fill, device=t.device, dtype=t.dtype)
+        g[r, slot] = t[r, c]
+        out.append(g)
+    return r, c, slot, counts, out
+
+
+def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """q: [R, V] probabilities (rows sum to ~1), p: [R] in (0, 1] -> keep mask [R, V]."""
+    R, V = q.shape
+    dev = q.device
+    ar = torch.arange(N_BUCKETS, device=dev)
+    pp = p[:, None]
+    keep = torch.zeros(R, V, dtype=torch.bool, device=dev)
+    vals = q                                             # [R, M] candidate values (-1 = padding)
+    cols = torch.arange(V, device=dev).expand(R, V)      # their vocabulary columns
+    base = torch.zeros(R, 1, device=dev, dtype=q.dtype)  # mass of tokens above every candidate
+    first = True
+    for _ in range(levels):
+        if vals.shape[1] <= MAX_BOUNDARY:
+            break
+        valid = vals >= 0
+        lo = torch.zeros_like(base) if first else torch.where(valid, vals, 2.0).min(-1, keepdim=True).values
+        hi = vals.max(-1, keepdim=True).values
+        b = ((vals - lo) * ((N_BUCKETS - 1) / (hi - lo).clamp_min(1e-30))).long().clamp_(0, N_BUCKETS - 1)
+        if not first:
+            b.masked_fill_(~valid, N_BUCKETS)                                 # padding -> a dump bucket
+        mass = torch.zeros(R, N_BUCKETS + 1, device=dev, dtype=q.dtype).scatter_add_(1, b, vals.clamp_min(0))
+        mass = mass[:, :N_BUCKETS]
+        above = base + mass.flip(-1).cumsum(-1).flip(-1) - mass               # mass in higher buckets
+        cross = (above < pp) & (above + mass >= pp)                           # the bucket where p is crossed
+        kstar = torch.where(cross, ar, -1).max(-1, keepdim=True).values.clamp_min(0)   # [R, 1]
+        higher = (b > kstar) & (b < N_BUCKETS)
+        if first:
+            keep |= higher
+        else:
+            hr, hc = higher.nonzero(as_tuple=True)
+            keep[hr, cols[hr, hc]] = True
+        base = above.gather(1, kstar)
+        width = vals.shape[1]
+        _, _, _, _, (vals, cols) = _compact(b == kstar, vals, cols)
+        first = False
+        if vals.shape[1] == width:                      # no progress (tied values): stop refining
+            break
+    counts = (vals >= 0).sum(-1)
+    crowded = counts > MAX_BOUNDARY
+    if bool(crowded.any()):                             # e.g. many exactly tied values: sort those rows
+        keep[crowded] = _top_p_keep_sorted(q[crowded], p[crowded])
+        vals = vals.masked_fill(crowded[:, None], -1.0)
+        _, _, _, _, (vals, cols) = _compact(vals >= 0, vals, cols)
+    if vals.shape[1] == 0:
+        return keep
+    # exact rule for the remaining candidates: mass above = higher buckets + larger candidates
+    larger = (vals[:, None, :] > vals[:, :, None]).to(q.dtype)               # [R, M(i), M(j)]: v_j > v_i
+    m_above = base + (larger * vals.clamp_min(0)[:, None, :]).sum(-1)
+    ok = (vals >= 0) & (m_above < pp)
+    r, c = ok.nonzero(as_tuple=True)
+    keep[r, cols[r, c]] = True
+    return keep
 
 
 def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int],
@@ -20,25 +111,25 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], t
     dev = logits.device
     idx = torch.tensor(rows, device=dev)
     temp = torch.tensor([temperature[i] for i in rows], device=dev, dtype=torch.float32)
-    p = torch.tensor([top_p[i] for i in rows], device=dev, dtype=torch.float32)
-    k = torch.tensor([top_k[i] if top_k[i] > 0 else V for i in rows], device=dev)
-    x = logits[idx] / temp[:, None]                                  # [R, V]
-    filtered = bool((p < 1).any() or (k < V).any())
-    order = None
-    if filtered:
-        x, order = x.sort(dim=-1, descending=True, stable=True)
-    probs = torch.softmax(x, dim=-1)
-    if filtered:
-        cum = probs.cumsum(-1)
-        drop = (cum - probs) >= p[:, None]                           # mass before it already reaches p
-        drop |= torch.arange(V, device=dev)[None, :] >= k[:, None]
-        probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(-1)                                           # [R, V], unnormalised
+    q = torch.softmax(logits[idx] / temp[:, None], dim=-1)                    # [R, V]
+    ks = [top_k[i] for i in rows]
+    if any(0 < k < V for k in ks):
+        kmax = min(max(ks), V)
+        top = q.topk(kmax, dim=-1).values                                     # [R, kmax], descending
+        kk = torch.tensor([min(k, V) if k > 0 else V for k in ks], device=dev)
+        kth = top.gather(1, (kk.clamp_max(kmax) - 1)[:, None])
+        kth = torch.where((kk >= V)[:, None], torch.zeros_like(kth), kth)
+        q = q * (q >= kth)
+        q = q / q.sum(-1, keepdim=True)
+    ps = torch.tensor([top_p[i] for i in rows], device=dev, dtype=torch.float32)
+    if bool((ps < 1).any()):
+        pr = (ps < 1).nonzero()[:, 0]
+        q[pr] = q[pr] * top_p_keep(q[pr], ps[pr])
+    cdf = q.cumsum(-1)                                                        # [R, V], unnormalised
     # one uniform per row from that request's own generator (CPU generators: same stream on any device)
     u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(V - 1)  # [R, 1]
-    tok = pick[:, 0] if order is None else order.gather(1, pick)[:, 0]
-    out[idx] = tok
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(V - 1)
+    out[idx] = pick[:, 0]
     return out
 
 

@@ -121,3 +121,18 @@ def test_sampling_params_validation():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+@pytest.mark.parametrize("max_boundary", [256, 4])
+def test_top_p_without_sort_equals_sorted_rule(monkeypatch, max_boundary):
+    from infer import sampling as S
+    monkeypatch.setattr(S, "MAX_BOUNDARY", max_boundary)
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.3, 1.0, 4.0, 12.0):                  # near-uniform .. peaked
+        q = (torch.randn(8, 3000, generator=g) * scale).softmax(-1)
+        q[0, :1500] = q[0, 1500:].flip(0)                 # exact ties
+        q[0] /= q[0].sum()
+        p = torch.rand(8, generator=g) * 0.95 + 0.02
+        assert torch.equal(S.top_p_keep(q, p), S._top_p_keep_sorted(q, p))
+    q = torch.full((2, 50), 1 / 50)                        # all tied: keep all
+    assert S.top_p_keep(q, torch.tensor([0.5, 0.99])).all()
