@@ -36,8 +36,8 @@ def random_pairs(n: int, seed: int = 0) -> list[Pair]:
 
 
 def assert_grads_close(got: dict, want: dict) -> None:
-    """Every gradient within 1e-5, measured against the tensor's own scale when that exceeds 1 (IPO's
-    squared loss gives gradients of ~10, where fp32 itself only resolves ~1e-6)."""
+    """Every gradient within 1e-5, absolute, or relative to the tensor's largest entry when that exceeds 1
+    (fp32 resolves ~1e-7 of a value: gradients of ~10 cannot agree to 1e-5 absolute)."""
     for n, w in want.items():
         err = (got[n] - w).abs().max().item()
         assert err <= 1e-5 * max(1.0, w.abs().max().item()), f"{n}: max |diff| {err:.3g}"
@@ -51,8 +51,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_fused_dpo_equals_naive_loss_and_every_gradient(tied):
-    # the reference is the policy moved a little (as after some DPO steps): z stays O(1), so the fp32
-    # rounding of log-prob sums of ~40 tokens (~1e-6 each) keeps every variant's loss within 1e-5
+    # the reference is the policy moved a little (as after some DPO steps): z stays O(1), as in training
     policy, ref = tiny(0, tied), tiny(0, tied)
     with torch.no_grad():
         for p in ref.parameters():
@@ -91,7 +90,7 @@ def test_loss_variants_against_hand_computed_values():
     sig = lambda x: 1 / (1 + math.exp(-x))
     want = {
         "sigmoid": -math.log(sig(beta * z)),
-        "ipo": (z - 1 / (2 * beta)) ** 2,
+        "ipo": ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2,
         "robust": -0.8 * math.log(sig(beta * z)) - 0.2 * math.log(sig(-beta * z)),
         "simpo": -math.log(sig(beta * (pc / lc - pr / lr) - 0.25)),
     }

@@ -10,7 +10,8 @@ the tests and benchmarks/bench_dpo.py hold the fused path against.
 
 DPO variants, with z = (pi_c - ref_c) - (pi_r - ref_r) on summed response log-probs:
     sigmoid  -logsigmoid(beta z)                                             (Rafailov et al. 2023)
-    ipo      (z - 1/(2 beta))^2                                              (Azar et al. 2023)
+    ipo      (z' - 1/(2 beta))^2, z' = (pi_c - ref_c)/|c| - (pi_r - ref_r)/|r|   (Azar et al. 2023; per-token
+             log-ratios, as TRL does, so the squared loss does not grow with response length)
     robust   -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           (label-smoothed, cDPO)
     simpo    -logsigmoid(beta (pi_c/|c| - pi_r/|r|) - gamma)                 reference-free, length-normalised
 Rewards logged: beta (pi - ref) for the first three, beta pi/|y| for simpo.
@@ -110,7 +111,8 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     if cfg.loss_type == "sigmoid":
         loss = -F.logsigmoid(beta * z)
     elif cfg.loss_type == "ipo":
-        loss = (z - 1 / (2 * beta)) ** 2
+        per_tok = ratio / resp_len.clamp(min=1).to(ratio.dtype)
+        loss = (per_tok[:B] - per_tok[B:] - 1 / (2 * beta)) ** 2
     else:
         eps = cfg.label_smoothing
         loss = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
