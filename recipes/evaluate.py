@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from recipes.jsonl import DataError, field, iter_jsonl, write_json
-from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, load_template, \
-    mean_score, prompt_budget, sample_judgments
+from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, fit_slots, \
+    load_template, mean_score, prompt_budget, sample_judgments
 from recipes.metrics import h2h_outcome, rm_metrics
 
 PAIR_TEMPLATE = """\
@@ -71,14 +71,14 @@ def load_groups(path: str | Path) -> list[dict]:
     return out
 
 
-def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig) -> dict:
+def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
     compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}."""
     items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
     budget = prompt_budget(engine, cfg.max_tokens)
     fitted = [fit_prompt_ids(tok, cfg.template, i, r, budget) for i, r in items]
     ids = [f[0] for f in fitted]
-    judged = sample_judgments(engine, tok, items, cfg, prompts=ids, progress=True)
+    judged = sample_judgments(engine, tok, items, cfg, prompts=ids, progress=progress)
     exp = expected_scores(engine, tok, ids, cfg.score_prefix) if cfg.expected else None
     records, sampled_groups, expected_groups, pos = [], [], [], 0
     for g in groups:
@@ -137,10 +137,13 @@ def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str],
                  seed: int = 0) -> dict:
     """Judge each prompt's (A, B) pair in both orders; win only when both orders prefer A."""
     from infer.sequence import SamplingParams
-    texts = [pair_prompt(template, p, a, b) for p, a, b in zip(prompts, resp_a, resp_b)] + \
-            [pair_prompt(template, p, b, a) for p, a, b in zip(prompts, resp_a, resp_b)]
-    ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(texts))]
-    outs = judge_engine.generate([chat_prompt_ids(judge_tok, t) for t in texts], ps, n=1)
+    budget = prompt_budget(judge_engine, max_tokens)
+    render = lambda v: pair_prompt(template, v["i"], v["r1"], v["r2"])  # noqa: E731
+    fitted = [fit_slots(judge_tok, render, {"i": p, "r1": x, "r2": y}, budget)
+              for first in (True, False) for p, a, b in zip(prompts, resp_a, resp_b)
+              for x, y in [(a, b) if first else (b, a)]]
+    ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(fitted))]
+    outs = judge_engine.generate([f[0] for f in fitted], ps, n=1)
     n = len(prompts)
     verdicts = [parse_choice(g[0].text) for g in outs]
     records = [{"prompt": prompts[i], "a": resp_a[i], "b": resp_b[i], "a_first": verdicts[i],
@@ -148,6 +151,7 @@ def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str],
     c = Counter(r["outcome"] for r in records)
     return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
             "loss": c["loss"] / n if n else None, "n": n, "no_verdict": sum(v is None for v in verdicts),
+            "prompts_cut": sum(f[1] for f in fitted),
             "records": records}
 
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                           template=load_template(a.judge_template), expected=a.expected)
         engine, tok = _load(a.judge)
-        res = rm_eval(engine, tok, groups, cfg)
+        res = rm_eval(engine, tok, groups, cfg, progress=True)
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
                            "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")

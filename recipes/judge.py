@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
-from typing import Sequence
+from typing import Callable, Sequence
 
 DEFAULT_TEMPLATE = """\
 Please rate how well the reply below serves the user's request. Start from 0 and add one point for each \
@@ -130,30 +130,34 @@ def chat_prompt_ids(tok, text: str) -> list[int]:
     return ids
 
 
-def fit_prompt_ids(tok, template: str, instruction: str, response: str, budget: int) -> tuple[list[int], bool]:
-    """Chat ids of the judge prompt, at most `budget` tokens: when too long, the response (then the
-    instruction) is cut, keeping its start and marking the cut with ' [...]'. Returns (ids, was_cut)."""
-    ids = chat_prompt_ids(tok, judge_prompt(template, instruction, response))
+def fit_slots(tok, render: Callable[[dict[str, str]], str], vals: dict[str, str], budget: int
+              ) -> tuple[list[int], bool]:
+    """Chat ids of render(vals), at most `budget` tokens: when too long, the longest slot value is cut
+    (keeping its start, the cut marked ' [...]') until it fits. Returns (ids, was_cut)."""
+    ids = chat_prompt_ids(tok, render(vals))
     if len(ids) <= budget:
         return ids, False
-    empty = len(chat_prompt_ids(tok, judge_prompt(template, "", "")))
+    empty = len(chat_prompt_ids(tok, render({k: "" for k in vals})))
     if empty + 8 > budget:
         raise ValueError(f"the judge template alone takes {empty} tokens; the prompt budget is {budget} "
                          f"(context minus max_tokens): use a shorter template or fewer max tokens")
-    ins, resp = instruction, response
-    chars_per_token = max(1.0, (len(ins) + len(resp)) / max(1, len(ids) - empty))
-    for _ in range(40):
+    cur = dict(vals)
+    chars_per_token = max(1.0, sum(map(len, vals.values())) / max(1, len(ids) - empty))
+    for _ in range(60):
         over = len(ids) - budget
         if over <= 0:
             return ids, True
+        k = max(cur, key=lambda k: len(cur[k]))
         cut = max(4, int((over + 4) * chars_per_token))  # about the excess, plus room for the ' [...]' mark
-        if len(resp) >= len(ins) and resp:
-            resp = resp[:max(0, len(resp) - cut)]
-        else:
-            ins = ins[:max(0, len(ins) - cut)]
-        ids = chat_prompt_ids(tok, judge_prompt(template, ins + " [...]" if ins != instruction else ins,
-                                                resp + " [...]" if resp != response else resp))
+        cur[k] = cur[k][:max(0, len(cur[k]) - cut)]
+        ids = chat_prompt_ids(tok, render({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
     raise ValueError("could not fit the judge prompt into the context")
+
+
+def fit_prompt_ids(tok, template: str, instruction: str, response: str, budget: int) -> tuple[list[int], bool]:
+    """The judge prompt's chat ids, cut to at most `budget` tokens (see fit_slots)."""
+    return fit_slots(tok, lambda v: judge_prompt(template, v["instruction"], v["response"]),
+                     {"instruction": instruction, "response": response}, budget)
 
 
 def prompt_budget(engine, max_tokens: int) -> int:

@@ -86,3 +86,20 @@ def test_mean_score_excludes_unparsable():
     assert mean_score([4, None, 2]) == 3
     assert mean_score([None, None]) is None
     assert mean_score([1.5]) == 1.5
+
+
+def test_fit_prompt_to_budget():
+    from tests.conftest import need_shared
+    from model.tokenizer import Tokenizer
+    from recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
+    tok = Tokenizer.load(need_shared("fixtures/stories260k"))
+    ins, resp = "Why is the sky blue?", "Because of Rayleigh scattering. " * 40
+    full = chat_prompt_ids(tok, judge_prompt(SHORT_TEMPLATE, ins, resp))
+    assert fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, len(full)) == (full, False)
+    for budget in (len(full) - 1, 400, 260):
+        ids, cut = fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, budget)
+        text = tok.decode(ids)
+        assert cut and len(ids) <= budget and len(ids) > budget - 40   # cut about the excess, not much more
+        assert "Request: Why is the sky blue?" in text and "[...]" in text and "Reply: Because of" in text
+    with pytest.raises(ValueError, match="template alone"):
+        fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, 100)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +202,32 @@ def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
     one, two = (read_jsonl(iter_dir(c, 1) / "candidates.jsonl") for c in cfgs)
     assert len(two) == 10 and two == one
     assert not list(iter_dir(cfgs[1], 1).glob("candidates.jsonl.rank*"))
+
+
+def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
+    seeds = write_prompts(tmp_path / "seeds.jsonl", SEEDS)
+    kw = dict(prompt_source="self-instruct", seed_prompts=str(seeds), n_prompts=4, chunk=2, prompt_min_words=1,
+              prompt_max_tokens=12)
+    ref_cfg, cfg = _cfg(tmp_path / "ref", tiny, **kw), _cfg(tmp_path / "run", tiny, **kw)
+    m = Models()
+    stage_prompts(ref_cfg, 1, m)
+    ref = read_jsonl(iter_dir(ref_cfg, 1) / "prompts.jsonl")
+    assert sum(r["verdict"] == "ok" for r in ref) == 4 and all(r["source"] == "generated" for r in ref)
+    engine, _ = m.get(str(tiny))
+    real, calls = engine.generate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "generate", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        stage_prompts(cfg, 1, m)
+    part = partial_path(iter_dir(cfg, 1) / "prompts.jsonl")
+    first = read_jsonl(part)
+    assert [r["round"] for r in first] == [0, 0]
+    # a round torn by a kill: 1 of its 2 records on disk, then half a line
+    part.write_text(part.read_text() + json.dumps(dict(first[0], round=1, id="gen-1-0")) + "\n" + '{"id": "g')
+    stage_prompts(cfg, 1, m)
+    assert read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl") == ref and not part.exists()
