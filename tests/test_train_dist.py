@@ -37,9 +37,10 @@ def test_two_ranks_equal_one_rank_and_export_loads(tmp_path):
     dpo_data = write_jsonl(tmp_path / "dpo.jsonl", dpo_records(24))
     sft_args = ["--model", str(model), "--data", str(sft_data), "--eval-fraction", "0.2"] + COMMON
     dpo_args = ["--model", str(model), "--data", str(dpo_data)] + COMMON
-    # 2 ranks: micro-batch 2 -> 2 accumulation steps per rank; DPO also computes its reference cache sharded
-    p_sft = torchrun("sft.py", sft_args + ["--output", str(tmp_path / "sft2"), "--micro-batch-size", "2"],
-                     tmp_path / "sft2.log")
+    # 2 ranks: micro-batch 2 -> 2 accumulation steps per rank; SFT with activation checkpointing under
+    # FSDP; DPO computes its reference cache sharded over the ranks
+    p_sft = torchrun("sft.py", sft_args + ["--output", str(tmp_path / "sft2"), "--micro-batch-size", "2",
+                                           "--activation-checkpointing"], tmp_path / "sft2.log")
     p_dpo = torchrun("dpo.py", dpo_args + ["--output", str(tmp_path / "dpo2"), "--micro-batch-size", "2"],
                      tmp_path / "dpo2.log")
     try:

@@ -1,0 +1,246 @@
+"""One DPO step on CPU: our fused one-pass loss vs our naive loss vs TRL's DPOTrainer; and our SFT tokens/s.
+
+Same weights (one random ~56M Llama checkpoint: hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate
+1408, vocab 32000, untied) and same data (4 pairs per step, prompt 256 + response 256 tokens, random ids)
+for every variant. Each variant runs in its own fresh process (so peak memory is its own):
+
+    ours_cache   fused one-pass loss, reference log-probs precomputed (train/dpo.py's default: no reference
+                 model in memory during training)
+    ours_online  fused one-pass loss, frozen reference model scored in a no-grad pass over the same batch
+    naive        our model, full [B, T, V] logits, chosen and rejected in separate passes, policy and
+                 reference (losses.naive_sequence_logps)
+    trl          trl.DPOTrainer (defaults: online reference model), in its own venv
+    trl_precompute  trl.DPOTrainer with precompute_ref_log_probs=True
+    sft          our SFT step on the same 4 x 512 tokens (packed rows), for tokens/s
+
+A step is forward + backward + grad clipping + AdamW. Reported: median step time over --steps after
+--warmup steps, and peak resident memory while training (VmHWM reset after setup; glibc's mmap threshold is
+pinned so freed tensors leave RSS). Threads are pinned (--threads, default 1) in every variant.
+
+    python benchmarks/bench_dpo.py                   # all variants, table on stdout, JSON in .cache/bench_dpo/
+    python benchmarks/bench_dpo.py --variants ours_cache trl --steps 3
+
+TRL is installed (`pip install trl`) into .cache/trl_venv, created with --system-site-packages so it uses
+this environment's torch and transformers unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "bench_dpo"
+VENV = ROOT / ".cache" / "trl_venv"
+VARIANTS = ("ours_cache", "ours_online", "naive", "trl", "trl_precompute", "sft")
+PAIRS, PROMPT, RESP, VOCAB = 4, 256, 256, 32000
+
+
+def mem_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
+
+
+def make_checkpoint(path: Path) -> None:
+    import torch
+    import transformers as tf
+    if (path / "config.json").exists():
+        return
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+
+
+def make_pairs(steps: int) -> list[tuple[list[int], list[int], list[int]]]:
+    import random
+    rng = random.Random(0)
+    ids = lambda n: [rng.randrange(3, VOCAB) for _ in range(n)]
+    return [([1] + ids(PROMPT - 1), ids(RESP - 1) + [2], ids(RESP - 1) + [2]) for _ in range(PAIRS * steps)]
+
+
+# ---- our variants ------------------------------------------------------------------------------------
+def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from model.checkpoint import load_model
+    from train.data import Example, Pair, pack_rows, pair_batch
+    from train.losses import (DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, sequence_logps,
+                              sft_logp_sum)
+    n = steps + warmup
+    pairs = [Pair(*p) for p in make_pairs(n)]
+    policy = load_model(model_dir).train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    cfg = DPOLossConfig("sigmoid", beta=0.1)
+    ref_model, table = None, None
+    if variant in ("ours_online", "naive"):
+        ref_model = load_model(model_dir).eval().requires_grad_(False)
+    if variant == "ours_cache":
+        table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS)     # before any update
+    policy.train()
+    times = []
+    reset_peak()
+    base = mem_kb("VmRSS")
+    tokens = 0
+    for s in range(n):
+        batch = pairs[s * PAIRS:(s + 1) * PAIRS]
+        t0 = time.perf_counter()
+        if variant == "sft":
+            rows = pack_rows([Example(p.prompt + p.chosen, [False] * len(p.prompt) + [True] * len(p.chosen))
+                              for p in batch], PROMPT + RESP, 0, packing=True)
+            lp, ntgt = sft_logp_sum(policy, rows)
+            loss = -lp / ntgt
+            tokens = rows["input_ids"].numel()
+        else:
+            b = pair_batch(batch)
+            if variant == "naive":
+                pol = naive_sequence_logps(policy, batch)
+                with torch.no_grad():
+                    ref = naive_sequence_logps(ref_model, batch)
+            else:
+                pol = sequence_logps(policy, b)
+                if table is not None:
+                    t = table[s * PAIRS:(s + 1) * PAIRS]
+                    ref = torch.cat([t[:, 0], t[:, 1]])
+                else:
+                    with torch.no_grad():
+                        ref = sequence_logps(ref_model, b)
+            loss = dpo_loss(pol, ref, b.resp_len, cfg)[0].mean()
+            tokens = int(b.tokens.numel())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        print(f"  {variant} step {s + 1}/{n}: {times[-1]:.2f} s loss {loss.item():.5f}", file=sys.stderr, flush=True)
+    return {"step_times": times[warmup:], "rss_base_mb": base / 1024, "peak_mb": mem_kb("VmHWM") / 1024,
+            "tokens_per_step": tokens, "first_loss": None}
+
+
+# ---- TRL ---------------------------------------------------------------------------------------------------
+def run_trl(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
+    """TRL tokenizes text, so the random ids are written as words of a word-level tokenizer whose word i is
+    token i: TRL sees exactly our ids."""
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from trl import DPOConfig, DPOTrainer
+    n = steps + warmup
+    # words "<i>": a special token's text ("<2>") is never a substring of another word ("<27>")
+    vocab = {f"<{i}>": i for i in range(VOCAB)}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<1>", eos_token="<2>", pad_token="<0>")
+    text = lambda ids: " ".join(f"<{i}>" for i in ids)
+    rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)} for p, c, r in make_pairs(n)]
+    assert tok(rows[0]["prompt"] + rows[0]["chosen"])["input_ids"] == make_pairs(1)[0][0] + make_pairs(1)[0][1]
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(CACHE / "trl_out"), per_device_train_batch_size=PAIRS, max_steps=n,
+                     learning_rate=1e-6, beta=0.1, max_length=PROMPT + RESP, lr_scheduler_type="constant",
+                     warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10_000, save_strategy="no",
+                     report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+                     precompute_ref_log_probs=variant == "trl_precompute", optim="adamw_torch")
+    times, marks = [], {}
+
+    class Timer(tf.TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            reset_peak()
+            marks["base"] = mem_kb("VmRSS")
+
+        def on_step_begin(self, *a, **k):
+            marks["t0"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - marks["t0"])
+            print(f"  {variant} step {len(times)}/{n}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[Timer()])
+    trainer.train()
+    return {"step_times": times[warmup:], "rss_base_mb": marks["base"] / 1024, "peak_mb": mem_kb("VmHWM") / 1024,
+            "tokens_per_step": 2 * PAIRS * (PROMPT + RESP)}
+
+
+def child(variant: str, steps: int, warmup: int, threads: int, out: Path) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    model_dir = CACHE / "model"
+    fn = run_trl if variant.startswith("trl") else run_ours
+    res = fn(variant, model_dir, steps, warmup)
+    res.update(variant=variant, threads=threads, median_s=statistics.median(res["step_times"]))
+    out.write_text(json.dumps(res))
+
+
+def ensure_trl_venv() -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+    if subprocess.run([str(py), "-c", "import trl"], capture_output=True).returncode != 0:
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "trl"], check=True)
+    return py
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every variant (pinned)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a.steps, a.warmup, a.threads, Path(a.out))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    make_checkpoint(CACHE / "model")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MALLOC_MMAP_THRESHOLD_="65536",
+               TOKENIZERS_PARALLELISM="false")
+    results = {}
+    load0 = os.getloadavg()
+    for v in a.variants:
+        py = str(ensure_trl_venv()) if v.startswith("trl") else sys.executable
+        out = CACHE / f"{v}.json"
+        out.unlink(missing_ok=True)
+        cmd = [py, __file__, "--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--threads", str(a.threads), "--out", str(out)]
+        print(f"[bench_dpo] {v} (load average {os.getloadavg()[0]:.1f})", flush=True)
+        r = subprocess.run(cmd, env=env, cwd=ROOT)
+        if r.returncode != 0 or not out.exists():
+            results[v] = {"error": f"exit code {r.returncode}"}
+            continue
+        results[v] = json.loads(out.read_text())
+    load1 = os.getloadavg()
+    (CACHE / "results.json").write_text(json.dumps({"results": results, "load_before": load0,
+                                                    "load_after": load1, "threads": a.threads}, indent=1))
+    trl = results.get("trl", {})
+    print(f"\nthreads pinned: {a.threads}; load average (1/5/15 min) before {load0}, after {load1}")
+    print("| variant | median step (s) | steps | peak RSS (MB) | RSS after setup (MB) | tokens/s | "
+          "time vs trl | peak vs trl |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v, r in results.items():
+        if "error" in r:
+            print(f"| {v} | {r['error']} | | | | | | |")
+            continue
+        tps = r["tokens_per_step"] / r["median_s"]
+        rel_t = f"{r['median_s'] / trl['median_s']:.2f}x" if "median_s" in trl else "-"
+        rel_m = f"{r['peak_mb'] / trl['peak_mb']:.0%}" if "peak_mb" in trl else "-"
+        times = ", ".join(f"{t:.2f}" for t in r["step_times"])
+        print(f"| {v} | {r['median_s']:.2f} | {times} | {r['peak_mb']:.0f} | {r['rss_base_mb']:.0f} | {tps:.0f} | "
+              f"{rel_t} | {rel_m} |")
+
+
+if __name__ == "__main__":
+    main()
