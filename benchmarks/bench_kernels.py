@@ -145,7 +145,7 @@ def _fwd_bwd(f, *inputs):
 def cuda_benchmarks(dtype=torch.bfloat16) -> None:
     from kernels.attention_triton import _FlashAttn
     from kernels.logprobs_triton import linear_logprobs_triton
-    from kernels.paged_triton import paged_decode_triton
+    from kernels.paged_triton import paged_decode_triton, store_kv_triton
     dev, es = "cuda", torch.empty((), dtype=dtype).element_size()
     comp = lambda f: torch.compile(f, dynamic=False)             # noqa: E731
     print(f"{torch.cuda.get_device_name()}  dtype={dtype}")
@@ -196,7 +196,8 @@ def cuda_benchmarks(dtype=torch.bfloat16) -> None:
         v = torch.randn(Na, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
         fl = 4 * sum(L * L / 2 for L in lens) * Hq * D                  # causal forward FLOPs
         impls = {"triton": lambda: _FlashAttn.apply(q, k, v, cu, 4096, D ** -0.5),
-                 "sdpa(eager)": lambda: K.attention_ref(q, k, v, cu, 4096)}
+                 "sdpa(eager)": lambda: K.attention_ref(q, k, v, cu, 4096),
+                 "sdpa(compile)": lambda f=comp(K.attention_ref): f(q, k, v, cu, 4096)}
         try:
             from flash_attn import flash_attn_varlen_func
             impls["flash-attn"] = lambda: flash_attn_varlen_func(q, k, v, cu, cu, 4096, 4096, causal=True)
@@ -215,6 +216,11 @@ def cuda_benchmarks(dtype=torch.bfloat16) -> None:
     _compare("paged decode 64 x 4k", {"triton": lambda: paged_decode_triton(qd, kc, vc, bt, cl),
                                       "twin(eager)": lambda: K.paged_decode_ref(qd, kc, vc, bt, cl)},
              2 * kc.numel() * es, 4 * B * ctx * Hq * D)
+    kn, vn = torch.randn(B, Hkv, D, device=dev, dtype=dtype), torch.randn(B, Hkv, D, device=dev, dtype=dtype)
+    slots = bt[:, 5].long() * bs + 3                              # one new token per sequence
+    _compare("paged store 64 tokens", {"triton": lambda: store_kv_triton(kn, vn, kc, vc, slots),
+                                       "twin(eager)": lambda: K.store_kv_ref(kn, vn, kc, vc, slots)},
+             4 * kn.numel() * es, 0)
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ from kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
 from kernels.rope import rope, rope_ref, rope_cos_sin  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 from kernels.attention import attention, attention_ref  # noqa: E402
-from kernels.logprobs import linear_logprobs, linear_logprobs_ref  # noqa: E402
+from kernels.logprobs import linear_cross_entropy, linear_logprobs, linear_logprobs_ref  # noqa: E402
 from kernels.paged import (  # noqa: E402
     store_kv, store_kv_ref, paged_decode, paged_decode_ref, paged_prefill, paged_prefill_ref,
 )
@@ -52,6 +52,6 @@ from kernels.paged import (  # noqa: E402
 __all__ = [
     "use_triton", "triton_available",
     "rmsnorm", "rmsnorm_ref", "rope", "rope_ref", "rope_cos_sin", "swiglu", "swiglu_ref",
-    "attention", "attention_ref", "linear_logprobs", "linear_logprobs_ref",
+    "attention", "attention_ref", "linear_logprobs", "linear_logprobs_ref", "linear_cross_entropy",
     "store_kv", "store_kv_ref", "paged_decode", "paged_decode_ref", "paged_prefill", "paged_prefill_ref",
 ]

@@ -69,3 +69,17 @@ def linear_logprobs(h, weight, targets, chunk: int = 1024, ignore_index: int = I
         from kernels.logprobs_triton import linear_logprobs_triton
         return linear_logprobs_triton(h, weight, targets, chunk, ignore_index)
     return linear_logprobs_ref(h, weight, targets, chunk, ignore_index)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of lm_head(h) against targets, on the fused log-probs (never [N, V]).
+    reduction: "mean" (over targets != ignore_index), "sum", or "none" ([N], 0 where ignored)."""
+    nll = -linear_logprobs(h, weight, targets, chunk, ignore_index)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.sum() / (targets != ignore_index).sum().clamp_min(1)
+    raise ValueError(f"linear_cross_entropy: reduction must be mean, sum or none, not {reduction!r}")
