@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from recipes.jsonl import DataError, field, iter_jsonl, write_json
+from model.jsonl import DataError, field, iter_jsonl, write_json
 from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, fit_slots, \
     load_template, mean_score, prompt_budget, sample_judgments
 from recipes.metrics import h2h_outcome, rm_metrics

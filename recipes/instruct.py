@@ -138,7 +138,7 @@ class PromptFilter:
 
 def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructConfig, writer,
                      earlier: Sequence[str] = (), progress: bool = False) -> list[dict]:
-    """Make `n` accepted prompts. Records go to `writer` (a recipes.jsonl.PartialWriter) one round at a
+    """Make `n` accepted prompts. Records go to `writer` (a model.jsonl.PartialWriter) one round at a
     time: {id, prompt, source: "generated", verdict, rouge, round}. Rounds already in the writer (a resumed
     run) rebuild the pool and are not redone; round r draws its shots and sampling seed from (seed, r)."""
     from infer.sequence import SamplingParams

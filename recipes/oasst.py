@@ -20,7 +20,7 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from recipes.jsonl import DataError, field, iter_jsonl, write_jsonl
+from model.jsonl import DataError, field, iter_jsonl, write_jsonl
 
 
 @dataclass

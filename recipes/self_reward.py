@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from recipes.instruct import InstructConfig, generate_prompts
-from recipes.jsonl import DataError, PartialWriter, field as rfield, iter_jsonl, read_jsonl, write_json, \
+from model.jsonl import DataError, PartialWriter, field as rfield, iter_jsonl, read_jsonl, write_json, \
     write_jsonl
 from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, load_template, \
     prompt_budget

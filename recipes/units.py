@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
-from recipes.jsonl import PartialWriter, read_jsonl, write_jsonl
+from model.jsonl import PartialWriter, read_jsonl, write_jsonl
 
 # work(batch, emit): batch = [(unit index, unit)], emit(unit index, records) once per finished unit
 Work = Callable[[list[tuple[int, dict]], Callable[[int, list[dict]], None]], None]

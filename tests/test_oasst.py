@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from recipes.jsonl import DataError
+from model.jsonl import DataError
 from recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
     split_groups
 

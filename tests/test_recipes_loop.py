@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from recipes.jsonl import read_jsonl
+from model.jsonl import read_jsonl
 from recipes.self_reward import LoopConfig, iter_dir, run_loop
 from tests.recipes_tiny import SEEDS, one_thread, tiny_chat_model, write_prompts  # noqa: F401
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from recipes.jsonl import partial_path, read_jsonl
+from model.jsonl import partial_path, read_jsonl
 from recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
     stage_prompts
 from tests.conftest import ROOT
@@ -187,7 +187,7 @@ def test_eft_cli_with_a_model_judge(tiny, tmp_path):
 
 
 def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
-    from recipes.jsonl import write_json
+    from model.jsonl import write_json
     cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1) for name in ("one", "two")]
     for c in cfgs:
         stage_prompts(c, 1, Models())

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from recipes.instruct import InstructConfig, PromptFilter, cut_generated, few_shot_text, pick_shots
-from recipes.jsonl import DataError, PartialWriter, partial_path, read_jsonl, read_partial
+from model.jsonl import DataError, PartialWriter, partial_path, read_jsonl, read_partial
 from recipes.pairs import build_pairs, iteration_stats
 from recipes.units import run_units
 
