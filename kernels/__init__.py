@@ -6,7 +6,8 @@ Each op lives in its own file as a Triton kernel (where written) beside a plain-
 - CUDA tensor                  -> Triton (if triton imports), else the twin;
 - CPU tensor, TRITON_INTERPRET=1 -> Triton under the interpreter (how the tests run the kernels);
 - CPU tensor otherwise         -> the twin;
-- SRLM_KERNELS=ref             -> the twin everywhere (debugging, bisecting a mismatch).
+- SRLM_KERNELS=ref             -> the twin everywhere (debugging, bisecting a mismatch);
+- SRLM_KERNELS=triton          -> on a CPU tensor without TRITON_INTERPRET=1: a clear error.
 
 Triton is imported lazily and only when one of the above asks for it, so CPU paths (and macOS, where
 Triton does not install) never touch it.
@@ -35,8 +36,11 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     if t.is_cuda:
         return triton_available()
-    if os.environ.get("TRITON_INTERPRET") == "1" or mode == "triton":
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return triton_available()
+    if mode == "triton":   # Triton cannot run CPU tensors without its interpreter: say so, don't crash deep inside
+        raise RuntimeError("SRLM_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 in the environment "
+                           "before the process starts (triton reads it at import)")
     return False
 
 

@@ -87,6 +87,12 @@ def test_switch_really_runs_triton(monkeypatch):
     assert calls and K.use_triton(torch.zeros(1))
     monkeypatch.setenv("SRLM_KERNELS", "ref")
     assert not K.use_triton(torch.zeros(1))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("SRLM_KERNELS", "auto")
+    assert not K.use_triton(torch.zeros(1))
+    monkeypatch.setenv("SRLM_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.use_triton(torch.zeros(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
