@@ -117,6 +117,10 @@ class Models:
             self.path = path
         return self.pair
 
+    def release(self) -> None:
+        """Drop the loaded model (before DPO or torchrun workers need the memory)."""
+        self.path, self.pair = None, None
+
 
 def _prompt_record(i, r, source: str, where: str) -> dict:
     if isinstance(r, str):
@@ -295,7 +299,7 @@ def run_iteration(cfg: LoopConfig, t: int, models: Models | None = None, stages=
         elif st in ("candidates", "judge"):
             out = iter_dir(cfg, t) / ("candidates.jsonl" if st == "candidates" else "judgments.jsonl")
             if cfg.nproc > 1 and not out.exists():
-                models.path = models.pair = None   # free memory for the workers
+                models.release()
                 _torchrun_stage(cfg, st, t)
             elif st == "candidates":
                 stage_candidates(cfg, t, models)
@@ -304,7 +308,7 @@ def run_iteration(cfg: LoopConfig, t: int, models: Models | None = None, stages=
         elif st == "pairs":
             stage_pairs(cfg, t)
         elif st == "dpo":
-            models.path = models.pair = None
+            models.release()
             stage_dpo(cfg, t)
         timings[st] = round(time.perf_counter() - t0, 2)
         write_manifest(cfg, t, {"timings": timings})

@@ -27,6 +27,18 @@ def tiny(tmp_path_factory):
     return tiny_chat_model(tmp_path_factory.mktemp("m") / "m1", tok_dir)
 
 
+def fail_on_call(monkeypatch, engine, n: int) -> None:
+    """Make the engine's n-th generate call raise, as a crash in the middle of a stage would."""
+    real, calls = engine.generate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "generate", flaky)
+
+
 def _cfg(run, m1, **kw):
     base = dict(run_dir=str(run), init_model=str(m1), prompt_source=str(write_prompts(run.parent / "p.jsonl", SEEDS)),
                 n_prompts=4, n_candidates=2, judge_k=2, max_tokens=8, judge_max_tokens=8, judge_template="short",
@@ -106,15 +118,7 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
     cfg2 = _cfg(tmp_path / "run", tiny, judge_expected=True)
     stage_prompts(cfg2, 1, m)
     stage_candidates(cfg2, 1, m)
-    engine, _ = m.get(str(tiny))
-    real, calls = engine.generate, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        return real(*a, **k)
-    monkeypatch.setattr(engine, "generate", flaky)
+    fail_on_call(monkeypatch, m.get(str(tiny))[0], 3)
     with pytest.raises(RuntimeError, match="injected"):
         stage_judge(cfg2, 1, m)
     assert len(read_jsonl(partial_path(iter_dir(cfg2, 1) / "judgments.jsonl"))) == 2 * 2 * 2   # 2 chunks of 2
@@ -213,15 +217,7 @@ def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
     stage_prompts(ref_cfg, 1, m)
     ref = read_jsonl(iter_dir(ref_cfg, 1) / "prompts.jsonl")
     assert sum(r["verdict"] == "ok" for r in ref) == 4 and all(r["source"] == "generated" for r in ref)
-    engine, _ = m.get(str(tiny))
-    real, calls = engine.generate, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return real(*a, **k)
-    monkeypatch.setattr(engine, "generate", flaky)
+    fail_on_call(monkeypatch, m.get(str(tiny))[0], 2)
     with pytest.raises(RuntimeError, match="injected"):
         stage_prompts(cfg, 1, m)
     part = partial_path(iter_dir(cfg, 1) / "prompts.jsonl")
