@@ -21,10 +21,10 @@ def tok(tmp_path_factory) -> Tokenizer:
 def test_bad_lines_name_file_line_and_field(tmp_path, tok):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'text' must be a string"):
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'text' should be str"):
         load_sft([str(p)], tok, 64)
     p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         read_jsonl(p)
     p.write_text('[1, 2]\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: expected a JSON object"):

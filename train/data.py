@@ -15,48 +15,28 @@ Truncation rules (counted and logged by the trainers):
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from model.jsonl import DataError, field, iter_jsonl  # noqa: F401  (DataError re-exported for callers)
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
-    pass
-
-
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """-> [(where = 'file:line', record)], blank lines skipped; bad JSON or a non-object raises DataError."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            out.append((where, rec))
+    out = [(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)]
     if not out:
         raise DataError(f"{path}: no records")
     return out
 
 
 def _str_field(rec: dict, name: str, where: str) -> str:
-    if name not in rec:
-        raise DataError(f"{where}: missing field '{name}'")
-    v = rec[name]
-    if not isinstance(v, str):
-        raise DataError(f"{where}: field '{name}' must be a string, got {type(v).__name__}")
-    return v
+    return field(rec, name, where, str)
 
 
 def _messages(rec: dict, where: str) -> list[dict]:

@@ -21,13 +21,11 @@ if __package__ in (None, ""):
 import torch
 
 from model.checkpoint import load_model
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
 from train.config import TrainConfig, parse_config
 from train.data import Pair, load_pairs, pair_batch
-from train.loop import TrainingStopped, run
+from train.loop import TrainingStopped, load_policy, run, start
 from train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
-from train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, parallelize, reshard
+from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -110,19 +108,13 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(DPOConfig, argv, __doc__)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = init_distributed()
-    tok_dir = cfg.tokenizer or cfg.model
-    tok = Tokenizer.load(tok_dir)
+    d, tok, tok_dir = start(cfg)
     mpl = cfg.max_prompt_length or cfg.max_length // 2
     pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
     if d.is_main:
         print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
               f"tokens): {counts['truncated']}")
-    mcfg = ModelConfig.from_json(cfg.model)
-    mcfg.dropout = cfg.dropout
-    model = load_model(cfg.model, cfg=mcfg)
+    model = load_policy(cfg)
     needs_ref = DPOLossConfig(cfg.loss).needs_reference
     key = weights_hash(model.state_dict()) if needs_ref and cfg.ref_mode == "cache" else ""
     parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)

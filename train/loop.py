@@ -17,14 +17,33 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import load_model
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
 from train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.data import global_batch, rank_micro_batches
-from train.parallel import Dist, all_reduce_sum, set_grad_sync
+from train.parallel import Dist, all_reduce_sum, init_distributed, set_grad_sync
 
 
 class TrainingStopped(RuntimeError):
     """A non-finite loss or gradient: the step was not applied and the last good checkpoint is kept."""
+
+
+def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
+    """The startup both trainers share: threads, process group, tokenizer (-> dist, tokenizer, its folder)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = init_distributed()
+    tok_dir = cfg.tokenizer or cfg.model
+    return d, Tokenizer.load(tok_dir), tok_dir
+
+
+def load_policy(cfg: TrainConfig):
+    """The starting checkpoint with the trainer's dropout, single-device (parallelize() comes after)."""
+    mcfg = ModelConfig.from_json(cfg.model)
+    mcfg.dropout = cfg.dropout
+    return load_model(cfg.model, cfg=mcfg)
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:

@@ -19,14 +19,11 @@ if __package__ in (None, ""):   # run as a script: put the repo root on the path
 
 import torch
 
-from model.checkpoint import load_model
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
 from train.config import TrainConfig, parse_config
 from train.data import Example, load_sft, n_targets, pack_rows
-from train.loop import TrainingStopped, run
+from train.loop import TrainingStopped, load_policy, run, start
 from train.losses import sft_logp_sum
-from train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, parallelize, reshard
+from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 
 @dataclass
@@ -95,11 +92,7 @@ def _systems(cfg: SFTConfig) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(SFTConfig, argv, __doc__)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = init_distributed()
-    tok_dir = cfg.tokenizer or cfg.model
-    tok = Tokenizer.load(tok_dir)
+    d, tok, tok_dir = start(cfg)
     systems = _systems(cfg)
     data, counts = load_sft(cfg.data, tok, cfg.max_length, systems)
     held: list[Example] = []
@@ -113,9 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     if d.is_main:
         print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
               f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(held)}")
-    mcfg = ModelConfig.from_json(cfg.model)
-    mcfg.dropout = cfg.dropout
-    model = load_model(cfg.model, cfg=mcfg)
+    model = load_policy(cfg)
     parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
     task = SFTTask(cfg, data, held, tok.pad_id, d)
     try:
