@@ -76,3 +76,22 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
                   "--save-every", "1", "--grad-clip", "0"])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     assert not (out / "model").exists()
+
+
+def test_dpo_reference_cache_is_reused_and_matches_online(setup, capsys):
+    from tests.test_train_fixtures import dpo_records
+    from train import dpo
+    d, model, _ = setup
+    data = write_jsonl(d / "pairs.jsonl", dpo_records(8, seed=2))
+    args = ["--model", str(model), "--data", str(data), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3",
+            "--max-length", "40", "--dropout", "0"]
+    a = dpo.main(args + ["--output", str(d / "dpo_a")])
+    files = list((d / "dpo_a" / "ref_cache").iterdir())
+    assert len(files) == 1 and "cached in" in capsys.readouterr().out
+    stamp = files[0].stat().st_mtime_ns
+    b = dpo.main(args + ["--output", str(d / "dpo_b"), "--ref-cache-dir", str(d / "dpo_a" / "ref_cache")])
+    assert "from cache" in capsys.readouterr().out and files[0].stat().st_mtime_ns == stamp
+    c = dpo.main(args + ["--output", str(d / "dpo_c"), "--ref-mode", "online"])
+    assert not (d / "dpo_c" / "ref_cache").exists()
+    for k in ("loss", "margin", "reward_chosen", "logp_rejected"):
+        assert a[k] == b[k] and abs(a[k] - c[k]) <= 1e-6 * max(1.0, abs(a[k])), k

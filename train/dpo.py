@@ -86,7 +86,8 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     scores every world-th pair, padded to equal forward counts, then one all-reduce fills the table."""
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
-    if table is not None and table.shape == (len(pairs), 2):
+    ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
+    if all_reduce_sum(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
         if d.is_main:
             print(f"[dpo] reference log-probs from cache {cache.path}")
         return table
