@@ -161,7 +161,7 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
     agrees) only where their scores order the replies as the humans did. Then the most common score is
     down-sampled to the count of the next most common one. Returns (examples, stats)."""
     kept: list[dict] = []
-    stats = Counter(groups=len(groups))
+    stats = Counter(groups=len(groups), judgments=0, unparsable=0, groups_kept=0)
     for g in groups:
         items = [(g["prompt"], r["text"]) for r in g["replies"]]
         ranks = [r["rank"] for r in g["replies"]]

@@ -1,4 +1,5 @@
-"""A tiny random Llama with the stories260k SentencePiece tokenizer (vocab 512), for the recipes' tests."""
+"""A tiny random Llama with a SentencePiece tokenizer trained on the spot, for the recipes' tests (no
+../shared needed, so the loop runs in a fresh clone too)."""
 from __future__ import annotations
 
 import json
@@ -24,10 +25,33 @@ SEEDS = ["Write a short story about a cat.", "What is the capital of France?", "
          "Tell me a joke about dogs.", "What should I pack for a beach trip?"]
 
 
-def tiny_chat_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    make_hf_checkpoint(out, "llama_tied", seed=seed, vocab=512, hidden=32, layers=2, heads=2, kv_heads=1,
+def train_tokenizer(path: Path, vocab: int = 400) -> int:
+    """A BPE SentencePiece model (byte fallback; unk 0, BOS 1, EOS 2) from the seeds, the judge templates and
+    score lines, written to `path`. Returns its vocabulary size. Takes well under a second."""
+    import io
+
+    import sentencepiece as spm
+
+    from recipes.instruct import InstructConfig
+    from recipes.judge import DEFAULT_TEMPLATE, SHORT_TEMPLATE
+    corpus = SEEDS + SHORT_TEMPLATE.split("\n") + DEFAULT_TEMPLATE.split("\n") + [InstructConfig().header] + \
+        [f"Request {i}: Score: {d}" for i in range(12) for d in range(6)] + ["System: User: Assistant: Better: 1 2"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab,
+                                   byte_fallback=True, hard_vocab_limit=False, model_type="bpe",
+                                   character_coverage=1.0, minloglevel=2)
+    Path(path).write_bytes(buf.getvalue())
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue()).vocab_size()
+
+
+def tiny_chat_model(out: Path, seed: int = 0) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = out.parent / f".{out.name}.tokenizer.model"
+    vocab = train_tokenizer(tok)
+    make_hf_checkpoint(out, "llama_tied", seed=seed, vocab=vocab, hidden=32, layers=2, heads=2, kv_heads=1,
                        intermediate=64, max_position_embeddings=512)
-    shutil.copy(Path(tokenizer_dir) / "tokenizer.model", out / "tokenizer.model")
+    shutil.move(tok, out / "tokenizer.model")
     return out
 
 

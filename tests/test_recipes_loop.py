@@ -13,8 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loop_m1_to_m3_and_rerun(tmp_path):
-    from tests.conftest import need_shared
-    m1 = tiny_chat_model(tmp_path / "m1", need_shared("fixtures/stories260k"))
+    m1 = tiny_chat_model(tmp_path / "m1")
     seeds = write_prompts(tmp_path / "seeds.jsonl", SEEDS)
     hooked = []
 

@@ -22,9 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.conftest import need_shared
-    tok_dir = need_shared("fixtures/stories260k")
-    return tiny_chat_model(tmp_path_factory.mktemp("m") / "m1", tok_dir)
+    return tiny_chat_model(tmp_path_factory.mktemp("m") / "m1")
 
 
 def fail_on_call(monkeypatch, engine, n: int) -> None:
