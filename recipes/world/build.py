@@ -32,7 +32,7 @@ class WorldModelConfig:
     web_docs: int = 20000
     web_p_right: float = 0.75
     web_p_judge: float = 0.4
-    pretrain_steps: int = 400
+    pretrain_steps: int = 1000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from recipes.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
+from model.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
 from recipes.world.judging import judge_prompt, judgment
 from recipes.world.tasks import Task, corrupt, sample_tasks
 

@@ -4,6 +4,7 @@
     python -m recipes.world.demo --seed 1 --run-dir runs/world-s1
     python -m recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
     python -m recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
+    python -m recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
 Stages: tokenizer + M0 (cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
 seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
@@ -36,7 +37,7 @@ class DemoConfig:
     # seeds and M1
     n_ift: int = 300
     n_eft: int = 500
-    sft_steps: int = 300
+    sft_steps: int = 200
     sft_batch: int = 16
     sft_lr: float = 1e-3
     # each iteration
@@ -89,13 +90,16 @@ def run(cfg: DemoConfig) -> dict:
     from recipes.world.data import loop_prompts
     from recipes.world.judging import write_template
     from recipes.world.report import pair_quality, plot, table, write_summary
-    from recipes.jsonl import read_jsonl
+    from model.jsonl import read_jsonl
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     clock = Clock()
     thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if thr:   # the in-process stages (engine, measurement); the trainers get --threads
+        import torch
+        torch.set_num_threads(thr)
 
     clock.banner("tokenizer + M0 (pretraining on web text with imperfect answers; cached)")
     t = time.perf_counter()
@@ -202,11 +206,19 @@ def _parser() -> argparse.ArgumentParser:
         ap.add_argument("--m0-" + f.name.replace("_", "-"), dest="m0_" + f.name, type=typ, default=None)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
     ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
+    ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/world/real.py)")
+    ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m recipes.oasst --out` wrote")
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
+    if a.real_model or a.oasst_seed:
+        if not (a.real_model and a.oasst_seed):
+            raise SystemExit("--real-model and --oasst-seed go together")
+        from recipes.world.real import run_real
+        return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,
+                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0)
     cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
     if a.scale != 1.0:
         cfg = cfg.scaled(a.scale)

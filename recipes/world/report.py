@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from recipes.jsonl import write_json
+from model.jsonl import write_json
 from recipes.world.checker import check
 
 COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),

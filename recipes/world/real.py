@@ -1,0 +1,68 @@
+"""The demo's other mode: the same loop on a real checkpoint and Open Assistant seed data.
+
+    python -m recipes.world.demo --real-model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
+
+`--oasst-seed` is the folder `python -m recipes.oasst --out` writes: ift.jsonl (prompts and best replies),
+eft_train.jsonl (judge examples, when built with --eft-model) and groups_eval.jsonl (held-out human-ranked
+replies). M1 = train/sft.py on IFT (+ EFT); M2, M3 = recipes.self_reward with self-instruct prompts and the
+default additive rubric. There is no checker here: after each model the report holds the judge's agreement
+with the human ranks (recipes.evaluate.rm_eval on groups_eval.jsonl) and the loop's counts.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from recipes.world.build import run_trainer
+
+
+def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
+             nproc: int = 1, seed: int = 0, n_eval_groups: int = 200) -> dict:
+    from recipes.evaluate import load_groups, rm_eval
+    from recipes.judge import JudgeConfig, load_template
+    from recipes.self_reward import LoopConfig, run_loop
+    from recipes.world.report import table, write_summary
+
+    t0 = time.perf_counter()
+    seed_dir, run = Path(seed_dir), Path(run_dir)
+    ift, eft, groups = seed_dir / "ift.jsonl", seed_dir / "eft_train.jsonl", seed_dir / "groups_eval.jsonl"
+    if not ift.exists():
+        raise SystemExit(f"{ift}: missing (make it with python -m recipes.oasst --input OASST --out {seed_dir})")
+    m1 = run / "m1"
+    if not (m1 / "config.json").exists():
+        data = [str(ift)] + ([str(eft)] if eft.exists() else [])
+        run_trainer("sft.py", ["--model", model, "--data", *data, "--output", str(run / "sft"), "--export", str(m1),
+                               "--lr", "5.5e-6", "--final-lr", "1.1e-6", "--batch-size", "16", "--resume",
+                               "--seed", str(seed)], nproc)
+    jc = JudgeConfig(template=load_template(None), seed=seed)
+    eval_groups = load_groups(groups)[:n_eval_groups] if groups.exists() else []
+
+    def hook(t: int, model_dir: str) -> dict:
+        if not eval_groups:
+            return {}
+        from infer.engine import Engine
+        from model.tokenizer import Tokenizer
+        r = rm_eval(Engine.from_pretrained(model_dir), Tokenizer.load(model_dir), eval_groups, jc)
+        s = r["sampled"]
+        return {"judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],
+                "judge_exact_match": s["exact_match"], "judge_spearman": s["spearman"],
+                "judge_kendall_tau": s["kendall_tau"], "judge_parse_failures": r["parse_failures"]}
+
+    lc = LoopConfig(run_dir=str(run / "loop"), init_model=str(m1), iterations=iterations, seed_prompts=str(ift),
+                    n_prompts=n_prompts, nproc=nproc, eval_hook=hook, seed=seed)
+    manifests = run_loop(lc)
+    ev = {k: v for m in manifests for k, v in m.get("eval", {}).items()}
+    rows = []
+    for i in range(1, iterations + 2):
+        row = {"model": f"M{i}", **ev.get(f"M{i}", {})}
+        if i <= len(manifests):
+            c = manifests[i - 1]["counts"]
+            row.update(pairs=c["pairs"], ties=c["ties"], parse_failures=c["parse_failures"])
+            row["mean_len_tokens"] = manifests[i - 1]["mean_len"]["candidate_tokens"]
+        rows.append(row)
+    print("\n" + table(rows), flush=True)
+    summary = {"rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1), "mode": "real",
+               "model": model, "seed_dir": str(seed_dir), "pairs_files": [str(run / "loop" / f"iter_{t}" / "pairs.jsonl")
+                                                                          for t in range(1, iterations + 1)]}
+    write_summary(run, summary)
+    return summary
