@@ -170,6 +170,7 @@ class Engine:
                         s.logprobs = logits.log_softmax(-1)[self._cands].tolist()
                     finished.append(s)
         else:
+            seqs = sorted(seqs, key=len, reverse=True)   # the CPU decode twin gathers by groups of similar length
             h = self.runner.decode(seqs)
             for s in seqs:
                 self.bm.written(s)

@@ -51,23 +51,32 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return o.transpose(1, 2)[seq, off]
 
 
+DECODE_ROWS = 8   # rows per gather in the CPU decode twin
+
+
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D].
 
-    One gather of each sequence's blocks and one SDPA call with a length mask (no per-sequence loop, no
-    query padding, no repeated K/V heads): the CPU decode step's attention cost is the gather itself."""
+    Rows are taken in consecutive groups of DECODE_ROWS; each group gathers its blocks up to its own
+    longest context (one index_select) and makes one GQA SDPA call with a length mask. On a CPU the gather
+    is the cost, so a caller that orders sequences by length (infer/runner does) gathers little padding."""
     B, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    nb = (int(context_lens.max()) + bs - 1) // bs
-    bt = block_tables[:, :nb].long().clamp_min(0).reshape(-1)
-    kp = k_cache.index_select(0, bt).view(B, nb * bs, Hkv, D).transpose(1, 2)   # [B, Hkv, L, D]
-    vp = v_cache.index_select(0, bt).view(B, nb * bs, Hkv, D).transpose(1, 2)
-    mask = torch.arange(nb * bs, device=q.device)[None, :] < context_lens[:, None]   # [B, L]
-    o = F.scaled_dot_product_attention(q[:, :, None], kp, vp, attn_mask=mask[:, None, None], scale=scale,
-                                       enable_gqa=Hq != Hkv)                       # [B, Hq, 1, D]
-    return o[:, :, 0]
+    out = torch.empty_like(q)
+    lens = context_lens.tolist()
+    for a in range(0, B, DECODE_ROWS):
+        z = min(a + DECODE_ROWS, B)
+        nb = (max(lens[a:z]) + bs - 1) // bs
+        bt = block_tables[a:z, :nb].long().clamp_min(0).reshape(-1)
+        kp = k_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)   # [b, Hkv, L, D]
+        vp = v_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)
+        mask = torch.arange(nb * bs, device=q.device)[None, :] < context_lens[a:z, None]   # [b, L]
+        o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask[:, None, None], scale=scale,
+                                           enable_gqa=Hq != Hkv)                     # [b, Hq, 1, D]
+        out[a:z] = o[:, :, 0]
+    return out
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
