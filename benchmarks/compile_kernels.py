@@ -30,7 +30,7 @@ INT_SCALARS = {"H", "M", "N", "D"}
 POINTER_TYPES = {  # non-activation pointers; everything else uppercase is an activation of --dtype
     "RSTD": "*fp32", "DWP": "*fp32", "COS": "*fp32", "SIN": "*fp32", "T": "*i64", "LSE": "*fp32",
     "LOGP": "*fp32", "G": "*fp32", "CU": "*i32", "DELTA": "*fp32", "SLOT": "*i64", "CUQ": "*i32",
-    "BT": "*i32", "CTX": "*i32",
+    "BT": "*i32", "CTX": "*i32", "LSEP": "*fp32",
 }
 
 
@@ -61,7 +61,11 @@ def _cases(dt: str):
         out.append((f"attn_bwd_dq hd{D}", A._attn_bwd_dq, dict(c, BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=bw, num_stages=bs), {}))
         for qlen, name in ((1, "decode"), (512, "prefill")):
             pm, pn, pw = P.tile_config(True, qlen, 4, D)
-            out.append((f"paged_{name} hd{D}", P._paged_attn, dict(c, BLOCK_M=pm, BLOCK_N=pn), dict(num_warps=pw), {}))
+            out.append((f"paged_{name} hd{D}", P._paged_attn, dict(c, BLOCK_M=pm, BLOCK_N=pn, SPLIT=False),
+                        dict(num_warps=pw), {}))
+        pm, pn, pw = P.tile_config(True, 1, 4, D)
+        out.append((f"paged_decode_splitk hd{D}", P._paged_attn, dict(c, BLOCK_M=pm, BLOCK_N=pn, SPLIT=True),
+                    dict(num_warps=pw), {"O": "*fp32"}))
         out.append((f"store_kv hd{D}", P._store_kv, dict(BLOCK_H=8, BLOCK_D=D), dict(num_warps=4), {}))
     return out
 

@@ -11,7 +11,8 @@ block_id * block_size + offset, slot -1 = skip. Block table [S, max_blocks]; con
   block_size works. Causal: query i of a sequence with qlen new tokens sits at position
   ctx - qlen + i. Online softmax in base 2, as in attention_triton.
   `paged_decode_triton` is the qlen = 1 case, `paged_prefill_triton` the general one.
-No split-K (flash-decoding) yet: very long contexts with few sequences leave SMs idle on a GPU.
+Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into
+ranges processed in parallel, each writing a partial output and its logsumexp, merged in torch.
 """
 from __future__ import annotations
 
@@ -38,10 +39,15 @@ def _store_kv(K, V, KC, VC, SLOT, skn, skh, svn, svh, s_kslot, s_kh, s_vslot, s_
 
 
 @triton.jit
-def _paged_attn(Q, KC, VC, O, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, s_kb, s_kt, s_kh,
-                s_vb, s_vt, s_vh, s_bt, block_size, REP: tl.constexpr, D: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    mt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, s_kb, s_kt, s_kh,
+                s_vb, s_vt, s_vh, s_bt, s_ps, s_ls, s_ln, block_size, span, n_splits, REP: tl.constexpr,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT: this program covers keys [split * span, (split + 1) * span) and writes an fp32 partial O
+    # (at O + split * s_ps) and its base-2 logsumexp (LSEP [splits, N, Hq]); torch merges the splits.
+    mt, sid = tl.program_id(0), tl.program_id(1)
+    kvh = tl.program_id(2) // n_splits
+    split = tl.program_id(2) % n_splits
     qs = tl.load(CUQ + sid)
     qlen = tl.load(CUQ + sid + 1) - qs
     ctx = tl.load(CTX + sid)
@@ -60,8 +66,9 @@ def _paged_attn(Q, KC, VC, O, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, s_kb, 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     last_q = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // REP, qlen - 1)
-    hi = tl.minimum(ctx, ctx - qlen + last_q + 1)
-    for n0 in tl.range(0, hi, BLOCK_N):
+    lo = split * span
+    hi = tl.minimum(tl.minimum(ctx, ctx - qlen + last_q + 1), lo + span)
+    for n0 in tl.range(lo, hi, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tmask = tok < ctx
         blk = tl.load(BT + sid * s_bt + tok // block_size, mask=tmask, other=0).to(tl.int64)
@@ -73,14 +80,22 @@ def _paged_attn(Q, KC, VC, O, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, s_kb, 
         valid = (tok[None, :] <= qpos[:, None]) & tmask[None, :]
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet (splits)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(O + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=qmask)
+    if SPLIT:     # a split may hold no visible key: weight 0 (lse -inf), output 0
+        has = l_i > 0
+        acc = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(LSEP + split * s_ls + qrow * s_ln + head, lse2, mask=rmask)
+        tl.store(O + split * s_ps + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc, mask=qmask)
+    else:
+        acc = acc / l_i[:, None]
+        tl.store(O + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=qmask)
 
 
 def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
@@ -109,10 +124,23 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
 
 
+def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
+    """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
+
+
 def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                         scale: float | None = None, max_qlen: int | None = None) -> torch.Tensor:
-    """q: [N, Hq, D], each sequence's newest tokens (already stored) -> [N, Hq, D]. See module doc."""
+                         scale: float | None = None, max_qlen: int | None = None,
+                         num_splits: int | None = None) -> torch.Tensor:
+    """q: [N, Hq, D], each sequence's newest tokens (already stored) -> [N, Hq, D]. See module doc.
+    num_splits: split each sequence's keys into that many ranges run in parallel and merged by their
+    logsumexp (None: automatic, only on CUDA when the grid is smaller than the GPU)."""
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hq, D = q.shape
     Hkv, bs = k_cache.shape[2], k_cache.shape[1]
@@ -126,23 +154,38 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     S = cu.numel() - 1
     if max_qlen is None:
         max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0
-    o = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
+    m_tiles = triton.cdiv(max_qlen * rep, BM)
+    max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
+    P = num_splits if num_splits is not None else _auto_splits(q, m_tiles * S * Hkv, max_ctx_bound)
+    span = triton.cdiv(triton.cdiv(max_ctx_bound, P), BN) * BN
+    if P > 1:
+        o = torch.empty(P, N, Hq, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(P, N, Hq, dtype=torch.float32, device=q.device)
+        o_strides, lse_strides = (o.stride(1), o.stride(2), o.stride(0)), (lse.stride(0), lse.stride(1))
+    else:
+        o = torch.empty_like(q)
+        lse = o                                           # unused
+        o_strides, lse_strides = (o.stride(0), o.stride(1), 0), (0, 0)
     if N and S:
-        grid = (triton.cdiv(max_qlen * rep, BM), S, Hkv)
-        _paged_attn[grid](q, k_cache, v_cache, o, cu, bt, ctx, scale, q.stride(0), q.stride(1), o.stride(0),
-                          o.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-                          v_cache.stride(1), v_cache.stride(2), bt.stride(0), bs, REP=rep, D=D,
-                          BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
-                          PREC="ieee" if q.dtype == torch.float32 else None, num_warps=nw)
-    return o
+        _paged_attn[(m_tiles, S, Hkv * P)](
+            q, k_cache, v_cache, o, lse, cu, bt, ctx, scale, q.stride(0), q.stride(1), o_strides[0], o_strides[1],
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), bt.stride(0), o_strides[2], *lse_strides, bs, span, P, REP=rep, D=D,
+            BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
+            PREC="ieee" if q.dtype == torch.float32 else None, SPLIT=P > 1, num_warps=nw)
+    if P == 1:
+        return o
+    w = torch.exp2(lse - lse.amax(0, keepdim=True))       # [P, N, Hq]; split 0 always sees key 0
+    return ((w[..., None] * o).sum(0) / w.sum(0)[..., None]).to(q.dtype)
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
     """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
     B = q.shape[0]
     cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
-    return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1)
+    return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
+                                num_splits=num_splits)
