@@ -21,7 +21,7 @@ def test_every_template_parses_back():
     for kind in KINDS:
         for i in range(len(tasks.TEMPLATES[kind])):
             for _ in range(20):
-                args = tasks._draw_args(kind, rng)
+                args = tasks.draw_args(kind, rng)
                 t = Task(kind, args, tasks.render(kind, args, i))
                 assert checker.parse_prompt(t.prompt) == t, t.prompt
     assert checker.parse_prompt("Tell me a joke.") is None
@@ -79,7 +79,7 @@ def test_judgment_format_and_agreement():
         cand = inner[1].split(" Score 5 if", 1)[0]
         score = int(r["response"].rsplit("Score: ", 1)[1])
         assert (score == judging.GOOD) == (checker.check(task.prompt, cand) == 1.0) == r["correct"]
-    assert 0.4 < sum(r["correct"] for r in data.eft_seed(300, 0)) / 300 < 0.6
+    assert 0.3 < sum(r["correct"] for r in data.eft_seed(300, 0)) / 300 < 0.5
 
 
 def test_web_text_is_imperfect():
@@ -107,6 +107,6 @@ def test_tokenizer_one_token_per_symbol(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_heldout_bucket_share(kind):
     rng = random.Random(5)
-    keys = [f"{kind}:{tasks._draw_args(kind, rng)!r}" for _ in range(3000)]
+    keys = [f"{kind}:{tasks.draw_args(kind, rng)!r}" for _ in range(3000)]
     share = sum(map(tasks.is_held_out, keys)) / len(keys)
     assert 0.15 < share < 0.25

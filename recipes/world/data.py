@@ -16,7 +16,7 @@ import random
 
 from model.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
 from recipes.world.judging import judge_prompt, judgment
-from recipes.world.tasks import Task, corrupt, sample_tasks
+from recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
 
 USER, ASSISTANT = "User: {}\n\n", "Assistant: {}"   # the plain template of model/tokenizer.py, as text
 
@@ -32,6 +32,22 @@ def noisy_answer(task: Task, rng: random.Random, p_right: float) -> str:
 def candidate_for_judging(task: Task, rng: random.Random) -> str:
     """Half right, half one edit away: the hardest contrast, where only the comparison can tell."""
     return task.answer if rng.random() < 0.5 else corrupt(task.answer, rng)
+
+
+def eft_candidate(task: Task, rng: random.Random) -> str:
+    """EFT candidates: 40% right, 30% one edit away, 30% the answer to another instance of the same kind. With
+    only one-edit errors, copying the candidate's symbol as the 'expected' one is right at most positions,
+    and a small judge learns that shortcut instead of computing the answer (seen in runs: the M1 judge
+    copied the candidate's symbol half the time)."""
+    u = rng.random()
+    if u < 0.4:
+        return task.answer
+    if u < 0.7:
+        return corrupt(task.answer, rng)
+    while True:
+        other = solve(task.kind, draw_args(task.kind, rng))
+        if other != task.answer:
+            return other
 
 
 def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3) -> list[dict]:
@@ -58,7 +74,7 @@ def eft_seed(n: int, seed: int) -> list[dict]:
     rng = random.Random(f"eft:{seed}")
     out = []
     for t in sample_tasks(n, seed=30_000 + seed):
-        cand = candidate_for_judging(t, rng)
+        cand = eft_candidate(t, rng)
         out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand), "kind": t.kind,
                     "correct": cand == t.answer})
     return out

@@ -75,7 +75,7 @@ def is_held_out(key: str) -> bool:
     return h % HELD_OUT_BUCKETS == 0
 
 
-def _draw_args(kind: str, rng: random.Random) -> tuple:
+def draw_args(kind: str, rng: random.Random) -> tuple:
     if kind == "add":
         return (rng.randrange(100), rng.randrange(100))
     if kind == "max":
@@ -106,7 +106,7 @@ def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = KIND
     want_held = split == "heldout"
     kind = rng.choice(kinds)
     while True:
-        args = _draw_args(kind, rng)
+        args = draw_args(kind, rng)
         task = Task(kind, args, render(kind, args, rng.randrange(len(TEMPLATES[kind]))))
         if is_held_out(task.key) == want_held:
             return task
