@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from infer.sequence import SamplingParams  # noqa: E402
+from model.jsonl import DataError, iter_jsonl, write_atomic  # noqa: E402
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
 ROLES = ("system", "user", "assistant")
 
 
-class InputError(ValueError):
-    pass
+InputError = DataError   # bad input: the message names file, line and field
 
 
 def id_key(v) -> str:
@@ -47,38 +47,29 @@ def id_key(v) -> str:
 def read_requests(path: str | Path) -> list[dict]:
     """Parse and check every line first, so a bad line stops the run before any work."""
     out, seen = [], {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            if "id" not in rec or isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
-                raise InputError(f"{where}: field 'id': missing or not a string / integer")
-            if ("prompt" in rec) == ("messages" in rec):
-                raise InputError(f"{where}: field 'prompt'/'messages': give exactly one of them")
-            if "prompt" in rec and not isinstance(rec["prompt"], str):
-                raise InputError(f"{where}: field 'prompt': expected a string")
-            if "messages" in rec:
-                m = rec["messages"]
-                if not isinstance(m, list) or not m or not all(
-                        isinstance(x, dict) and x.get("role") in ROLES and isinstance(x.get("content"), str) for x in m):
-                    raise InputError(f"{where}: field 'messages': expected a non-empty list of "
-                                     f"{{'role': system|user|assistant, 'content': str}}")
-            for k, types in OVERRIDES.items():
-                if k in rec and (isinstance(rec[k], bool) or not isinstance(rec[k], types)):
-                    raise InputError(f"{where}: field '{k}': expected {' or '.join(t.__name__ for t in types)}")
-            key = id_key(rec["id"])
-            if key in seen:
-                raise InputError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key]})")
-            seen[key] = line_no
-            rec["_where"] = where
-            out.append(rec)
+    for line_no, rec in iter_jsonl(path):
+        where = f"{path}:{line_no}"
+        if "id" not in rec or isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
+            raise InputError(f"{where}: field 'id': missing or not a string / integer")
+        if ("prompt" in rec) == ("messages" in rec):
+            raise InputError(f"{where}: field 'prompt'/'messages': give exactly one of them")
+        if "prompt" in rec and not isinstance(rec["prompt"], str):
+            raise InputError(f"{where}: field 'prompt': expected a string")
+        if "messages" in rec:
+            m = rec["messages"]
+            if not isinstance(m, list) or not m or not all(
+                    isinstance(x, dict) and x.get("role") in ROLES and isinstance(x.get("content"), str) for x in m):
+                raise InputError(f"{where}: field 'messages': expected a non-empty list of "
+                                 f"{{'role': system|user|assistant, 'content': str}}")
+        for k, types in OVERRIDES.items():
+            if k in rec and (isinstance(rec[k], bool) or not isinstance(rec[k], types)):
+                raise InputError(f"{where}: field '{k}': expected {' or '.join(t.__name__ for t in types)}")
+        key = id_key(rec["id"])
+        if key in seen:
+            raise InputError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key]})")
+        seen[key] = line_no
+        rec["_where"] = where
+        out.append(rec)
     return out
 
 
@@ -121,12 +112,7 @@ def complete_groups(records: list[dict], n: int) -> dict[str, list[dict]]:
 
 
 def atomic_write_lines(path: str, lines: list[str]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(lines))
 
 
 def merge(output: str, requests: list[dict], n: int) -> int:
@@ -173,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     try:
+        if not os.path.isfile(args.input):
+            raise InputError(f"{args.input}: no such file")
         requests = read_requests(args.input)
         n = args.n
         part = f"{args.output}.part{rank}"
