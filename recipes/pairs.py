@@ -78,6 +78,9 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "counts": counts,
         "score_histogram": _hist(j["score"] for j in judgments if j["score"] is not None),
         "mean_score_histogram": _hist(round(s, 2) for s in scores.values() if s is not None),
+        # the expected score (one value per candidate), in bins of 0.5: 2.3 counts under 2.5
+        "expected_score_histogram": _hist(round(j["expected"] * 2) / 2 for j in judgments
+                                          if j.get("k") == 0 and j.get("expected") is not None),
         "mean_len": {
             "candidate_chars": _mean([len(c["text"]) for c in candidates]),
             "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),

@@ -40,6 +40,7 @@ def test_loop_m1_to_m3_and_rerun(tmp_path):
         assert (it / "model" / "config.json").exists() and (it / "dpo" / "metrics.jsonl").exists()
         assert set(m["timings"]) == {"prompts", "candidates", "judge", "pairs", "dpo"}
         assert m["mean_len"]["candidate_tokens"] <= 8 and "expected_score_mean" in m
+        assert sum(m["expected_score_histogram"].values()) == 6   # one expected score per candidate
     assert ms[0]["eval"].keys() == {"M1"} and ms[1]["eval"].keys() == {"M2", "M3"}
     gen2 = [r for r in read_jsonl(iter_dir(cfg, 2) / "prompts.jsonl") if r["verdict"] == "ok"]
     assert len(gen2) == 3 and all(r["source"] == "generated" for r in gen2)
