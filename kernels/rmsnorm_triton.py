@@ -21,7 +21,8 @@ def _rmsnorm_fwd(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, H,
     mask = cols < H
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
-        x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)   # in the input dtype
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)   # rounded as the twin's x + r
         tl.store(S + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
