@@ -73,8 +73,6 @@ class LoopConfig:
         if self.score_from == "expected":
             self.judge_expected = True
         assert self.n_candidates >= 2 and self.judge_k >= 1 and self.iterations >= 1 and self.nproc >= 1
-        if self.prompt_source == "self-instruct" and not self.seed_prompts:
-            raise ValueError("prompt_source 'self-instruct' needs seed_prompts (a JSONL with 'prompt')")
 
     def judge(self) -> JudgeConfig:
         return JudgeConfig(k=self.judge_k, temperature=self.judge_temperature, top_p=self.judge_top_p,
@@ -143,6 +141,8 @@ def stage_prompts(cfg: LoopConfig, t: int, models: Models) -> None:
         pick = [rows[((t - 1) * n + j) % len(rows)] for j in range(min(n, len(rows)))] if n > 0 else rows
         recs = [_prompt_record(i, r, "given", f"{src}:{line}") for i, (line, r) in enumerate(pick)]
     else:
+        if not cfg.seed_prompts:
+            raise ValueError("prompt_source 'self-instruct' needs seed_prompts (a JSONL with 'prompt')")
         seeds = [rfield(r, "prompt", f"{cfg.seed_prompts}:{i}") for i, r in iter_jsonl(cfg.seed_prompts)]
         earlier = [r["prompt"] for s in range(1, t) for r in read_jsonl(iter_dir(cfg, s) / "prompts.jsonl")
                    if r["verdict"] == "ok" and r["source"] == "generated"]
@@ -361,9 +361,11 @@ def main(argv: list[str] | None = None):
     over = {f.name: getattr(a, f.name) for f in dataclasses.fields(LoopConfig)
             if f.name != "eval_hook" and getattr(a, f.name) is not None}
     cfg = LoopConfig(**{**base, **over})
-    if a.stage == "all":
-        return run_loop(cfg)
     rank, world = dist_env()
+    if a.stage == "all":
+        if world > 1:
+            raise SystemExit("run the driver as one process and pass --nproc P: it launches torchrun per stage")
+        return run_loop(cfg)
     models = Models()
     if a.stage == "candidates":
         stage_candidates(cfg, a.iter, models, rank, world)
