@@ -49,7 +49,7 @@ def test_parse_score_table(text, want):
 _no_label = st.text(alphabet=st.characters(blacklist_characters="sScCoOrReE:："), max_size=60)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(prefix=st.text(max_size=80), n=st.integers(0, 5), dec=st.one_of(st.none(), st.integers(0, 9)),
        tail=_no_label)
 def test_parse_score_fuzz_last_label_wins(prefix, n, dec, tail):
@@ -58,7 +58,7 @@ def test_parse_score_fuzz_last_label_wins(prefix, n, dec, tail):
     assert parse_score(f"{prefix}\nScore: {num} {tail}") == float(num)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.text(max_size=200))
 def test_parse_score_fuzz_never_out_of_range(text):
     s = parse_score(text)
