@@ -225,3 +225,35 @@ def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
     part.write_text(part.read_text() + json.dumps(dict(first[0], round=1, id="gen-1-0")) + "\n" + '{"id": "g')
     stage_prompts(cfg, 1, m)
     assert read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl") == ref and not part.exists()
+
+
+def test_expected_score_multi_token_digits(tiny):
+    """When a digit spans several tokens, its probability is the product over its tokens (engine.score)."""
+    from infer.engine import Engine
+    from model.checkpoint import load_model
+    from model.tokenizer import Tokenizer
+    from recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    tok = Tokenizer.load(tiny)
+
+    class TwoTokenDigits:   # every "Score: d" gains a trailing token, so each digit is two tokens long
+        def __init__(self, t):
+            self.t = t
+
+        def encode(self, text, **kw):
+            return self.t.encode(text, **kw) + ([7] if text.startswith("Score:") else [])
+
+    wrapped = TwoTokenDigits(tok)
+    head, tails = digit_candidates(wrapped)
+    assert all(len(t) == 2 and t[1] == 7 for t in tails)
+    prompt = chat_prompt_ids(tok, "Rate this: hello")
+    (e, p), = expected_scores(Engine.from_pretrained(tiny), wrapped, [prompt])
+    model = load_model(tiny)
+    with torch.no_grad():
+        lps = []
+        for t in tails:
+            ids = prompt + head + t
+            lp = torch.log_softmax(model.forward_batch(torch.tensor([ids]))[0], -1)
+            n = len(prompt + head)
+            lps.append(float(lp[n - 1, t[0]] + lp[n, t[1]]))
+    want = torch.softmax(torch.tensor(lps), -1).tolist()
+    assert p == pytest.approx(want, abs=1e-5) and e == pytest.approx(sum(d * w for d, w in enumerate(want)), abs=1e-4)
