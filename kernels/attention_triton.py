@@ -26,6 +26,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(P, rows, stride_n, head, stride_h, offs_d, mask):
+    """The [rows, D] tile of an [N, H, D] tensor at one head (zeros where masked)."""
+    return tl.load(P + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _bwd_p_ds(q, k, v, do, lse2, delta, offs_m, offs_n, L, qk_scale, PREC: tl.constexpr):
+    """Backward of one [M, N] tile: P recomputed from the saved base-2 logsumexp, and dS = P * (dP - delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
               REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PREC: tl.constexpr):
@@ -38,7 +54,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh, so
     dmask = offs_d < D
     rows = (start + offs_m).to(tl.int64)
     qmask = (offs_m < L)[:, None] & dmask[None, :]
-    q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+    q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -48,12 +64,12 @@ def _attn_fwd(Q, K, V, O, LSE, CU, sm_scale, N, sqn, sqh, skn, skh, svn, svh, so
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = (start + offs_n).to(tl.int64)
         kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
+        k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
+        v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < L)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))     # finite: every row sees key 0 in the first tile
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -77,29 +93,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, sm_scale, N, sqn, sqh, s
     dmask = offs_d < D
     cols = (start + offs_n).to(tl.int64)
     kvmask = (offs_n < L)[:, None] & dmask[None, :]
-    k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
-    v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
+    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
+    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     lo = (nt * BLOCK_N // BLOCK_M) * BLOCK_M          # first query tile that can see this key tile
-    for hh in tl.static_range(REP):
+    for hh in tl.static_range(REP):                   # every query head of the group: no atomics
         h = kvh * REP + hh
         for m0 in tl.range(lo, L, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             rows = (start + offs_m).to(tl.int64)
             rmask = offs_m < L
             qmask = rmask[:, None] & dmask[None, :]
-            q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DO + rows[:, None] * son + h * soh + offs_d[None, :], mask=qmask, other=0.0)
-            lse = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
+            q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
+            do = _tile(DO, rows, son, h, soh, offs_d, qmask)
+            lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale            # [M, N]
-            valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
-            p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
+            p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, offs_m, offs_n, L, qk_scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(DK + cols[:, None] * skn + kvh * skh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kvmask)
@@ -121,9 +133,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, N, sqn, sqh, skn, sk
     rows = (start + offs_m).to(tl.int64)
     rmask = offs_m < L
     qmask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + rows[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + rows[:, None] * son + h * soh + offs_d[None, :], mask=qmask, other=0.0)
-    lse = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
+    do = _tile(DO, rows, son, h, soh, offs_d, qmask)
+    lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -132,13 +144,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, sm_scale, N, sqn, sqh, skn, sk
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = (start + offs_n).to(tl.int64)
         kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        k = tl.load(K + cols[:, None] * skn + kvh * skh + offs_d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(V + cols[:, None] * svn + kvh * svh + offs_d[None, :], mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
-        p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
+        v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
+        _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, offs_m, offs_n, L, qk_scale, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + rows[:, None] * sqn + h * sqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qmask)
