@@ -16,6 +16,7 @@ ranges processed in parallel, each writing a partial output and its logsumexp, m
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -124,11 +125,16 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
     """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
     if not q.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
