@@ -48,9 +48,10 @@ def test_world_smoke_every_stage(tmp_path, capsys):
 def test_pair_quality_by_checker():
     pairs = [{"prompt": "What is 2 plus 3?", "chosen": "5", "rejected": "6"},
              {"prompt": "What is 2 plus 3?", "chosen": "6", "rejected": "5"},
-             {"prompt": "What is 2 plus 3?", "chosen": "7", "rejected": "6"}]
+             {"prompt": "What is 2 plus 3?", "chosen": "7", "rejected": "6"},
+             {"prompt": "What is 2 plus 3?", "chosen": "7", "rejected": "7"}]
     q = pair_quality(pairs)
-    assert q["pair_quality"] == 1 / 3 and q["pair_backwards"] == 1 / 3
-    assert pair_quality([]) == {"pair_quality": None, "pair_backwards": None}
+    assert q == {"pair_quality": 1 / 4, "pair_backwards": 1 / 4, "pair_identical": 1 / 4}
+    assert pair_quality([]) == {"pair_quality": None, "pair_backwards": None, "pair_identical": None}
     text = table([{"model": "M1", "greedy_acc": 0.5, "pairs": 3}])
     assert "M1" in text and "0.500" in text and text.count("\n") == 2

@@ -39,7 +39,7 @@ class DemoConfig:
     n_eft: int = 500
     sft_steps: int = 200
     sft_batch: int = 16
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-4
     # each iteration
     n_prompts: int = 300
     n_candidates: int = 4

@@ -12,19 +12,22 @@ COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("s
            ("judge_exact_match", "exact", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
            ("judge_kendall_tau", "kendall", "{:.3f}"), ("judge_parse_failures", "j.unparsed", "{}"),
            ("mean_len_tokens", "len tok", "{:.1f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
-           ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}")]
+           ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
+           ("pair_backwards", "pair bad", "{:.2f}")]
 
 
 def pair_quality(pairs: list[dict]) -> dict:
-    """By the checker: the share of pairs whose chosen reply is right and rejected wrong, and the share where
-    the judge got it backwards (chosen wrong, rejected right)."""
-    good = bad = 0
+    """By the checker: the share of pairs whose chosen reply is right and rejected wrong, the share the judge
+    got backwards (chosen wrong, rejected right), and the share whose two texts are the same."""
+    good = bad = same = 0
     for p in pairs:
         c, r = check(p["prompt"], p["chosen"]), check(p["prompt"], p["rejected"])
         good += c == 1.0 and r == 0.0
         bad += c == 0.0 and r == 1.0
+        same += p["chosen"] == p["rejected"]   # one text sampled twice, judged differently: no signal
     n = max(1, len(pairs))
-    return {"pair_quality": good / n if pairs else None, "pair_backwards": bad / n if pairs else None}
+    return {"pair_quality": good / n if pairs else None, "pair_backwards": bad / n if pairs else None,
+            "pair_identical": same / n if pairs else None}
 
 
 def table(rows: list[dict]) -> str:
