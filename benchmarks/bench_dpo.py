@@ -12,9 +12,11 @@ for every variant. Each variant runs in its own fresh process (so peak memory is
     trl          trl.DPOTrainer (defaults: online reference model), in its own venv
     trl_precompute  trl.DPOTrainer with precompute_ref_log_probs=True
     sft          our SFT step on the same 4 x 512 tokens (packed rows), for tokens/s
+    ours_cache_ac  ours_cache with activation checkpointing (not in the default run)
 
-A step is forward + backward + grad clipping + AdamW. Reported: median step time over --steps after
---warmup steps, and peak resident memory while training (VmHWM reset after setup; glibc's mmap threshold is
+A step is forward + backward + grad clipping + AdamW. Reported: median step CPU time (process time; with
+one pinned thread it is the step's compute whatever else runs on a shared machine) and wall time over --steps
+after --warmup steps, and peak resident memory while training (VmHWM reset after setup; glibc's mmap threshold is
 pinned so freed tensors leave RSS). Threads are pinned (--threads, default 1) in every variant.
 
     python benchmarks/bench_dpo.py                   # all variants, table on stdout, JSON in .cache/bench_dpo/
@@ -37,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_dpo"
 VENV = ROOT / ".cache" / "trl_venv"
-VARIANTS = ("ours_cache", "ours_online", "naive", "trl", "trl_precompute", "sft")
+VARIANTS = ("ours_cache", "ours_online", "naive", "trl", "trl_precompute", "sft", "ours_cache_ac")
 PAIRS, PROMPT, RESP, VOCAB = 4, 256, 256, 32000
 
 
@@ -87,16 +89,19 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
     ref_model, table = None, None
     if variant in ("ours_online", "naive"):
         ref_model = load_model(model_dir).eval().requires_grad_(False)
-    if variant == "ours_cache":
+    if variant.startswith("ours_cache"):
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS)     # before any update
+    if variant.endswith("_ac"):
+        from train.parallel import apply_activation_checkpointing
+        apply_activation_checkpointing(policy)
     policy.train()
-    times = []
+    times, cpu = [], []
     reset_peak()
     base = mem_kb("VmRSS")
     tokens = 0
     for s in range(n):
         batch = pairs[s * PAIRS:(s + 1) * PAIRS]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if variant == "sft":
             rows = pack_rows([Example(p.prompt + p.chosen, [False] * len(p.prompt) + [True] * len(p.chosen))
                               for p in batch], PROMPT + RESP, 0, packing=True)
@@ -124,9 +129,11 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-        print(f"  {variant} step {s + 1}/{n}: {times[-1]:.2f} s loss {loss.item():.5f}", file=sys.stderr, flush=True)
-    return {"step_times": times[warmup:], "rss_base_mb": base / 1024, "peak_mb": mem_kb("VmHWM") / 1024,
-            "tokens_per_step": tokens, "first_loss": None}
+        cpu.append(time.process_time() - c0)
+        print(f"  {variant} step {s + 1}/{n}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU, loss {loss.item():.5f}",
+              file=sys.stderr, flush=True)
+    return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "rss_base_mb": base / 1024,
+            "peak_mb": mem_kb("VmHWM") / 1024, "tokens_per_step": tokens}
 
 
 # ---- TRL ---------------------------------------------------------------------------------------------------
@@ -153,7 +160,7 @@ def run_trl(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10_000, save_strategy="no",
                      report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
                      precompute_ref_log_probs=variant == "trl_precompute", optim="adamw_torch")
-    times, marks = [], {}
+    times, cpu, marks = [], [], {}
 
     class Timer(tf.TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -161,17 +168,19 @@ def run_trl(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
             marks["base"] = mem_kb("VmRSS")
 
         def on_step_begin(self, *a, **k):
-            marks["t0"] = time.perf_counter()
+            marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - marks["t0"])
-            print(f"  {variant} step {len(times)}/{n}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+            cpu.append(time.process_time() - marks["c0"])
+            print(f"  {variant} step {len(times)}/{n}: {times[-1]:.2f} s wall, {cpu[-1]:.2f} s CPU",
+                  file=sys.stderr, flush=True)
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Timer()])
     trainer.train()
-    return {"step_times": times[warmup:], "rss_base_mb": marks["base"] / 1024, "peak_mb": mem_kb("VmHWM") / 1024,
-            "tokens_per_step": 2 * PAIRS * (PROMPT + RESP)}
+    return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "rss_base_mb": marks["base"] / 1024,
+            "peak_mb": mem_kb("VmHWM") / 1024, "tokens_per_step": 2 * PAIRS * (PROMPT + RESP)}
 
 
 def child(variant: str, steps: int, warmup: int, threads: int, out: Path) -> None:
@@ -180,7 +189,8 @@ def child(variant: str, steps: int, warmup: int, threads: int, out: Path) -> Non
     model_dir = CACHE / "model"
     fn = run_trl if variant.startswith("trl") else run_ours
     res = fn(variant, model_dir, steps, warmup)
-    res.update(variant=variant, threads=threads, median_s=statistics.median(res["step_times"]))
+    res.update(variant=variant, threads=threads, median_s=statistics.median(res["step_times"]),
+               median_cpu_s=statistics.median(res["cpu_times"]))
     out.write_text(json.dumps(res))
 
 
@@ -195,7 +205,7 @@ def ensure_trl_venv() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS[:-1]), choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every variant (pinned)")
@@ -227,19 +237,18 @@ def main() -> None:
                                                     "load_after": load1, "threads": a.threads}, indent=1))
     trl = results.get("trl", {})
     print(f"\nthreads pinned: {a.threads}; load average (1/5/15 min) before {load0}, after {load1}")
-    print("| variant | median step (s) | steps | peak RSS (MB) | RSS after setup (MB) | tokens/s | "
-          "time vs trl | peak vs trl |")
+    print("| variant | median step CPU s (1 thread) | median step wall s | peak RSS (MB) | RSS after setup (MB) | "
+          "tokens/s (CPU time) | CPU time vs trl | peak vs trl |")
     print("|---|---|---|---|---|---|---|---|")
     for v, r in results.items():
         if "error" in r:
             print(f"| {v} | {r['error']} | | | | | | |")
             continue
-        tps = r["tokens_per_step"] / r["median_s"]
-        rel_t = f"{r['median_s'] / trl['median_s']:.2f}x" if "median_s" in trl else "-"
+        tps = r["tokens_per_step"] / r["median_cpu_s"]
+        rel_t = f"{r['median_cpu_s'] / trl['median_cpu_s']:.2f}x" if "median_cpu_s" in trl else "-"
         rel_m = f"{r['peak_mb'] / trl['peak_mb']:.0%}" if "peak_mb" in trl else "-"
-        times = ", ".join(f"{t:.2f}" for t in r["step_times"])
-        print(f"| {v} | {r['median_s']:.2f} | {times} | {r['peak_mb']:.0f} | {r['rss_base_mb']:.0f} | {tps:.0f} | "
-              f"{rel_t} | {rel_m} |")
+        print(f"| {v} | {r['median_cpu_s']:.1f} | {r['median_s']:.1f} | {r['peak_mb']:.0f} | {r['rss_base_mb']:.0f} | "
+              f"{tps:.0f} | {rel_t} | {rel_m} |")
 
 
 if __name__ == "__main__":
