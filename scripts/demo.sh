@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[plot]" || pip install -q -e .
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models: one thread per process was fastest here
 exec python -u -m recipes.world.demo "$@"
