@@ -2,7 +2,8 @@
 
     python infer/sample.py --model DIR --input prompts.jsonl --output out.jsonl --n 4 \\
         --temperature 0.7 --top-p 0.9 --max-tokens 512 --seed 0
-    torchrun --nproc_per_node 8 infer/sample.py ...      (each rank takes every world-th prompt)
+    torchrun --nproc_per_node 8 infer/sample.py --num-samples 4 ...   (each rank takes every world-th
+        prompt; under torchrun write --num-samples, torchrun itself rejects --n as ambiguous)
 
 Input records: {"id": ..., "prompt": "raw text"} (tokenized after BOS, no template) or
 {"id": ..., "messages": [{"role": ..., "content": ...}, ...]} (chat template + generation prompt); either
@@ -134,7 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", required=True)
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--n", type=int, default=1)
+    ap.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                    help="samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)

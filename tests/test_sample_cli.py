@@ -107,3 +107,24 @@ def test_bad_line_reported_with_file_line_field(tmp_path, capsys, line, field):
     err = capsys.readouterr().err
     assert f"bad.jsonl:2: {field}" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_torchrun_two_ranks_gloo(stories260k, tmp_path):
+    """A real 2-process torchrun (gloo, CPU) writes the same file as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    inp = _write(tmp_path / "in.jsonl", REQUESTS)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    args = ["--num-samples", "2", "--temperature", "0.8", "--top-p", "0.9", "--max-tokens", "10", "--seed", "1"]
+    assert cli.main(["--model", str(stories260k), "--input", str(inp), "--output", str(one), *args]) == 0
+    script = Path(cli.__file__).resolve()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), "--model", str(stories260k), "--input", str(inp), "--output", str(two), *args],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 1/2" in r.stderr and not list(tmp_path.glob("two.jsonl.part*"))
+    strip = lambda rs: [(x["id"], x["sample"], x["text"], x["token_ids"], x["finish_reason"]) for x in rs]  # noqa: E731
+    assert strip(_read(two)) == strip(_read(one))
