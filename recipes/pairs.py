@@ -18,20 +18,35 @@ def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tupl
 
 
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
-                key: str = "score") -> tuple[list[dict], Counter]:
+                key: str = "score", pool_identical: bool = True) -> tuple[list[dict], Counter]:
     """One pair per prompt: its highest- against its lowest-scored candidate (mean over K judgments).
     Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
     scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
-    lowest sample index is taken. Returns (pairs, counts)."""
-    scores = candidate_scores(judgments, key)
+    lowest sample index is taken.
+
+    pool_identical (default): candidates of one prompt with the very same text are one response, so their
+    judgments are pooled into one mean and the pair is taken between distinct texts. Without it, a small
+    model that often repeats itself yields pairs whose chosen and rejected texts are equal (zero DPO
+    gradient, judge noise counted as a preference). Returns (pairs, counts)."""
+    by: dict[tuple[str, object], list] = defaultdict(list)
+    cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
+    for j in judgments:
+        ident = cand_text.get((j["id"], j["sample"])) if pool_identical else j["sample"]
+        by[(j["id"], ident)].append(j.get(key))
     text = {r["id"]: r["prompt"] for r in prompts}
     cands: dict[str, list[dict]] = defaultdict(list)
     for c in candidates:
         cands[c["id"]].append(c)
     pairs, counts = [], Counter()
     for pid in text:
-        scored = [(scores.get((c["id"], c["sample"])), c) for c in sorted(cands.get(pid, []),
-                                                                          key=lambda c: c["sample"])]
+        seen, scored = set(), []
+        for c in sorted(cands.get(pid, []), key=lambda c: c["sample"]):
+            ident = c["text"] if pool_identical else c["sample"]
+            if ident in seen:
+                counts["identical_merged"] += 1
+                continue
+            seen.add(ident)
+            scored.append((mean_score(by.get((pid, ident), [])), c))
         counts["candidates_unscored"] += sum(s is None for s, _ in scored)
         scored = [(s, c) for s, c in scored if s is not None]
         if len(scored) < 2:
@@ -72,6 +87,7 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "candidates_unscored": pair_counts.get("candidates_unscored", 0),
         "prompts_too_few_scored": pair_counts.get("prompts_too_few_scored", 0),
         "ties": pair_counts.get("ties", 0),
+        "identical_merged": pair_counts.get("identical_merged", 0),
         "pairs": len(pairs),
     }
     return {

@@ -118,3 +118,19 @@ def test_few_shot_prompt_shape():
     text = few_shot_text(shots, cfg.header)
     assert text.endswith("Request 9:\n") and Counter(text.split())["Request"] == 9
     assert cut_generated(" Tell me about owls.\nMore detail.\n\nRequest 10: x") == "Tell me about owls.\nMore detail."
+
+
+def test_build_pairs_pools_identical_texts():
+    # p: samples 0 and 2 say the same thing; judged 5 and 1 separately, they are one response scoring 3
+    prompts = [{"id": "p", "prompt": "P?", "verdict": "ok"}, {"id": "q", "prompt": "Q?", "verdict": "ok"}]
+    cands = [{"id": "p", "sample": 0, "text": "68"}, {"id": "p", "sample": 1, "text": "67"},
+             {"id": "p", "sample": 2, "text": "68"},
+             {"id": "q", "sample": 0, "text": "x"}, {"id": "q", "sample": 1, "text": "x"}]
+    sc = {("p", 0): 5, ("p", 1): 2, ("p", 2): 1, ("q", 0): 5, ("q", 1): 1}
+    judg = [{"id": p, "sample": s, "k": 0, "judgment": "j", "score": v} for (p, s), v in sc.items()]
+    pairs, counts = build_pairs(prompts, cands, judg)
+    assert [(p["chosen"], p["rejected"], p["chosen_score"], p["rejected_score"]) for p in pairs] == [("68", "67", 3, 2)]
+    assert counts["identical_merged"] == 2 and counts["prompts_too_few_scored"] == 1   # q: one distinct text
+    # without pooling, the same judgments pair a text with itself on q and pick 68 (5) over 68 (1) on p
+    raw, _ = build_pairs(prompts, cands, judg, pool_identical=False)
+    assert [(p["chosen"], p["rejected"]) for p in raw] == [("68", "68"), ("x", "x")]
