@@ -22,3 +22,12 @@ def need_shared(rel: str) -> Path:
 @pytest.fixture
 def stories260k() -> Path:
     return need_shared("fixtures/stories260k")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine two spinning threads can be 8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ from tests.hf_tiny import make_hf_checkpoint
 EOS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared machine two spinning threads can be 8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class IdsTokenizer:
