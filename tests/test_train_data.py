@@ -3,7 +3,6 @@ batch order."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from model.tokenizer import Tokenizer
 from tests.test_train_fixtures import make_spm, write_jsonl

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.test_train_fixtures import make_model, make_spm, sft_records, write_jsonl
 
