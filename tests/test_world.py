@@ -67,19 +67,70 @@ def test_corrupt_is_always_wrong():
         assert bad != t.answer and not checker.is_correct(t, bad)
 
 
-def test_judgment_format_and_agreement():
+def test_judgment_format_answer():
     t = Task("add", (23, 45), "What is 23 plus 45?")
-    assert judging.judgment(t, "68") == "6 6 + 8 8 + Score: 5"
-    assert judging.judgment(t, "69") == "6 6 + 9 8 - Score: 1"
-    assert judging.judgment(t, "6") == "6 6 + _ 8 - Score: 1"
-    assert judging.judgment(t, "68", believed="67") == "6 6 + 8 7 - Score: 1"
+    assert judging.judgment(t, "68", fmt="answer") == "6 6 + 8 8 + Score: 5"
+    assert judging.judgment(t, "69", fmt="answer") == "6 6 + 9 8 - Score: 1"
+    assert judging.judgment(t, "6", fmt="answer") == "6 6 + _ 8 - Score: 1"
+    assert judging.judgment(t, "68", believed="67", fmt="answer") == "6 6 + 8 7 - Score: 1"
+
+
+def test_judgment_format_check():
+    """Local verification steps: no step needs the answer computed first."""
+    j = judging.judgment
+    add = Task("add", (23, 45), "What is 23 plus 45?")
+    assert j(add, "68", fmt="check") == "3 5 0 8 + 2 4 0 6 + Score: 5"
+    assert j(add, "69", fmt="check") == "3 5 0 9 - 2 4 0 6 + Score: 1"
+    assert j(Task("add", (58, 67), "Add 58 and 67."), "125", fmt="check") == \
+        "8 7 0 5 + 5 6 1 2 + 0 0 1 1 + Score: 5"
+    srt = Task("sort", (3, 1, 2, 2, 0), "Sort these digits: 3 1 2 2 0")
+    assert j(srt, "0 1 2 2 3", fmt="check") == "0 1 + 1 2 + 2 2 + 2 3 + 3 + 1 + 2 + 2 + 0 + 5 5 + Score: 5"
+    assert j(srt, "0 1 2 3", fmt="check") == "0 1 + 1 2 + 2 3 + 3 + 1 + 2 - 2 - 0 + 4 5 - Score: 1"
+    assert j(srt, "1 0 2 2 3", fmt="check").endswith("Score: 1")
+    rev = Task("reverse", tuple("cabed"), "Reverse: c a b e d")
+    assert j(rev, "d e b a c", fmt="check") == j(rev, "d e b a c", fmt="answer")
+    mx = Task("max", (7, 81, 30), "Which is largest: 7, 81, 30?")
+    assert j(mx, "81", fmt="check") == "81 7 + 81 81 = 81 30 + Score: 5"
+    assert j(mx, "91", fmt="check") == "91 7 + 91 81 + 91 30 + Score: 1"   # no '=': not one of them
+    assert j(mx, "30", fmt="check") == "30 7 + 30 81 - 30 30 = Score: 1"
+    cnt = Task("count", ("b", tuple("bab")), "How many b in: b a b?")
+    assert j(cnt, "2", fmt="check") == "b 1 a 1 b 2 2 2 + Score: 5"
+    assert j(cnt, "3", fmt="check") == "b 1 a 1 b 2 3 2 - Score: 1"
+
+
+@pytest.mark.parametrize("fmt", judging.FORMATS)
+def test_judgment_agrees_with_checker(fmt):
+    rng = random.Random(3)
+    for t in tasks.sample_tasks(1500, 4):
+        for cand in (t.answer, tasks.corrupt(t.answer, rng), data.eft_candidate(t, rng), "", "a", "0" + t.answer):
+            score = int(judging.judgment(t, cand, fmt=fmt).rsplit("Score: ", 1)[1])
+            assert (score == judging.GOOD) == checker.is_correct(t, cand), (t, cand, fmt)
+
+
+@pytest.mark.parametrize("fmt", judging.FORMATS)
+def test_eft_seed_agrees_with_checker(fmt, monkeypatch):
+    monkeypatch.setattr(judging, "FORMAT", fmt)
     for r in data.eft_seed(300, 0):
         inner = r["prompt"].split("Task: ", 1)[1].split(" Answer: ", 1)
         task = checker.parse_prompt(inner[0])
         cand = inner[1].split(" Score 5 if", 1)[0]
+        assert r["response"] == judging.judgment(task, cand, fmt=fmt)
         score = int(r["response"].rsplit("Score: ", 1)[1])
         assert (score == judging.GOOD) == (checker.check(task.prompt, cand) == 1.0) == r["correct"]
     assert 0.3 < sum(r["correct"] for r in data.eft_seed(300, 0)) / 300 < 0.5
+
+
+@pytest.mark.parametrize("fmt", judging.FORMATS)
+def test_web_grading_is_imperfect(fmt, monkeypatch):
+    monkeypatch.setattr(judging, "FORMAT", fmt)
+    agree = n = 0
+    for d in data.web_docs(1000, 0, p_right=0.75, p_judge=1.0):
+        q, a = d["text"].split("\n\nAssistant: ")
+        inner = q.split("Task: ", 1)[1].split(" Answer: ", 1)
+        score = int(a.rsplit("Score: ", 1)[1])
+        agree += (score == judging.GOOD) == (checker.check(inner[0], inner[1].split(" Score 5 if", 1)[0]) == 1.0)
+        n += 1
+    assert 0.75 < agree / n < 0.95     # wrong graders sometimes still land on the right score
 
 
 def test_web_text_is_imperfect():
@@ -96,11 +147,11 @@ def test_tokenizer_one_token_per_symbol(tmp_path):
     from recipes.world.vocab import train_tokenizer
     tok = Tokenizer.load(train_tokenizer(tmp_path / "tok", vocab_size=160))
     assert tok.vocab_size == 160 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
-    for text in ["6 8 + 9 8 - Score: 1", "d e b a c", "155", "What is 23 plus 45?"]:
+    for text in ["6 8 + 9 8 - Score: 1", "81 7 + 81 81 = Score: 5", "d e b a c", "155", "What is 23 plus 45?"]:
         ids = tok.encode(text)
         assert 0 not in ids   # no <unk>
         assert tok.decode(ids) == text
-    pieces = [tok._sp.id_to_piece(i) for i in tok.encode("1 5 5 + d")]
+    pieces = [tok._sp.id_to_piece(i) for i in tok.encode("1 5 5 + d 8 =")]
     assert all(len(p.lstrip("▁")) <= 1 for p in pieces), pieces
 
 

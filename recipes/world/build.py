@@ -36,9 +36,16 @@ class WorldModelConfig:
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0
+    # the judge's chain of thought (recipes/world/judging.py): "check" (local verification steps, the
+    # default) or "answer" (per position: candidate symbol, expected symbol, mark). It shapes the web text's
+    # grading documents and the EFT seed, so it is part of M0's cache key.
+    judge_format: str = "check"
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        d = asdict(self)
+        if d["judge_format"] == "answer":   # the key M0s built before the "check" format had
+            del d["judge_format"]
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run_trainer(script: str, argv: list[str], nproc: int) -> None:
@@ -62,8 +69,10 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     from model.checkpoint import save_model
     from model.config import ModelConfig
     from model.llama import Transformer
+    from recipes.world.judging import set_format
     from recipes.world.vocab import train_tokenizer
 
+    set_format(mc.judge_format)
     home = cache / f"m0-{mc.key()}"
     m0 = home / "model"
     if (m0 / "config.json").exists():

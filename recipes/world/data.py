@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 
 from model.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
-from recipes.world.judging import judge_prompt, judgment
+from recipes.world.judging import judge_prompt, judgment, noisy_judgment
 from recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
 
 USER, ASSISTANT = "User: {}\n\n", "Assistant: {}"   # the plain template of model/tokenizer.py, as text
@@ -57,8 +57,8 @@ def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3) -> 
     for t in tasks:
         if rng.random() < p_judge:
             cand = candidate_for_judging(t, rng)
-            # the "web" grader compares against its own, sometimes wrong, idea of the answer
-            text = judgment(t, cand, believed=noisy_answer(t, rng, p_right))
+            # the "web" grader is right only p_right of the time (see judging.noisy_judgment)
+            text = noisy_judgment(t, cand, rng, p_right)
             out.append({"text": chat_text(judge_prompt(t.prompt, cand), text)})
         else:
             out.append({"text": chat_text(t.prompt, noisy_answer(t, rng, p_right))})

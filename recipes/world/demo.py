@@ -88,10 +88,11 @@ class Clock:
 def run(cfg: DemoConfig) -> dict:
     from recipes.self_reward import LoopConfig, run_loop
     from recipes.world.data import loop_prompts
-    from recipes.world.judging import write_template
+    from recipes.world.judging import set_format, write_template
     from recipes.world.report import pair_quality, plot, table, write_summary
     from model.jsonl import read_jsonl
 
+    set_format(cfg.model.judge_format)      # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
