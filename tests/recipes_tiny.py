@@ -6,19 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
 
 from tests.hf_tiny import make_hf_checkpoint
 
-
-@pytest.fixture
-def one_thread():
-    """These tests run many tiny forwards: one thread avoids intra-op spin on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 SEEDS = ["Write a short story about a cat.", "What is the capital of France?", "How do I bake bread at home?",
          "Give me three tips for sleeping better.", "Explain why the sky is blue.", "Name a fruit that is red.",

@@ -15,7 +15,7 @@ from model.jsonl import partial_path, read_jsonl
 from recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
     stage_prompts
 from tests.conftest import ROOT
-from tests.recipes_tiny import SEEDS, one_thread, tiny_chat_model, write_prompts  # noqa: F401
+from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
