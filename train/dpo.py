@@ -23,7 +23,7 @@ import torch
 from model.checkpoint import load_model
 from train.config import TrainConfig, parse_config
 from train.data import Pair, load_pairs, pair_batch
-from train.loop import TrainingStopped, load_policy, run, start
+from train.loop import cli, load_policy, run, start
 from train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
 from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
@@ -134,8 +134,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except TrainingStopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -30,6 +30,16 @@ class TrainingStopped(RuntimeError):
     """A non-finite loss or gradient: the step was not applied and the last good checkpoint is kept."""
 
 
+def cli(main) -> None:
+    """The entry scripts' `__main__`: run, and turn a stopped run (NaN/inf loss) into its message and exit 1."""
+    import sys
+    try:
+        main()
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+
+
 def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
     """The startup both trainers share: threads, process group, tokenizer (-> dist, tokenizer, its folder)."""
     if cfg.threads:

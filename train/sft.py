@@ -21,7 +21,7 @@ import torch
 
 from train.config import TrainConfig, parse_config
 from train.data import Example, load_sft, n_targets, pack_rows
-from train.loop import TrainingStopped, load_policy, run, start
+from train.loop import cli, load_policy, run, start
 from train.losses import sft_logp_sum
 from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
@@ -117,8 +117,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except TrainingStopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    cli(main)
