@@ -101,6 +101,11 @@ def test_loss_variants_against_hand_computed_values():
             assert abs(rch.item() - beta * pc / lc) < 1e-6 and abs(rrej.item() - beta * pr / lr) < 1e-6
         else:
             assert abs(rch.item() - beta * (pc - rc)) < 1e-6 and abs(rrej.item() - beta * (pr - rr)) < 1e-6
+        # the RPO term: + alpha * (chosen NLL per token) = 0.7 * 10 / 4, rewards unchanged
+        cfg = DPOLossConfig(t, beta, label_smoothing=0.2, simpo_gamma=0.25, nll_alpha=0.7)
+        loss2, rch2, rrej2 = dpo_loss(policy, ref, lens, cfg)
+        assert abs(loss2.item() - (w + 0.7 * -pc / lc)) < 1e-6, t
+        assert rch2.item() == rch.item() and rrej2.item() == rrej.item()
     with pytest.raises(ValueError, match="loss type"):
         DPOLossConfig("kto")
 

@@ -39,6 +39,7 @@ class DPOConfig(TrainConfig):
     loss: str = "sigmoid"             # sigmoid | ipo | robust (label-smoothed) | simpo (reference-free)
     label_smoothing: float = 0.1      # robust: assumed share of flipped labels
     simpo_gamma: float = 0.5          # simpo: target margin between length-normalised rewards
+    nll_alpha: float = 0.0            # + alpha * chosen per-token NLL (RPO); 0 = plain DPO
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     ref_mode: str = "cache"           # cache | online
     ref_cache_dir: str = ""           # default OUTPUT/ref_cache
@@ -52,7 +53,7 @@ class DPOConfig(TrainConfig):
 class DPOTask:
     def __init__(self, cfg: DPOConfig, pairs: list[Pair], ref_table: torch.Tensor | None, ref_model=None):
         self.cfg, self.pairs, self.ref_table, self.ref_model = cfg, pairs, ref_table, ref_model
-        self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+        self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
         self.num_examples = len(pairs)
 
     def norm(self, batch: list[int]) -> float:

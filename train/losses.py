@@ -15,6 +15,8 @@ DPO variants, with z = (pi_c - ref_c) - (pi_r - ref_r) on summed response log-pr
     robust   -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           (label-smoothed, cDPO)
     simpo    -logsigmoid(beta (pi_c/|c| - pi_r/|r|) - gamma)                 reference-free, length-normalised
 Rewards logged: beta (pi - ref) for the first three, beta pi/|y| for simpo.
+With nll_alpha > 0 every variant adds alpha * (-pi_c / |c|), the chosen reply's per-token NLL (RPO, Pang et
+al. 2024): DPO alone can lower the chosen replies' likelihood along with the rejected ones'.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class DPOLossConfig:
     beta: float = 0.1
     label_smoothing: float = 0.1    # robust only
     simpo_gamma: float = 0.5        # simpo only: target reward margin
+    nll_alpha: float = 0.0          # + alpha * NLL of the chosen response per token (RPO, Pang et al. 2024)
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -98,6 +101,14 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """policy, ref: [2B] summed response log-probs (chosen first); resp_len: [2B].
     -> per-pair loss [B], chosen rewards [B], rejected rewards [B]."""
+    loss, rc, rr = _preference_loss(policy, ref, resp_len, cfg)
+    if cfg.nll_alpha:
+        B = policy.numel() // 2
+        loss = loss - cfg.nll_alpha * policy[:B] / resp_len[:B].clamp(min=1).to(policy.dtype)
+    return loss, rc, rr
+
+
+def _preference_loss(policy, ref, resp_len, cfg: DPOLossConfig):
     B = policy.numel() // 2
     beta = cfg.beta
     if cfg.loss_type == "simpo":

@@ -49,6 +49,7 @@ class DemoConfig:
     judge_temperature: float = 0.7
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
+    dpo_nll_alpha: float = 0.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
     dpo_epochs: int = 3
     dpo_batch: int = 16
     # evaluation
@@ -145,6 +146,7 @@ def run(cfg: DemoConfig) -> dict:
         return evaluate(f"M{t_}", model_dir)
 
     dpo_args = ["--lr", str(cfg.dpo_lr), "--final-lr", str(cfg.dpo_lr / 10), "--beta", str(cfg.dpo_beta),
+                "--nll-alpha", str(cfg.dpo_nll_alpha),
                 "--epochs", str(cfg.dpo_epochs), "--batch-size", str(cfg.dpo_batch), "--max-length", "192",
                 "--dropout", "0", "--log-every", "10"] + (["--threads", str(thr)] if thr else [])
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
