@@ -161,3 +161,21 @@ def test_heldout_bucket_share(kind):
     keys = [f"{kind}:{tasks.draw_args(kind, rng)!r}" for _ in range(3000)]
     share = sum(map(tasks.is_held_out, keys)) / len(keys)
     assert 0.15 < share < 0.25
+
+
+def test_ranking_on_mixed_by_hand():
+    from recipes.world.report import ranking_on_mixed
+    prompts = {"p": "What is 2 plus 3?", "q": "What is 1 plus 1?", "r": "What is 4 plus 4?"}
+    cands = [{"id": "p", "sample": 0, "text": "5"}, {"id": "p", "sample": 1, "text": "6"},
+             {"id": "p", "sample": 2, "text": "5"}, {"id": "p", "sample": 3, "text": "7"},
+             {"id": "q", "sample": 0, "text": "2"}, {"id": "q", "sample": 1, "text": "2"},   # all right: skipped
+             {"id": "r", "sample": 0, "text": "9"}, {"id": "r", "sample": 1, "text": "8"}]
+    scores = {("p", 0): [5, 1], ("p", 1): [1, 1], ("p", 2): [5, 5], ("p", 3): [5, 5], ("q", 0): [5], ("q", 1): [1],
+              ("r", 0): [None], ("r", 1): [1]}
+    judg = [{"id": i, "sample": s, "score": v} for (i, s), vs in scores.items() for v in vs]
+    # p: "5" pooled mean 4.0, "6" 1.0, "7" 5.0 -> (5,6) right>wrong, (5,7) backwards; r: "9" unparsed -> neither
+    lik = {"5": -1.0, "6": -2.0, "7": -0.5, "8": -3.0, "9": -4.0}
+    r = ranking_on_mixed(prompts, cands, judg, lambda items: [lik[t] for _, t in items])
+    assert r["mixed_prompts"] == 2 and r["right_wrong_pairs"] == 3
+    assert r["judge_rw"] == 1 / 3 and r["judge_wr"] == 1 / 3
+    assert r["likelihood_rw"] == 2 / 3 and r["likelihood_wr"] == 1 / 3

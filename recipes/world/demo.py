@@ -179,7 +179,7 @@ def run(cfg: DemoConfig) -> dict:
             pairs = read_jsonl(Path(lc.run_dir) / f"iter_{i}" / "pairs.jsonl")
             row.update(pairs=c["pairs"], ties=c["ties"], parse_failures=c["parse_failures"],
                        judgments=c["judgments"], candidate_len_tokens=m["mean_len"]["candidate_tokens"],
-                       **pair_quality(pairs))
+                       **pair_quality(pairs), **self_judge_vs_likelihood(lc, i))
         rows.append(row)
     wall = time.perf_counter() - clock.t0
     print("\n" + table(rows), flush=True)
@@ -191,6 +191,30 @@ def run(cfg: DemoConfig) -> dict:
     print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
           + (f"\n[world] plot: {png}" if png else ""), flush=True)
     return summary
+
+
+def self_judge_vs_likelihood(lc, t: int) -> dict:
+    """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under M_t."""
+    from infer.engine import Engine
+    from model.jsonl import read_jsonl
+    from model.tokenizer import Tokenizer
+    from recipes.judge import chat_prompt_ids
+    from recipes.self_reward import iter_dir, model_at
+    from recipes.world.report import ranking_on_mixed
+
+    it = iter_dir(lc, t)
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+    engine, tok = Engine.from_pretrained(model_at(lc, t)), Tokenizer.load(model_at(lc, t))
+
+    def likelihood(items):
+        lps = engine.score([chat_prompt_ids(tok, p) for p, _ in items], [tok.render_response(x) for _, x in items])
+        return [sum(lp) for lp in lps]
+    r = ranking_on_mixed(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"), likelihood)
+    print(f"[world] iteration {t}: {r['mixed_prompts']} prompts with right and wrong candidates; of their "
+          f"{r['right_wrong_pairs']} (right, wrong) text pairs the self-judge ranks right higher in "
+          f"{_f(r.get('judge_rw'))} and wrong higher in {_f(r.get('judge_wr'))}; M{t}'s own likelihood: "
+          f"{_f(r.get('likelihood_rw'))} / {_f(r.get('likelihood_wr'))}", flush=True)
+    return r
 
 
 def _f(v) -> str:

@@ -13,7 +13,8 @@ COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("s
            ("judge_kendall_tau", "kendall", "{:.3f}"), ("judge_parse_failures", "j.unparsed", "{}"),
            ("mean_len_tokens", "len tok", "{:.1f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
            ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
-           ("pair_backwards", "pair bad", "{:.2f}")]
+           ("pair_backwards", "pair bad", "{:.2f}"), ("judge_rw", "judge r>w", "{:.2f}"),
+           ("likelihood_rw", "lik r>w", "{:.2f}")]
 
 
 def pair_quality(pairs: list[dict]) -> dict:
@@ -87,3 +88,50 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
 
 def load_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def ranking_on_mixed(prompts: dict[str, str], candidates: list[dict], judgments: list[dict],
+                     likelihood=None) -> dict:
+    """The necessary condition for self-rewarding, measured on one iteration's files: on the prompts whose
+    distinct candidate texts are partly right and partly wrong (by the checker), how often does the
+    self-judge's mean score rank a right text above a wrong one ("judge_rw"), below it ("judge_wr"), or tie?
+    And, as the baseline the judge must beat, the same for the model's own log-likelihood of the texts
+    (`likelihood(list of (prompt, text)) -> list of float`, e.g. summed log-probs under M_t): DPO on the
+    judge's pairs can only teach the generator something when the judge ranks its samples better than the
+    generator already does. Identical texts pool their judgments, as recipes.pairs does."""
+    from collections import defaultdict
+    from itertools import product
+
+    from recipes.judge import mean_score
+
+    scores = defaultdict(list)
+    for j in judgments:
+        scores[(j["id"], j["sample"])].append(j["score"])
+    texts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for c in candidates:
+        texts[c["id"]][c["text"]] += scores[(c["id"], c["sample"])]
+    items = []                                     # (pid, text, right, judge mean score)
+    for pid, by_text in texts.items():
+        oks = {t: check(prompts[pid], t) == 1.0 for t in by_text}
+        if len(set(oks.values())) == 2:
+            items += [(pid, t, oks[t], mean_score(by_text[t])) for t in sorted(by_text)]
+    out = {"mixed_prompts": len({i[0] for i in items}), "right_wrong_pairs": 0}
+    lik = likelihood([(prompts[i[0]], i[1]) for i in items]) if likelihood and items else None
+    for name, vals in (("judge", [i[3] for i in items]), ("likelihood", lik)):
+        if vals is None:
+            continue
+        by = defaultdict(list)
+        for it, v in zip(items, vals):
+            by[it[0]].append((it[2], v))
+        n = rw = wr = 0
+        for v in by.values():
+            for a, b in product(v, v):
+                if a[0] and not b[0]:
+                    n += 1
+                    if a[1] is not None and b[1] is not None:
+                        rw += a[1] > b[1]
+                        wr += a[1] < b[1]
+        out["right_wrong_pairs"] = n
+        out[f"{name}_rw"] = rw / n if n else None
+        out[f"{name}_wr"] = wr / n if n else None
+    return out
