@@ -31,7 +31,8 @@ def test_every_template_parses_back():
 def test_heldout_never_in_training_data():
     held = {t.key for t in tasks.heldout_eval_set(200)}
     assert len(held) == 200 and all(tasks.is_held_out(k) for k in held)
-    assert {t.kind for t in tasks.heldout_eval_set(200)} == set(KINDS)
+    assert {t.kind for t in tasks.heldout_eval_set(200)} == set(tasks.DEFAULT_KINDS)
+    assert {t.kind for t in tasks.heldout_eval_set(200, kinds=KINDS)} == set(KINDS)
     train_prompts = [r["prompt"] for r in data.ift_seed(300, 0)] + [r["prompt"] for r in data.loop_prompts(300, 0)]
     for p in train_prompts:
         assert not tasks.is_held_out(checker.parse_prompt(p).key)
@@ -93,6 +94,13 @@ def test_judgment_format_check():
     assert j(mx, "81", fmt="check") == "81 7 + 81 81 = 81 30 + Score: 5"
     assert j(mx, "91", fmt="check") == "91 7 + 91 81 + 91 30 + Score: 1"   # no '=': not one of them
     assert j(mx, "30", fmt="check") == "30 7 + 30 81 - 30 30 = Score: 1"
+    mn = Task("min", (7, 81, 30, 5, 62), "Which is smallest: 7, 81, 30, 5, 62?")
+    assert mn.answer == "5"
+    assert j(mn, "5", fmt="check") == "5 7 - 5 81 - 5 30 - 5 5 = 5 62 - Score: 5"
+    assert j(mn, "7", fmt="check") == "7 7 = 7 81 - 7 30 - 7 5 + 7 62 - Score: 1"
+    assert j(mn, "4", fmt="check").endswith("Score: 1")                  # smaller than all, but not one of them
+    assert checker.parse_prompt("Give the least number of 7 81 30 5 62.") == \
+        Task("min", (7, 81, 30, 5, 62), "Give the least number of 7 81 30 5 62.")
     cnt = Task("count", ("b", tuple("bab")), "How many b in: b a b?")
     assert j(cnt, "2", fmt="check") == "b 1 a 1 b 2 2 2 + Score: 5"
     assert j(cnt, "3", fmt="check") == "b 1 a 1 b 2 3 2 - Score: 1"
@@ -101,7 +109,7 @@ def test_judgment_format_check():
 @pytest.mark.parametrize("fmt", judging.FORMATS)
 def test_judgment_agrees_with_checker(fmt):
     rng = random.Random(3)
-    for t in tasks.sample_tasks(1500, 4):
+    for t in tasks.sample_tasks(1500, 4, kinds=KINDS):
         for cand in (t.answer, tasks.corrupt(t.answer, rng), data.eft_candidate(t, rng), "", "a", "0" + t.answer):
             score = int(judging.judgment(t, cand, fmt=fmt).rsplit("Score: ", 1)[1])
             assert (score == judging.GOOD) == checker.is_correct(t, cand), (t, cand, fmt)
@@ -179,3 +187,13 @@ def test_ranking_on_mixed_by_hand():
     assert r["mixed_prompts"] == 2 and r["right_wrong_pairs"] == 3
     assert r["judge_rw"] == 1 / 3 and r["judge_wr"] == 1 / 3
     assert r["likelihood_rw"] == 2 / 3 and r["likelihood_wr"] == 1 / 3
+
+
+def test_set_kinds():
+    try:
+        assert tasks.set_kinds("max, sort") == ("max", "sort")
+        assert {t.kind for t in tasks.sample_tasks(50, 0)} == {"max", "sort"}
+        with pytest.raises(ValueError, match="unknown task kinds"):
+            tasks.set_kinds("max,divide")
+    finally:
+        tasks.set_kinds(tasks.DEFAULT_KINDS)

@@ -40,6 +40,8 @@ class WorldModelConfig:
     # default) or "answer" (per position: candidate symbol, expected symbol, mark). It shapes the web text's
     # grading documents and the EFT seed, so it is part of M0's cache key.
     judge_format: str = "check"
+    # the task kinds of the world (recipes/world/tasks.py); part of the key: the web text depends on them
+    kinds: str = "max,min,sort,reverse"
 
     def key(self) -> str:
         d = asdict(self)
@@ -70,9 +72,11 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     from model.config import ModelConfig
     from model.llama import Transformer
     from recipes.world.judging import set_format
+    from recipes.world.tasks import set_kinds
     from recipes.world.vocab import train_tokenizer
 
     set_format(mc.judge_format)
+    set_kinds(mc.kinds)
     home = cache / f"m0-{mc.key()}"
     m0 = home / "model"
     if (m0 / "config.json").exists():

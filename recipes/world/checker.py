@@ -11,7 +11,8 @@ from functools import lru_cache
 
 from recipes.world.tasks import KINDS, TEMPLATES, Task
 
-_FIELD = {"a": r"(\d{1,2})", "b": r"(\d{1,2})", "c": r"(\d{1,2})", "x": r"([a-h])",
+_FIELD = {"a": r"(\d{1,2})", "b": r"(\d{1,2})", "ns": r"((?:\d{1,2}, ){2,9}\d{1,2})",
+          "nsp": r"((?:\d{1,2} ){2,9}\d{1,2})", "x": r"([a-h])",
           "xs": r"((?:[0-9a-h] ){2,9}[0-9a-h])"}
 
 
@@ -36,8 +37,10 @@ def parse_prompt(prompt: str) -> Task | None:
         if not m:
             continue
         vals = dict(zip(names, m.groups()))
-        if kind in ("add", "max"):
-            args = tuple(int(vals[n]) for n in "abc" if n in vals)
+        if kind == "add":
+            args = (int(vals["a"]), int(vals["b"]))
+        elif kind in ("max", "min"):
+            args = tuple(int(v) for v in re.findall(r"\d+", vals.get("ns") or vals["nsp"]))
         elif kind == "sort":
             items = vals["xs"].split(" ")
             if not all(i.isdigit() for i in items):

@@ -90,10 +90,12 @@ def run(cfg: DemoConfig) -> dict:
     from recipes.self_reward import LoopConfig, run_loop
     from recipes.world.data import loop_prompts
     from recipes.world.judging import set_format, write_template
+    from recipes.world.tasks import set_kinds
     from recipes.world.report import pair_quality, plot, table, write_summary
     from model.jsonl import read_jsonl
 
     set_format(cfg.model.judge_format)      # the EFT seed's and the web text's judge format
+    set_kinds(cfg.model.kinds)              # the world's task kinds (every generator and the evaluation)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")

@@ -19,6 +19,7 @@ the candidate against the visible input, with no answer computed first:
     reverse  candidate[i] against input[n-1-i] (a copy with an index; the same steps as "answer")
     max      the candidate against each input number: '+' greater, '=' equal, '-' smaller (5: no '-', one '=')
              Largest: 7, 81, 30   Answer: 81   ->   81 7 + 81 81 = 81 30 + Score: 5
+    min      the same marks (5: no '+', one '=')
     count    a running count over the input letters, then the candidate against the count
              How many b in: b a b?   Answer: 2   ->   b 1 a 1 b 2 2 2 + Score: 5
     add      digit-wise from the right: operand digits, carry in, candidate digit, mark
@@ -95,7 +96,7 @@ def check_steps(task: Task, response: str) -> list[tuple[str, str | None]]:
             g = c[i] if i < len(c) else "_"
             w = xs[n - 1 - i] if i < n else "_"
             steps.append((f"{g} {w}", "+" if g == w else "-"))
-    elif task.kind == "max":
+    elif task.kind in ("max", "min"):
         v = "".join(c)
         valid = v.isdigit() and (len(v) == 1 or v[0] != "0")
         for a in task.args:
@@ -128,9 +129,12 @@ def check_steps(task: Task, response: str) -> list[tuple[str, str | None]]:
     return steps
 
 
+FAIL_MARK = {"min": "+"}          # the mark that fails a check; '-' for every other kind
+
+
 def _score(steps: list[tuple[str, str | None]], kind: str) -> int:
     marks = [m for _, m in steps if m is not None]
-    ok = "-" not in marks and (kind != "max" or "=" in marks)
+    ok = FAIL_MARK.get(kind, "-") not in marks and (kind not in ("max", "min") or "=" in marks)
     return GOOD if ok else BAD
 
 
@@ -152,7 +156,10 @@ def noisy_judgment(task: Task, response: str, rng, p_right: float, fmt: str | No
         idx = [i for i, (_, m) in enumerate(steps) if m is not None]
         i = rng.choice(idx)
         t, m = steps[i]
-        steps[i] = (t, "-" if m in ("+", "=") else ("=" if task.kind == "max" and rng.random() < 0.5 else "+"))
+        if task.kind in ("max", "min"):
+            steps[i] = (t, rng.choice([x for x in "+=-" if x != m]))
+        else:
+            steps[i] = (t, "-" if m == "+" else "+")
     return _render(steps, task.kind)
 
 

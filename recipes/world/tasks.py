@@ -1,13 +1,20 @@
 """The embedded world: instruction-following tasks whose answers a program can check.
 
-Five task kinds, each with several surface forms (templates), so the model must read the instruction rather
+Six task kinds, each with several surface forms (templates), so the model must read the instruction rather
 than pattern-match one phrasing:
 
     add      two numbers under 100                      "What is 23 plus 45?"        -> "68"
-    max      the largest of three numbers under 100     "Which is largest: 7, 81, 30?" -> "81"
+    max      the largest of five numbers under 100      "Which is largest: 7, 81, 30, 5, 62?" -> "81"
+    min      the smallest of five numbers under 100     "Which is smallest: 7, 81, 30, 5, 62?" -> "5"
     sort     five digits in ascending order             "Sort these digits: 5 1 4"   -> "1 4 5 ..."
     reverse  five letters a-h in reverse order          "Reverse: c a b e d"         -> "d e b a c"
     count    how often a letter occurs in six letters   "How many b in: b a b c d b?" -> "3"
+
+The world in use is a subset (`set_kinds`, the demo's `--m0-kinds`). The default, DEFAULT_KINDS, holds the
+kinds whose judge's check is cheaper than solving for a small model: for max and min a comparison of the
+candidate with each input number (solving compares all five at once), for sort adjacent pairs in order. For
+add and count the check itself needs the computation (digit sums with carries, a running count) the model
+cannot do, and measured runs showed its judgments there no better than chance (recipes/world/README.md).
 
 Answers are short and written token by token (digits of a number, letters and digits of a list separated by
 spaces) so that every answer position is one token of the world's tokenizer.
@@ -22,14 +29,34 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-KINDS = ("add", "max", "sort", "reverse", "count")
+KINDS = ("add", "max", "min", "sort", "reverse", "count")
+DEFAULT_KINDS = ("max", "min", "sort", "reverse")
+N_NUMBERS = 5                 # max / min: how many numbers
+_active: tuple[str, ...] = DEFAULT_KINDS
+
+
+def set_kinds(kinds) -> tuple[str, ...]:
+    """Choose the world's task kinds (a tuple or a comma-separated string); returns them."""
+    global _active
+    ks = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in ks if k not in KINDS]
+    if bad or not ks:
+        raise ValueError(f"unknown task kinds {bad or ks!r}: choose from {KINDS}")
+    _active = ks
+    return ks
+
+
+def active_kinds() -> tuple[str, ...]:
+    return _active
 LETTERS = "abcdefgh"
 HELD_OUT_BUCKETS = 5          # 1 in 5 instances is held out
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "add": ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "Give the sum of {a} and {b}."),
-    "max": ("Which is largest: {a}, {b}, {c}?", "Give the biggest number of {a} {b} {c}.",
-            "Find the maximum of {a}, {b} and {c}.", "What is the largest of {a} {b} {c}?"),
+    "max": ("Which is largest: {ns}?", "Give the biggest number of {nsp}.", "Find the maximum of {ns}.",
+            "What is the largest of {nsp}?"),
+    "min": ("Which is smallest: {ns}?", "Give the least number of {nsp}.", "Find the minimum of {ns}.",
+            "What is the smallest of {nsp}?"),
     "sort": ("Sort these digits: {xs}", "Put in ascending order: {xs}", "Order from small to large: {xs}",
              "Write {xs} sorted."),
     "reverse": ("Reverse: {xs}", "Write these letters backwards: {xs}", "Give {xs} in reverse order.",
@@ -60,6 +87,8 @@ def solve(kind: str, args: tuple) -> str:
         return str(args[0] + args[1])
     if kind == "max":
         return str(max(args))
+    if kind == "min":
+        return str(min(args))
     if kind == "sort":
         return " ".join(str(d) for d in sorted(args))
     if kind == "reverse":
@@ -78,8 +107,8 @@ def is_held_out(key: str) -> bool:
 def draw_args(kind: str, rng: random.Random) -> tuple:
     if kind == "add":
         return (rng.randrange(100), rng.randrange(100))
-    if kind == "max":
-        return tuple(rng.randrange(100) for _ in range(3))
+    if kind in ("max", "min"):
+        return tuple(rng.randrange(100) for _ in range(N_NUMBERS))
     if kind == "sort":
         return tuple(rng.randrange(10) for _ in range(5))
     if kind == "reverse":
@@ -92,15 +121,19 @@ def draw_args(kind: str, rng: random.Random) -> tuple:
 
 def render(kind: str, args: tuple, template: int) -> str:
     t = TEMPLATES[kind][template % len(TEMPLATES[kind])]
-    if kind in ("add", "max"):
-        return t.format(**dict(zip("abc", args)))
+    if kind == "add":
+        return t.format(a=args[0], b=args[1])
+    if kind in ("max", "min"):
+        return t.format(ns=", ".join(map(str, args)), nsp=" ".join(map(str, args)))
     if kind == "count":
         return t.format(x=args[0], xs=" ".join(args[1]))
     return t.format(xs=" ".join(str(v) for v in args))
 
 
-def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = KINDS) -> Task:
-    """One task instance from `split` ("train" or "heldout"), uniform over kinds and templates."""
+def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] | None = None) -> Task:
+    """One task instance from `split` ("train" or "heldout"), uniform over kinds (default: the active ones)
+    and templates."""
+    kinds = kinds or _active
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     want_held = split == "heldout"
@@ -112,12 +145,14 @@ def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = KIND
             return task
 
 
-def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True) -> list[Task]:
-    """n tasks; with `unique`, no two share an instance key (sizes here are far below each kind's space)."""
+def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True,
+                 kinds: tuple[str, ...] | None = None) -> list[Task]:
+    """n tasks of `kinds` (default: the active ones); with `unique`, no two share an instance key (sizes
+    here are far below each kind's space)."""
     rng = random.Random(f"{split}:{seed}")
     out, seen = [], set()
     while len(out) < n:
-        t = draw(rng, split)
+        t = draw(rng, split, kinds)
         if unique and t.key in seen:
             continue
         seen.add(t.key)
@@ -125,12 +160,13 @@ def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True) -
     return out
 
 
-def heldout_eval_set(n: int, seed: int = 1234) -> list[Task]:
-    """The fixed evaluation prompts: held-out instances, balanced over kinds."""
-    per, rem = divmod(n, len(KINDS))
+def heldout_eval_set(n: int, seed: int = 1234, kinds: tuple[str, ...] | None = None) -> list[Task]:
+    """The fixed evaluation prompts: held-out instances, balanced over kinds (default: the active ones)."""
+    kinds = kinds or _active
+    per, rem = divmod(n, len(kinds))
     rng = random.Random(f"eval:{seed}")
     out, seen = [], set()
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(kinds):
         want = per + (1 if i < rem else 0)
         while want:
             t = draw(rng, "heldout", kinds=(kind,))
