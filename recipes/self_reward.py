@@ -61,6 +61,8 @@ class LoopConfig:
     judge_max_tokens: int = 256
     judge_template: str = ""             # file, or a built-in name ("default", "short"); "" = default
     judge_expected: bool = False         # also the expected score from the digit distribution
+    judge_distinct: bool = False         # judge each distinct candidate text of a prompt once (K times), and
+                                         # skip prompts whose candidates are all one text (they cannot pair)
     score_from: str = "sampled"          # what pairs are built on: "sampled" (mean of K) | "expected"
     chunk: int = 32                      # units per generate call (the grain of resume)
     dpo_args: list[str] = field(default_factory=list)   # passed verbatim to train/dpo.py
@@ -192,6 +194,17 @@ def stage_candidates(cfg: LoopConfig, t: int, models: Models, rank: int = 0, wor
     run_units(out, prompts, n, lambda r: r["id"], work, cfg.chunk, rank, world, progress=f"candidates {t}")
 
 
+def distinct_candidates(cands: list[dict]) -> list[dict]:
+    """The candidates worth judging when identical texts are pooled (recipes.pairs.build_pairs does): the
+    first sample of each distinct text, on prompts with at least two distinct texts. A small model repeats
+    itself often (in the world demo about 6% of N = 8 candidates are distinct texts of such prompts), and a
+    prompt with a single text can make no pair whatever its scores."""
+    by: dict[str, dict[str, dict]] = {}
+    for c in sorted(cands, key=lambda c: c["sample"]):
+        by.setdefault(c["id"], {}).setdefault(c["text"], c)
+    return [c for texts in by.values() if len(texts) > 1 for c in texts.values()]
+
+
 def stage_judge(cfg: LoopConfig, t: int, models: Models, rank: int = 0, world: int = 1) -> None:
     from infer.sequence import SamplingParams
     from recipes.judge import parse_score
@@ -201,6 +214,8 @@ def stage_judge(cfg: LoopConfig, t: int, models: Models, rank: int = 0, world: i
         return
     text = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
     cands = read_jsonl(it / "candidates.jsonl")
+    if cfg.judge_distinct:
+        cands = distinct_candidates(cands)
     engine, tok = models.get(model_at(cfg, t))
     jc = cfg.judge()
     base, budget = _seed(cfg, t, 2), prompt_budget(engine, jc.max_tokens)

@@ -257,3 +257,26 @@ def test_expected_score_multi_token_digits(tiny):
             lps.append(float(lp[n - 1, t[0]] + lp[n, t[1]]))
     want = torch.softmax(torch.tensor(lps), -1).tolist()
     assert p == pytest.approx(want, abs=1e-5) and e == pytest.approx(sum(d * w for d, w in enumerate(want)), abs=1e-4)
+
+
+def test_judge_distinct_judges_each_text_once(tiny, tmp_path):
+    from model.jsonl import write_jsonl
+    cfg = _cfg(tmp_path / "d", tiny, n_candidates=3, judge_distinct=True)
+    m = Models()
+    stage_prompts(cfg, 1, m)
+    stage_candidates(cfg, 1, m)
+    cands = read_jsonl(iter_dir(cfg, 1) / "candidates.jsonl")
+    # make the first prompt's candidates one text and the second's two texts (one repeated)
+    ids = sorted({c["id"] for c in cands})
+    for c in cands:
+        if c["id"] == ids[0]:
+            c["text"] = "same"
+        elif c["id"] == ids[1]:
+            c["text"] = "a" if c["sample"] < 2 else "b"
+    write_jsonl(iter_dir(cfg, 1) / "candidates.jsonl", cands)
+    stage_judge(cfg, 1, m)
+    judged = {(j["id"], j["sample"]) for j in read_jsonl(iter_dir(cfg, 1) / "judgments.jsonl")}
+    assert not any(i == ids[0] for i, _ in judged)                       # one text: no pair possible
+    assert {s for i, s in judged if i == ids[1]} == {0, 2}                # "a" once, "b" once
+    n_texts = {i: len({c["text"] for c in cands if c["id"] == i}) for i in ids[2:]}
+    assert all(len({s for i2, s in judged if i2 == i}) == (n if n > 1 else 0) for i, n in n_texts.items())

@@ -134,3 +134,20 @@ def test_build_pairs_pools_identical_texts():
     # without pooling, the same judgments pair a text with itself on q and pick 68 (5) over 68 (1) on p
     raw, _ = build_pairs(prompts, cands, judg, pool_identical=False)
     assert [(p["chosen"], p["rejected"]) for p in raw] == [("68", "68"), ("x", "x")]
+
+
+def test_distinct_candidates_judged_once_and_pairs_unchanged():
+    from recipes.self_reward import distinct_candidates
+    cands = [{"id": "p", "sample": s, "text": t} for s, t in enumerate(["68", "69", "68", "70"])] + \
+            [{"id": "q", "sample": s, "text": "5"} for s in range(3)]                 # q: one text, no pair
+    keep = distinct_candidates(cands)
+    assert [(c["id"], c["sample"]) for c in keep] == [("p", 0), ("p", 1), ("p", 3)]
+    scores = {0: [5, 4], 1: [1, 2], 2: [5, 5], 3: [3, 3]}
+    every = [{"id": "p", "sample": s, "k": k, "score": v} for s, vs in scores.items() for k, v in enumerate(vs)]
+    once = [j for j in every if j["sample"] != 2]
+    prompts = [{"id": "p", "prompt": "What is 23 plus 45?"}, {"id": "q", "prompt": "What is 2 plus 3?"}]
+    pairs_once, counts = build_pairs(prompts, cands, once)
+    pairs_every, _ = build_pairs(prompts, cands, every)
+    assert [(p["chosen"], p["rejected"]) for p in pairs_once] == [("68", "69")] == \
+        [(p["chosen"], p["rejected"]) for p in pairs_every]
+    assert pairs_once[0]["chosen_score"] == 4.5 and counts["pairs"] == 1

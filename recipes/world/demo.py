@@ -155,7 +155,7 @@ def run(cfg: DemoConfig) -> dict:
                     prompt_source=str(prompts), n_prompts=cfg.n_prompts, n_candidates=cfg.n_candidates,
                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=mcfg.max_tokens,
                     judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, judge_top_p=0.9,
-                    judge_max_tokens=mcfg.judge_max_tokens, judge_template=str(template),
+                    judge_max_tokens=mcfg.judge_max_tokens, judge_template=str(template), judge_distinct=True,
                     dpo_args=dpo_args, nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed)
     clock.banner(f"self-rewarding loop: {cfg.iterations} iterations of {cfg.n_prompts} prompts x "
                  f"{cfg.n_candidates} candidates x {cfg.judge_k} judgments, then DPO")
