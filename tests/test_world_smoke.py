@@ -21,7 +21,7 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     rows = {r["model"]: r for r in summary["rows"]}
-    assert list(rows) == ["M0", "M1", "M2", "M3"]
+    assert list(rows)[:4] == ["M0", "M1", "M2", "M3"] and set(rows) <= {"M0", "M1", "M2", "M3", "M2*"}
     for r in rows.values():
         for k in ("greedy_acc", "sampled_acc"):
             assert 0.0 <= r[k] <= 1.0
@@ -43,6 +43,15 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     stamp = (m0 / "model.safetensors").stat().st_mtime
     assert build_m0(cache, demo.smoke_config(str(run), str(cache)).model) == m0
     assert (m0 / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_oracle_pairs_by_checker():
+    prompts = {"p": "What is 2 plus 3?", "q": "What is 1 plus 1?"}
+    cands = [{"id": "p", "sample": 2, "text": "5"}, {"id": "p", "sample": 0, "text": "6"},
+             {"id": "p", "sample": 1, "text": "7"}, {"id": "p", "sample": 3, "text": "5"},
+             {"id": "q", "sample": 0, "text": "3"}, {"id": "q", "sample": 1, "text": "4"}]   # q: all wrong
+    assert demo.oracle_pairs(prompts, cands) == [{"id": "p", "prompt": "What is 2 plus 3?", "chosen": "5",
+                                                  "rejected": "6"}]
 
 
 def test_pair_quality_by_checker():

@@ -33,7 +33,7 @@ class WorldModelConfig:
     web_p_right: float = 0.75
     web_p_judge: float = 0.4
     pretrain_steps: int = 1000
-    pretrain_batch: int = 32
+    pretrain_batch: int = 128
     pretrain_lr: float = 3e-3
     seed: int = 0
     # the judge's chain of thought (recipes/world/judging.py): "check" (local verification steps, the

@@ -41,17 +41,20 @@ class DemoConfig:
     sft_batch: int = 16
     sft_lr: float = 3e-4
     # each iteration
-    n_prompts: int = 300
-    n_candidates: int = 4
-    temperature: float = 0.7
+    n_prompts: int = 3000             # most prompts' candidates are all one text (no pair, not judged)
+    n_candidates: int = 8
+    temperature: float = 1.0          # the paper's 0.7 left 32 of 300 prompts with two distinct candidates
     top_p: float = 0.9
     judge_k: int = 3
     judge_temperature: float = 0.7
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
-    dpo_nll_alpha: float = 0.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
+    dpo_nll_alpha: float = 1.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
     dpo_epochs: int = 3
     dpo_batch: int = 16
+    # the oracle control: DPO from M1 on pairs the checker picks among iteration 1's candidates, measured
+    # like the rest (row "M2*"): what the same DPO reaches when the preferences are right
+    oracle_control: bool = True
     # evaluation
     n_eval: int = 200
     n_judge: int = 100
@@ -169,6 +172,15 @@ def run(cfg: DemoConfig) -> dict:
             results.setdefault(name, r)
     clock.stage("loop_total_incl_measure", loop_time)
 
+    if cfg.oracle_control and manifests:
+        clock.banner("oracle control: DPO from M1 on the checker's pairs among iteration 1's candidates")
+        t = time.perf_counter()
+        oracle = oracle_control(run_dir, lc, m1, dpo_args, cfg.nproc)
+        clock.stage("oracle_control", time.perf_counter() - t)
+        if oracle:
+            evaluate("M2*", oracle["model"])
+            results["M2*"].update(oracle_pairs=oracle["pairs"])
+
     rows = []
     for i in range(cfg.iterations + 2):
         name = f"M{i}"
@@ -183,6 +195,8 @@ def run(cfg: DemoConfig) -> dict:
                        judgments=c["judgments"], candidate_len_tokens=m["mean_len"]["candidate_tokens"],
                        **pair_quality(pairs), **self_judge_vs_likelihood(lc, i))
         rows.append(row)
+    if "M2*" in results:
+        rows.append({"model": "M2*", **{k: v for k, v in results["M2*"].items() if k != "examples"}})
     wall = time.perf_counter() - clock.t0
     print("\n" + table(rows), flush=True)
     png = plot(rows, run_dir / "curves.png")
@@ -193,6 +207,40 @@ def run(cfg: DemoConfig) -> dict:
     print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
           + (f"\n[world] plot: {png}" if png else ""), flush=True)
     return summary
+
+
+def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
+    """One pair per prompt whose distinct candidate texts are partly right, partly wrong (by the checker):
+    its first right text (in sample order) over its first wrong one."""
+    from recipes.world.checker import check
+    by: dict[str, dict[str, float]] = {}
+    for c in sorted(candidates, key=lambda c: c["sample"]):
+        by.setdefault(c["id"], {}).setdefault(c["text"], check(prompts[c["id"]], c["text"]))
+    out = []
+    for pid, texts in by.items():
+        right = [x for x, v in texts.items() if v == 1.0]
+        wrong = [x for x, v in texts.items() if v == 0.0]
+        if right and wrong:
+            out.append({"id": pid, "prompt": prompts[pid], "chosen": right[0], "rejected": wrong[0]})
+    return out
+
+
+def oracle_control(run_dir: Path, lc, m1: Path, dpo_args: list[str], nproc: int) -> dict | None:
+    """DPO from M1 with the loop's own settings on oracle_pairs of iteration 1 -> {"model", "pairs"}."""
+    from model.jsonl import read_jsonl, write_jsonl
+    from recipes.self_reward import iter_dir
+    it = iter_dir(lc, 1)
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+    pairs = oracle_pairs(prompts, read_jsonl(it / "candidates.jsonl"))
+    if not pairs:
+        print("[world] oracle control: iteration 1 has no prompt with right and wrong candidates", flush=True)
+        return None
+    home = run_dir / "oracle"
+    data = write_jsonl(home / "pairs.jsonl", pairs)
+    if not (home / "model" / "config.json").exists():
+        run_trainer("dpo.py", ["--model", str(m1), "--data", str(data), "--output", str(home / "dpo"),
+                               "--export", str(home / "model"), "--resume"] + dpo_args, nproc)
+    return {"model": str(home / "model"), "pairs": len(pairs)}
 
 
 def self_judge_vs_likelihood(lc, t: int) -> dict:
@@ -227,6 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(DemoConfig):
         if f.name == "model":
+            continue
+        if str(f.type) == "bool":
+            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
             continue
         typ = {"int": int, "float": float}.get(str(f.type), str)
         ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None)

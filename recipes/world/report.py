@@ -57,11 +57,17 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         print("[world] matplotlib is not installed (pip install -e '.[plot]'): no plot, the table and "
               "summary.json hold the same figures", flush=True)
         return None
+    oracle = [r for r in rows if r["model"].endswith("*")]    # the oracle control: a marker, not a curve
+    rows = [r for r in rows if not r["model"].endswith("*")]
     names = [r["model"] for r in rows]
     x = list(range(len(rows)))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("greedy_acc", "held-out accuracy (greedy)"), ("sampled_acc", "held-out accuracy (T)")):
         axes[0].plot(x, [r.get(key) for r in rows], marker="o", label=label)
+    for r in oracle:
+        at = names.index(r["model"].rstrip("*")) if r["model"].rstrip("*") in names else len(names) - 1
+        axes[0].plot([at], [r.get("greedy_acc")], marker="*", markersize=12, linestyle="none",
+                     label=f"{r['model']} greedy: DPO on the checker's pairs")
     axes[0].set_title("instruction following (checker)")
     for key, label in (("judge_pairwise", "pairwise accuracy"), ("judge_spearman", "Spearman"),
                        ("judge_kendall_tau", "Kendall tau")):
