@@ -18,7 +18,8 @@ def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tupl
 
 
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
-                key: str = "score", pool_identical: bool = True) -> tuple[list[dict], Counter]:
+                key: str = "score", pool_identical: bool = True, min_margin: float = 0.0
+                ) -> tuple[list[dict], Counter]:
     """One pair per prompt: its highest- against its lowest-scored candidate (mean over K judgments).
     Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
     scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
@@ -27,7 +28,11 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
     pool_identical (default): candidates of one prompt with the very same text are one response, so their
     judgments are pooled into one mean and the pair is taken between distinct texts. Without it, a small
     model that often repeats itself yields pairs whose chosen and rejected texts are equal (zero DPO
-    gradient, judge noise counted as a preference). Returns (pairs, counts)."""
+    gradient, judge noise counted as a preference).
+
+    min_margin > 0 drops pairs whose best and worst mean scores differ by less (counted "below_margin"):
+    with a noisy judge, a small gap is more often a wrong answer preferred to another one. The paper keeps
+    every untied pair (min_margin 0). Returns (pairs, counts)."""
     by: dict[tuple[str, object], list] = defaultdict(list)
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
     for j in judgments:
@@ -56,6 +61,9 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         lo = min(scored, key=lambda x: x[0])
         if hi[0] == lo[0]:
             counts["ties"] += 1
+            continue
+        if hi[0] - lo[0] < min_margin:
+            counts["below_margin"] += 1
             continue
         pairs.append({"id": pid, "prompt": text[pid], "chosen": hi[1]["text"], "rejected": lo[1]["text"],
                       "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],

@@ -64,6 +64,7 @@ class LoopConfig:
     judge_distinct: bool = False         # judge each distinct candidate text of a prompt once (K times), and
                                          # skip prompts whose candidates are all one text (they cannot pair)
     score_from: str = "sampled"          # what pairs are built on: "sampled" (mean of K) | "expected"
+    min_margin: float = 0.0              # keep a pair only if best - worst mean score >= this (0: any gap)
     chunk: int = 32                      # units per generate call (the grain of resume)
     dpo_args: list[str] = field(default_factory=list)   # passed verbatim to train/dpo.py
     nproc: int = 1                       # >1: sampling stages and DPO under torchrun
@@ -241,7 +242,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     it = iter_dir(cfg, t)
     prompts = [r for r in read_jsonl(it / "prompts.jsonl") if r["verdict"] == "ok"]
     pairs, counts = build_pairs(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"),
-                                _score_key(cfg))
+                                _score_key(cfg), min_margin=cfg.min_margin)
     if not (it / "pairs.jsonl").exists():
         write_jsonl(it / "pairs.jsonl", pairs)
     return counts

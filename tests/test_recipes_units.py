@@ -151,3 +151,14 @@ def test_distinct_candidates_judged_once_and_pairs_unchanged():
     assert [(p["chosen"], p["rejected"]) for p in pairs_once] == [("68", "69")] == \
         [(p["chosen"], p["rejected"]) for p in pairs_every]
     assert pairs_once[0]["chosen_score"] == 4.5 and counts["pairs"] == 1
+
+
+def test_min_margin_drops_close_pairs():
+    prompts = [{"id": "p", "prompt": "P"}, {"id": "q", "prompt": "Q"}]
+    cands = [{"id": i, "sample": s, "text": f"{i}{s}"} for i in "pq" for s in range(2)]
+    sc = {("p", 0): [5, 5, 1], ("p", 1): [1, 1, 1], ("q", 0): [5, 5, 5], ("q", 1): [1, 1, 1]}
+    judg = [{"id": i, "sample": s, "score": v} for (i, s), vs in sc.items() for v in vs]
+    all_pairs, _ = build_pairs(prompts, cands, judg)
+    kept, counts = build_pairs(prompts, cands, judg, min_margin=4.0)
+    assert [p["id"] for p in all_pairs] == ["p", "q"]            # gaps 2.67 and 4.0
+    assert [p["id"] for p in kept] == ["q"] and counts["below_margin"] == 1 and counts["pairs"] == 1

@@ -47,6 +47,7 @@ class DemoConfig:
     top_p: float = 0.9
     judge_k: int = 3
     judge_temperature: float = 0.7
+    min_margin: float = 0.0           # recipes.self_reward --min-margin: drop pairs whose score gap is smaller
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
     dpo_nll_alpha: float = 1.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
@@ -159,6 +160,7 @@ def run(cfg: DemoConfig) -> dict:
                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=mcfg.max_tokens,
                     judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, judge_top_p=0.9,
                     judge_max_tokens=mcfg.judge_max_tokens, judge_template=str(template), judge_distinct=True,
+                    min_margin=cfg.min_margin,
                     dpo_args=dpo_args, nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed)
     clock.banner(f"self-rewarding loop: {cfg.iterations} iterations of {cfg.n_prompts} prompts x "
                  f"{cfg.n_candidates} candidates x {cfg.judge_k} judgments, then DPO")
