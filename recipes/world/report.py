@@ -14,6 +14,7 @@ COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("s
            ("mean_len_tokens", "len tok", "{:.1f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
            ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
            ("pair_backwards", "pair bad", "{:.2f}"), ("judge_rw", "judge r>w", "{:.2f}"),
+           ("judge_wr", "judge w>r", "{:.2f}"),
            ("likelihood_rw", "lik r>w", "{:.2f}")]
 
 
