@@ -9,5 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[plot]" || pip install -q -e .
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models: one thread per process was fastest here
+n=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( n < 4 ? n : 4 ))}   # M0's batches of 128 gain from 2+ threads
 exec python -u -m recipes.world.demo "$@"
