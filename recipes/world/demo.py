@@ -9,7 +9,9 @@
 Stages: tokenizer + M0 (cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
 seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
 After each model the checker measures held-out accuracy and the judge's agreement (recipes/world/measure.py);
-the figures go to a terminal table, RUN/summary.json and RUN/curves.png.
+per iteration the report sets the self-judge's ranking of the model's own right and wrong samples against the
+model's likelihood; the oracle control (M2*: the same DPO from M1 on the checker's pairs) bounds what DPO on
+those candidates can do. The figures go to a terminal table, RUN/summary.json and RUN/curves.png.
 """
 from __future__ import annotations
 
