@@ -94,3 +94,18 @@ def test_dpo_reference_cache_is_reused_and_matches_online(setup, capsys):
     assert not (d / "dpo_c" / "ref_cache").exists()
     for k in ("loss", "margin", "reward_chosen", "logp_rejected"):
         assert a[k] == b[k] and abs(a[k] - c[k]) <= 1e-6 * max(1.0, abs(a[k])), k
+
+
+def test_fewer_examples_than_a_batch_still_trains(setup, capsys):
+    from safetensors.torch import load_file
+
+    from tests.test_train_fixtures import dpo_records
+    from train import dpo
+    d, model, _ = setup
+    data = write_jsonl(d / "few.jsonl", dpo_records(3, seed=4))
+    dpo.main(["--model", str(model), "--data", str(data), "--batch-size", "16", "--epochs", "2", "--lr", "1e-3",
+              "--max-length", "40", "--dropout", "0", "--output", str(d / "few"), "--export", str(d / "few_m")])
+    out = capsys.readouterr().out
+    assert "only 3 examples: batch size lowered from 16 to 3" in out and "2 steps of 3" in out
+    before, after = load_file(str(model / "model.safetensors")), load_file(str(d / "few_m" / "model.safetensors"))
+    assert any(not (before[k] == after[k]).all() for k in before)

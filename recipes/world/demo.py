@@ -292,6 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
     ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/world/real.py)")
     ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m recipes.oasst --out` wrote")
+    ap.add_argument("--judge-template", help="with --real-model: a rubric file or built-in name (default, short)")
+    ap.add_argument("--max-tokens", type=int, help="with --real-model: candidate length limit (default 512)")
+    ap.add_argument("--judge-max-tokens", type=int, help="with --real-model: judgment length limit (default 256)")
+    ap.add_argument("--score-from", choices=("sampled", "expected"),
+                    help="with --real-model: pairs from the sampled scores (default) or the expected score")
     return ap
 
 
@@ -301,8 +306,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not (a.real_model and a.oasst_seed):
             raise SystemExit("--real-model and --oasst-seed go together")
         from recipes.world.real import run_real
+        names = {"n_candidates": "n_candidates", "temperature": "temperature", "top_p": "top_p",
+                 "judge_k": "judge_k", "judge_temperature": "judge_temperature", "min_margin": "min_margin",
+                 "judge_template": "judge_template", "max_tokens": "max_tokens",
+                 "judge_max_tokens": "judge_max_tokens", "score_from": "score_from"}
+        loop = {k: getattr(a, v) for k, v in names.items() if getattr(a, v) is not None}
+        dpo = [x for flag, v in (("--lr", a.dpo_lr), ("--beta", a.dpo_beta), ("--nll-alpha", a.dpo_nll_alpha))
+               if v is not None for x in (flag, str(v))]
         return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,
-                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0)
+                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, dpo_args=dpo)
     cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
     if a.scale != 1.0:
         cfg = cfg.scaled(a.scale)

@@ -17,7 +17,10 @@ from recipes.world.build import run_trainer
 
 
 def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
-             nproc: int = 1, seed: int = 0, n_eval_groups: int = 200) -> dict:
+             nproc: int = 1, seed: int = 0, n_eval_groups: int = 200, loop: dict | None = None,
+             dpo_args: list[str] | None = None) -> dict:
+    """`loop`: LoopConfig fields to override (n_candidates, temperature, judge_k, judge_template,
+    max_tokens, judge_max_tokens, ...); `dpo_args`: extra train/dpo.py flags."""
     from recipes.evaluate import load_groups, rm_eval
     from recipes.judge import JudgeConfig, load_template
     from recipes.self_reward import LoopConfig, run_loop
@@ -34,7 +37,10 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
         run_trainer("sft.py", ["--model", model, "--data", *data, "--output", str(run / "sft"), "--export", str(m1),
                                "--lr", "5.5e-6", "--final-lr", "1.1e-6", "--batch-size", "16", "--resume",
                                "--seed", str(seed)], nproc)
-    jc = JudgeConfig(template=load_template(None), seed=seed)
+    loop = dict(loop or {})
+    jc = JudgeConfig(template=load_template(loop.get("judge_template") or None), seed=seed,
+                     k=loop.get("judge_k", 3), temperature=loop.get("judge_temperature", 0.7),
+                     max_tokens=loop.get("judge_max_tokens", 256))
     eval_groups = load_groups(groups)[:n_eval_groups] if groups.exists() else []
 
     def hook(t: int, model_dir: str) -> dict:
@@ -49,7 +55,8 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
                 "judge_kendall_tau": s["kendall_tau"], "judge_parse_failures": r["parse_failures"]}
 
     lc = LoopConfig(run_dir=str(run / "loop"), init_model=str(m1), iterations=iterations, seed_prompts=str(ift),
-                    n_prompts=n_prompts, nproc=nproc, eval_hook=hook, seed=seed)
+                    n_prompts=n_prompts, nproc=nproc, eval_hook=hook, seed=seed, dpo_args=list(dpo_args or []),
+                    **loop)
     manifests = run_loop(lc)
     ev = {k: v for m in manifests for k, v in m.get("eval", {}).items()}
     rows = []
