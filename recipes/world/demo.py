@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         dpo = [x for flag, v in (("--lr", a.dpo_lr), ("--beta", a.dpo_beta), ("--nll-alpha", a.dpo_nll_alpha))
                if v is not None for x in (flag, str(v))]
         return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,
-                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, dpo_args=dpo)
+                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, dpo_args=dpo,
+                        sft_steps=a.sft_steps or 0)
     cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
     if a.scale != 1.0:
         cfg = cfg.scaled(a.scale)

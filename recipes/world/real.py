@@ -18,9 +18,10 @@ from recipes.world.build import run_trainer
 
 def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
              nproc: int = 1, seed: int = 0, n_eval_groups: int = 200, loop: dict | None = None,
-             dpo_args: list[str] | None = None) -> dict:
+             dpo_args: list[str] | None = None, sft_steps: int = 0) -> dict:
     """`loop`: LoopConfig fields to override (n_candidates, temperature, judge_k, judge_template,
-    max_tokens, judge_max_tokens, ...); `dpo_args`: extra train/dpo.py flags."""
+    max_tokens, judge_max_tokens, ...); `dpo_args`: extra train/dpo.py flags; `sft_steps`: M1's SFT steps
+    (0: train/sft.py's default epochs)."""
     from recipes.evaluate import load_groups, rm_eval
     from recipes.judge import JudgeConfig, load_template
     from recipes.self_reward import LoopConfig, run_loop
@@ -36,7 +37,7 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
         data = [str(ift)] + ([str(eft)] if eft.exists() else [])
         run_trainer("sft.py", ["--model", model, "--data", *data, "--output", str(run / "sft"), "--export", str(m1),
                                "--lr", "5.5e-6", "--final-lr", "1.1e-6", "--batch-size", "16", "--resume",
-                               "--seed", str(seed)], nproc)
+                               "--seed", str(seed)] + (["--max-steps", str(sft_steps)] if sft_steps else []), nproc)
     loop = dict(loop or {})
     jc = JudgeConfig(template=load_template(loop.get("judge_template") or None), seed=seed,
                      k=loop.get("judge_k", 3), temperature=loop.get("judge_temperature", 0.7),
