@@ -216,10 +216,11 @@ def run(cfg: DemoConfig) -> dict:
 def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
     """One pair per prompt whose distinct candidate texts are partly right, partly wrong (by the checker):
     its first right text (in sample order) over its first wrong one."""
+    from recipes.self_reward import distinct_candidates
     from recipes.world.checker import check
     by: dict[str, dict[str, float]] = {}
-    for c in sorted(candidates, key=lambda c: c["sample"]):
-        by.setdefault(c["id"], {}).setdefault(c["text"], check(prompts[c["id"]], c["text"]))
+    for c in distinct_candidates(candidates):       # first sample of each text, prompts with two or more
+        by.setdefault(c["id"], {})[c["text"]] = check(prompts[c["id"]], c["text"])
     out = []
     for pid, texts in by.items():
         right = [x for x, v in texts.items() if v == 1.0]
@@ -306,11 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not (a.real_model and a.oasst_seed):
             raise SystemExit("--real-model and --oasst-seed go together")
         from recipes.world.real import run_real
-        names = {"n_candidates": "n_candidates", "temperature": "temperature", "top_p": "top_p",
-                 "judge_k": "judge_k", "judge_temperature": "judge_temperature", "min_margin": "min_margin",
-                 "judge_template": "judge_template", "max_tokens": "max_tokens",
-                 "judge_max_tokens": "judge_max_tokens", "score_from": "score_from"}
-        loop = {k: getattr(a, v) for k, v in names.items() if getattr(a, v) is not None}
+        names = ("n_candidates", "temperature", "top_p", "judge_k", "judge_temperature", "min_margin",
+                 "judge_template", "max_tokens", "judge_max_tokens", "score_from")    # LoopConfig fields
+        loop = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
         dpo = [x for flag, v in (("--lr", a.dpo_lr), ("--beta", a.dpo_beta), ("--nll-alpha", a.dpo_nll_alpha))
                if v is not None for x in (flag, str(v))]
         return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,

@@ -44,10 +44,6 @@ def set_kinds(kinds) -> tuple[str, ...]:
         raise ValueError(f"unknown task kinds {bad or ks!r}: choose from {KINDS}")
     _active = ks
     return ks
-
-
-def active_kinds() -> tuple[str, ...]:
-    return _active
 LETTERS = "abcdefgh"
 HELD_OUT_BUCKETS = 5          # 1 in 5 instances is held out
 
