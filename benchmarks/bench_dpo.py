@@ -76,10 +76,9 @@ def make_pairs(steps: int) -> list[tuple[list[int], list[int], list[int]]]:
 # ---- our variants ------------------------------------------------------------------------------------
 def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
     import torch
-    sys.path.insert(0, str(ROOT))
-    from model.checkpoint import load_model
-    from train.data import Example, Pair, pack_rows, pair_batch
-    from train.losses import (DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, sequence_logps,
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train.data import Example, Pair, pack_rows, pair_batch
+    from selfreward.train.losses import (DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, sequence_logps,
                               sft_logp_sum)
     n = steps + warmup
     pairs = [Pair(*p) for p in make_pairs(n)]
@@ -92,7 +91,7 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
     if variant.startswith("ours_cache"):
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS)     # before any update
     if variant.endswith("_ac"):
-        from train.parallel import apply_activation_checkpointing
+        from selfreward.train.parallel import apply_activation_checkpointing
         apply_activation_checkpointing(policy)
     policy.train()
     times, cpu = [], []

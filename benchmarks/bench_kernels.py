@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import kernels as K  # noqa: E402
+import selfreward.kernels as K
 
 
 # ---------------------------------------------------------------- memory of the fused log-prob
@@ -45,7 +44,7 @@ def _variant_fwd_bwd(variant: str, h, w, t, chunk: int) -> torch.Tensor:
     elif variant == "twin":
         logp = K.linear_logprobs_ref(h, w, t, chunk=chunk)
     elif variant == "triton":
-        from kernels.logprobs_triton import linear_logprobs_triton
+        from selfreward.kernels.logprobs_triton import linear_logprobs_triton
         logp = linear_logprobs_triton(h, w, t, chunk=chunk)
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -146,9 +145,9 @@ def _fwd_bwd(f, *inputs):
 
 
 def cuda_benchmarks(dtype=torch.bfloat16) -> None:
-    from kernels.attention_triton import _FlashAttn
-    from kernels.logprobs_triton import linear_logprobs_triton
-    from kernels.paged_triton import paged_decode_triton, store_kv_triton
+    from selfreward.kernels.attention_triton import _FlashAttn
+    from selfreward.kernels.logprobs_triton import linear_logprobs_triton
+    from selfreward.kernels.paged_triton import paged_decode_triton, store_kv_triton
     dev, es = "cuda", torch.empty((), dtype=dtype).element_size()
     comp = lambda f: torch.compile(f, dynamic=False)             # noqa: E731
     print(f"{torch.cuda.get_device_name()}  dtype={dtype}")

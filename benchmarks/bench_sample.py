@@ -26,15 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from infer.engine import Engine  # noqa: E402
-from infer.sequence import SamplingParams  # noqa: E402
-from model.checkpoint import load_model, save_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.llama import Transformer  # noqa: E402
+from selfreward.infer.engine import Engine
+from selfreward.infer.sequence import SamplingParams
+from selfreward.model.checkpoint import load_model, save_model
+from selfreward.model.config import ModelConfig
+from selfreward.model.llama import Transformer
 
 CFG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)

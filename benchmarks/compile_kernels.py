@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # triton 3.9's default, stated (silences a warning)
 SMEM_LIMIT = 227 * 1024         # H100: max dynamic shared memory per block
 FLOAT_SCALARS = {"eps", "sm_scale"}
@@ -38,8 +36,8 @@ def _cases(dt: str):
     """(name, jit fn, constexprs, launch options, pointer overrides) as the CUDA launchers use them."""
     import triton
     import torch
-    from kernels import attention_triton as A, logprobs_triton as LP, paged_triton as P
-    from kernels import rmsnorm_triton as R, rope_triton as RO, swiglu_triton as S
+    from selfreward.kernels import attention_triton as A, logprobs_triton as LP, paged_triton as P
+    from selfreward.kernels import rmsnorm_triton as R, rope_triton as RO, swiglu_triton as S
     out = []
     for H in (4096, 8192):
         B = triton.next_power_of_2(H)

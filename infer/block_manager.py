@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from infer.sequence import Sequence
+from selfreward.infer.sequence import Sequence
 
 
 class Block:

@@ -16,16 +16,16 @@ from typing import Callable
 
 import torch
 
-import kernels as K
-from infer.block_manager import BlockManager
-from infer.runner import Runner, default_num_blocks
-from infer.sampling import sample, token_logprobs
-from infer.scheduler import Scheduler
-from infer.sequence import Completion, Kind, SamplingParams, Sequence
+import selfreward.kernels as K
+from selfreward.infer.block_manager import BlockManager
+from selfreward.infer.runner import Runner, default_num_blocks
+from selfreward.infer.sampling import sample, token_logprobs
+from selfreward.infer.scheduler import Scheduler
+from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
 
 
 def _load_tokenizer(path: Path):
-    from model.tokenizer import Tokenizer
+    from selfreward.model.tokenizer import Tokenizer
     if not any((path / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
         return None
     return Tokenizer.load(path) if hasattr(Tokenizer, "load") else Tokenizer(path)
@@ -49,7 +49,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **kw) -> "Engine":
-        from model.checkpoint import load_model
+        from selfreward.model.checkpoint import load_model
         return cls(load_model(path, dtype=dtype, device=device), _load_tokenizer(Path(path)), **kw)
 
     @property

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from model.llama import AttnContext, Transformer
-from infer.sequence import Sequence
+from selfreward.model.llama import AttnContext, Transformer
+from selfreward.infer.sequence import Sequence
 
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
 

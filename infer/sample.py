@@ -26,12 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from infer.sequence import SamplingParams  # noqa: E402
-from model.jsonl import DataError, iter_jsonl, write_atomic  # noqa: E402
+from selfreward.infer.sequence import SamplingParams
+from selfreward.records import DataError, iter_jsonl, write_atomic
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args, mine: list[dict], part: str, device: str, rank: int) -> None:
-    from infer.engine import Engine
+    from selfreward.infer.engine import Engine
     eng = Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device,
                                  block_size=args.block_size, num_blocks=args.num_blocks,
                                  max_num_seqs=args.max_num_seqs)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from infer.block_manager import BlockManager
-from infer.sequence import Sequence, Status
+from selfreward.infer.block_manager import BlockManager
+from selfreward.infer.sequence import Sequence, Status
 
 
 class Scheduler:

@@ -44,12 +44,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return False
 
 
-from kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
-from kernels.rope import rope, rope_ref, rope_cos_sin  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
-from kernels.attention import attention, attention_ref  # noqa: E402
-from kernels.logprobs import linear_cross_entropy, linear_logprobs, linear_logprobs_ref  # noqa: E402
-from kernels.paged import (  # noqa: E402
+from selfreward.kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
+from selfreward.kernels.rope import rope, rope_ref, rope_cos_sin  # noqa: E402
+from selfreward.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
+from selfreward.kernels.attention import attention, attention_ref  # noqa: E402
+from selfreward.kernels.logprobs import linear_cross_entropy, linear_logprobs, linear_logprobs_ref  # noqa: E402
+from selfreward.kernels.paged import (  # noqa: E402
     store_kv, store_kv_ref, paged_decode, paged_decode_ref, paged_prefill, paged_prefill_ref,
 )
 

@@ -44,8 +44,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
-    from kernels import use_triton
+    from selfreward.kernels import use_triton
     if use_triton(q):
-        from kernels.attention_triton import attention_triton
+        from selfreward.kernels.attention_triton import attention_triton
         return attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     return attention_ref(q, k, v, cu_seqlens, max_seqlen, scale)

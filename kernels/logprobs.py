@@ -64,9 +64,9 @@ def linear_logprobs_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def linear_logprobs(h, weight, targets, chunk: int = 1024, ignore_index: int = IGNORE_INDEX):
-    from kernels import use_triton
+    from selfreward.kernels import use_triton
     if use_triton(h):
-        from kernels.logprobs_triton import linear_logprobs_triton
+        from selfreward.kernels.logprobs_triton import linear_logprobs_triton
         return linear_logprobs_triton(h, weight, targets, chunk, ignore_index)
     return linear_logprobs_ref(h, weight, targets, chunk, ignore_index)
 

@@ -19,8 +19,8 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    from kernels import use_triton
+    from selfreward.kernels import use_triton
     if use_triton(x):
-        from kernels.rmsnorm_triton import rmsnorm_triton
+        from selfreward.kernels.rmsnorm_triton import rmsnorm_triton
         return rmsnorm_triton(x, weight, eps, residual)
     return rmsnorm_ref(x, weight, eps, residual)

@@ -24,8 +24,8 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from kernels import use_triton
+    from selfreward.kernels import use_triton
     if use_triton(x):
-        from kernels.rope_triton import rope_triton
+        from selfreward.kernels.rope_triton import rope_triton
         return rope_triton(x, cos, sin)
     return rope_ref(x, cos, sin)

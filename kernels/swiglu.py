@@ -11,8 +11,8 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    from kernels import use_triton
+    from selfreward.kernels import use_triton
     if use_triton(gate):
-        from kernels.swiglu_triton import swiglu_triton
+        from selfreward.kernels.swiglu_triton import swiglu_triton
         return swiglu_triton(gate, up)
     return swiglu_ref(gate, up)

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.config import ModelConfig
-from model.llama import Transformer
+from selfreward.model.config import ModelConfig
+from selfreward.model.llama import Transformer
 
 
 class CheckpointError(ValueError):
@@ -82,7 +82,7 @@ def check_tokenizer_fits(path: Path, cfg: ModelConfig) -> None:
     """A tokenizer whose ids run past the embedding would index out of range at the first rare token."""
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         return
-    from model.tokenizer import Tokenizer
+    from selfreward.model.tokenizer import Tokenizer
     n = Tokenizer.load(path).vocab_size
     if n > cfg.vocab_size:
         name = "tokenizer.json" if (path / "tokenizer.json").exists() else "tokenizer.model"

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels as K
-from model.config import ModelConfig
+import selfreward.kernels as K
+from selfreward.model.config import ModelConfig
 
 
 @dataclass

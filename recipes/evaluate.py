@@ -1,8 +1,8 @@
 """Evaluation commands: reward-model metrics of a judge checkpoint against human ranks, and head-to-head
 win / tie / loss of two checkpoints judged by a third in both orders. Each prints a table and writes JSON.
 
-    python -m recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
-    python -m recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
+    python -m selfreward.recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
+    python -m selfreward.recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
 
 Metric definitions: recipes/metrics.py. The head-to-head judge sees a pairwise template (ours; placeholders
 {instruction}, {response_1}, {response_2}; `--pair-template FILE` to bring your own) and ends with
@@ -15,10 +15,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from model.jsonl import DataError, field, iter_jsonl, write_json
-from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, fit_slots, \
+from selfreward.records import DataError, field, iter_jsonl, write_json
+from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, fit_slots, \
     load_template, mean_score, prompt_budget, sample_judgments
-from recipes.metrics import h2h_outcome, rm_metrics
+from selfreward.recipes.metrics import h2h_outcome, rm_metrics
 
 PAIR_TEMPLATE = """\
 A user sent the request below to an AI assistant, and two replies came back. Decide which reply serves the \
@@ -53,8 +53,8 @@ def pair_prompt(template: str, instruction: str, r1: str, r2: str) -> str:
 
 
 def _load(path: str):
-    from infer.engine import Engine
-    from model.tokenizer import Tokenizer
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
     return Engine.from_pretrained(path), Tokenizer.load(path)
 
 
@@ -125,7 +125,7 @@ def print_rm(res: dict, title: str = "") -> None:
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,
                        seed: int) -> list[str]:
-    from infer.sequence import SamplingParams
+    from selfreward.infer.sequence import SamplingParams
     ids = [chat_prompt_ids(tok, p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
           for i in range(len(ids))]
@@ -136,7 +136,7 @@ def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str],
                  template: str = PAIR_TEMPLATE, temperature: float = 0.0, max_tokens: int = 256,
                  seed: int = 0) -> dict:
     """Judge each prompt's (A, B) pair in both orders; win only when both orders prefer A."""
-    from infer.sequence import SamplingParams
+    from selfreward.infer.sequence import SamplingParams
     budget = prompt_budget(judge_engine, max_tokens)
     render = lambda v: pair_prompt(template, v["i"], v["r1"], v["r2"])  # noqa: E731
     fitted = [fit_slots(judge_tok, render, {"i": p, "r1": x, "r2": y}, budget)

@@ -141,7 +141,7 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     """Make `n` accepted prompts. Records go to `writer` (a model.jsonl.PartialWriter) one round at a
     time: {id, prompt, source: "generated", verdict, rouge, round}. Rounds already in the writer (a resumed
     run) rebuild the pool and are not redone; round r draws its shots and sampling seed from (seed, r)."""
-    from infer.sequence import SamplingParams
+    from selfreward.infer.sequence import SamplingParams
     done = writer.records
     accepted = [r["prompt"] for r in done if r["verdict"] == "ok"]
     filt = PromptFilter(list(seeds) + list(earlier), cfg)

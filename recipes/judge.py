@@ -171,7 +171,7 @@ def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeCo
                      ) -> list[list[tuple[str, float | None]]]:
     """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
     Sample i of item j uses seed (seed + j * K) + i, so a resumed run redraws the same judgments."""
-    from infer.sequence import SamplingParams
+    from selfreward.infer.sequence import SamplingParams
     base = cfg.seed if seed is None else seed
     if prompts is None:   # the judge prompts' ids, cut to fit the context (see fit_prompt_ids)
         budget = prompt_budget(engine, cfg.max_tokens)
@@ -216,8 +216,8 @@ def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:
 
 def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig):
     """A judge function for recipes.oasst.build_eft: one judgment per item from the checkpoint."""
-    from infer.engine import Engine
-    from model.tokenizer import Tokenizer
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
     engine, tok = Engine.from_pretrained(str(model_dir)), Tokenizer.load(str(model_dir))
     calls = [0]
 

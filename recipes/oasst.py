@@ -6,7 +6,7 @@ Two input formats, detected from the first record:
   ("prompter" | "assistant"), `lang`, `text`, `rank` (null when unranked; NaN is read as null).
 Both are read into the same `Node` trees, so every builder sees one shape.
 
-    python -m recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
+    python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
         [--eft-model DIR --k 1]       # also the EFT examples, judged by that model (recipes.judge)
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from model.jsonl import DataError, field, iter_jsonl, write_jsonl
+from selfreward.records import DataError, field, iter_jsonl, write_jsonl
 
 
 @dataclass
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(out / "groups_eval.jsonl", held)
     counts: dict = {"trees": len(roots), "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:
-        from recipes.judge import JudgeConfig, load_template, model_judge_fn
+        from selfreward.recipes.judge import JudgeConfig, load_template, model_judge_fn
         cfg = JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed,
                           template=load_template(a.judge_template))
         fn = model_judge_fn(a.eft_model, cfg)

@@ -5,7 +5,7 @@ from collections import Counter, defaultdict
 from statistics import mean
 from typing import Sequence
 
-from recipes.judge import mean_score
+from selfreward.recipes.judge import mean_score
 
 
 def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tuple[str, int], float | None]:

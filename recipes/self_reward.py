@@ -1,13 +1,13 @@
 """The self-rewarding loop: M_t makes prompts, answers them N times, judges its answers K times, pairs the
 best with the worst, and DPO on those pairs (reference M_t) gives M_{t+1}. Iterations t = 1..T from M1.
 
-    python -m recipes.self_reward --run-dir runs/demo --init M1 --seed-prompts seed/ift.jsonl --iterations 2
-    python -m recipes.self_reward --run-dir runs/demo --init M1 ... --stage judge --iter 1     # one stage
-    torchrun --nproc_per_node 4 -m recipes.self_reward --config runs/demo/config.json --stage candidates --iter 1
+    python -m selfreward.recipes.self_reward --run-dir runs/demo --init M1 --seed-prompts seed/ift.jsonl --iterations 2
+    python -m selfreward.recipes.self_reward --run-dir runs/demo --init M1 ... --stage judge --iter 1     # one stage
+    torchrun --nproc_per_node 4 -m selfreward.recipes.self_reward --config runs/demo/config.json --stage candidates --iter 1
 
 Layout: RUN/iter_t/{prompts,candidates,judgments,pairs}.jsonl, RUN/iter_t/model/ (= M_{t+1}),
 RUN/iter_t/dpo/ (the trainer's run folder), RUN/iter_t/manifest.json; RUN/config.json holds the settings.
-A stage whose file exists is skipped; a killed stage continues from its .partial file (recipes/units.py).
+A stage whose file exists is skipped; a killed stage continues from its .partial file (selfreward.records).
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recipes.instruct import InstructConfig, generate_prompts
-from model.jsonl import DataError, PartialWriter, field as rfield, iter_jsonl, read_jsonl, write_json, \
+from selfreward.recipes.instruct import InstructConfig, generate_prompts
+from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, read_jsonl, write_json, \
     write_jsonl
-from recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, load_template, \
+from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, load_template, \
     prompt_budget
-from recipes.pairs import build_pairs, iteration_stats
-from recipes.units import dist_env, run_units
+from selfreward.recipes.pairs import build_pairs, iteration_stats
+from selfreward.records import dist_env, run_units
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
@@ -111,8 +111,8 @@ class Models:
 
     def get(self, path: str):
         if path != self.path:
-            from infer.engine import Engine
-            from model.tokenizer import Tokenizer
+            from selfreward.infer.engine import Engine
+            from selfreward.model.tokenizer import Tokenizer
             self.pair = None
             self.pair = (Engine.from_pretrained(path), Tokenizer.load(path))
             self.path = path
@@ -176,7 +176,7 @@ def stage_prompts(cfg: LoopConfig, t: int, models: Models) -> None:
 
 
 def stage_candidates(cfg: LoopConfig, t: int, models: Models, rank: int = 0, world: int = 1) -> None:
-    from infer.sequence import SamplingParams
+    from selfreward.infer.sequence import SamplingParams
     it = iter_dir(cfg, t)
     out = it / "candidates.jsonl"
     if out.exists():
@@ -207,8 +207,8 @@ def distinct_candidates(cands: list[dict]) -> list[dict]:
 
 
 def stage_judge(cfg: LoopConfig, t: int, models: Models, rank: int = 0, world: int = 1) -> None:
-    from infer.sequence import SamplingParams
-    from recipes.judge import parse_score
+    from selfreward.infer.sequence import SamplingParams
+    from selfreward.recipes.judge import parse_score
     it = iter_dir(cfg, t)
     out = it / "judgments.jsonl"
     if out.exists():
@@ -266,14 +266,14 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
                str(ROOT / "train" / "dpo.py")] + argv
         subprocess.run(cmd, check=True, cwd=ROOT)
     else:
-        from train.dpo import main as dpo_main
+        from selfreward.train.dpo import main as dpo_main
         dpo_main(argv)
 
 
 def _torchrun_stage(cfg: LoopConfig, stage: str, t: int) -> None:
     """Run a sampling stage under torchrun with the settings saved in RUN/config.json."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-           "-m", "recipes.self_reward", "--config", str(Path(cfg.run_dir) / "config.json"),
+           "-m", "selfreward.recipes.self_reward", "--config", str(Path(cfg.run_dir) / "config.json"),
            "--stage", stage, "--iter", str(t)]
     subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -4,11 +4,11 @@
 #   bash scripts/demo.sh                      # the default run: runs/world (10.6 min measured on a 2-core CPU, fresh)
 #   bash scripts/demo.sh --seed 1 --run-dir runs/world-s1
 #   bash scripts/demo.sh --scale 2 --iterations 3
-# Any flag is passed to `python -m recipes.world.demo` (see its --help).
+# Any flag is passed to `python -m selfreward.recipes.world.demo` (see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[plot]" || pip install -q -e .
 n=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( n < 4 ? n : 4 ))}   # M0's batches of 128 gain from 2+ threads
-exec python -u -m recipes.world.demo "$@"
+exec python -u -m selfreward.recipes.world.demo "$@"

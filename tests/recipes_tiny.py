@@ -22,8 +22,8 @@ def train_tokenizer(path: Path, vocab: int = 400) -> int:
 
     import sentencepiece as spm
 
-    from recipes.instruct import InstructConfig
-    from recipes.judge import DEFAULT_TEMPLATE, SHORT_TEMPLATE
+    from selfreward.recipes.instruct import InstructConfig
+    from selfreward.recipes.judge import DEFAULT_TEMPLATE, SHORT_TEMPLATE
     corpus = SEEDS + SHORT_TEMPLATE.split("\n") + DEFAULT_TEMPLATE.split("\n") + [InstructConfig().header] + \
         [f"Request {i}: Score: {d}" for i in range(12) for d in range(6)] + ["System: User: Assistant: Better: 1 2"]
     buf = io.BytesIO()

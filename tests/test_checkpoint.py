@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_model, save_model
-from model.config import ConfigError, ModelConfig
+from selfreward.model.checkpoint import CheckpointError, load_model, save_model
+from selfreward.model.config import ConfigError, ModelConfig
 from tests.hf_tiny import make_hf_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 33, 7, 100, 2], [1, 64, 3, 3, 90, 12, 45]])

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from recipes.evaluate import pair_prompt, parse_choice
-from recipes.metrics import h2h_outcome, kendall_tau_b, rm_metrics, spearman
+from selfreward.recipes.evaluate import pair_prompt, parse_choice
+from selfreward.recipes.metrics import h2h_outcome, kendall_tau_b, rm_metrics, spearman
 
 # G1 perfect; G2 reversed; G3 a judge tie on the top two; G4 one unparsable and a tie of two 5s;
 # G5 one unparsable out of two -> skipped.

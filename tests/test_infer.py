@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from infer.engine import Engine
-from infer.sequence import SamplingParams
-from model.checkpoint import load_model
+from selfreward.infer.engine import Engine
+from selfreward.infer.sequence import SamplingParams
+from selfreward.model.checkpoint import load_model
 from tests.hf_tiny import make_hf_checkpoint
 
 EOS = 2

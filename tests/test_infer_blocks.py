@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from infer import block_manager as bmod
-from infer.block_manager import BlockManager
-from infer.sampling import sample
-from infer.scheduler import Scheduler
-from infer.sequence import SamplingParams, Sequence
+from selfreward.infer import block_manager as bmod
+from selfreward.infer.block_manager import BlockManager
+from selfreward.infer.sampling import sample
+from selfreward.infer.scheduler import Scheduler
+from selfreward.infer.sequence import SamplingParams, Sequence
 
 
 def _seq(tokens):
@@ -125,7 +125,7 @@ def test_sampling_params_validation():
 
 @pytest.mark.parametrize("max_boundary", [256, 4])
 def test_top_p_without_sort_equals_sorted_rule(monkeypatch, max_boundary):
-    from infer import sampling as S
+    from selfreward.infer import sampling as S
     monkeypatch.setattr(S, "MAX_BOUNDARY", max_boundary)
     g = torch.Generator().manual_seed(0)
     for scale in (0.3, 1.0, 4.0, 12.0):                  # near-uniform .. peaked

@@ -1,13 +1,13 @@
 """The paged attention twins (kernels/paged.py, sped up for the CPU sampler) against plain causal attention."""
 import torch
 
-from kernels.attention import attention_ref
-from kernels.paged import paged_decode_ref, paged_prefill_ref, store_kv_ref
+from selfreward.kernels.attention import attention_ref
+from selfreward.kernels.paged import paged_decode_ref, paged_prefill_ref, store_kv_ref
 
 
 def test_paged_twins_equal_contiguous_attention(monkeypatch):
-    import kernels.paged
-    monkeypatch.setattr(kernels.paged, "DECODE_ROWS", 3)   # several row groups of different lengths
+    from selfreward.kernels import paged
+    monkeypatch.setattr(paged, "DECODE_ROWS", 3)   # several row groups of different lengths
     g = torch.Generator().manual_seed(0)
     Hq, Hkv, D, bs, nblocks = 6, 2, 8, 4, 40
     lens, cached = [5, 13, 1, 9], [0, 6, 0, 8]          # context lengths; tokens already in the cache

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from recipes.judge import DEFAULT_TEMPLATE, JudgeConfig, TemplateError, check_template, judge_prompt, \
+from selfreward.recipes.judge import DEFAULT_TEMPLATE, JudgeConfig, TemplateError, check_template, judge_prompt, \
     load_template, mean_score, parse_score
 
 NASTY = [
@@ -90,8 +90,8 @@ def test_mean_score_excludes_unparsable():
 
 def test_fit_prompt_to_budget():
     from tests.conftest import need_shared
-    from model.tokenizer import Tokenizer
-    from recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
     tok = Tokenizer.load(need_shared("fixtures/stories260k"))
     ins, resp = "Why is the sky blue?", "Because of Rayleigh scattering. " * 40
     full = chat_prompt_ids(tok, judge_prompt(SHORT_TEMPLATE, ins, resp))

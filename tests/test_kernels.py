@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import kernels as K
+import selfreward.kernels as K
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
@@ -59,7 +59,7 @@ def _check(fn_tri, fn_ref, inputs, dtype, grad_out=None):
 @pytest.mark.parametrize("shape", [(7, 37), (3, 5, 64), (1, 130)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rmsnorm(dtype, shape, residual):
-    from kernels.rmsnorm import rmsnorm, rmsnorm_ref
+    from selfreward.kernels.rmsnorm import rmsnorm, rmsnorm_ref
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
@@ -72,7 +72,7 @@ def test_rmsnorm(dtype, shape, residual):
 
 
 def test_rmsnorm_fp32_weight_fp16_input():   # the model keeps norm weights fp32 under autocast-free fp16
-    from kernels.rmsnorm import rmsnorm, rmsnorm_ref
+    from selfreward.kernels.rmsnorm import rmsnorm, rmsnorm_ref
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 48, generator=g).half()
     w = torch.randn(48, generator=g)
@@ -81,7 +81,7 @@ def test_rmsnorm_fp32_weight_fp16_input():   # the model keeps norm weights fp32
 
 def test_switch_really_runs_triton(monkeypatch):
     """Guard against a test that cannot fail: under the fixture the dispatch must reach the Triton module."""
-    import kernels.swiglu_triton as st
+    import selfreward.kernels.swiglu_triton as st
     calls = []
     orig = st.swiglu_triton
     monkeypatch.setattr(st, "swiglu_triton", lambda *a: calls.append(1) or orig(*a))

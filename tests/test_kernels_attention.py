@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import kernels as K
+import selfreward.kernels as K
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
@@ -106,8 +106,8 @@ def test_paged_store_decode_prefill(dtype, Hq, Hkv, D):
 
 
 def _tiny_model(seed=0):
-    from model.config import ModelConfig
-    from model.llama import Transformer
+    from selfreward.model.config import ModelConfig
+    from selfreward.model.llama import Transformer
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -137,7 +137,7 @@ def test_model_logits_and_grads_match_twins(monkeypatch):
         K.linear_logprobs(h, m.lm_head_weight, tgt, chunk=8).sum().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    from kernels.attention_triton import _FlashAttn
+    from selfreward.kernels.attention_triton import _FlashAttn
     calls = []
     monkeypatch.setattr(_FlashAttn, "apply", lambda *a, _f=_FlashAttn.apply: calls.append(1) or _f(*a))
     lt, gt = run()
@@ -151,7 +151,7 @@ def test_model_logits_and_grads_match_twins(monkeypatch):
 
 def test_model_paged_decode_matches_full_forward():
     """Prefill a prompt into the paged cache, decode two tokens: logits equal a full no-cache forward."""
-    from model.llama import AttnContext
+    from selfreward.model.llama import AttnContext
     m = _tiny_model(seed=1).eval()
     cfg = m.cfg
     bs, nb = 4, 6
@@ -181,7 +181,7 @@ def test_model_paged_decode_matches_full_forward():
 def test_paged_split_k_matches_twin(splits):
     """Flash-decoding splits merge to the unsplit result: the 40-token context spans every split (CPU key
     tiles are 16 wide), the shorter ones leave later splits empty."""
-    from kernels.paged_triton import paged_decode_triton, paged_prefill_triton
+    from selfreward.kernels.paged_triton import paged_decode_triton, paged_prefill_triton
     k, v, slots, bt, ctx, nb, bs = _paged_setup(torch.float32, 2, 32, bs=4, ctx=(7, 40, 1), seed=3)
     kc = torch.zeros(nb, bs, 2, 32)
     vc = torch.zeros_like(kc)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import kernels as K
+import selfreward.kernels as K
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.checkpoint import load_model
+from selfreward.model.checkpoint import load_model
 from tests.hf_tiny import FAMILIES, make_hf_checkpoint
 
 
@@ -43,7 +43,7 @@ def test_packed_equals_unpacked(tmp_path):
 
 
 def test_stories260k_greedy_from_bos(stories260k):
-    from model.tokenizer import Tokenizer
+    from selfreward.model.tokenizer import Tokenizer
     model = load_model(stories260k).eval()
     tok = Tokenizer(stories260k)
     ids = [tok.bos_id]

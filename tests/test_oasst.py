@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from model.jsonl import DataError
-from recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
+from selfreward.records import DataError
+from selfreward.recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
     split_groups
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from model.jsonl import read_jsonl
-from recipes.self_reward import LoopConfig, iter_dir, run_loop
+from selfreward.records import read_jsonl
+from selfreward.recipes.self_reward import LoopConfig, iter_dir, run_loop
 from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from model.jsonl import partial_path, read_jsonl
-from recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
+from selfreward.records import partial_path, read_jsonl
+from selfreward.recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
     stage_prompts
 from tests.conftest import ROOT
 from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
@@ -69,7 +69,7 @@ def test_candidates_sigkill_then_resume(tiny, tmp_path):
     cfg = _cfg(run, tiny, prompt_source=str(write_prompts(tmp_path / "q.jsonl", prompts)), n_prompts=24,
                max_tokens=16, chunk=1)
     stage_prompts(cfg, 1, Models())
-    cmd = [sys.executable, "-m", "recipes.self_reward", "--run-dir", str(run), "--init", str(tiny),
+    cmd = [sys.executable, "-m", "selfreward.recipes.self_reward", "--run-dir", str(run), "--init", str(tiny),
            "--prompts", str(tmp_path / "q.jsonl"), "--n-prompts", "24", "--n", "2", "--max-tokens", "16",
            "--chunk", "1", "--stage", "candidates", "--iter", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -127,10 +127,10 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
 
 
 def test_expected_score_against_plain_forward(tiny):
-    from infer.engine import Engine
-    from model.checkpoint import load_model
-    from model.tokenizer import Tokenizer
-    from recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
     tok = Tokenizer.load(tiny)
     eng = Engine.from_pretrained(tiny)
     prompts = [chat_prompt_ids(tok, "Rate this: hello"), chat_prompt_ids(tok, "Rate: the sky is green")]
@@ -148,8 +148,8 @@ def test_expected_score_against_plain_forward(tiny):
 
 
 def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
-    from recipes.evaluate import main as evaluate
-    from recipes.metrics import rm_metrics
+    from selfreward.recipes.evaluate import main as evaluate
+    from selfreward.recipes.metrics import rm_metrics
     groups = [{"id": "g1", "prompt": "Name a red fruit.", "replies": [{"text": "An apple.", "rank": 0},
                                                                       {"text": "Blue.", "rank": 1},
                                                                       {"text": "x " * 400, "rank": 2}]},
@@ -177,7 +177,7 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
 def test_eft_cli_with_a_model_judge(tiny, tmp_path):
     """The EFT path end to end with a real (random) judge: it runs, and whatever it keeps is consistent."""
     from tests.conftest import need_shared
-    from recipes.oasst import main as oasst
+    from selfreward.recipes.oasst import main as oasst
     src = tmp_path / "three.jsonl"
     src.write_text("".join(open(need_shared("data/oasst_en_100_trees.jsonl")).readlines()[:3]))
     counts = oasst(["--input", str(src), "--out", str(tmp_path / "seed"), "--eval-frac", "0.0",
@@ -189,14 +189,13 @@ def test_eft_cli_with_a_model_judge(tiny, tmp_path):
 
 
 def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
-    from model.jsonl import write_json
+    from selfreward.records import write_json
     cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1) for name in ("one", "two")]
     for c in cfgs:
         stage_prompts(c, 1, Models())
     stage_candidates(cfgs[0], 1, Models())
     write_json(tmp_path / "two" / "config.json", cfgs[1].settings())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage", "candidates",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage", "candidates",
            "--iter", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
@@ -229,10 +228,10 @@ def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
 
 def test_expected_score_multi_token_digits(tiny):
     """When a digit spans several tokens, its probability is the product over its tokens (engine.score)."""
-    from infer.engine import Engine
-    from model.checkpoint import load_model
-    from model.tokenizer import Tokenizer
-    from recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
     tok = Tokenizer.load(tiny)
 
     class TwoTokenDigits:   # every "Score: d" gains a trailing token, so each digit is two tokens long
@@ -260,7 +259,7 @@ def test_expected_score_multi_token_digits(tiny):
 
 
 def test_judge_distinct_judges_each_text_once(tiny, tmp_path):
-    from model.jsonl import write_jsonl
+    from selfreward.records import write_jsonl
     cfg = _cfg(tmp_path / "d", tiny, n_candidates=3, judge_distinct=True)
     m = Models()
     stage_prompts(cfg, 1, m)

@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 
-from recipes.instruct import InstructConfig, PromptFilter, cut_generated, few_shot_text, pick_shots
-from model.jsonl import DataError, PartialWriter, partial_path, read_jsonl, read_partial
-from recipes.pairs import build_pairs, iteration_stats
-from recipes.units import run_units
+from selfreward.recipes.instruct import InstructConfig, PromptFilter, cut_generated, few_shot_text, pick_shots
+from selfreward.records import DataError, PartialWriter, partial_path, read_jsonl, read_partial
+from selfreward.recipes.pairs import build_pairs, iteration_stats
+from selfreward.records import run_units
 
 
 def test_partial_torn_tail_is_cut(tmp_path):
@@ -137,7 +137,7 @@ def test_build_pairs_pools_identical_texts():
 
 
 def test_distinct_candidates_judged_once_and_pairs_unchanged():
-    from recipes.self_reward import distinct_candidates
+    from selfreward.recipes.self_reward import distinct_candidates
     cands = [{"id": "p", "sample": s, "text": t} for s, t in enumerate(["68", "69", "68", "70"])] + \
             [{"id": "q", "sample": s, "text": "5"} for s in range(3)]                 # q: one text, no pair
     keep = distinct_candidates(cands)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from infer import sample as cli
+from selfreward.infer import sample as cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

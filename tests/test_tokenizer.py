@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from model.tokenizer import Tokenizer, TokenizerError
+from selfreward.model.tokenizer import Tokenizer, TokenizerError
 from tests.hf_tokenizer import make_hf_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief and kind."},

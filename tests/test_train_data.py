@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from model.tokenizer import Tokenizer
+from selfreward.model.tokenizer import Tokenizer
 from tests.test_train_fixtures import make_spm, write_jsonl
-from train.data import (IGNORE, DataError, Example, global_batch, load_pairs, load_sft, pack_rows,
+from selfreward.train.data import (IGNORE, DataError, Example, global_batch, load_pairs, load_sft, pack_rows,
                         pair_batch, rank_micro_batches, read_jsonl, sft_example, truncate_pair, Pair)
 
 

@@ -29,7 +29,7 @@ def torchrun(script: str, args: list[str], log: Path) -> subprocess.Popen:
 
 
 def test_two_ranks_equal_one_rank_and_export_loads(tmp_path):
-    from train import dpo, sft
+    from selfreward.train import dpo, sft
     spm = make_spm(tmp_path / "spm")
     model = make_model(tmp_path / "m0", spm)
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_records(40))
@@ -67,7 +67,7 @@ def test_two_ranks_equal_one_rank_and_export_loads(tmp_path):
 
     # the 2-rank export: our loader and transformers give the same logits; it equals the 1-rank export
     import transformers
-    from model.checkpoint import load_model
+    from selfreward.model.checkpoint import load_model
     out = tmp_path / "sft2" / "model"
     assert (out / "tokenizer.model").exists()
     ours = load_model(out)

@@ -28,7 +28,7 @@ def first_turns(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def test_sft_lowers_heldout_loss_then_dpo_raises_margin(tmp_path):
-    from train import dpo, sft
+    from selfreward.train import dpo, sft
     data = need_shared("data/oasst_en_100_trees.jsonl")
     tok = need_shared("fixtures/stories260k") / "tokenizer.model"
     ift, pairs = first_turns(data)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
-from model.llama import Transformer
-from train.data import IGNORE, Pair, pack_rows, Example
-from train.losses import (LOSS_TYPES, DPOLossConfig, ReferenceCache, compute_reference, dpo_loss,
+from selfreward.model.config import ModelConfig
+from selfreward.model.llama import Transformer
+from selfreward.train.data import IGNORE, Pair, pack_rows, Example
+from selfreward.train.losses import (LOSS_TYPES, DPOLossConfig, ReferenceCache, compute_reference, dpo_loss,
                           naive_sequence_logps, pair_batch, sequence_logps, sft_logp_sum, weights_hash)
 
 V = 97

@@ -26,8 +26,8 @@ def setup(tmp_path_factory):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup):
-    from model.checkpoint import load_model
-    from train import sft
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import sft
     d, model, data = setup
     # dropout on: the resumed run must also restore the RNG stream, not only weights and optimizer
     args = ["--model", str(model), "--data", str(data), "--max-steps", "12", "--batch-size", "4", "--lr", "1e-3",
@@ -64,8 +64,8 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
-    from train import sft
-    from train.loop import TrainingStopped
+    from selfreward.train import sft
+    from selfreward.train.loop import TrainingStopped
     d, model, data = setup
     out = d / "nan"
     with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 2.*step_00000001"):
@@ -79,7 +79,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
 
 def test_dpo_reference_cache_is_reused_and_matches_online(setup, capsys):
     from tests.test_train_fixtures import dpo_records
-    from train import dpo
+    from selfreward.train import dpo
     d, model, _ = setup
     data = write_jsonl(d / "pairs.jsonl", dpo_records(8, seed=2))
     args = ["--model", str(model), "--data", str(data), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3",
@@ -100,7 +100,7 @@ def test_fewer_examples_than_a_batch_still_trains(setup, capsys):
     from safetensors.torch import load_file
 
     from tests.test_train_fixtures import dpo_records
-    from train import dpo
+    from selfreward.train import dpo
     d, model, _ = setup
     data = write_jsonl(d / "few.jsonl", dpo_records(3, seed=4))
     dpo.main(["--model", str(model), "--data", str(data), "--batch-size", "16", "--epochs", "2", "--lr", "1e-3",

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from recipes.world import checker, data, judging, tasks
-from recipes.world.tasks import KINDS, Task
+from selfreward.recipes.world import checker, data, judging, tasks
+from selfreward.recipes.world.tasks import KINDS, Task
 
 
 def test_solve_by_hand():
@@ -151,8 +151,8 @@ def test_web_text_is_imperfect():
 
 
 def test_tokenizer_one_token_per_symbol(tmp_path):
-    from model.tokenizer import Tokenizer
-    from recipes.world.vocab import train_tokenizer
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.world.vocab import train_tokenizer
     tok = Tokenizer.load(train_tokenizer(tmp_path / "tok", vocab_size=160))
     assert tok.vocab_size == 160 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
     for text in ["6 8 + 9 8 - Score: 1", "81 7 + 81 81 = Score: 5", "d e b a c", "155", "What is 23 plus 45?"]:
@@ -172,7 +172,7 @@ def test_heldout_bucket_share(kind):
 
 
 def test_ranking_on_mixed_by_hand():
-    from recipes.world.report import ranking_on_mixed
+    from selfreward.recipes.world.report import ranking_on_mixed
     prompts = {"p": "What is 2 plus 3?", "q": "What is 1 plus 1?", "r": "What is 4 plus 4?"}
     cands = [{"id": "p", "sample": 0, "text": "5"}, {"id": "p", "sample": 1, "text": "6"},
              {"id": "p", "sample": 2, "text": "5"}, {"id": "p", "sample": 3, "text": "7"},

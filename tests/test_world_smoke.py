@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from model.checkpoint import load_model
-from recipes.world import demo
-from recipes.world.build import build_m0
-from recipes.world.report import pair_quality, table
+from selfreward.model.checkpoint import load_model
+from selfreward.recipes.world import demo
+from selfreward.recipes.world.build import build_m0
+from selfreward.recipes.world.report import pair_quality, table
 
 
 def test_world_smoke_every_stage(tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_real_model_mode_end_to_end(stories260k, tmp_path, one_thread):
     """--real-model + --oasst-seed: SFT on the OASST seed, one self-rewarding iteration (self-instruct
     prompts, candidates, judge, pairs from the expected score, DPO), the human-rank report."""
     from tests.conftest import need_shared
-    from recipes.oasst import main as oasst_main
+    from selfreward.recipes.oasst import main as oasst_main
     oasst_main(["--input", str(need_shared("data/oasst_en_100_trees.jsonl")), "--out", str(tmp_path / "seed")])
     summary = demo.main(["--real-model", str(stories260k), "--oasst-seed", str(tmp_path / "seed"),
                          "--run-dir", str(tmp_path / "real"), "--iterations", "1", "--n-prompts", "4",

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from model.checkpoint import save_model
-from train.parallel import Dist, barrier
+from selfreward.model.checkpoint import save_model
+from selfreward.train.parallel import Dist, barrier
 
 
 def _write_text(path: Path, text: str) -> None:

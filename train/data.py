@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.jsonl import DataError, field, iter_jsonl  # noqa: F401  (DataError re-exported for callers)
+from selfreward.records import DataError, field, iter_jsonl  # noqa: F401  (DataError re-exported for callers)
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")

@@ -11,21 +11,17 @@ Per step metrics.jsonl holds loss, rewards (chosen, rejected), margin, accuracy,
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from model.checkpoint import load_model
-from train.config import TrainConfig, parse_config
-from train.data import Pair, load_pairs, pair_batch
-from train.loop import cli, load_policy, run, start
-from train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
-from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+from selfreward.model.checkpoint import load_model
+from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train.data import Pair, load_pairs, pair_batch
+from selfreward.train.loop import cli, load_policy, run, start
+from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
+from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")

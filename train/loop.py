@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_model
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer
-from train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import TrainConfig
-from train.data import global_batch, rank_micro_batches
-from train.parallel import Dist, all_reduce_sum, init_distributed, set_grad_sync
+from selfreward.model.checkpoint import load_model
+from selfreward.model.config import ModelConfig
+from selfreward.model.tokenizer import Tokenizer
+from selfreward.train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from selfreward.train.config import TrainConfig
+from selfreward.train.data import global_batch, rank_micro_batches
+from selfreward.train.parallel import Dist, all_reduce_sum, init_distributed, set_grad_sync
 
 
 class TrainingStopped(RuntimeError):

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels as K
-from model.llama import AttnContext, context_from_positions
-from train.data import IGNORE, Pair, PairBatch, pair_batch
+import selfreward.kernels as K
+from selfreward.model.llama import AttnContext, context_from_positions
+from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "simpo")
 

@@ -10,20 +10,16 @@ train/README.md.
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-if __package__ in (None, ""):   # run as a script: put the repo root on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from train.config import TrainConfig, parse_config
-from train.data import Example, load_sft, n_targets, pack_rows
-from train.loop import cli, load_policy, run, start
-from train.losses import sft_logp_sum
-from train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train.data import Example, load_sft, n_targets, pack_rows
+from selfreward.train.loop import cli, load_policy, run, start
+from selfreward.train.losses import sft_logp_sum
+from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 
 @dataclass

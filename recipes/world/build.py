@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from recipes.world.data import eft_seed, ift_seed, web_docs, write_jsonl
+from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,9 +58,9 @@ def run_trainer(script: str, argv: list[str], nproc: int) -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         return
     if script == "sft.py":
-        from train.sft import main
+        from selfreward.train.sft import main
     else:
-        from train.dpo import main
+        from selfreward.train.dpo import main
     main(argv)
 
 
@@ -68,12 +68,12 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     """-> the folder of M0 (cached: returned at once when it exists)."""
     import torch
 
-    from model.checkpoint import save_model
-    from model.config import ModelConfig
-    from model.llama import Transformer
-    from recipes.world.judging import set_format
-    from recipes.world.tasks import set_kinds
-    from recipes.world.vocab import train_tokenizer
+    from selfreward.model.checkpoint import save_model
+    from selfreward.model.config import ModelConfig
+    from selfreward.model.llama import Transformer
+    from selfreward.recipes.world.judging import set_format
+    from selfreward.recipes.world.tasks import set_kinds
+    from selfreward.recipes.world.vocab import train_tokenizer
 
     set_format(mc.judge_format)
     set_kinds(mc.kinds)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from recipes.world.tasks import KINDS, TEMPLATES, Task
+from selfreward.recipes.world.tasks import KINDS, TEMPLATES, Task
 
 _FIELD = {"a": r"(\d{1,2})", "b": r"(\d{1,2})", "ns": r"((?:\d{1,2}, ){2,9}\d{1,2})",
           "nsp": r"((?:\d{1,2} ){2,9}\d{1,2})", "x": r"([a-h])",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import random
 
-from model.jsonl import write_jsonl  # noqa: F401  (re-exported for the world's builders)
-from recipes.world.judging import judge_prompt, judgment, noisy_judgment
-from recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
+from selfreward.records import write_jsonl  # noqa: F401  (re-exported for the world's builders)
+from selfreward.recipes.world.judging import judge_prompt, judgment, noisy_judgment
+from selfreward.recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
 
 USER, ASSISTANT = "User: {}\n\n", "Assistant: {}"   # the plain template of model/tokenizer.py, as text
 

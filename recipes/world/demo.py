@@ -1,10 +1,10 @@
 """The embedded default: the whole self-rewarding loop on the checkable world, on a CPU, in minutes.
 
-    python -m recipes.world.demo                          # the default run (runs/world)
-    python -m recipes.world.demo --seed 1 --run-dir runs/world-s1
-    python -m recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
-    python -m recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
-    python -m recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
+    python -m selfreward.recipes.world.demo                          # the default run (runs/world)
+    python -m selfreward.recipes.world.demo --seed 1 --run-dir runs/world-s1
+    python -m selfreward.recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
+    python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
+    python -m selfreward.recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
 Stages: tokenizer + M0 (cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
 seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
-from recipes.world.measure import MeasureConfig, measure
+from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
+from selfreward.recipes.world.measure import MeasureConfig, measure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,12 +93,12 @@ class Clock:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from recipes.self_reward import LoopConfig, run_loop
-    from recipes.world.data import loop_prompts
-    from recipes.world.judging import set_format, write_template
-    from recipes.world.tasks import set_kinds
-    from recipes.world.report import pair_quality, plot, table, write_summary
-    from model.jsonl import read_jsonl
+    from selfreward.recipes.self_reward import LoopConfig, run_loop
+    from selfreward.recipes.world.data import loop_prompts
+    from selfreward.recipes.world.judging import set_format, write_template
+    from selfreward.recipes.world.tasks import set_kinds
+    from selfreward.recipes.world.report import pair_quality, plot, table, write_summary
+    from selfreward.records import read_jsonl
 
     set_format(cfg.model.judge_format)      # the EFT seed's and the web text's judge format
     set_kinds(cfg.model.kinds)              # the world's task kinds (every generator and the evaluation)
@@ -147,7 +147,7 @@ def run(cfg: DemoConfig) -> dict:
     template = write_template(run_dir / "seed" / "judge_template.txt")
     avoid = {r["prompt"] for r in read_jsonl(ift)}
     prompts = run_dir / "seed" / "loop_prompts.jsonl"
-    from recipes.world.data import write_jsonl
+    from selfreward.recipes.world.data import write_jsonl
     write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid))
 
     def hook(t_: int, model_dir: str) -> dict:
@@ -216,8 +216,8 @@ def run(cfg: DemoConfig) -> dict:
 def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
     """One pair per prompt whose distinct candidate texts are partly right, partly wrong (by the checker):
     its first right text (in sample order) over its first wrong one."""
-    from recipes.self_reward import distinct_candidates
-    from recipes.world.checker import check
+    from selfreward.recipes.self_reward import distinct_candidates
+    from selfreward.recipes.world.checker import check
     by: dict[str, dict[str, float]] = {}
     for c in distinct_candidates(candidates):       # first sample of each text, prompts with two or more
         by.setdefault(c["id"], {})[c["text"]] = check(prompts[c["id"]], c["text"])
@@ -232,8 +232,8 @@ def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
 
 def oracle_control(run_dir: Path, lc, m1: Path, dpo_args: list[str], nproc: int) -> dict | None:
     """DPO from M1 with the loop's own settings on oracle_pairs of iteration 1 -> {"model", "pairs"}."""
-    from model.jsonl import read_jsonl, write_jsonl
-    from recipes.self_reward import iter_dir
+    from selfreward.records import read_jsonl, write_jsonl
+    from selfreward.recipes.self_reward import iter_dir
     it = iter_dir(lc, 1)
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
     pairs = oracle_pairs(prompts, read_jsonl(it / "candidates.jsonl"))
@@ -250,12 +250,12 @@ def oracle_control(run_dir: Path, lc, m1: Path, dpo_args: list[str], nproc: int)
 
 def self_judge_vs_likelihood(lc, t: int) -> dict:
     """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under M_t."""
-    from infer.engine import Engine
-    from model.jsonl import read_jsonl
-    from model.tokenizer import Tokenizer
-    from recipes.judge import chat_prompt_ids
-    from recipes.self_reward import iter_dir, model_at
-    from recipes.world.report import ranking_on_mixed
+    from selfreward.infer.engine import Engine
+    from selfreward.records import read_jsonl
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.self_reward import iter_dir, model_at
+    from selfreward.recipes.world.report import ranking_on_mixed
 
     it = iter_dir(lc, t)
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
     ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
     ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/world/real.py)")
-    ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m recipes.oasst --out` wrote")
+    ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m selfreward.recipes.oasst --out` wrote")
     ap.add_argument("--judge-template", help="with --real-model: a rubric file or built-in name (default, short)")
     ap.add_argument("--max-tokens", type=int, help="with --real-model: candidate length limit (default 512)")
     ap.add_argument("--judge-max-tokens", type=int, help="with --real-model: judgment length limit (default 256)")
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.real_model or a.oasst_seed:
         if not (a.real_model and a.oasst_seed):
             raise SystemExit("--real-model and --oasst-seed go together")
-        from recipes.world.real import run_real
+        from selfreward.recipes.world.real import run_real
         names = ("n_candidates", "temperature", "top_p", "judge_k", "judge_temperature", "min_margin",
                  "judge_template", "max_tokens", "judge_max_tokens", "score_from")    # LoopConfig fields
         loop = {k: getattr(a, k) for k in names if getattr(a, k) is not None}

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.world.checker import is_correct, symbols
-from recipes.world.tasks import Task
+from selfreward.recipes.world.checker import is_correct, symbols
+from selfreward.recipes.world.tasks import Task
 
 JUDGE_TEMPLATE = "Judge. Task: {instruction} Answer: {response} Score 5 if every symbol matches, else 1."
 GOOD, BAD = 5, 1
@@ -164,5 +164,5 @@ def noisy_judgment(task: Task, response: str, rng, p_right: float, fmt: str | No
 
 
 def _corrupt(answer: str, rng) -> str:
-    from recipes.world.tasks import corrupt
+    from selfreward.recipes.world.tasks import corrupt
     return corrupt(answer, rng)

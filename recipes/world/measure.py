@@ -13,9 +13,9 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from recipes.world.checker import is_correct
-from recipes.world.judging import JUDGE_TEMPLATE
-from recipes.world.tasks import corrupt, heldout_eval_set
+from selfreward.recipes.world.checker import is_correct
+from selfreward.recipes.world.judging import JUDGE_TEMPLATE
+from selfreward.recipes.world.tasks import corrupt, heldout_eval_set
 
 
 @dataclass
@@ -49,11 +49,11 @@ def judge_groups(n: int, seed: int = 0) -> list[dict]:
 
 
 def measure(model_dir: str, cfg: MeasureConfig, engine=None, tok=None) -> dict:
-    from infer.engine import Engine
-    from infer.sequence import SamplingParams
-    from model.tokenizer import Tokenizer
-    from recipes.evaluate import rm_eval
-    from recipes.judge import JudgeConfig, chat_prompt_ids
+    from selfreward.infer.engine import Engine
+    from selfreward.infer.sequence import SamplingParams
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.evaluate import rm_eval
+    from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids
 
     engine = engine or Engine.from_pretrained(model_dir)
     tok = tok or Tokenizer.load(model_dir)

@@ -1,8 +1,8 @@
 """The demo's other mode: the same loop on a real checkpoint and Open Assistant seed data.
 
-    python -m recipes.world.demo --real-model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
+    python -m selfreward.recipes.world.demo --real-model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
 
-`--oasst-seed` is the folder `python -m recipes.oasst --out` writes: ift.jsonl (prompts and best replies),
+`--oasst-seed` is the folder `python -m selfreward.recipes.oasst --out` writes: ift.jsonl (prompts and best replies),
 eft_train.jsonl (judge examples, when built with --eft-model) and groups_eval.jsonl (held-out human-ranked
 replies). M1 = train/sft.py on IFT (+ EFT); M2, M3 = recipes.self_reward with self-instruct prompts and the
 default additive rubric. There is no checker here: after each model the report holds the judge's agreement
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from recipes.world.build import run_trainer
+from selfreward.recipes.world.build import run_trainer
 
 
 def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
@@ -22,16 +22,16 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
     """`loop`: LoopConfig fields to override (n_candidates, temperature, judge_k, judge_template,
     max_tokens, judge_max_tokens, ...); `dpo_args`: extra train/dpo.py flags; `sft_steps`: M1's SFT steps
     (0: train/sft.py's default epochs)."""
-    from recipes.evaluate import load_groups, rm_eval
-    from recipes.judge import JudgeConfig, load_template
-    from recipes.self_reward import LoopConfig, run_loop
-    from recipes.world.report import table, write_summary
+    from selfreward.recipes.evaluate import load_groups, rm_eval
+    from selfreward.recipes.judge import JudgeConfig, load_template
+    from selfreward.recipes.self_reward import LoopConfig, run_loop
+    from selfreward.recipes.world.report import table, write_summary
 
     t0 = time.perf_counter()
     seed_dir, run = Path(seed_dir), Path(run_dir)
     ift, eft, groups = seed_dir / "ift.jsonl", seed_dir / "eft_train.jsonl", seed_dir / "groups_eval.jsonl"
     if not ift.exists():
-        raise SystemExit(f"{ift}: missing (make it with python -m recipes.oasst --input OASST --out {seed_dir})")
+        raise SystemExit(f"{ift}: missing (make it with python -m selfreward.recipes.oasst --input OASST --out {seed_dir})")
     m1 = run / "m1"
     if not (m1 / "config.json").exists():
         data = [str(ift)] + ([str(eft)] if eft.exists() else [])
@@ -47,8 +47,8 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
     def hook(t: int, model_dir: str) -> dict:
         if not eval_groups:
             return {}
-        from infer.engine import Engine
-        from model.tokenizer import Tokenizer
+        from selfreward.infer.engine import Engine
+        from selfreward.model.tokenizer import Tokenizer
         r = rm_eval(Engine.from_pretrained(model_dir), Tokenizer.load(model_dir), eval_groups, jc)
         s = r["sampled"]
         return {"judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.jsonl import write_json
-from recipes.world.checker import check
+from selfreward.records import write_json
+from selfreward.recipes.world.checker import check
 
 COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),
            ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_five_best", "5-best", "{:.3f}"),
@@ -109,7 +109,7 @@ def ranking_on_mixed(prompts: dict[str, str], candidates: list[dict], judgments:
     from collections import defaultdict
     from itertools import product
 
-    from recipes.judge import mean_score
+    from selfreward.recipes.judge import mean_score
 
     scores = defaultdict(list)
     for j in judgments:

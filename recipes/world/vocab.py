@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from recipes.world.data import chat_text, eft_seed, web_docs
+from selfreward.recipes.world.data import chat_text, eft_seed, web_docs
 
 SPECIALS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 
