@@ -176,8 +176,7 @@ def dist_env() -> tuple[int, int]:
 
 
 def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable], work: Work,
-              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "",
-              merge_timeout: float = 24 * 3600) -> bool:
+              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "") -> bool:
     """Process the units not yet done, `chunk` at a time, appending to OUT.partial (per rank).
     Returns True when this process wrote the final OUT (rank 0), False on other ranks."""
     out = Path(out)
@@ -207,20 +206,31 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
                     print(f"[{progress}] {n0 + d}/{len(mine)} units, {d / max(el, 1e-9):.2f} units/s, "
                           f"ETA {el / d * (len(todo) - d):.0f}s", flush=True)
             w.finish()
+    order = {key(u): i for i, u in enumerate(units)}
     if world == 1:
+        recs = read_jsonl(out)
+        ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; the file is in order
+        if ordered != recs:
+            write_jsonl(out, ordered)
         return True
+    barrier()                         # every rank's shard is complete before rank 0 merges
     if rank != 0:
+        barrier()
         return False
     shards = [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
-    t0 = time.time()
-    while not all(p.exists() for p in shards):
-        if time.time() - t0 > merge_timeout:
-            raise TimeoutError(f"{out}: waited {merge_timeout}s for the other ranks' shards")
-        time.sleep(0.5)
-    order = {key(u): i for i, u in enumerate(units)}
+    missing = [p for p in shards if not p.exists()]
+    if missing:
+        raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
     recs = [r for p in shards for r in read_jsonl(p)]
     recs.sort(key=lambda r: order[key(r)])   # stable: a unit's records keep their order
     write_jsonl(out, recs)
     for p in shards:
         p.unlink()
+    barrier()                         # the merged file exists before any rank goes on
     return True
+
+
+def barrier() -> None:
+    """All ranks of the torchrun job meet here (the caller has run init_process_group)."""
+    import torch.distributed as dist
+    dist.barrier()

@@ -5,20 +5,21 @@
     torchrun --nproc_per_node 8 infer/sample.py --num-samples 4 ...   (each rank takes every world-th
         prompt; under torchrun write --num-samples, torchrun itself rejects --n as ambiguous)
 
-Input records: {"id": ..., "prompt": "raw text"} (tokenized after BOS, no template) or
-{"id": ..., "messages": [{"role": ..., "content": ...}, ...]} (chat template + generation prompt); either
-may override max_tokens, temperature, top_p, top_k, seed. Output: one record per sample,
-{"id", "sample", "text", "token_ids", "finish_reason"[, "logprobs"]}, in input order.
+Input records: {"id": ..., "prompt": "text"} (one user turn through the chat template, as train/sft.py and
+train/dpo.py read a "prompt"; --raw-prompt: BOS + the text, no template) or {"id": ..., "messages": [{"role":
+..., "content": ...}, ...]} (chat template + generation prompt); either may override max_tokens,
+temperature, top_p, top_k, seed. Output: one record per sample, {"id", "sample", "text", "token_ids",
+"finish_reason"[, "logprobs"]}, in input order.
 
-Resume: each rank appends a prompt's records to OUTPUT.part<rank> (flushed) as soon as all its samples
-are done; a rerun skips ids already complete in the output or in any part file, and at the end rank 0
-merges everything into OUTPUT (temp file + os.replace) and removes the parts. A request without its own
-seed uses one derived from --seed and its id, so results do not depend on sharding or on resuming.
+Resume (selfreward.records.run_units): a prompt's records are appended to OUTPUT.partial (under torchrun:
+OUTPUT.rank<r>.partial, then OUTPUT.rank<r>) as soon as all its samples are done; a rerun continues from
+there; after a barrier rank 0 merges the ranks' files into OUTPUT in input order (atomic). A request without
+its own seed uses one derived from --seed and its id, so results do not depend on sharding or on resuming.
+The device is cuda:LOCAL_RANK (bf16) when CUDA is available, else the CPU (fp32); --dtype overrides.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -29,11 +30,12 @@ from pathlib import Path
 import torch
 
 from selfreward.infer.sequence import SamplingParams
-from selfreward.records import DataError, iter_jsonl, write_atomic
+from selfreward.model.tokenizer import check_messages
+from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.records import DataError, dist_env, iter_jsonl, read_jsonl, run_units
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
-ROLES = ("system", "user", "assistant")
 
 
 InputError = DataError   # bad input: the message names file, line and field
@@ -55,11 +57,7 @@ def read_requests(path: str | Path) -> list[dict]:
         if "prompt" in rec and not isinstance(rec["prompt"], str):
             raise InputError(f"{where}: field 'prompt': expected a string")
         if "messages" in rec:
-            m = rec["messages"]
-            if not isinstance(m, list) or not m or not all(
-                    isinstance(x, dict) and x.get("role") in ROLES and isinstance(x.get("content"), str) for x in m):
-                raise InputError(f"{where}: field 'messages': expected a non-empty list of "
-                                 f"{{'role': system|user|assistant, 'content': str}}")
+            check_messages(rec["messages"], where)
         for k, types in OVERRIDES.items():
             if k in rec and (isinstance(rec[k], bool) or not isinstance(rec[k], types)):
                 raise InputError(f"{where}: field '{k}': expected {' or '.join(t.__name__ for t in types)}")
@@ -87,47 +85,6 @@ def params_for(rec: dict, args) -> SamplingParams:
         raise InputError(f"{rec['_where']}: {e}") from None
 
 
-def read_records(path: str) -> list[dict]:
-    """Output / part records; a line cut short by a kill (not valid JSON) is dropped."""
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and "id" in r and "sample" in r:
-                    out.append(r)
-    return out
-
-
-def complete_groups(records: list[dict], n: int) -> dict[str, list[dict]]:
-    """id key -> its n sample records, for ids with all of samples 0..n-1 present."""
-    groups: dict[str, dict[int, dict]] = {}
-    for r in records:
-        groups.setdefault(id_key(r["id"]), {})[r["sample"]] = r
-    return {k: [g[i] for i in range(n)] for k, g in groups.items() if all(i in g for i in range(n))}
-
-
-def atomic_write_lines(path: str, lines: list[str]) -> None:
-    write_atomic(path, "".join(lines))
-
-
-def merge(output: str, requests: list[dict], n: int) -> int:
-    """Existing output + every part file -> OUTPUT in input order (atomic); parts removed. -> #records."""
-    parts = sorted(glob.glob(glob.escape(output) + ".part*"))
-    records = read_records(output)
-    for p in parts:
-        records += read_records(p)
-    groups = complete_groups(records, n)
-    lines = [json.dumps(r) + "\n" for req in requests for r in groups.get(id_key(req["id"]), [])]
-    atomic_write_lines(output, lines)
-    for p in parts:
-        os.remove(p)
-    return len(lines)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -143,7 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--logprobs", action="store_true")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--raw-prompt", action="store_true",
+                    help="a 'prompt' record is BOS + its text (no chat template); default: one user turn")
+    ap.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA (cuda:LOCAL_RANK), float32 on CPU")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -152,37 +112,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = dist_env()
     dist = None
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     try:
+        ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
+                            max_num_seqs=args.max_num_seqs)
+        ecfg.check()
         if not os.path.isfile(args.input):
             raise InputError(f"{args.input}: no such file")
         requests = read_requests(args.input)
-        n = args.n
-        part = f"{args.output}.part{rank}"
-        done = set(complete_groups(read_records(args.output), n))
-        for p in glob.glob(glob.escape(args.output) + ".part*"):
-            done |= set(complete_groups(read_records(p), n))
-        mine = [r for i, r in enumerate(requests) if i % world == rank and id_key(r["id"]) not in done]
-        # keep only whole prompts in this rank's part file (a kill may have cut its last write)
-        own = complete_groups(read_records(part), n)
-        atomic_write_lines(part, [json.dumps(r) + "\n" for g in own.values() for r in g])
-        print(f"[sample] rank {rank}/{world}: {len(mine)} prompts to do ({len(done)} already done)",
-              file=sys.stderr, flush=True)
-        if mine:
-            _generate(args, mine, part, device, rank)
-        if dist is not None:
-            dist.barrier()
+        key = lambda r: id_key(r["id"])   # noqa: E731
+        if os.path.exists(args.output):
+            done = {key(r) for r in read_jsonl(args.output)}
+            if all(key(r) in done for r in requests):
+                print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
+                      file=sys.stderr, flush=True)
+                return 0
+        mine = [r for i, r in enumerate(requests) if i % world == rank]
+        print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
+        gen = Generator(args, ecfg, rank)
+        run_units(Path(args.output), requests, args.n, key, gen.work, chunk=max(1, len(requests)), rank=rank,
+                  world=world)
         if rank == 0:
-            k = merge(args.output, requests, n)
-            print(f"[sample] wrote {k} records to {args.output}", file=sys.stderr, flush=True)
-        if dist is not None:
-            dist.barrier()
-    except InputError as e:
+            print(f"[sample] wrote {len(read_jsonl(args.output))} records to {args.output}", file=sys.stderr,
+                  flush=True)
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -191,39 +148,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _generate(args, mine: list[dict], part: str, device: str, rank: int) -> None:
-    from selfreward.infer.engine import Engine
-    eng = Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device,
-                                 block_size=args.block_size, num_blocks=args.num_blocks,
-                                 max_num_seqs=args.max_num_seqs)
-    if eng.tokenizer is None:
-        raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
-    prompts, params = [], []
-    for r in mine:
-        ids = eng.tokenizer.prompt_ids(r)
-        if len(ids) >= eng.max_len:
-            raise InputError(f"{r['_where']}: field '{'messages' if 'messages' in r else 'prompt'}': "
-                             f"{len(ids)} tokens, the model takes at most {eng.max_len - 1}")
-        prompts.append(ids)
-        params.append(params_for(r, args))
-    t0, last, done, toks = time.perf_counter(), [0.0], [0], [0]
-    with open(part, "a") as f:
+class Generator:
+    """The units' work: one engine call over the shard's remaining requests, a unit's records emitted (and
+    flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
+
+    def __init__(self, args, ecfg: EngineConfig, rank: int):
+        self.args, self.ecfg, self.rank = args, ecfg, rank
+
+    def work(self, batch: list[tuple[int, dict]], emit) -> None:
+        args = self.args
+        eng = load_engine(args.model, self.ecfg)
+        if eng.tokenizer is None:
+            raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
+        prompts, params = [], []
+        for _, r in batch:
+            ids = eng.tokenizer.prompt_ids(r, raw=args.raw_prompt)
+            if len(ids) >= eng.max_len:
+                raise InputError(f"{r['_where']}: field '{'messages' if 'messages' in r else 'prompt'}': "
+                                 f"{len(ids)} tokens, the model takes at most {eng.max_len - 1}")
+            prompts.append(ids)
+            params.append(params_for(r, args))
+        t0, last, done, toks = time.perf_counter(), [0.0], [0], [0]
+
         def write(i: int, comps) -> None:
-            rid = mine[i]["id"]
+            unit, rid = batch[i][0], batch[i][1]["id"]
+            recs = []
             for j, c in enumerate(comps):
                 rec = {"id": rid, "sample": j, "text": c.text, "token_ids": c.token_ids,
                        "finish_reason": c.finish_reason}
                 if args.logprobs:
                     rec["logprobs"] = c.logprobs
-                f.write(json.dumps(rec) + "\n")
+                recs.append(rec)
                 toks[0] += len(c.token_ids)
-            f.flush()
+            emit(unit, recs)
             done[0] += 1
             now = time.perf_counter()
-            if now - last[0] > 2.0 or done[0] == len(mine):
+            if now - last[0] > 2.0 or done[0] == len(batch):
                 last[0], el = now, now - t0
-                eta = el / done[0] * (len(mine) - done[0])
-                print(f"[sample] rank {rank}: {done[0]}/{len(mine)} prompts, {toks[0]} tokens, "
+                eta = el / done[0] * (len(batch) - done[0])
+                print(f"[sample] rank {self.rank}: {done[0]}/{len(batch)} prompts, {toks[0]} tokens, "
                       f"{toks[0] / el:.1f} tok/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
         eng.generate(prompts, params, n=args.n, on_request=write)
 

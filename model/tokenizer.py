@@ -30,6 +30,22 @@ PLAIN_HEADERS = {"system": "System: {}\n\n", "user": "User: {}\n\n"}
 PLAIN_ASSISTANT = "Assistant:"   # the reply follows; SentencePiece's dummy prefix supplies the space
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(msgs, where: str) -> list[dict]:
+    """A chat record's `messages`: a non-empty list of {'role': system|user|assistant, 'content': str}; the
+    error names `where` (file:line) and the field."""
+    from selfreward.records import DataError
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'messages': item {j} must be {{'role': {'|'.join(ROLES)}, "
+                            f"'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
 class TokenizerError(ValueError):
     pass
 
@@ -240,9 +256,11 @@ class Tokenizer:
         tail = f_ids[len(p_ids):]
         return [t for t, m in zip(tail, f_mask[len(p_ids):]) if m]
 
-    def prompt_ids(self, record: dict) -> list[int]:
-        """A request record's prompt: `messages` rendered with the generation prompt, or raw `prompt` text
-        after BOS (no template)."""
+    def prompt_ids(self, record: dict, raw: bool = False) -> list[int]:
+        """A request record's prompt ids: `messages` rendered with the generation prompt; a `prompt` string
+        as one user turn, as the trainers read `{"prompt"}` records (raw=True: BOS + the text, no template)."""
         if "messages" in record:
             return self.render_chat(record["messages"], add_generation_prompt=True)[0]
-        return self.encode(record["prompt"], bos=True)
+        if raw:
+            return self.encode(record["prompt"], bos=True)
+        return self.render_chat([{"role": "user", "content": record["prompt"]}], add_generation_prompt=True)[0]

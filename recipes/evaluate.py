@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from selfreward.records import DataError, field, iter_jsonl, write_json
-from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, expected_scores, fit_prompt_ids, fit_slots, \
-    load_template, mean_score, prompt_budget, sample_judgments
+from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, fit_slots, judge_items, mean_score, \
+    prompt_budget
 from selfreward.recipes.metrics import h2h_outcome, rm_metrics
 
 PAIR_TEMPLATE = """\
@@ -52,10 +52,10 @@ def pair_prompt(template: str, instruction: str, r1: str, r2: str) -> str:
     return _PAIR_SLOT.sub(lambda m: vals[m.group(1)], template)
 
 
-def _load(path: str):
-    from selfreward.infer.engine import Engine
-    from selfreward.model.tokenizer import Tokenizer
-    return Engine.from_pretrained(path), Tokenizer.load(path)
+def _load(path: str, engine_cfg=None):
+    from selfreward.infer.config import load_engine
+    engine = load_engine(path, engine_cfg)
+    return engine, engine.tokenizer
 
 
 def load_groups(path: str | Path) -> list[dict]:
@@ -75,11 +75,9 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
     compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}."""
     items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
-    budget = prompt_budget(engine, cfg.max_tokens)
-    fitted = [fit_prompt_ids(tok, cfg.template, i, r, budget) for i, r in items]
-    ids = [f[0] for f in fitted]
-    judged = sample_judgments(engine, tok, items, cfg, prompts=ids, progress=progress)
-    exp = expected_scores(engine, tok, ids, cfg.score_prefix) if cfg.expected else None
+    res = judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k for j in range(len(items))], progress)
+    judged = [r.samples for r in res]
+    exp = [(r.expected,) for r in res] if cfg.expected else None
     records, sampled_groups, expected_groups, pos = [], [], [], 0
     for g in groups:
         ranks, ms, es = [], [], []
@@ -98,7 +96,7 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
         sampled_groups.append((ranks, ms))
         expected_groups.append((ranks, es))
     out = {"sampled": rm_metrics(sampled_groups), "expected": rm_metrics(expected_groups) if exp else None,
-           "judgments": sum(len(j) for j in judged), "prompts_cut": sum(c for _, c in fitted), "parse_failures": sum(s is None for j in judged for _, s in j),
+           "judgments": sum(len(j) for j in judged), "prompts_cut": sum(r.prompt_cut for r in res), "parse_failures": sum(s is None for j in judged for _, s in j),
            "records": records}
     return out
 
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.cmd == "rm":
         groups = load_groups(a.groups)[:a.limit]
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
-                          template=load_template(a.judge_template), expected=a.expected)
+                          template=a.judge_template or "default", expected=a.expected)
         engine, tok = _load(a.judge)
         res = rm_eval(engine, tok, groups, cfg, progress=True)
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
@@ -62,6 +62,8 @@ def load_template(path: str | Path | None) -> str:
         return DEFAULT_TEMPLATE
     if str(path) in BUILTIN and not Path(path).exists():
         return BUILTIN[str(path)]
+    if not Path(path).is_file():
+        raise TemplateError(f"{path}: no such judge template file (built-in names: {', '.join(BUILTIN)})")
     text = Path(path).read_text(encoding="utf-8")
     check_template(text, str(path))
     return text
@@ -116,13 +118,18 @@ class JudgeConfig:
     top_p: float = 0.9
     max_tokens: int = 256
     seed: int = 0
-    template: str = field(default=DEFAULT_TEMPLATE, repr=False)
+    template: str = "default"      # rubric file, or a built-in name (default, short)
     expected: bool = False         # also the expected score from the digit distribution after "Score:"
+    distinct: bool = False         # loop: judge each distinct candidate text of a prompt once (K times) and
+                                   # skip prompts whose candidates are all one text (they cannot pair)
     score_prefix: str = "Score:"
 
     def __post_init__(self):
-        assert self.k >= 1, "k must be >= 1"
-        check_template(self.template)
+        if self.k < 1 or self.max_tokens < 1:
+            raise TemplateError(f"judge k and max_tokens must be >= 1, got {self.k}, {self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise TemplateError(f"judge temperature {self.temperature} must be >= 0 and top_p {self.top_p} in (0, 1]")
+        self.text = load_template(self.template)   # the rubric itself (not a field: the config keeps the name)
 
 
 def chat_prompt_ids(tok, text: str) -> list[int]:
@@ -166,20 +173,36 @@ def prompt_budget(engine, max_tokens: int) -> int:
     return max(max_len - max_tokens, max_len // 4) - 1
 
 
-def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
-                     progress: bool = False, prompts: list[list[int]] | None = None
-                     ) -> list[list[tuple[str, float | None]]]:
-    """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
-    Sample i of item j uses seed (seed + j * K) + i, so a resumed run redraws the same judgments."""
+@dataclass
+class Judged:
+    samples: list[tuple[str, float | None]]   # K (judgment text, parsed score or None)
+    prompt_cut: bool                          # the reply or request was cut to fit the context
+    expected: float | None = None             # expected score (cfg.expected)
+
+
+def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seeds: Sequence[int],
+                progress: bool = False) -> list[Judged]:
+    """The one judging path: fit each (instruction, response) judge prompt to the context, read the expected
+    score when asked, sample K judgments (item j from seed seeds[j]) and parse them."""
     from selfreward.infer.sequence import SamplingParams
+    budget = prompt_budget(engine, cfg.max_tokens)
+    fitted = [fit_prompt_ids(tok, cfg.text, ins, resp, budget) for ins, resp in items]
+    ids = [f[0] for f in fitted]
+    exp = expected_scores(engine, tok, ids, cfg.score_prefix) if cfg.expected else None
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=sd)
+              for sd in seeds]
+    outs = engine.generate(ids, params, n=cfg.k, progress=progress)
+    return [Judged([(c.text, parse_score(c.text)) for c in g], fitted[j][1], exp[j][0] if exp else None)
+            for j, g in enumerate(outs)]
+
+
+def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
+                     progress: bool = False) -> list[list[tuple[str, float | None]]]:
+    """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
+    Item j uses seed (seed + j * K), so a resumed run redraws the same judgments."""
     base = cfg.seed if seed is None else seed
-    if prompts is None:   # the judge prompts' ids, cut to fit the context (see fit_prompt_ids)
-        budget = prompt_budget(engine, cfg.max_tokens)
-        prompts = [fit_prompt_ids(tok, cfg.template, ins, resp, budget)[0] for ins, resp in items]
-    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                             seed=base + j * cfg.k) for j in range(len(items))]
-    outs = engine.generate(prompts, params, n=cfg.k, progress=progress)
-    return [[(c.text, parse_score(c.text)) for c in group] for group in outs]
+    res = judge_items(engine, tok, items, cfg, [base + j * cfg.k for j in range(len(items))], progress)
+    return [r.samples for r in res]
 
 
 def digit_candidates(tok, prefix: str = "Score:") -> tuple[list[int], list[list[int]]]:
@@ -214,17 +237,16 @@ def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:
     return out
 
 
-def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig):
+def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
     """A judge function for recipes.oasst.build_eft: one judgment per item from the checkpoint."""
-    from selfreward.infer.engine import Engine
-    from selfreward.model.tokenizer import Tokenizer
-    engine, tok = Engine.from_pretrained(str(model_dir)), Tokenizer.load(str(model_dir))
+    import dataclasses
+    from selfreward.infer.config import load_engine
+    engine = load_engine(str(model_dir), engine_cfg)
     calls = [0]
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
         calls[0] += 1
-        one = JudgeConfig(k=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                          seed=cfg.seed + 100_003 * calls[0], template=cfg.template)
-        res = sample_judgments(engine, tok, items, one)
-        return [(judge_prompt(cfg.template, i, r), js[0][0], js[0][1]) for (i, r), js in zip(items, res)]
+        one = dataclasses.replace(cfg, k=1, expected=False, seed=cfg.seed + 100_003 * calls[0])
+        res = sample_judgments(engine, engine.tokenizer, items, one)
+        return [(judge_prompt(cfg.text, i, r), js[0][0], js[0][1]) for (i, r), js in zip(items, res)]
     return fn

@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_jsonl(out / "groups_eval.jsonl", held)
     counts: dict = {"trees": len(roots), "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:
-        from selfreward.recipes.judge import JudgeConfig, load_template, model_judge_fn
+        from selfreward.recipes.judge import JudgeConfig, model_judge_fn
         cfg = JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed,
-                          template=load_template(a.judge_template))
+                          template=a.judge_template or "default")
         fn = model_judge_fn(a.eft_model, cfg)
         for name, gs in (("train", train), ("eval", held)):
             ex, st = build_eft(gs, fn, tries=a.tries, seed=a.seed)

@@ -65,9 +65,12 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         if hi[0] - lo[0] < min_margin:
             counts["below_margin"] += 1
             continue
-        pairs.append({"id": pid, "prompt": text[pid], "chosen": hi[1]["text"], "rejected": lo[1]["text"],
-                      "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],
-                      "rejected_sample": lo[1]["sample"]})
+        pair = {"id": pid, "prompt": text[pid], "chosen": hi[1]["text"], "rejected": lo[1]["text"],
+                "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],
+                "rejected_sample": lo[1]["sample"]}
+        if "token_ids" in hi[1] and "token_ids" in lo[1]:   # as sampled: DPO trains on these, not re-encoded text
+            pair.update(chosen_token_ids=hi[1]["token_ids"], rejected_token_ids=lo[1]["token_ids"])
+        pairs.append(pair)
     counts["pairs"] = len(pairs)
     return pairs, counts
 
@@ -95,6 +98,7 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "candidates_unscored": pair_counts.get("candidates_unscored", 0),
         "prompts_too_few_scored": pair_counts.get("prompts_too_few_scored", 0),
         "ties": pair_counts.get("ties", 0),
+        "below_margin": pair_counts.get("below_margin", 0),
         "identical_merged": pair_counts.get("identical_merged", 0),
         "pairs": len(pairs),
     }

@@ -48,3 +48,26 @@ def tiny_chat_model(out: Path, seed: int = 0) -> Path:
 def write_prompts(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
     return path
+
+
+NESTED = {"n_candidates": ("candidates", "n"), "temperature": ("candidates", "temperature"),
+          "max_tokens": ("candidates", "max_tokens"), "judge_k": ("judge", "k"),
+          "judge_max_tokens": ("judge", "max_tokens"), "judge_template": ("judge", "template"),
+          "judge_expected": ("judge", "expected"), "judge_distinct": ("judge", "distinct"),
+          "prompt_max_tokens": ("instruct", "max_tokens"), "prompt_min_words": ("instruct", "min_words")}
+
+
+def loop_config(**flat):
+    """A LoopConfig from the tests' short flat names (n_candidates=2 -> candidates.n = 2, ...)."""
+    from selfreward.cli import from_dict
+    from selfreward.recipes.self_reward import LoopConfig
+    d: dict = {}
+    for k, v in flat.items():
+        if k in NESTED:
+            sec, name = NESTED[k]
+            d.setdefault(sec, {})[name] = v
+        elif k == "dpo":
+            d["dpo"] = v
+        else:
+            d[k] = v
+    return from_dict(LoopConfig, d)

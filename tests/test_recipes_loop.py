@@ -6,8 +6,8 @@ import pytest
 from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
-from selfreward.recipes.self_reward import LoopConfig, iter_dir, run_loop
-from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
+from selfreward.recipes.self_reward import iter_dir, run_loop
+from tests.recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,11 +21,10 @@ def test_loop_m1_to_m3_and_rerun(tmp_path):
         hooked.append((t, model_dir))
         return {"bytes": sum(len(v.numpy().tobytes()) for v in load_file(f"{model_dir}/model.safetensors").values())}
 
-    cfg = LoopConfig(run_dir=str(tmp_path / "run"), init_model=str(m1), iterations=2, seed_prompts=str(seeds),
-                     n_prompts=3, prompt_max_tokens=16, prompt_min_words=1, n_candidates=2, max_tokens=8,
-                     judge_k=1, judge_max_tokens=8, judge_template="short", score_from="expected", chunk=4,
-                     dpo_args=["--max-steps", "1", "--batch-size", "2", "--max-length", "128", "--lr", "1e-3",
-                               "--warmup-steps", "0"], eval_hook=hook)
+    cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(m1), iterations=2, seed_prompts=str(seeds),
+                      n_prompts=3, prompt_max_tokens=16, prompt_min_words=1, n_candidates=2, max_tokens=8,
+                      judge_k=1, judge_max_tokens=8, judge_template="short", score_from="expected", chunk=4,
+                      dpo=dict(max_steps=1, batch_size=2, max_length=128, lr=1e-3, warmup_steps=0), eval_hook=hook)
     ms = run_loop(cfg)
     assert [t for t, _ in hooked] == [1, 2, 3]
     weights = [load_file(f"{d}/model.safetensors") for _, d in hooked]

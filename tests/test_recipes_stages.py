@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from selfreward.records import partial_path, read_jsonl
-from selfreward.recipes.self_reward import LoopConfig, Models, iter_dir, stage_candidates, stage_judge, stage_pairs, \
-    stage_prompts
+from selfreward.cli import to_dict
+from selfreward.recipes.session import Session as Models
+from selfreward.recipes.self_reward import iter_dir, stage_candidates, stage_judge, stage_pairs, stage_prompts
 from tests.conftest import ROOT
-from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
+from tests.recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +43,7 @@ def _cfg(run, m1, **kw):
                 n_prompts=4, n_candidates=2, judge_k=2, max_tokens=8, judge_max_tokens=8, judge_template="short",
                 chunk=2)
     base.update(kw)
-    return LoopConfig(**base)
+    return loop_config(**base)
 
 
 def test_prompt_sources(tiny, tmp_path):
@@ -69,8 +70,9 @@ def test_candidates_sigkill_then_resume(tiny, tmp_path):
     cfg = _cfg(run, tiny, prompt_source=str(write_prompts(tmp_path / "q.jsonl", prompts)), n_prompts=24,
                max_tokens=16, chunk=1)
     stage_prompts(cfg, 1, Models())
-    cmd = [sys.executable, "-m", "selfreward.recipes.self_reward", "--run-dir", str(run), "--init", str(tiny),
-           "--prompts", str(tmp_path / "q.jsonl"), "--n-prompts", "24", "--n", "2", "--max-tokens", "16",
+    cmd = [sys.executable, "-m", "selfreward.recipes.self_reward", "--run-dir", str(run), "--init-model", str(tiny),
+           "--prompt-source", str(tmp_path / "q.jsonl"), "--n-prompts", "24", "--candidates-n", "2",
+           "--candidates-max-tokens", "16", "--judge-template", "short",
            "--chunk", "1", "--stage", "candidates", "--iter", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = iter_dir(cfg, 1) / "candidates.jsonl"
@@ -122,7 +124,7 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
     assert len(read_jsonl(partial_path(iter_dir(cfg2, 1) / "judgments.jsonl"))) == 2 * 2 * 2   # 2 chunks of 2
     stage_judge(cfg2, 1, m)
     assert read_jsonl(iter_dir(cfg2, 1) / "judgments.jsonl") == ref
-    counts = stage_pairs(cfg2, 1)
+    counts = stage_pairs(cfg2, 1)["counts"]
     assert counts["pairs"] + counts["ties"] + counts["prompts_too_few_scored"] == 4
 
 
@@ -194,7 +196,7 @@ def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
     for c in cfgs:
         stage_prompts(c, 1, Models())
     stage_candidates(cfgs[0], 1, Models())
-    write_json(tmp_path / "two" / "config.json", cfgs[1].settings())
+    write_json(tmp_path / "two" / "config.json", to_dict(cfgs[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage", "candidates",
            "--iter", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,

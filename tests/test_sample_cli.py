@@ -22,7 +22,7 @@ def test_stories260k_greedy_from_bos(stories260k, tmp_path):
     inp = _write(tmp_path / "in.jsonl", [{"id": "bos", "prompt": ""}])
     out = tmp_path / "out.jsonl"
     rc = cli.main(["--model", str(stories260k), "--input", str(inp), "--output", str(out),
-                   "--temperature", "0", "--max-tokens", "256", "--ignore-eos"])
+                   "--temperature", "0", "--max-tokens", "256", "--ignore-eos", "--raw-prompt"])
     assert rc == 0
     (rec,) = _read(out)
     assert len(rec["token_ids"]) == 256 and rec["finish_reason"] == "length" and rec["sample"] == 0
@@ -55,13 +55,13 @@ def test_resume_after_kill_and_sharding(stories260k, tmp_path, monkeypatch, caps
     # a killed run: "b" finished (planted text proves it is not regenerated), "a" half written, a cut line
     out = tmp_path / "out.jsonl"
     planted = [dict(r, text="PLANTED") for r in ref[2:4]]
-    part = tmp_path / "out.jsonl.part0"
+    part = tmp_path / "out.jsonl.partial"
     part.write_text("".join(json.dumps(r) + "\n" for r in [ref[0]] + planted) + json.dumps(ref[4])[:25])
     assert _run(stories260k, inp, out) == 0
     got = _read(out)
     assert [r["text"] for r in got] == [r["text"] for r in ref[:2]] + ["PLANTED"] * 2 + [r["text"] for r in ref[4:]]
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in ref]
-    assert not list(tmp_path.glob("out.jsonl.part*"))
+    assert not list(tmp_path.glob("out.jsonl.*"))
     assert "4 already done" not in capsys.readouterr().err
     assert _run(stories260k, inp, out) == 0            # complete: nothing to do, nothing changes
     assert _read(out) == got and "0 prompts to do (4 already done)" in capsys.readouterr().err
@@ -77,7 +77,7 @@ def test_resume_after_kill_and_sharding(stories260k, tmp_path, monkeypatch, caps
         assert _run(stories260k, inp, sharded) == 0
         if rank == 1:
             assert not sharded.exists()
-            assert {r["id"] for r in _read(tmp_path / "sharded.jsonl.part1")} == {"b", "d"}
+            assert {r["id"] for r in _read(tmp_path / "sharded.jsonl.rank1")} == {"b", "d"}
     got = _read(sharded)    # same seeds per id whatever the shard; log-probs differ only by batch rounding
     assert [{k: v for k, v in r.items() if k != "logprobs"} for r in got] == \
         [{k: v for k, v in r.items() if k != "logprobs"} for r in ref]
@@ -119,6 +119,6 @@ def test_torchrun_two_ranks_gloo(stories260k, tmp_path):
                         str(script), "--model", str(stories260k), "--input", str(inp), "--output", str(two), *args],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "rank 1/2" in r.stderr and not list(tmp_path.glob("two.jsonl.part*"))
+    assert "rank 1/2" in r.stderr and not list(tmp_path.glob("two.jsonl.*"))
     strip = lambda rs: [(x["id"], x["sample"], x["text"], x["token_ids"], x["finish_reason"]) for x in rs]  # noqa: E731
     assert strip(_read(two)) == strip(_read(one))

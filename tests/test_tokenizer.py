@@ -86,8 +86,11 @@ def test_sentencepiece_with_jinja_template(tmp_path, stories260k):
 
 def test_prompt_ids_raw_and_messages(stories260k):
     tok = Tokenizer.load(stories260k)
-    assert tok.prompt_ids({"prompt": "Once"}) == [tok.bos_id] + tok.encode("Once")
-    assert tok.prompt_ids({"prompt": ""}) == [tok.bos_id]
+    assert tok.prompt_ids({"prompt": "Once"}, raw=True) == [tok.bos_id] + tok.encode("Once")
+    assert tok.prompt_ids({"prompt": ""}, raw=True) == [tok.bos_id]
+    # by default a "prompt" is one user turn, as the trainers read it
+    user = [{"role": "user", "content": "Once"}]
+    assert tok.prompt_ids({"prompt": "Once"}) == tok.render_chat(user, add_generation_prompt=True)[0]
     assert tok.prompt_ids({"messages": CHAT[:2]}) == tok.render_chat(CHAT[:2], add_generation_prompt=True)[0]
 
 

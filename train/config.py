@@ -1,16 +1,11 @@
-"""The settings both trainers share, and `--flag value` parsing into a config dataclass.
-
-Each field `some_name` becomes `--some-name`; bools take `--x/--no-x`; list fields take several values.
-The trainer dataclasses (SFTConfig, DPOConfig) extend TrainConfig and override the defaults.
+"""The settings both trainers share. The trainer dataclasses (SFTConfig, DPOConfig) extend TrainConfig and
+override the defaults; `parse_config` (the project's one flag generator, cli.py) turns them into flags.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import inspect
-import re
-import typing
 from dataclasses import dataclass, field
+
+from selfreward.cli import ConfigError, parse_config  # noqa: F401  (parse_config: the trainers' entry)
 
 
 @dataclass
@@ -48,41 +43,8 @@ class TrainConfig:
     def check(self) -> None:
         for name in ("model", "output"):
             if not getattr(self, name):
-                raise SystemExit(f"--{name.replace('_', '-')} is required")
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.data:
-            raise SystemExit("--data is required")
+            raise ConfigError("--data is required")
         if self.schedule not in ("cosine", "linear"):
-            raise SystemExit(f"--schedule {self.schedule!r}: choose cosine or linear")
-
-
-def _field_comments(cls) -> dict[str, str]:
-    """The `# comment` after each field in the class bodies (subclass wins): the flags' help texts."""
-    out: dict[str, str] = {}
-    for c in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(c):
-            for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(c), re.M):
-                out[m.group(1)] = m.group(2).replace("%", "%%")
-    return out
-
-
-def parse_config(cls, argv: list[str] | None, description: str = ""):
-    """Build an argparse parser from the dataclass fields of `cls` and return a filled instance."""
-    hints = typing.get_type_hints(cls)
-    helps = _field_comments(cls)
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        t = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        h = f"{helps.get(f.name, '')} (default: {default!r})".strip()
-        if t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
-        elif typing.get_origin(t) is list:
-            p.add_argument(flag, nargs="+", type=typing.get_args(t)[0], default=default, help=h)
-        else:
-            p.add_argument(flag, type=t, default=default, help=h)
-    ns = p.parse_args(argv)
-    cfg = cls(**vars(ns))
-    cfg.check()
-    return cfg
+            raise ConfigError(f"--schedule {self.schedule!r}: choose cosine or linear")

@@ -6,6 +6,9 @@ SFT records (one JSON object per line):
     {"text": str}                                                              BOS + text + EOS, loss on all
 DPO records:
     {"prompt": str | "messages": [...], "chosen": str, "rejected": str}       (+ any extra fields)
+    optional "prompt_token_ids", "chosen_token_ids", "rejected_token_ids": the ids as sampled (recipes'
+    pairs.jsonl carries them); they are trained on as they are, not re-encoded from the text (decode then
+    encode is not the identity); the response ids get the turn's end token, as render_response adds it.
 
 Truncation rules (counted and logged by the trainers):
 - SFT: an example longer than max_length tokens keeps its first max_length tokens; one left with no
@@ -21,10 +24,9 @@ from pathlib import Path
 
 import torch
 
+from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
+from selfreward.model.tokenizer import check_messages
 from selfreward.records import DataError, field, iter_jsonl  # noqa: F401  (DataError re-exported for callers)
-
-IGNORE = -100
-ROLES = ("system", "user", "assistant")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
@@ -40,14 +42,7 @@ def _str_field(rec: dict, name: str, where: str) -> str:
 
 
 def _messages(rec: dict, where: str) -> list[dict]:
-    msgs = rec["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list")
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': one of {ROLES}, "
-                            f"'content': str}}")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return check_messages(rec["messages"], where)
 
 
 def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
@@ -169,9 +164,22 @@ def dpo_pair(rec: dict, tok, where: str) -> Pair:
         msgs = [{"role": "user", "content": _str_field(rec, "prompt", where)}]
     else:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
-    prompt, _ = tok.render_chat(msgs, add_generation_prompt=True)
-    return Pair(list(prompt), _response_ids(tok, _str_field(rec, "chosen", where)),
-                _response_ids(tok, _str_field(rec, "rejected", where)))
+    if "prompt_token_ids" in rec:
+        prompt = _ids_field(rec, "prompt_token_ids", where, tok)
+    else:
+        prompt, _ = tok.render_chat(msgs, add_generation_prompt=True)
+    end = _response_ids(tok, "")            # the end-of-turn token(s) after a reply's content
+    resp = [_ids_field(rec, f"{k}_token_ids", where, tok) + end if f"{k}_token_ids" in rec
+            else _response_ids(tok, _str_field(rec, k, where)) for k in ("chosen", "rejected")]
+    return Pair(list(prompt), resp[0], resp[1])
+
+
+def _ids_field(rec: dict, name: str, where: str, tok) -> list[int]:
+    v = rec[name]
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size
+                                          for t in v):
+        raise DataError(f"{where}: field '{name}' must be a list of token ids in [0, {tok.vocab_size})")
+    return list(v)
 
 
 def truncate_pair(p: Pair, max_length: int, max_prompt_length: int) -> tuple[Pair, bool]:

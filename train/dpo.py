@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from selfreward.model.checkpoint import load_model
-from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
@@ -43,7 +43,7 @@ class DPOConfig(TrainConfig):
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
-            raise SystemExit(f"--ref-mode {self.ref_mode!r}: choose cache or online")
+            raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
 
 
 class DPOTask:
@@ -105,7 +105,12 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(DPOConfig, argv, __doc__)
+    return train(parse_config(DPOConfig, argv, __doc__))
+
+
+def train(cfg: DPOConfig) -> dict:
+    """One DPO run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
+    cfg.check()
     d, tok, tok_dir = start(cfg)
     mpl = cfg.max_prompt_length or cfg.max_length // 2
     pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)

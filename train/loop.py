@@ -20,6 +20,7 @@ import torch
 from selfreward.model.checkpoint import load_model
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
+from selfreward.records import DataError
 from selfreward.train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
@@ -31,13 +32,17 @@ class TrainingStopped(RuntimeError):
 
 
 def cli(main) -> None:
-    """The entry scripts' `__main__`: run, and turn a stopped run (NaN/inf loss) into its message and exit 1."""
+    """The entry scripts' `__main__`: a stopped run (NaN/inf loss) prints its message and exits 1; bad input
+    or a bad flag prints `error: ...` and exits 2."""
     import sys
     try:
         main()
     except TrainingStopped as e:
         print(e, file=sys.stderr)
         sys.exit(1)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:

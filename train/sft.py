@@ -12,10 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-
 import torch
 
-from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Example, load_sft, n_targets, pack_rows
 from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import sft_logp_sum
@@ -81,13 +80,18 @@ def _systems(cfg: SFTConfig) -> dict[str, str]:
     for s in cfg.system_prompt:
         path, sep, text = s.partition("=")
         if not sep or path not in cfg.data + cfg.eval_data:
-            raise SystemExit(f"--system-prompt {s!r}: expected FILE=TEXT with FILE one of the --data files")
+            raise ConfigError(f"--system-prompt {s!r}: expected FILE=TEXT with FILE one of the --data files")
         out[path] = text
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(SFTConfig, argv, __doc__)
+    return train(parse_config(SFTConfig, argv, __doc__))
+
+
+def train(cfg: SFTConfig) -> dict:
+    """One SFT run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
+    cfg.check()
     d, tok, tok_dir = start(cfg)
     systems = _systems(cfg)
     data, counts = load_sft(cfg.data, tok, cfg.max_length, systems)

@@ -1,0 +1,172 @@
+"""Config dataclasses <-> flags and JSON, the torchrun launcher, and the entry scripts' error handling.
+
+One convention everywhere: field `some_name` is `--some-name`; a nested config's fields carry its name,
+`LoopConfig.judge.k` is `--judge-k`; bools take `--x/--no-x`; list fields take several values. Every entry
+takes `--config FILE` (a JSON the command wrote, e.g. RUN/config.json): its values first, flags over them,
+and `to_dict` / `from_dict` round-trip it exactly. A field's help is the `# comment` after it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import subprocess
+import sys
+import types
+import typing
+from pathlib import Path
+
+from selfreward.records import DataError
+
+
+class ConfigError(DataError):
+    """A bad flag or config value: the message names the flag."""
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _scalar(t):
+    """The flag type of a field annotation: int, float, str, bool, list[...] or a dataclass; None = no flag."""
+    if dataclasses.is_dataclass(t) or t in (int, float, str, bool):
+        return t
+    if typing.get_origin(t) is list:
+        return t
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return str if str in args else (args[0] if len(args) == 1 and args[0] in (int, float) else None)
+    return None
+
+
+def _comments(cls) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for c in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(c), re.M):
+                out[m.group(1)] = m.group(2).replace("%", "%%")
+    return out
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | None = None) -> set[str]:
+    """Flags for every field of `cls` (nested dataclasses with their name as prefix); default None = not
+    given. `skip` maps a nested field name to the set of its fields that get no flag (the caller sets them)."""
+    skip = skip or {}
+    helps, hints = _comments(cls), _hints(cls)
+    dests: set[str] = set()
+    for f in dataclasses.fields(cls):
+        t = _scalar(hints[f.name])
+        if t is None or f.name in skip.get("", ()):
+            continue
+        name = prefix + f.name
+        if dataclasses.is_dataclass(t):
+            dests |= add_flags(p, t, name + ".", {"": skip.get(f.name, ())})
+            continue
+        flag = "--" + name.replace(".", "-").replace("_", "-")
+        h = f"{helps.get(f.name, '')} (default: {_default(f)!r})".strip()
+        if t is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif typing.get_origin(t) is list:
+            p.add_argument(flag, dest=name, nargs="+", type=typing.get_args(t)[0], default=None, help=h)
+        else:
+            p.add_argument(flag, dest=name, type=t, default=None, help=h)
+        dests.add(name)
+    return dests
+
+
+def to_dict(cfg) -> dict:
+    """The config as nested plain data; callables are left out (they cannot be saved)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif not callable(v):
+            out[f.name] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def from_dict(cls, d: dict, where: str = "config"):
+    """`cls` filled from nested data; an unknown key is an error naming it."""
+    hints = _hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in d.items():
+        if k not in names:
+            raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
+        t = _scalar(hints[k])
+        kw[k] = from_dict(t, v, f"{where}.{k}") if dataclasses.is_dataclass(t) and isinstance(v, dict) else v
+    return cls(**kw)
+
+
+def _set(d: dict, dotted: str, v) -> None:
+    *head, last = dotted.split(".")
+    for h in head:
+        d = d.setdefault(h, {})
+    d[last] = v
+
+
+def parser(cls, description: str = "", skip: dict | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a JSON config this command wrote (e.g. RUN/config.json); flags override it")
+    p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)))
+    return p
+
+
+def build(cls, ns: argparse.Namespace):
+    """The config from `--config` (if given) with every config flag that was given over it."""
+    base: dict = {}
+    if getattr(ns, "config", None):
+        try:
+            base = json.loads(Path(ns.config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--config {ns.config}: {e}") from None
+    for k in ns._cfg_dests:
+        if getattr(ns, k) is not None:
+            _set(base, k, getattr(ns, k))
+    return from_dict(cls, base, getattr(ns, "config", None) or "flags")
+
+
+def parse_config(cls, argv: list[str] | None, description: str = ""):
+    """Parse `argv` into a filled, checked `cls` (the trainers' entry)."""
+    ns = parser(cls, description).parse_args(argv)
+    cfg = build(cls, ns)
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def torchrun(target: str, args: list[str], nproc: int) -> None:
+    """Run `target` (a module name, or a script path ending in .py) under torchrun with `nproc` ranks on
+    this node; a failed rank is an error naming the command."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [target] if target.endswith(".py") else ["-m", target]
+    r = subprocess.run(cmd + list(args))
+    if r.returncode != 0:
+        raise RuntimeError(f"torchrun {target} {' '.join(args)}: exit {r.returncode}")
+
+
+def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, extra: list[str] = ()):
+    """One stage: `fn(cfg)` in this process, or with nproc > 1 the same config saved to `config_path` and
+    `module --config config_path` under torchrun (its main reads it back exactly)."""
+    if nproc <= 1:
+        return fn(cfg)
+    from selfreward.records import write_json
+    write_json(config_path, to_dict(cfg))
+    torchrun(module, ["--config", str(config_path), *extra], nproc)
+
+
+def run_main(main) -> None:
+    """An entry script's `__main__`: the project's input errors become `error: ...` and exit 2."""
+    try:
+        rc = main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,56 @@
+"""The engine's settings and the one function every caller loads an engine with.
+
+    eng = load_engine("ckpt/", EngineConfig())                  # CUDA + bf16 where available, else CPU fp32
+    eng = load_engine("ckpt/", EngineConfig(device="cpu", dtype="bfloat16"))
+    eng.tokenizer                                                # the checkpoint's tokenizer, loaded once
+
+Under torchrun the default device is cuda:LOCAL_RANK, so each rank samples on its own GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    device: str = ""                  # "" = cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str = ""                   # float32 | bfloat16 | float16; "" = bfloat16 on CUDA, float32 on CPU
+    block_size: int = 16              # tokens per KV block
+    num_blocks: int = 0               # KV blocks in the pool; 0 = enough for max_num_seqs (memory-capped)
+    max_num_seqs: int = 256           # sequences decoded together
+    max_num_batched_tokens: int = 4096   # tokens per engine step (prefill chunks + decodes)
+    prefix_cache: bool = True         # share KV blocks of equal prefixes (judge rubric, few-shot header)
+
+    def check(self) -> None:
+        if self.dtype and self.dtype not in DTYPES:
+            raise ValueError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 0:
+            raise ValueError(f"engine num_blocks must be >= 0, got {self.num_blocks}")
+
+
+def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
+    """(device, dtype) the engine runs with: the configured ones, else CUDA/bf16 where available."""
+    cfg.check()
+    cuda = torch.cuda.is_available()
+    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, DTYPES[dtype]
+
+
+def load_engine(path, cfg: EngineConfig | None = None):
+    """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer."""
+    from selfreward.infer.engine import Engine
+    cfg = cfg or EngineConfig()
+    device, dtype = resolve_device(cfg)
+    return Engine.from_pretrained(path, dtype=dtype, device=device, block_size=cfg.block_size,
+                                  num_blocks=cfg.num_blocks or None, max_num_seqs=cfg.max_num_seqs,
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                  prefix_cache=cfg.prefix_cache)
