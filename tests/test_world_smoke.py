@@ -39,9 +39,9 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     assert "acc greedy" in out and "judge pw" in out
     print(f"world smoke: {wall:.1f}s")
     # M0 is cached: asking again returns the same folder without training
-    m0 = build_m0(cache, demo.smoke_config(str(run), str(cache)).model)
+    m0 = build_m0(cache, demo.smoke_config(str(run), str(cache)).m0)
     stamp = (m0 / "model.safetensors").stat().st_mtime
-    assert build_m0(cache, demo.smoke_config(str(run), str(cache)).model) == m0
+    assert build_m0(cache, demo.smoke_config(str(run), str(cache)).m0) == m0
     assert (m0 / "model.safetensors").stat().st_mtime == stamp
 
 

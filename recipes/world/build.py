@@ -10,14 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -50,24 +46,15 @@ class WorldModelConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_trainer(script: str, argv: list[str], nproc: int) -> None:
-    """train/sft.py or train/dpo.py: in-process for one rank, under torchrun for more (as a user runs it)."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train" / script)] + argv
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        return
-    if script == "sft.py":
-        from selfreward.train.sft import main
-    else:
-        from selfreward.train.dpo import main
-    main(argv)
+def run_sft(cfg, nproc: int) -> None:
+    """train/sft.py's train(cfg): in this process for one rank, under torchrun for more (as a user runs it)."""
+    from selfreward.cli import launch
+    from selfreward.train.sft import train
+    launch(train, cfg, "selfreward.train.sft", nproc, Path(cfg.output) / "sft_config.json")
 
 
 def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0) -> Path:
     """-> the folder of M0 (cached: returned at once when it exists)."""
-    import torch
-
     from selfreward.model.checkpoint import save_model
     from selfreward.model.config import ModelConfig
     from selfreward.model.llama import Transformer
@@ -94,13 +81,11 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     print(f"[world] M0: {n / 1e6:.2f}M parameters, pretraining {mc.pretrain_steps} steps on {mc.web_docs} "
           f"web documents", flush=True)
     del model
-    argv = ["--model", str(home / "init"), "--data", str(web), "--output", str(home / "pretrain"),
-            "--export", str(m0), "--max-steps", str(mc.pretrain_steps), "--batch-size", str(mc.pretrain_batch),
-            "--lr", str(mc.pretrain_lr), "--final-lr", str(mc.pretrain_lr / 10), "--max-length", "128",
-            "--dropout", "0", "--seed", str(mc.seed), "--resume", "--log-every", "25", "--weight-decay", "0.0"]
-    if threads:
-        argv += ["--threads", str(threads)]
-    run_trainer("sft.py", argv, nproc)
+    from selfreward.train.sft import SFTConfig
+    run_sft(SFTConfig(model=str(home / "init"), data=[str(web)], output=str(home / "pretrain"), export=str(m0),
+                      max_steps=mc.pretrain_steps, batch_size=mc.pretrain_batch, lr=mc.pretrain_lr,
+                      final_lr=mc.pretrain_lr / 10, max_length=128, dropout=0.0, seed=mc.seed, resume=True,
+                      log_every=25, weight_decay=0.0, threads=threads), nproc)
     shutil.rmtree(home / "init", ignore_errors=True)
     return m0
 

@@ -15,17 +15,16 @@ those candidates can do. The figures go to a terminal table, RUN/summary.json an
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
+from selfreward import cli
+from selfreward.infer.config import EngineConfig
+from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_sft, write_seeds
 from selfreward.recipes.world.measure import MeasureConfig, measure
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -61,13 +60,14 @@ class DemoConfig:
     # evaluation
     n_eval: int = 200
     n_judge: int = 100
-    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # --m0-hidden, --m0-kinds, ...
+    engine: EngineConfig = field(default_factory=EngineConfig)       # --engine-device, --engine-dtype, ...
 
     def scaled(self, s: float) -> "DemoConfig":
         """Sizes times s (steps, data, prompts); the model's shape is set by its own flags."""
-        m = dataclasses.replace(self.model, web_docs=int(self.model.web_docs * s),
-                                pretrain_steps=int(self.model.pretrain_steps * s))
-        return dataclasses.replace(self, model=m, n_ift=int(self.n_ift * s), n_eft=int(self.n_eft * s),
+        m = dataclasses.replace(self.m0, web_docs=int(self.m0.web_docs * s),
+                                pretrain_steps=int(self.m0.pretrain_steps * s))
+        return dataclasses.replace(self, m0=m, n_ift=int(self.n_ift * s), n_eft=int(self.n_eft * s),
                                    sft_steps=int(self.sft_steps * s), n_prompts=int(self.n_prompts * s))
 
 
@@ -77,7 +77,7 @@ def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
                          pretrain_batch=16, pretrain_lr=1e-2)
     return DemoConfig(run_dir=run_dir, cache_dir=cache_dir, n_ift=24, n_eft=48, sft_steps=10, sft_batch=8,
                       n_prompts=12, n_candidates=3, judge_k=2, judge_temperature=1.0, temperature=1.0,
-                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_judge=5, model=m)
+                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_judge=5, m0=m)
 
 
 class Clock:
@@ -98,10 +98,10 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.world.judging import set_format, write_template
     from selfreward.recipes.world.tasks import set_kinds
     from selfreward.recipes.world.report import pair_quality, plot, table, write_summary
-    from selfreward.records import read_jsonl
+    from selfreward.records import read_jsonl, write_jsonl
 
-    set_format(cfg.model.judge_format)      # the EFT seed's and the web text's judge format
-    set_kinds(cfg.model.kinds)              # the world's task kinds (every generator and the evaluation)
+    set_format(cfg.m0.judge_format)      # the EFT seed's and the web text's judge format
+    set_kinds(cfg.m0.kinds)              # the world's task kinds (every generator and the evaluation)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
@@ -113,7 +113,7 @@ def run(cfg: DemoConfig) -> dict:
 
     clock.banner("tokenizer + M0 (pretraining on web text with imperfect answers; cached)")
     t = time.perf_counter()
-    m0 = build_m0(cache, cfg.model, cfg.nproc, thr)
+    m0 = build_m0(cache, cfg.m0, cfg.nproc, thr)
     clock.stage("m0", time.perf_counter() - t)
 
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -123,7 +123,7 @@ def run(cfg: DemoConfig) -> dict:
     def evaluate(name: str, model_dir: str) -> dict:
         clock.banner(f"measuring {name} ({cfg.n_eval} held-out prompts, {cfg.n_judge} judge groups)")
         t = time.perf_counter()
-        r = measure(model_dir, mcfg)
+        r = measure(model_dir, mcfg, cfg.engine)
         clock.stage("measure", time.perf_counter() - t)
         print(f"[world] {name}: greedy acc {r['greedy_acc']:.3f}  sampled acc {r['sampled_acc']:.3f}  "
               f"judge pairwise {_f(r['judge_pairwise'])}  by kind {r['acc_by_kind']}", flush=True)
@@ -137,33 +137,34 @@ def run(cfg: DemoConfig) -> dict:
     ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed)
     m1 = run_dir / "m1"
     if not (m1 / "config.json").exists():
-        argv = ["--model", str(m0), "--data", str(ift), str(eft), "--output", str(run_dir / "sft"),
-                "--export", str(m1), "--max-steps", str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch),
-                "--lr", str(cfg.sft_lr), "--final-lr", str(cfg.sft_lr / 10), "--max-length", "128",
-                "--dropout", "0", "--seed", str(cfg.seed), "--resume", "--log-every", "50"]
-        run_trainer("sft.py", argv + (["--threads", str(thr)] if thr else []), cfg.nproc)
+        from selfreward.train.sft import SFTConfig
+        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)], output=str(run_dir / "sft"), export=str(m1),
+                          max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
+                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=50, threads=thr),
+                cfg.nproc)
     clock.stage("sft", time.perf_counter() - t)
 
     template = write_template(run_dir / "seed" / "judge_template.txt")
     avoid = {r["prompt"] for r in read_jsonl(ift)}
     prompts = run_dir / "seed" / "loop_prompts.jsonl"
-    from selfreward.recipes.world.data import write_jsonl
     write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid))
 
     def hook(t_: int, model_dir: str) -> dict:
         return evaluate(f"M{t_}", model_dir)
 
-    dpo_args = ["--lr", str(cfg.dpo_lr), "--final-lr", str(cfg.dpo_lr / 10), "--beta", str(cfg.dpo_beta),
-                "--nll-alpha", str(cfg.dpo_nll_alpha),
-                "--epochs", str(cfg.dpo_epochs), "--batch-size", str(cfg.dpo_batch), "--max-length", "192",
-                "--dropout", "0", "--log-every", "10"] + (["--threads", str(thr)] if thr else [])
+    from selfreward.recipes.judge import JudgeConfig
+    from selfreward.recipes.self_reward import CandidatesConfig
+    from selfreward.train.dpo import DPOConfig
+    dpo = DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, nll_alpha=cfg.dpo_nll_alpha,
+                    epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=192, dropout=0.0, log_every=10,
+                    threads=thr)
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
-                    prompt_source=str(prompts), n_prompts=cfg.n_prompts, n_candidates=cfg.n_candidates,
-                    temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=mcfg.max_tokens,
-                    judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, judge_top_p=0.9,
-                    judge_max_tokens=mcfg.judge_max_tokens, judge_template=str(template), judge_distinct=True,
-                    min_margin=cfg.min_margin,
-                    dpo_args=dpo_args, nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed)
+                    prompt_source=str(prompts), n_prompts=cfg.n_prompts, min_margin=cfg.min_margin,
+                    nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed, engine=cfg.engine, dpo=dpo,
+                    candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                max_tokens=mcfg.max_tokens),
+                    judge=JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=0.9,
+                                      max_tokens=mcfg.judge_max_tokens, template=str(template), distinct=True))
     clock.banner(f"self-rewarding loop: {cfg.iterations} iterations of {cfg.n_prompts} prompts x "
                  f"{cfg.n_candidates} candidates x {cfg.judge_k} judgments, then DPO")
     t = time.perf_counter()
@@ -179,7 +180,7 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.oracle_control and manifests:
         clock.banner("oracle control: DPO from M1 on the checker's pairs among iteration 1's candidates")
         t = time.perf_counter()
-        oracle = oracle_control(run_dir, lc, m1, dpo_args, cfg.nproc)
+        oracle = oracle_control(run_dir, lc, m1)
         clock.stage("oracle_control", time.perf_counter() - t)
         if oracle:
             evaluate("M2*", oracle["model"])
@@ -205,7 +206,7 @@ def run(cfg: DemoConfig) -> dict:
     print("\n" + table(rows), flush=True)
     png = plot(rows, run_dir / "curves.png")
     summary = {"rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
-               "config": dataclasses.asdict(cfg), "m0": str(m0), "plot": str(png) if png else None,
+               "config": cli.to_dict(cfg), "m0": str(m0), "plot": str(png) if png else None,
                "examples": {k: v.get("examples") for k, v in results.items()}}
     path = write_summary(run_dir, summary)
     print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
@@ -230,7 +231,7 @@ def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
     return out
 
 
-def oracle_control(run_dir: Path, lc, m1: Path, dpo_args: list[str], nproc: int) -> dict | None:
+def oracle_control(run_dir: Path, lc, m1: Path) -> dict | None:
     """DPO from M1 with the loop's own settings on oracle_pairs of iteration 1 -> {"model", "pairs"}."""
     from selfreward.records import read_jsonl, write_jsonl
     from selfreward.recipes.self_reward import iter_dir
@@ -243,23 +244,24 @@ def oracle_control(run_dir: Path, lc, m1: Path, dpo_args: list[str], nproc: int)
     home = run_dir / "oracle"
     data = write_jsonl(home / "pairs.jsonl", pairs)
     if not (home / "model" / "config.json").exists():
-        run_trainer("dpo.py", ["--model", str(m1), "--data", str(data), "--output", str(home / "dpo"),
-                               "--export", str(home / "model"), "--resume"] + dpo_args, nproc)
+        from selfreward.train.dpo import train
+        dcfg = dataclasses.replace(lc.dpo, model=str(m1), data=[str(data)], output=str(home / "dpo"),
+                                   export=str(home / "model"), resume=True)
+        cli.launch(train, dcfg, "selfreward.train.dpo", lc.nproc, home / "dpo_config.json")
     return {"model": str(home / "model"), "pairs": len(pairs)}
 
 
 def self_judge_vs_likelihood(lc, t: int) -> dict:
     """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under M_t."""
-    from selfreward.infer.engine import Engine
     from selfreward.records import read_jsonl
-    from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.session import Session
     from selfreward.recipes.self_reward import iter_dir, model_at
     from selfreward.recipes.world.report import ranking_on_mixed
 
     it = iter_dir(lc, t)
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    engine, tok = Engine.from_pretrained(model_at(lc, t)), Tokenizer.load(model_at(lc, t))
+    engine, tok = Session(lc.engine).get(model_at(lc, t))
 
     def likelihood(items):
         lps = engine.score([chat_prompt_ids(tok, p) for p, _ in items], [tok.render_response(x) for _, x in items])
@@ -276,22 +278,15 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(DemoConfig):
-        if f.name == "model":
-            continue
-        if str(f.type) == "bool":
-            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
-            continue
-        typ = {"int": int, "float": float}.get(str(f.type), str)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None)
-    for f in dataclasses.fields(WorldModelConfig):
-        typ = {"int": int, "float": float}.get(str(f.type), str)
-        ap.add_argument("--m0-" + f.name.replace("_", "-"), dest="m0_" + f.name, type=typ, default=None)
+REAL_FLAGS = {"judge_template": ("judge", "template"), "max_tokens": ("candidates", "max_tokens"),
+              "judge_max_tokens": ("judge", "max_tokens"), "score_from": ("", "score_from")}
+
+
+def _parser():
+    ap = cli.parser(DemoConfig, __doc__.split("\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
     ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
-    ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/world/real.py)")
+    ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/real.py)")
     ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m selfreward.recipes.oasst --out` wrote")
     ap.add_argument("--judge-template", help="with --real-model: a rubric file or built-in name (default, short)")
     ap.add_argument("--max-tokens", type=int, help="with --real-model: candidate length limit (default 512)")
@@ -305,28 +300,31 @@ def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     if a.real_model or a.oasst_seed:
         if not (a.real_model and a.oasst_seed):
-            raise SystemExit("--real-model and --oasst-seed go together")
-        from selfreward.recipes.world.real import run_real
-        names = ("n_candidates", "temperature", "top_p", "judge_k", "judge_temperature", "min_margin",
-                 "judge_template", "max_tokens", "judge_max_tokens", "score_from")    # LoopConfig fields
-        loop = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
-        dpo = [x for flag, v in (("--lr", a.dpo_lr), ("--beta", a.dpo_beta), ("--nll-alpha", a.dpo_nll_alpha))
-               if v is not None for x in (flag, str(v))]
+            raise cli.ConfigError("--real-model and --oasst-seed go together")
+        from selfreward.recipes.real import run_real
+        loop: dict = {"candidates": {}, "judge": {}, "dpo": {}}
+        for name, (sec, key) in {"n_candidates": ("candidates", "n"), "temperature": ("candidates", "temperature"),
+                                 "top_p": ("candidates", "top_p"), "judge_k": ("judge", "k"),
+                                 "judge_temperature": ("judge", "temperature"), "min_margin": ("", "min_margin"),
+                                 "dpo_lr": ("dpo", "lr"), "dpo_beta": ("dpo", "beta"),
+                                 "dpo_nll_alpha": ("dpo", "nll_alpha"), **REAL_FLAGS}.items():
+            if getattr(a, name, None) is not None:
+                (loop if not sec else loop[sec])[key] = getattr(a, name)
         return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,
-                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, dpo_args=dpo,
-                        sft_steps=a.sft_steps or 0)
+                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, sft_steps=a.sft_steps or 0)
     cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
     if a.scale != 1.0:
         cfg = cfg.scaled(a.scale)
-    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)
-            if f.name != "model" and getattr(a, f.name) is not None}
-    mover = {f.name: getattr(a, "m0_" + f.name) for f in dataclasses.fields(WorldModelConfig)
-             if getattr(a, "m0_" + f.name) is not None}
-    if "seed" in over and "seed" not in mover:
-        mover["seed"] = over["seed"]
-    cfg = dataclasses.replace(cfg, **over, model=dataclasses.replace(cfg.model, **mover))
-    return run(cfg)
+    given = cli.to_dict(cli.build(DemoConfig, a))     # flags over DemoConfig's defaults...
+    flags = {k for k in a._cfg_dests if getattr(a, k) is not None}
+    base = cli.to_dict(cfg)                           # ...but only the flags given override smoke / scale
+    for k in flags:
+        sec, _, name = k.rpartition(".")
+        (base[sec] if sec else base)[name] = (given[sec] if sec else given)[name]
+    if "seed" in flags and "m0.seed" not in flags:
+        base["m0"]["seed"] = base["seed"]
+    return run(cli.from_dict(DemoConfig, base))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

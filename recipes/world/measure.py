@@ -48,15 +48,13 @@ def judge_groups(n: int, seed: int = 0) -> list[dict]:
     return groups
 
 
-def measure(model_dir: str, cfg: MeasureConfig, engine=None, tok=None) -> dict:
-    from selfreward.infer.engine import Engine
+def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     from selfreward.infer.sequence import SamplingParams
-    from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import rm_eval
     from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids
+    from selfreward.recipes.session import Session
 
-    engine = engine or Engine.from_pretrained(model_dir)
-    tok = tok or Tokenizer.load(model_dir)
+    engine, tok = Session(engine_cfg).get(model_dir)
     tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed)
     ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
     greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
@@ -72,7 +70,8 @@ def measure(model_dir: str, cfg: MeasureConfig, engine=None, tok=None) -> dict:
     s_ok = [is_correct(t, c.text) for t, comps in zip(tasks, sampled) for c in comps]
     texts = [c[0].text for c in greedy]
     jc = JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
-                     max_tokens=cfg.judge_max_tokens, seed=cfg.seed, template=cfg.template)
+                     max_tokens=cfg.judge_max_tokens, seed=cfg.seed)
+    jc.text = cfg.template            # the world's rubric itself
     rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed), jc)
     s = rm["sampled"]
     return {

@@ -1,4 +1,4 @@
-"""The demo's other mode: the same loop on a real checkpoint and Open Assistant seed data.
+"""The self-rewarding loop on a real checkpoint and Open Assistant seed data (the demo's other mode).
 
     python -m selfreward.recipes.world.demo --real-model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
 
@@ -10,54 +10,51 @@ with the human ranks (recipes.evaluate.rm_eval on groups_eval.jsonl) and the loo
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from selfreward.recipes.world.build import run_trainer
+from selfreward import cli
 
 
 def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
              nproc: int = 1, seed: int = 0, n_eval_groups: int = 200, loop: dict | None = None,
-             dpo_args: list[str] | None = None, sft_steps: int = 0) -> dict:
-    """`loop`: LoopConfig fields to override (n_candidates, temperature, judge_k, judge_template,
-    max_tokens, judge_max_tokens, ...); `dpo_args`: extra train/dpo.py flags; `sft_steps`: M1's SFT steps
-    (0: train/sft.py's default epochs)."""
+             sft_steps: int = 0) -> dict:
+    """`loop`: nested LoopConfig values to override ({"candidates": {"n": 4}, "judge": {"k": 3}, "dpo":
+    {"lr": 1e-6}, "min_margin": 1, ...}); `sft_steps`: M1's SFT steps (0: train/sft.py's default epochs)."""
     from selfreward.recipes.evaluate import load_groups, rm_eval
-    from selfreward.recipes.judge import JudgeConfig, load_template
     from selfreward.recipes.self_reward import LoopConfig, run_loop
+    from selfreward.recipes.session import Session
     from selfreward.recipes.world.report import table, write_summary
+    from selfreward.train.sft import SFTConfig, train
 
     t0 = time.perf_counter()
     seed_dir, run = Path(seed_dir), Path(run_dir)
     ift, eft, groups = seed_dir / "ift.jsonl", seed_dir / "eft_train.jsonl", seed_dir / "groups_eval.jsonl"
     if not ift.exists():
-        raise SystemExit(f"{ift}: missing (make it with python -m selfreward.recipes.oasst --input OASST --out {seed_dir})")
+        raise cli.ConfigError(f"{ift}: missing (make it with python -m selfreward.recipes.oasst --input OASST --out {seed_dir})")
     m1 = run / "m1"
     if not (m1 / "config.json").exists():
         data = [str(ift)] + ([str(eft)] if eft.exists() else [])
-        run_trainer("sft.py", ["--model", model, "--data", *data, "--output", str(run / "sft"), "--export", str(m1),
-                               "--lr", "5.5e-6", "--final-lr", "1.1e-6", "--batch-size", "16", "--resume",
-                               "--seed", str(seed)] + (["--max-steps", str(sft_steps)] if sft_steps else []), nproc)
-    loop = dict(loop or {})
-    jc = JudgeConfig(template=load_template(loop.get("judge_template") or None), seed=seed,
-                     k=loop.get("judge_k", 3), temperature=loop.get("judge_temperature", 0.7),
-                     max_tokens=loop.get("judge_max_tokens", 256))
+        scfg = SFTConfig(model=model, data=data, output=str(run / "sft"), export=str(m1), lr=5.5e-6,
+                         final_lr=1.1e-6, batch_size=16, resume=True, seed=seed, max_steps=sft_steps)
+        cli.launch(train, scfg, "selfreward.train.sft", nproc, run / "sft_config.json")
+    lc = cli.from_dict(LoopConfig, {"run_dir": str(run / "loop"), "init_model": str(m1), "iterations": iterations,
+                                    "seed_prompts": str(ift), "n_prompts": n_prompts, "nproc": nproc, "seed": seed,
+                                    **(loop or {})})
+    jc = dataclasses.replace(lc.judge, seed=seed)
     eval_groups = load_groups(groups)[:n_eval_groups] if groups.exists() else []
 
     def hook(t: int, model_dir: str) -> dict:
         if not eval_groups:
             return {}
-        from selfreward.infer.engine import Engine
-        from selfreward.model.tokenizer import Tokenizer
-        r = rm_eval(Engine.from_pretrained(model_dir), Tokenizer.load(model_dir), eval_groups, jc)
+        r = rm_eval(*Session(lc.engine).get(model_dir), eval_groups, jc)
         s = r["sampled"]
         return {"judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],
                 "judge_exact_match": s["exact_match"], "judge_spearman": s["spearman"],
                 "judge_kendall_tau": s["kendall_tau"], "judge_parse_failures": r["parse_failures"]}
 
-    lc = LoopConfig(run_dir=str(run / "loop"), init_model=str(m1), iterations=iterations, seed_prompts=str(ift),
-                    n_prompts=n_prompts, nproc=nproc, eval_hook=hook, seed=seed, dpo_args=list(dpo_args or []),
-                    **loop)
+    lc.eval_hook = hook
     manifests = run_loop(lc)
     ev = {k: v for m in manifests for k, v in m.get("eval", {}).items()}
     rows = []
