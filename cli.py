@@ -101,7 +101,11 @@ def from_dict(cls, d: dict, where: str = "config"):
         if k not in names:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
         t = _scalar(hints[k])
-        kw[k] = from_dict(t, v, f"{where}.{k}") if dataclasses.is_dataclass(t) and isinstance(v, dict) else v
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = from_dict(t, v, f"{where}.{k}")
+        elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
+            v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
+        kw[k] = v
     return cls(**kw)
 
 

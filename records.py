@@ -53,13 +53,14 @@ def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
     return v
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, then os.replace: readers never see half a file."""
+def write_atomic(path: str | Path, text: str | bytes) -> Path:
+    """Write `text` (str or bytes) to a temp file beside `path`, fsync, then os.replace: readers never see
+    half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -68,6 +69,12 @@ def write_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The JSON in `path`, or `default` ({} when not given) when the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else ({} if default is None else default)
 
 
 def dumps(rec: dict) -> str:

@@ -28,7 +28,7 @@ def _load_tokenizer(path: Path):
     from selfreward.model.tokenizer import Tokenizer
     if not any((path / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
         return None
-    return Tokenizer.load(path) if hasattr(Tokenizer, "load") else Tokenizer(path)
+    return Tokenizer.load(path)
 
 
 class Engine:
@@ -118,6 +118,11 @@ class Engine:
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
+    def reply_ids(self, c: Completion) -> list[int]:
+        """A completion's ids without the stop token that ended it (a trainer appends the turn's end)."""
+        stop = c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos
+        return list(c.token_ids[:-1] if stop else c.token_ids)
+
     def _check_prompt(self, ids: list[int], i: int) -> None:
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")

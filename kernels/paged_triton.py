@@ -107,7 +107,7 @@ def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
 
 def tile_config(cuda: bool, max_qlen: int, rep: int, D: int = 128) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of `_paged_attn`: a tile of >= 16 (query, head) rows for tl.dot.
-    8 warps at head dim 128 keep the sm_90 build free of register spills (benchmarks/compile_kernels.py)."""
+    8 warps at head dim 128 keep the sm_90 build free of register spills (tests/compile_kernels.py)."""
     BM = max(16, min(64 if cuda else 16, triton.next_power_of_2(max_qlen * rep)))
     return BM, (64 if cuda else 16), (8 if D > 64 else 4)
 

@@ -177,5 +177,18 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     return writer.records
 
 
-def verdict_counts(records: Sequence[dict]) -> dict[str, int]:
-    return dict(Counter(r["verdict"] for r in records))
+def given_prompts(src, t: int, n: int, seed: int) -> list[dict]:
+    """Iteration t's prompt records from a JSONL file of {"id"?, "prompt"} (its t-th block of n records,
+    wrapping around) or a function fn(t, n, seed) -> [str | {"id", "prompt"}]."""
+    from selfreward.records import DataError, field, iter_jsonl
+    if callable(src):
+        rows = [(f"prompt_source({t})", r) for r in src(t, n, seed)]
+    else:
+        lines = list(iter_jsonl(src))
+        if not lines:
+            raise DataError(f"{src}: no prompts")
+        pick = [lines[((t - 1) * n + j) % len(lines)] for j in range(min(n, len(lines)))] if n > 0 else lines
+        rows = [(f"{src}:{line}", r) for line, r in pick]
+    return [{"id": f"p{i}" if isinstance(r, str) else str(r.get("id", f"p{i}")),
+             "prompt": r if isinstance(r, str) else field(r, "prompt", where), "source": "given", "verdict": "ok"}
+            for i, (where, r) in enumerate(rows)]

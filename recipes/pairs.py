@@ -75,6 +75,16 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
     return pairs, counts
 
 
+def distinct_candidates(cands: list[dict]) -> list[dict]:
+    """The candidates worth judging when identical texts are pooled (recipes.pairs.build_pairs does): the
+    first sample of each distinct text, on prompts with at least two distinct texts. A small model repeats
+    itself often, and a prompt with a single text can make no pair whatever its scores."""
+    by: dict[str, dict[str, dict]] = {}
+    for c in sorted(cands, key=lambda c: c["sample"]):
+        by.setdefault(c["id"], {}).setdefault(c["text"], c)
+    return [c for texts in by.values() if len(texts) > 1 for c in texts.values()]
+
+
 def _hist(values) -> dict[str, int]:
     return {f"{k:g}": v for k, v in sorted(Counter(values).items())}
 
@@ -102,7 +112,11 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "identical_merged": pair_counts.get("identical_merged", 0),
         "pairs": len(pairs),
     }
+    first = [j for j in judgments if j.get("k") == 0]
+    counts["judge_prompts_cut"] = sum(bool(j.get("prompt_cut")) for j in first)
+    exp = [j["expected"] for j in first if "expected" in j]
     return {
+        **({"expected_score_mean": round(mean(exp), 4)} if exp else {}),
         "counts": counts,
         "score_histogram": _hist(j["score"] for j in judgments if j["score"] is not None),
         "mean_score_histogram": _hist(round(s, 2) for s in scores.values() if s is not None),

@@ -22,12 +22,12 @@ from typing import Callable
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.recipes.instruct import InstructConfig, generate_prompts
+from selfreward.recipes.instruct import InstructConfig, generate_prompts, given_prompts
 from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, judge_items
-from selfreward.recipes.pairs import build_pairs, iteration_stats
+from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, read_jsonl, \
-    run_units, write_json, write_jsonl
+from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, read_json, \
+    read_jsonl, run_units, write_json, write_jsonl
 from selfreward.train.dpo import DPOConfig
 
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
@@ -87,15 +87,14 @@ def model_at(cfg: LoopConfig, t: int) -> str:
     return cfg.init_model if t == 1 else str(iter_dir(cfg, t - 1) / "model")
 
 
+def _need(path: Path, stage: str) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"{path}: missing (run the {stage} stage of this iteration first)")
+    return read_jsonl(path)
+
+
 def _seed(cfg: LoopConfig, t: int, stage: int) -> int:
     return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
-
-
-def _prompt_record(i, r, source: str, where: str) -> dict:
-    if isinstance(r, str):
-        return {"id": f"p{i}", "prompt": r, "source": source, "verdict": "ok"}
-    return {"id": str(r.get("id", f"p{i}")), "prompt": rfield(r, "prompt", where), "source": source,
-            "verdict": "ok"}
 
 
 def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
@@ -103,14 +102,8 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
     if out.exists():
         return
     n, src = cfg.n_prompts, cfg.prompt_source
-    if callable(src):
-        recs = [_prompt_record(i, r, "given", f"prompt_source({t})") for i, r in enumerate(src(t, n, _seed(cfg, t, 0)))]
-    elif src != "self-instruct":   # a file: the t-th block of n records, wrapping around
-        rows = list(iter_jsonl(src))
-        if not rows:
-            raise DataError(f"{src}: no prompts")
-        pick = [rows[((t - 1) * n + j) % len(rows)] for j in range(min(n, len(rows)))] if n > 0 else rows
-        recs = [_prompt_record(i, r, "given", f"{src}:{line}") for i, (line, r) in enumerate(pick)]
+    if src != "self-instruct":
+        recs = given_prompts(src, t, n, _seed(cfg, t, 0))
     else:
         if not cfg.seed_prompts:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
@@ -146,7 +139,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
     out = it / "candidates.jsonl"
     if out.exists():
         return
-    prompts = [r for r in read_jsonl(it / "prompts.jsonl") if r["verdict"] == "ok"]
+    prompts = [r for r in _need(it / "prompts.jsonl", "prompts") if r["verdict"] == "ok"]
     engine, tok = s.get(model_at(cfg, t))
     c, base = cfg.candidates, _seed(cfg, t, 1)
 
@@ -155,25 +148,9 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
         ps = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=base + i * c.n)
               for i, _ in batch]
         for (i, p), comps in zip(batch, engine.generate(ids, ps, n=c.n)):
-            emit(i, [{"id": p["id"], "sample": k, "text": x.text, "token_ids": _reply_ids(x, engine),
+            emit(i, [{"id": p["id"], "sample": k, "text": x.text, "token_ids": engine.reply_ids(x),
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason} for k, x in enumerate(comps)])
     run_units(out, prompts, c.n, lambda r: r["id"], work, cfg.chunk, rank, world, progress=f"candidates {t}")
-
-
-def _reply_ids(comp, engine) -> list[int]:
-    """The sampled ids without the stop token that ended them (DPO appends the turn's own end token)."""
-    ids = list(comp.token_ids)
-    return ids[:-1] if comp.finish_reason == "stop" and ids and ids[-1] in engine.eos else ids
-
-
-def distinct_candidates(cands: list[dict]) -> list[dict]:
-    """The candidates worth judging when identical texts are pooled (recipes.pairs.build_pairs does): the
-    first sample of each distinct text, on prompts with at least two distinct texts. A small model repeats
-    itself often, and a prompt with a single text can make no pair whatever its scores."""
-    by: dict[str, dict[str, dict]] = {}
-    for c in sorted(cands, key=lambda c: c["sample"]):
-        by.setdefault(c["id"], {}).setdefault(c["text"], c)
-    return [c for texts in by.values() if len(texts) > 1 for c in texts.values()]
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
@@ -182,7 +159,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     if out.exists():
         return
     text = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    cands = read_jsonl(it / "candidates.jsonl")
+    cands = _need(it / "candidates.jsonl", "candidates")
     if cfg.judge.distinct:
         cands = distinct_candidates(cands)
     engine, tok = s.get(model_at(cfg, t))
@@ -207,7 +184,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     from selfreward.model.tokenizer import Tokenizer
     it = iter_dir(cfg, t)
     prompts = read_jsonl(it / "prompts.jsonl")
-    cands, judg = read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl")
+    cands, judg = _need(it / "candidates.jsonl", "candidates"), _need(it / "judgments.jsonl", "judge")
     pairs, counts = build_pairs([p for p in prompts if p["verdict"] == "ok"], cands, judg,
                                 "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin)
     if (it / "pairs.jsonl").exists():
@@ -217,12 +194,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
         for p in pairs:
             p["prompt_token_ids"] = chat_prompt_ids(tok, p["prompt"])
         write_jsonl(it / "pairs.jsonl", pairs)
-    stats = iteration_stats(prompts, cands, judg, pairs, counts)
-    stats["counts"]["judge_prompts_cut"] = sum(bool(j.get("prompt_cut")) for j in judg if j["k"] == 0)
-    first = [j["expected"] for j in judg if j["k"] == 0 and "expected" in j]
-    if first:
-        stats["expected_score_mean"] = round(sum(first) / len(first), 4)
-    return stats
+    return iteration_stats(prompts, cands, judg, pairs, counts)
 
 
 def dpo_config(cfg: LoopConfig, t: int) -> DPOConfig:
@@ -253,11 +225,6 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
     m["settings"] = cli.to_dict(cfg)
     write_json(mpath, m)
     return m
-
-
-def read_json(path: Path) -> dict:
-    import json
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_stage(cfg: LoopConfig, st: str, t: int, s: Session, rank: int = 0, world: int = 1) -> dict | None:
@@ -327,6 +294,8 @@ def main(argv: list[str] | None = None):
             raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
         return run_loop(cfg)
     if world > 1:
+        if a.stage not in ("candidates", "judge"):
+            raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
         import torch.distributed as dist
         dist.init_process_group("gloo")   # the shards' barrier; the engines run on cfg.engine's device
     try:

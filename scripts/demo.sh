@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
-pip install -q -e ".[plot]" || pip install -q -e .
+python -c "import os, selfreward, matplotlib; raise SystemExit(not os.path.samefile(os.path.dirname(selfreward.__file__), '.'))" \
+    2>/dev/null || pip install -q -e ".[plot]" || pip install -q -e .
 n=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( n < 4 ? n : 4 ))}   # M0's batches of 128 gain from 2+ threads
 exec python -u -m selfreward.recipes.world.demo "$@"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_kernels_compile_for_sm90_bf16():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile real @jit kernels
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_kernels.py"), "--dtype", "bf16",
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_kernels.py"), "--dtype", "bf16",
                         "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode in (0, 1), r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])

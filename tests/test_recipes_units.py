@@ -139,7 +139,7 @@ def test_build_pairs_pools_identical_texts():
 
 
 def test_distinct_candidates_judged_once_and_pairs_unchanged():
-    from selfreward.recipes.self_reward import distinct_candidates
+    from selfreward.recipes.pairs import distinct_candidates
     cands = [{"id": "p", "sample": s, "text": t} for s, t in enumerate(["68", "69", "68", "70"])] + \
             [{"id": "q", "sample": s, "text": "5"} for s in range(3)]                 # q: one text, no pair
     keep = distinct_candidates(cands)

@@ -116,23 +116,21 @@ def test_judgment_agrees_with_checker(fmt):
 
 
 @pytest.mark.parametrize("fmt", judging.FORMATS)
-def test_eft_seed_agrees_with_checker(fmt, monkeypatch):
-    monkeypatch.setattr(judging, "FORMAT", fmt)
-    for r in data.eft_seed(300, 0):
+def test_eft_seed_agrees_with_checker(fmt):
+    for r in data.eft_seed(300, 0, fmt=fmt):
         inner = r["prompt"].split("Task: ", 1)[1].split(" Answer: ", 1)
         task = checker.parse_prompt(inner[0])
         cand = inner[1].split(" Score 5 if", 1)[0]
         assert r["response"] == judging.judgment(task, cand, fmt=fmt)
         score = int(r["response"].rsplit("Score: ", 1)[1])
         assert (score == judging.GOOD) == (checker.check(task.prompt, cand) == 1.0) == r["correct"]
-    assert 0.3 < sum(r["correct"] for r in data.eft_seed(300, 0)) / 300 < 0.5
+    assert 0.3 < sum(r["correct"] for r in data.eft_seed(300, 0, fmt=fmt)) / 300 < 0.5
 
 
 @pytest.mark.parametrize("fmt", judging.FORMATS)
-def test_web_grading_is_imperfect(fmt, monkeypatch):
-    monkeypatch.setattr(judging, "FORMAT", fmt)
+def test_web_grading_is_imperfect(fmt):
     agree = n = 0
-    for d in data.web_docs(1000, 0, p_right=0.75, p_judge=1.0):
+    for d in data.web_docs(1000, 0, p_right=0.75, p_judge=1.0, fmt=fmt):
         q, a = d["text"].split("\n\nAssistant: ")
         inner = q.split("Task: ", 1)[1].split(" Answer: ", 1)
         score = int(a.rsplit("Score: ", 1)[1])
@@ -189,11 +187,8 @@ def test_ranking_on_mixed_by_hand():
     assert r["likelihood_rw"] == 2 / 3 and r["likelihood_wr"] == 1 / 3
 
 
-def test_set_kinds():
-    try:
-        assert tasks.set_kinds("max, sort") == ("max", "sort")
-        assert {t.kind for t in tasks.sample_tasks(50, 0)} == {"max", "sort"}
-        with pytest.raises(ValueError, match="unknown task kinds"):
-            tasks.set_kinds("max,divide")
-    finally:
-        tasks.set_kinds(tasks.DEFAULT_KINDS)
+def test_parse_kinds():
+    assert tasks.parse_kinds("max, sort") == ("max", "sort")
+    assert {t.kind for t in tasks.sample_tasks(50, 0, kinds=tasks.parse_kinds("max, sort"))} == {"max", "sort"}
+    with pytest.raises(ValueError, match="unknown task kinds"):
+        tasks.parse_kinds("max,divide")

@@ -24,13 +24,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from selfreward.model.checkpoint import save_model
+from selfreward.records import write_atomic
 from selfreward.train.parallel import Dist, barrier
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_write_text = write_atomic
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from selfreward.model.checkpoint import load_model
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
-from selfreward.records import DataError
+from selfreward.records import DataError, write_atomic
 from selfreward.train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
@@ -92,9 +91,7 @@ class MetricsLog:
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass   # a line cut by the crash
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(k + "\n" for k in keep))
 
     def write(self, rec: dict) -> None:
         if self.on:

@@ -21,8 +21,7 @@ al. 2024): DPO alone can lower the chosen replies' likelihood along with the rej
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 import selfreward.kernels as K
 from selfreward.model.llama import AttnContext, context_from_positions
+from selfreward.records import write_atomic
 from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "simpo")
@@ -162,11 +162,9 @@ class ReferenceCache:
         return torch.load(self.path) if self.path.exists() else None
 
     def save(self, table: torch.Tensor) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ref_logps.tmp")
-        os.close(fd)
-        torch.save(table, tmp)
-        os.replace(tmp, self.path)
+        buf = io.BytesIO()
+        torch.save(table, buf)
+        write_atomic(self.path, buf.getvalue())
 
 
 @torch.no_grad()

@@ -13,7 +13,10 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs, write_jsonl
+from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs
+from selfreward.recipes.world.judging import check_format
+from selfreward.recipes.world.tasks import parse_kinds
+from selfreward.records import write_jsonl
 
 
 @dataclass
@@ -39,6 +42,9 @@ class WorldModelConfig:
     # the task kinds of the world (recipes/world/tasks.py); part of the key: the web text depends on them
     kinds: str = "max,min,sort,reverse"
 
+    def kind_tuple(self) -> tuple[str, ...]:
+        return parse_kinds(self.kinds)
+
     def key(self) -> str:
         d = asdict(self)
         if d["judge_format"] == "answer":   # the key M0s built before the "check" format had
@@ -58,25 +64,23 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     from selfreward.model.checkpoint import save_model
     from selfreward.model.config import ModelConfig
     from selfreward.model.llama import Transformer
-    from selfreward.recipes.world.judging import set_format
-    from selfreward.recipes.world.tasks import set_kinds
     from selfreward.recipes.world.vocab import train_tokenizer
 
-    set_format(mc.judge_format)
-    set_kinds(mc.kinds)
+    kinds, fmt = mc.kind_tuple(), check_format(mc.judge_format)
     home = cache / f"m0-{mc.key()}"
     m0 = home / "model"
     if (m0 / "config.json").exists():
         print(f"[world] M0 from cache: {m0}", flush=True)
         return m0
-    tok_dir = train_tokenizer(home / "tokenizer", seed=mc.seed, vocab_size=mc.vocab)
+    tok_dir = train_tokenizer(home / "tokenizer", seed=mc.seed, vocab_size=mc.vocab, kinds=kinds, fmt=fmt)
     cfg = ModelConfig(vocab_size=mc.vocab, hidden_size=mc.hidden, intermediate_size=mc.ffn,
                       num_hidden_layers=mc.layers, num_attention_heads=mc.heads, max_position_embeddings=mc.context,
                       bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
     model = Transformer(cfg)
     model.init_weights(seed=mc.seed)
     save_model(model, cfg, home / "init", tokenizer_dir=tok_dir)
-    web = write_jsonl(home / "web.jsonl", web_docs(mc.web_docs, mc.seed, mc.web_p_right, mc.web_p_judge))
+    web = write_jsonl(home / "web.jsonl", web_docs(mc.web_docs, mc.seed, mc.web_p_right, mc.web_p_judge,
+                                                      kinds, fmt))
     n = sum(p.numel() for p in model.parameters())
     print(f"[world] M0: {n / 1e6:.2f}M parameters, pretraining {mc.pretrain_steps} steps on {mc.web_docs} "
           f"web documents", flush=True)
@@ -90,7 +94,8 @@ def build_m0(cache: Path, mc: WorldModelConfig, nproc: int = 1, threads: int = 0
     return m0
 
 
-def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int) -> tuple[Path, Path]:
-    ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed))
-    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed))
+def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int, mc: WorldModelConfig) -> tuple[Path, Path]:
+    kinds, fmt = mc.kind_tuple(), mc.judge_format
+    ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed, kinds))
+    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed, kinds, fmt))
     return ift, eft

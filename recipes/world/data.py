@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import random
 
-from selfreward.records import write_jsonl  # noqa: F401  (re-exported for the world's builders)
 from selfreward.recipes.world.judging import judge_prompt, judgment, noisy_judgment
-from selfreward.recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
+from selfreward.recipes.world.tasks import DEFAULT_KINDS, Task, corrupt, draw_args, sample_tasks, solve
 
 USER, ASSISTANT = "User: {}\n\n", "Assistant: {}"   # the plain template of model/tokenizer.py, as text
 
@@ -50,40 +49,41 @@ def eft_candidate(task: Task, rng: random.Random) -> str:
             return other
 
 
-def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3) -> list[dict]:
+def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3, kinds=DEFAULT_KINDS,
+             fmt: str = "check") -> list[dict]:
     rng = random.Random(f"web:{seed}")
-    tasks = sample_tasks(n, seed=10_000 + seed, unique=False)
+    tasks = sample_tasks(n, seed=10_000 + seed, unique=False, kinds=kinds)
     out = []
     for t in tasks:
         if rng.random() < p_judge:
             cand = candidate_for_judging(t, rng)
             # the "web" grader is right only p_right of the time (see judging.noisy_judgment)
-            text = noisy_judgment(t, cand, rng, p_right)
+            text = noisy_judgment(t, cand, rng, p_right, fmt)
             out.append({"text": chat_text(judge_prompt(t.prompt, cand), text)})
         else:
             out.append({"text": chat_text(t.prompt, noisy_answer(t, rng, p_right))})
     return out
 
 
-def ift_seed(n: int, seed: int) -> list[dict]:
+def ift_seed(n: int, seed: int, kinds=DEFAULT_KINDS) -> list[dict]:
     return [{"prompt": t.prompt, "response": t.answer, "kind": t.kind}
-            for t in sample_tasks(n, seed=20_000 + seed)]
+            for t in sample_tasks(n, seed=20_000 + seed, kinds=kinds)]
 
 
-def eft_seed(n: int, seed: int) -> list[dict]:
+def eft_seed(n: int, seed: int, kinds=DEFAULT_KINDS, fmt: str = "check") -> list[dict]:
     rng = random.Random(f"eft:{seed}")
     out = []
-    for t in sample_tasks(n, seed=30_000 + seed):
+    for t in sample_tasks(n, seed=30_000 + seed, kinds=kinds):
         cand = eft_candidate(t, rng)
-        out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand), "kind": t.kind,
+        out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand, fmt=fmt), "kind": t.kind,
                     "correct": cand == t.answer})
     return out
 
 
-def loop_prompts(n: int, seed: int, avoid: set[str] = frozenset()) -> list[dict]:
+def loop_prompts(n: int, seed: int, avoid: set[str] = frozenset(), kinds=DEFAULT_KINDS) -> list[dict]:
     """Instructions for the self-rewarding iterations (train split, none of them an IFT seed prompt)."""
     out = []
-    for i, t in enumerate(sample_tasks(n + len(avoid), seed=40_000 + seed)):
+    for i, t in enumerate(sample_tasks(n + len(avoid), seed=40_000 + seed, kinds=kinds)):
         if t.prompt in avoid:
             continue
         out.append({"id": f"w{seed}-{i}", "prompt": t.prompt, "kind": t.kind})

@@ -95,13 +95,12 @@ class Clock:
 def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.self_reward import LoopConfig, run_loop
     from selfreward.recipes.world.data import loop_prompts
-    from selfreward.recipes.world.judging import set_format, write_template
-    from selfreward.recipes.world.tasks import set_kinds
+    from selfreward.recipes.world.judging import check_format, write_template
     from selfreward.recipes.world.report import pair_quality, plot, table, write_summary
     from selfreward.records import read_jsonl, write_jsonl
 
-    set_format(cfg.m0.judge_format)      # the EFT seed's and the web text's judge format
-    set_kinds(cfg.m0.kinds)              # the world's task kinds (every generator and the evaluation)
+    kinds = cfg.m0.kind_tuple()          # the world's task kinds (every generator and the evaluation)
+    check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
@@ -117,7 +116,7 @@ def run(cfg: DemoConfig) -> dict:
     clock.stage("m0", time.perf_counter() - t)
 
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, temperature=cfg.temperature, top_p=cfg.top_p,
-                         judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, seed=cfg.seed)
+                         judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, kinds=kinds, seed=cfg.seed)
     results: dict[str, dict] = {}
 
     def evaluate(name: str, model_dir: str) -> dict:
@@ -134,7 +133,7 @@ def run(cfg: DemoConfig) -> dict:
 
     clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
     t = time.perf_counter()
-    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed)
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0)
     m1 = run_dir / "m1"
     if not (m1 / "config.json").exists():
         from selfreward.train.sft import SFTConfig
@@ -147,7 +146,7 @@ def run(cfg: DemoConfig) -> dict:
     template = write_template(run_dir / "seed" / "judge_template.txt")
     avoid = {r["prompt"] for r in read_jsonl(ift)}
     prompts = run_dir / "seed" / "loop_prompts.jsonl"
-    write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid))
+    write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid, kinds))
 
     def hook(t_: int, model_dir: str) -> dict:
         return evaluate(f"M{t_}", model_dir)
@@ -217,7 +216,7 @@ def run(cfg: DemoConfig) -> dict:
 def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
     """One pair per prompt whose distinct candidate texts are partly right, partly wrong (by the checker):
     its first right text (in sample order) over its first wrong one."""
-    from selfreward.recipes.self_reward import distinct_candidates
+    from selfreward.recipes.pairs import distinct_candidates
     from selfreward.recipes.world.checker import check
     by: dict[str, dict[str, float]] = {}
     for c in distinct_candidates(candidates):       # first sample of each text, prompts with two or more

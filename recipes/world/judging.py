@@ -29,20 +29,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreward.recipes.world.checker import is_correct, symbols
+from selfreward.recipes.world.checker import symbols
 from selfreward.recipes.world.tasks import Task
 
 JUDGE_TEMPLATE = "Judge. Task: {instruction} Answer: {response} Score 5 if every symbol matches, else 1."
 GOOD, BAD = 5, 1
 FORMATS = ("check", "answer")
-FORMAT = "check"            # the module default; recipes.world.demo sets it from --m0-judge-format
 
 
-def set_format(fmt: str) -> None:
-    global FORMAT
+def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"judge format must be one of {FORMATS}, not {fmt!r}")
-    FORMAT = fmt
+    return fmt
 
 
 def write_template(path: str | Path) -> Path:
@@ -56,10 +54,10 @@ def judge_prompt(instruction: str, response: str) -> str:
     return JUDGE_TEMPLATE.format(instruction=instruction, response=response)
 
 
-def judgment(task: Task, response: str, believed: str | None = None, fmt: str | None = None) -> str:
+def judgment(task: Task, response: str, believed: str | None = None, fmt: str = "check") -> str:
     """The reference judgment of `response`: its steps, then `Score: n` (agrees with the checker).
     `believed` replaces the true answer (the imperfect graders of the web text; "answer" format only)."""
-    if (fmt or FORMAT) == "check":
+    if check_format(fmt) == "check":
         return _render(check_steps(task, response), task.kind)
     got, want = symbols(response), symbols(task.answer if believed is None else believed)
     steps = []
@@ -69,10 +67,6 @@ def judgment(task: Task, response: str, believed: str | None = None, fmt: str | 
         steps.append(f"{g} {w} {'+' if g == w else '-'}")
     score = GOOD if got == want else BAD
     return " ".join(steps + [f"Score: {score}"])
-
-
-def reference_score(task: Task, response: str) -> int:
-    return GOOD if is_correct(task, response) else BAD
 
 
 # ---- the "check" format: local verification steps -------------------------------------------------------
@@ -143,12 +137,11 @@ def _render(steps: list[tuple[str, str | None]], kind: str) -> str:
     return " ".join(parts + [f"Score: {_score(steps, kind)}"])
 
 
-def noisy_judgment(task: Task, response: str, rng, p_right: float, fmt: str | None = None) -> str:
+def noisy_judgment(task: Task, response: str, rng, p_right: float, fmt: str = "check") -> str:
     """A web grader's judgment, right about `p_right` of the time. "answer": compares against its own,
     sometimes wrong, idea of the answer; "check": with probability 1 - p_right one mark of its checks is
     flipped (and the score follows the marks)."""
-    fmt = fmt or FORMAT
-    if fmt == "answer":
+    if check_format(fmt) == "answer":
         believed = task.answer if rng.random() < p_right else _corrupt(task.answer, rng)
         return judgment(task, response, believed=believed, fmt="answer")
     steps = check_steps(task, response)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from selfreward.recipes.world.checker import is_correct
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE
-from selfreward.recipes.world.tasks import corrupt, heldout_eval_set
+from selfreward.recipes.world.tasks import DEFAULT_KINDS, corrupt, heldout_eval_set
 
 
 @dataclass
@@ -31,13 +31,14 @@ class MeasureConfig:
     judge_top_p: float = 0.9
     judge_max_tokens: int = 64
     template: str = JUDGE_TEMPLATE
+    kinds: tuple[str, ...] = DEFAULT_KINDS   # the world's task kinds (the demo's --m0-kinds)
     seed: int = 0
 
 
-def judge_groups(n: int, seed: int = 0) -> list[dict]:
+def judge_groups(n: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[dict]:
     rng = random.Random(f"judge-groups:{seed}")
     groups = []
-    for i, t in enumerate(heldout_eval_set(n, seed=4321 + seed)):
+    for i, t in enumerate(heldout_eval_set(n, seed=4321 + seed, kinds=kinds)):
         wrong = []
         while len(wrong) < 2:
             w = corrupt(t.answer, rng)
@@ -55,7 +56,7 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     from selfreward.recipes.session import Session
 
     engine, tok = Session(engine_cfg).get(model_dir)
-    tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed)
+    tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed, kinds=cfg.kinds)
     ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
     greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
     sampled = engine.generate(ids, [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -72,7 +73,7 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     jc = JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
                      max_tokens=cfg.judge_max_tokens, seed=cfg.seed)
     jc.text = cfg.template            # the world's rubric itself
-    rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed), jc)
+    rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed, cfg.kinds), jc)
     s = rm["sampled"]
     return {
         "greedy_acc": sum(g_ok) / len(g_ok),

@@ -1,7 +1,6 @@
 """The demo's report: a terminal table, RUN/summary.json and RUN/curves.png (when matplotlib is installed)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from selfreward.records import write_json
@@ -91,10 +90,6 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / "summary.json"
     write_json(path, summary)
     return path
-
-
-def load_summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def ranking_on_mixed(prompts: dict[str, str], candidates: list[dict], judgments: list[dict],

@@ -10,7 +10,7 @@ than pattern-match one phrasing:
     reverse  five letters a-h in reverse order          "Reverse: c a b e d"         -> "d e b a c"
     count    how often a letter occurs in six letters   "How many b in: b a b c d b?" -> "3"
 
-The world in use is a subset (`set_kinds`, the demo's `--m0-kinds`). The default, DEFAULT_KINDS, holds the
+The world in use is a subset (`parse_kinds`, the demo's `--m0-kinds`), passed down to every generator. The default, DEFAULT_KINDS, holds the
 kinds whose judge's check is cheaper than solving for a small model: for max and min a comparison of the
 candidate with each input number (solving compares all five at once), for sort adjacent pairs in order. For
 add and count the check itself needs the computation (digit sums with carries, a running count) the model
@@ -32,17 +32,14 @@ from dataclasses import dataclass
 KINDS = ("add", "max", "min", "sort", "reverse", "count")
 DEFAULT_KINDS = ("max", "min", "sort", "reverse")
 N_NUMBERS = 5                 # max / min: how many numbers
-_active: tuple[str, ...] = DEFAULT_KINDS
 
 
-def set_kinds(kinds) -> tuple[str, ...]:
-    """Choose the world's task kinds (a tuple or a comma-separated string); returns them."""
-    global _active
+def parse_kinds(kinds) -> tuple[str, ...]:
+    """The world's task kinds from a tuple or a comma-separated string, checked."""
     ks = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in ks if k not in KINDS]
     if bad or not ks:
         raise ValueError(f"unknown task kinds {bad or ks!r}: choose from {KINDS}")
-    _active = ks
     return ks
 LETTERS = "abcdefgh"
 HELD_OUT_BUCKETS = 5          # 1 in 5 instances is held out
@@ -126,10 +123,8 @@ def render(kind: str, args: tuple, template: int) -> str:
     return t.format(xs=" ".join(str(v) for v in args))
 
 
-def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] | None = None) -> Task:
-    """One task instance from `split` ("train" or "heldout"), uniform over kinds (default: the active ones)
-    and templates."""
-    kinds = kinds or _active
+def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = DEFAULT_KINDS) -> Task:
+    """One task instance from `split` ("train" or "heldout"), uniform over kinds and templates."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     want_held = split == "heldout"
@@ -142,8 +137,8 @@ def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] | None
 
 
 def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True,
-                 kinds: tuple[str, ...] | None = None) -> list[Task]:
-    """n tasks of `kinds` (default: the active ones); with `unique`, no two share an instance key (sizes
+                 kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Task]:
+    """n tasks of `kinds`; with `unique`, no two share an instance key (sizes
     here are far below each kind's space)."""
     rng = random.Random(f"{split}:{seed}")
     out, seen = [], set()
@@ -156,9 +151,8 @@ def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True,
     return out
 
 
-def heldout_eval_set(n: int, seed: int = 1234, kinds: tuple[str, ...] | None = None) -> list[Task]:
-    """The fixed evaluation prompts: held-out instances, balanced over kinds (default: the active ones)."""
-    kinds = kinds or _active
+def heldout_eval_set(n: int, seed: int = 1234, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Task]:
+    """The fixed evaluation prompts: held-out instances, balanced over kinds."""
     per, rem = divmod(n, len(kinds))
     rng = random.Random(f"eval:{seed}")
     out, seen = [], set()

@@ -1,6 +1,6 @@
 """Compile every Triton kernel ahead of time for an H100 (sm_90) without a GPU, and report its resources.
 
-    python benchmarks/compile_kernels.py [--arch 90] [--dtype bf16 fp16] [--json]
+    python tests/compile_kernels.py [--arch 90] [--dtype bf16 fp16] [--json]
 
 Triton lowers each kernel through TTIR -> TTGIR -> LLVM -> PTX, and the bundled ptxas assembles the
 cubin, all on the CPU. This proves the kernels (with the tile sizes, warps and stages the launchers pick on
