@@ -2,8 +2,8 @@
 
 One convention everywhere: field `some_name` is `--some-name`; a nested config's fields carry its name,
 `LoopConfig.judge.k` is `--judge-k`; bools take `--x/--no-x`; list fields take several values. Every entry
-takes `--config FILE` (a JSON the command wrote, e.g. RUN/config.json): its values first, flags over them,
-and `to_dict` / `from_dict` round-trip it exactly. A field's help is the `# comment` after it.
+takes `--config FILE` (a JSON the command wrote, e.g. RUN/config.json): its values first, flags over them;
+`to_dict` / `from_dict` round-trip a config exactly. A field's help is the `# comment` after it.
 """
 from __future__ import annotations
 
@@ -18,24 +18,18 @@ import types
 import typing
 from pathlib import Path
 
-from selfreward.records import DataError
+from selfreward.records import DataError, write_json
 
 
 class ConfigError(DataError):
     """A bad flag or config value: the message names the flag."""
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _scalar(t):
-    """The flag type of a field annotation: int, float, str, bool, list[...] or a dataclass; None = no flag."""
-    if dataclasses.is_dataclass(t) or t in (int, float, str, bool):
+def _flag_type(t):
+    """int, float, str, bool, list[...] or a dataclass for a field annotation; None: the field has no flag."""
+    if dataclasses.is_dataclass(t) or t in (int, float, str, bool) or typing.get_origin(t) is list:
         return t
-    if typing.get_origin(t) is list:
-        return t
-    if typing.get_origin(t) in (typing.Union, types.UnionType):
+    if typing.get_origin(t) in (typing.Union, types.UnionType):   # `str | Callable`: str; `int | None`: int
         args = [a for a in typing.get_args(t) if a is not type(None)]
         return str if str in args else (args[0] if len(args) == 1 and args[0] in (int, float) else None)
     return None
@@ -45,37 +39,29 @@ def _comments(cls) -> dict[str, str]:
     out: dict[str, str] = {}
     for c in reversed(cls.__mro__):
         if dataclasses.is_dataclass(c):
-            for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(c), re.M):
-                out[m.group(1)] = m.group(2).replace("%", "%%")
+            out.update((m.group(1), m.group(2).replace("%", "%%"))
+                       for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(c), re.M))
     return out
 
 
-def _default(f):
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-
 def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | None = None) -> set[str]:
-    """Flags for every field of `cls` (nested dataclasses with their name as prefix); default None = not
-    given. `skip` maps a nested field name to the set of its fields that get no flag (the caller sets them)."""
-    skip = skip or {}
-    helps, hints = _comments(cls), _hints(cls)
-    dests: set[str] = set()
+    """Flags for the fields of `cls` and of its nested configs (default None: not given) -> their dests.
+    `skip` maps "" or a nested field's name to the fields that get no flag (the caller sets them)."""
+    skip, helps, hints, dests = skip or {}, _comments(cls), typing.get_type_hints(cls), set()
     for f in dataclasses.fields(cls):
-        t = _scalar(hints[f.name])
+        t, name = _flag_type(hints[f.name]), prefix + f.name
         if t is None or f.name in skip.get("", ()):
             continue
-        name = prefix + f.name
         if dataclasses.is_dataclass(t):
             dests |= add_flags(p, t, name + ".", {"": skip.get(f.name, ())})
             continue
-        flag = "--" + name.replace(".", "-").replace("_", "-")
-        h = f"{helps.get(f.name, '')} (default: {_default(f)!r})".strip()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=name, default=None, help=f"{helps.get(f.name, '')} (default: {default!r})".strip())
         if t is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif typing.get_origin(t) is list:
-            p.add_argument(flag, dest=name, nargs="+", type=typing.get_args(t)[0], default=None, help=h)
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            p.add_argument(flag, dest=name, type=t, default=None, help=h)
+            kw.update(nargs="+", type=typing.get_args(t)[0]) if typing.get_origin(t) is list else kw.update(type=t)
+        p.add_argument("--" + name.replace(".", "-").replace("_", "-"), **kw)
         dests.add(name)
     return dests
 
@@ -94,26 +80,17 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, d: dict, where: str = "config"):
     """`cls` filled from nested data; an unknown key is an error naming it."""
-    hints = _hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
+    hints, names, kw = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in names:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
-        t = _scalar(hints[k])
+        t = _flag_type(hints[k])
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{where}.{k}")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
         kw[k] = v
     return cls(**kw)
-
-
-def _set(d: dict, dotted: str, v) -> None:
-    *head, last = dotted.split(".")
-    for h in head:
-        d = d.setdefault(h, {})
-    d[last] = v
 
 
 def parser(cls, description: str = "", skip: dict | None = None) -> argparse.ArgumentParser:
@@ -133,25 +110,26 @@ def build(cls, ns: argparse.Namespace):
             raise ConfigError(f"--config {ns.config}: {e}") from None
     for k in ns._cfg_dests:
         if getattr(ns, k) is not None:
-            _set(base, k, getattr(ns, k))
+            *head, last = k.split(".")
+            d = base
+            for h in head:
+                d = d.setdefault(h, {})
+            d[last] = getattr(ns, k)
     return from_dict(cls, base, getattr(ns, "config", None) or "flags")
 
 
 def parse_config(cls, argv: list[str] | None, description: str = ""):
-    """Parse `argv` into a filled, checked `cls` (the trainers' entry)."""
-    ns = parser(cls, description).parse_args(argv)
-    cfg = build(cls, ns)
+    """`argv` -> a filled, checked `cls` (the trainers' entry)."""
+    cfg = build(cls, parser(cls, description).parse_args(argv))
     if hasattr(cfg, "check"):
         cfg.check()
     return cfg
 
 
 def torchrun(target: str, args: list[str], nproc: int) -> None:
-    """Run `target` (a module name, or a script path ending in .py) under torchrun with `nproc` ranks on
-    this node; a failed rank is an error naming the command."""
+    """`target` (a module, or a script ending in .py) under torchrun with `nproc` ranks on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [target] if target.endswith(".py") else ["-m", target]
-    r = subprocess.run(cmd + list(args))
+    r = subprocess.run(cmd + ([target] if target.endswith(".py") else ["-m", target]) + list(args))
     if r.returncode != 0:
         raise RuntimeError(f"torchrun {target} {' '.join(args)}: exit {r.returncode}")
 
@@ -161,7 +139,6 @@ def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, extra: lis
     `module --config config_path` under torchrun (its main reads it back exactly)."""
     if nproc <= 1:
         return fn(cfg)
-    from selfreward.records import write_json
     write_json(config_path, to_dict(cfg))
     torchrun(module, ["--config", str(config_path), *extra], nproc)
 

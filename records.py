@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 import time
@@ -40,6 +41,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [r for _, r in iter_jsonl(path)]
+
+
+def need_jsonl(path: str | Path, made_by: str) -> list[dict]:
+    """read_jsonl, or an error naming the missing file and what makes it (e.g. "the prompts stage")."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: missing (run {made_by} first)")
+    return read_jsonl(path)
 
 
 def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
@@ -174,8 +182,31 @@ into its own `NAME.rank{r}` file; rank 0 then merges them in unit order into NAM
 and seeded by their index, so the merged file is the same whatever the number of ranks.
 """
 
-# work(batch, emit): batch = [(unit index, unit)], emit(unit index, records) once per finished unit
-Work = Callable[[list[tuple[int, dict]], Callable[[int, list[dict]], None]], None]
+# work(batch, emit): batch = [(unit index, unit)]; emit(unit index, records, tokens=0) once per finished unit
+Work = Callable[[list[tuple[int, dict]], Callable[..., None]], None]
+
+
+class Progress:
+    """One updating line on stderr: units done of total, tokens/s, ETA (on a terminal the line is rewritten
+    in place; in a log, a line at most every `every` seconds and at the end)."""
+
+    def __init__(self, label: str, total: int, done: int = 0, unit: str = "units", every: float = 2.0):
+        self.label, self.total, self.done, self.unit, self.every = label, total, done, unit, every
+        self.start_done, self.tokens, self.t0, self.last = done, 0, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, units: int = 1, tokens: int = 0) -> None:
+        self.done, self.tokens = self.done + units, self.tokens + tokens
+        now = time.perf_counter()
+        if now - self.last < (0.2 if self.tty else self.every) and self.done < self.total:
+            return
+        self.last, el = now, max(now - self.t0, 1e-9)
+        rate = (self.done - self.start_done) / el
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = f"[{self.label}] {self.done}/{self.total} {self.unit}" + \
+            (f", {self.tokens / el:.1f} tok/s" if self.tokens else f", {rate:.2f} {self.unit}/s") + f", ETA {eta:.0f}s"
+        end = "\n" if not self.tty or self.done >= self.total else ""
+        print(("\r\033[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
 def dist_env() -> tuple[int, int]:
@@ -183,7 +214,7 @@ def dist_env() -> tuple[int, int]:
 
 
 def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable], work: Work,
-              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "") -> bool:
+              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "", unit: str = "units") -> bool:
     """Process the units not yet done, `chunk` at a time, appending to OUT.partial (per rank).
     Returns True when this process wrote the final OUT (rank 0), False on other ranks."""
     out = Path(out)
@@ -198,20 +229,17 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
         with PartialWriter(mine_path, keep=keep) as w:
             done = {key(r) for r in w.records}
             todo = [(i, u) for i, u in mine if key(u) not in done]
-            t0, n0 = time.perf_counter(), len(mine) - len(todo)
+            bar = Progress(progress, len(mine), len(mine) - len(todo), unit) if progress and todo else None
 
-            def emit(i: int, recs: list[dict]) -> None:
+            def emit(i: int, recs: list[dict], tokens: int = 0) -> None:
                 if len(recs) != per_unit:
                     raise RuntimeError(f"unit {i} gave {len(recs)} records, expected {per_unit}")
                 w.write(recs)
+                if bar:
+                    bar.update(1, tokens)
 
             for s in range(0, len(todo), chunk):
                 work(todo[s:s + chunk], emit)
-                if progress:
-                    d = min(s + chunk, len(todo))
-                    el = time.perf_counter() - t0
-                    print(f"[{progress}] {n0 + d}/{len(mine)} units, {d / max(el, 1e-9):.2f} units/s, "
-                          f"ETA {el / d * (len(todo) - d):.0f}s", flush=True)
             w.finish()
     order = {key(u): i for i, u in enumerate(units)}
     if world == 1:

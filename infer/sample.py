@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -133,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         mine = [r for i, r in enumerate(requests) if i % world == rank]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-        gen = Generator(args, ecfg, rank)
-        run_units(Path(args.output), requests, args.n, key, gen.work, chunk=max(1, len(requests)), rank=rank,
-                  world=world)
+        gen = Generator(args, ecfg)
+        run_units(Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)), rank, world,
+                  f"sample rank {rank}", "prompts")
         if rank == 0:
             print(f"[sample] wrote {len(read_jsonl(args.output))} records to {args.output}", file=sys.stderr,
                   flush=True)
@@ -152,8 +151,8 @@ class Generator:
     """The units' work: one engine call over the shard's remaining requests, a unit's records emitted (and
     flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
 
-    def __init__(self, args, ecfg: EngineConfig, rank: int):
-        self.args, self.ecfg, self.rank = args, ecfg, rank
+    def __init__(self, args, ecfg: EngineConfig):
+        self.args, self.ecfg = args, ecfg
 
     def work(self, batch: list[tuple[int, dict]], emit) -> None:
         args = self.args
@@ -168,26 +167,11 @@ class Generator:
                                  f"{len(ids)} tokens, the model takes at most {eng.max_len - 1}")
             prompts.append(ids)
             params.append(params_for(r, args))
-        t0, last, done, toks = time.perf_counter(), [0.0], [0], [0]
-
         def write(i: int, comps) -> None:
-            unit, rid = batch[i][0], batch[i][1]["id"]
-            recs = []
-            for j, c in enumerate(comps):
-                rec = {"id": rid, "sample": j, "text": c.text, "token_ids": c.token_ids,
-                       "finish_reason": c.finish_reason}
-                if args.logprobs:
-                    rec["logprobs"] = c.logprobs
-                recs.append(rec)
-                toks[0] += len(c.token_ids)
-            emit(unit, recs)
-            done[0] += 1
-            now = time.perf_counter()
-            if now - last[0] > 2.0 or done[0] == len(batch):
-                last[0], el = now, now - t0
-                eta = el / done[0] * (len(batch) - done[0])
-                print(f"[sample] rank {self.rank}: {done[0]}/{len(batch)} prompts, {toks[0]} tokens, "
-                      f"{toks[0] / el:.1f} tok/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            recs = [{"id": batch[i][1]["id"], "sample": j, "text": c.text, "token_ids": c.token_ids,
+                     "finish_reason": c.finish_reason, **({"logprobs": c.logprobs} if args.logprobs else {})}
+                    for j, c in enumerate(comps)]
+            emit(batch[i][0], recs, sum(len(c.token_ids) for c in comps))
         eng.generate(prompts, params, n=args.n, on_request=write)
 
 

@@ -3,13 +3,12 @@ best with the worst, and DPO on those pairs (reference M_t) gives M_{t+1}. Itera
 
     python -m selfreward.recipes.self_reward --run-dir runs/demo --init-model M1 --seed-prompts seed/ift.jsonl
     python -m selfreward.recipes.self_reward --config runs/demo/config.json --stage judge --iter 1   # one stage
-    torchrun --nproc_per_node 4 -m selfreward.recipes.self_reward --config runs/demo/config.json \\
-        --stage candidates --iter 1
+    torchrun --nproc_per_node 4 -m selfreward.recipes.self_reward --config RUN/config.json --stage candidates
 
-Flags are the nested config's fields: --candidates-n 4, --judge-k 3, --dpo-beta 0.1, --engine-dtype bfloat16.
-Layout: RUN/iter_t/{prompts,candidates,judgments,pairs}.jsonl, RUN/iter_t/model/ (= M_{t+1}),
-RUN/iter_t/dpo/ (the trainer's run folder), RUN/iter_t/manifest.json; RUN/config.json is the nested config.
-A stage whose file exists is skipped; a killed stage continues from its .partial file (selfreward.records).
+Flags are the nested config's fields (--candidates-n 4, --judge-k 3, --dpo-beta 0.1, --engine-dtype bfloat16).
+Layout: RUN/config.json (the nested config), RUN/iter_t/{prompts,candidates,judgments,pairs}.jsonl, iter_t/dpo/
+(the trainer's folder), iter_t/model/ (= M_{t+1}), iter_t/manifest.json. A stage whose file exists is skipped;
+a killed stage continues from its .partial file (selfreward.records).
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ from selfreward.recipes.instruct import InstructConfig, generate_prompts, given_
 from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, judge_items
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, read_json, \
-    read_jsonl, run_units, write_json, write_jsonl
+from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, need_jsonl, \
+    read_json, read_jsonl, run_units, write_json, write_jsonl
 from selfreward.train.dpo import DPOConfig
 
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
@@ -71,10 +70,10 @@ class LoopConfig:
             raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
         if self.score_from == "expected":
             self.judge.expected = True
-        for flag, ok in (("--candidates-n", self.candidates.n >= 2), ("--iterations", self.iterations >= 1),
-                         ("--nproc", self.nproc >= 1), ("--chunk", self.chunk >= 1)):
-            if not ok:
-                raise cli.ConfigError(f"{flag} is out of range")
+        low = [f for f, v, lo in (("--candidates-n", self.candidates.n, 2), ("--iterations", self.iterations, 1),
+                                  ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
+        if low:
+            raise cli.ConfigError(f"{low[0]} is below its minimum (candidates-n 2; iterations, nproc, chunk 1)")
         self.engine.check()
 
 
@@ -85,12 +84,6 @@ def iter_dir(cfg: LoopConfig, t: int) -> Path:
 def model_at(cfg: LoopConfig, t: int) -> str:
     """M_t: the init model for t = 1, else what iteration t-1 trained."""
     return cfg.init_model if t == 1 else str(iter_dir(cfg, t - 1) / "model")
-
-
-def _need(path: Path, stage: str) -> list[dict]:
-    if not path.exists():
-        raise DataError(f"{path}: missing (run the {stage} stage of this iteration first)")
-    return read_jsonl(path)
 
 
 def _seed(cfg: LoopConfig, t: int, stage: int) -> int:
@@ -122,11 +115,10 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
     # a prompt that leaves no room to answer within the context is set aside (M_t may not exist yet when
     # prompts are made ahead: the tokenizer and context are the init model's, which DPO does not change)
     engine, tok = s.get(model_at(cfg, t) if Path(model_at(cfg, t)).exists() else cfg.init_model)
-    seen = set()
+    dup = [k for k, n in Counter(r["id"] for r in recs).items() if n > 1]
+    if dup:
+        raise DataError(f"prompts of iteration {t}: duplicate id {dup[0]!r}")
     for r in recs:
-        if r["id"] in seen:
-            raise DataError(f"prompts of iteration {t}: duplicate id {r['id']!r}")
-        seen.add(r["id"])
         if r["verdict"] == "ok" and len(chat_prompt_ids(tok, r["prompt"])) > engine.max_len - 16:
             r["verdict"] = "too_long_for_context"
     write_jsonl(out, recs)
@@ -139,7 +131,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
     out = it / "candidates.jsonl"
     if out.exists():
         return
-    prompts = [r for r in _need(it / "prompts.jsonl", "prompts") if r["verdict"] == "ok"]
+    prompts = [r for r in need_jsonl(it / "prompts.jsonl", "the prompts stage") if r["verdict"] == "ok"]
     engine, tok = s.get(model_at(cfg, t))
     c, base = cfg.candidates, _seed(cfg, t, 1)
 
@@ -147,10 +139,13 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
         ids = [chat_prompt_ids(tok, p["prompt"]) for _, p in batch]
         ps = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=base + i * c.n)
               for i, _ in batch]
-        for (i, p), comps in zip(batch, engine.generate(ids, ps, n=c.n)):
+        def done(j: int, comps) -> None:           # a prompt's N samples, as soon as they are all finished
+            i, p = batch[j]
             emit(i, [{"id": p["id"], "sample": k, "text": x.text, "token_ids": engine.reply_ids(x),
-                      "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason} for k, x in enumerate(comps)])
-    run_units(out, prompts, c.n, lambda r: r["id"], work, cfg.chunk, rank, world, progress=f"candidates {t}")
+                      "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason} for k, x in enumerate(comps)],
+                 sum(len(x.token_ids) for x in comps))
+        engine.generate(ids, ps, n=c.n, on_request=done)
+    run_units(out, prompts, c.n, lambda r: r["id"], work, cfg.chunk, rank, world, f"candidates {t}", "prompts")
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
@@ -159,7 +154,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     if out.exists():
         return
     text = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    cands = _need(it / "candidates.jsonl", "candidates")
+    cands = need_jsonl(it / "candidates.jsonl", "the candidates stage")
     if cfg.judge.distinct:
         cands = distinct_candidates(cands)
     engine, tok = s.get(model_at(cfg, t))
@@ -175,8 +170,8 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
                 for rec in recs:
                     rec["expected"] = round(r.expected, 4)
             emit(i, recs)
-    run_units(out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, cfg.chunk, rank, world,
-              progress=f"judge {t}")
+    run_units(out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, cfg.chunk, rank, world, f"judge {t}",
+              "candidates")
 
 
 def stage_pairs(cfg: LoopConfig, t: int) -> dict:
@@ -184,7 +179,8 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     from selfreward.model.tokenizer import Tokenizer
     it = iter_dir(cfg, t)
     prompts = read_jsonl(it / "prompts.jsonl")
-    cands, judg = _need(it / "candidates.jsonl", "candidates"), _need(it / "judgments.jsonl", "judge")
+    cands = need_jsonl(it / "candidates.jsonl", "the candidates stage")
+    judg = need_jsonl(it / "judgments.jsonl", "the judge stage")
     pairs, counts = build_pairs([p for p in prompts if p["verdict"] == "ok"], cands, judg,
                                 "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin)
     if (it / "pairs.jsonl").exists():
@@ -197,21 +193,18 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     return iteration_stats(prompts, cands, judg, pairs, counts)
 
 
-def dpo_config(cfg: LoopConfig, t: int) -> DPOConfig:
-    it = iter_dir(cfg, t)
-    return dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=[str(it / "pairs.jsonl")],
-                               output=str(it / "dpo"), export=str(it / "model"), resume=True, seed=cfg.seed + t)
-
-
 def stage_dpo(cfg: LoopConfig, t: int) -> None:
+    """train/dpo.py from M_t (also the reference) on pairs.jsonl -> M_{t+1} in iter_t/model."""
     from selfreward.train.dpo import train
     it = iter_dir(cfg, t)
     if (it / "model" / "config.json").exists():
         return
-    if not read_jsonl(it / "pairs.jsonl"):
+    if not need_jsonl(it / "pairs.jsonl", "the pairs stage"):
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
-    cli.launch(train, dpo_config(cfg, t), "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
+    dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=[str(it / "pairs.jsonl")], resume=True,
+                               output=str(it / "dpo"), export=str(it / "model"), seed=cfg.seed + t)
+    cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None, ev: dict | None = None
@@ -229,18 +222,12 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
 
 def run_stage(cfg: LoopConfig, st: str, t: int, s: Session, rank: int = 0, world: int = 1) -> dict | None:
     """One stage of iteration t (sampling stages sharded over `world` ranks) -> the pairs stage's stats."""
-    if st == "prompts":
-        stage_prompts(cfg, t, s)
-    elif st == "candidates":
-        stage_candidates(cfg, t, s, rank, world)
-    elif st == "judge":
-        stage_judge(cfg, t, s, rank, world)
-    elif st == "pairs":
-        return stage_pairs(cfg, t)
-    elif st == "dpo":
+    if st in ("candidates", "judge"):
+        return (stage_candidates if st == "candidates" else stage_judge)(cfg, t, s, rank, world)
+    if st == "dpo":
         s.release()
-        stage_dpo(cfg, t)
-    return None
+    return {"prompts": lambda: stage_prompts(cfg, t, s), "pairs": lambda: stage_pairs(cfg, t),
+            "dpo": lambda: stage_dpo(cfg, t)}[st]()
 
 
 def run_iteration(cfg: LoopConfig, t: int, s: Session | None = None, stages=STAGES) -> dict:
@@ -293,9 +280,9 @@ def main(argv: list[str] | None = None):
         if world > 1:
             raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
         return run_loop(cfg)
+    if world > 1 and a.stage not in ("candidates", "judge"):
+        raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
     if world > 1:
-        if a.stage not in ("candidates", "judge"):
-            raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
         import torch.distributed as dist
         dist.init_process_group("gloo")   # the shards' barrier; the engines run on cfg.engine's device
     try:
