@@ -167,3 +167,22 @@ def test_one_top_level_name_beside_the_other_kernels_package(tiny, tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 1
+
+
+def test_manifest_counts_are_the_pairs_written_under_min_margin(tiny, tmp_path):
+    """issue 13 item 4: the manifest's counts come from the pairs stage itself (min_margin included)."""
+    from selfreward.recipes.self_reward import write_manifest
+    cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), min_margin=2.0)
+    it = iter_dir(cfg, 1)
+    write_jsonl(it / "prompts.jsonl", [{"id": p, "prompt": f"Q {p}?", "source": "given", "verdict": "ok"}
+                                        for p in "abc"])
+    write_jsonl(it / "candidates.jsonl", [{"id": p, "sample": s, "text": f"{p}{s}", "n_tokens": 2}
+                                           for p in "abc" for s in range(2)])
+    gaps = {"a": (5, 1), "b": (4, 3), "c": (3, 3)}    # a: gap 4 (a pair), b: gap 1 (< 2), c: a tie
+    write_jsonl(it / "judgments.jsonl", [{"id": p, "sample": s, "k": 0, "judgment": "", "score": float(gaps[p][s])}
+                                          for p in "abc" for s in range(2)])
+    m = write_manifest(cfg, 1, {}, stage_pairs(cfg, 1))
+    pairs = read_jsonl(it / "pairs.jsonl")
+    assert [p["id"] for p in pairs] == ["a"] and m["counts"]["pairs"] == len(pairs) == 1
+    assert (m["counts"]["below_margin"], m["counts"]["ties"]) == (1, 1)
+    assert json.loads((it / "manifest.json").read_text())["counts"] == m["counts"]
