@@ -61,6 +61,7 @@ def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | No
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(nargs="+", type=typing.get_args(t)[0]) if typing.get_origin(t) is list else kw.update(type=t)
+            kw["metavar"] = f.name.upper()
         p.add_argument("--" + name.replace(".", "-").replace("_", "-"), **kw)
         dests.add(name)
     return dests
