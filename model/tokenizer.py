@@ -41,7 +41,7 @@ def check_messages(msgs, where: str) -> list[dict]:
         raise DataError(f"{where}: field 'messages' must be a non-empty list")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages': item {j} must be {{'role': {'|'.join(ROLES)}, "
+            raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': {'|'.join(ROLES)}, "
                             f"'content': str}}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 

@@ -90,7 +90,7 @@ def test_resume_after_kill_and_sharding(stories260k, tmp_path, monkeypatch, caps
     ('{"prompt": "x"}', "field 'id'"),
     ('{"id": 1, "prompt": "x", "max_tokens": "9"}', "field 'max_tokens'"),
     ('{"id": "a", "prompt": "x"}', "field 'id': duplicate"),
-    ('{"id": 2, "messages": [{"role": "bot", "content": "x"}]}', "field 'messages'"),
+    ('{"id": 2, "messages": [{"role": "bot", "content": "x"}]}', "field 'messages[0]'"),
     ('{"id": 2, "prompt": "x"', "not valid JSON"),
 ])
 def test_bad_line_reported_with_file_line_field(tmp_path, capsys, line, field):
