@@ -102,16 +102,17 @@ class MetricsLog:
 def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -> dict:
     out = Path(cfg.output)
     n = task.num_examples
-    if 0 < n < cfg.batch_size and cfg.max_steps <= 0:
+    if 0 < n < cfg.batch_size:
         # fewer examples than one batch (a late self-rewarding iteration can make few pairs): one smaller
         # batch per epoch, said loudly, rather than zero steps and an unchanged model exported as trained
+        # (without --max-steps) or a crash (with it)
         small = n // d.world * d.world
         if small < 1:
             raise SystemExit(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
         if d.is_main:
             print(f"[{name}] only {n} examples: batch size lowered from {cfg.batch_size} to {small}", flush=True)
         cfg.batch_size = small
-        if cfg.micro_batch_size and cfg.micro_batch_size * d.world > small:
+        if cfg.micro_batch_size and small % (cfg.micro_batch_size * d.world):
             cfg.micro_batch_size = small // d.world
     per_epoch = n // cfg.batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
