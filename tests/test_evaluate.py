@@ -29,6 +29,19 @@ def test_rm_metrics_hand_computed():
     assert m["groups"] == 5 and m["groups_used"] == 4 and m["unparsable_replies"] == 2
 
 
+def test_correlations_skip_groups_humans_tied():
+    """Issue 13 item 9: a group whose human ranks are all equal has no correlation: skipped, counted, not a 0."""
+    tied_humans = ([1, 1, 1], [5, 2, 1])
+    m = rm_metrics(GROUPS + [tied_humans])
+    rho3, tau3 = 1.5 / math.sqrt(3), 2 / math.sqrt(6)      # as in test_rm_metrics_hand_computed
+    assert m["spearman"] == pytest.approx((1 - 1 + rho3 + 0) / 4)     # still over G1-G4, not / 5
+    assert m["kendall_tau"] == pytest.approx((1 - 1 + tau3 + 0) / 4)
+    assert m["corr_skipped_human_tied"] == 1 and m["corr_groups"] == 4 and m["groups_used"] == 5
+    assert m["pairs"] == 8                                  # no pair with different human ranks added
+    only = rm_metrics([tied_humans, ([0, 0], [3, 3])])
+    assert only["spearman"] is None and only["kendall_tau"] is None and only["corr_skipped_human_tied"] == 2
+
+
 def test_rm_metrics_empty_and_errors():
     m = rm_metrics([([0, 1], [None, None])])
     assert m["pairwise_accuracy"] is None and m["five_best"] is None and m["spearman"] is None
@@ -36,8 +49,17 @@ def test_rm_metrics_empty_and_errors():
         rm_metrics([([0, 1], [1.0])])
 
 
+def test_scipy_in_the_test_extra():
+    """Issue 13 item 10: the independent check below must run in CI, so the test extra installs scipy."""
+    import re
+
+    from tests.conftest import ROOT
+    dev = re.search(r"^dev = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    assert re.search(r'"scipy\s*(>=[^"]*)?"', dev), dev      # (tomllib would need Python 3.11)
+
+
 def test_correlations_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats      # in the `dev` extra: a missing scipy fails here rather than skipping
     cases = [([3, 1, 2, 2, 5], [1, 2, 3, 4, 5]), ([1, 1, 2, 3], [4, 3, 3, 1]), ([0.5, 2, 2, 2], [1, 2, 3, 3])]
     for a, b in cases:
         assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
