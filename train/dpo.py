@@ -40,6 +40,7 @@ class DPOConfig(TrainConfig):
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     ref_mode: str = "cache"           # cache | online
     ref_cache_dir: str = ""           # default OUTPUT/ref_cache
+    export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
 
     def check(self) -> None:
         super().check()

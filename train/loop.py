@@ -1,5 +1,6 @@
 """The optimisation loop both trainers share: global batches, accumulation, clipping, schedule, NaN stop,
-metrics JSONL, progress, checkpoints, resume, export.
+metrics JSONL, progress, checkpoints, resume, export (and, with `export_every` N, a Hugging Face export
+every N steps to OUTPUT/exports/step_N, atomic, for recipes.select).
 
 A trainer supplies a Task: `num_examples`, `norm(batch)` (the denominator of the global batch's loss:
 target tokens for SFT, pairs for DPO), `micro(model, indices)` -> (summed loss with grad, stat sums) and
@@ -185,6 +186,9 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
             (step + 1) % cfg.eval_every == 0 and step + 1 < total
         if evaluate:
             log.write({"step": step + 1, **task.evaluate(model)})
+        export_every = getattr(cfg, "export_every", 0)
+        if export_every and (step + 1) % export_every == 0:   # candidates for checkpoint selection
+            export_model(model, out / "exports" / f"step_{step + 1}", tokenizer_dir, d)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     if hasattr(task, "evaluate") and start < total:
