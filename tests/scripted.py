@@ -22,6 +22,8 @@ class ScriptedEngine:
     def __init__(self, tok, reply: Callable[[str, int, int], str], probs: Callable[[str], list[float]] | None = None,
                  max_len: int = 512):
         self.tok, self.reply, self.probs, self.max_len = tok, reply, probs, max_len
+        self.tokenizer = tok                     # as Engine.tokenizer: the session hands it out
+        self.eos = {tok.eos_id} if getattr(tok, "eos_id", None) is not None else set()
         self.calls: list[tuple[list[str], list[int | None], int]] = []
 
     def generate(self, prompts, params=None, n: int = 1, progress: bool = False, on_request=None):
@@ -34,7 +36,8 @@ class ScriptedEngine:
             comps = []
             for j in range(n):
                 t = self.reply(text, seed, j)
-                comps.append(Completion(token_ids=self.tok.encode(t), text=t, logprobs=None, finish_reason="stop"))
+                ids = self.tok.encode(t) + sorted(self.eos)[:1]      # as sampled: the text, then the stop token
+                comps.append(Completion(token_ids=ids, text=t, logprobs=None, finish_reason="stop"))
             out.append(comps)
         return out
 

@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
-from selfreward.recipes.self_reward import LoopConfig, iter_dir, run_loop
-from tests.recipes_tiny import tiny_chat_model, write_prompts
+from selfreward.recipes.self_reward import iter_dir, run_loop
+from tests.recipes_tiny import loop_config, tiny_chat_model, write_prompts
 from tests.scripted import ScriptedEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,13 +17,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["Tell me about cats.", "How do I boil an egg?", "Give all the same answers please.", "Why is the sea salty?"]
 
 
-def _loop_config(tmp_path, m1, prompts_file) -> LoopConfig:
+def _loop_config(tmp_path, m1, prompts_file):
     """The loop's settings in one place (the only part of this test that knows LoopConfig's layout)."""
-    return LoopConfig(run_dir=str(tmp_path / "run"), init_model=str(m1), iterations=2,
-                      prompt_source=str(prompts_file), n_prompts=4, n_candidates=3, max_tokens=16,
-                      judge_k=2, judge_max_tokens=16, judge_template="short", score_from="sampled", chunk=2,
-                      dpo_args=["--max-steps", "1", "--batch-size", "2", "--max-length", "128", "--lr", "1e-3",
-                                "--warmup-steps", "0", "--dropout", "0"])
+    return loop_config(run_dir=str(tmp_path / "run"), init_model=str(m1), iterations=2,
+                       prompt_source=str(prompts_file), n_prompts=4, n_candidates=3, max_tokens=16,
+                       judge_k=2, judge_max_tokens=16, judge_template="short", score_from="sampled", chunk=2,
+                       dpo=dict(max_steps=1, batch_size=2, max_length=128, lr=1e-3, warmup_steps=0, dropout=0.0))
 
 
 def level_of_candidate(text: str, seed: int, j: int) -> int:

@@ -87,19 +87,31 @@ def test_select_tie_rule():
     assert pick([s(2, 0), s(1, 0), s(2, 0)]) == 2            # then the later (further-trained) one
 
 
-def test_select_cli_report_and_bad_input(tmp_path, scripted_models, capsys):
+def test_select_cli_report_and_bad_input(tmp_path, scripted_models):
+    from selfreward.records import DataError
     from selfreward.recipes.select import main
     paths, _ = scripted_models
     pf = tmp_path / "p.jsonl"
     pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     res = main(["--candidates", paths["step_6"], paths["step_8"], "--reference", paths["ref"], "--prompts", str(pf),
-                "--out", str(tmp_path / "m"), "--report", str(tmp_path / "sel.json")])
+                "--out", str(tmp_path / "m"), "--report", str(tmp_path / "sel.json"), "--engine-device", "cpu"])
     assert res["chosen"] == paths["step_8"] and json.loads((tmp_path / "sel.json").read_text())["chosen"] == res["chosen"]
     assert (tmp_path / "m" / "model.safetensors").read_text() == "step_8"
+    # bad input: errors that name the file, line and field (cli.run_main prints them as `error: ...`, exit 2)
     pf.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    assert main(["--candidates", paths["step_6"], "--reference", paths["ref"], "--prompts", str(pf)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "p.jsonl:2: " in err and "'prompt'" in err, err
+    with pytest.raises(DataError, match=r"p\.jsonl:2: .*'prompt'"):
+        main(["--candidates", paths["step_6"], "--reference", paths["ref"], "--prompts", str(pf)])
     pf.write_text('{"prompt": "ok"}\n')
-    assert main(["--candidates", str(tmp_path / "nope"), "--reference", paths["ref"], "--prompts", str(pf)]) == 2
-    assert "nope: not a checkpoint folder" in capsys.readouterr().err
+    with pytest.raises(DataError, match="nope: not a checkpoint folder"):
+        main(["--candidates", str(tmp_path / "nope"), "--reference", paths["ref"], "--prompts", str(pf)])
+
+
+def test_select_cli_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    r = subprocess.run([sys.executable, "-m", "selfreward.recipes.select", "--candidates", str(tmp_path / "x"),
+                        "--reference", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "none.jsonl: no such file" in r.stderr, r.stderr
