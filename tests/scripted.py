@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from selfreward.infer.engine import Engine
 from selfreward.infer.sequence import Completion
 
 MARK = "[GOOD]"          # a reply carrying this is the one a scripted pairwise judge prefers
@@ -40,6 +41,8 @@ class ScriptedEngine:
                 comps.append(Completion(token_ids=ids, text=t, logprobs=None, finish_reason="stop"))
             out.append(comps)
         return out
+
+    reply_ids = Engine.reply_ids             # the real engine's own (it reads only self.eos)
 
     def next_token_logprobs(self, prompts, token_ids):
         rows = []
