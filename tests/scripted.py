@@ -40,6 +40,8 @@ class ScriptedEngine:
                 ids = self.tok.encode(t) + sorted(self.eos)[:1]      # as sampled: the text, then the stop token
                 comps.append(Completion(token_ids=ids, text=t, logprobs=None, finish_reason="stop"))
             out.append(comps)
+            if on_request is not None:             # as the engine: each request's samples once finished
+                on_request(len(out) - 1, comps)
         return out
 
     reply_ids = Engine.reply_ids             # the real engine's own (it reads only self.eos)
