@@ -178,10 +178,10 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
 
 def test_eft_cli_with_a_model_judge(tiny, tmp_path):
     """The EFT path end to end with a real (random) judge: it runs, and whatever it keeps is consistent."""
-    from tests.conftest import need_shared
+    from tests.conftest import OASST_20
     from selfreward.recipes.oasst import main as oasst
     src = tmp_path / "three.jsonl"
-    src.write_text("".join(open(need_shared("data/oasst_en_100_trees.jsonl")).readlines()[:3]))
+    src.write_text("".join(open(OASST_20).readlines()[:3]))
     counts = oasst(["--input", str(src), "--out", str(tmp_path / "seed"), "--eval-frac", "0.0",
                     "--eft-model", str(tiny), "--judge-template", "short", "--max-tokens", "8", "--tries", "2"])
     st = counts["eft_train"]
