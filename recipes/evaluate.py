@@ -118,7 +118,8 @@ def print_rm(res: dict, title: str = "") -> None:
     s = res["sampled"]
     print(f"groups {s['groups']} (used {s['groups_used']}), pairs {s['pairs']} (judge-tied {s['pairs_judge_tied']}),"
           f" judgments {res['judgments']}, unparsable {res['parse_failures']}, perfect 5s {s['perfect_scores']},"
-          f" judge prompts cut to fit the context {res['prompts_cut']}")
+          f" judge prompts cut to fit the context {res['prompts_cut']}; Spearman/Kendall over {s['corr_groups']} groups"
+          f" ({s['corr_skipped_human_tied']} skipped: human ranks all equal)")
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,

@@ -140,7 +140,8 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
                      earlier: Sequence[str] = (), progress: bool = False) -> list[dict]:
     """Make `n` accepted prompts. Records go to `writer` (a model.jsonl.PartialWriter) one round at a
     time: {id, prompt, source: "generated", verdict, rouge, round}. Rounds already in the writer (a resumed
-    run) rebuild the pool and are not redone; round r draws its shots and sampling seed from (seed, r)."""
+    run) rebuild the pool and are not redone; round r draws its shots from (seed, r), and its row j samples
+    with its own seed, seed * 1_000_003 + r * batch + j."""
     from selfreward.infer.sequence import SamplingParams
     done = writer.records
     accepted = [r["prompt"] for r in done if r["verdict"] == "ok"]
@@ -154,9 +155,11 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     while len(accepted) < n and rnd < cfg.max_rounds:
         rng = random.Random(cfg.seed * 1_000_003 + rnd)
         ids = [fit_shots(tok, pick_shots(rng, seeds, gen_pool, cfg), cfg, limit) for _ in range(cfg.batch)]
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                seed=cfg.seed * 1_000_003 + rnd * cfg.batch, stop=("\nRequest",))
-        outs = engine.generate(ids, [params] * len(ids), n=1)
+        # one seed per row (round r, row j -> base + r * batch + j): rows sharing a stream are correlated
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                 seed=cfg.seed * 1_000_003 + rnd * cfg.batch + j, stop=("\nRequest",))
+                  for j in range(len(ids))]
+        outs = engine.generate(ids, params, n=1)
         recs = []
         for j, group in enumerate(outs):
             text = cut_generated(group[0].text)

@@ -13,8 +13,9 @@ counted); a group left with fewer than 2 replies is skipped. Then, over the grou
   where the humans tie).
 - Spearman / Kendall tau: computed within each group between the judge scores and the negated human ranks
   (so agreement is positive), then averaged over groups. Ties get average ranks (Spearman) and tau-b
-  (Kendall). A group where the judge gives every reply the same score has no defined correlation; it
-  contributes 0 (a judge that cannot tell replies apart earns nothing).
+  (Kendall). A group whose human ranks are all equal has no defined correlation whatever the judge says: it
+  is left out of both averages and counted (`corr_skipped_human_tied`). A group where the judge gives every
+  reply the same score (the humans do not) contributes 0 (a judge that cannot tell replies apart earns nothing).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _sign(x: float) -> int:
 
 def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], perfect: float = 5.0) -> dict:
     """The five metrics (fractions in [0, 1], correlations in [-1, 1]) and the counts behind them."""
-    pairs = agree = tied = exact = used = unparsable = n_perfect = perfect_best = 0
+    pairs = agree = tied = exact = used = unparsable = n_perfect = perfect_best = human_tied = 0
     rhos: list[float] = []
     taus: list[float] = []
     for ranks, scores in groups:
@@ -107,8 +108,11 @@ def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], p
                     agree += 1
         exact += same
         neg = [-r for r in rk]
-        rhos.append(spearman(sc, neg) or 0.0)
-        taus.append(kendall_tau_b(sc, neg) or 0.0)
+        if len(set(rk)) == 1:
+            human_tied += 1             # no human order to correlate with: not a 0, not counted
+        else:
+            rhos.append(spearman(sc, neg) or 0.0)
+            taus.append(kendall_tau_b(sc, neg) or 0.0)
         for r, s in kept:
             if s == perfect:
                 n_perfect += 1
@@ -121,6 +125,7 @@ def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], p
         "kendall_tau": sum(taus) / len(taus) if taus else None,
         "groups": len(groups), "groups_used": used, "pairs": pairs, "pairs_judge_tied": tied,
         "unparsable_replies": unparsable, "perfect_scores": n_perfect,
+        "corr_groups": len(rhos), "corr_skipped_human_tied": human_tied,
     }
 
 

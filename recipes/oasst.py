@@ -135,11 +135,23 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
     return out
 
 
+def _held(key: str, eval_frac: float, seed: int) -> bool:
+    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12 < eval_frac
+
+
 def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train / held-out by a hash of (seed, id): stable when groups are added or reordered."""
-    def h(g: dict) -> float:
-        return int(hashlib.sha1(f"{seed}:{g['id']}".encode()).hexdigest()[:12], 16) / 16**12
-    return [g for g in groups if h(g) >= eval_frac], [g for g in groups if h(g) < eval_frac]
+    return ([g for g in groups if not _held(g["id"], eval_frac, seed)],
+            [g for g in groups if _held(g["id"], eval_frac, seed)])
+
+
+def split_trees(roots: list[Node], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[Node], list[Node]]:
+    """Train / held-out TREES by a hash of (seed, root id), the same hash as split_groups, so a first-turn
+    group (whose id is its root's) lands on the same side either way. Every record built from a held-out
+    tree (its IFT pair, its groups at any depth) stays out of training: the held-out prompts and their
+    rank-0 replies would otherwise be in ift.jsonl and in the self-instruct seed pool."""
+    return ([r for r in roots if not _held(r.id, eval_frac, seed)],
+            [r for r in roots if _held(r.id, eval_frac, seed)])
 
 
 def agrees_with_humans(ranks: list[int], scores: list[float | None]) -> bool:
@@ -193,7 +205,8 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True)
-    ap.add_argument("--out", required=True, help="folder for ift.jsonl, groups_{train,eval}.jsonl, eft_*.jsonl")
+    ap.add_argument("--out", required=True, help="folder for ift.jsonl, groups_{train,eval}.jsonl, eft_*.jsonl "
+                    "(ift and groups_train from the training trees only)")
     ap.add_argument("--lang", default="en", help="language filter; 'any' for none")
     ap.add_argument("--eval-frac", type=float, default=0.25)
     ap.add_argument("--all-turns", action="store_true", help="ranked groups at every depth, not only turn 1")
@@ -207,12 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     lang = None if a.lang == "any" else a.lang
     roots = load_messages(a.input)
     out = Path(a.out)
-    ift = ift_pairs(roots, lang)
-    train, held = split_groups(ranked_groups(roots, lang, not a.all_turns), a.eval_frac, a.seed)
+    train_roots, held_roots = split_trees(roots, a.eval_frac, a.seed)   # split first: nothing held-out trains
+    ift = ift_pairs(train_roots, lang)
+    train = ranked_groups(train_roots, lang, not a.all_turns)
+    held = ranked_groups(held_roots, lang, not a.all_turns)
     write_jsonl(out / "ift.jsonl", ift)
     write_jsonl(out / "groups_train.jsonl", train)
     write_jsonl(out / "groups_eval.jsonl", held)
-    counts: dict = {"trees": len(roots), "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
+    counts: dict = {"trees": len(roots), "trees_train": len(train_roots), "trees_eval": len(held_roots),
+                    "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:
         from selfreward.recipes.judge import JudgeConfig, model_judge_fn
         cfg = JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed,

@@ -89,10 +89,10 @@ def test_mean_score_excludes_unparsable():
 
 
 def test_fit_prompt_to_budget():
-    from tests.conftest import need_shared
+    from tests.conftest import TOKENIZER_DIR
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
-    tok = Tokenizer.load(need_shared("fixtures/stories260k"))
+    tok = Tokenizer.load(TOKENIZER_DIR)
     ins, resp = "Why is the sky blue?", "Because of Rayleigh scattering. " * 40
     full = chat_prompt_ids(tok, judge_prompt(SHORT_TEMPLATE, ins, resp))
     assert fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, len(full)) == (full, False)

@@ -1,13 +1,15 @@
-"""OASST builders: the shared 100-tree export through IFT, ranked groups and EFT; flat table == trees; errors."""
+"""OASST builders: IFT, ranked groups and EFT on tests/data/oasst_20_trees.jsonl (20 of the shared trees, in
+every clone) and on the shared 100-tree export; held-out trees in no training file; flat table == trees; errors."""
 import json
 import random
 from collections import Counter
 
 import pytest
 
-from selfreward.records import DataError
+from selfreward.records import DataError, read_jsonl
 from selfreward.recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
     split_groups
+from tests.conftest import OASST_20
 
 
 def _flatten(tree_file, out, shuffle_seed=0):
@@ -43,27 +45,59 @@ def test_oasst_100_trees_counts(tmp_path):
     assert split_groups(list(reversed(first)), 0.25, 0)[1] == list(reversed(held))  # order-independent
     print(f"\nOASST 100 trees: IFT {len(ift)}, groups turn-1 {len(first)} (train {len(train)} / "
           f"eval {len(held)}), all turns {len(every)}")
-    # the CLI writes the same
+    # the CLI splits by tree first (the same hash, so the same turn-1 groups); IFT only from the training trees
     counts = main(["--input", str(src), "--out", str(tmp_path / "seed")])
-    assert counts == {"trees": 100, "ift": 99, "groups_train": len(train), "groups_eval": len(held)}
-    assert sum(1 for _ in open(tmp_path / "seed" / "ift.jsonl")) == 99
+    assert counts == {"trees": 100, "trees_train": 74, "trees_eval": 26, "ift": 73, "groups_train": len(train),
+                      "groups_eval": len(held)} and (len(train), len(held)) == (73, 26)
+    assert sum(1 for _ in open(tmp_path / "seed" / "ift.jsonl")) == 73
+    assert _leaks(tmp_path / "seed") == []
+
+
+def _strings(rec) -> list[str]:
+    if isinstance(rec, str):
+        return [rec]
+    if isinstance(rec, dict):
+        rec = list(rec.values())
+    return [s for v in rec for s in _strings(v)] if isinstance(rec, list) else []
+
+
+def _leaks(seed_dir) -> list[str]:
+    """Held-out texts (groups_eval.jsonl: each prompt and every reply) found in a training file: equal to one
+    of its strings, or (texts of 40+ characters) inside one, as a transcript or judge prompt would hold it."""
+    held = {t for g in read_jsonl(seed_dir / "groups_eval.jsonl") for t in [g["prompt"]] + [r["text"] for r in g["replies"]]}
+    assert held, "no held-out group: the test would prove nothing"
+    train = [s for name in ("ift.jsonl", "groups_train.jsonl", "eft_train.jsonl") if (seed_dir / name).exists()
+             for rec in read_jsonl(seed_dir / name) for s in _strings(rec)]
+    exact = set(train)
+    return sorted(h[:60] for h in held if h in exact or (len(h) >= 40 and any(h in s for s in train)))
+
+
+@pytest.mark.parametrize("all_turns", [False, True])
+def test_heldout_trees_in_no_training_file(tmp_path, all_turns):
+    """Issue 13 item 1: no held-out prompt or reply reaches ift.jsonl / groups_train.jsonl (self-instruct seeds
+    come from ift.jsonl), at the first turn and at every depth."""
+    out = tmp_path / "seed"
+    counts = main(["--input", str(OASST_20), "--out", str(out)] + (["--all-turns"] if all_turns else []))
+    assert (counts["trees"], counts["trees_train"], counts["trees_eval"]) == (20, 14, 6)
+    assert counts["ift"] == 13                      # the 14 training trees, one of which has no rank-0 reply
+    assert _leaks(out) == []
+    held_ids = {g["id"] for g in read_jsonl(out / "groups_eval.jsonl")}
+    assert not held_ids & {r["id"] for r in read_jsonl(out / "ift.jsonl")}
 
 
 def test_flat_table_gives_same_ift(tmp_path):
-    from tests.conftest import need_shared
-    src = need_shared("data/oasst_en_100_trees.jsonl")
+    src = OASST_20
     n = _flatten(src, tmp_path / "flat.jsonl")
     roots_t, roots_f = load_messages(src), load_messages(tmp_path / "flat.jsonl")
     key = lambda r: r["id"]  # noqa: E731
     assert sorted(ift_pairs(roots_t), key=key) == sorted(ift_pairs(roots_f), key=key)
     assert sorted(ranked_groups(roots_t, first_turn_only=False), key=key) == \
         sorted(ranked_groups(roots_f, first_turn_only=False), key=key)
-    assert n > 100
+    assert n > 20 and len(ranked_groups(roots_t, first_turn_only=False)) > len(ranked_groups(roots_t))
 
 
 def test_eft_builder_scripted_judge():
-    from tests.conftest import need_shared
-    groups = ranked_groups(load_messages(need_shared("data/oasst_en_100_trees.jsonl")))
+    groups = ranked_groups(load_messages(OASST_20))
     flip = {g["id"] for g in groups[::3]}              # a third of the groups judged backwards
     by_text = {r["text"]: (g["id"], r["rank"]) for g in groups for r in g["replies"]}
     size = {g["id"]: len(g["replies"]) for g in groups}

@@ -151,7 +151,6 @@ def test_expected_score_against_plain_forward(tiny):
 
 def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
     from selfreward.recipes.evaluate import main as evaluate
-    from selfreward.recipes.metrics import rm_metrics
     groups = [{"id": "g1", "prompt": "Name a red fruit.", "replies": [{"text": "An apple.", "rank": 0},
                                                                       {"text": "Blue.", "rank": 1},
                                                                       {"text": "x " * 400, "rank": 2}]},
@@ -163,9 +162,10 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
     assert json.loads((tmp_path / "rm.json").read_text())["expected"] == res["expected"]
     recs = res["records"]
     assert len(recs) == 5 and res["judgments"] == 10 and res["prompts_cut"] == 1  # the 800-char reply is cut
-    want = rm_metrics([([r["rank"] for r in recs[:3]], [r["expected"] for r in recs[:3]]),
-                       ([r["rank"] for r in recs[3:]], [r["expected"] for r in recs[3:]])])
-    assert res["expected"] == want and res["expected"]["groups_used"] == 2
+    # the metrics themselves are checked against hand-computed values with a scripted judge
+    # (tests/test_evaluate.py::test_rm_command_scripted_judge_hand_computed); here: the real engine's path
+    assert res["expected"]["groups_used"] == 2 and res["expected"]["pairs"] == 4
+    assert all(0 <= r["expected"] <= 5 for r in recs)
     assert "pairwise accuracy" in capsys.readouterr().out
     pf = write_prompts(tmp_path / "hp.jsonl", ["Say hi.", "Name a color."])
     res = evaluate(["h2h", "--a", str(tiny), "--b", str(tiny), "--judge", str(tiny), "--prompts", str(pf),
@@ -178,10 +178,10 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
 
 def test_eft_cli_with_a_model_judge(tiny, tmp_path):
     """The EFT path end to end with a real (random) judge: it runs, and whatever it keeps is consistent."""
-    from tests.conftest import need_shared
+    from tests.conftest import OASST_20
     from selfreward.recipes.oasst import main as oasst
     src = tmp_path / "three.jsonl"
-    src.write_text("".join(open(need_shared("data/oasst_en_100_trees.jsonl")).readlines()[:3]))
+    src.write_text("".join(open(OASST_20).readlines()[:3]))
     counts = oasst(["--input", str(src), "--out", str(tmp_path / "seed"), "--eval-frac", "0.0",
                     "--eft-model", str(tiny), "--judge-template", "short", "--max-tokens", "8", "--tries", "2"])
     st = counts["eft_train"]

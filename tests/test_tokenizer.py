@@ -52,8 +52,8 @@ def test_tokenizer_json_encode_decode_matches_transformers(tmp_path):
     assert ours.chat_template is None   # plain template in use
 
 
-def test_plain_template_sentencepiece(stories260k):
-    tok = Tokenizer.load(stories260k)
+def test_plain_template_sentencepiece(sp_tokenizer):
+    tok = Tokenizer.load(sp_tokenizer)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 512)
     ids, mask = tok.render_chat(CHAT)
     assert ids[0] == tok.bos_id and not mask[0]
@@ -69,11 +69,11 @@ def test_plain_template_sentencepiece(stories260k):
     assert tok.decode(_targets(tok, ids, mask)) == "Once upon a time there was a dog. The answer is four."
 
 
-def test_sentencepiece_with_jinja_template(tmp_path, stories260k):
+def test_sentencepiece_with_jinja_template(tmp_path, sp_tokenizer):
     import shutil
     d = tmp_path / "sp"
     d.mkdir()
-    shutil.copy(stories260k / "tokenizer.model", d)
+    shutil.copy(sp_tokenizer / "tokenizer.model", d)
     tmpl = "{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "chat_template": tmpl}))
@@ -84,8 +84,8 @@ def test_sentencepiece_with_jinja_template(tmp_path, stories260k):
     assert _targets(tok, ids, mask)[-1] == tok.eos_id
 
 
-def test_prompt_ids_raw_and_messages(stories260k):
-    tok = Tokenizer.load(stories260k)
+def test_prompt_ids_raw_and_messages(sp_tokenizer):
+    tok = Tokenizer.load(sp_tokenizer)
     assert tok.prompt_ids({"prompt": "Once"}, raw=True) == [tok.bos_id] + tok.encode("Once")
     assert tok.prompt_ids({"prompt": ""}, raw=True) == [tok.bos_id]
     # by default a "prompt" is one user turn, as the trainers read it
@@ -94,8 +94,8 @@ def test_prompt_ids_raw_and_messages(stories260k):
     assert tok.prompt_ids({"messages": CHAT[:2]}) == tok.render_chat(CHAT[:2], add_generation_prompt=True)[0]
 
 
-def test_bad_messages_and_folders(tmp_path, stories260k):
-    tok = Tokenizer.load(stories260k)
+def test_bad_messages_and_folders(tmp_path, sp_tokenizer):
+    tok = Tokenizer.load(sp_tokenizer)
     with pytest.raises(TokenizerError, match="message 1: field 'role'"):
         tok.render_chat([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
     with pytest.raises(TokenizerError, match="message 0: field 'content'"):

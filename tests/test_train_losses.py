@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfreward.cli import ConfigError
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 from selfreward.train.data import IGNORE, Pair, pack_rows, Example
@@ -91,23 +92,75 @@ def test_loss_variants_against_hand_computed_values():
     want = {
         "sigmoid": -math.log(sig(beta * z)),
         "ipo": ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2,
-        "robust": -0.8 * math.log(sig(beta * z)) - 0.2 * math.log(sig(-beta * z)),
+        "cdpo": -0.8 * math.log(sig(beta * z)) - 0.2 * math.log(sig(-beta * z)),
+        "robust": (-0.8 * math.log(sig(beta * z)) + 0.2 * math.log(sig(-beta * z))) / (1 - 2 * 0.2),
         "simpo": -math.log(sig(beta * (pc / lc - pr / lr) - 0.25)),
     }
+    eps = lambda t: 0.2 if t in ("cdpo", "robust") else 0.0  # noqa: E731
     for t, w in want.items():
-        loss, rch, rrej = dpo_loss(policy, ref, lens, DPOLossConfig(t, beta, label_smoothing=0.2, simpo_gamma=0.25))
+        loss, rch, rrej = dpo_loss(policy, ref, lens, DPOLossConfig(t, beta, label_smoothing=eps(t), simpo_gamma=0.25))
         assert abs(loss.item() - w) < 1e-6, t
         if t == "simpo":
             assert abs(rch.item() - beta * pc / lc) < 1e-6 and abs(rrej.item() - beta * pr / lr) < 1e-6
         else:
             assert abs(rch.item() - beta * (pc - rc)) < 1e-6 and abs(rrej.item() - beta * (pr - rr)) < 1e-6
         # the RPO term: + alpha * (chosen NLL per token) = 0.7 * 10 / 4, rewards unchanged
-        cfg = DPOLossConfig(t, beta, label_smoothing=0.2, simpo_gamma=0.25, nll_alpha=0.7)
+        cfg = DPOLossConfig(t, beta, label_smoothing=eps(t), simpo_gamma=0.25, nll_alpha=0.7)
         loss2, rch2, rrej2 = dpo_loss(policy, ref, lens, cfg)
         assert abs(loss2.item() - (w + 0.7 * -pc / lc)) < 1e-6, t
         assert rch2.item() == rch.item() and rrej2.item() == rrej.item()
     with pytest.raises(ValueError, match="loss type"):
         DPOLossConfig("kto")
+
+
+def test_cdpo_and_robust_against_their_papers():
+    """Issue 13 item 6. beta z = 1, eps = 0.2, with log sigmoid(1) = -0.31326169, log sigmoid(-1) = -1.31326169:
+    cDPO (Mitchell 2023): 0.8 * 0.31326169 + 0.2 * 1.31326169 = 0.51326169;
+    rDPO (Chowdhury et al. 2024, eq. 6 / TRL robust): (0.8 * 0.31326169 - 0.2 * 1.31326169) / 0.6 = -0.02007164."""
+    policy, ref, lens = torch.tensor([-10.0, -14.0]), torch.tensor([-11.0, -13.0]), torch.tensor([4, 8])   # z = 2
+    for t, want in (("cdpo", 0.51326169), ("robust", -0.02007164)):
+        loss = dpo_loss(policy, ref, lens, DPOLossConfig(t, 0.5, label_smoothing=0.2))[0]
+        assert loss.item() == pytest.approx(want, abs=1e-7), t
+    # rDPO's defining property: unbiased under label flips with probability eps, for any margin
+    for z, e in ((2.0, 0.2), (-0.7, 0.1), (5.0, 0.45)):
+        pol = lambda zz: torch.tensor([zz, 0.0], dtype=torch.float64)  # noqa: E731
+        rd = lambda zz: dpo_loss(pol(zz), torch.zeros(2, dtype=torch.float64), lens,  # noqa: E731
+                                 DPOLossConfig("robust", 0.5, label_smoothing=e))[0].item()
+        assert (1 - e) * rd(z) + e * rd(-z) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * z))), abs=1e-12)
+    with pytest.raises(ValueError, match="label smoothing applies"):
+        DPOLossConfig("sigmoid", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        DPOLossConfig("robust", label_smoothing=0.5)
+
+
+def _dpo_flags(*extra):
+    from selfreward.cli import parse_config
+    from selfreward.train.dpo import DPOConfig
+    return parse_config(DPOConfig, ["--model", "m", "--data", "d.jsonl", "--output", "o", *extra])
+
+
+def test_loss_flags_defaults_and_refusals():
+    """Items 6 and 7: unset settings take each loss's paper defaults; a flag the loss does not use is refused."""
+    c = _dpo_flags()
+    assert (c.loss, c.beta, c.label_smoothing, c.simpo_gamma) == ("sigmoid", 0.1, 0.0, 0.0)
+    c = _dpo_flags("--loss", "simpo")                          # SimPO: beta 2, gamma / beta 0.5
+    assert (c.beta, c.simpo_gamma) == (2.0, 1.0)
+    c = _dpo_flags("--loss", "simpo", "--beta", "2.5")
+    assert (c.beta, c.simpo_gamma) == (2.5, 1.25)
+    c = _dpo_flags("--loss", "simpo", "--simpo-gamma", "0.3")
+    assert (c.beta, c.simpo_gamma) == (2.0, 0.3)
+    for t in ("cdpo", "robust"):
+        assert _dpo_flags("--loss", t).label_smoothing == 0.1
+        assert _dpo_flags("--loss", t, "--label-smoothing", "0.25").label_smoothing == 0.25
+    c.check()                                                   # resolving again changes nothing
+    assert (c.beta, c.simpo_gamma) == (2.0, 0.3)
+    for bad, msg in ((["--label-smoothing", "0.1"], "applies to --loss cdpo / robust only, not sigmoid"),
+                     (["--loss", "simpo", "--label-smoothing", "0.1"], "not simpo"),
+                     (["--loss", "ipo", "--simpo-gamma", "0.5"], "--simpo-gamma applies to --loss simpo only"),
+                     (["--loss", "robust", "--label-smoothing", "0.5"], r"\[0, 0.5\)"),
+                     (["--loss", "kto"], "choose one of")):
+        with pytest.raises(ConfigError, match=msg):        # the entry scripts print it as `error: ...`, exit 2
+            _dpo_flags(*bad)
 
 
 def test_sft_loss_equals_cross_entropy_on_full_logits():

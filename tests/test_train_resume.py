@@ -109,3 +109,22 @@ def test_fewer_examples_than_a_batch_still_trains(setup, capsys):
     assert "only 3 examples: batch size lowered from 16 to 3" in out and "2 steps of 3" in out
     before, after = load_file(str(model / "model.safetensors")), load_file(str(d / "few_m" / "model.safetensors"))
     assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_fewer_examples_than_a_batch_with_max_steps(setup, capsys):
+    """Issue 13 item 3: with --max-steps too, 8 pairs and --batch-size 16 train (batch 8, said) rather than
+    crash in global_batch."""
+    from safetensors.torch import load_file
+
+    from tests.test_train_fixtures import dpo_records
+    from selfreward.train import dpo
+    d, model, _ = setup
+    data = write_jsonl(d / "eight.jsonl", dpo_records(8, seed=5))
+    last = dpo.main(["--model", str(model), "--data", str(data), "--batch-size", "16", "--micro-batch-size", "3",
+                     "--max-steps", "2", "--lr", "1e-3", "--max-length", "40", "--dropout", "0",
+                     "--output", str(d / "eight"), "--export", str(d / "eight_m")])
+    out = capsys.readouterr().out
+    assert "only 8 examples: batch size lowered from 16 to 8" in out and "2 steps of 8" in out
+    assert last["step"] == 2
+    before, after = load_file(str(model / "model.safetensors")), load_file(str(d / "eight_m" / "model.safetensors"))
+    assert any(not (before[k] == after[k]).all() for k in before)

@@ -21,6 +21,7 @@ from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
+from selfreward.train.losses import resolve_loss_settings
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
@@ -31,19 +32,25 @@ STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "
 class DPOConfig(TrainConfig):
     lr: float = 1e-6                  # paper: 1e-6 -> 1e-7, beta 0.1, global batch 16, dropout 0.1
     final_lr: float = 1e-7
-    beta: float = 0.1
-    loss: str = "sigmoid"             # sigmoid | ipo | robust (label-smoothed) | simpo (reference-free)
-    label_smoothing: float = 0.1      # robust: assumed share of flipped labels
-    simpo_gamma: float = 0.5          # simpo: target margin between length-normalised rewards
+    beta: float = -1.0                # -1 = the loss's paper: 0.1 (DPO family), 2.0 (simpo)
+    loss: str = "sigmoid"             # sigmoid | ipo | cdpo (label-smoothed) | robust (rDPO) | simpo (reference-free)
+    label_smoothing: float = -1.0     # cdpo / robust only: assumed share of flipped labels; -1 = 0.1
+    simpo_gamma: float = -1.0         # simpo only: target margin between length-normalised rewards; -1 = 0.5 x beta
     nll_alpha: float = 0.0            # + alpha * chosen per-token NLL (RPO); 0 = plain DPO
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     ref_mode: str = "cache"           # cache | online
     ref_cache_dir: str = ""           # default OUTPUT/ref_cache
+    export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
 
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
             raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
+        try:   # the unset (-1) settings take the loss's paper defaults; flags a loss does not use are refused
+            self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
+                self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 class DPOTask:

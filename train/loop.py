@@ -1,5 +1,6 @@
 """The optimisation loop both trainers share: global batches, accumulation, clipping, schedule, NaN stop,
-metrics JSONL, progress, checkpoints, resume, export.
+metrics JSONL, progress, checkpoints, resume, export (and, with `export_every` N, a Hugging Face export
+every N steps to OUTPUT/exports/step_N, atomic, for recipes.select).
 
 A trainer supplies a Task: `num_examples`, `norm(batch)` (the denominator of the global batch's loss:
 target tokens for SFT, pairs for DPO), `micro(model, indices)` -> (summed loss with grad, stat sums) and
@@ -102,16 +103,17 @@ class MetricsLog:
 def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -> dict:
     out = Path(cfg.output)
     n = task.num_examples
-    if 0 < n < cfg.batch_size and cfg.max_steps <= 0:
+    if 0 < n < cfg.batch_size:
         # fewer examples than one batch (a late self-rewarding iteration can make few pairs): one smaller
         # batch per epoch, said loudly, rather than zero steps and an unchanged model exported as trained
+        # (without --max-steps) or a crash (with it)
         small = n // d.world * d.world
         if small < 1:
             raise SystemExit(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
         if d.is_main:
             print(f"[{name}] only {n} examples: batch size lowered from {cfg.batch_size} to {small}", flush=True)
         cfg.batch_size = small
-        if cfg.micro_batch_size and cfg.micro_batch_size * d.world > small:
+        if cfg.micro_batch_size and small % (cfg.micro_batch_size * d.world):
             cfg.micro_batch_size = small // d.world
     per_epoch = n // cfg.batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
@@ -184,6 +186,9 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
             (step + 1) % cfg.eval_every == 0 and step + 1 < total
         if evaluate:
             log.write({"step": step + 1, **task.evaluate(model)})
+        export_every = getattr(cfg, "export_every", 0)
+        if export_every and (step + 1) % export_every == 0:   # candidates for checkpoint selection
+            export_model(model, out / "exports" / f"step_{step + 1}", tokenizer_dir, d)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     if hasattr(task, "evaluate") and start < total:

@@ -12,9 +12,13 @@ DPO variants, with z = (pi_c - ref_c) - (pi_r - ref_r) on summed response log-pr
     sigmoid  -logsigmoid(beta z)                                             (Rafailov et al. 2023)
     ipo      (z' - 1/(2 beta))^2, z' = (pi_c - ref_c)/|c| - (pi_r - ref_r)/|r|   (Azar et al. 2023; per-token
              log-ratios, as TRL does, so the squared loss does not grow with response length)
-    robust   -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           (label-smoothed, cDPO)
+    cdpo     -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           conservative DPO: label smoothing
+             (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's sigmoid with label_smoothing)
+    robust   (-(1-eps) logsigmoid(beta z) + eps logsigmoid(-beta z)) / (1 - 2 eps)      rDPO (Chowdhury et al.
+             2024, "Provably Robust DPO"; TRL's "robust"): an unbiased estimate of the clean loss when each
+             label is flipped with probability eps, (1-eps) L(z) + eps L(-z) = -logsigmoid(beta z)
     simpo    -logsigmoid(beta (pi_c/|c| - pi_r/|r|) - gamma)                 reference-free, length-normalised
-Rewards logged: beta (pi - ref) for the first three, beta pi/|y| for simpo.
+Rewards logged: beta (pi - ref) for the first four, beta pi/|y| for simpo.
 With nll_alpha > 0 every variant adds alpha * (-pi_c / |c|), the chosen reply's per-token NLL (RPO, Pang et
 al. 2024): DPO alone can lower the chosen replies' likelihood along with the rejected ones'.
 """
@@ -33,7 +37,41 @@ from selfreward.model.llama import AttnContext, context_from_positions
 from selfreward.records import write_atomic
 from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch
 
-LOSS_TYPES = ("sigmoid", "ipo", "robust", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "cdpo", "robust", "simpo")
+SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing eps
+# the defaults of each loss's paper: beta 0.1 for the DPO family (Self-Rewarding LMs, DPO); SimPO (Meng et al.
+# 2024) uses beta 2.0-2.5 with gamma / beta about 0.5; eps 0.1 for cdpo / robust
+DEFAULT_BETA = {"simpo": 2.0}
+SIMPO_GAMMA_BETA_RATIO = 0.5
+DEFAULT_LABEL_SMOOTHING = 0.1
+
+
+def resolve_loss_settings(loss: str, beta: float, label_smoothing: float, simpo_gamma: float
+                          ) -> tuple[float, float, float]:
+    """The trainer's flags -> (beta, eps, gamma). A negative value means "not set": the loss's default
+    (beta 0.1, or 2.0 for simpo; gamma = 0.5 x beta; eps 0.1). A label smoothing above 0 for a loss that
+    has none, or a gamma above 0 for a loss other than simpo, is refused (ValueError) rather than ignored.
+    The result maps to itself, so resolving twice changes nothing."""
+    if loss not in LOSS_TYPES:
+        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_TYPES)}")
+    beta = DEFAULT_BETA.get(loss, 0.1) if beta < 0 else beta
+    if beta <= 0:
+        raise ValueError(f"--beta {beta}: must be > 0")
+    if loss in SMOOTHED:
+        eps = DEFAULT_LABEL_SMOOTHING if label_smoothing < 0 else label_smoothing
+        if not 0 <= eps < 0.5:
+            raise ValueError(f"--label-smoothing {eps}: must lie in [0, 0.5) (the assumed share of flipped labels)")
+    elif label_smoothing > 0:
+        raise ValueError(f"--label-smoothing applies to --loss {' / '.join(SMOOTHED)} only, not {loss}")
+    else:
+        eps = 0.0
+    if loss == "simpo":
+        gamma = SIMPO_GAMMA_BETA_RATIO * beta if simpo_gamma < 0 else simpo_gamma
+    elif simpo_gamma > 0:
+        raise ValueError(f"--simpo-gamma applies to --loss simpo only, not {loss}")
+    else:
+        gamma = 0.0
+    return beta, eps, gamma
 
 
 def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
@@ -84,13 +122,17 @@ def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
 class DPOLossConfig:
     loss_type: str = "sigmoid"
     beta: float = 0.1
-    label_smoothing: float = 0.1    # robust only
-    simpo_gamma: float = 0.5        # simpo only: target reward margin
+    label_smoothing: float = 0.0    # cdpo / robust only: eps in [0, 0.5)
+    simpo_gamma: float = 1.0        # simpo only: target reward margin (paper: 0.5 x beta, beta 2)
     nll_alpha: float = 0.0          # + alpha * NLL of the chosen response per token (RPO, Pang et al. 2024)
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss type {self.loss_type!r}: choose one of {LOSS_TYPES}")
+        if self.label_smoothing and self.loss_type not in SMOOTHED:
+            raise ValueError(f"label smoothing applies to {SMOOTHED} only, not {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label smoothing {self.label_smoothing}: must lie in [0, 0.5)")
 
     @property
     def needs_reference(self) -> bool:
@@ -124,9 +166,12 @@ def _preference_loss(policy, ref, resp_len, cfg: DPOLossConfig):
     elif cfg.loss_type == "ipo":
         per_tok = ratio / resp_len.clamp(min=1).to(ratio.dtype)
         loss = (per_tok[:B] - per_tok[B:] - 1 / (2 * beta)) ** 2
-    else:
+    elif cfg.loss_type == "cdpo":
         eps = cfg.label_smoothing
         loss = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+    else:   # robust (rDPO): the sign of the flipped term is +, and the whole divided by 1 - 2 eps
+        eps = cfg.label_smoothing
+        loss = (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
     return loss, beta * ratio[:B].detach(), beta * ratio[B:].detach()
 
 

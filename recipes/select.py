@@ -1,0 +1,123 @@
+"""Checkpoint selection: of the exports a DPO run wrote (`train/dpo.py --export-every N`), keep the one
+that wins most often against the iteration's starting model M_t, judged head-to-head in both orders on
+held-out prompts (Self-Rewarding LMs: checkpoints every 200 steps, the one with the most pairwise wins on
+253 validation prompts becomes M_{t+1}; PAPER_NOTES section 1). The chosen folder is copied to --out
+atomically, and the choice with every candidate's scores is returned (and written to --report) for the
+iteration's manifest.
+
+    python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
+        --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
+
+Rule: the most wins; among equal wins the fewest losses; among those the LATER candidate in the given
+order (the further-trained one, which is what the run would export without selection), so selection only
+departs from the last checkpoint when an earlier one does strictly better.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfreward import cli
+from selfreward.infer.config import EngineConfig
+from selfreward.model.checkpoint import _atomic_dir_write
+from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
+from selfreward.recipes.evaluate import PAIR_TEMPLATE, generate_responses, head_to_head
+from selfreward.recipes.session import Session
+
+
+@dataclass
+class SelectConfig:
+    candidates: list[str] = field(default_factory=list)   # checkpoint folders, in training order
+    reference: str = ""               # M_t, the iteration's starting model
+    judge: str = ""                   # the judging checkpoint; "" = the reference (as the self-judging loop)
+    prompts: str = ""                 # held-out JSONL with a 'prompt' field
+    out: str = ""                     # folder that receives a copy of the chosen checkpoint ("" = none)
+    report: str = ""                  # JSON file for the choice and every candidate's scores ("" = none)
+    limit: int = 0                    # only the first N prompts (0 = all)
+    pair_template: str = ""           # pairwise judge template file; "" = recipes.evaluate's own
+    temperature: float = 0.0          # the responses: greedy by default, as recipes.evaluate h2h
+    top_p: float = 1.0
+    judge_temperature: float = 0.0
+    max_tokens: int = 256             # response tokens, and the judge's
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def template(self) -> str:
+        if not self.pair_template:
+            return PAIR_TEMPLATE
+        text = Path(self.pair_template).read_text(encoding="utf-8")
+        for slot in ("{instruction}", "{response_1}", "{response_2}"):
+            if slot not in text:
+                raise DataError(f"{self.pair_template}: pair template lacks placeholder {slot}")
+        return text
+
+
+def pick(scores: list[dict]) -> int:
+    """Index of the chosen candidate: most wins, then fewest losses, then the later one."""
+    return max(range(len(scores)), key=lambda i: (scores[i]["wins"], -scores[i]["losses"], i))
+
+
+def select_checkpoint(candidates: list[str], reference: str, prompts: list[str], judge_model: str,
+                      out: str | Path | None = None, cfg: SelectConfig | None = None) -> dict:
+    """Judge each candidate against `reference` on `prompts` (recipes.evaluate.head_to_head: a win only
+    when both orders prefer the candidate), choose by `pick`, copy the chosen folder to `out` (atomic).
+    `cfg` gives the answering and judging settings (its path fields are not read here).
+    Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": [per candidate:
+    candidate, wins, ties, losses, win, tie, loss (shares), no_verdict]}."""
+    cfg = cfg or SelectConfig()
+    if not candidates:
+        raise DataError("select: no candidate checkpoints")
+    if not prompts:
+        raise DataError("select: no prompts to judge on")
+    for c in [reference, judge_model, *candidates]:
+        if not (Path(c) / "config.json").exists():
+            raise DataError(f"{c}: not a checkpoint folder (no config.json)")
+    template = cfg.template()
+    session = Session(cfg.engine)             # one model in memory at a time
+
+    def answers(path: str) -> list[str]:
+        engine, tok = session.get(str(path))
+        return generate_responses(engine, tok, prompts, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
+    ref = answers(reference)
+    cand = [answers(c) for c in candidates]
+    jeng, jtok = session.get(str(judge_model))
+    scores = []
+    for c, resp in zip(candidates, cand):
+        r = head_to_head(jeng, jtok, prompts, resp, ref, template, cfg.judge_temperature, cfg.max_tokens, cfg.seed)
+        n = r["n"]
+        scores.append({"candidate": str(c), "wins": round(r["win"] * n), "ties": round(r["tie"] * n),
+                       "losses": round(r["loss"] * n), "win": r["win"], "tie": r["tie"], "loss": r["loss"],
+                       "no_verdict": r["no_verdict"]})
+        print(f"[select] {c}: {scores[-1]['wins']} wins, {scores[-1]['ties']} ties, {scores[-1]['losses']} losses "
+              f"of {n} against {reference}", flush=True)
+    session.release()
+    i = pick(scores)
+    res = {"chosen": str(candidates[i]), "chosen_index": i, "reference": str(reference), "judge": str(judge_model),
+           "n_prompts": len(prompts), "rule": "most wins, then fewest losses, then the later candidate",
+           "scores": scores}
+    if out:
+        src = Path(candidates[i])
+        _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in src.iterdir() if p.is_file()])
+        res["out"] = str(out)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli.parse_config(SelectConfig, argv, __doc__)
+    for name in ("reference", "prompts"):
+        if not getattr(cfg, name):
+            raise cli.ConfigError(f"--{name} is required")
+    if not Path(cfg.prompts).is_file():
+        raise DataError(f"{cfg.prompts}: no such file")
+    prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)]
+    prompts = prompts[:cfg.limit] if cfg.limit > 0 else prompts
+    res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
+    if cfg.report:
+        write_json(cfg.report, res)
+    print(f"[select] chosen: {res['chosen']} ({res['rule']})" + (f" -> {cfg.out}" if cfg.out else ""))
+    return res
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

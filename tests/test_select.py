@@ -1,0 +1,117 @@
+"""Issue 13 item 5: checkpoint selection. DPO's --export-every writes the candidates; recipes.select judges
+each against M_t head-to-head (both orders) with a scripted judge that prefers marked replies, and keeps the
+one with the most wins."""
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import TOKENIZER_DIR
+from tests.scripted import MARK, ScriptedEngine, pairwise_judge
+
+PROMPTS = ["Name a red fruit.", "Say hi to the cat.", "What is two plus two?"]
+
+
+def test_dpo_export_every(tmp_path):
+    from safetensors.torch import load_file
+
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import dpo
+    from tests.test_train_fixtures import dpo_records, make_model, make_spm, write_jsonl
+    model = make_model(tmp_path / "m0", make_spm(tmp_path / "spm"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", dpo_records(8, seed=2))
+    out = tmp_path / "dpo"
+    dpo.main(["--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+              "--max-steps", "4", "--export-every", "2", "--lr", "1e-3", "--max-length", "40", "--dropout", "0"])
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_2", "step_4"]   # no temp folder left
+    w2, w4 = (load_file(str(out / "exports" / s / "model.safetensors")) for s in ("step_2", "step_4"))
+    final = load_file(str(out / "model" / "model.safetensors"))
+    assert all((w4[k] == final[k]).all() for k in final)            # the step-4 export is the final policy
+    assert any((w2[k] != w4[k]).any() for k in w4)                  # and step 2 an earlier one
+    assert (out / "exports" / "step_2" / "tokenizer.model").exists()
+    load_model(out / "exports" / "step_2")                          # a loadable HF folder
+
+
+def _ckpt(path, tag):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_text(tag)                  # stands for the weights: copied as is
+    shutil.copy(TOKENIZER_DIR / "tokenizer.model", path)
+    return str(path)
+
+
+@pytest.fixture
+def scripted_models(tmp_path, monkeypatch):
+    """Checkpoint folders whose 'model' answers with a mark on the prompts listed for it; every engine also
+    judges pairwise (the reference is the judge, as in the self-judging loop), preferring the marked reply."""
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    marks = {"ref": set(), "step_2": {0}, "step_4": {0, 1, 2}, "step_6": set(), "step_8": {0, 1}}
+    paths = {name: _ckpt(tmp_path / name, name) for name in marks}
+    judge = pairwise_judge()
+    loaded = []
+
+    def engine_for(path, **kw):
+        name = next(n for n, p in paths.items() if p == str(path))
+        loaded.append(name)
+
+        def reply(text, seed, j):
+            if "Reply 1:" in text:
+                return judge(text, seed, j)
+            i = next(k for k, p in enumerate(PROMPTS) if p in text)
+            return f"answer {i} of {name}" + (f" {MARK}" if i in marks[name] else "")
+        return ScriptedEngine(Tokenizer.load(path), reply, max_len=2048)
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: engine_for(path, **kw)))
+    return paths, loaded
+
+
+def test_select_keeps_the_checkpoint_with_most_wins(tmp_path, scripted_models):
+    from selfreward.recipes.select import select_checkpoint
+    paths, loaded = scripted_models
+    cands = [paths[n] for n in ("step_2", "step_4", "step_6", "step_8")]
+    res = select_checkpoint(cands, paths["ref"], PROMPTS, paths["ref"], out=tmp_path / "chosen")
+    got = {s["candidate"].rsplit("/", 1)[1]: (s["wins"], s["ties"], s["losses"]) for s in res["scores"]}
+    # marked on k prompts: k wins (both orders prefer the mark), the rest ties (a position-biased judge)
+    assert got == {"step_2": (1, 2, 0), "step_4": (3, 0, 0), "step_6": (0, 3, 0), "step_8": (2, 1, 0)}
+    assert res["chosen"] == paths["step_4"] and res["chosen_index"] == 1 and res["n_prompts"] == 3
+    assert (tmp_path / "chosen" / "model.safetensors").read_text() == "step_4"
+    assert (tmp_path / "chosen" / "tokenizer.model").exists()
+    assert loaded.count("ref") == 2                 # reference answers once, then judges once
+
+
+def test_select_tie_rule():
+    from selfreward.recipes.select import pick
+    s = lambda w, l: {"wins": w, "losses": l}   # noqa: E731
+    assert pick([s(2, 1), s(3, 0), s(1, 0)]) == 1            # most wins
+    assert pick([s(2, 1), s(2, 0), s(2, 2)]) == 1            # then fewest losses
+    assert pick([s(2, 0), s(1, 0), s(2, 0)]) == 2            # then the later (further-trained) one
+
+
+def test_select_cli_report_and_bad_input(tmp_path, scripted_models):
+    from selfreward.records import DataError
+    from selfreward.recipes.select import main
+    paths, _ = scripted_models
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    res = main(["--candidates", paths["step_6"], paths["step_8"], "--reference", paths["ref"], "--prompts", str(pf),
+                "--out", str(tmp_path / "m"), "--report", str(tmp_path / "sel.json"), "--engine-device", "cpu"])
+    assert res["chosen"] == paths["step_8"] and json.loads((tmp_path / "sel.json").read_text())["chosen"] == res["chosen"]
+    assert (tmp_path / "m" / "model.safetensors").read_text() == "step_8"
+    # bad input: errors that name the file, line and field (cli.run_main prints them as `error: ...`, exit 2)
+    pf.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: .*'prompt'"):
+        main(["--candidates", paths["step_6"], "--reference", paths["ref"], "--prompts", str(pf)])
+    pf.write_text('{"prompt": "ok"}\n')
+    with pytest.raises(DataError, match="nope: not a checkpoint folder"):
+        main(["--candidates", str(tmp_path / "nope"), "--reference", paths["ref"], "--prompts", str(pf)])
+
+
+def test_select_cli_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    r = subprocess.run([sys.executable, "-m", "selfreward.recipes.select", "--candidates", str(tmp_path / "x"),
+                        "--reference", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "none.jsonl: no such file" in r.stderr, r.stderr
