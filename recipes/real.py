@@ -39,9 +39,12 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
         scfg = SFTConfig(model=model, data=data, output=str(run / "sft"), export=str(m1), lr=5.5e-6,
                          final_lr=1.1e-6, batch_size=16, resume=True, seed=seed, max_steps=sft_steps)
         cli.launch(train, scfg, "selfreward.train.sft", nproc, run / "sft_config.json")
+    # checkpoint selection on by default, as the paper: an export every 200 DPO steps, the winner against M_t
+    # on held-out prompts (the held-out groups' prompts, at most 253 as the paper's validation set)
+    sel = {"select_every": 200, "select": {"prompts": str(groups), "limit": 253}} if groups.exists() else {}
     lc = cli.from_dict(LoopConfig, {"run_dir": str(run / "loop"), "init_model": str(m1), "iterations": iterations,
                                     "seed_prompts": str(ift), "n_prompts": n_prompts, "nproc": nproc, "seed": seed,
-                                    **(loop or {})})
+                                    **sel, **(loop or {})})
     jc = dataclasses.replace(lc.judge, seed=seed)
     eval_groups = load_groups(groups)[:n_eval_groups] if groups.exists() else []
 

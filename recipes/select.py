@@ -103,6 +103,27 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     return res
 
 
+def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, report: Path) -> dict:
+    """The loop's selection: a DPO run's exports (RUN/exports/step_N, in step order) and its final export
+    (RUN/final) judged against `reference` (M_t) on `cfg.prompts`; the winner copied to `out`, the result
+    in `report` (done once: a rerun reads the report). With a single candidate (fewer steps than one export
+    interval) there is nothing to choose: the final export is copied without judging."""
+    from selfreward.records import read_json
+    if report.exists() and (out / "config.json").exists():
+        return read_json(report)
+    steps = sorted((run / "exports").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    cands = [str(p) for p in steps] + [str(run / "final")]
+    if len(cands) == 1:
+        src = Path(cands[0])
+        _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in src.iterdir() if p.is_file()])
+        res = {"chosen": cands[0], "chosen_index": 0, "scores": [], "rule": "one candidate: no judging"}
+    else:
+        prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)][:cfg.limit or None]
+        res = select_checkpoint(cands, reference, prompts, cfg.judge or reference, out, cfg)
+    write_json(report, res)
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli.parse_config(SelectConfig, argv, __doc__)
     for name in ("reference", "prompts"):

@@ -15,66 +15,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from selfreward import cli
-from selfreward.infer.config import EngineConfig
-from selfreward.recipes.instruct import InstructConfig, generate_prompts, given_prompts
-from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, judge_items
+from selfreward.recipes.instruct import generate_prompts, given_prompts
+from selfreward.recipes.judge import chat_prompt_ids, judge_items
+from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig  # noqa: F401  (re-export)
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
+from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, need_jsonl, \
     read_json, read_jsonl, run_units, write_json, write_jsonl
-from selfreward.train.dpo import DPOConfig
 
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
-# fields the loop sets itself (no flags): DPO's input/output per iteration, the seeds and grain of rounds
-LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "seed"},
-            "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
-
-
-@dataclass
-class CandidatesConfig:
-    n: int = 4                        # responses sampled per prompt (paper: 4)
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 512
-
-
-@dataclass
-class LoopConfig:
-    run_dir: str = ""
-    init_model: str = ""              # M1: the checkpoint iteration 1 starts from
-    iterations: int = 2               # 2 = M1 -> M2 -> M3
-    # "self-instruct" | a JSONL file of {"id"?, "prompt"} | (Python) fn(t, n, seed) -> [str | {"id", "prompt"}]
-    prompt_source: str | Callable = "self-instruct"
-    seed_prompts: str = ""            # self-instruct: JSONL with "prompt" (e.g. recipes.oasst's ift.jsonl)
-    prompt_model: str = ""            # self-instruct generator; "" = M_t
-    n_prompts: int = 1000
-    score_from: str = "sampled"       # what pairs are built on: sampled (mean of K) | expected
-    min_margin: float = 0.0           # keep a pair only if best - worst mean score >= this (0: any gap)
-    chunk: int = 32                   # units per generate call (the grain of resume)
-    nproc: int = 1                    # >1: sampling stages and DPO under torchrun
-    seed: int = 0
-    instruct: InstructConfig = field(default_factory=InstructConfig)
-    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    eval_hook: Callable | None = None  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
-
-    def __post_init__(self):
-        if self.score_from not in ("sampled", "expected"):
-            raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
-        if self.score_from == "expected":
-            self.judge.expected = True
-        low = [f for f, v, lo in (("--candidates-n", self.candidates.n, 2), ("--iterations", self.iterations, 1),
-                                  ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
-        if low:
-            raise cli.ConfigError(f"{low[0]} is below its minimum (candidates-n 2; iterations, nproc, chunk 1)")
-        self.engine.check()
 
 
 def iter_dir(cfg: LoopConfig, t: int) -> Path:
@@ -203,9 +156,14 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
     if not need_jsonl(it / "pairs.jsonl", "the pairs stage"):
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
+    sel = cfg.select_every > 0
     dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=[str(it / "pairs.jsonl")], resume=True,
-                               output=str(it / "dpo"), export=str(it / "model"), seed=cfg.seed + t)
-    cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
+                               output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
+                               seed=cfg.seed + t, export_every=cfg.select_every)
+    if not (it / "dpo" / "final" / "config.json").exists():
+        cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
+    if sel:
+        select_from_run(it / "dpo", model_at(cfg, t), cfg.select, it / "model", it / "select.json")
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None, ev: dict | None = None
@@ -216,6 +174,8 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
     m.update(iteration=t, model_in=model_at(cfg, t), model_out=str(iter_dir(cfg, t) / "model"), **(stats or {}))
     m["timings"] = {**m.get("timings", {}), **timings}
     m["eval"] = {**m.get("eval", {}), **(ev or {})}
+    if (iter_dir(cfg, t) / "select.json").exists():
+        m["selection"] = read_json(iter_dir(cfg, t) / "select.json")
     m["settings"] = cli.to_dict(cfg)
     write_json(mpath, m)
     return m

@@ -186,3 +186,26 @@ def test_manifest_counts_are_the_pairs_written_under_min_margin(tiny, tmp_path):
     assert [p["id"] for p in pairs] == ["a"] and m["counts"]["pairs"] == len(pairs) == 1
     assert (m["counts"]["below_margin"], m["counts"]["ties"]) == (1, 1)
     assert json.loads((it / "manifest.json").read_text())["counts"] == m["counts"]
+
+
+def test_checkpoint_selection_in_the_loop(tiny, tmp_path):
+    """issue 13 item 5, wired: with select_every, DPO exports every N steps, each export (and the final one)
+    is judged against M_t on held-out prompts, the winner is M_{t+1}, the choice and scores are in the
+    manifest."""
+    from selfreward.recipes.self_reward import run_iteration
+    held = write_prompts(tmp_path / "held.jsonl", SEEDS[:3])
+    cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), n_prompts=4, n_candidates=2,
+                      max_tokens=6, judge_k=1, judge_max_tokens=6, judge_template="short", score_from="expected",
+                      prompt_source=str(write_prompts(tmp_path / "p.jsonl", SEEDS)), select_every=1,
+                      select={"prompts": str(held), "max_tokens": 6},
+                      dpo=dict(max_steps=2, batch_size=2, max_length=128, lr=1e-3, warmup_steps=0))
+    m = run_iteration(cfg, 1)
+    it = iter_dir(cfg, 1)
+    sel = json.loads((it / "select.json").read_text())
+    names = [Path(s["candidate"]).name for s in sel["scores"]]
+    assert names == ["step_1", "step_2", "final"] and m["selection"] == sel
+    assert all(s["wins"] + s["ties"] + s["losses"] == 3 for s in sel["scores"])
+    chosen = Path(sel["chosen"])
+    assert (chosen / "model.safetensors").read_bytes() == (it / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(cli.ConfigError, match="--select-prompts"):
+        loop_config(run_dir="x", select_every=5)

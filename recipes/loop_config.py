@@ -1,0 +1,68 @@
+"""The self-rewarding loop's settings: one nested config (what `RUN/config.json` holds, and what the flags of
+`python -m selfreward.recipes.self_reward` set: `--candidates-n`, `--judge-k`, `--dpo-beta`, `--engine-dtype`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from selfreward import cli
+from selfreward.infer.config import EngineConfig
+from selfreward.recipes.instruct import InstructConfig
+from selfreward.recipes.judge import JudgeConfig
+from selfreward.recipes.select import SelectConfig
+from selfreward.train.dpo import DPOConfig
+
+# fields the loop sets itself (no flags): DPO's input/output per iteration, the seeds and grain of rounds
+LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "seed", "export_every"},
+            "select": {"candidates", "reference", "out", "report", "engine"},
+            "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
+
+
+@dataclass
+class CandidatesConfig:
+    n: int = 4                        # responses sampled per prompt (paper: 4)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 512
+
+
+@dataclass
+class LoopConfig:
+    run_dir: str = ""
+    init_model: str = ""              # M1: the checkpoint iteration 1 starts from
+    iterations: int = 2               # 2 = M1 -> M2 -> M3
+    # "self-instruct" | a JSONL file of {"id"?, "prompt"} | (Python) fn(t, n, seed) -> [str | {"id", "prompt"}]
+    prompt_source: str | Callable = "self-instruct"
+    seed_prompts: str = ""            # self-instruct: JSONL with "prompt" (e.g. recipes.oasst's ift.jsonl)
+    prompt_model: str = ""            # self-instruct generator; "" = M_t
+    n_prompts: int = 1000
+    score_from: str = "sampled"       # what pairs are built on: sampled (mean of K) | expected
+    min_margin: float = 0.0           # keep a pair only if best - worst mean score >= this (0: any gap)
+    chunk: int = 32                   # units per generate call (the grain of resume)
+    nproc: int = 1                    # >1: sampling stages and DPO under torchrun
+    seed: int = 0
+    # checkpoint selection (paper: an export every 200 DPO steps, the one winning most head-to-heads against
+    # M_t on held-out prompts becomes M_{t+1}); 0 = off: the final DPO export is M_{t+1}
+    select_every: int = 0
+    select: SelectConfig = field(default_factory=SelectConfig)   # --select-prompts (held-out JSONL), ...
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval_hook: Callable | None = None  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
+
+    def __post_init__(self):
+        if self.score_from not in ("sampled", "expected"):
+            raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
+        if self.score_from == "expected":
+            self.judge.expected = True
+        low = [f for f, v, lo in (("--candidates-n", self.candidates.n, 2), ("--iterations", self.iterations, 1),
+                                  ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
+        if low:
+            raise cli.ConfigError(f"{low[0]} is below its minimum (candidates-n 2; iterations, nproc, chunk 1)")
+        self.engine.check()
+        if self.select_every > 0 and not self.select.prompts:
+            raise cli.ConfigError("--select-every needs --select-prompts (held-out prompts, a JSONL with 'prompt')")
+        self.select.engine = self.engine
