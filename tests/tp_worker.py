@@ -27,7 +27,8 @@ def run_engine(eng: Engine, case: dict) -> dict:
            "sampled": [[s.token_ids for s in c] for c in sampled],
            "sampled_logprobs": [[s.logprobs for s in c] for c in sampled],
            "score": eng.score(prompts, [g[0].token_ids[:5] for g in greedy]),
-           "next": eng.next_token_logprobs(prompts, [3, 4, 5]).tolist()}
+           "next": eng.next_token_logprobs(prompts, [3, 4, 5]).tolist(),
+           "pool_kv_heads": eng.runner.kv_caches[0][0].shape[2]}
     ids = torch.tensor(case["batch_ids"])
     with torch.inference_mode():
         out["logits"] = eng.model.forward_batch(ids, torch.tensor(case["batch_mask"])).tolist()
