@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from selfreward.infer.engine import Engine
 from selfreward.infer.parallel import local_heads, shard_plan, vocab_range
-from selfreward.model.checkpoint import load_model
+from selfreward.model.checkpoint import load_model, save_model
 from selfreward.model.config import ModelConfig
 from tests.hf_tiny import make_hf_checkpoint
 from tests.tp_worker import run_engine
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name, family, checkpoint overrides, TP degree, replica of the 2 x TP 2 layout that runs it (None: TP 4)
 CASES = [("llama3", "llama3", {}, 2, 0),
-         ("mistral", "mistral", {}, 2, 1),
+         ("mistral", "mistral", {}, 2, 1),                                 # re-saved as a sharded set of files
          ("qwen2", "qwen2", {}, 2, 0),
          ("gqa_kv1_tied", "llama_tied", {"kv_heads": 1}, 2, 1),          # 1 KV head on 2 ranks
          ("tp4_qwen2_tied_v130", "qwen2_tied", {"vocab": 130}, 4, None)]  # 2 KV heads on 4 ranks
@@ -90,8 +90,10 @@ def _hf_reference(ck: Path, case: dict) -> dict:
 
 def _file_bytes(ck: Path) -> tuple[int, int, int]:
     """-> (bytes of all tensors, of the k/v projections, of the norms)."""
-    with safe_open(str(ck / "model.safetensors"), "pt") as f:
-        n = {k: f.get_tensor(k).numel() * 4 for k in f.keys()}
+    n = {}
+    for file in ck.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            n.update({k: f.get_tensor(k).numel() * 4 for k in f.keys()})
     return (sum(n.values()), sum(v for k, v in n.items() if "k_proj" in k or "v_proj" in k),
             sum(v for k, v in n.items() if "norm" in k))
 
@@ -108,6 +110,9 @@ def test_tp_torchrun_four_ranks(tmp_path):
     spec: dict = {"cases": []}
     for name, fam, over, tp, replica in CASES:
         ck = make_hf_checkpoint(tmp_path / name, fam, **over)
+        if name == "mistral":
+            save_model(load_model(ck), ModelConfig.from_json(ck), ck, max_shard_bytes=60_000)
+            assert len(list(ck.glob("model-*.safetensors"))) > 3 and not (ck / "model.safetensors").exists()
         prompts = _prompts(over.get("vocab", 128))
         ids, mask = _batch(prompts)
         spec["cases"].append(dict(name=name, ckpt=str(ck), tp=tp, replica=replica, prompts=prompts, steps=8,
