@@ -53,7 +53,9 @@ def init_tp(tp: int) -> TPGroup:
     up = dist.is_initialized()
     world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
     rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
-    if tp < 1 or world % tp:
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel {tp}: must be >= 1")
+    if world % tp:
         raise ValueError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
     if tp == 1:
         return TPGroup(replica=rank, num_replicas=world)
