@@ -105,7 +105,8 @@ def main() -> None:
     print(f"\nsampler, bf16, usable {USABLE / GiB:.0f} GiB per GPU, reserve {RESERVE / GiB:.0f} GiB")
     for c, contexts in ((LLAMA2_70B, (1024, 4096)), (LLAMA3_8B, (2048, 8192))):
         print(f"\n{c.name} | weights/rank GiB | KV/token/rank KiB | KV budget/rank GiB | "
-              + " | ".join(f"seqs/replica @{C}" for C in contexts) + " | " + " | ".join(f"seqs/node @{C}" for C in contexts))
+              + " | ".join(f"seqs/replica @{C}" for C in contexts) + " | "
+              + " | ".join(f"seqs/node @{C}" for C in contexts))
         layouts = ((8, 1), (4, 2)) if c is LLAMA2_70B else ((8, 1), (4, 2), (1, 8))
         for name, w, kv, b, seqs, node in sampler_rows(c, layouts, contexts):
             print(f"| {name} | {w:.2f} | {kv:.0f} | {b:.2f} | " + " | ".join(map(str, seqs)) + " | "

@@ -103,6 +103,7 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int
     q = (0, rank * qh * hd, (rank + 1) * qh * hd)
     kv = (0, kv0 * hd, (kv0 + kvh) * hd)
     inter = cfg.intermediate_size // tp
+    up, down = (0, rank * inter, (rank + 1) * inter), (1, rank * inter, (rank + 1) * inter)
     lo, hi, _ = vocab_range(cfg, rank, tp)
     plan = {"tok_embeddings.weight": (0, lo, hi)}
     if not cfg.tie_word_embeddings:
@@ -110,8 +111,7 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int
     for i in range(cfg.num_hidden_layers):
         a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
         plan.update({a + "wq.weight": q, a + "wk.weight": kv, a + "wv.weight": kv, a + "wo.weight": (1,) + q[1:],
-                     f + "w1.weight": (0, rank * inter, (rank + 1) * inter), f + "w3.weight": (0, rank * inter, (rank + 1) * inter),
-                     f + "w2.weight": (1, rank * inter, (rank + 1) * inter)})
+                     f + "w1.weight": up, f + "w3.weight": up, f + "w2.weight": down})
         if cfg.attention_bias:
             plan.update({a + "wq.bias": q, a + "wk.bias": kv, a + "wv.bias": kv})
     return plan
