@@ -45,11 +45,18 @@ class TPGroup:
     group: object = None      # torch.distributed ProcessGroup (None when size 1)
     replica: int = 0          # which group (data-parallel replica) this rank belongs to
     num_replicas: int = 1
+    leaders: object = None    # the process group of every replica's first rank (None when size 1)
+
+
+_GROUPS: dict[int, TPGroup] = {}
 
 
 def init_tp(tp: int) -> TPGroup:
     """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), so a
-    replica stays on one node when tp divides the GPUs per node. Call after init_process_group."""
+    replica stays on one node when tp divides the GPUs per node. Call after init_process_group, on every
+    rank; the groups are made once per job and degree."""
+    if tp in _GROUPS:
+        return _GROUPS[tp]
     up = dist.is_initialized()
     world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
     rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
@@ -69,7 +76,9 @@ def init_tp(tp: int) -> TPGroup:
         g = dist.new_group(ranks)          # every rank must create every group
         if rank in ranks:
             mine = g
-    return TPGroup(rank % tp, tp, mine, rank // tp, world // tp)
+    leaders = dist.new_group(list(range(0, world, tp)))
+    _GROUPS[tp] = TPGroup(rank % tp, tp, mine, rank // tp, world // tp, leaders)
+    return _GROUPS[tp]
 
 
 # -- the shard plan: which slice of each full tensor rank r holds ----------------------------------
@@ -210,6 +219,15 @@ def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.floa
     model = tp_model(cfg, tp, dtype, device)
     model.load_state_dict(state, strict=True)
     return model, nbytes
+
+
+def load_engine_tp(path: str | Path, ecfg, tp: TPGroup):
+    """infer.config.load_engine for a tensor-parallel replica: the same EngineConfig, this rank's shard."""
+    from selfreward.infer.config import resolve_device
+    device, dtype = resolve_device(ecfg)
+    return tp_engine(path, tp, dtype, device, block_size=ecfg.block_size, num_blocks=ecfg.num_blocks or None,
+                     max_num_seqs=ecfg.max_num_seqs, max_num_batched_tokens=ecfg.max_num_batched_tokens,
+                     prefix_cache=ecfg.prefix_cache)
 
 
 def tp_engine(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu", **engine_kw):
