@@ -131,6 +131,11 @@ def test_tp_torchrun_four_ranks(tmp_path):
     args = ["--model", str(sck), "--input", str(inp), "--num-samples", "2", "--temperature", "0.8",
             "--top-p", "0.9", "--max-tokens", "8", "--seed", "1", "--logprobs"]
     spec["sample_argv"] = args + ["--output", str(tmp_path / "four.jsonl"), "--tensor-parallel", "2"]
+    # a killed earlier run left replica 1's shard with prompt 1 done: its leader skips it, its follower must
+    # follow the leader's batches (not the whole shard), or the two ranks' collectives would not match
+    planted = [{"id": 1, "sample": j, "text": "PLANTED", "token_ids": [5], "finish_reason": "length",
+                "logprobs": [0.0]} for j in (0, 1)]
+    (tmp_path / "four.jsonl.rank1.partial").write_text("".join(json.dumps(r) + "\n" for r in planted))
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
     out.mkdir()
@@ -190,7 +195,10 @@ def test_tp_torchrun_four_ranks(tmp_path):
     strip = lambda rs: [(x["id"], x["sample"], x["text"], x["token_ids"], x["finish_reason"]) for x in rs]  # noqa: E731
     four = [json.loads(x) for x in (tmp_path / "four.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
-    assert strip(four) == strip(one) and len(four) == 12
+    assert [r for r in four if r["id"] == 1] == planted
+    four = [r for r in four if r["id"] != 1]
+    one = [r for r in one if r["id"] != 1]
+    assert strip(four) == strip(one) and len(four) == 10
     for a, b in zip(four, one):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
     assert not list(tmp_path.glob("four.jsonl.*")) and "rank 3/4" in log
