@@ -214,10 +214,14 @@ def dist_env() -> tuple[int, int]:
 
 
 def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable], work: Work,
-              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "", unit: str = "units") -> bool:
+              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "", unit: str = "units",
+              group=None) -> bool:
     """Process the units not yet done, `chunk` at a time, appending to OUT.partial (per rank).
-    Returns True when this process wrote the final OUT (rank 0), False on other ranks."""
+    Returns True when this process wrote the final OUT (rank 0), False on other ranks. `group`: the
+    process group that rank / world number (default the whole job; infer/replicas.py passes the first
+    rank of each tensor-parallel replica)."""
     out = Path(out)
+    sync = barrier if group is None else (lambda: barrier(group))
     mine_path = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
     mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
 
@@ -248,9 +252,9 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
         if ordered != recs:
             write_jsonl(out, ordered)
         return True
-    barrier()                         # every rank's shard is complete before rank 0 merges
+    sync()                            # every rank's shard is complete before rank 0 merges
     if rank != 0:
-        barrier()
+        sync()
         return False
     shards = [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
     missing = [p for p in shards if not p.exists()]
@@ -261,11 +265,11 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     write_jsonl(out, recs)
     for p in shards:
         p.unlink()
-    barrier()                         # the merged file exists before any rank goes on
+    sync()                            # the merged file exists before any rank goes on
     return True
 
 
-def barrier() -> None:
-    """All ranks of the torchrun job meet here (the caller has run init_process_group)."""
+def barrier(group=None) -> None:
+    """All ranks of the torchrun job (or of `group`) meet here (the caller has run init_process_group)."""
     import torch.distributed as dist
-    dist.barrier()
+    dist.barrier(group=group)

@@ -165,8 +165,10 @@ class Engine:
                 elif s.kind is Kind.SCORE:
                     a = st + s.need_from - base
                     with torch.inference_mode():
-                        lp = K.linear_logprobs(h[a:st + len(s) - 1 - base], self.model.lm_head_weight,
-                                               torch.tensor(s.token_ids[s.need_from + 1:], device=h.device))
+                        x = h[a:st + len(s) - 1 - base]
+                        t = torch.tensor(s.token_ids[s.need_from + 1:], device=h.device)
+                        vp = getattr(self.model, "score_logprobs", None)   # vocab-parallel (infer/parallel.py)
+                        lp = vp(x, t) if vp is not None else K.linear_logprobs(x, self.model.lm_head_weight, t)
                     s.logprobs = lp.float().tolist()
                     finished.append(s)
                 else:

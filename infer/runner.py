@@ -18,7 +18,12 @@ DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
     c = model.cfg
     elt = torch.empty((), dtype=dtype).element_size()
-    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elt
+    return 2 * c.num_hidden_layers * block_size * local_kv_heads(model) * c.head_dim * elt
+
+
+def local_kv_heads(model: Transformer) -> int:
+    """KV heads this rank's attention holds: all of them, or its share under infer/parallel.py."""
+    return model.layers[0].attention.nkv
 
 
 def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -> int:
@@ -41,7 +46,7 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = model.cfg
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, local_kv_heads(model), c.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]

@@ -4,6 +4,8 @@
         --temperature 0.7 --top-p 0.9 --max-tokens 512 --seed 0
     torchrun --nproc_per_node 8 infer/sample.py --num-samples 4 ...   (each rank takes every world-th
         prompt; under torchrun write --num-samples, torchrun itself rejects --n as ambiguous)
+    torchrun --nproc_per_node 8 infer/sample.py --tensor-parallel 4 ...   (2 replicas of 4-way tensor
+        parallelism: each replica takes every 2nd prompt, its first rank writes)
 
 Input records: {"id": ..., "prompt": "text"} (one user turn through the chat template, as train/sft.py and
 train/dpo.py read a "prompt"; --raw-prompt: BOS + the text, no template) or {"id": ..., "messages": [{"role":
@@ -31,7 +33,8 @@ import torch
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine
-from selfreward.records import DataError, dist_env, iter_jsonl, read_jsonl, run_units
+from selfreward.infer.replicas import run_units_tp
+from selfreward.records import DataError, dist_env, iter_jsonl, read_jsonl
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
@@ -106,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                    help="ranks per model replica: the WORLD_SIZE ranks form WORLD_SIZE/T replicas, each "
+                         "holding 1/T of the weights and KV heads (infer/parallel.py); prompts are split "
+                         "across replicas, and the first rank of each replica writes")
     return ap.parse_args(argv)
 
 
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = None
     if world > 1:
         import torch.distributed as dist
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
                             max_num_seqs=args.max_num_seqs)
@@ -130,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
                       file=sys.stderr, flush=True)
                 return 0
-        mine = [r for i, r in enumerate(requests) if i % world == rank]
+        tp = _tp_group(args.tensor_parallel)
+        mine = [r for i, r in enumerate(requests) if i % tp.num_replicas == tp.replica]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-        gen = Generator(args, ecfg)
-        run_units(Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)), rank, world,
-                  f"sample rank {rank}", "prompts")
+        gen = Generator(args, ecfg, tp)
+        run_units_tp(tp, Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)),
+                     f"sample rank {rank}", "prompts")
         if rank == 0:
             print(f"[sample] wrote {len(read_jsonl(args.output))} records to {args.output}", file=sys.stderr,
                   flush=True)
@@ -151,12 +160,12 @@ class Generator:
     """The units' work: one engine call over the shard's remaining requests, a unit's records emitted (and
     flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
 
-    def __init__(self, args, ecfg: EngineConfig):
-        self.args, self.ecfg = args, ecfg
+    def __init__(self, args, ecfg: EngineConfig, tp=None):
+        self.args, self.ecfg, self.tp = args, ecfg, tp
 
     def work(self, batch: list[tuple[int, dict]], emit) -> None:
         args = self.args
-        eng = load_engine(args.model, self.ecfg)
+        eng = load_engine(args.model, self.ecfg) if self.tp is None or self.tp.size == 1 else _tp_engine(args, self)
         if eng.tokenizer is None:
             raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
         prompts, params = [], []
@@ -173,6 +182,22 @@ class Generator:
                     for j, c in enumerate(comps)]
             emit(batch[i][0], recs, sum(len(c.token_ids) for c in comps))
         eng.generate(prompts, params, n=args.n, on_request=write)
+
+
+def _tp_group(tp: int):
+    from selfreward.infer.parallel import init_tp
+    try:
+        return init_tp(tp)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _tp_engine(args, gen: Generator):
+    from selfreward.infer.parallel import load_engine_tp
+    try:
+        return load_engine_tp(args.model, gen.ecfg, gen.tp)
+    except ValueError as e:   # a layout T cannot split (heads, KV heads, intermediate), a bad checkpoint
+        raise InputError(f"{args.model}: {e}") from None
 
 
 if __name__ == "__main__":

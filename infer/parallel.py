@@ -1,0 +1,271 @@
+"""Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does):
+shard the weights of a built `Transformer`, set each attention module's local head counts, and add the
+collectives as hooks. model/llama.py is unchanged; parameter names are unchanged.
+
+Per layer, on a group of T ranks (rank r):
+  wq, wk, wv (+ biases)  column-parallel: rank r holds nh/T query heads and their KV heads
+  wo                     row-parallel (its input columns of those heads), output all-reduced (sum)
+  w1, w3 / w2            column-parallel over the intermediate size / row-parallel, output all-reduced
+  norms                  replicated
+  tok_embeddings, output split over the vocabulary (ceil(V/T) rows per rank, the last zero-padded):
+                         the embedding masks ids outside the rank's range and all-reduces; the LM head's
+                         logits are all-gathered, so every rank holds the same full [N, V] fp32 logits
+GQA with fewer KV heads than ranks (T > nkv, T % nkv == 0): each rank holds the one KV head its query
+heads read (head r // (T / nkv)), so each KV head is replicated on T / nkv ranks, in weights and in the
+KV pool. The paged KV pool of a rank holds only its local KV heads (infer/runner.py reads the count from
+the attention modules).
+
+Scheduling: every rank of a group runs the same deterministic scheduler on the same requests; it needs no
+messages because everything it reads is identical on all ranks: the requests, the pool size (min-reduced
+over the group at start), and the sampled tokens (the same gathered logits and the same seeded CPU
+generators give the same token). A broadcast per step from one rank would add a message per step to buy
+nothing. Score log-probs are vocab-parallel (max / sum-exp / target logit all-reduced), never [N, V].
+"""
+from __future__ import annotations
+
+import os
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from selfreward.model.config import ModelConfig
+from selfreward.model.llama import Transformer
+
+
+@dataclass
+class TPGroup:
+    rank: int = 0             # position in the group
+    size: int = 1
+    group: object = None      # torch.distributed ProcessGroup (None when size 1)
+    replica: int = 0          # which group (data-parallel replica) this rank belongs to
+    num_replicas: int = 1
+    leaders: object = None    # the process group of every replica's first rank (None when size 1)
+
+
+_GROUPS: dict[int, TPGroup] = {}
+
+
+def init_tp(tp: int) -> TPGroup:
+    """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), so a
+    replica stays on one node when tp divides the GPUs per node. Call after init_process_group, on every
+    rank; the groups are made once per job and degree."""
+    if tp in _GROUPS:
+        return _GROUPS[tp]
+    up = dist.is_initialized()
+    world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
+    rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel {tp}: must be >= 1")
+    if world % tp:
+        raise ValueError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
+    if tp == 1:
+        return TPGroup(replica=rank, num_replicas=world)
+    if not up:
+        raise ValueError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
+    if torch.cuda.is_available():       # NCCL collectives run on the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    mine = None
+    for r in range(world // tp):
+        ranks = list(range(r * tp, (r + 1) * tp))
+        g = dist.new_group(ranks)          # every rank must create every group
+        if rank in ranks:
+            mine = g
+    leaders = dist.new_group(list(range(0, world, tp)))
+    _GROUPS[tp] = TPGroup(rank % tp, tp, mine, rank // tp, world // tp, leaders)
+    return _GROUPS[tp]
+
+
+# -- the shard plan: which slice of each full tensor rank r holds ----------------------------------
+def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
+    """-> (query heads, KV heads) per rank."""
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if nh % tp:
+        raise ValueError(f"num_attention_heads {nh} is not divisible by tensor parallel {tp}")
+    if nkv >= tp and nkv % tp:
+        raise ValueError(f"num_key_value_heads {nkv} is not divisible by tensor parallel {tp}")
+    if nkv < tp and tp % nkv:
+        raise ValueError(f"tensor parallel {tp} is not a multiple of num_key_value_heads {nkv}")
+    if cfg.intermediate_size % tp:
+        raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by tensor parallel {tp}")
+    return nh // tp, max(1, nkv // tp)
+
+
+def vocab_range(cfg: ModelConfig, rank: int, tp: int) -> tuple[int, int, int]:
+    """-> (first id, end id, rows per rank): rank r owns ids [lo, hi), padded to `rows`."""
+    rows = -(-cfg.vocab_size // tp)
+    lo = min(rank * rows, cfg.vocab_size)
+    return lo, min(lo + rows, cfg.vocab_size), rows
+
+
+def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int, int]]:
+    """Our parameter name -> (dim, start, stop) of the full tensor; names not listed are replicated."""
+    hd = cfg.head_dim
+    qh, kvh = local_heads(cfg, tp)
+    nkv = cfg.num_key_value_heads
+    kv0 = rank * kvh if nkv >= tp else rank // (tp // nkv)   # first KV head of this rank
+    q = (0, rank * qh * hd, (rank + 1) * qh * hd)
+    kv = (0, kv0 * hd, (kv0 + kvh) * hd)
+    inter = cfg.intermediate_size // tp
+    up, down = (0, rank * inter, (rank + 1) * inter), (1, rank * inter, (rank + 1) * inter)
+    lo, hi, _ = vocab_range(cfg, rank, tp)
+    plan = {"tok_embeddings.weight": (0, lo, hi)}
+    if not cfg.tie_word_embeddings:
+        plan["output.weight"] = (0, lo, hi)
+    for i in range(cfg.num_hidden_layers):
+        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+        plan.update({a + "wq.weight": q, a + "wk.weight": kv, a + "wv.weight": kv, a + "wo.weight": (1,) + q[1:],
+                     f + "w1.weight": up, f + "w3.weight": up, f + "w2.weight": down})
+        if cfg.attention_bias:
+            plan.update({a + "wq.bias": q, a + "wk.bias": kv, a + "wv.bias": kv})
+    return plan
+
+
+def take(full: torch.Tensor, s: tuple[int, int, int], rows: int | None = None) -> torch.Tensor:
+    """This rank's part of a full tensor; vocab shards are zero-padded to `rows` rows."""
+    dim, a, b = s
+    out = full.narrow(dim, a, b - a)
+    if rows is not None and out.shape[0] < rows:
+        out = torch.cat([out, out.new_zeros(rows - out.shape[0], *out.shape[1:])])
+    return out
+
+
+# -- applying it to a model --------------------------------------------------------------------------
+def _all_reduce_hook(group):
+    def hook(_mod, _inp, out):
+        dist.all_reduce(out, group=group)
+        return out
+    return hook
+
+
+def _embed(self, ids, lo: int, hi: int, group):                       # ids [N] -> [N, H]
+    inside = (ids >= lo) & (ids < hi)
+    x = F.embedding(torch.where(inside, ids - lo, 0), self.weight) * inside[:, None].to(self.weight.dtype)
+    dist.all_reduce(x, group=group)       # exactly one rank holds each id: the sum is that row, unrounded
+    return x
+
+
+def _logits(self, h: torch.Tensor) -> torch.Tensor:                   # [N, H] -> [N, V] fp32 on every rank
+    local = (h @ self.lm_head_weight.T).float().contiguous()          # [N, rows]
+    parts = [torch.empty_like(local) for _ in range(self.tp.size)]
+    dist.all_gather(parts, local, group=self.tp.group)
+    return torch.cat(parts, -1)[:, :self.cfg.vocab_size]
+
+
+def _score_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:   # [n, H], [n] -> [n]
+    lo, hi, rows = vocab_range(self.cfg, self.tp.rank, self.tp.size)
+    local = (h @ self.lm_head_weight.T).float()                       # [n, rows]
+    local[:, hi - lo:] = float("-inf")                                # padding rows are no tokens
+    m = local.max(-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.tp.group)
+    inside = (targets >= lo) & (targets < hi)
+    t = local.gather(1, torch.where(inside, targets - lo, 0)[:, None])[:, 0]
+    both = torch.stack([(local - m[:, None]).exp().sum(-1), torch.where(inside, t, 0.0)])   # [2, n]
+    dist.all_reduce(both, group=self.tp.group)
+    return both[1] - m - both[0].log()
+
+
+def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
+    """Shard `model` (full weights, or on the meta device) in place for rank tp.rank of tp.size."""
+    model.tp = tp
+    if tp.size == 1:
+        return model
+    cfg = model.cfg
+    plan = shard_plan(cfg, tp.rank, tp.size)
+    qh, kvh = local_heads(cfg, tp.size)
+    lo, hi, rows = vocab_range(cfg, tp.rank, tp.size)
+    for name, p in list(model.named_parameters()):
+        if name in plan:
+            mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            vocab = name in ("tok_embeddings.weight", "output.weight")
+            setattr(mod, attr, nn.Parameter(take(p.data, plan[name], rows if vocab else None).clone(),
+                                            requires_grad=False))
+    for layer in model.layers:
+        layer.attention.nh, layer.attention.nkv = qh, kvh
+        layer.attention.wo.register_forward_hook(_all_reduce_hook(tp.group))
+        layer.feed_forward.w2.register_forward_hook(_all_reduce_hook(tp.group))
+    emb = model.tok_embeddings
+    emb.forward = types.MethodType(lambda self, ids: _embed(self, ids, lo, hi, tp.group), emb)
+    model.logits = types.MethodType(_logits, model)
+    model.score_logprobs = types.MethodType(_score_logprobs, model)
+    return model
+
+
+def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """A sharded model with uninitialised weights (to be filled by load or hand-off): never full size."""
+    with torch.device("meta"):
+        model = apply_tp(Transformer(cfg).to(dtype), tp)
+    model = model.to_empty(device=device)
+    model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # as model.checkpoint.load_model casts it
+    return model.eval()
+
+
+def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
+                  device="cpu") -> tuple[Transformer, int]:
+    """Sharded loading: this rank reads only its slices from the safetensors files. -> (model, bytes read)."""
+    from selfreward.model.sharded import read_sharded
+    cfg = ModelConfig.from_json(Path(path))
+    plan = shard_plan(cfg, tp.rank, tp.size) if tp.size > 1 else {}
+    state, nbytes = read_sharded(path, cfg, plan, dtype)
+    rows = vocab_range(cfg, tp.rank, tp.size)[2]
+    for k in ("tok_embeddings.weight", "output.weight"):
+        if k in state:
+            state[k] = take(state[k], (0, 0, state[k].shape[0]), rows)
+    model = tp_model(cfg, tp, dtype, device)
+    model.load_state_dict(state, strict=True)
+    return model, nbytes
+
+
+def load_engine_tp(path: str | Path, ecfg, tp: TPGroup):
+    """infer.config.load_engine for a tensor-parallel replica: the same EngineConfig, this rank's shard."""
+    from selfreward.infer.config import resolve_device
+    device, dtype = resolve_device(ecfg)
+    return tp_engine(path, tp, dtype, device, block_size=ecfg.block_size, num_blocks=ecfg.num_blocks or None,
+                     max_num_seqs=ecfg.max_num_seqs, max_num_batched_tokens=ecfg.max_num_batched_tokens,
+                     prefix_cache=ecfg.prefix_cache)
+
+
+def tp_engine(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu", **engine_kw):
+    """An Engine over this rank's shard of the checkpoint at `path` (keyword arguments as Engine's)."""
+    from selfreward.infer.engine import Engine, _load_tokenizer
+    from selfreward.infer.runner import default_num_blocks
+    model, nbytes = load_tp_model(path, tp, dtype, device)
+    if engine_kw.get("num_blocks") is None and tp.size > 1:   # every rank's block manager must be the same
+        n = default_num_blocks(model, engine_kw.get("block_size", 16), engine_kw.get("max_num_seqs", 256))
+        n = torch.tensor([n], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
+        engine_kw["num_blocks"] = int(n)
+    eng = Engine(model, _load_tokenizer(Path(path)), **engine_kw)
+    eng.loaded_bytes = nbytes
+    return eng
+
+
+# -- FSDP2 trainer -> TP engine, without a disk round trip ------------------------------------------
+@torch.no_grad()
+def load_from_fsdp(engine, trainer_model) -> dict:
+    """Fill a TP engine's weights from a model whose parameters are DTensors (FSDP2 `fully_shard`), one
+    parameter at a time: `full_tensor()` (an all-gather over the trainer's mesh; every trainer rank calls
+    this, in the same order), keep this rank's slice, free the rest, so the peak extra memory is one
+    full parameter. Clears the prefix cache (its KV came from the old weights). -> {seconds, bytes}."""
+    t0 = time.perf_counter()
+    model = engine.model
+    tp = getattr(model, "tp", TPGroup())
+    plan = shard_plan(model.cfg, tp.rank, tp.size) if tp.size > 1 else {}
+    rows = vocab_range(model.cfg, tp.rank, tp.size)[2]
+    dst = dict(model.named_parameters())
+    moved = 0
+    for name, p in trainer_model.named_parameters():
+        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        vocab = name in ("tok_embeddings.weight", "output.weight")
+        part = take(full, plan[name], rows if vocab else None) if name in plan else full
+        dst[name].copy_(part)
+        moved += part.numel() * dst[name].element_size()
+        del full, part
+    engine.bm.cache.clear()
+    return {"seconds": time.perf_counter() - t0, "bytes": moved}

@@ -1,0 +1,53 @@
+"""Resumable units (selfreward.records.run_units) over data-parallel replicas of tensor-parallel engines.
+
+The units are split across replicas, not ranks. The first rank of each replica (its leader) runs
+run_units as rank `replica` of the leaders' group: it alone reads and writes the .partial / shard files
+and merges. Before each batch of work it broadcasts the batch to the other ranks of its replica, which
+run the same work (the engine needs every rank of the group) and drop the records. So every rank of a
+replica works on exactly the leader's batches, whatever the leader found already done on disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
+
+import torch.distributed as dist
+
+from selfreward.infer.parallel import TPGroup
+from selfreward.records import Work, run_units
+
+
+def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable],
+                 work: Work, chunk: int = 32, progress: str = "", unit: str = "units") -> bool:
+    """run_units for DP x TP. -> True on the rank that wrote the final OUT."""
+    if tp.size == 1:
+        return run_units(out, units, per_unit, key, work, chunk, rank=tp.replica, world=tp.num_replicas,
+                         progress=progress, unit=unit)
+    leader = tp.replica * tp.size    # the leader's global rank
+
+    def share(msg):
+        box = [msg]
+        dist.broadcast_object_list(box, src=leader, group=tp.group)
+        return box[0]
+
+    if tp.rank == 0:
+        def lead(batch, emit):
+            share(batch)
+            work(batch, emit)
+        try:
+            wrote = run_units(out, units, per_unit, key, lead, chunk, rank=tp.replica, world=tp.num_replicas,
+                              progress=progress, unit=unit, group=tp.leaders if tp.num_replicas > 1 else None)
+        finally:
+            share(None)              # the followers stop (also when the leader failed: no rank hangs)
+    else:
+        wrote, err = False, None
+        while (batch := share(None)) is not None:
+            if err is None:
+                try:
+                    work(batch, lambda *emitted: None)
+                except Exception as e:   # the leader fails alike (same inputs): wait for its stop message
+                    err = e
+        if err is not None:
+            raise err
+    dist.barrier()                   # the merged OUT exists before any rank goes on
+    return wrote
