@@ -25,11 +25,12 @@ class EngineConfig:
     max_num_seqs: int = 256           # sequences decoded together
     max_num_batched_tokens: int = 4096   # tokens per engine step (prefill chunks + decodes)
     prefix_cache: bool = True         # share KV blocks of equal prefixes (judge rubric, few-shot header)
+    tensor_parallel: int = 1          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
 
     def check(self) -> None:
         if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine {name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks < 0:
@@ -46,9 +47,13 @@ def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
 
 
 def load_engine(path, cfg: EngineConfig | None = None):
-    """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer."""
+    """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer; with
+    tensor_parallel T > 1, this rank's shard of a T-way replica (every rank of the replica calls this)."""
     from selfreward.infer.engine import Engine
     cfg = cfg or EngineConfig()
+    if cfg.tensor_parallel > 1:
+        from selfreward.infer.parallel import init_tp, load_engine_tp
+        return load_engine_tp(path, cfg, init_tp(cfg.tensor_parallel))
     device, dtype = resolve_device(cfg)
     return Engine.from_pretrained(path, dtype=dtype, device=device, block_size=cfg.block_size,
                                   num_blocks=cfg.num_blocks or None, max_num_seqs=cfg.max_num_seqs,

@@ -13,6 +13,7 @@ a killed stage continues from its .partial file (selfreward.records).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -99,7 +100,17 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason} for k, x in enumerate(comps)],
                  sum(len(x.token_ids) for x in comps))
         engine.generate(ids, ps, n=c.n, on_request=done)
-    run_units(out, prompts, c.n, lambda r: r["id"], work, cfg.chunk, rank, world, f"candidates {t}", "prompts")
+    _units(cfg, rank, world, out, prompts, c.n, lambda r: r["id"], work, f"candidates {t}", "prompts")
+
+
+def _units(cfg: LoopConfig, rank: int, world: int, out, units, per_unit, key, work, label: str, unit: str):
+    """records.run_units over the ranks, or over data-parallel replicas of tensor-parallel engines."""
+    if cfg.engine.tensor_parallel > 1:
+        from selfreward.infer.parallel import init_tp
+        from selfreward.infer.replicas import run_units_tp
+        return run_units_tp(init_tp(cfg.engine.tensor_parallel), out, units, per_unit, key, work, cfg.chunk,
+                            label, unit)
+    return run_units(out, units, per_unit, key, work, cfg.chunk, rank, world, label, unit)
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
@@ -124,8 +135,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
                 for rec in recs:
                     rec["expected"] = round(r.expected, 4)
             emit(i, recs)
-    run_units(out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, cfg.chunk, rank, world, f"judge {t}",
-              "candidates")
+    _units(cfg, rank, world, out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, f"judge {t}", "candidates")
 
 
 def stage_pairs(cfg: LoopConfig, t: int) -> dict:
@@ -244,8 +254,12 @@ def main(argv: list[str] | None = None):
     if world > 1 and a.stage not in ("candidates", "judge"):
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
     if world > 1:
+        import torch
         import torch.distributed as dist
-        dist.init_process_group("gloo")   # the shards' barrier; the engines run on cfg.engine's device
+        cuda = torch.cuda.is_available() and not cfg.engine.device.startswith("cpu")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
     try:
         stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
         return write_manifest(cfg, a.iter, {}, stats) if rank == 0 else None

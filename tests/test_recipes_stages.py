@@ -190,15 +190,20 @@ def test_eft_cli_with_a_model_judge(tiny, tmp_path):
     assert len(read_jsonl(tmp_path / "seed" / "eft_train.jsonl")) == st["examples"]
 
 
-def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path, tp):
+    """2 ranks as 2 data-parallel engines (tp 1) or as one tensor-parallel engine (tp 2, the tiny model's one
+    KV head replicated on both ranks): the same file as one process."""
     from selfreward.records import write_json
-    cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1) for name in ("one", "two")]
+    cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1, engine={"tensor_parallel": t})
+            for name, t in (("one", 1), ("two", tp))]
     for c in cfgs:
         stage_prompts(c, 1, Models())
     stage_candidates(cfgs[0], 1, Models())
     write_json(tmp_path / "two" / "config.json", to_dict(cfgs[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage", "candidates",
-           "--iter", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage",
+           "candidates", "--iter", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
