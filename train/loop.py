@@ -198,7 +198,10 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
     if start < total:
         save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     export = Path(cfg.export or out / "model")
-    export_model(model, export, tokenizer_dir, d)
+    if hasattr(task, "export"):      # a task with its own layout (train/rm.py: sequence classification)
+        task.export(model, export, d)
+    else:
+        export_model(model, export, tokenizer_dir, d)
     if d.is_main:
         print(f"[{name}] exported {export}")
     return last

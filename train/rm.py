@@ -1,0 +1,186 @@
+"""Reward-model training on soft preference labels (distilled RLAIF).
+
+    torchrun --nproc_per_node 8 train/rm.py --model M1 --data labels.jsonl --output runs/rm
+    python train/rm.py --model M1 --data labels.jsonl --output runs/rm --max-steps 200 --batch-size 32
+
+Data: `{"prompt" (or "messages"), "response_1", "response_2", "label": [p1, p2]}` (what recipes.rlaif writes;
+p1 = P(response 1 is better)) or `{"prompt", "chosen", "rejected"}` (a hard label, p1 = 1). The model is the
+checkpoint's transformer with a scalar head (model/reward_model.py; a causal LM gets a fresh seeded head,
+a reward checkpoint keeps its own). Loss per pair: the cross-entropy of the Bradley-Terry probability
+sigmoid(r1 - r2) against the soft label,
+    -(p1 log sigmoid(r1 - r2) + (1 - p1) log sigmoid(r2 - r1)),
+mean over the global batch. Both replies of a batch go through ONE forward over a flat token axis.
+Writes OUTPUT/metrics.jsonl (loss, accuracy against the label's side, margin; eval_loss / eval_accuracy on
+--eval-data or --eval-fraction), OUTPUT/checkpoints/ (resumable with --resume) and the Hugging Face
+sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) in OUTPUT/model/.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from selfreward.model.config import ModelConfig
+from selfreward.model.reward_model import load_reward_model, packed_rewards, save_reward_model
+from selfreward.records import DataError
+from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train.data import Pair, dpo_pair, read_jsonl, truncate_pair
+from selfreward.train.loop import TrainingStopped, run, start
+from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    lr: float = 1e-5                  # RLAIF paper: reward model lr 1e-5, batch 128
+    final_lr: float = 1e-6
+    batch_size: int = 128
+    max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
+    eval_data: list[str] = field(default_factory=list)  # held-out label JSONL; or use --eval-fraction
+    eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
+    eval_every: int = 0               # also evaluate every N steps (always at start and end)
+    head_seed: int = 0                # seed of the fresh score head (when --model is a causal LM)
+
+
+@dataclass
+class LabeledPair:
+    pair: Pair            # prompt ids, response 1 ids (as `chosen`), response 2 ids (as `rejected`)
+    p1: float             # P(response 1 is better)
+
+
+def _label(rec: dict, where: str) -> float:
+    if "label" not in rec:
+        return 1.0
+    lab = rec["label"]
+    ok = isinstance(lab, list) and len(lab) == 2 and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in lab)
+    if not ok or abs(lab[0] + lab[1] - 1) > 1e-3:
+        raise DataError(f"{where}: field 'label' should be [p1, p2], probabilities summing to 1, got {lab!r}")
+    return float(lab[0])
+
+
+def load_labeled(paths: list[str], tok, max_length: int, max_prompt_length: int) -> tuple[list[LabeledPair], dict]:
+    out, counts = [], {"read": 0, "truncated": 0}
+    for path in paths:
+        for where, rec in read_jsonl(path):
+            if "response_1" in rec or "response_2" in rec:
+                for k in ("response_1", "response_2"):
+                    if not isinstance(rec.get(k), str):
+                        raise DataError(f"{where}: field '{k}' missing or not a string")
+                rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
+            p, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
+            out.append(LabeledPair(p, _label(rec, where)))
+            counts["read"] += 1
+            counts["truncated"] += int(cut)
+    return out, counts
+
+
+def pair_rewards(model, pairs: list[LabeledPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r1 [B], r2 [B]) from one forward over the 2B sequences prompt + response."""
+    seqs = [lp.pair.prompt + lp.pair.chosen for lp in pairs] + [lp.pair.prompt + lp.pair.rejected for lp in pairs]
+    r = packed_rewards(model, seqs, pad_id)                                  # [2B]
+    return r[:len(pairs)], r[len(pairs):]
+
+
+def soft_bt_loss(r1: torch.Tensor, r2: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
+    """[B] cross-entropy of sigmoid(r1 - r2) against the soft label p1."""
+    d = r1 - r2
+    return -(p1 * F.logsigmoid(d) + (1 - p1) * F.logsigmoid(-d))
+
+
+class RMTask:
+    def __init__(self, cfg: RMConfig, train: list[LabeledPair], held_out: list[LabeledPair], pad_id: int,
+                 d: Dist, tokenizer_dir: str):
+        self.cfg, self.train, self.held_out, self.pad_id, self.d = cfg, train, held_out, pad_id, d
+        self.tokenizer_dir = tokenizer_dir
+        self.num_examples = len(train)
+
+    def norm(self, batch: list[int]) -> float:
+        return float(len(batch))
+
+    def _sums(self, model, pairs: list[LabeledPair]):
+        r1, r2 = pair_rewards(model, pairs, self.pad_id)
+        p1 = torch.tensor([lp.p1 for lp in pairs], device=r1.device)
+        loss = soft_bt_loss(r1, r2, p1).sum()
+        side = ((r1 > r2).float() == (p1 > 0.5).float()).float()[p1 != 0.5]   # ties in the label don't count
+        return loss, side.sum().detach(), torch.tensor(float(side.numel())), (r1 - r2).detach().sum()
+
+    def micro(self, model, idx: list[int]):
+        pairs = [self.train[i] for i in idx]
+        loss, agree, n, margin = self._sums(model, pairs)
+        toks = sum(2 * len(lp.pair.prompt) + len(lp.pair.chosen) + len(lp.pair.rejected) for lp in pairs)
+        return loss, {"loss_sum": loss, "agree": agree, "decided": n, "margin": margin,
+                      "tokens": torch.tensor(toks), "pairs": torch.tensor(len(pairs))}
+
+    def summarize(self, s: dict, norm: float) -> dict:
+        return {"loss": s["loss_sum"] / norm, "accuracy": s["agree"] / max(1.0, s["decided"]),
+                "margin": s["margin"] / max(1.0, s["pairs"])}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Held-out loss and accuracy; every rank runs the same number of forwards (FSDP's collectives)."""
+        if not self.held_out:
+            return {}
+        d, m = self.d, self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
+        mine = self.held_out[d.rank::d.world]
+        per_rank = -(-len(self.held_out) // d.world)
+        model.eval()
+        tot = torch.zeros(3, dtype=torch.float64)
+        for s in range(0, per_rank, m):
+            chunk = mine[s:s + m]
+            loss, agree, n, _ = self._sums(model, chunk or self.held_out[:1])
+            if chunk:
+                tot += torch.tensor([float(loss), float(agree), float(n)], dtype=torch.float64)
+        model.train()
+        if d.sharded:
+            reshard(model)
+        tot = all_reduce_sum(tot, d)
+        return {"eval_loss": float(tot[0]) / len(self.held_out), "eval_accuracy": float(tot[1] / max(1.0, tot[2]))}
+
+    def export(self, model, out, d: Dist) -> None:
+        """The loop's final export: gather the full weights, write the sequence-classification folder."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from selfreward.train.parallel import barrier
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.is_main:
+            save_reward_model(sd, model.cfg, out, self.pad_id, tokenizer_dir=self.tokenizer_dir)
+        barrier(d)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(RMConfig, argv, __doc__)
+    d, tok, tok_dir = start(cfg)
+    mpl = cfg.max_prompt_length or cfg.max_length // 2
+    data, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl)
+    held: list[LabeledPair] = []
+    if cfg.eval_data:
+        held, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl)
+    elif cfg.eval_fraction > 0:
+        order = list(range(len(data)))
+        random.Random(cfg.seed).shuffle(order)
+        k = max(1, int(len(data) * cfg.eval_fraction))
+        held, data = [data[i] for i in order[:k]], [data[i] for i in sorted(order[k:])]
+    if d.is_main:
+        print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
+              f"{counts['truncated']}; held out: {len(held)}")
+    mcfg = ModelConfig.from_json(cfg.model)
+    mcfg.dropout = cfg.dropout
+    model = load_reward_model(cfg.model, cfg=mcfg, seed=cfg.head_seed)
+    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+    task = RMTask(cfg, data, held, tok.pad_id, d, tok_dir)
+    try:
+        return run(cfg, task, model, d, tok_dir, "rm")
+    finally:
+        cleanup(d)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
