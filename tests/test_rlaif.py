@@ -1,0 +1,158 @@
+"""RLAIF labels and direct scores (recipes/rlaif.py) against hand computations from a plain forward's
+logits; the both-orders average against a labeller that only sees positions; the prefix cache's counters."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.recipes_tiny import tiny_chat_model
+
+ITEMS = [("Name a fruit that is red.", "An apple.", "The sky is blue."),
+         ("Tell me a joke about dogs.", "Why did the dog sit? It was tired.", "No."),
+         ("What is the capital of France?", "Paris.", "I like bread.")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
+    d = tiny_chat_model(tmp_path_factory.mktemp("rlaif") / "m")
+    return Engine.from_pretrained(str(d)), Tokenizer.load(d), load_model(d)
+
+
+def _last_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model.forward_batch(torch.tensor([ids]))[0, -1].double(), -1)   # [V]
+
+
+def _hand_label_prompt(tok, t, ctx, a, b, text):
+    """The prompt written out by hand: system = preamble, user = the sample, assistant begins with `text`."""
+    user = t.sample.replace("{context}", ctx).replace("{response_1}", a).replace("{response_2}", b)
+    chat, _ = tok.render_chat([{"role": "system", "content": t.preamble}, {"role": "user", "content": user}],
+                              add_generation_prompt=True)
+    one, two = tok.encode(text + " 1"), tok.encode(text + " 2")
+    assert one[:-1] == two[:-1] and one[-1] != two[-1]     # "1" and "2" are one token each here
+    return chat + one[:-1], one[-1], two[-1]
+
+
+def test_label_equals_hand_computation_in_both_orders(tiny):
+    from selfreward.recipes.rlaif import LabelTemplate, soft_labels
+    engine, tok, model = tiny
+    t = LabelTemplate()
+    res = soft_labels(engine, tok, ITEMS)
+    for (ctx, a, b), rec in zip(ITEMS, res["records"]):
+        want = []
+        for x, y in ((a, b), (b, a)):
+            ids, i1, i2 = _hand_label_prompt(tok, t, ctx, x, y, t.ending)
+            lp = _last_logprobs(model, ids)
+            want.append(math.exp(lp[i1]) / (math.exp(lp[i1]) + math.exp(lp[i2])))   # P("1") over {1, 2}
+        assert rec["p_first"] == pytest.approx(want[0], abs=1e-5)
+        assert rec["p_first_swapped"] == pytest.approx(want[1], abs=1e-5)
+        assert rec["label"][0] == pytest.approx((want[0] + 1 - want[1]) / 2, abs=1e-5)
+        assert sum(rec["label"]) == pytest.approx(1.0)
+    assert len({round(r["p_first"], 6) for r in res["records"]}) > 1     # the labels depend on the pair
+
+
+def test_chain_of_thought_label_is_read_after_the_rationale(tiny):
+    from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, soft_labels
+    engine, tok, model = tiny
+    t = LabelTemplate()
+    res = soft_labels(engine, tok, ITEMS[:2], LabelConfig(cot=True, cot_max_tokens=12))
+    for (ctx, a, b), rec in zip(ITEMS[:2], res["records"]):
+        r = rec["rationales"][0]
+        text = f"{r} {t.ending}" if r else t.ending
+        ids, i1, i2 = _hand_label_prompt(tok, replace_sample(t), ctx, a, b, text)
+        lp = _last_logprobs(model, ids)
+        assert rec["p_first"] == pytest.approx(math.exp(lp[i1]) / (math.exp(lp[i1]) + math.exp(lp[i2])), abs=1e-5)
+
+
+def replace_sample(t):
+    from dataclasses import replace
+    return replace(t, sample=t.sample + t.cot_request)
+
+
+class FirstPositionLabeller:
+    """A fake engine that gives the first shown response P = 0.9, whatever it is."""
+    max_len = 4096
+    stats = {"prefill_computed": 0, "prefix_hit": 0}
+
+    def next_token_logprobs(self, prompts, cands):
+        return torch.log(torch.tensor([[0.9, 0.1]] * len(prompts)))
+
+
+def test_both_orders_cancel_a_position_labeller(tiny):
+    from selfreward.recipes.rlaif import position_bias, soft_labels
+    _, tok, _ = tiny
+    res = soft_labels(FirstPositionLabeller(), tok, ITEMS)
+    for r in res["records"]:
+        assert r["p_first"] == pytest.approx(0.9) and r["p_first_swapped"] == pytest.approx(0.9)
+        assert r["label"] == pytest.approx([0.5, 0.5])
+    b = position_bias(res["records"])
+    assert b["one_order"] == 1.0 and b["both_orders"] == 0.5 and b["order_consistent"] == 0.0
+
+
+def test_shared_preamble_hits_the_prefix_cache(tiny):
+    from selfreward.infer.engine import Engine
+    from selfreward.recipes.rlaif import soft_labels
+    engine, tok, model = tiny
+    cold = Engine(model, tok, prefix_cache=False)
+    a, b = soft_labels(Engine(model, tok), tok, ITEMS), soft_labels(cold, tok, ITEMS)
+    assert a["prefill"]["prefix_hit"] > 0 and a["prefill"]["saved"] > 0.2
+    assert b["prefill"]["prefix_hit"] == 0
+    assert a["prefill"]["prefix_hit"] + a["prefill"]["prefill_computed"] == b["prefill"]["prefill_computed"]
+    for x, y in zip(a["records"], b["records"]):
+        assert x["label"][0] == pytest.approx(y["label"][0], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def world_tiny(tmp_path_factory):
+    """A random tiny model with the world's tokenizer, which splits "10" into "1" + "0"."""
+    import shutil
+    from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.world.vocab import train_tokenizer
+    from tests.hf_tiny import make_hf_checkpoint
+    root = tmp_path_factory.mktemp("world_tok")
+    tok_dir = train_tokenizer(root / "tok")
+    d = make_hf_checkpoint(root / "m", "llama_tied", vocab=160, hidden=32, layers=2, heads=2, kv_heads=1,
+                           intermediate=64)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return Engine.from_pretrained(str(d)), Tokenizer.load(d), load_model(d)
+
+
+@pytest.mark.parametrize("which,ten_tokens", [("tiny", 1), ("world_tiny", 2)])
+def test_direct_score_equals_hand_computation(which, ten_tokens, request):
+    from selfreward.recipes.rlaif import ScoreTemplate, direct_scores
+    engine, tok, model = request.getfixturevalue(which)
+    t = ScoreTemplate()
+    items = [(c, a) for c, a, _ in ITEMS]
+    res = direct_scores(engine, tok, items)
+    encs = [tok.encode(f"{t.ending} {i}") for i in range(1, 11)]
+    n = len(tok.encode(t.ending))                    # "Score:" is whole in both tokenizers (asserted below)
+    head, tails = encs[0][:n], [e[n:] for e in encs]
+    assert all(e[:n] == head for e in encs) and len(tails[9]) == ten_tokens
+    assert res["tokens_per_option"] == [len(x) for x in tails]
+    if ten_tokens == 2:
+        assert tails[9][0] == tails[0][0] and len(tails[0]) == 1      # "10" = "1" + "0": the prefix rule is hit
+    for (ctx, r), rec in zip(items, res["records"]):
+        user = t.sample.replace("{context}", ctx).replace("{response}", r)
+        chat, _ = tok.render_chat([{"role": "system", "content": t.preamble}, {"role": "user", "content": user}],
+                                  add_generation_prompt=True)
+        ids = chat + head
+        full = []                                   # P(option's whole token sequence), by successive forwards
+        for tail in tails:
+            lp = sum(float(_last_logprobs(model, ids + tail[:j])[tail[j]]) for j in range(len(tail)))
+            full.append(math.exp(lp))
+        p = list(full)
+        if ten_tokens == 2:
+            p[0] = full[0] - full[9]                # "1" not continued by "0"
+        z = sum(p)
+        e = sum((i + 1) * q / z for i, q in enumerate(p))
+        assert rec["expected"] == pytest.approx(e, abs=1e-5)
+        assert rec["reward"] == pytest.approx((e - 5.5) / 4.5, abs=1e-5)
+        assert -1 <= rec["reward"] <= 1
