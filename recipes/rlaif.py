@@ -180,14 +180,14 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
         texts = [f"{r} {t.ending}" if r else t.ending for r in rationales]
     heads = [forced_options(tok, x, ["1", "2"]) for x in texts]
-    probs = []
-    for i in range(len(base)):   # heads differ per rationale; without one, a single batched read
-        if i and not cfg.cot:
-            break
-        if cfg.cot:
-            probs += option_probs(engine, [base[i] + heads[i][0]], heads[i][1])
-        else:
-            probs = option_probs(engine, [b + heads[0][0] for b in base], heads[0][1])
+    groups: dict[tuple, list[int]] = {}       # one batched read per distinct pair of option tails
+    for i, (_, tails) in enumerate(heads):
+        groups.setdefault(tuple(map(tuple, tails)), []).append(i)
+    probs: list[list[float]] = [[]] * len(base)
+    for tails, idx in groups.items():
+        got = option_probs(engine, [base[i] + heads[i][0] for i in idx], [list(x) for x in tails])
+        for i, p in zip(idx, got):
+            probs[i] = p
     n = len(items)
     records = []
     for i in range(n):
