@@ -203,8 +203,8 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
 def position_bias(records: list[dict]) -> dict:
     """Share of pairs whose label prefers the response shown first (ties count half): from the given order
     alone, and from the label averaged over both orders (always 0.5 for a labeller that only sees positions)."""
-    def share(ps):
-        return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in ps) / len(ps) if ps else None
+    def share(ps):   # |p - 0.5| < 1e-9 is a tie (the two orders' mean is rounded)
+        return sum(0.5 if abs(p - 0.5) < 1e-9 else float(p > 0.5) for p in ps) / len(ps) if ps else None
     return {"one_order": share([r["p_first"] for r in records]),
             "both_orders": share([r["label"][0] for r in records]),
             "order_consistent": share([1.0 if (r["p_first"] > 0.5) == (r["p_first_swapped"] < 0.5) else 0.0

@@ -1,0 +1,258 @@
+"""RLAIF in the checkable world, part 1: AI labels on the world's candidate pairs and the distilled RM, with
+the checker as the truth.
+
+    python -m selfreward.recipes.world.demo --method rlaif                 # runs/world-rlaif, about 5 min
+    python -m selfreward.recipes.world.demo --method rlaif --seed 1 --run-dir runs/world-rlaif-s1
+
+Stages: M0 (the world's cached M0, recipes/world/build.py) -> seeds (IFT, EFT, and a pairwise-label seed)
+-> M1 = train/sft.py on them (the labeller, and the policy's size: the paper's same-size setting) -> M1
+samples candidates for fresh train-split prompts -> one pair of distinct candidate texts per prompt, in a
+random order -> soft labels by M1 in both orders, without and with chain-of-thought (recipes.rlaif) ->
+train/rm.py from M1 on the labels of 75% of the prompts -> the RM on the other 25%.
+
+The pairwise seed is to pairwise labelling what the EFT seed is to judging: checker-labelled examples of
+the format (a small world model cannot label zero-shot), half direct ("Preferred: k"), half with the
+reasons first (the world's check steps for both answers). The labels the figures measure are M1's own, on
+its own samples for prompts no seed holds. M1 here is therefore not the self-rewarding demo's M1 (that one
+has no pairwise seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
+from selfreward.recipes.world.labels import agreement, reliability
+
+WORLD_TEMPLATE = LabelTemplate(
+    preamble="Judge two answers. Score 5 if every symbol matches, else 1. Give the answer that matches.",
+    sample="Task: {context} Answer 1: {response_1} Answer 2: {response_2}",
+    ending="Preferred:", cot_request=" Check both.")
+
+
+@dataclass
+class RLAIFWorldConfig:
+    run_dir: str = "runs/world-rlaif"
+    cache_dir: str = ""               # M0's cache ("" = ~/.cache/selfreward/world)
+    seed: int = 0                     # seeds, sampling, the RM's head and order; M0 fixed by its own key
+    threads: int = 0
+    nproc: int = 1                    # ranks for train/sft.py and train/rm.py (torchrun)
+    n_ift: int = 300
+    n_eft: int = 500
+    n_pref: int = 600                 # pairwise-label seed (half direct, half chain-of-thought)
+    sft_steps: int = 300
+    sft_batch: int = 16
+    sft_lr: float = 3e-4
+    n_prompts: int = 1200             # fresh train-split prompts; those with two distinct candidates make a pair
+    n_candidates: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_tokens: int = 24
+    cot_max_tokens: int = 96
+    rm_labels: str = "cot"            # which labels train the RM: cot | direct
+    heldout_fraction: float = 0.25    # share of the pairs' prompts kept from the RM
+    rm_epochs: int = 4
+    rm_batch: int = 16
+    rm_lr: float = 1e-4
+
+
+def pref_seed(n: int, seed: int) -> list[dict]:
+    """Checker-labelled pairs in the label format: (right or wrong) against wrong, in a random order."""
+    from selfreward.recipes.world.data import eft_candidate
+    from selfreward.recipes.world.judging import judgment
+    from selfreward.recipes.world.tasks import corrupt, sample_tasks
+    rng = random.Random(f"pref:{seed}")
+    t = WORLD_TEMPLATE
+    out = []
+    for task in sample_tasks(n, seed=50_000 + seed):
+        a = task.answer if rng.random() < 0.6 else eft_candidate(task, rng)
+        b = corrupt(task.answer, rng)
+        while b == a:
+            b = corrupt(task.answer, rng)
+        if rng.random() < 0.5:
+            a, b = b, a
+        ra, rb = a == task.answer, b == task.answer
+        k = 1 if ra else 2 if rb else rng.choice((1, 2))      # both wrong: no truth, either label
+        cot = rng.random() < 0.5
+        user = t.sample.format(context=task.prompt, response_1=a, response_2=b) + (t.cot_request if cot else "")
+        why = f"1: {judgment(task, a)} 2: {judgment(task, b)} " if cot else ""
+        out.append({"messages": [{"role": "system", "content": t.preamble}, {"role": "user", "content": user},
+                                 {"role": "assistant", "content": f"{why}{t.ending} {k}"}]})
+    return out
+
+
+def candidate_pairs(engine, tok, prompts: list[dict], cfg: RLAIFWorldConfig) -> list[dict]:
+    """M1's candidates -> per prompt with two distinct texts, one random pair in a random order (+ truth)."""
+    from selfreward.infer.sequence import SamplingParams
+    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.world.checker import check
+    ids = [chat_prompt_ids(tok, p["prompt"]) for p in prompts]
+    ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                         seed=cfg.seed * 1_000_003 + i * cfg.n_candidates) for i in range(len(ids))]
+    outs = engine.generate(ids, ps, n=cfg.n_candidates)
+    rng = random.Random(f"pairs:{cfg.seed}")
+    pairs = []
+    for p, group in zip(prompts, outs):
+        texts = list(dict.fromkeys(c.text for c in group))
+        if len(texts) < 2:
+            continue
+        a, b = rng.sample(texts, 2)
+        pairs.append({"id": p["id"], "prompt": p["prompt"], "response_1": a, "response_2": b,
+                      "right": [check(p["prompt"], a), check(p["prompt"], b)]})
+    return pairs
+
+
+def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
+    import torch
+
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.records import read_jsonl, write_json, write_jsonl
+    from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
+    from selfreward.recipes.world.data import loop_prompts
+    from selfreward.recipes.world.judging import set_format
+    from selfreward.recipes.world.tasks import set_kinds
+
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name, since):
+        stages[name] = round(time.perf_counter() - since, 1)
+        print(f"[rlaif {time.perf_counter() - t0:6.1f}s] {name} done", flush=True)
+
+    mc = mc or WorldModelConfig()
+    set_format(mc.judge_format)
+    set_kinds(mc.kinds)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
+    t = time.perf_counter()
+    m0 = build_m0(cache, mc, cfg.nproc, cfg.threads)
+    stage("m0", t)
+
+    t = time.perf_counter()
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed)
+    pref = write_jsonl(run_dir / "seed" / "pref.jsonl", pref_seed(cfg.n_pref, cfg.seed))
+    m1 = run_dir / "m1"
+    thr = ["--threads", str(cfg.threads)] if cfg.threads else []
+    if not (m1 / "config.json").exists():
+        run_trainer("sft.py", ["--model", str(m0), "--data", str(ift), str(eft), str(pref), "--output",
+                               str(run_dir / "sft"), "--export", str(m1), "--max-steps", str(cfg.sft_steps),
+                               "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr), "--final-lr",
+                               str(cfg.sft_lr / 10), "--max-length", "192", "--dropout", "0", "--seed",
+                               str(cfg.seed), "--resume", "--log-every", "50"] + thr, cfg.nproc)
+    stage("sft", t)
+
+    engine, tok = Engine.from_pretrained(str(m1)), Tokenizer.load(m1)
+    pairs_path = run_dir / "pairs.jsonl"
+    t = time.perf_counter()
+    if not pairs_path.exists():
+        avoid = {r["prompt"] for r in read_jsonl(ift)}
+        prompts = loop_prompts(cfg.n_prompts, 60_000 + cfg.seed, avoid)
+        write_jsonl(pairs_path, candidate_pairs(engine, tok, prompts, cfg))
+    pairs = read_jsonl(pairs_path)
+    stage("candidates", t)
+
+    results: dict[str, dict] = {}
+    items = [(p["prompt"], p["response_1"], p["response_2"]) for p in pairs]
+    for name, cot in (("direct", False), ("cot", True)):
+        t = time.perf_counter()
+        lab = soft_labels(engine, tok, items, LabelConfig(cot=cot, cot_max_tokens=cfg.cot_max_tokens,
+                                                          seed=cfg.seed, template=WORLD_TEMPLATE))
+        recs = lab["records"]
+        write_jsonl(run_dir / f"labels_{name}.jsonl",
+                    [dict(p, **{k: v for k, v in r.items()}) for p, r in zip(pairs, recs)])
+        results[name] = {"agreement": agreement(pairs, recs), "reliability": reliability(pairs, recs),
+                         "position_bias": position_bias(recs), "prefill": lab["prefill"],
+                         "prompts_cut": lab["prompts_cut"]}
+        stage(f"labels_{name}", t)
+
+    t = time.perf_counter()
+    rm = rm_stage(run_dir, m1, pairs, cfg, thr)
+    stage("rm", t)
+
+    main = results[cfg.rm_labels]
+    summary = {
+        "label_agreement": main["agreement"]["both_orders"],
+        "position_bias_one_order": main["position_bias"]["one_order"],
+        "position_bias_both_orders": main["position_bias"]["both_orders"],
+        "rm_pairwise": rm["heldout_pairwise"],
+        "labels_for_rm": cfg.rm_labels, "labels": results, "rm": rm,
+        "pairs": len(pairs), "pairs_one_right": sum(sum(p["right"]) == 1 for p in pairs),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "stage_seconds": stages,
+        "config": dataclasses.asdict(cfg), "m0": str(m0),
+    }
+    write_json(run_dir / "summary.json", summary)
+    print(report(summary), flush=True)
+    return summary
+
+
+def rm_stage(run_dir: Path, m1: Path, pairs: list[dict], cfg: RLAIFWorldConfig, thr: list[str]) -> dict:
+    """train/rm.py on the labels of the training prompts; the RM's pairwise accuracy on the held-out ones."""
+    from selfreward.records import read_jsonl, write_jsonl
+    from selfreward.recipes.reward import RMReward
+    from selfreward.recipes.world.build import run_trainer
+    labels = read_jsonl(run_dir / f"labels_{cfg.rm_labels}.jsonl")
+    ids = sorted({p["id"] for p in pairs})
+    random.Random(f"split:{cfg.seed}").shuffle(ids)
+    held = set(ids[:int(len(ids) * cfg.heldout_fraction)])
+    train = [{"prompt": r["prompt"], "response_1": r["response_1"], "response_2": r["response_2"],
+              "label": r["label"]} for r in labels if r["id"] not in held]
+    data = write_jsonl(run_dir / "rm_train.jsonl", train)
+    out = run_dir / "rm"
+    if not (out / "model" / "config.json").exists():
+        argv = ["--model", str(m1), "--data", str(data), "--output", str(out), "--epochs", str(cfg.rm_epochs),
+                "--batch-size", str(cfg.rm_batch), "--lr", str(cfg.rm_lr), "--final-lr", str(cfg.rm_lr / 10),
+                "--max-length", "128", "--dropout", "0", "--seed", str(cfg.seed), "--head-seed", str(cfg.seed),
+                "--resume", "--log-every", "20"] + thr
+        if cfg.nproc > 1:
+            run_trainer("rm.py", argv, cfg.nproc)
+        else:
+            from selfreward.train.rm import main
+            main(argv)
+    reward = RMReward(out / "model")
+    test = [p for p in pairs if p["id"] in held and sum(p["right"]) == 1]
+    r1 = reward([p["prompt"] for p in test], [p["response_1"] for p in test])
+    r2 = reward([p["prompt"] for p in test], [p["response_2"] for p in test])
+    ok = [(a > b) == bool(p["right"][0]) for p, a, b in zip(test, r1, r2) if a != b]
+    return {"heldout_pairwise": sum(ok) / len(ok) if ok else None, "heldout_pairs": len(test),
+            "train_pairs": len(train), "ties": len(test) - len(ok), "model": str(out / "model")}
+
+
+def report(s: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"[rlaif] {s['pairs']} pairs ({s['pairs_one_right']} with exactly one right answer)",
+             "| labels | agreement (one order) | agreement (both) | position bias (one order) | (both) | "
+             "order-consistent | ECE | prefill saved |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in s["labels"].items():
+        a, b = r["agreement"], r["position_bias"]
+        lines.append(f"| {name} | {f(a['one_order'])} | {f(a['both_orders'])} | {f(b['one_order'])} | "
+                     f"{f(b['both_orders'])} | {f(b['order_consistent'])} | {f(r['reliability']['ece'])} | "
+                     f"{f(r['prefill']['saved'])} |")
+    lines.append(f"RM ({s['labels_for_rm']} labels, {s['rm']['train_pairs']} pairs): held-out pairwise accuracy "
+                 f"{f(s['rm_pairwise'])} on {s['rm']['heldout_pairs']} pairs; wall {s['wall_seconds']}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Flags: every RLAIFWorldConfig field (--n-prompts, --rm-labels, ...) and --m0-* for the M0 fields."""
+    import argparse
+    from selfreward.recipes.world.build import WorldModelConfig
+    ap = argparse.ArgumentParser(description="RLAIF part 1 in the checkable world")
+    for fl in dataclasses.fields(RLAIFWorldConfig):
+        ap.add_argument("--" + fl.name.replace("_", "-"), type=type(fl.default), default=fl.default)
+    for fl in dataclasses.fields(WorldModelConfig):
+        ap.add_argument("--m0-" + fl.name.replace("_", "-"), dest="m0_" + fl.name, type=type(fl.default),
+                        default=fl.default)
+    a = ap.parse_args(argv)
+    cfg = RLAIFWorldConfig(**{fl.name: getattr(a, fl.name) for fl in dataclasses.fields(RLAIFWorldConfig)})
+    mc = WorldModelConfig(**{fl.name: getattr(a, "m0_" + fl.name) for fl in dataclasses.fields(WorldModelConfig)})
+    return run(cfg, mc)
+
+
+if __name__ == "__main__":
+    main()
