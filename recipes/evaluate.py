@@ -3,6 +3,7 @@ win / tie / loss of two checkpoints judged by a third in both orders. Each print
 
     python -m selfreward.recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
     python -m selfreward.recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
+    python -m selfreward.recipes.evaluate reward --kind rm --model RM_DIR --groups groups_eval.jsonl --out r.json
 
 Metric definitions: recipes/metrics.py. The head-to-head judge sees a pairwise template (ours; placeholders
 {instruction}, {response_1}, {response_2}; `--pair-template FILE` to bring your own) and ends with
@@ -101,6 +102,17 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
     return out
 
 
+def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
+    """Table 4 metrics of any recipes.reward source: each reply's reward as its score. `perfect`: the best
+    grade, for the 5-best metric (None for an unbounded RM score)."""
+    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+    scores = reward([i for i, _ in items], [r for _, r in items])
+    it = iter(scores)
+    ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
+    return {"metrics": rm_metrics(ranked, perfect), "records": [{"group": g.get("id"), "rank": r["rank"], "reward": x}
+            for g, (_, xs) in zip(groups, ranked) for r, x in zip(g["replies"], xs)]}
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -178,11 +190,25 @@ def main(argv: list[str] | None = None) -> dict:
     hh.add_argument("--judge-temperature", type=float, default=0.0)
     hh.add_argument("--max-tokens", type=int, default=256)
     hh.add_argument("--limit", type=int)
-    for p in (rm, hh):
+    rw = sub.add_parser("reward", help="Table 4 metrics of a reward source (recipes.reward: rm, direct, judge)")
+    rw.add_argument("--kind", choices=("rm", "direct", "judge"), default="rm")
+    rw.add_argument("--model", required=True, help="the reward model, labeller or judge checkpoint")
+    rw.add_argument("--groups", required=True)
+    rw.add_argument("--limit", type=int)
+    for p in (rm, hh, rw):
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.cmd == "rm":
+    if a.cmd == "reward":
+        from selfreward.recipes.reward import load_reward
+        res = reward_eval(load_reward(a.kind, a.model), load_groups(a.groups)[:a.limit],
+                          None if a.kind == "rm" else 1.0)
+        res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
+        m = res["metrics"]
+        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
+            f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau"))
+            + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
+    elif a.cmd == "rm":
         groups = load_groups(a.groups)[:a.limit]
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                           template=a.judge_template or "default", expected=a.expected)

@@ -229,3 +229,74 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
 
 def settings(cfg: LabelConfig) -> dict:
     return {k: v for k, v in asdict(replace(cfg, template=None)).items() if k != "template"}
+
+
+def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
+    """Human-ranked groups (recipes.oasst) -> every pair of replies with different ranks, better-ranked first
+    in `human` order only (the labeller sees response_1 / response_2 as written here)."""
+    out = []
+    for g in groups:
+        reps = g["replies"]
+        for i in range(len(reps)):
+            for j in range(i + 1, len(reps)):
+                if reps[i]["rank"] != reps[j]["rank"]:
+                    out.append({"id": f"{g.get('id', len(out))}:{i}:{j}", "prompt": g["prompt"],
+                                "response_1": reps[i]["text"], "response_2": reps[j]["text"],
+                                "human_ranks": [reps[i]["rank"], reps[j]["rank"]]})
+    return out[:limit]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
+    [--cot] [--template T.json] [--limit N]: soft labels in both orders (records + `label`, `p_first`, ...),
+    a summary JSON beside the output (position bias, prefill saved, agreement with human ranks if given)."""
+    import argparse
+    import sys
+    from selfreward.records import field, iter_jsonl, write_json, write_jsonl
+    ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
+    ap.add_argument("cmd", choices=["label"])
+    ap.add_argument("--labeller", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", help="JSONL with prompt, response_1, response_2")
+    src.add_argument("--groups", help="human-ranked groups JSONL (recipes.oasst groups_*.jsonl)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cot", action="store_true")
+    ap.add_argument("--cot-max-tokens", type=int, default=128)
+    ap.add_argument("--template", help="JSON file with LabelTemplate fields")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        t = load_template(LabelTemplate, a.template)
+        if a.groups:
+            from selfreward.recipes.evaluate import load_groups
+            pairs = group_pairs(load_groups(a.groups), a.limit)
+        else:
+            pairs = []
+            for i, r in iter_jsonl(a.pairs):
+                for k in ("prompt", "response_1", "response_2"):
+                    field(r, k, f"{a.pairs}:{i}")
+                pairs.append(r)
+            pairs = pairs[:a.limit]
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    engine, tok = Engine.from_pretrained(a.labeller), Tokenizer.load(a.labeller)
+    cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
+    res = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for p in pairs], cfg)
+    recs = [dict(p, **r) for p, r in zip(pairs, res["records"])]
+    write_jsonl(a.out, recs)
+    human = [r for r in recs if "human_ranks" in r]
+    summary = {"pairs": len(recs), "position_bias": position_bias(res["records"]), "prefill": res["prefill"],
+               "prompts_cut": res["prompts_cut"], "settings": settings(cfg), "labeller": a.labeller,
+               "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
+                                      for r in human) / len(human) if human else None}
+    write_json(str(a.out) + ".summary.json", summary)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
