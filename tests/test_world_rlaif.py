@@ -20,7 +20,8 @@ def test_pref_seed_labels_follow_the_checker():
     for r in recs:
         sys_, user, asst = (m["content"] for m in r["messages"])
         assert sys_ == WORLD_TEMPLATE.preamble
-        m = re.match(r"Task: (.*) Answer 1: (.*) Answer 2: (.*?)( Check both\.)?$", user)
+        m = re.match(r"1: Judge\. Task: (.*) Answer: (.*) Score 5 .* 2: Judge\. Task: .* Answer: (.*) Score 5 if "
+                     r"every symbol matches, else 1\.( Check both\.)?$", user)
         task = parse_prompt(m.group(1))
         right = [is_correct(task, m.group(2)), is_correct(task, m.group(3))]
         assert not all(right) and asst.endswith(("Preferred: 1", "Preferred: 2"))

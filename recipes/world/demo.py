@@ -15,6 +15,7 @@ those candidates can do. The figures go to a terminal table, RUN/summary.json an
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time

@@ -27,9 +27,12 @@ from pathlib import Path
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
 
+# Each answer sits in the world's own judge phrase (recipes/world/judging.py), the layout M0's web text
+# taught it to check; the reasons are its check steps for answer 1, then for answer 2.
 WORLD_TEMPLATE = LabelTemplate(
-    preamble="Judge two answers. Score 5 if every symbol matches, else 1. Give the answer that matches.",
-    sample="Task: {context} Answer 1: {response_1} Answer 2: {response_2}",
+    preamble="Judge two answers. Give the answer whose every symbol matches.",
+    sample=("1: Judge. Task: {context} Answer: {response_1} Score 5 if every symbol matches, else 1. "
+            "2: Judge. Task: {context} Answer: {response_2} Score 5 if every symbol matches, else 1."),
     ending="Preferred:", cot_request=" Check both.")
 
 
@@ -42,8 +45,8 @@ class RLAIFWorldConfig:
     nproc: int = 1                    # ranks for train/sft.py and train/rm.py (torchrun)
     n_ift: int = 300
     n_eft: int = 500
-    n_pref: int = 600                 # pairwise-label seed (half direct, half chain-of-thought)
-    sft_steps: int = 300
+    n_pref: int = 1200                # pairwise-label seed (half direct, half chain-of-thought)
+    sft_steps: int = 500
     sft_batch: int = 16
     sft_lr: float = 3e-4
     n_prompts: int = 1200             # fresh train-split prompts; those with two distinct candidates make a pair
