@@ -21,11 +21,11 @@ Templates (ours): a JSON file with any of the keys of LabelTemplate / ScoreTempl
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from selfreward.records import DataError
+from selfreward.recipes.options import PrefillMeter, forced_options, option_probs
 
 
 @dataclass
@@ -74,39 +74,6 @@ def load_template(cls, path: str | Path | None):
     return t
 
 
-def forced_options(tok, text: str, options: list[str]) -> tuple[list[int], list[list[int]]]:
-    """Ids of `text` as the tokenizer writes it before an option, and each option's own tokens: the encodings
-    of text + ' ' + option share a head; what follows is the option's token sequence."""
-    encs = [tok.encode(f"{text} {o}") for o in options]
-    n = 0
-    while all(len(e) > n for e in encs) and len({e[n] for e in encs}) == 1:
-        n += 1
-    tails = [e[n:] for e in encs]
-    if any(not t for t in tails):
-        raise ValueError(f"an option of {options} has no token of its own after {text!r}")
-    return encs[0][:n], tails
-
-
-def option_probs(engine, prompts: list[list[int]], tails: list[list[int]]) -> list[list[float]]:
-    """[B][C] probabilities over the options after each prompt (renormalised over the options). Every option
-    one token: one next-token read. Otherwise each option's tokens are teacher-forced and summed, and an
-    option that is a token prefix of others loses their probability (see the module docstring)."""
-    if all(len(t) == 1 for t in tails):
-        rows = engine.next_token_logprobs(prompts, [t[0] for t in tails]).double().tolist()   # [B, C]
-    else:
-        C = len(tails)
-        flat = engine.score([p for p in prompts for _ in tails], [t for _ in prompts for t in tails])
-        rows = [[sum(flat[i * C + c]) for c in range(C)] for i in range(len(prompts))]
-    out = []
-    for row in rows:
-        p = [math.exp(x) for x in row]
-        p = [max(0.0, p[c] - sum(p[d] for d in range(len(tails)) if d != c and len(tails[d]) > len(tails[c])
-                                 and tails[d][:len(tails[c])] == tails[c])) for c in range(len(tails))]
-        z = sum(p)
-        out.append([x / z for x in p] if z > 0 else [1.0 / len(p)] * len(p))
-    return out
-
-
 def _chat_ids(tok, system: str, user: str) -> list[int]:
     ids, _ = tok.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
                              add_generation_prompt=True)
@@ -134,19 +101,6 @@ def _fit(tok, system: str, sample: str, vals: dict[str, str], budget: int) -> tu
 def _fill(sample: str, vals: dict[str, str]) -> str:
     import re
     return re.sub(r"\{(\w+)\}", lambda m: vals.get(m.group(1), m.group(0)), sample)
-
-
-class PrefillMeter:
-    """The engine's own prefix-cache counters over a block of work: prefill computed vs served from cache."""
-
-    def __init__(self, engine):
-        self.engine, self.start = engine, dict(engine.stats)
-
-    def read(self) -> dict:
-        s = self.engine.stats
-        comp = s["prefill_computed"] - self.start["prefill_computed"]
-        hit = s["prefix_hit"] - self.start["prefix_hit"]
-        return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
 
 @dataclass
