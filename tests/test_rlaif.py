@@ -156,3 +156,22 @@ def test_direct_score_equals_hand_computation(which, ten_tokens, request):
         assert rec["expected"] == pytest.approx(e, abs=1e-5)
         assert rec["reward"] == pytest.approx((e - 5.5) / 4.5, abs=1e-5)
         assert -1 <= rec["reward"] <= 1
+
+
+def test_label_cli_bad_input_names_the_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "a", "response_1": "b", "response_2": "c"}\n{"prompt": "a", "response_1": "b"}\n')
+    r = subprocess.run([sys.executable, "-m", "selfreward.recipes.rlaif", "label", "--labeller", str(tmp_path),
+                        "--pairs", str(bad), "--out", str(tmp_path / "o.jsonl")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: " in r.stderr and "pairs.jsonl:2: missing field 'response_2'" in r.stderr
+    t = tmp_path / "t.json"
+    t.write_text('{"sample": "no slots"}')
+    r = subprocess.run([sys.executable, "-m", "selfreward.recipes.rlaif", "label", "--labeller", str(tmp_path),
+                        "--pairs", str(bad), "--template", str(t), "--out", str(tmp_path / "o.jsonl")],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "t.json: field 'sample' lacks placeholder {context}" in r.stderr
