@@ -17,7 +17,6 @@ sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) 
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ from selfreward.model.reward_model import load_reward_model, packed_rewards, sav
 from selfreward.records import DataError
 from selfreward.train.config import TrainConfig, parse_config
 from selfreward.train.data import Pair, dpo_pair, read_jsonl, truncate_pair
-from selfreward.train.loop import TrainingStopped, run, start
+from selfreward.train.loop import cli, run, start
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
 
@@ -149,7 +148,12 @@ class RMTask:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(RMConfig, argv, __doc__)
+    return train(parse_config(RMConfig, argv, __doc__))
+
+
+def train(cfg: RMConfig) -> dict:
+    """One reward-model run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
+    cfg.check()
     d, tok, tok_dir = start(cfg)
     mpl = cfg.max_prompt_length or cfg.max_length // 2
     data, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl)
@@ -176,11 +180,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingStopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    cli(main)

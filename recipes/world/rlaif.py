@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from selfreward.recipes.world.build import WorldModelConfig
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
@@ -60,17 +62,19 @@ class RLAIFWorldConfig:
     rm_epochs: int = 4
     rm_batch: int = 16
     rm_lr: float = 1e-4
+    m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
 
 
-def pref_seed(n: int, seed: int) -> list[dict]:
+def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dict]:
     """Checker-labelled pairs in the label format: (right or wrong) against wrong, in a random order."""
     from selfreward.recipes.world.data import eft_candidate
     from selfreward.recipes.world.judging import judgment
     from selfreward.recipes.world.tasks import corrupt, sample_tasks
+    mc = mc or WorldModelConfig()
     rng = random.Random(f"pref:{seed}")
     t = WORLD_TEMPLATE
     out = []
-    for task in sample_tasks(n, seed=50_000 + seed):
+    for task in sample_tasks(n, seed=50_000 + seed, kinds=mc.kind_tuple()):
         a = task.answer if rng.random() < 0.6 else eft_candidate(task, rng)
         b = corrupt(task.answer, rng)
         while b == a:
@@ -81,7 +85,8 @@ def pref_seed(n: int, seed: int) -> list[dict]:
         k = 1 if ra else 2 if rb else rng.choice((1, 2))      # both wrong: no truth, either label
         cot = rng.random() < 0.5
         user = t.sample.format(context=task.prompt, response_1=a, response_2=b) + (t.cot_request if cot else "")
-        why = f"1: {judgment(task, a)} 2: {judgment(task, b)} " if cot else ""
+        why = f"1: {judgment(task, a, fmt=mc.judge_format)} 2: {judgment(task, b, fmt=mc.judge_format)} " \
+            if cot else ""
         out.append({"messages": [{"role": "system", "content": t.preamble}, {"role": "user", "content": user},
                                  {"role": "assistant", "content": f"{why}{t.ending} {k}"}]})
     return out
@@ -108,16 +113,15 @@ def candidate_pairs(engine, tok, prompts: list[dict], cfg: RLAIFWorldConfig) -> 
     return pairs
 
 
-def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
+def run(cfg: RLAIFWorldConfig) -> dict:
     import torch
 
     from selfreward.infer.engine import Engine
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.records import read_jsonl, write_json, write_jsonl
-    from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_trainer, write_seeds
+    from selfreward.recipes.world.build import build_m0, run_sft, write_seeds
     from selfreward.recipes.world.data import loop_prompts
-    from selfreward.recipes.world.judging import set_format
-    from selfreward.recipes.world.tasks import set_kinds
+    from selfreward.train.sft import SFTConfig
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -126,9 +130,7 @@ def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
         stages[name] = round(time.perf_counter() - since, 1)
         print(f"[rlaif {time.perf_counter() - t0:6.1f}s] {name} done", flush=True)
 
-    mc = mc or WorldModelConfig()
-    set_format(mc.judge_format)
-    set_kinds(mc.kinds)
+    mc = cfg.m0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
@@ -138,16 +140,14 @@ def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
     stage("m0", t)
 
     t = time.perf_counter()
-    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed)
-    pref = write_jsonl(run_dir / "seed" / "pref.jsonl", pref_seed(cfg.n_pref, cfg.seed))
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, mc)
+    pref = write_jsonl(run_dir / "seed" / "pref.jsonl", pref_seed(cfg.n_pref, cfg.seed, mc))
     m1 = run_dir / "m1"
-    thr = ["--threads", str(cfg.threads)] if cfg.threads else []
     if not (m1 / "config.json").exists():
-        run_trainer("sft.py", ["--model", str(m0), "--data", str(ift), str(eft), str(pref), "--output",
-                               str(run_dir / "sft"), "--export", str(m1), "--max-steps", str(cfg.sft_steps),
-                               "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr), "--final-lr",
-                               str(cfg.sft_lr / 10), "--max-length", "192", "--dropout", "0", "--seed",
-                               str(cfg.seed), "--resume", "--log-every", "50"] + thr, cfg.nproc)
+        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft), str(pref)], output=str(run_dir / "sft"),
+                          export=str(m1), max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
+                          final_lr=cfg.sft_lr / 10, max_length=192, dropout=0.0, seed=cfg.seed, resume=True,
+                          log_every=50, threads=cfg.threads), cfg.nproc)
     stage("sft", t)
 
     engine, tok = Engine.from_pretrained(str(m1)), Tokenizer.load(m1)
@@ -155,7 +155,7 @@ def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
     t = time.perf_counter()
     if not pairs_path.exists():
         avoid = {r["prompt"] for r in read_jsonl(ift)}
-        prompts = loop_prompts(cfg.n_prompts, 60_000 + cfg.seed, avoid)
+        prompts = loop_prompts(cfg.n_prompts, 60_000 + cfg.seed, avoid, mc.kind_tuple())
         write_jsonl(pairs_path, candidate_pairs(engine, tok, prompts, cfg))
     pairs = read_jsonl(pairs_path)
     stage("candidates", t)
@@ -175,7 +175,7 @@ def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
         stage(f"labels_{name}", t)
 
     t = time.perf_counter()
-    rm = rm_stage(run_dir, m1, pairs, cfg, thr)
+    rm = rm_stage(run_dir, m1, pairs, cfg)
     stage("rm", t)
 
     main = results[cfg.rm_labels]
@@ -194,36 +194,32 @@ def run(cfg: RLAIFWorldConfig, mc=None) -> dict:
     return summary
 
 
-def rm_stage(run_dir: Path, m1: Path, pairs: list[dict], cfg: RLAIFWorldConfig, thr: list[str]) -> dict:
+def rm_stage(run_dir: Path, m1: Path, pairs: list[dict], cfg: RLAIFWorldConfig) -> dict:
     """train/rm.py on the labels of the training prompts; the RM's pairwise accuracy on the held-out ones."""
     from selfreward.records import read_jsonl, write_jsonl
     from selfreward.recipes.reward import RMReward
-    from selfreward.recipes.world.build import run_trainer
+    from selfreward.cli import launch
+    from selfreward.train.rm import RMConfig, train as train_rm
     labels = read_jsonl(run_dir / f"labels_{cfg.rm_labels}.jsonl")
     ids = sorted({p["id"] for p in pairs})
     random.Random(f"split:{cfg.seed}").shuffle(ids)
     held = set(ids[:int(len(ids) * cfg.heldout_fraction)])
-    train = [{"prompt": r["prompt"], "response_1": r["response_1"], "response_2": r["response_2"],
-              "label": r["label"]} for r in labels if r["id"] not in held]
-    data = write_jsonl(run_dir / "rm_train.jsonl", train)
+    rows = [{"prompt": r["prompt"], "response_1": r["response_1"], "response_2": r["response_2"],
+             "label": r["label"]} for r in labels if r["id"] not in held]
+    data = write_jsonl(run_dir / "rm_train.jsonl", rows)
     out = run_dir / "rm"
     if not (out / "model" / "config.json").exists():
-        argv = ["--model", str(m1), "--data", str(data), "--output", str(out), "--epochs", str(cfg.rm_epochs),
-                "--batch-size", str(cfg.rm_batch), "--lr", str(cfg.rm_lr), "--final-lr", str(cfg.rm_lr / 10),
-                "--max-length", "128", "--dropout", "0", "--seed", str(cfg.seed), "--head-seed", str(cfg.seed),
-                "--resume", "--log-every", "20"] + thr
-        if cfg.nproc > 1:
-            run_trainer("rm.py", argv, cfg.nproc)
-        else:
-            from selfreward.train.rm import main
-            main(argv)
+        rc = RMConfig(model=str(m1), data=[str(data)], output=str(out), epochs=cfg.rm_epochs,
+                      batch_size=cfg.rm_batch, lr=cfg.rm_lr, final_lr=cfg.rm_lr / 10, max_length=128, dropout=0.0,
+                      seed=cfg.seed, head_seed=cfg.seed, resume=True, log_every=20, threads=cfg.threads)
+        launch(train_rm, rc, "selfreward.train.rm", cfg.nproc, out / "rm_config.json")
     reward = RMReward(out / "model")
     test = [p for p in pairs if p["id"] in held and sum(p["right"]) == 1]
     r1 = reward([p["prompt"] for p in test], [p["response_1"] for p in test])
     r2 = reward([p["prompt"] for p in test], [p["response_2"] for p in test])
     ok = [(a > b) == bool(p["right"][0]) for p, a, b in zip(test, r1, r2) if a != b]
     return {"heldout_pairwise": sum(ok) / len(ok) if ok else None, "heldout_pairs": len(test),
-            "train_pairs": len(train), "ties": len(test) - len(ok), "model": str(out / "model")}
+            "train_pairs": len(rows), "ties": len(test) - len(ok), "model": str(out / "model")}
 
 
 def report(s: dict) -> str:
@@ -242,20 +238,12 @@ def report(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Flags: every RLAIFWorldConfig field (--n-prompts, --rm-labels, ...) and --m0-* for the M0 fields."""
-    import argparse
-    from selfreward.recipes.world.build import WorldModelConfig
-    ap = argparse.ArgumentParser(description="RLAIF part 1 in the checkable world")
-    for fl in dataclasses.fields(RLAIFWorldConfig):
-        ap.add_argument("--" + fl.name.replace("_", "-"), type=type(fl.default), default=fl.default)
-    for fl in dataclasses.fields(WorldModelConfig):
-        ap.add_argument("--m0-" + fl.name.replace("_", "-"), dest="m0_" + fl.name, type=type(fl.default),
-                        default=fl.default)
-    a = ap.parse_args(argv)
-    cfg = RLAIFWorldConfig(**{fl.name: getattr(a, fl.name) for fl in dataclasses.fields(RLAIFWorldConfig)})
-    mc = WorldModelConfig(**{fl.name: getattr(a, "m0_" + fl.name) for fl in dataclasses.fields(WorldModelConfig)})
-    return run(cfg, mc)
+    """Flags: every RLAIFWorldConfig field (--n-prompts, --rm-labels, ...) and --m0-* for M0's fields."""
+    from selfreward import cli
+    a = cli.parser(RLAIFWorldConfig, "RLAIF part 1 in the checkable world").parse_args(argv)
+    return run(cli.build(RLAIFWorldConfig, a))
 
 
 if __name__ == "__main__":
-    main()
+    from selfreward import cli
+    cli.run_main(main)
