@@ -47,8 +47,8 @@ class RLAIFWorldConfig:
     nproc: int = 1                    # ranks for train/sft.py and train/rm.py (torchrun)
     n_ift: int = 300
     n_eft: int = 500
-    n_pref: int = 1200                # pairwise-label seed (half direct, half chain-of-thought)
-    sft_steps: int = 500
+    n_pref: int = 600                 # pairwise-label seed (half direct, half chain-of-thought)
+    sft_steps: int = 300
     sft_batch: int = 16
     sft_lr: float = 3e-4
     n_prompts: int = 1200             # fresh train-split prompts; those with two distinct candidates make a pair
