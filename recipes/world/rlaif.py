@@ -62,6 +62,7 @@ class RLAIFWorldConfig:
     rm_epochs: int = 4
     rm_batch: int = 16
     rm_lr: float = 1e-4
+    n_control: int = 200              # held-out right-vs-one-edit pairs labelled as a control (seed-like)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
 
 
@@ -113,6 +114,20 @@ def candidate_pairs(engine, tok, prompts: list[dict], cfg: RLAIFWorldConfig) -> 
     return pairs
 
 
+def seedlike_pairs(n: int, seed: int, mc: WorldModelConfig) -> list[dict]:
+    """A control: held-out instances, the right answer against a one-edit wrong one in a random order (the
+    pairwise seed's easiest contrast, on tasks no seed holds)."""
+    from selfreward.recipes.world.tasks import corrupt, heldout_eval_set
+    rng = random.Random(f"seedlike:{seed}")
+    out = []
+    for i, t in enumerate(heldout_eval_set(n, seed=777 + seed, kinds=mc.kind_tuple())):
+        a, b = t.answer, corrupt(t.answer, rng)
+        first = rng.random() < 0.5
+        out.append({"id": f"c{i}", "prompt": t.prompt, "response_1": a if first else b,
+                    "response_2": b if first else a, "right": [first, not first]})
+    return out
+
+
 def run(cfg: RLAIFWorldConfig) -> dict:
     import torch
 
@@ -162,16 +177,19 @@ def run(cfg: RLAIFWorldConfig) -> dict:
 
     results: dict[str, dict] = {}
     items = [(p["prompt"], p["response_1"], p["response_2"]) for p in pairs]
+    control = seedlike_pairs(cfg.n_control, cfg.seed, mc)
     for name, cot in (("direct", False), ("cot", True)):
         t = time.perf_counter()
-        lab = soft_labels(engine, tok, items, LabelConfig(cot=cot, cot_max_tokens=cfg.cot_max_tokens,
-                                                          seed=cfg.seed, template=WORLD_TEMPLATE))
+        lcfg = LabelConfig(cot=cot, cot_max_tokens=cfg.cot_max_tokens, seed=cfg.seed, template=WORLD_TEMPLATE)
+        ctl = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for p in control], lcfg)
+        lab = soft_labels(engine, tok, items, lcfg)
         recs = lab["records"]
         write_jsonl(run_dir / f"labels_{name}.jsonl",
                     [dict(p, **{k: v for k, v in r.items()}) for p, r in zip(pairs, recs)])
         results[name] = {"agreement": agreement(pairs, recs), "reliability": reliability(pairs, recs),
                          "position_bias": position_bias(recs), "prefill": lab["prefill"],
-                         "prompts_cut": lab["prompts_cut"]}
+                         "prompts_cut": lab["prompts_cut"],
+                         "control_agreement": agreement(control, ctl["records"])["both_orders"]}
         stage(f"labels_{name}", t)
 
     t = time.perf_counter()
@@ -226,12 +244,12 @@ def report(s: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"[rlaif] {s['pairs']} pairs ({s['pairs_one_right']} with exactly one right answer)",
              "| labels | agreement (one order) | agreement (both) | position bias (one order) | (both) | "
-             "order-consistent | ECE | prefill saved |", "|---|---|---|---|---|---|---|---|"]
+             "order-consistent | ECE | prefill saved | control agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in s["labels"].items():
         a, b = r["agreement"], r["position_bias"]
         lines.append(f"| {name} | {f(a['one_order'])} | {f(a['both_orders'])} | {f(b['one_order'])} | "
                      f"{f(b['both_orders'])} | {f(b['order_consistent'])} | {f(r['reliability']['ece'])} | "
-                     f"{f(r['prefill']['saved'])} |")
+                     f"{f(r['prefill']['saved'])} | {f(r['control_agreement'])} |")
     lines.append(f"RM ({s['labels_for_rm']} labels, {s['rm']['train_pairs']} pairs): held-out pairwise accuracy "
                  f"{f(s['rm_pairwise'])} on {s['rm']['heldout_pairs']} pairs; wall {s['wall_seconds']}s")
     return "\n".join(lines)
