@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 # (re)install unless `selfreward` already imports from this very tree (a rerun, or PYTHONPATH set)
-python -c "import os, selfreward, pytest, kernels; raise SystemExit(not os.path.samefile(os.path.dirname(selfreward.__file__), '.'))" \
+python -c "import os, selfreward, pytest, hypothesis, kernels, scipy; raise SystemExit(not os.path.samefile(os.path.dirname(selfreward.__file__), '.'))" \
     2>/dev/null || pip install -q -e ".[dev]"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ $# -gt 0 ]; then      # a chosen subset: run it as given (kernel tests need TRITON_INTERPRET=1 set)
