@@ -284,8 +284,8 @@ REAL_FLAGS = {"judge_template": ("judge", "template"), "max_tokens": ("candidate
 
 def _parser():
     ap = cli.parser(DemoConfig, __doc__.split("\n")[0])
-    ap.add_argument("--method", choices=("self-reward", "rlaif"), default="self-reward",
-                    help="rlaif: recipes/world/rlaif.py (its own flags follow)")
+    ap.add_argument("--method", choices=("self-reward", "rlaif", "humpback"), default="self-reward",
+                    help="rlaif: recipes/world/rlaif.py, humpback: recipes/world/humpback.py (own flags follow)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
     ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
     ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/real.py)")
@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     if m.method == "rlaif":
         from selfreward.recipes.world.rlaif import main as rlaif_main
         return rlaif_main(rest)
+    if m.method == "humpback":                 # recipes/world/humpback.py (its own flags follow)
+        from selfreward.recipes.world.humpback import main as humpback_main
+        return humpback_main(rest)
     a = _parser().parse_args(argv)
     if a.real_model or a.oasst_seed:
         if not (a.real_model and a.oasst_seed):

@@ -1,0 +1,80 @@
+"""Self-curation for instruction backtranslation: the forward model rates each candidate (instruction,
+output) pair on a 5-point quality scale; the pairs scoring >= k are kept (A_k).
+
+The rubric below is our own wording; `--curate-template FILE` replaces it (a file with the placeholders
+{instruction} and {response}, asking for a final line `Score: <n>`, as recipes/judge.py reads). A pair's
+score is the mean of its K sampled scores (those that parse), or with `--curate-score-from expected` the
+expected score from the digit distribution after "Score:" (recipes.judge.expected_scores).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from selfreward.recipes.judge import JudgeConfig, check_template, load_template, mean_score
+
+CURATE_TEMPLATE = """\
+Below is a request and a text offered as the answer to it. Decide how good a training example the two make \
+for an AI assistant, on this 5-point scale:
+1: the text does not answer the request, or the request is unclear or unrelated to it.
+2: the text touches the request but leaves most of it unanswered, or drifts into unrelated material.
+3: the text answers the request usefully, yet reads like something written for another purpose, not a reply.
+4: the text is a clear, complete, helpful reply to the request, with little that does not belong.
+5: the text is an expert reply written for exactly this request: focused, accurate and well organised.
+
+Request:
+{instruction}
+
+Text:
+{response}
+
+Give your reasons in a few sentences, then end with a line "Score: <n>", where <n> is 1, 2, 3, 4 or 5."""
+
+
+@dataclass
+class CurateConfig:
+    k: int = 3                        # ratings sampled per pair, averaged
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    template: str = ""                # rubric file with {instruction} and {response}; "" = the built-in one
+    score_from: str = "sampled"       # sampled (mean of K) | expected (digit distribution after "Score:")
+    keep: list[int] = field(default_factory=lambda: [4, 5])   # thresholds reported (A_k: score >= k)
+
+    def __post_init__(self):
+        if self.score_from not in ("sampled", "expected"):
+            from selfreward.cli import ConfigError
+            raise ConfigError(f"--curate-score-from {self.score_from!r}: choose sampled or expected")
+
+    def judge(self, seed: int = 0) -> JudgeConfig:
+        """The JudgeConfig recipes.judge.judge_items runs (the rubric text set on it)."""
+        jc = JudgeConfig(k=self.k, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                         seed=seed, expected=self.score_from == "expected")
+        jc.text = load_template(self.template) if self.template else CURATE_TEMPLATE
+        check_template(jc.text, self.template or "the built-in curation rubric")
+        return jc
+
+
+def pair_scores(scores: list[dict], score_from: str) -> dict[str, float | None]:
+    """Candidate id -> its score (mean of its parsed samples, or the expected score); None: none parsed."""
+    by: dict[str, list] = {}
+    for r in scores:
+        by.setdefault(r["id"], []).append(r["expected"] if score_from == "expected" else r["score"])
+    return {i: mean_score(v) for i, v in by.items()}
+
+
+def select(cands: list[dict], score: dict[str, float | None], k: float) -> list[dict]:
+    """A_k: the candidates whose score is >= k, as SFT records {"prompt", "response"} (+ id, score)."""
+    return [{"id": c["id"], "prompt": c["instruction"], "response": c["output"], "score": score[c["id"]]}
+            for c in cands if score.get(c["id"]) is not None and score[c["id"]] >= k]
+
+
+def curation_stats(scores: list[dict], per_pair: dict[str, float | None], keep: list[int],
+                   kept: dict[int, int]) -> dict:
+    """The manifest's figures: histogram of sampled scores, parse failures, pair scores, |A_k|."""
+    hist = Counter("unparsed" if r["score"] is None else str(r["score"]).removesuffix(".0") for r in scores)
+    rounded = Counter("unscored" if v is None else str(round(v)) for v in per_pair.values())
+    return {"ratings": len(scores), "parse_failures": hist.get("unparsed", 0),
+            "rating_histogram": dict(sorted(hist.items())), "pair_score_histogram": dict(sorted(rounded.items())),
+            "pairs_rated": len(per_pair), "pairs_unscored": rounded.get("unscored", 0),
+            **{f"A{k}": kept[k] for k in keep}}

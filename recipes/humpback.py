@@ -1,0 +1,325 @@
+"""Instruction backtranslation (Humpback): a backward model M_yx writes an instruction for each segment of
+unlabelled text, the forward model rates the candidate pairs, and the base is fine-tuned on the seed plus
+the pairs it rated highly; the new model re-curates, and so on.
+
+    python -m selfreward.recipes.humpback --run-dir runs/hb --base-model BASE --seed-data seed.jsonl \
+        --unlabelled web.jsonl more.txt
+    python -m selfreward.recipes.humpback --config runs/hb/config.json --stage curate --iter 1   # one stage
+    torchrun --nproc_per_node 4 -m selfreward.recipes.humpback --config RUN/config.json --stage augment
+
+Stages: backward (M_yx = SFT of the base on the seed turned around: the output is the user turn, the
+instruction the target), forward (M0 = SFT of the base on the seed; or --forward-model), segments
+(recipes/segment.py), augment (one instruction per segment from M_yx), then per iteration t = 1..T: curate
+(M_{t-1} rates every candidate K times, recipes/curate.py), select (A_k(t) for every reported k), train
+(M_t = SFT of the base on the seed + A_k(t) with k = --train-k, each source with its system prompt).
+Layout: RUN/config.json, RUN/backward/{data.jsonl,sft/,model/}, RUN/m0/{sft/,model/}, RUN/segments.jsonl,
+RUN/candidates.jsonl, RUN/manifest.json; RUN/iter_t/{ratings.jsonl,A4.jsonl,A5.jsonl,sft/,model/,manifest.json}.
+A stage whose output exists is skipped; a killed sampling stage continues from its .partial file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfreward import cli
+from selfreward.infer.config import EngineConfig
+from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores, select
+from selfreward.recipes.judge import chat_prompt_ids, fit_slots, judge_items
+from selfreward.recipes.segment import SegmentConfig, build_segments
+from selfreward.recipes.session import Session
+from selfreward.records import DataError, dist_env, field as rfield, iter_jsonl, need_jsonl, read_json, \
+    read_jsonl, run_units, write_json, write_jsonl
+from selfreward.train.sft import SFTConfig
+
+STAGES = ("backward", "forward", "segments", "augment", "curate", "select", "train")
+SHARDED = ("augment", "curate")
+# fields the recipe sets itself (no flags)
+SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "seed", "system_prompt", "eval_data"}}
+
+
+@dataclass
+class AugmentConfig:
+    temperature: float = 0.7          # paper: 0.7
+    top_p: float = 0.9                # paper: 0.9
+    max_tokens: int = 128             # instruction length limit
+
+
+@dataclass
+class HumpbackConfig:
+    run_dir: str = ""
+    base_model: str = ""              # the base checkpoint: M_yx, M0 and every M_t are fine-tuned from it
+    seed_data: str = ""               # JSONL {"prompt", "response"}: the seed (instruction, output) pairs
+    extra_seed: list[str] = field(default_factory=list)   # more SFT files for M0 and each M_t (not turned round)
+    unlabelled: list[str] = field(default_factory=list)   # JSONL {"text"} or plain-text files
+    forward_model: str = ""           # M0, the first curator; "" = SFT of the base on the seed (stage forward)
+    iterations: int = 2               # 2 = A(1) -> M1 -> A(2) -> M2
+    train_k: int = 5                  # M_t trains on A_k(t) with this k (one of --curate-keep)
+    tags: bool = True                 # a system prompt per source (seed / augmented); --no-tags: none
+    seed_tag: str = "Reply the way a helpful AI assistant would."        # "" = no system turn
+    augmented_tag: str = "Reply with what a page on the web would say."   # "" = no system turn
+    chunk: int = 32                   # units per generate call (the grain of resume)
+    nproc: int = 1                    # >1: augment, curate and the SFT runs under torchrun
+    seed: int = 0
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if self.train_k not in self.curate.keep:
+            raise cli.ConfigError(f"--train-k {self.train_k} must be one of --curate-keep {self.curate.keep}")
+        if self.iterations < 1 or self.chunk < 1 or self.nproc < 1:
+            raise cli.ConfigError("--iterations, --chunk and --nproc must be >= 1")
+        self.engine.check()
+
+
+def run_path(cfg: HumpbackConfig, *parts: str) -> Path:
+    return Path(cfg.run_dir).joinpath(*parts)
+
+
+def model_at(cfg: HumpbackConfig, t: int) -> str:
+    """M_t: M0 (the forward model) for t = 0, else what iteration t trained."""
+    if t == 0:
+        return cfg.forward_model or str(run_path(cfg, "m0", "model"))
+    return str(run_path(cfg, f"iter_{t}", "model"))
+
+
+def _seed(cfg: HumpbackConfig, t: int, stage: int) -> int:
+    return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
+
+
+def read_seed(path: str) -> list[dict]:
+    if not path:
+        raise cli.ConfigError("--seed-data is required (a JSONL of {\"prompt\", \"response\"} seed pairs)")
+    out = [{"prompt": rfield(r, "prompt", f"{path}:{i}"), "response": rfield(r, "response", f"{path}:{i}")}
+           for i, r in iter_jsonl(path)]
+    if not out:
+        raise DataError(f"{path}: no seed pairs")
+    return out
+
+
+def backward_records(seed: list[dict]) -> list[dict]:
+    """The seed turned around: the output is the user turn, the instruction is the (only) target."""
+    return [{"prompt": r["response"], "response": r["prompt"]} for r in seed]
+
+
+def sft_model(cfg: HumpbackConfig, home: Path, seed_files: list[str], aug_files: list[str], seed: int) -> str:
+    """train/sft.py from the base on seed_files + aug_files (each source with its tag) -> home/model."""
+    from selfreward.train.sft import train
+    if (home / "model" / "config.json").exists():
+        return str(home / "model")
+    tags = [f"{p}={cfg.seed_tag}" for p in seed_files if cfg.tags and cfg.seed_tag] + \
+        [f"{p}={cfg.augmented_tag}" for p in aug_files if cfg.tags and cfg.augmented_tag]
+    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=seed_files + aug_files, output=str(home / "sft"),
+                               export=str(home / "model"), resume=True, seed=seed, system_prompt=tags)
+    cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
+    return str(home / "model")
+
+
+def stage_backward(cfg: HumpbackConfig) -> None:
+    from selfreward.train.sft import train
+    home = run_path(cfg, "backward")
+    if (home / "model" / "config.json").exists():
+        return
+    data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data)))
+    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=[str(data)], output=str(home / "sft"),
+                               export=str(home / "model"), resume=True, seed=_seed(cfg, 0, 0), system_prompt=[])
+    cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
+
+
+def stage_forward(cfg: HumpbackConfig) -> None:
+    if not cfg.forward_model:
+        read_seed(cfg.seed_data)
+        sft_model(cfg, run_path(cfg, "m0"), [cfg.seed_data, *cfg.extra_seed], [], _seed(cfg, 0, 1))
+
+
+def stage_segments(cfg: HumpbackConfig) -> dict:
+    out = run_path(cfg, "segments.jsonl")
+    if out.exists():
+        return read_json(run_path(cfg, "manifest.json")).get("segments", {})
+    if not cfg.unlabelled:
+        raise cli.ConfigError("--unlabelled is required (JSONL {\"text\"} or plain-text files)")
+    segs, counts = build_segments(cfg.unlabelled, cfg.segment)
+    print(f"[humpback] {counts['documents']} documents -> {counts['segments']} segments in "
+          f"[{cfg.segment.min_chars}, {cfg.segment.max_chars}] chars ({counts['too_short']} too short); "
+          f"{counts['exact_duplicates']} exact and {counts['near_duplicates']} near duplicates removed; "
+          f"{counts['kept']} kept", flush=True)
+    if not segs:
+        raise DataError(f"{', '.join(cfg.unlabelled)}: no segment of {cfg.segment.min_chars}-"
+                        f"{cfg.segment.max_chars} characters")
+    write_jsonl(out, segs)
+    return counts
+
+
+def stage_augment(cfg: HumpbackConfig, s: Session, rank: int = 0, world: int = 1) -> None:
+    from selfreward.infer.sequence import SamplingParams
+    out = run_path(cfg, "candidates.jsonl")
+    if out.exists():
+        return
+    segs = need_jsonl(run_path(cfg, "segments.jsonl"), "the segments stage")
+    engine, tok = s.get(str(run_path(cfg, "backward", "model")))
+    a, base = cfg.augment, _seed(cfg, 0, 2)
+    budget = engine.max_len - a.max_tokens - 1
+
+    def work(batch, emit):
+        fitted = [fit_slots(tok, lambda v: v["y"], {"y": sg["text"]}, budget) for _, sg in batch]
+        ps = [SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=base + i)
+              for i, _ in batch]
+
+        def done(j: int, comps) -> None:
+            i, sg = batch[j]
+            x = comps[0]
+            emit(i, [{"id": sg["id"], "instruction": x.text.strip(), "output": sg["text"], "source": sg["source"],
+                      "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
+                 len(x.token_ids))
+        engine.generate([f[0] for f in fitted], ps, on_request=done)
+    run_units(out, segs, 1, lambda r: r["id"], work, cfg.chunk, rank, world, "augment", "segments")
+
+
+def rateable(cfg: HumpbackConfig) -> list[dict]:
+    return [c for c in need_jsonl(run_path(cfg, "candidates.jsonl"), "the augment stage") if c["instruction"]]
+
+
+def stage_curate(cfg: HumpbackConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
+    out = run_path(cfg, f"iter_{t}", "ratings.jsonl")
+    if out.exists():
+        return
+    cands = rateable(cfg)
+    engine, tok = s.get(model_at(cfg, t - 1))
+    jc, base = cfg.curate.judge(), _seed(cfg, t, 3)
+
+    def work(batch, emit):
+        res = judge_items(engine, tok, [(c["instruction"], c["output"]) for _, c in batch], jc,
+                          [base + i * jc.k for i, _ in batch])
+        for (i, c), r in zip(batch, res):
+            recs = [{"id": c["id"], "k": k, "judgment": x, "score": sc, "prompt_cut": r.prompt_cut}
+                    for k, (x, sc) in enumerate(r.samples)]
+            if r.expected is not None:
+                for rec in recs:
+                    rec["expected"] = round(r.expected, 4)
+            emit(i, recs)
+    run_units(out, cands, jc.k, lambda r: r["id"], work, cfg.chunk, rank, world, f"curate {t}", "pairs")
+
+
+def stage_select(cfg: HumpbackConfig, t: int) -> dict:
+    it = run_path(cfg, f"iter_{t}")
+    cands = rateable(cfg)
+    ratings = need_jsonl(it / "ratings.jsonl", "the curate stage")
+    per_pair = pair_scores(ratings, cfg.curate.score_from)
+    kept = {}
+    for k in cfg.curate.keep:
+        path = it / f"A{k}.jsonl"
+        if not path.exists():
+            write_jsonl(path, select(cands, per_pair, k))
+        kept[k] = len(read_jsonl(path))
+    return curation_stats(ratings, per_pair, cfg.curate.keep, kept)
+
+
+def stage_train(cfg: HumpbackConfig, t: int) -> None:
+    a = run_path(cfg, f"iter_{t}", f"A{cfg.train_k}.jsonl")
+    if not need_jsonl(a, "the select stage"):
+        raise DataError(f"{a}: no pair scored >= {cfg.train_k} (see {a.parent / 'manifest.json'})")
+    read_seed(cfg.seed_data)
+    sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], [str(a)], _seed(cfg, t, 4))
+
+
+def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
+    """RUN/manifest.json (t = 0: the stages before the iterations) or RUN/iter_t/manifest.json."""
+    path = run_path(cfg, "manifest.json") if t == 0 else run_path(cfg, f"iter_{t}", "manifest.json")
+    m = read_json(path)
+    if t == 0:
+        m.update(backward_model=str(run_path(cfg, "backward", "model")), forward_model=model_at(cfg, 0))
+        if stats:
+            m["segments"] = stats
+        cands = run_path(cfg, "candidates.jsonl")
+        if cands.exists():
+            recs = read_jsonl(cands)
+            m["candidates"] = {"pairs": len(recs), "empty_instructions": sum(not r["instruction"] for r in recs),
+                               "output_cut": sum(r["output_cut"] for r in recs)}
+    else:
+        m.update(iteration=t, curator=model_at(cfg, t - 1), model_out=model_at(cfg, t), train_k=cfg.train_k,
+                 **(stats or {}))
+    m["timings"] = {**m.get("timings", {}), **timings}
+    m["settings"] = cli.to_dict(cfg)
+    write_json(path, m)
+    return m
+
+
+def run_stage(cfg: HumpbackConfig, st: str, t: int, s: Session, rank: int = 0, world: int = 1) -> dict | None:
+    if st in SHARDED:
+        return stage_augment(cfg, s, rank, world) if st == "augment" else stage_curate(cfg, t, s, rank, world)
+    if st in ("backward", "forward", "train"):
+        s.release()
+    return {"backward": lambda: stage_backward(cfg), "forward": lambda: stage_forward(cfg),
+            "segments": lambda: stage_segments(cfg), "select": lambda: stage_select(cfg, t),
+            "train": lambda: stage_train(cfg, t)}[st]()
+
+
+def _timed(cfg: HumpbackConfig, st: str, t: int, s: Session) -> tuple[float, dict | None]:
+    t0 = time.perf_counter()
+    out = run_path(cfg, "candidates.jsonl") if st == "augment" else run_path(cfg, f"iter_{t}", "ratings.jsonl")
+    if st in SHARDED and cfg.nproc > 1 and not out.exists():
+        s.release()
+        cli.torchrun("selfreward.recipes.humpback", ["--config", str(run_path(cfg, "config.json")), "--stage", st,
+                                                     "--iter", str(t)], cfg.nproc)
+        stats = None
+    else:
+        stats = run_stage(cfg, st, t, s)
+    return round(time.perf_counter() - t0, 2), stats
+
+
+def run_humpback(cfg: HumpbackConfig, s: Session | None = None) -> list[dict]:
+    """All stages, iterations 1..T -> the manifests [RUN, iter_1, ...]. Rerun after a crash to continue."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    if read_json(run_path(cfg, "config.json")) != cli.to_dict(cfg):
+        write_json(run_path(cfg, "config.json"), cli.to_dict(cfg))
+    s = s or Session(cfg.engine)
+    timings, seg = {}, None
+    for st in ("backward", "forward", "segments", "augment"):
+        timings[st], stats = _timed(cfg, st, 0, s)
+        seg = stats if st == "segments" else seg
+        write_manifest(cfg, 0, timings, seg)
+    out = [read_json(run_path(cfg, "manifest.json"))]
+    for t in range(1, cfg.iterations + 1):
+        timings, stats = {}, None
+        for st in ("curate", "select", "train"):
+            timings[st], got = _timed(cfg, st, t, s)
+            stats = got or stats
+            m = write_manifest(cfg, t, timings, stats)
+        print(f"[humpback] iter {t}: {m['pairs_rated']} pairs rated by {m['curator']}, {m['parse_failures']}/"
+              f"{m['ratings']} ratings unparsed; " + ", ".join(f"A{k} {m[f'A{k}']}" for k in cfg.curate.keep)
+              + f"; M{t} trained on A{cfg.train_k}", flush=True)
+        out.append(m)
+    return out
+
+
+def main(argv: list[str] | None = None):
+    p = cli.parser(HumpbackConfig, __doc__, skip=SET_HERE)
+    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    p.add_argument("--iter", type=int, default=1, help="with --stage curate/select/train: the iteration t")
+    a = p.parse_args(argv)
+    cfg = cli.build(HumpbackConfig, a)
+    rank, world = dist_env()
+    if a.stage == "all":
+        if world > 1:
+            raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
+        return run_humpback(cfg)
+    if world > 1 and a.stage not in SHARDED:
+        raise cli.ConfigError(f"--stage {a.stage} runs as one process (only augment and curate shard)")
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")   # the shards' barrier; the engines run on cfg.engine's device
+    try:
+        stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
+        if rank == 0 and a.stage in ("segments", "select"):
+            return write_manifest(cfg, 0 if a.stage == "segments" else a.iter, {}, stats)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,181 @@
+"""Instruction backtranslation (recipes/humpback.py) in the checkable world, where every backtranslated pair
+can be checked: is the answer y right for the instruction x_hat the backward model wrote for it?
+
+    python -m selfreward.recipes.world.demo --method humpback --cache-dir /tmp/world-cache   # runs/world-humpback
+    python -m selfreward.recipes.world.demo --method humpback --seed 1 --run-dir runs/world-humpback-s1
+
+The world's parts: the base is the world's M0 (cached; every seed uses the default WorldModelConfig's M0);
+the seed is the IFT seed (instruction, right answer) plus the EFT seed (the world's judging in its compact
+format): the backward model M_yx trains on the IFT seed turned around, the forward model (seed-only, the
+paper's M0) on both, and it curates with the world's judge template (`Score: 5` right, `Score: 1` wrong),
+K ratings per pair averaged: A4 = 3 or more of 4 ratings say 5, A5 = all 4 do. The unlabelled text is the
+answers of train-split tasks, their instructions hidden; exact duplicates are removed (near-duplicate
+removal is off: the world's answers are short symbol strings that differ in one symbol). Seed data has no
+system turn (the evaluation prompts have none); augmented data gets the tag "Text from the web.".
+
+Report rows (`summary.json` "rows", each with "model", "iteration" and measure.py's figures):
+    seed             the forward model: base + SFT on the seed (iteration 0)
+    seed+uncurated   base + SFT on the seed + every candidate pair (iteration 0: augmentation is done once)
+    seed+A4, seed+A5 base + SFT on the seed + A_k(t), for iterations t = 1..T (A_k(t) curated by M_{t-1};
+                     M_t is the seed+A5 model of iteration t, the curator of iteration t+1)
+and `precision_all` (share of all candidate pairs the checker finds right), `precision_a4` / `precision_a5`
+and `recall_a4` / `recall_a5` (lists, iteration 1 first: the share of A_k that is right, the share of the
+right pairs that are in A_k). Every SFT run takes the same steps, batch and learning rate.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfreward import cli
+from selfreward.infer.config import EngineConfig
+from selfreward.recipes.world.build import WorldModelConfig
+
+
+@dataclass
+class WorldHumpbackConfig:
+    run_dir: str = "runs/world-humpback"
+    cache_dir: str = ""               # "" = ~/.cache/selfreward/world (the world's M0)
+    seed: int = 0
+    iterations: int = 2
+    nproc: int = 1
+    threads: int = 0
+    n_ift: int = 300                  # seed pairs (also the backward model's data, turned around)
+    n_eft: int = 500                  # seed judging examples (the forward model's rating ability)
+    n_unlabelled: int = 1000          # answers of train-split tasks, instructions hidden
+    sft_steps: int = 200              # every SFT run (backward, seed, seed + augmented)
+    sft_batch: int = 16
+    sft_lr: float = 3e-4
+    aug_temperature: float = 0.7      # paper: 0.7 / 0.9
+    aug_top_p: float = 0.9
+    curate_k: int = 4                 # ratings per pair (world scores are 1 or 5: A4 = 3+ of 4 say 5)
+    curate_temperature: float = 0.7
+    n_eval: int = 200
+    n_judge: int = 20                 # measure.py's judge groups (the judge is not what this mode studies)
+    m0: WorldModelConfig = field(default_factory=WorldModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def unlabelled_answers(n: int, seed: int, kinds) -> list[dict]:
+    """{"text": answer} of n train-split tasks (their instructions are not written)."""
+    from selfreward.recipes.world.tasks import sample_tasks
+    tasks = sample_tasks(n, seed=50_000 + seed, unique=False, kinds=kinds)
+    random.Random(f"unlabelled:{seed}").shuffle(tasks)
+    return [{"text": t.answer} for t in tasks]
+
+
+def precision(cands: list[dict], kept_ids: set[str] | None = None) -> tuple[float | None, float | None]:
+    """(share of the kept pairs that are right, share of the right pairs that are kept); all when None."""
+    from selfreward.recipes.world.checker import check
+    right = {c["id"] for c in cands if check(c["instruction"], c["output"]) == 1.0}
+    kept = {c["id"] for c in cands} if kept_ids is None else kept_ids
+    prec = len(kept & right) / len(kept) if kept else None
+    return prec, (len(kept & right) / len(right) if right else None)
+
+
+def humpback_config(cfg: WorldHumpbackConfig, m0: Path, seed_dir: Path, thr: int):
+    from selfreward.recipes.curate import CurateConfig
+    from selfreward.recipes.humpback import AugmentConfig, HumpbackConfig
+    from selfreward.recipes.segment import SegmentConfig
+    from selfreward.recipes.world.judging import write_template
+    from selfreward.recipes.world.measure import MeasureConfig
+    from selfreward.train.sft import SFTConfig
+    mc = MeasureConfig()
+    sft = SFTConfig(max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
+                    max_length=128, dropout=0.0, log_every=50, threads=thr)
+    return HumpbackConfig(
+        run_dir=str(Path(cfg.run_dir) / "hb"), base_model=str(m0), seed_data=str(seed_dir / "ift.jsonl"),
+        extra_seed=[str(seed_dir / "eft.jsonl")], unlabelled=[str(seed_dir / "unlabelled.jsonl")],
+        iterations=cfg.iterations, train_k=5, seed_tag="", augmented_tag="Text from the web.", nproc=cfg.nproc,
+        seed=cfg.seed, segment=SegmentConfig(min_chars=1, max_chars=64, near_dup=0.0),
+        augment=AugmentConfig(temperature=cfg.aug_temperature, top_p=cfg.aug_top_p, max_tokens=48),
+        curate=CurateConfig(k=cfg.curate_k, temperature=cfg.curate_temperature, max_tokens=mc.judge_max_tokens,
+                            template=str(write_template(seed_dir / "judge_template.txt")), keep=[4, 5]),
+        sft=sft, engine=cfg.engine)
+
+
+def run(cfg: WorldHumpbackConfig) -> dict:
+    from selfreward.recipes.humpback import model_at, run_humpback, run_path, sft_model
+    from selfreward.recipes.world.build import build_m0, write_seeds
+    from selfreward.recipes.world.demo import Clock
+    from selfreward.recipes.world.measure import MeasureConfig, measure
+    from selfreward.recipes.world.report import plot, write_summary
+    from selfreward.records import read_jsonl, write_jsonl
+
+    kinds = cfg.m0.kind_tuple()
+    run_dir = Path(cfg.run_dir)
+    clock = Clock()
+    thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if thr:
+        import torch
+        torch.set_num_threads(thr)
+    m0 = build_m0(Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), cfg.m0, cfg.nproc, thr)
+    seed_dir = run_dir / "seed"
+    write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0)
+    write_jsonl(seed_dir / "unlabelled.jsonl", unlabelled_answers(cfg.n_unlabelled, cfg.seed, kinds))
+    hc = humpback_config(cfg, m0, seed_dir, thr)
+    clock.banner(f"humpback: backward model, seed model, {cfg.n_unlabelled} unlabelled answers, "
+                 f"{cfg.iterations} iterations of curation (K={cfg.curate_k}) and SFT")
+    t = time.perf_counter()
+    manifests = run_humpback(hc)
+    clock.stage("humpback", time.perf_counter() - t)
+
+    cands = read_jsonl(run_path(hc, "candidates.jsonl"))
+    hb = Path(hc.run_dir)
+    models = [("seed", 0, model_at(hc, 0))]
+    t = time.perf_counter()
+    every = write_jsonl(hb / "candidates_sft.jsonl", [{"prompt": c["instruction"], "response": c["output"]}
+                                                      for c in cands if c["instruction"]])
+    models.append(("seed+uncurated", 0, sft_model(hc, hb / "uncurated", [hc.seed_data, *hc.extra_seed],
+                                                  [str(every)], 7)))
+    prec = {"precision_all": precision(cands)[0], "candidates": len(cands)}
+    for k in hc.curate.keep:
+        prec[f"precision_a{k}"], prec[f"recall_a{k}"], prec[f"size_a{k}"] = [], [], []
+    for it in range(1, cfg.iterations + 1):
+        for k in hc.curate.keep:
+            a = run_path(hc, f"iter_{it}", f"A{k}.jsonl")
+            p, r = precision(cands, {x["id"] for x in read_jsonl(a)})
+            prec[f"precision_a{k}"].append(p)
+            prec[f"recall_a{k}"].append(r)
+            prec[f"size_a{k}"].append(len(read_jsonl(a)))
+            path = model_at(hc, it) if k == hc.train_k else sft_model(
+                hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)], 10 * it + k)
+            models.append((f"seed+A{k}", it, path))
+    clock.stage("control_sft", time.perf_counter() - t)
+    mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, kinds=kinds, seed=cfg.seed)
+    rows = []
+    for name, it, path in models:
+        t = time.perf_counter()
+        r = measure(path, mcfg, cfg.engine)
+        clock.stage("measure", time.perf_counter() - t)
+        rows.append({"model": name, "iteration": it, **{k: v for k, v in r.items() if k != "examples"}})
+        print(f"[world-humpback] {name} (iteration {it}): greedy acc {r['greedy_acc']:.3f}", flush=True)
+    print("\n" + table(rows, prec), flush=True)
+    png = plot([dict(r, model=f"{r['model']}@{r['iteration']}") for r in rows], run_dir / "curves.png")
+    wall = time.perf_counter() - clock.t0
+    summary = {**prec, "rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
+               "config": cli.to_dict(cfg), "m0": str(m0), "plot": str(png) if png else None,
+               "manifests": manifests}
+    path = write_summary(run_dir, summary)
+    print(f"\n[world-humpback] wall time {wall:.0f}s; summary: {path}" + (f"; plot: {png}" if png else ""), flush=True)
+    return summary
+
+
+def table(rows: list[dict], prec: dict) -> str:
+    lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'acc T':>6}",
+             f"{'-' * 16}  {'-' * 4}  {'-' * 10}  {'-' * 6}"]
+    lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['sampled_acc']:>6.3f}" for r in rows]
+    f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
+    lines.append(f"\ncandidate pairs {prec['candidates']}: precision {f(prec['precision_all'])}")
+    for i in range(len(prec.get("precision_a4", []))):
+        lines.append(f"iteration {i + 1}: " + "; ".join(
+            f"A{k} {prec[f'size_a{k}'][i]} pairs, precision {f(prec[f'precision_a{k}'][i])}, "
+            f"recall {f(prec[f'recall_a{k}'][i])}" for k in (4, 5)))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(cli.parse_config(WorldHumpbackConfig, argv, __doc__.split("\n")[0]))
