@@ -25,9 +25,10 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
+from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments, stage_seed as _seed
 from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores, select
-from selfreward.recipes.judge import chat_prompt_ids, fit_slots, judge_items
-from selfreward.recipes.segment import SegmentConfig, build_segments
+from selfreward.recipes.judge import judge_items
+from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, dist_env, field as rfield, iter_jsonl, need_jsonl, read_json, \
     read_jsonl, run_units, write_json, write_jsonl
@@ -37,13 +38,6 @@ STAGES = ("backward", "forward", "segments", "augment", "curate", "select", "tra
 SHARDED = ("augment", "curate")
 # fields the recipe sets itself (no flags)
 SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "seed", "system_prompt", "eval_data"}}
-
-
-@dataclass
-class AugmentConfig:
-    temperature: float = 0.7          # paper: 0.7
-    top_p: float = 0.9                # paper: 0.9
-    max_tokens: int = 128             # instruction length limit
 
 
 @dataclass
@@ -85,10 +79,6 @@ def model_at(cfg: HumpbackConfig, t: int) -> str:
     if t == 0:
         return cfg.forward_model or str(run_path(cfg, "m0", "model"))
     return str(run_path(cfg, f"iter_{t}", "model"))
-
-
-def _seed(cfg: HumpbackConfig, t: int, stage: int) -> int:
-    return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
 
 
 def read_seed(path: str) -> list[dict]:
@@ -134,49 +124,6 @@ def stage_forward(cfg: HumpbackConfig) -> None:
     if not cfg.forward_model:
         read_seed(cfg.seed_data)
         sft_model(cfg, run_path(cfg, "m0"), [cfg.seed_data, *cfg.extra_seed], [], _seed(cfg, 0, 1))
-
-
-def stage_segments(cfg: HumpbackConfig) -> dict:
-    out = run_path(cfg, "segments.jsonl")
-    if out.exists():
-        return read_json(run_path(cfg, "manifest.json")).get("segments", {})
-    if not cfg.unlabelled:
-        raise cli.ConfigError("--unlabelled is required (JSONL {\"text\"} or plain-text files)")
-    segs, counts = build_segments(cfg.unlabelled, cfg.segment)
-    print(f"[humpback] {counts['documents']} documents -> {counts['segments']} segments in "
-          f"[{cfg.segment.min_chars}, {cfg.segment.max_chars}] chars ({counts['too_short']} too short); "
-          f"{counts['exact_duplicates']} exact and {counts['near_duplicates']} near duplicates removed; "
-          f"{counts['kept']} kept", flush=True)
-    if not segs:
-        raise DataError(f"{', '.join(cfg.unlabelled)}: no segment of {cfg.segment.min_chars}-"
-                        f"{cfg.segment.max_chars} characters")
-    write_jsonl(out, segs)
-    return counts
-
-
-def stage_augment(cfg: HumpbackConfig, s: Session, rank: int = 0, world: int = 1) -> None:
-    from selfreward.infer.sequence import SamplingParams
-    out = run_path(cfg, "candidates.jsonl")
-    if out.exists():
-        return
-    segs = need_jsonl(run_path(cfg, "segments.jsonl"), "the segments stage")
-    engine, tok = s.get(str(run_path(cfg, "backward", "model")))
-    a, base = cfg.augment, _seed(cfg, 0, 2)
-    budget = engine.max_len - a.max_tokens - 1
-
-    def work(batch, emit):
-        fitted = [fit_slots(tok, lambda v: v["y"], {"y": sg["text"]}, budget) for _, sg in batch]
-        ps = [SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=base + i)
-              for i, _ in batch]
-
-        def done(j: int, comps) -> None:
-            i, sg = batch[j]
-            x = comps[0]
-            emit(i, [{"id": sg["id"], "instruction": x.text.strip(), "output": sg["text"], "source": sg["source"],
-                      "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
-                 len(x.token_ids))
-        engine.generate([f[0] for f in fitted], ps, on_request=done)
-    run_units(out, segs, 1, lambda r: r["id"], work, cfg.chunk, rank, world, "augment", "segments")
 
 
 def rateable(cfg: HumpbackConfig) -> list[dict]:

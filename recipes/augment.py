@@ -1,0 +1,77 @@
+"""The unlabelled side of instruction backtranslation (recipes/humpback.py's stages `segments` and `augment`):
+the segments of the unlabelled files (recipes/segment.py) and, for each, one instruction sampled from the
+backward model M_yx with the segment as the user turn (cut to fit the context, marked `output_cut`).
+
+RUN/segments.jsonl: {"id", "text", "source" ('file:line' of the document)}; RUN/candidates.jsonl: {"id",
+"instruction", "output", "source", "n_tokens", "finish_reason", "output_cut"}, one per segment, in segment
+order; resumable and shardable (selfreward.records.run_units), each segment seeded by its index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfreward import cli
+from selfreward.recipes.judge import fit_slots
+from selfreward.recipes.segment import build_segments
+from selfreward.recipes.session import Session
+from selfreward.records import DataError, need_jsonl, read_json, run_units, write_jsonl
+
+
+@dataclass
+class AugmentConfig:
+    temperature: float = 0.7          # paper: 0.7
+    top_p: float = 0.9                # paper: 0.9
+    max_tokens: int = 128             # instruction length limit
+
+
+def stage_seed(cfg, t: int, stage: int) -> int:
+    """The sampling seed of stage `stage` in iteration t (0: before the iterations)."""
+    return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
+
+
+def _path(cfg, *parts: str) -> Path:
+    return Path(cfg.run_dir).joinpath(*parts)
+
+
+def stage_segments(cfg) -> dict:
+    out = _path(cfg, "segments.jsonl")
+    if out.exists():
+        return read_json(_path(cfg, "manifest.json")).get("segments", {})
+    if not cfg.unlabelled:
+        raise cli.ConfigError("--unlabelled is required (JSONL {\"text\"} or plain-text files)")
+    segs, counts = build_segments(cfg.unlabelled, cfg.segment)
+    print(f"[humpback] {counts['documents']} documents -> {counts['segments']} segments in "
+          f"[{cfg.segment.min_chars}, {cfg.segment.max_chars}] chars ({counts['too_short']} too short); "
+          f"{counts['exact_duplicates']} exact and {counts['near_duplicates']} near duplicates removed; "
+          f"{counts['kept']} kept", flush=True)
+    if not segs:
+        raise DataError(f"{', '.join(cfg.unlabelled)}: no segment of {cfg.segment.min_chars}-"
+                        f"{cfg.segment.max_chars} characters")
+    write_jsonl(out, segs)
+    return counts
+
+
+def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
+    from selfreward.infer.sequence import SamplingParams
+    out = _path(cfg, "candidates.jsonl")
+    if out.exists():
+        return
+    segs = need_jsonl(_path(cfg, "segments.jsonl"), "the segments stage")
+    engine, tok = s.get(str(_path(cfg, "backward", "model")))
+    a, base = cfg.augment, stage_seed(cfg, 0, 2)
+    budget = engine.max_len - a.max_tokens - 1
+
+    def work(batch, emit):
+        fitted = [fit_slots(tok, lambda v: v["y"], {"y": sg["text"]}, budget) for _, sg in batch]
+        ps = [SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=base + i)
+              for i, _ in batch]
+
+        def done(j: int, comps) -> None:
+            i, sg = batch[j]
+            x = comps[0]
+            emit(i, [{"id": sg["id"], "instruction": x.text.strip(), "output": sg["text"], "source": sg["source"],
+                      "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
+                 len(x.token_ids))
+        engine.generate([f[0] for f in fitted], ps, on_request=done)
+    run_units(out, segs, 1, lambda r: r["id"], work, cfg.chunk, rank, world, "augment", "segments")
