@@ -102,7 +102,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     from selfreward.recipes.world.build import build_m0, write_seeds
     from selfreward.recipes.world.demo import Clock
     from selfreward.recipes.world.measure import MeasureConfig, measure
-    from selfreward.recipes.world.report import plot, write_summary
+    from selfreward.recipes.world.report import plot_humpback, write_summary
     from selfreward.records import read_jsonl, write_jsonl
 
     kinds = cfg.m0.kind_tuple()
@@ -154,7 +154,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
         rows.append({"model": name, "iteration": it, **{k: v for k, v in r.items() if k != "examples"}})
         print(f"[world-humpback] {name} (iteration {it}): greedy acc {r['greedy_acc']:.3f}", flush=True)
     print("\n" + table(rows, prec), flush=True)
-    png = plot([dict(r, model=f"{r['model']}@{r['iteration']}") for r in rows], run_dir / "curves.png")
+    png = plot_humpback(rows, prec, run_dir / "curves.png")
     wall = time.perf_counter() - clock.t0
     summary = {**prec, "rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
                "config": cli.to_dict(cfg), "m0": str(m0), "plot": str(png) if png else None,

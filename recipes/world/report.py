@@ -137,3 +137,37 @@ def ranking_on_mixed(prompts: dict[str, str], candidates: list[dict], judgments:
         out[f"{name}_rw"] = rw / n if n else None
         out[f"{name}_wr"] = wr / n if n else None
     return out
+
+
+def plot_humpback(rows: list[dict], prec: dict, path: Path) -> Path | None:
+    """The Humpback mode's figure: held-out greedy accuracy per model (left), the checker's precision of all
+    candidate pairs and of A4 / A5 per iteration (right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[world] matplotlib is not installed: no plot (summary.json holds the figures)", flush=True)
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["model"] + (f"\niter {r['iteration']}" if r["iteration"] else "") for r in rows]
+    axes[0].bar(range(len(rows)), [r["greedy_acc"] for r in rows], color="tab:blue")
+    axes[0].set_xticks(range(len(rows)), names, fontsize=8)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("held-out greedy accuracy (checker)")
+    its = range(1, len(prec["precision_a4"]) + 1)
+    axes[1].axhline(prec["precision_all"], color="gray", linestyle="--", label="all candidate pairs")
+    for k in (4, 5):
+        axes[1].plot(list(its), prec[f"precision_a{k}"], marker="o", label=f"A{k}")
+    axes[1].set_xticks(list(its), [f"iteration {i}" for i in its])
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_title("precision of the pairs (checker)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
