@@ -19,6 +19,7 @@ A stage whose output exists is skipped; a killed sampling stage continues from i
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,11 +167,14 @@ def stage_select(cfg: HumpbackConfig, t: int) -> dict:
 
 
 def stage_train(cfg: HumpbackConfig, t: int) -> None:
+    """M_t on the seed + A_k(t); with A_k(t) empty, on the seed alone (said on stderr and in the manifest)."""
     a = run_path(cfg, f"iter_{t}", f"A{cfg.train_k}.jsonl")
-    if not need_jsonl(a, "the select stage"):
-        raise DataError(f"{a}: no pair scored >= {cfg.train_k} (see {a.parent / 'manifest.json'})")
+    aug = [str(a)] if need_jsonl(a, "the select stage") else []
+    if not aug:
+        print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k}): M{t} trains on the seed "
+              f"alone", file=sys.stderr, flush=True)
     read_seed(cfg.seed_data)
-    sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], [str(a)], _seed(cfg, t, 4))
+    sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], aug, _seed(cfg, t, 4))
 
 
 def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
@@ -189,6 +193,8 @@ def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | Non
     else:
         m.update(iteration=t, curator=model_at(cfg, t - 1), model_out=model_at(cfg, t), train_k=cfg.train_k,
                  **(stats or {}))
+        if stats:
+            m["augmented_pairs_trained"] = stats[f"A{cfg.train_k}"]
     m["timings"] = {**m.get("timings", {}), **timings}
     m["settings"] = cli.to_dict(cfg)
     write_json(path, m)
