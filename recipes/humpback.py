@@ -60,7 +60,8 @@ class HumpbackConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)   # the paper's: --sft-lr 1e-5 --sft-final-lr 9e-6
+    # --sft-weight-decay 0.1 --sft-dropout 0.1 --sft-batch-size 32 (8 below 3k examples); train/sft.py's defaults here
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
