@@ -83,7 +83,10 @@ def model_at(cfg: HumpbackConfig, t: int) -> str:
     return str(run_path(cfg, f"iter_{t}", "model"))
 
 
-def read_seed(path: str) -> list[dict]:
+def read_seed(path: str, base: str) -> list[dict]:
+    """The seed pairs {"prompt", "response"}, checked (and that there is a base to train them into)."""
+    if not base:
+        raise cli.ConfigError("--base-model is required (the checkpoint every model is fine-tuned from)")
     if not path:
         raise cli.ConfigError("--seed-data is required (a JSONL of {\"prompt\", \"response\"} seed pairs)")
     out = [{"prompt": rfield(r, "prompt", f"{path}:{i}"), "response": rfield(r, "response", f"{path}:{i}")}
@@ -116,7 +119,7 @@ def stage_backward(cfg: HumpbackConfig) -> None:
     home = run_path(cfg, "backward")
     if (home / "model" / "config.json").exists():
         return
-    data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data)))
+    data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data, cfg.base_model)))
     scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=[str(data)], output=str(home / "sft"),
                                export=str(home / "model"), resume=True, seed=_seed(cfg, 0, 0), system_prompt=[])
     cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
@@ -124,7 +127,7 @@ def stage_backward(cfg: HumpbackConfig) -> None:
 
 def stage_forward(cfg: HumpbackConfig) -> None:
     if not cfg.forward_model:
-        read_seed(cfg.seed_data)
+        read_seed(cfg.seed_data, cfg.base_model)
         sft_model(cfg, run_path(cfg, "m0"), [cfg.seed_data, *cfg.extra_seed], [], _seed(cfg, 0, 1))
 
 
@@ -174,7 +177,7 @@ def stage_train(cfg: HumpbackConfig, t: int) -> None:
     if not aug:
         print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k}): M{t} trains on the seed "
               f"alone", file=sys.stderr, flush=True)
-    read_seed(cfg.seed_data)
+    read_seed(cfg.seed_data, cfg.base_model)
     sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], aug, _seed(cfg, t, 4))
 
 
