@@ -2,10 +2,14 @@
 sizes through `recipes.world.demo --method humpback` (a tiny M0 pretrained on the spot)."""
 import json
 
+import pytest
+
 from selfreward.recipes.world import demo
 from selfreward.recipes.world.humpback import precision
 from selfreward.recipes.world.checker import check
 from selfreward.records import read_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_precision_and_recall_by_the_checker():
@@ -19,7 +23,7 @@ def test_precision_and_recall_by_the_checker():
     assert precision(cands, set()) == (None, 0.0)
 
 
-def test_world_humpback_every_stage(tmp_path, one_thread):  # noqa: ARG001  (one thread: tiny models)
+def test_world_humpback_every_stage(tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     m0 = ["--m0-hidden", "32", "--m0-layers", "2", "--m0-heads", "2", "--m0-ffn", "64", "--m0-web-docs", "2000",
           "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr", "0.01"]
