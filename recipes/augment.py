@@ -30,6 +30,17 @@ def stage_seed(cfg, t: int, stage: int) -> int:
     return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
 
 
+def units(cfg, rank: int, world: int, out: Path, todo, per_unit: int, key, work, label: str, unit: str) -> bool:
+    """records.run_units over the ranks, or over the data-parallel replicas of tensor-parallel engines
+    (--engine-tensor-parallel), as the self-rewarding loop's sampling stages do."""
+    if cfg.engine.tensor_parallel > 1:
+        from selfreward.infer.parallel import init_tp
+        from selfreward.infer.replicas import run_units_tp
+        return run_units_tp(init_tp(cfg.engine.tensor_parallel), out, todo, per_unit, key, work, cfg.chunk, label,
+                            unit)
+    return run_units(out, todo, per_unit, key, work, cfg.chunk, rank, world, label, unit)
+
+
 def _path(cfg, *parts: str) -> Path:
     return Path(cfg.run_dir).joinpath(*parts)
 
@@ -74,4 +85,4 @@ def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
                  len(x.token_ids))
         engine.generate([f[0] for f in fitted], ps, on_request=done)
-    run_units(out, segs, 1, lambda r: r["id"], work, cfg.chunk, rank, world, "augment", "segments")
+    units(cfg, rank, world, out, segs, 1, lambda r: r["id"], work, "augment", "segments")

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments, stage_seed as _seed
+from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments, stage_seed as _seed, units
 from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores, select
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, dist_env, field as rfield, iter_jsonl, need_jsonl, read_json, \
-    read_jsonl, run_units, write_json, write_jsonl
+    read_jsonl, write_json, write_jsonl
 from selfreward.train.sft import SFTConfig
 
 STAGES = ("backward", "forward", "segments", "augment", "curate", "select", "train")
@@ -153,7 +153,7 @@ def stage_curate(cfg: HumpbackConfig, t: int, s: Session, rank: int = 0, world: 
                 for rec in recs:
                     rec["expected"] = round(r.expected, 4)
             emit(i, recs)
-    run_units(out, cands, jc.k, lambda r: r["id"], work, cfg.chunk, rank, world, f"curate {t}", "pairs")
+    units(cfg, rank, world, out, cands, jc.k, lambda r: r["id"], work, f"curate {t}", "pairs")
 
 
 def stage_select(cfg: HumpbackConfig, t: int) -> dict:
@@ -267,8 +267,14 @@ def main(argv: list[str] | None = None):
     if world > 1 and a.stage not in SHARDED:
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only augment and curate shard)")
     if world > 1:
+        import os
+
+        import torch
         import torch.distributed as dist
-        dist.init_process_group("gloo")   # the shards' barrier; the engines run on cfg.engine's device
+        cuda = torch.cuda.is_available() and not cfg.engine.device.startswith("cpu")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
     try:
         stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
         if rank == 0 and a.stage in ("segments", "select"):

@@ -123,13 +123,13 @@ def test_curation_keeps_exactly_the_pairs_at_or_above_k(tmp_path):
     assert st["pairs_rated"] == 7                       # the candidate without an instruction is not rated
 
 
-def _aug_cfg(run, tiny, n=24):
+def _aug_cfg(run, tiny, n=24, engine=None):
     segs = [{"id": f"s{i}", "text": f"Here is text number {i} about cats and bread.", "source": f"x:{i}"}
             for i in range(n)]
     write_jsonl(run / "segments.jsonl", segs)
     shutil.copytree(tiny, run / "backward" / "model")
     cfg = from_dict(HumpbackConfig, {"run_dir": str(run), "base_model": str(tiny), "chunk": 1,
-                                     "augment": {"max_tokens": 12}})
+                                     "augment": {"max_tokens": 12}, "engine": engine or {}})
     write_json(run / "config.json", to_dict(cfg))
     return cfg
 
@@ -163,8 +163,10 @@ def test_killed_augmentation_resumes_nothing_lost_or_duplicated(tiny, tmp_path):
     assert recs == ref                                  # the same records as a run never killed
 
 
-def test_augmentation_two_ranks_equal_one(tiny, tmp_path):
-    one, two = _aug_cfg(tmp_path / "one", tiny, 7), _aug_cfg(tmp_path / "two", tiny, 7)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_augmentation_two_ranks_equal_one(tiny, tmp_path, tp):
+    """2 ranks as 2 data-parallel engines (tp 1) or as one tensor-parallel engine (tp 2) == one process."""
+    one, two = _aug_cfg(tmp_path / "one", tiny, 7), _aug_cfg(tmp_path / "two", tiny, 7, {"tensor_parallel": tp})
     stage_augment(one, Session())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "selfreward.recipes.humpback", "--config", str(run_path(two, "config.json")), "--stage", "augment"]
