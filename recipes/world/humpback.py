@@ -98,6 +98,7 @@ def humpback_config(cfg: WorldHumpbackConfig, m0: Path, seed_dir: Path, thr: int
 
 
 def run(cfg: WorldHumpbackConfig) -> dict:
+    from selfreward.recipes.augment import stage_seed
     from selfreward.recipes.humpback import model_at, run_humpback, run_path, sft_model
     from selfreward.recipes.world.build import build_m0, write_seeds
     from selfreward.recipes.world.demo import Clock
@@ -130,7 +131,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     every = write_jsonl(hb / "candidates_sft.jsonl", [{"prompt": c["instruction"], "response": c["output"]}
                                                       for c in cands if c["instruction"]])
     models.append(("seed+uncurated", 0, sft_model(hc, hb / "uncurated", [hc.seed_data, *hc.extra_seed],
-                                                  [str(every)], 7)))
+                                                  [str(every)], stage_seed(hc, 0, 5))))
     prec = {"precision_all": precision(cands)[0], "candidates": len(cands)}
     for k in hc.curate.keep:
         prec[f"precision_a{k}"], prec[f"recall_a{k}"], prec[f"size_a{k}"] = [], [], []
@@ -142,7 +143,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
             prec[f"recall_a{k}"].append(r)
             prec[f"size_a{k}"].append(len(read_jsonl(a)))
             path = model_at(hc, it) if k == hc.train_k else sft_model(
-                hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)], 10 * it + k)
+                hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)], stage_seed(hc, it, 10 + k))
             models.append((f"seed+A{k}", it, path))
     clock.stage("control_sft", time.perf_counter() - t)
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, kinds=kinds, seed=cfg.seed)
