@@ -143,7 +143,8 @@ def run(cfg: WorldHumpbackConfig) -> dict:
             prec[f"recall_a{k}"].append(r)
             prec[f"size_a{k}"].append(len(read_jsonl(a)))
             path = model_at(hc, it) if k == hc.train_k else sft_model(
-                hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)], stage_seed(hc, it, 10 + k))
+                hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)],
+                stage_seed(hc, it, 10 + k))
             models.append((f"seed+A{k}", it, path))
     clock.stage("control_sft", time.perf_counter() - t)
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, kinds=kinds, seed=cfg.seed)
