@@ -46,7 +46,8 @@ def write_data(cfg: OasstHumpbackConfig, out: Path) -> tuple[Path, Path, Path]:
     if not seed or not replies:
         raise DataError(f"{cfg.oasst_input}: {len(seed)} seed pairs and {len(replies)} unlabelled replies "
                         f"(need both; try another --oasst-seed-frac)")
-    return (write_jsonl(out / "seed.jsonl", seed), write_jsonl(out / "unlabelled.jsonl", [{"text": c.text} for _, c in replies]),
+    return (write_jsonl(out / "seed.jsonl", seed),
+            write_jsonl(out / "unlabelled.jsonl", [{"text": c.text} for _, c in replies]),
             write_jsonl(out / "hidden.jsonl", [{"prompt": r.text, "group": r.id, "rank": c.rank} for r, c in replies]))
 
 

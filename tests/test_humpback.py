@@ -183,7 +183,8 @@ def test_sources_tagged_with_system_prompts(tmp_path, monkeypatch):
     from selfreward.recipes.humpback import sft_model
     seen = []
     monkeypatch.setattr(cli, "launch", lambda fn, c, *a, **k: seen.append(c))
-    cfg = from_dict(HumpbackConfig, {"run_dir": str(tmp_path), "base_model": "B", "seed_tag": "S", "augmented_tag": "W"})
+    cfg = from_dict(HumpbackConfig, {"run_dir": str(tmp_path), "base_model": "B", "seed_tag": "S",
+                                     "augmented_tag": "W"})
     sft_model(cfg, tmp_path / "m", ["seed.jsonl", "eft.jsonl"], ["A5.jsonl"], 1)
     cfg.tags = False
     sft_model(cfg, tmp_path / "m", ["seed.jsonl"], ["A5.jsonl"], 1)
@@ -194,8 +195,8 @@ def test_sources_tagged_with_system_prompts(tmp_path, monkeypatch):
 
 def test_whole_recipe_on_a_tiny_model(tiny, tmp_path):
     from selfreward.recipes.humpback import main
-    seed = write_jsonl(tmp_path / "seed.jsonl", [{"prompt": f"Tell me about item {i}.", "response": f"Item {i} is nice."}
-                                                 for i in range(6)])
+    seed = write_jsonl(tmp_path / "seed.jsonl", [{"prompt": f"Tell me about item {i}.",
+                                                  "response": f"Item {i} is nice."} for i in range(6)])
     (tmp_path / "web.txt").write_text("\n\n".join(f"Cats sleep a lot, fact {i}." for i in range(5)))
     args = ["--run-dir", str(tmp_path / "run"), "--base-model", str(tiny), "--seed-data", str(seed),
             "--unlabelled", str(tmp_path / "web.txt"), "--segment-min-chars", "10", "--segment-max-chars", "30",

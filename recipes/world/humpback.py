@@ -169,7 +169,8 @@ def run(cfg: WorldHumpbackConfig) -> dict:
 def table(rows: list[dict], prec: dict) -> str:
     lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'acc T':>6}",
              f"{'-' * 16}  {'-' * 4}  {'-' * 10}  {'-' * 6}"]
-    lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['sampled_acc']:>6.3f}" for r in rows]
+    lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['sampled_acc']:>6.3f}"
+              for r in rows]
     f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     lines.append(f"\ncandidate pairs {prec['candidates']}: precision {f(prec['precision_all'])}")
     for i in range(len(prec.get("precision_a4", []))):
