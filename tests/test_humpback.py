@@ -211,3 +211,20 @@ def test_whole_recipe_on_a_tiny_model(tiny, tmp_path):
         assert m["A0"] == m["pairs_rated"] == 5 and m["pairs_unscored"] == 0
         assert (tmp_path / "run" / f"iter_{t}" / "model" / "config.json").exists()
     assert ms[2]["curator"] == str(tmp_path / "run" / "iter_1" / "model")
+
+
+def test_curation_rubric_default_and_file(tmp_path):
+    from selfreward.recipes.curate import CURATE_TEMPLATE, CurateConfig
+    from selfreward.recipes.judge import TemplateError, judge_prompt, parse_score
+    jc = CurateConfig(k=2).judge(seed=3)
+    assert jc.text == CURATE_TEMPLATE and (jc.k, jc.seed, jc.expected) == (2, 3, False)
+    filled = judge_prompt(jc.text, "Name a red fruit.", "An apple.")
+    assert "Name a red fruit." in filled and "An apple." in filled and '"Score: <n>"' in filled
+    assert parse_score("The text answers it well.\nScore: 4") == 4.0          # what the rubric asks for
+    f = tmp_path / "r.txt"
+    f.write_text("Rate {instruction} / {response}. Score: <n>")
+    assert CurateConfig(template=str(f), score_from="expected").judge().text == f.read_text()
+    assert CurateConfig(score_from="expected").judge().expected
+    f.write_text("Rate {instruction} only.")
+    with pytest.raises(TemplateError, match="lacks placeholder"):
+        CurateConfig(template=str(f)).judge()
