@@ -51,3 +51,14 @@ def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, k
             raise err
     dist.barrier()                   # the merged OUT exists before any rank goes on
     return wrote
+
+
+def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out: Path, units: Sequence[dict],
+                    per_unit: int, key: Callable[[dict], Hashable], work: Work, progress: str = "",
+                    unit: str = "units") -> bool:
+    """A recipe stage's units: records.run_units over the ranks, or (tensor_parallel > 1, the engine
+    config's) over the data-parallel replicas of tensor-parallel engines."""
+    if tensor_parallel > 1:
+        from selfreward.infer.parallel import init_tp
+        return run_units_tp(init_tp(tensor_parallel), out, units, per_unit, key, work, chunk, progress, unit)
+    return run_units(out, units, per_unit, key, work, chunk, rank, world, progress, unit)

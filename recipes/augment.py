@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.infer.replicas import run_stage_units
 from selfreward.recipes.judge import fit_slots
 from selfreward.recipes.segment import build_segments
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, need_jsonl, read_json, run_units, write_jsonl
+from selfreward.records import DataError, need_jsonl, read_json, write_jsonl
 
 
 @dataclass
@@ -31,14 +32,9 @@ def stage_seed(cfg, t: int, stage: int) -> int:
 
 
 def units(cfg, rank: int, world: int, out: Path, todo, per_unit: int, key, work, label: str, unit: str) -> bool:
-    """records.run_units over the ranks, or over the data-parallel replicas of tensor-parallel engines
-    (--engine-tensor-parallel), as the self-rewarding loop's sampling stages do."""
-    if cfg.engine.tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp
-        from selfreward.infer.replicas import run_units_tp
-        return run_units_tp(init_tp(cfg.engine.tensor_parallel), out, todo, per_unit, key, work, cfg.chunk, label,
-                            unit)
-    return run_units(out, todo, per_unit, key, work, cfg.chunk, rank, world, label, unit)
+    """The stage's units on the ranks or on tensor-parallel replicas, as the self-rewarding loop's."""
+    return run_stage_units(cfg.engine.tensor_parallel, cfg.chunk, rank, world, out, todo, per_unit, key, work,
+                           label, unit)
 
 
 def _path(cfg, *parts: str) -> Path:

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.infer.replicas import run_stage_units
 from selfreward.recipes.instruct import generate_prompts, given_prompts
 from selfreward.recipes.judge import chat_prompt_ids, judge_items
 from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig  # noqa: F401  (re-export)
@@ -26,7 +27,7 @@ from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, need_jsonl, \
-    read_json, read_jsonl, run_units, write_json, write_jsonl
+    read_json, read_jsonl, write_json, write_jsonl
 
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
 
@@ -104,13 +105,8 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
 
 
 def _units(cfg: LoopConfig, rank: int, world: int, out, units, per_unit, key, work, label: str, unit: str):
-    """records.run_units over the ranks, or over data-parallel replicas of tensor-parallel engines."""
-    if cfg.engine.tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp
-        from selfreward.infer.replicas import run_units_tp
-        return run_units_tp(init_tp(cfg.engine.tensor_parallel), out, units, per_unit, key, work, cfg.chunk,
-                            label, unit)
-    return run_units(out, units, per_unit, key, work, cfg.chunk, rank, world, label, unit)
+    return run_stage_units(cfg.engine.tensor_parallel, cfg.chunk, rank, world, out, units, per_unit, key, work,
+                           label, unit)
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
