@@ -8,6 +8,8 @@ replica works on exactly the leader's batches, whatever the leader found already
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
@@ -62,3 +64,21 @@ def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out
         from selfreward.infer.parallel import init_tp
         return run_units_tp(init_tp(tensor_parallel), out, units, per_unit, key, work, chunk, progress, unit)
     return run_units(out, units, per_unit, key, work, chunk, rank, world, progress, unit)
+
+
+@contextmanager
+def stage_group(device: str, world: int):
+    """The process group of a sharded stage under torchrun (world > 1): gloo on the CPU, NCCL with each rank
+    on its own GPU (cuda:LOCAL_RANK) when the engines run on CUDA; destroyed on the way out."""
+    if world <= 1:
+        yield
+        return
+    import torch
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
+from selfreward.infer.replicas import stage_group
 from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments, stage_seed as _seed, units
 from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores, select
 from selfreward.recipes.judge import judge_items
@@ -266,22 +267,10 @@ def main(argv: list[str] | None = None):
         return run_humpback(cfg)
     if world > 1 and a.stage not in SHARDED:
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only augment and curate shard)")
-    if world > 1:
-        import os
-
-        import torch
-        import torch.distributed as dist
-        cuda = torch.cuda.is_available() and not cfg.engine.device.startswith("cpu")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
-    try:
+    with stage_group(cfg.engine.device, world):
         stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
         if rank == 0 and a.stage in ("segments", "select"):
             return write_manifest(cfg, 0 if a.stage == "segments" else a.iter, {}, stats)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

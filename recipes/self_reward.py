@@ -13,13 +13,12 @@ a killed stage continues from its .partial file (selfreward.records).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.infer.replicas import run_stage_units
+from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.recipes.instruct import generate_prompts, given_prompts
 from selfreward.recipes.judge import chat_prompt_ids, judge_items
 from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig  # noqa: F401  (re-export)
@@ -249,19 +248,9 @@ def main(argv: list[str] | None = None):
         return run_loop(cfg)
     if world > 1 and a.stage not in ("candidates", "judge"):
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-        cuda = torch.cuda.is_available() and not cfg.engine.device.startswith("cpu")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
-    try:
+    with stage_group(cfg.engine.device, world):
         stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
         return write_manifest(cfg, a.iter, {}, stats) if rank == 0 else None
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -110,3 +110,14 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert rank_micro_batches(list(range(8)), world=2, rank=1, micro=2) == [[4, 5], [6, 7]]
     with pytest.raises(DataError, match="fewer than one global batch"):
         global_batch(3, 4, 0, seed=0)
+
+
+def test_split_held_out_by_hand():
+    from selfreward.train.data import split_held_out
+    import random
+    data = list("abcdefghij")
+    train, held = split_held_out(data, 0.2, seed=3)
+    order = list(range(10))
+    random.Random(3).shuffle(order)                      # the same draw, by hand
+    assert held == [data[i] for i in order[:2]] and train == [x for x in data if x not in held]
+    assert split_held_out(data, 0.01, 0)[1] and len(split_held_out(data, 0.01, 0)[1]) == 1   # at least one

@@ -238,6 +238,15 @@ def pair_batch(pairs: list[Pair]) -> PairBatch:
 
 
 # ---- order -----------------------------------------------------------------------------------------
+def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a share `fraction` (at least one) of `data` held out, drawn by `seed`; the
+    training examples keep their order."""
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(len(data) * fraction))
+    return [data[i] for i in sorted(order[k:])], [data[i] for i in order[:k]]
+
+
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
     """The example order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
     idx = list(range(n))

@@ -16,7 +16,6 @@ sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) 
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +25,7 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.reward_model import load_reward_model, packed_rewards, save_reward_model
 from selfreward.records import DataError
 from selfreward.train.config import TrainConfig, parse_config
-from selfreward.train.data import Pair, dpo_pair, read_jsonl, truncate_pair
+from selfreward.train.data import Pair, dpo_pair, read_jsonl, split_held_out, truncate_pair
 from selfreward.train.loop import cli, run, start
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
 
@@ -161,10 +160,7 @@ def train(cfg: RMConfig) -> dict:
     if cfg.eval_data:
         held, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl)
     elif cfg.eval_fraction > 0:
-        order = list(range(len(data)))
-        random.Random(cfg.seed).shuffle(order)
-        k = max(1, int(len(data) * cfg.eval_fraction))
-        held, data = [data[i] for i in order[:k]], [data[i] for i in sorted(order[k:])]
+        data, held = split_held_out(data, cfg.eval_fraction, cfg.seed)
     if d.is_main:
         print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
               f"{counts['truncated']}; held out: {len(held)}")

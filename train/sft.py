@@ -9,13 +9,12 @@ train/README.md.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
 
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
-from selfreward.train.data import Example, load_sft, n_targets, pack_rows
+from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_held_out
 from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import sft_logp_sum
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
@@ -99,10 +98,7 @@ def train(cfg: SFTConfig) -> dict:
     if cfg.eval_data:
         held, _ = load_sft(cfg.eval_data, tok, cfg.max_length, systems)
     elif cfg.eval_fraction > 0:
-        order = list(range(len(data)))
-        random.Random(cfg.seed).shuffle(order)
-        k = max(1, int(len(data) * cfg.eval_fraction))
-        held, data = [data[i] for i in order[:k]], [data[i] for i in sorted(order[k:])]
+        data, held = split_held_out(data, cfg.eval_fraction, cfg.seed)
     if d.is_main:
         print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
               f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(held)}")
