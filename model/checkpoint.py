@@ -104,13 +104,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     with torch.device("meta"):
         model = Transformer(cfg)
     params = dict(model.named_parameters())
-    expected = set(table.values())
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = [k for k in files if k not in expected and k not in ignorable
-                  and not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
-                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
+    check_no_unexpected(files, table, cfg)
     state = {}
     handles = {}
     try:
@@ -153,18 +147,35 @@ def _atomic_dir_write(out: Path, write):
         raise
 
 
-def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
-               max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> Path:
-    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
-    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names."""
-    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    table = name_table(cfg)
+def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: ModelConfig) -> None:
+    """A checkpoint tensor the name table does not know is an error naming its file (a tied model may also
+    store lm_head.weight; rotary inv_freq buffers are ignored)."""
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected = set(table.values())
+    unexpected = [k for k in files if k not in expected and k not in ignorable
+                  and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
+                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
+
+
+def hf_tensors(sd: dict, table: dict[str, str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict -> {HF name: contiguous CPU tensor} through `table`; a missing tensor is an error."""
     tensors = {}
     for ours, hf in table.items():
         if ours not in sd:
             raise CheckpointError(f"state dict has no '{ours}' (for {hf})")
         t = sd[ours].detach().to("cpu")
         tensors[hf] = (t.to(dtype) if dtype else t).contiguous()
+    return tensors
+
+
+def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
+               max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> Path:
+    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
+    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names."""
+    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = hf_tensors(sd, name_table(cfg), dtype)
 
     def write(tmp: Path):
         shards, cur, size = [], {}, 0

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from selfreward.model.checkpoint import CheckpointError, TOKENIZER_FILES, _atomic_dir_write, _tensor_files, \
-    name_table
+    hf_tensors, name_table
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import AttnContext, Transformer
 
@@ -86,13 +86,7 @@ def save_reward_model(model_or_sd, cfg: ModelConfig, out: str | Path, pad_token_
                       tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the sequence-classification folder. `model_or_sd`: the module or a full state dict (our names)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
-    table = dict(_backbone_table(cfg), **{"score.weight": "score.weight"})
-    tensors = {}
-    for ours, hf in table.items():
-        if ours not in sd:
-            raise CheckpointError(f"state dict has no '{ours}' (for {hf})")
-        t = sd[ours].detach().to("cpu")
-        tensors[hf] = (t.to(dtype) if dtype else t).contiguous()
+    tensors = hf_tensors(sd, dict(_backbone_table(cfg), **{"score.weight": "score.weight"}), dtype)
 
     def write(tmp: Path):
         import shutil

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from selfreward.model.checkpoint import CheckpointError, _tensor_files, check_tokenizer_fits, name_table
+from selfreward.model.checkpoint import CheckpointError, _tensor_files, check_no_unexpected, check_tokenizer_fits, \
+    name_table
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 
@@ -36,13 +37,7 @@ def read_sharded(path: str | Path, cfg: ModelConfig, plan: dict[str, Slice],
     files = _tensor_files(path)
     table = name_table(cfg)
     shapes = full_shapes(cfg)
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    expected = set(table.values())
-    unexpected = [k for k in files if k not in expected and k not in ignorable
-                  and not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
-                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
+    check_no_unexpected(files, table, cfg)
     state: dict[str, torch.Tensor] = {}
     nbytes = 0
     handles = {}
