@@ -139,6 +139,7 @@ def train(cfg: DPOConfig) -> dict:
         last = run(cfg, task, model, d, tok_dir, "dpo")
         return dict(last, truncated=counts["truncated"])
     finally:
+        del task, model, ref_model   # FSDP state freed while the process group is alive (see cleanup)
         cleanup(d)
 
 

@@ -109,5 +109,10 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 def cleanup(d: Dist) -> None:
+    """Tear the process group down once the caller has dropped its model: objects that still hold gloo
+    work when the interpreter finalises after the group is gone can abort the process (SIGABRT,
+    "terminate called without an active exception") after a successful run."""
     if d.world > 1 and dist.is_initialized():
+        import gc
+        gc.collect()
         dist.destroy_process_group()

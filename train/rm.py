@@ -172,6 +172,7 @@ def train(cfg: RMConfig) -> dict:
     try:
         return run(cfg, task, model, d, tok_dir, "rm")
     finally:
+        del task, model   # FSDP state freed while the process group is alive (see cleanup)
         cleanup(d)
 
 

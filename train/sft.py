@@ -109,6 +109,7 @@ def train(cfg: SFTConfig) -> dict:
         last = run(cfg, task, model, d, tok_dir, "sft")
         return dict(last, truncated=counts["truncated"], dropped=counts["dropped"])
     finally:
+        del task, model   # FSDP state, and any collective work it holds, freed while the group is alive
         cleanup(d)
 
 
