@@ -106,21 +106,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     params = dict(model.named_parameters())
     check_no_unexpected(files, table, cfg)
     state = {}
-    handles = {}
-    try:
-        for ours, hf in table.items():
-            if hf not in files:
-                raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
-            f = files[hf]
-            if f not in handles:
-                handles[f] = safe_open(str(f), "pt", device="cpu")
-            t = handles[f].get_tensor(hf)
-            want = tuple(params[ours].shape)
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
-            state[ours] = t.to(dtype)
-    finally:
-        handles.clear()
+    for ours, hf, f, handle in each_tensor(path, files, table):
+        t = handle.get_tensor(hf)
+        want = tuple(params[ours].shape)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
+        state[ours] = t.to(dtype)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True, assign=False)
     model.inv_freq = cfg.inv_freq().to(device)
@@ -145,6 +136,22 @@ def _atomic_dir_write(out: Path, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def each_tensor(path: Path, files: dict[str, Path], table: dict[str, str]):
+    """(our name, HF name, its file, an open safetensors handle) for every entry of the name table, each
+    file opened once; a tensor the checkpoint lacks is an error naming the folder."""
+    handles = {}
+    try:
+        for ours, hf in table.items():
+            if hf not in files:
+                raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
+            f = files[hf]
+            if f not in handles:
+                handles[f] = safe_open(str(f), "pt", device="cpu")
+            yield ours, hf, f, handles[f]
+    finally:
+        handles.clear()
 
 
 def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: ModelConfig) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from selfreward.model.checkpoint import CheckpointError, _tensor_files, check_no_unexpected, check_tokenizer_fits, \
-    name_table
+    each_tensor, name_table
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 
@@ -40,25 +39,16 @@ def read_sharded(path: str | Path, cfg: ModelConfig, plan: dict[str, Slice],
     check_no_unexpected(files, table, cfg)
     state: dict[str, torch.Tensor] = {}
     nbytes = 0
-    handles = {}
-    try:
-        for ours, hf in table.items():
-            if hf not in files:
-                raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
-            f = files[hf]
-            if f not in handles:
-                handles[f] = safe_open(str(f), "pt", device="cpu")
-            sl = handles[f].get_slice(hf)
-            shape = tuple(sl.get_shape())
-            if shape != shapes[ours]:
-                raise CheckpointError(f"{f}: tensor '{hf}' has shape {shape}, config says {shapes[ours]}")
-            if ours in plan:
-                dim, a, b = plan[ours]
-                t = sl[(slice(None),) * dim + (slice(a, b),)]
-            else:
-                t = sl[:]
-            nbytes += t.numel() * t.element_size()
-            state[ours] = t.to(dtype)
-    finally:
-        handles.clear()
+    for ours, hf, f, handle in each_tensor(path, files, table):
+        sl = handle.get_slice(hf)
+        shape = tuple(sl.get_shape())
+        if shape != shapes[ours]:
+            raise CheckpointError(f"{f}: tensor '{hf}' has shape {shape}, config says {shapes[ours]}")
+        if ours in plan:
+            dim, a, b = plan[ours]
+            t = sl[(slice(None),) * dim + (slice(a, b),)]
+        else:
+            t = sl[:]
+        nbytes += t.numel() * t.element_size()
+        state[ours] = t.to(dtype)
     return state, nbytes

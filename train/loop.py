@@ -24,7 +24,7 @@ from selfreward.records import DataError, write_atomic
 from selfreward.train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce_sum, init_distributed, set_grad_sync
+from selfreward.train.parallel import Dist, all_reduce_sum, init_distributed, reshard, set_grad_sync
 
 
 class TrainingStopped(RuntimeError):
@@ -59,6 +59,27 @@ def load_policy(cfg: TrainConfig):
     mcfg = ModelConfig.from_json(cfg.model)
     mcfg.dropout = cfg.dropout
     return load_model(cfg.model, cfg=mcfg)
+
+
+@torch.no_grad()
+def held_out_sums(model, held_out: list, d: Dist, micro: int, sums) -> torch.Tensor:
+    """Sum over the held-out set of `sums(model, chunk)` (a tuple of numbers), each rank its every world-th
+    example, in eval mode; all-reduced -> float64 [len(tuple)]. Every rank runs the same number of forwards
+    (FSDP's collectives need it): a short rank repeats an example and drops its numbers."""
+    mine = held_out[d.rank::d.world]
+    per_rank = -(-len(held_out) // d.world)
+    model.eval()
+    tot = None
+    for s in range(0, per_rank, micro):
+        chunk = mine[s:s + micro]
+        vals = torch.tensor([float(v) for v in sums(model, chunk or held_out[:1])], dtype=torch.float64)
+        tot = torch.zeros_like(vals) if tot is None else tot
+        if chunk:
+            tot += vals
+    model.train()
+    if d.sharded:
+        reshard(model)
+    return all_reduce_sum(tot, d)
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:

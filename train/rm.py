@@ -26,8 +26,8 @@ from selfreward.model.reward_model import load_reward_model, packed_rewards, sav
 from selfreward.records import DataError
 from selfreward.train.config import TrainConfig, parse_config
 from selfreward.train.data import Pair, dpo_pair, read_jsonl, split_held_out, truncate_pair
-from selfreward.train.loop import cli, run, start
-from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+from selfreward.train.loop import cli, held_out_sums, run, start
+from selfreward.train.parallel import Dist, cleanup, parallelize
 
 
 @dataclass
@@ -115,25 +115,12 @@ class RMTask:
         return {"loss": s["loss_sum"] / norm, "accuracy": s["agree"] / max(1.0, s["decided"]),
                 "margin": s["margin"] / max(1.0, s["pairs"])}
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict:
-        """Held-out loss and accuracy; every rank runs the same number of forwards (FSDP's collectives)."""
+        """Held-out loss and accuracy."""
         if not self.held_out:
             return {}
-        d, m = self.d, self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
-        mine = self.held_out[d.rank::d.world]
-        per_rank = -(-len(self.held_out) // d.world)
-        model.eval()
-        tot = torch.zeros(3, dtype=torch.float64)
-        for s in range(0, per_rank, m):
-            chunk = mine[s:s + m]
-            loss, agree, n, _ = self._sums(model, chunk or self.held_out[:1])
-            if chunk:
-                tot += torch.tensor([float(loss), float(agree), float(n)], dtype=torch.float64)
-        model.train()
-        if d.sharded:
-            reshard(model)
-        tot = all_reduce_sum(tot, d)
+        m = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
+        tot = held_out_sums(model, self.held_out, self.d, m, lambda mod, prs: self._sums(mod, prs)[:3])
         return {"eval_loss": float(tot[0]) / len(self.held_out), "eval_accuracy": float(tot[1] / max(1.0, tot[2]))}
 
     def export(self, model, out, d: Dist) -> None:

@@ -15,9 +15,9 @@ import torch
 
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_held_out
-from selfreward.train.loop import cli, load_policy, run, start
+from selfreward.train.loop import cli, held_out_sums, load_policy, run, start
 from selfreward.train.losses import sft_logp_sum
-from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+from selfreward.train.parallel import Dist, cleanup, parallelize
 
 
 @dataclass
@@ -51,26 +51,12 @@ class SFTTask:
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict:
-        """Mean token cross-entropy on the held-out set (eval mode). Every rank runs the same number of
-        forwards (FSDP's collectives need it): short ranks repeat an example with weight 0."""
+        """Mean token cross-entropy on the held-out set (eval mode)."""
         if not self.held_out:
             return {}
-        d, m = self.d, self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
-        mine = self.held_out[d.rank::d.world]
-        per_rank = -(-len(self.held_out) // d.world)
-        model.eval()
-        tot = torch.zeros(2, dtype=torch.float64)
-        for s in range(0, per_rank, m):
-            chunk = mine[s:s + m]
-            loss, n, _ = self._sums(model, chunk or self.held_out[:1])
-            if chunk:
-                tot += torch.tensor([float(loss), n], dtype=torch.float64)
-        model.train()
-        if d.sharded:
-            reshard(model)
-        tot = all_reduce_sum(tot, d)
+        m = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
+        tot = held_out_sums(model, self.held_out, self.d, m, lambda mod, exs: self._sums(mod, exs)[:2])
         return {"eval_loss": float(tot[0] / tot[1])}
 
 
