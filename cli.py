@@ -144,11 +144,25 @@ def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, extra: lis
     torchrun(module, ["--config", str(config_path), *extra], nproc)
 
 
-def run_main(main) -> None:
-    """An entry script's `__main__`: the project's input errors become `error: ...` and exit 2."""
+class Stopped(RuntimeError):
+    """A run that stopped itself for a reason its message explains (a non-finite loss): exit 1, no traceback."""
+
+
+def run_main(main, argv: list[str] | None = None) -> None:
+    """Every entry point's `__main__`: the project's errors (DataError and its kinds: bad input, bad flag,
+    bad checkpoint, tokenizer or template) and OS errors (a missing or unwritable file, a full disk) print
+    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; never a traceback for those."""
     try:
-        rc = main()
-    except DataError as e:
+        rc = main(argv) if argv is not None else main()
+    except Stopped as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (DataError, OSError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else \
+            f"{e.filename}: {e.strerror or e}" + (f" (-> {e.filename2})" if e.filename2 else "")
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except UnicodeDecodeError as e:   # a reader that does not name its file still says what was wrong
+        print(f"error: a file is not UTF-8 text ({e})", file=sys.stderr)
         sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -24,10 +24,17 @@ class DataError(ValueError):
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; a line that is not a JSON object is an error."""
+    """Yield (line number, record) for each non-blank line; a line that is not a JSON object (or not UTF-8)
+    is an error naming the file and line; a missing file, one naming it."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -41,6 +48,21 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [r for _, r in iter_jsonl(path)]
+
+
+def nonempty(records: list, path: str | Path, what: str = "records") -> list:
+    """`records`, or an error when there are none: a command never works on (or trains on) nothing."""
+    if not records:
+        raise DataError(f"{path}: no {what} (the file is empty)")
+    return records
+
+
+def user_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a file made by mkstemp (0600) or a folder made by mkdtemp (0700) the mode the user's umask
+    gives to ordinary files (0666 & ~umask) and folders (0777 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
 def need_jsonl(path: str | Path, made_by: str) -> list[dict]:
@@ -72,6 +94,7 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -146,14 +169,27 @@ class PartialWriter:
             if len(kept) != len(self.records):
                 write_jsonl(self.partial, kept)
             self.records = kept
-        self._f = open(self.partial, "a", encoding="utf-8")
+        self._f = open(self.partial, "ab", buffering=0)
 
     def write(self, records: list[dict]) -> None:
+        """Append the records whole or not at all: a failed write (disk full) is cut back off the file, so
+        the partial file holds complete units only and a rerun redoes exactly the units not written."""
         if not records:
             return
-        self._f.write("".join(dumps(r) + "\n" for r in records))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+        fd = self._f.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass   # read_partial cuts a torn tail on the next open
+            raise OSError(e.errno, f"{self.partial}: writing {len(records)} record(s) failed ({e.strerror}); "
+                                   f"the file keeps the {len(self.records)} complete ones and a rerun continues "
+                                   f"from there") from None
         self.records.extend(records)
 
     def finish(self) -> Path:
@@ -170,6 +206,13 @@ class PartialWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (the one place appends go through; tests make it fail)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # ---- units: resumable, shardable work -----------------------------------------------------------

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
+from selfreward.records import DataError, user_mode
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     pass
 
 
@@ -72,10 +73,25 @@ def _tensor_files(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
         return files
     if single.exists():
-        with safe_open(str(single), "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     raise CheckpointError(f"{path}: not a checkpoint folder (no model.safetensors or "
                           f"model.safetensors.index.json)")
+
+
+def open_safetensors(f: Path):
+    """safe_open, with a truncated or corrupt file reported as an error naming it."""
+    try:
+        return safe_open(str(f), "pt", device="cpu")
+    except Exception as e:   # safetensors raises its own SafetensorError (and OSError) for a bad header
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+
+
+def _get(handle, f: Path, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{f}: tensor '{name}' cannot be read ({e}); truncated or corrupt?") from None
 
 
 def check_tokenizer_fits(path: Path, cfg: ModelConfig) -> None:
@@ -107,7 +123,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     check_no_unexpected(files, table, cfg)
     state = {}
     for ours, hf, f, handle in each_tensor(path, files, table):
-        t = handle.get_tensor(hf)
+        t = _get(handle, f, hf)
         want = tuple(params[ours].shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
@@ -124,6 +140,7 @@ def _atomic_dir_write(out: Path, write):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
+        user_mode(tmp, folder=True)
         write(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old"
@@ -148,7 +165,7 @@ def each_tensor(path: Path, files: dict[str, Path], table: dict[str, str]):
                 raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
             f = files[hf]
             if f not in handles:
-                handles[f] = safe_open(str(f), "pt", device="cpu")
+                handles[f] = open_safetensors(f)
             yield ours, hf, f, handles[f]
     finally:
         handles.clear()

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from selfreward.records import DataError
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
-class ConfigError(ValueError):
+class ConfigError(DataError):
     pass
 
 
@@ -83,9 +85,13 @@ class ModelConfig:
         if not path.exists():
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

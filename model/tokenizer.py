@@ -24,6 +24,8 @@ import json
 import re
 from pathlib import Path
 
+from selfreward.records import DataError
+
 # The plain template, used when a checkpoint has no chat_template:
 #   <bos>System: {system}\n\nUser: {user}\n\nAssistant: {assistant}<eos>User: {user}\n\nAssistant: ...
 PLAIN_HEADERS = {"system": "System: {}\n\n", "user": "User: {}\n\n"}
@@ -46,7 +48,7 @@ def check_messages(msgs, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     pass
 
 
@@ -63,17 +65,25 @@ class Tokenizer:
         self.path = path
         cfg_file = path / "tokenizer_config.json"
         try:
-            self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+            self.config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{cfg_file}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
-            self._hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                self._hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:   # the tokenizers library raises a bare Exception for a bad file
+                raise TokenizerError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         elif (path / "tokenizer.model").exists():
             import sentencepiece as spm
-            self._sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except (RuntimeError, OSError) as e:
+                raise TokenizerError(f"{path / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from None
             self._hf = None
             self.vocab_size = self._sp.vocab_size()
         else:

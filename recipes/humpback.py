@@ -39,7 +39,8 @@ from selfreward.train.sft import SFTConfig
 STAGES = ("backward", "forward", "segments", "augment", "curate", "select", "train")
 SHARDED = ("augment", "curate")
 # fields the recipe sets itself (no flags)
-SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "seed", "system_prompt", "eval_data"}}
+SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "system_prompt",
+                    "eval_data"}}
 
 
 @dataclass

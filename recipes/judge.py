@@ -16,6 +16,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Callable, Sequence
 
+from selfreward.records import DataError
+
 DEFAULT_TEMPLATE = """\
 Please rate how well the reply below serves the user's request. Start from 0 and add one point for each \
 statement that holds:
@@ -51,7 +53,7 @@ PLACEHOLDERS = ("{instruction}", "{response}")
 _SLOT = re.compile(r"\{(instruction|response)\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     pass
 
 

@@ -14,7 +14,7 @@ from selfreward.recipes.select import SelectConfig
 from selfreward.train.dpo import DPOConfig
 
 # fields the loop sets itself (no flags): DPO's input/output per iteration, the seeds and grain of rounds
-LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "seed", "export_every"},
+LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "export_every"},
             "select": {"candidates", "reference", "out", "report", "engine"},
             "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
 

@@ -31,14 +31,42 @@ from selfreward.train.parallel import Dist, barrier
 _write_text = write_atomic
 
 
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (trainer_state.json written last), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists()) if root.is_dir() else []
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; when that one is incomplete or missing, the newest complete one."""
     ptr = Path(run_dir) / "checkpoints" / "latest"
     if not ptr.exists():
         return None
     p = ptr.parent / ptr.read_text().strip()
     if not (p / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{ptr}: points to {p.name}, which is incomplete or missing")
+        done = complete_checkpoints(run_dir)
+        print(f"[checkpoint] {ptr}: points to {p.name}, which is incomplete or missing; "
+              f"{'using ' + done[-1].name if done else 'no complete checkpoint: starting from step 0'}", flush=True)
+        return done[-1] if done else None
     return p
+
+
+def drop_checkpoints_from(run_dir: str | Path, step: int, d: Dist) -> Path | None:
+    """Remove the checkpoints of step >= `step` (weights that went on to give a non-finite loss) and point
+    `latest` at the newest one left -> that one, or None."""
+    if d.is_main:
+        root = Path(run_dir) / "checkpoints"
+        for p in complete_checkpoints(run_dir):
+            if int(p.name.split("_")[1]) >= step:
+                shutil.rmtree(p, ignore_errors=True)
+        left = complete_checkpoints(run_dir)
+        if left:
+            _write_text(root / "latest", left[-1].name + "\n")
+        elif (root / "latest").exists():
+            (root / "latest").unlink()
+    barrier(d)
+    left = complete_checkpoints(run_dir)
+    return left[-1] if left else None
 
 
 def _rng_state() -> dict:

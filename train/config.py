@@ -34,6 +34,7 @@ class TrainConfig:
     save_every: int = 0               # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2
     resume: bool = False              # continue from OUTPUT/checkpoints/latest if there is one
+    overwrite: bool = False           # start over: remove the checkpoints, metrics and model of OUTPUT's earlier run
     log_every: int = 1
     activation_checkpointing: bool = False
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: always fp32)
@@ -46,5 +47,18 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.data:
             raise ConfigError("--data is required")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it over)")
+        for name, lo in (("batch_size", 1), ("epochs", 0), ("max_steps", 0), ("max_length", 2), ("save_every", 0),
+                         ("keep_checkpoints", 1), ("log_every", 1), ("micro_batch_size", 0)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
+        if not self.lr > 0 or self.final_lr < 0 or not 0 <= self.dropout < 1 or self.grad_clip < 0:
+            raise ConfigError(f"--lr {self.lr:g} must be > 0, --final-lr {self.final_lr:g} >= 0, --dropout "
+                              f"{self.dropout:g} in [0, 1), --grad-clip {self.grad_clip:g} >= 0")
+        mpl = getattr(self, "max_prompt_length", None)   # DPO and the reward model
+        if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
+            raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "
+                              f"{self.max_length})")
         if self.schedule not in ("cosine", "linear"):
             raise ConfigError(f"--schedule {self.schedule!r}: choose cosine or linear")

@@ -23,6 +23,7 @@ from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
 from selfreward.train.losses import resolve_loss_settings
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
+from selfreward.train.runfolder import guarded
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -32,10 +33,10 @@ STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "
 class DPOConfig(TrainConfig):
     lr: float = 1e-6                  # paper: 1e-6 -> 1e-7, beta 0.1, global batch 16, dropout 0.1
     final_lr: float = 1e-7
-    beta: float = -1.0                # -1 = the loss's paper: 0.1 (DPO family), 2.0 (simpo)
+    beta: float | None = None         # unset = the loss's paper: 0.1 (DPO family), 2.0 (simpo)
     loss: str = "sigmoid"             # sigmoid | ipo | cdpo (label-smoothed) | robust (rDPO) | simpo (reference-free)
-    label_smoothing: float = -1.0     # cdpo / robust only: assumed share of flipped labels; -1 = 0.1
-    simpo_gamma: float = -1.0         # simpo only: target margin between length-normalised rewards; -1 = 0.5 x beta
+    label_smoothing: float | None = None  # cdpo / robust only: assumed share of flipped labels; unset = 0.1
+    simpo_gamma: float | None = None  # simpo only: target margin between length-normalised rewards; unset = 0.5 x beta
     nll_alpha: float = 0.0            # + alpha * chosen per-token NLL (RPO); 0 = plain DPO
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     ref_mode: str = "cache"           # cache | online
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_config(DPOConfig, argv, __doc__))
 
 
+@guarded("dpo")
 def train(cfg: DPOConfig) -> dict:
     """One DPO run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
     cfg.check()

@@ -20,36 +20,37 @@ import torch
 from selfreward.model.checkpoint import load_model
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
+from selfreward.cli import ConfigError, Stopped, run_main
 from selfreward.records import DataError, write_atomic
-from selfreward.train.checkpointing import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from selfreward.train.checkpointing import drop_checkpoints_from, export_model, latest_checkpoint, \
+    load_checkpoint, save_checkpoint
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
 from selfreward.train.parallel import Dist, all_reduce_sum, init_distributed, reshard, set_grad_sync
 
 
-class TrainingStopped(RuntimeError):
-    """A non-finite loss or gradient: the step was not applied and the last good checkpoint is kept."""
+class TrainingStopped(Stopped):
+    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
+    is kept, and `latest` points at the newest one whose next step was still finite."""
 
 
 def cli(main) -> None:
-    """The entry scripts' `__main__`: a stopped run (NaN/inf loss) prints its message and exits 1; bad input
-    or a bad flag prints `error: ...` and exits 2."""
-    import sys
-    try:
-        main()
-    except TrainingStopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The entry scripts' `__main__` (selfreward.cli.run_main): a stopped run (NaN/inf loss) prints its
+    message and exits 1; bad input, a bad flag, a bad checkpoint or an OS error prints `error: ...`, exit 2."""
+    run_main(main)
 
 
 def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
     """The startup both trainers share: threads, process group, tokenizer (-> dist, tokenizer, its folder)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx = ModelConfig.from_json(cfg.model).max_position_embeddings
     d = init_distributed()
+    if cfg.max_length > ctx:
+        if d.is_main:
+            print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
+                  f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}", flush=True)
+        cfg.max_length = ctx
     tok_dir = cfg.tokenizer or cfg.model
     return d, Tokenizer.load(tok_dir), tok_dir
 
@@ -80,6 +81,15 @@ def held_out_sums(model, held_out: list, d: Dist, micro: int, sums) -> torch.Ten
     if d.sharded:
         reshard(model)
     return all_reduce_sum(tot, d)
+
+
+def check_finite(model, d: Dist, out: Path, step: int, name: str) -> None:
+    """Before a checkpoint or export: every weight finite on every rank, else stop (nothing is saved)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if all_reduce_sum(torch.tensor([float(bad)]), d).item() > 0:
+        good = drop_checkpoints_from(out, step, d)
+        raise TrainingStopped(f"[{name}] non-finite weights after step {step}: not saved; last good checkpoint: "
+                              f"{good if good else 'none (nothing good saved)'}")
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
@@ -124,13 +134,16 @@ class MetricsLog:
 def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -> dict:
     out = Path(cfg.output)
     n = task.num_examples
-    if 0 < n < cfg.batch_size:
+    if n == 0:
+        raise DataError(f"{', '.join(cfg.data)}: no examples left to train on (the files are empty, or every "
+                        f"example was dropped: see the counts above; a larger --max-length keeps more)")
+    if n < cfg.batch_size:
         # fewer examples than one batch (a late self-rewarding iteration can make few pairs): one smaller
         # batch per epoch, said loudly, rather than zero steps and an unchanged model exported as trained
         # (without --max-steps) or a crash (with it)
         small = n // d.world * d.world
         if small < 1:
-            raise SystemExit(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
+            raise DataError(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
         if d.is_main:
             print(f"[{name}] only {n} examples: batch size lowered from {cfg.batch_size} to {small}", flush=True)
         cfg.batch_size = small
@@ -140,8 +153,10 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
     micro = cfg.micro_batch_size or cfg.batch_size // d.world
     if micro < 1 or cfg.batch_size % (micro * d.world):
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch {micro} x "
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch {micro} x "
                          f"world size {d.world}")
+    if total < 1:
+        raise ConfigError(f"--epochs {cfg.epochs} / --max-steps {cfg.max_steps}: 0 optimizer steps to take")
     accum = cfg.batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -182,10 +197,11 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         metrics = task.summarize(sums, norm)
         if not (math.isfinite(metrics["loss"]) and math.isfinite(gnorm)):
-            good = latest_checkpoint(out)
+            # the weights after `step` updates gave this: a checkpoint of them (step_<step>) is not good either
+            good = drop_checkpoints_from(out, step, d)
             raise TrainingStopped(
                 f"[{name}] non-finite loss {metrics['loss']} / grad norm {gnorm} at step {step + 1}: stopped "
-                f"before applying it; last good checkpoint: {good if good else 'none (nothing saved yet)'}")
+                f"before applying it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -211,11 +227,13 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         if export_every and (step + 1) % export_every == 0:   # candidates for checkpoint selection
             export_model(model, out / "exports" / f"step_{step + 1}", tokenizer_dir, d)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            check_finite(model, d, out, step + 1, name)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     if hasattr(task, "evaluate") and start < total:
         ev = task.evaluate(model)
         log.write({"step": total, **ev})
         last.update(ev)
+    check_finite(model, d, out, total, name)
     if start < total:
         save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     export = Path(cfg.export or out / "model")

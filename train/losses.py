@@ -46,17 +46,22 @@ SIMPO_GAMMA_BETA_RATIO = 0.5
 DEFAULT_LABEL_SMOOTHING = 0.1
 
 
-def resolve_loss_settings(loss: str, beta: float, label_smoothing: float, simpo_gamma: float
-                          ) -> tuple[float, float, float]:
-    """The trainer's flags -> (beta, eps, gamma). A negative value means "not set": the loss's default
-    (beta 0.1, or 2.0 for simpo; gamma = 0.5 x beta; eps 0.1). A label smoothing above 0 for a loss that
-    has none, or a gamma above 0 for a loss other than simpo, is refused (ValueError) rather than ignored.
+def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
+                          simpo_gamma: float | None) -> tuple[float, float, float]:
+    """The trainer's flags -> (beta, eps, gamma). None means "not set": the loss's default (beta 0.1, or
+    2.0 for simpo; gamma = 0.5 x beta; eps 0.1); a negative value given is refused (ValueError), as are a
+    label smoothing above 0 for a loss that has none and a gamma above 0 for a loss other than simpo.
     The result maps to itself, so resolving twice changes nothing."""
     if loss not in LOSS_TYPES:
         raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_TYPES)}")
-    beta = DEFAULT_BETA.get(loss, 0.1) if beta < 0 else beta
+    for flag, v in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--simpo-gamma", simpo_gamma)):
+        if v is not None and v < 0:
+            raise ValueError(f"{flag} {v:g}: must be >= 0 (leave it out for the loss's default)")
+    label_smoothing = -1.0 if label_smoothing is None else label_smoothing
+    simpo_gamma = -1.0 if simpo_gamma is None else simpo_gamma
+    beta = DEFAULT_BETA.get(loss, 0.1) if beta is None else beta
     if beta <= 0:
-        raise ValueError(f"--beta {beta}: must be > 0")
+        raise ValueError(f"--beta {beta:g}: must be > 0 (--loss {loss} divides by it or scales by it)")
     if loss in SMOOTHED:
         eps = DEFAULT_LABEL_SMOOTHING if label_smoothing < 0 else label_smoothing
         if not 0 <= eps < 0.5:

@@ -28,6 +28,7 @@ from selfreward.train.config import TrainConfig, parse_config
 from selfreward.train.data import Pair, dpo_pair, read_jsonl, split_held_out, truncate_pair
 from selfreward.train.loop import cli, held_out_sums, run, start
 from selfreward.train.parallel import Dist, cleanup, parallelize
+from selfreward.train.runfolder import guarded
 
 
 @dataclass
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_config(RMConfig, argv, __doc__))
 
 
+@guarded("rm")
 def train(cfg: RMConfig) -> dict:
     """One reward-model run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
     cfg.check()

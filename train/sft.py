@@ -18,6 +18,7 @@ from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split
 from selfreward.train.loop import cli, held_out_sums, load_policy, run, start
 from selfreward.train.losses import sft_logp_sum
 from selfreward.train.parallel import Dist, cleanup, parallelize
+from selfreward.train.runfolder import guarded
 
 
 @dataclass
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_config(SFTConfig, argv, __doc__))
 
 
+@guarded("sft")
 def train(cfg: SFTConfig) -> dict:
     """One SFT run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
     cfg.check()

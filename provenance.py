@@ -1,0 +1,208 @@
+"""What made an output, and who is writing it: the one place every command claims its outputs.
+
+    with claim(out, made_by={"model": model_fingerprint(m), "input": file_hash(inp), "n": 4, ...},
+               inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
+        ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
+
+- `OutputLock`: a second writer of the same output fails fast. The lock file (OUT.lock) holds the pid of
+  its holder and is locked with fcntl.flock, so the kernel drops the lock when the holder dies (a killed
+  run's lock file is simply taken over by the next run).
+- the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape
+  the data, the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused (it
+  would reuse, append to or truncate data made otherwise) unless the caller passes the start-over flag;
+  settings that do not change the data (batch sizes of the engine, threads) are left out of the record.
+- `check_not_input`: a command never writes over one of its own inputs.
+Hashes are cheap: a file is hashed whole (JSONL inputs are small next to the work done on them); a model
+folder by its config and, per weights file, its size and the safetensors header plus the first and last
+MiB of data (a retrained or replaced checkpoint changes all of those).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from selfreward.records import DataError, partial_path, read_json, write_json
+
+MIB = 1 << 20
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * MIB), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of a checkpoint folder: config.json, and per *.safetensors file its name, size,
+    header and the first and last MiB after it. "" when `path` is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.name.endswith(".safetensors.index.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(min(size, 8 + MIB)))
+                if size > 2 * MIB:
+                    fh.seek(size - MIB)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def inputs_hash(paths: Iterable[str | Path]) -> dict[str, str]:
+    return {str(p): file_hash(p) for p in paths if Path(p).is_file()}
+
+
+def meta_path(out: str | Path, folder: bool = False) -> Path:
+    """Where the record of `out` lives: FOLDER/run.json for a folder output, OUT.meta.json for a file."""
+    out = Path(out)
+    return out / "run.json" if folder else out.with_name(out.name + ".meta.json")
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs (nested dicts compared leaf by leaf)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False) -> bool:
+    """True when OUT's record exists and equals `made_by`; False when there is none; an error naming the
+    differences (and `flag`, the way to start over) when it differs."""
+    mp = meta_path(out, folder)
+    if not mp.exists():
+        return False
+    try:
+        old = read_json(mp).get("made_by", {})
+    except (ValueError, OSError) as e:
+        raise DataError(f"{mp}: unreadable provenance record ({e}); remove it or pass {flag}") from None
+    diff = differences(old, made_by)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise DataError(f"{out}: made with other settings or inputs ({shown}); refusing to reuse or "
+                        f"overwrite it: pass {flag} to start over, or choose another output")
+    return True
+
+
+def write_record(out: str | Path, made_by: dict, folder: bool = False) -> Path:
+    return write_json(meta_path(out, folder), {"made_by": made_by})
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_not_input(inputs: Iterable[str | Path], outputs: Iterable[str | Path]) -> None:
+    """Refuse a run that would write over one of its inputs (`outputs`: every path the command writes)."""
+    outputs = [Path(o) for o in outputs]
+    for i in inputs:
+        for o in outputs:
+            if same_file(i, o):
+                raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
+
+
+class OutputLock:
+    """An exclusive lock on OUT (file OUT.lock, or FOLDER/.lock for a folder), with the holder's pid in it.
+    A second process fails at once with a DataError naming the holder. A holder killed without releasing
+    leaves the file, but the kernel has dropped its flock: the next run locks it and writes its own pid."""
+
+    def __init__(self, out: str | Path, folder: bool = False):
+        out = Path(out)
+        self.path = out / ".lock" if folder else out.with_name(out.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                pid = self._holder()
+                raise DataError(f"{self.path}: another run (pid {pid if pid else '?'}) is writing this output; "
+                                f"wait for it to finish or stop it") from None
+            try:   # the file we locked may have been removed by a holder releasing it meanwhile: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+        raise DataError(f"{self.path}: could not take the lock (the file keeps being replaced)")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextmanager
+def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+          flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True) -> Iterator[bool]:
+    """Lock OUT, refuse inputs that are OUT, and check OUT's record against `made_by`: equal -> go on (a
+    resume, or nothing to do); different -> refused unless `overwrite`, which calls `clear()` (remove what
+    the old run wrote) first; none -> `clear()` too when `overwrite`. The record is (re)written before the
+    body runs, so a killed run's partial output is already labelled. Yields whether the record matched."""
+    out = Path(out)
+    check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
+    lk = OutputLock(out, folder=folder).acquire() if lock else None
+    try:
+        same = False
+        if overwrite:
+            if clear is not None:
+                clear()
+            meta_path(out, folder).unlink(missing_ok=True)
+        else:
+            same = check_record(out, made_by, flag, folder)
+        if folder:
+            out.mkdir(parents=True, exist_ok=True)
+        write_record(out, made_by, folder)
+        yield same
+    finally:
+        if lk is not None:
+            lk.release()

@@ -1,0 +1,83 @@
+"""The trainers' run folder: claimed before any work (selfreward.provenance), so a run never silently mixes
+with, truncates or replaces another.
+
+- OUTPUT holds a run already (checkpoints/, metrics.jsonl or run.json) and neither --resume nor --overwrite
+  is given: refused (today's run would cut metrics.jsonl and move `latest` back).
+- --resume: OUTPUT/run.json must record the same model, data and settings that shape training (a resume
+  with other data, lr or batch size is not a resume); --overwrite starts over (removes the old run first).
+- a second trainer writing the same OUTPUT fails at once on OUTPUT/.lock.
+- --output or --export equal to --model (or --tokenizer) is refused: a run never writes over its input.
+- the export folder must be writable before the first step, not after the last.
+Under torchrun rank 0 claims the folder (the other ranks write only after collectives rank 0 joins).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from selfreward.cli import to_dict
+from selfreward.provenance import check_not_input, claim, inputs_hash, model_fingerprint
+from selfreward.records import DataError
+
+# settings that do not change what training computes (how often it logs / saves, threads, where it exports)
+NOT_SHAPING = {"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "threads", "sleep_per_step",
+               "eval_every", "export_every", "export", "output", "micro_batch_size", "activation_checkpointing",
+               "ref_cache_dir"}
+
+
+def made_by(cfg) -> dict:
+    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING}
+    d["model_fingerprint"] = model_fingerprint(cfg.model)
+    d["data_hashes"] = inputs_hash(list(cfg.data) + list(getattr(cfg, "eval_data", [])))
+    return d
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e}); checked before training") from None
+
+
+def _clear(out: Path, export: Path) -> None:
+    for p in (out / "checkpoints", out / "exports", out / "model"):   # a separate --export is replaced at the end
+        shutil.rmtree(p, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+@contextmanager
+def claim_run(cfg, name: str):
+    out = Path(cfg.output)
+    export = Path(cfg.export or out / "model")
+    check_not_input([cfg.model] + ([cfg.tokenizer] if cfg.tokenizer else []), [out, export])
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    old = [p.name for p in (out / "checkpoints", out / "metrics.jsonl", out / "run.json") if p.exists()]
+    if old and not cfg.resume and not cfg.overwrite:
+        raise DataError(f"{out}: holds an earlier run ({', '.join(old)}); pass --resume to continue it, "
+                        f"--overwrite to start over, or choose another --output")
+    check_writable(out, "--output")
+    check_writable(export.parent, "--export" if cfg.export else "--output")
+    with claim(out, made_by(cfg), overwrite=cfg.overwrite, flag="--overwrite (start over)", folder=True,
+               clear=lambda: _clear(out, export)):
+        yield
+
+
+def guarded(name: str):
+    """Decorator for a trainer's `train(cfg)`: check the config, then claim the run folder around it."""
+    def deco(train):
+        @functools.wraps(train)
+        def wrapper(cfg):
+            cfg.check()
+            with claim_run(cfg, name):
+                return train(cfg)
+        return wrapper
+    return deco
