@@ -34,7 +34,9 @@ from selfreward.infer.sequence import SamplingParams
 from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine
 from selfreward.infer.replicas import run_units_tp
-from selfreward.records import DataError, dist_env, iter_jsonl, read_jsonl
+from selfreward.cli import ConfigError, run_main
+from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
+from selfreward.records import DataError, dist_env, iter_jsonl, nonempty, partial_path, read_jsonl
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
@@ -109,11 +111,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over when OUTPUT (or its .partial) was made with another model, input or settings")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
                     help="ranks per model replica: the WORLD_SIZE ranks form WORLD_SIZE/T replicas, each "
                          "holding 1/T of the weights and KV heads (infer/parallel.py); prompts are split "
                          "across replicas, and the first rank of each replica writes")
     return ap.parse_args(argv)
+
+
+FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "max_tokens": "--max-tokens",
+         "block_size": "--block-size", "max_num_seqs": "--max-num-seqs", "num_blocks": "--num-blocks"}
+
+
+def check_flags(args) -> EngineConfig:
+    """Every flag checked before any work, each error naming its flag -> the engine's config."""
+    def named(e: ValueError) -> ConfigError:
+        msg = str(e)
+        for k, flag in FLAGS.items():
+            msg = msg.replace(f"engine {k}", flag).replace(k, flag)
+        return ConfigError(msg)
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: must be >= 1 (samples per prompt)")
+    if any(not s for s in args.stop):
+        raise ConfigError("--stop '': an empty stop string would end every sample at once")
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise ConfigError(f"--num-blocks {args.num_blocks}: must be >= 1 (leave it out to size the pool itself)")
+    if same_file(args.input, args.output) or same_file(args.input, partial_path(args.output)):
+        raise ConfigError(f"--input {args.input} and --output {args.output} are one file: refusing to write "
+                          f"over the input")
+    try:
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens)
+        ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
+                            max_num_seqs=args.max_num_seqs)
+        ecfg.check()
+    except ValueError as e:
+        raise named(e) from None
+    return ecfg
+
+
+def made_by(args) -> dict:
+    """What shapes OUTPUT's records: the model, the input, the sampling flags (not the engine's batching)."""
+    return {"model": str(args.model), "model_fingerprint": model_fingerprint(args.model),
+            "input_hash": file_hash(args.input), "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed, "stop": list(args.stop),
+            "ignore_eos": args.ignore_eos, "logprobs": args.logprobs, "raw_prompt": args.raw_prompt,
+            "dtype": args.dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    out, lock = Path(args.output), None
     try:
-        ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
-                            max_num_seqs=args.max_num_seqs)
-        ecfg.check()
+        ecfg = check_flags(args)
         if not os.path.isfile(args.input):
             raise InputError(f"{args.input}: no such file")
-        requests = read_requests(args.input)
+        requests = nonempty(read_requests(args.input), args.input, "prompts")
+        if not os.path.isdir(args.model):
+            raise InputError(f"--model {args.model}: not a checkpoint folder")
         key = lambda r: id_key(r["id"])   # noqa: E731
+        lock = _claim(out, args, rank, world, dist)
         if os.path.exists(args.output):
             done = {key(r) for r in read_jsonl(args.output)}
             if all(key(r) in done for r in requests):
@@ -142,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for i, r in enumerate(requests) if i % tp.num_replicas == tp.replica]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
         gen = Generator(args, ecfg, tp)
+        gen.load()                     # a bad checkpoint fails here, before any output file exists
         run_units_tp(tp, Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)),
                      f"sample rank {rank}", "prompts")
         if rank == 0:
@@ -151,9 +197,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
+            if p.exists() and p.stat().st_size == 0:
+                p.unlink()             # a run that wrote nothing leaves nothing
+        if lock is not None:
+            lock.__exit__(None, None, None)
         if dist is not None:
             dist.destroy_process_group()
     return 0
+
+
+def _claim(out: Path, args, rank: int, world: int, dist):
+    """Rank 0 claims OUTPUT (lock, provenance record, --overwrite clears the old files); after a barrier
+    every other rank locks its own shard and checks the record rank 0 left -> the context to exit at the end."""
+    made = made_by(args)
+
+    def clear() -> None:
+        for p in [out, partial_path(out)] + list(out.parent.glob(f"{out.name}.rank*")):
+            p.unlink(missing_ok=True)
+    if rank == 0:
+        ctx = claim(out, made, [args.input], args.overwrite, clear=clear)
+        ctx.__enter__()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        ctx = OutputLock(out.with_name(f"{out.name}.rank{rank}")).acquire()
+        check_record(out, made, "--overwrite")
+    return ctx
 
 
 class Generator:
@@ -161,11 +231,18 @@ class Generator:
     flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
 
     def __init__(self, args, ecfg: EngineConfig, tp=None):
-        self.args, self.ecfg, self.tp = args, ecfg, tp
+        self.args, self.ecfg, self.tp, self.eng = args, ecfg, tp, None
+
+    def load(self):
+        args = self.args
+        if self.eng is None:
+            self.eng = load_engine(args.model, self.ecfg) if self.tp is None or self.tp.size == 1 \
+                else _tp_engine(args, self)
+        return self.eng
 
     def work(self, batch: list[tuple[int, dict]], emit) -> None:
         args = self.args
-        eng = load_engine(args.model, self.ecfg) if self.tp is None or self.tp.size == 1 else _tp_engine(args, self)
+        eng = self.load()
         if eng.tokenizer is None:
             raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
         prompts, params = [], []
@@ -201,4 +278,4 @@ def _tp_engine(args, gen: Generator):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

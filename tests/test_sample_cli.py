@@ -61,7 +61,7 @@ def test_resume_after_kill_and_sharding(stories260k, tmp_path, monkeypatch, caps
     got = _read(out)
     assert [r["text"] for r in got] == [r["text"] for r in ref[:2]] + ["PLANTED"] * 2 + [r["text"] for r in ref[4:]]
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in ref]
-    assert not list(tmp_path.glob("out.jsonl.*"))
+    assert [p.name for p in tmp_path.glob("out.jsonl.*")] == ["out.jsonl.meta.json"]   # what made it (issue 19)
     assert "4 already done" not in capsys.readouterr().err
     assert _run(stories260k, inp, out) == 0            # complete: nothing to do, nothing changes
     assert _read(out) == got and "0 prompts to do (4 already done)" in capsys.readouterr().err
@@ -119,6 +119,6 @@ def test_torchrun_two_ranks_gloo(stories260k, tmp_path):
                         str(script), "--model", str(stories260k), "--input", str(inp), "--output", str(two), *args],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "rank 1/2" in r.stderr and not list(tmp_path.glob("two.jsonl.*"))
+    assert "rank 1/2" in r.stderr and [p.name for p in tmp_path.glob("two.jsonl.*")] == ["two.jsonl.meta.json"]
     strip = lambda rs: [(x["id"], x["sample"], x["text"], x["token_ids"], x["finish_reason"]) for x in rs]  # noqa: E731
     assert strip(_read(two)) == strip(_read(one))
