@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from selfreward.records import DataError, field, iter_jsonl, write_json
-from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, fit_slots, judge_items, mean_score, \
+from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
+from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, check_fits, fit_slots, judge_items, mean_score, \
     prompt_budget
 from selfreward.recipes.metrics import h2h_outcome, rm_metrics
 
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    _check_flags(a)
     if a.cmd == "reward":
         from selfreward.recipes.reward import load_reward
         res = reward_eval(load_reward(a.kind, a.model), load_groups(a.groups)[:a.limit],
@@ -209,16 +210,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau"))
             + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
     elif a.cmd == "rm":
-        groups = load_groups(a.groups)[:a.limit]
+        groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                           template=a.judge_template or "default", expected=a.expected)
         engine, tok = _load(a.judge)
+        check_fits(engine, tok, cfg)
         res = rm_eval(engine, tok, groups, cfg, progress=True)
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
                            "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
     else:
-        prompts = [field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit]
+        prompts = nonempty([field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit],
+                           a.prompts, "prompts")
         tmpl = PAIR_TEMPLATE if a.pair_template is None else Path(a.pair_template).read_text(encoding="utf-8")
         for slot in ("{instruction}", "{response_1}", "{response_2}"):
             if slot not in tmpl:
@@ -237,5 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def _check_flags(a) -> None:
+    """Each flag checked before any work, the error naming it."""
+    from selfreward.cli import ConfigError
+    for flag, lo in (("k", 1), ("limit", 1), ("max_tokens", 1), ("temperature", 0), ("judge_temperature", 0)):
+        v = getattr(a, flag, None)
+        if v is not None and v < lo:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
+    if getattr(a, "top_p", None) is not None and not 0 < a.top_p <= 1:
+        raise ConfigError(f"--top-p {a.top_p}: must lie in (0, 1]")
+    if a.cmd == "reward":
+        nonempty(load_groups(a.groups), a.groups, "groups")
+    from selfreward.provenance import check_not_input
+    check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
+                     if getattr(a, k, None)], [a.out])
+
+
 if __name__ == "__main__":
-    main()
+    from selfreward.cli import run_main
+    run_main(main)

@@ -17,6 +17,8 @@ from typing import Sequence
 
 from rouge_score import rouge_scorer, tokenizers
 
+from selfreward.records import DataError
+
 DEFAULT_KEYWORDS = ("image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "diagram",
                     "flowchart", "video", "audio", "music", "draw", "plot", "file", "files", "map", "maps",
                     "go to")
@@ -73,7 +75,7 @@ def fit_shots(tok, shots: list[str], cfg: InstructConfig, limit: int) -> list[in
         ids = tok.encode(few_shot_text(shots, cfg.header), bos=True)
         if len(ids) <= limit or len(shots) <= 1:
             if len(ids) > limit:
-                raise ValueError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
+                raise DataError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
             return ids
         shots.remove(max(shots, key=len))
 

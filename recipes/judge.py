@@ -148,7 +148,7 @@ def fit_slots(tok, render: Callable[[dict[str, str]], str], vals: dict[str, str]
         return ids, False
     empty = len(chat_prompt_ids(tok, render({k: "" for k in vals})))
     if empty + 8 > budget:
-        raise ValueError(f"the judge template alone takes {empty} tokens; the prompt budget is {budget} "
+        raise TemplateError(f"the judge template alone takes {empty} tokens; the prompt budget is {budget} "
                          f"(context minus max_tokens): use a shorter template or fewer max tokens")
     cur = dict(vals)
     chars_per_token = max(1.0, sum(map(len, vals.values())) / max(1, len(ids) - empty))
@@ -160,13 +160,23 @@ def fit_slots(tok, render: Callable[[dict[str, str]], str], vals: dict[str, str]
         cut = max(4, int((over + 4) * chars_per_token))  # about the excess, plus room for the ' [...]' mark
         cur[k] = cur[k][:max(0, len(cur[k]) - cut)]
         ids = chat_prompt_ids(tok, render({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
-    raise ValueError("could not fit the judge prompt into the context")
+    raise TemplateError("could not fit the judge prompt into the context")
 
 
 def fit_prompt_ids(tok, template: str, instruction: str, response: str, budget: int) -> tuple[list[int], bool]:
     """The judge prompt's chat ids, cut to at most `budget` tokens (see fit_slots)."""
     return fit_slots(tok, lambda v: judge_prompt(template, v["instruction"], v["response"]),
                      {"instruction": instruction, "response": response}, budget)
+
+
+def check_fits(engine, tok, cfg: "JudgeConfig", flag: str = "--judge-template") -> None:
+    """Before any work: the rubric with empty slots leaves room for a request and a reply in the context."""
+    budget = prompt_budget(engine, cfg.max_tokens)
+    empty = len(chat_prompt_ids(tok, judge_prompt(cfg.text, "", "")))
+    if empty + 8 > budget:
+        raise TemplateError(f"{flag} {cfg.template}: the rubric alone takes {empty} tokens, but the model's "
+                            f"context of {engine.max_len} less {cfg.max_tokens} judgment tokens leaves {budget}: "
+                            f"use a shorter template or fewer judge max tokens")
 
 
 def prompt_budget(engine, max_tokens: int) -> int:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from selfreward.records import DataError, field, iter_jsonl, write_jsonl
+from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
+from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
 
 @dataclass
@@ -216,14 +217,52 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tries", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
+                    "or with other settings")
     a = ap.parse_args(argv)
+    if not 0 <= a.eval_frac < 1 or a.tries < 1 or a.max_tokens < 1 or a.temperature < 0:
+        raise DataError(f"--eval-frac {a.eval_frac} must lie in [0, 1), --tries {a.tries} and --max-tokens "
+                        f"{a.max_tokens} be >= 1, --temperature {a.temperature} >= 0")
     lang = None if a.lang == "any" else a.lang
-    roots = load_messages(a.input)
     out = Path(a.out)
+    names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
+    check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
+    roots = nonempty(load_messages(a.input), a.input, "Open Assistant messages")
+    _check_lang(roots, lang, a.lang)
+    made = {"input_hash": file_hash(a.input), "lang": a.lang, "eval_frac": a.eval_frac, "all_turns": a.all_turns,
+            "seed": a.seed, "eft_model": a.eft_model and model_fingerprint(a.eft_model), "tries": a.tries,
+            "judge_template": a.judge_template and (file_hash(a.judge_template) if Path(a.judge_template).is_file()
+                                                 else a.judge_template), "temperature": a.temperature,
+            "max_tokens": a.max_tokens}
+    with claim(out, made, overwrite=a.overwrite, folder=True,
+               clear=lambda: [(out / n).unlink(missing_ok=True) for n in names]):
+        return _write(a, lang, roots, out)
+
+
+def _check_lang(roots: list[Node], lang: str | None, flag: str) -> None:
+    """A language filter that matches no message is an error listing the languages the file has."""
+    if lang is None:
+        return
+    seen: Counter = Counter()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        seen[n.lang] += 1
+        stack += n.replies
+    if not seen[lang]:
+        have = ", ".join(f"{k} ({v})" for k, v in seen.most_common(8))
+        raise DataError(f"--lang {flag}: no message matched (languages in the file: {have}); "
+                        f"codes are lower case, or pass --lang any")
+
+
+def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
     train_roots, held_roots = split_trees(roots, a.eval_frac, a.seed)   # split first: nothing held-out trains
     ift = ift_pairs(train_roots, lang)
     train = ranked_groups(train_roots, lang, not a.all_turns)
     held = ranked_groups(held_roots, lang, not a.all_turns)
+    if not ift and not train and not held:
+        raise DataError(f"{a.input}: no IFT pair and no ranked group (no rank-0 reply, or fewer than two ranked "
+                        f"replies, in --lang {a.lang}); nothing written")
     write_jsonl(out / "ift.jsonl", ift)
     write_jsonl(out / "groups_train.jsonl", train)
     write_jsonl(out / "groups_eval.jsonl", held)
@@ -244,4 +283,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from selfreward.cli import run_main
+    run_main(main)

@@ -95,7 +95,7 @@ def _fit(tok, system: str, sample: str, vals: dict[str, str], budget: int) -> tu
         ids = _chat_ids(tok, system, fill({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
         if len(ids) <= budget:
             return ids, True
-    raise ValueError(f"the label prompt does not fit in {budget} tokens even with empty slots")
+    raise DataError(f"the label prompt does not fit in {budget} tokens even with empty slots")
 
 
 def _fill(sample: str, vals: dict[str, str]) -> str:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     a summary JSON beside the output (position bias, prefill saved, agreement with human ranks if given)."""
     import argparse
     import sys
-    from selfreward.records import field, iter_jsonl, write_json, write_jsonl
+    from selfreward.records import field, iter_jsonl, nonempty, write_json, write_jsonl
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                     field(r, k, f"{a.pairs}:{i}")
                 pairs.append(r)
             pairs = pairs[:a.limit]
+        nonempty(pairs, a.pairs or a.groups, "pairs")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -253,4 +254,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from selfreward.cli import run_main
+    run_main(main)

@@ -20,13 +20,13 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.recipes.instruct import generate_prompts, given_prompts
-from selfreward.recipes.judge import chat_prompt_ids, judge_items
-from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig  # noqa: F401  (re-export)
+from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items
+from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig, check_run_settings  # noqa: F401
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, need_jsonl, \
-    read_json, read_jsonl, write_json, write_jsonl
+    nonempty, read_json, read_jsonl, write_json, write_jsonl
 
 STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
 
@@ -219,13 +219,30 @@ def run_iteration(cfg: LoopConfig, t: int, s: Session | None = None, stages=STAG
     return write_manifest(cfg, t, timings, stats, ev)
 
 
-def run_loop(cfg: LoopConfig) -> list[dict]:
-    """M1 -> M_{T+1}. Rerunning the same command after a crash continues where it stopped."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+def run_loop(cfg: LoopConfig, overwrite: bool = False) -> list[dict]:
+    """M1 -> M_{T+1}. Rerunning the same command after a crash continues where it stopped; a rerun with
+    settings that shape the data refused (overwrite: the iterations are deleted first); one driver per RUN."""
+    from selfreward.provenance import OutputLock
+    with OutputLock(cfg.run_dir, folder=True):
+        return _run_loop(cfg, overwrite)
+
+
+def _run_loop(cfg: LoopConfig, overwrite: bool) -> list[dict]:
+    import shutil
     conf = Path(cfg.run_dir) / "config.json"
+    if overwrite:
+        for p in Path(cfg.run_dir).glob("iter_*"):
+            shutil.rmtree(p)
+        conf.unlink(missing_ok=True)
+    check_run_settings(cfg, read_json(conf))
+    if cfg.prompt_source == "self-instruct":
+        if not cfg.seed_prompts:
+            raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
+        nonempty(read_jsonl(cfg.seed_prompts), f"--seed-prompts {cfg.seed_prompts}", "seed prompts")
+    s, out = Session(cfg.engine), []
+    check_fits(*s.get(cfg.init_model), cfg.judge)     # a rubric that cannot fit fails now, not after sampling
     if read_json(conf) != cli.to_dict(cfg):
         write_json(conf, cli.to_dict(cfg))
-    s, out = Session(cfg.engine), []
     for t in range(1, cfg.iterations + 1):
         m = run_iteration(cfg, t, s)
         c = m["counts"]
@@ -239,13 +256,16 @@ def main(argv: list[str] | None = None):
     p = cli.parser(LoopConfig, __doc__, skip=LOOP_SET)
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--iter", type=int, default=1, help="with --stage: the iteration t (M_t -> M_{t+1})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="RUN was made with other settings: delete its iterations and start over")
     a = p.parse_args(argv)
     cfg = cli.build(LoopConfig, a)
     rank, world = dist_env()
     if a.stage == "all":
         if world > 1:
             raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
-        return run_loop(cfg)
+        return run_loop(cfg, a.overwrite)
+    check_run_settings(cfg, read_json(Path(cfg.run_dir) / "config.json"))
     if world > 1 and a.stage not in ("candidates", "judge"):
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
     with stage_group(cfg.engine.device, world):
