@@ -84,6 +84,23 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_settings(where: str | Path, old: dict, new: dict, ignore: dict[str, set], flag: str = "--overwrite"
+                   ) -> None:
+    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`): every difference
+    outside `ignore` ({"": top-level keys, "section": keys of that nested section}) is an error naming it."""
+    def shaping(d: dict) -> dict:
+        d = {k: v for k, v in d.items() if k not in ignore.get("", set())}
+        for sec, keys in ignore.items():
+            if sec and isinstance(d.get(sec), dict):
+                d[sec] = {k: v for k, v in d[sec].items() if k not in keys}
+        return d
+    diff = differences(shaping(old), shaping(new)) if old else []
+    if diff:
+        raise DataError(f"{where}: made with other settings ({'; '.join(diff[:6])}); its finished stages would "
+                        f"be reused as if made with these: pass {flag} to delete them and start over, or use "
+                        f"another --run-dir")
+
+
 def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False) -> bool:
     """True when OUT's record exists and equals `made_by`; False when there is none; an error naming the
     differences (and `flag`, the way to start over) when it differs."""

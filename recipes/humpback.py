@@ -230,9 +230,23 @@ def _timed(cfg: HumpbackConfig, st: str, t: int, s: Session) -> tuple[float, dic
     return round(time.perf_counter() - t0, 2), stats
 
 
-def run_humpback(cfg: HumpbackConfig, s: Session | None = None) -> list[dict]:
+def run_humpback(cfg: HumpbackConfig, s: Session | None = None, overwrite: bool = False) -> list[dict]:
     """All stages, iterations 1..T -> the manifests [RUN, iter_1, ...]. Rerun after a crash to continue."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    from selfreward.provenance import OutputLock
+    from selfreward.recipes.loop_config import check_run_settings
+    with OutputLock(cfg.run_dir, folder=True):
+        if overwrite:   # the run's own layout only: RUN may also hold its input data (humpback_oasst: RUN/data)
+            import shutil
+            for p in [*Path(cfg.run_dir).glob("iter_*"), run_path(cfg, "backward"), run_path(cfg, "m0")]:
+                shutil.rmtree(p, ignore_errors=True)
+            for name in ("segments.jsonl", "candidates.jsonl", "manifest.json", "config.json"):
+                for p in Path(cfg.run_dir).glob(name + "*"):
+                    p.unlink()
+        check_run_settings(cfg, read_json(run_path(cfg, "config.json")))
+        return _run_humpback(cfg, s)
+
+
+def _run_humpback(cfg: HumpbackConfig, s: Session | None) -> list[dict]:
     if read_json(run_path(cfg, "config.json")) != cli.to_dict(cfg):
         write_json(run_path(cfg, "config.json"), cli.to_dict(cfg))
     s = s or Session(cfg.engine)
@@ -259,13 +273,15 @@ def main(argv: list[str] | None = None):
     p = cli.parser(HumpbackConfig, __doc__, skip=SET_HERE)
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--iter", type=int, default=1, help="with --stage curate/select/train: the iteration t")
+    p.add_argument("--overwrite", action="store_true",
+                   help="RUN was made with other settings: delete its stages and start over")
     a = p.parse_args(argv)
     cfg = cli.build(HumpbackConfig, a)
     rank, world = dist_env()
     if a.stage == "all":
         if world > 1:
             raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
-        return run_humpback(cfg)
+        return run_humpback(cfg, overwrite=a.overwrite)
     if world > 1 and a.stage not in SHARDED:
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only augment and curate shard)")
     with stage_group(cfg.engine.device, world):

@@ -20,27 +20,18 @@ LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", 
 
 
 # settings a rerun of RUN may change: they do not shape the data already made (more iterations continue it)
-NOT_SHAPING = {"iterations", "nproc", "eval_hook"}
 ENGINE_NOT_SHAPING = {"device", "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "prefix_cache",
                       "tensor_parallel"}
 
 
-def check_run_settings(cfg: "LoopConfig", old: dict) -> None:
-    """RUN/config.json (`old`, what made the run's data) against this run's settings: a rerun that would
-    skip stages made with other settings (and record the new ones in the manifest) is refused."""
-    from selfreward.provenance import differences
+def check_run_settings(cfg, old: dict) -> None:
+    """RUN/config.json (`old`, what made the run's data) against this run's settings (a LoopConfig or a
+    HumpbackConfig): a rerun that would skip stages made with other settings (and record the new ones in the
+    manifest) is refused."""
+    from selfreward.provenance import check_settings
     from selfreward.train.runfolder import NOT_SHAPING as TRAIN_NOT_SHAPING
-
-    def shaping(d: dict) -> dict:
-        d = {k: v for k, v in d.items() if k not in NOT_SHAPING}
-        d["engine"] = {k: v for k, v in d.get("engine", {}).items() if k not in ENGINE_NOT_SHAPING}
-        d["dpo"] = {k: v for k, v in d.get("dpo", {}).items() if k not in TRAIN_NOT_SHAPING}
-        return d
-    diff = differences(shaping(old), shaping(cli.to_dict(cfg))) if old else []
-    if diff:
-        raise cli.ConfigError(f"{cfg.run_dir}: made with other settings ({'; '.join(diff[:6])}); its finished "
-                              f"stages would be reused as if made with these: pass --overwrite to delete its "
-                              f"iterations and start over, or use another --run-dir")
+    check_settings(cfg.run_dir, old, cli.to_dict(cfg), {"": {"iterations", "nproc", "eval_hook"},
+                   "engine": ENGINE_NOT_SHAPING, "dpo": TRAIN_NOT_SHAPING, "sft": TRAIN_NOT_SHAPING})
 
 
 @dataclass
