@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -198,6 +199,12 @@ class OutputLock:
         self.release()
 
 
+def _has_data(out: Path, folder: bool) -> bool:
+    if folder:
+        return out.is_dir() and any(p.name not in ("run.json", ".lock") for p in out.iterdir())
+    return out.exists() or partial_path(out).exists() or any(out.parent.glob(f"{glob.escape(out.name)}.rank*"))
+
+
 @contextmanager
 def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
           flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True) -> Iterator[bool]:
@@ -214,7 +221,7 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
             if clear is not None:
                 clear()
             meta_path(out, folder).unlink(missing_ok=True)
-        else:
+        elif _has_data(out, folder):   # a record with no data beside it (a run that failed early) binds nothing
             same = check_record(out, made_by, flag, folder)
         if folder:
             out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def run_cli(name: str, argv: list[str]) -> tuple[int | str, str]:
                 if name in SCRIPTS:
                     runpy.run_path(str(SCRIPTS[name]), run_name="__main__")
                 else:
-                    runpy.run_module(MODULES[name], run_name="__main__", alter_sys=False)
+                    runpy.run_module(MODULES[name], run_name="__main__", alter_sys=True)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else f"exit {e.code!r}")
             except BaseException:

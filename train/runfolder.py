@@ -60,7 +60,7 @@ def claim_run(cfg, name: str):
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
-    old = [p.name for p in (out / "checkpoints", out / "metrics.jsonl", out / "run.json") if p.exists()]
+    old = [p.name for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
     if old and not cfg.resume and not cfg.overwrite:
         raise DataError(f"{out}: holds an earlier run ({', '.join(old)}); pass --resume to continue it, "
                         f"--overwrite to start over, or choose another --output")

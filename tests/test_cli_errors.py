@@ -1,0 +1,148 @@
+"""Issue 19, one error style: every entry point (the trainers, the sampler, every recipe CLI, the world demo)
+answers each user error below with `error: ...` naming the flag or the file, exit 2, and no traceback; flags
+are checked before any work (nothing written); model-load errors name the file."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.cli_harness import run_cli
+from tests.conftest import OASST_20
+from tests.guarantee_fixtures import build, sample_args, sft_args
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_errors")
+    w = dict(build(d), dir=d)
+    (d / "empty.jsonl").write_text("")
+    (d / "latin1.jsonl").write_bytes(b'{"id": 1, "prompt": "caf\xe9"}\n')
+    (d / "a_file").write_text("not a folder")
+    (d / "long_rubric.txt").write_text("Judge this. " * 400 + "{instruction} {response} Score: ")
+    m = w["model"]
+    for name, damage in (("trunc", "truncate"), ("shape", "shape"), ("cfg8", "config_bytes"), ("shard", "shard")):
+        bad = d / f"bad_{name}"
+        if damage == "shard":
+            from selfreward.model.checkpoint import load_model, save_model
+            save_model(load_model(m), load_model(m).cfg, bad, tokenizer_dir=m, max_shard_bytes=20_000)
+            shard = sorted(bad.glob("model-*.safetensors"))[1]
+            shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+            continue
+        shutil.copytree(m, bad)
+        if damage == "truncate":
+            f = bad / "model.safetensors"
+            f.write_bytes(f.read_bytes()[:5000])
+        elif damage == "shape":
+            cfg = json.loads((bad / "config.json").read_text())
+            cfg["intermediate_size"] = 96
+            (bad / "config.json").write_text(json.dumps(cfg))
+        else:
+            (bad / "config.json").write_bytes((bad / "config.json").read_bytes().replace(b'"llama"', b'"ll\xffma"'))
+    return w
+
+
+def S(*extra, model="model", inp="prompts", out="out.jsonl"):
+    return lambda w: ["--model", w[model] if model in w else w["dir"] / model, "--input",
+                      w[inp] if inp in w else w["dir"] / inp, "--output", w["dir"] / out, "--max-tokens", "4", *extra]
+
+
+def T(*extra, data="sft"):
+    def argv(w):
+        a = sft_args(w, w["dir"] / "run_err", *[w["dir"] / x if x.startswith("a_file") else x for x in extra])
+        a[a.index("--data") + 1] = str(w[data] if data in w else w["dir"] / data)
+        return a
+    return argv
+
+
+def D(*extra):
+    return lambda w: ["--model", w["model"], "--data", w["pairs"], "--output", w["dir"] / "dpo_err", "--max-steps",
+                      "1", "--batch-size", "2", "--max-length", "40", *extra]
+
+
+def LOOP(*extra, seeds="prompts"):
+    return lambda w: ["--run-dir", w["dir"] / "loop_err", "--init-model", w["model"], "--seed-prompts",
+                      w[seeds] if seeds in w else w["dir"] / seeds, "--n-prompts", "2", *extra]
+
+
+CASES = [
+    # infer/sample.py: flags named, checked before the model is loaded or a file written
+    ("sample", S("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
+    ("sample", S("--n", "0"), "--n 0: must be >= 1"),
+    ("sample", S("--block-size", "0"), "--block-size must be >= 1"),
+    ("sample", S("--max-num-seqs", "0"), "--max-num-seqs must be >= 1"),
+    ("sample", S("--stop", ""), "--stop ''"),
+    ("sample", S("--temperature", "-1"), "--temperature must be >= 0"),
+    ("sample", S(inp="empty.jsonl"), "empty.jsonl: no prompts"),
+    ("sample", S(inp="latin1.jsonl"), "latin1.jsonl:1: not UTF-8"),
+    ("sample", S(inp="missing.jsonl"), "missing.jsonl: no such file"),
+    ("sample", S(model="missing_model"), "--model"),
+    ("sample", S(model="bad_trunc"), "bad_trunc/model.safetensors: not a readable safetensors file"),
+    ("sample", S(model="bad_shard"), "model-00002-of-"),
+    ("sample", S(model="bad_shape"), "has shape"),
+    ("sample", S(model="bad_cfg8"), "bad_cfg8/config.json: not UTF-8"),
+    ("sample", S(out="a_file/out.jsonl"), "a_file"),
+    # train/sft.py, train/dpo.py, train/rm.py
+    ("sft", T("--batch-size", "0"), "--batch-size 0: must be >= 1"),
+    ("sft", T("--resume", "--overwrite"), "--resume and --overwrite: choose one"),
+    ("sft", T(data="latin1.jsonl"), "latin1.jsonl:1: not UTF-8"),
+    ("sft", T(data="missing.jsonl"), "missing.jsonl"),
+    ("sft", T(data="empty.jsonl"), "empty.jsonl: no records"),
+    ("sft", T(data="prompts"), "prompts.jsonl:1"),
+    ("sft", T("--export", "a_file/model"), "--export"),
+    ("sft", lambda w: sft_args(w, w["dir"] / "run_err2")[:1] + [w["dir"] / "bad_trunc"] + sft_args(w, w["dir"] / "x")[2:],
+     "model.safetensors: not a readable safetensors file"),
+    ("dpo", D("--beta", "-1"), "--beta -1: must be >= 0"),
+    ("dpo", D("--loss", "ipo", "--beta", "0"), "--beta 0: must be > 0"),
+    ("dpo", D("--loss", "kto"), "--loss 'kto'"),
+    ("dpo", D("--max-prompt-length", "50"), "--max-prompt-length 50"),
+    ("dpo", lambda w: D()(w)[:3] + [w["sft"]] + D()(w)[4:], "sft.jsonl:1"),
+    ("rm", lambda w: ["--model", w["model"], "--data", w["dir"] / "empty.jsonl", "--output", w["dir"] / "rm_err",
+                      "--max-steps", "1", "--batch-size", "2", "--max-length", "40"], "empty.jsonl: no records"),
+    # recipes
+    ("oasst", lambda w: ["--input", w["dir"] / "empty.jsonl", "--out", w["dir"] / "seed_err"], "no Open Assistant"),
+    ("oasst", lambda w: ["--input", OASST_20, "--out", w["dir"] / "seed_err", "--lang", "EN"],
+     "--lang EN: no message matched (languages in the file: en"),
+    ("oasst", lambda w: ["--input", OASST_20, "--out", w["dir"] / "seed_err", "--eval-frac", "2"], "--eval-frac 2"),
+    ("oasst", lambda w: ["--input", w["dir"] / "latin1.jsonl", "--out", w["dir"] / "seed_err"], "not UTF-8"),
+    ("self_reward", LOOP(seeds="empty.jsonl"), "no seed prompts"),
+    ("self_reward", LOOP(seeds="missing.jsonl"), "missing.jsonl"),
+    ("self_reward", LOOP("--candidates-n", "1"), "--candidates-n is below its minimum"),
+    ("self_reward", LOOP("--judge-k", "0"), "judge k"),
+    ("self_reward", LOOP("--judge-template", "long_rubric.txt"), "the rubric alone takes"),
+    ("evaluate", lambda w: ["rm", "--judge", w["model"], "--groups", w["dir"] / "empty.jsonl", "--out",
+                            w["dir"] / "rm.json"], "no groups"),
+    ("evaluate", lambda w: ["rm", "--judge", w["model"], "--groups", w["dir"] / "empty.jsonl", "--out",
+                            w["dir"] / "rm.json", "--k", "0"], "--k 0: must be >= 1"),
+    ("evaluate", lambda w: ["h2h", "--a", w["model"], "--b", w["model"], "--judge", w["model"], "--prompts",
+                            w["dir"] / "empty.jsonl", "--out", w["dir"] / "h.json"], "no prompts"),
+    ("evaluate", lambda w: ["reward", "--model", w["dir"] / "bad_trunc", "--groups", w["dir"] / "empty.jsonl",
+                            "--out", w["dir"] / "r.json"], "no groups"),
+    ("rlaif", lambda w: ["label", "--labeller", w["model"], "--pairs", w["dir"] / "empty.jsonl", "--out",
+                         w["dir"] / "l.jsonl"], "no pairs"),
+    ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--base-model", w["model"], "--seed-data",
+                            w["dir"] / "missing.jsonl", "--unlabelled", w["prompts"]], "missing.jsonl"),
+    ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--train-k", "9"], "--train-k 9"),
+    ("world_demo", lambda w: ["--real-model", w["model"]], "--real-model and --oasst-seed go together"),
+]
+
+
+@pytest.mark.parametrize("name,argv,needle", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_user_error_is_one_line_exit_2(w, name, argv, needle):
+    a = argv(w)
+    if name == "self_reward" and "long_rubric.txt" in a:
+        a[a.index("long_rubric.txt")] = str(w["dir"] / "long_rubric.txt")
+    code, err = run_cli(name, a)
+    assert "Traceback" not in err and code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and needle in err, err[-3000:]
+
+
+def test_flag_errors_come_before_any_output(w):
+    for argv in (S("--top-p", "1.5", out="early.jsonl"), S("--n", "0", out="early.jsonl")):
+        assert run_cli("sample", argv(w))[0] == 2
+    assert not list(w["dir"].glob("early.jsonl*"))
+    code, _ = run_cli("sft", T("--export", "a_file/model")(w))
+    assert code == 2 and not (w["dir"] / "run_err" / "metrics.jsonl").exists()   # before the first step
+    code, _ = run_cli("sample", S(model="bad_trunc", out="bad_model.jsonl")(w))
+    assert code == 2 and not list(w["dir"].glob("bad_model.jsonl.partial"))      # no empty part file left
