@@ -2,6 +2,7 @@
 DPO files, and the flags of a short, deterministic run of each command."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,13 +14,25 @@ from tests.cli_harness import ROOT, SCRIPTS
 from tests.test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models on a shared machine: one thread is fastest (conftest leaves two)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def build(d: Path) -> dict:
     spm = make_spm(d / "spm")
     paths = {"model": make_model(d / "m0", spm), "model_b": make_model(d / "m0b", spm, seed=1)}
     paths["prompts"] = write_jsonl(d / "prompts.jsonl", [{"id": i, "prompt": f"Tell me a story about {i} cats."}
                                                           for i in range(6)])
     paths["many_prompts"] = write_jsonl(d / "many.jsonl", [{"id": i, "prompt": f"Sort the numbers {i} {i + 3}."}
-                                                            for i in range(32)])
+                                                            for i in range(24)])
     paths["sft"] = write_jsonl(d / "sft.jsonl", sft_records(24, seed=1))
     paths["pairs"] = write_jsonl(d / "pairs.jsonl", dpo_records(16, seed=2))
     return paths

@@ -10,12 +10,17 @@ import pytest
 
 from tests.cli_harness import run_cli
 from tests.conftest import OASST_20
-from tests.guarantee_fixtures import build, sample_args, sft_args
+from tests.guarantee_fixtures import build, one_thread, sample_args, sft_args
 
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_errors")
+    with one_thread():
+        yield _world(d)
+
+
+def _world(d):
     w = dict(build(d), dir=d)
     (d / "empty.jsonl").write_text("")
     (d / "latin1.jsonl").write_bytes(b'{"id": 1, "prompt": "caf\xe9"}\n')
