@@ -142,6 +142,8 @@ def _atomic_dir_write(out: Path, write):
     try:
         user_mode(tmp, folder=True)
         write(tmp)
+        for f in tmp.iterdir():   # safetensors writes its files 0600
+            user_mode(f, f.is_dir())
         if out.exists():
             old = out.parent / f".{out.name}.old"
             shutil.rmtree(old, ignore_errors=True)

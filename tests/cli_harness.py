@@ -1,6 +1,6 @@
 """Run an entry point exactly as its `__main__` does (runpy: the module's or script's own `if __name__ ==
 "__main__"` block, with sys.argv set), in this process so a test pays no interpreter start-up; -> (exit
-code, stderr). An exception that escapes the entry point is returned as code "traceback" with its text, so
+code, stderr[, stdout]). An exception that escapes the entry point is returned as code "traceback" with its text, so
 a test can assert that a user error never reaches the user as a Python traceback."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ MODULES = {"oasst": "selfreward.recipes.oasst", "self_reward": "selfreward.recip
            "rlaif": "selfreward.recipes.rlaif", "world_demo": "selfreward.recipes.world.demo"}
 
 
-def run_cli(name: str, argv: list[str]) -> tuple[int | str, str]:
+def run_cli(name: str, argv: list[str], stdout: bool = False) -> tuple:
     argv = [str(a) for a in argv]
     err, out = io.StringIO(), io.StringIO()
     old = sys.argv
@@ -51,4 +51,4 @@ def run_cli(name: str, argv: list[str]) -> tuple[int | str, str]:
         for k, v in env.items():
             if v is not None:
                 os.environ[k] = v
-    return code, err.getvalue()
+    return (code, err.getvalue(), out.getvalue()) if stdout else (code, err.getvalue())
