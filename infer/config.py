@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from selfreward.records import DataError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -28,13 +30,14 @@ class EngineConfig:
     tensor_parallel: int = 1          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
 
     def check(self) -> None:
+        """A bad setting is a DataError (a ValueError) naming it: `error: ...`, exit 2, from every entry point."""
         if self.dtype and self.dtype not in DTYPES:
-            raise ValueError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise DataError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel"):
             if getattr(self, name) < 1:
-                raise ValueError(f"engine {name} must be >= 1, got {getattr(self, name)}")
+                raise DataError(f"engine {name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks < 0:
-            raise ValueError(f"engine num_blocks must be >= 0, got {self.num_blocks}")
+            raise DataError(f"engine num_blocks must be >= 0, got {self.num_blocks}")
 
 
 def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:

@@ -4,6 +4,7 @@ are checked before any work (nothing written); model-load errors name the file."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -115,6 +116,8 @@ CASES = [
     ("self_reward", LOOP(seeds="missing.jsonl"), "missing.jsonl"),
     ("self_reward", LOOP("--candidates-n", "1"), "--candidates-n is below its minimum"),
     ("self_reward", LOOP("--judge-k", "0"), "judge k"),
+    ("self_reward", LOOP("--engine-block-size", "0"), "engine block_size must be >= 1"),
+    ("self_reward", LOOP("--engine-max-num-seqs", "0"), "engine max_num_seqs must be >= 1"),
     ("self_reward", LOOP("--judge-template", "long_rubric.txt"), "the rubric alone takes"),
     ("evaluate", lambda w: ["rm", "--judge", w["model"], "--groups", w["dir"] / "empty.jsonl", "--out",
                             w["dir"] / "rm.json"], "no groups"),
@@ -141,6 +144,14 @@ def test_user_error_is_one_line_exit_2(w, name, argv, needle):
     code, err = run_cli(name, a)
     assert "Traceback" not in err and code == 2, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("error: ") and needle in err, err[-3000:]
+
+
+def test_a_second_loop_driver_is_locked_out(w):
+    from selfreward.provenance import OutputLock
+    run = w["dir"] / "loop_locked"
+    with OutputLock(run, folder=True):
+        code, err = run_cli("self_reward", LOOP()(w)[:1] + [run] + LOOP()(w)[2:])
+    assert code == 2 and f"another run (pid {os.getpid()})" in err, err
 
 
 def test_flag_errors_come_before_any_output(w):

@@ -77,6 +77,9 @@ def test_case3_sample_rerun_with_another_model_or_temperature(w):
     args_b = sample_args(w, out)
     args_b[1] = str(w["model_b"])
     refused(run_cli("sample", args_b), "model_fingerprint")
+    other_input = w["dir"] / "p3.jsonl"
+    other_input.write_text(w["prompts"].read_text().replace("cats", "dogs"))
+    refused(run_cli("sample", sample_args(w, out)[:3] + [str(other_input)] + sample_args(w, out)[4:]), "input_hash")
     assert out.read_bytes() == before
     ok(run_cli("sample", args_b + ["--overwrite"]))                        # the new samples, really made anew
     fresh = w["dir"] / "s3_fresh.jsonl"
