@@ -1,6 +1,6 @@
 """The records layer, below every floor (model/, infer/, train/ and recipes/ all write files): JSONL readers
 whose errors name file, line and field; atomic writes; resumable appends; resumable, shardable units.
-It imports nothing of ours.
+It imports nothing of ours but progress.py (the one progress line).
 
 A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the
 file to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
@@ -9,14 +9,15 @@ complete, and continues with the rest, so nothing is lost or duplicated.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
-import time
 from collections import Counter
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
+
+from selfreward.progress import Progress
 
 
 class DataError(ValueError):
@@ -24,8 +25,8 @@ class DataError(ValueError):
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; a line that is not a JSON object (or not UTF-8)
-    is an error naming the file and line; a missing file, one naming it."""
+    """Yield (line number, record) per non-blank line; a missing file, or a line that is not UTF-8 or not a
+    JSON object, is an error naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -58,8 +59,7 @@ def nonempty(records: list, path: str | Path, what: str = "records") -> list:
 
 
 def user_mode(path: str | Path, folder: bool = False) -> None:
-    """Give a file made by mkstemp (0600) or a folder made by mkdtemp (0700) the mode the user's umask
-    gives to ordinary files (0666 & ~umask) and folders (0777 & ~umask)."""
+    """A file made by mkstemp (0600) or folder by mkdtemp (0700) -> the mode of the user's umask."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if folder else 0o666) & ~mask)
@@ -182,14 +182,11 @@ class PartialWriter:
         try:
             _write_all(fd, data)
             os.fsync(fd)
-        except OSError as e:
-            try:
+        except OSError as e:   # cut the torn write off now (else read_partial does on the next open)
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
-            except OSError:
-                pass   # read_partial cuts a torn tail on the next open
-            raise OSError(e.errno, f"{self.partial}: writing {len(records)} record(s) failed ({e.strerror}); "
-                                   f"the file keeps the {len(self.records)} complete ones and a rerun continues "
-                                   f"from there") from None
+            raise OSError(e.errno, f"{self.partial}: writing {len(records)} record(s) failed ({e.strerror}); it "
+                          f"keeps the {len(self.records)} complete ones, a rerun continues from there") from None
         self.records.extend(records)
 
     def finish(self) -> Path:
@@ -208,8 +205,7 @@ class PartialWriter:
         self.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (the one place appends go through; tests make it fail)."""
+def _write_all(fd: int, data: bytes) -> None:   # the one place appends go through (tests make it fail)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -227,29 +223,6 @@ and seeded by their index, so the merged file is the same whatever the number of
 
 # work(batch, emit): batch = [(unit index, unit)]; emit(unit index, records, tokens=0) once per finished unit
 Work = Callable[[list[tuple[int, dict]], Callable[..., None]], None]
-
-
-class Progress:
-    """One updating line on stderr: units done of total, tokens/s, ETA (on a terminal the line is rewritten
-    in place; in a log, a line at most every `every` seconds and at the end)."""
-
-    def __init__(self, label: str, total: int, done: int = 0, unit: str = "units", every: float = 2.0):
-        self.label, self.total, self.done, self.unit, self.every = label, total, done, unit, every
-        self.start_done, self.tokens, self.t0, self.last = done, 0, time.perf_counter(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, units: int = 1, tokens: int = 0) -> None:
-        self.done, self.tokens = self.done + units, self.tokens + tokens
-        now = time.perf_counter()
-        if now - self.last < (0.2 if self.tty else self.every) and self.done < self.total:
-            return
-        self.last, el = now, max(now - self.t0, 1e-9)
-        rate = (self.done - self.start_done) / el
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        line = f"[{self.label}] {self.done}/{self.total} {self.unit}" + \
-            (f", {self.tokens / el:.1f} tok/s" if self.tokens else f", {rate:.2f} {self.unit}/s") + f", ETA {eta:.0f}s"
-        end = "\n" if not self.tty or self.done >= self.total else ""
-        print(("\r\033[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
 def dist_env() -> tuple[int, int]:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.cli_harness import run_cli
 from tests.conftest import OASST_20
-from tests.guarantee_fixtures import build, one_thread, sample_args, sft_args
+from tests.guarantee_fixtures import build, one_thread, sft_args
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,28 @@
+"""The one progress line every long stage prints (selfreward.records.run_units uses it). Imports nothing of ours."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """One updating line on stderr: units done of total, tokens/s, ETA (on a terminal the line is rewritten
+    in place; in a log, a line at most every `every` seconds and at the end)."""
+
+    def __init__(self, label: str, total: int, done: int = 0, unit: str = "units", every: float = 2.0):
+        self.label, self.total, self.done, self.unit, self.every = label, total, done, unit, every
+        self.start_done, self.tokens, self.t0, self.last = done, 0, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, units: int = 1, tokens: int = 0) -> None:
+        self.done, self.tokens = self.done + units, self.tokens + tokens
+        now = time.perf_counter()
+        if now - self.last < (0.2 if self.tty else self.every) and self.done < self.total:
+            return
+        self.last, el = now, max(now - self.t0, 1e-9)
+        rate = (self.done - self.start_done) / el
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = f"[{self.label}] {self.done}/{self.total} {self.unit}" + \
+            (f", {self.tokens / el:.1f} tok/s" if self.tokens else f", {rate:.2f} {self.unit}/s") + f", ETA {eta:.0f}s"
+        end = "\n" if not self.tty or self.done >= self.total else ""
+        print(("\r\033[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
