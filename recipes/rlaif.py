@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
                 pairs.append(r)
             pairs = pairs[:a.limit]
         nonempty(pairs, a.pairs or a.groups, "pairs")
+        from selfreward.provenance import check_not_input
+        check_not_input([a.pairs or a.groups], [a.out, str(a.out) + ".summary.json"])
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
