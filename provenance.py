@@ -43,14 +43,16 @@ def file_hash(path: str | Path) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A cheap fingerprint of a checkpoint folder: config.json, and per *.safetensors file its name, size,
-    header and the first and last MiB after it. "" when `path` is not a folder."""
+    """A cheap fingerprint of a checkpoint folder: config.json and the tokenizer files, and per
+    *.safetensors file its name, size, header and the first and last MiB after it. "" when not a folder.
+    Paths are not part of it: the same checkpoint reached by another path is the same."""
     path = Path(path)
     if not path.is_dir():
         return ""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.name.endswith(".safetensors.index.json"):
+        if f.name in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                      "chat_template.jinja") or f.name.endswith(".safetensors.index.json"):
             h.update(f.name.encode() + f.read_bytes())
         elif f.suffix == ".safetensors":
             size = f.stat().st_size
@@ -63,8 +65,9 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def inputs_hash(paths: Iterable[str | Path]) -> dict[str, str]:
-    return {str(p): file_hash(p) for p in paths if Path(p).is_file()}
+def inputs_hash(paths: Iterable[str | Path]) -> list[str]:
+    """The hashes of the files, in order (not keyed by path: the same data under another path is the same)."""
+    return [file_hash(p) if Path(p).is_file() else "" for p in paths]
 
 
 def meta_path(out: str | Path, folder: bool = False) -> Path:

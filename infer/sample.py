@@ -22,6 +22,7 @@ The device is cuda:LOCAL_RANK (bf16) when CUDA is available, else the CPU (fp32)
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -152,7 +153,7 @@ def check_flags(args) -> EngineConfig:
 
 def made_by(args) -> dict:
     """What shapes OUTPUT's records: the model, the input, the sampling flags (not the engine's batching)."""
-    return {"model": str(args.model), "model_fingerprint": model_fingerprint(args.model),
+    return {"model_fingerprint": model_fingerprint(args.model),
             "input_hash": file_hash(args.input), "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed, "stop": list(args.stop),
             "ignore_eos": args.ignore_eos, "logprobs": args.logprobs, "raw_prompt": args.raw_prompt,
@@ -213,7 +214,7 @@ def _claim(out: Path, args, rank: int, world: int, dist):
     made = made_by(args)
 
     def clear() -> None:
-        for p in [out, partial_path(out)] + list(out.parent.glob(f"{out.name}.rank*")):
+        for p in [out, partial_path(out)] + list(out.parent.glob(f"{glob.escape(out.name)}.rank*")):
             p.unlink(missing_ok=True)
     if rank == 0:
         ctx = claim(out, made, [args.input], args.overwrite, clear=clear)

@@ -201,4 +201,4 @@ def test_tp_torchrun_four_ranks(tmp_path):
     assert strip(four) == strip(one) and len(four) == 10
     for a, b in zip(four, one):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
-    assert not list(tmp_path.glob("four.jsonl.*")) and "rank 3/4" in log
+    assert [p.name for p in tmp_path.glob("four.jsonl.*")] == ["four.jsonl.meta.json"] and "rank 3/4" in log

@@ -30,9 +30,12 @@ NOT_SHAPING = {"resume", "overwrite", "save_every", "keep_checkpoints", "log_eve
 
 
 def made_by(cfg) -> dict:
-    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING}
+    """The settings that shape training, with the model, tokenizer and data by content, not by path."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING | {"model", "tokenizer", "data", "eval_data"}}
     d["model_fingerprint"] = model_fingerprint(cfg.model)
-    d["data_hashes"] = inputs_hash(list(cfg.data) + list(getattr(cfg, "eval_data", [])))
+    d["tokenizer_fingerprint"] = model_fingerprint(cfg.tokenizer) if cfg.tokenizer else ""
+    d["data_hashes"] = inputs_hash(cfg.data)
+    d["eval_data_hashes"] = inputs_hash(getattr(cfg, "eval_data", []))
     return d
 
 
@@ -66,7 +69,7 @@ def claim_run(cfg, name: str):
                         f"--overwrite to start over, or choose another --output")
     check_writable(out, "--output")
     check_writable(export.parent, "--export" if cfg.export else "--output")
-    with claim(out, made_by(cfg), overwrite=cfg.overwrite, flag="--overwrite (start over)", folder=True,
+    with claim(out, made_by(cfg), overwrite=cfg.overwrite, folder=True,
                clear=lambda: _clear(out, export)):
         yield
 
