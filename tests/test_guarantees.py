@@ -112,6 +112,17 @@ def test_case5_self_reward_rerun_with_other_settings(w):
     check_run_settings(dataclass_replace(made, iterations=5, nproc=1), cli.to_dict(made))   # more iterations: ok
 
 
+def test_case5_humpback_rerun_with_other_settings(w):
+    from selfreward import cli
+    from selfreward.recipes.humpback import SET_HERE, HumpbackConfig
+    run = w["dir"] / "hb"
+    base = ["--run-dir", run, "--base-model", w["model"], "--seed-data", w["sft"], "--unlabelled", w["prompts"]]
+    made = cli.build(HumpbackConfig, cli.parser(HumpbackConfig, skip=SET_HERE).parse_args([str(a) for a in base]))
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cli.to_dict(made)))
+    refused(run_cli("humpback", base + ["--seed", "5"]), "seed: 0 -> 5", "--overwrite")
+
+
 def dataclass_replace(cfg, **kw):
     import dataclasses
     return dataclasses.replace(cfg, **kw)

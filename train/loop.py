@@ -51,6 +51,11 @@ def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
             print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
                   f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}", flush=True)
         cfg.max_length = ctx
+        mpl = getattr(cfg, "max_prompt_length", 0)
+        if mpl and mpl >= ctx:
+            cfg.max_prompt_length = ctx // 2
+            if d.is_main:
+                print(f"[train] --max-prompt-length {mpl}: lowered to {ctx // 2} with it", flush=True)
     tok_dir = cfg.tokenizer or cfg.model
     return d, Tokenizer.load(tok_dir), tok_dir
 
