@@ -68,9 +68,9 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
     from selfreward.train.loop import TrainingStopped
     d, model, data = setup
     out = d / "nan"
-    with pytest.raises(TrainingStopped, match=r"non-finite .* at step 2.*last good checkpoint: none"):
-        # an absurd lr blows the weights up in step 1, so step 2's loss is not finite: the checkpoint of
-        # those weights (step 1) is not kept as "good" (issue 19: a resume from it would NaN again)
+    with pytest.raises(TrainingStopped, match=r"weights exploded after step 1 .*last good checkpoint: none"):
+        # an absurd lr blows the weights up in step 1: they are not saved as a checkpoint (issue 19: a resume
+        # from them would NaN again at once)
         sft.main(["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "5",
                   "--batch-size", "4", "--lr", "1e35", "--final-lr", "1e35", "--max-length", "40",
                   "--save-every", "1", "--grad-clip", "0"])

@@ -88,13 +88,29 @@ def held_out_sums(model, held_out: list, d: Dist, micro: int, sums) -> torch.Ten
     return all_reduce_sum(tot, d)
 
 
-def check_finite(model, d: Dist, out: Path, step: int, name: str) -> None:
-    """Before a checkpoint or export: every weight finite on every rank, else stop (nothing is saved)."""
-    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-    if all_reduce_sum(torch.tensor([float(bad)]), d).item() > 0:
+EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+
+
+def weight_scale(model, d: Dist) -> float:
+    """max |w| over every parameter of every rank (inf when any is not finite)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    m = torch.tensor([max((float(t.detach().abs().max()) for t in local if t.numel()), default=0.0)])
+    m = torch.where(torch.isnan(m), torch.tensor([float("inf")]), m)
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return float(m)
+
+
+def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: float) -> None:
+    """Before a checkpoint or export: every weight finite and not blown up (EXPLODED x the starting max
+    |w|), else stop: nothing is saved, and no checkpoint those weights came from is kept as good."""
+    scale = weight_scale(model, d)
+    if not math.isfinite(scale) or scale > EXPLODED * max(start_scale, 1.0):
         good = drop_checkpoints_from(out, step, d)
-        raise TrainingStopped(f"[{name}] non-finite weights after step {step}: not saved; last good checkpoint: "
-                              f"{good if good else 'none (nothing good saved)'}")
+        raise TrainingStopped(f"[{name}] weights {'not finite' if not math.isfinite(scale) else 'exploded'} "
+                              f"after step {step} (max |w| {scale:.3g}, {start_scale:.3g} at the start): not "
+                              f"saved; last good checkpoint: {good if good else 'none (nothing good saved)'}")
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
@@ -169,6 +185,7 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.final_lr / cfg.lr, cfg.schedule))
     torch.manual_seed(cfg.seed * 1000 + d.rank)
+    start_scale = weight_scale(model, d)   # of --model (before any resume): the same for every attempt
     start, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, opt, sched, d)["step"]
@@ -232,13 +249,13 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         if export_every and (step + 1) % export_every == 0:   # candidates for checkpoint selection
             export_model(model, out / "exports" / f"step_{step + 1}", tokenizer_dir, d)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            check_finite(model, d, out, step + 1, name)
+            check_finite(model, d, out, step + 1, name, start_scale)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     if hasattr(task, "evaluate") and start < total:
         ev = task.evaluate(model)
         log.write({"step": total, **ev})
         last.update(ev)
-    check_finite(model, d, out, total, name)
+    check_finite(model, d, out, total, name, start_scale)
     if start < total:
         save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     export = Path(cfg.export or out / "model")
