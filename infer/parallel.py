@@ -247,11 +247,14 @@ def tp_engine(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
 
 # -- FSDP2 trainer -> TP engine, without a disk round trip ------------------------------------------
 @torch.no_grad()
-def load_from_fsdp(engine, trainer_model) -> dict:
+def load_from_fsdp(engine, trainer_model, skip: tuple[str, ...] = ()) -> dict:
     """Fill a TP engine's weights from a model whose parameters are DTensors (FSDP2 `fully_shard`), one
     parameter at a time: `full_tensor()` (an all-gather over the trainer's mesh; every trainer rank calls
     this, in the same order), keep this rank's slice, free the rest, so the peak extra memory is one
-    full parameter. Clears the prefix cache (its KV came from the old weights). -> {seconds, bytes}."""
+    full parameter. Plain (unsharded) parameters are copied as they are. Trainer parameters whose names
+    start with one of `skip` (train/rl.py's value head) are not handed over; every engine parameter must
+    be written, else an error. Clears the prefix cache (its KV came from the old weights).
+    -> {seconds, bytes}."""
     t0 = time.perf_counter()
     model = engine.model
     tp = getattr(model, "tp", TPGroup())
@@ -259,13 +262,21 @@ def load_from_fsdp(engine, trainer_model) -> dict:
     rows = vocab_range(model.cfg, tp.rank, tp.size)[2]
     dst = dict(model.named_parameters())
     moved = 0
+    written = set()
     for name, p in trainer_model.named_parameters():
         name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+        if skip and name.startswith(skip):
+            continue
+        if name not in dst:
+            raise KeyError(f"weight hand-off: the engine has no parameter {name!r}")
+        written.add(name)
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
         vocab = name in ("tok_embeddings.weight", "output.weight")
         part = take(full, plan[name], rows if vocab else None) if name in plan else full
         dst[name].copy_(part)
         moved += part.numel() * dst[name].element_size()
         del full, part
+    if written != set(dst):
+        raise KeyError(f"weight hand-off: engine parameters not written: {sorted(set(dst) - written)[:4]}")
     engine.bm.cache.clear()
     return {"seconds": time.perf_counter() - t0, "bytes": moved}

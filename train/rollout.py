@@ -1,0 +1,115 @@
+"""Online RL's side of the engine: the weight hand-off, sampling a step's rollouts, scoring them, and the
+flat batch the policy, the reference and the value head read.
+
+train/rl.py is where training meets inference: it is the one trainer that drives the engine (infer/), and
+this file holds everything it needs from it, so the rest of train/ stays free of infer/.
+
+Weight hand-off (`sync_weights`): the engine has its own model (the engine's device and dtype, eval mode);
+before each step the trainer's current parameters are copied into it, parameter by parameter, with
+`infer.parallel.load_from_fsdp`: under FSDP2 every rank all-gathers one parameter at a time
+(`full_tensor()`) and keeps it (the engine here is a full replica per rank, TP 1), so the peak extra memory
+is one full parameter; single-process the copy is a plain `copy_`. Every engine parameter must be written
+(a name the trainer lacks is an error, not a silent no-op) and the prefix cache is emptied, since its KV
+blocks were computed with the old weights. No disk.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import selfreward.kernels as K
+from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
+from selfreward.model.llama import AttnContext
+
+VALUE_HEAD = "value_head."         # the trainer's extra parameters, never handed to the engine
+
+
+@dataclass
+class Rollout:
+    prompt: str                    # the prompt text (what the reward sees)
+    prompt_ids: list[int]          # chat ids with the generation prompt (what the policy saw)
+    response_ids: list[int]        # as sampled, the stop token included when it stopped
+    text: str                      # the reply text (without the stop token)
+    group: int                     # the prompt's index within this rank's share of the step
+    finish: str                    # stop | length
+    reward: float = 0.0
+
+
+def sync_weights(engine, model) -> float:
+    """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
+    from selfreward.infer.parallel import load_from_fsdp
+    if not engine.scheduler.done():
+        raise RuntimeError("weight sync while the engine still has requests in flight")
+    return load_from_fsdp(engine, model, skip=(VALUE_HEAD,))["seconds"]
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    """One user turn through the chat template, with the generation prompt (as the recipes' chat_prompt_ids)."""
+    return tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
+
+
+def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
+           seeds: list[int]) -> tuple[list[Rollout], float]:
+    """n responses per prompt; prompt k's samples use seeds[k], seeds[k] + 1, ... -> (rollouts, seconds)."""
+    from selfreward.infer.sequence import SamplingParams
+    t0 = time.perf_counter()
+    ids = [prompt_ids(tok, p) for p in prompts]
+    ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for s in seeds]
+    outs = engine.generate(ids, ps, n=n)
+    rolls = [Rollout(p, i, list(c.token_ids), c.text, k, c.finish_reason)
+             for k, (p, i, group) in enumerate(zip(prompts, ids, outs)) for c in group]
+    return rolls, time.perf_counter() - t0
+
+
+@dataclass
+class FlatBatch:
+    """B rollouts end to end for ONE forward: inputs are prompt + response[:-1]."""
+    tokens: torch.Tensor           # [N]
+    positions: torch.Tensor        # [N]
+    targets: torch.Tensor          # [N] the next token on response positions, IGNORE elsewhere
+    cu_seqlens: torch.Tensor       # [B+1] int32
+    max_seqlen: int
+    rows: torch.Tensor             # [M] the rows whose target is a response token, in order
+    seq: torch.Tensor              # [M] which rollout each of those rows belongs to
+    rewards: torch.Tensor          # [B]
+    group: torch.Tensor            # [B] prompt index (RLOO groups)
+
+
+def flat_batch(rolls: list[Rollout], device="cpu") -> FlatBatch:
+    toks, pos, tgt, seq, lens = [], [], [], [], []
+    for s, r in enumerate(rolls):
+        full = r.prompt_ids + r.response_ids
+        toks += full[:-1]
+        pos += range(len(full) - 1)
+        tgt += [IGNORE] * (len(r.prompt_ids) - 1) + r.response_ids
+        seq += [s] * len(r.response_ids)
+        lens.append(len(full) - 1)
+    cu = torch.zeros(len(rolls) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    t = torch.tensor(tgt)
+    f = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return FlatBatch(f(toks), f(pos), t.to(device), cu.to(device), max(lens),
+                     torch.nonzero(t != IGNORE).flatten().to(device), f(seq),
+                     f([r.reward for r in rolls], torch.float64), f([r.group for r in rolls]))
+
+
+def response_logps(model, b: FlatBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (log-probs of the response tokens at the sampling temperature [M], their hidden states [M, H]).
+    The logits are h W^T / T, so dividing h by T gives exactly the sampled distribution's log-probs."""
+    h = model(b.tokens, b.positions, AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen))   # [N, H]
+    h = h[b.rows]                                                                                   # [M, H]
+    lp = K.linear_logprobs(h / temperature, model.lm_head_weight, b.targets[b.rows], ignore_index=IGNORE)
+    return lp, h
+
+
+@torch.no_grad()
+def entropy_sum(model, h: torch.Tensor, temperature: float, chunk: int = 1024) -> float:
+    """Sum over rows of the entropy of the sampling distribution softmax(h W^T / T), chunked over rows."""
+    tot = 0.0
+    for s in range(0, h.shape[0], chunk):
+        lg = model.logits(h[s:s + chunk].detach()) / temperature                # [c, V] fp32
+        lp = lg.log_softmax(-1)
+        tot += float(-(lp.exp() * lp).sum())
+    return tot
