@@ -112,7 +112,8 @@ def export_policy(model, out: Path, tokenizer_dir: str, d: Dist) -> None:
 
 
 class Prober:
-    """Greedy replies to fixed prompts from the trainer's engine (rank 0) -> probes.jsonl {step, texts, ids}."""
+    """Greedy replies to fixed prompts from the trainer's engine (rank 0) -> probes.jsonl {step, texts, ids,
+    logprobs (of each greedy token)}."""
 
     def __init__(self, cfg: RLConfig, tok, d: Dist, resume_step: int | None):
         self.every, self.on = cfg.probe_every, bool(cfg.probe_data and cfg.probe_every and d.is_main)
@@ -127,8 +128,9 @@ class Prober:
             return 0.0
         from selfreward.infer.sequence import SamplingParams
         t0 = time.perf_counter()
-        outs = engine.generate(self.prompts, SamplingParams(temperature=0.0, max_tokens=self.max_tokens))
-        self.log.write({"step": step, "texts": [o[0].text for o in outs], "ids": [o[0].token_ids for o in outs]})
+        outs = engine.generate(self.prompts, SamplingParams(temperature=0.0, max_tokens=self.max_tokens, logprobs=True))
+        self.log.write({"step": step, "texts": [o[0].text for o in outs], "ids": [o[0].token_ids for o in outs],
+                        "logprobs": [o[0].logprobs for o in outs]})
         return time.perf_counter() - t0
 
 
@@ -213,11 +215,11 @@ def train(cfg: RLConfig, reward=None) -> dict:
                     reshard(ref)
                 values = model.value_head(h.detach()).squeeze(-1)                 # [M]
                 o = loss_fn(logp, values, ref_lp, b.seq, b.rewards, b.group, cfg.beta, cfg.value_coef)
+                ent = entropy_sum(model, h, cfg.temperature)        # before backward reshards the LM head
                 (o.loss * (d.world / norm)).backward()
                 kl = seq_sums(logp.detach() - ref_lp, b.seq, len(b.rewards))
                 sums += torch.tensor([o.loss.item(), o.pg.item(), 2 * o.value.item(), b.rewards.sum().item(),
-                                      (b.rewards ** 2).sum().item(), kl.sum().item(),
-                                      entropy_sum(model, h, cfg.temperature), len(b.seq), len(b.rewards),
+                                      (b.rewards ** 2).sum().item(), kl.sum().item(), ent, len(b.seq), len(b.rewards),
                                       len(b.tokens), len(b.seq), 0.0], dtype=torch.float64)
             sums[STATS.index("truncated")] = sum(r.finish == "length" for r in rolls)
             s = dict(zip(STATS, all_reduce_sum(sums, d).tolist()))

@@ -1,0 +1,167 @@
+"""train/rl.py end to end on a tiny model and a tiny reward model: the engine samples from the new weights
+after every step (its greedy replies equal a fresh engine built from that step's export), in one process
+and on 2 ranks (torchrun, gloo, FSDP2); 2 ranks equal 1 rank; SIGKILL + resume equals an uninterrupted run;
+a NaN reward stops the run keeping the last good checkpoint; bad input names file:line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from selfreward.model.reward_model import load_reward_model, save_reward_model
+    from selfreward.model.tokenizer import Tokenizer
+    d = tmp_path_factory.mktemp("rl")
+    m0 = tiny_chat_model(d / "m0")
+    rm = load_reward_model(m0, seed=3)
+    save_reward_model(rm, rm.cfg, d / "rm", Tokenizer.load(m0).pad_id, tokenizer_dir=m0)
+    # probes longer than one KV block (block size 4): a stale prefix cache would serve old-weight KV
+    probes = write_prompts(d / "probes.jsonl", SEEDS[:3])
+    data = write_prompts(d / "prompts.jsonl", SEEDS)
+    args = ["--model", str(m0), "--data", str(data), "--reward", "rm", "--reward-model", str(d / "rm"),
+            "--max-steps", "3", "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--lr", "1e-2",
+            "--final-lr", "1e-3", "--warmup-steps", "0", "--probe-data", str(probes), "--probe-every", "1",
+            "--engine-block-size", "4", "--engine-max-num-seqs", "16", "--threads", "1"]
+    return d, m0, args
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def fresh_greedy(model_dir: Path, probes: list[str]) -> tuple[list[list[int]], list[float]]:
+    """Greedy ids and their log-probs from a fresh engine on `model_dir` (default block size: 16)."""
+    from selfreward.infer.engine import Engine
+    from selfreward.infer.sequence import SamplingParams
+    from selfreward.train.rollout import prompt_ids
+    eng = Engine.from_pretrained(model_dir, max_num_seqs=16)
+    outs = eng.generate([prompt_ids(eng.tokenizer, p) for p in probes],
+                        SamplingParams(temperature=0.0, max_tokens=6, logprobs=True))
+    return [o[0].token_ids for o in outs], [x for o in outs for x in o[0].logprobs]
+
+
+def check_handoff(run: Path, m0: Path) -> None:
+    """probes.jsonl at step k (the trainer's engine after its k-th sync) == a fresh engine on exports/step_k:
+    the same greedy ids and the same log-probs of them (1e-5: the weights, not only the argmax)."""
+    probes = rows(run / "probes.jsonl")
+    assert [p["step"] for p in probes] == [0, 1, 2, 3]
+    flat = lambda p: [x for lp in p["logprobs"] for x in lp]  # noqa: E731
+    for p in probes:
+        ids, lps = fresh_greedy(m0 if p["step"] == 0 else run / "exports" / f"step_{p['step']}", SEEDS[:3])
+        assert p["ids"] == ids, p["step"]
+        assert max(abs(a - b) for a, b in zip(flat(p), lps, strict=True)) <= 1e-5, p["step"]
+    # the updates changed what the engine computes (else the equalities above would prove nothing)
+    assert max(abs(a - b) for a, b in zip(flat(probes[0]), flat(probes[1]))) > 1e-3
+
+
+def test_engine_samples_the_new_weights_one_process(setup):
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import rl
+    d, m0, args = setup
+    last = rl.main(args + ["--output", str(d / "one"), "--export-every", "1", "--micro-batch-size", "2"])
+    check_handoff(d / "one", m0)
+    m = rows(d / "one" / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2, 3] and abs(m[0]["kl"]) < 1e-6    # step 1: policy == reference
+    for k in ("reward_mean", "reward_std", "kl", "value_loss", "entropy", "response_len", "sample_tokens_per_s",
+              "train_tokens_per_s", "sync_s", "sync_share"):
+        assert k in last and last[k] == last[k], k
+    assert 0 < last["sync_share"] < 1
+    sd = load_model(d / "one" / "model").state_dict()          # HF export: the policy, no value head
+    ex = load_model(d / "one" / "exports" / "step_3").state_dict()
+    assert all(torch.equal(sd[k], ex[k]) for k in sd)
+
+
+def test_two_ranks_equal_one_rank_and_handoff_under_fsdp(setup):
+    from selfreward.model.checkpoint import load_model
+    d, m0, args = setup
+    common = args + ["--export-every", "1"]
+    log = d / "two.log"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "train" / "rl.py"), *common, "--output", str(d / "two"), "--micro-batch-size", "1"],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT)
+    try:
+        from selfreward.train import rl
+        rl.main(common + ["--output", str(d / "ref1")])         # 1 process, no accumulation
+        assert p.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    check_handoff(d / "two", m0)
+    one, two = rows(d / "ref1" / "metrics.jsonl"), rows(d / "two" / "metrics.jsonl")
+    for a, b in zip(one, two, strict=True):
+        for k in ("loss", "reward_mean", "kl", "value_loss", "entropy", "response_len"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k)
+    x, y = load_model(d / "ref1" / "model").state_dict(), load_model(d / "two" / "model").state_dict()
+    assert all((x[k] - y[k]).abs().max().item() <= 1e-5 for k in x)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup):
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import rl
+    d, m0, args = setup
+    a = [x if x != "3" else "6" for x in args] + ["--estimator", "rloo", "--save-every", "2"]   # 6 steps
+    run = d / "killed"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train" / "rl.py"), *a, "--output", str(run),
+                          "--sleep-per-step", "0.4"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    latest = run / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 120
+        while not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
+            assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.6)                                  # inside step 4
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL and not (run / "model").exists()
+    rl.main(a + ["--output", str(run), "--resume"])
+    rl.main(a + ["--output", str(d / "straight")])
+    x, y = load_model(run / "model").state_dict(), load_model(d / "straight" / "model").state_dict()
+    assert all((x[k] - y[k]).abs().max().item() <= 1e-6 for k in x)
+    mk, ms = rows(run / "metrics.jsonl"), rows(d / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in mk] == list(range(1, 7))      # no step logged twice
+    assert all(abs(u["loss"] - v["loss"]) <= 1e-6 * max(1.0, abs(v["loss"])) for u, v in zip(mk, ms))
+    assert [r["step"] for r in rows(run / "probes.jsonl")] == list(range(7))
+    # the value head (trained, not exported) was restored too: the last value losses agree
+    assert abs(mk[-1]["value_loss"] - ms[-1]["value_loss"]) <= 1e-6
+
+
+def test_nan_reward_stops_keeping_last_good_checkpoint(setup):
+    from selfreward.train import rl
+    from selfreward.train.loop import TrainingStopped
+    d, m0, args = setup
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        return [float("nan") if len(calls) == 2 else 0.5] * len(prompts)
+    cfg = rl.parse_config(rl.RLConfig, args + ["--output", str(d / "nan"), "--save-every", "1"])
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 2.*step_00000001"):
+        rl.train(cfg, reward=reward)
+    assert (d / "nan" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (d / "nan" / "model").exists()
+
+
+def test_bad_prompt_record_names_file_and_line(setup, tmp_path):
+    d, m0, args = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+    a = [x if x != str(d / "prompts.jsonl") else str(bad) for x in args]
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "rl.py"), *a, "--output", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and f"error: {bad}:2: missing field 'prompt'" in r.stderr, r.stderr
