@@ -105,7 +105,8 @@ def test_kl_term_and_returns_by_hand():
     assert torch.allclose(G, torch.tensor([1.025, 1.05, 0.0], dtype=torch.float64))
     v = torch.tensor([0.5, 0.25, -0.25], requires_grad=True)
     o = reinforce_loss(logp, v, ref, seq, rewards, None, 0.05, value_coef=1.0)
-    # A = G - V = [0.525, 0.8, 0.25]; pg = -(-1 x 0.525 - 2 x 0.8 - 0.5 x 0.25) = 2.25; value = 0.5 (0.525^2 + 0.8^2 + 0.25^2)
+    # A = G - V = [0.525, 0.8, 0.25]; pg = -(-1 x 0.525 - 2 x 0.8 - 0.5 x 0.25) = 2.25;
+    # value = 0.5 (0.525^2 + 0.8^2 + 0.25^2)
     assert abs(o.pg.item() - 2.25) < 1e-9 and abs(o.value.item() - 0.5 * (0.525 ** 2 + 0.8 ** 2 + 0.0625)) < 1e-9
     o.loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([-0.525, -0.8, -0.25]))          # d/dlogp = -A, not through KL

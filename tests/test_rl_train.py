@@ -90,7 +90,8 @@ def test_two_ranks_equal_one_rank_and_handoff_under_fsdp(setup):
     common = args + ["--export-every", "1"]
     log = d / "two.log"
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "train" / "rl.py"), *common, "--output", str(d / "two"), "--micro-batch-size", "1"],
+                          str(ROOT / "train" / "rl.py"), *common, "--output", str(d / "two"),
+                          "--micro-batch-size", "1"],
                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=open(log, "w"),
                          stderr=subprocess.STDOUT)
     try:

@@ -1,5 +1,6 @@
 """World RLAIF (recipes/world/rlaif.py): the pairwise seed's labels agree with the checker, and the whole run
-(`demo --method rlaif`) at tiny sizes writes the summary figures and a reward model transformers loads."""
+(`demo --method rlaif`) at tiny sizes writes the summary figures, a reward model transformers loads and the
+RL rows of part 2 (recipes/world/rlaif_rl.py); the win rate's tie rule."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ SMOKE = ["--m0-hidden", "32", "--m0-layers", "2", "--m0-heads", "2", "--m0-ffn",
          "--m0-web-p-judge", "0.5", "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr",
          "1e-2", "--n-ift", "24", "--n-eft", "48", "--n-pref", "48", "--sft-steps", "10", "--sft-batch", "8",
          "--n-prompts", "40", "--n-candidates", "3", "--rm-epochs", "1", "--rm-batch", "4",
-         "--cot-max-tokens", "48", "--n-control", "8", "--threads", "1"]
+         "--cot-max-tokens", "48", "--n-control", "8", "--threads", "1", "--rl-steps", "2", "--rl-batch", "2",
+         "--rl-num-samples", "2", "--rl-n-prompts", "8", "--rl-n-eval", "6", "--rl-probe-every", "1",
+         "--rl-max-tokens", "8"]
 
 
 def test_pref_seed_labels_follow_the_checker():
@@ -52,3 +55,15 @@ def test_world_rlaif_smoke(tmp_path):
     assert all("rationales" in json.loads(x) for x in (run / "labels_cot.jsonl").read_text().splitlines())
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm" / "model", dtype=torch.float32)
     assert hf.config.num_labels == 1
+    # part 2: RL from M1 against each source, the SFT row first, probes at steps 0, 1, 2
+    assert [r["model"] for r in on_disk["rows"]] == ["SFT (M1)", "RL-checker", "RL-rm", "RL-direct"]
+    assert all(0 <= r["greedy_acc"] <= 1 and 0 <= r["win_rate_vs_sft"] <= 1 for r in on_disk["rows"])
+    assert 0 < on_disk["sync_share"] < 1
+    assert [p["step"] for p in on_disk["rl_curves"]["rm"]["greedy_acc"]] == [0, 1, 2]
+
+
+def test_win_rate_counts_ties_half():
+    from selfreward.recipes.world.rlaif_rl import win_rate
+    # right-vs-wrong wins, wrong-vs-right loses, both right and both wrong are ties
+    assert win_rate([True, True, False, False], [True, False, True, False]) == (0.5 + 1 + 0 + 0.5) / 4
+    assert win_rate([True, True, True], [False, False, True]) == (1 + 1 + 0.5) / 3

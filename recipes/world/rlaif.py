@@ -8,7 +8,9 @@ Stages: M0 (the world's cached M0, recipes/world/build.py) -> seeds (IFT, EFT, a
 -> M1 = train/sft.py on them (the labeller, and the policy's size: the paper's same-size setting) -> M1
 samples candidates for fresh train-split prompts -> one pair of distinct candidate texts per prompt, in a
 random order -> soft labels by M1 in both orders, without and with chain-of-thought (recipes.rlaif) ->
-train/rm.py from M1 on the labels of 75% of the prompts -> the RM on the other 25%.
+train/rm.py from M1 on the labels of 75% of the prompts -> the RM on the other 25% -> part 2: train/rl.py from
+M1 against the checker, the RM and M1's direct scores (recipes/world/rlaif_rl.py; `rows`, `sync_share` and
+RUN/rl_curves.png; --rl-sources to choose, --rl-steps 0 to skip).
 
 The pairwise seed is to pairwise labelling what the EFT seed is to judging: checker-labelled examples of
 the format (a small world model cannot label zero-shot), half direct ("Preferred: k"), half with the
@@ -28,6 +30,7 @@ from selfreward.recipes.world.build import WorldModelConfig
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
+from selfreward.recipes.world.rlaif_rl import WorldRLConfig
 
 # Each answer sits in the world's own judge phrase (recipes/world/judging.py), the layout M0's web text
 # taught it to check; the reasons are its check steps for answer 1, then for answer 2.
@@ -64,6 +67,7 @@ class RLAIFWorldConfig:
     rm_lr: float = 1e-4
     n_control: int = 200              # held-out right-vs-one-edit pairs labelled as a control (seed-like)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
+    rl: WorldRLConfig = field(default_factory=WorldRLConfig)          # part 2, RL from M1; --rl-*
 
 
 def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dict]:
@@ -196,6 +200,15 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     rm = rm_stage(run_dir, m1, pairs, cfg)
     stage("rm", t)
 
+    t = time.perf_counter()
+    from selfreward.recipes.world.rlaif_rl import plot, rl_stage
+    rl = {"rows": [], "sync_share": None}
+    if cfg.rl.sources and cfg.rl.steps > 0:
+        rl = rl_stage(run_dir, m1, Path(rm["model"]), {r["prompt"] for r in read_jsonl(ift)}, cfg.seed,
+                      mc.kind_tuple(), cfg.rl, cfg.threads, cfg.nproc)
+    png = plot(rl, run_dir / "rl_curves.png") if rl["rows"] else None
+    stage("rl", t)
+
     main = results[cfg.rm_labels]
     summary = {
         "label_agreement": main["agreement"]["both_orders"],
@@ -203,6 +216,8 @@ def run(cfg: RLAIFWorldConfig) -> dict:
         "position_bias_both_orders": main["position_bias"]["both_orders"],
         "rm_pairwise": rm["heldout_pairwise"],
         "labels_for_rm": cfg.rm_labels, "labels": results, "rm": rm,
+        "rows": rl["rows"], "sync_share": rl["sync_share"], "rl_curves": rl.get("curves"),
+        "rl_plot": str(png) if png else None,
         "pairs": len(pairs), "pairs_one_right": sum(sum(p["right"]) == 1 for p in pairs),
         "wall_seconds": round(time.perf_counter() - t0, 1), "stage_seconds": stages,
         "config": dataclasses.asdict(cfg), "m0": str(m0),
@@ -252,6 +267,9 @@ def report(s: dict) -> str:
                      f"{f(r['prefill']['saved'])} | {f(r['control_agreement'])} |")
     lines.append(f"RM ({s['labels_for_rm']} labels, {s['rm']['train_pairs']} pairs): held-out pairwise accuracy "
                  f"{f(s['rm_pairwise'])} on {s['rm']['heldout_pairs']} pairs; wall {s['wall_seconds']}s")
+    if s["rows"]:
+        from selfreward.recipes.world.rlaif_rl import table
+        lines.append(table(s))
     return "\n".join(lines)
 
 
