@@ -166,3 +166,22 @@ def test_bad_prompt_record_names_file_and_line(setup, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train" / "rl.py"), *a, "--output", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and f"error: {bad}:2: missing field 'prompt'" in r.stderr, r.stderr
+
+
+def test_handoff_refuses_a_partial_sync(setup):
+    """A sync that would leave an engine parameter unwritten, or write one the engine lacks, is an error."""
+    from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train.rollout import sync_weights
+    d, m0, _ = setup
+    eng = Engine.from_pretrained(m0, max_num_seqs=4)
+    model = load_model(m0)
+    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
+    sync_weights(eng, model)                                       # the value head is skipped by name
+    model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyError, match="no parameter 'extra.weight'"):
+        sync_weights(eng, model)
+    del model.extra
+    model.norm = None                                              # a policy without its final norm
+    with pytest.raises(KeyError, match="not written: \\['norm'\\]"):
+        sync_weights(eng, model)

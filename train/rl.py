@@ -207,7 +207,7 @@ def train(cfg: RLConfig, reward=None) -> dict:
             sums = torch.zeros(len(STATS), dtype=torch.float64)
             for i in range(0, per_rank, micro):
                 set_grad_sync(model, i + micro >= per_rank)
-                b = flat_batch([r for r in rolls if i <= r.group < i + micro], dev)
+                b = flat_batch([r for r in rolls if i <= r.group < i + micro], d.device)   # the trainer's device
                 logp, h = response_logps(model, b, cfg.temperature)               # [M], [M, H]
                 with torch.no_grad():
                     ref_lp, _ = response_logps(ref, b, cfg.temperature)            # [M]

@@ -206,7 +206,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     if cfg.rl.sources and cfg.rl.steps > 0:
         rl = rl_stage(run_dir, m1, Path(rm["model"]), {r["prompt"] for r in read_jsonl(ift)}, cfg.seed,
                       mc.kind_tuple(), cfg.rl, cfg.threads, cfg.nproc)
-    png = plot(rl, run_dir / "rl_curves.png") if rl["rows"] else None
+    png = plot(rl, run_dir / f"{cfg.rl.dir}_curves.png") if rl["rows"] else None
     stage("rl", t)
 
     main = results[cfg.rm_labels]

@@ -42,6 +42,7 @@ class WorldRLConfig:
     n_prompts: int = 2000             # fresh train-split prompts (steps x batch are drawn from them)
     n_eval: int = 200                 # held-out prompts (probes) for accuracy and the win rate
     probe_every: int = 10
+    dir: str = "rl"                   # subfolder of the run dir (another name: a second set of runs beside)
 
 
 def score_template(path: Path) -> Path:
@@ -61,7 +62,7 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
     from selfreward.recipes.world.data import loop_prompts
     from selfreward.recipes.world.tasks import heldout_eval_set
     from selfreward.train.rl import RLConfig, train
-    home = run_dir / "rl"
+    home = run_dir / rc.dir
     prompts = write_jsonl(home / "prompts.jsonl", loop_prompts(rc.n_prompts, 70_000 + seed, avoid, kinds))
     probes = write_jsonl(home / "probes.jsonl", [{"prompt": t.prompt} for t in
                                                  heldout_eval_set(rc.n_eval, seed=1234 + seed, kinds=kinds)])
