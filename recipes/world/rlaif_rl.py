@@ -141,7 +141,7 @@ def plot(rl: dict, path: Path) -> Path | None:
                      label=f"RL-{src}")
         axes[1].plot(range(1, len(c["reward_mean"]) + 1), c["reward_mean"], label=f"RL-{src}")
     axes[0].set_title("held-out greedy accuracy (checker)")
-    axes[1].set_title("mean reward of the step's samples (own scale per source)")
+    axes[1].set_title("mean reward of the samples (own scale per source)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
