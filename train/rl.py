@@ -155,8 +155,9 @@ def train(cfg: RLConfig, reward=None) -> dict:
     if per_rank % micro:
         raise ConfigError(f"--micro-batch-size {micro} must divide the {per_rank} prompts per rank")
     model = load_policy(cfg)
-    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
-    torch.nn.init.zeros_(model.value_head.weight), torch.nn.init.zeros_(model.value_head.bias)
+    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)     # V(state) from the detached hidden state
+    for p in model.value_head.parameters():                           # zero: the baseline starts at 0
+        torch.nn.init.zeros_(p)
     parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
     ref = load_model(cfg.model).eval().requires_grad_(False)       # the frozen SFT policy
     parallelize(ref, d, False, cfg.mixed_precision)
