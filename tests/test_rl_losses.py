@@ -55,7 +55,7 @@ def twin_loss(pol, ref, head, rolls, estimator: str) -> torch.Tensor:
     loss = torch.zeros((), dtype=torch.float64)
     for i, (lp, v, kl, G, ro) in enumerate(per):
         if estimator == "reinforce":
-            adv = [G[t] - float(v[t]) for t in range(len(G))]
+            adv = [G[t] - float(v[t].detach()) for t in range(len(G))]
         else:
             pen = lambda x: x[4].reward - BETA * sum(x[2])  # noqa: E731
             others = [pen(x) for j, x in enumerate(per) if j != i and x[4].group == ro.group]
