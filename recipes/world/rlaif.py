@@ -1,7 +1,7 @@
-"""RLAIF in the checkable world, part 1: AI labels on the world's candidate pairs and the distilled RM, with
-the checker as the truth.
+"""RLAIF in the checkable world: part 1, AI labels on the world's candidate pairs and the distilled RM, with
+the checker as the truth; part 2, RL from M1 against three reward sources (recipes/world/rlaif_rl.py).
 
-    python -m selfreward.recipes.world.demo --method rlaif     # runs/world-rlaif; 5.5-7 min measured (M0 cached)
+    python -m selfreward.recipes.world.demo --method rlaif     # runs/world-rlaif; 9-10 min measured (M0 cached)
     python -m selfreward.recipes.world.demo --method rlaif --seed 1 --run-dir runs/world-rlaif-s1
 
 Stages: M0 (the world's cached M0, recipes/world/build.py) -> seeds (IFT, EFT, and a pairwise-label seed)
