@@ -30,7 +30,7 @@ from selfreward.recipes.world.build import WorldModelConfig
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
-from selfreward.recipes.world.rlaif_rl import WorldRLConfig
+from selfreward.recipes.world.rlaif_rl import WorldRLConfig, plot, rl_stage, table
 
 # Each answer sits in the world's own judge phrase (recipes/world/judging.py), the layout M0's web text
 # taught it to check; the reasons are its check steps for answer 1, then for answer 2.
@@ -201,7 +201,6 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     stage("rm", t)
 
     t = time.perf_counter()
-    from selfreward.recipes.world.rlaif_rl import plot, rl_stage
     rl = {"rows": [], "sync_share": None}
     if cfg.rl.sources and cfg.rl.steps > 0:
         rl = rl_stage(run_dir, m1, Path(rm["model"]), {r["prompt"] for r in read_jsonl(ift)}, cfg.seed,
@@ -268,7 +267,6 @@ def report(s: dict) -> str:
     lines.append(f"RM ({s['labels_for_rm']} labels, {s['rm']['train_pairs']} pairs): held-out pairwise accuracy "
                  f"{f(s['rm_pairwise'])} on {s['rm']['heldout_pairs']} pairs; wall {s['wall_seconds']}s")
     if s["rows"]:
-        from selfreward.recipes.world.rlaif_rl import table
         lines.append(table(s))
     return "\n".join(lines)
 
