@@ -143,6 +143,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
 
 
 def test_nan_reward_stops_keeping_last_good_checkpoint(setup):
+    """A NaN reward at step 3 stops before the update; no export; `latest` is the last good checkpoint."""
     from selfreward.train import rl
     from selfreward.train.loop import TrainingStopped
     d, m0, args = setup
@@ -150,11 +151,13 @@ def test_nan_reward_stops_keeping_last_good_checkpoint(setup):
 
     def reward(prompts, responses):
         calls.append(1)
-        return [float("nan") if len(calls) == 2 else 0.5] * len(prompts)
+        return [float("nan") if len(calls) == 3 else 0.5] * len(prompts)
     cfg = rl.parse_config(rl.RLConfig, args + ["--output", str(d / "nan"), "--save-every", "1"])
-    with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 2.*step_00000001"):
+    # as the other trainers: the weights after step 2 gave the NaN, so step_2 is dropped, step_1 kept
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 3.*step_00000001"):
         rl.train(cfg, reward=reward)
     assert (d / "nan" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (d / "nan" / "checkpoints" / "step_00000002").exists()
     assert not (d / "nan" / "model").exists()
 
 

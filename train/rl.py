@@ -23,14 +23,17 @@ import torch
 
 from selfreward.infer.config import EngineConfig
 from selfreward.records import DataError, field as rec_field
-from selfreward.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from selfreward.train.checkpointing import drop_checkpoints_from, latest_checkpoint, load_checkpoint, \
+    save_checkpoint
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import global_batch, read_jsonl
-from selfreward.train.loop import MetricsLog, TrainingStopped, cli, load_policy, lr_factor, start
+from selfreward.train.loop import MetricsLog, TrainingStopped, check_finite, cli, load_policy, lr_factor, start, \
+    weight_scale
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard, set_grad_sync
 from selfreward.train.rl_losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, entropy_sum, flat_batch, prompt_ids, response_logps, sample
 from selfreward.train.rollout import sync_weights
+from selfreward.train.runfolder import claim_run
 
 STATS = ("loss", "pg", "value_sq", "reward", "reward_sq", "kl", "entropy", "resp_tokens", "responses",
          "train_tokens", "sample_tokens", "truncated")
@@ -51,7 +54,7 @@ class RLConfig(TrainConfig):
     beta: float = 0.05                # per-token KL penalty to the frozen SFT policy (--model)
     temperature: float = 0.9
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64         # per response; --max-length bounds prompt + response (lowered to the context)
     value_lr: float = 1e-3            # the value head's lr (a linear head on the policy's detached hidden states)
     value_coef: float = 1.0
     probe_data: str = ""              # prompts JSONL: greedy replies every --probe-every steps -> probes.jsonl
@@ -140,12 +143,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg: RLConfig, reward=None) -> dict:
     """One RL run (in this process; under torchrun each rank calls it) -> the last step's metrics. `reward`:
-    a function (prompts, responses) -> rewards; default built from --reward (recipes.reward.load_reward)."""
+    a function (prompts, responses) -> rewards; default built from --reward (recipes.reward.load_reward).
+    The run folder is claimed first, as the other trainers' (train/runfolder.py)."""
     cfg.check()
+    with claim_run(cfg, "rl"):
+        return _train(cfg, reward)
+
+
+def _train(cfg: RLConfig, reward) -> dict:
     d, tok, tok_dir = start(cfg)
     from selfreward.model.checkpoint import load_model
     from selfreward.model.config import ModelConfig
-    room = ModelConfig.from_json(cfg.model).max_position_embeddings - cfg.max_new_tokens
+    room = min(cfg.max_length, ModelConfig.from_json(cfg.model).max_position_embeddings) - cfg.max_new_tokens
     prompts = load_prompts(cfg.data, tok, room)
     if cfg.batch_size % d.world or len(prompts) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the world size {d.world} and at "
@@ -175,6 +184,7 @@ def train(cfg: RLConfig, reward=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.final_lr / cfg.lr, cfg.schedule))
     torch.manual_seed(cfg.seed * 1000 + d.rank)
+    start_scale = weight_scale(model, d)   # of --model: weights past EXPLODED x this are never saved
     out, step0 = Path(cfg.output), 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
@@ -227,10 +237,10 @@ def train(cfg: RLConfig, reward=None) -> dict:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             if not (math.isfinite(s["loss"]) and math.isfinite(gnorm)):
-                good = latest_checkpoint(out)
+                good = drop_checkpoints_from(out, step, d)   # the weights after `step` updates gave this
                 raise TrainingStopped(
                     f"[rl] non-finite loss {s['loss'] / norm} / grad norm {gnorm} at step {step + 1}: stopped before "
-                    f"applying it; last good checkpoint: {good if good else 'none (nothing saved yet)'}")
+                    f"applying it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
@@ -256,9 +266,12 @@ def train(cfg: RLConfig, reward=None) -> dict:
                       f"{last['response_len']:.1f} | sync {sync_s * 1e3:.1f} ms ({100 * last['sync_share']:.1f}%) "
                       f"| {last['sample_tokens_per_s']:.0f} sampled tok/s", flush=True)
             if cfg.export_every and (step + 1) % cfg.export_every == 0:
+                check_finite(model, d, out, step + 1, "rl", start_scale)
                 export_policy(model, out / "exports" / f"step_{step + 1}", tok_dir, d)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                check_finite(model, d, out, step + 1, "rl", start_scale)
                 save_checkpoint(out, step + 1, model, opt, sched, {"name": "rl"}, d, cfg.keep_checkpoints)
+        check_finite(model, d, out, total, "rl", start_scale)
         if step0 < total:
             save_checkpoint(out, total, model, opt, sched, {"name": "rl"}, d, cfg.keep_checkpoints)
         sync_weights(engine, model)
