@@ -27,6 +27,8 @@ class AttnContext:
     block_tables: torch.Tensor | None = None  # [S, max_blocks]
     context_lens: torch.Tensor | None = None  # [S] cached + new tokens per sequence
     decode: bool = False                     # every sequence has exactly one new token
+    prefix: torch.Tensor | None = None       # [S, 2] int32 (start, length): keys a sequence sees in full
+                                             # before its own (shared-prompt DPO; kernels/attention.py)
 
 
 def context_from_positions(positions: torch.Tensor) -> tuple[torch.Tensor, AttnContext]:
@@ -57,7 +59,7 @@ class Attention(nn.Module):
         k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
         v = self.wv(x).view(N, self.nkv, self.hd)
         if ctx.kv_caches is None:
-            o = K.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen)
+            o = K.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, prefix=ctx.prefix)
         else:
             k_cache, v_cache = ctx.kv_caches[self.layer_idx]
             K.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)

@@ -42,6 +42,7 @@ class DPOConfig(TrainConfig):
     ref_mode: str = "cache"           # cache | online
     ref_cache_dir: str = ""           # default OUTPUT/ref_cache
     export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
+    share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
 
     def check(self) -> None:
         super().check()
@@ -64,7 +65,7 @@ class DPOTask:
         return float(len(batch))
 
     def micro(self, model, idx: list[int]):
-        b = pair_batch([self.pairs[i] for i in idx])
+        b = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt)
         B = len(idx)
         pol = sequence_logps(model, b)                                   # [2B], ONE forward
         ref = None
@@ -100,7 +101,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     per_rank = -(-len(pairs) // d.world)
     m = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
     padded = mine + [0] * (per_rank - len(mine))
-    vals = compute_reference(model, pairs, padded, m)[:len(mine)]
+    vals = compute_reference(model, pairs, padded, m, cfg.share_prompt)[:len(mine)]
     if d.sharded:
         reshard(model)
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)

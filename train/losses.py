@@ -80,9 +80,13 @@ def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float 
 
 
 def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
-    """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel."""
+    """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel. Only the target
+    rows go through the LM head: in DPO and chat SFT the prompt rows, often half the tokens or more, would
+    cost a [rows, V] GEMM (V = 32k-128k) three times over (forward, recompute, gradient) for nothing."""
     h = model(tokens, positions, ctx)                                   # [N, H]
-    return K.linear_logprobs(h, model.lm_head_weight, targets, ignore_index=IGNORE)
+    sel = torch.nonzero(targets != IGNORE).flatten()                    # [n] target rows
+    lp = K.linear_logprobs(h[sel], model.lm_head_weight, targets[sel], ignore_index=IGNORE)   # [n]
+    return h.new_zeros(targets.shape, dtype=lp.dtype).index_put((sel,), lp)
 
 
 def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -95,11 +99,13 @@ def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
 
 
 def sequence_logps(model, b: PairBatch) -> torch.Tensor:
-    """One forward over all 2B sequences -> summed response log-probs [2B] (chosen first)."""
-    ctx = AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+    """One forward over the batch's sequences -> summed response log-probs [2B] (chosen first)."""
+    ctx = AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, prefix=b.prefix)
     lp = token_logps(model, b.tokens, b.positions, ctx, b.targets)     # [N] fp32
+    S = b.cu_seqlens.numel() - 1
     # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
-    return torch.zeros(b.resp_len.numel(), dtype=torch.float64).index_add(0, b.seq_id, lp.double())
+    per_seq = torch.zeros(S, dtype=torch.float64, device=lp.device).index_add(0, b.seq_id.to(lp.device), lp.double())
+    return per_seq[b.out_seq.to(lp.device)]                            # [S] -> [2B]                                          # [2B]
 
 
 def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
@@ -218,14 +224,15 @@ class ReferenceCache:
 
 
 @torch.no_grad()
-def compute_reference(model, pairs: list[Pair], indices: list[int], batch_pairs: int) -> torch.Tensor:
+def compute_reference(model, pairs: list[Pair], indices: list[int], batch_pairs: int, share_prompt: bool = True
+                      ) -> torch.Tensor:
     """Reference log-probs of pairs[indices] in eval mode (no dropout) -> [len(indices), 2]."""
     was = model.training
     model.eval()
     out = []
     for s in range(0, len(indices), batch_pairs):
         chunk = [pairs[i] for i in indices[s:s + batch_pairs]]
-        lp = sequence_logps(model, pair_batch(chunk))
+        lp = sequence_logps(model, pair_batch(chunk, share_prompt))
         out.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], 1))
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
