@@ -37,6 +37,7 @@ class TrainConfig:
     overwrite: bool = False           # start over: remove the checkpoints, metrics and model of OUTPUT's earlier run
     log_every: int = 1
     activation_checkpointing: bool = False
+    selective_checkpointing: bool = False  # keep matmul outputs, recompute the rest (ignored with the above)
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: always fp32)
     threads: int = 0                  # torch.set_num_threads (0 = leave as is)
     sleep_per_step: float = 0.0       # test aid: slow the loop so a test can kill it mid-run

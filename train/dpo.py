@@ -43,6 +43,7 @@ class DPOConfig(TrainConfig):
     ref_cache_dir: str = ""           # default OUTPUT/ref_cache
     export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
     share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
+    selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
 
     def check(self) -> None:
         super().check()
@@ -130,7 +131,7 @@ def train(cfg: DPOConfig) -> dict:
     model = load_policy(cfg)
     needs_ref = DPOLossConfig(cfg.loss).needs_reference
     key = weights_hash(model.state_dict()) if needs_ref and cfg.ref_mode == "cache" else ""
-    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
     table, ref_model = None, None
     if needs_ref and cfg.ref_mode == "cache":
         table = reference_table(cfg, model, pairs, key, d)

@@ -69,6 +69,29 @@ def apply_activation_checkpointing(model) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+# what selective checkpointing keeps: the matmul outputs and attention's (output, logsumexp); everything
+# else in a block (RMSNorm, RoPE, SwiGLU, dropout, the attention twin's padding) is recomputed in backward
+_SAVE_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    name = getattr(op, "__name__", "").split(".")[0]
+    return CheckpointPolicy.MUST_SAVE if name in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_selective_checkpointing(model) -> None:
+    """Per block, keep only the outputs of the matmuls (and of attention) for backward and recompute the
+    cheap element-wise parts from them: about half a block's saved activations for a few % more time
+    (benchmarks/README.md). Names, checkpoints and RNG replay as apply_activation_checkpointing."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+
+
 def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
     """fully_shard each block, then the root. bf16 parameters with fp32 gradient reduction on CUDA only
     (CPU runs stay fp32). The root keeps its parameters gathered between forward and backward, which is
@@ -83,10 +106,14 @@ def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
     fully_shard(model, **kw)
 
 
-def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True):
-    """The one place parallelism is applied, in a fixed order: activation checkpointing, then FSDP."""
+def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True,
+                selective: bool = False):
+    """The one place parallelism is applied, in a fixed order: activation checkpointing (whole blocks, or
+    `selective`: matmul outputs kept), then FSDP."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    elif selective:
+        apply_selective_checkpointing(model)
     if d.sharded:
         apply_fsdp(model, d, mixed_precision)
     return model
