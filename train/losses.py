@@ -83,6 +83,11 @@ def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Te
     """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel. Only the target
     rows go through the LM head: in DPO and chat SFT the prompt rows, often half the tokens or more, would
     cost a [rows, V] GEMM (V = 32k-128k) three times over (forward, recompute, gradient) for nothing."""
+    dev = model.lm_head_weight.device           # batches are built on the CPU; the model may live on a GPU
+    if tokens.device != dev:
+        tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
+        ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen,
+                          prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
     h = model(tokens, positions, ctx)                                   # [N, H]
     sel = torch.nonzero(targets != IGNORE).flatten()                    # [n] target rows
     lp = K.linear_logprobs(h[sel], model.lm_head_weight, targets[sel], ignore_index=IGNORE)   # [n]
@@ -105,7 +110,7 @@ def sequence_logps(model, b: PairBatch) -> torch.Tensor:
     S = b.cu_seqlens.numel() - 1
     # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
     per_seq = torch.zeros(S, dtype=torch.float64, device=lp.device).index_add(0, b.seq_id.to(lp.device), lp.double())
-    return per_seq[b.out_seq.to(lp.device)]                            # [S] -> [2B]                                          # [2B]
+    return per_seq[b.out_seq.to(lp.device)]                            # [S] -> [2B]
 
 
 def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
@@ -157,7 +162,7 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     loss, rc, rr = _preference_loss(policy, ref, resp_len, cfg)
     if cfg.nll_alpha:
         B = policy.numel() // 2
-        loss = loss - cfg.nll_alpha * policy[:B] / resp_len[:B].clamp(min=1).to(policy.dtype)
+        loss = loss - cfg.nll_alpha * policy[:B] / resp_len[:B].clamp(min=1).to(policy)
     return loss, rc, rr
 
 
@@ -165,17 +170,17 @@ def _preference_loss(policy, ref, resp_len, cfg: DPOLossConfig):
     B = policy.numel() // 2
     beta = cfg.beta
     if cfg.loss_type == "simpo":
-        avg = policy / resp_len.clamp(min=1).to(policy.dtype)
+        avg = policy / resp_len.clamp(min=1).to(policy)
         rc, rr = beta * avg[:B], beta * avg[B:]
         return -F.logsigmoid(rc - rr - cfg.simpo_gamma), rc.detach(), rr.detach()
     if ref is None:
         raise ValueError(f"loss {cfg.loss_type} needs reference log-probs")
-    ratio = policy - ref.to(policy.dtype)                                # [2B]
+    ratio = policy - ref.to(policy)                                      # [2B]
     z = ratio[:B] - ratio[B:]
     if cfg.loss_type == "sigmoid":
         loss = -F.logsigmoid(beta * z)
     elif cfg.loss_type == "ipo":
-        per_tok = ratio / resp_len.clamp(min=1).to(ratio.dtype)
+        per_tok = ratio / resp_len.clamp(min=1).to(ratio)
         loss = (per_tok[:B] - per_tok[B:] - 1 / (2 * beta)) ** 2
     elif cfg.loss_type == "cdpo":
         eps = cfg.label_smoothing
