@@ -39,6 +39,21 @@ def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -
     return max(1, min(want, budget // per))
 
 
+LAZY_ZERO_BYTES = 64 * 1024**2
+
+
+def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero KV pool. The attention twins read whole blocks and mask the unused slots, so the pool must
+    hold finite values (0 * NaN is NaN). On the CPU a large pool is taken from torch.empty: allocations
+    above glibc's largest mmap threshold (32 MiB) are fresh anonymous mappings, which the kernel hands out
+    as zero pages on first touch. Zero-filling the default 2 GiB pool up front cost 1-6 s of start-up and
+    made all of it resident; now only the pages in use are."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class Runner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int):
         self.model = model
@@ -47,8 +62,7 @@ class Runner:
         self.device, self.dtype = p.device, p.dtype
         c = model.cfg
         shape = (num_blocks, block_size, local_kv_heads(model), c.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                           for _ in range(c.num_hidden_layers)]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -117,8 +117,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     check_tokenizer_fits(path, cfg)
     files = _tensor_files(path)
     table = name_table(cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = Transformer(cfg, device="meta")
     params = dict(model.named_parameters())
     check_no_unexpected(files, table, cfg)
     state = {}

@@ -44,14 +44,15 @@ def context_from_positions(positions: torch.Tensor) -> tuple[torch.Tensor, AttnC
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
-        self.wk = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
-        self.wv = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
-        self.wo = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        H, b = cfg.hidden_size, cfg.attention_bias
+        self.wq = nn.Linear(H, self.nh * self.hd, bias=b, device=device)
+        self.wk = nn.Linear(H, self.nkv * self.hd, bias=b, device=device)
+        self.wv = nn.Linear(H, self.nkv * self.hd, bias=b, device=device)
+        self.wo = nn.Linear(self.nh * self.hd, H, bias=False, device=device)
 
     def forward(self, x, cos, sin, ctx: AttnContext):
         N = x.shape[0]
@@ -71,23 +72,24 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # down
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Linear(H, I, bias=False, device=device)  # gate
+        self.w3 = nn.Linear(H, I, bias=False, device=device)  # up
+        self.w2 = nn.Linear(I, H, bias=False, device=device)  # down
 
     def forward(self, x):
         return self.w2(K.swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None):
         super().__init__()
-        self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.attention = Attention(cfg, layer_idx)
-        self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
+        self.attention = Attention(cfg, layer_idx, device)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
+        self.feed_forward = FeedForward(cfg, device)
         self.cfg = cfg   # shared with the Transformer: setting model.cfg.dropout reaches every block
 
     def forward(self, x, cos, sin, ctx):
@@ -99,13 +101,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
+        """device="meta": shapes only, for a loader to fill (passed to each layer rather than through a
+        `with torch.device("meta")` block, whose random inits import torch._dynamo: seconds of start-up)."""
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # on meta, Embedding's own normal_ init imports torch._dynamo (seconds): hand it an empty weight
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size, device=device) if str(device) == "meta" else None
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w, device=device)
+        self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size, device=device))
+        self.output = None if cfg.tie_word_embeddings else \
+            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
 
     @property
