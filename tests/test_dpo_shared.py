@@ -100,3 +100,40 @@ def test_prefix_layout_is_checked():
         prefix_dependents(cu, torch.tensor([[0, 0], [0, 3], [0, 0], [0, 3]], dtype=torch.int32))
     with pytest.raises(ValueError, match="not a whole"):
         prefix_dependents(cu, torch.tensor([[0, 0], [0, 2], [0, 0], [0, 0]], dtype=torch.int32))
+
+
+def _loss_grads_and_backward_mms(model, pairs):
+    """(loss, gradients, aten.mm calls during backward) of one shared-prompt DPO forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMM.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)                      # dropout on: the recompute must replay the same masks
+    lp = sequence_logps(model, pair_batch(pairs))
+    with CountMM():
+        lp.sum().backward()
+    return lp.detach(), grads(model), CountMM.n
+
+
+def test_selective_checkpointing_same_gradients_no_matmul_recompute():
+    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    pairs = shared_pairs(3)
+    runs = {}
+    for mode in ("none", "selective", "full"):
+        m = tiny(6)
+        m.cfg.dropout = 0.1
+        m.train()
+        {"selective": apply_selective_checkpointing, "full": apply_activation_checkpointing}.get(mode, id)(m)
+        runs[mode] = _loss_grads_and_backward_mms(m, pairs)
+    for mode in ("selective", "full"):
+        torch.testing.assert_close(runs[mode][0], runs["none"][0], rtol=0, atol=1e-5)
+        assert_grads_close(runs[mode][1], runs["none"][1])
+    # 7 linears per block x 2 blocks: full checkpointing runs their forward matmuls again in backward,
+    # selective keeps those outputs and runs only the gradient matmuls, as no checkpointing does
+    assert runs["selective"][2] == runs["none"][2]
+    assert runs["full"][2] == runs["none"][2] + 14
