@@ -91,7 +91,7 @@ def test_packing_keeps_examples_apart():
 
 
 def test_pair_batch_layout():
-    b = pair_batch([Pair([1, 7], [3, 2], [4, 4, 2]), Pair([1], [5, 2], [6, 2])])
+    b = pair_batch([Pair([1, 7], [3, 2], [4, 4, 2]), Pair([1], [5, 2], [6, 2])], share_prompt=False)
     # sequences: c0 = 1 7 3 2, c1 = 1 5 2, r0 = 1 7 4 4 2, r1 = 1 6 2 (inputs drop each last token)
     assert b.tokens.tolist() == [1, 7, 3, 1, 5, 1, 7, 4, 4, 1, 6]
     assert b.targets.tolist() == [IGNORE, 3, 2, 5, 2, IGNORE, 4, 4, 2, 6, 2]
@@ -99,6 +99,19 @@ def test_pair_batch_layout():
     assert b.cu_seqlens.tolist() == [0, 3, 5, 9, 11] and b.max_seqlen == 4
     assert b.seq_id.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]
     assert b.resp_len.tolist() == [2, 2, 3, 2] and b.num_pairs == 2
+    assert b.out_seq.tolist() == [0, 1, 2, 3] and b.prefix is None
+
+
+def test_pair_batch_shared_prompt_layout():
+    b = pair_batch([Pair([1, 7], [3, 2], [4, 4, 2]), Pair([1], [5, 2], [6, 2])])
+    # prompt 1 7: its first token once (1), then c0 = [7] 3 and r0 = [7] 4 4 reading it as their prefix,
+    # positions continuing at 1; prompt [1] is BOS alone: no prefix, c1 = [1] 5, r1 = [1] 6
+    assert b.tokens.tolist() == [1, 7, 3, 7, 4, 4, 1, 5, 1, 6]
+    assert b.targets.tolist() == [IGNORE, 3, 2, 4, 4, 2, 5, 2, 6, 2]
+    assert b.positions.tolist() == [0, 1, 2, 1, 2, 3, 0, 1, 0, 1]
+    assert b.cu_seqlens.tolist() == [0, 1, 3, 6, 8, 10] and b.max_seqlen == 3
+    assert b.prefix.tolist() == [[0, 0], [0, 1], [0, 1], [0, 0], [0, 0]]
+    assert b.out_seq.tolist() == [1, 3, 2, 4] and b.resp_len.tolist() == [2, 2, 3, 2]
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
