@@ -28,7 +28,7 @@ INT_SCALARS = {"H", "M", "N", "D"}
 POINTER_TYPES = {  # non-activation pointers; everything else uppercase is an activation of --dtype
     "RSTD": "*fp32", "DWP": "*fp32", "COS": "*fp32", "SIN": "*fp32", "T": "*i64", "LSE": "*fp32",
     "LOGP": "*fp32", "G": "*fp32", "CU": "*i32", "DELTA": "*fp32", "SLOT": "*i64", "CUQ": "*i32",
-    "BT": "*i32", "CTX": "*i32", "LSEP": "*fp32",
+    "BT": "*i32", "CTX": "*i32", "LSEP": "*fp32", "PRE": "*i32", "DEP": "*i32",
 }
 
 
@@ -52,11 +52,16 @@ def _cases(dt: str):
     out.append(("logprobs dlogits_bwd", LP._dlogits_bwd, dict(BLOCK_V=BV), dict(num_warps=nw), {"V": "i32"}))
     for D in (64, 128):
         (fm, fn_, fw, fs), (bm, bn, bw, bs) = A.tile_config(True, D)
+        for pre in (False, True):   # prefix segments (shared-prompt DPO) compile as their own variant
+            c = dict(REP=4, D=D, BLOCK_D=D, PREC=None, HAS_PREFIX=pre)
+            tag = " +prefix" if pre else ""
+            out.append((f"attn_fwd hd{D}{tag}", A._attn_fwd, dict(c, BLOCK_M=fm, BLOCK_N=fn_),
+                        dict(num_warps=fw, num_stages=fs), {}))
+            out.append((f"attn_bwd_dkdv hd{D}{tag}", A._attn_bwd_dkdv, dict(c, BLOCK_M=bm, BLOCK_N=bn),
+                        dict(num_warps=bw, num_stages=bs), {}))
+            out.append((f"attn_bwd_dq hd{D}{tag}", A._attn_bwd_dq, dict(c, BLOCK_M=bm, BLOCK_N=bn),
+                        dict(num_warps=bw, num_stages=bs), {}))
         c = dict(REP=4, D=D, BLOCK_D=D, PREC=None)
-        out.append((f"attn_fwd hd{D}", A._attn_fwd, dict(c, BLOCK_M=fm, BLOCK_N=fn_), dict(num_warps=fw, num_stages=fs), {}))
-        out.append((f"attn_bwd_dkdv hd{D}", A._attn_bwd_dkdv, dict(c, BLOCK_M=bm, BLOCK_N=bn),
-                    dict(num_warps=bw, num_stages=bs), {}))
-        out.append((f"attn_bwd_dq hd{D}", A._attn_bwd_dq, dict(c, BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=bw, num_stages=bs), {}))
         for qlen, name in ((1, "decode"), (512, "prefill")):
             pm, pn, pw = P.tile_config(True, qlen, 4, D)
             out.append((f"paged_{name} hd{D}", P._paged_attn, dict(c, BLOCK_M=pm, BLOCK_N=pn, SPLIT=False),
