@@ -40,6 +40,7 @@ class TrainConfig:
     selective_checkpointing: bool = False  # keep matmul outputs, recompute the rest (ignored with the above)
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: always fp32)
     threads: int = 0                  # torch.set_num_threads (0 = leave as is)
+    device: str = "auto"              # auto: cuda:LOCAL_RANK where available, else cpu | cpu | cuda
     sleep_per_step: float = 0.0       # test aid: slow the loop so a test can kill it mid-run
 
     def check(self) -> None:

@@ -45,7 +45,10 @@ def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = ModelConfig.from_json(cfg.model).max_position_embeddings
-    d = init_distributed()
+    try:
+        d = init_distributed(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.max_length > ctx:
         if d.is_main:
             print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
@@ -212,7 +215,7 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
         keys = sorted(sums)
-        red = all_reduce_sum(torch.stack([sums[k] for k in keys]), d)
+        red = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).to(d.device) for k in keys]), d)
         sums = dict(zip(keys, red.tolist()))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -32,22 +32,31 @@ class Dist:
         return self.mesh is not None
 
 
-def init_distributed() -> Dist:
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist()
+def train_device(choice: str = "auto", local_rank: int = 0, cuda: bool | None = None) -> torch.device:
+    """The trainer's device from its config: "auto" = cuda:LOCAL_RANK where CUDA is available, else the CPU;
+    "cpu" forces the CPU (gloo); "cuda" insists on CUDA."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {choice!r}: should be auto, cpu or cuda")
+    if choice == "cuda" and not cuda:
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    return torch.device("cuda", local_rank) if cuda and choice != "cpu" else torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Process group (NCCL on CUDA, gloo on the CPU) and device mesh under torchrun; one process otherwise.
+    Either way the trainer's model goes to `Dist.device` (parallelize)."""
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+    dev = train_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(device=dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device, mesh)
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), local, dev, mesh)
 
 
 def barrier(d: Dist) -> None:
@@ -56,8 +65,11 @@ def barrier(d: Dist) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum over ranks, returned on t's device (NCCL reduces tensors on the rank's GPU only)."""
     if d.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        x = t.to(d.device)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        t = x.to(t.device)
     return t
 
 
@@ -115,7 +127,9 @@ def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_pr
     elif selective:
         apply_selective_checkpointing(model)
     if d.sharded:
-        apply_fsdp(model, d, mixed_precision)
+        apply_fsdp(model, d, mixed_precision)   # fully_shard moves the shards to the mesh's device
+    else:
+        model.to(d.device)
     return model
 
 

@@ -1,0 +1,65 @@
+"""The trainers' device comes from their config and reaches the model: `--device auto` (the default) is
+cuda:LOCAL_RANK wherever CUDA exists, an unsharded model is moved there by parallelize(), and the loop's
+`--dpo-device` reaches the DPO run it launches. Checked on the CPU (CUDA itself is not here)."""
+
+import pytest
+import torch
+
+from selfreward import cli
+from selfreward.recipes import self_reward
+from selfreward.recipes.self_reward import LoopConfig, iter_dir, stage_dpo
+from selfreward.train.parallel import Dist, init_distributed, parallelize, train_device
+from tests.cli_harness import run_cli
+from tests.guarantee_fixtures import build, dpo_args, one_thread, sft_args
+
+
+def test_device_choice():
+    assert train_device("auto", 3, cuda=True) == torch.device("cuda", 3)
+    assert train_device("auto", 0, cuda=False) == torch.device("cpu")
+    assert train_device("cpu", 1, cuda=True) == torch.device("cpu")
+    assert train_device("cuda", 2, cuda=True) == torch.device("cuda", 2)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_device("cuda", 0, cuda=False)
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        train_device("gpu", 0, cuda=True)
+
+
+def test_one_process_on_a_gpu_node_trains_on_cuda(monkeypatch):
+    """The gap this closes: a single-process run (no torchrun) used to stay on the CPU on a GPU node."""
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    d = init_distributed("auto")
+    assert d.device == torch.device("cuda", 0) and not d.sharded and set_to == [torch.device("cuda", 0)]
+    assert init_distributed("cpu").device == torch.device("cpu")
+
+
+def test_parallelize_moves_an_unsharded_model_to_the_device():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.layers = []                                     # parallelize() walks .layers for checkpointing
+    parallelize(model, Dist(device=torch.device("meta")))
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_device_flag_reaches_the_trainer(tmp_path, name):
+    w = build(tmp_path)
+    args = (sft_args if name == "sft" else dpo_args)(w, tmp_path / "run", "--device", "cuda")
+    with one_thread():
+        code, err = run_cli(name, args)
+    assert code == 2 and "error: --device cuda: CUDA is not available" in err and "Traceback" not in err
+
+
+def test_loop_dpo_device_reaches_the_dpo_run(tmp_path, monkeypatch):
+    cfg = cli.build(LoopConfig, cli.parser(LoopConfig).parse_args(
+        ["--run-dir", str(tmp_path / "run"), "--init-model", str(tmp_path / "m1"), "--dpo-device", "cuda"]))
+    it = iter_dir(cfg, 1)
+    it.mkdir(parents=True)
+    (it / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    seen = []
+    monkeypatch.setattr(self_reward.cli, "launch", lambda fn, dcfg, *a, **k: seen.append(dcfg))
+    stage_dpo(cfg, 1)
+    assert [c.device for c in seen] == ["cuda"]
