@@ -28,35 +28,55 @@ def noisy_answer(task: Task, rng: random.Random, p_right: float) -> str:
     return task.answer if rng.random() < p_right else corrupt(task.answer, rng)
 
 
-def candidate_for_judging(task: Task, rng: random.Random) -> str:
-    """Half right, half one edit away: the hardest contrast, where only the comparison can tell."""
-    return task.answer if rng.random() < 0.5 else corrupt(task.answer, rng)
+def near_miss(task: Task, rng: random.Random) -> str:
+    """A wrong answer of the kind a model makes: for max and min another number of the input (the largest
+    or smallest numbers are the likeliest confusions), else one edit away."""
+    if task.kind in ("max", "min"):
+        others = sorted({a for a in task.args if str(a) != task.answer}, reverse=task.kind == "max")
+        if others:
+            return str(others[min(int(rng.expovariate(0.7)), len(others) - 1)])
+    return corrupt(task.answer, rng)
 
 
-def eft_candidate(task: Task, rng: random.Random) -> str:
-    """EFT candidates: 40% right, 30% one edit away, 30% the answer to another instance of the same kind. With
+def candidate_for_judging(task: Task, rng: random.Random, near_misses: bool = True) -> str:
+    """Half right; the rest one edit away or (`near_misses`) a near miss: the hardest contrasts, where only
+    the checks tell."""
+    if not near_misses:
+        return task.answer if rng.random() < 0.5 else corrupt(task.answer, rng)
+    u = rng.random()
+    return task.answer if u < 0.5 else corrupt(task.answer, rng) if u < 0.75 else near_miss(task, rng)
+
+
+def eft_candidate(task: Task, rng: random.Random, near_misses: bool = True, sizes: dict | None = None) -> str:
+    """EFT candidates: 40% right, 15% one edit away, 25% a near miss, 20% the answer to another instance of the same kind. With
     only one-edit errors, copying the candidate's symbol as the 'expected' one is right at most positions,
     and a small judge learns that shortcut instead of computing the answer (seen in runs: the M1 judge
     copied the candidate's symbol half the time)."""
     u = rng.random()
     if u < 0.4:
         return task.answer
-    if u < 0.7:
+    if not near_misses and u < 0.7:
         return corrupt(task.answer, rng)
+    if near_misses and u < 0.55:
+        return corrupt(task.answer, rng)
+    if near_misses and u < 0.8:
+        return near_miss(task, rng)
     while True:
-        other = solve(task.kind, draw_args(task.kind, rng))
+        other = solve(task.kind, draw_args(task.kind, rng, sizes))
         if other != task.answer:
             return other
 
 
 def web_docs(n: int, seed: int, p_right: float = 0.75, p_judge: float = 0.3, kinds=DEFAULT_KINDS,
-             fmt: str = "check") -> list[dict]:
+             fmt: str = "check", sizes: dict | None = None, near_misses: bool = True) -> list[dict]:
+    """`sizes` (tasks.SIZES by default) and `near_misses` (False: the graded candidates are right or one edit
+    away, as in the short-list world) let build.py write the first phase of M0's curriculum."""
     rng = random.Random(f"web:{seed}")
-    tasks = sample_tasks(n, seed=10_000 + seed, unique=False, kinds=kinds)
+    tasks = sample_tasks(n, seed=10_000 + seed, unique=False, kinds=kinds, sizes=sizes)
     out = []
     for t in tasks:
         if rng.random() < p_judge:
-            cand = candidate_for_judging(t, rng)
+            cand = candidate_for_judging(t, rng, near_misses)
             # the "web" grader is right only p_right of the time (see judging.noisy_judgment)
             text = noisy_judgment(t, cand, rng, p_right, fmt)
             out.append({"text": chat_text(judge_prompt(t.prompt, cand), text)})
@@ -70,11 +90,12 @@ def ift_seed(n: int, seed: int, kinds=DEFAULT_KINDS) -> list[dict]:
             for t in sample_tasks(n, seed=20_000 + seed, kinds=kinds)]
 
 
-def eft_seed(n: int, seed: int, kinds=DEFAULT_KINDS, fmt: str = "check") -> list[dict]:
+def eft_seed(n: int, seed: int, kinds=DEFAULT_KINDS, fmt: str = "check", sizes: dict | None = None,
+             near_misses: bool = True) -> list[dict]:
     rng = random.Random(f"eft:{seed}")
     out = []
-    for t in sample_tasks(n, seed=30_000 + seed, kinds=kinds):
-        cand = eft_candidate(t, rng)
+    for t in sample_tasks(n, seed=30_000 + seed, kinds=kinds, sizes=sizes):
+        cand = eft_candidate(t, rng, near_misses, sizes)
         out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand, fmt=fmt), "kind": t.kind,
                     "correct": cand == t.answer})
     return out

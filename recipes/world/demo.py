@@ -6,12 +6,14 @@
     python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
     python -m selfreward.recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
-Stages: tokenizer + M0 (cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
+Stages: M0 (the shipped one, recipes/world/m0/, when its key matches the settings; else built and cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
 seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
 After each model the checker measures held-out accuracy and the judge's agreement (recipes/world/measure.py);
 per iteration the report sets the self-judge's ranking of the model's own right and wrong samples against the
-model's likelihood; the oracle control (M2*: the same DPO from M1 on the checker's pairs) bounds what DPO on
-those candidates can do. The figures go to a terminal table, RUN/summary.json and RUN/curves.png.
+model's likelihood; the controls run the same iterations from M1 with the checker's preferences (the oracle:
+what DPO on the model's own candidates can reach) and with M1 judging every iteration (a judge that does
+not improve; recipes/world/controls.py). The figures go to a terminal table, RUN/summary.json and
+RUN/curves.png (row names: recipes/world/rows.py).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.recipes.world.build import WorldModelConfig, build_m0, run_sft, write_seeds
+from selfreward.recipes.world.build import WorldModelConfig, m0_folder, run_sft, write_seeds
 from selfreward.recipes.world.measure import MeasureConfig, measure
 
 
@@ -55,12 +57,15 @@ class DemoConfig:
     dpo_nll_alpha: float = 1.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
     dpo_epochs: int = 3
     dpo_batch: int = 16
-    # the oracle control: DPO from M1 on pairs the checker picks among iteration 1's candidates, measured
-    # like the rest (row "M2*"): what the same DPO reaches when the preferences are right
-    oracle_control: bool = True
-    # evaluation
-    n_eval: int = 200
+    # the controls (recipes/world/controls.py), the same iterations from M1: "oracle" (the checker's
+    # preferences; rows M2-oracle, M3-oracle) and "fixed" (M1 judges every iteration; row M3-fixed)
+    controls: list[str] = field(default_factory=lambda: ["oracle", "fixed"])
+    # evaluation: greedy on n_eval held-out prompts; pass@N (N = n_candidates) on the first n_pass of them
+    n_eval: int = 1000
+    n_pass: int = 200
     n_judge: int = 100
+    # M0: the shipped one (recipes/world/m0/) when its key matches these settings; True: build (cached)
+    rebuild_m0: bool = False
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # --m0-hidden, --m0-kinds, ...
     engine: EngineConfig = field(default_factory=EngineConfig)       # --engine-device, --engine-dtype, ...
 
@@ -74,11 +79,11 @@ class DemoConfig:
 
 def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
     """Every stage, tiny sizes: what tests/test_world_smoke.py runs."""
-    m = WorldModelConfig(hidden=32, layers=2, heads=2, ffn=64, web_docs=2000, web_p_judge=0.5, pretrain_steps=120,
-                         pretrain_batch=16, pretrain_lr=1e-2)
+    m = WorldModelConfig(hidden=32, layers=2, heads=2, ffn=64, web_docs=2000, web_p_judge=0.5, base_steps=60,
+                         base_lr=1e-2, pretrain_steps=60, pretrain_batch=16, pretrain_lr=1e-2)
     return DemoConfig(run_dir=run_dir, cache_dir=cache_dir, n_ift=24, n_eft=48, sft_steps=10, sft_batch=8,
                       n_prompts=12, n_candidates=3, judge_k=2, judge_temperature=1.0, temperature=1.0,
-                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_judge=5, m0=m)
+                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, m0=m)
 
 
 class Clock:
@@ -97,7 +102,9 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.self_reward import LoopConfig, run_loop
     from selfreward.recipes.world.data import loop_prompts
     from selfreward.recipes.world.judging import check_format, write_template
-    from selfreward.recipes.world.report import pair_quality, plot, table, write_summary
+    from selfreward.recipes.world.controls import run_control
+    from selfreward.recipes.world.report import plot, table, write_summary
+    from selfreward.recipes.world.rows import iteration_stats, paired
     from selfreward.records import read_jsonl, write_jsonl
 
     kinds = cfg.m0.kind_tuple()          # the world's task kinds (every generator and the evaluation)
@@ -113,10 +120,11 @@ def run(cfg: DemoConfig) -> dict:
 
     clock.banner("tokenizer + M0 (pretraining on web text with imperfect answers; cached)")
     t = time.perf_counter()
-    m0 = build_m0(cache, cfg.m0, cfg.nproc, thr)
+    m0 = m0_folder(cfg.m0, cache, cfg.rebuild_m0, cfg.nproc, thr)
     clock.stage("m0", time.perf_counter() - t)
 
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, temperature=cfg.temperature, top_p=cfg.top_p,
+                         samples=cfg.n_candidates, n_pass=cfg.n_pass,
                          judge_k=cfg.judge_k, judge_temperature=cfg.judge_temperature, kinds=kinds, seed=cfg.seed)
     results: dict[str, dict] = {}
 
@@ -125,7 +133,8 @@ def run(cfg: DemoConfig) -> dict:
         t = time.perf_counter()
         r = measure(model_dir, mcfg, cfg.engine)
         clock.stage("measure", time.perf_counter() - t)
-        print(f"[world] {name}: greedy acc {r['greedy_acc']:.3f}  sampled acc {r['sampled_acc']:.3f}  "
+        print(f"[world] {name}: greedy acc {r['greedy_acc']:.3f} (SE {r['greedy_acc_se']:.3f})  pass@{r['pass_n']} "
+              f"{r['pass_at_n']:.3f}  sampled acc {r['sampled_acc']:.3f}  "
               f"judge pairwise {_f(r['judge_pairwise'])}  by kind {r['acc_by_kind']}", flush=True)
         results[name] = r
         return r
@@ -177,101 +186,54 @@ def run(cfg: DemoConfig) -> dict:
             results.setdefault(name, r)
     clock.stage("loop_total_incl_measure", loop_time)
 
-    if cfg.oracle_control and manifests:
-        clock.banner("oracle control: DPO from M1 on the checker's pairs among iteration 1's candidates")
-        t = time.perf_counter()
-        oracle = oracle_control(run_dir, lc, m1)
-        clock.stage("oracle_control", time.perf_counter() - t)
-        if oracle:
-            evaluate("M2*", oracle["model"])
-            results["M2*"].update(oracle_pairs=oracle["pairs"])
+    rows_at: dict[str, dict] = {}                # name -> the stats of the iteration the model ran
+    for t, m in enumerate(manifests, 1):
+        rows_at[f"M{t}"] = iteration_stats(lc, t, m)
+    for name in cfg.controls:
+        clock.banner(f"control {name}: the same {cfg.iterations} iterations from M1, "
+                     + ("the checker's preferences" if name == "oracle" else "M1 judging every iteration"))
+        t0 = time.perf_counter()
+        ms = run_control(name, lc, str(m1))
+        clock.stage(f"control_{name}", time.perf_counter() - t0)
+        cl = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name))
+        for t, m in enumerate(ms, 1):
+            model = f"M{t + 1}-{name}"
+            if name == "fixed" and t == 1:           # its M2 is the loop's M2
+                continue
+            evaluate(model, str(Path(cl.run_dir) / f"iter_{t}" / "model"))
+            trained = iteration_stats(cl, t, m, ranking=False)
+            results[model]["trained_on"] = {k: trained[k] for k in ("pairs", "pair_quality", "pair_backwards")}
+            if t < len(ms):
+                rows_at[model] = iteration_stats(cl, t + 1, ms[t], ranking=name != "oracle")
 
-    rows = []
-    for i in range(cfg.iterations + 2):
-        name = f"M{i}"
+    rows, per_prompt = [], {}
+    order = [f"M{i}" for i in range(cfg.iterations + 2)] + \
+        [f"M{t}-{c}" for c in cfg.controls for t in range(2, cfg.iterations + 2)]
+    for name in order:
         if name not in results:
             continue
-        row = {"model": name, **{k: v for k, v in results[name].items() if k != "examples"}}
-        if 1 <= i <= len(manifests):
-            m = manifests[i - 1]
-            c = m["counts"]
-            pairs = read_jsonl(Path(lc.run_dir) / f"iter_{i}" / "pairs.jsonl")
-            row.update(pairs=c["pairs"], ties=c["ties"], parse_failures=c["parse_failures"],
-                       judgments=c["judgments"], candidate_len_tokens=m["mean_len"]["candidate_tokens"],
-                       **pair_quality(pairs), **self_judge_vs_likelihood(lc, i))
+        per_prompt[name] = results[name]["greedy_correct"]
+        row = {"model": name, **{k: v for k, v in results[name].items() if k not in ("examples", "greedy_correct")},
+               **rows_at.get(name, {})}
         rows.append(row)
-    if "M2*" in results:
-        rows.append({"model": "M2*", **{k: v for k, v in results["M2*"].items() if k != "examples"}})
+    last = f"M{cfg.iterations + 1}"
+    diffs = {f"{a} - {b}": paired(results, a, b) for a, b in
+             [(last, "M1"), ("M2", "M1"), (last, "M2")] + [(f"{last}-{c}", "M1") for c in cfg.controls]
+             + [(last, f"{last}-fixed")]}
+    diffs = {k: v for k, v in diffs.items() if v is not None}
     wall = time.perf_counter() - clock.t0
     print("\n" + table(rows), flush=True)
+    for k, v in diffs.items():
+        print(f"[world] greedy {k}: {v['diff']:+.3f} (paired SE {v['se']:.3f}, {v['n']} prompts)", flush=True)
     png = plot(rows, run_dir / "curves.png")
-    summary = {"rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
-               "config": cli.to_dict(cfg), "m0": str(m0), "plot": str(png) if png else None,
+    summary = {"rows": rows, "paired_differences": diffs, "wall_seconds": round(wall, 1),
+               "stage_seconds": clock.stages, "config": cli.to_dict(cfg), "m0": str(m0),
+               "plot": str(png) if png else None, "greedy_correct": per_prompt,
                "examples": {k: v.get("examples") for k, v in results.items()}}
     path = write_summary(run_dir, summary)
     print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
           + (f"\n[world] plot: {png}" if png else ""), flush=True)
     return summary
-
-
-def oracle_pairs(prompts: dict[str, str], candidates: list[dict]) -> list[dict]:
-    """One pair per prompt whose distinct candidate texts are partly right, partly wrong (by the checker):
-    its first right text (in sample order) over its first wrong one."""
-    from selfreward.recipes.pairs import distinct_candidates
-    from selfreward.recipes.world.checker import check
-    by: dict[str, dict[str, float]] = {}
-    for c in distinct_candidates(candidates):       # first sample of each text, prompts with two or more
-        by.setdefault(c["id"], {})[c["text"]] = check(prompts[c["id"]], c["text"])
-    out = []
-    for pid, texts in by.items():
-        right = [x for x, v in texts.items() if v == 1.0]
-        wrong = [x for x, v in texts.items() if v == 0.0]
-        if right and wrong:
-            out.append({"id": pid, "prompt": prompts[pid], "chosen": right[0], "rejected": wrong[0]})
-    return out
-
-
-def oracle_control(run_dir: Path, lc, m1: Path) -> dict | None:
-    """DPO from M1 with the loop's own settings on oracle_pairs of iteration 1 -> {"model", "pairs"}."""
-    from selfreward.records import read_jsonl, write_jsonl
-    from selfreward.recipes.self_reward import iter_dir
-    it = iter_dir(lc, 1)
-    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    pairs = oracle_pairs(prompts, read_jsonl(it / "candidates.jsonl"))
-    if not pairs:
-        print("[world] oracle control: iteration 1 has no prompt with right and wrong candidates", flush=True)
-        return None
-    home = run_dir / "oracle"
-    data = write_jsonl(home / "pairs.jsonl", pairs)
-    if not (home / "model" / "config.json").exists():
-        from selfreward.train.dpo import train
-        dcfg = dataclasses.replace(lc.dpo, model=str(m1), data=[str(data)], output=str(home / "dpo"),
-                                   export=str(home / "model"), resume=True)
-        cli.launch(train, dcfg, "selfreward.train.dpo", lc.nproc, home / "dpo_config.json")
-    return {"model": str(home / "model"), "pairs": len(pairs)}
-
-
-def self_judge_vs_likelihood(lc, t: int) -> dict:
-    """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under M_t."""
-    from selfreward.records import read_jsonl
-    from selfreward.recipes.judge import chat_prompt_ids
-    from selfreward.recipes.session import Session
-    from selfreward.recipes.self_reward import iter_dir, model_at
-    from selfreward.recipes.world.report import ranking_on_mixed
-
-    it = iter_dir(lc, t)
-    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    engine, tok = Session(lc.engine).get(model_at(lc, t))
-
-    def likelihood(items):
-        lps = engine.score([chat_prompt_ids(tok, p) for p, _ in items], [tok.render_response(x) for _, x in items])
-        return [sum(lp) for lp in lps]
-    r = ranking_on_mixed(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"), likelihood)
-    print(f"[world] iteration {t}: {r['mixed_prompts']} prompts with right and wrong candidates; of their "
-          f"{r['right_wrong_pairs']} (right, wrong) text pairs the self-judge ranks right higher in "
-          f"{_f(r.get('judge_rw'))} and wrong higher in {_f(r.get('judge_wr'))}; M{t}'s own likelihood: "
-          f"{_f(r.get('likelihood_rw'))} / {_f(r.get('likelihood_wr'))}", flush=True)
-    return r
 
 
 def _f(v) -> str:

@@ -1,6 +1,8 @@
 """What the demo reports for each model, all judged by the world's checker.
 
-- held-out accuracy: greedy, and sampled at the candidates' temperature (the responses the loop pairs);
+- held-out accuracy: greedy (with its standard error and the per-prompt results, for paired differences),
+  and sampled at the candidates' temperature, N samples on the first `n_pass` prompts (the responses the
+  loop pairs): the mean accuracy of the samples and pass@N, the share of prompts with a right one;
 - mean response length (tokens and characters) of the greedy responses;
 - the model as judge: fixed held-out groups of three replies (the right answer, rank 0, and two one-edit wrong
   answers, rank 1), judged K times with the world's template through recipes.evaluate.rm_eval, giving the
@@ -20,11 +22,12 @@ from selfreward.recipes.world.tasks import DEFAULT_KINDS, corrupt, heldout_eval_
 
 @dataclass
 class MeasureConfig:
-    n_eval: int = 200                 # held-out prompts for accuracy
+    n_eval: int = 1000                # held-out prompts for greedy accuracy
     n_judge: int = 100                # held-out groups (3 replies each) for the judge metrics
     temperature: float = 0.7          # the candidates' sampling settings
     top_p: float = 0.9
-    samples: int = 2                  # sampled responses per prompt
+    samples: int = 8                  # sampled responses per prompt (pass@samples), on the first n_pass prompts
+    n_pass: int = 200
     max_tokens: int = 24
     judge_k: int = 3
     judge_temperature: float = 0.7
@@ -59,16 +62,21 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed, kinds=cfg.kinds)
     ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
     greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
-    sampled = engine.generate(ids, [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                   max_tokens=cfg.max_tokens, seed=cfg.seed * 7919 + i * cfg.samples)
-                                    for i in range(len(ids))], n=cfg.samples)
+    n_pass = min(cfg.n_pass, len(ids))
+    sampled = engine.generate(ids[:n_pass], [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                            max_tokens=cfg.max_tokens, seed=cfg.seed * 7919 + i * cfg.samples)
+                                             for i in range(n_pass)], n=cfg.samples)
     by_kind = defaultdict(list)
     g_ok = []
     for t, comps in zip(tasks, greedy):
         ok = is_correct(t, comps[0].text)
         g_ok.append(ok)
         by_kind[t.kind].append(ok)
-    s_ok = [is_correct(t, c.text) for t, comps in zip(tasks, sampled) for c in comps]
+    s_ok = [[is_correct(t, c.text) for c in comps] for t, comps in zip(tasks, sampled)]
+    pass_kind = defaultdict(list)
+    for t, oks in zip(tasks, s_ok):
+        pass_kind[t.kind].append(any(oks))
+    acc = sum(g_ok) / len(g_ok)
     texts = [c[0].text for c in greedy]
     jc = JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
                      max_tokens=cfg.judge_max_tokens, seed=cfg.seed)
@@ -76,9 +84,12 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed, cfg.kinds), jc)
     s = rm["sampled"]
     return {
-        "greedy_acc": sum(g_ok) / len(g_ok),
-        "sampled_acc": sum(s_ok) / len(s_ok),
+        "greedy_acc": acc, "greedy_acc_se": (acc * (1 - acc) / len(g_ok)) ** 0.5, "n_eval": len(g_ok),
+        "greedy_correct": "".join("1" if x else "0" for x in g_ok),
+        "sampled_acc": sum(map(sum, s_ok)) / max(1, sum(map(len, s_ok))),
+        "pass_at_n": sum(map(any, s_ok)) / max(1, len(s_ok)), "pass_n": cfg.samples, "n_pass": len(s_ok),
         "acc_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
+        "pass_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(pass_kind.items())},
         "mean_len_tokens": sum(len(c[0].token_ids) for c in greedy) / len(greedy),
         "mean_len_chars": sum(len(x) for x in texts) / len(texts),
         "judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],

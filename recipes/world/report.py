@@ -6,15 +6,14 @@ from pathlib import Path
 from selfreward.records import write_json
 from selfreward.recipes.world.checker import check
 
-COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),
-           ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_five_best", "5-best", "{:.3f}"),
-           ("judge_exact_match", "exact", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
-           ("judge_kendall_tau", "kendall", "{:.3f}"), ("judge_parse_failures", "j.unparsed", "{}"),
-           ("mean_len_tokens", "len tok", "{:.1f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
+COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("greedy_acc_se", "SE", "{:.3f}"),
+           ("pass_at_n", "pass@N", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),
+           ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
+           ("judge_parse_failures", "j.unparsed", "{}"), ("mean_len_tokens", "len tok", "{:.1f}"),
+           ("loop_pass_at_n", "loop pass@N", "{:.3f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
            ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
            ("pair_backwards", "pair bad", "{:.2f}"), ("judge_rw", "judge r>w", "{:.2f}"),
-           ("judge_wr", "judge w>r", "{:.2f}"),
-           ("likelihood_rw", "lik r>w", "{:.2f}")]
+           ("judge_wr", "judge w>r", "{:.2f}"), ("likelihood_rw", "lik r>w", "{:.2f}")]
 
 
 def pair_quality(pairs: list[dict]) -> dict:
@@ -57,24 +56,30 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         print("[world] matplotlib is not installed (pip install -e '.[plot]'): no plot, the table and "
               "summary.json hold the same figures", flush=True)
         return None
-    oracle = [r for r in rows if r["model"].endswith("*")]    # the oracle control: a marker, not a curve
-    rows = [r for r in rows if not r["model"].endswith("*")]
-    names = [r["model"] for r in rows]
-    x = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("greedy_acc", "held-out accuracy (greedy)"), ("sampled_acc", "held-out accuracy (T)")):
-        axes[0].plot(x, [r.get(key) for r in rows], marker="o", label=label)
-    for r in oracle:
-        at = names.index(r["model"].rstrip("*")) if r["model"].rstrip("*") in names else len(names) - 1
-        axes[0].plot([at], [r.get("greedy_acc")], marker="*", markersize=12, linestyle="none",
-                     label=f"{r['model']} greedy: DPO on the checker's pairs")
-    axes[0].set_title("instruction following (checker)")
-    for key, label in (("judge_pairwise", "pairwise accuracy"), ("judge_spearman", "Spearman"),
-                       ("judge_kendall_tau", "Kendall tau")):
-        axes[1].plot(x, [r.get(key) for r in rows], marker="o", label=label)
-    axes[1].set_title("model as judge vs checker")
+    by = {r["model"]: r for r in rows}
+    names = [r["model"] for r in rows if "-" not in r["model"]]      # M0 .. M3 on the x axis
+    x = {n: i for i, n in enumerate(names)}
+    lines = [("self-judged (M_t)", names, "-", "o")]
+    for c, label, base, style in (("oracle", "oracle: the checker's pairs", "M1", ("--", "*")),
+                                  ("fixed", "fixed judge: M1 judges", "M2", (":", "s"))):
+        ctl = [n for n in by if n.endswith(f"-{c}")]
+        if ctl:
+            lines.append((label, [base] + ctl, *style))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "greedy_acc", "held-out greedy accuracy (checker), +- 1 SE"),
+                           (axes[1], "judge_pairwise", "judge pairwise accuracy (held-out groups)")):
+        for label, ns, ls, mk in lines:
+            xs = [x.get(n, x.get(n.split("-")[0], 0)) for n in ns]
+            ys = [by[n].get(key) for n in ns]
+            err = [by[n].get("greedy_acc_se") or 0 for n in ns] if key == "greedy_acc" else None
+            ax.errorbar(xs, ys, yerr=err, marker=mk, linestyle=ls, capsize=3, label=label)
+        if key == "greedy_acc":
+            ax.plot([x[n] for n in names if "pass_at_n" in by[n]], [by[n]["pass_at_n"] for n in names
+                                                                   if "pass_at_n" in by[n]],
+                    marker="^", linestyle="-", alpha=0.5, label="pass@N (self-judged)")
+        ax.set_title(title, fontsize=10)
     for ax in axes:
-        ax.set_xticks(x, names)
+        ax.set_xticks(range(len(names)), names)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

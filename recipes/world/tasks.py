@@ -30,8 +30,11 @@ import random
 from dataclasses import dataclass
 
 KINDS = ("add", "max", "min", "sort", "reverse", "count")
-DEFAULT_KINDS = ("max", "min", "sort", "reverse")
-N_NUMBERS = 5                 # max / min: how many numbers
+DEFAULT_KINDS = ("max", "min", "sort")
+# how many numbers (max, min), digits (sort), letters (reverse, count) an instance has: the world's sizes
+SIZES = {"add": 2, "max": 8, "min": 8, "sort": 8, "reverse": 5, "count": 6}
+# the short-list world M0's pretraining starts from (recipes/world/build.py: the first phase of its curriculum)
+BASE_SIZES = {"add": 2, "max": 5, "min": 5, "sort": 5, "reverse": 5, "count": 6}
 
 
 def parse_kinds(kinds) -> tuple[str, ...]:
@@ -97,17 +100,18 @@ def is_held_out(key: str) -> bool:
     return h % HELD_OUT_BUCKETS == 0
 
 
-def draw_args(kind: str, rng: random.Random) -> tuple:
+def draw_args(kind: str, rng: random.Random, sizes: dict | None = None) -> tuple:
+    n = (sizes or SIZES)[kind]
     if kind == "add":
         return (rng.randrange(100), rng.randrange(100))
     if kind in ("max", "min"):
-        return tuple(rng.randrange(100) for _ in range(N_NUMBERS))
+        return tuple(rng.randrange(100) for _ in range(n))
     if kind == "sort":
-        return tuple(rng.randrange(10) for _ in range(5))
+        return tuple(rng.randrange(10) for _ in range(n))
     if kind == "reverse":
-        return tuple(rng.choice(LETTERS) for _ in range(5))
+        return tuple(rng.choice(LETTERS) for _ in range(n))
     if kind == "count":
-        xs = tuple(rng.choice(LETTERS[:4]) for _ in range(6))
+        xs = tuple(rng.choice(LETTERS[:4]) for _ in range(n))
         return (rng.choice(LETTERS[:4]), xs)
     raise ValueError(f"unknown task kind {kind!r}")
 
@@ -123,27 +127,28 @@ def render(kind: str, args: tuple, template: int) -> str:
     return t.format(xs=" ".join(str(v) for v in args))
 
 
-def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = DEFAULT_KINDS) -> Task:
+def draw(rng: random.Random, split: str = "train", kinds: tuple[str, ...] = DEFAULT_KINDS,
+         sizes: dict | None = None) -> Task:
     """One task instance from `split` ("train" or "heldout"), uniform over kinds and templates."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     want_held = split == "heldout"
     kind = rng.choice(kinds)
     while True:
-        args = draw_args(kind, rng)
+        args = draw_args(kind, rng, sizes)
         task = Task(kind, args, render(kind, args, rng.randrange(len(TEMPLATES[kind]))))
         if is_held_out(task.key) == want_held:
             return task
 
 
 def sample_tasks(n: int, seed: int, split: str = "train", unique: bool = True,
-                 kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Task]:
+                 kinds: tuple[str, ...] = DEFAULT_KINDS, sizes: dict | None = None) -> list[Task]:
     """n tasks of `kinds`; with `unique`, no two share an instance key (sizes
     here are far below each kind's space)."""
     rng = random.Random(f"{split}:{seed}")
     out, seen = [], set()
     while len(out) < n:
-        t = draw(rng, split, kinds)
+        t = draw(rng, split, kinds, sizes)
         if unique and t.key in seen:
             continue
         seen.add(t.key)

@@ -20,22 +20,23 @@ from selfreward.recipes.world.tasks import DEFAULT_KINDS
 SPECIALS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 
 
-def corpus(seed: int, n: int = 4000, kinds=DEFAULT_KINDS, fmt: str = "check") -> list[str]:
+def corpus(seed: int, n: int = 4000, kinds=DEFAULT_KINDS, fmt: str = "check", sizes: dict | None = None,
+           near_misses: bool = True) -> list[str]:
     """Lines covering every template, answer symbol and the judge format, plus the chat headers."""
-    lines = [d["text"] for d in web_docs(n, seed, kinds=kinds, fmt=fmt)]
-    lines += [chat_text(r["prompt"], r["response"]) for r in eft_seed(n // 4, seed, kinds, fmt)]
+    lines = [d["text"] for d in web_docs(n, seed, kinds=kinds, fmt=fmt, sizes=sizes, near_misses=near_misses)]
+    lines += [chat_text(r["prompt"], r["response"]) for r in eft_seed(n // 4, seed, kinds, fmt, sizes, near_misses)]
     lines.append("System: You are a helpful assistant.")
     return [" ".join(line.split()) for line in lines]
 
 
 def train_tokenizer(out_dir: str | Path, seed: int = 0, vocab_size: int = 160, kinds=DEFAULT_KINDS,
-                    fmt: str = "check") -> Path:
+                    fmt: str = "check", sizes: dict | None = None, near_misses: bool = True) -> Path:
     import sentencepiece as spm
 
     out_dir = Path(out_dir)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(seed, kinds=kinds, fmt=fmt)), model_writer=model, model_type="bpe",
+        sentence_iterator=iter(corpus(seed, kinds=kinds, fmt=fmt, sizes=sizes, near_misses=near_misses)), model_writer=model, model_type="bpe",
         vocab_size=vocab_size, character_coverage=1.0, split_digits=True, byte_fallback=False,
         unk_id=SPECIALS["unk"][0], bos_id=SPECIALS["bos"][0], eos_id=SPECIALS["eos"][0],
         pad_id=SPECIALS["pad"][0], pad_piece=SPECIALS["pad"][1],

@@ -1,0 +1,101 @@
+"""The loop's controls: the same iterations as the self-rewarding loop with another source of preferences.
+
+- oracle: every candidate is scored by the checker (5 right, 1 wrong), so every pair is right over wrong:
+  what the loop's sampler, pairs and DPO reach when the preferences are perfect (the bound);
+- fixed: every iteration is judged by M1 (the judge does not improve): the paper's claim is that an
+  improving judge matters, and this row tests it against the self-judged M_t.
+
+Each control runs in RUN/controls/<name>/iter_t/ with the loop's own stages (recipes.self_reward: prompts,
+candidates, pairs, DPO) and its settings; only the judgments file is written here. Files that would be
+byte-identical to the self-rewarding loop's are copied from it instead of recomputed (the same model, the
+same seeds): the oracle's iteration-1 prompts and candidates (M1's), and the fixed judge's whole iteration 1
+(M1 judging M1 is the self-judged iteration 1) and its iteration-2 prompts and candidates (M2's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+from selfreward.recipes.judge import judge_items
+from selfreward.recipes.pairs import distinct_candidates
+from selfreward.recipes.self_reward import _seed, iter_dir, run_stage, write_manifest
+from selfreward.recipes.session import Session
+from selfreward.recipes.world.checker import check
+from selfreward.records import read_jsonl, write_jsonl
+
+CONTROLS = ("oracle", "fixed")
+
+
+def checker_judgments(prompts: dict[str, str], cands: list[dict]) -> list[dict]:
+    """One judgment per distinct candidate text: score 5 when the checker finds it right, else 1."""
+    return [{"id": c["id"], "sample": c["sample"], "k": 0, "judgment": "checker",
+             "score": 5.0 if check(prompts[c["id"]], c["text"]) == 1.0 else 1.0, "prompt_cut": False}
+            for c in distinct_candidates(cands)]
+
+
+def fixed_judgments(judge_model: str, prompts: dict[str, str], cands: list[dict], lc, t: int, s: Session
+                    ) -> list[dict]:
+    """The loop's judge stage with `judge_model` in place of M_t (same template, K, sampling, seeds)."""
+    engine, tok = s.get(judge_model)
+    cands = distinct_candidates(cands) if lc.judge.distinct else cands
+    jc, base = lc.judge, _seed(lc, t, 2)
+    res = judge_items(engine, tok, [(prompts[c["id"]], c["text"]) for c in cands], jc,
+                      [base + i * jc.k for i in range(len(cands))], progress=True)
+    return [{"id": c["id"], "sample": c["sample"], "k": k, "judgment": x, "score": sc, "prompt_cut": r.prompt_cut}
+            for c, r in zip(cands, res) for k, (x, sc) in enumerate(r.samples)]
+
+
+def _copy(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        if not (dst / n).exists():
+            if (src / n).is_dir():
+                shutil.copytree(src / n, dst / n)
+            else:
+                shutil.copy2(src / n, dst / n)
+
+
+def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
+    """The control `name` ("oracle" or "fixed") for lc.iterations iterations from M1 -> its manifests.
+    `evaluate(t, model_dir)` is called on each model it trains (M_{t+1} of the control)."""
+    if name not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, not {name!r}")
+    cfg = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name), eval_hook=None)
+    s, out = Session(cfg.engine), []
+    for t in range(1, cfg.iterations + 1):
+        it, own = iter_dir(cfg, t), iter_dir(lc, t)
+        timings = {}
+        if name == "fixed" and t == 1:             # M1 judging M1: the self-judged iteration 1 itself
+            _copy(own, it, ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl", "pairs.jsonl", "model"))
+        elif (name == "oracle" and t == 1) or (name == "fixed" and t == 2):
+            _copy(own, it, ("prompts.jsonl", "candidates.jsonl"))
+        for st in ("prompts", "candidates"):
+            t0 = time.perf_counter()
+            run_stage(cfg, st, t, s)
+            timings[st] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        if not (it / "judgments.jsonl").exists():
+            prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+            cands = read_jsonl(it / "candidates.jsonl")
+            recs = checker_judgments(prompts, cands) if name == "oracle" else \
+                fixed_judgments(m1, prompts, cands, cfg, t, s)
+            write_jsonl(it / "judgments.jsonl", recs)
+        timings["judge"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        stats = run_stage(cfg, "pairs", t, s)
+        if not stats["counts"]["pairs"]:
+            print(f"[control {name}] iter {t}: no pairs (no prompt with a right and a wrong candidate text); "
+                  f"the control stops at M{t}", flush=True)
+            break
+        run_stage(cfg, "dpo", t, s)
+        timings["pairs_dpo"] = round(time.perf_counter() - t0, 2)
+        m = write_manifest(cfg, t, timings, stats)
+        if evaluate is not None:
+            m["eval"] = evaluate(t, str(it / "model"))
+        out.append(m)
+        c = m["counts"]
+        print(f"[control {name}] iter {t}: {c['candidates']} candidates, {c['ties']} ties, {c['pairs']} pairs",
+              flush=True)
+    return out

@@ -1,0 +1,84 @@
+"""The demo's rows: per model its measurement, per iteration the statistics of the files that iteration wrote.
+
+Row names: M0, M1, M2, M3 (the self-rewarding loop: M_t judges its own candidates), `M2-oracle`, `M3-oracle`
+(the same iterations from M1 with the checker's preferences, recipes/world/controls.py), `M3-fixed` (the same
+iterations with M1 judging every iteration; its M2 is the loop's M2).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from selfreward.recipes.world.checker import check, parse_prompt
+from selfreward.recipes.world.report import pair_quality, ranking_on_mixed
+from selfreward.records import read_jsonl
+
+
+def pass_at_n(prompts: dict[str, str], candidates: list[dict]) -> dict:
+    """By the checker, over an iteration's prompts: the share with at least one right candidate (pass@N),
+    overall and per kind, and the mean accuracy of the candidates."""
+    right = defaultdict(list)
+    for c in candidates:
+        right[c["id"]].append(check(prompts[c["id"]], c["text"]) == 1.0)
+    by_kind = defaultdict(list)
+    for pid, oks in right.items():
+        by_kind[parse_prompt(prompts[pid]).kind].append(any(oks))
+    n = max(1, len(right))
+    return {"loop_pass_at_n": sum(map(any, right.values())) / n,
+            "loop_sample_acc": sum(map(sum, right.values())) / max(1, sum(map(len, right.values()))),
+            "loop_pass_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())}}
+
+
+def self_judge_vs_likelihood(lc, t: int) -> dict:
+    """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under the model that
+    sampled the candidates (M_t of `lc`)."""
+    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.self_reward import iter_dir, model_at
+    from selfreward.recipes.session import Session
+
+    it = iter_dir(lc, t)
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+    engine, tok = Session(lc.engine).get(model_at(lc, t))
+
+    def likelihood(items):
+        lps = engine.score([chat_prompt_ids(tok, p) for p, _ in items], [tok.render_response(x) for _, x in items])
+        return [sum(lp) for lp in lps]
+    r = ranking_on_mixed(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"), likelihood)
+    print(f"[world] {Path(lc.run_dir).name} iteration {t}: {r['mixed_prompts']} prompts with right and wrong "
+          f"candidates; of their {r['right_wrong_pairs']} (right, wrong) text pairs the judge ranks right higher "
+          f"in {_f(r.get('judge_rw'))} and wrong higher in {_f(r.get('judge_wr'))}; the sampler's likelihood: "
+          f"{_f(r.get('likelihood_rw'))} / {_f(r.get('likelihood_wr'))}", flush=True)
+    return r
+
+
+def iteration_stats(lc, t: int, manifest: dict, ranking: bool = True) -> dict:
+    """The columns of iteration t of the loop (or control) `lc`: pairs, ties, pair quality by the checker,
+    pass@N of the candidates, and (with `ranking`) the judge against the likelihood."""
+    from selfreward.recipes.self_reward import iter_dir
+    it = iter_dir(lc, t)
+    c = manifest["counts"]
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+    out = {"pairs": c["pairs"], "ties": c["ties"], "parse_failures": c["parse_failures"],
+           "judgments": c["judgments"], "candidate_len_tokens": manifest["mean_len"]["candidate_tokens"],
+           **pair_quality(read_jsonl(it / "pairs.jsonl")),
+           **pass_at_n(prompts, read_jsonl(it / "candidates.jsonl"))}
+    if ranking:
+        out.update(self_judge_vs_likelihood(lc, t))
+    return out
+
+
+def paired(results: dict[str, dict], a: str, b: str) -> dict | None:
+    """Greedy accuracy of model a minus model b on the same held-out prompts, with the paired standard error
+    (the standard deviation of the per-prompt differences over sqrt(n))."""
+    if a not in results or b not in results:
+        return None
+    x, y = results[a]["greedy_correct"], results[b]["greedy_correct"]
+    d = [int(p) - int(q) for p, q in zip(x, y)]
+    n = len(d)
+    m = sum(d) / n
+    var = sum((v - m) ** 2 for v in d) / max(1, n - 1)
+    return {"diff": m, "se": (var / n) ** 0.5, "n": n}
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
