@@ -26,7 +26,7 @@ def test_precision_and_recall_by_the_checker():
 def test_world_humpback_every_stage(tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     m0 = ["--m0-hidden", "32", "--m0-layers", "2", "--m0-heads", "2", "--m0-ffn", "64", "--m0-web-docs", "2000",
-          "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr", "0.01"]
+          "--m0-base-steps", "0", "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr", "0.01"]
     s = demo.main(["--method", "humpback", "--run-dir", str(run), "--cache-dir", str(cache), "--n-ift", "24",
                    "--n-eft", "24", "--n-unlabelled", "30", "--sft-steps", "4", "--sft-batch", "8", "--n-eval", "8",
                    "--n-judge", "2", "--curate-k", "2", "--threads", "1", *m0])

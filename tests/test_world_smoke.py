@@ -21,10 +21,14 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     rows = {r["model"]: r for r in summary["rows"]}
-    assert list(rows)[:4] == ["M0", "M1", "M2", "M3"] and set(rows) <= {"M0", "M1", "M2", "M3", "M2*"}
+    assert list(rows)[:4] == ["M0", "M1", "M2", "M3"]
+    assert set(rows) <= {"M0", "M1", "M2", "M3", "M2-oracle", "M3-oracle", "M3-fixed"} and "M3-fixed" in rows
     for r in rows.values():
-        for k in ("greedy_acc", "sampled_acc"):
+        for k in ("greedy_acc", "sampled_acc", "pass_at_n", "judge_pairwise"):
             assert 0.0 <= r[k] <= 1.0
+        assert r["pass_at_n"] >= r["sampled_acc"] - 1e-9     # any of N right >= the mean of the N
+        acc, n = r["greedy_acc"], r["n_eval"]
+        assert n == 10 and abs(r["greedy_acc_se"] - (acc * (1 - acc) / n) ** 0.5) < 1e-12
         assert r["judge_judgments"] == 5 * 3 * 2      # 5 groups x 3 replies x K=2
         assert r["mean_len_tokens"] > 0
     for name in ("M1", "M2"):                          # the iterations each model ran
@@ -45,13 +49,19 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     assert (m0 / "model.safetensors").stat().st_mtime == stamp
 
 
-def test_oracle_pairs_by_checker():
-    prompts = {"p": "What is 2 plus 3?", "q": "What is 1 plus 1?"}
+def test_oracle_judgments_by_checker():
+    from selfreward.recipes.pairs import build_pairs
+    from selfreward.recipes.world.controls import checker_judgments
+    prompts = {"p": "What is 2 plus 3?", "q": "What is 1 plus 1?", "r": "What is 1 plus 2?"}
     cands = [{"id": "p", "sample": 2, "text": "5"}, {"id": "p", "sample": 0, "text": "6"},
              {"id": "p", "sample": 1, "text": "7"}, {"id": "p", "sample": 3, "text": "5"},
-             {"id": "q", "sample": 0, "text": "3"}, {"id": "q", "sample": 1, "text": "4"}]   # q: all wrong
-    assert demo.oracle_pairs(prompts, cands) == [{"id": "p", "prompt": "What is 2 plus 3?", "chosen": "5",
-                                                  "rejected": "6"}]
+             {"id": "q", "sample": 0, "text": "3"}, {"id": "q", "sample": 1, "text": "4"},   # q: all wrong
+             {"id": "r", "sample": 0, "text": "3"}, {"id": "r", "sample": 1, "text": "3"}]   # r: one text
+    js = checker_judgments(prompts, cands)
+    assert {(j["id"], j["sample"]): j["score"] for j in js} == {("p", 0): 1.0, ("p", 1): 1.0, ("p", 2): 5.0,
+                                                                 ("q", 0): 1.0, ("q", 1): 1.0}
+    pairs, _ = build_pairs([{"id": k, "prompt": v} for k, v in prompts.items()], cands, js)
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("p", "5", "6")]
 
 
 def test_pair_quality_by_checker():

@@ -149,7 +149,7 @@ def run(cfg: DemoConfig) -> dict:
         from selfreward.train.sft import SFTConfig
         run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)], output=str(run_dir / "sft"), export=str(m1),
                           max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
-                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=50, threads=thr),
+                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=10**6, threads=thr),
                 cfg.nproc)
     clock.stage("sft", time.perf_counter() - t)
 
@@ -165,7 +165,7 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.self_reward import CandidatesConfig
     from selfreward.train.dpo import DPOConfig
     dpo = DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, nll_alpha=cfg.dpo_nll_alpha,
-                    epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=192, dropout=0.0, log_every=10,
+                    epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=192, dropout=0.0, log_every=10**6,
                     threads=thr)
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
                     prompt_source=str(prompts), n_prompts=cfg.n_prompts, min_margin=cfg.min_margin,

@@ -100,7 +100,7 @@ def humpback_config(cfg: WorldHumpbackConfig, m0: Path, seed_dir: Path, thr: int
 def run(cfg: WorldHumpbackConfig) -> dict:
     from selfreward.recipes.augment import stage_seed
     from selfreward.recipes.humpback import model_at, run_humpback, run_path, sft_model
-    from selfreward.recipes.world.build import build_m0, write_seeds
+    from selfreward.recipes.world.build import m0_folder, write_seeds
     from selfreward.recipes.world.demo import Clock
     from selfreward.recipes.world.measure import MeasureConfig, measure
     from selfreward.recipes.world.report import plot_humpback, write_summary
@@ -113,7 +113,8 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     if thr:
         import torch
         torch.set_num_threads(thr)
-    m0 = build_m0(Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), cfg.m0, cfg.nproc, thr)
+    m0 = m0_folder(cfg.m0, Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), False,
+                   cfg.nproc, thr)
     seed_dir = run_dir / "seed"
     write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0)
     write_jsonl(seed_dir / "unlabelled.jsonl", unlabelled_answers(cfg.n_unlabelled, cfg.seed, kinds))

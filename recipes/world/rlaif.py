@@ -138,7 +138,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     from selfreward.infer.engine import Engine
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.records import read_jsonl, write_json, write_jsonl
-    from selfreward.recipes.world.build import build_m0, run_sft, write_seeds
+    from selfreward.recipes.world.build import m0_folder, run_sft, write_seeds
     from selfreward.recipes.world.data import loop_prompts
     from selfreward.train.sft import SFTConfig
 
@@ -155,7 +155,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     t = time.perf_counter()
-    m0 = build_m0(cache, mc, cfg.nproc, cfg.threads)
+    m0 = m0_folder(mc, cache, False, cfg.nproc, cfg.threads)
     stage("m0", t)
 
     t = time.perf_counter()
