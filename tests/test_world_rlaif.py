@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 SMOKE = ["--m0-hidden", "32", "--m0-layers", "2", "--m0-heads", "2", "--m0-ffn", "64", "--m0-web-docs", "2000",
-         "--m0-web-p-judge", "0.5", "--m0-base-steps", "0", "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr",
+         "--m0-web-p-judge", "0.5", "--m0-base-steps", "0",
+         "--m0-pretrain-steps", "60", "--m0-pretrain-batch", "16", "--m0-pretrain-lr",
          "1e-2", "--n-ift", "24", "--n-eft", "48", "--n-pref", "48", "--sft-steps", "10", "--sft-batch", "8",
          "--n-prompts", "40", "--n-candidates", "3", "--rm-epochs", "1", "--rm-batch", "4",
          "--cot-max-tokens", "48", "--n-control", "8", "--threads", "1", "--rl-steps", "2", "--rl-batch", "2",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE, check_format
-from selfreward.recipes.world.tasks import BASE_SIZES, SIZES, heldout_eval_set, parse_kinds
+from selfreward.recipes.world.tasks import BASE_SIZES, SIZES, parse_kinds
 from selfreward.records import write_json, write_jsonl
 
 
@@ -62,8 +62,8 @@ class WorldModelConfig:
                  "steps": self.base_steps, "lr": self.base_lr, "web_seed": self.seed}, world]
 
     def key(self, upto: int | None = None) -> str:
-        """M0's identity: its settings and a digest of what the world's code generates for each phase (web text,
-        seeds, held-out prompts, judgments), so a change to the world's code or settings changes the key
+        """M0's identity: its settings and a digest of what the world's code generates for each phase (web text
+        with its gradings, EFT-format lines), so a change to the world's code or settings changes the key
         (tests/test_world_m0.py holds the shipped M0 to it). `upto`: the key of the first `upto` phases."""
         ph = self.phases()[:upto]
         d = asdict(self)
@@ -75,12 +75,11 @@ class WorldModelConfig:
 
 
 def world_digest(phase: dict, mc: WorldModelConfig, n: int = 300) -> str:
-    """SHA-1 of samples of everything the world's code writes for `phase` (the sizes, kinds and candidates)."""
+    """SHA-1 of samples of what the world's code writes for `phase` and M0 reads: its web text (which also
+    holds the held-out split: no held-out instance is in it) and the tokenizer's EFT-format lines."""
     kinds, sizes, nm, fmt = phase["kinds"], phase["sizes"], phase["near_misses"], mc.judge_format
     parts = [d["text"] for d in web_docs(n, phase["web_seed"], mc.web_p_right, mc.web_p_judge, kinds, fmt, sizes, nm)]
     parts += [r["prompt"] + r["response"] for r in eft_seed(n // 3, mc.seed, kinds, fmt, sizes, nm)]
-    parts += [r["prompt"] + r["response"] for r in ift_seed(n // 3, mc.seed, kinds)]
-    parts += [t.prompt + t.answer for t in heldout_eval_set(n // 3, kinds=kinds)]
     parts += [JUDGE_TEMPLATE, json.dumps(sizes, sort_keys=True)]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
 

@@ -48,7 +48,8 @@ def candidate_for_judging(task: Task, rng: random.Random, near_misses: bool = Tr
 
 
 def eft_candidate(task: Task, rng: random.Random, near_misses: bool = True, sizes: dict | None = None) -> str:
-    """EFT candidates: 40% right, 15% one edit away, 25% a near miss, 20% the answer to another instance of the same kind. With
+    """EFT candidates: 40% right, 15% one edit away, 25% a near miss, 20% the answer to another instance of the
+    same kind (without `near_misses`: 40% right, 30% one edit, 30% another instance's answer). With
     only one-edit errors, copying the candidate's symbol as the 'expected' one is right at most positions,
     and a small judge learns that shortcut instead of computing the answer (seen in runs: the M1 judge
     copied the candidate's symbol half the time)."""

@@ -6,7 +6,8 @@
     python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
     python -m selfreward.recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
-Stages: M0 (the shipped one, recipes/world/m0/, when its key matches the settings; else built and cached) -> seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
+Stages: M0 (the shipped one, recipes/world/m0/, when its key matches the settings; else built and cached) ->
+seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
 seeds -> recipes.self_reward (prompts, N candidates, K self-judgments, pairs, train/dpo.py) -> M2 -> M3.
 After each model the checker measures held-out accuracy and the judge's agreement (recipes/world/measure.py);
 per iteration the report sets the self-judge's ranking of the model's own right and wrong samples against the
@@ -34,7 +35,7 @@ from selfreward.recipes.world.measure import MeasureConfig, measure
 class DemoConfig:
     run_dir: str = "runs/world"
     cache_dir: str = ""               # "" = ~/.cache/selfreward/world
-    seed: int = 0
+    seed: int = 0                     # the loop's seed (seeds, SFT, sampling, DPO, evaluation); M0 is --m0-seed
     iterations: int = 2
     nproc: int = 1                    # ranks for train/sft.py, train/dpo.py and the sampling stages (torchrun)
     threads: int = 0
@@ -107,6 +108,10 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.world.rows import iteration_stats, paired
     from selfreward.records import read_jsonl, write_jsonl
 
+    from selfreward.recipes.world.controls import CONTROLS
+    bad = [c for c in cfg.controls if c not in CONTROLS]
+    if bad:
+        raise cli.ConfigError(f"--controls {bad[0]!r}: choose from {', '.join(CONTROLS)}")
     kinds = cfg.m0.kind_tuple()          # the world's task kinds (every generator and the evaluation)
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
@@ -294,8 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
     for k in flags:
         sec, _, name = k.rpartition(".")
         (base[sec] if sec else base)[name] = (given[sec] if sec else given)[name]
-    if "seed" in flags and "m0.seed" not in flags:
-        base["m0"]["seed"] = base["seed"]
     return run(cli.from_dict(DemoConfig, base))
 
 

@@ -63,9 +63,9 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
     greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
     n_pass = min(cfg.n_pass, len(ids))
-    sampled = engine.generate(ids[:n_pass], [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                            max_tokens=cfg.max_tokens, seed=cfg.seed * 7919 + i * cfg.samples)
-                                             for i in range(n_pass)], n=cfg.samples)
+    ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                         seed=cfg.seed * 7919 + i * cfg.samples) for i in range(n_pass)]
+    sampled = engine.generate(ids[:n_pass], ps, n=cfg.samples)
     by_kind = defaultdict(list)
     g_ok = []
     for t, comps in zip(tasks, greedy):

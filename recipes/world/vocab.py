@@ -36,7 +36,8 @@ def train_tokenizer(out_dir: str | Path, seed: int = 0, vocab_size: int = 160, k
     out_dir = Path(out_dir)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(seed, kinds=kinds, fmt=fmt, sizes=sizes, near_misses=near_misses)), model_writer=model, model_type="bpe",
+        sentence_iterator=iter(corpus(seed, kinds=kinds, fmt=fmt, sizes=sizes, near_misses=near_misses)),
+        model_writer=model, model_type="bpe",
         vocab_size=vocab_size, character_coverage=1.0, split_digits=True, byte_fallback=False,
         unk_id=SPECIALS["unk"][0], bos_id=SPECIALS["bos"][0], eos_id=SPECIALS["eos"][0],
         pad_id=SPECIALS["pad"][0], pad_piece=SPECIALS["pad"][1],
