@@ -123,7 +123,7 @@ def run(cfg: DemoConfig) -> dict:
         import torch
         torch.set_num_threads(thr)
 
-    clock.banner("tokenizer + M0 (pretraining on web text with imperfect answers; cached)")
+    clock.banner("M0 (the shipped one, or tokenizer + pretraining on web text, cached)")
     t = time.perf_counter()
     m0 = m0_folder(cfg.m0, cache, cfg.rebuild_m0, cfg.nproc, thr)
     clock.stage("m0", time.perf_counter() - t)
