@@ -197,8 +197,10 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int, mc: WorldModelConfig) -> tuple[Path, Path]:
-    kinds, fmt = mc.kind_tuple(), mc.judge_format
+def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int, mc: WorldModelConfig,
+                kinds: tuple[str, ...] | None = None) -> tuple[Path, Path]:
+    """The IFT and EFT seeds of `kinds` (default: M0's)."""
+    kinds, fmt = kinds or mc.kind_tuple(), mc.judge_format
     ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed, kinds))
     eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed, kinds, fmt))
     return ift, eft

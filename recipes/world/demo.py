@@ -35,6 +35,9 @@ from selfreward.recipes.world.measure import MeasureConfig, measure
 class DemoConfig:
     run_dir: str = "runs/world"
     cache_dir: str = ""               # "" = ~/.cache/selfreward/world
+    # the task kinds of the seeds, the loop and the evaluation: a subset of M0's pretraining kinds (--m0-kinds),
+    # "" = all of them
+    kinds: str = ""
     seed: int = 0                     # the loop's seed (seeds, SFT, sampling, DPO, evaluation); M0 is --m0-seed
     iterations: int = 2
     nproc: int = 1                    # ranks for train/sft.py, train/dpo.py and the sampling stages (torchrun)
@@ -87,6 +90,16 @@ def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
                       dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, m0=m)
 
 
+def loop_kinds(cfg: DemoConfig) -> tuple[str, ...]:
+    """The kinds the seeds, the loop and the evaluation use: `--kinds`, a subset of M0's (`--m0-kinds`)."""
+    from selfreward.recipes.world.tasks import parse_kinds
+    ks = parse_kinds(cfg.kinds) if cfg.kinds else cfg.m0.kind_tuple()
+    extra = [k for k in ks if k not in cfg.m0.kind_tuple()]
+    if extra:
+        raise cli.ConfigError(f"--kinds {','.join(ks)}: {extra[0]} is not one of M0's kinds ({cfg.m0.kinds})")
+    return ks
+
+
 class Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -112,7 +125,7 @@ def run(cfg: DemoConfig) -> dict:
     bad = [c for c in cfg.controls if c not in CONTROLS]
     if bad:
         raise cli.ConfigError(f"--controls {bad[0]!r}: choose from {', '.join(CONTROLS)}")
-    kinds = cfg.m0.kind_tuple()          # the world's task kinds (every generator and the evaluation)
+    kinds = loop_kinds(cfg)              # the tasks of the seeds, the loop and the evaluation
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +153,8 @@ def run(cfg: DemoConfig) -> dict:
         clock.stage("measure", time.perf_counter() - t)
         print(f"[world] {name}: greedy acc {r['greedy_acc']:.3f} (SE {r['greedy_acc_se']:.3f})  pass@{r['pass_n']} "
               f"{r['pass_at_n']:.3f}  sampled acc {r['sampled_acc']:.3f}  "
-              f"judge pairwise {_f(r['judge_pairwise'])}  by kind {r['acc_by_kind']}", flush=True)
+              f"judge pairwise {_f(r['judge_pairwise'])}  by kind {r['acc_by_kind']}  pass@N by kind "
+              f"{r['pass_by_kind']}", flush=True)
         results[name] = r
         return r
 
@@ -148,7 +162,7 @@ def run(cfg: DemoConfig) -> dict:
 
     clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
     t = time.perf_counter()
-    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0)
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds)
     m1 = run_dir / "m1"
     if not (m1 / "config.json").exists():
         from selfreward.train.sft import SFTConfig
