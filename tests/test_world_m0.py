@@ -59,3 +59,12 @@ def test_pass_at_n_and_paired_se_by_hand():
     d = paired(res, "A", "B")             # differences 1, 0, 0, 1: mean 0.5, sample sd 0.57735, se 0.288675
     assert d["diff"] == 0.5 and d["se"] == pytest.approx(0.5773503 / 2) and d["n"] == 4
     assert paired(res, "A", "C") is None
+
+
+def test_loop_kinds_are_a_subset_of_m0s():
+    from selfreward import cli
+    from selfreward.recipes.world.demo import DemoConfig, loop_kinds
+    assert loop_kinds(DemoConfig(kinds="")) == WorldModelConfig().kind_tuple()
+    assert loop_kinds(DemoConfig(kinds="min")) == ("min",)
+    with pytest.raises(cli.ConfigError, match="count is not one of M0's kinds"):
+        loop_kinds(DemoConfig(kinds="min,count"))

@@ -22,7 +22,8 @@ def test_world_smoke_every_stage(tmp_path, capsys):
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     rows = {r["model"]: r for r in summary["rows"]}
     assert list(rows)[:4] == ["M0", "M1", "M2", "M3"]
-    assert set(rows) <= {"M0", "M1", "M2", "M3", "M2-oracle", "M3-oracle", "M3-fixed"} and "M3-fixed" in rows
+    assert set(rows) <= {"M0", "M1", "M2", "M3", "M2-oracle", "M3-oracle", "M3-fixed"}
+    assert "M3-fixed" in rows or "[control fixed] iter 2: no pairs" in out
     for r in rows.values():
         for k in ("greedy_acc", "sampled_acc", "pass_at_n", "judge_pairwise"):
             assert 0.0 <= r[k] <= 1.0
