@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: install what the demo needs (CPU torch wheel first, so pip never pulls the CUDA
 # build; matplotlib for the plot), then run the whole self-rewarding loop on the embedded world.
-#   bash scripts/demo.sh                      # the default run: runs/world (10.6 min measured on a 2-core CPU, fresh)
+#   bash scripts/demo.sh                      # the default run: runs/world (M0 ships in recipes/world/m0)
 #   bash scripts/demo.sh --seed 1 --run-dir runs/world-s1
 #   bash scripts/demo.sh --scale 2 --iterations 3
 # Any flag is passed to `python -m selfreward.recipes.world.demo` (see its --help).
