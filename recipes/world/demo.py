@@ -50,7 +50,7 @@ class DemoConfig:
     sft_batch: int = 16
     sft_lr: float = 3e-4
     # each iteration
-    n_prompts: int = 600
+    n_prompts: int = 3000
     n_candidates: int = 8
     temperature: float = 1.0          # the paper's 0.7 left 32 of 300 prompts with two distinct candidates
     top_p: float = 0.9
