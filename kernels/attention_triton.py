@@ -46,6 +46,31 @@ def _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, valid, m_i, l_i, acc, qk_scale,
+              PREC: tl.constexpr):
+    """One key tile of the online softmax: (m_i, l_i, acc) updated with the keys at `cols` where `valid`."""
+    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
+    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
+    s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq, qk_scale,
+             PREC: tl.constexpr):
+    """One key tile of dQ: dq + dS @ K for the keys at `cols` where `valid`."""
+    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
+    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
+    _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
               REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
@@ -70,32 +95,16 @@ def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, sv
             offs_n = n0 + tl.arange(0, BLOCK_N)
             cols = (pst + offs_n).to(tl.int64)
             kvmask = (offs_n < plen)[:, None] & dmask[None, :]
-            k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-            v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            s = tl.where((offs_n < plen)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d,
+                                      (offs_n < plen)[None, :], m_i, l_i, acc, qk_scale, PREC)
     hi = tl.minimum(L, (mt + 1) * BLOCK_M)
     for n0 in tl.range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = (start + offs_n).to(tl.int64)
         kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-        v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < L)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))     # finite: every row sees key 0 in the first tile
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < L)   # every row sees key 0: finite max
+        m_i, l_i, acc = _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, valid, m_i, l_i, acc,
+                                  qk_scale, PREC)
     acc = acc / l_i[:, None]
     tl.store(O + rows[:, None] * son + h * soh + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + h * N + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < L)
@@ -184,21 +193,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, sk
             offs_n = n0 + tl.arange(0, BLOCK_N)
             cols = (pst + offs_n).to(tl.int64)
             kvmask = (offs_n < plen)[:, None] & dmask[None, :]
-            k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-            v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
             valid = rmask[:, None] & (offs_n < plen)[None, :]
-            _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            dq = _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq,
+                          qk_scale, PREC)
     hi = tl.minimum(L, (mt + 1) * BLOCK_M)
     for n0 in tl.range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = (start + offs_n).to(tl.int64)
         kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-        v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
         valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
-        _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq = _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq,
+                      qk_scale, PREC)
     tl.store(DQ + rows[:, None] * sqn + h * sqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
