@@ -90,14 +90,14 @@ class BlockManager:
     def cached_prefix_len(self, seq: Sequence) -> int:
         return len(self._hits(seq)) * self.block_size
 
-    def allocate(self, seq: Sequence) -> bool:
-        """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix. Returns False
-        (changing nothing) if the free list is too short."""
+    def allocate(self, seq: Sequence, budget: int | None = None) -> bool:
+        """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix, and set
+        seq.chunk: the tokens its first prefill step computes (all uncached ones, or at most `budget`:
+        chunked prefill). Returns False (changing nothing) if the free list is too short."""
         assert not seq.block_table
         bs, toks = self.block_size, seq.token_ids
         n = seq.num_blocks(bs)
         hits = self._hits(seq)
-        prev = self.blocks[hits[-1]].key if hits else -1
         reused_free = sum(1 for b in hits if self.blocks[b].ref == 0)
         if n - len(hits) > self.num_free - reused_free:
             return False
@@ -107,17 +107,31 @@ class BlockManager:
                 del self.free[bid]
             b.ref += 1
         table = list(hits)
-        for i in range(len(hits), n):
-            b = self._take_free()
-            table.append(b.id)
-            if (i + 1) * bs <= len(toks):   # full block: computed in this very step, so key it now
-                prev = self._register(b, prev, tuple(toks[i * bs:(i + 1) * bs]))
+        for _ in range(len(hits), n):
+            table.append(self._take_free().id)
         seq.block_table = table
+        seq.num_keyed = len(hits)
         seq.num_cached = len(hits) * bs
+        todo = len(toks) - seq.num_cached
+        seq.chunk = todo if budget is None else min(todo, budget)
+        self.computing(seq, seq.num_cached + seq.chunk)
         seq.num_prefix_hit = seq.num_cached
         self.prefill_hit += seq.num_cached
         self.prefill_computed += len(toks) - seq.num_cached
         return True
+
+    def computing(self, seq: Sequence, upto: int) -> None:
+        """The step being scheduled computes seq's tokens up to position `upto` (exclusive): key the full
+        blocks below it. They are computed in that very step (each layer stores K/V before it attends), so
+        a later sequence of the same step may already read them; a block a later chunk computes is not
+        keyed yet, so nothing can hit it before its K/V exist."""
+        bs, toks = self.block_size, seq.token_ids
+        i = seq.num_keyed
+        prev = -1 if i == 0 else self.blocks[seq.block_table[i - 1]].key
+        while (i + 1) * bs <= min(upto, len(toks)):
+            prev = self._register(self.blocks[seq.block_table[i]], prev, tuple(toks[i * bs:(i + 1) * bs]))
+            i += 1
+        seq.num_keyed = i
 
     def free_seq(self, seq: Sequence) -> None:
         for bid in reversed(seq.block_table):
@@ -127,7 +141,7 @@ class BlockManager:
             if b.ref == 0:
                 self.free[bid] = None
         seq.block_table = []
-        seq.num_cached = 0
+        seq.num_cached = seq.num_keyed = 0
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (its KV is the same prompt)."""

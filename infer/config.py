@@ -28,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096   # tokens per engine step (prefill chunks + decodes)
     prefix_cache: bool = True         # share KV blocks of equal prefixes (judge rubric, few-shot header)
     tensor_parallel: int = 1          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
+    cuda_graphs: bool = False         # decode from CUDA graphs per batch-size bucket (CUDA only; untested)
 
     def check(self) -> None:
         """A bad setting is a DataError (a ValueError) naming it: `error: ...`, exit 2, from every entry point."""
@@ -46,6 +47,8 @@ def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     cuda = torch.cuda.is_available()
     device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if cfg.cuda_graphs and not device.startswith("cuda"):
+        raise DataError(f"engine cuda_graphs needs a CUDA device; the engine's device is {device}")
     return device, DTYPES[dtype]
 
 
@@ -61,4 +64,4 @@ def load_engine(path, cfg: EngineConfig | None = None):
     return Engine.from_pretrained(path, dtype=dtype, device=device, block_size=cfg.block_size,
                                   num_blocks=cfg.num_blocks or None, max_num_seqs=cfg.max_num_seqs,
                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                  prefix_cache=cfg.prefix_cache)
+                                  prefix_cache=cfg.prefix_cache, cuda_graphs=cfg.cuda_graphs)

@@ -33,13 +33,22 @@ def _load_tokenizer(path: Path):
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, prefix_cache: bool = True):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, prefix_cache: bool = True,
+                 cuda_graphs: bool = False):
+        """max_num_batched_tokens: the token budget of a step; a longer prompt is prefilled in chunks.
+        cuda_graphs: replay the decode step from CUDA graphs captured per batch-size bucket (CUDA only;
+        infer/cuda_graphs.py; untested: no GPU has run it)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
+        if cuda_graphs and not next(model.parameters()).is_cuda:
+            raise ValueError("cuda_graphs needs the model on a CUDA device (it is on "
+                             f"{next(model.parameters()).device})")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         num_blocks = num_blocks or default_num_blocks(model, block_size, max_num_seqs)
         self.bm = BlockManager(num_blocks, block_size, prefix_cache)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
-        self.runner = Runner(model, num_blocks, block_size)
+        self.runner = Runner(model, num_blocks, block_size, cuda_graphs=cuda_graphs, max_batch=max_num_seqs)
         self.eos = set(model.cfg.eos_ids)
         if tokenizer is not None:   # EOS and the template's end-of-turn ids (generation_config.json)
             extra = list(getattr(tokenizer, "stop_ids", [])) + [getattr(tokenizer, "eos_id", None)]
@@ -157,20 +166,24 @@ class Engine:
             h, starts = self.runner.prefill(seqs)
             for s, st in zip(seqs, starts):
                 base = s.num_cached
-                s.num_cached = len(s)
-                if s.kind is Kind.GENERATE:
+                s.num_cached = end = base + s.chunk
+                if s.kind is Kind.SCORE:   # chunk by chunk: the log-probs of the positions it computed
+                    a, b = max(base, s.need_from), min(end, len(s) - 1)
+                    if b > a:
+                        with torch.inference_mode():
+                            x = h[st + a - base:st + b - base]
+                            t = torch.tensor(s.token_ids[a + 1:b + 1], device=h.device)
+                            vp = getattr(self.model, "score_logprobs", None)   # vocab-parallel (infer/parallel.py)
+                            lp = vp(x, t) if vp is not None else K.linear_logprobs(x, self.model.lm_head_weight, t)
+                        s.logprobs += lp.float().tolist()
+                    if end == len(s):
+                        finished.append(s)
+                elif end < len(s):
+                    continue                # chunked prefill: more of this prompt in a later step
+                elif s.kind is Kind.GENERATE:
                     for child in self._fork(s):
                         gen.append(child)
                         rows.append(st + len(s) - 1 - base)
-                elif s.kind is Kind.SCORE:
-                    a = st + s.need_from - base
-                    with torch.inference_mode():
-                        x = h[a:st + len(s) - 1 - base]
-                        t = torch.tensor(s.token_ids[s.need_from + 1:], device=h.device)
-                        vp = getattr(self.model, "score_logprobs", None)   # vocab-parallel (infer/parallel.py)
-                        lp = vp(x, t) if vp is not None else K.linear_logprobs(x, self.model.lm_head_weight, t)
-                    s.logprobs = lp.float().tolist()
-                    finished.append(s)
                 else:
                     with torch.inference_mode():
                         logits = self.model.logits(h[st + len(s) - 1 - base][None])[0]
@@ -183,7 +196,10 @@ class Engine:
                 self.bm.written(s)
             gen, rows = seqs, list(range(len(seqs)))
         if gen:
-            finished += self._sample(gen, h, rows)
+            done, tokens = self._sample(gen, h, rows)
+            finished += done
+            if not is_prefill:
+                self.runner.sampled(tokens)
         for s in finished:
             self.scheduler.finish(s)
         if is_prefill:
@@ -208,9 +224,13 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def _sample(self, seqs: list[Sequence], h: torch.Tensor, rows: list[int]) -> list[Sequence]:
+    def _sample(self, seqs: list[Sequence], h: torch.Tensor, rows: list[int]) -> tuple[list[Sequence], torch.Tensor]:
+        """-> (the sequences that finished, the sampled ids [len(seqs)])."""
         uniq = sorted(set(rows))
-        logits = self.model.logits(h[torch.tensor(uniq, device=h.device)])   # [U, V] fp32
+        if len(uniq) == h.shape[0] and uniq == rows:     # decode: every row, in order
+            logits = self.model.logits(h)                                    # [B, V] fp32
+        else:
+            logits = self.model.logits(h[torch.tensor(uniq, device=h.device)])   # [U, V] fp32
         if len(uniq) != len(rows):
             where = {r: i for i, r in enumerate(uniq)}
             logits = logits[torch.tensor([where[r] for r in rows], device=h.device)]
@@ -226,7 +246,7 @@ class Engine:
             if self._finished(s, t):
                 finished.append(s)
         self.generated_tokens += len(seqs)
-        return finished
+        return finished, tokens
 
     def _finished(self, s: Sequence, t: int) -> bool:
         p = s.params

@@ -227,7 +227,7 @@ def load_engine_tp(path: str | Path, ecfg, tp: TPGroup):
     device, dtype = resolve_device(ecfg)
     return tp_engine(path, tp, dtype, device, block_size=ecfg.block_size, num_blocks=ecfg.num_blocks or None,
                      max_num_seqs=ecfg.max_num_seqs, max_num_batched_tokens=ecfg.max_num_batched_tokens,
-                     prefix_cache=ecfg.prefix_cache)
+                     prefix_cache=ecfg.prefix_cache, cuda_graphs=ecfg.cuda_graphs)
 
 
 def tp_engine(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu", **engine_kw):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from selfreward.model.llama import AttnContext, Transformer
+from selfreward.infer.decode_inputs import DecodeInputs
 from selfreward.infer.sequence import Sequence
 
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
@@ -55,7 +56,8 @@ def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 class Runner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graphs: bool = False,
+                 max_batch: int = 256):
         self.model = model
         self.block_size = block_size
         p = next(model.parameters())
@@ -64,6 +66,12 @@ class Runner:
         shape = (num_blocks, block_size, local_kv_heads(model), c.head_dim)
         self.kv_caches = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                           for _ in range(c.num_hidden_layers)]
+        width = (c.max_position_embeddings + block_size - 1) // block_size
+        self.dec = DecodeInputs(block_size, width, self.device)
+        self.graphs = None
+        if cuda_graphs:   # infer/cuda_graphs.py: imported only when asked for, never on the CPU
+            from selfreward.infer.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self, max_batch)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -81,16 +89,17 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Run every uncached token of `seqs`. -> (hidden [N, H], start row of each sequence in it).
-        The token at absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
+        """Run each sequence's next `chunk` tokens (from num_cached on; chunked prefill computes a long
+        prompt over several steps). -> (hidden [N, H], start row of each sequence in it). The token at
+        absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
         dev, bs = self.device, self.block_size
         flat: list[int] = []
         starts: list[int] = []
         for s in seqs:
             starts.append(len(flat))
-            flat.extend(s.token_ids[s.num_cached:])
+            flat.extend(s.token_ids[s.num_cached:s.num_cached + s.chunk])
         N, S = len(flat), len(seqs)
-        qlens = torch.tensor([len(s) - s.num_cached for s in seqs], device=dev)
+        qlens = torch.tensor([s.chunk for s in seqs], device=dev)
         cached = torch.tensor([s.num_cached for s in seqs], device=dev)
         cu = torch.zeros(S + 1, dtype=torch.int32, device=dev)
         cu[1:] = qlens.cumsum(0)
@@ -107,14 +116,15 @@ class Runner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token (each sequence's last) per sequence -> hidden [B, H]."""
-        dev, bs = self.device, self.block_size
+        d = self.dec.update(seqs)
         B = len(seqs)
-        tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=dev)
-        lens = torch.tensor([len(s) for s in seqs], device=dev)
-        pos = lens - 1
-        bt = self._block_tables(seqs)
-        slots = bt[torch.arange(B, device=dev), pos // bs].long() * bs + pos % bs
-        ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32, device=dev), max_seqlen=1,
-                          kv_caches=self.kv_caches, slot_mapping=slots, block_tables=bt,
-                          context_lens=lens.to(torch.int32), decode=True)
-        return self.model(tokens, pos, ctx)
+        if self.graphs is not None and self.graphs.fits(B):
+            return self.graphs.replay(d)
+        ctx = AttnContext(cu_seqlens=d.cu, max_seqlen=1, kv_caches=self.kv_caches, slot_mapping=d.slots,
+                          block_tables=d.bt, context_lens=d.lens, decode=True)
+        return self.model(d.tokens, d.pos, ctx)
+
+    def sampled(self, tokens: torch.Tensor) -> None:
+        """The tokens [B] just sampled for the last decode step's sequences, in its order: the next step's
+        input ids when the batch is unchanged (no list -> tensor on the hot path)."""
+        self.dec.next_tokens = tokens

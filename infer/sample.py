@@ -33,7 +33,7 @@ import torch
 
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.tokenizer import check_messages
-from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.replicas import run_units_tp
 from selfreward.cli import ConfigError, run_main
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                    help="tokens per engine step; a longer prompt is prefilled in chunks of this size")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="decode from CUDA graphs captured per batch-size bucket (CUDA only; untested)")
     ap.add_argument("--overwrite", action="store_true",
                     help="start over when OUTPUT (or its .partial) was made with another model, input or settings")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
@@ -122,7 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "max_tokens": "--max-tokens",
-         "block_size": "--block-size", "max_num_seqs": "--max-num-seqs", "num_blocks": "--num-blocks"}
+         "block_size": "--block-size", "max_num_seqs": "--max-num-seqs", "num_blocks": "--num-blocks",
+         "max_num_batched_tokens": "--max-num-batched-tokens", "cuda_graphs": "--cuda-graphs"}
 
 
 def check_flags(args) -> EngineConfig:
@@ -144,8 +149,10 @@ def check_flags(args) -> EngineConfig:
     try:
         SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens)
         ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
-                            max_num_seqs=args.max_num_seqs)
+                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            cuda_graphs=args.cuda_graphs)
         ecfg.check()
+        resolve_device(ecfg)
     except ValueError as e:
         raise named(e) from None
     return ecfg

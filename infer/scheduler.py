@@ -1,12 +1,17 @@
 """Which sequences run in the next step: waiting and running queues, continuous batching, a per-step
-token budget, preemption by recompute.
+token budget with chunked prefill, preemption by recompute.
 
-A step is either a prefill (new or preempted sequences, all their uncached tokens) or a decode (one new
-token for every running sequence). Waiting sequences are admitted whenever slots, blocks and the token
-budget allow, so a finished sequence's place is taken at the next step. When a decode step cannot get a
-block, the most recently admitted sequence is preempted: its blocks are freed and it goes back to the
-front of the waiting queue with all its tokens, to be prefilled again later (its random generator keeps
-its state, so the sample it produces is the one an unpressured run produces).
+A step is either a prefill (new or preempted sequences, their uncached tokens) or a decode (one new token
+for every running sequence). Waiting sequences are admitted whenever slots, blocks and the token budget
+`max_num_batched_tokens` allow, so a finished sequence's place is taken at the next step. Chunked prefill:
+the sequence that does not fit in what is left of a step's budget gets a chunk of it (its blocks are all
+allocated at admission); it stays `partial` and its next chunk runs first in the next prefill step, so a
+prompt of any length is prefilled in steps of at most the budget. While a prompt is partial and other
+sequences are decoding, prefill-chunk steps and decode steps alternate, so a long prompt does not stall
+the running sequences. When a decode step cannot get a block, the most recently admitted sequence is
+preempted: its blocks are freed and it goes back to the front of the waiting queue with all its tokens,
+to be prefilled again later (its random generator keeps its state, so the sample it produces is the one
+an unpressured run produces).
 """
 from __future__ import annotations
 
@@ -23,28 +28,44 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.partial: Sequence | None = None   # admitted, prefilled up to num_cached, more chunks to go
         self.num_preempted = 0
+        self._chunk_turn = False                # the last step was a prefill that left a partial prompt
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
     def done(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self.partial is None
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (sequences of this step, is_prefill)."""
+        """-> (sequences of this step, is_prefill). In a prefill step each sequence's `chunk` says how many
+        of its tokens (from num_cached on) the step computes."""
+        if not (self._chunk_turn and self.running):
+            batch = self._prefill_batch()
+            if batch:
+                self._chunk_turn = self.partial is not None
+                return batch, True
+        self._chunk_turn = False
+        return self._decode_batch(), False
+
+    def _prefill_batch(self) -> list[Sequence]:
+        budget = self.max_num_batched_tokens
         batch: list[Sequence] = []
-        n_running = len(self.running)
         tokens = 0
-        while self.waiting:
+        p, self.partial = self.partial, None
+        if p is not None:                       # the partial prompt's next chunk comes first
+            p.chunk = min(len(p) - p.num_cached, budget)
+            self.bm.computing(p, p.num_cached + p.chunk)
+            batch.append(p)
+            tokens += p.chunk
+        n_running = len(self.running) + sum(s.n_forks for s in batch)
+        while self.waiting and tokens < budget:
             seq = self.waiting[0]
             if n_running + seq.n_forks > self.max_num_seqs and (batch or self.running):
                 break
-            todo = len(seq) - self.bm.cached_prefix_len(seq)
-            if tokens + todo > self.max_num_batched_tokens and batch:
-                break   # a prompt longer than the budget still runs, alone
-            if not self.bm.allocate(seq):
+            if not self.bm.allocate(seq, budget - tokens):
                 if not batch and not self.running:
                     raise RuntimeError(f"a sequence of {len(seq)} tokens does not fit in the KV pool "
                                        f"({len(self.bm.blocks)} blocks of {self.bm.block_size}); raise num_blocks")
@@ -53,10 +74,13 @@ class Scheduler:
             seq.status = Status.RUNNING
             batch.append(seq)
             n_running += seq.n_forks
-            tokens += len(seq) - seq.num_cached
-        if batch:
-            return batch, True
+            tokens += seq.chunk
+        last = batch[-1] if batch else None
+        if last is not None and last.num_cached + last.chunk < len(last):
+            self.partial = last                 # only the step's last sequence can be cut by the budget
+        return batch
 
+    def _decode_batch(self) -> list[Sequence]:
         kept: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
@@ -70,7 +94,7 @@ class Scheduler:
                 self.bm.append(seq)
                 kept.append(seq)
         self.running.extend(kept)
-        return kept, False
+        return kept
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)

@@ -82,6 +82,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0                 # tokens whose K/V are in the cache
     num_prefix_hit: int = 0             # of those, tokens taken from the prefix cache at the last prefill
+    chunk: int = 0                      # prefill: tokens computed in this step (num_cached onward)
+    num_keyed: int = 0                  # leading blocks keyed for the prefix cache (computed and full)
     generator: torch.Generator | None = None
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None

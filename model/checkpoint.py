@@ -126,11 +126,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         want = tuple(params[ours].shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
-        state[ours] = t.to(dtype)
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=True, assign=False)
-    model.inv_freq = cfg.inv_freq().to(device)
-    return model.to(dtype=dtype)
+        state[ours] = t.to(device=device, dtype=dtype)
+    # assign=True swaps the loaded tensors in for the meta parameters. Module.to_empty() would instead
+    # run empty_like on every meta tensor, whose Python decomposition imports sympy and
+    # torch.fx.experimental.symbolic_shapes (0.3 s of start-up), then copy every tensor once more.
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # cast as Module.to(dtype) did
+    return model
 
 
 def _atomic_dir_write(out: Path, write):

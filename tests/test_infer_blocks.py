@@ -66,21 +66,29 @@ def test_copy_on_write_of_shared_partial_block():
     assert bm.blocks[p.block_table[0]].ref == 3 and bm.num_free == 6 - 4
 
 
-def test_scheduler_preempts_and_respects_budget():
+def test_scheduler_chunks_interleaves_and_preempts():
     bm = BlockManager(num_blocks=4, block_size=2)
     sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=5)
     seqs = [_seq([i, i + 1, i + 2]) for i in (10, 20, 30)]
     for s in seqs:
         sch.add(s)
-    batch, prefill = sch.schedule()
-    assert prefill and batch == seqs[:1]                 # 3 + 3 tokens > budget 5
-    sch.start(batch)
-    batch, prefill = sch.schedule()
-    assert prefill and batch == seqs[1:2]
-    sch.start(batch)
-    for s in seqs[:2]:          # after one decode step each: 5 tokens, position 4 needs a third block
-        s.token_ids += [1, 1]
-        s.num_cached = 4
+    batch, prefill = sch.schedule()           # budget 5: seq 0 whole (3), seq 1 a chunk of 2
+    assert prefill and batch == seqs[:2] and [s.chunk for s in batch] == [3, 2] and sch.partial is seqs[1]
+    # only computed full blocks are keyed: seq 1's first block (its chunk), not its second
+    assert seqs[1].num_keyed == 1 and bm.blocks[seqs[1].block_table[1]].key is None
+    seqs[0].num_cached, seqs[1].num_cached = 3, 2
+    seqs[0].token_ids.append(1)               # seq 0 sampled its first token and runs; seq 1 waits
+    sch.start(seqs[:1])
+    batch, prefill = sch.schedule()           # a decode step between two chunks of seq 1
+    assert not prefill and batch == seqs[:1]
+    seqs[0].num_cached = 4
+    seqs[0].token_ids.append(1)               # 5 tokens: position 4 needs a third block
+    batch, prefill = sch.schedule()           # seq 1's last chunk; seq 2 finds no free block
+    assert prefill and batch == seqs[1:2] and seqs[1].chunk == 1 and sch.partial is None
+    assert list(sch.waiting) == seqs[2:]
+    seqs[1].num_cached = 3
+    seqs[1].token_ids.append(1)
+    sch.start(seqs[1:2])
     # no free blocks (4 used): the next decode must preempt the most recently admitted sequence
     batch, prefill = sch.schedule()
     assert not prefill and batch == seqs[:1] and sch.num_preempted == 1

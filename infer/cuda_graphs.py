@@ -1,0 +1,99 @@
+"""CUDA graphs for the decode step (Engine(cuda_graphs=True), `--cuda-graphs`), as nano-vllm does it.
+
+UNTESTED: no GPU has run this file. The CPU tests check only the flag's wiring and validation and the
+bucket arithmetic (`buckets`, `bucket_for`); nothing on the CPU path imports this module.
+
+A decode step at small batch on a GPU is bound by kernel launches (a few hundred per step), not by the
+math. One graph per batch-size bucket (1, 2, 4, 8, then multiples of 16 up to max_num_seqs) is captured
+once, at engine start, over static input buffers: ids, positions, cache slots, context lengths and block
+tables at full width (max_position_embeddings / block_size). A step of B sequences takes the smallest
+bucket >= B, copies its inputs into the first B rows of the buffers, fills the padding rows with
+harmless values (slot -1: store nothing; context length 1 over block 0: a finite read), replays the graph
+and returns the first B rows of the static output. All buckets share one memory pool; the largest is
+captured first so the smaller ones fit in its memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from selfreward.model.llama import AttnContext
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, 16, 32, 48, ... up to max_batch (and max_batch itself)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    out = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
+    if out[-1] != max_batch:
+        out.append(max_batch)
+    return out
+
+
+def bucket_for(sizes: list[int], B: int) -> int | None:
+    """The smallest captured size >= B (None: larger than every bucket, run eagerly)."""
+    for b in sizes:
+        if b >= B:
+            return b
+    return None
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int):
+        if runner.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {runner.device}")
+        self.runner = runner
+        self.sizes = buckets(max_batch)
+        dev, M = runner.device, self.sizes[-1]
+        W = runner.dec.max_blocks
+        self.tokens = torch.zeros(M, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(M, dtype=torch.long, device=dev)
+        self.slots = torch.full((M,), -1, dtype=torch.long, device=dev)
+        self.lens = torch.ones(M, dtype=torch.int32, device=dev)
+        self.bt = torch.zeros(M, W, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(M + 1, dtype=torch.int32, device=dev)
+        self.out: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def fits(self, B: int) -> bool:
+        return bucket_for(self.sizes, B) is not None
+
+    def _forward(self, b: int) -> torch.Tensor:
+        ctx = AttnContext(cu_seqlens=self.cu[:b + 1], max_seqlen=1, kv_caches=self.runner.kv_caches,
+                          slot_mapping=self.slots[:b], block_tables=self.bt[:b], context_lens=self.lens[:b],
+                          decode=True)
+        return self.runner.model(self.tokens[:b], self.pos[:b], ctx)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for b in reversed(self.sizes):          # largest first: the smaller graphs reuse its pool
+            self._forward(b)                    # warm-up: Triton compiles, allocator settles
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.out[b] = self._forward(b)
+            pool = g.pool() if pool is None else pool
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def replay(self, d) -> torch.Tensor:
+        """d: the step's DecodeInputs (B rows) -> hidden [B, H] (a view of the graph's static output;
+        the caller uses it before the next replay)."""
+        B = d.tokens.shape[0]
+        b = bucket_for(self.sizes, B)
+        w = d.bt.shape[1]
+        self.tokens[:B].copy_(d.tokens)
+        self.pos[:B].copy_(d.pos)
+        self.slots[:B].copy_(d.slots)
+        self.lens[:B].copy_(d.lens)
+        self.bt[:B, :w].copy_(d.bt)
+        if b > B:                               # padding rows: store nothing, read one finite slot
+            self.slots[B:b].fill_(-1)
+            self.lens[B:b].fill_(1)
+            self.bt[B:b].zero_()
+            self.tokens[B:b].zero_()
+            self.pos[B:b].zero_()
+        self.graphs[b].replay()
+        return self.out[b][:B]
