@@ -52,7 +52,7 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
     dev = q.device
     ar = torch.arange(N_BUCKETS, device=dev)
     pp = p[:, None]
-    keep = torch.zeros(R, V, dtype=torch.bool, device=dev)
+    keep = torch.zeros(R, V, dtype=torch.bool, device=dev) if V <= MAX_BOUNDARY else None   # set at level 1
     vals = q                                             # [R, M] candidate values (-1 = padding)
     cols = torch.arange(V, device=dev).expand(R, V)      # their vocabulary columns
     base = torch.zeros(R, 1, device=dev, dtype=q.dtype)  # mass of tokens above every candidate
@@ -60,21 +60,24 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
     for _ in range(levels):
         if vals.shape[1] <= MAX_BOUNDARY:
             break
-        valid = vals >= 0
-        lo = torch.zeros_like(base) if first else torch.where(valid, vals, 2.0).min(-1, keepdim=True).values
         hi = vals.max(-1, keepdim=True).values
-        b = ((vals - lo) * ((N_BUCKETS - 1) / (hi - lo).clamp_min(1e-30))).long().clamp_(0, N_BUCKETS - 1)
-        if not first:
+        if first:   # vals = q >= 0, lo = 0: q * scale lies in [0, N_BUCKETS - 1] (no shift, clamp or padding)
+            b = (vals * ((N_BUCKETS - 1) / hi.clamp_min(1e-30))).long()
+            mass = torch.zeros(R, N_BUCKETS + 1, device=dev, dtype=q.dtype).scatter_add_(1, b, vals)
+        else:
+            valid = vals >= 0
+            lo = torch.where(valid, vals, 2.0).min(-1, keepdim=True).values
+            b = ((vals - lo) * ((N_BUCKETS - 1) / (hi - lo).clamp_min(1e-30))).long().clamp_(0, N_BUCKETS - 1)
             b.masked_fill_(~valid, N_BUCKETS)                                 # padding -> a dump bucket
-        mass = torch.zeros(R, N_BUCKETS + 1, device=dev, dtype=q.dtype).scatter_add_(1, b, vals.clamp_min(0))
+            mass = torch.zeros(R, N_BUCKETS + 1, device=dev, dtype=q.dtype).scatter_add_(1, b, vals.clamp_min(0))
         mass = mass[:, :N_BUCKETS]
         above = base + mass.flip(-1).cumsum(-1).flip(-1) - mass               # mass in higher buckets
         cross = (above < pp) & (above + mass >= pp)                           # the bucket where p is crossed
         kstar = torch.where(cross, ar, -1).max(-1, keepdim=True).values.clamp_min(0)   # [R, 1]
-        higher = (b > kstar) & (b < N_BUCKETS)
         if first:
-            keep |= higher
+            keep = b > kstar                                                  # (b < N_BUCKETS: always)
         else:
+            higher = (b > kstar) & (b < N_BUCKETS)
             hr, hc = higher.nonzero(as_tuple=True)
             keep[hr, cols[hr, hc]] = True
         base = above.gather(1, kstar)
@@ -104,14 +107,14 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], t
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] fp32 -> token ids [B] (long). temperature 0 = greedy (argmax)."""
     B, V = logits.shape
-    out = logits.argmax(-1)
     rows = [i for i in range(B) if temperature[i] > 0]
     if not rows:
-        return out
+        return logits.argmax(-1)
     dev = logits.device
+    every = len(rows) == B                                                    # no greedy rows: no gathers
     idx = torch.tensor(rows, device=dev)
     temp = torch.tensor([temperature[i] for i in rows], device=dev, dtype=torch.float32)
-    q = torch.softmax(logits[idx] / temp[:, None], dim=-1)                    # [R, V]
+    q = torch.softmax((logits if every else logits[idx]) / temp[:, None], dim=-1)   # [R, V]
     ks = [top_k[i] for i in rows]
     if any(0 < k < V for k in ks):
         kmax = min(max(ks), V)
@@ -122,13 +125,18 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], t
         q = q * (q >= kth)
         q = q / q.sum(-1, keepdim=True)
     ps = torch.tensor([top_p[i] for i in rows], device=dev, dtype=torch.float32)
-    if bool((ps < 1).any()):
+    if all(top_p[i] < 1 for i in rows):
+        q.mul_(top_p_keep(q, ps))
+    elif bool((ps < 1).any()):
         pr = (ps < 1).nonzero()[:, 0]
         q[pr] = q[pr] * top_p_keep(q[pr], ps[pr])
     cdf = q.cumsum(-1)                                                        # [R, V], unnormalised
     # one uniform per row from that request's own generator (CPU generators: same stream on any device)
     u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(V - 1)
+    if every:
+        return pick[:, 0]
+    out = logits.argmax(-1)
     out[idx] = pick[:, 0]
     return out
 

@@ -28,7 +28,39 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cu_seqlens_q: [S+1]; block_tables: [S, max_blocks]; context_lens: [S] (cached + new tokens).
     Query i of sequence s sits at absolute position context_len_s - qlen_s + i and sees keys 0..that.
     Returns [N, Hq, D].
+
+    Sequences are padded to a common length per SDPA call, so sequences of very different query lengths
+    (a whole prompt next to tails after a prefix-cache hit) go in separate calls: sorted by query length,
+    a group closes where the length more than doubles (padding stays under half of each call).
     """
+    qlens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    groups = _length_groups(qlens)
+    if len(groups) == 1:
+        return _paged_prefill_padded(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
+    cu = cu_seqlens_q.tolist()
+    out = torch.empty_like(q)
+    for g in groups:
+        rows = torch.cat([torch.arange(cu[i], cu[i + 1], device=q.device) for i in g])
+        sel = torch.tensor(g, device=q.device)
+        gcu = torch.zeros(len(g) + 1, dtype=cu_seqlens_q.dtype, device=q.device)
+        gcu[1:] = torch.tensor([qlens[i] for i in g], device=q.device).cumsum(0)
+        out[rows] = _paged_prefill_padded(q[rows], k_cache, v_cache, gcu, block_tables[sel], context_lens[sel], scale)
+    return out
+
+
+def _length_groups(lens: list[int]) -> list[list[int]]:
+    """Indices sorted by length, cut where a length exceeds twice its group's shortest."""
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lens[i] <= 2 * max(1, lens[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _paged_prefill_padded(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale):
     N, Hq, D = q.shape
     S = block_tables.shape[0]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
