@@ -30,9 +30,7 @@ class DecodeInputs:
         """Tensors for a decode step of `seqs` (each has its newest token to run) -> self, with
         tokens [B] long, pos [B] long, lens [B] int32, bt [B, width] int32, slots [B] long, cu [B+1] int32."""
         ids = [s.seq_id for s in seqs]
-        if ids == self.ids and self._advance(seqs):
-            pass
-        else:
+        if not (ids == self.ids and self._advance(seqs)):
             self._rebuild(seqs, ids)
         self.next_tokens = None
         bs = self.bs
