@@ -126,7 +126,8 @@ def sampler(out: Path, budget: float) -> dict:
     path = _llama_1b(out / "llama_1b")
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     hf.generation_config.eos_token_id = None
-    rows = [["workload", "ours tok/s", "HF tok/s", "ours / HF"], ["---"] * 4]
+    rows = [["workload", "ours tok/s", "ours, CUDA graphs tok/s", "graphs: same ids", "HF tok/s", "ours / HF"],
+            ["---"] * 6]
     g = torch.Generator().manual_seed(0)
     t_end = time.perf_counter() + budget - 30
     for B in (1, 8, 64):
@@ -137,12 +138,19 @@ def sampler(out: Path, budget: float) -> dict:
         sp = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
         eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))   # warm-up
         ours = _timed(lambda: eng.generate(prompts, sp))
+        eager = [r[0].token_ids for r in eng.generate(prompts, sp)]
+        del eng
+        eng = Engine.from_pretrained(path, dtype=torch.bfloat16, device="cuda", max_num_seqs=64, cuda_graphs=True)
+        eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))   # warm-up
+        graphs = _timed(lambda: eng.generate(prompts, sp))
+        same = [r[0].token_ids for r in eng.generate(prompts, sp)] == eager
         ids = torch.tensor(prompts, device="cuda")
         hf.generate(ids[:1], max_new_tokens=4, do_sample=False)
         theirs = _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128,
                                             min_new_tokens=128, do_sample=False))
         n = B * 128
-        rows.append([f"greedy batch {B}, 128 + 128", f"{n / ours:.0f}", f"{n / theirs:.0f}", f"{theirs / ours:.2f}x"])
+        rows.append([f"greedy batch {B}, 128 + 128", f"{n / ours:.0f}", f"{n / graphs:.0f}", str(same),
+                     f"{n / theirs:.0f}", f"{theirs / ours:.2f}x"])
         del eng
         torch.cuda.empty_cache()
     return {"rows": rows}
