@@ -14,9 +14,15 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  slot_mapping: torch.Tensor) -> None:
     """k, v: [N, Hkv, D]; slot_mapping: [N] int -> writes in place."""
     keep = slot_mapping >= 0
+    kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    if bool(keep.all()):               # the sampler's steps: every token is stored (no boolean gathers)
+        slots = slot_mapping.long()
+        kf.index_copy_(0, slots, k.to(kf.dtype))
+        vf.index_copy_(0, slots, v.to(vf.dtype))
+        return
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    kf[slots] = k[keep]
+    vf[slots] = v[keep]
 
 
 def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,13 +106,19 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lens = context_lens.tolist()
     for a in range(0, B, DECODE_ROWS):
         z = min(a + DECODE_ROWS, B)
-        nb = (max(lens[a:z]) + bs - 1) // bs
+        L = max(lens[a:z])
+        nb = (L + bs - 1) // bs
         bt = block_tables[a:z, :nb].long().clamp_min(0).reshape(-1)
-        kp = k_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)   # [b, Hkv, L, D]
+        kp = k_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)   # [b, Hkv, nb*bs, D]
         vp = v_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)
-        mask = torch.arange(nb * bs, device=q.device)[None, :] < context_lens[a:z, None]   # [b, L]
-        o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask[:, None, None], scale=scale,
+        if min(lens[a:z]) == L:        # rows of one length (a greedy batch of equal prompts): no mask
+            mask, kp, vp = None, kp[:, :, :L], vp[:, :, :L]
+        else:
+            mask = (torch.arange(nb * bs, device=q.device)[None, :] < context_lens[a:z, None])[:, None, None]
+        o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask, scale=scale,
                                            enable_gqa=Hq != Hkv)                     # [b, Hq, 1, D]
+        if a == 0 and z == B:
+            return o[:, :, 0]
         out[a:z] = o[:, :, 0]
     return out
 
