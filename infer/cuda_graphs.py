@@ -9,8 +9,8 @@ once, at engine start, over static input buffers: ids, positions, cache slots, c
 tables at full width (max_position_embeddings / block_size). A step of B sequences takes the smallest
 bucket >= B, copies its inputs into the first B rows of the buffers, fills the padding rows with
 harmless values (slot -1: store nothing; context length 1 over block 0: a finite read), replays the graph
-and returns the first B rows of the static output. All buckets share one memory pool; the largest is
-captured first so the smaller ones fit in its memory.
+and returns the first B rows of the static output buffer (allocated outside the graphs, which write into
+it). All buckets share one memory pool; the largest is captured first so the smaller ones fit in it.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class DecodeGraphs:
         self.lens = torch.ones(M, dtype=torch.int32, device=dev)
         self.bt = torch.zeros(M, W, dtype=torch.int32, device=dev)
         self.cu = torch.arange(M + 1, dtype=torch.int32, device=dev)
-        self.out: dict[int, torch.Tensor] = {}
+        p = next(runner.model.parameters())
+        self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=p.dtype, device=dev)   # static output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -72,15 +73,15 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.out[b] = self._forward(b)
+                self.hidden[:b] = self._forward(b)
             pool = g.pool() if pool is None else pool
             self.graphs[b] = g
         torch.cuda.synchronize()
 
     @torch.inference_mode()
     def replay(self, d) -> torch.Tensor:
-        """d: the step's DecodeInputs (B rows) -> hidden [B, H] (a view of the graph's static output;
-        the caller uses it before the next replay)."""
+        """d: the step's DecodeInputs (B rows) -> hidden [B, H] (a view of the static output buffer; the
+        caller uses it before the next replay)."""
         B = d.tokens.shape[0]
         b = bucket_for(self.sizes, B)
         w = d.bt.shape[1]
@@ -96,4 +97,4 @@ class DecodeGraphs:
             self.tokens[B:b].zero_()
             self.pos[B:b].zero_()
         self.graphs[b].replay()
-        return self.out[b][:B]
+        return self.hidden[:B]
