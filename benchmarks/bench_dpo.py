@@ -7,6 +7,8 @@ random ids) for every variant. Each variant runs in its own fresh process (so pe
     ours_cache   train/dpo.py's defaults: fused one-pass loss, the prompt computed once per pair
                  (share_prompt), selective activation checkpointing, reference log-probs precomputed (no
                  reference model in memory during training)
+    ours_cache_unfused  ours_cache with the LM head's backward recomputing the logits (kernels/logprobs.py) and
+                 the per-op AdamW: the defaults before the fused head (train/dpo_head.py) and fused AdamW
     ours_unshared  ours_cache without share_prompt (each response with its own copy of the prompt)
     ours_plain   ours_unshared without selective checkpointing (the trainer's default before issue 20)
     cli          `python train/dpo.py` itself in a default environment, as a user runs it (its whole-process
@@ -24,12 +26,20 @@ threads) and wall time over --steps after --warmup steps, and two memory figures
 peak RSS (VmHWM of the whole run, setup included: what a user's `/usr/bin/time -v` shows) and the training
 peak (VmHWM reset after setup, the figure this script reported before issue 20). The environment is the
 default one (threads as torch sets them, no allocator settings) unless --threads N pins threads or
---pin-mmap sets glibc's mmap threshold (the earlier measurement).
+--pin-mmap sets glibc's mmap threshold (the earlier measurement). --rounds R runs the variants R times in
+turn (fresh processes; medians over every measured step of every round), so that a change in the shared
+machine's load falls on every variant alike.
+
+The cached reference (ours_cache and the other cache variants, `train/dpo.py`'s default) is one no-grad pass
+over every pair before training, outside the steps; TRL's default scores the reference inside each step. So
+the table also gives "step + reference": the step plus that pass's time divided by the steps it covers (one
+epoch: every pair is scored once), what a user pays per step of a one-epoch run (less over more epochs).
+The cli variant reads the pass's time from train/dpo.py's own message.
 
     python benchmarks/bench_dpo.py                   # all variants, table on stdout, JSON in .cache/bench_dpo/
     python benchmarks/bench_dpo.py --variants ours_cache ours_unshared trl --prompt 512 --resp 128
 
-TRL is installed (`pip install trl`) into .cache/trl_venv, created with --system-site-packages so it uses
+TRL 1.16.0 is installed (`pip install trl==1.16.0`) into .cache/trl_venv, created with --system-site-packages so it uses
 this environment's torch and transformers unchanged.
 """
 from __future__ import annotations
@@ -46,9 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_dpo"
 VENV = ROOT / ".cache" / "trl_venv"
-VARIANTS = ("ours_cache", "ours_unshared", "ours_plain", "cli", "ours_online", "naive", "trl", "trl_precompute",
+VARIANTS = ("ours_cache", "ours_cache_unfused", "ours_unshared", "ours_plain", "cli", "ours_online", "naive", "trl", "trl_precompute",
             "sft", "ours_cache_ac")
 PAIRS, VOCAB = 4, 32000
+FUSED_HEAD = ("ours_cache", "ours_unshared", "ours_online", "ours_cache_ac")   # train/dpo_head.py + fused AdamW
 PROMPT, RESP = 256, 256          # set from --prompt / --resp (children get the same flags)
 
 
@@ -116,7 +127,11 @@ def run_cli(steps: int, warmup: int, threads: int, env: dict) -> dict:
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:            # echoed as it comes; the reference pass's time is read from it
+        print(line, end="", flush=True)
+        lines.append(line)
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
@@ -124,9 +139,13 @@ def run_cli(steps: int, warmup: int, threads: int, env: dict) -> dict:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     el = [0.0] + [r["elapsed_s"] for r in recs]
     times = [b - a for a, b in zip(el, el[1:])]
-    return {"step_times": times[warmup:], "cpu_times": [float("nan")] * steps, "rss_base_mb": float("nan"),
+    import re
+    ref = [float(m.group(1)) for x in lines if (m := re.search(r"reference log-probs of .* \((\d+\.\d+) s\)", x))]
+    if len(ref) != 1:
+        return {"error": "train/dpo.py did not print its reference pass time"}
+    return {"step_times": times[warmup:], "cpu_times": [r["cpu_s"] for r in recs][warmup:], "rss_base_mb": float("nan"),
             "peak_mb": float("nan"), "process_peak_mb": ru.ru_maxrss / 1024, "tokens_per_step": 0,
-            "process_wall_s": wall, "median_s": statistics.median(times[warmup:]), "median_cpu_s": float("nan")}
+            "process_wall_s": wall, "process_cpu_s": ru.ru_utime + ru.ru_stime, "ref_s": ref[0], "ref_steps": n}
 
 
 # ---- our variants ------------------------------------------------------------------------------------
@@ -138,19 +157,25 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
                               sft_logp_sum)
     n = steps + warmup
     pairs = [Pair(*p) for p in make_pairs(n)]
+    from selfreward.train.dpo_head import pair_head_loss
     policy = load_model(model_dir).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    # as train/loop.py: fused AdamW (before issue 20's second half: the per-op loop)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, **({"fused": True} if variant in FUSED_HEAD + ("sft",)
+                                                             else {"foreach": False}))
     cfg = DPOLossConfig("sigmoid", beta=0.1)
     ref_model, table = None, None
     if variant in ("ours_online", "naive"):
         ref_model = load_model(model_dir).eval().requires_grad_(False)
     share = variant in ("ours_cache", "ours_online", "ours_cache_ac")
+    ref_s, ref_cpu_s = float("nan"), float("nan")
     if variant in ("ours_cache", "ours_unshared", "ours_plain", "ours_cache_ac"):
+        t0, c0 = time.perf_counter(), time.process_time()
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS, share)   # before any update
+        ref_s, ref_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
     if variant.endswith("_ac"):
         apply_activation_checkpointing(policy)
-    elif variant in ("ours_cache", "ours_unshared", "ours_online", "sft"):
+    elif variant in ("ours_cache", "ours_cache_unfused", "ours_unshared", "ours_online", "sft"):
         apply_selective_checkpointing(policy)
     policy.train()
     times, cpu = [], []
@@ -174,14 +199,19 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
                 with torch.no_grad():
                     ref = naive_sequence_logps(ref_model, batch)
             else:
-                pol = sequence_logps(policy, b)
                 if table is not None:
                     t = table[s * PAIRS:(s + 1) * PAIRS]
                     ref = torch.cat([t[:, 0], t[:, 1]])
                 else:
                     with torch.no_grad():
                         ref = sequence_logps(ref_model, b)
-            loss = dpo_loss(pol, ref, b.resp_len, cfg)[0].mean()
+                if variant in FUSED_HEAD:   # the trainer's path (train/dpo.py DPOTask.micro)
+                    fn = lambda lp, sub: dpo_loss(lp, ref[sub], b.resp_len[sub], cfg)   # noqa: E731
+                    loss = pair_head_loss(policy, b, fn)[0] / PAIRS
+                else:
+                    pol = sequence_logps(policy, b)
+            if variant not in FUSED_HEAD and variant != "sft":
+                loss = dpo_loss(pol, ref, b.resp_len, cfg)[0].mean()
             tokens = int(b.tokens.numel())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -193,7 +223,7 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
               file=sys.stderr, flush=True)
     return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "rss_base_mb": base / 1024,
             "peak_mb": mem_kb("VmHWM") / 1024, "process_peak_mb": max(setup_peak, mem_kb("VmHWM")) / 1024,
-            "tokens_per_step": tokens}
+            "tokens_per_step": tokens, "ref_s": ref_s, "ref_cpu_s": ref_cpu_s, "ref_steps": n}
 
 
 # ---- TRL ---------------------------------------------------------------------------------------------------
@@ -263,7 +293,7 @@ def ensure_trl_venv() -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
     if subprocess.run([str(py), "-c", "import trl"], capture_output=True).returncode != 0:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "trl"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "trl==1.16.0"], check=True)
     return py
 
 
@@ -273,6 +303,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS[:-1]), choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times, alternating")
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per pair")
     ap.add_argument("--resp", type=int, default=256, help="tokens per response")
     ap.add_argument("--threads", type=int, default=0, help="pin torch threads in every variant (0: the default)")
@@ -291,48 +322,69 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(a.threads)
     if a.pin_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    results = {}
+    results: dict[str, dict] = {}
     load0 = os.getloadavg()
-    for v in a.variants:
-        print(f"[bench_dpo] {v} (load average {os.getloadavg()[0]:.1f})", flush=True)
-        if v == "cli":
-            results[v] = run_cli(a.steps, a.warmup, a.threads, env)
-            continue
-        py = str(ensure_trl_venv()) if v.startswith("trl") else sys.executable
-        out = CACHE / f"{v}.json"
-        out.unlink(missing_ok=True)
-        cmd = [py, __file__, "--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup),
-               "--threads", str(a.threads), "--prompt", str(PROMPT), "--resp", str(RESP), "--out", str(out)]
-        r = subprocess.run(cmd, env=env, cwd=ROOT)
-        if r.returncode != 0 or not out.exists():
-            results[v] = {"error": f"exit code {r.returncode}"}
-            continue
-        results[v] = json.loads(out.read_text())
+    for rnd in range(a.rounds):         # the variants alternate, so drift in the machine's load hits each alike
+        for v in a.variants:
+            print(f"[bench_dpo] round {rnd + 1}/{a.rounds}: {v} (load average {os.getloadavg()[0]:.1f})", flush=True)
+            if v == "cli":
+                r = run_cli(a.steps, a.warmup, a.threads, env)
+            else:
+                py = str(ensure_trl_venv()) if v.startswith("trl") else sys.executable
+                out = CACHE / f"{v}.json"
+                out.unlink(missing_ok=True)
+                cmd = [py, __file__, "--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup),
+                       "--threads", str(a.threads), "--prompt", str(PROMPT), "--resp", str(RESP), "--out", str(out)]
+                rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+                r = json.loads(out.read_text()) if rc == 0 and out.exists() else {"error": f"exit code {rc}"}
+            if "error" in r or "error" in results.get(v, {}):
+                results[v] = r if "error" in r else results[v]
+                continue
+            acc = results.setdefault(v, {"rounds": []})
+            acc["rounds"].append(r)
     load1 = os.getloadavg()
+    for v, acc in results.items():      # medians over every measured step of every round
+        if "error" in acc:
+            continue
+        rs = acc["rounds"]
+        nan = float("nan")
+        med = lambda k: statistics.median([x for r in rs for x in r[k]]) if rs[0].get(k) else nan  # noqa: E731
+        mid = lambda k: statistics.median([r[k] for r in rs]) if k in rs[0] else nan               # noqa: E731
+        acc.update(median_s=med("step_times"), median_cpu_s=med("cpu_times"), process_peak_mb=max(
+            r["process_peak_mb"] for r in rs), peak_mb=mid("peak_mb"), ref_s=mid("ref_s"),
+            ref_steps=rs[0].get("ref_steps", 1), process_wall_s=mid("process_wall_s"))
+        # the cached reference is one no-grad pass over every pair before training: a user pays it once per
+        # pair, so per step of the first epoch it adds ref_s / steps (0 where the reference is in the step)
+        ref_step = acc["ref_s"] / acc["ref_steps"] if acc["ref_s"] == acc["ref_s"] else 0.0
+        acc["with_ref_s"] = acc["median_s"] + ref_step
     name = f"results_{PROMPT}_{RESP}.json"
     (CACHE / name).write_text(json.dumps({"results": results, "load_before": load0, "load_after": load1,
-                                          "threads": a.threads, "pin_mmap": a.pin_mmap,
+                                          "threads": a.threads, "pin_mmap": a.pin_mmap, "rounds": a.rounds,
                                           "prompt": PROMPT, "resp": RESP}, indent=1))
     trl = results.get("trl", {})
     print(f"\nprompt {PROMPT} + responses {RESP} x 2, {PAIRS} pairs/step; threads "
-          f"{a.threads or 'default (' + str(results.get('ours_cache', {}).get('threads', '?')) + ')'}; "
-          f"mmap threshold {'pinned' if a.pin_mmap else 'default'}; load average (1/5/15 min) before {load0}, "
+          f"{a.threads or 'default'}; mmap threshold {'pinned' if a.pin_mmap else 'default'}; {a.rounds} round(s) "
+          f"of {a.steps} measured steps after {a.warmup} warm-up; load average (1/5/15 min) before {load0}, "
           f"after {load1}; JSON in {CACHE / name}")
-    print("| variant | median step wall s | median step CPU s | whole-process peak RSS MB | training peak MB "
-          "(reset after setup) | wall speed vs trl | CPU speed vs trl | whole peak vs trl |")
-    print("|---|---|---|---|---|---|---|---|")
-    f = lambda x, fmt: "-" if x != x else format(x, fmt)     # NaN -> "-"
+    print("| variant | median step wall s | median step CPU s | reference pass per step (1 epoch) s | step + "
+          "reference s | whole-process peak RSS MB | training peak MB (reset after setup) | wall speed vs trl | "
+          "with reference vs trl | CPU speed vs trl | whole peak vs trl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda x, fmt: "-" if x != x else format(x, fmt)     # NaN -> "-"  # noqa: E731
+    ratio = lambda k, r: f"{trl[k] / r[k]:.2f}x" if k in trl and r[k] == r[k] else "-"  # noqa: E731
     for v, r in results.items():
         if "error" in r:
-            print(f"| {v} | {r['error']} | | | | | | |")
+            print(f"| {v} | {r['error']} | | | | | | | | | |")
             continue
-        sp_w = f"{trl['median_s'] / r['median_s']:.2f}x" if "median_s" in trl else "-"
-        sp_c = f"{trl['median_cpu_s'] / r['median_cpu_s']:.2f}x" if "median_cpu_s" in trl and \
-            r["median_cpu_s"] == r["median_cpu_s"] else "-"
         rel_m = f"{r['process_peak_mb'] / trl['process_peak_mb']:.2f}x" if "process_peak_mb" in trl else "-"
-        print(f"| {v} | {r['median_s']:.1f} | {f(r['median_cpu_s'], '.1f')} | {r['process_peak_mb']:.0f} | "
-              f"{f(r['peak_mb'], '.0f')} | {sp_w} | {sp_c} | {rel_m} |")
-
+        ref_step = r["with_ref_s"] - r["median_s"]
+        print(f"| {v} | {r['median_s']:.2f} | {f(r['median_cpu_s'], '.2f')} | {ref_step:.2f} | "
+              f"{r['with_ref_s']:.2f} | {r['process_peak_mb']:.0f} | {f(r['peak_mb'], '.0f')} | "
+              f"{ratio('median_s', r)} | {ratio('with_ref_s', r)} | {ratio('median_cpu_s', r)} | {rel_m} |")
+    for v, r in results.items():
+        if "rounds" in r:
+            print(f"  {v}: step wall s per round {[[round(x, 2) for x in q['step_times']] for q in r['rounds']]}; "
+                  f"CPU s {[[round(x, 2) for x in q['cpu_times']] for q in r['rounds']]}")
 
 if __name__ == "__main__":
     main()

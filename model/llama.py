@@ -54,9 +54,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(H, self.nkv * self.hd, bias=b, device=device)
         self.wo = nn.Linear(self.nh * self.hd, H, bias=False, device=device)
 
-    def forward(self, x, cos, sin, ctx: AttnContext):
+    def forward(self, x, cos, sin, ctx: AttnContext, rows=None):
+        """rows: [n] the rows whose output is wanted (None: all); every row's key and value is still made,
+        other rows' queries are zeros (their outputs are dropped) -> [n or N, H]."""
         N = x.shape[0]
-        q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
+        if rows is None:
+            q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
+        else:
+            q = x.new_zeros(N, self.nh, self.hd).index_put(
+                (rows,), K.rope(self.wq(x[rows]).view(-1, self.nh, self.hd), cos[rows], sin[rows]))
         k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
         v = self.wv(x).view(N, self.nkv, self.hd)
         if ctx.kv_caches is None:
@@ -68,7 +74,9 @@ class Attention(nn.Module):
                 o = K.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
             else:
                 o = K.paged_prefill(q, k_cache, v_cache, ctx.cu_seqlens, ctx.block_tables, ctx.context_lens)
-        return self.wo(o.reshape(N, self.nh * self.hd))
+        if rows is not None:
+            o = o[rows]
+        return self.wo(o.reshape(-1, self.nh * self.hd))
 
 
 class FeedForward(nn.Module):
@@ -92,10 +100,11 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg, device)
         self.cfg = cfg   # shared with the Transformer: setting model.cfg.dropout reaches every block
 
-    def forward(self, x, cos, sin, ctx):
+    def forward(self, x, cos, sin, ctx, rows=None):
+        """rows: [n] keep only these rows' outputs (Transformer.forward's out_rows) -> [n or N, H]."""
         eps, p = self.cfg.rms_norm_eps, self.cfg.dropout
-        h = self.attention(K.rmsnorm(x, self.attention_norm, eps), cos, sin, ctx)
-        x = x + F.dropout(h, p, self.training)
+        h = self.attention(K.rmsnorm(x, self.attention_norm, eps), cos, sin, ctx, rows)
+        x = (x if rows is None else x[rows]) + F.dropout(h, p, self.training)
         h = self.feed_forward(K.rmsnorm(x, self.ffn_norm, eps))
         return x + F.dropout(h, p, self.training)
 
@@ -131,16 +140,21 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: [N] -> final-norm hidden states [N, H]. Use .logits() or
-        kernels.linear_logprobs(h, model.lm_head_weight, targets) on the result."""
+        kernels.linear_logprobs(h, model.lm_head_weight, targets) on the result.
+        out_rows: [n] the rows whose hidden state is wanted (the loss's target rows) -> [n, H]: the last block
+        then makes only keys and values for the others (all that later rows need of them) and runs its
+        queries, attention output and feed-forward on these rows alone (DPO's prompt rows: no work there)."""
         if self.cfg.sliding_window is not None and ctx.max_seqlen > self.cfg.sliding_window and ctx.kv_caches is None:
             raise ValueError(f"sequence of {ctx.max_seqlen} tokens exceeds sliding_window "
                              f"{self.cfg.sliding_window}, which this model does not implement")
         cos, sin = K.rope_cos_sin(self.inv_freq, positions)       # [N, hd/2] each
         x = F.dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
-        for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, ctx, out_rows) if i == last and out_rows is not None else layer(x, cos, sin, ctx)
         return K.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

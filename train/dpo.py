@@ -11,14 +11,17 @@ Per step metrics.jsonl holds loss, rewards (chosen, rejected), margin, accuracy,
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import selfreward.kernels as K
 from selfreward.model.checkpoint import load_model
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Pair, load_pairs, pair_batch
+from selfreward.train.dpo_head import pair_head_loss
 from selfreward.train.loop import cli, load_policy, run, start
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
 from selfreward.train.losses import resolve_loss_settings
@@ -44,6 +47,7 @@ class DPOConfig(TrainConfig):
     export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
     share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
+    fused_head: bool = True           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
     def check(self) -> None:
         super().check()
@@ -61,6 +65,7 @@ class DPOTask:
         self.cfg, self.pairs, self.ref_table, self.ref_model = cfg, pairs, ref_table, ref_model
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
         self.num_examples = len(pairs)
+        self.fused_head = cfg.fused_head
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
@@ -68,7 +73,6 @@ class DPOTask:
     def micro(self, model, idx: list[int]):
         b = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt)
         B = len(idx)
-        pol = sequence_logps(model, b)                                   # [2B], ONE forward
         ref = None
         if self.ref_table is not None:
             t = self.ref_table[idx]                                      # [B, 2]
@@ -76,12 +80,19 @@ class DPOTask:
         elif self.ref_model is not None:
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)
-        loss, rc, rr = dpo_loss(pol, ref, b.resp_len, self.lcfg)
+        if self.fused_head and not K.use_triton(model.lm_head_weight):
+            # ONE forward; the LM head's forward and backward in one pass per group of pairs (train/dpo_head.py)
+            fn = lambda lp, sub: dpo_loss(lp, None if ref is None else ref[sub], b.resp_len[sub], self.lcfg)
+            loss_sum, pol, loss, rc, rr = pair_head_loss(model, b, fn)
+        else:   # CUDA: the Triton log-prob kernel, autograd through the summed log-probs
+            pol = sequence_logps(model, b)                               # [2B], ONE forward
+            loss, rc, rr = dpo_loss(pol, ref, b.resp_len, self.lcfg)
+            loss_sum = loss.sum()
         lens = b.resp_len.double()
         st = dict(zip(STATS, (loss.sum(), rc.sum(), rr.sum(), (rc - rr).sum(), (rc > rr).double().sum(),
                               pol[:B].sum(), pol[B:].sum(), lens[:B].sum(), lens[B:].sum())))
         st["tokens"] = torch.tensor(float(b.tokens.numel()))
-        return loss.sum(), st
+        return loss_sum, st
 
     def summarize(self, s: dict, norm: float) -> dict:
         out = {("loss" if k == "loss_sum" else k): s[k] / norm for k in STATS}
@@ -102,6 +113,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     per_rank = -(-len(pairs) // d.world)
     m = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
     padded = mine + [0] * (per_rank - len(mine))
+    t0 = time.perf_counter()
     vals = compute_reference(model, pairs, padded, m, cfg.share_prompt)[:len(mine)]
     if d.sharded:
         reshard(model)
@@ -110,7 +122,8 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     table = all_reduce_sum(table, d)
     if d.is_main:
         cache.save(table)
-        print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path}")
+        print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path} "
+              f"({time.perf_counter() - t0:.2f} s)")     # benchmarks/bench_dpo.py reads this figure
     return table
 
 

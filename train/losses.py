@@ -82,15 +82,16 @@ def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float 
 def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
     """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel. Only the target
     rows go through the LM head: in DPO and chat SFT the prompt rows, often half the tokens or more, would
-    cost a [rows, V] GEMM (V = 32k-128k) three times over (forward, recompute, gradient) for nothing."""
+    cost a [rows, V] GEMM (V = 32k-128k) three times over (forward, recompute, gradient) for nothing; nor
+    through the last block's queries and feed-forward (Transformer.forward's out_rows)."""
     dev = model.lm_head_weight.device           # batches are built on the CPU; the model may live on a GPU
     if tokens.device != dev:
         tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
         ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen,
                           prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
-    h = model(tokens, positions, ctx)                                   # [N, H]
     sel = torch.nonzero(targets != IGNORE).flatten()                    # [n] target rows
-    lp = K.linear_logprobs(h[sel], model.lm_head_weight, targets[sel], ignore_index=IGNORE)   # [n]
+    h = model(tokens, positions, ctx, out_rows=sel)                     # [n, H]
+    lp = K.linear_logprobs(h, model.lm_head_weight, targets[sel], ignore_index=IGNORE)   # [n]
     return h.new_zeros(targets.shape, dtype=lp.dtype).index_put((sel,), lp)
 
 

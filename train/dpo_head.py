@@ -1,0 +1,131 @@
+"""The DPO loss with the LM head's forward and backward fused: three [rows, V] GEMMs a step instead of four.
+
+The chunked log-prob kernel (kernels/logprobs.py) must recompute each chunk's logits in backward, because
+the gradient of a token's log-prob, g * (onehot - softmax), needs g, known only once the whole loss is. A
+DPO loss, though, depends on the response tokens only through each pair's two summed log-probs: once a
+pair's rows have gone through the head, its loss and g = d loss / d (summed log-prob) are known at once.
+So the rows are taken a group of pairs at a time (pairs that share a reply sequence stay together; groups
+are packed up to `chunk` rows), and for each group, with its [rows, V] logits still in memory:
+
+    logits = h @ W.T; softmax; per-sequence sums s; loss(s) and g = d loss / d s (autograd on scalars)
+    d logits = g_row * (onehot(t) - softmax);   dh = d logits @ W;   dW += d logits.T @ h
+
+dh [rows, H] and dW [V, H] wait for backward, which only scales them by the upstream gradient of the summed
+loss (the trainer backpropagates loss_sum x world / norm, a scalar). A group of more than `chunk` rows is
+done in two passes over its chunks (the kernel's recompute), so peak extra memory stays one [chunk, V]
+block. Equal to token_logps + dpo_loss in every loss and gradient (tests/test_dpo_head.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from selfreward.train.data import IGNORE, PairBatch
+
+
+def _groups(out_seq: list[int], B: int, seq_rows: dict[int, int], chunk: int) -> list[tuple[list[int], list[int]]]:
+    """Pairs joined by a shared sequence (union-find), packed in order into units of <= chunk rows (a larger
+    group alone) -> [(pair indices, sequence ids)]."""
+    parent = {s: s for s in out_seq}
+
+    def find(s):
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    for p in range(B):
+        parent[find(out_seq[p])] = find(out_seq[B + p])
+    comps: dict[int, tuple[list[int], list[int]]] = {}
+    for p in range(B):
+        pairs, seqs = comps.setdefault(find(out_seq[p]), ([], []))
+        pairs.append(p)
+        seqs.extend(s for s in (out_seq[p], out_seq[B + p]) if s not in seqs)
+    units, cur, rows = [], ([], []), 0
+    for pairs, seqs in comps.values():
+        n = sum(seq_rows.get(s, 0) for s in seqs)
+        if cur[0] and rows + n > chunk:
+            units.append(cur)
+            cur, rows = ([], []), 0
+        cur[0].extend(pairs)
+        cur[1].extend(seqs)
+        rows += n
+    if cur[0]:
+        units.append(cur)
+    return units
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, row_seq, out_seq, loss_fn, chunk):
+        # h: [n, H] hidden states of the target rows; weight: [V, H]; targets, row_seq: [n]; out_seq: [2B]
+        n, B = h.shape[0], out_seq.numel() // 2
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.zeros_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        S = int(max(int(row_seq.max()) if n else 0, int(out_seq.max()))) + 1
+        s = torch.zeros(S, dtype=torch.float64, device=h.device)           # summed log-prob per sequence
+        pol = torch.zeros(2 * B, dtype=torch.float64, device=h.device)
+        loss, rc, rr = (torch.zeros(B, dtype=torch.float64, device=h.device) for _ in range(3))
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        seq_rows = dict(zip(*(x.tolist() for x in torch.unique(row_seq, return_counts=True))))
+        for pairs, seqs in _groups(out_seq.tolist(), B, seq_rows, chunk):
+            rows = torch.nonzero(torch.isin(row_seq, torch.tensor(seqs, device=h.device))).flatten()   # [r]
+            pieces = list(rows.split(chunk))
+            keep = len(pieces) == 1                   # one chunk: its softmax stays for the gradient
+            probs, lse, hcs = None, [], []
+            for r in pieces:                          # pass 1: log-probs (and, for one chunk, the softmax)
+                hc = h[r]                                                       # [c, H]
+                logits = (hc @ weight.T).float()                                # [c, V]
+                picked = logits.gather(1, targets[r, None])[:, 0]
+                m = logits.amax(-1)
+                z = logits.sub_(m[:, None]).exp_()                              # in place: one [c, V]
+                tot = z.sum(-1)
+                lse.append(tot.log() + m)
+                s.index_add_(0, row_seq[r], (picked - lse[-1]).double())
+                if keep:
+                    probs, hcs = z.div_(tot[:, None]), [hc]
+            sub = torch.tensor(pairs + [p + B for p in pairs], device=h.device)    # outputs, chosen first
+            with torch.enable_grad():                 # this group's loss and d loss / d s
+                sl = s.detach().requires_grad_(True)
+                lp = sl[out_seq[sub]]                                           # [2k]
+                l_, c_, r_ = loss_fn(lp, sub)
+                g_s = torch.autograd.grad(l_.sum(), sl)[0] if need_h or need_w else None
+            pk = torch.tensor(pairs, device=h.device)
+            pol[sub], loss[pk], rc[pk], rr[pk] = lp.detach(), l_.detach(), c_, r_
+            total = total + l_.detach().sum()
+            if g_s is None:
+                continue
+            for r, ls in zip(pieces, lse):            # pass 2 (several chunks: the logits recomputed)
+                hc = hcs[0] if keep else h[r]
+                p = probs if keep else (hc @ weight.T).float().sub_(ls[:, None]).exp_()   # [c, V] softmax
+                g = g_s[row_seq[r]].float()[:, None]                             # [c, 1]
+                dlogits = p.mul_(-g).scatter_add_(1, targets[r, None], g)       # g (onehot - softmax)
+                if need_h:
+                    dh[r] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    dw.addmm_(dlogits.T, hc.float())
+        ctx.save_for_backward(dh, dw)
+        ctx.w_dtype = weight.dtype
+        ctx.mark_non_differentiable(pol, loss, rc, rr)
+        return total, pol, loss, rc, rr
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        dh, dw = ctx.saved_tensors
+        c = float(g_total)                            # d (whatever the trainer backpropagates) / d total
+        return (dh * c if dh is not None else None, (dw * c).to(ctx.w_dtype) if dw is not None else None,
+                None, None, None, None, None)
+
+
+def pair_head_loss(model, b: PairBatch, loss_fn, chunk: int = 1024):
+    """One forward of the model over the batch and the fused head + loss. loss_fn(policy [2k] chosen first,
+    output indices [2k]) -> (per-pair loss [k], chosen rewards [k], rejected rewards [k]).
+    -> (summed loss with grad, policy log-probs [2B] detached, per-pair loss [B], rewards [B], [B])."""
+    from selfreward.model.llama import AttnContext
+    dev = model.lm_head_weight.device
+    ctx = AttnContext(b.cu_seqlens.to(dev), b.max_seqlen, prefix=None if b.prefix is None else b.prefix.to(dev))
+    targets = b.targets.to(dev)
+    sel = torch.nonzero(targets != IGNORE).flatten()                        # [n] target rows
+    h = model(b.tokens.to(dev), b.positions.to(dev), ctx, out_rows=sel)     # [n, H]
+    return _HeadLoss.apply(h, model.lm_head_weight, targets[sel], b.seq_id.to(dev)[sel], b.out_seq.to(dev),
+                           loss_fn, chunk)
