@@ -166,9 +166,9 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
     ref_model, table = None, None
     if variant in ("ours_online", "naive"):
         ref_model = load_model(model_dir).eval().requires_grad_(False)
-    share = variant in ("ours_cache", "ours_online", "ours_cache_ac")
+    share = variant in ("ours_cache", "ours_cache_unfused", "ours_online", "ours_cache_ac")
     ref_s, ref_cpu_s = float("nan"), float("nan")
-    if variant in ("ours_cache", "ours_unshared", "ours_plain", "ours_cache_ac"):
+    if variant in ("ours_cache", "ours_cache_unfused", "ours_unshared", "ours_plain", "ours_cache_ac"):
         t0, c0 = time.perf_counter(), time.process_time()
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS, share)   # before any update
         ref_s, ref_cpu_s = time.perf_counter() - t0, time.process_time() - c0
