@@ -26,7 +26,7 @@ from selfreward.records import DataError
 # settings that do not change what training computes (how often it logs / saves, threads, where it exports)
 NOT_SHAPING = {"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "threads", "sleep_per_step",
                "eval_every", "export_every", "export", "output", "micro_batch_size", "activation_checkpointing",
-               "ref_cache_dir", "device"}
+               "ref_cache_dir", "device", "fused_head"}
 
 
 def made_by(cfg) -> dict:
