@@ -54,6 +54,14 @@ class LoopConfig:
     n_prompts: int = 1000
     score_from: str = "sampled"       # what pairs are built on: sampled (mean of K) | expected
     min_margin: float = 0.0           # keep a pair only if best - worst mean score >= this (0: any gap)
+    # best-worst: one pair per prompt (the paper); best-rest: the best against each lower-scored distinct text
+    pairing: str = "best-worst"
+    # an SFT JSONL ({"prompt", "response"}, e.g. the EFT seed) mixed into every iteration's DPO data, each
+    # record sft_mix_repeat times, as chosen == rejected records: no DPO gradient, only the NLL term
+    # (--dpo-nll-alpha, which must be > 0): an SFT term that keeps what DPO on answers alone lets drift.
+    # "" = off (the paper: DPO on the pairs only)
+    sft_mix: str = ""
+    sft_mix_repeat: int = 1
     chunk: int = 32                   # units per generate call (the grain of resume)
     nproc: int = 1                    # >1: sampling stages and DPO under torchrun
     seed: int = 0
@@ -77,6 +85,13 @@ class LoopConfig:
                                   ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
         if low:
             raise cli.ConfigError(f"{low[0]} is below its minimum (candidates-n 2; iterations, nproc, chunk 1)")
+        from selfreward.recipes.pairs import PAIRINGS
+        if self.pairing not in PAIRINGS:
+            raise cli.ConfigError(f"--pairing {self.pairing!r}: choose {' or '.join(PAIRINGS)}")
+        if self.sft_mix and self.dpo.nll_alpha <= 0:
+            raise cli.ConfigError("--sft-mix trains through the NLL term only: it needs --dpo-nll-alpha > 0")
+        if self.sft_mix_repeat < 1:
+            raise cli.ConfigError("--sft-mix-repeat must be >= 1")
         self.engine.check()
         if self.select_every > 0 and not self.select.prompts:
             raise cli.ConfigError("--select-every needs --select-prompts (held-out prompts, a JSONL with 'prompt')")

@@ -17,10 +17,13 @@ def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tupl
     return {k: mean_score(v) for k, v in by.items()}
 
 
+PAIRINGS = ("best-worst", "best-rest")
+
+
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
-                key: str = "score", pool_identical: bool = True, min_margin: float = 0.0
-                ) -> tuple[list[dict], Counter]:
-    """One pair per prompt: its highest- against its lowest-scored candidate (mean over K judgments).
+                key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
+                pairing: str = "best-worst") -> tuple[list[dict], Counter]:
+    """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean over K judgments).
     Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
     scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
     lowest sample index is taken.
@@ -32,7 +35,14 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
 
     min_margin > 0 drops pairs whose best and worst mean scores differ by less (counted "below_margin"):
     with a noisy judge, a small gap is more often a wrong answer preferred to another one. The paper keeps
-    every untied pair (min_margin 0). Returns (pairs, counts)."""
+    every untied pair (min_margin 0).
+
+    pairing "best-worst" (default, the paper): one pair per prompt. "best-rest": the best against each
+    lower-scored distinct text, one pair each (texts tied with the best, or within min_margin of it, are
+    not paired); with two distinct texts it is the paper's pair. With the checker's scores (one right text)
+    that is every right-vs-wrong pair of the prompt. Returns (pairs, counts)."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
     by: dict[tuple[str, object], list] = defaultdict(list)
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
     for j in judgments:
@@ -65,14 +75,22 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         if hi[0] - lo[0] < min_margin:
             counts["below_margin"] += 1
             continue
-        pair = {"id": pid, "prompt": text[pid], "chosen": hi[1]["text"], "rejected": lo[1]["text"],
-                "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],
-                "rejected_sample": lo[1]["sample"]}
-        if "token_ids" in hi[1] and "token_ids" in lo[1]:   # as sampled: DPO trains on these, not re-encoded text
-            pair.update(chosen_token_ids=hi[1]["token_ids"], rejected_token_ids=lo[1]["token_ids"])
-        pairs.append(pair)
+        losers = [lo] if pairing == "best-worst" else \
+            [x for x in scored if x[0] < hi[0] and hi[0] - x[0] >= min_margin]
+        for lo in losers:
+            pairs.append(_pair(pid, text[pid], hi, lo))
+        counts["prompts_paired"] += 1
     counts["pairs"] = len(pairs)
     return pairs, counts
+
+
+def _pair(pid: str, prompt: str, hi: tuple, lo: tuple) -> dict:
+    pair = {"id": pid, "prompt": prompt, "chosen": hi[1]["text"], "rejected": lo[1]["text"],
+            "chosen_score": hi[0], "rejected_score": lo[0], "chosen_sample": hi[1]["sample"],
+            "rejected_sample": lo[1]["sample"]}
+    if "token_ids" in hi[1] and "token_ids" in lo[1]:   # as sampled: DPO trains on these, not re-encoded text
+        pair.update(chosen_token_ids=hi[1]["token_ids"], rejected_token_ids=lo[1]["token_ids"])
+    return pair
 
 
 def distinct_candidates(cands: list[dict]) -> list[dict]:
@@ -111,6 +129,7 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "below_margin": pair_counts.get("below_margin", 0),
         "identical_merged": pair_counts.get("identical_merged", 0),
         "pairs": len(pairs),
+        "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
     }
     first = [j for j in judgments if j.get("k") == 0]
     counts["judge_prompts_cut"] = sum(bool(j.get("prompt_cut")) for j in first)

@@ -141,7 +141,8 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     cands = need_jsonl(it / "candidates.jsonl", "the candidates stage")
     judg = need_jsonl(it / "judgments.jsonl", "the judge stage")
     pairs, counts = build_pairs([p for p in prompts if p["verdict"] == "ok"], cands, judg,
-                                "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin)
+                                "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin,
+                                pairing=cfg.pairing)
     if (it / "pairs.jsonl").exists():
         pairs = read_jsonl(it / "pairs.jsonl")
     else:
@@ -162,13 +163,26 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
     sel = cfg.select_every > 0
-    dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=[str(it / "pairs.jsonl")], resume=True,
+    data = [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else [])
+    dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=data, resume=True,
                                output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
                                seed=cfg.seed + t, export_every=cfg.select_every)
     if not (it / "dpo" / "final" / "config.json").exists():
         cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
     if sel:
         select_from_run(it / "dpo", model_at(cfg, t), cfg.select, it / "model", it / "select.json")
+
+
+def write_sft_mix(cfg: LoopConfig, it: Path) -> Path:
+    """iter_t/sft_mix.jsonl: each record of cfg.sft_mix ({"prompt", "response"}) sft_mix_repeat times as a
+    DPO record whose chosen and rejected are its response. The DPO margin of such a record is zero whatever
+    the weights (no DPO gradient); what it trains is the chosen NLL term, nll_alpha x its per-token NLL."""
+    out = it / "sft_mix.jsonl"
+    if not out.exists():
+        recs = [{"prompt": rfield(r, "prompt", f"{cfg.sft_mix}:{i}"), "chosen": rfield(r, "response", f"{cfg.sft_mix}:{i}"),
+                 "rejected": r["response"], "sft_only": True} for i, r in iter_jsonl(cfg.sft_mix)]
+        write_jsonl(out, recs * cfg.sft_mix_repeat)
+    return out
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None, ev: dict | None = None

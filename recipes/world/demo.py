@@ -57,9 +57,16 @@ class DemoConfig:
     judge_k: int = 3
     judge_temperature: float = 0.7
     min_margin: float = 0.0           # recipes.self_reward --min-margin: drop pairs whose score gap is smaller
-    dpo_lr: float = 5e-5
+    # best-rest: each prompt's best text against each lower-scored one; best-worst: one pair (the paper's).
+    # With 3,000 prompts the checker's pairs lifted M1 +0.15 (best-rest) vs +0.05 (best-worst) at these DPO
+    # settings (recipes/world/README.md, "The oracle gate")
+    pairing: str = "best-rest"
+    # the EFT seed mixed into each iteration's DPO data this many times as NLL-only records (recipes.self_reward
+    # --sft-mix): DPO on answers alone lets the judge drift (held-out pairwise 0.92 -> 0.37); 0 = off (paper)
+    eft_mix: int = 1
+    dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
-    dpo_nll_alpha: float = 1.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
+    dpo_nll_alpha: float = 3.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
     dpo_epochs: int = 3
     dpo_batch: int = 16
     # the controls (recipes/world/controls.py), the same iterations from M1: "oracle" (the checker's
@@ -189,6 +196,7 @@ def run(cfg: DemoConfig) -> dict:
                     threads=thr)
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
                     prompt_source=str(prompts), n_prompts=cfg.n_prompts, min_margin=cfg.min_margin,
+                    pairing=cfg.pairing, sft_mix=str(eft) if cfg.eft_mix else "", sft_mix_repeat=max(1, cfg.eft_mix),
                     nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed, engine=cfg.engine, dpo=dpo,
                     candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                                 max_tokens=mcfg.max_tokens),
