@@ -34,7 +34,9 @@ def test_world_smoke_every_stage(tmp_path, capsys):
         assert r["mean_len_tokens"] > 0
     for name in ("M1", "M2"):                          # the iterations each model ran
         r = rows[name]
-        assert r["pairs"] > 0 and r["pairs"] + r["ties"] <= 12
+        # best-rest: a prompt's best against each of its (at most 2) lower-scored texts
+        assert r["pairs"] > 0 and r["prompts_paired"] + r["ties"] <= 12
+        assert r["prompts_paired"] <= r["pairs"] <= 2 * r["prompts_paired"]
         assert 0 <= r["parse_failures"] <= 12 * 3 * 2
     # the models are normal HF folders, and DPO changed the weights
     m1, m3 = load_model(run / "m1"), load_model(run / "loop" / "iter_2" / "model")

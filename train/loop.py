@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from selfreward.model.checkpoint import load_model
+from selfreward.progress import Progress
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.cli import ConfigError, Stopped, run_main
@@ -205,6 +206,8 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
         log.write({"step": 0, **task.evaluate(model)})
     model.train()
     t_start, tokens_seen, last = time.time(), 0, {}
+    # steps between the logged ones: one updating line on a terminal (a line every 10 s in a log)
+    prog = Progress(name, total, start, unit="steps", every=10.0) if d.is_main and cfg.log_every > 1 else None
     for step in range(start, total):
         t0, c0 = time.time(), time.process_time()
         batch = global_batch(n, cfg.batch_size, step, cfg.seed, cfg.shuffle)
@@ -244,6 +247,8 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
                 "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3),
                 "cpu_s": round(time.process_time() - c0, 3)}      # this process's CPU time, all threads
         log.write(last)
+        if prog is not None:
+            prog.update(1, int(sums.get("tokens", 0)))
         if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             eta = elapsed / done * (total - step - 1)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f} lr {lr:.3g} "

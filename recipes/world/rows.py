@@ -58,7 +58,8 @@ def iteration_stats(lc, t: int, manifest: dict, ranking: bool = True) -> dict:
     it = iter_dir(lc, t)
     c = manifest["counts"]
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    out = {"pairs": c["pairs"], "ties": c["ties"], "parse_failures": c["parse_failures"],
+    out = {"pairs": c["pairs"], "prompts_paired": c.get("prompts_paired"), "ties": c["ties"],
+           "parse_failures": c["parse_failures"],
            "judgments": c["judgments"], "candidate_len_tokens": manifest["mean_len"]["candidate_tokens"],
            **pair_quality(read_jsonl(it / "pairs.jsonl")),
            **pass_at_n(prompts, read_jsonl(it / "candidates.jsonl"))}
