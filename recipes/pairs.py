@@ -23,7 +23,8 @@ PAIRINGS = ("best-worst", "best-rest")
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                 key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
                 pairing: str = "best-worst") -> tuple[list[dict], Counter]:
-    """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean over K judgments).
+    """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean
+    over K judgments).
     Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
     scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
     lowest sample index is taken.

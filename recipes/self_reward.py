@@ -179,8 +179,9 @@ def write_sft_mix(cfg: LoopConfig, it: Path) -> Path:
     the weights (no DPO gradient); what it trains is the chosen NLL term, nll_alpha x its per-token NLL."""
     out = it / "sft_mix.jsonl"
     if not out.exists():
-        recs = [{"prompt": rfield(r, "prompt", f"{cfg.sft_mix}:{i}"), "chosen": rfield(r, "response", f"{cfg.sft_mix}:{i}"),
-                 "rejected": r["response"], "sft_only": True} for i, r in iter_jsonl(cfg.sft_mix)]
+        recs = [{"prompt": rfield(r, "prompt", f"{cfg.sft_mix}:{i}"),
+                 "chosen": rfield(r, "response", f"{cfg.sft_mix}:{i}"), "rejected": r["response"], "sft_only": True}
+                for i, r in iter_jsonl(cfg.sft_mix)]
         write_jsonl(out, recs * cfg.sft_mix_repeat)
     return out
 
