@@ -142,13 +142,10 @@ def test_logprobs_stop_and_limits(tiny):
     assert g.finish_reason == "stop"
 
 
-def test_score_and_next_token_logprobs(tiny):
-    _, model = tiny
-    rubric = _prompts(lens=(22,), seed=8)[0]          # a shared prefix: served by the prefix cache
-    prompts = [rubric + p for p in _prompts(lens=(3, 8, 1), seed=9)] + [[5]]
-    conts = _prompts(lens=(4, 1, 9, 6), seed=10)
-    eng = Engine(model, block_size=4, num_blocks=64)
-    for _ in range(2):     # the second round is served mostly from the prefix cache
+def check_score_and_next_token(eng, model, prompts, conts):
+    """eng.score and eng.next_token_logprobs == the full forward's log-probs, twice (the second round is
+    served mostly from the prefix cache)."""
+    for _ in range(2):
         got = eng.score(prompts, conts)
         for p, c, g in zip(prompts, conts, got):
             with torch.no_grad():
@@ -162,3 +159,11 @@ def test_score_and_next_token_logprobs(tiny):
         with torch.no_grad():
             ref = model.forward_batch(torch.tensor([p]))[0, -1].log_softmax(-1)[cands]
         assert torch.allclose(nt[i], ref, atol=1e-5)
+
+
+def test_score_and_next_token_logprobs(tiny):
+    _, model = tiny
+    rubric = _prompts(lens=(22,), seed=8)[0]          # a shared prefix: served by the prefix cache
+    prompts = [rubric + p for p in _prompts(lens=(3, 8, 1), seed=9)] + [[5]]
+    conts = _prompts(lens=(4, 1, 9, 6), seed=10)
+    check_score_and_next_token(Engine(model, block_size=4, num_blocks=64), model, prompts, conts)

@@ -19,6 +19,7 @@ from selfreward.infer.sequence import SamplingParams
 from selfreward.model.checkpoint import load_model
 from selfreward.records import DataError
 from tests.hf_tiny import make_hf_checkpoint
+from tests.test_infer import check_score_and_next_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,20 +98,7 @@ def test_chunked_score_next_and_prefix_cache(tiny):
     prompts = [rubric + p for p in _prompts((3, 19, 1), seed=4)] + [[5]]
     conts = _prompts((4, 30, 9, 6), seed=5)
     eng = Engine(model, block_size=4, num_blocks=256, max_num_batched_tokens=10)
-    for _ in range(2):
-        got = eng.score(prompts, conts)
-        for p, c, g in zip(prompts, conts, got):
-            with torch.no_grad():
-                lp = model.forward_batch(torch.tensor([p + c]))[0].log_softmax(-1)
-            ref = lp[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None])[:, 0]
-            assert g == pytest.approx(ref.tolist(), abs=1e-5)
-    assert eng.stats["prefix_hit"] > 0
-    cands = [3, 7, 100, 2]
-    nt = eng.next_token_logprobs(prompts, cands)
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            ref = model.forward_batch(torch.tensor([p]))[0, -1].log_softmax(-1)[cands]
-        assert torch.allclose(nt[i], ref, atol=1e-5)
+    check_score_and_next_token(eng, model, prompts, conts)
     # sampled, n=3 forks, prefix cache, chunks of 10: each sample equals the same request unchunked
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
     a = eng.generate(prompts[:3], sp, n=3)
