@@ -7,22 +7,13 @@ Triton reads TRITON_INTERPRET when `triton.language` is imported (its own helper
 process with TRITON_INTERPRET=1 set from the start (scripts/test.sh does this); the rest of the suite
 stays on the twins.
 """
-import os
-
 import pytest
 import torch
 
 import selfreward.kernels as K
+from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
-                allow_module_level=True)
-pytest.importorskip("triton")
-
-
-@pytest.fixture(autouse=True)
-def _on_kernels(monkeypatch):
-    monkeypatch.delenv("SRLM_KERNELS", raising=False)
+require_interpreter()
 
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),

@@ -2,22 +2,13 @@
 through the kernels, all under the Triton interpreter against the plain-PyTorch twins.
 Runs in its own pytest process with TRITON_INTERPRET=1 (see tests/test_kernels.py and scripts/test.sh).
 """
-import os
-
 import pytest
 import torch
 
 import selfreward.kernels as K
+from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
-                allow_module_level=True)
-pytest.importorskip("triton")
-
-
-@pytest.fixture(autouse=True)
-def _on_kernels(monkeypatch):
-    monkeypatch.delenv("SRLM_KERNELS", raising=False)
+require_interpreter()
 
 
 def _cu(lens):

@@ -1,25 +1,15 @@
 """Random shapes (hypothesis) for the Triton kernels vs their twins under the interpreter, fp32:
 forward and gradients. Few examples each: the interpreter is slow; the fixed-shape tests cover fp16."""
-import os
-
-import pytest
 import torch
 
 import selfreward.kernels as K
+from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
-                allow_module_level=True)
-pytest.importorskip("triton")
+require_interpreter()
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 FEW = settings(max_examples=6, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(autouse=True)
-def _on_kernels(monkeypatch):
-    monkeypatch.delenv("SRLM_KERNELS", raising=False)
 
 
 def _grads(fn, inputs):

@@ -1,22 +1,12 @@
 """The Triton flash attention with prefix segments (shared-prompt DPO), forward and backward, against the
 twin; and the tiny model's shared-prompt DPO log-probs and gradients through the kernels against the
 unshared layout. Runs under TRITON_INTERPRET=1 (scripts/test.sh), fp32 (IEEE dots)."""
-import os
-
-import pytest
 import torch
 
 import selfreward.kernels as K
+from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests need TRITON_INTERPRET=1 in the environment (bash scripts/test.sh sets it)",
-                allow_module_level=True)
-pytest.importorskip("triton")
-
-
-@pytest.fixture(autouse=True)
-def _on_kernels(monkeypatch):
-    monkeypatch.delenv("SRLM_KERNELS", raising=False)
+require_interpreter()
 
 
 def test_flash_attention_prefix_matches_twin():

@@ -117,6 +117,16 @@ def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: f
                               f"saved; last good checkpoint: {good if good else 'none (nothing good saved)'}")
 
 
+def check_step_finite(loss: float, gnorm: float, d: Dist, out: Path, step: int, name: str) -> None:
+    """Before applying step `step + 1`'s update: a non-finite loss or gradient norm stops training. The
+    weights after `step` updates gave it, so a checkpoint of them (step_<step>) is not good either."""
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        good = drop_checkpoints_from(out, step, d)
+        raise TrainingStopped(
+            f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying "
+            f"it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
+
+
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
     """Multiplier of the peak lr before optimizer step `step` (0-based)."""
     if warmup > 0 and step < warmup:
@@ -227,12 +237,7 @@ def run(cfg: TrainConfig, task, model, d: Dist, tokenizer_dir: str, name: str) -
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         metrics = task.summarize(sums, norm)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(gnorm)):
-            # the weights after `step` updates gave this: a checkpoint of them (step_<step>) is not good either
-            good = drop_checkpoints_from(out, step, d)
-            raise TrainingStopped(
-                f"[{name}] non-finite loss {metrics['loss']} / grad norm {gnorm} at step {step + 1}: stopped "
-                f"before applying it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
+        check_step_finite(metrics["loss"], gnorm, d, out, step, name)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()

@@ -23,11 +23,10 @@ import torch
 
 from selfreward.infer.config import EngineConfig
 from selfreward.records import DataError, field as rec_field
-from selfreward.train.checkpointing import drop_checkpoints_from, latest_checkpoint, load_checkpoint, \
-    save_checkpoint
+from selfreward.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import global_batch, read_jsonl
-from selfreward.train.loop import MetricsLog, TrainingStopped, check_finite, cli, load_policy, lr_factor, start, \
+from selfreward.train.loop import MetricsLog, check_finite, check_step_finite, cli, load_policy, lr_factor, start, \
     weight_scale
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard, set_grad_sync
 from selfreward.train.rl_losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
@@ -236,11 +235,7 @@ def _train(cfg: RLConfig, reward) -> dict:
             s = dict(zip(STATS, all_reduce_sum(sums, d).tolist()))
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            if not (math.isfinite(s["loss"]) and math.isfinite(gnorm)):
-                good = drop_checkpoints_from(out, step, d)   # the weights after `step` updates gave this
-                raise TrainingStopped(
-                    f"[rl] non-finite loss {s['loss'] / norm} / grad norm {gnorm} at step {step + 1}: stopped before "
-                    f"applying it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
+            check_step_finite(s["loss"] / norm, gnorm, d, out, step, "rl")
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
