@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import selfreward.kernels as K
 from selfreward.model.config import ModelConfig
+from selfreward.model.dropout import dropout
 
 
 @dataclass
@@ -104,9 +104,9 @@ class Block(nn.Module):
         """rows: [n] keep only these rows' outputs (Transformer.forward's out_rows) -> [n or N, H]."""
         eps, p = self.cfg.rms_norm_eps, self.cfg.dropout
         h = self.attention(K.rmsnorm(x, self.attention_norm, eps), cos, sin, ctx, rows)
-        x = (x if rows is None else x[rows]) + F.dropout(h, p, self.training)
+        x = (x if rows is None else x[rows]) + dropout(h, p, self.training)
         h = self.feed_forward(K.rmsnorm(x, self.ffn_norm, eps))
-        return x + F.dropout(h, p, self.training)
+        return x + dropout(h, p, self.training)
 
 
 class Transformer(nn.Module):
@@ -151,7 +151,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {ctx.max_seqlen} tokens exceeds sliding_window "
                              f"{self.cfg.sliding_window}, which this model does not implement")
         cos, sin = K.rope_cos_sin(self.inv_freq, positions)       # [N, hd/2] each
-        x = F.dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
+        x = dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx, out_rows) if i == last and out_rows is not None else layer(x, cos, sin, ctx)

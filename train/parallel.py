@@ -81,9 +81,10 @@ def apply_activation_checkpointing(model) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-# what selective checkpointing keeps: the matmul outputs and attention's (output, logsumexp); everything
-# else in a block (RMSNorm, RoPE, SwiGLU, dropout, the attention twin's padding) is recomputed in backward
-_SAVE_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu",
+# what selective checkpointing keeps: the matmul outputs, attention's (output, logsumexp) and dropout's
+# random bits (model/dropout.py: 2 bytes an element, cheaper kept than drawn again); everything else in a
+# block (RMSNorm, RoPE, SwiGLU, the dropout mask and product, the attention twin's padding) is recomputed
+_SAVE_OPS = ("mm", "addmm", "bmm", "randint", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention")
 
