@@ -27,7 +27,15 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     """Weights [out_i, in] -> one [in, sum out_i] contiguous tensor; each weight becomes the transpose of
     its columns (biases likewise one [sum out_i] tensor). -> (fused weight, fused bias, data pointers)."""
     with torch.no_grad():
-        wt = torch.cat([m.weight for m in linears]).T.contiguous()            # [in, sum out]
+        w0 = linears[0].weight
+        if len(linears) == 1:
+            wt = w0.T.contiguous()                                            # [in, out]: torch's blocked transpose
+        else:                                                                 # each weight's transpose into its columns
+            wt = w0.new_empty(w0.shape[1], sum(m.weight.shape[0] for m in linears))   # [in, sum out]
+            off = 0
+            for m in linears:
+                wt[:, off:off + m.weight.shape[0]].copy_(m.weight.T)
+                off += m.weight.shape[0]
         bias = None
         if linears[0].bias is not None:
             bias = torch.cat([m.bias for m in linears]).contiguous()          # [sum out]
