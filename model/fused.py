@@ -1,10 +1,11 @@
-"""The CPU inference layout of a Transformer's weights (Engine applies it; training never sees it).
+"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on
+never uses the fused tensors).
 
 At decode a CPU step is bound by reading the weights once per token, and MKL's fp32 matrix-vector
-product reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2.5x slower than the same numbers
-stored [in, out] contiguous (the 56M model's LM head at batch 1: 7.7 ms against 3.0 ms; benchmarks/
-README.md, Sampler). So each projection's weight is re-stored once, in place, as the transpose of an
-[in, out] contiguous tensor, and the projections that read the same input sit side by side in one
+product reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers
+stored [in, out] contiguous (the 56M model's LM head at batch 1: 7.65 ms against 3.54 ms, 1 thread;
+benchmarks/README.md, Sampler). So each projection's weight is re-stored once, in place, as the
+transpose of an [in, out] contiguous tensor, and the projections that read the same input sit side by side in one
 tensor: q | k | v -> `attention.wqkv_t` [H, (nh + 2 nkv) hd] and gate | up -> `feed_forward.w13_t`
 [H, 2I]. Each Parameter keeps its identity, name and shape [out, in]; its data becomes a view of its
 columns, so the parameters hold the same values, nothing is duplicated, and an in-place write to a
@@ -29,8 +30,8 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     with torch.no_grad():
         w0 = linears[0].weight
         if len(linears) == 1:
-            wt = w0.T.contiguous()                                            # [in, out]: torch's blocked transpose
-        else:                                                                 # each weight's transpose into its columns
+            wt = w0.T.contiguous()                                    # [in, out]: torch's blocked transpose
+        else:                                                         # each weight transposed into its columns
             wt = w0.new_empty(w0.shape[1], sum(m.weight.shape[0] for m in linears))   # [in, sum out]
             off = 0
             for m in linears:
@@ -42,7 +43,7 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
         off = 0
         for m in linears:
             o = m.weight.shape[0]
-            m.weight.data = wt[:, off:off + o].T                              # [out, in] view, strides (1, sum out)
+            m.weight.data = wt[:, off:off + o].T                      # [out, in] view, strides (1, sum out)
             if bias is not None:
                 m.bias.data = bias[off:off + o]
             off += o
