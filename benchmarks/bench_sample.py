@@ -166,8 +166,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build(Path(tmp))
         for name in args.only.split(","):
+            n0 = len(out)
             {"candidates": candidates, "judge": judge, "batch": batch}[name](ours, hf, args, out)
-            print(json.dumps(out[-1]), flush=True)
+            for r in out[n0:]:              # (batch: one line per batch size)
+                print(json.dumps(r), flush=True)
     print(f"load after: {os.getloadavg()}", file=sys.stderr)
     if args.out:
         with open(args.out, "a") as f:

@@ -22,6 +22,7 @@ from selfreward.infer.runner import Runner, default_num_blocks
 from selfreward.infer.sampling import sample, token_logprobs
 from selfreward.infer.scheduler import Scheduler
 from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
+from selfreward.model.fused import fuse_for_inference
 
 
 def _load_tokenizer(path: Path):
@@ -39,6 +40,7 @@ class Engine:
         cuda_graphs: replay the decode step from CUDA graphs captured per batch-size bucket (CUDA only;
         infer/cuda_graphs.py; untested: no GPU has run it)."""
         self.model = model.eval()
+        self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
         self.tokenizer = tokenizer
         if cuda_graphs and not next(model.parameters()).is_cuda:
             raise ValueError("cuda_graphs needs the model on a CUDA device (it is on "

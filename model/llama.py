@@ -14,6 +14,7 @@ import torch.nn as nn
 import selfreward.kernels as K
 from selfreward.model.config import ModelConfig
 from selfreward.model.dropout import dropout
+from selfreward.model.fused import fused_ok, tied_head_t
 
 
 @dataclass
@@ -53,18 +54,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(H, self.nkv * self.hd, bias=b, device=device)
         self.wv = nn.Linear(H, self.nkv * self.hd, bias=b, device=device)
         self.wo = nn.Linear(self.nh * self.hd, H, bias=False, device=device)
+        self.wqkv_t = self.bqkv = self.fused_ptrs = None   # the inference layout (model/fused.py)
 
     def forward(self, x, cos, sin, ctx: AttnContext, rows=None):
         """rows: [n] the rows whose output is wanted (None: all); every row's key and value is still made,
         other rows' queries are zeros (their outputs are dropped) -> [n or N, H]."""
         N = x.shape[0]
-        if rows is None:
-            q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
+        if rows is None and not torch.is_grad_enabled() and fused_ok([self.wq, self.wk, self.wv], self.fused_ptrs):
+            # inference layout: q | k | v from one matmul, rope over the q and k heads in one call
+            qkv = x @ self.wqkv_t if self.bqkv is None else torch.addmm(self.bqkv, x, self.wqkv_t)  # [N, (nh+2nkv)*hd]
+            nqk = self.nh + self.nkv
+            qk = K.rope(qkv[:, :nqk * self.hd].view(N, nqk, self.hd), cos, sin)   # [N, nh + nkv, hd]
+            q, k = qk[:, :self.nh], qk[:, self.nh:]
+            v = qkv[:, nqk * self.hd:].view(N, self.nkv, self.hd)
         else:
-            q = x.new_zeros(N, self.nh, self.hd).index_put(
-                (rows,), K.rope(self.wq(x[rows]).view(-1, self.nh, self.hd), cos[rows], sin[rows]))
-        k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
-        v = self.wv(x).view(N, self.nkv, self.hd)
+            if rows is None:
+                q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
+            else:
+                q = x.new_zeros(N, self.nh, self.hd).index_put(
+                    (rows,), K.rope(self.wq(x[rows]).view(-1, self.nh, self.hd), cos[rows], sin[rows]))
+            k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
+            v = self.wv(x).view(N, self.nkv, self.hd)
         if ctx.kv_caches is None:
             o = K.attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, prefix=ctx.prefix)
         else:
@@ -86,8 +96,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(H, I, bias=False, device=device)  # gate
         self.w3 = nn.Linear(H, I, bias=False, device=device)  # up
         self.w2 = nn.Linear(I, H, bias=False, device=device)  # down
+        self.w13_t = self.fused_ptrs = None                    # the inference layout (model/fused.py)
 
     def forward(self, x):
+        if not torch.is_grad_enabled() and fused_ok([self.w1, self.w3], self.fused_ptrs):
+            gu = x @ self.w13_t                              # [N, 2I]: gate | up in one matmul
+            I = gu.shape[1] // 2
+            return self.w2(K.swiglu(gu[..., :I], gu[..., I:]))
         return self.w2(K.swiglu(self.w1(x), self.w3(x)))
 
 
@@ -158,7 +173,8 @@ class Transformer(nn.Module):
         return K.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ self.lm_head_weight.T).float()                 # [N, V]
+        wt = tied_head_t(self) if not torch.is_grad_enabled() else None   # [H, V] (model/fused.py)
+        return (h @ (self.lm_head_weight.T if wt is None else wt)).float()   # [N, V]
 
     def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids, position_ids: [B, T], positions restarting at 0 per packed example -> hidden [B, T, H]."""
