@@ -198,11 +198,12 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int, mc: WorldModelConfig,
-                kinds: tuple[str, ...] | None = None) -> tuple[Path, Path]:
-    """The IFT and EFT seeds of `kinds` (default: M0's)."""
+                kinds: tuple[str, ...] | None = None, eft_close: float = 0.0) -> tuple[Path, Path]:
+    """The IFT and EFT seeds of `kinds` (default: M0's); `eft_close`: data.eft_seed's `close` (the seeds
+    are not M0's input: this leaves M0 and its key unchanged)."""
     kinds, fmt = kinds or mc.kind_tuple(), mc.judge_format
     ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed, kinds))
-    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed, kinds, fmt))
+    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed, kinds, fmt, close=eft_close))
     return ift, eft
 
 

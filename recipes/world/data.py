@@ -38,6 +38,17 @@ def near_miss(task: Task, rng: random.Random) -> str:
     return corrupt(task.answer, rng)
 
 
+def close_miss(task: Task, rng: random.Random) -> str:
+    """The wrong answer this world's models make most: for max and min a number of the answer's digit count
+    1-3 away from it (min 8 -> "9", 5 -> "3"), mostly not in the input; else one edit away."""
+    if task.kind in ("max", "min"):
+        a = int(task.answer)
+        lo, hi = (0, 9) if a < 10 else (10, 99)
+        near = [a + d for d in (-3, -2, -1, 1, 2, 3) if lo <= a + d <= hi]
+        return str(rng.choice(near))
+    return corrupt(task.answer, rng)
+
+
 def candidate_for_judging(task: Task, rng: random.Random, near_misses: bool = True) -> str:
     """Half right; the rest one edit away or (`near_misses`) a near miss: the hardest contrasts, where only
     the checks tell."""
@@ -47,15 +58,19 @@ def candidate_for_judging(task: Task, rng: random.Random, near_misses: bool = Tr
     return task.answer if u < 0.5 else corrupt(task.answer, rng) if u < 0.75 else near_miss(task, rng)
 
 
-def eft_candidate(task: Task, rng: random.Random, near_misses: bool = True, sizes: dict | None = None) -> str:
+def eft_candidate(task: Task, rng: random.Random, near_misses: bool = True, sizes: dict | None = None,
+                  close: float = 0.0) -> str:
     """EFT candidates: 40% right, 15% one edit away, 25% a near miss, 20% the answer to another instance of the
     same kind (without `near_misses`: 40% right, 30% one edit, 30% another instance's answer). With
     only one-edit errors, copying the candidate's symbol as the 'expected' one is right at most positions,
     and a small judge learns that shortcut instead of computing the answer (seen in runs: the M1 judge
-    copied the candidate's symbol half the time)."""
+    copied the candidate's symbol half the time). `close` > 0: that share of the wrong candidates (60%) is a
+    `close_miss` instead (0: none, and the very draws of before)."""
     u = rng.random()
     if u < 0.4:
         return task.answer
+    if close and rng.random() < close:
+        return close_miss(task, rng)
     if not near_misses and u < 0.7:
         return corrupt(task.answer, rng)
     if near_misses and u < 0.55:
@@ -92,11 +107,11 @@ def ift_seed(n: int, seed: int, kinds=DEFAULT_KINDS) -> list[dict]:
 
 
 def eft_seed(n: int, seed: int, kinds=DEFAULT_KINDS, fmt: str = "check", sizes: dict | None = None,
-             near_misses: bool = True) -> list[dict]:
+             near_misses: bool = True, close: float = 0.0) -> list[dict]:
     rng = random.Random(f"eft:{seed}")
     out = []
     for t in sample_tasks(n, seed=30_000 + seed, kinds=kinds, sizes=sizes):
-        cand = eft_candidate(t, rng, near_misses, sizes)
+        cand = eft_candidate(t, rng, near_misses, sizes, close)
         out.append({"prompt": judge_prompt(t.prompt, cand), "response": judgment(t, cand, fmt=fmt), "kind": t.kind,
                     "correct": cand == t.answer})
     return out

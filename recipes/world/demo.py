@@ -64,6 +64,9 @@ class DemoConfig:
     # the EFT seed mixed into each iteration's DPO data this many times as NLL-only records (recipes.self_reward
     # --sft-mix): DPO on answers alone lets the judge drift (held-out pairwise 0.92 -> 0.37); 0 = off (paper)
     eft_mix: int = 1
+    # share of the EFT seed's wrong candidates that are close misses (data.close_miss: for min a number 1-3
+    # from the answer, the wrong answer M1 samples most); 0 = the near-miss / one-edit mix alone
+    eft_close: float = 0.0
     dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
     dpo_nll_alpha: float = 3.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
@@ -133,6 +136,8 @@ def run(cfg: DemoConfig) -> dict:
     bad = [c for c in cfg.controls if c not in CONTROLS]
     if bad:
         raise cli.ConfigError(f"--controls {bad[0]!r}: choose from {', '.join(CONTROLS)}")
+    if not 0.0 <= cfg.eft_close <= 1.0:
+        raise cli.ConfigError(f"--eft-close {cfg.eft_close}: a share, between 0 and 1")
     kinds = loop_kinds(cfg)              # the tasks of the seeds, the loop and the evaluation
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
@@ -170,7 +175,7 @@ def run(cfg: DemoConfig) -> dict:
 
     clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
     t = time.perf_counter()
-    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds)
+    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds, cfg.eft_close)
     m1 = run_dir / "m1"
     if not (m1 / "config.json").exists():
         from selfreward.train.sft import SFTConfig
