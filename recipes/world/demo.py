@@ -65,8 +65,9 @@ class DemoConfig:
     # --sft-mix): DPO on answers alone lets the judge drift (held-out pairwise 0.92 -> 0.37); 0 = off (paper)
     eft_mix: int = 1
     # share of the EFT seed's wrong candidates that are close misses (data.close_miss: for min a number 1-3
-    # from the answer, the wrong answer M1 samples most); 0 = the near-miss / one-edit mix alone
-    eft_close: float = 0.0
+    # from the answer, the wrong answer M1 samples most, which the judge had marked equal to the answer);
+    # 0 = the near-miss / one-edit mix alone (recipes/world/README.md, fifth session)
+    eft_close: float = 0.5
     dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
     dpo_nll_alpha: float = 3.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
