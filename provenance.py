@@ -88,10 +88,11 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_settings(where: str | Path, old: dict, new: dict, ignore: dict[str, set], flag: str = "--overwrite"
+def check_settings(where: str | Path, old: dict, new: dict, ignore: dict[str, set], flag: str | None = "--overwrite"
                    ) -> None:
     """A run folder's saved config (`old`; {} for a new run) against this run's (`new`): every difference
-    outside `ignore` ({"": top-level keys, "section": keys of that nested section}) is an error naming it."""
+    outside `ignore` ({"": top-level keys, "section": keys of that nested section}) is an error naming it.
+    flag: the command's start-over flag (None: it has none)."""
     def shaping(d: dict) -> dict:
         d = {k: v for k, v in d.items() if k not in ignore.get("", set())}
         for sec, keys in ignore.items():
@@ -100,9 +101,9 @@ def check_settings(where: str | Path, old: dict, new: dict, ignore: dict[str, se
         return d
     diff = differences(shaping(old), shaping(new)) if old else []
     if diff:
+        fix = f"pass {flag} to delete them and start over" if flag else "remove the folder to start over"
         raise DataError(f"{where}: made with other settings ({'; '.join(diff[:6])}); its finished stages would "
-                        f"be reused as if made with these: pass {flag} to delete them and start over, or use "
-                        f"another --run-dir")
+                        f"be reused as if made with these: {fix}, or use another --run-dir")
 
 
 def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False) -> bool:

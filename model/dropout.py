@@ -12,6 +12,8 @@ state govern it as they govern `F.dropout`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +23,7 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, float]:
     """-> (bool mask of `shape`, True = kept, each element dropped with probability p_q; p_q) where
     p_q = round(p * 65536) / 65536."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     drop_levels = round(p * _LEVELS)
     bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     lanes = bits.view(torch.int16)[:n].view(shape)            # uniform on [-32768, 32767]

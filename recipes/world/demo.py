@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -126,30 +127,22 @@ class Clock:
 
 # settings a rerun into the same run folder may change: where things go, how many CPUs, and extending the run
 # (more iterations, more control rows); every other setting shapes what the folder already holds
-_RESUMABLE = ("run_dir", "cache_dir", "threads", "nproc", "iterations", "controls", "rebuild_m0")
+_RESUMABLE = {"run_dir", "cache_dir", "threads", "nproc", "iterations", "controls", "rebuild_m0"}
 
 
-def check_settings(run_dir: Path, cfg: DemoConfig) -> None:
-    """Record the run's settings in RUN_DIR/demo_settings.json, or refuse (ConfigError, exit 2) a rerun whose
-    settings differ from the recorded ones: it would silently reuse seeds, M1 or iterations made otherwise."""
-    import json
-    from dataclasses import asdict
-    from selfreward.records import write_json
+def check_run_folder(run_dir: Path, cfg: DemoConfig) -> None:
+    """RUN_DIR/demo_settings.json records the run's settings; a rerun whose settings differ is refused
+    (provenance.check_settings: DataError, exit 2): it would reuse seeds, M1 or iterations made otherwise."""
+    from selfreward.provenance import check_settings
+    from selfreward.recipes.loop_config import ENGINE_NOT_SHAPING
+    from selfreward.records import DataError, read_json, write_json
     path = run_dir / "demo_settings.json"
-    now = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE}
-    now = json.loads(json.dumps(now))                                  # tuples -> lists, as read back
-    if path.exists():
-        try:
-            before = json.loads(path.read_text())
-        except ValueError as e:
-            raise cli.ConfigError(f"{path}: unreadable ({e}); remove it or use another --run-dir") from None
-        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-        if diff:
-            k = diff[0]
-            raise cli.ConfigError(f"{path}: field {k!r} was {before.get(k)!r}, now {now.get(k)!r} (differing: "
-                                  f"{', '.join(diff)}); this folder holds a run made otherwise: use another "
-                                  f"--run-dir or remove it")
-        return
+    now = json.loads(json.dumps(cli.to_dict(cfg)))                    # tuples -> lists, as read back
+    try:
+        old = read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path}: unreadable ({e}); remove it or use another --run-dir") from None
+    check_settings(path, old, now, {"": _RESUMABLE, "engine": ENGINE_NOT_SHAPING}, flag=None)
     write_json(path, now)
 
 
@@ -172,7 +165,7 @@ def run(cfg: DemoConfig) -> dict:
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(run_dir, cfg)
+    check_run_folder(run_dir, cfg)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     clock = Clock()
     thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
