@@ -62,6 +62,11 @@ class LoopConfig:
     # "" = off (the paper: DPO on the pairs only)
     sft_mix: str = ""
     sft_mix_repeat: int = 1
+    # judge self-training: up to this many of M_t's own judgments mixed into the iteration's DPO data as NLL-only
+    # records (chosen == rejected, like --sft-mix): the judgments of the texts the pairs use on which all K
+    # samples agree, half from chosen texts and half from rejected ones. It keeps the judge on the model's
+    # current samples while DPO trains the answers (recipes/self_reward.write_judge_self). 0 = off (the paper)
+    judge_self_train: int = 0
     chunk: int = 32                   # units per generate call (the grain of resume)
     nproc: int = 1                    # >1: sampling stages and DPO under torchrun
     seed: int = 0
@@ -90,6 +95,10 @@ class LoopConfig:
             raise cli.ConfigError(f"--pairing {self.pairing!r}: choose {' or '.join(PAIRINGS)}")
         if self.sft_mix and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--sft-mix trains through the NLL term only: it needs --dpo-nll-alpha > 0")
+        if self.judge_self_train < 0:
+            raise cli.ConfigError("--judge-self-train must be >= 0 (0 = off)")
+        if self.judge_self_train and self.dpo.nll_alpha <= 0:
+            raise cli.ConfigError("--judge-self-train trains through the NLL term only: it needs --dpo-nll-alpha > 0")
         if self.sft_mix_repeat < 1:
             raise cli.ConfigError("--sft-mix-repeat must be >= 1")
         self.engine.check()

@@ -13,6 +13,7 @@ a killed stage continues from its .partial file (selfreward.records).
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.recipes.instruct import generate_prompts, given_prompts
-from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items
+from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items, judge_prompt
 from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig, check_run_settings  # noqa: F401
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
@@ -163,7 +164,8 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
     sel = cfg.select_every > 0
-    data = [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else [])
+    data = [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else []) \
+        + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else [])
     dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=data, resume=True,
                                output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
                                seed=cfg.seed + t, export_every=cfg.select_every)
@@ -183,6 +185,42 @@ def write_sft_mix(cfg: LoopConfig, it: Path) -> Path:
                  "chosen": rfield(r, "response", f"{cfg.sft_mix}:{i}"), "rejected": r["response"], "sft_only": True}
                 for i, r in iter_jsonl(cfg.sft_mix)]
         write_jsonl(out, recs * cfg.sft_mix_repeat)
+    return out
+
+
+def write_judge_self(cfg: LoopConfig, t: int) -> Path:
+    """iter_t/judge_self.jsonl: judge self-training records from the iteration's own judgments. For each text a
+    pair uses (its chosen and its rejected side), the judgments of that text count when all of them give the
+    same score and none had its prompt cut; the first one becomes an NLL-only record whose prompt is the judge
+    prompt of that text (chosen == rejected: no DPO gradient, only the NLL term). At most n // 2 come from
+    chosen texts and n - n // 2 from rejected ones, drawn in a seeded order; fewer when fewer qualify."""
+    it = iter_dir(cfg, t)
+    out = it / "judge_self.jsonl"
+    if out.exists():
+        return out
+    text = {(c["id"], c["sample"]): c["text"] for c in read_jsonl(it / "candidates.jsonl")}
+    by_text: dict[tuple, list[dict]] = {}
+    for j in read_jsonl(it / "judgments.jsonl"):
+        by_text.setdefault((j["id"], text.get((j["id"], j["sample"]))), []).append(j)
+    sides: dict[str, list[dict]] = {"chosen": [], "rejected": []}
+    seen = set()
+    for p in read_jsonl(it / "pairs.jsonl"):
+        for side in sides:
+            key = (p["id"], p[side])
+            js = by_text.get(key, [])
+            if key in seen or not js or len({j["score"] for j in js}) != 1 or any(j["prompt_cut"] for j in js):
+                continue
+            seen.add(key)
+            sides[side].append({"prompt": judge_prompt(cfg.judge.text, p["prompt"], p[side]),
+                                "chosen": js[0]["judgment"], "rejected": js[0]["judgment"], "sft_only": True})
+    rng, n = random.Random(_seed(cfg, t, 5)), cfg.judge_self_train
+    for recs in sides.values():
+        rng.shuffle(recs)
+    recs = sides["chosen"][:n // 2] + sides["rejected"][:n - n // 2]
+    print(f"[judge self-train] iter {t}: {len(recs)} records ({min(len(sides['chosen']), n // 2)} of "
+          f"{len(sides['chosen'])} chosen texts, {min(len(sides['rejected']), n - n // 2)} of "
+          f"{len(sides['rejected'])} rejected)", flush=True)
+    write_jsonl(out, recs)
     return out
 
 

@@ -31,6 +31,8 @@ def test_world_smoke_every_stage(tmp_path, capsys):
         acc, n = r["greedy_acc"], r["n_eval"]
         assert n == 10 and abs(r["greedy_acc_se"] - (acc * (1 - acc) / n) ** 0.5) < 1e-12
         assert r["judge_judgments"] == 5 * 3 * 2      # 5 groups x 3 replies x K=2
+        p, m = r["judge_pairwise"], r["judge_pairs"]
+        assert 0 < m <= 5 * 2 and abs(r["judge_pairwise_se"] - (p * (1 - p) / m) ** 0.5) < 1e-12
         assert r["mean_len_tokens"] > 0
     for name in ("M1", "M2"):                          # the iterations each model ran
         r = rows[name]
@@ -38,6 +40,14 @@ def test_world_smoke_every_stage(tmp_path, capsys):
         assert r["pairs"] > 0 and r["prompts_paired"] + r["ties"] <= 12
         assert r["prompts_paired"] <= r["pairs"] <= 2 * r["prompts_paired"]
         assert 0 <= r["parse_failures"] <= 12 * 3 * 2
+    # judge self-training (the smoke config asks for 8 records) reached each iteration's DPO data
+    sc = demo.smoke_config(str(run), str(cache))
+    for t in (1, 2):
+        it = run / "loop" / f"iter_{t}"
+        assert f"[judge self-train] iter {t}: " in out
+        assert 1 <= len((it / "judge_self.jsonl").read_text().splitlines()) <= sc.judge_self_train
+        made = json.loads((it / "dpo" / "run.json").read_text())["made_by"]   # pairs, EFT mix, judge records
+        assert len(made["data_hashes"]) == 2 + (sc.eft_mix > 0)
     # the models are normal HF folders, and DPO changed the weights
     m1, m3 = load_model(run / "m1"), load_model(run / "loop" / "iter_2" / "model")
     assert not torch.equal(m1.tok_embeddings.weight, m3.tok_embeddings.weight)
@@ -63,6 +73,8 @@ def test_oracle_judgments_by_checker():
     js = checker_judgments(prompts, cands)
     assert {(j["id"], j["sample"]): j["score"] for j in js} == {("p", 0): 1.0, ("p", 1): 1.0, ("p", 2): 5.0,
                                                                  ("q", 0): 1.0, ("q", 1): 1.0}
+    # each judgment is the reference one (what judge self-training in the oracle control learns from)
+    assert all(j["judgment"].endswith(f"Score: {int(j['score'])}") for j in js)
     pairs, _ = build_pairs([{"id": k, "prompt": v} for k, v in prompts.items()], cands, js)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("p", "5", "6")]
 

@@ -22,17 +22,22 @@ from selfreward.recipes.judge import judge_items
 from selfreward.recipes.pairs import distinct_candidates
 from selfreward.recipes.self_reward import _seed, iter_dir, run_stage, write_manifest
 from selfreward.recipes.session import Session
-from selfreward.recipes.world.checker import check
+from selfreward.recipes.world.checker import is_correct, parse_prompt
+from selfreward.recipes.world.judging import judgment
 from selfreward.records import read_jsonl, write_jsonl
 
 CONTROLS = ("oracle", "fixed")
 
 
 def checker_judgments(prompts: dict[str, str], cands: list[dict]) -> list[dict]:
-    """One judgment per distinct candidate text: score 5 when the checker finds it right, else 1."""
-    return [{"id": c["id"], "sample": c["sample"], "k": 0, "judgment": "checker",
-             "score": 5.0 if check(prompts[c["id"]], c["text"]) == 1.0 else 1.0, "prompt_cut": False}
-            for c in distinct_candidates(cands)]
+    """One judgment per distinct candidate text: the reference judgment (judging.judgment, what the EFT seed
+    teaches), score 5 when the checker finds the text right, else 1."""
+    out = []
+    for c in distinct_candidates(cands):
+        task = parse_prompt(prompts[c["id"]])
+        out.append({"id": c["id"], "sample": c["sample"], "k": 0, "judgment": judgment(task, c["text"]),
+                    "score": 5.0 if is_correct(task, c["text"]) else 1.0, "prompt_cut": False})
+    return out
 
 
 def fixed_judgments(judge_model: str, prompts: dict[str, str], cands: list[dict], lc, t: int, s: Session

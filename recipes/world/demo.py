@@ -65,6 +65,9 @@ class DemoConfig:
     # the EFT seed mixed into each iteration's DPO data this many times as NLL-only records (recipes.self_reward
     # --sft-mix): DPO on answers alone lets the judge drift (held-out pairwise 0.92 -> 0.37); 0 = off (paper)
     eft_mix: int = 1
+    # judge self-training (recipes.self_reward --judge-self-train): up to this many of M_t's own unanimous
+    # judgments of the texts it paired, as NLL-only records in the iteration's DPO; 0 = off (the paper)
+    judge_self_train: int = 0
     # share of the EFT seed's wrong candidates that are close misses (data.close_miss: for min a number 1-3
     # from the answer, the wrong answer M1 samples most, which the judge had marked equal to the answer);
     # 0 = the near-miss / one-edit mix alone (recipes/world/README.md, fifth session)
@@ -100,7 +103,7 @@ def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
                          base_lr=1e-2, pretrain_steps=60, pretrain_batch=16, pretrain_lr=1e-2)
     return DemoConfig(run_dir=run_dir, cache_dir=cache_dir, n_ift=24, n_eft=48, sft_steps=10, sft_batch=8,
                       n_prompts=12, n_candidates=3, judge_k=2, judge_temperature=1.0, temperature=1.0,
-                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, m0=m)
+                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, judge_self_train=8, m0=m)
 
 
 def loop_kinds(cfg: DemoConfig) -> tuple[str, ...]:
@@ -226,6 +229,7 @@ def run(cfg: DemoConfig) -> dict:
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
                     prompt_source=str(prompts), n_prompts=cfg.n_prompts, min_margin=cfg.min_margin,
                     pairing=cfg.pairing, sft_mix=str(eft) if cfg.eft_mix else "", sft_mix_repeat=max(1, cfg.eft_mix),
+                    judge_self_train=cfg.judge_self_train,
                     nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed, engine=cfg.engine, dpo=dpo,
                     candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                                 max_tokens=mcfg.max_tokens),

@@ -6,7 +6,8 @@
 - mean response length (tokens and characters) of the greedy responses;
 - the model as judge: fixed held-out groups of three replies (the right answer, rank 0, and two one-edit wrong
   answers, rank 1), judged K times with the world's template through recipes.evaluate.rm_eval, giving the
-  reward-model metrics (pairwise accuracy, 5-best, exact match, Spearman, Kendall tau) and parse failures.
+  reward-model metrics (pairwise accuracy with a binomial standard error over its pairs, 5-best, exact match,
+  Spearman, Kendall tau) and parse failures.
 The groups and prompts are the same for every model, so the rows of the table compare like with like.
 """
 from __future__ import annotations
@@ -52,6 +53,12 @@ def judge_groups(n: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS) 
     return groups
 
 
+def _binomial_se(p: float | None, n: int) -> float | None:
+    """sqrt(p (1 - p) / n); for the judge's pairwise accuracy n is its pairs, two per group and not independent
+    (one judgment of the right reply enters both), so the true error is larger than this."""
+    return None if p is None or not n else (p * (1 - p) / n) ** 0.5
+
+
 def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     from selfreward.infer.sequence import SamplingParams
     from selfreward.recipes.evaluate import rm_eval
@@ -92,7 +99,8 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
         "pass_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(pass_kind.items())},
         "mean_len_tokens": sum(len(c[0].token_ids) for c in greedy) / len(greedy),
         "mean_len_chars": sum(len(x) for x in texts) / len(texts),
-        "judge_pairwise": s["pairwise_accuracy"], "judge_five_best": s["five_best"],
+        "judge_pairwise": s["pairwise_accuracy"], "judge_pairwise_se": _binomial_se(s["pairwise_accuracy"], s["pairs"]),
+        "judge_five_best": s["five_best"],
         "judge_exact_match": s["exact_match"], "judge_spearman": s["spearman"],
         "judge_kendall_tau": s["kendall_tau"], "judge_pairs_tied": s["pairs_judge_tied"],
         "judge_pairs": s["pairs"], "judge_parse_failures": rm["parse_failures"], "judge_judgments": rm["judgments"],

@@ -8,7 +8,8 @@ from selfreward.recipes.world.checker import check
 
 COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("greedy_acc_se", "SE", "{:.3f}"),
            ("pass_at_n", "pass@N", "{:.3f}"), ("sampled_acc", "acc T", "{:.3f}"),
-           ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
+           ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_pairwise_se", "SE", "{:.3f}"),
+           ("judge_spearman", "spearman", "{:.3f}"),
            ("judge_parse_failures", "j.unparsed", "{}"), ("mean_len_tokens", "len tok", "{:.1f}"),
            ("loop_pass_at_n", "loop pass@N", "{:.3f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
            ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
@@ -67,11 +68,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             lines.append((label, [base] + ctl, *style))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "greedy_acc", "held-out greedy accuracy (checker), +- 1 SE"),
-                           (axes[1], "judge_pairwise", "judge pairwise accuracy (held-out groups)")):
+                           (axes[1], "judge_pairwise", "judge pairwise accuracy (held-out groups), +- 1 SE")):
         for label, ns, ls, mk in lines:
             xs = [x.get(n, x.get(n.split("-")[0], 0)) for n in ns]
             ys = [by[n].get(key) for n in ns]
-            err = [by[n].get("greedy_acc_se") or 0 for n in ns] if key == "greedy_acc" else None
+            err = [by[n].get(key + "_se") or 0 for n in ns]
             ax.errorbar(xs, ys, yerr=err, marker=mk, linestyle=ls, capsize=3, label=label)
         if key == "greedy_acc":
             ax.plot([x[n] for n in names if "pass_at_n" in by[n]], [by[n]["pass_at_n"] for n in names
