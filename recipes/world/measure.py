@@ -54,8 +54,9 @@ def judge_groups(n: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS) 
 
 
 def _binomial_se(p: float | None, n: int) -> float | None:
-    """sqrt(p (1 - p) / n); for the judge's pairwise accuracy n is its pairs, two per group and not independent
-    (one judgment of the right reply enters both), so the true error is larger than this."""
+    """sqrt(p (1 - p) / n): the standard error of a share p of n trials. For the judge's pairwise accuracy n is
+    its pairs, two per group and not independent (one judgment of the right reply enters both), so the true
+    error is larger than this."""
     return None if p is None or not n else (p * (1 - p) / n) ** 0.5
 
 
@@ -91,7 +92,7 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     rm = rm_eval(engine, tok, judge_groups(cfg.n_judge, cfg.seed, cfg.kinds), jc)
     s = rm["sampled"]
     return {
-        "greedy_acc": acc, "greedy_acc_se": (acc * (1 - acc) / len(g_ok)) ** 0.5, "n_eval": len(g_ok),
+        "greedy_acc": acc, "greedy_acc_se": _binomial_se(acc, len(g_ok)), "n_eval": len(g_ok),
         "greedy_correct": "".join("1" if x else "0" for x in g_ok),
         "sampled_acc": sum(map(sum, s_ok)) / max(1, sum(map(len, s_ok))),
         "pass_at_n": sum(map(any, s_ok)) / max(1, len(s_ok)), "pass_n": cfg.samples, "n_pass": len(s_ok),
