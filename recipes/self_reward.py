@@ -216,11 +216,10 @@ def write_judge_self(cfg: LoopConfig, t: int) -> Path:
     rng, n = random.Random(_seed(cfg, t, 5)), cfg.judge_self_train
     for recs in sides.values():
         rng.shuffle(recs)
-    recs = sides["chosen"][:n // 2] + sides["rejected"][:n - n // 2]
-    print(f"[judge self-train] iter {t}: {len(recs)} records ({min(len(sides['chosen']), n // 2)} of "
-          f"{len(sides['chosen'])} chosen texts, {min(len(sides['rejected']), n - n // 2)} of "
-          f"{len(sides['rejected'])} rejected)", flush=True)
-    write_jsonl(out, recs)
+    chosen, rejected = sides["chosen"][:n // 2], sides["rejected"][:n - n // 2]
+    print(f"[judge self-train] iter {t}: {len(chosen) + len(rejected)} records ({len(chosen)} of "
+          f"{len(sides['chosen'])} chosen texts, {len(rejected)} of {len(sides['rejected'])} rejected)", flush=True)
+    write_jsonl(out, chosen + rejected)
     return out
 
 

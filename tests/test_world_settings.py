@@ -1,4 +1,5 @@
-"""recipes/world/demo.check_run_folder: a rerun into the same run folder with other settings is refused."""
+"""recipes/world/demo: a rerun into the same run folder with other settings is refused (check_run_folder); a bad
+loop setting is refused before any training."""
 import json
 
 import pytest
@@ -20,3 +21,14 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     (tmp_path / "demo_settings.json").write_text("{broken")
     with pytest.raises(DataError, match="unreadable"):
         check_run_folder(tmp_path, DemoConfig(run_dir=str(tmp_path)))
+
+
+def test_bad_loop_setting_is_refused_before_m0_and_sft(tmp_path):
+    from selfreward.cli import ConfigError
+    from selfreward.recipes.world import demo
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    with pytest.raises(ConfigError, match="--judge-self-train must be >= 0"):
+        demo.main(["--smoke", "--run-dir", str(run), "--cache-dir", str(cache), "--judge-self-train", "-1"])
+    with pytest.raises(ConfigError, match="needs --dpo-nll-alpha > 0"):
+        demo.main(["--smoke", "--run-dir", str(run), "--cache-dir", str(cache), "--dpo-nll-alpha", "0"])
+    assert not cache.exists() and not (run / "m1").exists()       # no M0 built, no SFT run

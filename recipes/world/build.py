@@ -202,9 +202,15 @@ def write_seeds(run_dir: Path, n_ift: int, n_eft: int, seed: int, mc: WorldModel
     """The IFT and EFT seeds of `kinds` (default: M0's); `eft_close`: data.eft_seed's `close` (the seeds
     are not M0's input: this leaves M0 and its key unchanged)."""
     kinds, fmt = kinds or mc.kind_tuple(), mc.judge_format
-    ift = write_jsonl(run_dir / "seed" / "ift.jsonl", ift_seed(n_ift, seed, kinds))
-    eft = write_jsonl(run_dir / "seed" / "eft.jsonl", eft_seed(n_eft, seed, kinds, fmt, close=eft_close))
+    ift, eft = seed_paths(run_dir)
+    write_jsonl(ift, ift_seed(n_ift, seed, kinds))
+    write_jsonl(eft, eft_seed(n_eft, seed, kinds, fmt, close=eft_close))
     return ift, eft
+
+
+def seed_paths(run_dir: Path) -> tuple[Path, Path]:
+    """Where write_seeds puts the IFT and the EFT seed."""
+    return run_dir / "seed" / "ift.jsonl", run_dir / "seed" / "eft.jsonl"
 
 
 if __name__ == "__main__":

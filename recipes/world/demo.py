@@ -28,7 +28,7 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.recipes.world.build import WorldModelConfig, m0_folder, run_sft, write_seeds
+from selfreward.recipes.world.build import WorldModelConfig, m0_folder, run_sft, seed_paths, write_seeds
 from selfreward.recipes.world.measure import MeasureConfig, measure
 
 
@@ -168,18 +168,12 @@ def run(cfg: DemoConfig) -> dict:
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_folder(run_dir, cfg)
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     clock = Clock()
     thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if thr:   # the in-process stages (engine, measurement); the trainers get --threads
         import torch
         torch.set_num_threads(thr)
-
-    clock.banner("M0 (the shipped one, or tokenizer + pretraining on web text, cached)")
-    t = time.perf_counter()
-    m0 = m0_folder(cfg.m0, cache, cfg.rebuild_m0, cfg.nproc, thr)
-    clock.stage("m0", time.perf_counter() - t)
 
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, temperature=cfg.temperature, top_p=cfg.top_p,
                          samples=cfg.n_candidates, n_pass=cfg.n_pass,
@@ -198,24 +192,12 @@ def run(cfg: DemoConfig) -> dict:
         results[name] = r
         return r
 
-    evaluate("M0", str(m0))
-
-    clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
-    t = time.perf_counter()
-    ift, eft = write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds, cfg.eft_close)
+    # the loop's config first (it checks its settings): a bad one is refused before the run folder records
+    # these settings, and before M0 and SFT; the template is the world's constant, so writing it is harmless
+    ift, eft = seed_paths(run_dir)
     m1 = run_dir / "m1"
-    if not (m1 / "config.json").exists():
-        from selfreward.train.sft import SFTConfig
-        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)], output=str(run_dir / "sft"), export=str(m1),
-                          max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
-                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=10**6, threads=thr),
-                cfg.nproc)
-    clock.stage("sft", time.perf_counter() - t)
-
     template = write_template(run_dir / "seed" / "judge_template.txt")
-    avoid = {r["prompt"] for r in read_jsonl(ift)}
     prompts = run_dir / "seed" / "loop_prompts.jsonl"
-    write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid, kinds))
 
     def hook(t_: int, model_dir: str) -> dict:
         return evaluate(f"M{t_}", model_dir)
@@ -235,6 +217,28 @@ def run(cfg: DemoConfig) -> dict:
                                                 max_tokens=mcfg.max_tokens),
                     judge=JudgeConfig(k=cfg.judge_k, temperature=cfg.judge_temperature, top_p=0.9,
                                       max_tokens=mcfg.judge_max_tokens, template=str(template), distinct=True))
+    check_run_folder(run_dir, cfg)
+    write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds, cfg.eft_close)
+    avoid = {r["prompt"] for r in read_jsonl(ift)}
+    write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid, kinds))
+
+    clock.banner("M0 (the shipped one, or tokenizer + pretraining on web text, cached)")
+    t = time.perf_counter()
+    m0 = m0_folder(cfg.m0, cache, cfg.rebuild_m0, cfg.nproc, thr)
+    clock.stage("m0", time.perf_counter() - t)
+
+    evaluate("M0", str(m0))
+
+    clock.banner("seeds (IFT + EFT) and M1 = train/sft.py on them")
+    t = time.perf_counter()
+    if not (m1 / "config.json").exists():
+        from selfreward.train.sft import SFTConfig
+        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)], output=str(run_dir / "sft"), export=str(m1),
+                          max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
+                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=10**6, threads=thr),
+                cfg.nproc)
+    clock.stage("sft", time.perf_counter() - t)
+
     clock.banner(f"self-rewarding loop: {cfg.iterations} iterations of {cfg.n_prompts} prompts x "
                  f"{cfg.n_candidates} candidates x {cfg.judge_k} judgments, then DPO")
     t = time.perf_counter()
