@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
-            if p.exists() and p.stat().st_size == 0:
-                p.unlink()             # a run that wrote nothing leaves nothing
-        if lock is not None:
+        if lock is not None:           # only the lock's holder tidies: a refused second run leaves the files alone
+            for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
+                if p.exists() and p.stat().st_size == 0:
+                    p.unlink()         # a run that wrote nothing leaves nothing
             lock.__exit__(None, None, None)
         if dist is not None:
             dist.destroy_process_group()
