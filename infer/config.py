@@ -41,6 +41,22 @@ class EngineConfig:
             raise DataError(f"engine num_blocks must be >= 0, got {self.num_blocks}")
 
 
+def add_engine_flags(p) -> set[str]:
+    """--engine-device, --engine-dtype, ... (every EngineConfig field but tensor_parallel) on argparse parser
+    `p`, for a command that takes no config dataclass of its own -> the dests, for `engine_from_flags`."""
+    from selfreward import cli
+    return cli.add_flags(p, EngineConfig, prefix="engine.", skip={"": {"tensor_parallel"}})
+
+
+def engine_from_flags(ns, dests: set[str]) -> EngineConfig:
+    """The EngineConfig the parsed flags give (defaults for those not given), checked."""
+    from selfreward import cli
+    cfg = cli.from_dict(EngineConfig, {k.split(".", 1)[1]: getattr(ns, k) for k in dests
+                                       if getattr(ns, k) is not None}, "flags")
+    cfg.check()
+    return cfg
+
+
 def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     """(device, dtype) the engine runs with: the configured ones, else CUDA/bf16 where available."""
     cfg.check()

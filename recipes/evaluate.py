@@ -195,15 +195,19 @@ def main(argv: list[str] | None = None) -> dict:
     rw.add_argument("--model", required=True, help="the reward model, labeller or judge checkpoint")
     rw.add_argument("--groups", required=True)
     rw.add_argument("--limit", type=int)
+    from selfreward.infer.config import add_engine_flags, engine_from_flags, resolve_device
     for p in (rm, hh, rw):
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
+        engine_dests = add_engine_flags(p)
     a = ap.parse_args(argv)
+    ecfg = engine_from_flags(a, engine_dests)
+    device, dtype = resolve_device(ecfg)     # a bad engine flag stops here, before any work
     _check_flags(a)
     if a.cmd == "reward":
         from selfreward.recipes.reward import load_reward
-        res = reward_eval(load_reward(a.kind, a.model), load_groups(a.groups)[:a.limit],
-                          None if a.kind == "rm" else 1.0)
+        res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
+                          load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
         res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
         m = res["metrics"]
         print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                           template=a.judge_template or "default", expected=a.expected)
-        engine, tok = _load(a.judge)
+        engine, tok = _load(a.judge, ecfg)
         check_fits(engine, tok, cfg)
         res = rm_eval(engine, tok, groups, cfg, progress=True)
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
@@ -228,14 +232,15 @@ def main(argv: list[str] | None = None) -> dict:
                 raise DataError(f"{a.pair_template}: pair template lacks placeholder {slot}")
         outs = []
         for path in (a.a, a.b):
-            eng, tok = _load(path)
+            eng, tok = _load(path, ecfg)
             outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed))
             del eng
-        jeng, jtok = _load(a.judge)
+        jeng, jtok = _load(a.judge, ecfg)
         res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens, a.seed)
         res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
               f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
+    res["settings"].update(device=device, dtype=str(dtype).removeprefix("torch."))
     write_json(a.out, res)
     return res
 

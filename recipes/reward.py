@@ -104,11 +104,16 @@ class CheckerReward:
         return out
 
 
-def load_reward(kind: str, path: str | Path | None = None, template=None, device="cpu",
-                dtype=torch.float32) -> Callable[[list[str], list[str]], list[float]]:
+def load_reward(kind: str, path: str | Path | None = None, template=None, device: str | None = None,
+                dtype: torch.dtype | None = None) -> Callable[[list[str], list[str]], list[float]]:
     """A reward function of `kind` (one of KINDS) from the checkpoint at `path` (none for the checker).
     `template`: for "direct" a recipes.rlaif.ScoreTemplate (or a JSON file), for "judge" a rubric (file,
-    built-in name or text)."""
+    built-in name or text). `device` / `dtype` None: the engine's default (infer.config.resolve_device:
+    CUDA + bf16 where there is one, else CPU fp32)."""
+    if device is None or dtype is None:
+        from selfreward.infer.config import EngineConfig, resolve_device
+        d, t = resolve_device(EngineConfig())
+        device, dtype = device or d, dtype or t
     if kind not in KINDS:
         raise ValueError(f"reward kind {kind!r}: choose one of {', '.join(KINDS)}")
     if kind == "checker":

@@ -112,9 +112,13 @@ class LabelConfig:
     template: LabelTemplate = None    # None = LabelTemplate()
 
 
-def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig | None = None) -> dict:
+def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig | None = None,
+                index: list[int] | None = None) -> dict:
     """items: (context, response_1, response_2). -> {"records": per item {label [p1, p2], p_first (in the
-    given order), p_first_swapped, rationales?}, "prefill": counters, "prompts_cut": n}."""
+    given order), p_first_swapped, prompts_cut (0-2: of its two orders' prompts), rationales?}, "prefill": counters, "prompts_cut": n,
+    "prompt_tokens": per item, both orders}. `index`: each item's place in the whole job (default 0..n-1):
+    a rationale's sampling seed is seed + 2 * index (+ 1 for the swapped order), so a job cut into chunks,
+    or resumed, samples what one call over every item would."""
     from selfreward.infer.sequence import SamplingParams
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
@@ -129,8 +133,10 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     texts = [t.ending] * len(base)
     rationales = None
     if cfg.cot:
-        ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=cfg.seed + i,
-                             stop=[t.ending]) for i in range(len(base))]
+        index = list(range(len(items))) if index is None else list(index)
+        seeds = [cfg.seed + 2 * j for j in index] + [cfg.seed + 2 * j + 1 for j in index]
+        ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=sd,
+                             stop=[t.ending]) for sd in seeds]
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
         texts = [f"{r} {t.ending}" if r else t.ending for r in rationales]
     heads = [forced_options(tok, x, ["1", "2"]) for x in texts]
@@ -147,11 +153,13 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     for i in range(n):
         p_first, p_first_sw = probs[i][0], probs[n + i][0]
         p1 = (p_first + (1 - p_first_sw)) / 2          # response 1 first, then response 1 second
-        rec = {"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw}
+        rec = {"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
+               "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1])}
         if rationales is not None:
             rec["rationales"] = [rationales[i], rationales[n + i]]
         records.append(rec)
-    return {"records": records, "prefill": meter.read(), "prompts_cut": sum(f[1] for f in fitted)}
+    return {"records": records, "prefill": meter.read(), "prompts_cut": sum(f[1] for f in fitted),
+            "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 
 
 def position_bias(records: list[dict]) -> dict:
@@ -200,18 +208,43 @@ def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
     return out[:limit]
 
 
+def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
+    """--pairs JSONL -> the first `limit` pairs, each checked (file:line and field named); a pair without an
+    `id` gets its 0-based place in the file, and ids must be unique (they key the resumable output)."""
+    from selfreward.records import field, iter_jsonl
+    pairs, seen = [], {}
+    for i, r in iter_jsonl(path):
+        for k in ("prompt", "response_1", "response_2"):
+            field(r, k, f"{path}:{i}")
+        if "id" in r and (isinstance(r["id"], bool) or not isinstance(r["id"], (str, int))):
+            raise DataError(f"{path}:{i}: field 'id': not a string / integer")
+        r.setdefault("id", len(pairs))
+        k = json.dumps(r["id"])
+        if k in seen:
+            raise DataError(f"{path}:{i}: field 'id': duplicate {r['id']!r} (first on line {seen[k]})")
+        seen[k] = i
+        pairs.append(r)
+    return pairs[:limit]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
-    [--cot] [--template T.json] [--limit N]: soft labels in both orders (records + `label`, `p_first`, ...),
-    a summary JSON beside the output (position bias, prefill saved, agreement with human ranks if given)."""
+    [--cot] [--template T.json] [--limit N] [--engine-device cuda --engine-dtype bfloat16 ...]: soft labels in
+    both orders (records + `label`, `p_first`, ...), a summary JSON beside the output (position bias, prefill
+    saved, agreement with human ranks if given). OUT is claimed as sample.py's output is: a lock (a second
+    writer is refused), a record of what made it (OUT.meta.json: a rerun with another labeller, input or
+    setting is refused without --overwrite), and resumable work (a pair's label reaches OUT.partial when its
+    chunk is done; a killed run's rerun labels only the pairs not yet there)."""
     import argparse
-    import sys
-    from selfreward.records import field, iter_jsonl, nonempty, write_json, write_jsonl
+    from selfreward import cli
+    from selfreward.infer.config import add_engine_flags, engine_from_flags, load_engine, resolve_device
+    from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
+    from selfreward.records import nonempty, partial_path, read_jsonl, run_units, write_json
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="JSONL with prompt, response_1, response_2")
+    src.add_argument("--pairs", help="JSONL with prompt, response_1, response_2 (and an optional id)")
     src.add_argument("--groups", help="human-ranked groups JSONL (recipes.oasst groups_*.jsonl)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--cot", action="store_true")
@@ -219,38 +252,69 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--template", help="JSON file with LabelTemplate fields")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=64, help="pairs per engine call; each pair's label is "
+                    "flushed to OUT.partial once its chunk is done, so a killed run loses at most a chunk")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over when OUT (or its .partial) was made with another labeller, input or settings")
+    engine_dests = add_engine_flags(ap)
     a = ap.parse_args(argv)
-    try:
-        t = load_template(LabelTemplate, a.template)
-        if a.groups:
-            from selfreward.recipes.evaluate import load_groups
-            pairs = group_pairs(load_groups(a.groups), a.limit)
-        else:
-            pairs = []
-            for i, r in iter_jsonl(a.pairs):
-                for k in ("prompt", "response_1", "response_2"):
-                    field(r, k, f"{a.pairs}:{i}")
-                pairs.append(r)
-            pairs = pairs[:a.limit]
-        nonempty(pairs, a.pairs or a.groups, "pairs")
-        from selfreward.provenance import check_not_input
-        check_not_input([a.pairs or a.groups], [a.out, str(a.out) + ".summary.json"])
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from selfreward.infer.engine import Engine
-    from selfreward.model.tokenizer import Tokenizer
-    engine, tok = Engine.from_pretrained(a.labeller), Tokenizer.load(a.labeller)
+    for flag, lo in (("limit", 1), ("cot_max_tokens", 1), ("chunk", 1)):
+        v = getattr(a, flag)
+        if v is not None and v < lo:
+            raise cli.ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
+    ecfg = engine_from_flags(a, engine_dests)
+    _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
+    t = load_template(LabelTemplate, a.template)
+    if a.groups:
+        from selfreward.recipes.evaluate import load_groups
+        pairs = group_pairs(load_groups(a.groups), a.limit)
+    else:
+        pairs = read_pairs(a.pairs, a.limit)
+    source = a.pairs or a.groups
+    nonempty(pairs, source, "pairs")
+    out, summary_path = Path(a.out), Path(str(a.out) + ".summary.json")
+    check_not_input([source], [out, summary_path])
+    if not Path(a.labeller).is_dir():
+        raise DataError(f"--labeller {a.labeller}: not a checkpoint folder")
     cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
-    res = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for p in pairs], cfg)
-    recs = [dict(p, **r) for p, r in zip(pairs, res["records"])]
-    write_jsonl(a.out, recs)
+    made = {"labeller_fingerprint": model_fingerprint(a.labeller), "input_hash": file_hash(source),
+            "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": settings(cfg),
+            "template": asdict(t), "dtype": str(dtype).removeprefix("torch.")}
+
+    def clear() -> None:
+        for p in (out, partial_path(out), summary_path):
+            p.unlink(missing_ok=True)
+    state: dict = {}
+
+    def work(batch, emit) -> None:
+        if "engine" not in state:            # loaded only when a pair is left to label
+            state["engine"] = load_engine(a.labeller, ecfg)
+            state["meter"] = PrefillMeter(state["engine"])
+        engine = state["engine"]
+        res = soft_labels(engine, engine.tokenizer, [(p["prompt"], p["response_1"], p["response_2"])
+                                                     for _, p in batch], cfg, index=[i for i, _ in batch])
+        state["labelled"] = state.get("labelled", 0) + len(batch)
+        for (i, p), r, n in zip(batch, res["records"], res["prompt_tokens"]):
+            emit(i, [dict(p, **r)], n)
+    with claim(out, made, [source], a.overwrite, clear=clear):
+        if out.exists():                     # complete: its pairs must be this input's (an adopted old file)
+            keys = {json.dumps(p["id"]) for p in pairs}
+            for i, r in enumerate(read_jsonl(out), 1):
+                if json.dumps(r.get("id")) not in keys:
+                    raise DataError(f"{out}:{i}: field 'id': {r.get('id')!r} is no pair of {source} (an output "
+                                    f"of another input or an earlier version); pass --overwrite to label anew")
+        run_units(out, pairs, 1, lambda r: json.dumps(r["id"]), work, chunk=a.chunk, progress="rlaif label",
+                  unit="pairs")
+    recs = read_jsonl(out)
     human = [r for r in recs if "human_ranks" in r]
-    summary = {"pairs": len(recs), "position_bias": position_bias(res["records"]), "prefill": res["prefill"],
-               "prompts_cut": res["prompts_cut"], "settings": settings(cfg), "labeller": a.labeller,
+    summary = {"pairs": len(recs), "position_bias": position_bias(recs),
+               "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
+               "labeller": a.labeller, "dtype": made["dtype"],
+               "labelled_by_this_run": state.get("labelled", 0),
+               "prefill": state["meter"].read() if "meter" in state else None,
                "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
                                       for r in human) / len(human) if human else None}
-    write_json(str(a.out) + ".summary.json", summary)
+    write_json(summary_path, summary)
     print(json.dumps(summary, indent=1))
     return summary
 

@@ -38,3 +38,29 @@ def test_checker_reward():
         r(["Write a poem."], ["ok"])
     with pytest.raises(ValueError, match="choose one of"):
         load_reward("nope")
+
+
+def test_device_and_dtype_come_from_the_engine_config(tmp_path, monkeypatch):
+    """load_reward's default is the engine's (CUDA + bf16 where there is one), not a fixed CPU; `evaluate
+    reward --engine-dtype` reaches the reward model."""
+    from selfreward.infer import config
+    from selfreward.model.reward_model import load_reward_model, save_reward_model
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes import reward
+    from selfreward.recipes.evaluate import main as evaluate
+    d = tiny_chat_model(tmp_path / "m")
+    m = load_reward_model(d, seed=1)
+    save_reward_model(m, m.cfg, tmp_path / "rm", Tokenizer.load(d).pad_id, tokenizer_dir=d)
+    real = config.resolve_device
+    monkeypatch.setattr(config, "resolve_device", lambda cfg: ("cpu", torch.float16))   # as a GPU node's default
+    assert next(reward.load_reward("rm", tmp_path / "rm").model.parameters()).dtype == torch.float16
+    monkeypatch.setattr(config, "resolve_device", real)
+    got, real_load = [], reward.load_reward
+    monkeypatch.setattr(reward, "load_reward", lambda *a, **kw: got.append(kw) or real_load(*a, **kw))
+    groups = tmp_path / "g.jsonl"
+    groups.write_text('{"id": "g", "prompt": "Name a red fruit.", "replies": [{"text": "An apple.", "rank": 0}, '
+                      '{"text": "Blue.", "rank": 1}]}\n')
+    res = evaluate(["reward", "--kind", "rm", "--model", str(tmp_path / "rm"), "--groups", str(groups),
+                    "--out", str(tmp_path / "r.json"), "--engine-device", "cpu", "--engine-dtype", "bfloat16"])
+    assert got == [{"device": "cpu", "dtype": torch.bfloat16}]
+    assert (res["settings"]["device"], res["settings"]["dtype"]) == ("cpu", "bfloat16")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from selfreward.records import DataError
 from tests.recipes_tiny import tiny_chat_model
 
 ITEMS = [("Name a fruit that is red.", "An apple.", "The sky is blue."),
@@ -175,3 +176,132 @@ def test_label_cli_bad_input_names_the_line(tmp_path):
                         "--pairs", str(bad), "--template", str(t), "--out", str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "t.json: field 'sample' lacks placeholder {context}" in r.stderr
+
+
+# ---- the label CLI: the house's output rules (lock, record, resume) and the engine from flags ----------
+
+def _pairs_file(path, n=7):
+    import json
+    rows = [{"prompt": f"Question {i}: {ITEMS[i % 3][0]}", "response_1": ITEMS[i % 3][1] * (1 + i % 2),
+             "response_2": ITEMS[i % 3][2]} for i in range(n)]
+    rows[2]["id"] = "two"                       # an id given is kept; the others get their place in the file
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+@pytest.fixture(scope="module")
+def label_world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rlaif_cli")
+    return d, tiny_chat_model(d / "m"), _pairs_file(d / "pairs.jsonl")
+
+
+def _label(d, m, pairs, out, *extra):
+    from selfreward.recipes import rlaif
+    return rlaif.main(["label", "--labeller", str(m), "--pairs", str(pairs), "--out", str(out), "--chunk", "3",
+                       *map(str, extra)])
+
+
+def test_label_cli_equals_one_call_over_every_pair(label_world, tiny):
+    from selfreward.recipes.rlaif import LabelConfig, soft_labels
+    from selfreward.records import read_jsonl
+    d, m, (pairs, rows) = label_world
+    out = d / "all.jsonl"
+    s = _label(d, m, pairs, out, "--cot", "--cot-max-tokens", "6")
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [0, 1, "two", 3, 4, 5, 6]
+    assert [{k: r[k] for k in ("prompt", "response_1", "response_2")} for r in got] == \
+        [{k: r[k] for k in ("prompt", "response_1", "response_2")} for r in rows]
+    # the reference: soft_labels over all pairs at once, on an engine of its own (the CLI ran in chunks of 3)
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    ref = soft_labels(Engine.from_pretrained(str(m)), Tokenizer.load(m),
+                      [(r["prompt"], r["response_1"], r["response_2"]) for r in rows],
+                      LabelConfig(cot=True, cot_max_tokens=6))["records"]
+    for r, w in zip(got, ref):
+        assert r["label"][0] == pytest.approx(w["label"][0], abs=1e-5)
+        assert r["p_first_swapped"] == pytest.approx(w["p_first_swapped"], abs=1e-5)
+        assert r["rationales"] == w["rationales"]
+    assert s["pairs"] == 7 and s["labelled_by_this_run"] == 7 and s["dtype"] == "float32"
+
+
+def test_label_cli_resumes_after_a_failed_write_and_refuses_a_mismatch(label_world, monkeypatch):
+    import json
+    from selfreward import records
+    from selfreward.records import read_jsonl
+    d, m, (pairs, _) = label_world
+    straight, cut = d / "straight.jsonl", d / "cut.jsonl"
+    _label(d, m, pairs, straight)
+    real, calls = records._write_all, []
+
+    def fail_fourth(fd, data):             # one append per pair: the second chunk's first fails (a full disk)
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(records, "_write_all", fail_fourth)
+    with pytest.raises(OSError):
+        _label(d, m, pairs, cut)
+    monkeypatch.setattr(records, "_write_all", real)
+    assert not cut.exists() and len(records.read_partial(cut)) == 3     # the first chunk of 3 pairs kept
+    s = _label(d, m, pairs, cut)
+    assert s["labelled_by_this_run"] == 4                                # only the pairs not yet labelled
+    a, b = read_jsonl(cut), read_jsonl(straight)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert all(x["label"][0] == pytest.approx(y["label"][0], abs=1e-5) for x, y in zip(a, b))
+    assert json.loads((d / "cut.jsonl.summary.json").read_text())["pairs"] == 7
+    # another setting or labeller: refused (exit 2 through run_main), the output left as it was
+    before = cut.read_bytes()
+    with pytest.raises(DataError, match=r"settings.seed: 0 -> 1"):
+        _label(d, m, pairs, cut, "--seed", "1")
+    other = tiny_chat_model(d / "m2", seed=1)
+    with pytest.raises(DataError, match="labeller_fingerprint"):
+        _label(d, other, pairs, cut)
+    assert cut.read_bytes() == before
+    s = _label(d, other, pairs, cut, "--overwrite")
+    assert s["labelled_by_this_run"] == 7 and cut.read_bytes() != before
+
+
+def test_label_cli_second_writer_is_refused_and_leaves_the_files(label_world):
+    from selfreward.provenance import OutputLock
+    d, m, (pairs, _) = label_world
+    out = d / "locked.jsonl"
+    with OutputLock(out):
+        out.with_name("locked.jsonl.partial").write_bytes(b"")
+        with pytest.raises(DataError, match="another run"):
+            _label(d, m, pairs, out)
+        assert out.with_name("locked.jsonl.partial").exists() and not out.exists()
+
+
+def test_label_cli_engine_flags_reach_the_engine(label_world, monkeypatch):
+    import torch
+    from selfreward.infer import config
+    d, m, (pairs, _) = label_world
+    seen, real = [], config.load_engine
+
+    def spy(path, cfg=None):
+        seen.append(cfg)
+        eng = real(path, cfg)
+        seen.append(eng)
+        return eng
+    monkeypatch.setattr(config, "load_engine", spy)
+    s = _label(d, m, pairs, d / "bf16.jsonl", "--engine-device", "cpu", "--engine-dtype", "bfloat16",
+               "--engine-max-num-seqs", "5")
+    cfg, eng = seen
+    assert (cfg.device, cfg.dtype, cfg.max_num_seqs) == ("cpu", "bfloat16", 5)
+    assert eng.runner.dtype == torch.bfloat16 and s["dtype"] == "bfloat16"
+    seen.clear()
+    _label(d, m, pairs, d / "auto.jsonl")
+    assert seen[0].device == "" and seen[0].dtype == ""    # the default: CUDA + bf16 where there is one
+
+
+def test_label_cli_bad_flags_and_ids(label_world, tmp_path):
+    from selfreward.cli import ConfigError
+    d, m, (pairs, _) = label_world
+    with pytest.raises(ConfigError, match="--chunk 0: must be >= 1"):
+        _label(d, m, pairs, tmp_path / "x.jsonl", "--chunk", "0")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": 1, "prompt": "a", "response_1": "b", "response_2": "c"}\n'
+                   '{"prompt": "a", "response_1": "b", "response_2": "c"}\n')   # gets id 1: a clash
+    with pytest.raises(DataError, match=r"dup.jsonl:2: field 'id': duplicate 1 \(first on line 1\)"):
+        _label(d, m, dup, tmp_path / "x.jsonl")
+    assert not list(tmp_path.glob("x.jsonl*"))

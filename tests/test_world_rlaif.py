@@ -38,12 +38,21 @@ def test_pref_seed_labels_follow_the_checker():
     assert decided > 100 and 60 < cot < 140
 
 
-def test_world_rlaif_smoke(tmp_path):
+def test_world_rlaif_smoke(tmp_path, monkeypatch):
     import torch
     import transformers
+    from selfreward.infer import config
     from selfreward.recipes.world import demo
     run = tmp_path / "run"
-    s = demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache")] + SMOKE)
+    seen, real = [], config.load_engine
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: seen.append(cfg) or real(path, cfg))
+    s = demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache"),
+                   "--engine-device", "cpu", "--engine-max-num-seqs", "7"] + SMOKE)
+    # the engine flags reach M1's sampler / labeller and every RL run's sampler (at most 128 sequences there)
+    assert (seen[0].device, seen[0].max_num_seqs) == ("cpu", 7)
+    for src in ("checker", "rm", "direct"):
+        e = json.loads((run / "rl" / src / "run.json").read_text())["made_by"]["engine"]
+        assert (e["device"], e["max_num_seqs"]) == ("cpu", 128)
     on_disk = json.loads((run / "summary.json").read_text())
     for k in ("label_agreement", "position_bias_one_order", "position_bias_both_orders", "rm_pairwise"):
         assert k in on_disk

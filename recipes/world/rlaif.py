@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfreward.infer.config import EngineConfig
 from selfreward.recipes.world.build import WorldModelConfig
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
@@ -68,6 +69,7 @@ class RLAIFWorldConfig:
     n_control: int = 200              # held-out right-vs-one-edit pairs labelled as a control (seed-like)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
     rl: WorldRLConfig = field(default_factory=WorldRLConfig)          # part 2, RL from M1; --rl-*
+    engine: EngineConfig = field(default_factory=EngineConfig)       # M1's sampler and labeller, and RL's; --engine-*
 
 
 def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dict]:
@@ -135,8 +137,7 @@ def seedlike_pairs(n: int, seed: int, mc: WorldModelConfig) -> list[dict]:
 def run(cfg: RLAIFWorldConfig) -> dict:
     import torch
 
-    from selfreward.infer.engine import Engine
-    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.infer.config import load_engine
     from selfreward.records import read_jsonl, write_json, write_jsonl
     from selfreward.recipes.world.build import m0_folder, run_sft, write_seeds
     from selfreward.recipes.world.data import loop_prompts
@@ -169,7 +170,8 @@ def run(cfg: RLAIFWorldConfig) -> dict:
                           log_every=50, threads=cfg.threads), cfg.nproc)
     stage("sft", t)
 
-    engine, tok = Engine.from_pretrained(str(m1)), Tokenizer.load(m1)
+    engine = load_engine(m1, cfg.engine)      # CUDA + bf16 where there is one, unless --engine-device says
+    tok = engine.tokenizer
     pairs_path = run_dir / "pairs.jsonl"
     t = time.perf_counter()
     if not pairs_path.exists():
@@ -204,7 +206,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     rl = {"rows": [], "sync_share": None}
     if cfg.rl.sources and cfg.rl.steps > 0:
         rl = rl_stage(run_dir, m1, Path(rm["model"]), {r["prompt"] for r in read_jsonl(ift)}, cfg.seed,
-                      mc.kind_tuple(), cfg.rl, cfg.threads, cfg.nproc)
+                      mc.kind_tuple(), cfg.rl, cfg.threads, cfg.nproc, cfg.engine)
     png = plot(rl, run_dir / f"{cfg.rl.dir}_curves.png") if rl["rows"] else None
     stage("rl", t)
 

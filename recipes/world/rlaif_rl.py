@@ -54,8 +54,10 @@ def score_template(path: Path) -> Path:
 
 
 def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kinds, rc: WorldRLConfig,
-             threads: int, nproc: int) -> dict:
-    """train/rl.py from M1 for each source -> {"rows", "sync_share", "runs"}."""
+             threads: int, nproc: int, engine=None) -> dict:
+    """train/rl.py from M1 for each source -> {"rows", "sync_share", "runs"}. `engine`: the world's
+    EngineConfig (device, dtype, ...); the RL sampler decodes at most 128 sequences together."""
+    import dataclasses
     from selfreward.cli import launch
     from selfreward.infer.config import EngineConfig
     from selfreward.records import write_jsonl
@@ -78,7 +80,7 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
                        lr=rc.lr, final_lr=rc.lr / 10, warmup_steps=0, beta=rc.beta, temperature=rc.temperature,
                        max_new_tokens=rc.max_tokens, probe_data=str(probes), probe_every=rc.probe_every,
                        seed=seed, resume=True, log_every=10, threads=threads,
-                       engine=EngineConfig(device="cpu", max_num_seqs=128))
+                       engine=dataclasses.replace(engine or EngineConfig(), max_num_seqs=128))
         if not (out / "model" / "config.json").exists():
             print(f"[rlaif] RL from M1 against {src}: {rc.steps} steps of {rc.batch} prompts x {rc.num_samples}",
                   flush=True)
