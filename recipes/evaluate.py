@@ -12,6 +12,7 @@ Metric definitions: recipes/metrics.py. The head-to-head judge sees a pairwise t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -72,11 +73,17 @@ def load_groups(path: str | Path) -> list[dict]:
     return out
 
 
-def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
+def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False,
+            store: str | Path | None = None, chunk: int = 64) -> dict:
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
-    compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}."""
+    compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}.
+    `store`: a JSONL file the judgments are kept in, `chunk` replies at a time, each reply's as soon as its
+    chunk is done (selfreward.records.run_units), so a killed run's rerun judges only the replies not yet
+    there; reply j is judged from seed + j * K either way."""
     items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
-    res = judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k for j in range(len(items))], progress)
+    seeds = [cfg.seed + j * cfg.k for j in range(len(items))]
+    res = judge_items(engine, tok, items, cfg, seeds, progress) if store is None else \
+        _stored_judgments(engine, tok, items, cfg, seeds, Path(store), chunk, progress)
     judged = [r.samples for r in res]
     exp = [(r.expected,) for r in res] if cfg.expected else None
     records, sampled_groups, expected_groups, pos = [], [], [], 0
@@ -100,6 +107,26 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
            "judgments": sum(len(j) for j in judged), "prompts_cut": sum(r.prompt_cut for r in res), "parse_failures": sum(s is None for j in judged for _, s in j),
            "records": records}
     return out
+
+
+def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], store: Path, chunk: int,
+                      progress: bool) -> list:
+    from selfreward.recipes.judge import Judged
+    from selfreward.records import read_jsonl, run_units
+
+    def work(batch, emit) -> None:
+        js, gen = [j for j, _ in batch], engine.stats["generated"]
+        got = judge_items(engine, tok, [items[j] for j in js], cfg, [seeds[j] for j in js])
+        per = (engine.stats["generated"] - gen) // max(1, len(js))
+        for j, r in zip(js, got):
+            emit(j, [{"j": j, "samples": [list(x) for x in r.samples], "prompt_cut": r.prompt_cut,
+                      "expected": r.expected}], per)
+    run_units(store, [{"j": j} for j in range(len(items))], 1, lambda r: r["j"], work, chunk=chunk,
+              progress="evaluate rm" if progress else "", unit="replies")
+    recs = read_jsonl(store)
+    if [r["j"] for r in recs] != list(range(len(items))):
+        raise DataError(f"{store}: holds judgments of other replies; pass --overwrite to judge anew")
+    return [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"]) for r in recs]
 
 
 def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
@@ -196,33 +223,55 @@ def main(argv: list[str] | None = None) -> dict:
     rw.add_argument("--groups", required=True)
     rw.add_argument("--limit", type=int)
     from selfreward.infer.config import add_engine_flags, engine_from_flags, resolve_device
+    rm.add_argument("--chunk", type=int, default=64, help="replies judged per engine call; each reply's "
+                    "judgments reach OUT.judgments.jsonl.partial once its chunk is done (a killed run resumes)")
     for p in (rm, hh, rw):
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over when OUT was made with another model, input or settings")
         engine_dests = add_engine_flags(p)
     a = ap.parse_args(argv)
     ecfg = engine_from_flags(a, engine_dests)
     device, dtype = resolve_device(ecfg)     # a bad engine flag stops here, before any work
     _check_flags(a)
+    from selfreward.provenance import claim, file_hash, model_fingerprint
+    from selfreward.records import partial_path
+    out = Path(a.out)
+    made = {"cmd": a.cmd, "seed": a.seed, "dtype": str(dtype).removeprefix("torch."), "limit": a.limit}
     if a.cmd == "reward":
         from selfreward.recipes.reward import load_reward
-        res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
-                          load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
-        res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
-        m = res["metrics"]
-        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
-            f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau"))
-            + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
+        made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
+        with claim(out, made, [a.groups], a.overwrite, clear=lambda: out.unlink(missing_ok=True)):
+            res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
+                              load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
+            res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
+            m = res["metrics"]
+            print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
+                f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman",
+                                              "kendall_tau")) + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
+            _finish(res, out, device, dtype)
     elif a.cmd == "rm":
         groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
         cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                           template=a.judge_template or "default", expected=a.expected)
-        engine, tok = _load(a.judge, ecfg)
-        check_fits(engine, tok, cfg)
-        res = rm_eval(engine, tok, groups, cfg, progress=True)
-        res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
-                           "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
-        print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
+        made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), k=a.k,
+                    temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, expected=a.expected,
+                    rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
+        store = judgments_path(out)      # the resumable judgments: the claimed output, its record beside it
+
+        def clear() -> None:
+            for f in (store, partial_path(store), out):
+                f.unlink(missing_ok=True)
+        inputs = [a.groups] + ([a.judge_template] if a.judge_template and Path(a.judge_template).is_file() else [])
+        with claim(store, made, inputs, a.overwrite, clear=clear):
+            engine, tok = _load(a.judge, ecfg)
+            check_fits(engine, tok, cfg)
+            res = rm_eval(engine, tok, groups, cfg, progress=True, store=store, chunk=a.chunk)
+            res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
+                               "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
+            print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
+            _finish(res, out, device, dtype)
     else:
         prompts = nonempty([field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit],
                            a.prompts, "prompts")
@@ -230,25 +279,43 @@ def main(argv: list[str] | None = None) -> dict:
         for slot in ("{instruction}", "{response_1}", "{response_2}"):
             if slot not in tmpl:
                 raise DataError(f"{a.pair_template}: pair template lacks placeholder {slot}")
-        outs = []
-        for path in (a.a, a.b):
-            eng, tok = _load(path, ecfg)
-            outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed))
-            del eng
-        jeng, jtok = _load(a.judge, ecfg)
-        res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens, a.seed)
-        res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
-        print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
-              f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
-    res["settings"].update(device=device, dtype=str(dtype).removeprefix("torch."))
-    write_json(a.out, res)
+        made.update(a_fingerprint=model_fingerprint(a.a), b_fingerprint=model_fingerprint(a.b),
+                    judge_fingerprint=model_fingerprint(a.judge), prompts_hash=file_hash(a.prompts),
+                    template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
+                    top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
+        inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
+        with claim(out, made, inputs, a.overwrite, clear=lambda: out.unlink(missing_ok=True)):
+            outs = []
+            for path in (a.a, a.b):
+                eng, tok = _load(path, ecfg)
+                outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed))
+                del eng
+            jeng, jtok = _load(a.judge, ecfg)
+            res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens,
+                               a.seed)
+            res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
+            print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
+                  f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
+            _finish(res, out, device, dtype)
     return res
+
+
+def judgments_path(out: str | Path) -> Path:
+    """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
+    out = Path(out)
+    return out.with_name(out.name + ".judgments.jsonl")
+
+
+def _finish(res: dict, out: Path, device: str, dtype) -> None:
+    res["settings"].update(device=device, dtype=str(dtype).removeprefix("torch."))
+    write_json(out, res)
 
 
 def _check_flags(a) -> None:
     """Each flag checked before any work, the error naming it."""
     from selfreward.cli import ConfigError
-    for flag, lo in (("k", 1), ("limit", 1), ("max_tokens", 1), ("temperature", 0), ("judge_temperature", 0)):
+    for flag, lo in (("k", 1), ("limit", 1), ("max_tokens", 1), ("temperature", 0), ("judge_temperature", 0),
+                     ("chunk", 1)):
         v = getattr(a, flag, None)
         if v is not None and v < lo:
             raise ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")

@@ -26,6 +26,7 @@ class ScriptedEngine:
         self.tokenizer = tok                     # as Engine.tokenizer: the session hands it out
         self.eos = {tok.eos_id} if getattr(tok, "eos_id", None) is not None else set()
         self.calls: list[tuple[list[str], list[int | None], int]] = []
+        self.stats = {"prefill_computed": 0, "prefix_hit": 0, "generated": 0, "preempted": 0}   # Engine.stats
 
     def generate(self, prompts, params=None, n: int = 1, progress: bool = False, on_request=None):
         ps = params if isinstance(params, list) else [params] * len(prompts)

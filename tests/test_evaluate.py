@@ -162,3 +162,70 @@ def test_rm_command_scripted_judge_hand_computed(tmp_path, monkeypatch):
     assert e["pairwise_accuracy"] == pytest.approx(0.5) and e["exact_match"] == 0 and e["pairs_judge_tied"] == 0
     assert e["five_best"] == pytest.approx(1.0)
     assert e["spearman"] == pytest.approx(-0.25) and e["kendall_tau"] == pytest.approx(-1 / 3)
+
+
+def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
+    """`evaluate rm` keeps its judgments in OUT.judgments.jsonl (the output rules of docs/guarantees.md): a
+    run whose append failed resumes with only the replies not yet judged and ends at the uninterrupted
+    result; another setting is refused without --overwrite; a second writer is refused."""
+    from selfreward import records
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.provenance import OutputLock
+    from selfreward.recipes.evaluate import judgments_path, main as evaluate
+    from selfreward.records import DataError
+    from tests.conftest import TOKENIZER_DIR
+    from tests.scripted import ScriptedEngine
+    fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
+                          probs=lambda text: RM_SCRIPT[_which(text)][1])
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
+    gf = tmp_path / "groups.jsonl"
+    gf.write_text("".join(json.dumps(g) + "\n" for g in RM_GROUPS))
+    out = tmp_path / "rm.json"
+    args = ["rm", "--judge", str(TOKENIZER_DIR), "--groups", str(gf), "--k", "2", "--max-tokens", "8",
+            "--judge-template", "short", "--expected", "--chunk", "2", "--out", str(out)]
+    real, calls = records._write_all, []
+
+    def fail_fourth(fd, data):             # one append per reply: the second chunk's second fails
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(records, "_write_all", fail_fourth)
+    with pytest.raises(OSError):
+        evaluate(args)
+    monkeypatch.setattr(records, "_write_all", real)
+    store = judgments_path(out)
+    assert not out.exists() and len(records.read_partial(store)) == 3
+    fake.calls.clear()
+    res = evaluate(args)
+    assert sum(len(texts) for texts, _, _ in fake.calls) == 4     # the 4 replies left, nothing judged twice
+    assert [r["mean"] for r in res["records"]] == [4.5, 2, 2, 3, 4.5, 1, 5]     # the hand-worked result above
+    assert res["sampled"]["pairwise_accuracy"] == pytest.approx(0.75)
+    before = (store.read_bytes(), out.read_bytes())
+    with pytest.raises(DataError, match=r"seed: 0 -> 1"):
+        evaluate(args + ["--seed", "1"])
+    assert (store.read_bytes(), out.read_bytes()) == before
+    with OutputLock(store):
+        with pytest.raises(DataError, match="another run"):
+            evaluate(args)
+    assert (store.read_bytes(), out.read_bytes()) == before
+    assert evaluate(args + ["--seed", "1", "--overwrite"])["settings"]["seed"] == 1
+
+
+def test_reward_command_refuses_a_mismatched_rerun(tmp_path):
+    from selfreward.recipes.evaluate import main as evaluate
+    from selfreward.records import DataError
+    from tests.recipes_tiny import tiny_chat_model
+    m = tiny_chat_model(tmp_path / "m")
+    gf = tmp_path / "groups.jsonl"
+    gf.write_text("".join(json.dumps(g) + "\n" for g in RM_GROUPS))
+    out = tmp_path / "r.json"
+    args = ["reward", "--kind", "direct", "--model", str(m), "--groups", str(gf), "--out", str(out)]
+    first = evaluate(args)
+    assert evaluate(args)["metrics"] == first["metrics"]             # the same settings: rerun, same result
+    before = out.read_bytes()
+    with pytest.raises(DataError, match=r"limit: null -> 2"):
+        evaluate(args + ["--limit", "2"])
+    assert out.read_bytes() == before
+    assert evaluate(args + ["--limit", "2", "--overwrite"])["metrics"]["groups"] == 2
