@@ -51,3 +51,11 @@ def test_world_humpback_every_stage(tmp_path):
     # the plot is optional (the `plot` extra): drawn when matplotlib imports, else none and summary says so
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert (run / "curves.png").exists() == has_mpl and (s["plot"] is not None) == has_mpl
+    # a rerun with another setting is refused before it rewrites the seeds or reuses a stage
+    from selfreward.records import DataError
+    before = {p: p.read_bytes() for p in (run / "seed").iterdir()}
+    with pytest.raises(DataError, match=r"humpback_settings.json.*n_unlabelled: 30 -> 31"):
+        demo.main(["--method", "humpback", "--run-dir", str(run), "--cache-dir", str(cache), "--n-ift", "24",
+                   "--n-eft", "24", "--n-unlabelled", "31", "--sft-steps", "4", "--sft-batch", "8", "--n-eval", "8",
+                   "--n-judge", "2", "--curate-k", "2", "--threads", "1", *m0])
+    assert {p: p.read_bytes() for p in (run / "seed").iterdir()} == before

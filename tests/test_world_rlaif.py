@@ -70,6 +70,14 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
     assert all(0 <= r["greedy_acc"] <= 1 and 0 <= r["win_rate_vs_sft"] <= 1 for r in on_disk["rows"])
     assert 0 < on_disk["sync_share"] < 1
     assert [p["step"] for p in on_disk["rl_curves"]["rm"]["greedy_acc"]] == [0, 1, 2]
+    # M1, the pairs, the RM and the RL runs are reused on a rerun: one with another setting is refused at once
+    import pytest
+    from selfreward.records import DataError
+    before = (run / "summary.json").read_bytes()
+    with pytest.raises(DataError, match=r"rlaif_settings.json.*n_prompts: 40 -> 41"):
+        demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache")] + SMOKE
+                  + ["--n-prompts", "41"])
+    assert (run / "summary.json").read_bytes() == before
 
 
 def test_win_rate_counts_ties_half():

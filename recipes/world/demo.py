@@ -133,19 +133,20 @@ class Clock:
 _RESUMABLE = {"run_dir", "cache_dir", "threads", "nproc", "iterations", "controls", "rebuild_m0"}
 
 
-def check_run_folder(run_dir: Path, cfg: DemoConfig) -> None:
-    """RUN_DIR/demo_settings.json records the run's settings; a rerun whose settings differ is refused
-    (provenance.check_settings: DataError, exit 2): it would reuse seeds, M1 or iterations made otherwise."""
+def check_run_folder(run_dir: Path, cfg, name: str = "demo_settings.json", resumable: set[str] = _RESUMABLE) -> None:
+    """RUN_DIR/NAME records the run's settings (a DemoConfig, or another mode's config); a rerun whose settings
+    differ is refused (provenance.check_settings: DataError, exit 2): it would reuse seeds, M1 or iterations
+    made otherwise. `resumable`: the top-level fields a rerun may change."""
     from selfreward.provenance import check_settings
     from selfreward.recipes.loop_config import ENGINE_NOT_SHAPING
     from selfreward.records import DataError, read_json, write_json
-    path = run_dir / "demo_settings.json"
+    path = run_dir / name
     now = json.loads(json.dumps(cli.to_dict(cfg)))                    # tuples -> lists, as read back
     try:
         old = read_json(path)
     except ValueError as e:
         raise DataError(f"{path}: unreadable ({e}); remove it or use another --run-dir") from None
-    check_settings(path, old, now, {"": _RESUMABLE, "engine": ENGINE_NOT_SHAPING}, flag=None)
+    check_settings(path, old, now, {"": resumable, "engine": ENGINE_NOT_SHAPING}, flag=None)
     write_json(path, now)
 
 

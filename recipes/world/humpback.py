@@ -113,6 +113,11 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     if thr:
         import torch
         torch.set_num_threads(thr)
+    # the seeds are rewritten and the stages and controls skipped when present: before any of it, a rerun
+    # with other settings is refused
+    from selfreward.recipes.world.demo import check_run_folder
+    check_run_folder(run_dir, cfg, "humpback_settings.json", {"run_dir", "cache_dir", "threads", "nproc",
+                                                              "iterations"})
     m0 = m0_folder(cfg.m0, Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), False,
                    cfg.nproc, thr)
     seed_dir = run_dir / "seed"

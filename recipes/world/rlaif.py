@@ -150,10 +150,13 @@ def run(cfg: RLAIFWorldConfig) -> dict:
         stages[name] = round(time.perf_counter() - since, 1)
         print(f"[rlaif {time.perf_counter() - t0:6.1f}s] {name} done", flush=True)
 
+    from selfreward.recipes.world.demo import check_run_folder
     mc = cfg.m0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
+    # M1, the pairs, the RM and the RL runs are skipped when present: a rerun with other settings is refused
+    check_run_folder(run_dir, cfg, "rlaif_settings.json", {"run_dir", "cache_dir", "threads", "nproc"})
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     t = time.perf_counter()
     m0 = m0_folder(mc, cache, False, cfg.nproc, cfg.threads)
