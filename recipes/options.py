@@ -13,8 +13,11 @@ def forced_options(tok, text: str, options: list[str]) -> tuple[list[int], list[
     while all(len(e) > n for e in encs) and len({e[n] for e in encs}) == 1:
         n += 1
     tails = [e[n:] for e in encs]
-    if any(not t for t in tails):
-        raise ValueError(f"an option of {options} has no token of its own after {text!r}")
+    if any(not t for t in tails):   # e.g. a tokenizer that writes the options as one unknown token
+        from selfreward.recipes.judge import TemplateError
+        raise TemplateError(f"the labeller's tokenizer gives an option of {options} no token of its own after "
+                            f"{text!r} (the options read the same); use a checkpoint whose tokenizer writes them, "
+                            f"or a template whose ending they follow (--template)")
     return encs[0][:n], tails
 
 

@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_not_input([source], [out, summary_path])
     if not Path(a.labeller).is_dir():
         raise DataError(f"--labeller {a.labeller}: not a checkpoint folder")
+    from selfreward.model.tokenizer import Tokenizer
+    forced_options(Tokenizer.load(a.labeller), t.ending, ["1", "2"])   # the options readable, before any file
     cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
     made = {"labeller_fingerprint": model_fingerprint(a.labeller), "input_hash": file_hash(source),
             "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": settings(cfg),

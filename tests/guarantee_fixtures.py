@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.cli_harness import ROOT, SCRIPTS
+from tests.cli_harness import MODULES, ROOT, SCRIPTS
 from tests.test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
 
 
@@ -56,7 +56,8 @@ def dpo_args(w: dict, out: Path, *extra) -> list[str]:
 
 def start(name: str, argv: list[str]) -> subprocess.Popen:
     """The real command in its own process (for kills and for a second writer)."""
-    return subprocess.Popen([sys.executable, str(SCRIPTS[name]), *map(str, argv)], cwd=ROOT,
+    cmd = [str(SCRIPTS[name])] if name in SCRIPTS else ["-m", MODULES[name]]
+    return subprocess.Popen([sys.executable, *cmd, *map(str, argv)], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 

@@ -27,6 +27,7 @@ def _world(d):
     (d / "latin1.jsonl").write_bytes(b'{"id": 1, "prompt": "caf\xe9"}\n')
     (d / "a_file").write_text("not a folder")
     (d / "long_rubric.txt").write_text("Judge this. " * 400 + "{instruction} {response} Score: ")
+    (d / "lpairs.jsonl").write_text('{"prompt": "a", "response_1": "b", "response_2": "c"}\n')
     m = w["model"]
     for name, damage in (("trunc", "truncate"), ("shape", "shape"), ("cfg8", "config_bytes"), ("shard", "shard")):
         bad = d / f"bad_{name}"
@@ -133,6 +134,9 @@ CASES = [
                          w["dir"] / "l.jsonl", "--chunk", "0"], "--chunk 0: must be >= 1"),
     ("rlaif", lambda w: ["label", "--labeller", w["model"], "--groups", w["dir"] / "empty.jsonl", "--out",
                          w["dir"] / "l.jsonl", "--engine-dtype", "float64"], "engine dtype 'float64'"),
+    # the tests' tiny tokenizer writes "1" and "2" alike after the ending: refused before any output file
+    ("rlaif", lambda w: ["label", "--labeller", w["model"], "--pairs", w["dir"] / "lpairs.jsonl", "--out",
+                         w["dir"] / "l.jsonl"], "no token of its own after 'Preferred response:'"),
     ("evaluate", lambda w: ["reward", "--model", w["model"], "--groups", w["dir"] / "empty.jsonl",
                             "--out", w["dir"] / "r.json", "--engine-block-size", "0"], "engine block_size must be >= 1"),
     ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--base-model", w["model"], "--seed-data",
@@ -164,6 +168,9 @@ def test_flag_errors_come_before_any_output(w):
     for argv in (S("--top-p", "1.5", out="early.jsonl"), S("--n", "0", out="early.jsonl")):
         assert run_cli("sample", argv(w))[0] == 2
     assert not list(w["dir"].glob("early.jsonl*"))
+    assert run_cli("rlaif", ["label", "--labeller", w["model"], "--pairs", w["dir"] / "lpairs.jsonl", "--out",
+                             w["dir"] / "early_l.jsonl"])[0] == 2       # options the tokenizer cannot tell apart
+    assert not list(w["dir"].glob("early_l.jsonl*"))
     code, _ = run_cli("sft", T("--export", "a_file/model")(w))
     assert code == 2 and not (w["dir"] / "run_err" / "metrics.jsonl").exists()   # before the first step
     code, _ = run_cli("sample", S(model="bad_trunc", out="bad_model.jsonl")(w))
