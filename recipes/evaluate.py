@@ -162,17 +162,17 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,
-                       seed: int) -> list[str]:
+                       seed: int, progress: bool = False) -> list[str]:
     from selfreward.infer.sequence import SamplingParams
     ids = [chat_prompt_ids(tok, p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
           for i in range(len(ids))]
-    return [g[0].text for g in engine.generate(ids, ps, n=1)]
+    return [g[0].text for g in engine.generate(ids, ps, n=1, progress=progress)]
 
 
 def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str], resp_b: list[str],
                  template: str = PAIR_TEMPLATE, temperature: float = 0.0, max_tokens: int = 256,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, progress: bool = False) -> dict:
     """Judge each prompt's (A, B) pair in both orders; win only when both orders prefer A."""
     from selfreward.infer.sequence import SamplingParams
     budget = prompt_budget(judge_engine, max_tokens)
@@ -181,7 +181,7 @@ def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str],
               for first in (True, False) for p, a, b in zip(prompts, resp_a, resp_b)
               for x, y in [(a, b) if first else (b, a)]]
     ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(fitted))]
-    outs = judge_engine.generate([f[0] for f in fitted], ps, n=1)
+    outs = judge_engine.generate([f[0] for f in fitted], ps, n=1, progress=progress)
     n = len(prompts)
     verdicts = [parse_choice(g[0].text) for g in outs]
     records = [{"prompt": prompts[i], "a": resp_a[i], "b": resp_b[i], "a_first": verdicts[i],
@@ -288,11 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
             outs = []
             for path in (a.a, a.b):
                 eng, tok = _load(path, ecfg)
-                outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed))
+                outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed,
+                                               progress=True))
                 del eng
             jeng, jtok = _load(a.judge, ecfg)
             res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens,
-                               a.seed)
+                               a.seed, progress=True)
             res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
             print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
                   f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")

@@ -78,13 +78,15 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
 
     def answers(path: str) -> list[str]:
         engine, tok = session.get(str(path))
-        return generate_responses(engine, tok, prompts, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
+        return generate_responses(engine, tok, prompts, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed,
+                                  progress=True)
     ref = answers(reference)
     cand = [answers(c) for c in candidates]
     jeng, jtok = session.get(str(judge_model))
     scores = []
     for c, resp in zip(candidates, cand):
-        r = head_to_head(jeng, jtok, prompts, resp, ref, template, cfg.judge_temperature, cfg.max_tokens, cfg.seed)
+        r = head_to_head(jeng, jtok, prompts, resp, ref, template, cfg.judge_temperature, cfg.max_tokens, cfg.seed,
+                         progress=True)
         n = r["n"]
         scores.append({"candidate": str(c), "wins": round(r["win"] * n), "ties": round(r["tie"] * n),
                        "losses": round(r["loss"] * n), "win": r["win"], "tie": r["tie"], "loss": r["loss"],
