@@ -78,6 +78,13 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
         demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache")] + SMOKE
                   + ["--n-prompts", "41"])
     assert (run / "summary.json").read_bytes() == before
+    # the RL settings are checked per --rl-dir: another step count in the same one is refused, in another one runs
+    with pytest.raises(DataError, match=r"rl_settings.json.*steps: 2 -> 3"):
+        demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache")] + SMOKE
+                  + ["--rl-steps", "3", "--rl-sources", "checker"])
+    s3 = demo.main(["--method", "rlaif", "--run-dir", str(run), "--cache-dir", str(tmp_path / "cache")] + SMOKE
+                   + ["--rl-steps", "3", "--rl-sources", "checker", "--rl-dir", "rl3"])
+    assert [p["step"] for p in s3["rl_curves"]["checker"]["greedy_acc"]] == [0, 1, 2, 3]
 
 
 def test_win_rate_counts_ties_half():

@@ -155,8 +155,9 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    # M1, the pairs, the RM and the RL runs are skipped when present: a rerun with other settings is refused
-    check_run_folder(run_dir, cfg, "rlaif_settings.json", {"run_dir", "cache_dir", "threads", "nproc"})
+    # M1, the pairs and the RM are skipped when present: a rerun with other settings is refused (the RL
+    # settings are checked per --rl-dir, in rl_stage: another --rl-dir reuses M1 and the RM)
+    check_run_folder(run_dir, cfg, "rlaif_settings.json", {"run_dir", "cache_dir", "threads", "nproc", "rl"})
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     t = time.perf_counter()
     m0 = m0_folder(mc, cache, False, cfg.nproc, cfg.threads)

@@ -64,7 +64,9 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
     from selfreward.recipes.world.data import loop_prompts
     from selfreward.recipes.world.tasks import heldout_eval_set
     from selfreward.train.rl import RLConfig, train
+    from selfreward.recipes.world.demo import check_run_folder
     home = run_dir / rc.dir
+    check_run_folder(home, rc, "rl_settings.json", {"sources"})   # a finished source's run is reused as it is
     prompts = write_jsonl(home / "prompts.jsonl", loop_prompts(rc.n_prompts, 70_000 + seed, avoid, kinds))
     probes = write_jsonl(home / "probes.jsonl", [{"prompt": t.prompt} for t in
                                                  heldout_eval_set(rc.n_eval, seed=1234 + seed, kinds=kinds)])
