@@ -115,8 +115,8 @@ class LabelConfig:
 def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig | None = None,
                 index: list[int] | None = None) -> dict:
     """items: (context, response_1, response_2). -> {"records": per item {label [p1, p2], p_first (in the
-    given order), p_first_swapped, prompts_cut (0-2: of its two orders' prompts), rationales?}, "prefill": counters, "prompts_cut": n,
-    "prompt_tokens": per item, both orders}. `index`: each item's place in the whole job (default 0..n-1):
+    given order), p_first_swapped, prompts_cut (0-2: of its two orders' prompts), rationales?}, "prefill":
+    counters, "prompts_cut": n, "prompt_tokens": per item, both orders}. `index`: each item's place in the whole job (default 0..n-1):
     a rationale's sampling seed is seed + 2 * index (+ 1 for the swapped order), so a job cut into chunks,
     or resumed, samples what one call over every item would."""
     from selfreward.infer.sequence import SamplingParams
@@ -307,16 +307,16 @@ def main(argv: list[str] | None = None) -> dict:
                                     f"of another input or an earlier version); pass --overwrite to label anew")
         run_units(out, pairs, 1, lambda r: json.dumps(r["id"]), work, chunk=a.chunk, progress="rlaif label",
                   unit="pairs")
-    recs = read_jsonl(out)
-    human = [r for r in recs if "human_ranks" in r]
-    summary = {"pairs": len(recs), "position_bias": position_bias(recs),
-               "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
-               "labeller": a.labeller, "dtype": made["dtype"],
-               "labelled_by_this_run": state.get("labelled", 0),
-               "prefill": state["meter"].read() if "meter" in state else None,
-               "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
-                                      for r in human) / len(human) if human else None}
-    write_json(summary_path, summary)
+        recs = read_jsonl(out)
+        human = [r for r in recs if "human_ranks" in r]
+        summary = {"pairs": len(recs), "position_bias": position_bias(recs),
+                   "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
+                   "labeller": a.labeller, "dtype": made["dtype"],
+                   "labelled_by_this_run": state.get("labelled", 0),
+                   "prefill": state["meter"].read() if "meter" in state else None,
+                   "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
+                                          for r in human) / len(human) if human else None}
+        write_json(summary_path, summary)      # under the lock, as the labels
     print(json.dumps(summary, indent=1))
     return summary
 
