@@ -62,6 +62,26 @@ def start(name: str, argv: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def disk_full_at(monkeypatch, nth: int):
+    """selfreward.records' one append path fails with ENOSPC on its nth call (a disk that fills up there);
+    the real one is back after the block."""
+    import errno
+    from selfreward import records
+    real, calls = records._write_all, []
+
+    def append(fd, data):
+        calls.append(1)
+        if len(calls) == nth:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(records, "_write_all", append)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(records, "_write_all", real)
+
+
 def wait_for(cond, p: subprocess.Popen, timeout: float = 120) -> bool:
     """Poll `cond()` until true -> True; False if the process ended first."""
     end = time.time() + timeout

@@ -175,6 +175,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     from selfreward.recipes.evaluate import judgments_path, main as evaluate
     from selfreward.records import DataError
     from tests.conftest import TOKENIZER_DIR
+    from tests.guarantee_fixtures import disk_full_at
     from tests.scripted import ScriptedEngine
     fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
                           probs=lambda text: RM_SCRIPT[_which(text)][1])
@@ -184,17 +185,8 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     out = tmp_path / "rm.json"
     args = ["rm", "--judge", str(TOKENIZER_DIR), "--groups", str(gf), "--k", "2", "--max-tokens", "8",
             "--judge-template", "short", "--expected", "--chunk", "2", "--out", str(out)]
-    real, calls = records._write_all, []
-
-    def fail_fourth(fd, data):             # one append per reply: the second chunk's second fails
-        calls.append(1)
-        if len(calls) == 4:
-            raise OSError(28, "No space left on device")
-        return real(fd, data)
-    monkeypatch.setattr(records, "_write_all", fail_fourth)
-    with pytest.raises(OSError):
+    with disk_full_at(monkeypatch, 4), pytest.raises(OSError):   # one append per reply: chunk 2's second
         evaluate(args)
-    monkeypatch.setattr(records, "_write_all", real)
     store = judgments_path(out)
     assert not out.exists() and len(records.read_partial(store)) == 3
     fake.calls.clear()

@@ -228,20 +228,12 @@ def test_label_cli_resumes_after_a_failed_write_and_refuses_a_mismatch(label_wor
     import json
     from selfreward import records
     from selfreward.records import read_jsonl
+    from tests.guarantee_fixtures import disk_full_at
     d, m, (pairs, _) = label_world
     straight, cut = d / "straight.jsonl", d / "cut.jsonl"
     _label(d, m, pairs, straight)
-    real, calls = records._write_all, []
-
-    def fail_fourth(fd, data):             # one append per pair: the second chunk's first fails (a full disk)
-        calls.append(1)
-        if len(calls) == 4:
-            raise OSError(28, "No space left on device")
-        return real(fd, data)
-    monkeypatch.setattr(records, "_write_all", fail_fourth)
-    with pytest.raises(OSError):
+    with disk_full_at(monkeypatch, 4), pytest.raises(OSError):   # one append per pair: chunk 2's first
         _label(d, m, pairs, cut)
-    monkeypatch.setattr(records, "_write_all", real)
     assert not cut.exists() and len(records.read_partial(cut)) == 3     # the first chunk of 3 pairs kept
     s = _label(d, m, pairs, cut)
     assert s["labelled_by_this_run"] == 4                                # only the pairs not yet labelled
