@@ -116,9 +116,9 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
                 index: list[int] | None = None) -> dict:
     """items: (context, response_1, response_2). -> {"records": per item {label [p1, p2], p_first (in the
     given order), p_first_swapped, prompts_cut (0-2: of its two orders' prompts), rationales?}, "prefill":
-    counters, "prompts_cut": n, "prompt_tokens": per item, both orders}. `index`: each item's place in the whole job (default 0..n-1):
-    a rationale's sampling seed is seed + 2 * index (+ 1 for the swapped order), so a job cut into chunks,
-    or resumed, samples what one call over every item would."""
+    counters, "prompts_cut": n, "prompt_tokens": per item, both orders}. `index`: each item's place in the
+    whole job (default 0..n-1): a rationale's sampling seed is seed + 2 * index (+ 1 for the swapped order),
+    so a job cut into chunks, or resumed, samples what one call over every item would."""
     from selfreward.infer.sequence import SamplingParams
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
