@@ -157,7 +157,7 @@ def test_rlaif_label_killed_at_random_points(w):
     for it in range(ITERS):
         out = w["dir"] / f"label_kill_{it}.jsonl"
         part = out.with_name(out.name + ".partial")
-        need = rng.randint(1, 12)
+        need = rng.randint(1, 8)                            # of 24; the kill lands well before the end
         p = start("rlaif", args(out))
         kill_soon(p, rng, lambda: part.exists() and part.read_bytes().count(b"\n") >= need)
         code, err = run_cli("rlaif", args(out))
