@@ -162,35 +162,55 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,
-                       seed: int, progress: bool = False) -> list[str]:
+                       seed: int, progress: bool = False, index: list[int] | None = None) -> list[str]:
+    """One reply per prompt; prompt i (its place in the whole job, `index`, default 0..n-1) from seed + i."""
     from selfreward.infer.sequence import SamplingParams
     ids = [chat_prompt_ids(tok, p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i)
-          for i in range(len(ids))]
+          for i in (range(len(ids)) if index is None else index)]
     return [g[0].text for g in engine.generate(ids, ps, n=1, progress=progress)]
+
+
+def pair_verdicts(judge_engine, judge_tok, prompts: list[str], resp_a: list[str], resp_b: list[str],
+                  index: list[int], n: int, template: str = PAIR_TEMPLATE, temperature: float = 0.0,
+                  max_tokens: int = 256, seed: int = 0, progress: bool = False) -> list[dict]:
+    """The judge's verdicts on prompts `index` (of n in the job; prompts / resp_* are the whole job's): per
+    prompt {"i", "a_first", "b_first", "prompts_cut" (0-2)}, A shown first judged from seed + i, B first from
+    seed + n + i, so a job judged in parts judges what one call would."""
+    from selfreward.infer.sequence import SamplingParams
+    budget = prompt_budget(judge_engine, max_tokens)
+    render = lambda v: pair_prompt(template, v["i"], v["r1"], v["r2"])  # noqa: E731
+    jobs = [(i, first) for first in (True, False) for i in index]
+    fitted = [fit_slots(judge_tok, render, {"i": prompts[i], "r1": resp_a[i] if first else resp_b[i],
+                                            "r2": resp_b[i] if first else resp_a[i]}, budget) for i, first in jobs]
+    ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + (i if first else n + i))
+          for i, first in jobs]
+    outs = judge_engine.generate([f[0] for f in fitted], ps, n=1, progress=progress)
+    k = len(index)
+    return [{"i": i, "a_first": parse_choice(outs[j][0].text), "b_first": parse_choice(outs[k + j][0].text),
+             "prompts_cut": int(fitted[j][1]) + int(fitted[k + j][1])} for j, i in enumerate(index)]
+
+
+def h2h_result(prompts: list[str], resp_a: list[str], resp_b: list[str], verdicts: list[dict]) -> dict:
+    """win / tie / loss (a win only when both orders prefer A) and the records, from pair_verdicts' output."""
+    n = len(prompts)
+    records = [{"prompt": prompts[v["i"]], "a": resp_a[v["i"]], "b": resp_b[v["i"]], "a_first": v["a_first"],
+                "b_first": v["b_first"], "outcome": h2h_outcome(v["a_first"], v["b_first"])} for v in verdicts]
+    c = Counter(r["outcome"] for r in records)
+    return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
+            "loss": c["loss"] / n if n else None, "n": n,
+            "no_verdict": sum((v["a_first"] is None) + (v["b_first"] is None) for v in verdicts),
+            "prompts_cut": sum(v["prompts_cut"] for v in verdicts), "records": records}
 
 
 def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str], resp_b: list[str],
                  template: str = PAIR_TEMPLATE, temperature: float = 0.0, max_tokens: int = 256,
                  seed: int = 0, progress: bool = False) -> dict:
     """Judge each prompt's (A, B) pair in both orders; win only when both orders prefer A."""
-    from selfreward.infer.sequence import SamplingParams
-    budget = prompt_budget(judge_engine, max_tokens)
-    render = lambda v: pair_prompt(template, v["i"], v["r1"], v["r2"])  # noqa: E731
-    fitted = [fit_slots(judge_tok, render, {"i": p, "r1": x, "r2": y}, budget)
-              for first in (True, False) for p, a, b in zip(prompts, resp_a, resp_b)
-              for x, y in [(a, b) if first else (b, a)]]
-    ps = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(fitted))]
-    outs = judge_engine.generate([f[0] for f in fitted], ps, n=1, progress=progress)
     n = len(prompts)
-    verdicts = [parse_choice(g[0].text) for g in outs]
-    records = [{"prompt": prompts[i], "a": resp_a[i], "b": resp_b[i], "a_first": verdicts[i],
-                "b_first": verdicts[n + i], "outcome": h2h_outcome(verdicts[i], verdicts[n + i])} for i in range(n)]
-    c = Counter(r["outcome"] for r in records)
-    return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
-            "loss": c["loss"] / n if n else None, "n": n, "no_verdict": sum(v is None for v in verdicts),
-            "prompts_cut": sum(f[1] for f in fitted),
-            "records": records}
+    return h2h_result(prompts, resp_a, resp_b, pair_verdicts(judge_engine, judge_tok, prompts, resp_a, resp_b,
+                                                             list(range(n)), n, template, temperature, max_tokens,
+                                                             seed, progress))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     hh.add_argument("--judge-temperature", type=float, default=0.0)
     hh.add_argument("--max-tokens", type=int, default=256)
     hh.add_argument("--limit", type=int)
+    hh.add_argument("--chunk", type=int, default=128, help="prompts per engine call; each prompt's replies and "
+                    "verdicts reach OUT.h2h/*.jsonl.partial once its chunk is done (a killed run resumes)")
     rw = sub.add_parser("reward", help="Table 4 metrics of a reward source (recipes.reward: rm, direct, judge)")
     rw.add_argument("--kind", choices=("rm", "direct", "judge"), default="rm")
     rw.add_argument("--model", required=True, help="the reward model, labeller or judge checkpoint")
@@ -284,21 +306,59 @@ def main(argv: list[str] | None = None) -> dict:
                     template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
                     top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
         inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
-        with claim(out, made, inputs, a.overwrite, clear=lambda: out.unlink(missing_ok=True)):
-            outs = []
-            for path in (a.a, a.b):
-                eng, tok = _load(path, ecfg)
-                outs.append(generate_responses(eng, tok, prompts, a.temperature, a.top_p, a.max_tokens, a.seed,
-                                               progress=True))
-                del eng
-            jeng, jtok = _load(a.judge, ecfg)
-            res = head_to_head(jeng, jtok, prompts, outs[0], outs[1], tmpl, a.judge_temperature, a.max_tokens,
-                               a.seed, progress=True)
+        work = h2h_work_dir(out)         # the resumable parts (A's and B's replies, the verdicts) and the record
+
+        def clear() -> None:             # the folder's files, not its lock (held now)
+            for f in list(work.iterdir()) if work.is_dir() else []:
+                if f.name != ".lock":
+                    f.unlink()
+            out.unlink(missing_ok=True)
+        with claim(work, made, inputs, a.overwrite, folder=True, clear=clear):
+            res = _h2h_resumable(a, ecfg, prompts, tmpl, work)
             res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
             print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
                   f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
             _finish(res, out, device, dtype)
     return res
+
+
+def h2h_work_dir(out: str | Path) -> Path:
+    """Where `evaluate h2h --out OUT` keeps its resumable parts: OUT.h2h/{replies_a,replies_b,verdicts}.jsonl."""
+    out = Path(out)
+    return out.with_name(out.name + ".h2h")
+
+
+def _h2h_resumable(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
+    """A's replies, B's replies, then the verdicts, each a resumable file of units (selfreward.records.run_units,
+    a unit a prompt): a killed run's rerun does only what is missing; one model in memory at a time."""
+    from selfreward.records import read_jsonl, run_units
+    n, units = len(prompts), [{"i": i} for i in range(len(prompts))]
+    key = lambda r: r["i"]  # noqa: E731
+
+    def stage(name: str, model: str, fn) -> list[dict]:
+        held: dict = {}
+
+        def work_fn(batch, emit) -> None:
+            if "engine" not in held:       # loaded only when a unit is left
+                held["engine"] = _load(model, ecfg)
+            for r in fn(*held["engine"], [i for i, _ in batch]):
+                emit(r["i"], [r])
+        run_units(work / f"{name}.jsonl", units, 1, key, work_fn, chunk=a.chunk, progress=f"h2h {name}",
+                  unit="prompts")
+        recs = read_jsonl(work / f"{name}.jsonl")
+        if [r["i"] for r in recs] != list(range(n)):
+            raise DataError(f"{work / (name + '.jsonl')}: holds other prompts; pass --overwrite to start over")
+        return recs
+
+    def replies(eng, tok, idx):
+        texts = generate_responses(eng, tok, [prompts[i] for i in idx], a.temperature, a.top_p, a.max_tokens,
+                                   a.seed, progress=True, index=idx)
+        return [{"i": i, "text": t} for i, t in zip(idx, texts)]
+    resp_a = [r["text"] for r in stage("replies_a", a.a, replies)]
+    resp_b = [r["text"] for r in stage("replies_b", a.b, replies)]
+    verdicts = stage("verdicts", a.judge, lambda eng, tok, idx: pair_verdicts(
+        eng, tok, prompts, resp_a, resp_b, idx, n, tmpl, a.judge_temperature, a.max_tokens, a.seed, progress=True))
+    return h2h_result(prompts, resp_a, resp_b, verdicts)
 
 
 def judgments_path(out: str | Path) -> Path:

@@ -221,3 +221,47 @@ def test_reward_command_refuses_a_mismatched_rerun(tmp_path):
         evaluate(args + ["--limit", "2"])
     assert out.read_bytes() == before
     assert evaluate(args + ["--limit", "2", "--overwrite"])["metrics"]["groups"] == 2
+
+
+def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
+    """`evaluate h2h` keeps A's replies, B's replies and the verdicts in OUT.h2h/ (resumable, recorded in
+    OUT.h2h/run.json): a run whose append failed resumes with only what is missing and gives the scripted
+    judge's result; another setting is refused without --overwrite."""
+    import shutil
+    from selfreward.infer.engine import Engine
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.evaluate import h2h_work_dir, main as evaluate
+    from selfreward.records import DataError
+    from tests.conftest import TOKENIZER_DIR
+    from tests.guarantee_fixtures import disk_full_at
+    from tests.scripted import MARK, ScriptedEngine, pairwise_judge
+    from pathlib import Path
+    from selfreward.records import read_partial
+    tok = Tokenizer.load(TOKENIZER_DIR)
+    dirs = {name: shutil.copytree(TOKENIZER_DIR, tmp_path / name) for name in ("good", "plain", "judge")}
+    fakes = {"good": ScriptedEngine(tok, lambda text, seed, j: f"An apple. {MARK}"),
+             "plain": ScriptedEngine(tok, lambda text, seed, j: "A blue stone."),
+             "judge": ScriptedEngine(tok, pairwise_judge())}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fakes[Path(path).name]))
+    pf = tmp_path / "prompts.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a red fruit.", "Say hi.", "Count.")))
+    out = tmp_path / "h2h.json"
+    args = ["h2h", "--a", str(dirs["good"]), "--b", str(dirs["plain"]), "--judge", str(dirs["judge"]), "--prompts",
+            str(pf), "--max-tokens", "16", "--chunk", "1", "--out", str(out)]
+    with disk_full_at(monkeypatch, 3), pytest.raises(OSError):     # A's third reply cannot be written
+        evaluate(args)
+    work = h2h_work_dir(out)
+    assert not out.exists() and len(read_partial(work / "replies_a.jsonl")) == 2
+    for f in fakes.values():
+        f.calls.clear()
+    res = evaluate(args)
+    assert [len(t) for t, _, _ in fakes["good"].calls] == [1]                 # only the missing reply
+    assert sum(len(t) for t, _, _ in fakes["plain"].calls) == 3
+    assert sum(len(t) for t, _, _ in fakes["judge"].calls) == 6              # both orders of 3 prompts
+    assert (res["win"], res["tie"], res["loss"], res["n"], res["no_verdict"]) == (1.0, 0.0, 0.0, 3, 0)
+    assert json.loads(out.read_text())["win"] == 1.0
+    before = out.read_bytes()
+    with pytest.raises(DataError, match=r"seed: 0 -> 1"):
+        evaluate(args + ["--seed", "1"])
+    assert out.read_bytes() == before and (work / "verdicts.jsonl").exists()
+    assert evaluate(args + ["--seed", "1", "--overwrite"])["settings"]["a"] == str(dirs["good"])
