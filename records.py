@@ -263,7 +263,7 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
             w.finish()
     order = {key(u): i for i, u in enumerate(units)}
     if world == 1:
-        recs = read_jsonl(out)
+        recs = _same_units(out, read_jsonl(out), order, key, per_unit)
         ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; the file is in order
         if ordered != recs:
             write_jsonl(out, ordered)
@@ -276,13 +276,32 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     missing = [p for p in shards if not p.exists()]
     if missing:
         raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
-    recs = [r for p in shards for r in read_jsonl(p)]
+    recs = _same_units(out, [r for p in shards for r in read_jsonl(p)], order, key, per_unit)
     recs.sort(key=lambda r: order[key(r)])   # stable: a unit's records keep their order
     write_jsonl(out, recs)
     for p in shards:
         p.unlink()
     sync()                            # the merged file exists before any rank goes on
     return True
+
+
+def _same_units(out: Path, recs: list[dict], order: dict, key: Callable[[dict], Hashable], per_unit: int
+                ) -> list[dict]:
+    """`recs` (a finished OUT, or its shards) hold exactly this run's units, `per_unit` records each; else a
+    DataError: a file made for other units (an adopted output of another input or an earlier version) would be
+    reused or reordered wrongly."""
+    def unit_of(r: dict):
+        try:
+            return key(r)
+        except (KeyError, TypeError):              # a record without the unit's key field
+            return ("no key", json.dumps(r, sort_keys=True)[:60])
+    n = Counter(unit_of(r) for r in recs)
+    other = [k for k in n if k not in order]
+    if other or len(n) != len(order) or any(v != per_unit for v in n.values()):
+        what = f"unit {other[0]!r} is not one of this run's" if other else \
+            f"{len(n)} of this run's {len(order)} units, {per_unit} record(s) each expected"
+        raise DataError(f"{out}: holds other work ({what}); remove it or pass --overwrite to start over")
+    return recs
 
 
 def barrier(group=None) -> None:

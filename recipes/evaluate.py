@@ -123,10 +123,7 @@ def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], st
                       "expected": r.expected}], per)
     run_units(store, [{"j": j} for j in range(len(items))], 1, lambda r: r["j"], work, chunk=chunk,
               progress="evaluate rm" if progress else "", unit="replies")
-    recs = read_jsonl(store)
-    if [r["j"] for r in recs] != list(range(len(items))):
-        raise DataError(f"{store}: holds judgments of other replies; pass --overwrite to judge anew")
-    return [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"]) for r in recs]
+    return [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"]) for r in read_jsonl(store)]
 
 
 def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
@@ -345,10 +342,7 @@ def _h2h_resumable(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
                 emit(r["i"], [r])
         run_units(work / f"{name}.jsonl", units, 1, key, work_fn, chunk=a.chunk, progress=f"h2h {name}",
                   unit="prompts")
-        recs = read_jsonl(work / f"{name}.jsonl")
-        if [r["i"] for r in recs] != list(range(n)):
-            raise DataError(f"{work / (name + '.jsonl')}: holds other prompts; pass --overwrite to start over")
-        return recs
+        return read_jsonl(work / f"{name}.jsonl")
 
     def replies(eng, tok, idx):
         texts = generate_responses(eng, tok, [prompts[i] for i in idx], a.temperature, a.top_p, a.max_tokens,

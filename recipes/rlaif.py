@@ -299,12 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
         for (i, p), r, n in zip(batch, res["records"], res["prompt_tokens"]):
             emit(i, [dict(p, **r)], n)
     with claim(out, made, [source], a.overwrite, clear=clear):
-        if out.exists():                     # complete: its pairs must be this input's (an adopted old file)
-            keys = {json.dumps(p["id"]) for p in pairs}
-            for i, r in enumerate(read_jsonl(out), 1):
-                if json.dumps(r.get("id")) not in keys:
-                    raise DataError(f"{out}:{i}: field 'id': {r.get('id')!r} is no pair of {source} (an output "
-                                    f"of another input or an earlier version); pass --overwrite to label anew")
         run_units(out, pairs, 1, lambda r: json.dumps(r["id"]), work, chunk=a.chunk, progress="rlaif label",
                   unit="pairs")
         recs = read_jsonl(out)

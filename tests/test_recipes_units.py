@@ -60,6 +60,31 @@ def test_run_units_resume_after_injected_failure(tmp_path):
     assert calls3 == []
 
 
+def test_run_units_refuses_a_finished_file_of_other_units(tmp_path):
+    """A finished OUT is reused as it is only when it holds exactly this run's units (an adopted file of another
+    input, one short of a unit, or one whose records lack the key field is an error, not a KeyError or a
+    silently partial result); the file is left as it was."""
+    key = lambda r: r["id"]  # noqa: E731
+    out = tmp_path / "out.jsonl"
+    run_units(out, [{"id": f"u{i}"} for i in range(4)], 3, key, _work_factory([]), chunk=2)
+    before = out.read_bytes()
+    cases = [([{"id": f"u{i}"} for i in range(5)], "4 of this run's 5 units"),          # a unit missing
+             ([{"id": f"v{i}"} for i in range(4)], "unit 'u0' is not one of this run's"),
+             ([{"id": f"u{i}"} for i in range(4)], None)]                              # the same: reused
+    for units, needle in cases:
+        if needle is None:
+            run_units(out, units, 3, key, _work_factory(calls := []), chunk=2)
+            assert calls == []
+        else:
+            with pytest.raises(DataError, match=needle):
+                run_units(out, units, 3, key, _work_factory([]), chunk=2)
+        assert out.read_bytes() == before
+    old = tmp_path / "old.jsonl"                          # an earlier version's file: no unit key at all
+    old.write_text("".join(json.dumps({"v": i}) + "\n" for i in range(12)))
+    with pytest.raises(DataError, match="old.jsonl: holds other work"):
+        run_units(old, [{"id": f"u{i}"} for i in range(4)], 3, key, _work_factory([]), chunk=2)
+
+
 def test_run_units_sharded_merge_equals_single(tmp_path, monkeypatch):
     import selfreward.records as records
     monkeypatch.setattr(records, "barrier", lambda: None)   # the ranks run one after the other here
