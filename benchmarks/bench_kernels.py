@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 
 
 # ---------------------------------------------------------------- memory of the fused log-prob

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}     # max |kernel - twin| / max(1, |twin|max), fwd and grads
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 from selfreward.infer.block_manager import BlockManager
 from selfreward.infer.runner import Runner, default_num_blocks
 from selfreward.infer.sampling import sample, token_logprobs

@@ -112,7 +112,7 @@ def prefix_dependents(cu_seqlens: torch.Tensor, prefix: torch.Tensor) -> torch.T
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, prefix=None):
-    from selfreward.kernels import use_triton
+    from selfreward.kernels.ops import use_triton
     if use_triton(q):
         from selfreward.kernels.attention_triton import attention_triton
         return attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, prefix)

@@ -64,7 +64,7 @@ def linear_logprobs_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def linear_logprobs(h, weight, targets, chunk: int = 1024, ignore_index: int = IGNORE_INDEX):
-    from selfreward.kernels import use_triton
+    from selfreward.kernels.ops import use_triton
     if use_triton(h):
         from selfreward.kernels.logprobs_triton import linear_logprobs_triton
         return linear_logprobs_triton(h, weight, targets, chunk, ignore_index)

@@ -19,7 +19,7 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    from selfreward.kernels import use_triton
+    from selfreward.kernels.ops import use_triton
     if use_triton(x):
         from selfreward.kernels.rmsnorm_triton import rmsnorm_triton
         return rmsnorm_triton(x, weight, eps, residual)

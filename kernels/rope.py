@@ -24,7 +24,7 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from selfreward.kernels import use_triton
+    from selfreward.kernels.ops import use_triton
     if use_triton(x):
         from selfreward.kernels.rope_triton import rope_triton
         return rope_triton(x, cos, sin)

@@ -11,7 +11,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    from selfreward.kernels import use_triton
+    from selfreward.kernels.ops import use_triton
     if use_triton(gate):
         from selfreward.kernels.swiglu_triton import swiglu_triton
         return swiglu_triton(gate, up)

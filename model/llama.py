@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 from selfreward.model.config import ModelConfig
 from selfreward.model.dropout import dropout
 from selfreward.model.fused import fused_ok, tied_head_t

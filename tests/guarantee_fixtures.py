@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.cli_harness import MODULES, ROOT, SCRIPTS
-from tests.test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
+from cli_harness import MODULES, ROOT, SCRIPTS
+from test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 (scripts/test.sh runs these files in their own pytest process with it set), and with the kernel switch on
 its default (SRLM_KERNELS unset) in every test.
 
-    from tests.kernel_env import require_interpreter, _on_kernels  # noqa: F401  (the autouse fixture)
+    from kernel_env import require_interpreter, _on_kernels  # noqa: F401  (the autouse fixture)
     require_interpreter()
 """
 import os

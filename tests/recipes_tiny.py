@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 
 SEEDS = ["Write a short story about a cat.", "What is the capital of France?", "How do I bake bread at home?",

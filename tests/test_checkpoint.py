@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from selfreward.model.checkpoint import CheckpointError, load_model, save_model
 from selfreward.model.config import ConfigError, ModelConfig
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 33, 7, 100, 2], [1, 64, 3, 3, 90, 12, 45]])
 
@@ -89,7 +89,7 @@ def test_error_shape_mismatch(tmp_path):
 
 
 def test_error_tokenizer_larger_than_embedding(tmp_path):
-    from tests.hf_tokenizer import make_hf_tokenizer
+    from hf_tokenizer import make_hf_tokenizer
     src = make_hf_checkpoint(tmp_path / "src", "llama_tied", vocab=128)
     make_hf_tokenizer(src, vocab=300)
     with pytest.raises(CheckpointError, match=r"tokenizer.json: tokenizer has 300 tokens.*'vocab_size'.*128"):

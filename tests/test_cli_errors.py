@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from tests.cli_harness import run_cli
-from tests.conftest import OASST_20
-from tests.guarantee_fixtures import build, one_thread, sft_args
+from cli_harness import run_cli
+from conftest import OASST_20
+from guarantee_fixtures import build, one_thread, sft_args
 
 
 @pytest.fixture(scope="module")

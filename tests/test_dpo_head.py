@@ -11,8 +11,8 @@ import torch
 from selfreward.train.data import pair_batch
 from selfreward.train.dpo_head import _groups, pair_head_loss
 from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, dpo_loss, sequence_logps
-from tests.test_dpo_shared import shared_pairs
-from tests.test_train_losses import assert_grads_close, grads, tiny
+from test_dpo_shared import shared_pairs
+from test_train_losses import assert_grads_close, grads, tiny
 
 
 def _both(policy, pairs, share, cfg, chunk, scale=0.37):

@@ -68,7 +68,7 @@ def test_selective_checkpointing_draws_once():
     from selfreward.train.data import pair_batch
     from selfreward.train.losses import sequence_logps
     from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
-    from tests.test_dpo_shared import shared_pairs, tiny
+    from test_dpo_shared import shared_pairs, tiny
 
     class CountRandom(TorchDispatchMode):
         n = 0

@@ -54,7 +54,7 @@ def test_scipy_in_the_test_extra():
     """Issue 13 item 10: the independent check below must run in CI, so the test extra installs scipy."""
     import re
 
-    from tests.conftest import ROOT
+    from conftest import ROOT
     dev = re.search(r"^dev = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S).group(1)
     assert re.search(r'"scipy\s*(>=[^"]*)?"', dev), dev      # (tomllib would need Python 3.11)
 
@@ -87,8 +87,8 @@ def test_head_to_head_scripted_judge_win_then_swapped_loss():
     agree); A and B swapped: a loss on every prompt; a judge with no preference (no mark): position bias, a tie."""
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import head_to_head
-    from tests.conftest import TOKENIZER_DIR
-    from tests.scripted import MARK, ScriptedEngine, pairwise_judge
+    from conftest import TOKENIZER_DIR
+    from scripted import MARK, ScriptedEngine, pairwise_judge
     tok = Tokenizer.load(TOKENIZER_DIR)
     judge = ScriptedEngine(tok, pairwise_judge())
     prompts = ["Name a red fruit.", "Say hi to the cat."]
@@ -133,8 +133,8 @@ def test_rm_command_scripted_judge_hand_computed(tmp_path, monkeypatch):
     from selfreward.infer.engine import Engine
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import main as evaluate
-    from tests.conftest import TOKENIZER_DIR
-    from tests.scripted import ScriptedEngine
+    from conftest import TOKENIZER_DIR
+    from scripted import ScriptedEngine
     fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
                           probs=lambda text: RM_SCRIPT[_which(text)][1])
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
@@ -174,9 +174,9 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     from selfreward.provenance import OutputLock
     from selfreward.recipes.evaluate import judgments_path, main as evaluate
     from selfreward.records import DataError
-    from tests.conftest import TOKENIZER_DIR
-    from tests.guarantee_fixtures import disk_full_at
-    from tests.scripted import ScriptedEngine
+    from conftest import TOKENIZER_DIR
+    from guarantee_fixtures import disk_full_at
+    from scripted import ScriptedEngine
     fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
                           probs=lambda text: RM_SCRIPT[_which(text)][1])
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
@@ -208,7 +208,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
 def test_reward_command_refuses_a_mismatched_rerun(tmp_path):
     from selfreward.recipes.evaluate import main as evaluate
     from selfreward.records import DataError
-    from tests.recipes_tiny import tiny_chat_model
+    from recipes_tiny import tiny_chat_model
     m = tiny_chat_model(tmp_path / "m")
     gf = tmp_path / "groups.jsonl"
     gf.write_text("".join(json.dumps(g) + "\n" for g in RM_GROUPS))
@@ -232,9 +232,9 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import h2h_work_dir, main as evaluate
     from selfreward.records import DataError
-    from tests.conftest import TOKENIZER_DIR
-    from tests.guarantee_fixtures import disk_full_at
-    from tests.scripted import MARK, ScriptedEngine, pairwise_judge
+    from conftest import TOKENIZER_DIR
+    from guarantee_fixtures import disk_full_at
+    from scripted import MARK, ScriptedEngine, pairwise_judge
     from pathlib import Path
     from selfreward.records import read_partial
     tok = Tokenizer.load(TOKENIZER_DIR)

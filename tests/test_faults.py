@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.cli_harness import run_cli
-from tests.guarantee_fixtures import build, one_thread, dpo_args, lines, sample_args, sft_args, start, wait_for, weights
+from cli_harness import run_cli
+from guarantee_fixtures import build, one_thread, dpo_args, lines, sample_args, sft_args, start, wait_for, weights
 
 ITERS = int(os.environ.get("SELFREWARD_FAULT_ITERS", "2"))
 SEED = int(os.environ.get("SELFREWARD_FAULT_SEED", "0"))
@@ -141,7 +141,7 @@ def test_rlaif_label_killed_at_random_points(w):
     labels: the rerun labels the rest, and the file equals an uninterrupted run's (ids, order, rationales
     exactly; labels within 1e-5)."""
     import json
-    from tests.recipes_tiny import tiny_chat_model
+    from recipes_tiny import tiny_chat_model
     m = tiny_chat_model(w["dir"] / "labeller")
     pairs = w["dir"] / "label_pairs.jsonl"
     pairs.write_text("".join(json.dumps({"id": i, "prompt": f"Sort the numbers {i} {i + 3}.",

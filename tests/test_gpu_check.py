@@ -1,14 +1,11 @@
 """benchmarks/gpu_check.py on a machine without CUDA: it says so, writes its report, exits 0. (On a GPU it
 runs every section; that path is untested, see benchmarks/README.md.)"""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_check  # noqa: E402
+import gpu_check   # benchmarks/ (pytest's pythonpath)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run for real")

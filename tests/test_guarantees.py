@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from tests.cli_harness import run_cli
-from tests.conftest import OASST_20
-from tests.guarantee_fixtures import build, one_thread, lines, sample_args, sft_args, start, wait_for
+from cli_harness import run_cli
+from conftest import OASST_20
+from guarantee_fixtures import build, one_thread, lines, sample_args, sft_args, start, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_case6_dpo_beta_refused_before_any_work(w):
 
 
 def test_case7_sft_with_every_example_dropped(w):
-    from tests.test_train_fixtures import sft_records, write_jsonl
+    from test_train_fixtures import sft_records, write_jsonl
     chat = write_jsonl(w["dir"] / "chat7.jsonl", [r for r in sft_records(24, seed=1) if "text" not in r])
     out = w["dir"] / "sft7"
     args = sft_args(w, out, "--max-length", "4")

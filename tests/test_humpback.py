@@ -16,8 +16,8 @@ from selfreward.recipes.humpback import HumpbackConfig, backward_records, run_pa
 from selfreward.recipes.segment import build_segments, dedup, read_documents, segment, shingles
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, partial_path, read_jsonl, write_json, write_jsonl
-from tests.conftest import ROOT
-from tests.recipes_tiny import tiny_chat_model
+from conftest import ROOT
+from recipes_tiny import tiny_chat_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

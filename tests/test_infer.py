@@ -5,7 +5,7 @@ import torch
 from selfreward.infer.engine import Engine
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.checkpoint import load_model
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 EOS = 2
 

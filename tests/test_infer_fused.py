@@ -9,7 +9,7 @@ from selfreward.infer.engine import Engine
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.checkpoint import load_model
 from selfreward.model.fused import fused_ok
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ from selfreward.infer.engine import Engine
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.checkpoint import load_model
 from selfreward.records import DataError
-from tests.hf_tiny import make_hf_checkpoint
-from tests.test_infer import check_score_and_next_token
+from hf_tiny import make_hf_checkpoint
+from test_infer import check_score_and_next_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

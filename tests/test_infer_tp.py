@@ -19,8 +19,8 @@ from selfreward.infer.engine import Engine
 from selfreward.infer.parallel import local_heads, shard_plan, vocab_range
 from selfreward.model.checkpoint import load_model, save_model
 from selfreward.model.config import ModelConfig
-from tests.hf_tiny import make_hf_checkpoint
-from tests.tp_worker import run_engine
+from hf_tiny import make_hf_checkpoint
+from tp_worker import run_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,7 @@ def _same_outputs(a: dict, b: dict, tol: float) -> None:
 
 def test_tp_torchrun_four_ranks(tmp_path):
     from selfreward.infer import sample as cli
-    from tests.hf_tokenizer import make_hf_tokenizer
+    from hf_tokenizer import make_hf_tokenizer
     spec: dict = {"cases": []}
     for name, fam, over, tp, replica in CASES:
         ck = make_hf_checkpoint(tmp_path / name, fam, **over)

@@ -16,8 +16,8 @@ from selfreward.recipes.self_reward import LoopConfig, iter_dir, main as loop_ma
     stage_pairs, stage_prompts
 from selfreward.recipes.session import Session
 from selfreward.records import read_jsonl, write_jsonl
-from tests.conftest import ROOT
-from tests.recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
+from conftest import ROOT
+from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,22 +149,29 @@ def test_stage_cli_flags_reach_the_stage(tiny, tmp_path):
     assert len(cands) == 9 and all(len(c["token_ids"]) <= 5 for c in cands)
 
 
-def test_one_top_level_name_beside_the_other_kernels_package(tiny, tmp_path):
-    """The PyPI `kernels` package (a test dependency) is installed beside ours: `import kernels` is theirs,
-    our ops live under `selfreward.kernels`, and infer/sample.py runs, from a folder that is not ours."""
-    code = ("import kernels, selfreward.kernels as K, selfreward; "
-            "print(kernels.__file__); print(K.__file__); print(selfreward.__file__)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    theirs, ours, pkg = r.stdout.split()
-    assert Path(ours).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_the_checkout_hides_no_kernels_package(tiny, tmp_path, where):
+    """issue 27: the PyPI `kernels` package (transformers requires it) is installed beside ours. From the checkout's
+    root (the working directory is on sys.path for `python -c`, `python -m`, pytest) and from any other folder,
+    `import kernels` is theirs, our ops are `selfreward.kernels.ops`, and transformers loads a model (its hub-kernel
+    integration imports `kernels`: with the old `kernels/__init__.py` it died there); infer/sample.py runs."""
+    cwd = ROOT if where == "root" else tmp_path
+    code = ("import sys, kernels, selfreward.kernels.ops as K, selfreward; from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained({str(tiny)!r}); "
+            "print(kernels.__file__); print(K.__file__); print(selfreward.__file__); print(repr(sys.path[0]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs, ours, pkg, first = r.stdout.split()[-4:]
+    assert first == "''"                       # the working directory really was searched first
+    assert Path(ours).resolve() == (ROOT / "kernels" / "ops.py").resolve()
     assert Path(theirs).resolve().parent != (ROOT / "kernels").resolve() and "site-packages" in theirs
     assert Path(pkg).resolve() == (ROOT / "__init__.py").resolve()
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": 1, "prompt": "Hello"}) + "\n")
     r = subprocess.run([sys.executable, str(ROOT / "infer" / "sample.py"), "--model", str(tiny), "--input", str(inp),
-                        "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "4"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "4"], cwd=cwd,
+                       capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 1
 

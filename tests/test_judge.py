@@ -89,7 +89,7 @@ def test_mean_score_excludes_unparsable():
 
 
 def test_fit_prompt_to_budget():
-    from tests.conftest import TOKENIZER_DIR
+    from conftest import TOKENIZER_DIR
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
     tok = Tokenizer.load(TOKENIZER_DIR)

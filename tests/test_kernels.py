@@ -10,8 +10,8 @@ stays on the twins.
 import pytest
 import torch
 
-import selfreward.kernels as K
-from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
+import selfreward.kernels.ops as K
+from kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
 require_interpreter()
 
@@ -140,7 +140,7 @@ def test_linear_logprobs_matches_naive():
 def test_linear_logprobs_memory_vs_naive(monkeypatch):
     """The chunked log-prob forward+backward peaks at <= 25% of the naive one (fresh processes, peak RSS;
     `python benchmarks/bench_kernels.py --memory` gives the full-size figure)."""
-    from benchmarks.bench_kernels import measure_memory
+    from bench_kernels import measure_memory
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res = measure_memory(N=4096, V=6000, H=64, chunk=256, variants=("naive", "twin"))
     naive, twin = res["naive"]["peak_delta_mib"], res["twin"]["peak_delta_mib"]

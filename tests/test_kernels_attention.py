@@ -5,8 +5,8 @@ Runs in its own pytest process with TRITON_INTERPRET=1 (see tests/test_kernels.p
 import pytest
 import torch
 
-import selfreward.kernels as K
-from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
+import selfreward.kernels.ops as K
+from kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
 require_interpreter()
 

@@ -2,8 +2,8 @@
 forward and gradients. Few examples each: the interpreter is slow; the fixed-shape tests cover fp16."""
 import torch
 
-import selfreward.kernels as K
-from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
+import selfreward.kernels.ops as K
+from kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
 require_interpreter()
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402

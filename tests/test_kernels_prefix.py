@@ -3,8 +3,8 @@ twin; and the tiny model's shared-prompt DPO log-probs and gradients through the
 unshared layout. Runs under TRITON_INTERPRET=1 (scripts/test.sh), fp32 (IEEE dots)."""
 import torch
 
-import selfreward.kernels as K
-from tests.kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
+import selfreward.kernels.ops as K
+from kernel_env import _on_kernels, require_interpreter  # noqa: F401  (autouse fixture)
 
 require_interpreter()
 
@@ -33,7 +33,7 @@ def test_flash_attention_prefix_matches_twin():
 def test_model_shared_prompt_through_kernels_equals_unshared():
     from selfreward.train.data import Pair, pair_batch
     from selfreward.train.losses import sequence_logps
-    from tests.test_train_losses import assert_grads_close, grads, tiny
+    from test_train_losses import assert_grads_close, grads, tiny
     g = torch.Generator().manual_seed(1)
     r = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()
     p = [1] + r(9)

@@ -16,7 +16,7 @@ from selfreward.train.data import Pair
 from selfreward.train.dpo import DPOConfig
 from selfreward.train.losses import DPOLossConfig, dpo_loss, naive_sequence_logps, pair_batch, sequence_logps
 
-from tests.test_train_losses import assert_grads_close, grads, random_pairs, tiny
+from test_train_losses import assert_grads_close, grads, random_pairs, tiny
 
 
 def _case():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from selfreward.model.checkpoint import load_model
-from tests.hf_tiny import FAMILIES, make_hf_checkpoint
+from hf_tiny import FAMILIES, make_hf_checkpoint
 
 
 def _prompts(vocab, lens=(5, 17, 9, 1), seed=0):

@@ -9,7 +9,7 @@ import pytest
 from selfreward.records import DataError, read_jsonl
 from selfreward.recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
     split_groups
-from tests.conftest import OASST_20
+from conftest import OASST_20
 
 
 def _flatten(tree_file, out, shuffle_seed=0):
@@ -31,7 +31,7 @@ def _flatten(tree_file, out, shuffle_seed=0):
 
 
 def test_oasst_100_trees_counts(tmp_path):
-    from tests.conftest import need_shared
+    from conftest import need_shared
     src = need_shared("data/oasst_en_100_trees.jsonl")
     roots = load_messages(src)
     ift = ift_pairs(roots)

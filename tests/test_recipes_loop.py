@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
 from selfreward.recipes.self_reward import iter_dir, run_loop
-from tests.recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
+from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

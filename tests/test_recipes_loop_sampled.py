@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
 from selfreward.recipes.self_reward import iter_dir, run_loop
-from tests.recipes_tiny import loop_config, tiny_chat_model, write_prompts
-from tests.scripted import ScriptedEngine
+from recipes_tiny import loop_config, tiny_chat_model, write_prompts
+from scripted import ScriptedEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,8 +15,8 @@ from selfreward.records import partial_path, read_jsonl
 from selfreward.cli import to_dict
 from selfreward.recipes.session import Session as Models
 from selfreward.recipes.self_reward import iter_dir, stage_candidates, stage_judge, stage_pairs, stage_prompts
-from tests.conftest import ROOT
-from tests.recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
+from conftest import ROOT
+from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,7 +178,7 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
 
 def test_eft_cli_with_a_model_judge(tiny, tmp_path):
     """The EFT path end to end with a real (random) judge: it runs, and whatever it keeps is consistent."""
-    from tests.conftest import OASST_20
+    from conftest import OASST_20
     from selfreward.recipes.oasst import main as oasst
     src = tmp_path / "three.jsonl"
     src.write_text("".join(open(OASST_20).readlines()[:3]))

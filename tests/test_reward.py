@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.recipes_tiny import tiny_chat_model
+from recipes_tiny import tiny_chat_model
 
 
 def test_rm_reward_equals_transformers(tmp_path):

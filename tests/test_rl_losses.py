@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 T = 0.9
 BETA = 0.05

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.recipes_tiny import SEEDS, tiny_chat_model, write_prompts
+from recipes_tiny import SEEDS, tiny_chat_model, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

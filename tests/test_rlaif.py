@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfreward.records import DataError
-from tests.recipes_tiny import tiny_chat_model
+from recipes_tiny import tiny_chat_model
 
 ITEMS = [("Name a fruit that is red.", "An apple.", "The sky is blue."),
          ("Tell me a joke about dogs.", "Why did the dog sit? It was tired.", "No."),
@@ -116,7 +116,7 @@ def world_tiny(tmp_path_factory):
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.world.vocab import train_tokenizer
-    from tests.hf_tiny import make_hf_checkpoint
+    from hf_tiny import make_hf_checkpoint
     root = tmp_path_factory.mktemp("world_tok")
     tok_dir = train_tokenizer(root / "tok")
     d = make_hf_checkpoint(root / "m", "llama_tied", vocab=160, hidden=32, layers=2, heads=2, kv_heads=1,
@@ -228,7 +228,7 @@ def test_label_cli_resumes_after_a_failed_write_and_refuses_a_mismatch(label_wor
     import json
     from selfreward import records
     from selfreward.records import read_jsonl
-    from tests.guarantee_fixtures import disk_full_at
+    from guarantee_fixtures import disk_full_at
     d, m, (pairs, _) = label_world
     straight, cut = d / "straight.jsonl", d / "cut.jsonl"
     _label(d, m, pairs, straight)

@@ -9,9 +9,9 @@ import stat
 
 import pytest
 
-from tests.cli_harness import run_cli
-from tests.conftest import OASST_20
-from tests.guarantee_fixtures import build, lines, one_thread, sample_args, sft_args, weights
+from cli_harness import run_cli
+from conftest import OASST_20
+from guarantee_fixtures import build, lines, one_thread, sample_args, sft_args, weights
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_max_length_above_the_context_is_lowered(w):
     assert code == 0, err          # make_hf_checkpoint's models have max_position_embeddings 256
     assert "--max-length 4096 is above the model's context (256 tokens" in text and "lowered to 256" in text
     assert "truncated to 256 tokens" in text
-    from tests.guarantee_fixtures import dpo_args
+    from guarantee_fixtures import dpo_args
     args = dpo_args(w, w["dir"] / "long_dpo", "--max-steps", "1", "--max-length", "4096", "--max-prompt-length", "1024")
     code, err, text = run_cli("dpo", args, stdout=True)
     assert code == 0 and "--max-prompt-length 1024: lowered to 128" in text, err

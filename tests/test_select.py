@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from tests.conftest import TOKENIZER_DIR
-from tests.scripted import MARK, ScriptedEngine, pairwise_judge
+from conftest import TOKENIZER_DIR
+from scripted import MARK, ScriptedEngine, pairwise_judge
 
 PROMPTS = ["Name a red fruit.", "Say hi to the cat.", "What is two plus two?"]
 
@@ -17,7 +17,7 @@ def test_dpo_export_every(tmp_path):
 
     from selfreward.model.checkpoint import load_model
     from selfreward.train import dpo
-    from tests.test_train_fixtures import dpo_records, make_model, make_spm, write_jsonl
+    from test_train_fixtures import dpo_records, make_model, make_spm, write_jsonl
     model = make_model(tmp_path / "m0", make_spm(tmp_path / "spm"))
     data = write_jsonl(tmp_path / "pairs.jsonl", dpo_records(8, seed=2))
     out = tmp_path / "dpo"
@@ -110,7 +110,7 @@ def test_select_cli_exit_code(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from conftest import ROOT
     r = subprocess.run([sys.executable, "-m", "selfreward.recipes.select", "--candidates", str(tmp_path / "x"),
                         "--reference", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.jsonl")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -2,8 +2,8 @@
 SRLM_REQUIRE_SHARED=1; .ci/run sets it; the fixtures of our own are in tests/data and small."""
 import pytest
 
-import tests.conftest as conftest
-from tests.conftest import DATA, OASST_20, ROOT, TOKENIZER_DIR
+import conftest as conftest
+from conftest import DATA, OASST_20, ROOT, TOKENIZER_DIR
 
 
 def test_missing_shared_skips_or_fails(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from selfreward.model.tokenizer import Tokenizer, TokenizerError
-from tests.hf_tokenizer import make_hf_tokenizer
+from hf_tokenizer import make_hf_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief and kind."},
         {"role": "user", "content": "Tell me a story about a cat."},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfreward.model.tokenizer import Tokenizer
-from tests.test_train_fixtures import make_spm, write_jsonl
+from test_train_fixtures import make_spm, write_jsonl
 from selfreward.train.data import (IGNORE, DataError, Example, global_batch, load_pairs, load_sft, pack_rows,
                         pair_batch, rank_micro_batches, read_jsonl, sft_example, truncate_pair, Pair)
 

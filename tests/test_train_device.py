@@ -9,8 +9,8 @@ from selfreward import cli
 from selfreward.recipes import self_reward
 from selfreward.recipes.self_reward import LoopConfig, iter_dir, stage_dpo
 from selfreward.train.parallel import Dist, init_distributed, parallelize, train_device
-from tests.cli_harness import run_cli
-from tests.guarantee_fixtures import build, dpo_args, one_thread, sft_args
+from cli_harness import run_cli
+from guarantee_fixtures import build, dpo_args, one_thread, sft_args
 
 
 def test_device_choice():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
+from test_train_fixtures import dpo_records, make_model, make_spm, sft_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-steps", "10", "--batch-size", "8", "--lr", "2e-3", "--final-lr", "2e-4", "--max-length", "40",

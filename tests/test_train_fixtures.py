@@ -7,7 +7,7 @@ import random
 import shutil
 from pathlib import Path
 
-from tests.hf_tiny import make_hf_checkpoint
+from hf_tiny import make_hf_checkpoint
 
 WORDS = ("the cat dog sat ran on a mat big small red blue one two three four five answer question "
          "tell me story about please sort numbers is what why how yes no good bad").split()

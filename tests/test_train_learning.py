@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import need_shared
-from tests.hf_tiny import make_hf_checkpoint
-from tests.test_train_fixtures import write_jsonl
+from conftest import need_shared
+from hf_tiny import make_hf_checkpoint
+from test_train_fixtures import write_jsonl
 
 
 def first_turns(path: Path) -> tuple[list[dict], list[dict]]:

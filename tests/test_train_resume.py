@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_fixtures import make_model, make_spm, sft_records, write_jsonl
+from test_train_fixtures import make_model, make_spm, sft_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
 
 
 def test_dpo_reference_cache_is_reused_and_matches_online(setup, capsys):
-    from tests.test_train_fixtures import dpo_records
+    from test_train_fixtures import dpo_records
     from selfreward.train import dpo
     d, model, _ = setup
     data = write_jsonl(d / "pairs.jsonl", dpo_records(8, seed=2))
@@ -100,7 +100,7 @@ def test_dpo_reference_cache_is_reused_and_matches_online(setup, capsys):
 def test_fewer_examples_than_a_batch_still_trains(setup, capsys):
     from safetensors.torch import load_file
 
-    from tests.test_train_fixtures import dpo_records
+    from test_train_fixtures import dpo_records
     from selfreward.train import dpo
     d, model, _ = setup
     data = write_jsonl(d / "few.jsonl", dpo_records(3, seed=4))
@@ -117,7 +117,7 @@ def test_fewer_examples_than_a_batch_with_max_steps(setup, capsys):
     crash in global_batch."""
     from safetensors.torch import load_file
 
-    from tests.test_train_fixtures import dpo_records
+    from test_train_fixtures import dpo_records
     from selfreward.train import dpo
     d, model, _ = setup
     data = write_jsonl(d / "eight.jsonl", dpo_records(8, seed=5))

@@ -94,7 +94,7 @@ def test_pair_quality_by_checker():
 def test_real_model_mode_end_to_end(stories260k, tmp_path, one_thread):
     """--real-model + --oasst-seed: SFT on the OASST seed, one self-rewarding iteration (self-instruct
     prompts, candidates, judge, pairs from the expected score, DPO), the human-rank report."""
-    from tests.conftest import need_shared
+    from conftest import need_shared
     from selfreward.recipes.oasst import main as oasst_main
     oasst_main(["--input", str(need_shared("data/oasst_en_100_trees.jsonl")), "--out", str(tmp_path / "seed")])
     summary = demo.main(["--real-model", str(stories260k), "--oasst-seed", str(tmp_path / "seed"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 from selfreward.model.checkpoint import load_model
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Pair, load_pairs, pair_batch

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 from selfreward.model.llama import AttnContext, context_from_positions
 from selfreward.records import write_atomic
 from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-import selfreward.kernels as K
+import selfreward.kernels.ops as K
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.llama import AttnContext
 
