@@ -1,5 +1,5 @@
-"""The whole embedded default at tiny sizes: tokenizer, M0 pretraining, seeds, SFT -> M1, two self-rewarding
-iterations (prompts, candidates, self-judging, pairs, DPO) -> M2 -> M3, measurement and report. Every stage
+"""The whole embedded default at tiny sizes: the shipped M0 (and, built apart, a tiny M0: tokenizer and
+pretraining), seeds, SFT -> M1, two self-rewarding iterations (prompts, candidates, self-judging, pairs, DPO) -> M2 -> M3, measurement and report. Every stage
 runs through the real commands (train/sft.py, train/dpo.py, infer.engine, recipes.self_reward)."""
 import json
 import time
@@ -55,10 +55,12 @@ def test_world_smoke_every_stage(tmp_path, capsys):
         assert summary["stage_seconds"][st] >= 0
     assert "acc greedy" in out and "judge pw" in out
     print(f"world smoke: {wall:.1f}s")
-    # M0 is cached: asking again returns the same folder without training
-    m0 = build_m0(cache, demo.smoke_config(str(run), str(cache)).m0)
+    assert "[world] M0: the shipped one" in out                 # --smoke starts from the shipped M0: no build
+    # a tiny M0 builds (tokenizer + pretraining) and is cached: asking again returns the same folder untrained
+    m0 = build_m0(cache, demo.SMOKE_M0)
     stamp = (m0 / "model.safetensors").stat().st_mtime
-    assert build_m0(cache, demo.smoke_config(str(run), str(cache)).m0) == m0
+    assert load_model(m0).cfg.hidden_size == demo.SMOKE_M0.hidden
+    assert build_m0(cache, demo.SMOKE_M0) == m0
     assert (m0 / "model.safetensors").stat().st_mtime == stamp
 
 

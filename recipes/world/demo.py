@@ -3,7 +3,7 @@
     python -m selfreward.recipes.world.demo                          # the default run (runs/world)
     python -m selfreward.recipes.world.demo --seed 1 --run-dir runs/world-s1
     python -m selfreward.recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
-    python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes (the CI test)
+    python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes from the shipped M0
     python -m selfreward.recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
 Stages: M0 (the shipped one, recipes/world/m0/, when its key matches the settings; else built and cached) ->
@@ -97,13 +97,17 @@ class DemoConfig:
                                    sft_steps=int(self.sft_steps * s), n_prompts=int(self.n_prompts * s))
 
 
+# a tiny M0 that builds in seconds: what tests/test_world_smoke.py pretrains to cover tokenizer + M0 pretraining
+SMOKE_M0 = WorldModelConfig(hidden=32, layers=2, heads=2, ffn=64, web_docs=2000, web_p_judge=0.5, base_steps=60,
+                            base_lr=1e-2, pretrain_steps=60, pretrain_batch=16, pretrain_lr=1e-2)
+
+
 def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
-    """Every stage, tiny sizes: what tests/test_world_smoke.py runs."""
-    m = WorldModelConfig(hidden=32, layers=2, heads=2, ffn=64, web_docs=2000, web_p_judge=0.5, base_steps=60,
-                         base_lr=1e-2, pretrain_steps=60, pretrain_batch=16, pretrain_lr=1e-2)
+    """Every stage after M0 at tiny sizes, from the shipped M0 (no build: ~15 s on a laptop core; what
+    tests/test_world_smoke.py runs and what checks an install)."""
     return DemoConfig(run_dir=run_dir, cache_dir=cache_dir, n_ift=24, n_eft=48, sft_steps=10, sft_batch=8,
                       n_prompts=12, n_candidates=3, judge_k=2, judge_temperature=1.0, temperature=1.0,
-                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, judge_self_train=8, m0=m)
+                      dpo_epochs=1, dpo_batch=4, n_eval=10, n_pass=6, n_judge=5, judge_self_train=8)
 
 
 def loop_kinds(cfg: DemoConfig) -> tuple[str, ...]:
@@ -315,7 +319,8 @@ def _parser():
     ap.add_argument("--method", choices=("self-reward", "rlaif", "humpback"), default="self-reward",
                     help="rlaif: recipes/world/rlaif.py, humpback: recipes/world/humpback.py (own flags follow)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
-    ap.add_argument("--smoke", action="store_true", help="every stage at tiny sizes (CI)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every stage at tiny sizes from the shipped M0 (CI; checks an install)")
     ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/real.py)")
     ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m selfreward.recipes.oasst --out` wrote")
     ap.add_argument("--judge-template", help="with --real-model: a rubric file or built-in name (default, short)")
