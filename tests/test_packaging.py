@@ -10,6 +10,7 @@ import ast
 import importlib.metadata as md
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -108,8 +109,12 @@ def test_every_import_has_its_package_declared(part, allowed):
 
 
 def test_wheel_holds_every_module_and_the_shipped_m0(tmp_path):
-    """What `pip install .` installs: the wheel that pip builds from this folder (build isolation, as a user's)."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp_path)],
+    """What `pip install .` installs: the wheel that pip builds (build isolation, as a user's), from a copy of the
+    checkout without build leftovers (a stale build/lib could hold a module the package list misses)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".git", "runs",
+                                                              ".cache", ".hypothesis"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = tmp_path.glob("selfreward-*.whl")
