@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import subprocess
 import sys
@@ -79,17 +80,62 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def from_dict(cls, d: dict, where: str = "config"):
-    """`cls` filled from nested data; an unknown key is an error naming it."""
+# The numeric settings' ranges, by the last part of the field's name (the flag's, too): one table for every
+# config, checked at the door (from_dict: flags and --config files alike), before any model loads. Every float
+# must also be finite. Settings with a meaning of their own keep their extra rules in their config's check().
+RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
+    "temperature": (0, None, False, False), "top_p": (0, 1, True, False), "top_k": (0, None, False, False),
+    "max_tokens": (1, None, False, False), "max_new_tokens": (1, None, False, False),
+    "num_samples": (1, None, False, False), "n_candidates": (1, None, False, False), "judge_k": (1, None, False, False),
+    "final_lr": (0, None, False, False), "lr": (0, None, True, False), "weight_decay": (0, None, False, False),
+    "beta": (0, None, False, False), "threads": (0, None, False, False), "nproc": (1, None, False, False),
+    "near_dup": (0, 1, False, False), "rouge_threshold": (0, 1, False, False), "n": (1, None, False, False),
+    "fraction": (0, 1, False, True), "eval_frac": (0, 1, False, True), "chunk": (1, None, False, False),
+}
+
+
+def _range_rule(name: str):
+    return next((r for suf, r in RANGES.items() if name == suf or name.endswith("_" + suf)), None)
+
+
+def check_number(flag: str, v) -> None:
+    """A number given for `flag`: finite, and inside RANGES' rule for its name -> ConfigError naming the flag."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if not math.isfinite(v):
+        raise ConfigError(f"{flag} {v}: must be a finite number")
+    rule = _range_rule(flag.lstrip("-").replace("-", "_"))
+    if rule:
+        lo, hi, lo_open, hi_open = rule
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            want = f"be {'>' if lo_open else '>='} {lo}" if hi is None else \
+                f"lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise ConfigError(f"{flag} {v:g}: must {want}")
+
+
+def check_args(ns: argparse.Namespace) -> argparse.Namespace:
+    """check_number on every flag of a hand-written parser (sample.py, evaluate, rlaif label, oasst)."""
+    for dest, v in vars(ns).items():
+        if not dest.startswith("_"):
+            check_number("--" + dest.replace("_", "-"), v)
+    return ns
+
+
+def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
+    """`cls` filled from nested data; an unknown key is an error naming it; every number is checked by
+    `check_number` under its flag's name."""
     hints, names, kw = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in names:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
         t = _flag_type(hints[k])
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
-            v = from_dict(t, v, f"{where}.{k}")
+            v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
+        flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            check_number(flag, x)
         kw[k] = v
     return cls(**kw)
 

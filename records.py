@@ -24,12 +24,19 @@ class DataError(ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
+def check_file(path: str | Path) -> Path:
+    """An input that must be a file: missing, a folder, or something else is an error saying which."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else
+                        f"{path}: a folder, not a file" if path.is_dir() else f"{path}: not a regular file")
+    return path
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) per non-blank line; a missing file, or a line that is not UTF-8 or not a
     JSON object, is an error naming the file (and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    path = check_file(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:

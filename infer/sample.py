@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from selfreward.infer.sequence import SamplingParams
+from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.replicas import run_units_tp
-from selfreward.cli import ConfigError, run_main
+from selfreward.cli import ConfigError, check_args, run_main
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
-from selfreward.records import DataError, dist_env, iter_jsonl, nonempty, partial_path, read_jsonl
+from selfreward.records import DataError, check_file, dist_env, iter_jsonl, nonempty, partial_path, read_jsonl
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}
@@ -122,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="ranks per model replica: the WORLD_SIZE ranks form WORLD_SIZE/T replicas, each "
                          "holding 1/T of the weights and KV heads (infer/parallel.py); prompts are split "
                          "across replicas, and the first rank of each replica writes")
-    return ap.parse_args(argv)
+    return check_args(ap.parse_args(argv))
 
 
 FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "max_tokens": "--max-tokens",
@@ -178,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     out, lock = Path(args.output), None
     try:
         ecfg = check_flags(args)
-        if not os.path.isfile(args.input):
-            raise InputError(f"{args.input}: no such file")
+        check_file(args.input)
         requests = nonempty(read_requests(args.input), args.input, "prompts")
         if not os.path.isdir(args.model):
             raise InputError(f"--model {args.model}: not a checkpoint folder")
+        ModelConfig.from_json(args.model)  # a bad config.json is refused before OUTPUT is claimed
         key = lambda r: id_key(r["id"])   # noqa: E731
         lock = _claim(out, args, rank, world, dist)
         if os.path.exists(args.output):

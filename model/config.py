@@ -105,6 +105,9 @@ class ModelConfig:
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(raw.get(k), int) or raw[k] <= 0:
                 bad(k, f"missing or not a positive integer ({raw.get(k)!r})")
+        mpe = raw.get("max_position_embeddings", 2048)
+        if not isinstance(mpe, int) or isinstance(mpe, bool) or mpe < 2:
+            bad("max_position_embeddings", f"{mpe!r} must be an integer >= 2")
         kv = raw.get("num_key_value_heads", raw["num_attention_heads"])
         if not isinstance(kv, int) or kv <= 0 or raw["num_attention_heads"] % kv:
             bad("num_key_value_heads", f"{kv!r} must be a positive divisor of num_attention_heads "

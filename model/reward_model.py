@@ -61,12 +61,15 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, devi
     reward = "score.weight" in files
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {}
+    state, want = {}, model.state_dict()
     for ours, hf in _backbone_table(cfg).items():
         if hf not in files:
             raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
         with safe_open(str(files[hf]), "pt") as f:
             state[ours] = f.get_tensor(hf).to(dtype)
+        if state[ours].shape != want[ours].shape:      # as load_model: name the tensor, not a load_state_dict trace
+            raise CheckpointError(f"{files[hf]}: tensor '{hf}' has shape {tuple(state[ours].shape)}, config says "
+                                  f"{tuple(want[ours].shape)}")
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     model.inv_freq = cfg.inv_freq().to(device)

@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from selfreward.cli import check_args
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids, check_fits, fit_slots, judge_items, mean_score, \
     prompt_budget
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--overwrite", action="store_true",
                        help="start over when OUT was made with another model, input or settings")
         engine_dests = add_engine_flags(p)
-    a = ap.parse_args(argv)
+    a = check_args(ap.parse_args(argv))
     ecfg = engine_from_flags(a, engine_dests)
     device, dtype = resolve_device(ecfg)     # a bad engine flag stops here, before any work
     _check_flags(a)

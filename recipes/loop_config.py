@@ -51,7 +51,7 @@ class LoopConfig:
     prompt_source: str | Callable = "self-instruct"
     seed_prompts: str = ""            # self-instruct: JSONL with "prompt" (e.g. recipes.oasst's ift.jsonl)
     prompt_model: str = ""            # self-instruct generator; "" = M_t
-    n_prompts: int = 1000
+    n_prompts: int = 1000             # prompts per iteration (from a --prompt-source file: 0 = the whole file)
     score_from: str = "sampled"       # what pairs are built on: sampled (mean of K) | expected
     min_margin: float = 0.0           # keep a pair only if best - worst mean score >= this (0: any gap)
     # best-worst: one pair per prompt (the paper); best-rest: the best against each lower-scored distinct text
@@ -99,6 +99,8 @@ class LoopConfig:
             raise cli.ConfigError("--judge-self-train must be >= 0 (0 = off)")
         if self.judge_self_train and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--judge-self-train trains through the NLL term only: it needs --dpo-nll-alpha > 0")
+        if self.n_prompts < 0 or (self.n_prompts == 0 and self.prompt_source == "self-instruct"):
+            raise cli.ConfigError(f"--n-prompts {self.n_prompts}: must be >= 1 (0 = a whole --prompt-source file)")
         if self.sft_mix_repeat < 1:
             raise cli.ConfigError("--sft-mix-repeat must be >= 1")
         self.engine.check()

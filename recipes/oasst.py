@@ -20,6 +20,7 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
+from selfreward.cli import check_args
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
                     "or with other settings")
-    a = ap.parse_args(argv)
+    a = check_args(ap.parse_args(argv))
     if not 0 <= a.eval_frac < 1 or a.tries < 1 or a.max_tokens < 1 or a.temperature < 0:
         raise DataError(f"--eval-frac {a.eval_frac} must lie in [0, 1), --tries {a.tries} and --max-tokens "
                         f"{a.max_tokens} be >= 1, --temperature {a.temperature} >= 0")

@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from selfreward.cli import check_args
 from selfreward.records import DataError
 from selfreward.recipes.options import PrefillMeter, forced_options, option_probs
 
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overwrite", action="store_true",
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     engine_dests = add_engine_flags(ap)
-    a = ap.parse_args(argv)
+    a = check_args(ap.parse_args(argv))
     for flag, lo in (("limit", 1), ("cot_max_tokens", 1), ("chunk", 1)):
         v = getattr(a, flag)
         if v is not None and v < lo:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.records import DataError, check_file, field, iter_jsonl
 
 
 @dataclass
@@ -47,9 +46,7 @@ def read_documents(paths: list[str]) -> list[tuple[str, str]]:
     """[(where = 'file:line', document text)] from JSONL `{"text"}` or plain-text files."""
     out = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise DataError(f"{p}: no such file")
+        path = check_file(p)
         data = path.read_bytes()
         if not data.strip():
             raise DataError(f"{p}:1: empty file (no text)")

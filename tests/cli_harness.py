@@ -18,10 +18,11 @@ import selfreward
 ROOT = Path(selfreward.__file__).resolve().parent     # the package's own scripts, wherever it is imported from
 
 SCRIPTS = {"sample": ROOT / "infer" / "sample.py", "sft": ROOT / "train" / "sft.py", "dpo": ROOT / "train" / "dpo.py",
-           "rm": ROOT / "train" / "rm.py"}
+           "rm": ROOT / "train" / "rm.py", "rl": ROOT / "train" / "rl.py"}
 MODULES = {"oasst": "selfreward.recipes.oasst", "self_reward": "selfreward.recipes.self_reward",
            "evaluate": "selfreward.recipes.evaluate", "humpback": "selfreward.recipes.humpback",
-           "rlaif": "selfreward.recipes.rlaif", "world_demo": "selfreward.recipes.world.demo"}
+           "rlaif": "selfreward.recipes.rlaif", "world_demo": "selfreward.recipes.world.demo",
+           "select": "selfreward.recipes.select"}
 
 
 def run_cli(name: str, argv: list[str], stdout: bool = False) -> tuple:

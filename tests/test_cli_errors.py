@@ -29,7 +29,8 @@ def _world(d):
     (d / "long_rubric.txt").write_text("Judge this. " * 400 + "{instruction} {response} Score: ")
     (d / "lpairs.jsonl").write_text('{"prompt": "a", "response_1": "b", "response_2": "c"}\n')
     m = w["model"]
-    for name, damage in (("trunc", "truncate"), ("shape", "shape"), ("cfg8", "config_bytes"), ("shard", "shard")):
+    for name, damage in (("trunc", "truncate"), ("shape", "shape"), ("cfg8", "config_bytes"), ("shard", "shard"),
+                         ("mpe", "max_position")):
         bad = d / f"bad_{name}"
         if damage == "shard":
             from selfreward.model.checkpoint import load_model, save_model
@@ -41,9 +42,9 @@ def _world(d):
         if damage == "truncate":
             f = bad / "model.safetensors"
             f.write_bytes(f.read_bytes()[:5000])
-        elif damage == "shape":
+        elif damage in ("shape", "max_position"):
             cfg = json.loads((bad / "config.json").read_text())
-            cfg["intermediate_size"] = 96
+            cfg.update({"intermediate_size": 96} if damage == "shape" else {"max_position_embeddings": -5})
             (bad / "config.json").write_text(json.dumps(cfg))
         else:
             (bad / "config.json").write_bytes((bad / "config.json").read_bytes().replace(b'"llama"', b'"ll\xffma"'))
@@ -75,12 +76,12 @@ def LOOP(*extra, seeds="prompts"):
 
 CASES = [
     # infer/sample.py: flags named, checked before the model is loaded or a file written
-    ("sample", S("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
+    ("sample", S("--top-p", "1.5"), "--top-p 1.5: must lie in (0, 1]"),
     ("sample", S("--n", "0"), "--n 0: must be >= 1"),
     ("sample", S("--block-size", "0"), "--block-size must be >= 1"),
     ("sample", S("--max-num-seqs", "0"), "--max-num-seqs must be >= 1"),
     ("sample", S("--stop", ""), "--stop ''"),
-    ("sample", S("--temperature", "-1"), "--temperature must be >= 0"),
+    ("sample", S("--temperature", "-1"), "--temperature -1: must be >= 0"),
     ("sample", S(inp="empty.jsonl"), "empty.jsonl: no prompts"),
     ("sample", S(inp="latin1.jsonl"), "latin1.jsonl:1: not UTF-8"),
     ("sample", S(inp="missing.jsonl"), "missing.jsonl: no such file"),
@@ -116,7 +117,7 @@ CASES = [
     ("self_reward", LOOP(seeds="empty.jsonl"), "no seed prompts"),
     ("self_reward", LOOP(seeds="missing.jsonl"), "missing.jsonl"),
     ("self_reward", LOOP("--candidates-n", "1"), "--candidates-n is below its minimum"),
-    ("self_reward", LOOP("--judge-k", "0"), "judge k"),
+    ("self_reward", LOOP("--judge-k", "0"), "--judge-k 0: must be >= 1"),
     ("self_reward", LOOP("--engine-block-size", "0"), "engine block_size must be >= 1"),
     ("self_reward", LOOP("--engine-max-num-seqs", "0"), "engine max_num_seqs must be >= 1"),
     ("self_reward", LOOP("--judge-template", "long_rubric.txt"), "the rubric alone takes"),
@@ -144,7 +145,62 @@ CASES = [
                             w["dir"] / "missing.jsonl", "--unlabelled", w["prompts"]], "missing.jsonl"),
     ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--train-k", "9"], "--train-k 9"),
     ("world_demo", lambda w: ["--real-model", w["model"]], "--real-model and --oasst-seed go together"),
+    # issue 33: the reward model's loader names the tensor, as every other loader (was a load_state_dict trace)
+    ("rm", lambda w: ["--model", w["dir"] / "bad_shape", "--data", w["pairs"], "--output", w["dir"] / "rm_shape",
+                      "--max-steps", "1", "--batch-size", "2", "--max-length", "40"],
+     "model.layers.0.mlp.gate_proj.weight' has shape"),
 ]
+
+# issue 33: every numeric flag is checked at the door by one rule (cli.check_number: finite, in range, named),
+# before any model loads; these were accepted (NaN, inf, a negative KL) or failed deep in the engine
+R = lambda *extra: lambda w: ["--model", w["model"], "--data", w["prompts"], "--output", w["dir"] / "rl_err",  # noqa
+                              "--reward", "checker", *extra]
+SEL = lambda *extra: lambda w: ["--candidates", w["model_b"], "--reference", w["model"], "--prompts",  # noqa
+                                w["prompts"], *extra]
+HB = lambda *extra: lambda w: ["--run-dir", w["dir"] / "hb_err", "--base-model", w["model"], "--seed-data",  # noqa
+                               w["sft"], "--unlabelled", w["prompts"], *extra]
+WD = lambda *extra: lambda w: ["--smoke", "--run-dir", w["dir"] / "wd_err", "--cache-dir", w["dir"] / "wd_cache",  # noqa
+                               *extra]
+DOOR = [
+    ("sample", S("--temperature", "nan"), "--temperature nan: must be a finite number"),          # case 8
+    ("sample", S("--temperature", "inf"), "--temperature inf: must be a finite number"),
+    ("sample", S("--top-p", "nan"), "--top-p nan: must be a finite number"),
+    ("evaluate", lambda w: ["h2h", "--a", w["model"], "--b", w["model"], "--judge", w["model"], "--prompts",  # case 9
+                            w["prompts"], "--out", w["dir"] / "h_nan.json", "--temperature", "nan"],
+     "--temperature nan: must be a finite number"),
+    ("rl", R("--reward", "bogus"), "--reward 'bogus': choose one of rm, direct, judge, checker"),
+    ("rl", R("--reward", "rm"), "--reward rm needs --reward-model"),
+    ("rl", R("--top-p", "1.5"), "--top-p 1.5: must lie in (0, 1]"),
+    ("rl", R("--max-new-tokens", "0"), "--max-new-tokens 0: must be >= 1"),
+    ("rl", R("--num-samples", "0"), "--num-samples 0: must be >= 1"),
+    ("select", SEL("--temperature", "-1"), "--temperature -1: must be >= 0"),
+    ("select", SEL("--top-p", "1.5"), "--top-p 1.5: must lie in (0, 1]"),
+    ("self_reward", LOOP("--candidates-top-p", "1.5"), "--candidates-top-p 1.5: must lie in (0, 1]"),
+    ("self_reward", LOOP("--candidates-temperature", "-1"), "--candidates-temperature -1: must be >= 0"),
+    ("self_reward", LOOP("--min-margin", "nan"), "--min-margin nan: must be a finite number"),
+    ("self_reward", LOOP("--n-prompts", "0"), "--n-prompts 0: must be >= 1 (0 = a whole --prompt-source file)"),
+    ("humpback", HB("--augment-top-p", "1.5"), "--augment-top-p 1.5: must lie in (0, 1]"),
+    ("humpback", HB("--segment-near-dup", "2"), "--segment-near-dup 2: must lie in [0, 1]"),
+    ("world_demo", WD("--top-p", "1.5"), "--top-p 1.5: must lie in (0, 1]"),
+    ("world_demo", WD("--kinds", "bogus"), "--kinds bogus: unknown task kinds ['bogus']"),
+    ("world_demo", WD("--threads", "-1"), "--threads -1: must be >= 0"),
+    ("world_demo", WD("--sft-lr", "inf"), "--sft-lr inf: must be a finite number"),
+    ("dpo", D("--beta", "nan"), "--beta nan: must be a finite number"),
+    ("sft", T("--eval-fraction", "2"), "--eval-fraction 2: must lie in [0, 1)"),
+    ("sample", S(inp="a_dir"), "a_dir: a folder, not a file"),
+    ("sample", S(model="bad_mpe"), "config.json: field 'max_position_embeddings': -5 must be an integer >= 2"),
+]
+
+
+@pytest.mark.parametrize("name,argv,needle", DOOR, ids=[f"{c[0]}-{i}" for i, c in enumerate(DOOR)])
+def test_numbers_and_names_checked_at_the_door(w, name, argv, needle):
+    """One line, exit 2, no traceback, and nothing written: no run folder, output or M0 cache appeared."""
+    (w["dir"] / "a_dir").mkdir(exist_ok=True)
+    before = set(w["dir"].iterdir())
+    code, err = run_cli(name, argv(w))
+    assert "Traceback" not in err and code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and needle in err, err[-3000:]
+    assert set(w["dir"].iterdir()) == before, set(w["dir"].iterdir()) - before
 
 
 @pytest.mark.parametrize("name,argv,needle", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

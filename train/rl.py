@@ -65,6 +65,11 @@ class RLConfig(TrainConfig):
         super().check()
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}")
+        from selfreward.recipes.reward import KINDS      # the reward's own list (rl's one seam into recipes/)
+        if self.reward not in KINDS:
+            raise ConfigError(f"--reward {self.reward!r}: choose one of {', '.join(KINDS)}")
+        if self.reward == "rm" and not self.reward_model:
+            raise ConfigError("--reward rm needs --reward-model (the folder train/rm.py wrote)")
         if self.estimator == "rloo" and self.num_samples < 2:
             raise ConfigError("--estimator rloo needs --num-samples >= 2")
         if self.temperature <= 0:

@@ -113,6 +113,11 @@ def smoke_config(run_dir: str, cache_dir: str) -> DemoConfig:
 def loop_kinds(cfg: DemoConfig) -> tuple[str, ...]:
     """The kinds the seeds, the loop and the evaluation use: `--kinds`, a subset of M0's (`--m0-kinds`)."""
     from selfreward.recipes.world.tasks import parse_kinds
+    for flag, kinds in (("--m0-kinds", cfg.m0.kinds), ("--m0-base-kinds", cfg.m0.base_kinds), ("--kinds", cfg.kinds)):
+        try:
+            kinds and parse_kinds(kinds)
+        except ValueError as e:
+            raise cli.ConfigError(f"{flag} {kinds}: {e}") from None
     ks = parse_kinds(cfg.kinds) if cfg.kinds else cfg.m0.kind_tuple()
     extra = [k for k in ks if k not in cfg.m0.kind_tuple()]
     if extra:
