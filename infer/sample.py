@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     out, lock = Path(args.output), None
     try:
         ecfg = check_flags(args)
+        tp = _tp_group(args.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
         check_file(args.input)
         requests = nonempty(read_requests(args.input), args.input, "prompts")
         if not os.path.isdir(args.model):
@@ -192,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
                       file=sys.stderr, flush=True)
                 return 0
-        tp = _tp_group(args.tensor_parallel)
         mine = [r for i, r in enumerate(requests) if i % tp.num_replicas == tp.replica]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
         gen = Generator(args, ecfg, tp)
