@@ -124,6 +124,17 @@ def test_a_pair_without_label_is_an_error_unless_hard_labels(tiny, tmp_path):
     assert code == 0 and (tmp_path / "h" / "model" / "config.json").exists(), err
 
 
+def test_a_huge_field_is_cut_in_the_error_line(tiny, tmp_path):
+    """Issue 33: rm.py echoed a 6 MB label into its error line; the line now keeps its two ends and the size."""
+    from cli_harness import run_cli
+    recs = label_records(2)
+    recs[0]["label"] = "x" * 6_000_000
+    data = write_jsonl(tmp_path / "big.jsonl", recs)
+    code, err = run_cli("rm", ["--model", tiny, "--data", data, "--output", tmp_path / "o", "--max-length", "40"])
+    assert code == 2 and err.count("\n") == 1 and len(err) < 600 + len(str(data)), err[:1000]
+    assert err.startswith(f"error: {data}:1: field 'label' should be [p1, p2]") and "(6.0 MB cut)" in err, err[:1000]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
