@@ -162,10 +162,14 @@ def error_line(msg: object) -> str:
     return f"error: {msg}"
 
 
-def run_main(main, argv: list[str] | None = None) -> None:
+RERUN = "interrupted: finished work is kept (nothing half-written counts as done); rerun the same command to continue"
+
+
+def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
     """Every entry point's `__main__`: the project's errors (DataError and its kinds: bad input, bad flag,
     bad checkpoint, tokenizer or template) and OS errors (a missing or unwritable file, a full disk) print
-    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; never a traceback for those."""
+    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; Ctrl-C prints `interrupted` (what
+    was kept and how to continue) and exits 130; never a traceback for those."""
     try:
         rc = main(argv) if argv is not None else main()
     except Stopped as e:
@@ -179,4 +183,7 @@ def run_main(main, argv: list[str] | None = None) -> None:
     except UnicodeDecodeError as e:   # a reader that does not name its file still says what was wrong
         print(error_line(f"a file is not UTF-8 text ({e})"), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:         # every output is written atomically or resumably: nothing to tidy here
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

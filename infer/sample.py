@@ -286,4 +286,5 @@ def _tp_engine(args, gen: Generator):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted: every finished prompt is kept in OUTPUT.partial (under torchrun "
+                               "OUTPUT.rank<r>.partial); rerun the same command to continue")

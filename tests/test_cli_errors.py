@@ -194,3 +194,18 @@ def test_error_lines_cut_long_values(capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 600, err[:600]
     assert err.startswith("error: d.jsonl:1: field 'label' should be") and "(6.0 MB cut)" in err   # é: 2 bytes
 
+
+def test_ctrl_c_is_one_line_exit_130(capsys):
+    """Ctrl-C: one `interrupted: ...` line (what was kept, how to continue), exit 130, no traceback; the
+    trainers' wrapper says --resume (the subprocess runs are in tests/test_faults.py)."""
+    from selfreward.cli import run_main
+    from selfreward.train.loop import cli
+
+    def stopped():
+        raise KeyboardInterrupt
+    for entry, how in ((run_main, "rerun the same command to continue"), (cli, "rerun with --resume to continue")):
+        with pytest.raises(SystemExit) as e:
+            entry(stopped)
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and err.count("\n") == 1 and err.startswith("interrupted: "), err
+        assert err.rstrip().endswith(how) and "Traceback" not in err

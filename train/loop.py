@@ -37,8 +37,10 @@ class TrainingStopped(Stopped):
 
 def cli(main) -> None:
     """The entry scripts' `__main__` (selfreward.cli.run_main): a stopped run (NaN/inf loss) prints its
-    message and exits 1; bad input, a bad flag, a bad checkpoint or an OS error prints `error: ...`, exit 2."""
-    run_main(main)
+    message and exits 1; bad input, a bad flag, a bad checkpoint or an OS error prints `error: ...`, exit 2;
+    Ctrl-C one line `interrupted: ...`, exit 130."""
+    run_main(main, interrupted="interrupted: the checkpoints saved so far are kept in --output (every --save-every "
+                               "steps and at the end); rerun with --resume to continue")
 
 
 def start(cfg: TrainConfig) -> tuple[Dist, Tokenizer, str]:
