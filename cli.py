@@ -194,21 +194,42 @@ class Stopped(RuntimeError):
     """A run that stopped itself for a reason its message explains (a non-finite loss): exit 1, no traceback."""
 
 
-def run_main(main, argv: list[str] | None = None) -> None:
+HEAD, TAIL = 300, 150   # an error line keeps this much of each end of a longer message (a 6 MB field echoed)
+
+
+def error_line(msg: object) -> str:
+    """`error: MSG`, a message well over HEAD + TAIL characters cut to its two ends with the size of what was
+    left out between them: `... (6.0 MB cut) ...`."""
+    msg = str(msg)
+    if len(msg) > HEAD + TAIL + 40:
+        n = len(msg[HEAD:-TAIL].encode())
+        size = f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
+        msg = f"{msg[:HEAD]} ... ({size} cut) ... {msg[-TAIL:]}"
+    return f"error: {msg}"
+
+
+RERUN = "interrupted: finished work is kept (nothing half-written counts as done); rerun the same command to continue"
+
+
+def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
     """Every entry point's `__main__`: the project's errors (DataError and its kinds: bad input, bad flag,
     bad checkpoint, tokenizer or template) and OS errors (a missing or unwritable file, a full disk) print
-    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; never a traceback for those."""
+    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; Ctrl-C prints `interrupted` (what
+    was kept and how to continue) and exits 130; never a traceback for those."""
     try:
         rc = main(argv) if argv is not None else main()
     except Stopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)
     except (DataError, OSError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else \
             f"{e.filename}: {e.strerror or e}" + (f" (-> {e.filename2})" if e.filename2 else "")
-        print(f"error: {msg}", file=sys.stderr)
+        print(error_line(msg), file=sys.stderr)
         sys.exit(2)
     except UnicodeDecodeError as e:   # a reader that does not name its file still says what was wrong
-        print(f"error: a file is not UTF-8 text ({e})", file=sys.stderr)
+        print(error_line(f"a file is not UTF-8 text ({e})"), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:         # every output is written atomically or resumably: nothing to tidy here
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -204,18 +204,20 @@ class OutputLock:
 
 
 def _has_data(out: Path, folder: bool) -> bool:
-    if folder:
+    if folder or out.is_dir():   # an empty folder (or one with only our record and lock) holds nothing
         return out.is_dir() and any(p.name not in ("run.json", ".lock") for p in out.iterdir())
     return out.exists() or partial_path(out).exists() or any(out.parent.glob(f"{glob.escape(out.name)}.rank*"))
 
 
 @contextmanager
 def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-          flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True) -> Iterator[bool]:
+          flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True, adopt: bool = True
+          ) -> Iterator[bool]:
     """Lock OUT, refuse inputs that are OUT, and check OUT's record against `made_by`: equal -> go on (a
     resume, or nothing to do); different -> refused unless `overwrite`, which calls `clear()` (remove what
     the old run wrote) first; none -> `clear()` too when `overwrite`. The record is (re)written before the
-    body runs, so a killed run's partial output is already labelled. Yields whether the record matched."""
+    body runs, so a killed run's partial output is already labelled. Yields whether the record matched.
+    adopt=False: an OUT holding data but no record (something this command did not write) is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
     lk = OutputLock(out, folder=folder).acquire() if lock else None
@@ -227,6 +229,9 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
             meta_path(out, folder).unlink(missing_ok=True)
         elif _has_data(out, folder):   # a record with no data beside it (a run that failed early) binds nothing
             same = check_record(out, made_by, flag, folder)
+            if not same and not adopt:
+                raise DataError(f"{out}: exists and this command did not write it (no {meta_path(out, folder).name});"
+                                f" refusing to replace it: pass {flag} to replace it, or choose another output")
         if folder:
             out.mkdir(parents=True, exist_ok=True)
         write_record(out, made_by, folder)

@@ -36,7 +36,7 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.replicas import run_units_tp
-from selfreward.cli import ConfigError, check_args, run_main
+from selfreward.cli import ConfigError, check_args, error_line, run_main
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
 from selfreward.records import DataError, check_file, dist_env, iter_jsonl, nonempty, partial_path, read_jsonl
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sample] wrote {len(read_jsonl(args.output))} records to {args.output}", file=sys.stderr,
                   flush=True)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     finally:
         if lock is not None:           # only the lock's holder tidies: a refused second run leaves the files alone
@@ -287,4 +287,5 @@ def _tp_engine(args, gen: Generator):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted: every finished prompt is kept in OUTPUT.partial (under torchrun "
+                               "OUTPUT.rank<r>.partial); rerun the same command to continue")

@@ -8,19 +8,27 @@ iteration's manifest.
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
 
+Output rules, as every command's (docs/guarantees.md): --out and --report are never one of the inputs (nor
+--out a folder holding one); each is locked (OUT.lock) and recorded beside it (OUT.meta.json: every model's
+fingerprint, the prompts' hash, the template and the settings) before any work; an existing --out or
+--report that select did not write, or wrote from other inputs or settings, is refused unless --overwrite.
+
 Rule: the most wins; among equal wins the fewest losses; among those the LATER candidate in the given
 order (the further-trained one, which is what the run would export without selection), so selection only
 departs from the last checkpoint when an earlier one does strictly better.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import _atomic_dir_write
+from selfreward.provenance import claim, file_hash, model_fingerprint, same_file
 from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
 from selfreward.recipes.evaluate import PAIR_TEMPLATE, generate_responses, head_to_head
 from selfreward.recipes.session import Session
@@ -58,6 +66,14 @@ def pick(scores: list[dict]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i]["wins"], -scores[i]["losses"], i))
 
 
+def check_models(candidates: list[str], reference: str, judge_model: str) -> None:
+    if not candidates:
+        raise DataError("select: no candidate checkpoints")
+    for c in [reference, judge_model, *candidates]:
+        if not (Path(c) / "config.json").exists():
+            raise DataError(f"{c}: not a checkpoint folder (no config.json)")
+
+
 def select_checkpoint(candidates: list[str], reference: str, prompts: list[str], judge_model: str,
                       out: str | Path | None = None, cfg: SelectConfig | None = None) -> dict:
     """Judge each candidate against `reference` on `prompts` (recipes.evaluate.head_to_head: a win only
@@ -66,13 +82,9 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": [per candidate:
     candidate, wins, ties, losses, win, tie, loss (shares), no_verdict]}."""
     cfg = cfg or SelectConfig()
-    if not candidates:
-        raise DataError("select: no candidate checkpoints")
     if not prompts:
         raise DataError("select: no prompts to judge on")
-    for c in [reference, judge_model, *candidates]:
-        if not (Path(c) / "config.json").exists():
-            raise DataError(f"{c}: not a checkpoint folder (no config.json)")
+    check_models(candidates, reference, judge_model)
     template = cfg.template()
     session = Session(cfg.engine)             # one model in memory at a time
 
@@ -126,18 +138,49 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
     return res
 
 
+def check_outputs(cfg: SelectConfig) -> None:
+    """--out / --report never an input: not a model, the prompts or the template, nor (--out) a folder holding
+    one (the chosen copy replaces the folder whole)."""
+    ins = [("--reference", cfg.reference), ("--judge", cfg.judge), ("--prompts", cfg.prompts),
+           ("--pair-template", cfg.pair_template)] + [("--candidates", c) for c in cfg.candidates]
+    for oflag, o in (("--out", cfg.out), ("--report", cfg.report)):
+        for iflag, i in ins:
+            if o and i and (same_file(i, o) or Path(i).resolve().is_relative_to(Path(o).resolve())):
+                raise cli.ConfigError(f"{oflag} {o}: is {iflag} {i} or holds it; refusing to write over an input")
+
+
+def made_by(cfg: SelectConfig) -> dict:
+    """What decides the choice: every model by content, the prompts, the template and the settings."""
+    return {"candidates": [model_fingerprint(c) for c in cfg.candidates], "reference": model_fingerprint(cfg.reference),
+            "judge": model_fingerprint(cfg.judge or cfg.reference), "prompts_hash": file_hash(cfg.prompts),
+            "template": hashlib.sha256(cfg.template().encode()).hexdigest()[:16], "dtype": cfg.engine.dtype,
+            **{k: getattr(cfg, k) for k in ("limit", "temperature", "top_p", "judge_temperature", "max_tokens",
+                                            "seed")}}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli.parse_config(SelectConfig, argv, __doc__)
+    p = cli.parser(SelectConfig, __doc__)
+    p.add_argument("--overwrite", action="store_true", help="replace an --out or --report that select did not "
+                   "write, or wrote from other inputs or settings")
+    ns = p.parse_args(argv)
+    cfg = cli.build(SelectConfig, ns)
     for name in ("reference", "prompts"):
         if not getattr(cfg, name):
             raise cli.ConfigError(f"--{name} is required")
+    check_outputs(cfg)
     if not Path(cfg.prompts).is_file():
         raise DataError(f"{cfg.prompts}: no such file")
     prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)]
     prompts = prompts[:cfg.limit] if cfg.limit > 0 else prompts
-    res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
-    if cfg.report:
-        write_json(cfg.report, res)
+    check_models(cfg.candidates, cfg.reference, cfg.judge or cfg.reference)
+    made = made_by(cfg)
+    inputs = [x for x in (cfg.reference, cfg.judge, cfg.prompts, cfg.pair_template, *cfg.candidates) if x]
+    with ExitStack() as claimed:   # each output locked, checked and recorded (OUT.meta.json) before the work
+        for out in filter(None, (cfg.out, cfg.report)):
+            claimed.enter_context(claim(out, made, inputs, ns.overwrite, adopt=False))
+        res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
+        if cfg.report:
+            write_json(cfg.report, res)
     print(f"[select] chosen: {res['chosen']} ({res['rule']})" + (f" -> {cfg.out}" if cfg.out else ""))
     return res
 

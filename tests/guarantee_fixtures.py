@@ -55,11 +55,15 @@ def dpo_args(w: dict, out: Path, *extra) -> list[str]:
 
 
 def start(name: str, argv: list[str]) -> subprocess.Popen:
-    """The real command in its own process (for kills and for a second writer)."""
+    """The real command in its own process (for kills, Ctrl-C and for a second writer). SIGINT is reset to
+    its default first: a shell without job control starts background jobs ignoring it, and Python then
+    installs no KeyboardInterrupt handler."""
+    import signal
     cmd = [str(SCRIPTS[name])] if name in SCRIPTS else ["-m", MODULES[name]]
     return subprocess.Popen([sys.executable, *cmd, *map(str, argv)], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @contextlib.contextmanager

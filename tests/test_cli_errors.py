@@ -232,3 +232,36 @@ def test_flag_errors_come_before_any_output(w):
     assert code == 2 and not (w["dir"] / "run_err" / "metrics.jsonl").exists()   # before the first step
     code, _ = run_cli("sample", S(model="bad_trunc", out="bad_model.jsonl")(w))
     assert code == 2 and not list(w["dir"].glob("bad_model.jsonl.partial"))      # no empty part file left
+
+
+def test_error_lines_cut_long_values(capsys):
+    """Issue 33: an error that would echo a huge field is cut to its two ends and the size of the middle."""
+    from selfreward.cli import error_line, run_main
+    assert error_line("x.jsonl:3: field 'id': missing") == "error: x.jsonl:3: field 'id': missing"
+    msg = "A" * 300 + "B" * 1000 + "C" * 150                  # 1000 bytes between the kept ends
+    assert error_line(msg) == "error: " + "A" * 300 + " ... (1.0 kB cut) ... " + "C" * 150
+
+    def huge():
+        from selfreward.records import DataError
+        raise DataError("d.jsonl:1: field 'label' should be [p1, p2], got '" + "é" * 3_000_000 + "'")
+    with pytest.raises(SystemExit) as e:
+        run_main(huge)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 600, err[:600]
+    assert err.startswith("error: d.jsonl:1: field 'label' should be") and "(6.0 MB cut)" in err   # é: 2 bytes
+
+
+def test_ctrl_c_is_one_line_exit_130(capsys):
+    """Ctrl-C: one `interrupted: ...` line (what was kept, how to continue), exit 130, no traceback; the
+    trainers' wrapper says --resume (the subprocess runs are in tests/test_faults.py)."""
+    from selfreward.cli import run_main
+    from selfreward.train.loop import cli
+
+    def stopped():
+        raise KeyboardInterrupt
+    for entry, how in ((run_main, "rerun the same command to continue"), (cli, "rerun with --resume to continue")):
+        with pytest.raises(SystemExit) as e:
+            entry(stopped)
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and err.count("\n") == 1 and err.startswith("interrupted: "), err
+        assert err.rstrip().endswith(how) and "Traceback" not in err

@@ -136,6 +136,63 @@ def test_trainer_disk_full_at_a_checkpoint_then_resume(w, name, monkeypatch):
     close(out, w["dir"] / f"{name}_ref")
 
 
+@pytest.mark.parametrize("name", ["sample", *sorted(TRAINERS)])
+def test_ctrl_c_is_one_line_then_the_rerun_continues(w, name):
+    """Issue 33: Ctrl-C (SIGINT) mid-run prints one line `interrupted: <what was kept>; <how to continue>`,
+    exits 130 with no traceback, and the rerun (trainers: --resume) ends equal to an uninterrupted run."""
+    if name == "sample":
+        out = w["dir"] / "sample_int.jsonl"
+        part = out.with_name(out.name + ".partial")
+        p = start(name, sample_args(w, out, "many_prompts", *SAMPLE_EXTRA, "--max-num-seqs", "1"))
+        ready = lambda: part.exists() and part.read_bytes().count(b"\n") >= 4   # noqa: E731
+        rerun, how = sample_args(w, out, "many_prompts", *SAMPLE_EXTRA), "; rerun the same command to continue"
+    else:
+        out = w["dir"] / f"{name}_int"
+        metrics = out / "metrics.jsonl"
+        p = start(name, TRAINERS[name](w, out, "--sleep-per-step", "0.3"))
+        ready = lambda: metrics.exists() and sum(1 for _ in open(metrics)) >= 2   # noqa: E731
+        rerun, how = TRAINERS[name](w, out, "--resume"), "; rerun with --resume to continue"
+    assert wait_for(ready, p), p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    said = [x for x in err.splitlines() if x.startswith("interrupted")]
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert len(said) == 1 and said[0].startswith("interrupted: ") and said[0].endswith(how), err[-2000:]
+    code, err = run_cli(name, rerun)
+    assert code == 0, err[-2000:]
+    if name == "sample":
+        same_records(out, w["sample_ref"])
+    else:
+        close(out, w["dir"] / f"{name}_ref")
+
+
+@pytest.mark.parametrize("fault", ["ctrl_c", "disk_full"])
+def test_a_fault_inside_a_checkpoint_write_is_one_line(w, fault, monkeypatch):
+    """DCP wraps any failure of its writers, Ctrl-C included, in a CheckpointException whose text is a
+    traceback; the trainer raises the fault itself: Ctrl-C -> `interrupted: ...`, exit 130; ENOSPC ->
+    `error: ...`, exit 2; then --resume ends equal to an uninterrupted run."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    real, calls = FileSystemWriter.write_data, []
+
+    def write_data(self, plan, planner):                 # the 2nd checkpoint's write fails inside DCP
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt if fault == "ctrl_c" else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, plan, planner)
+    out = w["dir"] / f"sft_dcp_{fault}"
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+    code, err = run_cli("sft", sft_args(w, out))
+    monkeypatch.setattr(FileSystemWriter, "write_data", real)
+    assert "Traceback" not in err and code == (130 if fault == "ctrl_c" else 2), err[-2000:]
+    last = err.strip().splitlines()[-1]
+    want = "interrupted: " if fault == "ctrl_c" else "error: [Errno 28] No space left on device"
+    assert last.startswith(want), err[-2000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002" and not (out / "model").exists()
+    code, err = run_cli("sft", sft_args(w, out, "--resume"))
+    assert code == 0, err[-2000:]
+    close(out, w["dir"] / "sft_ref")
+
+
 def test_rlaif_label_killed_at_random_points(w):
     """recipes.rlaif label, one pair per chunk (each flushed as it ends), SIGKILLed after a random number of
     labels: the rerun labels the rest, and the file equals an uninterrupted run's (ids, order, rationales

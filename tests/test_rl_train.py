@@ -188,3 +188,19 @@ def test_handoff_refuses_a_partial_sync(setup):
     model.norm = None                                              # a policy without its final norm
     with pytest.raises(KeyError, match="not written: \\['norm'\\]"):
         sync_weights(eng, model)
+
+
+@pytest.mark.parametrize("extra, msg", [(["--beta", "-1"], "--beta -1: must be >= 0"),
+                                        (["--max-steps", "0", "--epochs", "0"],
+                                         "--epochs 0 / --max-steps 0: 0 optimizer steps to take")])
+def test_refuses_what_the_other_trainers_refuse(setup, tmp_path, extra, msg):
+    """Issue 33 cases 6 and 7: a negative KL weight, or a run of 0 steps (the SFT policy exported as the RL
+    model), is refused by the trainers' shared checks (TrainConfig.check, loop.total_steps) before any
+    model loads: nothing trained, nothing exported."""
+    from selfreward.cli import ConfigError
+    from selfreward.train import rl
+    d, m0, args = setup
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=msg):
+        rl.main(args + ["--output", str(out), *extra])
+    assert not (out / "model").exists() and not (out / "metrics.jsonl").exists()

@@ -100,6 +100,41 @@ def test_bad_label_is_an_error_naming_the_line(tiny, tmp_path):
     assert "error: " in r.stderr and "bad.jsonl:2: field 'label'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_pair_without_label_is_an_error_unless_hard_labels(tiny, tmp_path):
+    """Issue 33 cases 4 and 5: unlabelled pairs (rlaif label's input), or one labels record that lost its
+    label, used to train as if response_1 always won. Now: `error: FILE:LINE: field 'label' ...`, exit 2,
+    nothing exported; --hard-labels says response_1 wins (p1 = 1); chosen/rejected is a hard label as it is."""
+    from cli_harness import run_cli
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.train.rm import load_labeled
+    unlabelled = [{k: v for k, v in r.items() if k != "label"} for r in label_records(3)[:3]]
+    torn = label_records(4)
+    del torn[2]["label"]
+    args = ["--max-steps", "1", "--batch-size", "2", "--max-length", "40", "--dropout", "0"]
+    for name, recs, line in (("unlabelled", unlabelled, 1), ("torn", torn, 3)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", recs)
+        code, err = run_cli("rm", ["--model", tiny, "--data", data, "--output", tmp_path / name, *args])
+        assert code == 2 and err.startswith(f"error: {data}:{line}: field 'label' missing"), (code, err)
+        assert "--hard-labels" in err and "Traceback" not in err and not (tmp_path / name / "model").exists()
+    tok = Tokenizer.load(tiny)
+    hard = write_jsonl(tmp_path / "hard.jsonl", unlabelled + [label_records(2)[-1]])   # + one chosen/rejected
+    pairs, _ = load_labeled([str(hard)], tok, 40, 20, hard_labels=True)
+    assert [lp.p1 for lp in pairs] == [1.0, 1.0, 1.0, 1.0]
+    code, err = run_cli("rm", ["--model", tiny, "--data", hard, "--output", tmp_path / "h", "--hard-labels", *args])
+    assert code == 0 and (tmp_path / "h" / "model" / "config.json").exists(), err
+
+
+def test_a_huge_field_is_cut_in_the_error_line(tiny, tmp_path):
+    """Issue 33: rm.py echoed a 6 MB label into its error line; the line now keeps its two ends and the size."""
+    from cli_harness import run_cli
+    recs = label_records(2)
+    recs[0]["label"] = "x" * 6_000_000
+    data = write_jsonl(tmp_path / "big.jsonl", recs)
+    code, err = run_cli("rm", ["--model", tiny, "--data", data, "--output", tmp_path / "o", "--max-length", "40"])
+    assert code == 2 and err.count("\n") == 1 and len(err) < 600 + len(str(data)), err[:1000]
+    assert err.startswith(f"error: {data}:1: field 'label' should be [p1, p2]") and "(6.0 MB cut)" in err, err[:1000]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

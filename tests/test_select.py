@@ -115,3 +115,59 @@ def test_select_cli_exit_code(tmp_path):
                         "--reference", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.jsonl")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "none.jsonl: no such file" in r.stderr, r.stderr
+
+
+def _cli(tmp_path, paths, *extra):
+    pf = tmp_path / "p.jsonl"
+    if not pf.exists():
+        pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return ["--candidates", paths["step_6"], paths["step_8"], "--reference", paths["ref"], "--prompts", str(pf),
+            "--engine-device", "cpu", *map(str, extra)]
+
+
+def test_select_never_writes_over_an_input(tmp_path, scripted_models):
+    """Issue 33 case 1: --out equal to --reference (the input model replaced by a candidate) or to a candidate,
+    or a folder holding one, is refused naming both flags, before any model loads; the input is unchanged."""
+    from selfreward.cli import ConfigError
+    from selfreward.recipes.select import main
+    paths, loaded = scripted_models
+    for out, flag in ((paths["ref"], "--reference"), (paths["step_8"], "--candidates"), (tmp_path, "--reference")):
+        with pytest.raises(ConfigError, match=f"^--out {out}: is {flag} "):
+            main(_cli(tmp_path, paths, "--out", out))
+    with pytest.raises(ConfigError, match=r"--report .*p\.jsonl: is --prompts"):
+        main(_cli(tmp_path, paths, "--report", tmp_path / "p.jsonl"))
+    assert loaded == []
+    assert (tmp_path / "ref" / "model.safetensors").read_text() == "ref"
+    assert (tmp_path / "step_8" / "model.safetensors").read_text() == "step_8"
+
+
+def test_select_keeps_the_output_rules(tmp_path, scripted_models):
+    """Issue 33 cases 2 and 3: an existing --out folder or --report file that select did not write is refused
+    (left as it was) unless --overwrite; select records what made its output (OUT.meta.json) and refuses a
+    rerun with other settings over it; a rerun of the same run may replace its own output and report."""
+    from selfreward.records import DataError
+    from selfreward.recipes.select import main
+    paths, _ = scripted_models
+    out, rep = tmp_path / "m", tmp_path / "sel.json"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rep.write_text("my report")
+    with pytest.raises(DataError, match=r"m: exists and this command did not write it .*--overwrite"):
+        main(_cli(tmp_path, paths, "--out", out))
+    with pytest.raises(DataError, match=r"sel\.json: exists and this command did not write it .*--overwrite"):
+        main(_cli(tmp_path, paths, "--report", rep))
+    assert (out / "notes.txt").read_text() == "mine" and rep.read_text() == "my report"
+    main(_cli(tmp_path, paths, "--out", out, "--report", rep, "--overwrite"))
+    # step_8 is marked on 2 prompts, step_6 on none: step_8 is chosen, the folder is its copy and nothing else
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert (out / "model.safetensors").read_text() == "step_8"
+    assert json.loads(rep.read_text())["chosen"] == paths["step_8"]
+    made = json.loads((tmp_path / "m.meta.json").read_text())["made_by"]
+    assert made["seed"] == 0 and made["limit"] == 0 and len(made["candidates"]) == 2
+    assert json.loads((tmp_path / "sel.json.meta.json").read_text())["made_by"] == made
+    main(_cli(tmp_path, paths, "--out", out, "--report", rep))            # the same run again: its own output
+    with pytest.raises(DataError, match=r"m: made with other settings or inputs \(limit: 0 -> 2\)"):
+        main(_cli(tmp_path, paths, "--out", out, "--limit", "2"))
+    with pytest.raises(DataError, match=r"sel\.json: made with other settings or inputs \(seed: 0 -> 1\)"):
+        main(_cli(tmp_path, paths, "--report", rep, "--seed", "1"))
+    assert (out / "model.safetensors").read_text() == "step_8"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
@@ -83,6 +84,21 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save / dcp.load; DCP wraps any failure, even Ctrl-C, in a CheckpointException (a BaseException
+    whose text is a traceback): a Ctrl-C or an OS error (a full disk) is raised as itself instead, so the
+    entry point says it in one line (cli.run_main)."""
+    with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            fn(state, checkpoint_id=str(path))
+        except CheckpointException as e:
+            first = next(iter(e.failures.values()), (None,))[0]
+            if isinstance(first, (KeyboardInterrupt, OSError)):
+                raise first from None
+            raise
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
                     keep: int = 2) -> Path:
     root = Path(run_dir) / "checkpoints"
@@ -93,9 +109,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         tmp.mkdir(parents=True)
     barrier(d)
     msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    _dcp(dcp.save, {"model": msd, "optim": osd}, tmp)
     torch.save(_rng_state(), tmp / f"rng_{d.rank}.pt")
     if d.is_main:
         full = dict(state, step=step, world=d.world, scheduler=scheduler.state_dict())
@@ -118,9 +132,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     msd, osd = get_state_dict(model, optimizer)
     both = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(both, checkpoint_id=str(path))
+    _dcp(dcp.load, both, path)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_{d.rank}.pt"

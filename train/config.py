@@ -58,6 +58,9 @@ class TrainConfig:
         if not self.lr > 0 or self.final_lr < 0 or not 0 <= self.dropout < 1 or self.grad_clip < 0:
             raise ConfigError(f"--lr {self.lr:g} must be > 0, --final-lr {self.final_lr:g} >= 0, --dropout "
                               f"{self.dropout:g} in [0, 1), --grad-clip {self.grad_clip:g} >= 0")
+        beta = getattr(self, "beta", None)   # DPO's and RL's KL weight (DPO's None: the loss's default)
+        if beta is not None and not beta >= 0:
+            raise ConfigError(f"--beta {beta:g}: must be >= 0 (leave it out for the default)")
         mpl = getattr(self, "max_prompt_length", None)   # DPO and the reward model
         if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
             raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "

@@ -27,7 +27,7 @@ from selfreward.train.checkpointing import latest_checkpoint, load_checkpoint, s
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import global_batch, read_jsonl
 from selfreward.train.loop import MetricsLog, check_finite, check_step_finite, cli, load_policy, lr_factor, start, \
-    weight_scale
+    total_steps, weight_scale
 from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard, set_grad_sync
 from selfreward.train.rl_losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, entropy_sum, flat_batch, prompt_ids, response_logps, sample
@@ -167,6 +167,7 @@ def _train(cfg: RLConfig, reward) -> dict:
     micro = cfg.micro_batch_size or per_rank
     if per_rank % micro:
         raise ConfigError(f"--micro-batch-size {micro} must divide the {per_rank} prompts per rank")
+    total = total_steps(cfg, len(prompts))   # before any model loads, as the other trainers refuse it
     model = load_policy(cfg)
     model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)     # V(state) from the detached hidden state
     for p in model.value_head.parameters():                           # zero: the baseline starts at 0
@@ -178,7 +179,6 @@ def _train(cfg: RLConfig, reward) -> dict:
     dev = engine.runner.device
     source = "given" if reward is not None else cfg.reward
     reward = reward or build_reward(cfg, str(dev), engine.runner.dtype)
-    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * (len(prompts) // cfg.batch_size)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
     named = list(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for n, p in named if not n.startswith(VALUE_HEAD)]},

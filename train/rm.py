@@ -4,7 +4,9 @@
     python train/rm.py --model M1 --data labels.jsonl --output runs/rm --max-steps 200 --batch-size 32
 
 Data: `{"prompt" (or "messages"), "response_1", "response_2", "label": [p1, p2]}` (what recipes.rlaif writes;
-p1 = P(response 1 is better)) or `{"prompt", "chosen", "rejected"}` (a hard label, p1 = 1). The model is the
+p1 = P(response 1 is better)) or `{"prompt", "chosen", "rejected"}` (a hard label, p1 = 1). A response_1 /
+response_2 record without `label` (the unlabelled input of rlaif label, a torn line) is an error naming its
+file and line, unless --hard-labels says response_1 is the preferred reply of each. The model is the
 checkpoint's transformer with a scalar head (model/reward_model.py; a causal LM gets a fresh seeded head,
 a reward checkpoint keeps its own). Loss per pair: the cross-entropy of the Bradley-Terry probability
 sigmoid(r1 - r2) against the soft label,
@@ -41,6 +43,7 @@ class RMConfig(TrainConfig):
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
     eval_every: int = 0               # also evaluate every N steps (always at start and end)
     head_seed: int = 0                # seed of the fresh score head (when --model is a causal LM)
+    hard_labels: bool = False         # response_1/response_2 records without 'label': response_1 wins (p1 = 1)
 
 
 @dataclass
@@ -49,9 +52,13 @@ class LabeledPair:
     p1: float             # P(response 1 is better)
 
 
-def _label(rec: dict, where: str) -> float:
+def _label(rec: dict, where: str, hard: bool) -> float:
+    """p1 from `label`; without one, 1 where the record's layout or --hard-labels says response 1 wins."""
     if "label" not in rec:
-        return 1.0
+        if hard:
+            return 1.0
+        raise DataError(f"{where}: field 'label' missing: a response_1/response_2 record needs [p1, p2] (pass "
+                        f"--hard-labels if response_1 is the preferred reply of every such record)")
     lab = rec["label"]
     ok = isinstance(lab, list) and len(lab) == 2 and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in lab)
     if not ok or abs(lab[0] + lab[1] - 1) > 1e-3:
@@ -59,17 +66,19 @@ def _label(rec: dict, where: str) -> float:
     return float(lab[0])
 
 
-def load_labeled(paths: list[str], tok, max_length: int, max_prompt_length: int) -> tuple[list[LabeledPair], dict]:
+def load_labeled(paths: list[str], tok, max_length: int, max_prompt_length: int,
+                 hard_labels: bool = False) -> tuple[list[LabeledPair], dict]:
     out, counts = [], {"read": 0, "truncated": 0}
     for path in paths:
         for where, rec in read_jsonl(path):
-            if "response_1" in rec or "response_2" in rec:
+            soft = "response_1" in rec or "response_2" in rec    # else chosen/rejected: a hard label by its names
+            if soft:
                 for k in ("response_1", "response_2"):
                     if not isinstance(rec.get(k), str):
                         raise DataError(f"{where}: field '{k}' missing or not a string")
                 rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
             p, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
-            out.append(LabeledPair(p, _label(rec, where)))
+            out.append(LabeledPair(p, _label(rec, where, hard_labels or not soft)))
             counts["read"] += 1
             counts["truncated"] += int(cut)
     return out, counts
@@ -144,10 +153,10 @@ def train(cfg: RMConfig) -> dict:
     cfg.check()
     d, tok, tok_dir = start(cfg)
     mpl = cfg.max_prompt_length or cfg.max_length // 2
-    data, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl)
+    data, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl, cfg.hard_labels)
     held: list[LabeledPair] = []
     if cfg.eval_data:
-        held, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl)
+        held, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl, cfg.hard_labels)
     elif cfg.eval_fraction > 0:
         data, held = split_held_out(data, cfg.eval_fraction, cfg.seed)
     if d.is_main:
