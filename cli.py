@@ -68,6 +68,31 @@ def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | No
     return dests
 
 
+# field metadata: the setting does not change what a run makes (where it writes, how often it logs or saves,
+# batching, threads), so a rerun or --resume may change it; every other field shapes the run's data
+PASSIVE = {"shapes": False}
+
+
+def passive(default):
+    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=PASSIVE)
+    return dataclasses.field(default=default, metadata=PASSIVE)
+
+
+def shaping(cls, d: dict) -> dict:
+    """`d` (a config of class `cls` as plain data: to_dict's, or a saved config.json) without the PASSIVE
+    fields, nested configs alike: what provenance compares between a run and its rerun."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d or not f.metadata.get("shapes", True):
+            continue
+        t = hints[f.name]
+        out[f.name] = shaping(t, d[f.name]) if dataclasses.is_dataclass(t) and isinstance(d[f.name], dict) \
+            else d[f.name]
+    return out
+
+
 def to_dict(cfg) -> dict:
     """The config as nested plain data; callables are left out (they cannot be saved)."""
     out = {}

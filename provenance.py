@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from selfreward.cli import shaping
 from selfreward.records import DataError, partial_path, read_json, write_json
 
 MIB = 1 << 20
@@ -88,18 +89,11 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_settings(where: str | Path, old: dict, new: dict, ignore: dict[str, set], flag: str | None = "--overwrite"
-                   ) -> None:
-    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`): every difference
-    outside `ignore` ({"": top-level keys, "section": keys of that nested section}) is an error naming it.
+def check_settings(where: str | Path, cls, old: dict, new: dict, flag: str | None = "--overwrite") -> None:
+    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`), both configs of class
+    `cls` as plain data: every difference in a field that shapes the data (cli.shaping) is an error naming it.
     flag: the command's start-over flag (None: it has none)."""
-    def shaping(d: dict) -> dict:
-        d = {k: v for k, v in d.items() if k not in ignore.get("", set())}
-        for sec, keys in ignore.items():
-            if sec and isinstance(d.get(sec), dict):
-                d[sec] = {k: v for k, v in d[sec].items() if k not in keys}
-        return d
-    diff = differences(shaping(old), shaping(new)) if old else []
+    diff = differences(shaping(cls, old), shaping(cls, new)) if old else []
     if diff:
         fix = f"pass {flag} to delete them and start over" if flag else "remove the folder to start over"
         raise DataError(f"{where}: made with other settings ({'; '.join(diff[:6])}); its finished stages would "

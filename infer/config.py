@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfreward.cli import passive
 from selfreward.records import DataError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,14 +21,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class EngineConfig:
-    device: str = ""                  # "" = cuda:LOCAL_RANK when CUDA is available, else cpu
+    device: str = passive("")                  # "" = cuda:LOCAL_RANK when CUDA is available, else cpu
     dtype: str = ""                   # float32 | bfloat16 | float16; "" = bfloat16 on CUDA, float32 on CPU
-    block_size: int = 16              # tokens per KV block
-    num_blocks: int = 0               # KV blocks in the pool; 0 = enough for max_num_seqs (memory-capped)
-    max_num_seqs: int = 256           # sequences decoded together
-    max_num_batched_tokens: int = 4096   # tokens per engine step (prefill chunks + decodes)
-    prefix_cache: bool = True         # share KV blocks of equal prefixes (judge rubric, few-shot header)
-    tensor_parallel: int = 1          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
+    block_size: int = passive(16)              # tokens per KV block
+    num_blocks: int = passive(0)               # KV blocks in the pool; 0 = enough for max_num_seqs (memory-capped)
+    max_num_seqs: int = passive(256)           # sequences decoded together
+    max_num_batched_tokens: int = passive(4096)   # tokens per engine step (prefill chunks + decodes)
+    prefix_cache: bool = passive(True)         # share KV blocks of equal prefixes (judge rubric, few-shot header)
+    tensor_parallel: int = passive(1)          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
     cuda_graphs: bool = False         # decode from CUDA graphs per batch-size bucket (CUDA only; untested)
 
     def check(self) -> None:

@@ -51,13 +51,13 @@ class HumpbackConfig:
     extra_seed: list[str] = field(default_factory=list)   # more SFT files for M0 and each M_t (not turned round)
     unlabelled: list[str] = field(default_factory=list)   # JSONL {"text"} or plain-text files
     forward_model: str = ""           # M0, the first curator; "" = SFT of the base on the seed (stage forward)
-    iterations: int = 2               # 2 = A(1) -> M1 -> A(2) -> M2
+    iterations: int = cli.passive(2)               # 2 = A(1) -> M1 -> A(2) -> M2
     train_k: int = 5                  # M_t trains on A_k(t) with this k (one of --curate-keep)
     tags: bool = True                 # a system prompt per source (seed / augmented); --no-tags: none
     seed_tag: str = "Reply the way a helpful AI assistant would."        # "" = no system turn
     augmented_tag: str = "Reply with what a page on the web would say."   # "" = no system turn
     chunk: int = 32                   # units per generate call (the grain of resume)
-    nproc: int = 1                    # >1: augment, curate and the SFT runs under torchrun
+    nproc: int = cli.passive(1)                    # >1: augment, curate and the SFT runs under torchrun
     seed: int = 0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -19,19 +19,12 @@ LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", 
             "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
 
 
-# settings a rerun of RUN may change: they do not shape the data already made (more iterations continue it)
-ENGINE_NOT_SHAPING = {"device", "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "prefix_cache",
-                      "tensor_parallel"}
-
-
 def check_run_settings(cfg, old: dict) -> None:
     """RUN/config.json (`old`, what made the run's data) against this run's settings (a LoopConfig or a
     HumpbackConfig): a rerun that would skip stages made with other settings (and record the new ones in the
     manifest) is refused."""
     from selfreward.provenance import check_settings
-    from selfreward.train.runfolder import NOT_SHAPING as TRAIN_NOT_SHAPING
-    check_settings(cfg.run_dir, old, cli.to_dict(cfg), {"": {"iterations", "nproc", "eval_hook"},
-                   "engine": ENGINE_NOT_SHAPING, "dpo": TRAIN_NOT_SHAPING, "sft": TRAIN_NOT_SHAPING})
+    check_settings(cfg.run_dir, type(cfg), old, cli.to_dict(cfg))
 
 
 @dataclass
@@ -46,7 +39,7 @@ class CandidatesConfig:
 class LoopConfig:
     run_dir: str = ""
     init_model: str = ""              # M1: the checkpoint iteration 1 starts from
-    iterations: int = 2               # 2 = M1 -> M2 -> M3
+    iterations: int = cli.passive(2)               # 2 = M1 -> M2 -> M3
     # "self-instruct" | a JSONL file of {"id"?, "prompt"} | (Python) fn(t, n, seed) -> [str | {"id", "prompt"}]
     prompt_source: str | Callable = "self-instruct"
     seed_prompts: str = ""            # self-instruct: JSONL with "prompt" (e.g. recipes.oasst's ift.jsonl)
@@ -68,7 +61,7 @@ class LoopConfig:
     # current samples while DPO trains the answers (recipes/self_reward.write_judge_self). 0 = off (the paper)
     judge_self_train: int = 0
     chunk: int = 32                   # units per generate call (the grain of resume)
-    nproc: int = 1                    # >1: sampling stages and DPO under torchrun
+    nproc: int = cli.passive(1)                    # >1: sampling stages and DPO under torchrun
     seed: int = 0
     # checkpoint selection (paper: an export every 200 DPO steps, the one winning most head-to-heads against
     # M_t on held-out prompts becomes M_{t+1}); 0 = off: the final DPO export is M_{t+1}
@@ -79,7 +72,7 @@ class LoopConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    eval_hook: Callable | None = None  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
+    eval_hook: Callable | None = cli.passive(None)  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
 
     def __post_init__(self):
         if self.score_from not in ("sampled", "expected"):

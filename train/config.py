@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selfreward.cli import ConfigError, parse_config  # noqa: F401  (parse_config: the trainers' entry)
+from selfreward.cli import ConfigError, parse_config, passive  # noqa: F401  (parse_config: the trainers' entry)
 
 
 @dataclass
 class TrainConfig:
     model: str = ""                   # HF checkpoint folder to start from (also the DPO reference)
     data: list[str] = field(default_factory=list)  # JSONL file(s)
-    output: str = ""                  # run folder: metrics.jsonl, checkpoints/, model/
-    export: str = ""                  # final HF export folder (default: OUTPUT/model)
+    output: str = passive("")                  # run folder: metrics.jsonl, checkpoints/, model/
+    export: str = passive("")                  # final HF export folder (default: OUTPUT/model)
     tokenizer: str = ""               # tokenizer folder (default: --model)
     max_steps: int = 0                # optimizer steps; 0 = epochs x (examples // batch_size)
     epochs: int = 1
     batch_size: int = 16              # GLOBAL batch in examples = micro x accumulation x world size
-    micro_batch_size: int = 0         # examples per forward per rank; 0 = batch_size // world (no accumulation)
+    micro_batch_size: int = passive(0)         # examples per forward per rank; 0 = batch_size // world (no accumulation)
     lr: float = 1e-5
     final_lr: float = 1e-6            # the schedule decays lr to this at the last step
     schedule: str = "cosine"          # cosine | linear
@@ -31,17 +31,17 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0
     shuffle: bool = True              # shuffle examples each epoch (a function of seed and epoch)
-    save_every: int = 0               # checkpoint every N steps (0 = only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = False              # continue from OUTPUT/checkpoints/latest if there is one
-    overwrite: bool = False           # start over: remove the checkpoints, metrics and model of OUTPUT's earlier run
-    log_every: int = 1
-    activation_checkpointing: bool = False
+    save_every: int = passive(0)               # checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = passive(2)
+    resume: bool = passive(False)              # continue from OUTPUT/checkpoints/latest if there is one
+    overwrite: bool = passive(False)           # start over: remove the checkpoints, metrics and model of OUTPUT's earlier run
+    log_every: int = passive(1)
+    activation_checkpointing: bool = passive(False)
     selective_checkpointing: bool = False  # keep matmul outputs, recompute the rest (ignored with the above)
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: always fp32)
-    threads: int = 0                  # torch.set_num_threads (0 = leave as is)
-    device: str = "auto"              # auto: cuda:LOCAL_RANK where available, else cpu | cpu | cuda
-    sleep_per_step: float = 0.0       # test aid: slow the loop so a test can kill it mid-run
+    threads: int = passive(0)                  # torch.set_num_threads (0 = leave as is)
+    device: str = passive("auto")              # auto: cuda:LOCAL_RANK where available, else cpu | cpu | cuda
+    sleep_per_step: float = passive(0.0)       # test aid: slow the loop so a test can kill it mid-run
 
     def check(self) -> None:
         for name in ("model", "output"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import selfreward.kernels.ops as K
+from selfreward.cli import passive
 from selfreward.model.checkpoint import load_model
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Pair, load_pairs, pair_batch
@@ -43,11 +44,11 @@ class DPOConfig(TrainConfig):
     nll_alpha: float = 0.0            # + alpha * chosen per-token NLL (RPO); 0 = plain DPO
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     ref_mode: str = "cache"           # cache | online
-    ref_cache_dir: str = ""           # default OUTPUT/ref_cache
-    export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
+    ref_cache_dir: str = passive("")           # default OUTPUT/ref_cache
+    export_every: int = passive(0)             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
     share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
-    fused_head: bool = True           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
+    fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
     def check(self) -> None:
         super().check()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from selfreward.cli import passive
 from selfreward.infer.config import EngineConfig
 from selfreward.records import DataError, field as rec_field
 from selfreward.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -58,7 +59,7 @@ class RLConfig(TrainConfig):
     value_coef: float = 1.0
     probe_data: str = ""              # prompts JSONL: greedy replies every --probe-every steps -> probes.jsonl
     probe_every: int = 0
-    export_every: int = 0             # HF export every N steps to OUTPUT/exports/step_N
+    export_every: int = passive(0)             # HF export every N steps to OUTPUT/exports/step_N
     engine: EngineConfig = field(default_factory=EngineConfig)   # the sampler (--engine-device, ...)
 
     def check(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from selfreward.cli import passive
 from selfreward.model.config import ModelConfig
 from selfreward.model.reward_model import load_reward_model, packed_rewards, save_reward_model
 from selfreward.records import DataError
@@ -41,7 +42,7 @@ class RMConfig(TrainConfig):
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     eval_data: list[str] = field(default_factory=list)  # held-out label JSONL; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
-    eval_every: int = 0               # also evaluate every N steps (always at start and end)
+    eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     head_seed: int = 0                # seed of the fresh score head (when --model is a causal LM)
     hard_labels: bool = False         # response_1/response_2 records without 'label': response_1 wins (p1 = 1)
 

@@ -19,19 +19,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from selfreward.cli import to_dict
+from selfreward.cli import shaping, to_dict
 from selfreward.provenance import check_not_input, claim, inputs_hash, model_fingerprint
 from selfreward.records import DataError
 
-# settings that do not change what training computes (how often it logs / saves, threads, where it exports)
-NOT_SHAPING = {"resume", "overwrite", "save_every", "keep_checkpoints", "log_every", "threads", "sleep_per_step",
-               "eval_every", "export_every", "export", "output", "micro_batch_size", "activation_checkpointing",
-               "ref_cache_dir", "device", "fused_head"}
-
-
 def made_by(cfg) -> dict:
     """The settings that shape training, with the model, tokenizer and data by content, not by path."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING | {"model", "tokenizer", "data", "eval_data"}}
+    d = {k: v for k, v in shaping(type(cfg), to_dict(cfg)).items() if k not in ("model", "tokenizer", "data", "eval_data")}
     d["model_fingerprint"] = model_fingerprint(cfg.model)
     d["tokenizer_fingerprint"] = model_fingerprint(cfg.tokenizer) if cfg.tokenizer else ""
     d["data_hashes"] = inputs_hash(cfg.data)

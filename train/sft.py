@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from selfreward.cli import passive
 from selfreward.train.config import ConfigError, TrainConfig, parse_config
 from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_held_out
 from selfreward.train.loop import cli, held_out_sums, load_policy, run, start
@@ -28,7 +29,7 @@ class SFTConfig(TrainConfig):
     packing: bool = True              # several examples per row of max_length (False: one per row, padded)
     eval_data: list[str] = field(default_factory=list)  # held-out JSONL; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
-    eval_every: int = 0               # also evaluate every N steps (always at start and end)
+    eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     system_prompt: list[str] = field(default_factory=list)  # FILE=TEXT: system turn for that data file
 
 

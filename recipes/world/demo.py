@@ -34,16 +34,16 @@ from selfreward.recipes.world.measure import MeasureConfig, measure
 
 @dataclass
 class DemoConfig:
-    run_dir: str = "runs/world"
-    cache_dir: str = ""               # "" = ~/.cache/selfreward/world
+    run_dir: str = cli.passive("runs/world")
+    cache_dir: str = cli.passive("")               # "" = ~/.cache/selfreward/world
     # the task kinds of the seeds, the loop and the evaluation: a subset of M0's pretraining kinds (--m0-kinds),
     # "" = all of them. min: M0 answers max of eight and sort of eight digits right 0.89 / 0.997 of the time
     # (no room), min of eight 0.59 with pass@8 0.81 (recipes/world/README.md)
     kinds: str = "min"
     seed: int = 0                     # the loop's seed (seeds, SFT, sampling, DPO, evaluation); M0 is --m0-seed
-    iterations: int = 2
-    nproc: int = 1                    # ranks for train/sft.py, train/dpo.py and the sampling stages (torchrun)
-    threads: int = 0
+    iterations: int = cli.passive(2)
+    nproc: int = cli.passive(1)                    # ranks for train/sft.py, train/dpo.py and the sampling stages (torchrun)
+    threads: int = cli.passive(0)
     # seeds and M1
     n_ift: int = 300
     n_eft: int = 500
@@ -79,13 +79,13 @@ class DemoConfig:
     dpo_batch: int = 16
     # the controls (recipes/world/controls.py), the same iterations from M1: "oracle" (the checker's
     # preferences; rows M2-oracle, M3-oracle) and "fixed" (M1 judges every iteration; row M3-fixed)
-    controls: list[str] = field(default_factory=lambda: ["oracle", "fixed"])
+    controls: list[str] = cli.passive(["oracle", "fixed"])
     # evaluation: greedy on n_eval held-out prompts; pass@N (N = n_candidates) on the first n_pass of them
     n_eval: int = 1000
     n_pass: int = 100
     n_judge: int = 50
     # M0: the shipped one (recipes/world/m0/) when its key matches these settings; True: build (cached)
-    rebuild_m0: bool = False
+    rebuild_m0: bool = cli.passive(False)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # --m0-hidden, --m0-kinds, ...
     engine: EngineConfig = field(default_factory=EngineConfig)       # --engine-device, --engine-dtype, ...
 
@@ -137,17 +137,11 @@ class Clock:
         print(f"\n[world {time.perf_counter() - self.t0:7.1f}s] {text}", flush=True)
 
 
-# settings a rerun into the same run folder may change: where things go, how many CPUs, and extending the run
-# (more iterations, more control rows); every other setting shapes what the folder already holds
-_RESUMABLE = {"run_dir", "cache_dir", "threads", "nproc", "iterations", "controls", "rebuild_m0"}
-
-
-def check_run_folder(run_dir: Path, cfg, name: str = "demo_settings.json", resumable: set[str] = _RESUMABLE) -> None:
+def check_run_folder(run_dir: Path, cfg, name: str = "demo_settings.json") -> None:
     """RUN_DIR/NAME records the run's settings (a DemoConfig, or another mode's config); a rerun whose settings
     differ is refused (provenance.check_settings: DataError, exit 2): it would reuse seeds, M1 or iterations
-    made otherwise. `resumable`: the top-level fields a rerun may change."""
+    made otherwise. The fields marked cli.PASSIVE (where things go, CPUs, extending the run) may change."""
     from selfreward.provenance import check_settings
-    from selfreward.recipes.loop_config import ENGINE_NOT_SHAPING
     from selfreward.records import DataError, read_json, write_json
     path = run_dir / name
     now = json.loads(json.dumps(cli.to_dict(cfg)))                    # tuples -> lists, as read back
@@ -155,7 +149,7 @@ def check_run_folder(run_dir: Path, cfg, name: str = "demo_settings.json", resum
         old = read_json(path)
     except ValueError as e:
         raise DataError(f"{path}: unreadable ({e}); remove it or use another --run-dir") from None
-    check_settings(path, old, now, {"": resumable, "engine": ENGINE_NOT_SHAPING}, flag=None)
+    check_settings(path, type(cfg), old, now, flag=None)
     write_json(path, now)
 
 

@@ -37,12 +37,12 @@ from selfreward.recipes.world.build import WorldModelConfig
 
 @dataclass
 class WorldHumpbackConfig:
-    run_dir: str = "runs/world-humpback"
-    cache_dir: str = ""               # "" = ~/.cache/selfreward/world (the world's M0)
+    run_dir: str = cli.passive("runs/world-humpback")
+    cache_dir: str = cli.passive("")               # "" = ~/.cache/selfreward/world (the world's M0)
     seed: int = 0
-    iterations: int = 2
-    nproc: int = 1
-    threads: int = 0
+    iterations: int = cli.passive(2)
+    nproc: int = cli.passive(1)
+    threads: int = cli.passive(0)
     n_ift: int = 300                  # seed pairs (also the backward model's data, turned around)
     n_eft: int = 500                  # seed judging examples (the forward model's rating ability)
     n_unlabelled: int = 1000          # answers of train-split tasks, instructions hidden
@@ -116,8 +116,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     # the seeds are rewritten and the stages and controls skipped when present: before any of it, a rerun
     # with other settings is refused
     from selfreward.recipes.world.demo import check_run_folder
-    check_run_folder(run_dir, cfg, "humpback_settings.json", {"run_dir", "cache_dir", "threads", "nproc",
-                                                              "iterations"})
+    check_run_folder(run_dir, cfg, "humpback_settings.json")
     m0 = m0_folder(cfg.m0, Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), False,
                    cfg.nproc, thr)
     seed_dir = run_dir / "seed"

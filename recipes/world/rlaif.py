@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfreward import cli
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes.world.build import WorldModelConfig
 
@@ -44,11 +45,11 @@ WORLD_TEMPLATE = LabelTemplate(
 
 @dataclass
 class RLAIFWorldConfig:
-    run_dir: str = "runs/world-rlaif"
-    cache_dir: str = ""               # M0's cache ("" = ~/.cache/selfreward/world)
+    run_dir: str = cli.passive("runs/world-rlaif")
+    cache_dir: str = cli.passive("")               # M0's cache ("" = ~/.cache/selfreward/world)
     seed: int = 0                     # seeds, sampling, the RM's head and order; M0 fixed by its own key
-    threads: int = 0
-    nproc: int = 1                    # ranks for train/sft.py and train/rm.py (torchrun)
+    threads: int = cli.passive(0)
+    nproc: int = cli.passive(1)                    # ranks for train/sft.py and train/rm.py (torchrun)
     n_ift: int = 300
     n_eft: int = 500
     n_pref: int = 600                 # pairwise-label seed (half direct, half chain-of-thought)
@@ -68,7 +69,7 @@ class RLAIFWorldConfig:
     rm_lr: float = 1e-4
     n_control: int = 200              # held-out right-vs-one-edit pairs labelled as a control (seed-like)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
-    rl: WorldRLConfig = field(default_factory=WorldRLConfig)          # part 2, RL from M1; --rl-*
+    rl: WorldRLConfig = field(default_factory=WorldRLConfig, metadata=cli.PASSIVE)   # part 2, RL from M1; --rl-*
     engine: EngineConfig = field(default_factory=EngineConfig)       # M1's sampler and labeller, and RL's; --engine-*
 
 
@@ -157,7 +158,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     # M1, the pairs and the RM are skipped when present: a rerun with other settings is refused (the RL
     # settings are checked per --rl-dir, in rl_stage: another --rl-dir reuses M1 and the RM)
-    check_run_folder(run_dir, cfg, "rlaif_settings.json", {"run_dir", "cache_dir", "threads", "nproc", "rl"})
+    check_run_folder(run_dir, cfg, "rlaif_settings.json")
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world")
     t = time.perf_counter()
     m0 = m0_folder(mc, cache, False, cfg.nproc, cfg.threads)
@@ -279,11 +280,9 @@ def report(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Flags: every RLAIFWorldConfig field (--n-prompts, --rm-labels, ...) and --m0-* for M0's fields."""
-    from selfreward import cli
     a = cli.parser(RLAIFWorldConfig, "RLAIF part 1 in the checkable world").parse_args(argv)
     return run(cli.build(RLAIFWorldConfig, a))
 
 
 if __name__ == "__main__":
-    from selfreward import cli
     cli.run_main(main)

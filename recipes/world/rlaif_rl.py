@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfreward import cli
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE
 
 SOURCES = ("checker", "rm", "direct")
@@ -30,7 +31,7 @@ SOURCES = ("checker", "rm", "direct")
 
 @dataclass
 class WorldRLConfig:
-    sources: list[str] = field(default_factory=lambda: list(SOURCES))   # checker | rm | direct (any subset)
+    sources: list[str] = cli.passive(list(SOURCES))   # checker | rm | direct (any subset)
     steps: int = 100
     batch: int = 64                   # prompts per step
     num_samples: int = 1              # responses per prompt (rloo: >= 2)
@@ -66,7 +67,7 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
     from selfreward.train.rl import RLConfig, train
     from selfreward.recipes.world.demo import check_run_folder
     home = run_dir / rc.dir
-    check_run_folder(home, rc, "rl_settings.json", {"sources"})   # a finished source's run is reused as it is
+    check_run_folder(home, rc, "rl_settings.json")   # a finished source's run is reused as it is
     prompts = write_jsonl(home / "prompts.jsonl", loop_prompts(rc.n_prompts, 70_000 + seed, avoid, kinds))
     probes = write_jsonl(home / "probes.jsonl", [{"prompt": t.prompt} for t in
                                                  heldout_eval_set(rc.n_eval, seed=1234 + seed, kinds=kinds)])
