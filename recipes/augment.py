@@ -9,10 +9,9 @@ order; resumable and shardable (selfreward.records.run_units), each segment seed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from selfreward import cli
-from selfreward.infer.replicas import run_stage_units
+from selfreward.recipes import pipeline
 from selfreward.recipes.judge import fit_slots
 from selfreward.recipes.segment import build_segments
 from selfreward.recipes.session import Session
@@ -26,25 +25,10 @@ class AugmentConfig:
     max_tokens: int = 128             # instruction length limit
 
 
-def stage_seed(cfg, t: int, stage: int) -> int:
-    """The sampling seed of stage `stage` in iteration t (0: before the iterations)."""
-    return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
-
-
-def units(cfg, rank: int, world: int, out: Path, todo, per_unit: int, key, work, label: str, unit: str) -> bool:
-    """The stage's units on the ranks or on tensor-parallel replicas, as the self-rewarding loop's."""
-    return run_stage_units(cfg.engine.tensor_parallel, cfg.chunk, rank, world, out, todo, per_unit, key, work,
-                           label, unit)
-
-
-def _path(cfg, *parts: str) -> Path:
-    return Path(cfg.run_dir).joinpath(*parts)
-
-
 def stage_segments(cfg) -> dict:
-    out = _path(cfg, "segments.jsonl")
+    out = pipeline.folder(cfg, 0) / "segments.jsonl"
     if out.exists():
-        return read_json(_path(cfg, "manifest.json")).get("segments", {})
+        return read_json(pipeline.folder(cfg, 0) / "manifest.json").get("segments", {})
     if not cfg.unlabelled:
         raise cli.ConfigError("--unlabelled is required (JSONL {\"text\"} or plain-text files)")
     segs, counts = build_segments(cfg.unlabelled, cfg.segment)
@@ -61,12 +45,12 @@ def stage_segments(cfg) -> dict:
 
 def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
     from selfreward.infer.sequence import SamplingParams
-    out = _path(cfg, "candidates.jsonl")
+    out = pipeline.folder(cfg, 0) / "candidates.jsonl"
     if out.exists():
         return
-    segs = need_jsonl(_path(cfg, "segments.jsonl"), "the segments stage")
-    engine, tok = s.get(str(_path(cfg, "backward", "model")))
-    a, base = cfg.augment, stage_seed(cfg, 0, 2)
+    segs = need_jsonl(pipeline.folder(cfg, 0) / "segments.jsonl", "the segments stage")
+    engine, tok = s.get(str(pipeline.folder(cfg, 0) / "backward" / "model"))
+    a, base = cfg.augment, pipeline.seed(cfg, 0, 2)
     budget = engine.max_len - a.max_tokens - 1
 
     def work(batch, emit):
@@ -81,4 +65,4 @@ def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
                  len(x.token_ids))
         engine.generate([f[0] for f in fitted], ps, on_request=done)
-    units(cfg, rank, world, out, segs, 1, lambda r: r["id"], work, "augment", "segments")
+    pipeline.units(cfg, rank, world, out, segs, 1, lambda r: r["id"], work, "augment", "segments")

@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.infer.replicas import stage_group
-from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments, stage_seed as _seed, units
+from selfreward.recipes import pipeline
+from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments
 from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores, select
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, dist_env, field as rfield, iter_jsonl, need_jsonl, read_json, \
+from selfreward.records import DataError, field as rfield, iter_jsonl, need_jsonl, read_json, \
     read_jsonl, write_json, write_jsonl
 from selfreward.train.sft import SFTConfig
 
-STAGES = ("backward", "forward", "segments", "augment", "curate", "select", "train")
-SHARDED = ("augment", "curate")
 # fields the recipe sets itself (no flags)
 SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "system_prompt",
                     "eval_data"}}
@@ -123,14 +120,14 @@ def stage_backward(cfg: HumpbackConfig) -> None:
         return
     data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data, cfg.base_model)))
     scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=[str(data)], output=str(home / "sft"),
-                               export=str(home / "model"), resume=True, seed=_seed(cfg, 0, 0), system_prompt=[])
+                               export=str(home / "model"), resume=True, seed=pipeline.seed(cfg, 0, 0), system_prompt=[])
     cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
 
 
 def stage_forward(cfg: HumpbackConfig) -> None:
     if not cfg.forward_model:
         read_seed(cfg.seed_data, cfg.base_model)
-        sft_model(cfg, run_path(cfg, "m0"), [cfg.seed_data, *cfg.extra_seed], [], _seed(cfg, 0, 1))
+        sft_model(cfg, run_path(cfg, "m0"), [cfg.seed_data, *cfg.extra_seed], [], pipeline.seed(cfg, 0, 1))
 
 
 def rateable(cfg: HumpbackConfig) -> list[dict]:
@@ -143,19 +140,14 @@ def stage_curate(cfg: HumpbackConfig, t: int, s: Session, rank: int = 0, world: 
         return
     cands = rateable(cfg)
     engine, tok = s.get(model_at(cfg, t - 1))
-    jc, base = cfg.curate.judge(), _seed(cfg, t, 3)
+    jc, base = cfg.curate.judge(), pipeline.seed(cfg, t, 3)
 
     def work(batch, emit):
         res = judge_items(engine, tok, [(c["instruction"], c["output"]) for _, c in batch], jc,
                           [base + i * jc.k for i, _ in batch])
         for (i, c), r in zip(batch, res):
-            recs = [{"id": c["id"], "k": k, "judgment": x, "score": sc, "prompt_cut": r.prompt_cut}
-                    for k, (x, sc) in enumerate(r.samples)]
-            if r.expected is not None:
-                for rec in recs:
-                    rec["expected"] = round(r.expected, 4)
-            emit(i, recs)
-    units(cfg, rank, world, out, cands, jc.k, lambda r: r["id"], work, f"curate {t}", "pairs")
+            emit(i, pipeline.judged(r, {"id": c["id"]}))
+    pipeline.units(cfg, rank, world, out, cands, jc.k, lambda r: r["id"], work, f"curate {t}", "pairs")
 
 
 def stage_select(cfg: HumpbackConfig, t: int) -> dict:
@@ -180,7 +172,7 @@ def stage_train(cfg: HumpbackConfig, t: int) -> None:
         print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k}): M{t} trains on the seed "
               f"alone", file=sys.stderr, flush=True)
     read_seed(cfg.seed_data, cfg.base_model)
-    sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], aug, _seed(cfg, t, 4))
+    sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], aug, pipeline.seed(cfg, t, 4))
 
 
 def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
@@ -207,87 +199,34 @@ def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | Non
     return m
 
 
-def run_stage(cfg: HumpbackConfig, st: str, t: int, s: Session, rank: int = 0, world: int = 1) -> dict | None:
-    if st in SHARDED:
-        return stage_augment(cfg, s, rank, world) if st == "augment" else stage_curate(cfg, t, s, rank, world)
-    if st in ("backward", "forward", "train"):
-        s.release()
-    return {"backward": lambda: stage_backward(cfg), "forward": lambda: stage_forward(cfg),
-            "segments": lambda: stage_segments(cfg), "select": lambda: stage_select(cfg, t),
-            "train": lambda: stage_train(cfg, t)}[st]()
+def report(cfg: HumpbackConfig, t: int, m: dict) -> None:
+    print(f"[humpback] iter {t}: {m['pairs_rated']} pairs rated by {m['curator']}, {m['parse_failures']}/"
+          f"{m['ratings']} ratings unparsed; " + ", ".join(f"A{k} {m[f'A{k}']}" for k in cfg.curate.keep)
+          + f"; M{t} trained on A{cfg.train_k}", flush=True)
 
 
-def _timed(cfg: HumpbackConfig, st: str, t: int, s: Session) -> tuple[float, dict | None]:
-    t0 = time.perf_counter()
-    out = run_path(cfg, "candidates.jsonl") if st == "augment" else run_path(cfg, f"iter_{t}", "ratings.jsonl")
-    if st in SHARDED and cfg.nproc > 1 and not out.exists():
-        s.release()
-        cli.torchrun("selfreward.recipes.humpback", ["--config", str(run_path(cfg, "config.json")), "--stage", st,
-                                                     "--iter", str(t)], cfg.nproc)
-        stats = None
-    else:
-        stats = run_stage(cfg, st, t, s)
-    return round(time.perf_counter() - t0, 2), stats
+RECIPE = pipeline.Recipe(
+    "selfreward.recipes.humpback", HumpbackConfig, head=(
+        pipeline.Stage("backward", lambda c, *_: stage_backward(c), trains=True),
+        pipeline.Stage("forward", lambda c, *_: stage_forward(c), trains=True),
+        pipeline.Stage("segments", lambda c, *_: stage_segments(c)),
+        pipeline.Stage("augment", lambda c, t, s, rank, world: stage_augment(c, s, rank, world), "candidates.jsonl",
+                       shards=True)), body=(
+        pipeline.Stage("curate", stage_curate, "ratings.jsonl", shards=True),
+        pipeline.Stage("select", lambda c, t, *_: stage_select(c, t)),
+        pipeline.Stage("train", lambda c, t, *_: stage_train(c, t), trains=True)),
+    manifest=write_manifest, report=report,
+    # the run's own layout only: RUN may also hold its input data (humpback_oasst: RUN/data)
+    layout=("iter_*", "backward", "m0", "segments.jsonl*", "candidates.jsonl*", "manifest.json*", "config.json*"))
 
 
 def run_humpback(cfg: HumpbackConfig, s: Session | None = None, overwrite: bool = False) -> list[dict]:
     """All stages, iterations 1..T -> the manifests [RUN, iter_1, ...]. Rerun after a crash to continue."""
-    from selfreward.provenance import OutputLock
-    from selfreward.recipes.loop_config import check_run_settings
-    with OutputLock(cfg.run_dir, folder=True):
-        if overwrite:   # the run's own layout only: RUN may also hold its input data (humpback_oasst: RUN/data)
-            import shutil
-            for p in [*Path(cfg.run_dir).glob("iter_*"), run_path(cfg, "backward"), run_path(cfg, "m0")]:
-                shutil.rmtree(p, ignore_errors=True)
-            for name in ("segments.jsonl", "candidates.jsonl", "manifest.json", "config.json"):
-                for p in Path(cfg.run_dir).glob(name + "*"):
-                    p.unlink()
-        check_run_settings(cfg, read_json(run_path(cfg, "config.json")))
-        return _run_humpback(cfg, s)
-
-
-def _run_humpback(cfg: HumpbackConfig, s: Session | None) -> list[dict]:
-    if read_json(run_path(cfg, "config.json")) != cli.to_dict(cfg):
-        write_json(run_path(cfg, "config.json"), cli.to_dict(cfg))
-    s = s or Session(cfg.engine)
-    timings, seg = {}, None
-    for st in ("backward", "forward", "segments", "augment"):
-        timings[st], stats = _timed(cfg, st, 0, s)
-        seg = stats if st == "segments" else seg
-        write_manifest(cfg, 0, timings, seg)
-    out = [read_json(run_path(cfg, "manifest.json"))]
-    for t in range(1, cfg.iterations + 1):
-        timings, stats = {}, None
-        for st in ("curate", "select", "train"):
-            timings[st], got = _timed(cfg, st, t, s)
-            stats = got or stats
-            m = write_manifest(cfg, t, timings, stats)
-        print(f"[humpback] iter {t}: {m['pairs_rated']} pairs rated by {m['curator']}, {m['parse_failures']}/"
-              f"{m['ratings']} ratings unparsed; " + ", ".join(f"A{k} {m[f'A{k}']}" for k in cfg.curate.keep)
-              + f"; M{t} trained on A{cfg.train_k}", flush=True)
-        out.append(m)
-    return out
+    return pipeline.run(RECIPE, cfg, s, overwrite)
 
 
 def main(argv: list[str] | None = None):
-    p = cli.parser(HumpbackConfig, __doc__, skip=SET_HERE)
-    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
-    p.add_argument("--iter", type=int, default=1, help="with --stage curate/select/train: the iteration t")
-    p.add_argument("--overwrite", action="store_true",
-                   help="RUN was made with other settings: delete its stages and start over")
-    a = p.parse_args(argv)
-    cfg = cli.build(HumpbackConfig, a)
-    rank, world = dist_env()
-    if a.stage == "all":
-        if world > 1:
-            raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
-        return run_humpback(cfg, overwrite=a.overwrite)
-    if world > 1 and a.stage not in SHARDED:
-        raise cli.ConfigError(f"--stage {a.stage} runs as one process (only augment and curate shard)")
-    with stage_group(cfg.engine.device, world):
-        stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
-        if rank == 0 and a.stage in ("segments", "select"):
-            return write_manifest(cfg, 0 if a.stage == "segments" else a.iter, {}, stats)
+    return pipeline.main(RECIPE, argv, __doc__, SET_HERE)
 
 
 if __name__ == "__main__":

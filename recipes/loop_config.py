@@ -19,14 +19,6 @@ LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", 
             "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
 
 
-def check_run_settings(cfg, old: dict) -> None:
-    """RUN/config.json (`old`, what made the run's data) against this run's settings (a LoopConfig or a
-    HumpbackConfig): a rerun that would skip stages made with other settings (and record the new ones in the
-    manifest) is refused."""
-    from selfreward.provenance import check_settings
-    check_settings(cfg.run_dir, type(cfg), old, cli.to_dict(cfg))
-
-
 @dataclass
 class CandidatesConfig:
     n: int = 4                        # responses sampled per prompt (paper: 4)

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.infer.replicas import run_stage_units, stage_group
+from selfreward.recipes import pipeline
 from selfreward.recipes.instruct import generate_prompts, given_prompts
 from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items, judge_prompt
-from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig, check_run_settings  # noqa: F401
+from selfreward.recipes.loop_config import LOOP_SET, LoopConfig
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, PartialWriter, dist_env, field as rfield, iter_jsonl, need_jsonl, \
+from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, need_jsonl, \
     nonempty, read_json, read_jsonl, write_json, write_jsonl
-
-STAGES = ("prompts", "candidates", "judge", "pairs", "dpo")
-
 
 def iter_dir(cfg: LoopConfig, t: int) -> Path:
     return Path(cfg.run_dir) / f"iter_{t}"
@@ -41,24 +37,20 @@ def model_at(cfg: LoopConfig, t: int) -> str:
     return cfg.init_model if t == 1 else str(iter_dir(cfg, t - 1) / "model")
 
 
-def _seed(cfg: LoopConfig, t: int, stage: int) -> int:
-    return cfg.seed * 1_000_003 + t * 10_007 + stage * 100_000_007
-
-
 def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
     out = iter_dir(cfg, t) / "prompts.jsonl"
     if out.exists():
         return
     n, src = cfg.n_prompts, cfg.prompt_source
     if src != "self-instruct":
-        recs = given_prompts(src, t, n, _seed(cfg, t, 0))
+        recs = given_prompts(src, t, n, pipeline.seed(cfg, t, 0))
     else:
         if not cfg.seed_prompts:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
         seeds = [rfield(r, "prompt", f"{cfg.seed_prompts}:{i}") for i, r in iter_jsonl(cfg.seed_prompts)]
         earlier = [r["prompt"] for k in range(1, t) for r in read_jsonl(iter_dir(cfg, k) / "prompts.jsonl")
                    if r["verdict"] == "ok" and r["source"] == "generated"]
-        icfg = dataclasses.replace(cfg.instruct, seed=_seed(cfg, t, 0), batch=min(cfg.chunk, max(n, 1)))
+        icfg = dataclasses.replace(cfg.instruct, seed=pipeline.seed(cfg, t, 0), batch=min(cfg.chunk, max(n, 1)))
         engine, tok = s.get(cfg.prompt_model or model_at(cfg, t))
 
         def whole_rounds(recs: list[dict]) -> list[dict]:   # a round torn by a kill is redone
@@ -88,7 +80,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
         return
     prompts = [r for r in need_jsonl(it / "prompts.jsonl", "the prompts stage") if r["verdict"] == "ok"]
     engine, tok = s.get(model_at(cfg, t))
-    c, base = cfg.candidates, _seed(cfg, t, 1)
+    c, base = cfg.candidates, pipeline.seed(cfg, t, 1)
 
     def work(batch, emit):
         ids = [chat_prompt_ids(tok, p["prompt"]) for _, p in batch]
@@ -101,12 +93,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason} for k, x in enumerate(comps)],
                  sum(len(x.token_ids) for x in comps))
         engine.generate(ids, ps, n=c.n, on_request=done)
-    _units(cfg, rank, world, out, prompts, c.n, lambda r: r["id"], work, f"candidates {t}", "prompts")
-
-
-def _units(cfg: LoopConfig, rank: int, world: int, out, units, per_unit, key, work, label: str, unit: str):
-    return run_stage_units(cfg.engine.tensor_parallel, cfg.chunk, rank, world, out, units, per_unit, key, work,
-                           label, unit)
+    pipeline.units(cfg, rank, world, out, prompts, c.n, lambda r: r["id"], work, f"candidates {t}", "prompts")
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
@@ -119,19 +106,14 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     if cfg.judge.distinct:
         cands = distinct_candidates(cands)
     engine, tok = s.get(model_at(cfg, t))
-    jc, base = cfg.judge, _seed(cfg, t, 2)
+    jc, base = cfg.judge, pipeline.seed(cfg, t, 2)
 
     def work(batch, emit):
         res = judge_items(engine, tok, [(text[c["id"]], c["text"]) for _, c in batch], jc,
                           [base + i * jc.k for i, _ in batch])
         for (i, c), r in zip(batch, res):
-            recs = [{"id": c["id"], "sample": c["sample"], "k": k, "judgment": x, "score": sc,
-                     "prompt_cut": r.prompt_cut} for k, (x, sc) in enumerate(r.samples)]
-            if r.expected is not None:
-                for rec in recs:
-                    rec["expected"] = round(r.expected, 4)
-            emit(i, recs)
-    _units(cfg, rank, world, out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, f"judge {t}", "candidates")
+            emit(i, pipeline.judged(r, {"id": c["id"], "sample": c["sample"]}))
+    pipeline.units(cfg, rank, world, out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, f"judge {t}", "candidates")
 
 
 def stage_pairs(cfg: LoopConfig, t: int) -> dict:
@@ -213,7 +195,7 @@ def write_judge_self(cfg: LoopConfig, t: int) -> Path:
             seen.add(key)
             sides[side].append({"prompt": judge_prompt(cfg.judge.text, p["prompt"], p[side]),
                                 "chosen": js[0]["judgment"], "rejected": js[0]["judgment"], "sft_only": True})
-    rng, n = random.Random(_seed(cfg, t, 5)), cfg.judge_self_train
+    rng, n = random.Random(pipeline.seed(cfg, t, 5)), cfg.judge_self_train
     for recs in sides.values():
         rng.shuffle(recs)
     chosen, rejected = sides["chosen"][:n // 2], sides["rejected"][:n - n // 2]
@@ -223,14 +205,14 @@ def write_judge_self(cfg: LoopConfig, t: int) -> Path:
     return out
 
 
-def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None, ev: dict | None = None
-                   ) -> dict:
+def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
     """RUN/iter_t/manifest.json: the stage timings, the pairs stage's statistics, evaluations, settings."""
     mpath = iter_dir(cfg, t) / "manifest.json"
-    m = read_json(mpath)
-    m.update(iteration=t, model_in=model_at(cfg, t), model_out=str(iter_dir(cfg, t) / "model"), **(stats or {}))
+    stats = dict(stats or {})
+    ev, m = stats.pop("eval", {}), read_json(mpath)
+    m.update(iteration=t, model_in=model_at(cfg, t), model_out=str(iter_dir(cfg, t) / "model"), **stats)
     m["timings"] = {**m.get("timings", {}), **timings}
-    m["eval"] = {**m.get("eval", {}), **(ev or {})}
+    m["eval"] = {**m.get("eval", {}), **ev}
     if (iter_dir(cfg, t) / "select.json").exists():
         m["selection"] = read_json(iter_dir(cfg, t) / "select.json")
     m["settings"] = cli.to_dict(cfg)
@@ -238,91 +220,48 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
     return m
 
 
-def run_stage(cfg: LoopConfig, st: str, t: int, s: Session, rank: int = 0, world: int = 1) -> dict | None:
-    """One stage of iteration t (sampling stages sharded over `world` ranks) -> the pairs stage's stats."""
-    if st in ("candidates", "judge"):
-        return (stage_candidates if st == "candidates" else stage_judge)(cfg, t, s, rank, world)
-    if st == "dpo":
-        s.release()
-    return {"prompts": lambda: stage_prompts(cfg, t, s), "pairs": lambda: stage_pairs(cfg, t),
-            "dpo": lambda: stage_dpo(cfg, t)}[st]()
+def stage_eval(cfg: LoopConfig, t: int, last: bool) -> dict | None:
+    """cfg.eval_hook on M_t at the start of iteration t (last: on M_{T+1} at the end of iteration T), once."""
+    k = t + last
+    if cfg.eval_hook is None or (last and t != cfg.iterations) or \
+            f"M{k}" in read_json(iter_dir(cfg, t) / "manifest.json").get("eval", {}):
+        return None
+    return {"eval": {f"M{k}": cfg.eval_hook(k, str(iter_dir(cfg, t) / "model") if last else model_at(cfg, t))}}
 
 
-def run_iteration(cfg: LoopConfig, t: int, s: Session | None = None, stages=STAGES) -> dict:
-    """M_t -> M_{t+1}: each stage skipped when its output exists."""
-    s = s or Session(cfg.engine)
-    timings, ev, stats = {}, {}, None
-    done_eval = read_json(iter_dir(cfg, t) / "manifest.json").get("eval", {})
-    if cfg.eval_hook is not None and f"M{t}" not in done_eval:
-        ev[f"M{t}"] = cfg.eval_hook(t, model_at(cfg, t))
-    for st in stages:
-        t0 = time.perf_counter()
-        out = iter_dir(cfg, t) / {"candidates": "candidates.jsonl", "judge": "judgments.jsonl"}.get(st, "")
-        if st in ("candidates", "judge") and cfg.nproc > 1 and not out.exists():
-            s.release()
-            cli.torchrun("selfreward.recipes.self_reward", ["--config", str(Path(cfg.run_dir) / "config.json"),
-                                                            "--stage", st, "--iter", str(t)], cfg.nproc)
-        else:
-            stats = run_stage(cfg, st, t, s) or stats
-        timings[st] = round(time.perf_counter() - t0, 2)
-        write_manifest(cfg, t, timings, stats)
-    if cfg.eval_hook is not None and t == cfg.iterations and f"M{t + 1}" not in done_eval:
-        ev[f"M{t + 1}"] = cfg.eval_hook(t + 1, str(iter_dir(cfg, t) / "model"))
-    return write_manifest(cfg, t, timings, stats, ev)
-
-
-def run_loop(cfg: LoopConfig, overwrite: bool = False) -> list[dict]:
-    """M1 -> M_{T+1}. Rerunning the same command after a crash continues where it stopped; a rerun with
-    settings that shape the data refused (overwrite: the iterations are deleted first); one driver per RUN."""
-    from selfreward.provenance import OutputLock
-    with OutputLock(cfg.run_dir, folder=True):
-        return _run_loop(cfg, overwrite)
-
-
-def _run_loop(cfg: LoopConfig, overwrite: bool) -> list[dict]:
-    import shutil
-    conf = Path(cfg.run_dir) / "config.json"
-    if overwrite:
-        for p in Path(cfg.run_dir).glob("iter_*"):
-            shutil.rmtree(p)
-        conf.unlink(missing_ok=True)
-    check_run_settings(cfg, read_json(conf))
+def prepare(cfg: LoopConfig, s: Session) -> None:
     if cfg.prompt_source == "self-instruct":
         if not cfg.seed_prompts:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
         nonempty(read_jsonl(cfg.seed_prompts), f"--seed-prompts {cfg.seed_prompts}", "seed prompts")
-    s, out = Session(cfg.engine), []
     check_fits(*s.get(cfg.init_model), cfg.judge)     # a rubric that cannot fit fails now, not after sampling
-    if read_json(conf) != cli.to_dict(cfg):
-        write_json(conf, cli.to_dict(cfg))
-    for t in range(1, cfg.iterations + 1):
-        m = run_iteration(cfg, t, s)
-        c = m["counts"]
-        print(f"[self-reward] iter {t}: {c['prompts']} prompts, {c['candidates']} candidates, "
-              f"{c['parse_failures']}/{c['judgments']} unparsable, {c['ties']} ties, {c['pairs']} pairs", flush=True)
-        out.append(m)
-    return out
+
+
+def report(cfg: LoopConfig, t: int, m: dict) -> None:
+    c = m["counts"]
+    print(f"[self-reward] iter {t}: {c['prompts']} prompts, {c['candidates']} candidates, "
+          f"{c['parse_failures']}/{c['judgments']} unparsable, {c['ties']} ties, {c['pairs']} pairs", flush=True)
+
+
+RECIPE = pipeline.Recipe(
+    "selfreward.recipes.self_reward", LoopConfig, head=(), body=(
+        pipeline.Stage("eval_in", lambda c, t, *_: stage_eval(c, t, False), timed=False),
+        pipeline.Stage("prompts", lambda c, t, s, *_: stage_prompts(c, t, s), "prompts.jsonl"),
+        pipeline.Stage("candidates", stage_candidates, "candidates.jsonl", shards=True),
+        pipeline.Stage("judge", stage_judge, "judgments.jsonl", shards=True),
+        pipeline.Stage("pairs", lambda c, t, *_: stage_pairs(c, t)),
+        pipeline.Stage("dpo", lambda c, t, *_: stage_dpo(c, t), trains=True),
+        pipeline.Stage("eval_out", lambda c, t, *_: stage_eval(c, t, True), timed=False)),
+    manifest=write_manifest, layout=("iter_*",), prepare=prepare, report=report)
+
+
+def run_loop(cfg: LoopConfig, overwrite: bool = False) -> list[dict]:
+    """M1 -> M_{T+1}: pipeline.run of the stages above (rerun to continue; --overwrite starts over)."""
+    return pipeline.run(RECIPE, cfg, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None):
-    p = cli.parser(LoopConfig, __doc__, skip=LOOP_SET)
-    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
-    p.add_argument("--iter", type=int, default=1, help="with --stage: the iteration t (M_t -> M_{t+1})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="RUN was made with other settings: delete its iterations and start over")
-    a = p.parse_args(argv)
-    cfg = cli.build(LoopConfig, a)
-    rank, world = dist_env()
-    if a.stage == "all":
-        if world > 1:
-            raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
-        return run_loop(cfg, a.overwrite)
-    check_run_settings(cfg, read_json(Path(cfg.run_dir) / "config.json"))
-    if world > 1 and a.stage not in ("candidates", "judge"):
-        raise cli.ConfigError(f"--stage {a.stage} runs as one process (only candidates and judge shard)")
-    with stage_group(cfg.engine.device, world):
-        stats = run_stage(cfg, a.stage, a.iter, Session(cfg.engine), rank, world)
-        return write_manifest(cfg, a.iter, {}, stats) if rank == 0 else None
+    return pipeline.main(RECIPE, argv, __doc__, LOOP_SET)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def test_case4_sample_n1_over_an_n2_output(w):
 
 def test_case5_self_reward_rerun_with_other_settings(w):
     from selfreward import cli
-    from selfreward.recipes.self_reward import LOOP_SET, LoopConfig, check_run_settings
+    from selfreward.recipes.pipeline import check_run
+    from selfreward.recipes.self_reward import LOOP_SET, LoopConfig
     run = w["dir"] / "loop"
     base = ["--run-dir", run, "--init-model", w["model"], "--seed-prompts", w["prompts"], "--n-prompts", "4",
             "--candidates-n", "2", "--candidates-max-tokens", "8", "--judge-k", "1", "--judge-max-tokens", "8"]
@@ -109,7 +110,7 @@ def test_case5_self_reward_rerun_with_other_settings(w):
     refused(run_cli("self_reward", base + ["--candidates-n", "3", "--candidates-temperature", "0.3"]),
             "candidates.n: 2 -> 3", "candidates.temperature: 0.7 -> 0.3", "--overwrite")
     assert not (run / "iter_1" / "manifest.json").exists()                # nothing recorded as made with n 3
-    check_run_settings(dataclass_replace(made, iterations=5, nproc=1), cli.to_dict(made))   # more iterations: ok
+    check_run(dataclass_replace(made, iterations=5, nproc=1), cli.to_dict(made))   # more iterations: ok
 
 
 def test_case5_humpback_rerun_with_other_settings(w):

@@ -12,7 +12,8 @@ import torch
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, resolve_device
-from selfreward.recipes.self_reward import LoopConfig, iter_dir, main as loop_main, run_stage, stage_candidates, \
+from selfreward.recipes.pipeline import run_stage, run_stages
+from selfreward.recipes.self_reward import RECIPE, LoopConfig, iter_dir, main as loop_main, stage_candidates, \
     stage_pairs, stage_prompts
 from selfreward.recipes.session import Session
 from selfreward.records import read_jsonl, write_jsonl
@@ -79,7 +80,7 @@ def test_loop_engines_get_the_configured_device_and_dtype(tiny, tmp_path, monkey
                       engine={"device": "cpu", "dtype": "bfloat16"})
     s = Session(cfg.engine)
     for st in ("prompts", "candidates"):
-        run_stage(cfg, st, 1, s)
+        run_stage(RECIPE, cfg, st, 1, s)
     assert seen and all(c is cfg.engine and dt == torch.bfloat16 and dev == "cpu" for _, c, dt, dev in seen)
     assert len(read_jsonl(iter_dir(cfg, 1) / "candidates.jsonl")) == 4
     # the world demo's flag reaches its loop and measurements the same way
@@ -199,14 +200,13 @@ def test_checkpoint_selection_in_the_loop(tiny, tmp_path):
     """issue 13 item 5, wired: with select_every, DPO exports every N steps, each export (and the final one)
     is judged against M_t on held-out prompts, the winner is M_{t+1}, the choice and scores are in the
     manifest."""
-    from selfreward.recipes.self_reward import run_iteration
     held = write_prompts(tmp_path / "held.jsonl", SEEDS[:3])
     cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), n_prompts=4, n_candidates=2,
                       max_tokens=6, judge_k=1, judge_max_tokens=6, judge_template="short", score_from="expected",
                       prompt_source=str(write_prompts(tmp_path / "p.jsonl", SEEDS)), select_every=1,
                       select={"prompts": str(held), "max_tokens": 6},
                       dpo=dict(max_steps=2, batch_size=2, max_length=128, lr=1e-3, warmup_steps=0))
-    m = run_iteration(cfg, 1)
+    m = run_stages(RECIPE, cfg, 1, Session(cfg.engine), RECIPE.body)
     it = iter_dir(cfg, 1)
     sel = json.loads((it / "select.json").read_text())
     names = [Path(s["candidate"]).name for s in sel["scores"]]

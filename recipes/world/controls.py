@@ -20,7 +20,8 @@ from pathlib import Path
 
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.pairs import distinct_candidates
-from selfreward.recipes.self_reward import _seed, iter_dir, run_stage, write_manifest
+from selfreward.recipes.pipeline import run_stage, seed
+from selfreward.recipes.self_reward import RECIPE, iter_dir, write_manifest
 from selfreward.recipes.session import Session
 from selfreward.recipes.world.checker import is_correct, parse_prompt
 from selfreward.recipes.world.judging import judgment
@@ -45,7 +46,7 @@ def fixed_judgments(judge_model: str, prompts: dict[str, str], cands: list[dict]
     """The loop's judge stage with `judge_model` in place of M_t (same template, K, sampling, seeds)."""
     engine, tok = s.get(judge_model)
     cands = distinct_candidates(cands) if lc.judge.distinct else cands
-    jc, base = lc.judge, _seed(lc, t, 2)
+    jc, base = lc.judge, seed(lc, t, 2)
     res = judge_items(engine, tok, [(prompts[c["id"]], c["text"]) for c in cands], jc,
                       [base + i * jc.k for i in range(len(cands))], progress=True)
     return [{"id": c["id"], "sample": c["sample"], "k": k, "judgment": x, "score": sc, "prompt_cut": r.prompt_cut}
@@ -78,7 +79,7 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
             _copy(own, it, ("prompts.jsonl", "candidates.jsonl"))
         for st in ("prompts", "candidates"):
             t0 = time.perf_counter()
-            run_stage(cfg, st, t, s)
+            run_stage(RECIPE, cfg, st, t, s)
             timings[st] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         if not (it / "judgments.jsonl").exists():
@@ -89,12 +90,12 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
             write_jsonl(it / "judgments.jsonl", recs)
         timings["judge"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        stats = run_stage(cfg, "pairs", t, s)
+        stats = run_stage(RECIPE, cfg, "pairs", t, s)
         if not stats["counts"]["pairs"]:
             print(f"[control {name}] iter {t}: no pairs (no prompt with a right and a wrong candidate text); "
                   f"the control stops at M{t}", flush=True)
             break
-        run_stage(cfg, "dpo", t, s)
+        run_stage(RECIPE, cfg, "dpo", t, s)
         timings["pairs_dpo"] = round(time.perf_counter() - t0, 2)
         m = write_manifest(cfg, t, timings, stats)
         if evaluate is not None:

@@ -207,7 +207,7 @@ def run(cfg: DemoConfig) -> dict:
         return evaluate(f"M{t_}", model_dir)
 
     from selfreward.recipes.judge import JudgeConfig
-    from selfreward.recipes.self_reward import CandidatesConfig
+    from selfreward.recipes.loop_config import CandidatesConfig
     from selfreward.train.dpo import DPOConfig
     dpo = DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, nll_alpha=cfg.dpo_nll_alpha,
                     epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=192, dropout=0.0, log_every=10**6,

@@ -98,7 +98,7 @@ def humpback_config(cfg: WorldHumpbackConfig, m0: Path, seed_dir: Path, thr: int
 
 
 def run(cfg: WorldHumpbackConfig) -> dict:
-    from selfreward.recipes.augment import stage_seed
+    from selfreward.recipes.pipeline import seed as stage_seed
     from selfreward.recipes.humpback import model_at, run_humpback, run_path, sft_model
     from selfreward.recipes.world.build import m0_folder, write_seeds
     from selfreward.recipes.world.demo import Clock

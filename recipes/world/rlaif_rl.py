@@ -20,7 +20,7 @@ measured on the very weights the sampler holds after each hand-off. Reported per
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfreward import cli
