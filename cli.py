@@ -116,6 +116,7 @@ RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
     "beta": (0, None, False, False), "threads": (0, None, False, False), "nproc": (1, None, False, False),
     "near_dup": (0, 1, False, False), "rouge_threshold": (0, 1, False, False), "n": (1, None, False, False),
     "fraction": (0, 1, False, True), "eval_frac": (0, 1, False, True), "chunk": (1, None, False, False),
+    "iterations": (1, None, False, False),
 }
 
 

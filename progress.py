@@ -1,4 +1,5 @@
-"""The one progress line every long stage prints (selfreward.records.run_units uses it). Imports nothing of ours."""
+"""What long work shows on the terminal: the one progress line every long stage prints (records.run_units uses
+it) and the reports' tables. Imports nothing of ours."""
 from __future__ import annotations
 
 import sys
@@ -26,3 +27,12 @@ class Progress:
             (f", {self.tokens / el:.1f} tok/s" if self.tokens else f", {rate:.2f} {self.unit}/s") + f", ETA {eta:.0f}s"
         end = "\n" if not self.tty or self.done >= self.total else ""
         print(("\r\033[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A text table of `rows`: columns (key, heading, format), right-aligned; a missing value is '-'."""
+    cells = [[h for _, h, _ in columns]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in columns]
+                                            for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(c, widths)) for c in cells]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])

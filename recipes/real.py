@@ -1,6 +1,7 @@
-"""The self-rewarding loop on a real checkpoint and Open Assistant seed data (the demo's other mode).
+"""The self-rewarding loop on a real checkpoint and Open Assistant seed data.
 
-    python -m selfreward.recipes.world.demo --real-model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
+    python -m selfreward.recipes.real --model M0_DIR --oasst-seed data/seed --run-dir runs/real --nproc 8
+    python -m selfreward.recipes.world.demo --real-model M0_DIR --oasst-seed data/seed   # the same, more flags
 
 `--oasst-seed` is the folder `python -m selfreward.recipes.oasst --out` writes: ift.jsonl (prompts and best replies),
 eft_train.jsonl (judge examples, when built with --eft-model) and groups_eval.jsonl (held-out human-ranked
@@ -16,6 +17,10 @@ from pathlib import Path
 
 from selfreward import cli
 
+COLUMNS = [("model", "model", "{}"), ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
+           ("judge_parse_failures", "j.unparsed", "{}"), ("mean_len_tokens", "len tok", "{:.1f}"),
+           ("pairs", "pairs", "{}"), ("ties", "ties", "{}"), ("parse_failures", "unparsed", "{}")]
+
 
 def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_prompts: int = 1000,
              nproc: int = 1, seed: int = 0, n_eval_groups: int = 200, loop: dict | None = None,
@@ -25,7 +30,8 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
     from selfreward.recipes.evaluate import load_groups, rm_eval
     from selfreward.recipes.self_reward import LoopConfig, run_loop
     from selfreward.recipes.session import Session
-    from selfreward.recipes.world.report import table, write_summary
+    from selfreward.progress import table
+    from selfreward.records import write_json
     from selfreward.train.sft import SFTConfig, train
 
     t0 = time.perf_counter()
@@ -68,9 +74,27 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
             row.update(pairs=c["pairs"], ties=c["ties"], parse_failures=c["parse_failures"])
             row["mean_len_tokens"] = manifests[i - 1]["mean_len"]["candidate_tokens"]
         rows.append(row)
-    print("\n" + table(rows), flush=True)
+    print("\n" + table(rows, COLUMNS), flush=True)
     summary = {"rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1), "mode": "real",
                "model": model, "seed_dir": str(seed_dir), "pairs_files": [str(run / "loop" / f"iter_{t}" / "pairs.jsonl")
                                                                           for t in range(1, iterations + 1)]}
-    write_summary(run, summary)
+    write_json(run / "summary.json", summary)
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="M0: a Llama-family HF checkpoint folder")
+    ap.add_argument("--oasst-seed", required=True, help="the folder `python -m selfreward.recipes.oasst --out` wrote")
+    ap.add_argument("--run-dir", default="runs/real")
+    for flag, default in (("iterations", 2), ("n-prompts", 1000), ("nproc", 1), ("seed", 0), ("n-eval-groups", 200),
+                          ("sft-steps", 0)):
+        ap.add_argument(f"--{flag}", type=int, default=default, help=f"(default: {default})")
+    a = cli.check_args(ap.parse_args(argv))
+    return run_real(a.model, a.oasst_seed, a.run_dir, a.iterations, a.n_prompts, a.nproc, a.seed, a.n_eval_groups,
+                    sft_steps=a.sft_steps)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -158,9 +158,9 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.recipes.world.data import loop_prompts
     from selfreward.recipes.world.judging import check_format, write_template
     from selfreward.recipes.world.controls import run_control
-    from selfreward.recipes.world.report import plot, table, write_summary
+    from selfreward.recipes.world.report import plot, table
     from selfreward.recipes.world.rows import iteration_stats, paired
-    from selfreward.records import read_jsonl, write_jsonl
+    from selfreward.records import read_jsonl, write_json, write_jsonl
 
     from selfreward.recipes.world.controls import CONTROLS
     bad = [c for c in cfg.controls if c not in CONTROLS]
@@ -299,7 +299,7 @@ def run(cfg: DemoConfig) -> dict:
                "stage_seconds": clock.stages, "config": cli.to_dict(cfg), "m0": str(m0),
                "plot": str(png) if png else None, "greedy_correct": per_prompt,
                "examples": {k: v.get("examples") for k, v in results.items()}}
-    path = write_summary(run_dir, summary)
+    path = write_json(run_dir / "summary.json", summary)
     print(f"\n[world] wall time {wall:.0f}s; stages (s): {clock.stages}\n[world] summary: {path}"
           + (f"\n[world] plot: {png}" if png else ""), flush=True)
     return summary

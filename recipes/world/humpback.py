@@ -103,8 +103,8 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     from selfreward.recipes.world.build import m0_folder, write_seeds
     from selfreward.recipes.world.demo import Clock
     from selfreward.recipes.world.measure import MeasureConfig, measure
-    from selfreward.recipes.world.report import plot_humpback, write_summary
-    from selfreward.records import read_jsonl, write_jsonl
+    from selfreward.recipes.world.report import plot_humpback
+    from selfreward.records import read_jsonl, write_json, write_jsonl
 
     kinds = cfg.m0.kind_tuple()
     run_dir = Path(cfg.run_dir)
@@ -166,7 +166,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     summary = {**prec, "rows": rows, "wall_seconds": round(wall, 1), "stage_seconds": clock.stages,
                "config": cli.to_dict(cfg), "m0": str(m0), "plot": str(png) if png else None,
                "manifests": manifests}
-    path = write_summary(run_dir, summary)
+    path = write_json(run_dir / "summary.json", summary)
     print(f"\n[world-humpback] wall time {wall:.0f}s; summary: {path}" + (f"; plot: {png}" if png else ""), flush=True)
     return summary
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreward.records import write_json
+from selfreward import progress
 from selfreward.recipes.world.checker import check
 
 COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("greedy_acc_se", "SE", "{:.3f}"),
@@ -32,20 +32,7 @@ def pair_quality(pairs: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cells = [[h for _, h, _ in COLUMNS]]
-    for r in rows:
-        line = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            line.append("-" if v is None else fmt.format(v))
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    out = []
-    for j, c in enumerate(cells):
-        out.append("  ".join(x.rjust(w) for x, w in zip(c, widths)))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return progress.table(rows, COLUMNS)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -89,12 +76,6 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-    return path
-
-
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    path = Path(run_dir) / "summary.json"
-    write_json(path, summary)
     return path
 
 
