@@ -1,4 +1,4 @@
-"""What long work shows on the terminal: the one progress line every long stage prints (records.run_units uses
+"""What long work shows on the terminal: the one progress line every long stage prints (units.run_units uses
 it) and the reports' tables. Imports nothing of ours."""
 from __future__ import annotations
 

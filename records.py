@@ -1,6 +1,6 @@
 """The records layer, below every floor (model/, infer/, train/ and recipes/ all write files): JSONL readers
-whose errors name file, line and field; atomic writes; resumable appends; resumable, shardable units.
-It imports nothing of ours but progress.py (the one progress line).
+whose errors name file, line and field; atomic writes; resumable appends (units.py builds resumable,
+shardable work on them). It imports nothing of ours.
 
 A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the
 file to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
@@ -14,10 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from collections import Counter
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
-
-from selfreward.progress import Progress
+from typing import Any, Callable, Iterable, Iterator
 
 
 class DataError(ValueError):
@@ -216,102 +213,3 @@ def _write_all(fd: int, data: bytes) -> None:   # the one place appends go throu
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-# ---- units: resumable, shardable work -----------------------------------------------------------
-"""Resumable, shardable work over units (a prompt and its N candidates; a candidate and its K judgments).
-
-Each unit's records are written together once the unit is done. On restart the `.partial` file tells which
-units are complete (exactly `per_unit` records); the records of an incomplete unit are dropped and the unit
-is redone, so nothing is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ...
-into its own `NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent
-and seeded by their index, so the merged file is the same whatever the number of ranks.
-"""
-
-# work(batch, emit): batch = [(unit index, unit)]; emit(unit index, records, tokens=0) once per finished unit
-Work = Callable[[list[tuple[int, dict]], Callable[..., None]], None]
-
-
-def dist_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable], work: Work,
-              chunk: int = 32, rank: int = 0, world: int = 1, progress: str = "", unit: str = "units",
-              group=None) -> bool:
-    """Process the units not yet done, `chunk` at a time, appending to OUT.partial (per rank).
-    Returns True when this process wrote the final OUT (rank 0), False on other ranks. `group`: the
-    process group that rank / world number (default the whole job; infer/replicas.py passes the first
-    rank of each tensor-parallel replica)."""
-    out = Path(out)
-    sync = barrier if group is None else (lambda: barrier(group))
-    mine_path = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
-    mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
-
-    def keep(records: list[dict]) -> list[dict]:
-        n = Counter(key(r) for r in records)
-        return [r for r in records if n[key(r)] == per_unit]
-
-    if not mine_path.exists():
-        with PartialWriter(mine_path, keep=keep) as w:
-            done = {key(r) for r in w.records}
-            todo = [(i, u) for i, u in mine if key(u) not in done]
-            bar = Progress(progress, len(mine), len(mine) - len(todo), unit) if progress and todo else None
-
-            def emit(i: int, recs: list[dict], tokens: int = 0) -> None:
-                if len(recs) != per_unit:
-                    raise RuntimeError(f"unit {i} gave {len(recs)} records, expected {per_unit}")
-                w.write(recs)
-                if bar:
-                    bar.update(1, tokens)
-
-            for s in range(0, len(todo), chunk):
-                work(todo[s:s + chunk], emit)
-            w.finish()
-    order = {key(u): i for i, u in enumerate(units)}
-    if world == 1:
-        recs = _same_units(out, read_jsonl(out), order, key, per_unit)
-        ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; the file is in order
-        if ordered != recs:
-            write_jsonl(out, ordered)
-        return True
-    sync()                            # every rank's shard is complete before rank 0 merges
-    if rank != 0:
-        sync()
-        return False
-    shards = [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
-    missing = [p for p in shards if not p.exists()]
-    if missing:
-        raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
-    recs = _same_units(out, [r for p in shards for r in read_jsonl(p)], order, key, per_unit)
-    recs.sort(key=lambda r: order[key(r)])   # stable: a unit's records keep their order
-    write_jsonl(out, recs)
-    for p in shards:
-        p.unlink()
-    sync()                            # the merged file exists before any rank goes on
-    return True
-
-
-def _same_units(out: Path, recs: list[dict], order: dict, key: Callable[[dict], Hashable], per_unit: int
-                ) -> list[dict]:
-    """`recs` (a finished OUT, or its shards) hold exactly this run's units, `per_unit` records each; else a
-    DataError: a file made for other units (an adopted output of another input or an earlier version) would be
-    reused or reordered wrongly."""
-    def unit_of(r: dict):
-        try:
-            return key(r)
-        except (KeyError, TypeError):              # a record without the unit's key field
-            return ("no key", json.dumps(r, sort_keys=True)[:60])
-    n = Counter(unit_of(r) for r in recs)
-    other = [k for k in n if k not in order]
-    if other or len(n) != len(order) or any(v != per_unit for v in n.values()):
-        what = f"unit {other[0]!r} is not one of this run's" if other else \
-            f"{len(n)} of this run's {len(order)} units, {per_unit} record(s) each expected"
-        raise DataError(f"{out}: holds other work ({what}); remove it or pass --overwrite to start over")
-    return recs
-
-
-def barrier(group=None) -> None:
-    """All ranks of the torchrun job (or of `group`) meet here (the caller has run init_process_group)."""
-    import torch.distributed as dist
-    dist.barrier(group=group)

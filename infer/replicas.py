@@ -16,7 +16,7 @@ from typing import Callable, Hashable, Sequence
 import torch.distributed as dist
 
 from selfreward.infer.parallel import TPGroup
-from selfreward.records import Work, run_units
+from selfreward.units import Work, run_units
 
 
 def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable],

@@ -13,7 +13,7 @@ train/dpo.py read a "prompt"; --raw-prompt: BOS + the text, no template) or {"id
 temperature, top_p, top_k, seed. Output: one record per sample, {"id", "sample", "text", "token_ids",
 "finish_reason"[, "logprobs"]}, in input order.
 
-Resume (selfreward.records.run_units): a prompt's records are appended to OUTPUT.partial (under torchrun:
+Resume (selfreward.units.run_units): a prompt's records are appended to OUTPUT.partial (under torchrun:
 OUTPUT.rank<r>.partial, then OUTPUT.rank<r>) as soon as all its samples are done; a rerun continues from
 there; after a barrier rank 0 merges the ranks' files into OUTPUT in input order (atomic). A request without
 its own seed uses one derived from --seed and its id, so results do not depend on sharding or on resuming.
@@ -38,7 +38,8 @@ from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.replicas import run_units_tp
 from selfreward.cli import ConfigError, check_args, error_line, run_main
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
-from selfreward.records import DataError, check_file, dist_env, iter_jsonl, nonempty, partial_path, read_jsonl
+from selfreward.units import dist_env
+from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl
 
 OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
              "seed": (int,)}

@@ -4,7 +4,7 @@ backward model M_yx with the segment as the user turn (cut to fit the context, m
 
 RUN/segments.jsonl: {"id", "text", "source" ('file:line' of the document)}; RUN/candidates.jsonl: {"id",
 "instruction", "output", "source", "n_tokens", "finish_reason", "output_cut"}, one per segment, in segment
-order; resumable and shardable (selfreward.records.run_units), each segment seeded by its index.
+order; resumable and shardable (selfreward.units.run_units), each segment seeded by its index.
 """
 from __future__ import annotations
 

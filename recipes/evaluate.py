@@ -79,7 +79,7 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
     compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}.
     `store`: a JSONL file the judgments are kept in, `chunk` replies at a time, each reply's as soon as its
-    chunk is done (selfreward.records.run_units), so a killed run's rerun judges only the replies not yet
+    chunk is done (selfreward.units.run_units), so a killed run's rerun judges only the replies not yet
     there; reply j is judged from seed + j * K either way."""
     items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
     seeds = [cfg.seed + j * cfg.k for j in range(len(items))]
@@ -113,7 +113,8 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
 def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], store: Path, chunk: int,
                       progress: bool) -> list:
     from selfreward.recipes.judge import Judged
-    from selfreward.records import read_jsonl, run_units
+    from selfreward.records import read_jsonl
+    from selfreward.units import run_units
 
     def work(batch, emit) -> None:
         js, gen = [j for j, _ in batch], engine.stats["generated"]
@@ -327,9 +328,10 @@ def h2h_work_dir(out: str | Path) -> Path:
 
 
 def _h2h_resumable(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
-    """A's replies, B's replies, then the verdicts, each a resumable file of units (selfreward.records.run_units,
+    """A's replies, B's replies, then the verdicts, each a resumable file of units (selfreward.units.run_units,
     a unit a prompt): a killed run's rerun does only what is missing; one model in memory at a time."""
-    from selfreward.records import read_jsonl, run_units
+    from selfreward.records import read_jsonl
+    from selfreward.units import run_units
     n, units = len(prompts), [{"i": i} for i in range(len(prompts))]
     key = lambda r: r["i"]  # noqa: E731
 

@@ -24,7 +24,8 @@ from selfreward import cli
 from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.provenance import OutputLock, check_settings
 from selfreward.recipes.session import Session
-from selfreward.records import dist_env, read_json, write_json
+from selfreward.records import read_json, write_json
+from selfreward.units import dist_env
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     from selfreward import cli
     from selfreward.infer.config import add_engine_flags, engine_from_flags, load_engine, resolve_device
     from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
-    from selfreward.records import nonempty, partial_path, read_jsonl, run_units, write_json
+    from selfreward.records import nonempty, partial_path, read_jsonl, write_json
+    from selfreward.units import run_units
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)

@@ -7,7 +7,7 @@ import pytest
 from selfreward.recipes.instruct import InstructConfig, PromptFilter, cut_generated, few_shot_text, pick_shots
 from selfreward.records import DataError, PartialWriter, partial_path, read_jsonl, read_partial
 from selfreward.recipes.pairs import build_pairs, iteration_stats
-from selfreward.records import run_units
+from selfreward.units import run_units
 
 
 def test_partial_torn_tail_is_cut(tmp_path):
@@ -86,8 +86,8 @@ def test_run_units_refuses_a_finished_file_of_other_units(tmp_path):
 
 
 def test_run_units_sharded_merge_equals_single(tmp_path, monkeypatch):
-    import selfreward.records as records
-    monkeypatch.setattr(records, "barrier", lambda: None)   # the ranks run one after the other here
+    import selfreward.units as units_mod
+    monkeypatch.setattr(units_mod, "barrier", lambda: None)   # the ranks run one after the other here
     units = [{"id": f"u{i}"} for i in range(7)]
     key = lambda r: r["id"]  # noqa: E731
     run_units(tmp_path / "one.jsonl", units, 2, key, _work_factory([], per_unit=2))
