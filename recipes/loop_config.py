@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,11 +67,13 @@ class LoopConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval_hook: Callable | None = cli.passive(None)  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
 
+    def judging(self) -> JudgeConfig:
+        """The judge's settings as the loop runs them: --score-from expected also reads the expected score."""
+        return dataclasses.replace(self.judge, expected=self.judge.expected or self.score_from == "expected")
+
     def __post_init__(self):
         if self.score_from not in ("sampled", "expected"):
             raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
-        if self.score_from == "expected":
-            self.judge.expected = True
         low = [f for f, v, lo in (("--candidates-n", self.candidates.n, 2), ("--iterations", self.iterations, 1),
                                   ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
         if low:
@@ -91,4 +94,3 @@ class LoopConfig:
         self.engine.check()
         if self.select_every > 0 and not self.select.prompts:
             raise cli.ConfigError("--select-every needs --select-prompts (held-out prompts, a JSONL with 'prompt')")
-        self.select.engine = self.engine

@@ -106,7 +106,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     if cfg.judge.distinct:
         cands = distinct_candidates(cands)
     engine, tok = s.get(model_at(cfg, t))
-    jc, base = cfg.judge, pipeline.seed(cfg, t, 2)
+    jc, base = cfg.judging(), pipeline.seed(cfg, t, 2)
 
     def work(batch, emit):
         res = judge_items(engine, tok, [(text[c["id"]], c["text"]) for _, c in batch], jc,
@@ -154,7 +154,8 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
     if not (it / "dpo" / "final" / "config.json").exists():
         cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
     if sel:
-        select_from_run(it / "dpo", model_at(cfg, t), cfg.select, it / "model", it / "select.json")
+        select_from_run(it / "dpo", model_at(cfg, t), dataclasses.replace(cfg.select, engine=cfg.engine), it / "model",
+                        it / "select.json")
 
 
 def write_sft_mix(cfg: LoopConfig, it: Path) -> Path:

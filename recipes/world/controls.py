@@ -46,7 +46,7 @@ def fixed_judgments(judge_model: str, prompts: dict[str, str], cands: list[dict]
     """The loop's judge stage with `judge_model` in place of M_t (same template, K, sampling, seeds)."""
     engine, tok = s.get(judge_model)
     cands = distinct_candidates(cands) if lc.judge.distinct else cands
-    jc, base = lc.judge, seed(lc, t, 2)
+    jc, base = lc.judging(), seed(lc, t, 2)
     res = judge_items(engine, tok, [(prompts[c["id"]], c["text"]) for c in cands], jc,
                       [base + i * jc.k for i in range(len(cands))], progress=True)
     return [{"id": c["id"], "sample": c["sample"], "k": k, "judgment": x, "score": sc, "prompt_cut": r.prompt_cut}
