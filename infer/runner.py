@@ -8,6 +8,7 @@ step and shared by every layer.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from selfreward.model.llama import AttnContext, Transformer
 from selfreward.infer.decode_inputs import DecodeInputs
@@ -29,7 +30,7 @@ def local_kv_heads(model: Transformer) -> int:
 
 def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -> int:
     """Enough for max_num_seqs full-length sequences, capped by a memory budget (half the free memory
-    on CUDA, DEFAULT_KV_BYTES on CPU)."""
+    on CUDA, DEFAULT_KV_BYTES on CPU); the least over a tensor-parallel group, whose ranks must schedule alike."""
     p = next(model.parameters())
     per = kv_bytes_per_block(model, block_size, p.dtype)
     budget = DEFAULT_KV_BYTES
@@ -37,7 +38,12 @@ def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -
         free, _ = torch.cuda.mem_get_info(p.device)
         budget = free // 2
     want = max_num_seqs * ((model.cfg.max_position_embeddings + block_size - 1) // block_size)
-    return max(1, min(want, budget // per))
+    n = max(1, min(want, budget // per))
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.size > 1:
+        n = torch.tensor([n], device=p.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(n)
 
 
 LAZY_ZERO_BYTES = 64 * 1024**2

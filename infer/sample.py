@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ecfg = check_flags(args)
         tp = _tp_group(args.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
+        ecfg.tensor_parallel = tp.size
         check_file(args.input)
         requests = nonempty(read_requests(args.input), args.input, "prompts")
         if not os.path.isdir(args.model):
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         mine = [r for i, r in enumerate(requests) if i % tp.num_replicas == tp.replica]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-        gen = Generator(args, ecfg, tp)
+        gen = Generator(args, ecfg)
         gen.load()                     # a bad checkpoint fails here, before any output file exists
         run_units_tp(tp, Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)),
                      f"sample rank {rank}", "prompts")
@@ -239,14 +240,17 @@ class Generator:
     """The units' work: one engine call over the shard's remaining requests, a unit's records emitted (and
     flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
 
-    def __init__(self, args, ecfg: EngineConfig, tp=None):
-        self.args, self.ecfg, self.tp, self.eng = args, ecfg, tp, None
+    def __init__(self, args, ecfg: EngineConfig):
+        self.args, self.ecfg, self.eng = args, ecfg, None
 
     def load(self):
-        args = self.args
         if self.eng is None:
-            self.eng = load_engine(args.model, self.ecfg) if self.tp is None or self.tp.size == 1 \
-                else _tp_engine(args, self)
+            try:
+                self.eng = load_engine(self.args.model, self.ecfg)
+            except ValueError as e:   # TP: a layout T cannot split (heads, KV heads, intermediate)
+                if self.ecfg.tensor_parallel == 1:
+                    raise
+                raise InputError(f"{self.args.model}: {e}") from None
         return self.eng
 
     def work(self, batch: list[tuple[int, dict]], emit) -> None:
@@ -276,14 +280,6 @@ def _tp_group(tp: int):
         return init_tp(tp)
     except ValueError as e:
         raise InputError(str(e)) from None
-
-
-def _tp_engine(args, gen: Generator):
-    from selfreward.infer.parallel import load_engine_tp
-    try:
-        return load_engine_tp(args.model, gen.ecfg, gen.tp)
-    except ValueError as e:   # a layout T cannot split (heads, KV heads, intermediate), a bad checkpoint
-        raise InputError(f"{args.model}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ an unpressured run produces).
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from selfreward.infer.block_manager import BlockManager
-from selfreward.infer.sequence import Sequence, Status
+from selfreward.infer.sequence import Kind, Sequence, Status
 
 
 class Scheduler:
@@ -94,7 +95,7 @@ class Scheduler:
                 self.bm.append(seq)
                 kept.append(seq)
         self.running.extend(kept)
-        return kept
+        return sorted(kept, key=len, reverse=True)   # the CPU decode twin gathers by groups of similar length
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
@@ -102,14 +103,41 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
-    def start(self, seqs: list[Sequence]) -> None:
-        """Prefilled sequences (and their forks) join the running queue."""
-        self.running.extend(seqs)
-
-    def finish(self, seq: Sequence) -> None:
-        seq.status = Status.FINISHED
-        self.bm.free_seq(seq)
-
-    def drop_finished(self) -> None:
-        if any(s.status is Status.FINISHED for s in self.running):
+    def postprocess(self, seqs: list[Sequence], outs: list[list[tuple[int, float | None]]], is_prefill: bool,
+                    stopped: Callable[[Sequence], bool]) -> list[Sequence]:
+        """After a step's forward: advance each sequence's cache, fork a request into its samples at its first
+        token, append each sample's (token, log-prob), free the finished (`stopped` decides for a sampled
+        token; a score / next-token request finishes with its last chunk) -> the finished sequences."""
+        finished, started = [], []
+        for s, out in zip(seqs, outs):
+            if is_prefill:
+                s.num_cached += s.chunk
+                if s.num_cached < len(s):
+                    continue                # chunked prefill: more of this prompt in a later step
+            else:
+                self.bm.written(s)
+            if s.kind is not Kind.GENERATE:
+                finished.append(s)
+                continue
+            for c, (t, lp) in zip(self._fork(s), out):
+                c.token_ids.append(t)
+                if lp is not None:
+                    c.logprobs.append(lp)
+                (finished if stopped(c) else started).append(c)
+        for s in finished:
+            s.status = Status.FINISHED
+            self.bm.free_seq(s)
+        if is_prefill:
+            self.running.extend(started)
+        elif finished:
             self.running = deque(s for s in self.running if s.status is not Status.FINISHED)
+        return finished
+
+    def _fork(self, s: Sequence) -> list[Sequence]:
+        """At its first sampled token a request with n samples becomes n sequences sharing its blocks."""
+        kids = [Sequence(list(s.token_ids), s.params, request=s.request, sample=j, generators=[g],
+                         num_prompt=s.num_prompt) for j, g in enumerate(s.generators[1:], 1)]
+        for c in kids:
+            self.bm.fork(s, c)
+        s.generators = s.generators[:1]
+        return [s] + kids

@@ -76,8 +76,8 @@ class Sequence:
     kind: Kind = Kind.GENERATE
     request: int = 0                    # index of the caller's prompt
     sample: int = 0                     # index among the request's n samples
-    n_forks: int = 1                    # samples still to split off at the first sampled token
-    seed: int = 0                       # sample j draws from torch.Generator seeded seed + j
+    # one per sample this sequence stands for (None: greedy): n until it forks at its first sampled token
+    generators: list[torch.Generator | None] = field(default_factory=lambda: [None])
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -85,7 +85,6 @@ class Sequence:
     num_prefix_hit: int = 0             # of those, tokens taken from the prefix cache at the last prefill
     chunk: int = 0                      # prefill: tokens computed in this step (num_cached onward)
     num_keyed: int = 0                  # leading blocks keyed for the prefix cache (computed and full)
-    generator: torch.Generator | None = None
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None             # set when a stop string cut the text
@@ -94,6 +93,10 @@ class Sequence:
     def __post_init__(self):
         if self.num_prompt < 0:
             self.num_prompt = len(self.token_ids)
+
+    @property
+    def n_forks(self) -> int:
+        return len(self.generators)
 
     def __len__(self) -> int:
         return len(self.token_ids)
