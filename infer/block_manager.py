@@ -1,14 +1,8 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write.
-
-The pool has `num_blocks` blocks of `block_size` token slots (the runner owns the tensors; this file only
-does the bookkeeping). A full block is keyed by a hash chained over its tokens and its predecessor's key,
-so equal keys mean equal whole prefixes; a hit is still checked token by token (and predecessor key)
-before it is trusted. Freed blocks keep their contents and key until the free list hands them out again
-(least recently freed first), so a prefix that was used recently is found again.
-
-Samples forked from one prompt share every block, including a partly filled last block; the first
-sample to write into a shared block gets a private copy (`copies` lists the (src, dst) block copies the
-runner must make before the next forward).
+"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping
+only: the runner owns the tensors). A full block is keyed by a hash chained over its tokens and its
+predecessor's key, and a hit is checked token by token; freed blocks keep key and contents until the free
+list (least recently freed first) hands them out. `copies`: the (src, dst) copies the runner makes before
+the next forward. infer/README.md has the design.
 """
 from __future__ import annotations
 
@@ -87,9 +81,6 @@ class BlockManager:
             prev = self.blocks[bid].key
         return hits
 
-    def cached_prefix_len(self, seq: Sequence) -> int:
-        return len(self._hits(seq)) * self.block_size
-
     def allocate(self, seq: Sequence, budget: int | None = None) -> bool:
         """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix, and set
         seq.chunk: the tokens its first prefill step computes (all uncached ones, or at most `budget`:
@@ -115,7 +106,6 @@ class BlockManager:
         todo = len(toks) - seq.num_cached
         seq.chunk = todo if budget is None else min(todo, budget)
         self.computing(seq, seq.num_cached + seq.chunk)
-        seq.num_prefix_hit = seq.num_cached
         self.prefill_hit += seq.num_cached
         self.prefill_computed += len(toks) - seq.num_cached
         return True

@@ -100,19 +100,12 @@ class EngineAPI(Protocol):
         """A completion's ids without the stop token that ended it."""
 
 
-def load_tokenizer(path):
-    """The checkpoint's tokenizer, None without tokenizer.model / tokenizer.json."""
-    from selfreward.model.tokenizer import Tokenizer
-    if not any((Path(path) / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
-        return None
-    return Tokenizer.load(path)
-
-
-def load_engine(path, cfg: EngineConfig | None = None):
+def load_engine(path, cfg: EngineConfig | None = None) -> EngineAPI:
     """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer; with
     tensor_parallel T > 1, this rank's shard of a T-way replica (every rank of the replica calls this)."""
     from selfreward.infer.engine import Engine
     from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
     cfg = cfg or EngineConfig()
     device, dtype = resolve_device(cfg)
     if cfg.tensor_parallel > 1:
@@ -120,4 +113,5 @@ def load_engine(path, cfg: EngineConfig | None = None):
         model = load_tp_model(path, init_tp(cfg.tensor_parallel), dtype, device)
     else:
         model = load_model(path, dtype=dtype, device=device)
-    return Engine(model, load_tokenizer(path), cfg)
+    has_tok = any((Path(path) / f).exists() for f in ("tokenizer.model", "tokenizer.json"))
+    return Engine(model, Tokenizer.load(path) if has_tok else None, cfg)

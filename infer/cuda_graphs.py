@@ -1,16 +1,8 @@
-"""CUDA graphs for the decode step (Engine(cuda_graphs=True), `--cuda-graphs`), as nano-vllm does it.
-
-UNTESTED: no GPU has run this file. The CPU tests check only the flag's wiring and validation and the
-bucket arithmetic (`buckets`, `bucket_for`); nothing on the CPU path imports this module.
-
-A decode step at small batch on a GPU is bound by kernel launches (a few hundred per step), not by the
-math. One graph per batch-size bucket (1, 2, 4, 8, then multiples of 16 up to max_num_seqs) is captured
-once, at engine start, over static input buffers: ids, positions, cache slots, context lengths and block
-tables at full width (max_position_embeddings / block_size). A step of B sequences takes the smallest
-bucket >= B, copies its inputs into the first B rows of the buffers, fills the padding rows with
-harmless values (slot -1: store nothing; context length 1 over block 0: a finite read), replays the graph
-and returns the first B rows of the static output buffer (allocated outside the graphs, which write into
-it). All buckets share one memory pool; the largest is captured first so the smaller ones fit in it.
+"""CUDA graphs for the decode step (EngineConfig.cuda_graphs, `--cuda-graphs`), as nano-vllm does it: one
+graph per batch-size bucket over static input buffers, largest first, sharing one memory pool; a step of B
+sequences replays the smallest bucket >= B with the padding rows made harmless (slot -1: store nothing;
+context length 1 over block 0). UNTESTED: no GPU has run it; the CPU tests check only the flag's wiring and
+the bucket arithmetic, and nothing on the CPU path imports this module. infer/README.md has the design.
 """
 from __future__ import annotations
 
@@ -55,9 +47,6 @@ class DecodeGraphs:
         self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=p.dtype, device=dev)   # static output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
-
-    def fits(self, B: int) -> bool:
-        return bucket_for(self.sizes, B) is not None
 
     def _forward(self, b: int) -> torch.Tensor:
         ctx = AttnContext(cu_seqlens=self.cu[:b + 1], max_seqlen=1, kv_caches=self.runner.kv_caches,

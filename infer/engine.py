@@ -159,20 +159,15 @@ class Engine:
         counts = [s.n_forks for s in seqs]
         if sum(counts) > len(seqs):         # forks draw from their request's row
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
-        rows = [(s.params, g) for s in seqs for g in s.generators]
-        ps = [p for p, _ in rows]
+        ps = [s.params for s in seqs for _ in s.generators]
         tokens = sample(logits, [p.temperature for p in ps], [p.top_p for p in ps], [p.top_k for p in ps],
-                        [g for _, g in rows])
+                        [g for s in seqs for g in s.generators])
         if decode:
             self.runner.sampled(tokens)
         lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in ps) else None
-        draws = [(t, lps[i] if p.logprobs else None) for i, (t, p) in enumerate(zip(tokens.tolist(), ps))]
-        self.generated_tokens += len(draws)
-        out, i = [], 0
-        for c in counts:
-            out.append(draws[i:i + c])
-            i += c
-        return out
+        draws = iter([(t, lps[i] if p.logprobs else None) for i, (t, p) in enumerate(zip(tokens.tolist(), ps))])
+        self.generated_tokens += len(ps)
+        return [[next(draws) for _ in range(c)] for c in counts]
 
     def _stopped(self, s: Sequence) -> bool:
         """Set s.finish_reason (and s.text, cut at a stop string) if its newest token ends it."""

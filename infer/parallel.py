@@ -1,25 +1,10 @@
 """Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does):
-shard the weights of a built `Transformer`, set each attention module's local head counts, and add the
-collectives as hooks. model/llama.py is unchanged; parameter names are unchanged.
-
-Per layer, on a group of T ranks (rank r):
-  wq, wk, wv (+ biases)  column-parallel: rank r holds nh/T query heads and their KV heads
-  wo                     row-parallel (its input columns of those heads), output all-reduced (sum)
-  w1, w3 / w2            column-parallel over the intermediate size / row-parallel, output all-reduced
-  norms                  replicated
-  tok_embeddings, output split over the vocabulary (ceil(V/T) rows per rank, the last zero-padded):
-                         the embedding masks ids outside the rank's range and all-reduces; the LM head's
-                         logits are all-gathered, so every rank holds the same full [N, V] fp32 logits
-GQA with fewer KV heads than ranks (T > nkv, T % nkv == 0): each rank holds the one KV head its query
-heads read (head r // (T / nkv)), so each KV head is replicated on T / nkv ranks, in weights and in the
-KV pool. The paged KV pool of a rank holds only its local KV heads (infer/runner.py reads the count from
-the attention modules).
-
-Scheduling: every rank of a group runs the same deterministic scheduler on the same requests; it needs no
-messages because everything it reads is identical on all ranks: the requests, the pool size (min-reduced
-over the group at start), and the sampled tokens (the same gathered logits and the same seeded CPU
-generators give the same token). A broadcast per step from one rank would add a message per step to buy
-nothing. Score log-probs are vocab-parallel (max / sum-exp / target logit all-reduced), never [N, V].
+shard the weights of a built `Transformer` (`shard_plan`: attention and MLP column- / row-parallel, the
+embedding and LM head over the vocabulary), set each attention module's local head counts, and add the
+collectives as hooks; model/llama.py and the parameter names are unchanged. With fewer KV heads than ranks
+each rank holds the one KV head its query heads read. Every rank of a group runs the same deterministic
+scheduler with no messages: all it reads (requests, pool size min-reduced at start, gathered logits, seeded
+generators) is identical on all ranks. infer/README.md has the table and the reasons.
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
-"""Which sequences run in the next step: waiting and running queues, continuous batching, a per-step
-token budget with chunked prefill, preemption by recompute.
+"""Which sequences run in the next step, and what happens to them after it (nano-vllm's scheduler).
 
-A step is either a prefill (new or preempted sequences, their uncached tokens) or a decode (one new token
-for every running sequence). Waiting sequences are admitted whenever slots, blocks and the token budget
-`max_num_batched_tokens` allow, so a finished sequence's place is taken at the next step. Chunked prefill:
-the sequence that does not fit in what is left of a step's budget gets a chunk of it (its blocks are all
-allocated at admission); it stays `partial` and its next chunk runs first in the next prefill step, so a
-prompt of any length is prefilled in steps of at most the budget. While a prompt is partial and other
-sequences are decoding, prefill-chunk steps and decode steps alternate, so a long prompt does not stall
-the running sequences. When a decode step cannot get a block, the most recently admitted sequence is
-preempted: its blocks are freed and it goes back to the front of the waiting queue with all its tokens,
-to be prefilled again later (its random generator keeps its state, so the sample it produces is the one
-an unpressured run produces).
+A step is a prefill (waiting or preempted sequences admitted while slots, blocks and the token budget
+`max_num_batched_tokens` allow; the one that does not fit gets a chunk of what is left and stays `partial`)
+or a decode (one token for every running sequence); while a prompt is partial, chunk and decode steps
+alternate. A decode that cannot get a block preempts the most recently admitted sequence (recomputed later,
+its generator keeping its state). infer/README.md has the design.
 """
 from __future__ import annotations
 
@@ -19,7 +12,7 @@ from collections import deque
 from typing import Callable
 
 from selfreward.infer.block_manager import BlockManager
-from selfreward.infer.sequence import Kind, Sequence, Status
+from selfreward.infer.sequence import Kind, Sequence
 
 
 class Scheduler:
@@ -34,7 +27,6 @@ class Scheduler:
         self._chunk_turn = False                # the last step was a prefill that left a partial prompt
 
     def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
         self.waiting.append(seq)
 
     def done(self) -> bool:
@@ -72,7 +64,6 @@ class Scheduler:
                                        f"({len(self.bm.blocks)} blocks of {self.bm.block_size}); raise num_blocks")
                 break
             self.waiting.popleft()
-            seq.status = Status.RUNNING
             batch.append(seq)
             n_running += seq.n_forks
             tokens += seq.chunk
@@ -99,7 +90,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
-        seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
@@ -125,12 +115,11 @@ class Scheduler:
                     c.logprobs.append(lp)
                 (finished if stopped(c) else started).append(c)
         for s in finished:
-            s.status = Status.FINISHED
             self.bm.free_seq(s)
         if is_prefill:
             self.running.extend(started)
         elif finished:
-            self.running = deque(s for s in self.running if s.status is not Status.FINISHED)
+            self.running = deque(s for s in self.running if s.finish_reason is None)
         return finished
 
     def _fork(self, s: Sequence) -> list[Sequence]:

@@ -52,15 +52,9 @@ class Completion:
     finish_reason: str          # "stop" | "length"
 
 
-class Status(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
-
-
 class Kind(Enum):
     GENERATE = auto()   # sample new tokens
-    SCORE = auto()      # teacher-forced log-probs of token_ids[score_from + 1:]
+    SCORE = auto()      # teacher-forced log-probs of token_ids[num_prompt:]
     NEXT = auto()       # full log-softmax after the last token (next_token_logprobs)
 
 
@@ -79,10 +73,8 @@ class Sequence:
     # one per sample this sequence stands for (None: greedy): n until it forks at its first sampled token
     generators: list[torch.Generator | None] = field(default_factory=lambda: [None])
     seq_id: int = field(default_factory=lambda: next(_ids))
-    status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0                 # tokens whose K/V are in the cache
-    num_prefix_hit: int = 0             # of those, tokens taken from the prefix cache at the last prefill
     chunk: int = 0                      # prefill: tokens computed in this step (num_cached onward)
     num_keyed: int = 0                  # leading blocks keyed for the prefix cache (computed and full)
     logprobs: list[float] = field(default_factory=list)
