@@ -97,10 +97,7 @@ class BlockManager:
             if b.ref == 0:
                 del self.free[bid]
             b.ref += 1
-        table = list(hits)
-        for _ in range(len(hits), n):
-            table.append(self._take_free().id)
-        seq.block_table = table
+        seq.block_table = hits + [self._take_free().id for _ in range(n - len(hits))]
         seq.num_keyed = len(hits)
         seq.num_cached = len(hits) * bs
         todo = len(toks) - seq.num_cached
@@ -142,17 +139,13 @@ class BlockManager:
 
     # -- decode ------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
-        pos = len(seq) - 1
-        bi = pos // self.block_size
-        if bi == len(seq.block_table):
-            return self.num_free > 0
-        return self.blocks[seq.block_table[bi]].ref == 1 or self.num_free > 0
+        bi = (len(seq) - 1) // self.block_size
+        return self.num_free > 0 or (bi < len(seq.block_table) and self.blocks[seq.block_table[bi]].ref == 1)
 
     def append(self, seq: Sequence) -> None:
         """Make room for the K/V of seq's newest token (position len-1): a fresh block at a block
         boundary, or a private copy of a shared partial block. Call can_append first."""
-        pos = len(seq) - 1
-        bi = pos // self.block_size
+        bi = (len(seq) - 1) // self.block_size
         if bi == len(seq.block_table):
             seq.block_table.append(self._take_free().id)
             return

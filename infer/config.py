@@ -74,27 +74,28 @@ def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
 
 
 class EngineAPI(Protocol):
-    """What recipes and trainers call on an engine (infer/engine.Engine; a second backend implements the same)."""
-    tokenizer: object         # the checkpoint's tokenizer (None without one)
-    max_len: int              # the model's max_position_embeddings: a prompt must be shorter
-    eos: set[int]             # ids that end a sample (model EOS, tokenizer stop ids)
-    stats: dict               # prefill_computed, prefix_hit, generated, preempted (over the engine's life)
+    """What recipes and trainers call on an engine: infer/engine.Engine, or a second backend. Sampling follows
+    SamplingParams; log-probs are of the model's unmodified distribution (full-vocabulary log-softmax)."""
+    tokenizer: object   # the checkpoint's tokenizer (None without one)
+    max_len: int        # the model's max_position_embeddings: a prompt must be shorter
+    eos: set[int]       # ids that end a sample (model EOS, tokenizer stop ids)
+    stats: dict         # prefill_computed, prefix_hit, generated, preempted (over the engine's life)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
-        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) as soon as prompt i's
-        samples are all done. Sample j of a request with seed s equals that request run alone with seed s + j."""
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
+        Sample j of a request with seed s is that request alone with seed s + j."""
 
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
-        """Teacher-forced log-probs (full-vocabulary log-softmax) of each continuation token."""
+        """Teacher-forced log-probs of each continuation token."""
 
     def next_token_logprobs(self, prompts: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
-        """[B, C] log-probs (full-vocabulary softmax) of each candidate token right after each prompt."""
+        """[B, C] log-probs of each candidate token right after each prompt."""
 
     def load_weights(self, model: torch.nn.Module, skip: tuple[str, ...] = ()) -> dict:
-        """Copy a trainer's weights (FSDP2 DTensors or plain; names starting with one of `skip` left out)
-        into the engine, in place, every rank of the trainer calling -> {seconds, bytes}."""
+        """A trainer's weights (FSDP2 DTensors or plain; names starting with one of `skip` left out) copied
+        in place, every trainer rank calling; clears the prefix cache -> {seconds, bytes}."""
 
     def reply_ids(self, c: Completion) -> list[int]:
         """A completion's ids without the stop token that ended it."""

@@ -73,17 +73,10 @@ class DecodeGraphs:
         caller uses it before the next replay)."""
         B = d.tokens.shape[0]
         b = bucket_for(self.sizes, B)
-        w = d.bt.shape[1]
-        self.tokens[:B].copy_(d.tokens)
-        self.pos[:B].copy_(d.pos)
-        self.slots[:B].copy_(d.slots)
-        self.lens[:B].copy_(d.lens)
-        self.bt[:B, :w].copy_(d.bt)
-        if b > B:                               # padding rows: store nothing, read one finite slot
-            self.slots[B:b].fill_(-1)
-            self.lens[B:b].fill_(1)
-            self.bt[B:b].zero_()
-            self.tokens[B:b].zero_()
-            self.pos[B:b].zero_()
+        for buf, src in ((self.tokens, d.tokens), (self.pos, d.pos), (self.slots, d.slots), (self.lens, d.lens)):
+            buf[:B].copy_(src)
+        self.bt[:B, :d.bt.shape[1]].copy_(d.bt)
+        for buf, pad in ((self.slots, -1), (self.lens, 1), (self.bt, 0), (self.tokens, 0), (self.pos, 0)):
+            buf[B:b].fill_(pad)                 # padding rows: store nothing, read one finite slot
         self.graphs[b].replay()
         return self.hidden[:B]
