@@ -95,7 +95,7 @@ class EngineAPI(Protocol):
 
     def load_weights(self, model: torch.nn.Module, skip: tuple[str, ...] = ()) -> dict:
         """A trainer's weights (FSDP2 DTensors or plain; names starting with one of `skip` left out) copied
-        in place, every trainer rank calling; clears the prefix cache -> {seconds, bytes}."""
+        in place, every trainer rank calling, with no request in flight; clears the prefix cache -> {seconds, bytes}."""
 
     def reply_ids(self, c: Completion) -> list[int]:
         """A completion's ids without the stop token that ended it."""

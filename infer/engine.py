@@ -103,6 +103,8 @@ class Engine:
 
     def load_weights(self, model, skip: tuple[str, ...] = ()) -> dict:
         from selfreward.infer.parallel import copy_weights
+        if not self.scheduler.done():
+            raise RuntimeError("weight sync while the engine still has requests in flight")
         stat = copy_weights(self.model, model, skip)
         self.bm.cache.clear()               # the cached KV came from the old weights
         return stat

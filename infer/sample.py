@@ -147,8 +147,7 @@ def check_flags(args) -> EngineConfig:
         ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             cuda_graphs=args.cuda_graphs)
-        ecfg.check()
-        resolve_device(ecfg)
+        resolve_device(ecfg)                 # checks the config too
     except ValueError as e:
         raise named(e) from None
     return ecfg
