@@ -87,7 +87,7 @@ class BlockManager:
         chunked prefill). Returns False (changing nothing) if the free list is too short."""
         assert not seq.block_table
         bs, toks = self.block_size, seq.token_ids
-        n = seq.num_blocks(bs)
+        n = -(-len(toks) // bs)             # blocks for all its tokens
         hits = self._hits(seq)
         reused_free = sum(1 for b in hits if self.blocks[b].ref == 0)
         if n - len(hits) > self.num_free - reused_free:

@@ -39,6 +39,8 @@ class Engine:
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
             raise ValueError(f"cuda_graphs needs the model on a CUDA device (it is on {p.device})")
+        if cfg.max_num_batched_tokens < 1:   # load_engine checks the whole config; a direct caller gets this
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {cfg.max_num_batched_tokens}")
         num_blocks = cfg.num_blocks or default_num_blocks(model, cfg.block_size, cfg.max_num_seqs)
         self.bm = BlockManager(num_blocks, cfg.block_size, cfg.prefix_cache)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens)

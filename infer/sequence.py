@@ -38,10 +38,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
         self.stop_token_ids = tuple(self.stop_token_ids)
-        self.stop = tuple(self.stop)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 @dataclass
@@ -104,6 +102,3 @@ class Sequence:
         if self.kind is Kind.SCORE:
             return self.num_prompt - 1
         return len(self.token_ids) - 1
-
-    def num_blocks(self, block_size: int) -> int:
-        return (len(self.token_ids) + block_size - 1) // block_size
