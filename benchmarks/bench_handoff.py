@@ -4,8 +4,8 @@
         benchmarks/bench_handoff.py --tp 2 [--hidden 1024 --layers 8 --out /tmp/handoff]
 
 Every rank: a random Llama (fp32) under FSDP2 over all ranks, a TP engine (tensor parallel --tp); then
-(a) `infer.parallel.load_from_fsdp` (one full parameter at a time over the mesh, sliced) and (b) the
-round trip it replaces: `train.checkpointing.export_model` to --out, then `infer.parallel.tp_engine`
+(a) `Engine.load_weights` (one full parameter at a time over the mesh, sliced) and (b) the
+round trip it replaces: `train.checkpointing.export_model` to --out, then `infer.config.load_engine`
 from it (sharded load). Prints both times (rank 0) and checks the two engines hold equal weights.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main() -> None:
     cfg = Config(**vars(ap.parse_args()))
     from torch.distributed.device_mesh import init_device_mesh
     from selfreward.infer.engine import Engine
-    from selfreward.infer.parallel import init_tp, load_from_fsdp, tp_engine, tp_model
+    from selfreward.infer.config import EngineConfig, load_engine
+    from selfreward.infer.parallel import init_tp, tp_model
     from selfreward.model.config import ModelConfig
     from selfreward.model.llama import Transformer
     from selfreward.train.checkpointing import export_model
@@ -61,13 +62,13 @@ def main() -> None:
     eng = Engine(tp_model(mcfg, tp), block_size=16, num_blocks=16)
 
     dist.barrier()
-    stat = load_from_fsdp(eng, model)
+    stat = eng.load_weights(model)
     t_handoff = stat["seconds"]
 
     dist.barrier()
     t0 = time.perf_counter()
     export_model(model, cfg.out, None, d)
-    eng2 = tp_engine(cfg.out, tp, block_size=16, num_blocks=16)
+    eng2 = load_engine(cfg.out, EngineConfig(device="cpu", tensor_parallel=cfg.tp, block_size=16, num_blocks=16))
     dist.barrier()
     t_disk = time.perf_counter() - t0
 

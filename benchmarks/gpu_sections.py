@@ -121,7 +121,7 @@ def _timed(f) -> float:
 
 def sampler(out: Path, budget: float) -> dict:
     import transformers as tf
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.infer.sequence import SamplingParams
     path = _llama_1b(out / "llama_1b")
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -134,13 +134,13 @@ def sampler(out: Path, budget: float) -> dict:
         if time.perf_counter() > t_end:
             break
         prompts = [torch.randint(3, 32000, (128,), generator=g).tolist() for _ in range(B)]
-        eng = Engine.from_pretrained(path, dtype=torch.bfloat16, device="cuda", max_num_seqs=256)
+        eng = load_engine(path, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=256))
         sp = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
         eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))   # warm-up
         ours = _timed(lambda: eng.generate(prompts, sp))
         eager = [r[0].token_ids for r in eng.generate(prompts, sp)]
         del eng
-        eng = Engine.from_pretrained(path, dtype=torch.bfloat16, device="cuda", max_num_seqs=64, cuda_graphs=True)
+        eng = load_engine(path, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=64, cuda_graphs=True))
         eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))   # warm-up
         graphs = _timed(lambda: eng.generate(prompts, sp))
         same = [r[0].token_ids for r in eng.generate(prompts, sp)] == eager

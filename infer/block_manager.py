@@ -1,14 +1,8 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write.
-
-The pool has `num_blocks` blocks of `block_size` token slots (the runner owns the tensors; this file only
-does the bookkeeping). A full block is keyed by a hash chained over its tokens and its predecessor's key,
-so equal keys mean equal whole prefixes; a hit is still checked token by token (and predecessor key)
-before it is trusted. Freed blocks keep their contents and key until the free list hands them out again
-(least recently freed first), so a prefix that was used recently is found again.
-
-Samples forked from one prompt share every block, including a partly filled last block; the first
-sample to write into a shared block gets a private copy (`copies` lists the (src, dst) block copies the
-runner must make before the next forward).
+"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping
+only: the runner owns the tensors). A full block is keyed by a hash chained over its tokens and its
+predecessor's key, and a hit is checked token by token; freed blocks keep key and contents until the free
+list (least recently freed first) hands them out. `copies`: the (src, dst) copies the runner makes before
+the next forward. infer/README.md has the design.
 """
 from __future__ import annotations
 
@@ -87,16 +81,13 @@ class BlockManager:
             prev = self.blocks[bid].key
         return hits
 
-    def cached_prefix_len(self, seq: Sequence) -> int:
-        return len(self._hits(seq)) * self.block_size
-
     def allocate(self, seq: Sequence, budget: int | None = None) -> bool:
         """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix, and set
         seq.chunk: the tokens its first prefill step computes (all uncached ones, or at most `budget`:
         chunked prefill). Returns False (changing nothing) if the free list is too short."""
         assert not seq.block_table
         bs, toks = self.block_size, seq.token_ids
-        n = seq.num_blocks(bs)
+        n = -(-len(toks) // bs)             # blocks for all its tokens
         hits = self._hits(seq)
         reused_free = sum(1 for b in hits if self.blocks[b].ref == 0)
         if n - len(hits) > self.num_free - reused_free:
@@ -106,16 +97,12 @@ class BlockManager:
             if b.ref == 0:
                 del self.free[bid]
             b.ref += 1
-        table = list(hits)
-        for _ in range(len(hits), n):
-            table.append(self._take_free().id)
-        seq.block_table = table
+        seq.block_table = hits + [self._take_free().id for _ in range(n - len(hits))]
         seq.num_keyed = len(hits)
         seq.num_cached = len(hits) * bs
         todo = len(toks) - seq.num_cached
         seq.chunk = todo if budget is None else min(todo, budget)
         self.computing(seq, seq.num_cached + seq.chunk)
-        seq.num_prefix_hit = seq.num_cached
         self.prefill_hit += seq.num_cached
         self.prefill_computed += len(toks) - seq.num_cached
         return True
@@ -152,17 +139,13 @@ class BlockManager:
 
     # -- decode ------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
-        pos = len(seq) - 1
-        bi = pos // self.block_size
-        if bi == len(seq.block_table):
-            return self.num_free > 0
-        return self.blocks[seq.block_table[bi]].ref == 1 or self.num_free > 0
+        bi = (len(seq) - 1) // self.block_size
+        return self.num_free > 0 or (bi < len(seq.block_table) and self.blocks[seq.block_table[bi]].ref == 1)
 
     def append(self, seq: Sequence) -> None:
         """Make room for the K/V of seq's newest token (position len-1): a fresh block at a block
         boundary, or a private copy of a shared partial block. Call can_append first."""
-        pos = len(seq) - 1
-        bi = pos // self.block_size
+        bi = (len(seq) - 1) // self.block_size
         if bi == len(seq.block_table):
             seq.block_table.append(self._take_free().id)
             return

@@ -1,7 +1,9 @@
-"""The engine's settings and the one function every caller loads an engine with.
+"""The engine's settings, the one factory every caller loads an engine with, and the interface an engine
+backend implements (EngineAPI).
 
     eng = load_engine("ckpt/", EngineConfig())                  # CUDA + bf16 where available, else CPU fp32
     eng = load_engine("ckpt/", EngineConfig(device="cpu", dtype="bfloat16"))
+    eng = load_engine("ckpt/", EngineConfig(tensor_parallel=2))  # under torchrun: this rank's shard
     eng.tokenizer                                                # the checkpoint's tokenizer, loaded once
 
 Under torchrun the default device is cuda:LOCAL_RANK, so each rank samples on its own GPU.
@@ -10,10 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
 from selfreward.cli import passive
+from selfreward.infer.sequence import Completion, SamplingParams
 from selfreward.records import DataError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,16 +74,46 @@ def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     return device, DTYPES[dtype]
 
 
-def load_engine(path, cfg: EngineConfig | None = None):
+class EngineAPI(Protocol):
+    """What recipes and trainers call on an engine: infer/engine.Engine, or a second backend. Sampling follows
+    SamplingParams; log-probs are of the model's unmodified distribution (full-vocabulary log-softmax)."""
+    tokenizer: object   # the checkpoint's tokenizer (None without one)
+    max_len: int        # the model's max_position_embeddings: a prompt must be shorter
+    eos: set[int]       # ids that end a sample (model EOS, tokenizer stop ids)
+    stats: dict         # prefill_computed, prefix_hit, generated, preempted (over the engine's life)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 n: int = 1, progress: bool = False,
+                 on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
+        Sample j of a request with seed s is that request alone with seed s + j."""
+
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of each continuation token."""
+
+    def next_token_logprobs(self, prompts: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
+        """[B, C] log-probs of each candidate token right after each prompt."""
+
+    def load_weights(self, model: torch.nn.Module, skip: tuple[str, ...] = ()) -> dict:
+        """A trainer's weights (FSDP2 DTensors or plain; names starting with one of `skip` left out) copied
+        in place, every trainer rank calling, with no request in flight; clears the prefix cache -> {seconds, bytes}."""
+
+    def reply_ids(self, c: Completion) -> list[int]:
+        """A completion's ids without the stop token that ended it."""
+
+
+def load_engine(path, cfg: EngineConfig | None = None) -> EngineAPI:
     """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer; with
     tensor_parallel T > 1, this rank's shard of a T-way replica (every rank of the replica calls this)."""
     from selfreward.infer.engine import Engine
+    from selfreward.model.checkpoint import load_model
+    from selfreward.model.tokenizer import Tokenizer
     cfg = cfg or EngineConfig()
-    if cfg.tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp, load_engine_tp
-        return load_engine_tp(path, cfg, init_tp(cfg.tensor_parallel))
     device, dtype = resolve_device(cfg)
-    return Engine.from_pretrained(path, dtype=dtype, device=device, block_size=cfg.block_size,
-                                  num_blocks=cfg.num_blocks or None, max_num_seqs=cfg.max_num_seqs,
-                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                  prefix_cache=cfg.prefix_cache, cuda_graphs=cfg.cuda_graphs)
+    if cfg.tensor_parallel > 1:
+        from selfreward.infer.parallel import init_tp, load_tp_model
+        model = load_tp_model(path, init_tp(cfg.tensor_parallel), dtype, device)
+    else:
+        model = load_model(path, dtype=dtype, device=device)
+    has_tok = any((Path(path) / f).exists() for f in ("tokenizer.model", "tokenizer.json"))
+    return Engine(model, Tokenizer.load(path) if has_tok else None, cfg)

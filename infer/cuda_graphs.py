@@ -1,16 +1,8 @@
-"""CUDA graphs for the decode step (Engine(cuda_graphs=True), `--cuda-graphs`), as nano-vllm does it.
-
-UNTESTED: no GPU has run this file. The CPU tests check only the flag's wiring and validation and the
-bucket arithmetic (`buckets`, `bucket_for`); nothing on the CPU path imports this module.
-
-A decode step at small batch on a GPU is bound by kernel launches (a few hundred per step), not by the
-math. One graph per batch-size bucket (1, 2, 4, 8, then multiples of 16 up to max_num_seqs) is captured
-once, at engine start, over static input buffers: ids, positions, cache slots, context lengths and block
-tables at full width (max_position_embeddings / block_size). A step of B sequences takes the smallest
-bucket >= B, copies its inputs into the first B rows of the buffers, fills the padding rows with
-harmless values (slot -1: store nothing; context length 1 over block 0: a finite read), replays the graph
-and returns the first B rows of the static output buffer (allocated outside the graphs, which write into
-it). All buckets share one memory pool; the largest is captured first so the smaller ones fit in it.
+"""CUDA graphs for the decode step (EngineConfig.cuda_graphs, `--cuda-graphs`), as nano-vllm does it: one
+graph per batch-size bucket over static input buffers, largest first, sharing one memory pool; a step of B
+sequences replays the smallest bucket >= B with the padding rows made harmless (slot -1: store nothing;
+context length 1 over block 0). UNTESTED: no GPU has run it; the CPU tests check only the flag's wiring and
+the bucket arithmetic, and nothing on the CPU path imports this module. infer/README.md has the design.
 """
 from __future__ import annotations
 
@@ -56,9 +48,6 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
-    def fits(self, B: int) -> bool:
-        return bucket_for(self.sizes, B) is not None
-
     def _forward(self, b: int) -> torch.Tensor:
         ctx = AttnContext(cu_seqlens=self.cu[:b + 1], max_seqlen=1, kv_caches=self.runner.kv_caches,
                           slot_mapping=self.slots[:b], block_tables=self.bt[:b], context_lens=self.lens[:b],
@@ -84,17 +73,10 @@ class DecodeGraphs:
         caller uses it before the next replay)."""
         B = d.tokens.shape[0]
         b = bucket_for(self.sizes, B)
-        w = d.bt.shape[1]
-        self.tokens[:B].copy_(d.tokens)
-        self.pos[:B].copy_(d.pos)
-        self.slots[:B].copy_(d.slots)
-        self.lens[:B].copy_(d.lens)
-        self.bt[:B, :w].copy_(d.bt)
-        if b > B:                               # padding rows: store nothing, read one finite slot
-            self.slots[B:b].fill_(-1)
-            self.lens[B:b].fill_(1)
-            self.bt[B:b].zero_()
-            self.tokens[B:b].zero_()
-            self.pos[B:b].zero_()
+        for buf, src in ((self.tokens, d.tokens), (self.pos, d.pos), (self.slots, d.slots), (self.lens, d.lens)):
+            buf[:B].copy_(src)
+        self.bt[:B, :d.bt.shape[1]].copy_(d.bt)
+        for buf, pad in ((self.slots, -1), (self.lens, 1), (self.bt, 0), (self.tokens, 0), (self.pos, 0)):
+            buf[B:b].fill_(pad)                 # padding rows: store nothing, read one finite slot
         self.graphs[b].replay()
         return self.hidden[:B]

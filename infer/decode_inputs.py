@@ -1,13 +1,7 @@
-"""The decode step's input tensors, kept from one step to the next.
-
-A decode step needs, for its B sequences: the input ids, positions, context lengths, block tables and
-cache slots. Building them from the sequences' Python lists at every step costs a host-side tensor build
-per field (and on CUDA a host-to-device copy each); at small batch that is a visible share of a step.
-While a step's sequences are the previous decode step's, in the same order (a steady batch), the tensors
-are updated in place instead: positions and lengths advance by one, the input ids are the tensor the
-sampler returned, and only the block-table entries that changed (a new block at a block boundary, a
-copy-on-write of a shared last block) are written. A batch that changed (a sequence finished, joined or
-was preempted) is rebuilt from the lists.
+"""The decode step's input tensors, kept from one step to the next: while a step's sequences are the previous
+decode step's, in the same order, positions and lengths advance in place, the input ids are the tensor the
+sampler returned, and only changed block-table entries are written; a changed batch is rebuilt from the
+sequences' lists. (Building them from lists each step costs a visible share of a small-batch step.)
 """
 from __future__ import annotations
 

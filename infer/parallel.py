@@ -1,25 +1,10 @@
 """Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does):
-shard the weights of a built `Transformer`, set each attention module's local head counts, and add the
-collectives as hooks. model/llama.py is unchanged; parameter names are unchanged.
-
-Per layer, on a group of T ranks (rank r):
-  wq, wk, wv (+ biases)  column-parallel: rank r holds nh/T query heads and their KV heads
-  wo                     row-parallel (its input columns of those heads), output all-reduced (sum)
-  w1, w3 / w2            column-parallel over the intermediate size / row-parallel, output all-reduced
-  norms                  replicated
-  tok_embeddings, output split over the vocabulary (ceil(V/T) rows per rank, the last zero-padded):
-                         the embedding masks ids outside the rank's range and all-reduces; the LM head's
-                         logits are all-gathered, so every rank holds the same full [N, V] fp32 logits
-GQA with fewer KV heads than ranks (T > nkv, T % nkv == 0): each rank holds the one KV head its query
-heads read (head r // (T / nkv)), so each KV head is replicated on T / nkv ranks, in weights and in the
-KV pool. The paged KV pool of a rank holds only its local KV heads (infer/runner.py reads the count from
-the attention modules).
-
-Scheduling: every rank of a group runs the same deterministic scheduler on the same requests; it needs no
-messages because everything it reads is identical on all ranks: the requests, the pool size (min-reduced
-over the group at start), and the sampled tokens (the same gathered logits and the same seeded CPU
-generators give the same token). A broadcast per step from one rank would add a message per step to buy
-nothing. Score log-probs are vocab-parallel (max / sum-exp / target logit all-reduced), never [N, V].
+shard the weights of a built `Transformer` (`shard_plan`: attention and MLP column- / row-parallel, the
+embedding and LM head over the vocabulary), set each attention module's local head counts, and add the
+collectives as hooks; model/llama.py and the parameter names are unchanged. With fewer KV heads than ranks
+each rank holds the one KV head its query heads read. Every rank of a group runs the same deterministic
+scheduler with no messages: all it reads (requests, pool size min-reduced at start, gathered logits, seeded
+generators) is identical on all ranks. infer/README.md has the table and the reasons.
 """
 from __future__ import annotations
 
@@ -205,65 +190,38 @@ def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, 
     return model.eval()
 
 
-def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32,
-                  device="cpu") -> tuple[Transformer, int]:
-    """Sharded loading: this rank reads only its slices from the safetensors files. -> (model, bytes read)."""
+def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Sharded loading: this rank reads only its slices from the safetensors files (model.loaded_bytes)."""
     from selfreward.model.sharded import read_sharded
     cfg = ModelConfig.from_json(Path(path))
-    plan = shard_plan(cfg, tp.rank, tp.size) if tp.size > 1 else {}
-    state, nbytes = read_sharded(path, cfg, plan, dtype)
+    state, nbytes = read_sharded(path, cfg, shard_plan(cfg, tp.rank, tp.size), dtype)
     rows = vocab_range(cfg, tp.rank, tp.size)[2]
     for k in ("tok_embeddings.weight", "output.weight"):
         if k in state:
             state[k] = take(state[k], (0, 0, state[k].shape[0]), rows)
     model = tp_model(cfg, tp, dtype, device)
     model.load_state_dict(state, strict=True)
-    return model, nbytes
-
-
-def load_engine_tp(path: str | Path, ecfg, tp: TPGroup):
-    """infer.config.load_engine for a tensor-parallel replica: the same EngineConfig, this rank's shard."""
-    from selfreward.infer.config import resolve_device
-    device, dtype = resolve_device(ecfg)
-    return tp_engine(path, tp, dtype, device, block_size=ecfg.block_size, num_blocks=ecfg.num_blocks or None,
-                     max_num_seqs=ecfg.max_num_seqs, max_num_batched_tokens=ecfg.max_num_batched_tokens,
-                     prefix_cache=ecfg.prefix_cache, cuda_graphs=ecfg.cuda_graphs)
-
-
-def tp_engine(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu", **engine_kw):
-    """An Engine over this rank's shard of the checkpoint at `path` (keyword arguments as Engine's)."""
-    from selfreward.infer.engine import Engine, _load_tokenizer
-    from selfreward.infer.runner import default_num_blocks
-    model, nbytes = load_tp_model(path, tp, dtype, device)
-    if engine_kw.get("num_blocks") is None and tp.size > 1:   # every rank's block manager must be the same
-        n = default_num_blocks(model, engine_kw.get("block_size", 16), engine_kw.get("max_num_seqs", 256))
-        n = torch.tensor([n], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
-        engine_kw["num_blocks"] = int(n)
-    eng = Engine(model, _load_tokenizer(Path(path)), **engine_kw)
-    eng.loaded_bytes = nbytes
-    return eng
+    model.loaded_bytes = nbytes
+    return model
 
 
 # -- FSDP2 trainer -> TP engine, without a disk round trip ------------------------------------------
 @torch.no_grad()
-def load_from_fsdp(engine, trainer_model, skip: tuple[str, ...] = ()) -> dict:
-    """Fill a TP engine's weights from a model whose parameters are DTensors (FSDP2 `fully_shard`), one
-    parameter at a time: `full_tensor()` (an all-gather over the trainer's mesh; every trainer rank calls
-    this, in the same order), keep this rank's slice, free the rest, so the peak extra memory is one
-    full parameter. Plain (unsharded) parameters are copied as they are. Trainer parameters whose names
-    start with one of `skip` (train/rl.py's value head) are not handed over; every engine parameter must
-    be written, else an error. Clears the prefix cache (its KV came from the old weights).
+def copy_weights(model: Transformer, src: nn.Module, skip: tuple[str, ...] = ()) -> dict:
+    """Engine.load_weights: fill `model` (this rank's shard, or a whole model) from `src`, whose parameters
+    may be DTensors (FSDP2 `fully_shard`), one parameter at a time: `full_tensor()` (an all-gather over the
+    trainer's mesh; every trainer rank calls this, in the same order), keep this rank's slice, free the
+    rest, so the peak extra memory is one full parameter. Parameters whose names start with one of `skip`
+    (train/rl.py's value head) are not handed over; every engine parameter must be written, else an error.
     -> {seconds, bytes}."""
     t0 = time.perf_counter()
-    model = engine.model
     tp = getattr(model, "tp", TPGroup())
     plan = shard_plan(model.cfg, tp.rank, tp.size) if tp.size > 1 else {}
     rows = vocab_range(model.cfg, tp.rank, tp.size)[2]
     dst = dict(model.named_parameters())
     moved = 0
     written = set()
-    for name, p in trainer_model.named_parameters():
+    for name, p in src.named_parameters():
         name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
         if skip and name.startswith(skip):
             continue
@@ -278,5 +236,4 @@ def load_from_fsdp(engine, trainer_model, skip: tuple[str, ...] = ()) -> dict:
         del full, part
     if written != set(dst):
         raise KeyError(f"weight hand-off: engine parameters not written: {sorted(set(dst) - written)[:4]}")
-    engine.bm.cache.clear()
     return {"seconds": time.perf_counter() - t0, "bytes": moved}

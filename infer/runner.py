@@ -8,6 +8,7 @@ step and shared by every layer.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from selfreward.model.llama import AttnContext, Transformer
 from selfreward.infer.decode_inputs import DecodeInputs
@@ -16,39 +17,30 @@ from selfreward.infer.sequence import Sequence
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
 
 
-def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
-    c = model.cfg
-    elt = torch.empty((), dtype=dtype).element_size()
-    return 2 * c.num_hidden_layers * block_size * local_kv_heads(model) * c.head_dim * elt
-
-
-def local_kv_heads(model: Transformer) -> int:
-    """KV heads this rank's attention holds: all of them, or its share under infer/parallel.py."""
-    return model.layers[0].attention.nkv
-
-
 def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -> int:
     """Enough for max_num_seqs full-length sequences, capped by a memory budget (half the free memory
-    on CUDA, DEFAULT_KV_BYTES on CPU)."""
-    p = next(model.parameters())
-    per = kv_bytes_per_block(model, block_size, p.dtype)
+    on CUDA, DEFAULT_KV_BYTES on CPU); the least over a tensor-parallel group, whose ranks must schedule alike."""
+    p, c = next(model.parameters()), model.cfg
+    per = 2 * c.num_hidden_layers * block_size * model.layers[0].attention.nkv * c.head_dim * p.element_size()
     budget = DEFAULT_KV_BYTES
     if p.is_cuda:
         free, _ = torch.cuda.mem_get_info(p.device)
         budget = free // 2
     want = max_num_seqs * ((model.cfg.max_position_embeddings + block_size - 1) // block_size)
-    return max(1, min(want, budget // per))
+    n = max(1, min(want, budget // per))
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.size > 1:
+        n = torch.tensor([n], device=p.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(n)
 
 
 LAZY_ZERO_BYTES = 64 * 1024**2
 
 
 def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero KV pool. The attention twins read whole blocks and mask the unused slots, so the pool must
-    hold finite values (0 * NaN is NaN). On the CPU a large pool is taken from torch.empty: allocations
-    above glibc's largest mmap threshold (32 MiB) are fresh anonymous mappings, which the kernel hands out
-    as zero pages on first touch. Zero-filling the default 2 GiB pool up front cost 1-6 s of start-up and
-    made all of it resident; now only the pages in use are."""
+    """A zero KV pool (the attention twins read whole blocks: the values must be finite). A large CPU pool is
+    torch.empty: above glibc's mmap threshold the kernel hands out zero pages on first touch (README)."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -63,7 +55,7 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = model.cfg
-        shape = (num_blocks, block_size, local_kv_heads(model), c.head_dim)
+        shape = (num_blocks, block_size, model.layers[0].attention.nkv, c.head_dim)   # this rank's KV heads
         self.kv_caches = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                           for _ in range(c.num_hidden_layers)]
         width = (c.max_position_embeddings + block_size - 1) // block_size
@@ -117,8 +109,7 @@ class Runner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token (each sequence's last) per sequence -> hidden [B, H]."""
         d = self.dec.update(seqs)
-        B = len(seqs)
-        if self.graphs is not None and self.graphs.fits(B):
+        if self.graphs is not None and len(seqs) <= self.graphs.sizes[-1]:
             return self.graphs.replay(d)
         ctx = AttnContext(cu_seqlens=d.cu, max_seqlen=1, kv_caches=self.kv_caches, slot_mapping=d.slots,
                           block_tables=d.bt, context_lens=d.lens, decode=True)

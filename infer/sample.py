@@ -1,4 +1,5 @@
-"""Sample completions for a JSONL file of prompts.
+"""Sample completions for a JSONL file of prompts (infer/README.md, "CLI", has the records, resume and
+sharding rules).
 
     python infer/sample.py --model DIR --input prompts.jsonl --output out.jsonl --n 4 \\
         --temperature 0.7 --top-p 0.9 --max-tokens 512 --seed 0
@@ -7,17 +8,9 @@
     torchrun --nproc_per_node 8 infer/sample.py --tensor-parallel 4 ...   (2 replicas of 4-way tensor
         parallelism: each replica takes every 2nd prompt, its first rank writes)
 
-Input records: {"id": ..., "prompt": "text"} (one user turn through the chat template, as train/sft.py and
-train/dpo.py read a "prompt"; --raw-prompt: BOS + the text, no template) or {"id": ..., "messages": [{"role":
-..., "content": ...}, ...]} (chat template + generation prompt); either may override max_tokens,
-temperature, top_p, top_k, seed. Output: one record per sample, {"id", "sample", "text", "token_ids",
-"finish_reason"[, "logprobs"]}, in input order.
-
-Resume (selfreward.units.run_units): a prompt's records are appended to OUTPUT.partial (under torchrun:
-OUTPUT.rank<r>.partial, then OUTPUT.rank<r>) as soon as all its samples are done; a rerun continues from
-there; after a barrier rank 0 merges the ranks' files into OUTPUT in input order (atomic). A request without
-its own seed uses one derived from --seed and its id, so results do not depend on sharding or on resuming.
-The device is cuda:LOCAL_RANK (bf16) when CUDA is available, else the CPU (fp32); --dtype overrides.
+A prompt's records go to OUTPUT.partial as soon as all its samples are done (a rerun continues there); a
+request without its own seed uses one derived from --seed and its id, so results do not depend on sharding
+or on resuming.
 """
 from __future__ import annotations
 
@@ -27,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +29,7 @@ from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
+from selfreward.infer.parallel import init_tp
 from selfreward.infer.replicas import run_units_tp
 from selfreward.cli import ConfigError, check_args, error_line, run_main
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
@@ -153,8 +148,7 @@ def check_flags(args) -> EngineConfig:
         ecfg = EngineConfig(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks or 0,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             cuda_graphs=args.cuda_graphs)
-        ecfg.check()
-        resolve_device(ecfg)
+        resolve_device(ecfg)                 # checks the config too
     except ValueError as e:
         raise named(e) from None
     return ecfg
@@ -180,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     out, lock = Path(args.output), None
     try:
         ecfg = check_flags(args)
-        tp = _tp_group(args.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
+        try:                           # a flag too: checked before the input, the model or OUTPUT
+            tp = init_tp(args.tensor_parallel)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        ecfg.tensor_parallel = tp.size
         check_file(args.input)
         requests = nonempty(read_requests(args.input), args.input, "prompts")
         if not os.path.isdir(args.model):
@@ -196,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         mine = [r for i, r in enumerate(requests) if i % tp.num_replicas == tp.replica]
         print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-        gen = Generator(args, ecfg, tp)
-        gen.load()                     # a bad checkpoint fails here, before any output file exists
-        run_units_tp(tp, Path(args.output), requests, args.n, key, gen.work, max(1, len(requests)),
+        eng = load(args, ecfg)
+        run_units_tp(tp, Path(args.output), requests, args.n, key, partial(work, args, eng), max(1, len(requests)),
                      f"sample rank {rank}", "prompts")
         if rank == 0:
             print(f"[sample] wrote {len(read_jsonl(args.output))} records to {args.output}", file=sys.stderr,
@@ -236,55 +233,37 @@ def _claim(out: Path, args, rank: int, world: int, dist):
     return ctx
 
 
-class Generator:
-    """The units' work: one engine call over the shard's remaining requests, a unit's records emitted (and
-    flushed to the .partial file by selfreward.records) as soon as all its samples are done."""
-
-    def __init__(self, args, ecfg: EngineConfig, tp=None):
-        self.args, self.ecfg, self.tp, self.eng = args, ecfg, tp, None
-
-    def load(self):
-        args = self.args
-        if self.eng is None:
-            self.eng = load_engine(args.model, self.ecfg) if self.tp is None or self.tp.size == 1 \
-                else _tp_engine(args, self)
-        return self.eng
-
-    def work(self, batch: list[tuple[int, dict]], emit) -> None:
-        args = self.args
-        eng = self.load()
-        if eng.tokenizer is None:
-            raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
-        prompts, params = [], []
-        for _, r in batch:
-            ids = eng.tokenizer.prompt_ids(r, raw=args.raw_prompt)
-            if len(ids) >= eng.max_len:
-                raise InputError(f"{r['_where']}: field '{'messages' if 'messages' in r else 'prompt'}': "
-                                 f"{len(ids)} tokens, the model takes at most {eng.max_len - 1}")
-            prompts.append(ids)
-            params.append(params_for(r, args))
-        def write(i: int, comps) -> None:
-            recs = [{"id": batch[i][1]["id"], "sample": j, "text": c.text, "token_ids": c.token_ids,
-                     "finish_reason": c.finish_reason, **({"logprobs": c.logprobs} if args.logprobs else {})}
-                    for j, c in enumerate(comps)]
-            emit(batch[i][0], recs, sum(len(c.token_ids) for c in comps))
-        eng.generate(prompts, params, n=args.n, on_request=write)
-
-
-def _tp_group(tp: int):
-    from selfreward.infer.parallel import init_tp
+def load(args, ecfg: EngineConfig):
+    """The engine, with a tokenizer to encode prompts with: a bad checkpoint fails before any work."""
     try:
-        return init_tp(tp)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-def _tp_engine(args, gen: Generator):
-    from selfreward.infer.parallel import load_engine_tp
-    try:
-        return load_engine_tp(args.model, gen.ecfg, gen.tp)
-    except ValueError as e:   # a layout T cannot split (heads, KV heads, intermediate), a bad checkpoint
+        eng = load_engine(args.model, ecfg)
+    except ValueError as e:   # TP: a layout T cannot split (heads, KV heads, intermediate)
+        if ecfg.tensor_parallel == 1:
+            raise
         raise InputError(f"{args.model}: {e}") from None
+    if eng.tokenizer is None:
+        raise InputError(f"{args.model}: no tokenizer.model or tokenizer.json to encode prompts with")
+    return eng
+
+
+def work(args, eng, batch: list[tuple[int, dict]], emit) -> None:
+    """The units' work: one engine call over the batch, a unit's records emitted (and flushed to the
+    .partial file by selfreward.records) as soon as all its samples are done."""
+    prompts, params = [], []
+    for _, r in batch:
+        ids = eng.tokenizer.prompt_ids(r, raw=args.raw_prompt)
+        if len(ids) >= eng.max_len:
+            raise InputError(f"{r['_where']}: field '{'messages' if 'messages' in r else 'prompt'}': "
+                             f"{len(ids)} tokens, the model takes at most {eng.max_len - 1}")
+        prompts.append(ids)
+        params.append(params_for(r, args))
+
+    def write(i: int, comps) -> None:
+        recs = [{"id": batch[i][1]["id"], "sample": j, "text": c.text, "token_ids": c.token_ids,
+                 "finish_reason": c.finish_reason, **({"logprobs": c.logprobs} if args.logprobs else {})}
+                for j, c in enumerate(comps)]
+        emit(batch[i][0], recs, sum(len(c.token_ids) for c in comps))
+    eng.generate(prompts, params, n=args.n, on_request=write)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,18 @@
-"""Which sequences run in the next step: waiting and running queues, continuous batching, a per-step
-token budget with chunked prefill, preemption by recompute.
+"""Which sequences run in the next step, and what happens to them after it (nano-vllm's scheduler).
 
-A step is either a prefill (new or preempted sequences, their uncached tokens) or a decode (one new token
-for every running sequence). Waiting sequences are admitted whenever slots, blocks and the token budget
-`max_num_batched_tokens` allow, so a finished sequence's place is taken at the next step. Chunked prefill:
-the sequence that does not fit in what is left of a step's budget gets a chunk of it (its blocks are all
-allocated at admission); it stays `partial` and its next chunk runs first in the next prefill step, so a
-prompt of any length is prefilled in steps of at most the budget. While a prompt is partial and other
-sequences are decoding, prefill-chunk steps and decode steps alternate, so a long prompt does not stall
-the running sequences. When a decode step cannot get a block, the most recently admitted sequence is
-preempted: its blocks are freed and it goes back to the front of the waiting queue with all its tokens,
-to be prefilled again later (its random generator keeps its state, so the sample it produces is the one
-an unpressured run produces).
+A step is a prefill (waiting or preempted sequences admitted while slots, blocks and the token budget
+`max_num_batched_tokens` allow; the one that does not fit gets a chunk of what is left and stays `partial`)
+or a decode (one token for every running sequence); while a prompt is partial, chunk and decode steps
+alternate. A decode that cannot get a block preempts the most recently admitted sequence (recomputed later,
+its generator keeping its state). infer/README.md has the design.
 """
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from selfreward.infer.block_manager import BlockManager
-from selfreward.infer.sequence import Sequence, Status
+from selfreward.infer.sequence import Kind, Sequence
 
 
 class Scheduler:
@@ -33,7 +27,6 @@ class Scheduler:
         self._chunk_turn = False                # the last step was a prefill that left a partial prompt
 
     def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
         self.waiting.append(seq)
 
     def done(self) -> bool:
@@ -71,7 +64,6 @@ class Scheduler:
                                        f"({len(self.bm.blocks)} blocks of {self.bm.block_size}); raise num_blocks")
                 break
             self.waiting.popleft()
-            seq.status = Status.RUNNING
             batch.append(seq)
             n_running += seq.n_forks
             tokens += seq.chunk
@@ -94,22 +86,47 @@ class Scheduler:
                 self.bm.append(seq)
                 kept.append(seq)
         self.running.extend(kept)
-        return kept
+        return sorted(kept, key=len, reverse=True)   # the CPU decode twin gathers by groups of similar length
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)
-        seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
-    def start(self, seqs: list[Sequence]) -> None:
-        """Prefilled sequences (and their forks) join the running queue."""
-        self.running.extend(seqs)
+    def postprocess(self, seqs: list[Sequence], outs: list[list[tuple[int, float | None]]], is_prefill: bool,
+                    stopped: Callable[[Sequence], bool]) -> list[Sequence]:
+        """After a step's forward: advance each sequence's cache, fork a request into its samples at its first
+        token, append each sample's (token, log-prob), free the finished (`stopped` decides for a sampled
+        token; a score / next-token request finishes with its last chunk) -> the finished sequences."""
+        finished, started = [], []
+        for s, out in zip(seqs, outs):
+            if is_prefill:
+                s.num_cached += s.chunk
+                if s.num_cached < len(s):
+                    continue                # chunked prefill: more of this prompt in a later step
+            else:
+                self.bm.written(s)
+            if s.kind is not Kind.GENERATE:
+                finished.append(s)
+                continue
+            for c, (t, lp) in zip(self._fork(s), out):
+                c.token_ids.append(t)
+                if lp is not None:
+                    c.logprobs.append(lp)
+                (finished if stopped(c) else started).append(c)
+        for s in finished:
+            self.bm.free_seq(s)
+        if is_prefill:
+            self.running.extend(started)
+        elif finished:
+            self.running = deque(s for s in self.running if s.finish_reason is None)
+        return finished
 
-    def finish(self, seq: Sequence) -> None:
-        seq.status = Status.FINISHED
-        self.bm.free_seq(seq)
-
-    def drop_finished(self) -> None:
-        if any(s.status is Status.FINISHED for s in self.running):
-            self.running = deque(s for s in self.running if s.status is not Status.FINISHED)
+    def _fork(self, s: Sequence) -> list[Sequence]:
+        """At its first sampled token a request with n samples becomes n sequences sharing its blocks."""
+        kids = [Sequence(list(s.token_ids), s.params, request=s.request, sample=j, generators=[g],
+                         num_prompt=s.num_prompt) for j, g in enumerate(s.generators[1:], 1)]
+        for c in kids:
+            self.bm.fork(s, c)
+        s.generators = s.generators[:1]
+        return [s] + kids

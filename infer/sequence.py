@@ -38,10 +38,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
         self.stop_token_ids = tuple(self.stop_token_ids)
-        self.stop = tuple(self.stop)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 @dataclass
@@ -52,15 +50,9 @@ class Completion:
     finish_reason: str          # "stop" | "length"
 
 
-class Status(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
-
-
 class Kind(Enum):
     GENERATE = auto()   # sample new tokens
-    SCORE = auto()      # teacher-forced log-probs of token_ids[score_from + 1:]
+    SCORE = auto()      # teacher-forced log-probs of token_ids[num_prompt:]
     NEXT = auto()       # full log-softmax after the last token (next_token_logprobs)
 
 
@@ -76,16 +68,13 @@ class Sequence:
     kind: Kind = Kind.GENERATE
     request: int = 0                    # index of the caller's prompt
     sample: int = 0                     # index among the request's n samples
-    n_forks: int = 1                    # samples still to split off at the first sampled token
-    seed: int = 0                       # sample j draws from torch.Generator seeded seed + j
+    # one per sample this sequence stands for (None: greedy): n until it forks at its first sampled token
+    generators: list[torch.Generator | None] = field(default_factory=lambda: [None])
     seq_id: int = field(default_factory=lambda: next(_ids))
-    status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0                 # tokens whose K/V are in the cache
-    num_prefix_hit: int = 0             # of those, tokens taken from the prefix cache at the last prefill
     chunk: int = 0                      # prefill: tokens computed in this step (num_cached onward)
     num_keyed: int = 0                  # leading blocks keyed for the prefix cache (computed and full)
-    generator: torch.Generator | None = None
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None             # set when a stop string cut the text
@@ -94,6 +83,10 @@ class Sequence:
     def __post_init__(self):
         if self.num_prompt < 0:
             self.num_prompt = len(self.token_ids)
+
+    @property
+    def n_forks(self) -> int:
+        return len(self.generators)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -109,6 +102,3 @@ class Sequence:
         if self.kind is Kind.SCORE:
             return self.num_prompt - 1
         return len(self.token_ids) - 1
-
-    def num_blocks(self, block_size: int) -> int:
-        return (len(self.token_ids) + block_size - 1) // block_size

@@ -217,10 +217,6 @@ def tile_config(cuda: bool, D: int):
     return fwd, bwd
 
 
-def _prec(dtype: torch.dtype):
-    return "ieee" if dtype == torch.float32 else None
-
-
 class _FlashAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, prefix):
@@ -238,12 +234,12 @@ class _FlashAttn(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
         (BM, BN, nw, ns), _ = tile_config(q.is_cuda, D)
-        BD = triton.next_power_of_2(D)
+        BD, prec = triton.next_power_of_2(D), "ieee" if q.dtype == torch.float32 else None   # fp32: no TF32
         if N and S:
             grid = (triton.cdiv(max_seqlen, BM), S, Hq)
             _attn_fwd[grid](q, k, v, o, lse, cu, pre, scale, N, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                             v.stride(0), v.stride(1), o.stride(0), o.stride(1), REP=Hq // Hkv, D=D, BLOCK_D=BD,
-                            BLOCK_M=BM, BLOCK_N=BN, PREC=_prec(q.dtype), HAS_PREFIX=has_prefix,
+                            BLOCK_M=BM, BLOCK_N=BN, PREC=prec, HAS_PREFIX=has_prefix,
                             num_warps=nw, num_stages=ns)
         ctx.save_for_backward(q, k, v, o, lse, cu, pre, dep)
         ctx.max_seqlen, ctx.scale, ctx.has_prefix = max_seqlen, scale, has_prefix
@@ -259,8 +255,8 @@ class _FlashAttn(torch.autograd.Function):
         delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _, (BM, BN, nw, ns) = tile_config(q.is_cuda, D)
-        BD = triton.next_power_of_2(D)
-        common = dict(REP=Hq // Hkv, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, PREC=_prec(q.dtype),
+        BD, prec = triton.next_power_of_2(D), "ieee" if q.dtype == torch.float32 else None   # fp32: no TF32
+        common = dict(REP=Hq // Hkv, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, PREC=prec,
                       HAS_PREFIX=ctx.has_prefix, num_warps=nw, num_stages=ns)
         if N and S:
             strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -122,9 +122,10 @@ def load_reward(kind: str, path: str | Path | None = None, template=None, device
         raise ValueError(f"reward kind {kind!r} needs a checkpoint folder")
     if kind == "rm":
         return RMReward(path, device=device, dtype=dtype)
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.tokenizer import Tokenizer
-    engine, tok = Engine.from_pretrained(str(path), dtype=dtype, device=device), Tokenizer.load(path)
+    ecfg = EngineConfig(device=device, dtype=str(dtype).removeprefix("torch."))
+    engine, tok = load_engine(str(path), ecfg), Tokenizer.load(path)
     if kind == "direct":
         from selfreward.recipes.rlaif import ScoreTemplate, load_template
         t = template if isinstance(template, ScoreTemplate) else load_template(ScoreTemplate, template)

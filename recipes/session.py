@@ -1,5 +1,5 @@
-"""One loaded engine at a time for the recipes' stages: every stage, the evaluation, the judge helpers and the
-world's measurements get (engine, tokenizer) here, on the device and dtype of one EngineConfig.
+"""The one place the recipes get engines from: one loaded engine at a time, on the settings of one EngineConfig
+(device, dtype, tensor parallelism, pool), built by infer.config.load_engine.
 
     s = Session(EngineConfig(device="cuda:0", dtype="bfloat16"))
     engine, tok = s.get("runs/m1/model")     # loaded once; the same path again reuses it
@@ -7,7 +7,9 @@ world's measurements get (engine, tokenizer) here, on the device and dtype of on
 """
 from __future__ import annotations
 
-from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer import config
+from selfreward.infer.config import EngineConfig
+from selfreward.records import DataError
 
 
 class Session:
@@ -19,9 +21,8 @@ class Session:
         """(engine, tokenizer) of checkpoint `path`; the tokenizer is the engine's own (loaded once)."""
         if path != self.path:
             self.release()
-            engine = load_engine(path, self.cfg)
+            engine = config.load_engine(path, self.cfg)   # looked up at call time: tests swap in scripted engines
             if engine.tokenizer is None:
-                from selfreward.records import DataError
                 raise DataError(f"{path}: no tokenizer.model or tokenizer.json beside the weights")
             self.pair, self.path = (engine, engine.tokenizer), path
         return self.pair

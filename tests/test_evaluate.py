@@ -130,14 +130,14 @@ def _which(text: str) -> str:
 
 
 def test_rm_command_scripted_judge_hand_computed(tmp_path, monkeypatch):
-    from selfreward.infer.engine import Engine
+    from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import main as evaluate
     from conftest import TOKENIZER_DIR
     from scripted import ScriptedEngine
     fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
                           probs=lambda text: RM_SCRIPT[_which(text)][1])
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: fake)
     gf = tmp_path / "groups.jsonl"
     gf.write_text("".join(json.dumps(g) + "\n" for g in RM_GROUPS))
     res = evaluate(["rm", "--judge", str(TOKENIZER_DIR), "--groups", str(gf), "--k", "2", "--max-tokens", "8",
@@ -169,7 +169,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     run whose append failed resumes with only the replies not yet judged and ends at the uninterrupted
     result; another setting is refused without --overwrite; a second writer is refused."""
     from selfreward import records
-    from selfreward.infer.engine import Engine
+    from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.provenance import OutputLock
     from selfreward.recipes.evaluate import judgments_path, main as evaluate
@@ -179,7 +179,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     from scripted import ScriptedEngine
     fake = ScriptedEngine(Tokenizer.load(TOKENIZER_DIR), lambda text, seed, j: RM_SCRIPT[_which(text)][0][j],
                           probs=lambda text: RM_SCRIPT[_which(text)][1])
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fake))
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: fake)
     gf = tmp_path / "groups.jsonl"
     gf.write_text("".join(json.dumps(g) + "\n" for g in RM_GROUPS))
     out = tmp_path / "rm.json"
@@ -228,7 +228,7 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
     OUT.h2h/run.json): a run whose append failed resumes with only what is missing and gives the scripted
     judge's result; another setting is refused without --overwrite."""
     import shutil
-    from selfreward.infer.engine import Engine
+    from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import h2h_work_dir, main as evaluate
     from selfreward.records import DataError
@@ -242,7 +242,7 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
     fakes = {"good": ScriptedEngine(tok, lambda text, seed, j: f"An apple. {MARK}"),
              "plain": ScriptedEngine(tok, lambda text, seed, j: "A blue stone."),
              "judge": ScriptedEngine(tok, pairwise_judge())}
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: fakes[Path(path).name]))
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: fakes[Path(path).name])
     pf = tmp_path / "prompts.jsonl"
     pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a red fruit.", "Say hi.", "Count.")))
     out = tmp_path / "h2h.json"

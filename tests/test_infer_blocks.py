@@ -78,7 +78,7 @@ def test_scheduler_chunks_interleaves_and_preempts():
     assert seqs[1].num_keyed == 1 and bm.blocks[seqs[1].block_table[1]].key is None
     seqs[0].num_cached, seqs[1].num_cached = 3, 2
     seqs[0].token_ids.append(1)               # seq 0 sampled its first token and runs; seq 1 waits
-    sch.start(seqs[:1])
+    sch.running.extend(seqs[:1])
     batch, prefill = sch.schedule()           # a decode step between two chunks of seq 1
     assert not prefill and batch == seqs[:1]
     seqs[0].num_cached = 4
@@ -88,7 +88,7 @@ def test_scheduler_chunks_interleaves_and_preempts():
     assert list(sch.waiting) == seqs[2:]
     seqs[1].num_cached = 3
     seqs[1].token_ids.append(1)
-    sch.start(seqs[1:2])
+    sch.running.extend(seqs[1:2])
     # no free blocks (4 used): the next decode must preempt the most recently admitted sequence
     batch, prefill = sch.schedule()
     assert not prefill and batch == seqs[:1] and sch.num_preempted == 1

@@ -66,15 +66,15 @@ def test_default_device_is_cuda_when_available(monkeypatch):
 
 def test_loop_engines_get_the_configured_device_and_dtype(tiny, tmp_path, monkeypatch):
     """--engine-dtype bfloat16 reaches the engines of the loop's stages: their weights are bf16."""
-    import selfreward.recipes.session as session
+    from selfreward.infer import config
     seen = []
-    real = session.load_engine
+    real = config.load_engine
 
     def spy(path, cfg):
         eng = real(path, cfg)
         seen.append((path, cfg, next(eng.model.parameters()).dtype, str(next(eng.model.parameters()).device)))
         return eng
-    monkeypatch.setattr(session, "load_engine", spy)
+    monkeypatch.setattr(config, "load_engine", spy)
     cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), n_prompts=2, n_candidates=2,
                       max_tokens=4, prompt_source=str(write_prompts(tmp_path / "p.jsonl", SEEDS[:2])),
                       engine={"device": "cpu", "dtype": "bfloat16"})

@@ -49,12 +49,11 @@ def scripted(text: str, seed: int, j: int) -> str:
 
 
 def test_loop_pairs_from_sampled_parsed_judgments(tmp_path, monkeypatch):
-    from selfreward.infer.engine import Engine
+    from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     m1 = tiny_chat_model(tmp_path / "m1")
     tok = Tokenizer.load(m1)
-    monkeypatch.setattr(Engine, "from_pretrained",
-                        classmethod(lambda cls, path, **kw: ScriptedEngine(tok, scripted, max_len=512)))
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: ScriptedEngine(tok, scripted, max_len=512))
     cfg = _loop_config(tmp_path, m1, write_prompts(tmp_path / "prompts.jsonl", PROMPTS))
     ms = run_loop(cfg)
     assert len(ms) == 2

@@ -129,12 +129,12 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
 
 
 def test_expected_score_against_plain_forward(tiny):
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
     tok = Tokenizer.load(tiny)
-    eng = Engine.from_pretrained(tiny)
+    eng = load_engine(tiny, EngineConfig(device="cpu"))
     prompts = [chat_prompt_ids(tok, "Rate this: hello"), chat_prompt_ids(tok, "Rate: the sky is green")]
     got = expected_scores(eng, tok, prompts)
     head, tails = digit_candidates(tok)
@@ -235,7 +235,7 @@ def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
 
 def test_expected_score_multi_token_digits(tiny):
     """When a digit spans several tokens, its probability is the product over its tokens (engine.score)."""
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
@@ -252,7 +252,7 @@ def test_expected_score_multi_token_digits(tiny):
     head, tails = digit_candidates(wrapped)
     assert all(len(t) == 2 and t[1] == 7 for t in tails)
     prompt = chat_prompt_ids(tok, "Rate this: hello")
-    (e, p), = expected_scores(Engine.from_pretrained(tiny), wrapped, [prompt])
+    (e, p), = expected_scores(load_engine(tiny, EngineConfig(device="cpu")), wrapped, [prompt])
     model = load_model(tiny)
     with torch.no_grad():
         lps = []

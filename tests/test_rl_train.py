@@ -44,10 +44,10 @@ def rows(path: Path) -> list[dict]:
 
 def fresh_greedy(model_dir: Path, probes: list[str]) -> tuple[list[list[int]], list[float]]:
     """Greedy ids and their log-probs from a fresh engine on `model_dir` (default block size: 16)."""
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.infer.sequence import SamplingParams
     from selfreward.train.rollout import prompt_ids
-    eng = Engine.from_pretrained(model_dir, max_num_seqs=16)
+    eng = load_engine(model_dir, EngineConfig(device="cpu", max_num_seqs=16))
     outs = eng.generate([prompt_ids(eng.tokenizer, p) for p in probes],
                         SamplingParams(temperature=0.0, max_tokens=6, logprobs=True))
     return [o[0].token_ids for o in outs], [x for o in outs for x in o[0].logprobs]
@@ -173,11 +173,11 @@ def test_bad_prompt_record_names_file_and_line(setup, tmp_path):
 
 def test_handoff_refuses_a_partial_sync(setup):
     """A sync that would leave an engine parameter unwritten, or write one the engine lacks, is an error."""
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.train.rollout import sync_weights
     d, m0, _ = setup
-    eng = Engine.from_pretrained(m0, max_num_seqs=4)
+    eng = load_engine(m0, EngineConfig(device="cpu", max_num_seqs=4))
     model = load_model(m0)
     model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
     sync_weights(eng, model)                                       # the value head is skipped by name

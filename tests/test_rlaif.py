@@ -17,11 +17,11 @@ ITEMS = [("Name a fruit that is red.", "An apple.", "The sky is blue."),
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     d = tiny_chat_model(tmp_path_factory.mktemp("rlaif") / "m")
-    return Engine.from_pretrained(str(d)), Tokenizer.load(d), load_model(d)
+    return load_engine(str(d), EngineConfig(device="cpu")), Tokenizer.load(d), load_model(d)
 
 
 def _last_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -112,7 +112,7 @@ def test_shared_preamble_hits_the_prefix_cache(tiny):
 def world_tiny(tmp_path_factory):
     """A random tiny model with the world's tokenizer, which splits "10" into "1" + "0"."""
     import shutil
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.world.vocab import train_tokenizer
@@ -123,7 +123,7 @@ def world_tiny(tmp_path_factory):
                            intermediate=64)
     for f in tok_dir.iterdir():
         shutil.copy(f, d / f.name)
-    return Engine.from_pretrained(str(d)), Tokenizer.load(d), load_model(d)
+    return load_engine(str(d), EngineConfig(device="cpu")), Tokenizer.load(d), load_model(d)
 
 
 @pytest.mark.parametrize("which,ten_tokens", [("tiny", 1), ("world_tiny", 2)])
@@ -212,9 +212,9 @@ def test_label_cli_equals_one_call_over_every_pair(label_world, tiny):
     assert [{k: r[k] for k in ("prompt", "response_1", "response_2")} for r in got] == \
         [{k: r[k] for k in ("prompt", "response_1", "response_2")} for r in rows]
     # the reference: soft_labels over all pairs at once, on an engine of its own (the CLI ran in chunks of 3)
-    from selfreward.infer.engine import Engine
+    from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.tokenizer import Tokenizer
-    ref = soft_labels(Engine.from_pretrained(str(m)), Tokenizer.load(m),
+    ref = soft_labels(load_engine(str(m), EngineConfig(device="cpu")), Tokenizer.load(m),
                       [(r["prompt"], r["response_1"], r["response_2"]) for r in rows],
                       LabelConfig(cot=True, cot_max_tokens=6))["records"]
     for r, w in zip(got, ref):

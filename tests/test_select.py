@@ -44,7 +44,7 @@ def _ckpt(path, tag):
 def scripted_models(tmp_path, monkeypatch):
     """Checkpoint folders whose 'model' answers with a mark on the prompts listed for it; every engine also
     judges pairwise (the reference is the judge, as in the self-judging loop), preferring the marked reply."""
-    from selfreward.infer.engine import Engine
+    from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     marks = {"ref": set(), "step_2": {0}, "step_4": {0, 1, 2}, "step_6": set(), "step_8": {0, 1}}
     paths = {name: _ckpt(tmp_path / name, name) for name in marks}
@@ -61,7 +61,7 @@ def scripted_models(tmp_path, monkeypatch):
             i = next(k for k, p in enumerate(PROMPTS) if p in text)
             return f"answer {i} of {name}" + (f" {MARK}" if i in marks[name] else "")
         return ScriptedEngine(Tokenizer.load(path), reply, max_len=2048)
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: engine_for(path, **kw)))
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: engine_for(path))
     return paths, loaded
 
 

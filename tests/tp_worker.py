@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from selfreward.infer.config import EngineConfig, load_engine
 from selfreward.infer.engine import Engine
-from selfreward.infer.parallel import init_tp, load_from_fsdp, tp_engine, tp_model
+from selfreward.infer.parallel import init_tp, tp_model
 from selfreward.infer.sequence import SamplingParams
 
 
@@ -54,12 +55,12 @@ def handoff(spec: dict, tp, out: dict) -> None:
     eng = Engine(tp_model(model.cfg, tp), block_size=4, num_blocks=64)
     for p in eng.model.parameters():
         p.data.fill_(float("nan"))           # a weight the hand-off missed would show
-    stat = load_from_fsdp(eng, model)
+    stat = eng.load_weights(model)
     print(f"[handoff] rank {d.rank}: {stat['bytes']} bytes into the TP {tp.size} engine in "
           f"{stat['seconds'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
     out["handoff"] = run_engine(eng, h["case"])
     out["handoff"]["seconds"] = stat["seconds"]
-    eng2 = tp_engine(h["export"], tp, block_size=4, num_blocks=64)
+    eng2 = load_engine(h["export"], EngineConfig(device="cpu", tensor_parallel=tp.size, block_size=4, num_blocks=64))
     out["exported"] = run_engine(eng2, h["case"])
 
 
@@ -74,8 +75,8 @@ def main(spec_path: str, out_dir: str) -> None:
         tp = groups[case["tp"]]
         if case.get("replica") not in (None, tp.replica):
             continue
-        eng = tp_engine(case["ckpt"], tp, block_size=4, num_blocks=64)
-        out[case["name"]] = dict(run_engine(eng, case), bytes=eng.loaded_bytes, replica=tp.replica)
+        eng = load_engine(case["ckpt"], EngineConfig(device="cpu", tensor_parallel=tp.size, block_size=4, num_blocks=64))
+        out[case["name"]] = dict(run_engine(eng, case), bytes=eng.model.loaded_bytes, replica=tp.replica)
     handoff(spec, groups[2], out)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()

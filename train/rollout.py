@@ -6,7 +6,7 @@ this file holds everything it needs from it, so the rest of train/ stays free of
 
 Weight hand-off (`sync_weights`): the engine has its own model (the engine's device and dtype, eval mode);
 before each step the trainer's current parameters are copied into it, parameter by parameter, with
-`infer.parallel.load_from_fsdp`: under FSDP2 every rank all-gathers one parameter at a time
+`Engine.load_weights`: under FSDP2 every rank all-gathers one parameter at a time
 (`full_tensor()`) and keeps it (the engine here is a full replica per rank, TP 1), so the peak extra memory
 is one full parameter; single-process the copy is a plain `copy_`. Every engine parameter must be written
 (a name the trainer lacks is an error, not a silent no-op) and the prefix cache is emptied, since its KV
@@ -39,10 +39,7 @@ class Rollout:
 
 def sync_weights(engine, model) -> float:
     """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
-    from selfreward.infer.parallel import load_from_fsdp
-    if not engine.scheduler.done():
-        raise RuntimeError("weight sync while the engine still has requests in flight")
-    return load_from_fsdp(engine, model, skip=(VALUE_HEAD,))["seconds"]
+    return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
 def prompt_ids(tok, text: str) -> list[int]:
