@@ -11,22 +11,21 @@ prefers a position. Chain-of-thought (`cot`): the user turn also asks for reason
 is sampled up to the ending, and the label is read after rationale + ending.
 
 Direct scoring: the assistant turn is forced to "Score:", and the score is sum_i i * P(i) over the options
-"1".."10" renormalised, rescaled to [-1, 1] as (E - 5.5) / 4.5. "10" is handled by scoring each option's
-FULL token sequence by teacher forcing (one next-token read when every option is one token). Where a
-tokenizer splits "10" into "1" + "0", the option "1" is a prefix of "10": P("1") is then taken as the
-probability of "1" NOT continued by "0", P(1 then anything) - P(1 then 0), so the options are disjoint.
+"1".."10" renormalised, rescaled to [-1, 1] as (E - 5.5) / 4.5 ("10" as recipes/prompts.py reads options
+of several tokens).
 
 Templates (ours): a JSON file with any of the keys of LabelTemplate / ScoreTemplate replaces the defaults.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 from selfreward.cli import check_args
 from selfreward.records import DataError
-from selfreward.recipes.options import PrefillMeter, forced_options, option_probs
+from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
 @dataclass
@@ -38,11 +37,7 @@ class LabelTemplate:
     sample: str = "Conversation:\n{context}\n\nResponse 1:\n{response_1}\n\nResponse 2:\n{response_2}"
     ending: str = "Preferred response:"
     cot_request: str = "\n\nFirst explain which reply is better and why, then name it."
-
-    def check(self, where: str = "label template") -> None:
-        for slot in ("{context}", "{response_1}", "{response_2}"):
-            if slot not in self.sample:
-                raise DataError(f"{where}: field 'sample' lacks placeholder {slot}")
+    SLOTS: ClassVar = ("context", "response_1", "response_2")
 
 
 @dataclass
@@ -51,57 +46,25 @@ class ScoreTemplate:
                      "relevant, complete and clear, with nothing that does not belong).")
     sample: str = "Conversation:\n{context}\n\nReply:\n{response}"
     ending: str = "Score:"
-
-    def check(self, where: str = "score template") -> None:
-        for slot in ("{context}", "{response}"):
-            if slot not in self.sample:
-                raise DataError(f"{where}: field 'sample' lacks placeholder {slot}")
+    SLOTS: ClassVar = ("context", "response")
 
 
-def load_template(cls, path: str | Path | None):
-    """The default (None) or a JSON file holding some of the template's fields."""
-    if path is None:
-        return cls()
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    known = {f.name for f in fields(cls)}
-    bad = [k for k in raw if k not in known or not isinstance(raw[k], str)] if isinstance(raw, dict) else ["?"]
-    if bad:
-        raise DataError(f"{path}: field '{bad[0]}' is not a text field of {cls.__name__} ({sorted(known)})")
-    t = replace(cls(), **raw)
-    t.check(str(path))
-    return t
+def read_template(cls, path: str | Path | None):
+    """A LabelTemplate / ScoreTemplate: the default (None) or a JSON file holding some of its fields."""
+    return load_template(path, cls(), cls.SLOTS)
 
 
-def _chat_ids(tok, system: str, user: str) -> list[int]:
-    ids, _ = tok.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                             add_generation_prompt=True)
-    return ids
+class PrefillMeter:
+    """The engine's own prefix-cache counters over a block of work: prefill computed vs served from cache."""
 
+    def __init__(self, engine):
+        self.engine, self.start = engine, dict(engine.stats)
 
-def _fit(tok, system: str, sample: str, vals: dict[str, str], budget: int) -> tuple[list[int], bool]:
-    """Chat ids of (system, sample filled with vals), the longest value cut until it fits `budget` tokens."""
-    fill = lambda v: _fill(sample, v)  # noqa: E731
-    ids = _chat_ids(tok, system, fill(vals))
-    if len(ids) <= budget:
-        return ids, False
-    cur = dict(vals)
-    for _ in range(80):
-        k = max(cur, key=lambda k: len(cur[k]))
-        if not cur[k]:
-            break
-        cur[k] = cur[k][:max(0, len(cur[k]) - max(8, (len(ids) - budget) * 3))]
-        ids = _chat_ids(tok, system, fill({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
-        if len(ids) <= budget:
-            return ids, True
-    raise DataError(f"the label prompt does not fit in {budget} tokens even with empty slots")
-
-
-def _fill(sample: str, vals: dict[str, str]) -> str:
-    import re
-    return re.sub(r"\{(\w+)\}", lambda m: vals.get(m.group(1), m.group(0)), sample)
+    def read(self) -> dict:
+        s = self.engine.stats
+        comp = s["prefill_computed"] - self.start["prefill_computed"]
+        hit = s["prefix_hit"] - self.start["prefix_hit"]
+        return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
 
 @dataclass
@@ -128,10 +91,9 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     reserve = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4 + (cfg.cot_max_tokens if cfg.cot else 0)
     budget = engine.max_len - reserve
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
-    fitted = [_fit(tok, t.preamble, user, {"context": c, "response_1": x, "response_2": y}, budget)
+    fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
               for c, x, y in orders]
     base = [f[0] for f in fitted]
-    texts = [t.ending] * len(base)
     rationales = None
     if cfg.cot:
         index = list(range(len(items))) if index is None else list(index)
@@ -139,16 +101,8 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=sd,
                              stop=[t.ending]) for sd in seeds]
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
-        texts = [f"{r} {t.ending}" if r else t.ending for r in rationales]
-    heads = [forced_options(tok, x, ["1", "2"]) for x in texts]
-    groups: dict[tuple, list[int]] = {}       # one batched read per distinct pair of option tails
-    for i, (_, tails) in enumerate(heads):
-        groups.setdefault(tuple(map(tuple, tails)), []).append(i)
-    probs: list[list[float]] = [[]] * len(base)
-    for tails, idx in groups.items():
-        got = option_probs(engine, [base[i] + heads[i][0] for i in idx], [list(x) for x in tails])
-        for i, p in zip(idx, got):
-            probs[i] = p
+    texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cfg.cot else t.ending
+    probs = option_probs(engine, tok, base, texts, ["1", "2"])
     n = len(items)
     records = []
     for i in range(n):
@@ -182,9 +136,9 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     options = [str(i) for i in range(1, 11)]
     head, tails = forced_options(tok, t.ending, options)
     budget = engine.max_len - len(head) - max(map(len, tails)) - 2
-    ids = [_fit(tok, t.preamble, t.sample, {"context": c, "response": r}, budget)[0] + head for c, r in items]
+    ids = [fit_prompt(tok, t.sample, {"context": c, "response": r}, budget, t.preamble)[0] for c, r in items]
     records = []
-    for p in option_probs(engine, ids, tails):
+    for p in option_probs(engine, tok, ids, t.ending, options):
         e = sum((i + 1) * q for i, q in enumerate(p))
         records.append({"reward": (e - 5.5) / 4.5, "expected": e, "probs": p})
     return {"records": records, "prefill": meter.read(), "tokens_per_option": [len(x) for x in tails]}
@@ -265,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise cli.ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
     ecfg = engine_from_flags(a, engine_dests)
     _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
-    t = load_template(LabelTemplate, a.template)
+    t = read_template(LabelTemplate, a.template)
     if a.groups:
         from selfreward.recipes.evaluate import load_groups
         pairs = group_pairs(load_groups(a.groups), a.limit)

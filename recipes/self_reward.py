@@ -21,7 +21,8 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.recipes.instruct import generate_prompts, given_prompts
-from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items, judge_prompt
+from selfreward.recipes.judge import check_fits, judge_items, judge_prompt
+from selfreward.recipes.prompts import chat_prompt_ids
 from selfreward.recipes.loop_config import LOOP_SET, CandidatesConfig, LoopConfig, check_run_settings  # noqa: F401
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
