@@ -44,29 +44,18 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
     seeds = [cfg.seed + j * cfg.k for j in range(len(items))]
     res = judge_items(engine, tok, items, cfg, seeds, progress) if store is None else \
         _stored_judgments(engine, tok, items, cfg, seeds, Path(store), chunk, progress)
-    judged = [r.samples for r in res]
-    exp = [(r.expected,) for r in res] if cfg.expected else None
-    records, sampled_groups, expected_groups, pos = [], [], [], 0
-    for g in groups:
-        ranks, ms, es = [], [], []
-        for r in g["replies"]:
-            js = judged[pos]
-            m = mean_score([s for _, s in js])
-            ranks.append(r["rank"])
-            ms.append(m)
-            rec = {"group": g.get("id"), "rank": r["rank"], "scores": [s for _, s in js], "mean": m,
-                   "judgment": js[0][0]}
-            if exp is not None:
-                rec["expected"] = exp[pos][0]
-                es.append(exp[pos][0])
-            records.append(rec)
-            pos += 1
-        sampled_groups.append((ranks, ms))
-        expected_groups.append((ranks, es))
-    out = {"sampled": rm_metrics(sampled_groups), "expected": rm_metrics(expected_groups) if exp else None,
-           "judgments": sum(len(j) for j in judged), "prompts_cut": sum(r.prompt_cut for r in res),
-           "parse_failures": sum(s is None for j in judged for _, s in j), "records": records}
-    return out
+    it = iter(res)                   # zip takes a group's replies first: `it` advances by the group's size
+    per_group = [[{"group": g.get("id"), "rank": r["rank"], "scores": [s for _, s in j.samples],
+                   "mean": mean_score([s for _, s in j.samples]), "judgment": j.samples[0][0],
+                   **({"expected": j.expected} if cfg.expected else {})} for r, j in zip(g["replies"], it)]
+                 for g in groups]
+
+    def metrics(key: str) -> dict:
+        return rm_metrics([([r["rank"] for r in rs], [r[key] for r in rs]) for rs in per_group])
+    return {"sampled": metrics("mean"), "expected": metrics("expected") if cfg.expected else None,
+            "judgments": sum(len(r.samples) for r in res), "prompts_cut": sum(r.prompt_cut for r in res),
+            "parse_failures": sum(s is None for r in res for _, s in r.samples),
+            "records": [r for rs in per_group for r in rs]}
 
 
 def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], store: Path, chunk: int,
@@ -254,18 +243,15 @@ def judgments_path(out: str | Path) -> Path:
 
 
 def _check_flags(a) -> None:
-    """Each flag checked before any work, the error naming it."""
+    """The flags cli.check_args has no rule for, checked before any work, the error naming the flag."""
     from selfreward.cli import ConfigError
-    for flag, lo in (("k", 1), ("limit", 1), ("max_tokens", 1), ("temperature", 0), ("judge_temperature", 0),
-                     ("chunk", 1)):
+    from selfreward.provenance import check_not_input
+    for flag in ("k", "limit"):
         v = getattr(a, flag, None)
-        if v is not None and v < lo:
-            raise ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
-    if getattr(a, "top_p", None) is not None and not 0 < a.top_p <= 1:
-        raise ConfigError(f"--top-p {a.top_p}: must lie in (0, 1]")
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag} {v}: must be >= 1")
     if a.cmd == "reward":
         nonempty(load_groups(a.groups), a.groups, "groups")
-    from selfreward.provenance import check_not_input
     check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
                      if getattr(a, k, None)], [a.out])
 

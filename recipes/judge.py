@@ -151,15 +151,6 @@ def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig,
             for j, g in enumerate(outs)]
 
 
-def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
-                     progress: bool = False) -> list[list[tuple[str, float | None]]]:
-    """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
-    Item j uses seed (seed + j * K), so a resumed run redraws the same judgments."""
-    base = cfg.seed if seed is None else seed
-    res = judge_items(engine, tok, items, cfg, [base + j * cfg.k for j in range(len(items))], progress)
-    return [r.samples for r in res]
-
-
 def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:") -> list[tuple[float, list[float]]]:
     """Per judge prompt (chat ids): (expected score, P("0".."5")) with the judgment forced to begin with
     `prefix` (recipes.prompts.option_probs). One scoring pass, no sampling."""
@@ -176,7 +167,8 @@ def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
         calls[0] += 1
-        one = dataclasses.replace(cfg, k=1, expected=False, seed=cfg.seed + 100_003 * calls[0])
-        res = sample_judgments(engine, engine.tokenizer, items, one)
-        return [(judge_prompt(cfg.text, i, r), js[0][0], js[0][1]) for (i, r), js in zip(items, res)]
+        base = cfg.seed + 100_003 * calls[0]
+        res = judge_items(engine, engine.tokenizer, items, dataclasses.replace(cfg, k=1, expected=False),
+                          [base + j for j in range(len(items))])
+        return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
     return fn

@@ -213,10 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     engine_dests = add_engine_flags(ap)
     a = check_args(ap.parse_args(argv))
-    for flag, lo in (("limit", 1), ("cot_max_tokens", 1), ("chunk", 1)):
-        v = getattr(a, flag)
-        if v is not None and v < lo:
-            raise cli.ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
+    if a.limit is not None and a.limit < 1:     # cli.check_args checks the other numbers
+        raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
     ecfg = engine_from_flags(a, engine_dests)
     _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
     t = read_template(LabelTemplate, a.template)
