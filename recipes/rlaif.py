@@ -1,20 +1,13 @@
-"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels read from the engine's
-next-token probabilities, and direct 1-10 scoring. No label is parsed from sampled text.
+"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels and direct 1-10 scores, both
+read as forced choices (recipes/prompts.py), never parsed from sampled text; the `label` CLI.
 
-A label prompt is a chat: the system turn is the PREAMBLE (the task and what makes a good answer: one shared
-prefix, so the engine's prefix cache computes it once for every request); the user turn is the sample
-(context, response 1, response 2); the assistant turn is forced to begin with the ENDING ("Preferred
-response:"). The label is the softmax over the log-probabilities of the option tokens "1" and "2" at the
-next position: a soft label [P(1), P(2)]. Each pair is labelled in both orders; the label of response 1 is
-the mean of P("1") with it shown first and P("2") with it shown second, which cancels a labeller that
-prefers a position. Chain-of-thought (`cot`): the user turn also asks for reasons; the assistant's rationale
-is sampled up to the ending, and the label is read after rationale + ending.
-
-Direct scoring: the assistant turn is forced to "Score:", and the score is sum_i i * P(i) over the options
-"1".."10" renormalised, rescaled to [-1, 1] as (E - 5.5) / 4.5 ("10" as recipes/prompts.py reads options
-of several tokens).
-
-Templates (ours): a JSON file with any of the keys of LabelTemplate / ScoreTemplate replaces the defaults.
+A label prompt: the system turn is the PREAMBLE (one shared prefix: the engine's prefix cache computes it
+once), the user turn the sample (context, response 1, response 2), the assistant turn forced to begin with
+the ENDING ("Preferred response:"); the soft label is [P("1"), P("2")]. Each pair is labelled in both orders:
+P(response 1) is the mean of P("1") with it shown first and P("2") with it shown second, which cancels a
+position bias. With `cot` a rationale is sampled up to the ending and the label read after it. Direct
+scoring: forced "Score:", E = sum_i i * P(i) over "1".."10", reward (E - 5.5) / 4.5 in [-1, 1]. A JSON file
+with any fields of LabelTemplate / ScoreTemplate replaces the default template.
 """
 from __future__ import annotations
 
@@ -54,17 +47,11 @@ def read_template(cls, path: str | Path | None):
     return load_template(path, cls(), cls.SLOTS)
 
 
-class PrefillMeter:
-    """The engine's own prefix-cache counters over a block of work: prefill computed vs served from cache."""
-
-    def __init__(self, engine):
-        self.engine, self.start = engine, dict(engine.stats)
-
-    def read(self) -> dict:
-        s = self.engine.stats
-        comp = s["prefill_computed"] - self.start["prefill_computed"]
-        hit = s["prefix_hit"] - self.start["prefix_hit"]
-        return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
+def prefill_since(engine, start: dict) -> dict:
+    """The engine's own prefix-cache counters since `start` (a copy of engine.stats): prefill tokens computed
+    vs served from the cache."""
+    comp, hit = (engine.stats[k] - start[k] for k in ("prefill_computed", "prefix_hit"))
+    return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
 
 @dataclass
@@ -86,7 +73,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     from selfreward.infer.sequence import SamplingParams
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
-    meter = PrefillMeter(engine)
+    start = dict(engine.stats)
     user = t.sample + (t.cot_request if cfg.cot else "")
     reserve = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4 + (cfg.cot_max_tokens if cfg.cot else 0)
     budget = engine.max_len - reserve
@@ -113,7 +100,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         if rationales is not None:
             rec["rationales"] = [rationales[i], rationales[n + i]]
         records.append(rec)
-    return {"records": records, "prefill": meter.read(), "prompts_cut": sum(f[1] for f in fitted),
+    return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 
 
@@ -132,7 +119,7 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     """items: (context, response). -> {"records": [{"reward" in [-1, 1], "expected" in [1, 10], "probs"}],
     "prefill": counters}."""
     t = template or ScoreTemplate()
-    meter = PrefillMeter(engine)
+    start = dict(engine.stats)
     options = [str(i) for i in range(1, 11)]
     head, tails = forced_options(tok, t.ending, options)
     budget = engine.max_len - len(head) - max(map(len, tails)) - 2
@@ -141,7 +128,7 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     for p in option_probs(engine, tok, ids, t.ending, options):
         e = sum((i + 1) * q for i, q in enumerate(p))
         records.append({"reward": (e - 5.5) / 4.5, "expected": e, "probs": p})
-    return {"records": records, "prefill": meter.read(), "tokens_per_option": [len(x) for x in tails]}
+    return {"records": records, "prefill": prefill_since(engine, start), "tokens_per_option": [len(x) for x in tails]}
 
 
 def settings(cfg: LabelConfig) -> dict:
@@ -244,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     def work(batch, emit) -> None:
         if "engine" not in state:            # loaded only when a pair is left to label
             state["engine"] = load_engine(a.labeller, ecfg)
-            state["meter"] = PrefillMeter(state["engine"])
+            state["start"] = dict(state["engine"].stats)
         engine = state["engine"]
         res = soft_labels(engine, engine.tokenizer, [(p["prompt"], p["response_1"], p["response_2"])
                                                      for _, p in batch], cfg, index=[i for i, _ in batch])
@@ -260,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
                    "labeller": a.labeller, "dtype": made["dtype"],
                    "labelled_by_this_run": state.get("labelled", 0),
-                   "prefill": state["meter"].read() if "meter" in state else None,
+                   "prefill": prefill_since(state["engine"], state["start"]) if "engine" in state else None,
                    "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
                                           for r in human) / len(human) if human else None}
         write_json(summary_path, summary)      # under the lock, as the labels
