@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from selfreward import cli
 from selfreward.recipes import pipeline
-from selfreward.recipes.judge import fit_slots
+from selfreward.recipes.prompts import fit_prompt
 from selfreward.recipes.segment import build_segments
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, need_jsonl, read_json, write_jsonl
@@ -54,7 +54,7 @@ def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
     budget = engine.max_len - a.max_tokens - 1
 
     def work(batch, emit):
-        fitted = [fit_slots(tok, lambda v: v["y"], {"y": sg["text"]}, budget) for _, sg in batch]
+        fitted = [fit_prompt(tok, "{y}", {"y": sg["text"]}, budget) for _, sg in batch]
         ps = [SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=base + i)
               for i, _ in batch]
 

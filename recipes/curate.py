@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from selfreward.recipes.judge import JudgeConfig, check_template, load_template, mean_score
+from selfreward.recipes.judge import JudgeConfig, load_rubric, mean_score
 
 CURATE_TEMPLATE = """\
 Below is a request and a text offered as the answer to it. Decide how good a training example the two make \
@@ -50,8 +50,7 @@ class CurateConfig:
         """The JudgeConfig recipes.judge.judge_items runs (the rubric text set on it)."""
         jc = JudgeConfig(k=self.k, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                          seed=seed, expected=self.score_from == "expected")
-        jc.text = load_template(self.template) if self.template else CURATE_TEMPLATE
-        check_template(jc.text, self.template or "the built-in curation rubric")
+        jc.text = load_rubric(self.template) if self.template else CURATE_TEMPLATE
         return jc
 
 

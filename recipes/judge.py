@@ -9,14 +9,14 @@ The judge prompt is sent as one user turn through the chat template; the judgmen
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Callable, Sequence
+from typing import Sequence
 
-from selfreward.records import DataError
+from selfreward.recipes.prompts import TemplateError, chat_prompt_ids, fill, fit_prompt, load_template, \
+    option_probs
 
 DEFAULT_TEMPLATE = """\
 Please rate how well the reply below serves the user's request. Start from 0 and add one point for each \
@@ -49,39 +49,17 @@ Reply: {response}
 Explain briefly, then end with "Score: <points>"."""
 
 BUILTIN = {"default": DEFAULT_TEMPLATE, "short": SHORT_TEMPLATE}
-PLACEHOLDERS = ("{instruction}", "{response}")
-_SLOT = re.compile(r"\{(instruction|response)\}")
+SLOTS = ("instruction", "response")
 
 
-class TemplateError(DataError):
-    pass
-
-
-def load_template(path: str | Path | None) -> str:
-    """The default rubric (None), a built-in by name ("default", "short"), or a user's template file (which
-    must hold both placeholders). An existing file wins over a built-in name."""
-    if path is None:
-        return DEFAULT_TEMPLATE
-    if str(path) in BUILTIN and not Path(path).exists():
-        return BUILTIN[str(path)]
-    if not Path(path).is_file():
-        raise TemplateError(f"{path}: no such judge template file (built-in names: {', '.join(BUILTIN)})")
-    text = Path(path).read_text(encoding="utf-8")
-    check_template(text, str(path))
-    return text
-
-
-def check_template(text: str, where: str = "template") -> None:
-    missing = [p for p in PLACEHOLDERS if p not in text]
-    if missing:
-        raise TemplateError(f"{where}: judge template lacks placeholder(s) {', '.join(missing)} "
-                            f"(it needs {{instruction}} and {{response}})")
+def load_rubric(path: str | Path | None) -> str:
+    """The default rubric (None), a built-in by name ("default", "short"), or a rubric file (an existing file
+    wins over a built-in name) holding both placeholders."""
+    return load_template(path, DEFAULT_TEMPLATE, SLOTS, "judge template", BUILTIN)
 
 
 def judge_prompt(template: str, instruction: str, response: str) -> str:
-    """Fill both slots in one pass, so a '{response}' inside the instruction is never substituted."""
-    vals = {"instruction": instruction, "response": response}
-    return _SLOT.sub(lambda m: vals[m.group(1)], template)
+    return fill(template, instruction=instruction, response=response)
 
 
 # "Score" as a word and a colon; then, at that point, optional markdown emphasis and a number: digits with
@@ -131,42 +109,7 @@ class JudgeConfig:
             raise TemplateError(f"judge k and max_tokens must be >= 1, got {self.k}, {self.max_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise TemplateError(f"judge temperature {self.temperature} must be >= 0 and top_p {self.top_p} in (0, 1]")
-        self.text = load_template(self.template)   # the rubric itself (not a field: the config keeps the name)
-
-
-def chat_prompt_ids(tok, text: str) -> list[int]:
-    ids, _ = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return ids
-
-
-def fit_slots(tok, render: Callable[[dict[str, str]], str], vals: dict[str, str], budget: int
-              ) -> tuple[list[int], bool]:
-    """Chat ids of render(vals), at most `budget` tokens: when too long, the longest slot value is cut
-    (keeping its start, the cut marked ' [...]') until it fits. Returns (ids, was_cut)."""
-    ids = chat_prompt_ids(tok, render(vals))
-    if len(ids) <= budget:
-        return ids, False
-    empty = len(chat_prompt_ids(tok, render({k: "" for k in vals})))
-    if empty + 8 > budget:
-        raise TemplateError(f"the judge template alone takes {empty} tokens; the prompt budget is {budget} "
-                         f"(context minus max_tokens): use a shorter template or fewer max tokens")
-    cur = dict(vals)
-    chars_per_token = max(1.0, sum(map(len, vals.values())) / max(1, len(ids) - empty))
-    for _ in range(60):
-        over = len(ids) - budget
-        if over <= 0:
-            return ids, True
-        k = max(cur, key=lambda k: len(cur[k]))
-        cut = max(4, int((over + 4) * chars_per_token))  # about the excess, plus room for the ' [...]' mark
-        cur[k] = cur[k][:max(0, len(cur[k]) - cut)]
-        ids = chat_prompt_ids(tok, render({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
-    raise TemplateError("could not fit the judge prompt into the context")
-
-
-def fit_prompt_ids(tok, template: str, instruction: str, response: str, budget: int) -> tuple[list[int], bool]:
-    """The judge prompt's chat ids, cut to at most `budget` tokens (see fit_slots)."""
-    return fit_slots(tok, lambda v: judge_prompt(template, v["instruction"], v["response"]),
-                     {"instruction": instruction, "response": response}, budget)
+        self.text = load_rubric(self.template)   # the rubric itself (not a field: the config keeps the name)
 
 
 def check_fits(engine, tok, cfg: "JudgeConfig", flag: str = "--judge-template") -> None:
@@ -198,7 +141,7 @@ def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig,
     score when asked, sample K judgments (item j from seed seeds[j]) and parse them."""
     from selfreward.infer.sequence import SamplingParams
     budget = prompt_budget(engine, cfg.max_tokens)
-    fitted = [fit_prompt_ids(tok, cfg.text, ins, resp, budget) for ins, resp in items]
+    fitted = [fit_prompt(tok, cfg.text, {"instruction": ins, "response": resp}, budget) for ins, resp in items]
     ids = [f[0] for f in fitted]
     exp = expected_scores(engine, tok, ids, cfg.score_prefix) if cfg.expected else None
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=sd)
@@ -208,45 +151,11 @@ def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig,
             for j, g in enumerate(outs)]
 
 
-def sample_judgments(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig, seed: int | None = None,
-                     progress: bool = False) -> list[list[tuple[str, float | None]]]:
-    """K judgments per (instruction, response): [[(judgment text, score or None)] * K] per item.
-    Item j uses seed (seed + j * K), so a resumed run redraws the same judgments."""
-    base = cfg.seed if seed is None else seed
-    res = judge_items(engine, tok, items, cfg, [base + j * cfg.k for j in range(len(items))], progress)
-    return [r.samples for r in res]
-
-
-def digit_candidates(tok, prefix: str = "Score:") -> tuple[list[int], list[list[int]]]:
-    """Token ids of `prefix` as the tokenizer writes it before a digit, and each digit's continuation.
-    encode(prefix + ' ' + d) for d in 0..5 share a common head; what follows is the digit's tokens."""
-    encs = [tok.encode(f"{prefix} {d}") for d in range(6)]
-    n = 0
-    while all(len(e) > n for e in encs) and len({e[n] for e in encs}) == 1:
-        n += 1
-    return encs[0][:n], [e[n:] for e in encs]
-
-
 def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:") -> list[tuple[float, list[float]]]:
-    """For each judge prompt (chat ids with generation prompt): the assistant turn is forced to start with
-    `prefix`, and the distribution over "0".."5" at the next position, renormalised over those six, gives
-    (expected score, probabilities). One scoring pass, no sampling."""
-    head, tails = digit_candidates(tok, prefix)
-    full = [p + head for p in prompts]
-    if all(len(t) == 1 for t in tails):
-        lp = engine.next_token_logprobs(full, [t[0] for t in tails]).float()  # [B, 6]
-        rows = lp.tolist()
-    else:  # a digit spans several tokens: sum its tokens' log-probs by teacher forcing
-        flat = engine.score([f for f in full for _ in tails], [t for _ in full for t in tails])
-        rows = [[sum(flat[i * 6 + d]) for d in range(6)] for i in range(len(full))]
-    out = []
-    for row in rows:
-        m = max(row)
-        w = [math.exp(x - m) for x in row]
-        z = sum(w)
-        p = [x / z for x in w]
-        out.append((sum(d * pd for d, pd in enumerate(p)), p))
-    return out
+    """Per judge prompt (chat ids): (expected score, P("0".."5")) with the judgment forced to begin with
+    `prefix` (recipes.prompts.option_probs). One scoring pass, no sampling."""
+    probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(6)])
+    return [(sum(d * q for d, q in enumerate(p)), p) for p in probs]
 
 
 def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
@@ -258,7 +167,8 @@ def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
         calls[0] += 1
-        one = dataclasses.replace(cfg, k=1, expected=False, seed=cfg.seed + 100_003 * calls[0])
-        res = sample_judgments(engine, engine.tokenizer, items, one)
-        return [(judge_prompt(cfg.text, i, r), js[0][0], js[0][1]) for (i, r), js in zip(items, res)]
+        base = cfg.seed + 100_003 * calls[0]
+        res = judge_items(engine, engine.tokenizer, items, dataclasses.replace(cfg, k=1, expected=False),
+                          [base + j for j in range(len(items))])
+        return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
     return fn

@@ -20,21 +20,14 @@ counted); a group left with fewer than 2 replies is skipped. Then, over the grou
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from typing import Sequence
 
 
 def _avg_ranks(xs: Sequence[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
+    """1-based ranks, ties sharing their average rank."""
+    s = sorted(xs)
+    return [(bisect_left(s, x) + bisect_right(s, x) + 1) / 2 for x in xs]
 
 
 def _pearson(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -53,26 +46,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a) (n0 - ties_b)); None if undefined."""
-    c = d = ta = tb = 0
-    n = len(a)
-    for i in range(n):
-        for j in range(i + 1, n):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                ta += 1
-                tb += 1
-            elif da == 0:
-                ta += 1
-            elif db == 0:
-                tb += 1
-            elif (da > 0) == (db > 0):
-                c += 1
-            else:
-                d += 1
-    n0 = n * (n - 1) // 2
-    den = math.sqrt((n0 - ta) * (n0 - tb))
-    return None if den == 0 else (c - d) / den
+    """Kendall's tau-b: (concordant - discordant) / sqrt(pairs untied in a * pairs untied in b); None if
+    undefined."""
+    signs = [(_sign(a[i] - a[j]), _sign(b[i] - b[j])) for i in range(len(a)) for j in range(i + 1, len(a))]
+    den = math.sqrt(sum(x != 0 for x, _ in signs) * sum(y != 0 for _, y in signs))
+    return None if den == 0 else sum(x * y for x, y in signs) / den
 
 
 def _sign(x: float) -> int:

@@ -43,7 +43,7 @@ class RMReward:
         self.max_len = self.model.cfg.max_position_embeddings
 
     def ids(self, prompt: str, response: str) -> list[int]:
-        from selfreward.recipes.judge import chat_prompt_ids
+        from selfreward.recipes.prompts import chat_prompt_ids
         p, r = chat_prompt_ids(self.tok, prompt), self.tok.render_response(response)
         r = r[:self.max_len // 2] if len(p) + len(r) > self.max_len and len(r) > self.max_len // 2 else r
         room = self.max_len - len(r)          # a long prompt keeps BOS and its last tokens (as train/rm.py)
@@ -77,15 +77,17 @@ class JudgeReward:
     """The self-rewarding judge (recipes.judge): expected score over "0".."5" after the rubric, (E - 2.5) / 2.5."""
 
     def __init__(self, engine, tok, template: str | None = None, max_tokens: int = 256):
-        from selfreward.recipes.judge import load_template
+        from selfreward.recipes.judge import load_rubric
         self.engine, self.tok, self.max_tokens = engine, tok, max_tokens
-        self.template = template if template and "{instruction}" in template else load_template(template)
+        self.template = template if template and "{instruction}" in template else load_rubric(template)
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from selfreward.recipes.judge import expected_scores, fit_prompt_ids, prompt_budget
+        from selfreward.recipes.judge import expected_scores, prompt_budget
+        from selfreward.recipes.prompts import fit_prompt
         _check(prompts, responses)
         budget = prompt_budget(self.engine, 8)
-        ids = [fit_prompt_ids(self.tok, self.template, p, r, budget)[0] for p, r in zip(prompts, responses)]
+        ids = [fit_prompt(self.tok, self.template, {"instruction": p, "response": r}, budget)[0]
+               for p, r in zip(prompts, responses)]
         return [(e - 2.5) / 2.5 for e, _ in expected_scores(self.engine, self.tok, ids)]
 
 
@@ -127,7 +129,7 @@ def load_reward(kind: str, path: str | Path | None = None, template=None, device
     ecfg = EngineConfig(device=device, dtype=str(dtype).removeprefix("torch."))
     engine, tok = load_engine(str(path), ecfg), Tokenizer.load(path)
     if kind == "direct":
-        from selfreward.recipes.rlaif import ScoreTemplate, load_template
-        t = template if isinstance(template, ScoreTemplate) else load_template(ScoreTemplate, template)
+        from selfreward.recipes.rlaif import ScoreTemplate, read_template
+        t = template if isinstance(template, ScoreTemplate) else read_template(ScoreTemplate, template)
         return DirectReward(engine, tok, t)
     return JudgeReward(engine, tok, template)

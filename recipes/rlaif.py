@@ -1,32 +1,24 @@
-"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels read from the engine's
-next-token probabilities, and direct 1-10 scoring. No label is parsed from sampled text.
+"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels and direct 1-10 scores, both
+read as forced choices (recipes/prompts.py), never parsed from sampled text; the `label` CLI.
 
-A label prompt is a chat: the system turn is the PREAMBLE (the task and what makes a good answer: one shared
-prefix, so the engine's prefix cache computes it once for every request); the user turn is the sample
-(context, response 1, response 2); the assistant turn is forced to begin with the ENDING ("Preferred
-response:"). The label is the softmax over the log-probabilities of the option tokens "1" and "2" at the
-next position: a soft label [P(1), P(2)]. Each pair is labelled in both orders; the label of response 1 is
-the mean of P("1") with it shown first and P("2") with it shown second, which cancels a labeller that
-prefers a position. Chain-of-thought (`cot`): the user turn also asks for reasons; the assistant's rationale
-is sampled up to the ending, and the label is read after rationale + ending.
-
-Direct scoring: the assistant turn is forced to "Score:", and the score is sum_i i * P(i) over the options
-"1".."10" renormalised, rescaled to [-1, 1] as (E - 5.5) / 4.5. "10" is handled by scoring each option's
-FULL token sequence by teacher forcing (one next-token read when every option is one token). Where a
-tokenizer splits "10" into "1" + "0", the option "1" is a prefix of "10": P("1") is then taken as the
-probability of "1" NOT continued by "0", P(1 then anything) - P(1 then 0), so the options are disjoint.
-
-Templates (ours): a JSON file with any of the keys of LabelTemplate / ScoreTemplate replaces the defaults.
+A label prompt: the system turn is the PREAMBLE (one shared prefix: the engine's prefix cache computes it
+once), the user turn the sample (context, response 1, response 2), the assistant turn forced to begin with
+the ENDING ("Preferred response:"); the soft label is [P("1"), P("2")]. Each pair is labelled in both orders:
+P(response 1) is the mean of P("1") with it shown first and P("2") with it shown second, which cancels a
+position bias. With `cot` a rationale is sampled up to the ending and the label read after it. Direct
+scoring: forced "Score:", E = sum_i i * P(i) over "1".."10", reward (E - 5.5) / 4.5 in [-1, 1]. A JSON file
+with any fields of LabelTemplate / ScoreTemplate replaces the default template.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 from selfreward.cli import check_args
 from selfreward.records import DataError
-from selfreward.recipes.options import PrefillMeter, forced_options, option_probs
+from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
 @dataclass
@@ -38,11 +30,7 @@ class LabelTemplate:
     sample: str = "Conversation:\n{context}\n\nResponse 1:\n{response_1}\n\nResponse 2:\n{response_2}"
     ending: str = "Preferred response:"
     cot_request: str = "\n\nFirst explain which reply is better and why, then name it."
-
-    def check(self, where: str = "label template") -> None:
-        for slot in ("{context}", "{response_1}", "{response_2}"):
-            if slot not in self.sample:
-                raise DataError(f"{where}: field 'sample' lacks placeholder {slot}")
+    SLOTS: ClassVar = ("context", "response_1", "response_2")
 
 
 @dataclass
@@ -51,57 +39,19 @@ class ScoreTemplate:
                      "relevant, complete and clear, with nothing that does not belong).")
     sample: str = "Conversation:\n{context}\n\nReply:\n{response}"
     ending: str = "Score:"
-
-    def check(self, where: str = "score template") -> None:
-        for slot in ("{context}", "{response}"):
-            if slot not in self.sample:
-                raise DataError(f"{where}: field 'sample' lacks placeholder {slot}")
+    SLOTS: ClassVar = ("context", "response")
 
 
-def load_template(cls, path: str | Path | None):
-    """The default (None) or a JSON file holding some of the template's fields."""
-    if path is None:
-        return cls()
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    known = {f.name for f in fields(cls)}
-    bad = [k for k in raw if k not in known or not isinstance(raw[k], str)] if isinstance(raw, dict) else ["?"]
-    if bad:
-        raise DataError(f"{path}: field '{bad[0]}' is not a text field of {cls.__name__} ({sorted(known)})")
-    t = replace(cls(), **raw)
-    t.check(str(path))
-    return t
+def read_template(cls, path: str | Path | None):
+    """A LabelTemplate / ScoreTemplate: the default (None) or a JSON file holding some of its fields."""
+    return load_template(path, cls(), cls.SLOTS)
 
 
-def _chat_ids(tok, system: str, user: str) -> list[int]:
-    ids, _ = tok.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                             add_generation_prompt=True)
-    return ids
-
-
-def _fit(tok, system: str, sample: str, vals: dict[str, str], budget: int) -> tuple[list[int], bool]:
-    """Chat ids of (system, sample filled with vals), the longest value cut until it fits `budget` tokens."""
-    fill = lambda v: _fill(sample, v)  # noqa: E731
-    ids = _chat_ids(tok, system, fill(vals))
-    if len(ids) <= budget:
-        return ids, False
-    cur = dict(vals)
-    for _ in range(80):
-        k = max(cur, key=lambda k: len(cur[k]))
-        if not cur[k]:
-            break
-        cur[k] = cur[k][:max(0, len(cur[k]) - max(8, (len(ids) - budget) * 3))]
-        ids = _chat_ids(tok, system, fill({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()}))
-        if len(ids) <= budget:
-            return ids, True
-    raise DataError(f"the label prompt does not fit in {budget} tokens even with empty slots")
-
-
-def _fill(sample: str, vals: dict[str, str]) -> str:
-    import re
-    return re.sub(r"\{(\w+)\}", lambda m: vals.get(m.group(1), m.group(0)), sample)
+def prefill_since(engine, start: dict) -> dict:
+    """The engine's own prefix-cache counters since `start` (a copy of engine.stats): prefill tokens computed
+    vs served from the cache."""
+    comp, hit = (engine.stats[k] - start[k] for k in ("prefill_computed", "prefix_hit"))
+    return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
 
 @dataclass
@@ -123,15 +73,14 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     from selfreward.infer.sequence import SamplingParams
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
-    meter = PrefillMeter(engine)
+    start = dict(engine.stats)
     user = t.sample + (t.cot_request if cfg.cot else "")
     reserve = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4 + (cfg.cot_max_tokens if cfg.cot else 0)
     budget = engine.max_len - reserve
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
-    fitted = [_fit(tok, t.preamble, user, {"context": c, "response_1": x, "response_2": y}, budget)
+    fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
               for c, x, y in orders]
     base = [f[0] for f in fitted]
-    texts = [t.ending] * len(base)
     rationales = None
     if cfg.cot:
         index = list(range(len(items))) if index is None else list(index)
@@ -139,16 +88,8 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=sd,
                              stop=[t.ending]) for sd in seeds]
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
-        texts = [f"{r} {t.ending}" if r else t.ending for r in rationales]
-    heads = [forced_options(tok, x, ["1", "2"]) for x in texts]
-    groups: dict[tuple, list[int]] = {}       # one batched read per distinct pair of option tails
-    for i, (_, tails) in enumerate(heads):
-        groups.setdefault(tuple(map(tuple, tails)), []).append(i)
-    probs: list[list[float]] = [[]] * len(base)
-    for tails, idx in groups.items():
-        got = option_probs(engine, [base[i] + heads[i][0] for i in idx], [list(x) for x in tails])
-        for i, p in zip(idx, got):
-            probs[i] = p
+    texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cfg.cot else t.ending
+    probs = option_probs(engine, tok, base, texts, ["1", "2"])
     n = len(items)
     records = []
     for i in range(n):
@@ -159,7 +100,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         if rationales is not None:
             rec["rationales"] = [rationales[i], rationales[n + i]]
         records.append(rec)
-    return {"records": records, "prefill": meter.read(), "prompts_cut": sum(f[1] for f in fitted),
+    return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 
 
@@ -178,16 +119,16 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     """items: (context, response). -> {"records": [{"reward" in [-1, 1], "expected" in [1, 10], "probs"}],
     "prefill": counters}."""
     t = template or ScoreTemplate()
-    meter = PrefillMeter(engine)
+    start = dict(engine.stats)
     options = [str(i) for i in range(1, 11)]
     head, tails = forced_options(tok, t.ending, options)
     budget = engine.max_len - len(head) - max(map(len, tails)) - 2
-    ids = [_fit(tok, t.preamble, t.sample, {"context": c, "response": r}, budget)[0] + head for c, r in items]
+    ids = [fit_prompt(tok, t.sample, {"context": c, "response": r}, budget, t.preamble)[0] for c, r in items]
     records = []
-    for p in option_probs(engine, ids, tails):
+    for p in option_probs(engine, tok, ids, t.ending, options):
         e = sum((i + 1) * q for i, q in enumerate(p))
         records.append({"reward": (e - 5.5) / 4.5, "expected": e, "probs": p})
-    return {"records": records, "prefill": meter.read(), "tokens_per_option": [len(x) for x in tails]}
+    return {"records": records, "prefill": prefill_since(engine, start), "tokens_per_option": [len(x) for x in tails]}
 
 
 def settings(cfg: LabelConfig) -> dict:
@@ -260,13 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     engine_dests = add_engine_flags(ap)
     a = check_args(ap.parse_args(argv))
-    for flag, lo in (("limit", 1), ("cot_max_tokens", 1), ("chunk", 1)):
-        v = getattr(a, flag)
-        if v is not None and v < lo:
-            raise cli.ConfigError(f"--{flag.replace('_', '-')} {v}: must be >= {lo}")
+    if a.limit is not None and a.limit < 1:     # cli.check_args checks the other numbers
+        raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
     ecfg = engine_from_flags(a, engine_dests)
     _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
-    t = load_template(LabelTemplate, a.template)
+    t = read_template(LabelTemplate, a.template)
     if a.groups:
         from selfreward.recipes.evaluate import load_groups
         pairs = group_pairs(load_groups(a.groups), a.limit)
@@ -293,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     def work(batch, emit) -> None:
         if "engine" not in state:            # loaded only when a pair is left to label
             state["engine"] = load_engine(a.labeller, ecfg)
-            state["meter"] = PrefillMeter(state["engine"])
+            state["start"] = dict(state["engine"].stats)
         engine = state["engine"]
         res = soft_labels(engine, engine.tokenizer, [(p["prompt"], p["response_1"], p["response_2"])
                                                      for _, p in batch], cfg, index=[i for i, _ in batch])
@@ -309,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
                    "labeller": a.labeller, "dtype": made["dtype"],
                    "labelled_by_this_run": state.get("labelled", 0),
-                   "prefill": state["meter"].read() if "meter" in state else None,
+                   "prefill": prefill_since(state["engine"], state["start"]) if "engine" in state else None,
                    "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
                                           for r in human) / len(human) if human else None}
         write_json(summary_path, summary)      # under the lock, as the labels

@@ -30,7 +30,7 @@ from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import _atomic_dir_write
 from selfreward.provenance import claim, file_hash, model_fingerprint, same_file
 from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
-from selfreward.recipes.evaluate import PAIR_TEMPLATE, generate_responses, head_to_head
+from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template
 from selfreward.recipes.session import Session
 
 
@@ -43,7 +43,7 @@ class SelectConfig:
     out: str = ""                     # folder that receives a copy of the chosen checkpoint ("" = none)
     report: str = ""                  # JSON file for the choice and every candidate's scores ("" = none)
     limit: int = 0                    # only the first N prompts (0 = all)
-    pair_template: str = ""           # pairwise judge template file; "" = recipes.evaluate's own
+    pair_template: str = ""           # pairwise judge template file; "" = recipes.h2h's own
     temperature: float = 0.0          # the responses: greedy by default, as recipes.evaluate h2h
     top_p: float = 1.0
     judge_temperature: float = 0.0
@@ -52,13 +52,7 @@ class SelectConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def template(self) -> str:
-        if not self.pair_template:
-            return PAIR_TEMPLATE
-        text = Path(self.pair_template).read_text(encoding="utf-8")
-        for slot in ("{instruction}", "{response_1}", "{response_2}"):
-            if slot not in text:
-                raise DataError(f"{self.pair_template}: pair template lacks placeholder {slot}")
-        return text
+        return load_pair_template(self.pair_template)
 
 
 def pick(scores: list[dict]) -> int:
@@ -76,7 +70,7 @@ def check_models(candidates: list[str], reference: str, judge_model: str) -> Non
 
 def select_checkpoint(candidates: list[str], reference: str, prompts: list[str], judge_model: str,
                       out: str | Path | None = None, cfg: SelectConfig | None = None) -> dict:
-    """Judge each candidate against `reference` on `prompts` (recipes.evaluate.head_to_head: a win only
+    """Judge each candidate against `reference` on `prompts` (recipes.h2h.head_to_head: a win only
     when both orders prefer the candidate), choose by `pick`, copy the chosen folder to `out` (atomic).
     `cfg` gives the answering and judging settings (its path fields are not read here).
     Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": [per candidate:
@@ -111,10 +105,15 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
            "n_prompts": len(prompts), "rule": "most wins, then fewest losses, then the later candidate",
            "scores": scores}
     if out:
-        src = Path(candidates[i])
-        _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in src.iterdir() if p.is_file()])
+        _copy(candidates[i], out)
         res["out"] = str(out)
     return res
+
+
+def _copy(src: str | Path, out: str | Path) -> None:
+    """The chosen checkpoint folder's files copied to `out`, atomically."""
+    files = [p for p in Path(src).iterdir() if p.is_file()]
+    _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in files])
 
 
 def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, report: Path) -> dict:
@@ -128,8 +127,7 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
     steps = sorted((run / "exports").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     cands = [str(p) for p in steps] + [str(run / "final")]
     if len(cands) == 1:
-        src = Path(cands[0])
-        _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in src.iterdir() if p.is_file()])
+        _copy(cands[0], out)
         res = {"chosen": cands[0], "chosen_index": 0, "scores": [], "rule": "one candidate: no judging"}
     else:
         prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)][:cfg.limit or None]

@@ -20,8 +20,9 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.recipes import pipeline
 from selfreward.recipes.instruct import generate_prompts, given_prompts
-from selfreward.recipes.judge import chat_prompt_ids, check_fits, judge_items, judge_prompt
+from selfreward.recipes.judge import check_fits, judge_items, judge_prompt
 from selfreward.recipes.loop_config import LOOP_SET, LoopConfig
+from selfreward.recipes.prompts import chat_prompt_ids
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session

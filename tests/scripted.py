@@ -56,7 +56,7 @@ class ScriptedEngine:
 
 
 def pairwise_judge(mark: str = MARK) -> Callable[[str, int, int], str]:
-    """A pairwise judge (recipes.evaluate's PAIR_TEMPLATE) that prefers the reply carrying `mark`: the
+    """A pairwise judge (recipes.h2h's PAIR_TEMPLATE) that prefers the reply carrying `mark`: the
     verdict names the reply section (between 'Reply 1:' and 'Reply 2:', or after 'Reply 2:') that holds
     it; with the mark in neither or both it always says 1 (a position-biased judge)."""
     def reply(text: str, seed: int, j: int) -> str:

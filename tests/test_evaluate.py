@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from selfreward.recipes.evaluate import pair_prompt, parse_choice
+from selfreward.recipes.h2h import parse_choice
 from selfreward.recipes.metrics import h2h_outcome, kendall_tau_b, rm_metrics, spearman
+from selfreward.recipes.prompts import fill
 
 # G1 perfect; G2 reversed; G3 a judge tie on the top two; G4 one unparsable and a tie of two 5s;
 # G5 one unparsable out of two -> skipped.
@@ -79,14 +80,15 @@ def test_head_to_head_both_orders():
     assert parse_choice("Better: **1**") == 1
     assert parse_choice("Better: 3") is None and parse_choice("Better: 12") is None
     assert parse_choice("Better: 1 ... Better: Reply 2") == 2
-    assert pair_prompt("{instruction}|{response_1}|{response_2}|{x}", "q", "{response_2}", "b") == "q|{response_2}|b|{x}"
+    assert fill("{instruction}|{response_1}|{response_2}|{x}", instruction="q", response_1="{response_2}",
+                response_2="b") == "q|{response_2}|b|{x}"
 
 
 def test_head_to_head_scripted_judge_win_then_swapped_loss():
     """Issue 13 item 11: a judge that prefers the marked reply. A marked: a win on every prompt (both orders
     agree); A and B swapped: a loss on every prompt; a judge with no preference (no mark): position bias, a tie."""
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.evaluate import head_to_head
+    from selfreward.recipes.h2h import head_to_head
     from conftest import TOKENIZER_DIR
     from scripted import MARK, ScriptedEngine, pairwise_judge
     tok = Tokenizer.load(TOKENIZER_DIR)
@@ -230,7 +232,8 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
     import shutil
     from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.evaluate import h2h_work_dir, main as evaluate
+    from selfreward.recipes.evaluate import main as evaluate
+    from selfreward.recipes.h2h import h2h_work_dir
     from selfreward.records import DataError
     from conftest import TOKENIZER_DIR
     from guarantee_fixtures import disk_full_at

@@ -94,7 +94,7 @@ def test_dpo_trains_on_the_sampled_ids_not_re_encoded_text(tiny, tmp_path):
     on) are exactly prompt ids as given to the sampler + sampled ids + the end token, also where the text
     re-encodes to other ids."""
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.train.data import load_pairs
     cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), n_prompts=8, n_candidates=4,
                       max_tokens=24, temperature=1.0, prompt_source=str(write_prompts(tmp_path / "p.jsonl", SEEDS)))

@@ -2,8 +2,9 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from selfreward.recipes.judge import DEFAULT_TEMPLATE, JudgeConfig, TemplateError, check_template, judge_prompt, \
-    load_template, mean_score, parse_score
+from selfreward.recipes.judge import DEFAULT_TEMPLATE, SLOTS, JudgeConfig, TemplateError, judge_prompt, load_rubric, \
+    mean_score, parse_score
+from selfreward.recipes.prompts import check_slots
 
 NASTY = [
     ("Score: 4", 4.0),
@@ -73,11 +74,11 @@ def test_template_fill_and_checks(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("only {instruction}")
     with pytest.raises(TemplateError, match=r"t\.txt.*\{response\}"):
-        load_template(f)
+        load_rubric(f)
     f.write_text(custom)
-    assert load_template(f) == custom
-    assert load_template(None) == DEFAULT_TEMPLATE
-    check_template(DEFAULT_TEMPLATE)
+    assert load_rubric(f) == custom
+    assert load_rubric(None) == DEFAULT_TEMPLATE
+    check_slots(DEFAULT_TEMPLATE, SLOTS, "default")
     with pytest.raises(TemplateError):
         JudgeConfig(template="no slots")
 
@@ -91,15 +92,17 @@ def test_mean_score_excludes_unparsable():
 def test_fit_prompt_to_budget():
     from conftest import TOKENIZER_DIR
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.judge import SHORT_TEMPLATE, chat_prompt_ids, fit_prompt_ids
+    from selfreward.recipes.judge import SHORT_TEMPLATE
+    from selfreward.recipes.prompts import chat_prompt_ids, fit_prompt
     tok = Tokenizer.load(TOKENIZER_DIR)
     ins, resp = "Why is the sky blue?", "Because of Rayleigh scattering. " * 40
     full = chat_prompt_ids(tok, judge_prompt(SHORT_TEMPLATE, ins, resp))
-    assert fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, len(full)) == (full, False)
+    vals = {"instruction": ins, "response": resp}
+    assert fit_prompt(tok, SHORT_TEMPLATE, vals, len(full)) == (full, False)
     for budget in (len(full) - 1, 400, 260):
-        ids, cut = fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, budget)
+        ids, cut = fit_prompt(tok, SHORT_TEMPLATE, vals, budget)
         text = tok.decode(ids)
         assert cut and len(ids) <= budget and len(ids) > budget - 40   # cut about the excess, not much more
         assert "Request: Why is the sky blue?" in text and "[...]" in text and "Reply: Because of" in text
     with pytest.raises(ValueError, match="template alone"):
-        fit_prompt_ids(tok, SHORT_TEMPLATE, ins, resp, 100)
+        fit_prompt(tok, SHORT_TEMPLATE, vals, 100)

@@ -132,12 +132,13 @@ def test_expected_score_against_plain_forward(tiny):
     from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    from selfreward.recipes.judge import expected_scores
+    from selfreward.recipes.prompts import chat_prompt_ids, forced_options
     tok = Tokenizer.load(tiny)
     eng = load_engine(tiny, EngineConfig(device="cpu"))
     prompts = [chat_prompt_ids(tok, "Rate this: hello"), chat_prompt_ids(tok, "Rate: the sky is green")]
     got = expected_scores(eng, tok, prompts)
-    head, tails = digit_candidates(tok)
+    head, tails = forced_options(tok, "Score:", [str(d) for d in range(6)])
     assert all(len(t) == 1 for t in tails)
     model = load_model(tiny)
     for (e, p), ids in zip(got, prompts):
@@ -238,7 +239,8 @@ def test_expected_score_multi_token_digits(tiny):
     from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.judge import chat_prompt_ids, digit_candidates, expected_scores
+    from selfreward.recipes.judge import expected_scores
+    from selfreward.recipes.prompts import chat_prompt_ids, forced_options
     tok = Tokenizer.load(tiny)
 
     class TwoTokenDigits:   # every "Score: d" gains a trailing token, so each digit is two tokens long
@@ -249,7 +251,7 @@ def test_expected_score_multi_token_digits(tiny):
             return self.t.encode(text, **kw) + ([7] if text.startswith("Score:") else [])
 
     wrapped = TwoTokenDigits(tok)
-    head, tails = digit_candidates(wrapped)
+    head, tails = forced_options(wrapped, "Score:", [str(d) for d in range(6)])
     assert all(len(t) == 2 and t[1] == 7 for t in tails)
     prompt = chat_prompt_ids(tok, "Rate this: hello")
     (e, p), = expected_scores(load_engine(tiny, EngineConfig(device="cpu")), wrapped, [prompt])

@@ -12,7 +12,7 @@ def test_rm_reward_equals_transformers(tmp_path):
     import transformers
     from selfreward.model.reward_model import load_reward_model, save_reward_model
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.reward import load_reward
     d = tiny_chat_model(tmp_path / "m")
     tok = Tokenizer.load(d)

@@ -63,7 +63,8 @@ def _binomial_se(p: float | None, n: int) -> float | None:
 def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     from selfreward.infer.sequence import SamplingParams
     from selfreward.recipes.evaluate import rm_eval
-    from selfreward.recipes.judge import JudgeConfig, chat_prompt_ids
+    from selfreward.recipes.judge import JudgeConfig
+    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.session import Session
 
     engine, tok = Session(engine_cfg).get(model_dir)

@@ -103,7 +103,7 @@ def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dic
 def candidate_pairs(engine, tok, prompts: list[dict], cfg: RLAIFWorldConfig) -> list[dict]:
     """M1's candidates -> per prompt with two distinct texts, one random pair in a random order (+ truth)."""
     from selfreward.infer.sequence import SamplingParams
-    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.world.checker import check
     ids = [chat_prompt_ids(tok, p["prompt"]) for p in prompts]
     ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,

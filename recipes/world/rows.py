@@ -32,7 +32,7 @@ def pass_at_n(prompts: dict[str, str], candidates: list[dict]) -> dict:
 def self_judge_vs_likelihood(lc, t: int) -> dict:
     """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under the model that
     sampled the candidates (M_t of `lc`)."""
-    from selfreward.recipes.judge import chat_prompt_ids
+    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.self_reward import iter_dir, model_at
     from selfreward.recipes.session import Session
 

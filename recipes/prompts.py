@@ -1,0 +1,147 @@
+"""Prompts of the judging recipes (judge, rlaif, evaluate, augment) and answers read from them.
+
+A template is text with {slot} placeholders, filled in one pass (a slot's value is never substituted again;
+other braces are left alone). A prompt is sent as a chat: one user turn, optionally after a system turn, with
+the generation prompt. When a prompt is too long for the context, its longest slot value is cut (its start
+kept, the cut marked ' [...]') until it fits.
+
+A forced choice reads an answer without sampling: the assistant turn is forced to begin with a text (e.g.
+"Score:") and the next-token probabilities of a few options ("0".."5", "1"/"2", "1".."10") are renormalised
+over those options. An option of several tokens is scored as its whole token sequence (teacher forcing);
+where one option's tokens are a prefix of another's ("1" of "10" = "1" + "0"), it is taken as NOT continued
+by the longer one, P("1" then anything) - P("10"), so the options are disjoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import fields, replace
+from pathlib import Path
+
+from selfreward.records import DataError
+
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+class TemplateError(DataError):
+    pass
+
+
+def chat_prompt_ids(tok, user: str, system: str | None = None) -> list[int]:
+    """Chat ids of one user turn (after a system turn when given), ending in the generation prompt."""
+    turns = [{"role": "system", "content": system}] if system is not None else []
+    return tok.render_chat(turns + [{"role": "user", "content": user}], add_generation_prompt=True)[0]
+
+
+def fill(template: str, **vals: str) -> str:
+    return _SLOT.sub(lambda m: vals.get(m.group(1), m.group(0)), template)
+
+
+def check_slots(text: str, slots: tuple[str, ...], where: str) -> None:
+    missing = [f"{{{s}}}" for s in slots if f"{{{s}}}" not in text]
+    if missing:
+        raise TemplateError(f"{where} lacks placeholder {', '.join(missing)} "
+                            f"(it needs {' and '.join(f'{{{s}}}' for s in slots)})")
+
+
+def load_template(path: str | Path | None, default, slots: tuple[str, ...], what: str = "template",
+                  builtin: dict[str, str] | None = None):
+    """`default` when `path` is None; a built-in by name (an existing file wins); else the file: plain text
+    holding every slot, or, where `default` is a dataclass of texts, a JSON object with some of its fields
+    (its `sample` holding every slot)."""
+    if path is None:
+        return default
+    if builtin and str(path) in builtin and not Path(path).exists():
+        return builtin[str(path)]
+    if not Path(path).is_file():
+        raise TemplateError(f"{path}: no such {what} file" + (f" (built-in names: {', '.join(builtin)})"
+                                                             if builtin else ""))
+    text = Path(path).read_text(encoding="utf-8")
+    if isinstance(default, str):
+        check_slots(text, slots, f"{path}: {what}")
+        return text
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TemplateError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    known = {f.name for f in fields(default)}
+    bad = [k for k in raw if k not in known or not isinstance(raw[k], str)] if isinstance(raw, dict) else ["?"]
+    if bad:
+        raise TemplateError(f"{path}: field '{bad[0]}' is not a text field of {type(default).__name__} "
+                            f"({sorted(known)})")
+    t = replace(default, **raw)
+    check_slots(t.sample, slots, f"{path}: field 'sample'")
+    return t
+
+
+def fit_prompt(tok, template: str, vals: dict[str, str], budget: int, system: str | None = None
+               ) -> tuple[list[int], bool]:
+    """Chat ids of the filled template, at most `budget` tokens, the longest slot value cut until it fits.
+    Returns (ids, was_cut)."""
+    ids_of = lambda v: chat_prompt_ids(tok, fill(template, **v), system)  # noqa: E731
+    ids = ids_of(vals)
+    if len(ids) <= budget:
+        return ids, False
+    empty = len(ids_of({k: "" for k in vals}))
+    if empty + 8 > budget:
+        raise TemplateError(f"the template alone takes {empty} tokens; the prompt budget is {budget} (the "
+                            f"context less the tokens to generate): use a shorter template or fewer max tokens")
+    cur = dict(vals)
+    chars_per_token = max(1.0, sum(map(len, vals.values())) / max(1, len(ids) - empty))
+    for _ in range(60):
+        over = len(ids) - budget
+        if over <= 0:
+            return ids, True
+        k = max(cur, key=lambda k: len(cur[k]))
+        cut = max(4, int((over + 4) * chars_per_token))  # about the excess, plus room for the ' [...]' mark
+        cur[k] = cur[k][:max(0, len(cur[k]) - cut)]
+        ids = ids_of({k: v + " [...]" if v != vals[k] else v for k, v in cur.items()})
+    raise TemplateError("could not fit the prompt into the context")
+
+
+def forced_options(tok, text: str, options: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Ids of `text` as the tokenizer writes it before an option, and each option's own tokens: the encodings
+    of text + ' ' + option share a head; what follows is the option's token sequence."""
+    encs = [tok.encode(f"{text} {o}") for o in options]
+    n = 0
+    while all(len(e) > n for e in encs) and len({e[n] for e in encs}) == 1:
+        n += 1
+    tails = [e[n:] for e in encs]
+    if any(not t for t in tails):   # e.g. a tokenizer that writes the options as one unknown token
+        raise TemplateError(f"the model's tokenizer gives an option of {options} no token of its own after "
+                            f"{text!r} (the options read the same); use a checkpoint whose tokenizer writes them, "
+                            f"or a template whose ending they follow")
+    return encs[0][:n], tails
+
+
+def option_probs(engine, tok, prompts: list[list[int]], forced: str | list[str], options: list[str]
+                 ) -> list[list[float]]:
+    """[B][C] probabilities of `options` after each prompt (chat ids ending in the generation prompt) with the
+    assistant turn forced to begin with `forced` (one text for all, or one per prompt). Prompts whose options
+    are one token each are read in one next-token pass; others by teacher forcing each option's tokens."""
+    forced = [forced] * len(prompts) if isinstance(forced, str) else forced
+    split = {t: forced_options(tok, t, options) for t in set(forced)}
+    groups: dict[tuple, list[int]] = {}          # one batched read per distinct set of option tails
+    for i, t in enumerate(forced):
+        groups.setdefault(tuple(map(tuple, split[t][1])), []).append(i)
+    out: list[list[float]] = [[]] * len(prompts)
+    for tails, idx in groups.items():
+        full = [prompts[i] + split[forced[i]][0] for i in idx]
+        if all(len(t) == 1 for t in tails):
+            rows = engine.next_token_logprobs(full, [t[0] for t in tails]).double().tolist()   # [B, C]
+        else:
+            flat = engine.score([f for f in full for _ in tails], [list(t) for _ in full for t in tails])
+            rows = [[sum(flat[j * len(tails) + c]) for c in range(len(tails))] for j in range(len(full))]
+        for i, row in zip(idx, rows):
+            out[i] = _renormalise(row, tails)
+    return out
+
+
+def _renormalise(logp: list[float], tails) -> list[float]:
+    m = max(logp)
+    p = [math.exp(x - m) if m > -math.inf else 0.0 for x in logp]
+    p = [max(0.0, p[c] - sum(p[d] for d, t in enumerate(tails) if len(t) > len(tails[c])
+                             and t[:len(tails[c])] == tails[c])) for c in range(len(tails))]
+    z = sum(p)
+    return [x / z for x in p] if z > 0 else [1.0 / len(p)] * len(p)
