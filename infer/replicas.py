@@ -1,4 +1,4 @@
-"""Resumable units (selfreward.records.run_units) over data-parallel replicas of tensor-parallel engines.
+"""Resumable units (selfreward.units.run_units) over data-parallel replicas of tensor-parallel engines.
 
 The units are split across replicas, not ranks. The first rank of each replica (its leader) runs
 run_units as rank `replica` of the leaders' group: it alone reads and writes the .partial / shard files

@@ -105,7 +105,7 @@ def h2h_work_dir(out: str | Path) -> Path:
 
 def resumable_h2h(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
     """`evaluate h2h`: A's replies, B's replies, then the verdicts, each a resumable file of units
-    (selfreward.records.run_units, a unit a prompt): a killed run's rerun does only what is missing; one
+    (selfreward.units.run_units, a unit a prompt): a killed run's rerun does only what is missing; one
     model in memory at a time."""
     from selfreward.recipes.session import Session
     from selfreward.records import read_jsonl
