@@ -1,8 +1,7 @@
-"""Online RL's side of the engine: the weight hand-off, sampling a step's rollouts, scoring them, and the
-flat batch the policy, the reference and the value head read.
-
-train/rl.py is where training meets inference: it is the one trainer that drives the engine (infer/), and
-this file holds everything it needs from it, so the rest of train/ stays free of infer/.
+"""Online RL's side of the engine: train/'s one seam into infer/. The RL sampler is built, fed the trainer's
+weights and asked for rollouts and greedy probes here, and nowhere else in train/ (rl.py takes the engine's
+config type from here too); the rest of this file is the flat batch the policy, the reference and the value
+head read.
 
 Weight hand-off (`sync_weights`): the engine has its own model (the engine's device and dtype, eval mode);
 before each step the trainer's current parameters are copied into it, parameter by parameter, with
@@ -20,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 import selfreward.kernels.ops as K
+from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer.parallel import load_from_fsdp
+from selfreward.infer.sequence import SamplingParams
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.llama import AttnContext
 
@@ -37,9 +39,13 @@ class Rollout:
     reward: float = 0.0
 
 
+def build_engine(model_dir: str, cfg: EngineConfig):
+    """The sampler: infer's one factory, on the engine's own device and dtype (--engine-device, -dtype)."""
+    return load_engine(model_dir, cfg)
+
+
 def sync_weights(engine, model) -> float:
     """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
-    from selfreward.infer.parallel import load_from_fsdp
     if not engine.scheduler.done():
         raise RuntimeError("weight sync while the engine still has requests in flight")
     return load_from_fsdp(engine, model, skip=(VALUE_HEAD,))["seconds"]
@@ -53,7 +59,6 @@ def prompt_ids(tok, text: str) -> list[int]:
 def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
            seeds: list[int]) -> tuple[list[Rollout], float]:
     """n responses per prompt; prompt k's samples use seeds[k], seeds[k] + 1, ... -> (rollouts, seconds)."""
-    from selfreward.infer.sequence import SamplingParams
     t0 = time.perf_counter()
     ids = [prompt_ids(tok, p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for s in seeds]
@@ -61,6 +66,12 @@ def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: f
     rolls = [Rollout(p, i, list(c.token_ids), c.text, k, c.finish_reason)
              for k, (p, i, group) in enumerate(zip(prompts, ids, outs)) for c in group]
     return rolls, time.perf_counter() - t0
+
+
+def greedy(engine, prompts: list[list[int]], max_tokens: int) -> list:
+    """Greedy replies with the log-prob of each token (rl.py's probes of what the sampler holds)."""
+    return [o[0] for o in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                    logprobs=True))]
 
 
 @dataclass

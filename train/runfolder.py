@@ -12,7 +12,6 @@ Under torchrun rank 0 claims the folder (the other ranks write only after collec
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -72,15 +71,3 @@ def claim_run(cfg, name: str):
     with claim(out, made_by(cfg), overwrite=cfg.overwrite, folder=True,
                clear=lambda: _clear(out, export)):
         yield
-
-
-def guarded(name: str):
-    """Decorator for a trainer's `train(cfg)`: check the config, then claim the run folder around it."""
-    def deco(train):
-        @functools.wraps(train)
-        def wrapper(cfg):
-            cfg.check()
-            with claim_run(cfg, name):
-                return train(cfg)
-        return wrapper
-    return deco
