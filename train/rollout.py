@@ -1,15 +1,10 @@
 """Online RL's side of the engine: train/'s one seam into infer/. The RL sampler is built, fed the trainer's
-weights and asked for rollouts and greedy probes here, and nowhere else in train/ (rl.py takes the engine's
-config type from here too); the rest of this file is the flat batch the policy, the reference and the value
-head read.
+weights and asked for rollouts and greedy probes here and nowhere else in train/ (rl.py takes the engine's
+config type from here too); the rest is the flat batch the policy, the reference and the value head read.
 
-Weight hand-off (`sync_weights`): the engine has its own model (the engine's device and dtype, eval mode);
-before each step the trainer's current parameters are copied into it, parameter by parameter, with
-`infer.parallel.load_from_fsdp`: under FSDP2 every rank all-gathers one parameter at a time
-(`full_tensor()`) and keeps it (the engine here is a full replica per rank, TP 1), so the peak extra memory
-is one full parameter; single-process the copy is a plain `copy_`. Every engine parameter must be written
-(a name the trainer lacks is an error, not a silent no-op) and the prefix cache is emptied, since its KV
-blocks were computed with the old weights. No disk.
+Weight hand-off (`sync_weights`, no disk): every trainer parameter but the value head is copied into the
+engine's own model with `infer.parallel.load_from_fsdp` (under FSDP2 one all-gathered parameter at a time);
+every engine parameter must be written, and the prefix cache (KV of the old weights) is emptied.
 """
 from __future__ import annotations
 
