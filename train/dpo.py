@@ -3,11 +3,10 @@
     torchrun --nproc_per_node 8 train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --beta 0.1
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
-The reference is the starting checkpoint, frozen and in eval mode (no dropout). --ref-mode cache (default)
-computes every pair's reference log-probs once, before training, with the starting weights and stores them
-in --ref-cache-dir keyed by a hash of the tokenized data and of those weights: no reference model is held
-during training. --ref-mode online keeps a frozen reference and scores each batch in a no-grad pass.
-Per step metrics.jsonl holds loss, rewards (chosen, rejected), margin, accuracy, log-probs, lengths.
+The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
+before training, into --ref-cache-dir (keyed by hashes of the tokenized data and the weights), so no
+reference model is held; --ref-mode online scores each batch with a frozen copy. metrics.jsonl: loss,
+rewards (chosen, rejected), margin, accuracy, log-probs, lengths per step.
 """
 from __future__ import annotations
 

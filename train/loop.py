@@ -10,6 +10,7 @@ single-process one on the same global batch whatever the world size and accumula
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import time
@@ -32,9 +33,7 @@ from selfreward.train.runfolder import claim_run
 
 
 def cli(main) -> None:
-    """The entry scripts' `__main__` (selfreward.cli.run_main): a stopped run (NaN/inf loss) prints its
-    message and exits 1; bad input, a bad flag, a bad checkpoint or an OS error prints `error: ...`, exit 2;
-    Ctrl-C one line `interrupted: ...`, exit 130."""
+    """The entry scripts' `__main__` (cli.run_main: a stopped run exits 1, bad input 2, Ctrl-C 130)."""
     run_main(main, interrupted="interrupted: the checkpoints saved so far are kept in --output (every --save-every "
                                "steps and at the end); rerun with --resume to continue")
 
@@ -139,11 +138,6 @@ def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: 
     t = min(1.0, (step - warmup) / span)
     shape = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
     return final_ratio + (1 - final_ratio) * shape
-
-
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class MetricsLog:
@@ -263,7 +257,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             eta = elapsed / (step + 1 - start) * (total - step - 1)
             shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
-                  f"| {tokens_seen / elapsed:.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+                  f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
         if task.evaluate and getattr(cfg, "eval_every", 0) and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
             log.write({"step": step + 1, **task.evaluate(model, micro)})
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
