@@ -28,20 +28,14 @@ class CheckpointError(DataError):
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
-# ours <- HF; {i} is the layer index
+# ours <- HF, per layer
 _LAYER_TABLE = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wq.bias": "self_attn.q_proj.bias",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wk.bias": "self_attn.k_proj.bias",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wv.bias": "self_attn.v_proj.bias",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm": "input_layernorm.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.weight": "self_attn.k_proj.weight", "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
 }
 
 
@@ -107,19 +101,19 @@ def check_tokenizer_fits(path: Path, cfg: ModelConfig) -> None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               cfg: ModelConfig | None = None) -> Transformer:
+               cfg: ModelConfig | None = None, ignore: tuple[str, ...] = ()) -> Transformer:
     """Build the model from a HF folder and load its weights. Tied checkpoints that also store
-    lm_head.weight are accepted (it must equal the embedding's shape)."""
+    lm_head.weight are accepted (it must equal the embedding's shape); tensors named in `ignore` are left
+    to the caller (model/reward_model.py's score.weight)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")
     cfg = cfg or ModelConfig.from_json(path)
     check_tokenizer_fits(path, cfg)
-    files = _tensor_files(path)
-    table = name_table(cfg)
+    files, table = _tensor_files(path), name_table(cfg)
     model = Transformer(cfg, device="meta")
     params = dict(model.named_parameters())
-    check_no_unexpected(files, table, cfg)
+    check_no_unexpected(files, table, cfg, ignore)
     state = {}
     for ours, hf, f, handle in each_tensor(path, files, table):
         t = _get(handle, f, hf)
@@ -145,14 +139,12 @@ def _atomic_dir_write(out: Path, write):
         write(tmp)
         for f in tmp.iterdir():   # safetensors writes its files 0600
             user_mode(f, f.is_dir())
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
         if out.exists():
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
             os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,22 +154,19 @@ def each_tensor(path: Path, files: dict[str, Path], table: dict[str, str]):
     """(our name, HF name, its file, an open safetensors handle) for every entry of the name table, each
     file opened once; a tensor the checkpoint lacks is an error naming the folder."""
     handles = {}
-    try:
-        for ours, hf in table.items():
-            if hf not in files:
-                raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
-            f = files[hf]
-            if f not in handles:
-                handles[f] = open_safetensors(f)
-            yield ours, hf, f, handles[f]
-    finally:
-        handles.clear()
+    for ours, hf in table.items():
+        if hf not in files:
+            raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
+        f = files[hf]
+        if f not in handles:
+            handles[f] = open_safetensors(f)
+        yield ours, hf, f, handles[f]
 
 
-def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: ModelConfig) -> None:
+def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: ModelConfig, ignore=()) -> None:
     """A checkpoint tensor the name table does not know is an error naming its file (a tied model may also
-    store lm_head.weight; rotary inv_freq buffers are ignored)."""
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    store lm_head.weight; rotary inv_freq buffers and the names in `ignore` are ignored)."""
+    ignorable = set(ignore) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     expected = set(table.values())
     unexpected = [k for k in files if k not in expected and k not in ignorable
                   and not k.endswith("rotary_emb.inv_freq")]
@@ -186,55 +175,41 @@ def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: Mode
                               f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
 
 
-def hf_tensors(sd: dict, table: dict[str, str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our state dict -> {HF name: contiguous CPU tensor} through `table`; a missing tensor is an error."""
+def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
+               max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None, hf_config: dict | None = None
+               ) -> Path:
+    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
+    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names;
+    entries outside the name table (RL's value head) are not written, but for a reward model's score.weight.
+    `hf_config`: fields over config.json's (model/reward_model.py: the sequence-classification layout)."""
+    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
     tensors = {}
-    for ours, hf in table.items():
+    for ours, hf in dict(name_table(cfg), **({"score.weight": "score.weight"} if "score.weight" in sd else {})).items():
         if ours not in sd:
             raise CheckpointError(f"state dict has no '{ours}' (for {hf})")
         t = sd[ours].detach().to("cpu")
         tensors[hf] = (t.to(dtype) if dtype else t).contiguous()
-    return tensors
-
-
-def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
-               max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> Path:
-    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
-    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names."""
-    sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    tensors = hf_tensors(sd, name_table(cfg), dtype)
 
     def write(tmp: Path):
-        shards, cur, size = [], {}, 0
+        shards, size = [{}], 0
         for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name] = t
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            wm, total = {}, 0
-            for i, sh in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, str(tmp / fname), metadata={"format": "pt"})
-                for k, t in sh.items():
-                    wm[k] = fname
-                    total += t.numel() * t.element_size()
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
-        hf = cfg.to_hf_dict()
-        some = next(iter(tensors.values()))
-        hf["torch_dtype"] = str(some.dtype).replace("torch.", "")
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][name], size = t, size + t.nbytes
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for fname, sh in zip(names, shards):
+            save_file(sh, str(tmp / fname), metadata={"format": "pt"})
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {k: fname for fname, sh in zip(names, shards) for k in sh}}, indent=2))
+        hf = dict(cfg.to_hf_dict(), torch_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+                  **(hf_config or {}))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.exists():
-                    shutil.copy(src, tmp / name)
+        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
 
     _atomic_dir_write(Path(out), write)
     return Path(out)

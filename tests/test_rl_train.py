@@ -144,15 +144,16 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
 
 def test_nan_reward_stops_keeping_last_good_checkpoint(setup):
     """A NaN reward at step 3 stops before the update; no export; `latest` is the last good checkpoint."""
+    from selfreward.cli import parse_config
     from selfreward.train import rl
-    from selfreward.train.loop import TrainingStopped
+    from selfreward.train.checkpointing import TrainingStopped
     d, m0, args = setup
     calls = []
 
     def reward(prompts, responses):
         calls.append(1)
         return [float("nan") if len(calls) == 3 else 0.5] * len(prompts)
-    cfg = rl.parse_config(rl.RLConfig, args + ["--output", str(d / "nan"), "--save-every", "1"])
+    cfg = parse_config(rl.RLConfig, args + ["--output", str(d / "nan"), "--save-every", "1"])
     # as the other trainers: the weights after step 2 gave the NaN, so step_2 is dropped, step_1 kept
     with pytest.raises(TrainingStopped, match=r"non-finite loss .* at step 3.*step_00000001"):
         rl.train(cfg, reward=reward)
@@ -195,7 +196,7 @@ def test_handoff_refuses_a_partial_sync(setup):
                                          "--epochs 0 / --max-steps 0: 0 optimizer steps to take")])
 def test_refuses_what_the_other_trainers_refuse(setup, tmp_path, extra, msg):
     """Issue 33 cases 6 and 7: a negative KL weight, or a run of 0 steps (the SFT policy exported as the RL
-    model), is refused by the trainers' shared checks (TrainConfig.check, loop.total_steps) before any
+    model), is refused by the trainers' shared checks (TrainConfig.check) before any
     model loads: nothing trained, nothing exported."""
     from selfreward.cli import ConfigError
     from selfreward.train import rl

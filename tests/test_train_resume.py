@@ -65,7 +65,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(setup):
     from selfreward.train import sft
-    from selfreward.train.loop import TrainingStopped
+    from selfreward.train.checkpointing import TrainingStopped
     d, model, data = setup
     out = d / "nan"
     with pytest.raises(TrainingStopped, match=r"weights exploded after step 1 .*last good checkpoint: none"):

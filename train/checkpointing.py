@@ -1,4 +1,5 @@
-"""Training checkpoints that resume exactly, and the final Hugging Face export.
+"""Training checkpoints that resume exactly, the rule that only good weights are kept, and the Hugging Face
+export.
 
 Layout under the run folder:
     checkpoints/step_00000010/   torch.distributed.checkpoint files (model + optimizer, sharded under
@@ -6,11 +7,14 @@ Layout under the run folder:
     checkpoints/latest           the name of the newest complete checkpoint
 A checkpoint is written into checkpoints/.tmp-step_N/ by every rank, then (after a barrier) rank 0 renames
 it into place and rewrites `latest` with os.replace; a crash at any moment leaves the previous checkpoint
-and pointer intact. Older checkpoints beyond `keep` are removed afterwards.
+and pointer intact. Older checkpoints beyond `keep` are removed afterwards. A non-finite step, or weights
+that are not finite or blew up, stop the run (TrainingStopped) before anything of them is saved, and the
+checkpoints of the weights that led there are dropped.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -24,12 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
+from selfreward.cli import Stopped
 from selfreward.model.checkpoint import save_model
 from selfreward.records import write_atomic
 from selfreward.train.parallel import Dist, barrier
-
-
-_write_text = write_atomic
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -62,12 +64,52 @@ def drop_checkpoints_from(run_dir: str | Path, step: int, d: Dist) -> Path | Non
                 shutil.rmtree(p, ignore_errors=True)
         left = complete_checkpoints(run_dir)
         if left:
-            _write_text(root / "latest", left[-1].name + "\n")
+            write_atomic(root / "latest", left[-1].name + "\n")
         elif (root / "latest").exists():
             (root / "latest").unlink()
     barrier(d)
     left = complete_checkpoints(run_dir)
     return left[-1] if left else None
+
+
+class TrainingStopped(Stopped):
+    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
+    is kept, and `latest` points at the newest one whose next step was still finite."""
+
+
+EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+
+
+def weight_scale(model, d: Dist) -> float:
+    """max |w| over every parameter of every rank (inf when any is not finite)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    m = torch.tensor([max((float(t.detach().abs().max()) for t in local if t.numel()), default=0.0)])
+    m = torch.where(torch.isnan(m), torch.tensor([float("inf")]), m)
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return float(m)
+
+
+def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: float) -> None:
+    """Before a checkpoint or export: every weight finite and not blown up (EXPLODED x the starting max
+    |w|), else stop: nothing is saved, and no checkpoint those weights came from is kept as good."""
+    scale = weight_scale(model, d)
+    if not math.isfinite(scale) or scale > EXPLODED * max(start_scale, 1.0):
+        good = drop_checkpoints_from(out, step, d)
+        raise TrainingStopped(f"[{name}] weights {'not finite' if not math.isfinite(scale) else 'exploded'} "
+                              f"after step {step} (max |w| {scale:.3g}, {start_scale:.3g} at the start): not "
+                              f"saved; last good checkpoint: {good if good else 'none (nothing good saved)'}")
+
+
+def check_step_finite(loss: float, gnorm: float, d: Dist, out: Path, step: int, name: str) -> None:
+    """Before applying step `step + 1`'s update: a non-finite loss or gradient norm stops training. The
+    weights after `step` updates gave it, so a checkpoint of them (step_<step>) is not good either."""
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        good = drop_checkpoints_from(out, step, d)
+        raise TrainingStopped(
+            f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying "
+            f"it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
 
 
 def _rng_state() -> dict:
@@ -119,7 +161,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     if d.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _write_text(root / "latest", name + "\n")
+        write_atomic(root / "latest", name + "\n")
         old = sorted(p for p in root.glob("step_*") if p.name != name)
         for p in old[:max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
@@ -145,10 +187,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
 
 
 def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Gather the full weights on rank 0 and write a Hugging Face folder (config, safetensors, tokenizer)."""
+                 dtype: torch.dtype | None = None, hf_config: dict | None = None) -> Path:
+    """Gather the full weights on rank 0 and write a Hugging Face folder (config, safetensors, tokenizer)
+    with model.checkpoint.save_model, the one writer (`hf_config`: the reward model's config fields)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype, hf_config=hf_config)
     barrier(d)
     return Path(out)

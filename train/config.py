@@ -1,11 +1,12 @@
-"""The settings both trainers share. The trainer dataclasses (SFTConfig, DPOConfig) extend TrainConfig and
-override the defaults; `parse_config` (the project's one flag generator, cli.py) turns them into flags.
+"""The settings the four trainers share. The trainer dataclasses (SFTConfig, DPOConfig, RMConfig, RLConfig)
+extend TrainConfig and override the defaults; cli.py (the project's one flag generator) turns them into flags.
+`check()` runs once, at the entry (train.loop.train), and nothing changes a config after it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selfreward.cli import ConfigError, parse_config, passive  # noqa: F401  (parse_config: the trainers' entry)
+from selfreward.cli import ConfigError, passive
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.data:
             raise ConfigError("--data is required")
+        if self.max_steps == 0 and self.epochs == 0:   # the untouched model would be exported as trained
+            raise ConfigError("--epochs 0 / --max-steps 0: 0 optimizer steps to take")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it over)")
         for name, lo in (("batch_size", 1), ("epochs", 0), ("max_steps", 0), ("max_length", 2), ("save_every", 0),

@@ -1,20 +1,5 @@
-"""Training data: JSONL readers with file:line errors, chat formatting, truncation, packing, pair batches.
-
-SFT records (one JSON object per line):
-    {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}  loss on assistant turns
-    {"prompt": str, "response": str}                                           same, as one user turn
-    {"text": str}                                                              BOS + text + EOS, loss on all
-DPO records:
-    {"prompt": str | "messages": [...], "chosen": str, "rejected": str}       (+ any extra fields)
-    optional "prompt_token_ids", "chosen_token_ids", "rejected_token_ids": the ids as sampled (recipes'
-    pairs.jsonl carries them); they are trained on as they are, not re-encoded from the text (decode then
-    encode is not the identity); the response ids get the turn's end token, as render_response adds it.
-
-Truncation rules (counted and logged by the trainers):
-- SFT: an example longer than max_length tokens keeps its first max_length tokens; one left with no
-  target token is dropped.
-- DPO: the prompt keeps BOS and its LAST max_prompt_length-1 tokens (the end of a conversation is what
-  the reply answers); then each response keeps its first max_length - len(prompt) tokens.
+"""Training data: JSONL readers with file:line errors, chat rendering, truncation, packing, pair batches, the
+batch order. The record formats and the truncation rules are train/README.md's "Data".
 """
 from __future__ import annotations
 
@@ -26,7 +11,7 @@ import torch
 
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.tokenizer import check_messages
-from selfreward.records import DataError, field, iter_jsonl  # noqa: F401  (DataError re-exported for callers)
+from selfreward.records import DataError, field, iter_jsonl
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
@@ -35,14 +20,6 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     if not out:
         raise DataError(f"{path}: no records")
     return out
-
-
-def _str_field(rec: dict, name: str, where: str) -> str:
-    return field(rec, name, where, str)
-
-
-def _messages(rec: dict, where: str) -> list[dict]:
-    return check_messages(rec["messages"], where)
 
 
 def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
@@ -59,16 +36,16 @@ class Example:
 
 def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Example:
     if "messages" in rec:
-        msgs = _with_system(_messages(rec, where), system)
+        msgs = _with_system(check_messages(rec["messages"], where), system)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
         ids, mask = tok.render_chat(msgs)
     elif "prompt" in rec or "response" in rec:
-        msgs = [{"role": "user", "content": _str_field(rec, "prompt", where)},
-                {"role": "assistant", "content": _str_field(rec, "response", where)}]
+        msgs = [{"role": "user", "content": field(rec, "prompt", where, str)},
+                {"role": "assistant", "content": field(rec, "response", where, str)}]
         ids, mask = tok.render_chat(_with_system(msgs, system))
     elif "text" in rec:
-        ids = [tok.bos_id] + tok.encode(_str_field(rec, "text", where)) + [tok.eos_id]
+        ids = [tok.bos_id] + tok.encode(field(rec, "text", where, str)) + [tok.eos_id]
         mask = [False] + [True] * (len(ids) - 1)
     else:
         raise DataError(f"{where}: needs field 'messages', 'prompt'+'response' or 'text'")
@@ -150,27 +127,23 @@ class Pair:
     rejected: list[int]
 
 
-def _response_ids(tok, text: str) -> list[int]:
-    """The reply as render_chat lays it after the generation prompt (content + end-of-turn token)."""
-    return tok.render_response(text)
-
-
 def dpo_pair(rec: dict, tok, where: str) -> Pair:
     if "messages" in rec:
-        msgs = _messages(rec, where)
+        msgs = check_messages(rec["messages"], where)
         if msgs[-1]["role"] == "assistant":
             raise DataError(f"{where}: field 'messages' must end with a user turn (the reply is chosen/rejected)")
     elif "prompt" in rec:
-        msgs = [{"role": "user", "content": _str_field(rec, "prompt", where)}]
+        msgs = [{"role": "user", "content": field(rec, "prompt", where, str)}]
     else:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
     if "prompt_token_ids" in rec:
         prompt = _ids_field(rec, "prompt_token_ids", where, tok)
     else:
         prompt, _ = tok.render_chat(msgs, add_generation_prompt=True)
-    end = _response_ids(tok, "")            # the end-of-turn token(s) after a reply's content
+    # a reply is laid as render_chat lays it after the generation prompt: content + the end-of-turn token(s)
+    end = tok.render_response("")
     resp = [_ids_field(rec, f"{k}_token_ids", where, tok) + end if f"{k}_token_ids" in rec
-            else _response_ids(tok, _str_field(rec, k, where)) for k in ("chosen", "rejected")]
+            else tok.render_response(field(rec, k, where, str)) for k in ("chosen", "rejected")]
     return Pair(list(prompt), resp[0], resp[1])
 
 

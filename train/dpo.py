@@ -3,11 +3,10 @@
     torchrun --nproc_per_node 8 train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --beta 0.1
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
-The reference is the starting checkpoint, frozen and in eval mode (no dropout). --ref-mode cache (default)
-computes every pair's reference log-probs once, before training, with the starting weights and stores them
-in --ref-cache-dir keyed by a hash of the tokenized data and of those weights: no reference model is held
-during training. --ref-mode online keeps a frozen reference and scores each batch in a no-grad pass.
-Per step metrics.jsonl holds loss, rewards (chosen, rejected), margin, accuracy, log-probs, lengths.
+The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
+before training, into --ref-cache-dir (keyed by hashes of the tokenized data and the weights), so no
+reference model is held; --ref-mode online scores each batch with a frozen copy. metrics.jsonl: loss,
+rewards (chosen, rejected), margin, accuracy, log-probs, lengths per step.
 """
 from __future__ import annotations
 
@@ -18,16 +17,16 @@ from pathlib import Path
 import torch
 
 import selfreward.kernels.ops as K
-from selfreward.cli import passive
+from selfreward.cli import ConfigError, passive
 from selfreward.model.checkpoint import load_model
-from selfreward.train.config import ConfigError, TrainConfig, parse_config
+from selfreward.train import loop
+from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.dpo_head import pair_head_loss
-from selfreward.train.loop import cli, load_policy, run, start
+from selfreward.train.loop import cli, load_policy
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
 from selfreward.train.losses import resolve_loss_settings
-from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, parallelize, reshard
-from selfreward.train.runfolder import guarded
+from selfreward.train.parallel import Dist, all_reduce_sum, parallelize, reshard
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -50,23 +49,46 @@ class DPOConfig(TrainConfig):
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
+    def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
+        try:
+            self.beta, self.label_smoothing, self.simpo_gamma = self._loss_settings()
+        except ValueError:
+            pass                # refused by check(), with the message
+
+    def _loss_settings(self) -> tuple[float, float, float]:
+        return resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
             raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
-        try:   # the unset (-1) settings take the loss's paper defaults; flags a loss does not use are refused
-            self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
-                self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+        try:   # flags a loss does not use are refused
+            self._loss_settings()
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
 
-class DPOTask:
-    def __init__(self, cfg: DPOConfig, pairs: list[Pair], ref_table: torch.Tensor | None, ref_model=None):
-        self.cfg, self.pairs, self.ref_table, self.ref_model = cfg, pairs, ref_table, ref_model
+class DPOTask(loop.Task):
+    """The pairs, the policy, and the reference: a cached table of log-probs, or a frozen model (online)."""
+
+    def __init__(self, cfg: DPOConfig, d: Dist, tok):
+        self.cfg = cfg
+        mpl = cfg.max_prompt_length or cfg.max_length // 2
+        self.pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
+        if d.is_main:
+            print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
+                  f"tokens): {counts['truncated']}")
+        self.counts, self.num_examples = {"truncated": counts["truncated"]}, len(self.pairs)
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
-        self.num_examples = len(pairs)
-        self.fused_head = cfg.fused_head
+        self.model = model = load_policy(cfg)
+        cache = self.lcfg.needs_reference and cfg.ref_mode == "cache"
+        key = weights_hash(model.state_dict()) if cache else ""
+        parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
+        self.ref_table = reference_table(cfg, model, self.pairs, key, d) if cache else None
+        self.ref_model = None
+        if self.lcfg.needs_reference and not cache:
+            self.ref_model = load_model(cfg.model).eval().requires_grad_(False)   # dropout 0, eval: deterministic
+            parallelize(self.ref_model, d, False, cfg.mixed_precision)
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
@@ -81,7 +103,7 @@ class DPOTask:
         elif self.ref_model is not None:
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)
-        if self.fused_head and not K.use_triton(model.lm_head_weight):
+        if self.cfg.fused_head and not K.use_triton(model.lm_head_weight):
             # ONE forward; the LM head's forward and backward in one pass per group of pairs (train/dpo_head.py)
             fn = lambda lp, sub: dpo_loss(lp, None if ref is None else ref[sub], b.resp_len[sub], self.lcfg)
             loss_sum, pol, loss, rc, rr = pair_head_loss(model, b, fn)
@@ -96,8 +118,7 @@ class DPOTask:
         return loss_sum, st
 
     def summarize(self, s: dict, norm: float) -> dict:
-        out = {("loss" if k == "loss_sum" else k): s[k] / norm for k in STATS}
-        return out
+        return {("loss" if k == "loss_sum" else k): s[k] / norm for k in STATS}
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
@@ -129,36 +150,12 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_config(DPOConfig, argv, __doc__))
+    return loop.main(DPOConfig, train, argv, __doc__)
 
 
-@guarded("dpo")
 def train(cfg: DPOConfig) -> dict:
     """One DPO run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    cfg.check()
-    d, tok, tok_dir = start(cfg)
-    mpl = cfg.max_prompt_length or cfg.max_length // 2
-    pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
-    if d.is_main:
-        print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
-              f"tokens): {counts['truncated']}")
-    model = load_policy(cfg)
-    needs_ref = DPOLossConfig(cfg.loss).needs_reference
-    key = weights_hash(model.state_dict()) if needs_ref and cfg.ref_mode == "cache" else ""
-    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
-    table, ref_model = None, None
-    if needs_ref and cfg.ref_mode == "cache":
-        table = reference_table(cfg, model, pairs, key, d)
-    elif needs_ref:
-        ref_model = load_model(cfg.model).eval().requires_grad_(False)   # dropout 0 and eval: deterministic
-        parallelize(ref_model, d, False, cfg.mixed_precision)
-    task = DPOTask(cfg, pairs, table, ref_model)
-    try:
-        last = run(cfg, task, model, d, tok_dir, "dpo")
-        return dict(last, truncated=counts["truncated"])
-    finally:
-        del task, model, ref_model   # FSDP state freed while the process group is alive (see cleanup)
-        cleanup(d)
+    return loop.train(cfg, "dpo", DPOTask)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,11 @@
 """Losses: SFT cross-entropy and the DPO family, all on kernels.linear_logprobs (no [tokens, vocab] logits).
 
-The fused DPO pass: the chosen and rejected sequences of a batch go through the policy in ONE forward over
-a flat token axis (train.data.PairBatch); per-token log-probs come from the chunked fused linear log-prob
-and are summed per sequence. The reference log-probs come from a no-grad pass over the same batch or from
-the on-disk cache (ReferenceCache), in which case no reference model is held at all.
-
-`naive_sequence_logps` is the plain twin (padded batches, full logits, log_softmax, separate passes) that
-the tests and benchmarks/bench_dpo.py hold the fused path against.
-
-DPO variants, with z = (pi_c - ref_c) - (pi_r - ref_r) on summed response log-probs:
-    sigmoid  -logsigmoid(beta z)                                             (Rafailov et al. 2023)
-    ipo      (z' - 1/(2 beta))^2, z' = (pi_c - ref_c)/|c| - (pi_r - ref_r)/|r|   (Azar et al. 2023; per-token
-             log-ratios, as TRL does, so the squared loss does not grow with response length)
-    cdpo     -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)           conservative DPO: label smoothing
-             (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's sigmoid with label_smoothing)
-    robust   (-(1-eps) logsigmoid(beta z) + eps logsigmoid(-beta z)) / (1 - 2 eps)      rDPO (Chowdhury et al.
-             2024, "Provably Robust DPO"; TRL's "robust"): an unbiased estimate of the clean loss when each
-             label is flipped with probability eps, (1-eps) L(z) + eps L(-z) = -logsigmoid(beta z)
-    simpo    -logsigmoid(beta (pi_c/|c| - pi_r/|r|) - gamma)                 reference-free, length-normalised
-Rewards logged: beta (pi - ref) for the first four, beta pi/|y| for simpo.
-With nll_alpha > 0 every variant adds alpha * (-pi_c / |c|), the chosen reply's per-token NLL (RPO, Pang et
-al. 2024): DPO alone can lower the chosen replies' likelihood along with the rejected ones'.
+The fused DPO pass: the chosen and rejected sequences of a batch go through the policy in ONE forward over a
+flat token axis (train.data.PairBatch), the per-token log-probs summed per sequence; the reference log-probs
+come from a no-grad pass over the same batch or from the on-disk cache (ReferenceCache). The variants
+(sigmoid, ipo, cdpo, robust, simpo; + nll_alpha, RPO) and their papers: train/README.md, "The DPO step".
+`naive_sequence_logps` is the plain twin (padded batches, full logits) the tests and benchmarks hold the
+fused path against.
 """
 from __future__ import annotations
 
@@ -48,10 +33,9 @@ DEFAULT_LABEL_SMOOTHING = 0.1
 
 def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
                           simpo_gamma: float | None) -> tuple[float, float, float]:
-    """The trainer's flags -> (beta, eps, gamma). None means "not set": the loss's default (beta 0.1, or
-    2.0 for simpo; gamma = 0.5 x beta; eps 0.1); a negative value given is refused (ValueError), as are a
-    label smoothing above 0 for a loss that has none and a gamma above 0 for a loss other than simpo.
-    The result maps to itself, so resolving twice changes nothing."""
+    """The trainer's flags -> (beta, eps, gamma); None = the loss's default (beta 0.1, or 2.0 for simpo; gamma
+    0.5 x beta; eps 0.1). Refused (ValueError): a negative value, a label smoothing above 0 for a loss that has
+    none, a gamma above 0 for a loss other than simpo. The result maps to itself."""
     if loss not in LOSS_TYPES:
         raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_TYPES)}")
     for flag, v in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--simpo-gamma", simpo_gamma)):

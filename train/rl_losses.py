@@ -1,18 +1,12 @@
 """The policy-gradient estimators of train/rl.py and the per-token KL, on a flat batch of rollouts.
 
-A batch holds B sampled responses; its M response tokens lie end to end (`seq` [M] names each token's
-response, responses contiguous and in order). Per token t of response i:
-    logp[t]   log pi(y_t | x, y_<t) under the policy, at the sampling temperature (carries the gradient)
-    ref[t]    the same under the frozen SFT policy
-    kl[t]     logp - ref, detached: the k1 estimate of KL(pi || pi_ref) at the sampled token
-    G[t]      R_i - beta * sum_{s >= t in i} kl[s]: the return to go when the KL penalty is paid per token
-              and the reward R_i at the response's end (no discount), as in Ziegler et al. 2019 / RLAIF
-REINFORCE with a learned value baseline ("reinforce"): A[t] = G[t] - V[t] with V the value head's
-estimate at the state before y_t (detached in A); loss = -sum_t logp[t] A[t] + 0.5 sum_t (V[t] - G[t])^2.
-RLOO ("rloo"): one advantage per response, A_i = R'_i - mean of R'_j over the other responses of its
-prompt, with R'_i = R_i - beta sum_t kl[t]; loss = -sum_i A_i sum_{t in i} logp[t]; the value head is
-still fitted (the same regression) but unused.
-Everything returned is a SUM over the batch; the trainer divides by the responses of the global batch.
+B responses, their M tokens end to end (`seq` [M] names each token's response; responses contiguous, in
+order). logp [M]: the policy's log-probs at the sampling temperature (with grad); ref [M]: the frozen SFT
+policy's; kl = logp - ref (detached, k1); G[t] = R - beta * sum_{s >= t} kl[s], the return to go with the
+KL paid per token and the reward at the end. REINFORCE: A = G - V (the value head's baseline, detached);
+RLOO: one advantage per response, its penalised reward minus the mean of its prompt's others'. Both fit the
+value head by 0.5 sum (V - G)^2. Everything returned is a SUM over the batch (the trainer divides by the
+global batch's responses). The formulas and their papers: train/README.md, "Online RL".
 """
 from __future__ import annotations
 

@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from selfreward.cli import passive
-from selfreward.model.config import ModelConfig
-from selfreward.model.reward_model import load_reward_model, packed_rewards, save_reward_model
+from selfreward.model.reward_model import load_reward_model, packed_rewards, seq_cls_config
 from selfreward.records import DataError
-from selfreward.train.config import TrainConfig, parse_config
+from selfreward.train import loop
+from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, dpo_pair, read_jsonl, split_held_out, truncate_pair
-from selfreward.train.loop import cli, held_out_sums, run, start
-from selfreward.train.parallel import Dist, cleanup, parallelize
-from selfreward.train.runfolder import guarded
+from selfreward.train.loop import cli, held_out_sums, load_policy
+from selfreward.train.parallel import Dist, parallelize
 
 
 @dataclass
@@ -98,12 +97,25 @@ def soft_bt_loss(r1: torch.Tensor, r2: torch.Tensor, p1: torch.Tensor) -> torch.
     return -(p1 * F.logsigmoid(d) + (1 - p1) * F.logsigmoid(-d))
 
 
-class RMTask:
-    def __init__(self, cfg: RMConfig, train: list[LabeledPair], held_out: list[LabeledPair], pad_id: int,
-                 d: Dist, tokenizer_dir: str):
-        self.cfg, self.train, self.held_out, self.pad_id, self.d = cfg, train, held_out, pad_id, d
-        self.tokenizer_dir = tokenizer_dir
-        self.num_examples = len(train)
+class RMTask(loop.Task):
+    """The labelled pairs (held-out part included) and the reward model; exported as sequence classification."""
+
+    def __init__(self, cfg: RMConfig, d: Dist, tok):
+        self.d, self.pad_id = d, tok.pad_id
+        mpl = cfg.max_prompt_length or cfg.max_length // 2
+        self.train, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl, cfg.hard_labels)
+        self.held_out: list[LabeledPair] = []
+        if cfg.eval_data:
+            self.held_out, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl, cfg.hard_labels)
+        elif cfg.eval_fraction > 0:
+            self.train, self.held_out = split_held_out(self.train, cfg.eval_fraction, cfg.seed)
+        if d.is_main:
+            print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
+                  f"{counts['truncated']}; held out: {len(self.held_out)}")
+        self.num_examples = len(self.train)
+        self.model = parallelize(load_policy(cfg, load_reward_model, seed=cfg.head_seed), d,
+                                 cfg.activation_checkpointing, cfg.mixed_precision)
+        self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
@@ -126,53 +138,21 @@ class RMTask:
         return {"loss": s["loss_sum"] / norm, "accuracy": s["agree"] / max(1.0, s["decided"]),
                 "margin": s["margin"] / max(1.0, s["pairs"])}
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, micro: int) -> dict:
         """Held-out loss and accuracy."""
         if not self.held_out:
             return {}
-        m = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
-        tot = held_out_sums(model, self.held_out, self.d, m, lambda mod, prs: self._sums(mod, prs)[:3])
+        tot = held_out_sums(model, self.held_out, self.d, micro, lambda mod, prs: self._sums(mod, prs)[:3])
         return {"eval_loss": float(tot[0]) / len(self.held_out), "eval_accuracy": float(tot[1] / max(1.0, tot[2]))}
-
-    def export(self, model, out, d: Dist) -> None:
-        """The loop's final export: gather the full weights, write the sequence-classification folder."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from selfreward.train.parallel import barrier
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if d.is_main:
-            save_reward_model(sd, model.cfg, out, self.pad_id, tokenizer_dir=self.tokenizer_dir)
-        barrier(d)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_config(RMConfig, argv, __doc__))
+    return loop.main(RMConfig, train, argv, __doc__)
 
 
-@guarded("rm")
 def train(cfg: RMConfig) -> dict:
     """One reward-model run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    cfg.check()
-    d, tok, tok_dir = start(cfg)
-    mpl = cfg.max_prompt_length or cfg.max_length // 2
-    data, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl, cfg.hard_labels)
-    held: list[LabeledPair] = []
-    if cfg.eval_data:
-        held, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl, cfg.hard_labels)
-    elif cfg.eval_fraction > 0:
-        data, held = split_held_out(data, cfg.eval_fraction, cfg.seed)
-    if d.is_main:
-        print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
-              f"{counts['truncated']}; held out: {len(held)}")
-    mcfg = ModelConfig.from_json(cfg.model)
-    mcfg.dropout = cfg.dropout
-    model = load_reward_model(cfg.model, cfg=mcfg, seed=cfg.head_seed)
-    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
-    task = RMTask(cfg, data, held, tok.pad_id, d, tok_dir)
-    try:
-        return run(cfg, task, model, d, tok_dir, "rm")
-    finally:
-        del task, model   # FSDP state freed while the process group is alive (see cleanup)
-        cleanup(d)
+    return loop.train(cfg, "rm", RMTask)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,10 @@
-"""Online RL's side of the engine: the weight hand-off, sampling a step's rollouts, scoring them, and the
-flat batch the policy, the reference and the value head read.
+"""Online RL's side of the engine: train/'s one seam into infer/. The RL sampler is built, fed the trainer's
+weights and asked for rollouts and greedy probes here and nowhere else in train/ (rl.py takes the engine's
+config type from here too); the rest is the flat batch the policy, the reference and the value head read.
 
-train/rl.py is where training meets inference: it is the one trainer that drives the engine (infer/), and
-this file holds everything it needs from it, so the rest of train/ stays free of infer/.
-
-Weight hand-off (`sync_weights`): the engine has its own model (the engine's device and dtype, eval mode);
-before each step the trainer's current parameters are copied into it, parameter by parameter, with
-`Engine.load_weights`: under FSDP2 every rank all-gathers one parameter at a time
-(`full_tensor()`) and keeps it (the engine here is a full replica per rank, TP 1), so the peak extra memory
-is one full parameter; single-process the copy is a plain `copy_`. Every engine parameter must be written
-(a name the trainer lacks is an error, not a silent no-op) and the prefix cache is emptied, since its KV
-blocks were computed with the old weights. No disk.
+Weight hand-off (`sync_weights`, no disk): every trainer parameter but the value head is copied into the
+engine's own model with `Engine.load_weights` (under FSDP2 one all-gathered parameter at a time);
+every engine parameter must be written, and the prefix cache (KV of the old weights) is emptied.
 """
 from __future__ import annotations
 
@@ -20,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 import selfreward.kernels.ops as K
+from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer.sequence import SamplingParams
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.llama import AttnContext
 
@@ -37,6 +33,11 @@ class Rollout:
     reward: float = 0.0
 
 
+def build_engine(model_dir: str, cfg: EngineConfig):
+    """The sampler: infer's one factory, on the engine's own device and dtype (--engine-device, -dtype)."""
+    return load_engine(model_dir, cfg)
+
+
 def sync_weights(engine, model) -> float:
     """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
@@ -50,7 +51,6 @@ def prompt_ids(tok, text: str) -> list[int]:
 def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
            seeds: list[int]) -> tuple[list[Rollout], float]:
     """n responses per prompt; prompt k's samples use seeds[k], seeds[k] + 1, ... -> (rollouts, seconds)."""
-    from selfreward.infer.sequence import SamplingParams
     t0 = time.perf_counter()
     ids = [prompt_ids(tok, p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for s in seeds]
@@ -58,6 +58,12 @@ def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: f
     rolls = [Rollout(p, i, list(c.token_ids), c.text, k, c.finish_reason)
              for k, (p, i, group) in enumerate(zip(prompts, ids, outs)) for c in group]
     return rolls, time.perf_counter() - t0
+
+
+def greedy(engine, prompts: list[list[int]], max_tokens: int) -> list:
+    """Greedy replies with the log-prob of each token (rl.py's probes of what the sampler holds)."""
+    return [o[0] for o in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                    logprobs=True))]
 
 
 @dataclass

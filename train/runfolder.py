@@ -1,18 +1,15 @@
 """The trainers' run folder: claimed before any work (selfreward.provenance), so a run never silently mixes
 with, truncates or replaces another.
 
-- OUTPUT holds a run already (checkpoints/, metrics.jsonl or run.json) and neither --resume nor --overwrite
-  is given: refused (today's run would cut metrics.jsonl and move `latest` back).
-- --resume: OUTPUT/run.json must record the same model, data and settings that shape training (a resume
-  with other data, lr or batch size is not a resume); --overwrite starts over (removes the old run first).
-- a second trainer writing the same OUTPUT fails at once on OUTPUT/.lock.
-- --output or --export equal to --model (or --tokenizer) is refused: a run never writes over its input.
-- the export folder must be writable before the first step, not after the last.
+- an OUTPUT holding a run (checkpoints/, metrics.jsonl) needs --resume (OUTPUT/run.json must record the same
+  model, data and settings that shape training) or --overwrite (the old run is removed first);
+- a second trainer writing the same OUTPUT fails at once on OUTPUT/.lock;
+- --output or --export equal to --model (or --tokenizer), or an export folder that cannot be written, is
+  refused before the first step.
 Under torchrun rank 0 claims the folder (the other ranks write only after collectives rank 0 joins).
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -66,15 +63,3 @@ def claim_run(cfg, name: str):
     with claim(out, made_by(cfg), overwrite=cfg.overwrite, folder=True,
                clear=lambda: _clear(out, export)):
         yield
-
-
-def guarded(name: str):
-    """Decorator for a trainer's `train(cfg)`: check the config, then claim the run folder around it."""
-    def deco(train):
-        @functools.wraps(train)
-        def wrapper(cfg):
-            cfg.check()
-            with claim_run(cfg, name):
-                return train(cfg)
-        return wrapper
-    return deco

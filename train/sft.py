@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from selfreward.cli import passive
-from selfreward.train.config import ConfigError, TrainConfig, parse_config
+from selfreward.cli import ConfigError, passive
+from selfreward.train import loop
+from selfreward.train.config import TrainConfig
 from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_held_out
-from selfreward.train.loop import cli, held_out_sums, load_policy, run, start
+from selfreward.train.loop import cli, held_out_sums, load_policy
 from selfreward.train.losses import sft_logp_sum
-from selfreward.train.parallel import Dist, cleanup, parallelize
-from selfreward.train.runfolder import guarded
+from selfreward.train.parallel import parallelize
 
 
 @dataclass
@@ -33,10 +33,24 @@ class SFTConfig(TrainConfig):
     system_prompt: list[str] = field(default_factory=list)  # FILE=TEXT: system turn for that data file
 
 
-class SFTTask:
-    def __init__(self, cfg: SFTConfig, train: list[Example], held_out: list[Example], pad_id: int, d: Dist):
-        self.cfg, self.train, self.held_out, self.pad_id, self.d = cfg, train, held_out, pad_id, d
-        self.num_examples = len(train)
+class SFTTask(loop.Task):
+    """The SFT data (held-out part included) and the policy; the loss is -(target log-probs) / targets."""
+
+    def __init__(self, cfg: SFTConfig, d, tok):
+        self.cfg, self.d, self.pad_id = cfg, d, tok.pad_id
+        systems = _systems(cfg)
+        self.train, counts = load_sft(cfg.data, tok, cfg.max_length, systems)
+        self.held_out: list[Example] = []
+        if cfg.eval_data:
+            self.held_out, _ = load_sft(cfg.eval_data, tok, cfg.max_length, systems)
+        elif cfg.eval_fraction > 0:
+            self.train, self.held_out = split_held_out(self.train, cfg.eval_fraction, cfg.seed)
+        if d.is_main:
+            print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
+                  f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
+        self.counts = {"truncated": counts["truncated"], "dropped": counts["dropped"]}
+        self.num_examples = len(self.train)
+        self.model = parallelize(load_policy(cfg), d, cfg.activation_checkpointing, cfg.mixed_precision)
 
     def norm(self, batch: list[int]) -> float:
         return float(max(1, sum(n_targets(self.train[i]) for i in batch)))
@@ -53,12 +67,11 @@ class SFTTask:
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, micro: int) -> dict:
         """Mean token cross-entropy on the held-out set (eval mode)."""
         if not self.held_out:
             return {}
-        m = self.cfg.micro_batch_size or max(1, self.cfg.batch_size // self.d.world)
-        tot = held_out_sums(model, self.held_out, self.d, m, lambda mod, exs: self._sums(mod, exs)[:2])
+        tot = held_out_sums(model, self.held_out, self.d, micro, lambda mod, exs: self._sums(mod, exs)[:2])
         return {"eval_loss": float(tot[0] / tot[1])}
 
 
@@ -73,33 +86,12 @@ def _systems(cfg: SFTConfig) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_config(SFTConfig, argv, __doc__))
+    return loop.main(SFTConfig, train, argv, __doc__)
 
 
-@guarded("sft")
 def train(cfg: SFTConfig) -> dict:
     """One SFT run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    cfg.check()
-    d, tok, tok_dir = start(cfg)
-    systems = _systems(cfg)
-    data, counts = load_sft(cfg.data, tok, cfg.max_length, systems)
-    held: list[Example] = []
-    if cfg.eval_data:
-        held, _ = load_sft(cfg.eval_data, tok, cfg.max_length, systems)
-    elif cfg.eval_fraction > 0:
-        data, held = split_held_out(data, cfg.eval_fraction, cfg.seed)
-    if d.is_main:
-        print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
-              f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(held)}")
-    model = load_policy(cfg)
-    parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
-    task = SFTTask(cfg, data, held, tok.pad_id, d)
-    try:
-        last = run(cfg, task, model, d, tok_dir, "sft")
-        return dict(last, truncated=counts["truncated"], dropped=counts["dropped"])
-    finally:
-        del task, model   # FSDP state, and any collective work it holds, freed while the group is alive
-        cleanup(d)
+    return loop.train(cfg, "sft", SFTTask)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,17 @@ def check(prompt: str, response: str) -> float | None:
     if task is None:
         return None
     return 1.0 if is_correct(task, response) else 0.0
+
+
+def reward(path=None, template=None, device=None, dtype=None):
+    """`--reward checker` (train/rl.py's REWARDS): a reward function (prompts, responses) -> 1.0 right, 0.0
+    wrong; a prompt that is no world task is an error. Takes no model: the factory's arguments are unused."""
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        out = [check(p, r) for p, r in zip(prompts, responses)]
+        bad = next((i for i, v in enumerate(out) if v is None), None)
+        if bad is not None:
+            raise ValueError(f"prompt {bad} is not one of the world's tasks: {prompts[bad][:60]!r}")
+        return out
+    return score

@@ -236,7 +236,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
 def rm_stage(run_dir: Path, m1: Path, pairs: list[dict], cfg: RLAIFWorldConfig) -> dict:
     """train/rm.py on the labels of the training prompts; the RM's pairwise accuracy on the held-out ones."""
     from selfreward.records import read_jsonl, write_jsonl
-    from selfreward.recipes.reward import RMReward
+    from selfreward.model.reward_model import RMReward
     from selfreward.cli import launch
     from selfreward.train.rm import RMConfig, train as train_rm
     labels = read_jsonl(run_dir / f"labels_{cfg.rm_labels}.jsonl")
