@@ -68,16 +68,28 @@ def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | No
     return dests
 
 
-# field metadata: the setting does not change what a run makes (where it writes, how often it logs or saves,
-# batching, threads), so a rerun or --resume may change it; every other field shapes the run's data
-PASSIVE = {"shapes": False}
+# Field metadata, declared where the field is (provenance.made_by and cli.shaping read it): PASSIVE, the setting
+# does not change what a run makes (where it writes, how often it logs or saves, batching, threads), so a rerun
+# or --resume may change it; MODEL / FILE, a checkpoint folder / an input file (or a list), which shapes the
+# data by its content, not its path. Every other field shapes the data as it is.
+PASSIVE, MODEL, FILE = {"shapes": False}, {"shapes": "model"}, {"shapes": "file"}
 
 
-def passive(default):
-    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE."""
+def passive(default, metadata: dict = PASSIVE):
+    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or `metadata`: MODEL, FILE)."""
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=PASSIVE)
-    return dataclasses.field(default=default, metadata=PASSIVE)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def checkpoint(default=""):
+    """A checkpoint folder field (or a list of them): it shapes the data by content (MODEL)."""
+    return passive(default, MODEL)
+
+
+def input_file(default=""):
+    """An input file field (or a list of them): it shapes the data by content (FILE)."""
+    return passive(default, FILE)
 
 
 def shaping(cls, d: dict) -> dict:

@@ -18,6 +18,7 @@ MiB of data (a retrained or replaced checkpoint changes all of those).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -69,6 +70,29 @@ def model_fingerprint(path: str | Path) -> str:
 def inputs_hash(paths: Iterable[str | Path]) -> list[str]:
     """The hashes of the files, in order (not keyed by path: the same data under another path is the same)."""
     return [file_hash(p) if Path(p).is_file() else "" for p in paths]
+
+
+def made_by(cfg) -> dict:
+    """What made an output, read from the config's field declarations (cli.PASSIVE, MODEL, FILE): every field
+    that shapes the data, a checkpoint by content as NAME_fingerprint (a list of them: NAME, their fingerprints),
+    an input file as NAME_hash (a list: NAME_hashes), nested configs alike; passive fields, callables left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), f.metadata.get("shapes", True)
+        if kind is False or (callable(v) and not dataclasses.is_dataclass(v)):
+            continue
+        many = isinstance(v, (list, tuple))
+        if dataclasses.is_dataclass(v):
+            out[f.name] = made_by(v)
+        elif kind == "model" and many:
+            out[f.name] = [model_fingerprint(x) for x in v]
+        elif kind == "model":
+            out[f"{f.name}_fingerprint"] = model_fingerprint(v) if v else ""
+        elif kind == "file":
+            out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = inputs_hash(v) if many else file_hash(v) if v else ""
+        else:
+            out[f.name] = list(v) if many else v
+    return out
 
 
 def meta_path(out: str | Path, folder: bool = False) -> Path:

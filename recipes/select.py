@@ -19,7 +19,6 @@ departs from the last checkpoint when an earlier one does strictly better.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import _atomic_dir_write
-from selfreward.provenance import claim, file_hash, model_fingerprint, same_file
+from selfreward.provenance import claim, made_by, same_file
 from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
 from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template
 from selfreward.recipes.session import Session
@@ -36,14 +35,14 @@ from selfreward.recipes.session import Session
 
 @dataclass
 class SelectConfig:
-    candidates: list[str] = field(default_factory=list)   # checkpoint folders, in training order
-    reference: str = ""               # M_t, the iteration's starting model
-    judge: str = ""                   # the judging checkpoint; "" = the reference (as the self-judging loop)
-    prompts: str = ""                 # held-out JSONL with a 'prompt' field
-    out: str = ""                     # folder that receives a copy of the chosen checkpoint ("" = none)
-    report: str = ""                  # JSON file for the choice and every candidate's scores ("" = none)
+    candidates: list[str] = cli.checkpoint([])   # checkpoint folders, in training order
+    reference: str = cli.checkpoint("")               # M_t, the iteration's starting model
+    judge: str = cli.checkpoint("")                   # the judging checkpoint; "" = the reference (as the self-judging loop)
+    prompts: str = cli.input_file("")                 # held-out JSONL with a 'prompt' field
+    out: str = cli.passive("")                     # folder that receives a copy of the chosen checkpoint ("" = none)
+    report: str = cli.passive("")                  # JSON file for the choice and every candidate's scores ("" = none)
     limit: int = 0                    # only the first N prompts (0 = all)
-    pair_template: str = ""           # pairwise judge template file; "" = recipes.h2h's own
+    pair_template: str = cli.input_file("")           # pairwise judge template file; "" = recipes.h2h's own
     temperature: float = 0.0          # the responses: greedy by default, as recipes.evaluate h2h
     top_p: float = 1.0
     judge_temperature: float = 0.0
@@ -147,15 +146,6 @@ def check_outputs(cfg: SelectConfig) -> None:
                 raise cli.ConfigError(f"{oflag} {o}: is {iflag} {i} or holds it; refusing to write over an input")
 
 
-def made_by(cfg: SelectConfig) -> dict:
-    """What decides the choice: every model by content, the prompts, the template and the settings."""
-    return {"candidates": [model_fingerprint(c) for c in cfg.candidates], "reference": model_fingerprint(cfg.reference),
-            "judge": model_fingerprint(cfg.judge or cfg.reference), "prompts_hash": file_hash(cfg.prompts),
-            "template": hashlib.sha256(cfg.template().encode()).hexdigest()[:16], "dtype": cfg.engine.dtype,
-            **{k: getattr(cfg, k) for k in ("limit", "temperature", "top_p", "judge_temperature", "max_tokens",
-                                            "seed")}}
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(SelectConfig, __doc__)
     p.add_argument("--overwrite", action="store_true", help="replace an --out or --report that select did not "
@@ -171,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)]
     prompts = prompts[:cfg.limit] if cfg.limit > 0 else prompts
     check_models(cfg.candidates, cfg.reference, cfg.judge or cfg.reference)
-    made = made_by(cfg)
+    made = made_by(cfg)          # every model, the prompts and the template by content; the settings
     inputs = [x for x in (cfg.reference, cfg.judge, cfg.prompts, cfg.pair_template, *cfg.candidates) if x]
     with ExitStack() as claimed:   # each output locked, checked and recorded (OUT.meta.json) before the work
         for out in filter(None, (cfg.out, cfg.report)):

@@ -4,18 +4,18 @@ extend TrainConfig and override the defaults; cli.py (the project's one flag gen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from selfreward.cli import ConfigError, passive
+from selfreward.cli import ConfigError, checkpoint, input_file, passive
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""                   # HF checkpoint folder to start from (also the DPO reference)
-    data: list[str] = field(default_factory=list)  # JSONL file(s)
+    model: str = checkpoint("")                   # HF checkpoint folder to start from (also the DPO reference)
+    data: list[str] = input_file([])  # JSONL file(s)
     output: str = passive("")                  # run folder: metrics.jsonl, checkpoints/, model/
     export: str = passive("")                  # final HF export folder (default: OUTPUT/model)
-    tokenizer: str = ""               # tokenizer folder (default: --model)
+    tokenizer: str = checkpoint("")               # tokenizer folder (default: --model)
     max_steps: int = 0                # optimizer steps; 0 = epochs x (examples // batch_size)
     epochs: int = 1
     batch_size: int = 16              # GLOBAL batch in examples = micro x accumulation x world size

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from selfreward.cli import ConfigError, passive
+from selfreward.cli import ConfigError, checkpoint, passive
 from selfreward.model.checkpoint import load_model
 from selfreward.records import DataError, field as rec_field
 from selfreward.train import loop
@@ -70,7 +70,7 @@ class RLConfig(TrainConfig):
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default
     reward: str = "rm"                # rm | direct | judge | checker | module:function (REWARDS in train/rl.py)
-    reward_model: str = ""            # RM folder (rm) or labeller (direct, judge; default --model, the SFT policy)
+    reward_model: str = checkpoint("")            # RM folder (rm) or labeller (direct, judge; default --model, the SFT policy)
     reward_template: str = ""         # direct: ScoreTemplate JSON; judge: rubric file or built-in name
     estimator: str = "reinforce"      # reinforce (value baseline) | rloo (leave-one-out over --num-samples)
     num_samples: int = 1              # responses per prompt (rloo: >= 2)

@@ -18,12 +18,12 @@ sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from selfreward.cli import passive
+from selfreward.cli import input_file, passive
 from selfreward.model.reward_model import load_reward_model, packed_rewards, seq_cls_config
 from selfreward.records import DataError
 from selfreward.train import loop
@@ -39,7 +39,7 @@ class RMConfig(TrainConfig):
     final_lr: float = 1e-6
     batch_size: int = 128
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
-    eval_data: list[str] = field(default_factory=list)  # held-out label JSONL; or use --eval-fraction
+    eval_data: list[str] = input_file([])  # held-out label JSONL; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
     eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     head_seed: int = 0                # seed of the fresh score head (when --model is a causal LM)

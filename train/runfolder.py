@@ -16,19 +16,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from selfreward.cli import shaping, to_dict
-from selfreward.provenance import check_not_input, claim, inputs_hash, model_fingerprint
+from selfreward.provenance import check_not_input, claim, made_by
 from selfreward.records import DataError
-
-def made_by(cfg) -> dict:
-    """The settings that shape training, with the model, tokenizer and data by content, not by path."""
-    d = {k: v for k, v in shaping(type(cfg), to_dict(cfg)).items() if k not in ("model", "tokenizer", "data", "eval_data")}
-    d["model_fingerprint"] = model_fingerprint(cfg.model)
-    d["tokenizer_fingerprint"] = model_fingerprint(cfg.tokenizer) if cfg.tokenizer else ""
-    d["data_hashes"] = inputs_hash(cfg.data)
-    d["eval_data_hashes"] = inputs_hash(getattr(cfg, "eval_data", []))
-    return d
-
 
 def check_writable(folder: Path, flag: str) -> None:
     try:
