@@ -124,6 +124,7 @@ def flags_of(entry: Entry) -> list[Flag]:
                 continue
             cli_default = a.default is None and (a.help or "").endswith(")") and "(default: " in a.help
             default = a.help.rsplit("(default: ", 1)[1][:-1] if cli_default else repr(a.default)
+            default = default.replace(str(ROOT), "PACKAGE").replace(str(Path.home()), "~")   # the same on any machine
             name = ", ".join(a.option_strings) or a.dest
             if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
                 kind = "bool"
@@ -341,8 +342,8 @@ def rule_of(flag: Flag) -> tuple[str, str]:
 # Known problems, each with why it is left: (entry, flag) -> note. The test fails on any other problem, and on
 # an entry here that is no longer a problem.
 KNOWN = {("recipes.world.build", "--threads"): "recipes/world/build.py parses --out, --cache-dir and --threads with "
-         "a plain argparse parser and no cli.check_args: torch's set_num_threads error (exit 2, not naming the "
-         "flag); left to the entry point's owner (one call: `a = cli.check_args(a)`)"}
+         "a plain argparse parser and no cli.check_args: `--threads -1` ends in torch's RuntimeError (a traceback, "
+         "exit 1); left to the entry point's owner (one call: `cli.check_args(a)`)"}
 
 
 def probe_words(flag: Flag, value: str, verdict: str) -> str:
@@ -413,9 +414,9 @@ def markdown(result: dict) -> str:
     lines += ["| entry point | flags | numeric | problems |", "|---|---|---|---|", *summary, "",
               f"{len(result)} entry points, {total} flags ({checked} numeric).", "",
               "Known problems (flag_rules.KNOWN):", "", *[f"- {e} `{f}`: {note}" for (e, f), note in KNOWN.items()],
-              "", "Named choices (text flags) whose `bogus` passes the door (refused later, where the value is "
-              "used; not numeric, so not required here):", ""]
-    lines += [f"- {name}: " + ", ".join(f"`{f.spelled}`" for f in flags
+              "", "Named choices (text flags) whose `bogus` the door lets through or refuses without naming the "
+              "flag (refused later, where the value is used; not numeric, so not required here):", ""]
+    lines += [f"- {name}: " + ", ".join(f"`{f.spelled}` ({f.probes['bogus'][0]})" for f in flags
                                          if f.probes.get("bogus", ("refused",))[0] != "refused")
               for name, (flags, _) in result.items()
               if any(f.probes.get("bogus", ("refused",))[0] != "refused" for f in flags)]
@@ -427,6 +428,8 @@ def markdown(result: dict) -> str:
                   "| flag | type | default | rule | checked by | probes |", "|---|---|---|---|---|---|"]
         for f in flags:
             rule, by = rule_of(f)
+            if problems(name, f):
+                by = f"NOT AT THE DOOR here (see the known problems; the rule is {by})"
             kind = f.kind + ("s" if f.many else "")
             probes = ", ".join(f"{v}: {probe_words(f, v, p[0])}" for v, p in f.probes.items())
             default = f.default if len(f.default) <= 40 else f.default[:37] + "..."
