@@ -90,7 +90,7 @@ class Flag:
         return self.prefix + self.name.split(",")[0].removeprefix("--") if self.prefix else self.name.split(",")[0]
 
 
-class _Parser(Exception):
+class _Help(Exception):
     def __init__(self, parser):
         self.parser = parser
 
@@ -100,7 +100,7 @@ class _Timeout(BaseException):
 
 
 def _raise_parser(self, file=None):
-    raise _Parser(self)
+    raise _Help(self)
 
 
 def parser_of(entry: Entry, argv: list[str]) -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def parser_of(entry: Entry, argv: list[str]) -> argparse.ArgumentParser:
     argparse.ArgumentParser.print_help = _raise_parser
     try:
         importlib.import_module(entry.module).main(argv)
-    except _Parser as p:
+    except _Help as p:
         return p.parser
     finally:
         argparse.ArgumentParser.print_help = old
@@ -205,8 +205,9 @@ def call(entry: Entry, argv: list[str], tmp: Path) -> tuple[str, str, str]:
         return "exit", "argparse", err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else str(e)
     except KeyboardInterrupt:
         raise
-    except BaseException as e:
-        return type(e).__name__, getattr(e, "_site", "") or _site(e.__traceback__), str(e)
+    except BaseException as e:    # run_main: a DataError or OSError is `error: ...` exit 2, anything else a traceback
+        kind = "error" if isinstance(e, (DataError, OSError)) else f"traceback ({type(e).__name__})"
+        return kind, getattr(e, "_site", "") or _site(e.__traceback__), str(e)
     finally:
         DataError.__init__ = init
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -247,6 +248,8 @@ def verdict(flag: Flag, outcome: tuple[str, str, str], tmp: Path) -> str:
     kind, where, msg = outcome
     if kind == "timeout" or (kind == "returned" and not msg):
         return "started work" if kind == "timeout" else "accepted"
+    if kind.startswith("traceback"):
+        return kind
     if str(tmp) in msg:
         return "passed"              # the value went through; the run stopped at the missing file
     return "refused" if names(msg, flag) else "refused, not named"
@@ -351,7 +354,7 @@ def probe_words(flag: Flag, value: str, verdict: str) -> str:
         return "refused"
     if verdict == "passed" and not expected_refused(flag, value):
         return "passes (in the rule)"
-    return verdict.upper()
+    return "TRACEBACK" + verdict[9:] if verdict.startswith("traceback") else verdict.upper()
 
 
 def problems(entry: str, flag: Flag) -> list[str]:
@@ -362,7 +365,7 @@ def problems(entry: str, flag: Flag) -> list[str]:
     for v, (verdict, where, msg) in flag.probes.items():
         if verdict == "refused" or flag.kind == "str":     # a named choice's probe is reported, not required
             continue
-        if verdict == "refused, not named" or expected_refused(flag, v):
+        if verdict != "passed" or expected_refused(flag, v):
             out.append(f"{entry} {flag.spelled} {v}: {verdict} ({where or '-'}: {msg[:160]})")
     return out
 
