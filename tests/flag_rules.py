@@ -4,7 +4,7 @@
 
 Each entry's argparse parser is taken without running the command (`--help` with `print_help` caught). Each
 numeric flag is then probed in this process: the entry's `main` with that flag set to a bad value (floats: nan,
-+-inf, -1; ints: -1, 0; and a value outside its `cli.RANGES` rule), every required path pointing at a missing
+inf, -1; ints: -1, 0; and a value outside its `cli.RANGES` rule), every required path pointing at a missing
 file (or under a plain file, for outputs), so the run fails at the first file it touches if the value passed the
 door. What comes out is the verdict: an error naming the flag (refused at the door), the missing file (the value
 passed), or the time limit (the run started work).
