@@ -136,7 +136,8 @@ def check_number(flag: str, v) -> None:
 
 
 def check_args(ns: argparse.Namespace) -> argparse.Namespace:
-    """check_number on every flag of a hand-written parser (sample.py, evaluate, rlaif label, oasst)."""
+    """check_number on every number parsed (lists too): hand-written parsers (sample.py, evaluate, rlaif label,
+    oasst) call it; every `parser()` parser runs it itself."""
     for dest, v in vars(ns).items():
         if not dest.startswith("_"):
             for x in (v if isinstance(v, list) else [v]):
