@@ -128,7 +128,28 @@ RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
     "beta": (0, None, False, False), "threads": (0, None, False, False), "nproc": (1, None, False, False),
     "near_dup": (0, 1, False, False), "rouge_threshold": (0, 1, False, False), "n": (1, None, False, False),
     "fraction": (0, 1, False, True), "eval_frac": (0, 1, False, True), "chunk": (1, None, False, False),
-    "iterations": (1, None, False, False),
+    "frac": (0, 1, False, False), "p_right": (0, 1, False, False), "p_judge": (0, 1, False, False),
+    "block_size": (1, None, False, False), "num_blocks": (0, None, False, False), "max_num_seqs": (1, None, False, False),
+    "max_num_batched_tokens": (1, None, False, False), "tensor_parallel": (1, None, False, False),
+    # the trainers' settings (TrainConfig.check's rules), so a recipe's nested --dpo-* / --sft-* are checked too
+    "micro_batch_size": (0, None, False, False), "batch_size": (1, None, False, False), "batch": (1, None, False, False),
+    "epochs": (0, None, False, False), "max_steps": (0, None, False, False), "warmup_steps": (-1, None, False, False),
+    "log_every": (1, None, False, False), "every": (0, None, False, False), "keep_checkpoints": (1, None, False, False),
+    "max_prompt_length": (0, None, False, False), "max_length": (2, None, False, False),
+    "beta1": (0, 1, False, True), "beta2": (0, 1, False, True), "dropout": (0, 1, False, True),
+    "grad_clip": (0, None, False, False), "nll_alpha": (0, None, False, False), "value_coef": (0, None, False, False),
+    "label_smoothing": (0, 0.5, False, True), "simpo_gamma": (0, None, False, False),
+    "sleep_per_step": (0, None, False, False), "margin": (0, None, False, False), "scale": (0, None, True, False),
+    "limit": (0, None, False, False), "curate_k": (1, None, False, False), "iterations": (1, None, False, False),
+    "iter": (1, None, False, False),
+    "judge_self_train": (0, None, False, False), "eft_mix": (0, None, False, False), "steps": (0, None, False, False),
+    "shots": (0, None, False, False), "words": (0, None, False, False), "rounds": (1, None, False, False),
+    "segments": (0, None, False, False), "shingle": (1, None, False, False),
+    # the world's sizes (recipes/world): counts, and M0's shape
+    **{k: (0, None, False, False) for k in ("n_control", "n_eft", "n_eval", "n_ift", "n_judge", "n_pass", "n_pref",
+                                            "n_prompts", "n_unlabelled", "web_docs")},
+    **{k: (1, None, False, False) for k in ("context", "ffn", "heads", "hidden", "layers", "vocab")},
+    "seed": (None, None, False, False),   # any integer
 }
 
 
@@ -152,10 +173,12 @@ def check_number(flag: str, v) -> None:
 
 
 def check_args(ns: argparse.Namespace) -> argparse.Namespace:
-    """check_number on every flag of a hand-written parser (sample.py, evaluate, rlaif label, oasst)."""
+    """check_number on every number parsed (lists too): hand-written parsers (sample.py, evaluate, rlaif label,
+    oasst) call it; every `parser()` parser runs it itself."""
     for dest, v in vars(ns).items():
         if not dest.startswith("_"):
-            check_number("--" + dest.replace("_", "-"), v)
+            for x in (v if isinstance(v, list) else [v]):
+                check_number("--" + dest.replace(".", "-").replace("_", "-"), x)
     return ns
 
 
@@ -178,8 +201,15 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     return cls(**kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """check_args on what it parses: the flags an entry adds to a config's parser are checked at the door too."""
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        return check_args(ns), rest
+
+
 def parser(cls, description: str = "", skip: dict | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a JSON config this command wrote (e.g. RUN/config.json); flags override it")
     p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)))
     return p

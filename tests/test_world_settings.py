@@ -27,7 +27,7 @@ def test_bad_loop_setting_is_refused_before_m0_and_sft(tmp_path):
     from selfreward.cli import ConfigError
     from selfreward.recipes.world import demo
     run, cache = tmp_path / "run", tmp_path / "cache"
-    with pytest.raises(ConfigError, match="--judge-self-train must be >= 0"):
+    with pytest.raises(ConfigError, match="--judge-self-train -1: must be >= 0"):
         demo.main(["--smoke", "--run-dir", str(run), "--cache-dir", str(cache), "--judge-self-train", "-1"])
     with pytest.raises(ConfigError, match="needs --dpo-nll-alpha > 0"):
         demo.main(["--smoke", "--run-dir", str(run), "--cache-dir", str(cache), "--dpo-nll-alpha", "0"])
