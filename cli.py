@@ -144,7 +144,7 @@ RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
     "iter": (1, None, False, False),
     "judge_self_train": (0, None, False, False), "eft_mix": (0, None, False, False), "steps": (0, None, False, False),
     "shots": (0, None, False, False), "words": (0, None, False, False), "rounds": (1, None, False, False),
-    "segments": (0, None, False, False), "shingle": (1, None, False, False),
+    "segments": (0, None, False, False), "shingle": (1, None, False, False), "groups": (0, None, False, False),
     # the world's sizes (recipes/world): counts, and M0's shape
     **{k: (0, None, False, False) for k in ("n_control", "n_eft", "n_eval", "n_ift", "n_judge", "n_pass", "n_pref",
                                             "n_prompts", "n_unlabelled", "web_docs")},

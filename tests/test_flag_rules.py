@@ -22,6 +22,16 @@ def test_every_entry_point_probed(survey):
         assert nums and all(f.probes for f in nums), name
 
 
+def test_every_entry_point_is_listed():
+    """A module with a command-line main (`if __name__ == "__main__"`) is one of flag_rules.ENTRIES."""
+    root = DOC.parents[1]
+    mains = {".".join(("selfreward",) + p.relative_to(root).with_suffix("").parts)
+             for d in ("infer", "train", "recipes") for p in (root / d).rglob("*.py")
+             if 'if __name__ == "__main__"' in p.read_text()}
+    via_demo = {"selfreward.recipes.world.rlaif", "selfreward.recipes.world.humpback"}   # demo --method X
+    assert mains - {e.module for e in flag_rules.ENTRIES} - via_demo == set()
+
+
 def test_no_numeric_flag_lets_a_bad_value_through(survey):
     found = {}
     for name, (flags, _) in survey.items():

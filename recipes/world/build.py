@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "selfreward" / "world"))
     ap.add_argument("--threads", type=int, default=0)
     a, rest = ap.parse_known_args(argv)
+    cli.check_args(a)
     mc = cli.parse_config(WorldModelConfig, [x.replace("--m0-", "--", 1) for x in rest])
     if a.threads:
         import torch
