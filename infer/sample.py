@@ -31,7 +31,8 @@ from selfreward.model.tokenizer import check_messages
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.parallel import init_tp
 from selfreward.infer.replicas import run_units_tp
-from selfreward.cli import ConfigError, check_args, error_line, run_main
+from selfreward.cli import error_line, run_main
+from selfreward.ranges import ConfigError, check_args
 from selfreward.provenance import OutputLock, check_record, claim, file_hash, model_fingerprint, same_file
 from selfreward.units import dist_env
 from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl

@@ -14,7 +14,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from selfreward.cli import check_args
+from selfreward.ranges import check_args
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
@@ -244,7 +244,7 @@ def judgments_path(out: str | Path) -> Path:
 
 
 def _check_flags(a) -> None:
-    """The flags cli.check_args has no rule for, checked before any work, the error naming the flag."""
+    """The flags ranges.check_args has no rule for, checked before any work, the error naming the flag."""
     from selfreward.cli import ConfigError
     from selfreward.provenance import check_not_input
     for flag in ("k", "limit"):

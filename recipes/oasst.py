@@ -20,7 +20,7 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from selfreward.cli import check_args
+from selfreward.ranges import check_args
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.ranges import check_args
 
 COLUMNS = [("model", "model", "{}"), ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
            ("judge_parse_failures", "j.unparsed", "{}"), ("mean_len_tokens", "len tok", "{:.1f}"),
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, default in (("iterations", 2), ("n-prompts", 1000), ("nproc", 1), ("seed", 0), ("n-eval-groups", 200),
                           ("sft-steps", 0)):
         ap.add_argument(f"--{flag}", type=int, default=default, help=f"(default: {default})")
-    a = cli.check_args(ap.parse_args(argv))
+    a = check_args(ap.parse_args(argv))
     return run_real(a.model, a.oasst_seed, a.run_dir, a.iterations, a.n_prompts, a.nproc, a.seed, a.n_eval_groups,
                     sft_steps=a.sft_steps)
 

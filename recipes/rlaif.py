@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.cli import check_args
+from selfreward.ranges import check_args
 from selfreward.records import DataError
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     engine_dests = add_engine_flags(ap)
     a = check_args(ap.parse_args(argv))
-    if a.limit is not None and a.limit < 1:     # cli.check_args checks the other numbers
+    if a.limit is not None and a.limit < 1:     # ranges.check_args checks the other numbers
         raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
     ecfg = engine_from_flags(a, engine_dests)
     _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file

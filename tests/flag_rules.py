@@ -4,7 +4,7 @@
 
 Each entry's argparse parser is taken without running the command (`--help` with `print_help` caught). Each
 numeric flag is then probed in this process: the entry's `main` with that flag set to a bad value (floats: nan,
-inf, -1; ints: -1, 0; and a value outside its `cli.RANGES` rule), every required path pointing at a missing
+inf, -1; ints: -1, 0; and a value outside its `ranges.RANGES` rule), every required path pointing at a missing
 file (or under a plain file, for outputs), so the run fails at the first file it touches if the value passed the
 door. What comes out is the verdict: an error naming the flag (refused at the door), the missing file (the value
 passed), or the time limit (the run started work).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from selfreward import cli
+from selfreward import cli, ranges
 from selfreward.records import DataError
 
 ROOT = Path(cli.__file__).resolve().parent
@@ -141,7 +141,7 @@ def flags_of(entry: Entry) -> list[Flag]:
 
 
 def range_rule(flag: Flag):
-    return cli._range_rule(flag.name.split(",")[0].lstrip("-").replace("-", "_"))
+    return ranges._range_rule(flag.name.split(",")[0].lstrip("-").replace("-", "_"))
 
 
 def outside(rule, kind: str) -> list[float]:
@@ -309,7 +309,7 @@ def expected_refused(flag: Flag, value: str) -> bool:
     if not math.isfinite(v) or rule is None:
         return True
     try:
-        cli.check_number(flag.name.split(",")[0], v)
+        ranges.check_number(flag.name.split(",")[0], v)
     except cli.ConfigError:
         return True
     return False
@@ -332,10 +332,10 @@ def rule_of(flag: Flag) -> tuple[str, str]:
     stricter = [p for v, p in flag.probes.items() if p[0] == "refused" and not expected_refused(flag, v)]
     extra = next(iter(stricter or refusals), None)
     if rule is not None:
-        suffix = next(k for k in cli.RANGES if cli.RANGES[k] == rule and (flag.spelled.lstrip("-").replace("-", "_")
+        suffix = next(k for k in ranges.RANGES if ranges.RANGES[k] == rule and (flag.spelled.lstrip("-").replace("-", "_")
                       == k or flag.spelled.lstrip("-").replace("-", "_").endswith("_" + k)))
-        text, by = words(rule, flag.kind), f"cli.RANGES[{suffix!r}]"
-        if extra and extra[1] != "cli.check_number":
+        text, by = words(rule, flag.kind), f"ranges.RANGES[{suffix!r}]"
+        if extra and extra[1] != "ranges.check_number":
             text, by = f"{text}; {extra[2]}", f"{by}, {extra[1]}"
         return text, by
     if extra:
@@ -400,11 +400,11 @@ def markdown(result: dict) -> str:
              "when this file is not what the generator writes now, or when a probe below lets a bad value through. "
              "Do not edit it by hand.", "",
              "Each numeric flag was probed in process: the command's `main` with the flag set to a bad value "
-             "(floats: nan, inf, -1; ints: -1, 0; and a value just outside its `cli.RANGES` rule), every required "
+             "(floats: nan, inf, -1; ints: -1, 0; and a value just outside its `ranges.RANGES` rule), every required "
              "path MISSING (or UNWRITABLE, under a plain file), so a value that passes the door stops at the first "
              "file. *refused*: an error naming the flag, before any file or model; *passed*: the value went "
              "through to the missing file (allowed only where the rule accepts it). A named choice (text) was "
-             "probed with `bogus`. Numbers from `--config FILE` go through the same `cli.check_number`.", ""]
+             "probed with `bogus`. Numbers from `--config FILE` go through the same `ranges.check_number`.", ""]
     total = checked = 0
     summary = []
     for name, (flags, base) in result.items():

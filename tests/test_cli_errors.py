@@ -151,7 +151,7 @@ CASES = [
      "model.layers.0.mlp.gate_proj.weight' has shape"),
 ]
 
-# issue 33: every numeric flag is checked at the door by one rule (cli.check_number: finite, in range, named),
+# issue 33: every numeric flag is checked at the door by one rule (ranges.check_number: finite, in range, named),
 # before any model loads; these were accepted (NaN, inf, a negative KL) or failed deep in the engine
 R = lambda *extra: lambda w: ["--model", w["model"], "--data", w["prompts"], "--output", w["dir"] / "rl_err",  # noqa
                               "--reward", "checker", *extra]

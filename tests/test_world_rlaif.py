@@ -51,7 +51,7 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
     # the engine flags reach M1's sampler / labeller and every RL run's sampler (at most 128 sequences there)
     assert (seen[0].device, seen[0].max_num_seqs) == ("cpu", 7)
     for src in ("checker", "rm", "direct"):
-        e = json.loads((run / "rl" / src / "run.json").read_text())["made_by"]["engine"]
+        e = json.loads((run / "rl" / src / "run.json").read_text())["config"]["engine"]
         assert (e["device"], e["max_num_seqs"]) == ("cpu", 128)
     on_disk = json.loads((run / "summary.json").read_text())
     for k in ("label_agreement", "position_bias_one_order", "position_bias_both_orders", "rm_pairwise"):

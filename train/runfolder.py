@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from selfreward.provenance import check_not_input, claim, made_by
-from selfreward.records import DataError
+from selfreward.cli import to_dict
+from selfreward.records import DataError, write_json
 
 def check_writable(folder: Path, flag: str) -> None:
     try:
@@ -49,6 +50,7 @@ def claim_run(cfg, name: str):
                         f"--overwrite to start over, or choose another --output")
     check_writable(out, "--output")
     check_writable(export.parent, "--export" if cfg.export else "--output")
-    with claim(out, made_by(cfg), overwrite=cfg.overwrite, folder=True,
-               clear=lambda: _clear(out, export)):
+    made = made_by(cfg)
+    with claim(out, made, overwrite=cfg.overwrite, folder=True, clear=lambda: _clear(out, export)):
+        write_json(out / "run.json", {"made_by": made, "config": to_dict(cfg)})   # and what ran, whole
         yield

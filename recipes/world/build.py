@@ -16,6 +16,7 @@ from pathlib import Path
 from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE, check_format
 from selfreward.recipes.world.tasks import BASE_SIZES, SIZES, parse_kinds
+from selfreward.ranges import check_args
 from selfreward.records import write_json, write_jsonl
 
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "selfreward" / "world"))
     ap.add_argument("--threads", type=int, default=0)
     a, rest = ap.parse_known_args(argv)
-    cli.check_args(a)
+    check_args(a)
     mc = cli.parse_config(WorldModelConfig, [x.replace("--m0-", "--", 1) for x in rest])
     if a.threads:
         import torch
