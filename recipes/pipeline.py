@@ -43,7 +43,7 @@ class Recipe:
     module: str                          # `python -m MODULE --config RUN/config.json --stage S --iter T`
     config: type                         # the recipe's config dataclass
     head: tuple[Stage, ...]              # once, before the iterations (t = 0)
-    body: tuple[Stage, ...]              # per iteration t = 1..cfg.iterations
+    body: tuple[Stage, ...]              # per iteration t = 1..cfg.iterations (a config without them: none)
     manifest: Callable                   # manifest(cfg, t, timings, stats) -> the manifest written
     layout: tuple[str, ...]              # what --overwrite deletes: globs under RUN
     prepare: Callable = lambda cfg, s: None        # checks before any stage (inputs exist, prompts fit)
@@ -132,7 +132,7 @@ def run(r: Recipe, cfg, s: Session | None = None, overwrite: bool = False) -> li
         if read_json(conf) != cli.to_dict(cfg):
             write_json(conf, cli.to_dict(cfg))
         out = [run_stages(r, cfg, 0, s, r.head)] if r.head else []
-        for t in range(1, cfg.iterations + 1):
+        for t in range(1, getattr(cfg, "iterations", 0) + 1):
             out.append(run_stages(r, cfg, t, s, r.body))
             r.report(cfg, t, out[-1])
         return out

@@ -65,6 +65,8 @@ ENTRIES = [
           [(["label", "--help"], "")]),
     Entry("recipes.oasst", "selfreward.recipes.oasst", ["--input", M, "--out", O]),
     Entry("recipes.real", "selfreward.recipes.real", ["--model", M, "--oasst-seed", M, "--run-dir", O]),
+    Entry("recipes.rlaif_run", "selfreward.recipes.rlaif_run",
+          ["--policy", M, "--pairs", M, "--prompts", M, "--run-dir", O]),
     Entry("recipes.world.demo", "selfreward.recipes.world.demo", ["--run-dir", O, "--cache-dir", O]),
     Entry("recipes.world.demo --method rlaif", "selfreward.recipes.world.demo",
           ["--method", "rlaif", "--run-dir", O, "--cache-dir", O], [(["--method", "rlaif", "--help"], "")]),
@@ -280,7 +282,7 @@ TEXT = {
                            "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls", "sources")},
     **{k: "input path: must exist" for k in (
         "model", "input", "data", "groups", "pairs", "labeller", "judge", "a", "b", "reference", "candidates",
-        "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix")},
+        "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy")},
 }
 
 
