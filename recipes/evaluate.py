@@ -14,10 +14,12 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from selfreward.provenance import file_hash, made_by, model_fingerprint
 from selfreward.ranges import check_args
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
+from selfreward.recipes.onestage import claimed, unit_records
 
 
 def load_groups(path: str | Path) -> list[dict]:
@@ -33,17 +35,20 @@ def load_groups(path: str | Path) -> list[dict]:
     return out
 
 
-def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False,
-            store: str | Path | None = None, chunk: int = 64) -> dict:
+def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
-    compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}.
-    `store`: a JSONL file the judgments are kept in, `chunk` replies at a time, each reply's as soon as its
-    chunk is done (selfreward.units.run_units), so a killed run's rerun judges only the replies not yet
-    there; reply j is judged from seed + j * K either way."""
-    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
-    seeds = [cfg.seed + j * cfg.k for j in range(len(items))]
-    res = judge_items(engine, tok, items, cfg, seeds, progress) if store is None else \
-        _stored_judgments(engine, tok, items, cfg, seeds, Path(store), chunk, progress)
+    compute the metrics: rm_result. Reply j is judged from seed + j * K."""
+    items = reply_items(groups)
+    return rm_result(groups, cfg, judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k
+                                                                        for j in range(len(items))], progress))
+
+
+def reply_items(groups: list[dict]) -> list[tuple[str, str]]:
+    return [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+
+
+def rm_result(groups: list[dict], cfg: JudgeConfig, res: list[Judged]) -> dict:
+    """{"sampled": metrics, "expected": metrics | None, "records": per reply, counts} from each reply's Judged."""
     it = iter(res)                   # zip takes a group's replies first: `it` advances by the group's size
     per_group = [[{"group": g.get("id"), "rank": r["rank"], "scores": [s for _, s in j.samples],
                    "mean": mean_score([s for _, s in j.samples]), "judgment": j.samples[0][0],
@@ -58,27 +63,10 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
             "records": [r for rs in per_group for r in rs]}
 
 
-def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], store: Path, chunk: int,
-                      progress: bool) -> list:
-    from selfreward.records import read_jsonl
-    from selfreward.units import run_units
-
-    def work(batch, emit) -> None:
-        js, gen = [j for j, _ in batch], engine.stats["generated"]
-        got = judge_items(engine, tok, [items[j] for j in js], cfg, [seeds[j] for j in js])
-        per = (engine.stats["generated"] - gen) // max(1, len(js))
-        for j, r in zip(js, got):
-            emit(j, [{"j": j, "samples": [list(x) for x in r.samples], "prompt_cut": r.prompt_cut,
-                      "expected": r.expected}], per)
-    run_units(store, [{"j": j} for j in range(len(items))], 1, lambda r: r["j"], work, chunk=chunk,
-              progress="evaluate rm" if progress else "", unit="replies")
-    return [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"]) for r in read_jsonl(store)]
-
-
 def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
     """Table 4 metrics of any recipes.reward source: each reply's reward as its score. `perfect`: the best
     grade, for the 5-best metric (None for an unbounded RM score)."""
-    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+    items = reply_items(groups)
     scores = reward([i for i, _ in items], [r for _, r in items])
     it = iter(scores)
     ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
@@ -168,11 +156,10 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
 
 def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.infer.config import resolve_device
-    from selfreward.provenance import claim, file_hash, model_fingerprint
     from selfreward.recipes.reward import load_reward
-    out, (device, dtype) = Path(a.out), resolve_device(ecfg)
+    device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
-    with claim(out, made, [a.groups], a.overwrite, clear=lambda: out.unlink(missing_ok=True)):
+    with claimed(a.out, made, [a.groups], a.overwrite):
         res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
                           load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
         res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
@@ -184,26 +171,31 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
 
 
 def _rm_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.provenance import claim, file_hash, model_fingerprint
     from selfreward.recipes.session import Session
-    from selfreward.records import partial_path
-    out = Path(a.out)
     groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
     cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                       template=a.judge_template or "default", expected=a.expected)
-    made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), k=a.k,
-                temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, expected=a.expected,
+    made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
-    store = judgments_path(out)      # the resumable judgments: the claimed output, its record beside it
+    items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
 
-    def clear() -> None:
-        for f in (store, partial_path(store), out):
-            f.unlink(missing_ok=True)
-    inputs = [a.groups] + ([a.judge_template] if a.judge_template and Path(a.judge_template).is_file() else [])
-    with claim(store, made, inputs, a.overwrite, clear=clear):
+    def load():
         engine, tok = Session(ecfg).get(a.judge)
         check_fits(engine, tok, cfg)
-        res = rm_eval(engine, tok, groups, cfg, progress=True, store=store, chunk=a.chunk)
+        return engine, tok
+
+    def judge(engine, tok, batch):           # reply j judged from seed + j * K, as rm_eval
+        js, gen = [j for j, _ in batch], engine.stats["generated"]
+        got = judge_items(engine, tok, [items[j] for j in js], cfg, [cfg.seed + j * cfg.k for j in js])
+        per = (engine.stats["generated"] - gen) // len(js)
+        return [({"i": j, "samples": r.samples, "prompt_cut": r.prompt_cut, "expected": r.expected}, per)
+                for j, r in zip(js, got)]
+    inputs = [a.groups] + ([a.judge_template] if a.judge_template and Path(a.judge_template).is_file() else [])
+    with claimed(store, made, inputs, a.overwrite, also=[a.out]):
+        recs = unit_records(store, [{"i": j} for j in range(len(items))], load, judge, a.chunk, "evaluate rm",
+                            "replies")
+        res = rm_result(groups, cfg, [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"])
+                                      for r in recs])
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
                            "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
@@ -211,9 +203,7 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
 
 
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.provenance import claim, file_hash, model_fingerprint
     from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, resumable_h2h
-    out = Path(a.out)
     prompts = nonempty([field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit],
                        a.prompts, "prompts")
     tmpl = load_pair_template(a.pair_template)
@@ -222,14 +212,8 @@ def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
                 template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
                 top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
     inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
-    work = h2h_work_dir(out)         # the resumable parts (A's and B's replies, the verdicts) and the record
-
-    def clear() -> None:             # the folder's files, not its lock (held now)
-        for f in list(work.iterdir()) if work.is_dir() else []:
-            if f.name != ".lock":
-                f.unlink()
-        out.unlink(missing_ok=True)
-    with claim(work, made, inputs, a.overwrite, folder=True, clear=clear):
+    work = h2h_work_dir(a.out)       # the resumable parts (A's and B's replies, the verdicts) and the record
+    with claimed(work, made, inputs, a.overwrite, folder=True, also=[a.out]):
         res = resumable_h2h(a, ecfg, prompts, tmpl, work)
         res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "

@@ -104,21 +104,17 @@ def h2h_work_dir(out: str | Path) -> Path:
 
 
 def resumable_h2h(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
-    """`evaluate h2h`: A's replies, B's replies, then the verdicts, each a resumable file of units
-    (selfreward.units.run_units, a unit a prompt): a killed run's rerun does only what is missing; one
-    model in memory at a time."""
+    """`evaluate h2h`: A's replies, B's replies, then the verdicts, each a resumable file in `work`, a unit a
+    prompt (recipes.onestage.unit_records): a killed run's rerun does only what is missing; one model in
+    memory at a time."""
+    from selfreward.recipes.onestage import unit_records
     from selfreward.recipes.session import Session
-    from selfreward.records import read_jsonl
-    from selfreward.units import run_units
     n, units, session = len(prompts), [{"i": i} for i in range(len(prompts))], Session(ecfg)
 
     def stage(name: str, model: str, fn) -> list[dict]:
-        def work_fn(batch, emit) -> None:     # the model is loaded only when a unit is left
-            for r in fn(*session.get(model), [i for i, _ in batch]):
-                emit(r["i"], [r])
-        run_units(work / f"{name}.jsonl", units, 1, lambda r: r["i"], work_fn, chunk=a.chunk,
-                  progress=f"h2h {name}", unit="prompts")
-        return read_jsonl(work / f"{name}.jsonl")
+        return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
+                            lambda eng, tok, batch: [(r, 0) for r in fn(eng, tok, [i for i, _ in batch])],
+                            a.chunk, f"h2h {name}", "prompts")
 
     def replies(eng, tok, idx):
         texts = generate_responses(eng, tok, [prompts[i] for i in idx], a.temperature, a.top_p, a.max_tokens,

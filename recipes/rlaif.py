@@ -12,7 +12,7 @@ with any fields of LabelTemplate / ScoreTemplate replaces the default template.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -131,10 +131,6 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     return {"records": records, "prefill": prefill_since(engine, start), "tokens_per_option": [len(x) for x in tails]}
 
 
-def settings(cfg: LabelConfig) -> dict:
-    return {k: v for k, v in asdict(replace(cfg, template=None)).items() if k != "template"}
-
-
 def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
     """Human-ranked groups (recipes.oasst) -> every pair of replies with different ranks, better-ranked first
     in `human` order only (the labeller sees response_1 / response_2 as written here)."""
@@ -171,18 +167,17 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
-    [--cot] [--template T.json] [--limit N] [--engine-device cuda --engine-dtype bfloat16 ...]: soft labels in
-    both orders (records + `label`, `p_first`, ...), a summary JSON beside the output (position bias, prefill
-    saved, agreement with human ranks if given). OUT is claimed as sample.py's output is: a lock (a second
-    writer is refused), a record of what made it (OUT.meta.json: a rerun with another labeller, input or
-    setting is refused without --overwrite), and resumable work (a pair's label reaches OUT.partial when its
-    chunk is done; a killed run's rerun labels only the pairs not yet there)."""
+    [--cot] [--template T.json] [--limit N] [--engine-...]: soft labels in both orders (records + `label`,
+    `p_first`, ...) and a summary JSON beside them (position bias, prefill saved, agreement with human ranks if
+    given). OUT follows the output rules of docs/guarantees.md (recipes/onestage.py)."""
     import argparse
     from selfreward import cli
-    from selfreward.infer.config import add_engine_flags, engine_from_flags, load_engine, resolve_device
-    from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
-    from selfreward.records import nonempty, partial_path, read_jsonl, write_json
-    from selfreward.units import run_units
+    from selfreward.infer.config import add_engine_flags, engine_from_flags, resolve_device
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
+    from selfreward.records import nonempty, write_json
+    from selfreward.recipes.onestage import claimed, unit_records
+    from selfreward.recipes.session import Session
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)
@@ -204,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.limit is not None and a.limit < 1:     # ranges.check_args checks the other numbers
         raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
     ecfg = engine_from_flags(a, engine_dests)
-    _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
+    dtype = str(resolve_device(ecfg)[1]).removeprefix("torch.")   # a bad engine flag stops here, before any file
     t = read_template(LabelTemplate, a.template)
     if a.groups:
         from selfreward.recipes.evaluate import load_groups
@@ -217,38 +212,27 @@ def main(argv: list[str] | None = None) -> dict:
     check_not_input([source], [out, summary_path])
     if not Path(a.labeller).is_dir():
         raise DataError(f"--labeller {a.labeller}: not a checkpoint folder")
-    from selfreward.model.tokenizer import Tokenizer
     forced_options(Tokenizer.load(a.labeller), t.ending, ["1", "2"])   # the options readable, before any file
     cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
     made = {"labeller_fingerprint": model_fingerprint(a.labeller), "input_hash": file_hash(source),
-            "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": settings(cfg),
-            "template": asdict(t), "dtype": str(dtype).removeprefix("torch.")}
+            "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": made_by(cfg),
+            "dtype": dtype}
+    run: dict = {"labelled": 0}
 
-    def clear() -> None:
-        for p in (out, partial_path(out), summary_path):
-            p.unlink(missing_ok=True)
-    state: dict = {}
-
-    def work(batch, emit) -> None:
-        if "engine" not in state:            # loaded only when a pair is left to label
-            state["engine"] = load_engine(a.labeller, ecfg)
-            state["start"] = dict(state["engine"].stats)
-        engine = state["engine"]
-        res = soft_labels(engine, engine.tokenizer, [(p["prompt"], p["response_1"], p["response_2"])
-                                                     for _, p in batch], cfg, index=[i for i, _ in batch])
-        state["labelled"] = state.get("labelled", 0) + len(batch)
-        for (i, p), r, n in zip(batch, res["records"], res["prompt_tokens"]):
-            emit(i, [dict(p, **r)], n)
-    with claim(out, made, [source], a.overwrite, clear=clear):
-        run_units(out, pairs, 1, lambda r: json.dumps(r["id"]), work, chunk=a.chunk, progress="rlaif label",
-                  unit="pairs")
-        recs = read_jsonl(out)
+    def label(engine, tok, batch):
+        run.setdefault("start", (engine, dict(engine.stats)))
+        run["labelled"] += len(batch)
+        res = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for _, p in batch], cfg,
+                          index=[i for i, _ in batch])
+        return [(dict(p, **r), n) for (_, p), r, n in zip(batch, res["records"], res["prompt_tokens"])]
+    with claimed(out, made, [source], a.overwrite, also=[summary_path]):
+        recs = unit_records(out, pairs, lambda: Session(ecfg).get(a.labeller), label, a.chunk, "rlaif label",
+                            "pairs", key=lambda r: json.dumps(r["id"]))
         human = [r for r in recs if "human_ranks" in r]
         summary = {"pairs": len(recs), "position_bias": position_bias(recs),
-                   "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
-                   "labeller": a.labeller, "dtype": made["dtype"],
-                   "labelled_by_this_run": state.get("labelled", 0),
-                   "prefill": prefill_since(state["engine"], state["start"]) if "engine" in state else None,
+                   "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": made["settings"],
+                   "labeller": a.labeller, "dtype": dtype, "labelled_by_this_run": run["labelled"],
+                   "prefill": prefill_since(*run["start"]) if "start" in run else None,
                    "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
                                           for r in human) / len(human) if human else None}
         write_json(summary_path, summary)      # under the lock, as the labels

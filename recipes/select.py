@@ -27,9 +27,10 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import _atomic_dir_write
-from selfreward.provenance import claim, made_by, same_file
+from selfreward.provenance import made_by, same_file
 from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
 from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template
+from selfreward.recipes.onestage import claimed
 from selfreward.recipes.session import Session
 
 
@@ -163,9 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_models(cfg.candidates, cfg.reference, cfg.judge or cfg.reference)
     made = made_by(cfg)          # every model, the prompts and the template by content; the settings
     inputs = [x for x in (cfg.reference, cfg.judge, cfg.prompts, cfg.pair_template, *cfg.candidates) if x]
-    with ExitStack() as claimed:   # each output locked, checked and recorded (OUT.meta.json) before the work
+    with ExitStack() as stack:   # each output locked, checked and recorded (OUT.meta.json) before the work
         for out in filter(None, (cfg.out, cfg.report)):
-            claimed.enter_context(claim(out, made, inputs, ns.overwrite, adopt=False))
+            stack.enter_context(claimed(out, made, inputs, ns.overwrite, adopt=False))
         res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
         if cfg.report:
             write_json(cfg.report, res)
