@@ -203,9 +203,8 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
 
 
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, resumable_h2h
-    prompts = nonempty([field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit],
-                       a.prompts, "prompts")
+    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, read_prompts, resumable_h2h
+    prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
     tmpl = load_pair_template(a.pair_template)
     made.update(a_fingerprint=model_fingerprint(a.a), b_fingerprint=model_fingerprint(a.b),
                 judge_fingerprint=model_fingerprint(a.judge), prompts_hash=file_hash(a.prompts),

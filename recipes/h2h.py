@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from selfreward.records import field, iter_jsonl
 from selfreward.recipes.judge import prompt_budget
 from selfreward.recipes.metrics import h2h_outcome
 from selfreward.recipes.prompts import chat_prompt_ids, fit_prompt, load_template
@@ -38,11 +39,14 @@ def load_pair_template(path: str | Path | None) -> str:
     return load_template(path or None, PAIR_TEMPLATE, ("instruction", "response_1", "response_2"), "pair template")
 
 
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The 'prompt' field of every record of a JSONL file (errors name file:line); the first `limit` (0: all)."""
+    return [field(r, "prompt", f"{path}:{i}") for i, r in iter_jsonl(path)][:limit or None]
+
+
 def parse_choice(text: str) -> int | None:
-    last = None
-    for m in _BETTER.finditer(text):
-        last = m
-    return int(last.group(1)) if last else None
+    found = _BETTER.findall(text)
+    return int(found[-1]) if found else None
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,

@@ -1,11 +1,7 @@
-"""The judge: an additive 5-point rubric (our wording), prompt building, score parsing, K-sample means and
-the expected score read from the next-token distribution over the digits "0".."5".
-
-A template is plain text with two placeholders, replaced literally (other braces are left alone):
-    {instruction}   the user's request
-    {response}      the reply to judge
-It must ask for a final line `Score: <n>`; the score is read from the LAST such line (see `parse_score`).
-The judge prompt is sent as one user turn through the chat template; the judgment is the assistant turn.
+"""The judge: an additive 5-point rubric (our wording), score parsing, K-sample means and the expected score
+read from the next-token distribution over the digits "0".."5". A rubric (recipes/prompts.py templates) has
+the slots {instruction} and {response} and asks for a final line `Score: <n>`; the judge prompt is one user
+turn, the judgment the assistant turn.
 """
 from __future__ import annotations
 
@@ -104,11 +100,7 @@ class JudgeConfig:
                                    # skip prompts whose candidates are all one text (they cannot pair)
     score_prefix: str = "Score:"
 
-    def __post_init__(self):
-        if self.k < 1 or self.max_tokens < 1:
-            raise TemplateError(f"judge k and max_tokens must be >= 1, got {self.k}, {self.max_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise TemplateError(f"judge temperature {self.temperature} must be >= 0 and top_p {self.top_p} in (0, 1]")
+    def __post_init__(self):   # the numbers are checked at the door (ranges.py)
         self.text = load_rubric(self.template)   # the rubric itself (not a field: the config keeps the name)
 
 
@@ -151,11 +143,12 @@ def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig,
             for j, g in enumerate(outs)]
 
 
-def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:") -> list[tuple[float, list[float]]]:
-    """Per judge prompt (chat ids): (expected score, P("0".."5")) with the judgment forced to begin with
-    `prefix` (recipes.prompts.option_probs). One scoring pass, no sampling."""
-    probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(6)])
-    return [(sum(d * q for d, q in enumerate(p)), p) for p in probs]
+def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:", lo: int = 0, hi: int = 5
+                    ) -> list[tuple[float, list[float]]]:
+    """Per prompt (chat ids): (expected score, P(lo..hi)) with the answer forced to begin with `prefix`
+    (recipes.prompts.option_probs). One scoring pass, no sampling."""
+    probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(lo, hi + 1)])
+    return [(sum((lo + d) * q for d, q in enumerate(p)), p) for p in probs]
 
 
 def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):

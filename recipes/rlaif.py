@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from selfreward.ranges import check_args
 from selfreward.records import DataError
+from selfreward.recipes.judge import expected_scores
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
@@ -124,10 +125,8 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     head, tails = forced_options(tok, t.ending, options)
     budget = engine.max_len - len(head) - max(map(len, tails)) - 2
     ids = [fit_prompt(tok, t.sample, {"context": c, "response": r}, budget, t.preamble)[0] for c, r in items]
-    records = []
-    for p in option_probs(engine, tok, ids, t.ending, options):
-        e = sum((i + 1) * q for i, q in enumerate(p))
-        records.append({"reward": (e - 5.5) / 4.5, "expected": e, "probs": p})
+    records = [{"reward": (e - 5.5) / 4.5, "expected": e, "probs": p}
+               for e, p in expected_scores(engine, tok, ids, t.ending, 1, 10)]
     return {"records": records, "prefill": prefill_since(engine, start), "tokens_per_option": [len(x) for x in tails]}
 
 
