@@ -149,19 +149,3 @@ def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:
     (recipes.prompts.option_probs). One scoring pass, no sampling."""
     probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(lo, hi + 1)])
     return [(sum((lo + d) * q for d, q in enumerate(p)), p) for p in probs]
-
-
-def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
-    """A judge function for recipes.oasst.build_eft: one judgment per item from the checkpoint."""
-    import dataclasses
-    from selfreward.infer.config import load_engine
-    engine = load_engine(str(model_dir), engine_cfg)
-    calls = [0]
-
-    def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
-        calls[0] += 1
-        base = cfg.seed + 100_003 * calls[0]
-        res = judge_items(engine, engine.tokenizer, items, dataclasses.replace(cfg, k=1, expected=False),
-                          [base + j for j in range(len(items))])
-        return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
-    return fn
