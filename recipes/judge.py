@@ -87,6 +87,14 @@ def mean_score(scores: Sequence[float | None]) -> float | None:
     return mean(ok) if ok else None
 
 
+def mean_scores(judgments: Sequence[dict], key: str = "score", unit=lambda j: (j["id"], j["sample"])) -> dict:
+    """unit(judgment) -> the mean_score of its judgments' `key` ("score", or "expected": the expected score)."""
+    by: dict = {}
+    for j in judgments:
+        by.setdefault(unit(j), []).append(j.get(key))
+    return {k: mean_score(v) for k, v in by.items()}
+
+
 @dataclass
 class JudgeConfig:
     k: int = 3                     # judgments sampled per response, scores averaged
