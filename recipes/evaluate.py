@@ -15,11 +15,10 @@ import hashlib
 from pathlib import Path
 
 from selfreward.provenance import file_hash, made_by, model_fingerprint
-from selfreward.ranges import check_args
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
-from selfreward.recipes.onestage import claimed, unit_records
+from selfreward.recipes.onestage import claimed, parse, unit_records
 
 
 def load_groups(path: str | Path) -> list[dict]:
@@ -96,16 +95,16 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from selfreward.infer.config import engine_from_flags, resolve_device
-    ap, engine_dests = _parser()
-    a = check_args(ap.parse_args(argv))
-    ecfg = engine_from_flags(a, engine_dests)
-    device, dtype = resolve_device(ecfg)     # a bad engine flag stops here, before any work
-    _check_flags(a)
-    made = {"cmd": a.cmd, "seed": a.seed, "dtype": str(dtype).removeprefix("torch."), "limit": a.limit}
+    from selfreward.provenance import check_not_input
+    a, ecfg, device, dtype = parse(argv, *_parser())
+    if a.cmd == "reward":
+        nonempty(load_groups(a.groups), a.groups, "groups")
+    check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
+                     if getattr(a, k, None)], [a.out])
+    made = {"cmd": a.cmd, "seed": a.seed, "dtype": dtype, "limit": a.limit}
 
     def done(res: dict) -> dict:             # called under the command's lock
-        res["settings"].update(device=device, dtype=made["dtype"])
+        res["settings"].update(device=device, dtype=dtype)
         write_json(a.out, res)
         return res
     return {"reward": _reward_cmd, "rm": _rm_cmd, "h2h": _h2h_cmd}[a.cmd](a, ecfg, made, done)
@@ -224,20 +223,6 @@ def judgments_path(out: str | Path) -> Path:
     """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
     out = Path(out)
     return out.with_name(out.name + ".judgments.jsonl")
-
-
-def _check_flags(a) -> None:
-    """The flags ranges.check_args has no rule for, checked before any work, the error naming the flag."""
-    from selfreward.cli import ConfigError
-    from selfreward.provenance import check_not_input
-    for flag in ("k", "limit"):
-        v = getattr(a, flag, None)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{flag} {v}: must be >= 1")
-    if a.cmd == "reward":
-        nonempty(load_groups(a.groups), a.groups, "groups")
-    check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
-                     if getattr(a, k, None)], [a.out])
 
 
 if __name__ == "__main__":

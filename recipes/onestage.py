@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
 from selfreward.provenance import claim
+from selfreward.ranges import ConfigError, check_args
 from selfreward.records import partial_path, read_jsonl
 from selfreward.units import run_units
 
@@ -41,3 +42,16 @@ def unit_records(out: str | Path, units: list[dict], load: Callable, fn: Callabl
             emit(i, [rec], tokens)
     run_units(Path(out), units, 1, key, work, chunk=chunk, progress=progress, unit=unit)
     return read_jsonl(out)
+
+
+def parse(argv: list[str] | None, ap, engine_dests: set[str]):
+    """The door of a hand-written command: ranges.check_args, then the counts it has no rule for (--k, --limit:
+    >= 1), then the engine flags -> (args, EngineConfig, device, dtype name), before any file is touched."""
+    from selfreward.infer.config import engine_from_flags, resolve_device
+    a = check_args(ap.parse_args(argv))
+    for flag in ("k", "limit"):
+        if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(a, flag)}: must be >= 1")
+    ecfg = engine_from_flags(a, engine_dests)
+    device, dtype = resolve_device(ecfg)
+    return a, ecfg, device, str(dtype).removeprefix("torch.")

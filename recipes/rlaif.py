@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.ranges import check_args
 from selfreward.records import DataError
 from selfreward.recipes.judge import expected_scores
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
@@ -170,12 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     `p_first`, ...) and a summary JSON beside them (position bias, prefill saved, agreement with human ranks if
     given). OUT follows the output rules of docs/guarantees.md (recipes/onestage.py)."""
     import argparse
-    from selfreward import cli
-    from selfreward.infer.config import add_engine_flags, engine_from_flags, resolve_device
+    from selfreward.infer.config import add_engine_flags
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
     from selfreward.records import nonempty, write_json
-    from selfreward.recipes.onestage import claimed, unit_records
+    from selfreward.recipes.onestage import claimed, parse, unit_records
     from selfreward.recipes.session import Session
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
@@ -193,12 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "flushed to OUT.partial once its chunk is done, so a killed run loses at most a chunk")
     ap.add_argument("--overwrite", action="store_true",
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
-    engine_dests = add_engine_flags(ap)
-    a = check_args(ap.parse_args(argv))
-    if a.limit is not None and a.limit < 1:     # ranges.check_args checks the other numbers
-        raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
-    ecfg = engine_from_flags(a, engine_dests)
-    dtype = str(resolve_device(ecfg)[1]).removeprefix("torch.")   # a bad engine flag stops here, before any file
+    a, ecfg, _, dtype = parse(argv, ap, add_engine_flags(ap))
     t = read_template(LabelTemplate, a.template)
     if a.groups:
         from selfreward.recipes.evaluate import load_groups
