@@ -77,13 +77,15 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+NAMES = {"pairwise_accuracy": "pairwise accuracy", "five_best": "5-best", "exact_match": "exact match",
+         "spearman": "Spearman", "kendall_tau": "Kendall tau"}
+
+
 def print_rm(res: dict, title: str = "") -> None:
-    names = [("pairwise_accuracy", "pairwise accuracy"), ("five_best", "5-best"), ("exact_match", "exact match"),
-             ("spearman", "Spearman"), ("kendall_tau", "Kendall tau")]
     cols = ["sampled"] + (["expected"] if res.get("expected") else [])
     print(title)
     print(f"| metric | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
-    for key, name in names:
+    for key, name in NAMES.items():
         print(f"| {name} | {' | '.join(_fmt(res[c][key]) for c in cols)} |")
     for key in ("groups_used", "pairs", "pairs_judge_tied"):
         print(f"| {key.replace('_', ' ')} | {' | '.join(str(res[c][key]) for c in cols)} |")
@@ -119,32 +121,26 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     rm.add_argument("--groups", required=True, help="groups JSONL from recipes.oasst (groups_eval.jsonl)")
     rm.add_argument("--judge-template")
     rm.add_argument("--k", type=int, default=3)
-    rm.add_argument("--temperature", type=float, default=0.7)
-    rm.add_argument("--top-p", type=float, default=0.9)
-    rm.add_argument("--max-tokens", type=int, default=256)
-    rm.add_argument("--expected", action="store_true", help="also the expected score from the digit distribution")
-    rm.add_argument("--limit", type=int, help="only the first N groups")
-    rm.add_argument("--chunk", type=int, default=64, help="replies judged per engine call; each reply's "
-                    "judgments reach OUT.judgments.jsonl.partial once its chunk is done (a killed run resumes)")
     hh = sub.add_parser("h2h", help="win / tie / loss of --a against --b, judged in both orders")
-    hh.add_argument("--a", required=True)
-    hh.add_argument("--b", required=True)
-    hh.add_argument("--judge", required=True)
+    for flag in ("--a", "--b", "--judge"):
+        hh.add_argument(flag, required=True)
     hh.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field")
     hh.add_argument("--pair-template")
-    hh.add_argument("--temperature", type=float, default=0.0, help="response sampling (0 = greedy)")
-    hh.add_argument("--top-p", type=float, default=1.0)
+    for p, temperature, top_p in ((rm, 0.7, 0.9), (hh, 0.0, 1.0)):   # h2h's replies: greedy by default
+        p.add_argument("--temperature", type=float, default=temperature)
+        p.add_argument("--top-p", type=float, default=top_p)
     hh.add_argument("--judge-temperature", type=float, default=0.0)
-    hh.add_argument("--max-tokens", type=int, default=256)
-    hh.add_argument("--limit", type=int)
-    hh.add_argument("--chunk", type=int, default=128, help="prompts per engine call; each prompt's replies and "
-                    "verdicts reach OUT.h2h/*.jsonl.partial once its chunk is done (a killed run resumes)")
+    rm.add_argument("--expected", action="store_true", help="also the expected score from the digit distribution")
     rw = sub.add_parser("reward", help="Table 4 metrics of a reward source (recipes.reward: rm, direct, judge)")
     rw.add_argument("--kind", choices=("rm", "direct", "judge"), default="rm")
     rw.add_argument("--model", required=True, help="the reward model, labeller or judge checkpoint")
     rw.add_argument("--groups", required=True)
-    rw.add_argument("--limit", type=int)
+    for p, chunk, what in ((rm, 64, "replies judged"), (hh, 128, "prompts answered and judged")):
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--chunk", type=int, default=chunk, help=f"{what} per engine call; each one's result "
+                       "reaches its file's .partial once its chunk is done (a killed run resumes)")
     for p in (rm, hh, rw):
+        p.add_argument("--limit", type=int, help="only the first N groups or prompts")
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true",
@@ -163,9 +159,8 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
                           load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
         res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
         m = res["metrics"]
-        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
-            f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman",
-                                          "kendall_tau")) + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
+        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(f"{k} {_fmt(m[k])}" for k in NAMES)
+              + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
         return done(res)
 
 

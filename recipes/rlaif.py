@@ -1,13 +1,6 @@
-"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels and direct 1-10 scores, both
-read as forced choices (recipes/prompts.py), never parsed from sampled text; the `label` CLI.
-
-A label prompt: the system turn is the PREAMBLE (one shared prefix: the engine's prefix cache computes it
-once), the user turn the sample (context, response 1, response 2), the assistant turn forced to begin with
-the ENDING ("Preferred response:"); the soft label is [P("1"), P("2")]. Each pair is labelled in both orders:
-P(response 1) is the mean of P("1") with it shown first and P("2") with it shown second, which cancels a
-position bias. With `cot` a rationale is sampled up to the ending and the label read after it. Direct
-scoring: forced "Score:", E = sum_i i * P(i) over "1".."10", reward (E - 5.5) / 4.5 in [-1, 1]. A JSON file
-with any fields of LabelTemplate / ScoreTemplate replaces the default template.
+"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels (both orders, optionally after
+a rationale) and direct 1-10 scores, both read as forced choices (recipes/prompts.py), never parsed from sampled
+text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
 from __future__ import annotations
 
