@@ -17,7 +17,7 @@ from typing import Sequence
 
 from rouge_score import rouge_scorer, tokenizers
 
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.records import DataError, field, iter_jsonl, nonempty
 from selfreward.recipes.segment import fold
 
 DEFAULT_KEYWORDS = ("image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "diagram",
@@ -43,11 +43,8 @@ class InstructConfig:
 
 
 def few_shot_text(examples: Sequence[str], header: str) -> str:
-    parts = [header, ""]
-    for i, ex in enumerate(examples, 1):
-        parts += [f"Request {i}:", ex.strip(), ""]
-    parts.append(f"Request {len(examples) + 1}:")
-    return "\n".join(parts) + "\n"
+    items = "".join(f"Request {i}:\n{ex.strip()}\n\n" for i, ex in enumerate(examples, 1))
+    return f"{header}\n\n{items}Request {len(examples) + 1}:\n"
 
 
 _NEXT = re.compile(r"\n\s*Request \d+\s*:")
@@ -74,10 +71,10 @@ def fit_shots(tok, shots: list[str], cfg: InstructConfig, limit: int) -> list[in
     shots = list(shots)
     while True:
         ids = tok.encode(few_shot_text(shots, cfg.header), bos=True)
-        if len(ids) <= limit or len(shots) <= 1:
-            if len(ids) > limit:
-                raise DataError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
+        if len(ids) <= limit:
             return ids
+        if len(shots) <= 1:
+            raise DataError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
         shots.remove(max(shots, key=len))
 
 
@@ -144,10 +141,7 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     from selfreward.infer.sequence import SamplingParams
     done = writer.records
     accepted = [r["prompt"] for r in done if r["verdict"] == "ok"]
-    filt = PromptFilter(list(seeds) + list(earlier), cfg)
-    for r in done:
-        if r["verdict"] == "ok":
-            filt.add(r["prompt"])
+    filt = PromptFilter(list(seeds) + list(earlier) + accepted, cfg)
     rnd = 1 + max((r["round"] for r in done), default=-1)
     limit = getattr(engine, "max_len", 1 << 30) - cfg.max_tokens - 1
     gen_pool = list(earlier) + accepted
@@ -184,9 +178,7 @@ def given_prompts(src, t: int, n: int, seed: int) -> list[dict]:
     if callable(src):
         rows = [(f"prompt_source({t})", r) for r in src(t, n, seed)]
     else:
-        lines = list(iter_jsonl(src))
-        if not lines:
-            raise DataError(f"{src}: no prompts")
+        lines = nonempty(list(iter_jsonl(src)), src, "prompts")
         pick = [lines[((t - 1) * n + j) % len(lines)] for j in range(min(n, len(lines)))] if n > 0 else lines
         rows = [(f"{src}:{line}", r) for line, r in pick]
     return [{"id": f"p{i}" if isinstance(r, str) else str(r.get("id", f"p{i}")),

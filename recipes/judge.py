@@ -69,16 +69,9 @@ def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
     is not followed by a number ("Score: 3 ... Score: N/A" is None, not 3), or when the number lies outside
     [lo, hi] ("Score: 45" is 45, out of range, not 4). Case-insensitive; `Score:4`, `Score: **4**`,
     `Score: 4.5`, `Score: 5/5` and `Score: 3.` are read as 4, 4, 4.5, 5 and 3."""
-    last = None
-    for m in _LABEL.finditer(text):
-        last = m
-    if last is None:
-        return None
-    num = _NUMBER.match(text, last.end())
-    if num is None:
-        return None
-    v = float(num.group(1))
-    return v if lo <= v <= hi else None
+    labels = list(_LABEL.finditer(text))
+    num = _NUMBER.match(text, labels[-1].end()) if labels else None
+    return float(num.group(1)) if num and lo <= float(num.group(1)) <= hi else None
 
 
 def mean_score(scores: Sequence[float | None]) -> float | None:
