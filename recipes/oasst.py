@@ -109,11 +109,6 @@ def ift_pairs(roots: list[Node], lang: str | None = "en") -> list[dict]:
     return out
 
 
-def _transcript(path: list[Node]) -> str:
-    who = {"prompter": "User", "assistant": "Assistant"}
-    return "\n\n".join(f"{who[n.role]}: {n.text}" for n in path)
-
-
 def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: bool = True) -> list[dict]:
     """Prompts with 2+ human-ranked assistant replies: {id, prompt, replies: [{text, rank}]}.
     Deeper groups (first_turn_only=False) carry the conversation so far as a transcript in `prompt`."""
@@ -125,7 +120,8 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
             ranked = [c for c in n.replies if c.role == "assistant" and c.rank is not None and kept(c, lang)]
             if len(ranked) >= 2:
                 ranked.sort(key=lambda c: c.rank)
-                out.append({"id": n.id, "prompt": n.text if len(path) == 1 else _transcript(path),
+                talk = "\n\n".join(f"{'User' if m.role == 'prompter' else 'Assistant'}: {m.text}" for m in path)
+                out.append({"id": n.id, "prompt": n.text if len(path) == 1 else talk,
                             "turn": len(path) // 2 + 1,
                             "replies": [{"text": c.text, "rank": c.rank} for c in ranked]})
         if not first_turn_only:
@@ -169,7 +165,7 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
     """EFT examples: each group's replies judged once per try; a group's judgments are kept (first try that
     agrees) only where their scores order the replies as the humans did. Then the most common score is
     down-sampled to the count of the next most common one. Returns (examples, stats)."""
-    kept: list[dict] = []
+    examples: list[dict] = []
     stats = Counter(groups=len(groups), judgments=0, unparsable=0, groups_kept=0)
     for g in groups:
         items = [(g["prompt"], r["text"]) for r in g["replies"]]
@@ -180,23 +176,19 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
             stats["unparsable"] += sum(s is None for _, _, s in judged)
             if agrees_with_humans(ranks, [s for _, _, s in judged]):
                 stats["groups_kept"] += 1
-                kept += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": j}],
-                          "score": s, "group": g["id"], "rank": rk} for (p, j, s), rk in zip(judged, ranks)]
+                examples += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": j}],
+                              "score": s, "group": g["id"], "rank": rk} for (p, j, s), rk in zip(judged, ranks)]
                 break
-    hist = Counter(e["score"] for e in kept)
-    stats["examples_before_downsample"] = len(kept)
+    hist = Counter(e["score"] for e in examples)
+    stats["examples_before_downsample"] = len(examples)
     if downsample and len(hist) >= 2:
         (top, n_top), (_, n_next) = hist.most_common(2)
-        rng = random.Random(seed)
-        idx = [i for i, e in enumerate(kept) if e["score"] == top]
-        drop = set(rng.sample(idx, n_top - n_next))
-        kept = [e for i, e in enumerate(kept) if i not in drop]
-        stats["downsampled_score"] = top
-        stats["downsampled_dropped"] = len(drop)
-    stats["examples"] = len(kept)
-    out = dict(stats)
-    out["score_histogram"] = {str(k): v for k, v in sorted(Counter(e["score"] for e in kept).items())}
-    return kept, out
+        idx = [i for i, e in enumerate(examples) if e["score"] == top]
+        drop = set(random.Random(seed).sample(idx, n_top - n_next))
+        examples = [e for i, e in enumerate(examples) if i not in drop]
+        stats["downsampled_score"], stats["downsampled_dropped"] = top, len(drop)
+    stats["examples"], hist = len(examples), Counter(e["score"] for e in examples)
+    return examples, {**stats, "score_histogram": {str(k): v for k, v in sorted(hist.items())}}
 
 
 def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
