@@ -5,11 +5,12 @@ text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.records import DataError
+from selfreward.records import DataError, field, iter_jsonl
 from selfreward.recipes.judge import expected_scores
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
@@ -127,20 +128,16 @@ def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
     in `human` order only (the labeller sees response_1 / response_2 as written here)."""
     out = []
     for g in groups:
-        reps = g["replies"]
-        for i in range(len(reps)):
-            for j in range(i + 1, len(reps)):
-                if reps[i]["rank"] != reps[j]["rank"]:
-                    out.append({"id": f"{g.get('id', len(out))}:{i}:{j}", "prompt": g["prompt"],
-                                "response_1": reps[i]["text"], "response_2": reps[j]["text"],
-                                "human_ranks": [reps[i]["rank"], reps[j]["rank"]]})
+        for (i, a), (j, b) in combinations(enumerate(g["replies"]), 2):
+            if a["rank"] != b["rank"]:
+                out.append({"id": f"{g.get('id', len(out))}:{i}:{j}", "prompt": g["prompt"], "response_1": a["text"],
+                            "response_2": b["text"], "human_ranks": [a["rank"], b["rank"]]})
     return out[:limit]
 
 
 def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     """--pairs JSONL -> the first `limit` pairs, each checked (file:line and field named); a pair without an
     `id` gets its 0-based place in the file, and ids must be unique (they key the resumable output)."""
-    from selfreward.records import field, iter_jsonl
     pairs, seen = [], {}
     for i, r in iter_jsonl(path):
         for k in ("prompt", "response_1", "response_2"):
