@@ -85,8 +85,7 @@ def h2h_result(prompts: list[str], resp_a: list[str], resp_b: list[str], verdict
     records = [{"prompt": prompts[v["i"]], "a": resp_a[v["i"]], "b": resp_b[v["i"]], "a_first": v["a_first"],
                 "b_first": v["b_first"], "outcome": h2h_outcome(v["a_first"], v["b_first"])} for v in verdicts]
     c = Counter(r["outcome"] for r in records)
-    return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
-            "loss": c["loss"] / n if n else None, "n": n,
+    return {**{k: c[k] / n if n else None for k in ("win", "tie", "loss")}, "n": n,
             "no_verdict": sum((v["a_first"] is None) + (v["b_first"] is None) for v in verdicts),
             "prompts_cut": sum(v["prompts_cut"] for v in verdicts), "records": records}
 
