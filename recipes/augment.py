@@ -1,10 +1,7 @@
-"""The unlabelled side of instruction backtranslation (recipes/humpback.py's stages `segments` and `augment`):
-the segments of the unlabelled files (recipes/segment.py) and, for each, one instruction sampled from the
-backward model M_yx with the segment as the user turn (cut to fit the context, marked `output_cut`).
-
-RUN/segments.jsonl: {"id", "text", "source" ('file:line' of the document)}; RUN/candidates.jsonl: {"id",
-"instruction", "output", "source", "n_tokens", "finish_reason", "output_cut"}, one per segment, in segment
-order; resumable and shardable (selfreward.units.run_units), each segment seeded by its index.
+"""Humpback's unlabelled side (recipes/humpback.py's stages `segments` and `augment`): the segments of the
+unlabelled files (recipes/segment.py) and, for each, one instruction sampled from the backward model M_yx with
+the segment as the user turn (cut to fit the context: `output_cut`); resumable and shardable, each segment
+seeded by its index.
 """
 from __future__ import annotations
 

@@ -1,17 +1,14 @@
-"""Self-curation for instruction backtranslation: the forward model rates each candidate (instruction,
-output) pair on a 5-point quality scale; the pairs scoring >= k are kept (A_k).
-
-The rubric below is our own wording; `--curate-template FILE` replaces it (a file with the placeholders
-{instruction} and {response}, asking for a final line `Score: <n>`, as recipes/judge.py reads). A pair's
-score is the mean of its K sampled scores (those that parse), or with `--curate-score-from expected` the
-expected score from the digit distribution after "Score:" (recipes.judge.expected_scores).
+"""Self-curation for instruction backtranslation (recipes/README.md, step 5): the forward model rates each
+candidate (instruction, output) pair on a 5-point scale (our wording; `--curate-template FILE` replaces it:
+{instruction}, {response}, a final `Score: <n>` line); a pair's score is the mean of its K parsed ratings, or
+the expected score (`--curate-score-from expected`); the pairs scoring >= k are A_k.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from selfreward.recipes.judge import JudgeConfig, load_rubric, mean_score
+from selfreward.recipes.judge import JudgeConfig, load_rubric, mean_scores
 
 CURATE_TEMPLATE = """\
 Below is a request and a text offered as the answer to it. Decide how good a training example the two make \
@@ -56,10 +53,7 @@ class CurateConfig:
 
 def pair_scores(scores: list[dict], score_from: str) -> dict[str, float | None]:
     """Candidate id -> its score (mean of its parsed samples, or the expected score); None: none parsed."""
-    by: dict[str, list] = {}
-    for r in scores:
-        by.setdefault(r["id"], []).append(r["expected"] if score_from == "expected" else r["score"])
-    return {i: mean_score(v) for i, v in by.items()}
+    return mean_scores(scores, "expected" if score_from == "expected" else "score", lambda r: r["id"])
 
 
 def select(cands: list[dict], score: dict[str, float | None], k: float) -> list[dict]:

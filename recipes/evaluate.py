@@ -14,10 +14,11 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from selfreward.ranges import check_args
+from selfreward.provenance import file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
+from selfreward.recipes.onestage import claimed, parse, unit_records
 
 
 def load_groups(path: str | Path) -> list[dict]:
@@ -33,17 +34,20 @@ def load_groups(path: str | Path) -> list[dict]:
     return out
 
 
-def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False,
-            store: str | Path | None = None, chunk: int = 64) -> dict:
+def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
     """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
-    compute the metrics. Returns {"sampled": metrics, "expected": metrics | None, "records": per reply}.
-    `store`: a JSONL file the judgments are kept in, `chunk` replies at a time, each reply's as soon as its
-    chunk is done (selfreward.units.run_units), so a killed run's rerun judges only the replies not yet
-    there; reply j is judged from seed + j * K either way."""
-    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
-    seeds = [cfg.seed + j * cfg.k for j in range(len(items))]
-    res = judge_items(engine, tok, items, cfg, seeds, progress) if store is None else \
-        _stored_judgments(engine, tok, items, cfg, seeds, Path(store), chunk, progress)
+    compute the metrics: rm_result. Reply j is judged from seed + j * K."""
+    items = reply_items(groups)
+    return rm_result(groups, cfg, judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k
+                                                                        for j in range(len(items))], progress))
+
+
+def reply_items(groups: list[dict]) -> list[tuple[str, str]]:
+    return [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+
+
+def rm_result(groups: list[dict], cfg: JudgeConfig, res: list[Judged]) -> dict:
+    """{"sampled": metrics, "expected": metrics | None, "records": per reply, counts} from each reply's Judged."""
     it = iter(res)                   # zip takes a group's replies first: `it` advances by the group's size
     per_group = [[{"group": g.get("id"), "rank": r["rank"], "scores": [s for _, s in j.samples],
                    "mean": mean_score([s for _, s in j.samples]), "judgment": j.samples[0][0],
@@ -58,27 +62,10 @@ def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = 
             "records": [r for rs in per_group for r in rs]}
 
 
-def _stored_judgments(engine, tok, items, cfg: JudgeConfig, seeds: list[int], store: Path, chunk: int,
-                      progress: bool) -> list:
-    from selfreward.records import read_jsonl
-    from selfreward.units import run_units
-
-    def work(batch, emit) -> None:
-        js, gen = [j for j, _ in batch], engine.stats["generated"]
-        got = judge_items(engine, tok, [items[j] for j in js], cfg, [seeds[j] for j in js])
-        per = (engine.stats["generated"] - gen) // max(1, len(js))
-        for j, r in zip(js, got):
-            emit(j, [{"j": j, "samples": [list(x) for x in r.samples], "prompt_cut": r.prompt_cut,
-                      "expected": r.expected}], per)
-    run_units(store, [{"j": j} for j in range(len(items))], 1, lambda r: r["j"], work, chunk=chunk,
-              progress="evaluate rm" if progress else "", unit="replies")
-    return [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"]) for r in read_jsonl(store)]
-
-
 def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
     """Table 4 metrics of any recipes.reward source: each reply's reward as its score. `perfect`: the best
     grade, for the 5-best metric (None for an unbounded RM score)."""
-    items = [(g["prompt"], r["text"]) for g in groups for r in g["replies"]]
+    items = reply_items(groups)
     scores = reward([i for i, _ in items], [r for _, r in items])
     it = iter(scores)
     ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
@@ -90,13 +77,15 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+NAMES = {"pairwise_accuracy": "pairwise accuracy", "five_best": "5-best", "exact_match": "exact match",
+         "spearman": "Spearman", "kendall_tau": "Kendall tau"}
+
+
 def print_rm(res: dict, title: str = "") -> None:
-    names = [("pairwise_accuracy", "pairwise accuracy"), ("five_best", "5-best"), ("exact_match", "exact match"),
-             ("spearman", "Spearman"), ("kendall_tau", "Kendall tau")]
     cols = ["sampled"] + (["expected"] if res.get("expected") else [])
     print(title)
     print(f"| metric | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
-    for key, name in names:
+    for key, name in NAMES.items():
         print(f"| {name} | {' | '.join(_fmt(res[c][key]) for c in cols)} |")
     for key in ("groups_used", "pairs", "pairs_judge_tied"):
         print(f"| {key.replace('_', ' ')} | {' | '.join(str(res[c][key]) for c in cols)} |")
@@ -108,16 +97,16 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from selfreward.infer.config import engine_from_flags, resolve_device
-    ap, engine_dests = _parser()
-    a = check_args(ap.parse_args(argv))
-    ecfg = engine_from_flags(a, engine_dests)
-    device, dtype = resolve_device(ecfg)     # a bad engine flag stops here, before any work
-    _check_flags(a)
-    made = {"cmd": a.cmd, "seed": a.seed, "dtype": str(dtype).removeprefix("torch."), "limit": a.limit}
+    from selfreward.provenance import check_not_input
+    a, ecfg, device, dtype = parse(argv, *_parser())
+    if a.cmd == "reward":
+        nonempty(load_groups(a.groups), a.groups, "groups")
+    check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
+                     if getattr(a, k, None)], [a.out])
+    made = {"cmd": a.cmd, "seed": a.seed, "dtype": dtype, "limit": a.limit}
 
     def done(res: dict) -> dict:             # called under the command's lock
-        res["settings"].update(device=device, dtype=made["dtype"])
+        res["settings"].update(device=device, dtype=dtype)
         write_json(a.out, res)
         return res
     return {"reward": _reward_cmd, "rm": _rm_cmd, "h2h": _h2h_cmd}[a.cmd](a, ecfg, made, done)
@@ -132,32 +121,26 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     rm.add_argument("--groups", required=True, help="groups JSONL from recipes.oasst (groups_eval.jsonl)")
     rm.add_argument("--judge-template")
     rm.add_argument("--k", type=int, default=3)
-    rm.add_argument("--temperature", type=float, default=0.7)
-    rm.add_argument("--top-p", type=float, default=0.9)
-    rm.add_argument("--max-tokens", type=int, default=256)
-    rm.add_argument("--expected", action="store_true", help="also the expected score from the digit distribution")
-    rm.add_argument("--limit", type=int, help="only the first N groups")
-    rm.add_argument("--chunk", type=int, default=64, help="replies judged per engine call; each reply's "
-                    "judgments reach OUT.judgments.jsonl.partial once its chunk is done (a killed run resumes)")
     hh = sub.add_parser("h2h", help="win / tie / loss of --a against --b, judged in both orders")
-    hh.add_argument("--a", required=True)
-    hh.add_argument("--b", required=True)
-    hh.add_argument("--judge", required=True)
+    for flag in ("--a", "--b", "--judge"):
+        hh.add_argument(flag, required=True)
     hh.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field")
     hh.add_argument("--pair-template")
-    hh.add_argument("--temperature", type=float, default=0.0, help="response sampling (0 = greedy)")
-    hh.add_argument("--top-p", type=float, default=1.0)
+    for p, temperature, top_p in ((rm, 0.7, 0.9), (hh, 0.0, 1.0)):   # h2h's replies: greedy by default
+        p.add_argument("--temperature", type=float, default=temperature)
+        p.add_argument("--top-p", type=float, default=top_p)
     hh.add_argument("--judge-temperature", type=float, default=0.0)
-    hh.add_argument("--max-tokens", type=int, default=256)
-    hh.add_argument("--limit", type=int)
-    hh.add_argument("--chunk", type=int, default=128, help="prompts per engine call; each prompt's replies and "
-                    "verdicts reach OUT.h2h/*.jsonl.partial once its chunk is done (a killed run resumes)")
+    rm.add_argument("--expected", action="store_true", help="also the expected score from the digit distribution")
     rw = sub.add_parser("reward", help="Table 4 metrics of a reward source (recipes.reward: rm, direct, judge)")
     rw.add_argument("--kind", choices=("rm", "direct", "judge"), default="rm")
     rw.add_argument("--model", required=True, help="the reward model, labeller or judge checkpoint")
     rw.add_argument("--groups", required=True)
-    rw.add_argument("--limit", type=int)
+    for p, chunk, what in ((rm, 64, "replies judged"), (hh, 128, "prompts answered and judged")):
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--chunk", type=int, default=chunk, help=f"{what} per engine call; each one's result "
+                       "reaches its file's .partial once its chunk is done (a killed run resumes)")
     for p in (rm, hh, rw):
+        p.add_argument("--limit", type=int, help="only the first N groups or prompts")
         p.add_argument("--out", required=True, help="JSON file for the results")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true",
@@ -168,42 +151,45 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
 
 def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.infer.config import resolve_device
-    from selfreward.provenance import claim, file_hash, model_fingerprint
     from selfreward.recipes.reward import load_reward
-    out, (device, dtype) = Path(a.out), resolve_device(ecfg)
+    device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
-    with claim(out, made, [a.groups], a.overwrite, clear=lambda: out.unlink(missing_ok=True)):
+    with claimed(a.out, made, [a.groups], a.overwrite):
         res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
                           load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
         res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
         m = res["metrics"]
-        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(
-            f"{k} {_fmt(m[k])}" for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman",
-                                          "kendall_tau")) + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
+        print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(f"{k} {_fmt(m[k])}" for k in NAMES)
+              + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
         return done(res)
 
 
 def _rm_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.provenance import claim, file_hash, model_fingerprint
     from selfreward.recipes.session import Session
-    from selfreward.records import partial_path
-    out = Path(a.out)
     groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
     cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
                       template=a.judge_template or "default", expected=a.expected)
-    made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), k=a.k,
-                temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, expected=a.expected,
+    made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
-    store = judgments_path(out)      # the resumable judgments: the claimed output, its record beside it
+    items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
 
-    def clear() -> None:
-        for f in (store, partial_path(store), out):
-            f.unlink(missing_ok=True)
-    inputs = [a.groups] + ([a.judge_template] if a.judge_template and Path(a.judge_template).is_file() else [])
-    with claim(store, made, inputs, a.overwrite, clear=clear):
+    def load():
         engine, tok = Session(ecfg).get(a.judge)
         check_fits(engine, tok, cfg)
-        res = rm_eval(engine, tok, groups, cfg, progress=True, store=store, chunk=a.chunk)
+        return engine, tok
+
+    def judge(engine, tok, batch):           # reply j judged from seed + j * K, as rm_eval
+        js, gen = [j for j, _ in batch], engine.stats["generated"]
+        got = judge_items(engine, tok, [items[j] for j in js], cfg, [cfg.seed + j * cfg.k for j in js])
+        per = (engine.stats["generated"] - gen) // len(js)
+        return [({"i": j, "samples": r.samples, "prompt_cut": r.prompt_cut, "expected": r.expected}, per)
+                for j, r in zip(js, got)]
+    inputs = [a.groups] + ([a.judge_template] if a.judge_template and Path(a.judge_template).is_file() else [])
+    with claimed(store, made, inputs, a.overwrite, also=[a.out]):
+        recs = unit_records(store, [{"i": j} for j in range(len(items))], load, judge, a.chunk, "evaluate rm",
+                            "replies")
+        res = rm_result(groups, cfg, [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"])
+                                      for r in recs])
         res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
                            "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
@@ -211,25 +197,16 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
 
 
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.provenance import claim, file_hash, model_fingerprint
-    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, resumable_h2h
-    out = Path(a.out)
-    prompts = nonempty([field(r, "prompt", f"{a.prompts}:{i}") for i, r in iter_jsonl(a.prompts)][:a.limit],
-                       a.prompts, "prompts")
+    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, read_prompts, resumable_h2h
+    prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
     tmpl = load_pair_template(a.pair_template)
     made.update(a_fingerprint=model_fingerprint(a.a), b_fingerprint=model_fingerprint(a.b),
                 judge_fingerprint=model_fingerprint(a.judge), prompts_hash=file_hash(a.prompts),
                 template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
                 top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
     inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
-    work = h2h_work_dir(out)         # the resumable parts (A's and B's replies, the verdicts) and the record
-
-    def clear() -> None:             # the folder's files, not its lock (held now)
-        for f in list(work.iterdir()) if work.is_dir() else []:
-            if f.name != ".lock":
-                f.unlink()
-        out.unlink(missing_ok=True)
-    with claim(work, made, inputs, a.overwrite, folder=True, clear=clear):
+    work = h2h_work_dir(a.out)       # the resumable parts (A's and B's replies, the verdicts) and the record
+    with claimed(work, made, inputs, a.overwrite, folder=True, also=[a.out]):
         res = resumable_h2h(a, ecfg, prompts, tmpl, work)
         res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
@@ -241,20 +218,6 @@ def judgments_path(out: str | Path) -> Path:
     """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
     out = Path(out)
     return out.with_name(out.name + ".judgments.jsonl")
-
-
-def _check_flags(a) -> None:
-    """The flags ranges.check_args has no rule for, checked before any work, the error naming the flag."""
-    from selfreward.cli import ConfigError
-    from selfreward.provenance import check_not_input
-    for flag in ("k", "limit"):
-        v = getattr(a, flag, None)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{flag} {v}: must be >= 1")
-    if a.cmd == "reward":
-        nonempty(load_groups(a.groups), a.groups, "groups")
-    check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
-                     if getattr(a, k, None)], [a.out])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from selfreward.records import field, iter_jsonl
 from selfreward.recipes.judge import prompt_budget
 from selfreward.recipes.metrics import h2h_outcome
 from selfreward.recipes.prompts import chat_prompt_ids, fit_prompt, load_template
@@ -38,11 +39,14 @@ def load_pair_template(path: str | Path | None) -> str:
     return load_template(path or None, PAIR_TEMPLATE, ("instruction", "response_1", "response_2"), "pair template")
 
 
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The 'prompt' field of every record of a JSONL file (errors name file:line); the first `limit` (0: all)."""
+    return [field(r, "prompt", f"{path}:{i}") for i, r in iter_jsonl(path)][:limit or None]
+
+
 def parse_choice(text: str) -> int | None:
-    last = None
-    for m in _BETTER.finditer(text):
-        last = m
-    return int(last.group(1)) if last else None
+    found = _BETTER.findall(text)
+    return int(found[-1]) if found else None
 
 
 def generate_responses(engine, tok, prompts: list[str], temperature: float, top_p: float, max_tokens: int,
@@ -81,8 +85,7 @@ def h2h_result(prompts: list[str], resp_a: list[str], resp_b: list[str], verdict
     records = [{"prompt": prompts[v["i"]], "a": resp_a[v["i"]], "b": resp_b[v["i"]], "a_first": v["a_first"],
                 "b_first": v["b_first"], "outcome": h2h_outcome(v["a_first"], v["b_first"])} for v in verdicts]
     c = Counter(r["outcome"] for r in records)
-    return {"win": c["win"] / n if n else None, "tie": c["tie"] / n if n else None,
-            "loss": c["loss"] / n if n else None, "n": n,
+    return {**{k: c[k] / n if n else None for k in ("win", "tie", "loss")}, "n": n,
             "no_verdict": sum((v["a_first"] is None) + (v["b_first"] is None) for v in verdicts),
             "prompts_cut": sum(v["prompts_cut"] for v in verdicts), "records": records}
 
@@ -104,21 +107,17 @@ def h2h_work_dir(out: str | Path) -> Path:
 
 
 def resumable_h2h(a, ecfg, prompts: list[str], tmpl: str, work: Path) -> dict:
-    """`evaluate h2h`: A's replies, B's replies, then the verdicts, each a resumable file of units
-    (selfreward.units.run_units, a unit a prompt): a killed run's rerun does only what is missing; one
-    model in memory at a time."""
+    """`evaluate h2h`: A's replies, B's replies, then the verdicts, each a resumable file in `work`, a unit a
+    prompt (recipes.onestage.unit_records): a killed run's rerun does only what is missing; one model in
+    memory at a time."""
+    from selfreward.recipes.onestage import unit_records
     from selfreward.recipes.session import Session
-    from selfreward.records import read_jsonl
-    from selfreward.units import run_units
     n, units, session = len(prompts), [{"i": i} for i in range(len(prompts))], Session(ecfg)
 
     def stage(name: str, model: str, fn) -> list[dict]:
-        def work_fn(batch, emit) -> None:     # the model is loaded only when a unit is left
-            for r in fn(*session.get(model), [i for i, _ in batch]):
-                emit(r["i"], [r])
-        run_units(work / f"{name}.jsonl", units, 1, lambda r: r["i"], work_fn, chunk=a.chunk,
-                  progress=f"h2h {name}", unit="prompts")
-        return read_jsonl(work / f"{name}.jsonl")
+        return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
+                            lambda eng, tok, batch: [(r, 0) for r in fn(eng, tok, [i for i, _ in batch])],
+                            a.chunk, f"h2h {name}", "prompts")
 
     def replies(eng, tok, idx):
         texts = generate_responses(eng, tok, [prompts[i] for i in idx], a.temperature, a.top_p, a.max_tokens,

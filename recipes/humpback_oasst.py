@@ -12,7 +12,6 @@ replies to one prompt, the share where the rank-0 reply scored higher, lower, or
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -29,20 +28,13 @@ class OasstHumpbackConfig(HumpbackConfig):
     oasst_lang: str = "en"            # "" = any language
 
 
-def _seed_tree(root_id: str, frac: float, seed: int) -> bool:
-    return int(hashlib.sha1(f"{seed}:{root_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
-
-
 def write_data(cfg: OasstHumpbackConfig, out: Path) -> tuple[Path, Path, Path]:
     """-> (seed pairs, unlabelled replies {"text"}, hidden truth {"prompt", "group", "rank"} line by line)."""
-    from selfreward.recipes.oasst import ift_pairs, load_messages
-    roots = load_messages(cfg.oasst_input)
-    lang = cfg.oasst_lang or None
-    seed_roots = [r for r in roots if _seed_tree(r.id, cfg.oasst_seed_frac, cfg.seed)]
-    rest = [r for r in roots if not _seed_tree(r.id, cfg.oasst_seed_frac, cfg.seed)]
-    seed = ift_pairs(seed_roots, lang)
-    replies = [(r, c) for r in rest if r.role == "prompter" and not r.deleted and (lang is None or r.lang == lang)
-               for c in r.replies if c.role == "assistant" and not c.deleted and (lang is None or c.lang == lang)]
+    from selfreward.recipes.oasst import held_out, ift_pairs, kept, load_messages
+    roots, lang = load_messages(cfg.oasst_input), cfg.oasst_lang or None
+    seed = ift_pairs([r for r in roots if held_out(r.id, cfg.oasst_seed_frac, cfg.seed)], lang)
+    replies = [(r, c) for r in roots if not held_out(r.id, cfg.oasst_seed_frac, cfg.seed) and r.role == "prompter"
+               and kept(r, lang) for c in r.replies if c.role == "assistant" and kept(c, lang)]
     if not seed or not replies:
         raise DataError(f"{cfg.oasst_input}: {len(seed)} seed pairs and {len(replies)} unlabelled replies "
                         f"(need both; try another --oasst-seed-frac)")
@@ -68,20 +60,16 @@ def report(hc: HumpbackConfig, hidden: list[dict]) -> dict:
                 h = truth(c)
                 by_reply.setdefault((h["group"], h["rank"], c["source"]), []).append(per[c["id"]])
         score = {k: mean(v) for k, v in by_reply.items()}
-        top = [v for (g, r, _), v in score.items() if r == 0]
-        low = [v for (g, r, _), v in score.items() if r is not None and r > 0]
-        hi = lo = tie = 0
-        for (g, r, _), v in score.items():
-            if r != 0:
-                continue
-            for (g2, r2, _), v2 in score.items():
-                if g2 == g and r2 is not None and r2 > 0:
-                    hi, lo, tie = hi + (v > v2), lo + (v < v2), tie + (v == v2)
-        n = hi + lo + tie
+        top = [v for (_, r, _), v in score.items() if r == 0]
+        low = [v for (_, r, _), v in score.items() if (r or 0) > 0]
+        pairs = [(v, w) for (g, r, _), v in score.items() if r == 0
+                 for (g2, r2, _), w in score.items() if g2 == g and (r2 or 0) > 0]
+        n = len(pairs)
         out["iterations"][t] = {"mean_score_rank0": mean(top) if top else None,
                                 "mean_score_lower_ranked": mean(low) if low else None, "rank_pairs": n,
-                                "rank0_higher": hi / n if n else None, "rank0_lower": lo / n if n else None,
-                                "tied": tie / n if n else None}
+                                **{k: sum(map(f, pairs)) / n if n else None for k, f in (
+                                    ("rank0_higher", lambda p: p[0] > p[1]), ("rank0_lower", lambda p: p[0] < p[1]),
+                                    ("tied", lambda p: p[0] == p[1]))}}
     return out
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from rouge_score import rouge_scorer, tokenizers
 
-from selfreward.records import DataError
+from selfreward.records import DataError, field, iter_jsonl, nonempty
+from selfreward.recipes.segment import fold
 
 DEFAULT_KEYWORDS = ("image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "diagram",
                     "flowchart", "video", "audio", "music", "draw", "plot", "file", "files", "map", "maps",
@@ -36,17 +37,14 @@ class InstructConfig:
     rouge_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
-    keywords: tuple[str, ...] = field(default=DEFAULT_KEYWORDS)
+    keywords: tuple[str, ...] = DEFAULT_KEYWORDS
     header: str = "Here are some requests that users sent to an AI assistant."
     seed: int = 0
 
 
 def few_shot_text(examples: Sequence[str], header: str) -> str:
-    parts = [header, ""]
-    for i, ex in enumerate(examples, 1):
-        parts += [f"Request {i}:", ex.strip(), ""]
-    parts.append(f"Request {len(examples) + 1}:")
-    return "\n".join(parts) + "\n"
+    items = "".join(f"Request {i}:\n{ex.strip()}\n\n" for i, ex in enumerate(examples, 1))
+    return f"{header}\n\n{items}Request {len(examples) + 1}:\n"
 
 
 _NEXT = re.compile(r"\n\s*Request \d+\s*:")
@@ -73,15 +71,11 @@ def fit_shots(tok, shots: list[str], cfg: InstructConfig, limit: int) -> list[in
     shots = list(shots)
     while True:
         ids = tok.encode(few_shot_text(shots, cfg.header), bos=True)
-        if len(ids) <= limit or len(shots) <= 1:
-            if len(ids) > limit:
-                raise DataError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
+        if len(ids) <= limit:
             return ids
+        if len(shots) <= 1:
+            raise DataError(f"one few-shot example alone takes {len(ids)} tokens; the limit is {limit}")
         shots.remove(max(shots, key=len))
-
-
-def _norm(s: str) -> str:
-    return " ".join(s.lower().split())
 
 
 class PromptFilter:
@@ -102,7 +96,7 @@ class PromptFilter:
     def add(self, text: str) -> None:
         self.texts.append(text)
         self.bags.append(Counter(self.tok.tokenize(text)))
-        self.seen.add(_norm(text))
+        self.seen.add(fold(text))
 
     def max_rouge(self, text: str) -> float:
         """Max ROUGE-L F over the pool. The LCS is at most the bag-of-words overlap, so pool texts whose
@@ -128,7 +122,7 @@ class PromptFilter:
             return "too_short", None
         if words > self.cfg.max_words:
             return "too_long", None
-        if _norm(text) in self.seen:
+        if fold(text) in self.seen:
             return "duplicate", None
         if self.kw is not None and self.kw.search(text):
             return "keyword", None
@@ -147,17 +141,13 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     from selfreward.infer.sequence import SamplingParams
     done = writer.records
     accepted = [r["prompt"] for r in done if r["verdict"] == "ok"]
-    filt = PromptFilter(list(seeds) + list(earlier), cfg)
-    for r in done:
-        if r["verdict"] == "ok":
-            filt.add(r["prompt"])
+    filt = PromptFilter(list(seeds) + list(earlier) + accepted, cfg)
     rnd = 1 + max((r["round"] for r in done), default=-1)
     limit = getattr(engine, "max_len", 1 << 30) - cfg.max_tokens - 1
     gen_pool = list(earlier) + accepted
     while len(accepted) < n and rnd < cfg.max_rounds:
         rng = random.Random(cfg.seed * 1_000_003 + rnd)
         ids = [fit_shots(tok, pick_shots(rng, seeds, gen_pool, cfg), cfg, limit) for _ in range(cfg.batch)]
-        # one seed per row (round r, row j -> base + r * batch + j): rows sharing a stream are correlated
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                  seed=cfg.seed * 1_000_003 + rnd * cfg.batch + j, stop=("\nRequest",))
                   for j in range(len(ids))]
@@ -185,13 +175,10 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
 def given_prompts(src, t: int, n: int, seed: int) -> list[dict]:
     """Iteration t's prompt records from a JSONL file of {"id"?, "prompt"} (its t-th block of n records,
     wrapping around) or a function fn(t, n, seed) -> [str | {"id", "prompt"}]."""
-    from selfreward.records import DataError, field, iter_jsonl
     if callable(src):
         rows = [(f"prompt_source({t})", r) for r in src(t, n, seed)]
     else:
-        lines = list(iter_jsonl(src))
-        if not lines:
-            raise DataError(f"{src}: no prompts")
+        lines = nonempty(list(iter_jsonl(src)), src, "prompts")
         pick = [lines[((t - 1) * n + j) % len(lines)] for j in range(min(n, len(lines)))] if n > 0 else lines
         rows = [(f"{src}:{line}", r) for line, r in pick]
     return [{"id": f"p{i}" if isinstance(r, str) else str(r.get("id", f"p{i}")),

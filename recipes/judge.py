@@ -1,11 +1,7 @@
-"""The judge: an additive 5-point rubric (our wording), prompt building, score parsing, K-sample means and
-the expected score read from the next-token distribution over the digits "0".."5".
-
-A template is plain text with two placeholders, replaced literally (other braces are left alone):
-    {instruction}   the user's request
-    {response}      the reply to judge
-It must ask for a final line `Score: <n>`; the score is read from the LAST such line (see `parse_score`).
-The judge prompt is sent as one user turn through the chat template; the judgment is the assistant turn.
+"""The judge: an additive 5-point rubric (our wording), score parsing, K-sample means and the expected score
+read from the next-token distribution over the digits "0".."5". A rubric (recipes/prompts.py templates) has
+the slots {instruction} and {response} and asks for a final line `Score: <n>`; the judge prompt is one user
+turn, the judgment the assistant turn.
 """
 from __future__ import annotations
 
@@ -73,22 +69,23 @@ def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
     is not followed by a number ("Score: 3 ... Score: N/A" is None, not 3), or when the number lies outside
     [lo, hi] ("Score: 45" is 45, out of range, not 4). Case-insensitive; `Score:4`, `Score: **4**`,
     `Score: 4.5`, `Score: 5/5` and `Score: 3.` are read as 4, 4, 4.5, 5 and 3."""
-    last = None
-    for m in _LABEL.finditer(text):
-        last = m
-    if last is None:
-        return None
-    num = _NUMBER.match(text, last.end())
-    if num is None:
-        return None
-    v = float(num.group(1))
-    return v if lo <= v <= hi else None
+    labels = list(_LABEL.finditer(text))
+    num = _NUMBER.match(text, labels[-1].end()) if labels else None
+    return float(num.group(1)) if num and lo <= float(num.group(1)) <= hi else None
 
 
 def mean_score(scores: Sequence[float | None]) -> float | None:
     """Mean over the parsable samples; None when none parsed (the candidate is then excluded, not a loser)."""
     ok = [s for s in scores if s is not None]
     return mean(ok) if ok else None
+
+
+def mean_scores(judgments: Sequence[dict], key: str = "score", unit=lambda j: (j["id"], j["sample"])) -> dict:
+    """unit(judgment) -> the mean_score of its judgments' `key` ("score", or "expected": the expected score)."""
+    by: dict = {}
+    for j in judgments:
+        by.setdefault(unit(j), []).append(j.get(key))
+    return {k: mean_score(v) for k, v in by.items()}
 
 
 @dataclass
@@ -104,11 +101,7 @@ class JudgeConfig:
                                    # skip prompts whose candidates are all one text (they cannot pair)
     score_prefix: str = "Score:"
 
-    def __post_init__(self):
-        if self.k < 1 or self.max_tokens < 1:
-            raise TemplateError(f"judge k and max_tokens must be >= 1, got {self.k}, {self.max_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise TemplateError(f"judge temperature {self.temperature} must be >= 0 and top_p {self.top_p} in (0, 1]")
+    def __post_init__(self):   # the numbers are checked at the door (ranges.py)
         self.text = load_rubric(self.template)   # the rubric itself (not a field: the config keeps the name)
 
 
@@ -151,24 +144,9 @@ def judge_items(engine, tok, items: Sequence[tuple[str, str]], cfg: JudgeConfig,
             for j, g in enumerate(outs)]
 
 
-def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:") -> list[tuple[float, list[float]]]:
-    """Per judge prompt (chat ids): (expected score, P("0".."5")) with the judgment forced to begin with
-    `prefix` (recipes.prompts.option_probs). One scoring pass, no sampling."""
-    probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(6)])
-    return [(sum(d * q for d, q in enumerate(p)), p) for p in probs]
-
-
-def model_judge_fn(model_dir: str | Path, cfg: JudgeConfig, engine_cfg=None):
-    """A judge function for recipes.oasst.build_eft: one judgment per item from the checkpoint."""
-    import dataclasses
-    from selfreward.infer.config import load_engine
-    engine = load_engine(str(model_dir), engine_cfg)
-    calls = [0]
-
-    def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
-        calls[0] += 1
-        base = cfg.seed + 100_003 * calls[0]
-        res = judge_items(engine, engine.tokenizer, items, dataclasses.replace(cfg, k=1, expected=False),
-                          [base + j for j in range(len(items))])
-        return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
-    return fn
+def expected_scores(engine, tok, prompts: list[list[int]], prefix: str = "Score:", lo: int = 0, hi: int = 5
+                    ) -> list[tuple[float, list[float]]]:
+    """Per prompt (chat ids): (expected score, P(lo..hi)) with the answer forced to begin with `prefix`
+    (recipes.prompts.option_probs). One scoring pass, no sampling."""
+    probs = option_probs(engine, tok, prompts, prefix, [str(d) for d in range(lo, hi + 1)])
+    return [(sum((lo + d) * q for d, q in enumerate(p)), p) for p in probs]

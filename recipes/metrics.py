@@ -1,21 +1,6 @@
-"""Reward-model metrics against human ranks (the paper's Table 4), in plain Python.
-
-Input: one (human ranks, judge scores) pair of lists per group; rank 0 is the humans' best; a score is
-None when the judge's output was unparsable. Unparsable replies are dropped from their group first (and
-counted); a group left with fewer than 2 replies is skipped. Then, over the groups:
-
-- pairwise accuracy: over every pair of replies with different human ranks, the share the judge orders the
-  same way, strictly. A judge tie on such a pair counts as not agreeing (the share of tied pairs is reported).
-- 5-best %: of the replies the judge scores a perfect 5 (a mean of exactly 5), the share the humans ranked
-  best in their group (rank equal to the group's lowest rank). None when the judge gave no 5.
-- exact match %: the share of groups where the judge's ordering equals the humans' ordering: for every pair,
-  the sign of the score difference equals the sign of the rank difference (so a judge tie is only right
-  where the humans tie).
-- Spearman / Kendall tau: computed within each group between the judge scores and the negated human ranks
-  (so agreement is positive), then averaged over groups. Ties get average ranks (Spearman) and tau-b
-  (Kendall). A group whose human ranks are all equal has no defined correlation whatever the judge says: it
-  is left out of both averages and counted (`corr_skipped_human_tied`). A group where the judge gives every
-  reply the same score (the humans do not) contributes 0 (a judge that cannot tell replies apart earns nothing).
+"""Reward-model metrics against human ranks (the paper's Table 4), in plain Python; their definitions are
+recipes/README.md's "Metrics". Input: one (human ranks, judge scores) pair of lists per group; rank 0 is the
+humans' best; a score is None when the judge's output was unparsable.
 """
 from __future__ import annotations
 
@@ -110,10 +95,4 @@ def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], p
 def h2h_outcome(first: int | None, second: int | None) -> str:
     """A's fate from the two orders. `first`: the verdict with A shown first (1 = A, 2 = B); `second`: with
     B shown first (1 = B, 2 = A). A win needs both orders; a disagreement or no verdict is a tie."""
-    a1 = {1: "A", 2: "B"}.get(first)
-    a2 = {1: "B", 2: "A"}.get(second)
-    if a1 == a2 == "A":
-        return "win"
-    if a1 == a2 == "B":
-        return "loss"
-    return "tie"
+    return "win" if (first, second) == (1, 2) else "loss" if (first, second) == (2, 1) else "tie"

@@ -1,13 +1,10 @@
-"""Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples.
-
-Two input formats, detected from the first record:
-- the tree export: one tree per line, `{"prompt": {message, "replies": [...]}}`, nested replies;
-- the flat message table: one message per line with `message_id`, `parent_id` (null at the root), `role`
-  ("prompter" | "assistant"), `lang`, `text`, `rank` (null when unranked; NaN is read as null).
-Both are read into the same `Node` trees, so every builder sees one shape.
+"""Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples
+(recipes/README.md, "Seed data"). Two input formats, detected from the first record, both read into the same
+`Node` trees: the tree export (`{"prompt": {message, "replies": [...]}}`) and the flat message table
+(`message_id`, `parent_id` (null at the root), `role`, `lang`, `text`, `rank` (null or NaN when unranked)).
 
     python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
-        [--eft-model DIR --k 1]       # also the EFT examples, judged by that model (recipes.judge)
+        [--eft-model DIR --tries 1]       # also the EFT examples, judged by that model (recipes.judge)
 """
 from __future__ import annotations
 
@@ -16,11 +13,11 @@ import hashlib
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field as dfield
+from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 from typing import Callable
 
-from selfreward.ranges import check_args
+from selfreward.ranges import ConfigError, check_args
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
@@ -91,25 +88,25 @@ def load_messages(path: str | Path) -> list[Node]:
     return roots
 
 
-def _ok(n: Node, lang: str | None) -> bool:
+def walk(nodes: list[Node]):
+    for n in nodes:
+        yield n
+        yield from walk(n.replies)
+
+
+def kept(n: Node, lang: str | None) -> bool:
+    """Not deleted, and in `lang` (None: any language)."""
     return not n.deleted and (lang is None or n.lang == lang)
 
 
 def ift_pairs(roots: list[Node], lang: str | None = "en") -> list[dict]:
-    """First-turn (prompt, human rank-0 assistant reply), both in `lang` (None: any language)."""
+    """First-turn (prompt, human rank-0 assistant reply), both kept in `lang`."""
     out = []
     for r in roots:
-        if r.role != "prompter" or not _ok(r, lang):
-            continue
-        best = [c for c in r.replies if c.role == "assistant" and c.rank == 0 and _ok(c, lang)]
-        if best:
+        best = [c for c in r.replies if c.role == "assistant" and c.rank == 0 and kept(c, lang)]
+        if r.role == "prompter" and kept(r, lang) and best:
             out.append({"id": r.id, "prompt": r.text, "response": best[0].text, "source": "oasst"})
     return out
-
-
-def _transcript(path: list[Node]) -> str:
-    who = {"prompter": "User", "assistant": "Assistant"}
-    return "\n\n".join(f"{who[n.role]}: {n.text}" for n in path)
 
 
 def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: bool = True) -> list[dict]:
@@ -119,16 +116,17 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
 
     def visit(n: Node, path: list[Node]) -> None:
         path = path + [n]
-        if n.role == "prompter" and _ok(n, lang):
-            ranked = [c for c in n.replies if c.role == "assistant" and c.rank is not None and _ok(c, lang)]
+        if n.role == "prompter" and kept(n, lang):
+            ranked = [c for c in n.replies if c.role == "assistant" and c.rank is not None and kept(c, lang)]
             if len(ranked) >= 2:
                 ranked.sort(key=lambda c: c.rank)
-                out.append({"id": n.id, "prompt": n.text if len(path) == 1 else _transcript(path),
+                talk = "\n\n".join(f"{'User' if m.role == 'prompter' else 'Assistant'}: {m.text}" for m in path)
+                out.append({"id": n.id, "prompt": n.text if len(path) == 1 else talk,
                             "turn": len(path) // 2 + 1,
                             "replies": [{"text": c.text, "rank": c.rank} for c in ranked]})
         if not first_turn_only:
             for c in n.replies:
-                if _ok(c, lang):
+                if kept(c, lang):
                     visit(c, path)
 
     for r in roots:
@@ -137,23 +135,16 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
     return out
 
 
-def _held(key: str, eval_frac: float, seed: int) -> bool:
-    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12 < eval_frac
+def held_out(key: str, frac: float, seed: int) -> bool:
+    """Whether `key` falls in the share `frac`, by a hash of (seed, key): stable when items are added or reordered."""
+    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12 < frac
 
 
 def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out by a hash of (seed, id): stable when groups are added or reordered."""
-    return ([g for g in groups if not _held(g["id"], eval_frac, seed)],
-            [g for g in groups if _held(g["id"], eval_frac, seed)])
-
-
-def split_trees(roots: list[Node], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[Node], list[Node]]:
-    """Train / held-out TREES by a hash of (seed, root id), the same hash as split_groups, so a first-turn
-    group (whose id is its root's) lands on the same side either way. Every record built from a held-out
-    tree (its IFT pair, its groups at any depth) stays out of training: the held-out prompts and their
-    rank-0 replies would otherwise be in ift.jsonl and in the self-instruct seed pool."""
-    return ([r for r in roots if not _held(r.id, eval_frac, seed)],
-            [r for r in roots if _held(r.id, eval_frac, seed)])
+    """Train / held-out groups by held_out(id); the CLI splits whole trees the same way (a first-turn group's
+    id is its root's), so nothing built from a held-out tree trains."""
+    return ([g for g in groups if not held_out(g["id"], eval_frac, seed)],
+            [g for g in groups if held_out(g["id"], eval_frac, seed)])
 
 
 def agrees_with_humans(ranks: list[int], scores: list[float | None]) -> bool:
@@ -174,7 +165,7 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
     """EFT examples: each group's replies judged once per try; a group's judgments are kept (first try that
     agrees) only where their scores order the replies as the humans did. Then the most common score is
     down-sampled to the count of the next most common one. Returns (examples, stats)."""
-    kept: list[dict] = []
+    examples: list[dict] = []
     stats = Counter(groups=len(groups), judgments=0, unparsable=0, groups_kept=0)
     for g in groups:
         items = [(g["prompt"], r["text"]) for r in g["replies"]]
@@ -185,23 +176,35 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
             stats["unparsable"] += sum(s is None for _, _, s in judged)
             if agrees_with_humans(ranks, [s for _, _, s in judged]):
                 stats["groups_kept"] += 1
-                kept += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": j}],
-                          "score": s, "group": g["id"], "rank": rk} for (p, j, s), rk in zip(judged, ranks)]
+                examples += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": j}],
+                              "score": s, "group": g["id"], "rank": rk} for (p, j, s), rk in zip(judged, ranks)]
                 break
-    hist = Counter(e["score"] for e in kept)
-    stats["examples_before_downsample"] = len(kept)
+    hist = Counter(e["score"] for e in examples)
+    stats["examples_before_downsample"] = len(examples)
     if downsample and len(hist) >= 2:
         (top, n_top), (_, n_next) = hist.most_common(2)
-        rng = random.Random(seed)
-        idx = [i for i, e in enumerate(kept) if e["score"] == top]
-        drop = set(rng.sample(idx, n_top - n_next))
-        kept = [e for i, e in enumerate(kept) if i not in drop]
-        stats["downsampled_score"] = top
-        stats["downsampled_dropped"] = len(drop)
-    stats["examples"] = len(kept)
-    out = dict(stats)
-    out["score_histogram"] = {str(k): v for k, v in sorted(Counter(e["score"] for e in kept).items())}
-    return kept, out
+        idx = [i for i, e in enumerate(examples) if e["score"] == top]
+        drop = set(random.Random(seed).sample(idx, n_top - n_next))
+        examples = [e for i, e in enumerate(examples) if i not in drop]
+        stats["downsampled_score"], stats["downsampled_dropped"] = top, len(drop)
+    stats["examples"], hist = len(examples), Counter(e["score"] for e in examples)
+    return examples, {**stats, "score_histogram": {str(k): v for k, v in sorted(hist.items())}}
+
+
+def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
+    """build_eft's judge from a checkpoint: one judgment per item (recipes.judge.judge_items), call c's item j
+    seeded seed + 100_003 * c + j."""
+    from selfreward.recipes.judge import judge_items, judge_prompt
+    from selfreward.recipes.session import Session
+    engine, tok = Session().get(str(model_dir))
+    calls = [0]
+
+    def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
+        calls[0] += 1
+        base = cfg.seed + 100_003 * calls[0]
+        res = judge_items(engine, tok, items, replace(cfg, k=1, expected=False), [base + j for j in range(len(items))])
+        return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
+    return fn
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -220,44 +223,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
                     "or with other settings")
-    a = check_args(ap.parse_args(argv))
-    if not 0 <= a.eval_frac < 1 or a.tries < 1 or a.max_tokens < 1 or a.temperature < 0:
-        raise DataError(f"--eval-frac {a.eval_frac} must lie in [0, 1), --tries {a.tries} and --max-tokens "
-                        f"{a.max_tokens} be >= 1, --temperature {a.temperature} >= 0")
+    a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --temperature, --max-tokens
+    if a.tries < 1:
+        raise ConfigError(f"--tries {a.tries}: must be >= 1")
     lang = None if a.lang == "any" else a.lang
     out = Path(a.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
     check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
     roots = nonempty(load_messages(a.input), a.input, "Open Assistant messages")
-    _check_lang(roots, lang, a.lang)
-    made = {"input_hash": file_hash(a.input), "lang": a.lang, "eval_frac": a.eval_frac, "all_turns": a.all_turns,
-            "seed": a.seed, "eft_model": a.eft_model and model_fingerprint(a.eft_model), "tries": a.tries,
-            "judge_template": a.judge_template and (file_hash(a.judge_template) if Path(a.judge_template).is_file()
-                                                 else a.judge_template), "temperature": a.temperature,
-            "max_tokens": a.max_tokens}
+    if lang is not None and not any(n.lang == lang for n in walk(roots)):
+        have = ", ".join(f"{k} ({v})" for k, v in Counter(n.lang for n in walk(roots)).most_common(8))
+        raise DataError(f"--lang {a.lang}: no message matched (languages in the file: {have}); "
+                        f"codes are lower case, or pass --lang any")
+    tmpl = a.judge_template
+    made = {"input_hash": file_hash(a.input), "eft_model": a.eft_model and model_fingerprint(a.eft_model),
+            "judge_template": tmpl and (file_hash(tmpl) if Path(tmpl).is_file() else tmpl),
+            **{k: getattr(a, k) for k in ("lang", "eval_frac", "all_turns", "seed", "tries", "temperature",
+                                          "max_tokens")}}
     with claim(out, made, overwrite=a.overwrite, folder=True,
                clear=lambda: [(out / n).unlink(missing_ok=True) for n in names]):
         return _write(a, lang, roots, out)
 
 
-def _check_lang(roots: list[Node], lang: str | None, flag: str) -> None:
-    """A language filter that matches no message is an error listing the languages the file has."""
-    if lang is None:
-        return
-    seen: Counter = Counter()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        seen[n.lang] += 1
-        stack += n.replies
-    if not seen[lang]:
-        have = ", ".join(f"{k} ({v})" for k, v in seen.most_common(8))
-        raise DataError(f"--lang {flag}: no message matched (languages in the file: {have}); "
-                        f"codes are lower case, or pass --lang any")
-
-
 def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
-    train_roots, held_roots = split_trees(roots, a.eval_frac, a.seed)   # split first: nothing held-out trains
+    train_roots = [r for r in roots if not held_out(r.id, a.eval_frac, a.seed)]   # split trees first: nothing
+    held_roots = [r for r in roots if held_out(r.id, a.eval_frac, a.seed)]        # held-out trains
     ift = ift_pairs(train_roots, lang)
     train = ranked_groups(train_roots, lang, not a.all_turns)
     held = ranked_groups(held_roots, lang, not a.all_turns)
@@ -270,10 +260,9 @@ def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
     counts: dict = {"trees": len(roots), "trees_train": len(train_roots), "trees_eval": len(held_roots),
                     "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:
-        from selfreward.recipes.judge import JudgeConfig, model_judge_fn
-        cfg = JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed,
-                          template=a.judge_template or "default")
-        fn = model_judge_fn(a.eft_model, cfg)
+        from selfreward.recipes.judge import JudgeConfig
+        fn = eft_judge(a.eft_model, JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens,
+                                                seed=a.seed, template=a.judge_template or "default"))
         for name, gs in (("train", train), ("eval", held)):
             ex, st = build_eft(gs, fn, tries=a.tries, seed=a.seed)
             write_jsonl(out / f"eft_{name}.jsonl", ex)

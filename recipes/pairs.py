@@ -5,16 +5,7 @@ from collections import Counter, defaultdict
 from statistics import mean
 from typing import Sequence
 
-from selfreward.recipes.judge import mean_score
-
-
-def candidate_scores(judgments: Sequence[dict], key: str = "score") -> dict[tuple[str, int], float | None]:
-    """(prompt id, sample) -> mean of its parsable judgment scores, None when none parsed. key="expected"
-    reads the expected score (from the digit distribution) instead of the sampled one."""
-    by: dict[tuple[str, int], list] = defaultdict(list)
-    for j in judgments:
-        by[(j["id"], j["sample"])].append(j.get(key))
-    return {k: mean_score(v) for k, v in by.items()}
+from selfreward.recipes.judge import mean_scores
 
 
 PAIRINGS = ("best-worst", "best-rest")
@@ -24,19 +15,11 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
                 key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
                 pairing: str = "best-worst") -> tuple[list[dict], Counter]:
     """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean
-    over K judgments).
-    Candidates with no parsable judgment are left out (not scored as losers); a prompt with fewer than two
-    scored candidates, or whose best and worst tie, gives no pair. Among equal best (worst) scores the
-    lowest sample index is taken.
-
-    pool_identical (default): candidates of one prompt with the very same text are one response, so their
-    judgments are pooled into one mean and the pair is taken between distinct texts. Without it, a small
-    model that often repeats itself yields pairs whose chosen and rejected texts are equal (zero DPO
-    gradient, judge noise counted as a preference).
-
-    min_margin > 0 drops pairs whose best and worst mean scores differ by less (counted "below_margin"):
-    with a noisy judge, a small gap is more often a wrong answer preferred to another one. The paper keeps
-    every untied pair (min_margin 0).
+    over K judgments). Candidates with no parsable judgment are left out (not losers); a prompt with fewer
+    than two scored candidates, or whose best and worst tie, gives no pair; among equal scores the lowest
+    sample index is taken. pool_identical (default): a prompt's candidates with the very same text are one
+    response (their judgments pooled), so chosen and rejected always differ. min_margin > 0 drops pairs whose
+    best and worst differ by less (counted "below_margin"; the paper keeps every untied pair).
 
     pairing "best-worst" (default, the paper): one pair per prompt. "best-rest": the best against each
     lower-scored distinct text, one pair each (texts tied with the best, or within min_margin of it, are
@@ -44,11 +27,9 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
     that is every right-vs-wrong pair of the prompt. Returns (pairs, counts)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
-    by: dict[tuple[str, object], list] = defaultdict(list)
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
-    for j in judgments:
-        ident = cand_text.get((j["id"], j["sample"])) if pool_identical else j["sample"]
-        by[(j["id"], ident)].append(j.get(key))
+    score = mean_scores(judgments, key, lambda j: (j["id"], cand_text.get((j["id"], j["sample"])) if pool_identical
+                                                   else j["sample"]))
     text = {r["id"]: r["prompt"] for r in prompts}
     cands: dict[str, list[dict]] = defaultdict(list)
     for c in candidates:
@@ -62,7 +43,7 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
                 counts["identical_merged"] += 1
                 continue
             seen.add(ident)
-            scored.append((mean_score(by.get((pid, ident), [])), c))
+            scored.append((score.get((pid, ident)), c))
         counts["candidates_unscored"] += sum(s is None for s, _ in scored)
         scored = [(s, c) for s, c in scored if s is not None]
         if len(scored) < 2:
@@ -116,7 +97,7 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
                     pairs: Sequence[dict], pair_counts: Counter | dict) -> dict:
     """Counts, score histograms and mean lengths of one iteration (what the manifest holds)."""
     verdicts = Counter(p.get("verdict", "ok") for p in prompts)
-    scores = candidate_scores(judgments)
+    scores = mean_scores(judgments)
     counts = {
         "prompts": verdicts.get("ok", 0),
         "prompts_made": len(prompts),
@@ -124,11 +105,8 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
         "candidates": len(candidates),
         "judgments": len(judgments),
         "parse_failures": sum(j["score"] is None for j in judgments),
-        "candidates_unscored": pair_counts.get("candidates_unscored", 0),
-        "prompts_too_few_scored": pair_counts.get("prompts_too_few_scored", 0),
-        "ties": pair_counts.get("ties", 0),
-        "below_margin": pair_counts.get("below_margin", 0),
-        "identical_merged": pair_counts.get("identical_merged", 0),
+        **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties", "below_margin",
+                                              "identical_merged")},
         "pairs": len(pairs),
         "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
     }

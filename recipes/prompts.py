@@ -1,15 +1,11 @@
-"""Prompts of the judging recipes (judge, rlaif, evaluate, augment) and answers read from them.
+"""Prompts of the judging recipes (judge, rlaif, h2h, augment) and answers read from them.
 
-A template is text with {slot} placeholders, filled in one pass (a slot's value is never substituted again;
-other braces are left alone). A prompt is sent as a chat: one user turn, optionally after a system turn, with
-the generation prompt. When a prompt is too long for the context, its longest slot value is cut (its start
-kept, the cut marked ' [...]') until it fits.
-
-A forced choice reads an answer without sampling: the assistant turn is forced to begin with a text (e.g.
-"Score:") and the next-token probabilities of a few options ("0".."5", "1"/"2", "1".."10") are renormalised
-over those options. An option of several tokens is scored as its whole token sequence (teacher forcing);
-where one option's tokens are a prefix of another's ("1" of "10" = "1" + "0"), it is taken as NOT continued
-by the longer one, P("1" then anything) - P("10"), so the options are disjoint.
+A template is text with {slot} placeholders, filled in one pass (a value is never substituted again; other
+braces are left alone), sent as one user turn (after an optional system turn); a prompt too long for the
+context has its longest slot value cut (its start kept, marked ' [...]') until it fits. A forced choice reads
+an answer without sampling: the assistant turn is forced to begin with a text ("Score:") and the next-token
+probabilities of a few options are renormalised over them; an option of several tokens is scored whole, and
+one that is a prefix of another ("1" of "10") is taken as not continued by it, so the options are disjoint.
 """
 from __future__ import annotations
 

@@ -1,17 +1,12 @@
-"""The recipes' reward sources for online RL and the self-rewarding loop: (prompts, responses) -> rewards.
+"""The recipes' reward sources for online RL, (prompts, responses) -> rewards, by train/rl.py's REWARDS names
+(`--reward`; any `module:function` factory plugs in too): `direct` and `judge` here, `rm` in
+model/reward_model.py, `checker` in recipes/world/checker.py.
 
-    reward = load_reward("rm", "runs/rm/model")           # the distilled reward model (train/rm.py)
-    reward = load_reward("direct", "runs/m1/model")       # direct RLAIF: a labeller's 1-10 score, in [-1, 1]
-    reward = load_reward("judge", "runs/m1/model")        # the self-rewarding judge's expected 0-5 score, in [-1, 1]
-    reward = load_reward("checker")                       # the checkable world's checker: 1 right, 0 wrong
+    reward = load_reward("direct", "runs/m1/model")       # a labeller's 1-10 score, in [-1, 1]
     rewards = reward(["What is 2 + 2?"], ["4"])           # -> [float]
 
-The names are train/rl.py's REWARDS (its `--reward`), where any `module:function` factory also plugs in;
-`direct` and `judge` are defined here, `rm` in model/reward_model.py, `checker` in recipes/world/checker.py.
-Prompts are single user turns (rendered with the checkpoint's chat template); responses are reply texts.
-Every source reads one token distribution or one score per response: no sampling, so rewards are
-deterministic. The raw RM score is unbounded (only differences are trained); the others are rescaled so
-that -1 is the worst and +1 the best grade.
+Prompts are single user turns, responses reply texts. Each source reads one token distribution or one score
+per response (no sampling: deterministic); the RM's score is unbounded, the others lie in [-1, 1].
 """
 from __future__ import annotations
 

@@ -1,23 +1,17 @@
-"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels and direct 1-10 scores, both
-read as forced choices (recipes/prompts.py), never parsed from sampled text; the `label` CLI.
-
-A label prompt: the system turn is the PREAMBLE (one shared prefix: the engine's prefix cache computes it
-once), the user turn the sample (context, response 1, response 2), the assistant turn forced to begin with
-the ENDING ("Preferred response:"); the soft label is [P("1"), P("2")]. Each pair is labelled in both orders:
-P(response 1) is the mean of P("1") with it shown first and P("2") with it shown second, which cancels a
-position bias. With `cot` a rationale is sampled up to the ending and the label read after it. Direct
-scoring: forced "Score:", E = sum_i i * P(i) over "1".."10", reward (E - 5.5) / 4.5 in [-1, 1]. A JSON file
-with any fields of LabelTemplate / ScoreTemplate replaces the default template.
+"""RLAIF (Lee et al., 2023; PAPER_NOTES section 3), part 1: AI preference labels (both orders, optionally after
+a rationale) and direct 1-10 scores, both read as forced choices (recipes/prompts.py), never parsed from sampled
+text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from itertools import combinations
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.ranges import check_args
-from selfreward.records import DataError
+from selfreward.records import DataError, field, iter_jsonl
+from selfreward.recipes.judge import expected_scores
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
@@ -124,15 +118,9 @@ def direct_scores(engine, tok, items: list[tuple[str, str]], template: ScoreTemp
     head, tails = forced_options(tok, t.ending, options)
     budget = engine.max_len - len(head) - max(map(len, tails)) - 2
     ids = [fit_prompt(tok, t.sample, {"context": c, "response": r}, budget, t.preamble)[0] for c, r in items]
-    records = []
-    for p in option_probs(engine, tok, ids, t.ending, options):
-        e = sum((i + 1) * q for i, q in enumerate(p))
-        records.append({"reward": (e - 5.5) / 4.5, "expected": e, "probs": p})
+    records = [{"reward": (e - 5.5) / 4.5, "expected": e, "probs": p}
+               for e, p in expected_scores(engine, tok, ids, t.ending, 1, 10)]
     return {"records": records, "prefill": prefill_since(engine, start), "tokens_per_option": [len(x) for x in tails]}
-
-
-def settings(cfg: LabelConfig) -> dict:
-    return {k: v for k, v in asdict(replace(cfg, template=None)).items() if k != "template"}
 
 
 def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
@@ -140,20 +128,16 @@ def group_pairs(groups: list[dict], limit: int | None = None) -> list[dict]:
     in `human` order only (the labeller sees response_1 / response_2 as written here)."""
     out = []
     for g in groups:
-        reps = g["replies"]
-        for i in range(len(reps)):
-            for j in range(i + 1, len(reps)):
-                if reps[i]["rank"] != reps[j]["rank"]:
-                    out.append({"id": f"{g.get('id', len(out))}:{i}:{j}", "prompt": g["prompt"],
-                                "response_1": reps[i]["text"], "response_2": reps[j]["text"],
-                                "human_ranks": [reps[i]["rank"], reps[j]["rank"]]})
+        for (i, a), (j, b) in combinations(enumerate(g["replies"]), 2):
+            if a["rank"] != b["rank"]:
+                out.append({"id": f"{g.get('id', len(out))}:{i}:{j}", "prompt": g["prompt"], "response_1": a["text"],
+                            "response_2": b["text"], "human_ranks": [a["rank"], b["rank"]]})
     return out[:limit]
 
 
 def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     """--pairs JSONL -> the first `limit` pairs, each checked (file:line and field named); a pair without an
     `id` gets its 0-based place in the file, and ids must be unique (they key the resumable output)."""
-    from selfreward.records import field, iter_jsonl
     pairs, seen = [], {}
     for i, r in iter_jsonl(path):
         for k in ("prompt", "response_1", "response_2"):
@@ -171,18 +155,16 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
-    [--cot] [--template T.json] [--limit N] [--engine-device cuda --engine-dtype bfloat16 ...]: soft labels in
-    both orders (records + `label`, `p_first`, ...), a summary JSON beside the output (position bias, prefill
-    saved, agreement with human ranks if given). OUT is claimed as sample.py's output is: a lock (a second
-    writer is refused), a record of what made it (OUT.meta.json: a rerun with another labeller, input or
-    setting is refused without --overwrite), and resumable work (a pair's label reaches OUT.partial when its
-    chunk is done; a killed run's rerun labels only the pairs not yet there)."""
+    [--cot] [--template T.json] [--limit N] [--engine-...]: soft labels in both orders (records + `label`,
+    `p_first`, ...) and a summary JSON beside them (position bias, prefill saved, agreement with human ranks if
+    given). OUT follows the output rules of docs/guarantees.md (recipes/onestage.py)."""
     import argparse
-    from selfreward import cli
-    from selfreward.infer.config import add_engine_flags, engine_from_flags, load_engine, resolve_device
-    from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
-    from selfreward.records import nonempty, partial_path, read_jsonl, write_json
-    from selfreward.units import run_units
+    from selfreward.infer.config import add_engine_flags
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
+    from selfreward.records import nonempty, write_json
+    from selfreward.recipes.onestage import claimed, parse, unit_records
+    from selfreward.recipes.session import Session
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)
@@ -199,12 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "flushed to OUT.partial once its chunk is done, so a killed run loses at most a chunk")
     ap.add_argument("--overwrite", action="store_true",
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
-    engine_dests = add_engine_flags(ap)
-    a = check_args(ap.parse_args(argv))
-    if a.limit is not None and a.limit < 1:     # ranges.check_args checks the other numbers
-        raise cli.ConfigError(f"--limit {a.limit}: must be >= 1")
-    ecfg = engine_from_flags(a, engine_dests)
-    _, dtype = resolve_device(ecfg)          # a bad engine flag stops here, before any file
+    a, ecfg, _, dtype = parse(argv, ap, add_engine_flags(ap))
     t = read_template(LabelTemplate, a.template)
     if a.groups:
         from selfreward.recipes.evaluate import load_groups
@@ -217,38 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
     check_not_input([source], [out, summary_path])
     if not Path(a.labeller).is_dir():
         raise DataError(f"--labeller {a.labeller}: not a checkpoint folder")
-    from selfreward.model.tokenizer import Tokenizer
     forced_options(Tokenizer.load(a.labeller), t.ending, ["1", "2"])   # the options readable, before any file
     cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
     made = {"labeller_fingerprint": model_fingerprint(a.labeller), "input_hash": file_hash(source),
-            "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": settings(cfg),
-            "template": asdict(t), "dtype": str(dtype).removeprefix("torch.")}
+            "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": made_by(cfg),
+            "dtype": dtype}
+    run: dict = {"labelled": 0}
 
-    def clear() -> None:
-        for p in (out, partial_path(out), summary_path):
-            p.unlink(missing_ok=True)
-    state: dict = {}
-
-    def work(batch, emit) -> None:
-        if "engine" not in state:            # loaded only when a pair is left to label
-            state["engine"] = load_engine(a.labeller, ecfg)
-            state["start"] = dict(state["engine"].stats)
-        engine = state["engine"]
-        res = soft_labels(engine, engine.tokenizer, [(p["prompt"], p["response_1"], p["response_2"])
-                                                     for _, p in batch], cfg, index=[i for i, _ in batch])
-        state["labelled"] = state.get("labelled", 0) + len(batch)
-        for (i, p), r, n in zip(batch, res["records"], res["prompt_tokens"]):
-            emit(i, [dict(p, **r)], n)
-    with claim(out, made, [source], a.overwrite, clear=clear):
-        run_units(out, pairs, 1, lambda r: json.dumps(r["id"]), work, chunk=a.chunk, progress="rlaif label",
-                  unit="pairs")
-        recs = read_jsonl(out)
+    def label(engine, tok, batch):
+        run.setdefault("start", (engine, dict(engine.stats)))
+        run["labelled"] += len(batch)
+        res = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for _, p in batch], cfg,
+                          index=[i for i, _ in batch])
+        return [(dict(p, **r), n) for (_, p), r, n in zip(batch, res["records"], res["prompt_tokens"])]
+    with claimed(out, made, [source], a.overwrite, also=[summary_path]):
+        recs = unit_records(out, pairs, lambda: Session(ecfg).get(a.labeller), label, a.chunk, "rlaif label",
+                            "pairs", key=lambda r: json.dumps(r["id"]))
         human = [r for r in recs if "human_ranks" in r]
         summary = {"pairs": len(recs), "position_bias": position_bias(recs),
-                   "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": settings(cfg),
-                   "labeller": a.labeller, "dtype": made["dtype"],
-                   "labelled_by_this_run": state.get("labelled", 0),
-                   "prefill": prefill_since(state["engine"], state["start"]) if "engine" in state else None,
+                   "prompts_cut": sum(r.get("prompts_cut", 0) for r in recs), "settings": made["settings"],
+                   "labeller": a.labeller, "dtype": dtype, "labelled_by_this_run": run["labelled"],
+                   "prefill": prefill_since(*run["start"]) if "start" in run else None,
                    "human_agreement": sum((r["label"][0] > 0.5) == (r["human_ranks"][0] < r["human_ranks"][1])
                                           for r in human) / len(human) if human else None}
         write_json(summary_path, summary)      # under the lock, as the labels

@@ -1,18 +1,7 @@
-"""Unlabelled text for instruction backtranslation: reading, paragraph-aware segmentation, deduplication.
-
-Input files: `*.jsonl` (one `{"text": str}` document per line; other fields are ignored) or plain text
-(any other name; the whole file is one document). Bad input is a DataError naming file and line: a record
-without a string `text`, an empty file, a binary file (a NUL byte or bytes that are not UTF-8).
-
-Segmentation: a document is split into paragraphs at blank lines; a paragraph longer than `max_chars` is
-cut at its last sentence end (". ", "? ", "! ", or a newline) before the limit, else at the last space,
-else hard. Consecutive paragraphs are packed greedily into one segment while it stays within `max_chars`;
-a segment shorter than `min_chars` is dropped (counted). The paper's window is 600-3,000 characters.
-
-Deduplication, in order: exact (the same text after lower-casing and collapsing whitespace), then near
-duplicates: the Jaccard similarity of the two segments' sets of word `shingle`-grams (lower-cased words;
-a segment with fewer words is one shingle) >= `near_dup`; the first segment seen is kept. `near_dup` 0
-turns the near-duplicate pass off.
+"""Unlabelled text for instruction backtranslation: reading (JSONL `{"text"}` or plain text, errors naming
+file:line), paragraph-aware segmentation and exact + near-duplicate removal (recipes/README.md, step 3).
+A paragraph longer than `max_chars` is cut at its last sentence end before the limit, else its last space,
+else hard; a segment of fewer words than a shingle is one shingle.
 """
 from __future__ import annotations
 
@@ -101,12 +90,13 @@ def segment(text: str, min_chars: int, max_chars: int) -> tuple[list[str], int]:
     return segs, short
 
 
-def _norm(text: str) -> str:
+def fold(text: str) -> str:
+    """Lower case, whitespace collapsed: what an exact duplicate shares (here and in recipes.instruct)."""
     return " ".join(text.lower().split())
 
 
 def shingles(text: str, n: int) -> frozenset:
-    w = _norm(text).split(" ")
+    w = fold(text).split(" ")
     return frozenset([" ".join(w)] if len(w) <= n else (" ".join(w[i:i + n]) for i in range(len(w) - n + 1)))
 
 
@@ -114,7 +104,7 @@ def dedup(segs: list[dict], near_dup: float, n: int) -> tuple[list[dict], dict]:
     """Exact then near-duplicate removal over [{"text", ...}] (first kept) -> (kept, counts)."""
     seen, exact = set(), []
     for s in segs:
-        k = _norm(s["text"])
+        k = fold(s["text"])
         if k not in seen:
             seen.add(k)
             exact.append(s)

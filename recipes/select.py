@@ -1,21 +1,12 @@
-"""Checkpoint selection: of the exports a DPO run wrote (`train/dpo.py --export-every N`), keep the one
-that wins most often against the iteration's starting model M_t, judged head-to-head in both orders on
-held-out prompts (Self-Rewarding LMs: checkpoints every 200 steps, the one with the most pairwise wins on
-253 validation prompts becomes M_{t+1}; PAPER_NOTES section 1). The chosen folder is copied to --out
-atomically, and the choice with every candidate's scores is returned (and written to --report) for the
-iteration's manifest.
+"""Checkpoint selection (PAPER_NOTES section 1): of the exports a DPO run wrote (`train/dpo.py --export-every
+N`), keep the one that wins most often against the iteration's starting model M_t, judged head-to-head in both
+orders on held-out prompts (recipes/h2h.py); the chosen folder is copied to --out atomically, the choice with
+every candidate's scores returned (and written to --report). Rule: the most wins, then the fewest losses, then
+the LATER candidate (selection departs from the last checkpoint only when an earlier one does strictly better).
+--out and --report keep the output rules of docs/guarantees.md (recipes/README.md, "Checkpoint selection").
 
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
-
-Output rules, as every command's (docs/guarantees.md): --out and --report are never one of the inputs (nor
---out a folder holding one); each is locked (OUT.lock) and recorded beside it (OUT.meta.json: every model's
-fingerprint, the prompts' hash, the template and the settings) before any work; an existing --out or
---report that select did not write, or wrote from other inputs or settings, is refused unless --overwrite.
-
-Rule: the most wins; among equal wins the fewest losses; among those the LATER candidate in the given
-order (the further-trained one, which is what the run would export without selection), so selection only
-departs from the last checkpoint when an earlier one does strictly better.
 """
 from __future__ import annotations
 
@@ -27,9 +18,10 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import _atomic_dir_write
-from selfreward.provenance import claim, made_by, same_file
-from selfreward.records import DataError, field as rfield, iter_jsonl, write_json
-from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template
+from selfreward.provenance import made_by, same_file
+from selfreward.records import DataError, read_json, write_json
+from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template, read_prompts
+from selfreward.recipes.onestage import claimed
 from selfreward.recipes.session import Session
 
 
@@ -50,9 +42,6 @@ class SelectConfig:
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
-    def template(self) -> str:
-        return load_pair_template(self.pair_template)
-
 
 def pick(scores: list[dict]) -> int:
     """Index of the chosen candidate: most wins, then fewest losses, then the later one."""
@@ -69,16 +58,14 @@ def check_models(candidates: list[str], reference: str, judge_model: str) -> Non
 
 def select_checkpoint(candidates: list[str], reference: str, prompts: list[str], judge_model: str,
                       out: str | Path | None = None, cfg: SelectConfig | None = None) -> dict:
-    """Judge each candidate against `reference` on `prompts` (recipes.h2h.head_to_head: a win only
-    when both orders prefer the candidate), choose by `pick`, copy the chosen folder to `out` (atomic).
-    `cfg` gives the answering and judging settings (its path fields are not read here).
-    Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": [per candidate:
-    candidate, wins, ties, losses, win, tie, loss (shares), no_verdict]}."""
+    """Judge each candidate against `reference` on `prompts` (recipes.h2h.head_to_head), choose by `pick`,
+    copy the chosen folder to `out`. `cfg`: the answering and judging settings (its paths are not read).
+    Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": per candidate}."""
     cfg = cfg or SelectConfig()
     if not prompts:
         raise DataError("select: no prompts to judge on")
     check_models(candidates, reference, judge_model)
-    template = cfg.template()
+    template = load_pair_template(cfg.pair_template)
     session = Session(cfg.engine)             # one model in memory at a time
 
     def answers(path: str) -> list[str]:
@@ -120,7 +107,6 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
     (RUN/final) judged against `reference` (M_t) on `cfg.prompts`; the winner copied to `out`, the result
     in `report` (done once: a rerun reads the report). With a single candidate (fewer steps than one export
     interval) there is nothing to choose: the final export is copied without judging."""
-    from selfreward.records import read_json
     if report.exists() and (out / "config.json").exists():
         return read_json(report)
     steps = sorted((run / "exports").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -129,8 +115,8 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
         _copy(cands[0], out)
         res = {"chosen": cands[0], "chosen_index": 0, "scores": [], "rule": "one candidate: no judging"}
     else:
-        prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)][:cfg.limit or None]
-        res = select_checkpoint(cands, reference, prompts, cfg.judge or reference, out, cfg)
+        res = select_checkpoint(cands, reference, read_prompts(cfg.prompts, cfg.limit), cfg.judge or reference, out,
+                                cfg)
     write_json(report, res)
     return res
 
@@ -156,16 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not getattr(cfg, name):
             raise cli.ConfigError(f"--{name} is required")
     check_outputs(cfg)
-    if not Path(cfg.prompts).is_file():
-        raise DataError(f"{cfg.prompts}: no such file")
-    prompts = [rfield(r, "prompt", f"{cfg.prompts}:{i}") for i, r in iter_jsonl(cfg.prompts)]
-    prompts = prompts[:cfg.limit] if cfg.limit > 0 else prompts
+    prompts = read_prompts(cfg.prompts, cfg.limit)
     check_models(cfg.candidates, cfg.reference, cfg.judge or cfg.reference)
     made = made_by(cfg)          # every model, the prompts and the template by content; the settings
     inputs = [x for x in (cfg.reference, cfg.judge, cfg.prompts, cfg.pair_template, *cfg.candidates) if x]
-    with ExitStack() as claimed:   # each output locked, checked and recorded (OUT.meta.json) before the work
+    with ExitStack() as stack:   # each output locked, checked and recorded (OUT.meta.json) before the work
         for out in filter(None, (cfg.out, cfg.report)):
-            claimed.enter_context(claim(out, made, inputs, ns.overwrite, adopt=False))
+            stack.enter_context(claimed(out, made, inputs, ns.overwrite, adopt=False))
         res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
         if cfg.report:
             write_json(cfg.report, res)
