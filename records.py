@@ -106,10 +106,18 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
     return path
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """The JSON in `path`, or `default` ({} when not given) when the file does not exist."""
+def read_json(path: str | Path, default: Any = None, error: type = DataError) -> Any:
+    """The JSON in `path`, or `default` ({} when not given) when the file does not exist; bad JSON or bytes
+    that are not UTF-8 are an `error` naming the file (and line)."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else ({} if default is None else default)
+    if not path.exists():
+        return {} if default is None else default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def dumps(rec: dict) -> str:
