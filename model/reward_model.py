@@ -10,6 +10,7 @@ before it, in both implementations). `RMReward` is `--reward rm`: reward(prompts
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from selfreward.model.checkpoint import CheckpointError, load_model, open_safetensors, save_model, tensor_files
 from selfreward.model.config import ARCH, ModelConfig
-from selfreward.model.llama import AttnContext, Transformer
+from selfreward.model.llama import Transformer
 from selfreward.model.tokenizer import Tokenizer
 
 
@@ -57,16 +58,13 @@ def save_reward_model(model_or_sd, cfg: ModelConfig, out: str | Path, pad_token_
 def packed_rewards(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """Rewards of S sequences in ONE forward over a flat token axis -> [S] fp32."""
     dev = model.tok_embeddings.weight.device
-    lens = [len(s) for s in seqs]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    tokens = torch.tensor([t for s in seqs for t in s], device=dev)                     # [N]
-    positions = torch.cat([torch.arange(n) for n in lens]).to(dev)                      # [N]
-    h = model(tokens, positions, AttnContext(cu.to(dev), max(lens)))                   # [N, H]
+    tokens = torch.tensor([[t for s in seqs for t in s]], device=dev)                   # [1, N]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(dev)[None]            # [1, N]
+    h = model.forward_packed(tokens, positions)[0]                                      # [N, H]
     # each sequence's rightmost token that is not pad (0 if none): where transformers reads the score
-    last = [next((i for i in range(len(s) - 1, -1, -1) if s[i] != pad_id), 0) for s in seqs]
-    rows = torch.tensor([int(cu[i]) + j for i, j in enumerate(last)], device=dev)
-    return model.score(h[rows]).squeeze(-1).float()                                    # [S]
+    rows = [a + next((i for i in range(len(s) - 1, -1, -1) if s[i] != pad_id), 0)
+            for a, s in zip(accumulate(map(len, seqs), initial=0), seqs)]
+    return model.score(h[torch.tensor(rows, device=dev)]).squeeze(-1).float()           # [S]
 
 
 class RMReward:
