@@ -4,28 +4,24 @@
                inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
         ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
 
-- `OutputLock`: a second writer of the same output fails fast. The lock file (OUT.lock) holds the pid of
-  its holder and is locked with fcntl.flock, so the kernel drops the lock when the holder dies (a killed
-  run's lock file is simply taken over by the next run).
+- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid and is
+  locked with fcntl.flock, so the kernel drops the lock when the holder dies (the next run takes it over).
 - the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape
-  the data, the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused (it
-  would reuse, append to or truncate data made otherwise) unless the caller passes the start-over flag;
-  settings that do not change the data (batch sizes of the engine, threads) are left out of the record.
+  the data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is
+  refused (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
 - `check_not_input`: a command never writes over one of its own inputs.
 Hashes are cheap: a file is hashed whole (JSONL inputs are small next to the work done on them); a model
-folder by its config and, per weights file, its size and the safetensors header plus the first and last
-MiB of data (a retrained or replaced checkpoint changes all of those).
+folder by its config and tokenizer, and per weights file its size, header and first and last MiB.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import glob
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -67,11 +63,6 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def inputs_hash(paths: Iterable[str | Path]) -> list[str]:
-    """The hashes of the files, in order (not keyed by path: the same data under another path is the same)."""
-    return [file_hash(p) if Path(p).is_file() else "" for p in paths]
-
-
 def made_by(cfg) -> dict:
     """What made an output, read from the config's field declarations (cli.PASSIVE, MODEL, FILE): every field
     that shapes the data, a checkpoint by content as NAME_fingerprint (a list of them: NAME, their fingerprints),
@@ -89,7 +80,8 @@ def made_by(cfg) -> dict:
         elif kind == "model":
             out[f"{f.name}_fingerprint"] = model_fingerprint(v) if v else ""
         elif kind == "file":
-            out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = inputs_hash(v) if many else file_hash(v) if v else ""
+            out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = \
+                [file_hash(p) if Path(p).is_file() else "" for p in v] if many else file_hash(v) if v else ""
         else:
             out[f.name] = list(v) if many else v
     return out
@@ -142,10 +134,6 @@ def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False
     return True
 
 
-def write_record(out: str | Path, made_by: dict, folder: bool = False) -> Path:
-    return write_json(meta_path(out, folder), {"made_by": made_by})
-
-
 def same_file(a: str | Path, b: str | Path) -> bool:
     a, b = Path(a), Path(b)
     try:
@@ -179,38 +167,26 @@ class OutputLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
+            except BlockingIOError:
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                pid = self._holder()
-                raise DataError(f"{self.path}: another run (pid {pid if pid else '?'}) is writing this output; "
+                try:
+                    pid = int(self.path.read_text().strip() or 0) or "?"
+                except (OSError, ValueError):
+                    pid = "?"
+                raise DataError(f"{self.path}: another run (pid {pid}) is writing this output; "
                                 f"wait for it to finish or stop it") from None
-            try:   # the file we locked may have been removed by a holder releasing it meanwhile: retry
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.fd = fd
-            return self
+            with suppress(FileNotFoundError):   # unless a holder releasing it removed the file meanwhile: retry
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    self.fd = fd
+                    return self
+            os.close(fd)
         raise DataError(f"{self.path}: could not take the lock (the file keeps being replaced)")
-
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
 
     def release(self) -> None:
         if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 
@@ -238,8 +214,7 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
     adopt=False: an OUT holding data but no record (something this command did not write) is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
-    lk = OutputLock(out, folder=folder).acquire() if lock else None
-    try:
+    with OutputLock(out, folder=folder) if lock else nullcontext():
         same = False
         if overwrite:
             if clear is not None:
@@ -252,8 +227,5 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
                                 f" refusing to replace it: pass {flag} to replace it, or choose another output")
         if folder:
             out.mkdir(parents=True, exist_ok=True)
-        write_record(out, made_by, folder)
+        write_json(meta_path(out, folder), {"made_by": made_by})
         yield same
-    finally:
-        if lk is not None:
-            lk.release()

@@ -1,9 +1,8 @@
-"""The records layer, below every floor (model/, infer/, train/ and recipes/ all write files): JSONL readers
-whose errors name file, line and field; atomic writes; resumable appends (units.py builds resumable,
-shardable work on them). It imports nothing of ours.
+"""JSONL readers whose errors name file, line and field; atomic writes; resumable appends (units.py builds
+resumable, shardable work on them). Imports nothing of ours.
 
-A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the
-file to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
+A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the file
+to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
 `read_partial` drops a torn last line (the kill can land mid-write), the stage works out which units are
 complete, and continues with the rest, so nothing is lost or duplicated.
 """
@@ -94,8 +93,8 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         user_mode(tmp)
@@ -120,12 +119,12 @@ def read_json(path: str | Path, default: Any = None, error: type = DataError) ->
         raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def dumps(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False)
+def jsonl(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    return write_atomic(path, "".join(dumps(r) + "\n" for r in records))
+    return write_atomic(path, jsonl(records))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -144,24 +143,19 @@ def read_partial(path: str | Path) -> list[dict]:
     if not p.exists():
         return []
     data = p.read_bytes()
-    recs, good_end, pos = [], 0, 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # torn tail
-        line = data[pos:nl]
+    recs, pos, end = [], 0, data.rfind(b"\n") + 1      # past the last newline: a torn tail
+    for line in data[:end].split(b"\n")[:-1]:
         try:
-            rec = json.loads(line) if line.strip() else None
+            if line.strip():
+                recs.append(json.loads(line))
         except json.JSONDecodeError:
-            if data.find(b"\n", nl + 1) >= 0:
+            if pos + len(line) + 1 < end:
                 raise DataError(f"{p}: bad JSON at byte {pos} before the end of the file") from None
-            break
-        if rec is not None:
-            recs.append(rec)
-        pos = good_end = nl + 1
-    if good_end < len(data):
+            end = pos
+        pos += len(line) + 1
+    if end < len(data):
         with open(p, "r+b") as f:
-            f.truncate(good_end)
+            f.truncate(end)
     return recs
 
 
@@ -188,7 +182,7 @@ class PartialWriter:
         the partial file holds complete units only and a rerun redoes exactly the units not written."""
         if not records:
             return
-        data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+        data = jsonl(records).encode("utf-8")
         fd = self._f.fileno()
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -206,15 +200,11 @@ class PartialWriter:
         os.replace(self.partial, self.path)
         return self.path
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
     def __enter__(self) -> "PartialWriter":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._f.close()
 
 
 def _write_all(fd: int, data: bytes) -> None:   # the one place appends go through (tests make it fail)
