@@ -83,8 +83,7 @@ checkpoint, input_file = functools.partial(passive, metadata=MODEL), functools.p
 
 
 def shaping(cls, d: dict) -> dict:
-    """`d` (a config of class `cls` as plain data: to_dict's, or a saved config.json) without the PASSIVE
-    fields, nested configs alike: what provenance compares between a run and its rerun."""
+    """`d` (plain data of class `cls`: to_dict's, or a saved config.json) without the PASSIVE fields."""
     hints, out = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
         if f.name not in d or not f.metadata.get("shapes", True):
@@ -108,8 +107,7 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
-    """`cls` filled from nested data; an unknown key is an error naming it; every number is checked by
-    `check_number` under its flag's name."""
+    """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
     hints, names, kw = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in names:
@@ -190,8 +188,7 @@ HEAD, TAIL = 300, 150   # an error line keeps this much of each end of a longer 
 
 
 def error_line(msg: object) -> str:
-    """`error: MSG`, a message well over HEAD + TAIL characters cut to its two ends with the size of what was
-    left out between them: `... (6.0 MB cut) ...`."""
+    """`error: MSG`, a longer message cut to its two ends around the size left out: `... (6.0 MB cut) ...`."""
     msg = str(msg)
     if len(msg) > HEAD + TAIL + 40:
         n = len(msg[HEAD:-TAIL].encode())
@@ -204,10 +201,9 @@ RERUN = "interrupted: finished work is kept (nothing half-written counts as done
 
 
 def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
-    """Every entry point's `__main__`: the project's errors (DataError and its kinds: bad input, bad flag,
-    bad checkpoint, tokenizer or template) and OS errors (a missing or unwritable file, a full disk) print
-    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; Ctrl-C prints `interrupted` (what
-    was kept and how to continue) and exits 130; never a traceback for those."""
+    """Every entry point's `__main__`: a DataError (bad input, flag, checkpoint, tokenizer, template) or OSError
+    prints `error: ...` and exits 2, a `Stopped` run exits 1, Ctrl-C prints `interrupted` (what was kept and how
+    to continue) and exits 130; never a traceback for those."""
     try:
         rc = main(argv) if argv is not None else main()
     except (Stopped, DataError, OSError, UnicodeDecodeError) as e:

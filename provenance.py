@@ -21,7 +21,7 @@ import glob
 import hashlib
 import json
 import os
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -41,9 +41,7 @@ def file_hash(path: str | Path) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A cheap fingerprint of a checkpoint folder: config.json and the tokenizer files, and per
-    *.safetensors file its name, size, header and the first and last MiB after it. "" when not a folder.
-    Paths are not part of it: the same checkpoint reached by another path is the same."""
+    """A checkpoint folder's fingerprint ("" when not a folder); paths are not part of it."""
     path = Path(path)
     if not path.is_dir():
         return ""
@@ -64,9 +62,8 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def made_by(cfg) -> dict:
-    """What made an output, read from the config's field declarations (cli.PASSIVE, MODEL, FILE): every field
-    that shapes the data, a checkpoint by content as NAME_fingerprint (a list of them: NAME, their fingerprints),
-    an input file as NAME_hash (a list: NAME_hashes), nested configs alike; passive fields, callables left out."""
+    """What made an output, by the fields' declarations (cli.PASSIVE, MODEL, FILE): every field that shapes the
+    data, a checkpoint as NAME_fingerprint (a list: NAME), an input file as NAME_hash (a list: NAME_hashes)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), f.metadata.get("shapes", True)
@@ -88,7 +85,6 @@ def made_by(cfg) -> dict:
 
 
 def meta_path(out: str | Path, folder: bool = False) -> Path:
-    """Where the record of `out` lives: FOLDER/run.json for a folder output, OUT.meta.json for a file."""
     out = Path(out)
     return out / "run.json" if folder else out.with_name(out.name + ".meta.json")
 
@@ -106,9 +102,8 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_settings(where: str | Path, cls, old: dict, new: dict, flag: str | None = "--overwrite") -> None:
-    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`), both configs of class
-    `cls` as plain data: every difference in a field that shapes the data (cli.shaping) is an error naming it.
-    flag: the command's start-over flag (None: it has none)."""
+    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`), both plain data of
+    class `cls`: a difference in a field that shapes the data is an error naming it (and `flag`, if any)."""
     diff = differences(shaping(cls, old), shaping(cls, new)) if old else []
     if diff:
         fix = f"pass {flag} to delete them and start over" if flag else "remove the folder to start over"
@@ -117,8 +112,7 @@ def check_settings(where: str | Path, cls, old: dict, new: dict, flag: str | Non
 
 
 def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False) -> bool:
-    """True when OUT's record exists and equals `made_by`; False when there is none; an error naming the
-    differences (and `flag`, the way to start over) when it differs."""
+    """True when OUT's record equals `made_by`, False when there is none, else an error naming the differences."""
     mp = meta_path(out, folder)
     if not mp.exists():
         return False
@@ -152,9 +146,7 @@ def check_not_input(inputs: Iterable[str | Path], outputs: Iterable[str | Path])
 
 
 class OutputLock:
-    """An exclusive lock on OUT (file OUT.lock, or FOLDER/.lock for a folder), with the holder's pid in it.
-    A second process fails at once with a DataError naming the holder. A holder killed without releasing
-    leaves the file, but the kernel has dropped its flock: the next run locks it and writes its own pid."""
+    """An exclusive lock on OUT: OUT.lock (FOLDER/.lock for a folder), with the holder's pid in it."""
 
     def __init__(self, out: str | Path, folder: bool = False):
         out = Path(out)
@@ -205,16 +197,15 @@ def _has_data(out: Path, folder: bool) -> bool:
 
 @contextmanager
 def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-          flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True, adopt: bool = True
-          ) -> Iterator[bool]:
+          flag: str = "--overwrite", folder: bool = False, clear=None, adopt: bool = True) -> Iterator[bool]:
     """Lock OUT, refuse inputs that are OUT, and check OUT's record against `made_by`: equal -> go on (a
     resume, or nothing to do); different -> refused unless `overwrite`, which calls `clear()` (remove what
-    the old run wrote) first; none -> `clear()` too when `overwrite`. The record is (re)written before the
-    body runs, so a killed run's partial output is already labelled. Yields whether the record matched.
-    adopt=False: an OUT holding data but no record (something this command did not write) is refused too."""
+    the old run wrote) first. The record is (re)written before the body runs, so a killed run's partial output
+    is already labelled. Yields whether the record matched. adopt=False: OUT holding data but no record
+    (something this command did not write) is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
-    with OutputLock(out, folder=folder) if lock else nullcontext():
+    with OutputLock(out, folder=folder):
         same = False
         if overwrite:
             if clear is not None:
