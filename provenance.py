@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import os
 from contextlib import contextmanager, suppress
@@ -138,11 +139,9 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 def check_not_input(inputs: Iterable[str | Path], outputs: Iterable[str | Path]) -> None:
     """Refuse a run that would write over one of its inputs (`outputs`: every path the command writes)."""
-    outputs = [Path(o) for o in outputs]
-    for i in inputs:
-        for o in outputs:
-            if same_file(i, o):
-                raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
+    for i, o in itertools.product(inputs, outputs):
+        if same_file(i, o):
+            raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
 
 
 class OutputLock:

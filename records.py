@@ -30,8 +30,7 @@ def check_file(path: str | Path) -> Path:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) per non-blank line; a missing file, or a line that is not UTF-8 or not a
-    JSON object, is an error naming the file (and line)."""
+    """(line number, record) per non-blank line; errors name the file and line."""
     path = check_file(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
@@ -87,8 +86,7 @@ def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> Path:
-    """Write `text` (str or bytes) to a temp file beside `path`, fsync, then os.replace: readers never see
-    half a file."""
+    """`text` into a temp file beside `path`, fsync, os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -137,8 +135,7 @@ def partial_path(path: str | Path) -> Path:
 
 
 def read_partial(path: str | Path) -> list[dict]:
-    """Records already in `path.partial` (empty if none). A last line without its newline or not valid
-    JSON is a write torn by a kill: it is cut off the file so the next append starts clean."""
+    """Records already in `path.partial`; a torn last line (no newline, or bad JSON) is cut off the file."""
     p = partial_path(path)
     if not p.exists():
         return []
@@ -160,10 +157,8 @@ def read_partial(path: str | Path) -> list[dict]:
 
 
 class PartialWriter:
-    """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`.
-
-    `keep` (optional) rewrites the partial file at open to the records it accepts: a stage uses it to drop
-    the records of an incomplete unit (say 2 of a prompt's 4 candidates) before redoing that unit."""
+    """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`. `keep`
+    rewrites the partial file at open to the records it accepts (drops an incomplete unit's records)."""
 
     def __init__(self, path: str | Path, keep: Callable[[list[dict]], list[dict]] | None = None):
         self.path = Path(path)

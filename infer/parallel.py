@@ -194,7 +194,7 @@ def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.floa
     """Sharded loading: this rank reads only its slices from the safetensors files (model.loaded_bytes)."""
     from selfreward.model.checkpoint import read_state
     cfg = ModelConfig.from_json(Path(path))
-    state, nbytes = read_state(path, cfg, dtype, plan=shard_plan(cfg, tp.rank, tp.size))
+    state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
     rows = vocab_range(cfg, tp.rank, tp.size)[2]
     for k in ("tok_embeddings.weight", "output.weight"):
         if k in state:

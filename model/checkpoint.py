@@ -82,17 +82,17 @@ def open_safetensors(f: Path):
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
 
 
-def read_state(path: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu",
+def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.float32, device="cpu",
                plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
                ) -> tuple[dict[str, torch.Tensor], int]:
-    """-> (our name -> tensor, cast to dtype on device; bytes read from the files). `plan`: our name ->
-    (dim, start, stop), the slice of that tensor to read (infer/parallel.py's tensor-parallel shards):
-    safetensors' get_slice copies only that range out of the memory-mapped file, so a 70B checkpoint never
-    materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the embedding
-    (it would index out of range at the first rare token), a missing tensor, a shape other than config.json's,
-    a tensor the name table does not know (but a tied model's lm_head.weight, rotary inv_freq buffers and
-    the names in `ignore`, left to the caller: model/reward_model.py's score.weight)."""
-    path, plan = Path(path), plan or {}
+    """The tensors of `model` (on the meta device: its cfg and shapes) from a HF folder -> (our name -> tensor
+    as dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
+    tensor-parallel shards): safetensors' get_slice copies only that range out of the memory-mapped file, so a 70B
+    checkpoint never materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the
+    embedding (it would index out of range at the first rare token), a missing tensor, a shape other than
+    config.json's, a tensor the name table does not know (but a tied model's lm_head.weight, rotary inv_freq
+    buffers and the names in `ignore`, left to the caller: model/reward_model.py's score.weight)."""
+    path, plan, cfg = Path(path), plan or {}, model.cfg
     tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
     if tok is not None:
         from selfreward.model.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def read_state(path: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.fl
     if unexpected:
         raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
                               f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
-    shapes = {k: tuple(p.shape) for k, p in Transformer(cfg, device="meta").named_parameters()}
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
     state, nbytes, handles = {}, 0, {}
     for ours, hf in table.items():
         if hf not in files:
@@ -115,7 +115,7 @@ def read_state(path: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.fl
         try:
             sl = handle.get_slice(hf)
             shape = tuple(sl.get_shape())
-            dim, a, b = plan.get(ours, (0, 0, shape[0]))
+            dim, a, b = plan.get(ours, (0, None, None))
             t = sl[(slice(None),) * dim + (slice(a, b),)] if shape == shapes[ours] else None
         except Exception as e:
             raise CheckpointError(f"{f}: tensor '{hf}' cannot be read ({e}); truncated or corrupt?") from None
@@ -130,8 +130,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                cfg: ModelConfig | None = None, ignore: tuple[str, ...] = ()) -> Transformer:
     """Build the model from a HF folder (config.json, or `cfg`) and load its weights (read_state)."""
     cfg = cfg or ModelConfig.from_json(path)
-    state, _ = read_state(path, cfg, dtype, device, ignore=ignore)
     model = Transformer(cfg, device="meta")
+    state, _ = read_state(path, model, dtype, device, ignore=ignore)
     # assign=True swaps the loaded tensors in for the meta parameters. Module.to_empty() would instead
     # run empty_like on every meta tensor, whose Python decomposition imports sympy and
     # torch.fx.experimental.symbolic_shapes (0.3 s of start-up), then copy every tensor once more.
