@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -72,25 +73,17 @@ PASSIVE, MODEL, FILE = {"shapes": False}, {"shapes": "model"}, {"shapes": "file"
 
 
 def passive(default, metadata: dict = PASSIVE):
-    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or `metadata`: MODEL, FILE)."""
+    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or `metadata`: checkpoint(), input_file())."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def checkpoint(default=""):
-    """A checkpoint folder field (or a list of them): it shapes the data by content (MODEL)."""
-    return passive(default, MODEL)
-
-
-def input_file(default=""):
-    """An input file field (or a list of them): it shapes the data by content (FILE)."""
-    return passive(default, FILE)
+checkpoint, input_file = functools.partial(passive, metadata=MODEL), functools.partial(passive, metadata=FILE)
 
 
 def shaping(cls, d: dict) -> dict:
-    """`d` (a config of class `cls` as plain data: to_dict's, or a saved config.json) without the PASSIVE
-    fields, nested configs alike: what provenance compares between a run and its rerun."""
+    """`d` (plain data of class `cls`: to_dict's, or a saved config.json) without the PASSIVE fields."""
     hints, out = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
         if f.name not in d or not f.metadata.get("shapes", True):
@@ -114,8 +107,7 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
-    """`cls` filled from nested data; an unknown key is an error naming it; every number is checked by
-    `check_number` under its flag's name."""
+    """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
     hints, names, kw = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in names:
@@ -172,21 +164,20 @@ def parse_config(cls, argv: list[str] | None, description: str = ""):
     return cfg
 
 
-def torchrun(target: str, args: list[str], nproc: int) -> None:
-    """`target` (a module, or a script ending in .py) under torchrun with `nproc` ranks on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run(cmd + ([target] if target.endswith(".py") else ["-m", target]) + list(args))
-    if r.returncode != 0:
-        raise RuntimeError(f"torchrun {target} {' '.join(args)}: exit {r.returncode}")
+def torchrun(module: str, args: list[str], nproc: int) -> None:
+    """`python -m module args` under torchrun with `nproc` ranks on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+    if (rc := subprocess.run(cmd + list(args)).returncode) != 0:
+        raise RuntimeError(f"torchrun {module} {' '.join(args)}: exit {rc}")
 
 
-def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, extra: list[str] = ()):
+def launch(fn, cfg, module: str, nproc: int, config_path: str | Path):
     """One stage: `fn(cfg)` in this process, or with nproc > 1 the same config saved to `config_path` and
     `module --config config_path` under torchrun (its main reads it back exactly)."""
     if nproc <= 1:
         return fn(cfg)
     write_json(config_path, to_dict(cfg))
-    torchrun(module, ["--config", str(config_path), *extra], nproc)
+    torchrun(module, ["--config", str(config_path)], nproc)
 
 
 class Stopped(RuntimeError):
@@ -197,8 +188,7 @@ HEAD, TAIL = 300, 150   # an error line keeps this much of each end of a longer 
 
 
 def error_line(msg: object) -> str:
-    """`error: MSG`, a message well over HEAD + TAIL characters cut to its two ends with the size of what was
-    left out between them: `... (6.0 MB cut) ...`."""
+    """`error: MSG`, a longer message cut to its two ends around the size left out: `... (6.0 MB cut) ...`."""
     msg = str(msg)
     if len(msg) > HEAD + TAIL + 40:
         n = len(msg[HEAD:-TAIL].encode())
@@ -211,23 +201,19 @@ RERUN = "interrupted: finished work is kept (nothing half-written counts as done
 
 
 def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
-    """Every entry point's `__main__`: the project's errors (DataError and its kinds: bad input, bad flag,
-    bad checkpoint, tokenizer or template) and OS errors (a missing or unwritable file, a full disk) print
-    `error: ...` and exit 2, a `Stopped` run prints its message and exits 1; Ctrl-C prints `interrupted` (what
-    was kept and how to continue) and exits 130; never a traceback for those."""
+    """Every entry point's `__main__`: a DataError (bad input, flag, checkpoint, tokenizer, template) or OSError
+    prints `error: ...` and exits 2, a `Stopped` run exits 1, Ctrl-C prints `interrupted` (what was kept and how
+    to continue) and exits 130; never a traceback for those."""
     try:
         rc = main(argv) if argv is not None else main()
-    except Stopped as e:
-        print(error_line(e), file=sys.stderr)
-        sys.exit(1)
-    except (DataError, OSError) as e:
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else \
-            f"{e.filename}: {e.strerror or e}" + (f" (-> {e.filename2})" if e.filename2 else "")
+    except (Stopped, DataError, OSError, UnicodeDecodeError) as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename:
+            msg = f"{e.filename}: {e.strerror or e}" + (f" (-> {e.filename2})" if e.filename2 else "")
+        elif isinstance(e, UnicodeDecodeError):   # a reader that does not name its file still says what was wrong
+            msg = f"a file is not UTF-8 text ({e})"
         print(error_line(msg), file=sys.stderr)
-        sys.exit(2)
-    except UnicodeDecodeError as e:   # a reader that does not name its file still says what was wrong
-        print(error_line(f"a file is not UTF-8 text ({e})"), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, Stopped) else 2)
     except KeyboardInterrupt:         # every output is written atomically or resumably: nothing to tidy here
         print(interrupted, file=sys.stderr)
         sys.exit(130)

@@ -4,28 +4,25 @@
                inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
         ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
 
-- `OutputLock`: a second writer of the same output fails fast. The lock file (OUT.lock) holds the pid of
-  its holder and is locked with fcntl.flock, so the kernel drops the lock when the holder dies (a killed
-  run's lock file is simply taken over by the next run).
+- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid and is
+  locked with fcntl.flock, so the kernel drops the lock when the holder dies (the next run takes it over).
 - the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape
-  the data, the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused (it
-  would reuse, append to or truncate data made otherwise) unless the caller passes the start-over flag;
-  settings that do not change the data (batch sizes of the engine, threads) are left out of the record.
+  the data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is
+  refused (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
 - `check_not_input`: a command never writes over one of its own inputs.
 Hashes are cheap: a file is hashed whole (JSONL inputs are small next to the work done on them); a model
-folder by its config and, per weights file, its size and the safetensors header plus the first and last
-MiB of data (a retrained or replaced checkpoint changes all of those).
+folder by its config and tokenizer, and per weights file its size, header and first and last MiB.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,9 +42,7 @@ def file_hash(path: str | Path) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A cheap fingerprint of a checkpoint folder: config.json and the tokenizer files, and per
-    *.safetensors file its name, size, header and the first and last MiB after it. "" when not a folder.
-    Paths are not part of it: the same checkpoint reached by another path is the same."""
+    """A checkpoint folder's fingerprint ("" when not a folder); paths are not part of it."""
     path = Path(path)
     if not path.is_dir():
         return ""
@@ -67,15 +62,9 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def inputs_hash(paths: Iterable[str | Path]) -> list[str]:
-    """The hashes of the files, in order (not keyed by path: the same data under another path is the same)."""
-    return [file_hash(p) if Path(p).is_file() else "" for p in paths]
-
-
 def made_by(cfg) -> dict:
-    """What made an output, read from the config's field declarations (cli.PASSIVE, MODEL, FILE): every field
-    that shapes the data, a checkpoint by content as NAME_fingerprint (a list of them: NAME, their fingerprints),
-    an input file as NAME_hash (a list: NAME_hashes), nested configs alike; passive fields, callables left out."""
+    """What made an output, by the fields' declarations (cli.PASSIVE, MODEL, FILE): every field that shapes the
+    data, a checkpoint as NAME_fingerprint (a list: NAME), an input file as NAME_hash (a list: NAME_hashes)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), f.metadata.get("shapes", True)
@@ -89,14 +78,14 @@ def made_by(cfg) -> dict:
         elif kind == "model":
             out[f"{f.name}_fingerprint"] = model_fingerprint(v) if v else ""
         elif kind == "file":
-            out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = inputs_hash(v) if many else file_hash(v) if v else ""
+            out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = \
+                [file_hash(p) if Path(p).is_file() else "" for p in v] if many else file_hash(v) if v else ""
         else:
             out[f.name] = list(v) if many else v
     return out
 
 
 def meta_path(out: str | Path, folder: bool = False) -> Path:
-    """Where the record of `out` lives: FOLDER/run.json for a folder output, OUT.meta.json for a file."""
     out = Path(out)
     return out / "run.json" if folder else out.with_name(out.name + ".meta.json")
 
@@ -114,9 +103,8 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_settings(where: str | Path, cls, old: dict, new: dict, flag: str | None = "--overwrite") -> None:
-    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`), both configs of class
-    `cls` as plain data: every difference in a field that shapes the data (cli.shaping) is an error naming it.
-    flag: the command's start-over flag (None: it has none)."""
+    """A run folder's saved config (`old`; {} for a new run) against this run's (`new`), both plain data of
+    class `cls`: a difference in a field that shapes the data is an error naming it (and `flag`, if any)."""
     diff = differences(shaping(cls, old), shaping(cls, new)) if old else []
     if diff:
         fix = f"pass {flag} to delete them and start over" if flag else "remove the folder to start over"
@@ -125,8 +113,7 @@ def check_settings(where: str | Path, cls, old: dict, new: dict, flag: str | Non
 
 
 def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False) -> bool:
-    """True when OUT's record exists and equals `made_by`; False when there is none; an error naming the
-    differences (and `flag`, the way to start over) when it differs."""
+    """True when OUT's record equals `made_by`, False when there is none, else an error naming the differences."""
     mp = meta_path(out, folder)
     if not mp.exists():
         return False
@@ -142,10 +129,6 @@ def check_record(out: str | Path, made_by: dict, flag: str, folder: bool = False
     return True
 
 
-def write_record(out: str | Path, made_by: dict, folder: bool = False) -> Path:
-    return write_json(meta_path(out, folder), {"made_by": made_by})
-
-
 def same_file(a: str | Path, b: str | Path) -> bool:
     a, b = Path(a), Path(b)
     try:
@@ -156,17 +139,13 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 def check_not_input(inputs: Iterable[str | Path], outputs: Iterable[str | Path]) -> None:
     """Refuse a run that would write over one of its inputs (`outputs`: every path the command writes)."""
-    outputs = [Path(o) for o in outputs]
-    for i in inputs:
-        for o in outputs:
-            if same_file(i, o):
-                raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
+    for i, o in itertools.product(inputs, outputs):
+        if same_file(i, o):
+            raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
 
 
 class OutputLock:
-    """An exclusive lock on OUT (file OUT.lock, or FOLDER/.lock for a folder), with the holder's pid in it.
-    A second process fails at once with a DataError naming the holder. A holder killed without releasing
-    leaves the file, but the kernel has dropped its flock: the next run locks it and writes its own pid."""
+    """An exclusive lock on OUT: OUT.lock (FOLDER/.lock for a folder), with the holder's pid in it."""
 
     def __init__(self, out: str | Path, folder: bool = False):
         out = Path(out)
@@ -179,38 +158,26 @@ class OutputLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
+            except BlockingIOError:
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                pid = self._holder()
-                raise DataError(f"{self.path}: another run (pid {pid if pid else '?'}) is writing this output; "
+                try:
+                    pid = int(self.path.read_text().strip() or 0) or "?"
+                except (OSError, ValueError):
+                    pid = "?"
+                raise DataError(f"{self.path}: another run (pid {pid}) is writing this output; "
                                 f"wait for it to finish or stop it") from None
-            try:   # the file we locked may have been removed by a holder releasing it meanwhile: retry
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.fd = fd
-            return self
+            with suppress(FileNotFoundError):   # unless a holder releasing it removed the file meanwhile: retry
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    self.fd = fd
+                    return self
+            os.close(fd)
         raise DataError(f"{self.path}: could not take the lock (the file keeps being replaced)")
-
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
 
     def release(self) -> None:
         if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 
@@ -229,17 +196,15 @@ def _has_data(out: Path, folder: bool) -> bool:
 
 @contextmanager
 def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-          flag: str = "--overwrite", folder: bool = False, clear=None, lock: bool = True, adopt: bool = True
-          ) -> Iterator[bool]:
+          flag: str = "--overwrite", folder: bool = False, clear=None, adopt: bool = True) -> Iterator[bool]:
     """Lock OUT, refuse inputs that are OUT, and check OUT's record against `made_by`: equal -> go on (a
     resume, or nothing to do); different -> refused unless `overwrite`, which calls `clear()` (remove what
-    the old run wrote) first; none -> `clear()` too when `overwrite`. The record is (re)written before the
-    body runs, so a killed run's partial output is already labelled. Yields whether the record matched.
-    adopt=False: an OUT holding data but no record (something this command did not write) is refused too."""
+    the old run wrote) first. The record is (re)written before the body runs, so a killed run's partial output
+    is already labelled. Yields whether the record matched. adopt=False: OUT holding data but no record
+    (something this command did not write) is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
-    lk = OutputLock(out, folder=folder).acquire() if lock else None
-    try:
+    with OutputLock(out, folder=folder):
         same = False
         if overwrite:
             if clear is not None:
@@ -252,8 +217,5 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
                                 f" refusing to replace it: pass {flag} to replace it, or choose another output")
         if folder:
             out.mkdir(parents=True, exist_ok=True)
-        write_record(out, made_by, folder)
+        write_json(meta_path(out, folder), {"made_by": made_by})
         yield same
-    finally:
-        if lk is not None:
-            lk.release()

@@ -1,6 +1,7 @@
 """The door every number passes: one table of ranges by the last part of a setting's name (the flag's too),
 checked for flags and `--config` files alike (cli.from_dict, every cli.parser parser, and check_args for the
-hand-written parsers), before any model loads. docs/flags.md lists every entry point's flags against it.
+hand-written parsers), before any model loads; every float must also be finite. Settings with a meaning of
+their own keep their extra rules in their config's check(). docs/flags.md lists every entry point's flags.
 """
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ class ConfigError(DataError):
     """A bad flag or config value: the message names the flag."""
 
 
-# The numeric settings' ranges, by the last part of the field's name (the flag's, too): one table for every
-# config, checked at the door (from_dict: flags and --config files alike), before any model loads. Every float
-# must also be finite. Settings with a meaning of their own keep their extra rules in their config's check().
 RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
     "temperature": (0, None, False, False), "top_p": (0, 1, True, False), "top_k": (0, None, False, False),
     "max_tokens": (1, None, False, False), "max_new_tokens": (1, None, False, False),
@@ -70,8 +68,7 @@ def check_number(flag: str, v) -> None:
 
 
 def check_args(ns: argparse.Namespace) -> argparse.Namespace:
-    """check_number on every number parsed (lists too): hand-written parsers (sample.py, evaluate, rlaif label,
-    oasst) call it; every `parser()` parser runs it itself."""
+    """check_number on every number parsed (lists too), for the hand-written parsers."""
     for dest, v in vars(ns).items():
         if not dest.startswith("_"):
             for x in (v if isinstance(v, list) else [v]):

@@ -1,9 +1,8 @@
-"""The records layer, below every floor (model/, infer/, train/ and recipes/ all write files): JSONL readers
-whose errors name file, line and field; atomic writes; resumable appends (units.py builds resumable,
-shardable work on them). It imports nothing of ours.
+"""JSONL readers whose errors name file, line and field; atomic writes; resumable appends (units.py builds
+resumable, shardable work on them). Imports nothing of ours.
 
-A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the
-file to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
+A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the file
+to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
 `read_partial` drops a torn last line (the kill can land mid-write), the stage works out which units are
 complete, and continues with the rest, so nothing is lost or duplicated.
 """
@@ -31,8 +30,7 @@ def check_file(path: str | Path) -> Path:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) per non-blank line; a missing file, or a line that is not UTF-8 or not a
-    JSON object, is an error naming the file (and line)."""
+    """(line number, record) per non-blank line; errors name the file and line."""
     path = check_file(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
@@ -88,14 +86,13 @@ def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> Path:
-    """Write `text` (str or bytes) to a temp file beside `path`, fsync, then os.replace: readers never see
-    half a file."""
+    """`text` into a temp file beside `path`, fsync, os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         user_mode(tmp)
@@ -106,18 +103,26 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
     return path
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """The JSON in `path`, or `default` ({} when not given) when the file does not exist."""
+def read_json(path: str | Path, default: Any = None, error: type = DataError) -> Any:
+    """The JSON in `path`, or `default` ({} when not given) when the file does not exist; bad JSON or bytes
+    that are not UTF-8 are an `error` naming the file (and line)."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else ({} if default is None else default)
+    if not path.exists():
+        return {} if default is None else default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def dumps(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False)
+def jsonl(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    return write_atomic(path, "".join(dumps(r) + "\n" for r in records))
+    return write_atomic(path, jsonl(records))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -130,38 +135,30 @@ def partial_path(path: str | Path) -> Path:
 
 
 def read_partial(path: str | Path) -> list[dict]:
-    """Records already in `path.partial` (empty if none). A last line without its newline or not valid
-    JSON is a write torn by a kill: it is cut off the file so the next append starts clean."""
+    """Records already in `path.partial`; a torn last line (no newline, or bad JSON) is cut off the file."""
     p = partial_path(path)
     if not p.exists():
         return []
     data = p.read_bytes()
-    recs, good_end, pos = [], 0, 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # torn tail
-        line = data[pos:nl]
+    recs, pos, end = [], 0, data.rfind(b"\n") + 1      # past the last newline: a torn tail
+    for line in data[:end].split(b"\n")[:-1]:
         try:
-            rec = json.loads(line) if line.strip() else None
+            if line.strip():
+                recs.append(json.loads(line))
         except json.JSONDecodeError:
-            if data.find(b"\n", nl + 1) >= 0:
+            if pos + len(line) + 1 < end:
                 raise DataError(f"{p}: bad JSON at byte {pos} before the end of the file") from None
-            break
-        if rec is not None:
-            recs.append(rec)
-        pos = good_end = nl + 1
-    if good_end < len(data):
+            end = pos
+        pos += len(line) + 1
+    if end < len(data):
         with open(p, "r+b") as f:
-            f.truncate(good_end)
+            f.truncate(end)
     return recs
 
 
 class PartialWriter:
-    """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`.
-
-    `keep` (optional) rewrites the partial file at open to the records it accepts: a stage uses it to drop
-    the records of an incomplete unit (say 2 of a prompt's 4 candidates) before redoing that unit."""
+    """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`. `keep`
+    rewrites the partial file at open to the records it accepts (drops an incomplete unit's records)."""
 
     def __init__(self, path: str | Path, keep: Callable[[list[dict]], list[dict]] | None = None):
         self.path = Path(path)
@@ -180,7 +177,7 @@ class PartialWriter:
         the partial file holds complete units only and a rerun redoes exactly the units not written."""
         if not records:
             return
-        data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+        data = jsonl(records).encode("utf-8")
         fd = self._f.fileno()
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -198,15 +195,11 @@ class PartialWriter:
         os.replace(self.partial, self.path)
         return self.path
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
     def __enter__(self) -> "PartialWriter":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._f.close()
 
 
 def _write_all(fd: int, data: bytes) -> None:   # the one place appends go through (tests make it fail)

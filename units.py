@@ -35,15 +35,15 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     rank of each tensor-parallel replica)."""
     out = Path(out)
     sync = barrier if group is None else (lambda: barrier(group))
-    mine_path = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    shards = [out] if world == 1 else [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
     mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
 
     def keep(records: list[dict]) -> list[dict]:
         n = Counter(key(r) for r in records)
         return [r for r in records if n[key(r)] == per_unit]
 
-    if not mine_path.exists():
-        with PartialWriter(mine_path, keep=keep) as w:
+    if not shards[rank].exists():
+        with PartialWriter(shards[rank], keep=keep) as w:
             done = {key(r) for r in w.records}
             todo = [(i, u) for i, u in mine if key(u) not in done]
             bar = Progress(progress, len(mine), len(mine) - len(todo), unit) if progress and todo else None
@@ -58,27 +58,22 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
             for s in range(0, len(todo), chunk):
                 work(todo[s:s + chunk], emit)
             w.finish()
-    order = {key(u): i for i, u in enumerate(units)}
-    if world == 1:
-        recs = _same_units(out, read_jsonl(out), order, key, per_unit)
-        ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; the file is in order
-        if ordered != recs:
-            write_jsonl(out, ordered)
-        return True
-    sync()                            # every rank's shard is complete before rank 0 merges
-    if rank != 0:
-        sync()
-        return False
-    shards = [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
-    missing = [p for p in shards if not p.exists()]
-    if missing:
+    if world > 1:
+        sync()                        # every rank's shard is complete before rank 0 merges
+        if rank != 0:
+            sync()
+            return False
+    if missing := [p for p in shards if not p.exists()]:
         raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
+    order = {key(u): i for i, u in enumerate(units)}
     recs = _same_units(out, [r for p in shards for r in read_jsonl(p)], order, key, per_unit)
-    recs.sort(key=lambda r: order[key(r)])   # stable: a unit's records keep their order
-    write_jsonl(out, recs)
-    for p in shards:
-        p.unlink()
-    sync()                            # the merged file exists before any rank goes on
+    ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; stable within a unit
+    if world > 1 or ordered != recs:
+        write_jsonl(out, ordered)
+    if world > 1:
+        for p in shards:
+            p.unlink()
+        sync()                        # the merged file exists before any rank goes on
     return True
 
 

@@ -192,9 +192,9 @@ def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, 
 
 def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     """Sharded loading: this rank reads only its slices from the safetensors files (model.loaded_bytes)."""
-    from selfreward.model.sharded import read_sharded
+    from selfreward.model.checkpoint import read_state
     cfg = ModelConfig.from_json(Path(path))
-    state, nbytes = read_sharded(path, cfg, shard_plan(cfg, tp.rank, tp.size), dtype)
+    state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
     rows = vocab_range(cfg, tp.rank, tp.size)[2]
     for k in ("tok_embeddings.weight", "output.weight"):
         if k in state:

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint I/O through one explicit name table.
 
 Reads `model.safetensors` or a sharded set (`model.safetensors.index.json` + shards) into our module
-names; writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer
-files, so transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor.
+names (whole, or a rank's tensor-parallel slices); writes the same layout back (sharded above a size limit)
+with `config.json` and the tokenizer files, so transformers (and vLLM) load our checkpoints unchanged.
+Errors name the file and tensor.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def name_table(cfg: ModelConfig) -> dict[str, str]:
     return t
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
+def tensor_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
@@ -81,46 +82,56 @@ def open_safetensors(f: Path):
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
 
 
-def _get(handle, f: Path, name: str) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except Exception as e:
-        raise CheckpointError(f"{f}: tensor '{name}' cannot be read ({e}); truncated or corrupt?") from None
-
-
-def check_tokenizer_fits(path: Path, cfg: ModelConfig) -> None:
-    """A tokenizer whose ids run past the embedding would index out of range at the first rare token."""
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        return
-    from selfreward.model.tokenizer import Tokenizer
-    n = Tokenizer.load(path).vocab_size
-    if n > cfg.vocab_size:
-        name = "tokenizer.json" if (path / "tokenizer.json").exists() else "tokenizer.model"
-        raise CheckpointError(f"{path / name}: tokenizer has {n} tokens but config.json field 'vocab_size' "
-                              f"(the embedding) has only {cfg.vocab_size}")
+def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.float32, device="cpu",
+               plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
+               ) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors of `model` (on the meta device: its cfg and shapes) from a HF folder -> (our name -> tensor
+    as dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
+    tensor-parallel shards): safetensors' get_slice copies only that range out of the memory-mapped file, so a 70B
+    checkpoint never materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the
+    embedding (it would index out of range at the first rare token), a missing tensor, a shape other than
+    config.json's, a tensor the name table does not know (but a tied model's lm_head.weight, rotary inv_freq
+    buffers and the names in `ignore`, left to the caller: model/reward_model.py's score.weight)."""
+    path, plan, cfg = Path(path), plan or {}, model.cfg
+    tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
+    if tok is not None:
+        from selfreward.model.tokenizer import Tokenizer
+        if (n := Tokenizer.load(path).vocab_size) > cfg.vocab_size:
+            raise CheckpointError(f"{tok}: tokenizer has {n} tokens but config.json field 'vocab_size' "
+                                  f"(the embedding) has only {cfg.vocab_size}")
+    files, table = tensor_files(path), name_table(cfg)
+    known = set(table.values()) | set(ignore) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = [k for k in files if k not in known and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
+                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    state, nbytes, handles = {}, 0, {}
+    for ours, hf in table.items():
+        if hf not in files:
+            raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
+        f = files[hf]
+        handle = handles[f] = handles.get(f) or open_safetensors(f)
+        try:
+            sl = handle.get_slice(hf)
+            shape = tuple(sl.get_shape())
+            dim, a, b = plan.get(ours, (0, None, None))
+            t = sl[(slice(None),) * dim + (slice(a, b),)] if shape == shapes[ours] else None
+        except Exception as e:
+            raise CheckpointError(f"{f}: tensor '{hf}' cannot be read ({e}); truncated or corrupt?") from None
+        if t is None:
+            raise CheckpointError(f"{f}: tensor '{hf}' has shape {shape}, config says {shapes[ours]}")
+        nbytes += t.nbytes
+        state[ours] = t.to(device=device, dtype=dtype)
+    return state, nbytes
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                cfg: ModelConfig | None = None, ignore: tuple[str, ...] = ()) -> Transformer:
-    """Build the model from a HF folder and load its weights. Tied checkpoints that also store
-    lm_head.weight are accepted (it must equal the embedding's shape); tensors named in `ignore` are left
-    to the caller (model/reward_model.py's score.weight)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder")
+    """Build the model from a HF folder (config.json, or `cfg`) and load its weights (read_state)."""
     cfg = cfg or ModelConfig.from_json(path)
-    check_tokenizer_fits(path, cfg)
-    files, table = _tensor_files(path), name_table(cfg)
     model = Transformer(cfg, device="meta")
-    params = dict(model.named_parameters())
-    check_no_unexpected(files, table, cfg, ignore)
-    state = {}
-    for ours, hf, f, handle in each_tensor(path, files, table):
-        t = _get(handle, f, hf)
-        want = tuple(params[ours].shape)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{f}: tensor '{hf}' has shape {tuple(t.shape)}, config says {want}")
-        state[ours] = t.to(device=device, dtype=dtype)
+    state, _ = read_state(path, model, dtype, device, ignore=ignore)
     # assign=True swaps the loaded tensors in for the meta parameters. Module.to_empty() would instead
     # run empty_like on every meta tensor, whose Python decomposition imports sympy and
     # torch.fx.experimental.symbolic_shapes (0.3 s of start-up), then copy every tensor once more.
@@ -129,9 +140,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model
 
 
-def _atomic_dir_write(out: Path, write):
-    """Write into a temp folder beside `out`, then swap it in: a crash never leaves half a checkpoint."""
-    out = Path(out)
+def write_folder(out: Path, write) -> None:
+    """`write(tmp)` into a temp folder beside `out`, then swap it in: a crash never leaves half a folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
@@ -148,31 +158,6 @@ def _atomic_dir_write(out: Path, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def each_tensor(path: Path, files: dict[str, Path], table: dict[str, str]):
-    """(our name, HF name, its file, an open safetensors handle) for every entry of the name table, each
-    file opened once; a tensor the checkpoint lacks is an error naming the folder."""
-    handles = {}
-    for ours, hf in table.items():
-        if hf not in files:
-            raise CheckpointError(f"{path}: missing tensor '{hf}' (needed for {ours})")
-        f = files[hf]
-        if f not in handles:
-            handles[f] = open_safetensors(f)
-        yield ours, hf, f, handles[f]
-
-
-def check_no_unexpected(files: dict[str, Path], table: dict[str, str], cfg: ModelConfig, ignore=()) -> None:
-    """A checkpoint tensor the name table does not know is an error naming its file (a tied model may also
-    store lm_head.weight; rotary inv_freq buffers and the names in `ignore` are ignored)."""
-    ignorable = set(ignore) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    expected = set(table.values())
-    unexpected = [k for k in files if k not in expected and k not in ignorable
-                  and not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}'"
-                              f" ({len(unexpected)} in all) for model_type {cfg.model_type}")
 
 
 def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
@@ -211,5 +196,5 @@ def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tok
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy(Path(tokenizer_dir) / name, tmp / name)
 
-    _atomic_dir_write(Path(out), write)
+    write_folder(Path(out), write)
     return Path(out)

@@ -6,20 +6,17 @@ file and field, never silently mis-computed.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from selfreward.records import DataError
+from selfreward.ranges import ConfigError
+from selfreward.records import read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-
-
-class ConfigError(DataError):
-    pass
+ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}   # model_type -> transformers' class prefix
+LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -78,18 +75,13 @@ class ModelConfig:
         return inv
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
+    def from_json(cls, folder: str | Path) -> "ModelConfig":
+        path = Path(folder) / "config.json"
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{folder}: not a folder")
         if not path.exists():
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raw = read_json(path, error=ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
@@ -99,19 +91,18 @@ class ModelConfig:
         def bad(fld, why):
             raise ConfigError(f"{source}: field '{fld}': {why}")
 
-        mt = raw.get("model_type")
-        if mt not in SUPPORTED_TYPES:
-            bad("model_type", f"{mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        mt, heads = raw.get("model_type"), raw.get("num_attention_heads")
+        if mt not in ARCH:
+            bad("model_type", f"{mt!r} is not supported (supported: {', '.join(ARCH)})")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(raw.get(k), int) or raw[k] <= 0:
                 bad(k, f"missing or not a positive integer ({raw.get(k)!r})")
         mpe = raw.get("max_position_embeddings", 2048)
         if not isinstance(mpe, int) or isinstance(mpe, bool) or mpe < 2:
             bad("max_position_embeddings", f"{mpe!r} must be an integer >= 2")
-        kv = raw.get("num_key_value_heads", raw["num_attention_heads"])
-        if not isinstance(kv, int) or kv <= 0 or raw["num_attention_heads"] % kv:
-            bad("num_key_value_heads", f"{kv!r} must be a positive divisor of num_attention_heads "
-                                       f"({raw['num_attention_heads']})")
+        kv = raw.get("num_key_value_heads", heads)
+        if not isinstance(kv, int) or kv <= 0 or heads % kv:
+            bad("num_key_value_heads", f"{kv!r} must be a positive divisor of num_attention_heads ({heads})")
         hd = raw.get("head_dim")
         if hd is not None and (not isinstance(hd, int) or hd <= 0 or hd % 2):
             bad("head_dim", f"{hd!r} must be a positive even integer (RoPE rotates pairs)")
@@ -121,57 +112,38 @@ class ModelConfig:
             bad("mlp_bias", "MLP biases are not supported")
         if raw.get("pretraining_tp", 1) != 1:
             bad("pretraining_tp", "only 1 is supported")
-        # transformers 5 writes rope_parameters (with rope_theta inside); older versions rope_scaling
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or None
-        theta = raw.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
-        scaling = None
-        if rope:
-            rtype = rope.get("rope_type", rope.get("type", "default"))
-            if rtype == "llama3":
-                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                    if k not in rope:
-                        bad("rope_scaling", f"llama3 scaling needs '{k}'")
-                scaling = {"rope_type": "llama3", **{k: rope[k] for k in (
-                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
-            elif rtype != "default":
-                bad("rope_scaling", f"rope_type {rtype!r} is not supported (supported: default, llama3)")
-        window = None
-        if mt == "mistral":
-            window = raw.get("sliding_window")
-        elif mt == "qwen2" and raw.get("use_sliding_window"):
+        if mt == "qwen2" and raw.get("use_sliding_window"):
             bad("use_sliding_window", "sliding-window attention is not supported for qwen2")
-        if mt == "llama" and raw.get("attention_bias"):
-            attention_bias = True
-        else:
-            attention_bias = mt == "qwen2"
+        # transformers 5 writes rope_parameters (with rope_theta inside); older versions rope_scaling
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype not in ("default", "llama3"):
+            bad("rope_scaling", f"rope_type {rtype!r} is not supported (supported: default, llama3)")
+        if rtype == "llama3" and (k := next((k for k in LLAMA3 if k not in rope), None)):
+            bad("rope_scaling", f"llama3 scaling needs '{k}'")
         known = set(cls.__dataclass_fields__) | {"rope_parameters", "rope_theta", "rope_scaling"}
-        cfg = cls(
+        return cls(
             model_type=mt, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw.get("num_key_value_heads"), head_dim=raw.get("head_dim"),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False), attention_bias=attention_bias,
-            sliding_window=window, bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
+            num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads"),
+            head_dim=hd, rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling={"rope_type": "llama3", **{k: rope[k] for k in LLAMA3}} if rtype == "llama3" else None,
+            max_position_embeddings=mpe, tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            attention_bias=mt == "llama" and bool(raw.get("attention_bias")),   # qwen2: always (__post_init__)
+            sliding_window=raw.get("sliding_window") if mt == "mistral" else None,
+            bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
             extra={k: v for k, v in raw.items() if k not in known},
         )
-        return cfg
 
     def to_hf_dict(self) -> dict:
         """config.json contents that transformers reads back to the same architecture."""
-        d = dict(self.extra)
-        d.update({k: v for k, v in asdict(self).items() if k not in ("extra", "dropout", "rope_scaling", "sliding_window")})
-        d["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]]
-        d["hidden_act"] = "silu"
-        d["rope_theta"] = self.rope_theta
-        params = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d = dict(self.extra, **{k: v for k, v in asdict(self).items()
+                                if k not in ("extra", "dropout", "rope_scaling", "sliding_window")})
+        d.update(architectures=[ARCH[self.model_type] + "ForCausalLM"], hidden_act="silu")
         if self.rope_scaling:
-            params.update(self.rope_scaling)
             d["rope_scaling"] = dict(self.rope_scaling)
-        d["rope_parameters"] = params
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":

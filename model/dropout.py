@@ -1,14 +1,13 @@
 """Residual dropout with a mask that is cheap to draw on the CPU.
 
 `F.dropout` on a CPU tensor draws one fp32 Bernoulli sample per element, scales it and multiplies: about
-12 ms for a [3072, 512] activation at 2 threads, the size of one residual branch of a 4-pair DPO step
-(17 of them per forward, and selective checkpointing draws them again in backward). Here the mask comes
-from 16 random bits per element, four elements per 64-bit draw, and backward replays nothing: the random
-bits are one tensor, kept by selective checkpointing (train/parallel.py saves `randint`'s output) and by
-autograd (`where` saves the boolean mask). p is rounded to a multiple of 1/65536 and the kept values are
-scaled by 1 / (1 - that p), so E[dropout(x)] = x exactly. CUDA tensors keep `F.dropout` (one fused kernel).
-The RNG is torch's default generator, so `torch.manual_seed`, checkpoint RNG replay and resume's saved RNG
-state govern it as they govern `F.dropout`.
+12 ms for a [3072, 512] activation at 2 threads (one residual branch of a 4-pair DPO step; 17 per forward,
+drawn again in backward by selective checkpointing). Here the mask comes from 16 random bits per element,
+four per 64-bit draw, and backward replays nothing: the bits are one tensor, kept by selective checkpointing
+(train/parallel.py saves `randint`'s output) and by autograd (`where` saves the boolean mask). p is rounded
+to a multiple of 1/65536 and the kept values scaled by 1 / (1 - that p), so E[dropout(x)] = x exactly.
+CUDA tensors keep `F.dropout` (one fused kernel). The RNG is torch's default generator, so
+`torch.manual_seed`, checkpoint RNG replay and resume's saved RNG state govern it as they govern `F.dropout`.
 """
 from __future__ import annotations
 

@@ -1,22 +1,17 @@
 """The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on
 never uses the fused tensors).
 
-At decode a CPU step is bound by reading the weights once per token, and MKL's fp32 matrix-vector
-product reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers
-stored [in, out] contiguous (the 56M model's LM head at batch 1: 7.65 ms against 3.54 ms, 1 thread;
-benchmarks/README.md, Sampler). So each projection's weight is re-stored once, in place, as the
-transpose of an [in, out] contiguous tensor, and the projections that read the same input sit side by side in one
-tensor: q | k | v -> `attention.wqkv_t` [H, (nh + 2 nkv) hd] and gate | up -> `feed_forward.w13_t`
-[H, 2I]. Each Parameter keeps its identity, name and shape [out, in]; its data becomes a view of its
-columns, so the parameters hold the same values, nothing is duplicated, and an in-place write to a
-parameter (infer/parallel.load_from_fsdp, a trainer step) is what the fused tensor holds. The model's
-no-grad forward then makes q, k, v with one matmul and gate, up with one (model/llama.py); a parameter
-re-assigned since (load_state_dict(assign=True), `.to()`) no longer points into the fused tensor, which
-the forward checks (`fused_ok`), falling back to the separate projections.
-
-A tied LM head is the embedding table, whose rows the embedding gathers, so its weight keeps its
-layout; `lm_head_t` is a transposed copy instead, remade when the weight changed (its version counter)
-or was replaced.
+At decode a CPU step is bound by reading the weights once per token, and MKL's fp32 matrix-vector product
+reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out]
+contiguous (benchmarks/README.md, Sampler). So each projection's weight is re-stored once, in place, as
+the transpose of an [in, out] contiguous tensor, and the projections that read the same input sit side by
+side in one tensor: q | k | v -> `attention.wqkv_t` [H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t`
+[H, 2I]. Each Parameter keeps its identity, name and shape; its data becomes a view of its columns, so
+nothing is duplicated and an in-place write to a parameter (infer/parallel.load_from_fsdp, a trainer step)
+is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True), `.to()`) no
+longer points into it, which the forward checks (`fused_ok`), falling back to the separate projections.
+A tied LM head (the embedding table) keeps its layout; `lm_head_t` is a transposed copy, remade when the
+weight changed (its version counter) or was replaced.
 """
 from __future__ import annotations
 
@@ -24,22 +19,17 @@ import torch
 import torch.nn as nn
 
 
+def _ptrs(linears: list[nn.Linear]) -> tuple[int, ...]:
+    return tuple(m.weight.data_ptr() for m in linears) + tuple(m.bias.data_ptr() for m in linears if m.bias is not None)
+
+
 def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """Weights [out_i, in] -> one [in, sum out_i] contiguous tensor; each weight becomes the transpose of
     its columns (biases likewise one [sum out_i] tensor). -> (fused weight, fused bias, data pointers)."""
     with torch.no_grad():
-        w0 = linears[0].weight
-        if len(linears) == 1:
-            wt = w0.T.contiguous()                                    # [in, out]: torch's blocked transpose
-        else:                                                         # each weight transposed into its columns
-            wt = w0.new_empty(w0.shape[1], sum(m.weight.shape[0] for m in linears))   # [in, sum out]
-            off = 0
-            for m in linears:
-                wt[:, off:off + m.weight.shape[0]].copy_(m.weight.T)
-                off += m.weight.shape[0]
-        bias = None
-        if linears[0].bias is not None:
-            bias = torch.cat([m.bias for m in linears]).contiguous()          # [sum out]
+        # [in, sum out]; alone, torch's blocked transpose (2x faster than cat for one weight)
+        wt = torch.cat([m.weight.T for m in linears], 1) if len(linears) > 1 else linears[0].weight.T.contiguous()
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])         # [sum out]
         off = 0
         for m in linears:
             o = m.weight.shape[0]
@@ -47,9 +37,7 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
             if bias is not None:
                 m.bias.data = bias[off:off + o]
             off += o
-    ptrs = tuple(m.weight.data_ptr() for m in linears) + \
-        (tuple(m.bias.data_ptr() for m in linears) if bias is not None else ())
-    return wt, bias, ptrs
+    return wt, bias, _ptrs(linears)
 
 
 def _transposed(m: nn.Linear) -> None:
@@ -59,12 +47,7 @@ def _transposed(m: nn.Linear) -> None:
 
 def fused_ok(linears: list[nn.Linear], ptrs: tuple[int, ...] | None) -> bool:
     """Do these projections still read the fused tensor (no parameter re-assigned since)?"""
-    if ptrs is None:
-        return False
-    now = tuple(m.weight.data_ptr() for m in linears)
-    if linears[0].bias is not None:
-        now += tuple(m.bias.data_ptr() for m in linears)
-    return now == ptrs
+    return ptrs is not None and _ptrs(linears) == ptrs
 
 
 def fuse_for_inference(model) -> bool:

@@ -126,11 +126,11 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
-        """device="meta": shapes only, for a loader to fill (passed to each layer rather than through a
-        `with torch.device("meta")` block, whose random inits import torch._dynamo: seconds of start-up)."""
+        """device="meta": shapes only, for a loader to fill. (Passed to each layer, not set by a `with
+        torch.device("meta")` block, and the embedding given an empty weight: on meta, random inits import
+        torch._dynamo, seconds of start-up.)"""
         super().__init__()
         self.cfg = cfg
-        # on meta, Embedding's own normal_ init imports torch._dynamo (seconds): hand it an empty weight
         w = torch.empty(cfg.vocab_size, cfg.hidden_size, device=device) if str(device) == "meta" else None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w, device=device)
         self.layers = nn.ModuleList(Block(cfg, i, device) for i in range(cfg.num_hidden_layers))
@@ -146,14 +146,12 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, seed: int | None = None):
         """Fresh random weights (for models trained from scratch, e.g. the embedded world's M0)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if p.dim() == 1 and "bias" not in name:
-                    p.fill_(1.0)
-                elif "bias" in name:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "bias" in name:
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=g) * std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,9 +165,8 @@ class Transformer(nn.Module):
                              f"{self.cfg.sliding_window}, which this model does not implement")
         cos, sin = K.rope_cos_sin(self.inv_freq, positions)       # [N, hd/2] each
         x = dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
-        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, ctx, out_rows) if i == last and out_rows is not None else layer(x, cos, sin, ctx)
+            x = layer(x, cos, sin, ctx, out_rows if i == len(self.layers) - 1 else None)
         return K.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -4,59 +4,49 @@ The layout is what `LlamaForSequenceClassification` (Mistral-, Qwen2-) with `num
     model.*          the backbone tensors (the causal LM's names, without lm_head.weight)
     score.weight     [1, H], no bias
     config.json      architectures [...ForSequenceClassification], num_labels 1, pad_token_id
-The reward of a sequence is score(final-norm hidden state) at its LAST NON-PAD token (`last_index`, the rule
+The reward of a sequence is score(final-norm hidden state) at its LAST NON-PAD token (the rule
 transformers applies): a reply ending in EOS is read at EOS unless pad_token_id == EOS (then at the token
 before it, in both implementations). `RMReward` is `--reward rm`: reward(prompts, responses) -> scores.
 """
 from __future__ import annotations
 
-import json
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from selfreward.model.checkpoint import CheckpointError, _get, _tensor_files, load_model, open_safetensors, save_model
-from selfreward.model.config import ModelConfig
-from selfreward.model.llama import AttnContext, Transformer
+from selfreward.model.checkpoint import CheckpointError, load_model, open_safetensors, save_model, tensor_files
+from selfreward.model.config import ARCH, ModelConfig
+from selfreward.model.llama import Transformer
 from selfreward.model.tokenizer import Tokenizer
-
-_ARCH = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
-         "qwen2": "Qwen2ForSequenceClassification"}
-
-
-def add_score_head(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
-    """Drop the LM head and attach `score` (H -> 1, seeded normal init as transformers' initializer_range)."""
-    model.output = None
-    g = torch.Generator().manual_seed(seed)
-    p = model.tok_embeddings.weight
-    model.score = nn.Linear(model.cfg.hidden_size, 1, bias=False, device=p.device, dtype=p.dtype)
-    with torch.no_grad():
-        model.score.weight.copy_(torch.randn(1, model.cfg.hidden_size, generator=g) * std)
-    return model
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                       cfg: ModelConfig | None = None, seed: int = 0) -> Transformer:
-    """A reward checkpoint (score.weight read), or a causal LM checkpoint (fresh seeded score head)."""
+    """A reward checkpoint (score.weight read), or a causal LM checkpoint (the LM head dropped, a fresh score
+    head: seeded normal init, std 0.02 as transformers' initializer_range)."""
     cfg = cfg or ModelConfig.from_json(path)
     cfg.tie_word_embeddings = True        # no LM head: the embedding is the only vocabulary matrix
-    model = add_score_head(load_model(path, dtype, device, cfg, ignore=("score.weight",)), seed)
-    if (f := _tensor_files(Path(path)).get("score.weight")) is not None:
+    model, H = load_model(path, dtype, device, cfg, ignore=("score.weight",)), cfg.hidden_size
+    w = torch.randn(1, H, generator=torch.Generator().manual_seed(seed)) * 0.02
+    if (f := tensor_files(Path(path)).get("score.weight")) is not None:
         with open_safetensors(f) as h:
-            w = _get(h, f, "score.weight")
-        if tuple(w.shape) != (1, cfg.hidden_size):
+            w = h.get_tensor("score.weight")
+        if tuple(w.shape) != (1, H):
             raise CheckpointError(f"{f}: tensor 'score.weight' has shape {tuple(w.shape)}, "
-                                  f"expected (1, {cfg.hidden_size}) (num_labels must be 1)")
-        with torch.no_grad():
-            model.score.weight.copy_(w.to(dtype))
+                                  f"expected (1, {H}) (num_labels must be 1)")
+    model.score = nn.Linear(H, 1, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        model.score.weight.copy_(w)
     return model
 
 
 def seq_cls_config(cfg: ModelConfig, pad_token_id: int) -> dict:
     """config.json's sequence-classification fields (over the causal LM's), for save_model's `hf_config`."""
-    return dict(architectures=[_ARCH[cfg.model_type]], num_labels=1, id2label={"0": "LABEL_0"},
-                label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id), tie_word_embeddings=False)
+    return dict(architectures=[ARCH[cfg.model_type] + "ForSequenceClassification"], num_labels=1,
+                id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id),
+                tie_word_embeddings=False)
 
 
 def save_reward_model(model_or_sd, cfg: ModelConfig, out: str | Path, pad_token_id: int,
@@ -65,30 +55,16 @@ def save_reward_model(model_or_sd, cfg: ModelConfig, out: str | Path, pad_token_
     return save_model(model_or_sd, cfg, out, tokenizer_dir, dtype=dtype, hf_config=seq_cls_config(cfg, pad_token_id))
 
 
-def last_index(ids: list[int], pad_id: int) -> int:
-    """The position transformers reads the score at: the rightmost token that is not pad (0 if none)."""
-    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad_id), 0)
-
-
 def packed_rewards(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """Rewards of S sequences in ONE forward over a flat token axis -> [S] fp32."""
     dev = model.tok_embeddings.weight.device
-    lens = [len(s) for s in seqs]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    tokens = torch.tensor([t for s in seqs for t in s], device=dev)                     # [N]
-    positions = torch.cat([torch.arange(n) for n in lens]).to(dev)                      # [N]
-    h = model(tokens, positions, AttnContext(cu.to(dev), max(lens)))                   # [N, H]
-    rows = torch.tensor([int(cu[i]) + last_index(s, pad_id) for i, s in enumerate(seqs)], device=dev)
-    return model.score(h[rows]).squeeze(-1).float()                                    # [S]
-
-
-def read_pad_id(path: str | Path) -> int:
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("pad_token_id") is None:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: field 'pad_token_id' is missing (a reward "
-                              f"checkpoint needs it: the score is read at the last non-pad token)")
-    return int(cfg["pad_token_id"])
+    tokens = torch.tensor([[t for s in seqs for t in s]], device=dev)                   # [1, N]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(dev)[None]            # [1, N]
+    h = model.forward_packed(tokens, positions)[0]                                      # [N, H]
+    # each sequence's rightmost token that is not pad (0 if none): where transformers reads the score
+    rows = [a + next((i for i in range(len(s) - 1, -1, -1) if s[i] != pad_id), 0)
+            for a, s in zip(accumulate(map(len, seqs), initial=0), seqs)]
+    return model.score(h[torch.tensor(rows, device=dev)]).squeeze(-1).float()           # [S]
 
 
 class RMReward:
@@ -96,8 +72,11 @@ class RMReward:
 
     def __init__(self, path: str | Path, template=None, device="cpu", dtype=torch.float32, batch: int = 32):
         self.model = load_reward_model(path, dtype=dtype, device=device).eval()
-        self.tok, self.pad_id, self.batch = Tokenizer.load(path), read_pad_id(path), batch
-        self.max_len = self.model.cfg.max_position_embeddings
+        self.tok, self.batch, self.max_len = Tokenizer.load(path), batch, self.model.cfg.max_position_embeddings
+        if (pad := self.model.cfg.extra.get("pad_token_id")) is None:
+            raise CheckpointError(f"{Path(path) / 'config.json'}: field 'pad_token_id' is missing (a reward "
+                                  f"checkpoint needs it: the score is read at the last non-pad token)")
+        self.pad_id = int(pad)
 
     def ids(self, prompt: str, response: str) -> list[int]:
         p = self.tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]

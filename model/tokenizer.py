@@ -20,25 +20,21 @@ one, rendered with jinja2 as transformers does; otherwise the PLAIN template bel
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from selfreward.records import DataError
+from selfreward.records import DataError, read_json
 
 # The plain template, used when a checkpoint has no chat_template:
 #   <bos>System: {system}\n\nUser: {user}\n\nAssistant: {assistant}<eos>User: {user}\n\nAssistant: ...
 PLAIN_HEADERS = {"system": "System: {}\n\n", "user": "User: {}\n\n"}
 PLAIN_ASSISTANT = "Assistant:"   # the reply follows; SentencePiece's dummy prefix supplies the space
-
-
 ROLES = ("system", "user", "assistant")
 
 
 def check_messages(msgs, where: str) -> list[dict]:
     """A chat record's `messages`: a non-empty list of {'role': system|user|assistant, 'content': str}; the
     error names `where` (file:line) and the field."""
-    from selfreward.records import DataError
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field 'messages' must be a non-empty list")
     for j, m in enumerate(msgs):
@@ -54,29 +50,20 @@ class TokenizerError(DataError):
 
 def _token_text(v) -> str | None:
     """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
-    if isinstance(v, dict):
-        return v.get("content")
-    return v
+    return v.get("content") if isinstance(v, dict) else v
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        path = Path(path)
-        self.path = path
-        cfg_file = path / "tokenizer_config.json"
-        try:
-            self.config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{cfg_file}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
+        self.path = path = Path(path)
+        self.config = read_json(path / "tokenizer_config.json", error=TokenizerError)
+        self._hf = self._sp = None
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
             try:
                 self._hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:   # the tokenizers library raises a bare Exception for a bad file
                 raise TokenizerError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-            self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         elif (path / "tokenizer.model").exists():
             import sentencepiece as spm
@@ -84,7 +71,6 @@ class Tokenizer:
                 self._sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             except (RuntimeError, OSError) as e:
                 raise TokenizerError(f"{path / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from None
-            self._hf = None
             self.vocab_size = self._sp.vocab_size()
         else:
             raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
@@ -92,49 +78,36 @@ class Tokenizer:
         self.eos_id = self._special("eos_token", self._sp.eos_id() if self._sp else None)
         pad = self._special("pad_token", self._sp.pad_id() if self._sp else None)
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        self.chat_template = self._find_template()
-        self.stop_ids = self._stop_ids()
+        # stop ids: EOS, and generation_config.json's eos_token_id (an id or a list)
+        self.stop_ids = [] if self.eos_id is None else [self.eos_id]
+        e = read_json(path / "generation_config.json").get("eos_token_id")
+        for t in [e] if isinstance(e, int) else (e or []):
+            if t not in self.stop_ids:
+                self.stop_ids.append(t)
+        t = self.config.get("chat_template")
+        if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
+            named = {d.get("name"): d.get("template") for d in t}
+            t = named.get("default") or next(iter(named.values()), None)
+        jinja = path / "chat_template.jinja"
+        self.chat_template = jinja.read_text() if jinja.exists() else t
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         return cls(path)
 
-    # ---- special tokens -------------------------------------------------------------------------
     def _special(self, key: str, fallback: int | None) -> int | None:
         text = _token_text(self.config.get(key))
         if text is None:
             return fallback if (fallback is not None and fallback >= 0) else None
-        tid = self.token_to_id(text)
+        if self._hf is not None:
+            tid = self._hf.token_to_id(text)
+        else:
+            tid = self._sp.piece_to_id(text)
+            tid = None if tid == self._sp.unk_id() and text != self._sp.id_to_piece(tid) else tid
         if tid is None:
             raise TokenizerError(f"{self.path / 'tokenizer_config.json'}: field '{key}': token {text!r} "
                                  f"is not in the vocabulary")
         return tid
-
-    def token_to_id(self, text: str) -> int | None:
-        if self._hf is not None:
-            return self._hf.token_to_id(text)
-        tid = self._sp.piece_to_id(text)
-        return None if tid == self._sp.unk_id() and text != self._sp.id_to_piece(tid) else tid
-
-    def _stop_ids(self) -> list[int]:
-        ids = [] if self.eos_id is None else [self.eos_id]
-        gen = self.path / "generation_config.json"
-        if gen.exists():
-            e = json.loads(gen.read_text()).get("eos_token_id")
-            for t in ([e] if isinstance(e, int) else (e or [])):
-                if t not in ids:
-                    ids.append(t)
-        return ids
-
-    def _find_template(self) -> str | None:
-        jinja = self.path / "chat_template.jinja"
-        if jinja.exists():
-            return jinja.read_text()
-        t = self.config.get("chat_template")
-        if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
-            named = {d.get("name"): d.get("template") for d in t}
-            t = named.get("default") or next(iter(named.values()), None)
-        return t
 
     # ---- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -183,9 +156,10 @@ class Tokenizer:
         return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool):
-        """-> [(text, is_special_content)] where is_special_content marks an assistant reply."""
+        """-> [(text, kind)]: kind True marks an assistant reply, None the closing text of an assistant turn
+        (its end token is a target), False the rest."""
         for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
+            if m.get("role") not in ROLES:
                 raise TokenizerError(f"message {i}: field 'role': {m.get('role')!r} is not system/user/assistant")
             if not isinstance(m.get("content"), str):
                 raise TokenizerError(f"message {i}: field 'content': missing or not a string")
@@ -202,57 +176,41 @@ class Tokenizer:
         # A jinja template: find each message's text by rendering growing prefixes of the conversation.
         segs, done = [], ""
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                head = self._render(messages[:i], add_generation_prompt=True)
-                full = self._render(messages[:i + 1], add_generation_prompt=False)
-                if not head.startswith(done) or not full.startswith(head):
-                    raise TokenizerError(f"{self.path}: chat_template does not render conversations as growing "
-                                         f"prefixes; cannot locate assistant turn {i}")
+            asst = m["role"] == "assistant"
+            full = self._render(messages[:i + 1], add_generation_prompt=False)
+            head = self._render(messages[:i], add_generation_prompt=True) if asst else full
+            if not head.startswith(done) or not full.startswith(head):
+                raise TokenizerError(f"{self.path}: chat_template does not render conversations as growing prefixes"
+                                     + (f"; cannot locate assistant turn {i}" if asst else f" (message {i})"))
+            if not asst:
+                segs.append((full[len(done):], False))
+            else:
                 rest = full[len(head):]
                 at = rest.find(m["content"])
                 if at < 0:
                     raise TokenizerError(f"{self.path}: chat_template alters assistant content of turn {i}")
-                segs += [(head[len(done):] + rest[:at], False), (m["content"], True)]
-                tail = rest[at + len(m["content"]):]
-                if tail:
-                    segs.append((tail, None))  # None: the turn's closing text (its end token is a target)
-                done = full
-            else:
-                full = self._render(messages[:i + 1], add_generation_prompt=False)
-                if not full.startswith(done):
-                    raise TokenizerError(f"{self.path}: chat_template does not render conversations as growing "
-                                         f"prefixes (message {i})")
-                segs.append((full[len(done):], False))
-                done = full
+                segs += [(head[len(done):] + rest[:at], False), (m["content"], True),
+                         (rest[at + len(m["content"]):], None)]
+            done = full
         if add_generation_prompt:
-            head = self._render(messages, add_generation_prompt=True)
-            segs.append((head[len(done):], False))
+            segs.append((self._render(messages, add_generation_prompt=True)[len(done):], False))
         return segs
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """Chat turns -> (ids, target_mask). The mask is True on assistant content tokens and on the token
         that ends each assistant turn (EOS, or the template's end-of-turn token): what SFT trains on."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        if self.chat_template is None and self.bos_id is not None:
-            ids.append(self.bos_id)
-            mask.append(False)
+        plain = self.chat_template is None
+        ids, mask = ([self.bos_id], [False]) if plain and self.bos_id is not None else ([], [])
         for text, kind in self._segments(messages, add_generation_prompt):
-            if kind is True:            # an assistant reply: content, and EOS on the plain template
-                piece = self.encode(text)
-                if self.chat_template is None and self.eos_id is not None:
-                    piece = piece + [self.eos_id]
-                ids += piece
-                mask += [True] * len(piece)
-            elif kind is None:          # closing text of an assistant turn: targets up to its first stop id
-                piece = self.encode(text)
-                cut = next((j + 1 for j, t in enumerate(piece) if t in self.stop_ids), 0)
-                ids += piece
-                mask += [True] * cut + [False] * (len(piece) - cut)
-            elif text:
-                piece = self.encode(text)
-                ids += piece
-                mask += [False] * len(piece)
+            piece = self.encode(text) if text else []
+            if kind is True and plain and self.eos_id is not None:   # the plain template ends a reply with EOS
+                piece.append(self.eos_id)
+            if kind is None:     # closing text of an assistant turn: targets up to its first stop id
+                n = next((j + 1 for j, t in enumerate(piece) if t in self.stop_ids), 0)
+            else:
+                n = len(piece) if kind else 0
+            ids += piece
+            mask += [True] * n + [False] * (len(piece) - n)
         return ids, mask
 
     def render_response(self, text: str) -> list[int]:

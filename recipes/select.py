@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
-from selfreward.model.checkpoint import _atomic_dir_write
+from selfreward.model.checkpoint import write_folder
 from selfreward.provenance import made_by, same_file
 from selfreward.records import DataError, read_json, write_json
 from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template, read_prompts
@@ -99,7 +99,7 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
 def _copy(src: str | Path, out: str | Path) -> None:
     """The chosen checkpoint folder's files copied to `out`, atomically."""
     files = [p for p in Path(src).iterdir() if p.is_file()]
-    _atomic_dir_write(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in files])
+    write_folder(Path(out), lambda tmp: [shutil.copy2(p, tmp / p.name) for p in files])
 
 
 def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, report: Path) -> dict:
