@@ -36,7 +36,9 @@ OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, f
 
 
 @dataclass
-class SampleConfig(EngineConfig):   # the engine's settings are flags of their own: --dtype, --block-size, ...
+class SampleConfig(EngineConfig):
+    """The engine's settings (flags of their own: --dtype, --block-size, ...; no --device: cuda:LOCAL_RANK where
+    CUDA is available, else the CPU) and the sampling ones."""
     model: str = cli.checkpoint()         # checkpoint folder
     input: str = cli.input_file()         # JSONL of requests
     output: str = cli.passive("")         # JSONL of samples (OUTPUT.partial while running)
@@ -54,7 +56,7 @@ class SampleConfig(EngineConfig):   # the engine's settings are flags of their o
 
 
 def parse(argv: list[str] | None) -> SampleConfig:
-    p = cli.parser(SampleConfig, __doc__, skip={"": {"n", "stop"}})
+    p = cli.parser(SampleConfig, __doc__, skip={"": {"device", "n", "stop"}})
     p.add_argument("--n", "--num-samples", dest="n", type=int, help="samples per prompt; under torchrun write "
                    "--num-samples: torchrun reads --n as its own (default: 1)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable) (default: [])")
