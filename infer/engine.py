@@ -1,12 +1,5 @@
-"""The engine: generate, score, next_token_logprobs over one paged KV pool (EngineAPI in infer/config.py).
-
-    eng = load_engine("path/to/model", EngineConfig())          # or Engine(model, tokenizer, EngineConfig(...))
-    outs = eng.generate([ids1, ids2], SamplingParams(temperature=0.7, top_p=0.9, seed=0), n=4)
-    outs[0][3].text, outs[0][3].token_ids, outs[0][3].finish_reason
-
-A step is nano-vllm's: the scheduler picks the sequences, `run` calls the model and samples, the scheduler's
-postprocess forks, appends, finishes and frees. The prefix cache lives as long as the engine, so a rubric or
-few-shot prefix shared across calls is computed once. See infer/README.md for the design.
+"""The engine: generate, score, next_token_logprobs over one paged KV pool; a step is nano-vllm's (schedule,
+run, postprocess). infer/README.md has the design and the API.
 """
 from __future__ import annotations
 
@@ -39,8 +32,7 @@ class Engine:
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
             raise ValueError(f"cuda_graphs needs the model on a CUDA device (it is on {p.device})")
-        if cfg.max_num_batched_tokens < 1:   # load_engine checks the whole config; a direct caller gets this
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {cfg.max_num_batched_tokens}")
+        cfg.check()
         num_blocks = cfg.num_blocks or default_num_blocks(model, cfg.block_size, cfg.max_num_seqs)
         self.bm = BlockManager(num_blocks, cfg.block_size, cfg.prefix_cache)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -56,10 +48,12 @@ class Engine:
         return {"prefill_computed": self.bm.prefill_computed, "prefix_hit": self.bm.prefill_hit,
                 "generated": self.generated_tokens, "preempted": self.scheduler.num_preempted}
 
-    # -- the interface (EngineAPI) -----------------------------------------------------------------
+    # -- the interface: what recipes and trainers call (tests/scripted.py stands in for it) -----------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
+        Sample j of a request with seed s is that request alone with seed s + j."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -81,6 +75,7 @@ class Engine:
         return results
 
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of each continuation token."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         out: list[list[float]] = [[] for _ in prompts]
@@ -94,6 +89,7 @@ class Engine:
         return out
 
     def next_token_logprobs(self, prompts: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
+        """[B, C] log-probs of each candidate token right after each prompt."""
         out = torch.zeros(len(prompts), len(candidate_ids))
         self._cands = torch.tensor(candidate_ids, device=self.runner.device)
         for i, p in enumerate(prompts):
@@ -104,6 +100,8 @@ class Engine:
         return out
 
     def load_weights(self, model, skip: tuple[str, ...] = ()) -> dict:
+        """A trainer's weights copied in place (parallel.copy_weights), no request in flight; clears the prefix
+        cache -> {seconds, bytes}."""
         from selfreward.infer.parallel import copy_weights
         if not self.scheduler.done():
             raise RuntimeError("weight sync while the engine still has requests in flight")

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.parallel import init_tp
-from selfreward.infer.replicas import run_units_tp
+from selfreward.infer.replicas import run_units_tp, stage_group
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
@@ -124,50 +124,44 @@ def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     rank, world = dist_env()
-    dist = None
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     out, lock = Path(cfg.output), None
-    try:
-        check(cfg)
-        try:                           # a flag too: checked before the input, the model or OUTPUT
-            tp = init_tp(cfg.tensor_parallel)
-        except ValueError as e:
-            raise DataError(str(e)) from None
-        check_file(cfg.input)
-        requests = nonempty(read_requests(cfg.input), cfg.input, "prompts")
-        if not os.path.isdir(cfg.model):
-            raise DataError(f"--model {cfg.model}: not a checkpoint folder")
-        ModelConfig.from_json(cfg.model)  # a bad config.json is refused before OUTPUT is claimed
-        key = lambda r: id_key(r["id"])   # noqa: E731
-        lock = _claim(out, cfg, rank, world, dist)
-        if out.exists() and {key(r) for r in requests} <= {key(r) for r in read_jsonl(out)}:
-            print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
-                  file=sys.stderr, flush=True)
-            return 0
-        mine = requests[tp.replica::tp.num_replicas]
-        print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-        run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, load(cfg)), max(1, len(requests)),
-                     f"sample rank {rank}", "prompts")
-        if rank == 0:
-            print(f"[sample] wrote {len(read_jsonl(out))} records to {out}", file=sys.stderr, flush=True)
-    except DataError as e:
-        print(cli.error_line(e), file=sys.stderr)
-        return 2
-    finally:
-        if lock is not None:           # only the lock's holder tidies: a refused second run leaves the files alone
-            for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
-                if p.exists() and p.stat().st_size == 0:
-                    p.unlink()         # a run that wrote nothing leaves nothing
-            lock.__exit__(None, None, None)
-        if dist is not None:
-            dist.destroy_process_group()
+    with stage_group("", world):
+        try:
+            check(cfg)
+            try:                           # a flag too: checked before the input, the model or OUTPUT
+                tp = init_tp(cfg.tensor_parallel)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            check_file(cfg.input)
+            requests = nonempty(read_requests(cfg.input), cfg.input, "prompts")
+            if not os.path.isdir(cfg.model):
+                raise DataError(f"--model {cfg.model}: not a checkpoint folder")
+            ModelConfig.from_json(cfg.model)  # a bad config.json is refused before OUTPUT is claimed
+            key = lambda r: id_key(r["id"])   # noqa: E731
+            lock = _claim(out, cfg, rank, world)
+            if out.exists() and {key(r) for r in requests} <= {key(r) for r in read_jsonl(out)}:
+                print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
+                      file=sys.stderr, flush=True)
+                return 0
+            mine = requests[tp.replica::tp.num_replicas]
+            print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
+            run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, load(cfg)), max(1, len(requests)),
+                         f"sample rank {rank}", "prompts")
+            if rank == 0:
+                print(f"[sample] wrote {len(read_jsonl(out))} records to {out}", file=sys.stderr, flush=True)
+        except DataError as e:
+            print(cli.error_line(e), file=sys.stderr)
+            return 2
+        finally:
+            if lock is not None:       # only the lock's holder tidies: a refused second run leaves the files alone
+                for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
+                    if p.exists() and p.stat().st_size == 0:
+                        p.unlink()     # a run that wrote nothing leaves nothing
+                lock.__exit__(None, None, None)
     return 0
 
 
-def _claim(out: Path, cfg: SampleConfig, rank: int, world: int, dist):
+def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
     """Rank 0 claims OUTPUT (lock, provenance record, --overwrite clears the old files); after a barrier
     every other rank locks its own shard and checks the record rank 0 left -> the context to exit at the end."""
     made = made_by(cfg)
