@@ -1,8 +1,6 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping
-only: the runner owns the tensors). A full block is keyed by a hash chained over its tokens and its
-predecessor's key, and a hit is checked token by token; freed blocks keep key and contents until the free
-list (least recently freed first) hands them out. `copies`: the (src, dst) copies the runner makes before
-the next forward. infer/README.md has the design.
+"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping only:
+the runner owns the tensors; infer/README.md, "Prefix cache"). `copies`: the (src, dst) copies the runner
+makes before the next forward.
 """
 from __future__ import annotations
 

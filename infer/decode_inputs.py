@@ -1,13 +1,17 @@
-"""The decode step's input tensors, kept from one step to the next: while a step's sequences are the previous
-decode step's, in the same order, positions and lengths advance in place, the input ids are the tensor the
-sampler returned, and only changed block-table entries are written; a changed batch is rebuilt from the
-sequences' lists. (Building them from lists each step costs a visible share of a small-batch step.)
+"""The decode step's input tensors, updated in place while the batch is the previous decode step's, else rebuilt
+from the sequences' lists (infer/README.md, "Decode step tensors").
 """
 from __future__ import annotations
 
 import torch
 
 from selfreward.infer.sequence import Sequence
+
+
+def block_tables(seqs: list[Sequence], width: int, device) -> torch.Tensor:
+    """The sequences' block tables as an int32 [B, width] tensor, zero-padded."""
+    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32,
+                        device=device)
 
 
 class DecodeInputs:
@@ -61,9 +65,7 @@ class DecodeInputs:
     def _rebuild(self, seqs: list[Sequence], ids: list[int]) -> None:
         dev, B = self.device, len(seqs)
         need = max(len(s.block_table) for s in seqs)
-        width = min(self.max_blocks, max(2 * need, need + 16))   # room to grow before the next rebuild
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        self.bt = torch.tensor(rows, dtype=torch.int32, device=dev)
+        self.bt = block_tables(seqs, min(self.max_blocks, max(2 * need, need + 16)), dev)   # room to grow
         self.tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=dev)
         self.lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32, device=dev)
         self.pos = self.lens.long() - 1

@@ -3,8 +3,6 @@ run, postprocess). infer/README.md has the design and the API.
 """
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -18,16 +16,16 @@ from selfreward.infer.sampling import sample, token_logprobs
 from selfreward.infer.scheduler import Scheduler
 from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
 from selfreward.model.fused import fuse_for_inference
+from selfreward.progress import Progress
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, cfg: EngineConfig | None = None, **fields):
-        """`model` on its device and dtype (this rank's shard under tensor parallelism); `cfg` (default
-        EngineConfig()) with `fields` replaced: the pool and batching settings (device and dtype are
-        load_engine's, tensor_parallel the model's)."""
+        """`model` on its device and dtype (this rank's shard under tensor parallelism); `cfg` with `fields`
+        replaced: the pool and batching settings (device, dtype and tensor_parallel are the model's)."""
         self.cfg = cfg = replace(cfg or EngineConfig(), **fields)
         self.model = model.eval()
-        self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
+        fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
         self.tokenizer = tokenizer
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
@@ -125,9 +123,8 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[list[tuple[int, float | None]]]:
-        """The model on a step's sequences -> per sequence its samples' (token, log-prob): one per sample
-        at a generate request's last position, none for a prompt chunk. A score request keeps the
-        log-probs of each chunk's positions, a next-token request those after its last token."""
+        """The model on a step's sequences -> per sequence its samples' (token, log-prob), none for a prompt
+        chunk; score and next-token requests keep their log-probs (infer/README.md, "API": a step)."""
         self.runner.copy_blocks(self.bm.take_copies())
         if not is_prefill:
             h = self.runner.decode(seqs)
@@ -165,7 +162,7 @@ class Engine:
         tokens = sample(logits, [p.temperature for p in ps], [p.top_p for p in ps], [p.top_k for p in ps],
                         [g for s in seqs for g in s.generators])
         if decode:
-            self.runner.sampled(tokens)
+            self.runner.dec.next_tokens = tokens   # the next decode step's input ids, if its batch is this one
         lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in ps) else None
         draws = iter([(t, lps[i] if p.logprobs else None) for i, (t, p) in enumerate(zip(tokens.tolist(), ps))])
         self.generated_tokens += len(ps)
@@ -200,17 +197,11 @@ class Engine:
                              f"{self.max_len}")
 
     def _drain(self, total: int, progress: bool = False) -> Iterator[Sequence]:
-        """Step until every request is done, yielding each finished sequence (progress: a line on stderr
-        every 2 s)."""
-        done, t0, last, gen0 = 0, time.perf_counter(), 0.0, self.generated_tokens
+        """Step until every request is done, yielding each finished sequence (progress: a progress.Progress line)."""
+        bar = Progress("infer", total, unit="samples") if progress else None
         while not self.scheduler.done():
-            for s in self.step():
-                done += 1
-                yield s
-            now = time.perf_counter()
-            if progress and (now - last > 2.0 or self.scheduler.done()):
-                last, el = now, now - t0
-                tps = (self.generated_tokens - gen0) / max(el, 1e-9)
-                eta = el / done * (total - done) if done else float("nan")
-                print(f"[infer] {done}/{total} samples, {self.generated_tokens - gen0} tokens, "
-                      f"{tps:.1f} tok/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            gen0 = self.generated_tokens
+            done = self.step()
+            yield from done
+            if bar:
+                bar.update(len(done), self.generated_tokens - gen0)

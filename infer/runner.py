@@ -1,17 +1,15 @@
-"""The KV pool and the model call: a scheduled step -> flat tensors -> the model's paged forward.
-
-Per layer the pool holds k_cache, v_cache: [num_blocks, block_size, Hkv, D]. A step's tokens go in one
-flat axis (sequences end to end, delimited by cu_seqlens); each token's cache slot is
-block_table[pos // block_size] * block_size + pos % block_size. The block-table tensor is built once per
-step and shared by every layer.
+"""The KV pool and the model call: a scheduled step -> flat tensors (sequences end to end, delimited by
+cu_seqlens; slots, block tables) -> the model's paged forward (infer/README.md, "KV pool").
 """
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
 
 from selfreward.model.llama import AttnContext, Transformer
-from selfreward.infer.decode_inputs import DecodeInputs
+from selfreward.infer.decode_inputs import DecodeInputs, block_tables
 from selfreward.infer.sequence import Sequence
 
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
@@ -22,11 +20,8 @@ def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -
     on CUDA, DEFAULT_KV_BYTES on CPU); the least over a tensor-parallel group, whose ranks must schedule alike."""
     p, c = next(model.parameters()), model.cfg
     per = 2 * c.num_hidden_layers * block_size * model.layers[0].attention.nkv * c.head_dim * p.element_size()
-    budget = DEFAULT_KV_BYTES
-    if p.is_cuda:
-        free, _ = torch.cuda.mem_get_info(p.device)
-        budget = free // 2
-    want = max_num_seqs * ((model.cfg.max_position_embeddings + block_size - 1) // block_size)
+    budget = torch.cuda.mem_get_info(p.device)[0] // 2 if p.is_cuda else DEFAULT_KV_BYTES
+    want = max_num_seqs * -(-c.max_position_embeddings // block_size)
     n = max(1, min(want, budget // per))
     tp = getattr(model, "tp", None)
     if tp is not None and tp.size > 1:
@@ -39,8 +34,7 @@ LAZY_ZERO_BYTES = 64 * 1024**2
 
 
 def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero KV pool (the attention twins read whole blocks: the values must be finite). A large CPU pool is
-    torch.empty: above glibc's mmap threshold the kernel hands out zero pages on first touch (README)."""
+    """A zero KV pool; a large CPU one is torch.empty, zero pages on first touch (infer/README.md, "KV pool")."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -58,8 +52,7 @@ class Runner:
         shape = (num_blocks, block_size, model.layers[0].attention.nkv, c.head_dim)   # this rank's KV heads
         self.kv_caches = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                           for _ in range(c.num_hidden_layers)]
-        width = (c.max_position_embeddings + block_size - 1) // block_size
-        self.dec = DecodeInputs(block_size, width, self.device)
+        self.dec = DecodeInputs(block_size, -(-c.max_position_embeddings // block_size), self.device)
         self.graphs = None
         if cuda_graphs:   # infer/cuda_graphs.py: imported only when asked for, never on the CPU
             from selfreward.infer.cuda_graphs import DecodeGraphs
@@ -74,22 +67,14 @@ class Runner:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """Run each sequence's next `chunk` tokens (from num_cached on; chunked prefill computes a long
         prompt over several steps). -> (hidden [N, H], start row of each sequence in it). The token at
         absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
         dev, bs = self.device, self.block_size
-        flat: list[int] = []
-        starts: list[int] = []
-        for s in seqs:
-            starts.append(len(flat))
-            flat.extend(s.token_ids[s.num_cached:s.num_cached + s.chunk])
+        flat = [t for s in seqs for t in s.token_ids[s.num_cached:s.num_cached + s.chunk]]
+        starts = [0, *accumulate(s.chunk for s in seqs)][:-1]
         N, S = len(flat), len(seqs)
         qlens = torch.tensor([s.chunk for s in seqs], device=dev)
         cached = torch.tensor([s.num_cached for s in seqs], device=dev)
@@ -97,7 +82,7 @@ class Runner:
         cu[1:] = qlens.cumsum(0)
         seq_idx = torch.repeat_interleave(torch.arange(S, device=dev), qlens)
         pos = torch.arange(N, device=dev) - cu[:-1].long()[seq_idx] + cached[seq_idx]
-        bt = self._block_tables(seqs)
+        bt = block_tables(seqs, max(len(s.block_table) for s in seqs), dev)
         slots = bt[seq_idx, pos // bs].long() * bs + pos % bs
         ctx = AttnContext(cu_seqlens=cu, max_seqlen=int(qlens.max()), kv_caches=self.kv_caches,
                           slot_mapping=slots, block_tables=bt, context_lens=(cached + qlens).to(torch.int32),
@@ -114,8 +99,3 @@ class Runner:
         ctx = AttnContext(cu_seqlens=d.cu, max_seqlen=1, kv_caches=self.kv_caches, slot_mapping=d.slots,
                           block_tables=d.bt, context_lens=d.lens, decode=True)
         return self.model(d.tokens, d.pos, ctx)
-
-    def sampled(self, tokens: torch.Tensor) -> None:
-        """The tokens [B] just sampled for the last decode step's sequences, in its order: the next step's
-        input ids when the batch is unchanged (no list -> tensor on the hot path)."""
-        self.dec.next_tokens = tokens

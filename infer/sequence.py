@@ -11,14 +11,8 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings. temperature 0 = greedy (top_p / top_k / seed then ignored).
-
-    top_k 0 = off; top_p 1.0 = off. seed None draws one from torch's global generator, so
-    torch.manual_seed makes a whole run reproducible. A request with n samples uses seed, seed+1, ...
-    stop_token_ids end a sample (the token is kept in token_ids); stop strings end it with the text cut
-    right before the string. logprobs=True returns, per generated token, its log-prob under the model's
-    unmodified distribution (full-vocabulary softmax of the raw logits, before temperature / top-p / top-k).
-    """
+    """Per-request sampling settings (infer/README.md, "API": stopping, log-probs). temperature 0 = greedy;
+    top_k 0, top_p 1.0 = off; seed None draws one from torch's global generator; sample j uses seed + j."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
