@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
+
+from selfreward.ranges import check_number
 
 
 @dataclass
@@ -24,14 +25,8 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:      # NaN fails this too
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "top_k", "max_tokens"):   # a ValueError naming it (NaN too)
+            check_number(name, getattr(self, name))
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
