@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
+from selfreward.records import DataError
 
 
 @dataclass
@@ -42,11 +43,11 @@ def init_tp(tp: int) -> TPGroup:
     world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
     rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
     if world % tp:
-        raise ValueError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
+        raise DataError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
     if tp == 1:
         return TPGroup(replica=rank, num_replicas=world)
     if not up:
-        raise ValueError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
+        raise DataError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
     if torch.cuda.is_available():       # NCCL collectives run on the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]   # every rank makes all
@@ -57,16 +58,16 @@ def init_tp(tp: int) -> TPGroup:
 
 # -- the shard plan: which slice of each full tensor rank r holds ----------------------------------
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
-    """-> (query heads, KV heads) per rank."""
+    """-> (query heads, KV heads) per rank; a layout `tp` cannot split is a DataError (`error: ...`, exit 2)."""
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if nh % tp:
-        raise ValueError(f"num_attention_heads {nh} is not divisible by tensor parallel {tp}")
+        raise DataError(f"num_attention_heads {nh} is not divisible by tensor parallel {tp}")
     if nkv >= tp and nkv % tp:
-        raise ValueError(f"num_key_value_heads {nkv} is not divisible by tensor parallel {tp}")
+        raise DataError(f"num_key_value_heads {nkv} is not divisible by tensor parallel {tp}")
     if nkv < tp and tp % nkv:
-        raise ValueError(f"tensor parallel {tp} is not a multiple of num_key_value_heads {nkv}")
+        raise DataError(f"tensor parallel {tp} is not a multiple of num_key_value_heads {nkv}")
     if cfg.intermediate_size % tp:
-        raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by tensor parallel {tp}")
+        raise DataError(f"intermediate_size {cfg.intermediate_size} is not divisible by tensor parallel {tp}")
     return nh // tp, max(1, nkv // tp)
 
 

@@ -51,7 +51,7 @@ class SampleConfig(EngineConfig):
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False                # each sampled token's log-prob under the model
-    raw_prompt: bool = False              # a 'prompt' record is BOS + its text (no chat template); default: one user turn
+    raw_prompt: bool = False              # a 'prompt' record is BOS + its text; default: one user turn (chat template)
     overwrite: bool = cli.passive(False)  # start over when OUTPUT (or its .partial) was made otherwise
 
 
@@ -128,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with stage_group("", world):
         try:
             check(cfg)
-            try:                           # a flag too: checked before the input, the model or OUTPUT
-                tp = init_tp(cfg.tensor_parallel)
-            except ValueError as e:
-                raise DataError(str(e)) from None
+            tp = init_tp(cfg.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
             check_file(cfg.input)
             requests = nonempty(read_requests(cfg.input), cfg.input, "prompts")
             if not os.path.isdir(cfg.model):
@@ -143,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
                       file=sys.stderr, flush=True)
                 return 0
-            mine = requests[tp.replica::tp.num_replicas]
-            print(f"[sample] rank {rank}/{world}: {len(mine)} prompts", file=sys.stderr, flush=True)
-            run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, load(cfg)), max(1, len(requests)),
+            mine = len(requests[tp.replica::tp.num_replicas])
+            print(f"[sample] rank {rank}/{world}: {mine} prompts", file=sys.stderr, flush=True)
+            eng = load_engine(cfg.model, cfg)   # a bad checkpoint fails here, before any work
+            if eng.tokenizer is None:
+                raise DataError(f"{cfg.model}: no tokenizer.model or tokenizer.json to encode prompts with")
+            run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, eng), max(1, len(requests)),
                          f"sample rank {rank}", "prompts")
             if rank == 0:
                 print(f"[sample] wrote {len(read_jsonl(out))} records to {out}", file=sys.stderr, flush=True)
@@ -178,19 +178,6 @@ def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
         ctx = OutputLock(out.with_name(f"{out.name}.rank{rank}")).acquire()
         check_record(out, made, "--overwrite")
     return ctx
-
-
-def load(cfg: SampleConfig):
-    """The engine, with a tokenizer to encode prompts with: a bad checkpoint fails before any work."""
-    try:
-        eng = load_engine(cfg.model, cfg)
-    except ValueError as e:   # TP: a layout T cannot split (heads, KV heads, intermediate)
-        if cfg.tensor_parallel == 1:
-            raise
-        raise DataError(f"{cfg.model}: {e}") from None
-    if eng.tokenizer is None:
-        raise DataError(f"{cfg.model}: no tokenizer.model or tokenizer.json to encode prompts with")
-    return eng
 
 
 def work(cfg: SampleConfig, eng, batch: list[tuple[int, dict]], emit) -> None:
