@@ -25,7 +25,7 @@ class Engine:
         replaced: the pool and batching settings (device, dtype and tensor_parallel are the model's)."""
         self.cfg = cfg = replace(cfg or EngineConfig(), **fields)
         self.model = model.eval()
-        fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
+        self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
         self.tokenizer = tokenizer
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
