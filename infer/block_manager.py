@@ -1,25 +1,22 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping
-only: the runner owns the tensors). A full block is keyed by a hash chained over its tokens and its
-predecessor's key, and a hit is checked token by token; freed blocks keep key and contents until the free
-list (least recently freed first) hands them out. `copies`: the (src, dst) copies the runner makes before
-the next forward. infer/README.md has the design.
+"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping only:
+the runner owns the tensors; infer/README.md, "Prefix cache"). `copies`: the (src, dst) copies the runner
+makes before the next forward.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from selfreward.infer.sequence import Sequence
 
 
+@dataclass(slots=True)
 class Block:
-    __slots__ = ("id", "ref", "key", "prev", "tokens")
-
-    def __init__(self, block_id: int):
-        self.id = block_id
-        self.ref = 0
-        self.key: int | None = None        # prefix-cache key when full and registered
-        self.prev: int | None = None       # predecessor block's key (-1 for the first block)
-        self.tokens: tuple[int, ...] = ()
+    id: int
+    ref: int = 0
+    key: int | None = None            # prefix-cache key when full and registered
+    prev: int | None = None           # predecessor block's key (-1 for the first block)
+    tokens: tuple[int, ...] = ()
 
 
 def chain_key(prev: int, tokens: tuple[int, ...]) -> int:
@@ -59,23 +56,16 @@ class BlockManager:
             self.cache[key] = b.id
         return key
 
-    def _lookup(self, prev: int, tokens: tuple[int, ...]) -> int | None:
-        bid = self.cache.get(chain_key(prev, tokens))
-        if bid is None:
-            return None
-        b = self.blocks[bid]
-        return bid if (b.tokens == tokens and b.prev == prev) else None
-
     # -- prefill -----------------------------------------------------------------------------------
     def _hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold seq's leading full blocks (only before seq.need_from)."""
+        """Cached blocks that hold seq's leading full blocks (only before seq.need_from), each hit checked
+        token by token."""
         hits: list[int] = []
-        if not self.prefix_cache:
-            return hits
         bs, toks, prev = self.block_size, seq.token_ids, -1
-        for i in range(seq.need_from // bs):   # positions the model must compute are never served
-            bid = self._lookup(prev, tuple(toks[i * bs:(i + 1) * bs]))
-            if bid is None:
+        for i in range(seq.need_from // bs if self.prefix_cache else 0):   # positions to compute are never served
+            tokens = tuple(toks[i * bs:(i + 1) * bs])
+            bid = self.cache.get(chain_key(prev, tokens))
+            if bid is None or (self.blocks[bid].tokens, self.blocks[bid].prev) != (tokens, prev):
                 break
             hits.append(bid)
             prev = self.blocks[bid].key

@@ -1,8 +1,5 @@
-"""CUDA graphs for the decode step (EngineConfig.cuda_graphs, `--cuda-graphs`), as nano-vllm does it: one
-graph per batch-size bucket over static input buffers, largest first, sharing one memory pool; a step of B
-sequences replays the smallest bucket >= B with the padding rows made harmless (slot -1: store nothing;
-context length 1 over block 0). UNTESTED: no GPU has run it; the CPU tests check only the flag's wiring and
-the bucket arithmetic, and nothing on the CPU path imports this module. infer/README.md has the design.
+"""CUDA graphs for the decode step (EngineConfig.cuda_graphs), one per batch-size bucket, as nano-vllm does it
+(infer/README.md, "CUDA graphs for decode"). Nothing on the CPU path imports this module.
 """
 from __future__ import annotations
 
@@ -16,17 +13,12 @@ def buckets(max_batch: int) -> list[int]:
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     out = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
-    if out[-1] != max_batch:
-        out.append(max_batch)
-    return out
+    return out if out[-1] == max_batch else out + [max_batch]
 
 
 def bucket_for(sizes: list[int], B: int) -> int | None:
     """The smallest captured size >= B (None: larger than every bucket, run eagerly)."""
-    for b in sizes:
-        if b >= B:
-            return b
-    return None
+    return next((b for b in sizes if b >= B), None)
 
 
 class DecodeGraphs:

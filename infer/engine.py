@@ -1,17 +1,8 @@
-"""The engine: generate, score, next_token_logprobs over one paged KV pool (EngineAPI in infer/config.py).
-
-    eng = load_engine("path/to/model", EngineConfig())          # or Engine(model, tokenizer, EngineConfig(...))
-    outs = eng.generate([ids1, ids2], SamplingParams(temperature=0.7, top_p=0.9, seed=0), n=4)
-    outs[0][3].text, outs[0][3].token_ids, outs[0][3].finish_reason
-
-A step is nano-vllm's: the scheduler picks the sequences, `run` calls the model and samples, the scheduler's
-postprocess forks, appends, finishes and frees. The prefix cache lives as long as the engine, so a rubric or
-few-shot prefix shared across calls is computed once. See infer/README.md for the design.
+"""The engine: generate, score, next_token_logprobs over one paged KV pool; a step is nano-vllm's (schedule,
+run, postprocess). infer/README.md has the design and the API.
 """
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -25,13 +16,13 @@ from selfreward.infer.sampling import sample, token_logprobs
 from selfreward.infer.scheduler import Scheduler
 from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
 from selfreward.model.fused import fuse_for_inference
+from selfreward.progress import Progress
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, cfg: EngineConfig | None = None, **fields):
-        """`model` on its device and dtype (this rank's shard under tensor parallelism); `cfg` (default
-        EngineConfig()) with `fields` replaced: the pool and batching settings (device and dtype are
-        load_engine's, tensor_parallel the model's)."""
+        """`model` on its device and dtype (this rank's shard under tensor parallelism); `cfg` with `fields`
+        replaced: the pool and batching settings (device, dtype and tensor_parallel are the model's)."""
         self.cfg = cfg = replace(cfg or EngineConfig(), **fields)
         self.model = model.eval()
         self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
@@ -39,8 +30,7 @@ class Engine:
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
             raise ValueError(f"cuda_graphs needs the model on a CUDA device (it is on {p.device})")
-        if cfg.max_num_batched_tokens < 1:   # load_engine checks the whole config; a direct caller gets this
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {cfg.max_num_batched_tokens}")
+        cfg.check()
         num_blocks = cfg.num_blocks or default_num_blocks(model, cfg.block_size, cfg.max_num_seqs)
         self.bm = BlockManager(num_blocks, cfg.block_size, cfg.prefix_cache)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -56,10 +46,12 @@ class Engine:
         return {"prefill_computed": self.bm.prefill_computed, "prefix_hit": self.bm.prefill_hit,
                 "generated": self.generated_tokens, "preempted": self.scheduler.num_preempted}
 
-    # -- the interface (EngineAPI) -----------------------------------------------------------------
+    # -- the interface: what recipes and trainers call (tests/scripted.py stands in for it) -----------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
+        Sample j of a request with seed s is that request alone with seed s + j."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -81,6 +73,7 @@ class Engine:
         return results
 
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of each continuation token."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         out: list[list[float]] = [[] for _ in prompts]
@@ -94,6 +87,7 @@ class Engine:
         return out
 
     def next_token_logprobs(self, prompts: list[list[int]], candidate_ids: list[int]) -> torch.Tensor:
+        """[B, C] log-probs of each candidate token right after each prompt."""
         out = torch.zeros(len(prompts), len(candidate_ids))
         self._cands = torch.tensor(candidate_ids, device=self.runner.device)
         for i, p in enumerate(prompts):
@@ -104,6 +98,8 @@ class Engine:
         return out
 
     def load_weights(self, model, skip: tuple[str, ...] = ()) -> dict:
+        """A trainer's weights copied in place (parallel.copy_weights), no request in flight; clears the prefix
+        cache -> {seconds, bytes}."""
         from selfreward.infer.parallel import copy_weights
         if not self.scheduler.done():
             raise RuntimeError("weight sync while the engine still has requests in flight")
@@ -127,9 +123,8 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[list[tuple[int, float | None]]]:
-        """The model on a step's sequences -> per sequence its samples' (token, log-prob): one per sample
-        at a generate request's last position, none for a prompt chunk. A score request keeps the
-        log-probs of each chunk's positions, a next-token request those after its last token."""
+        """The model on a step's sequences -> per sequence its samples' (token, log-prob), none for a prompt
+        chunk; score and next-token requests keep their log-probs (infer/README.md, "API": a step)."""
         self.runner.copy_blocks(self.bm.take_copies())
         if not is_prefill:
             h = self.runner.decode(seqs)
@@ -167,7 +162,7 @@ class Engine:
         tokens = sample(logits, [p.temperature for p in ps], [p.top_p for p in ps], [p.top_k for p in ps],
                         [g for s in seqs for g in s.generators])
         if decode:
-            self.runner.sampled(tokens)
+            self.runner.dec.next_tokens = tokens   # the next decode step's input ids, if its batch is this one
         lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in ps) else None
         draws = iter([(t, lps[i] if p.logprobs else None) for i, (t, p) in enumerate(zip(tokens.tolist(), ps))])
         self.generated_tokens += len(ps)
@@ -202,17 +197,11 @@ class Engine:
                              f"{self.max_len}")
 
     def _drain(self, total: int, progress: bool = False) -> Iterator[Sequence]:
-        """Step until every request is done, yielding each finished sequence (progress: a line on stderr
-        every 2 s)."""
-        done, t0, last, gen0 = 0, time.perf_counter(), 0.0, self.generated_tokens
+        """Step until every request is done, yielding each finished sequence (progress: a progress.Progress line)."""
+        bar = Progress("infer", total, unit="samples") if progress else None
         while not self.scheduler.done():
-            for s in self.step():
-                done += 1
-                yield s
-            now = time.perf_counter()
-            if progress and (now - last > 2.0 or self.scheduler.done()):
-                last, el = now, now - t0
-                tps = (self.generated_tokens - gen0) / max(el, 1e-9)
-                eta = el / done * (total - done) if done else float("nan")
-                print(f"[infer] {done}/{total} samples, {self.generated_tokens - gen0} tokens, "
-                      f"{tps:.1f} tok/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            gen0 = self.generated_tokens
+            done = self.step()
+            yield from done
+            if bar:
+                bar.update(len(done), self.generated_tokens - gen0)

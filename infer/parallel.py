@@ -1,10 +1,6 @@
-"""Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does):
-shard the weights of a built `Transformer` (`shard_plan`: attention and MLP column- / row-parallel, the
-embedding and LM head over the vocabulary), set each attention module's local head counts, and add the
-collectives as hooks; model/llama.py and the parameter names are unchanged. With fewer KV heads than ranks
-each rank holds the one KV head its query heads read. Every rank of a group runs the same deterministic
-scheduler with no messages: all it reads (requests, pool size min-reduced at start, gathered logits, seeded
-generators) is identical on all ranks. infer/README.md has the table and the reasons.
+"""Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does): this
+rank's slices of the weights (`shard_plan`), local head counts, the collectives as forward hooks. Every rank of
+a group runs the same deterministic scheduler, with no messages. infer/README.md has the table and the reasons.
 """
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ import torch.nn.functional as F
 
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
+from selfreward.records import DataError
 
 
 @dataclass
@@ -45,39 +42,32 @@ def init_tp(tp: int) -> TPGroup:
     up = dist.is_initialized()
     world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
     rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
-    if tp < 1:
-        raise ValueError(f"--tensor-parallel {tp}: must be >= 1")
     if world % tp:
-        raise ValueError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
+        raise DataError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
     if tp == 1:
         return TPGroup(replica=rank, num_replicas=world)
     if not up:
-        raise ValueError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
+        raise DataError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
     if torch.cuda.is_available():       # NCCL collectives run on the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    mine = None
-    for r in range(world // tp):
-        ranks = list(range(r * tp, (r + 1) * tp))
-        g = dist.new_group(ranks)          # every rank must create every group
-        if rank in ranks:
-            mine = g
+    groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]   # every rank makes all
     leaders = dist.new_group(list(range(0, world, tp)))
-    _GROUPS[tp] = TPGroup(rank % tp, tp, mine, rank // tp, world // tp, leaders)
+    _GROUPS[tp] = TPGroup(rank % tp, tp, groups[rank // tp], rank // tp, world // tp, leaders)
     return _GROUPS[tp]
 
 
 # -- the shard plan: which slice of each full tensor rank r holds ----------------------------------
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
-    """-> (query heads, KV heads) per rank."""
+    """-> (query heads, KV heads) per rank; a layout `tp` cannot split is a DataError (`error: ...`, exit 2)."""
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if nh % tp:
-        raise ValueError(f"num_attention_heads {nh} is not divisible by tensor parallel {tp}")
+        raise DataError(f"num_attention_heads {nh} is not divisible by tensor parallel {tp}")
     if nkv >= tp and nkv % tp:
-        raise ValueError(f"num_key_value_heads {nkv} is not divisible by tensor parallel {tp}")
+        raise DataError(f"num_key_value_heads {nkv} is not divisible by tensor parallel {tp}")
     if nkv < tp and tp % nkv:
-        raise ValueError(f"tensor parallel {tp} is not a multiple of num_key_value_heads {nkv}")
+        raise DataError(f"tensor parallel {tp} is not a multiple of num_key_value_heads {nkv}")
     if cfg.intermediate_size % tp:
-        raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by tensor parallel {tp}")
+        raise DataError(f"intermediate_size {cfg.intermediate_size} is not divisible by tensor parallel {tp}")
     return nh // tp, max(1, nkv // tp)
 
 
@@ -111,13 +101,17 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int
     return plan
 
 
-def take(full: torch.Tensor, s: tuple[int, int, int], rows: int | None = None) -> torch.Tensor:
-    """This rank's part of a full tensor; vocab shards are zero-padded to `rows` rows."""
-    dim, a, b = s
-    out = full.narrow(dim, a, b - a)
-    if rows is not None and out.shape[0] < rows:
-        out = torch.cat([out, out.new_zeros(rows - out.shape[0], *out.shape[1:])])
-    return out
+VOCAB = ("tok_embeddings.weight", "output.weight")
+
+
+def take(full: torch.Tensor, name: str, plan: dict, rows: int) -> torch.Tensor:
+    """This rank's part of full tensor `name` (all of it when not in `plan`); vocab shards zero-padded to `rows`."""
+    if name in plan:
+        dim, a, b = plan[name]
+        full = full.narrow(dim, a, b - a)
+    if name in VOCAB and full.shape[0] < rows:
+        full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+    return full
 
 
 # -- applying it to a model --------------------------------------------------------------------------
@@ -166,10 +160,9 @@ def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
     lo, hi, rows = vocab_range(cfg, tp.rank, tp.size)
     for name, p in list(model.named_parameters()):
         if name in plan:
-            mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
-            vocab = name in ("tok_embeddings.weight", "output.weight")
-            setattr(mod, attr, nn.Parameter(take(p.data, plan[name], rows if vocab else None).clone(),
-                                            requires_grad=False))
+            mod, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(mod), attr, nn.Parameter(take(p.data, name, plan, rows).clone(),
+                                                                  requires_grad=False))
     for layer in model.layers:
         layer.attention.nh, layer.attention.nkv = qh, kvh
         layer.attention.wo.register_forward_hook(_all_reduce_hook(tp.group))
@@ -196,31 +189,24 @@ def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.floa
     cfg = ModelConfig.from_json(Path(path))
     state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
     rows = vocab_range(cfg, tp.rank, tp.size)[2]
-    for k in ("tok_embeddings.weight", "output.weight"):
-        if k in state:
-            state[k] = take(state[k], (0, 0, state[k].shape[0]), rows)
+    state = {k: take(v, k, {}, rows) for k, v in state.items()}   # the vocab shards padded
     model = tp_model(cfg, tp, dtype, device)
     model.load_state_dict(state, strict=True)
     model.loaded_bytes = nbytes
     return model
 
 
-# -- FSDP2 trainer -> TP engine, without a disk round trip ------------------------------------------
+# -- FSDP2 trainer -> TP engine, without a disk round trip (infer/README.md, "FSDP2 -> TP weight hand-off") ---
 @torch.no_grad()
 def copy_weights(model: Transformer, src: nn.Module, skip: tuple[str, ...] = ()) -> dict:
-    """Engine.load_weights: fill `model` (this rank's shard, or a whole model) from `src`, whose parameters
-    may be DTensors (FSDP2 `fully_shard`), one parameter at a time: `full_tensor()` (an all-gather over the
-    trainer's mesh; every trainer rank calls this, in the same order), keep this rank's slice, free the
-    rest, so the peak extra memory is one full parameter. Parameters whose names start with one of `skip`
-    (train/rl.py's value head) are not handed over; every engine parameter must be written, else an error.
-    -> {seconds, bytes}."""
+    """Engine.load_weights: fill `model` (this rank's shard, or a whole model) from `src` (DTensors or plain),
+    one full parameter at a time; names starting with one of `skip` left out; -> {seconds, bytes}."""
     t0 = time.perf_counter()
     tp = getattr(model, "tp", TPGroup())
     plan = shard_plan(model.cfg, tp.rank, tp.size) if tp.size > 1 else {}
     rows = vocab_range(model.cfg, tp.rank, tp.size)[2]
     dst = dict(model.named_parameters())
-    moved = 0
-    written = set()
+    moved, written = 0, set()
     for name, p in src.named_parameters():
         name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
         if skip and name.startswith(skip):
@@ -229,8 +215,7 @@ def copy_weights(model: Transformer, src: nn.Module, skip: tuple[str, ...] = ())
             raise KeyError(f"weight hand-off: the engine has no parameter {name!r}")
         written.add(name)
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        vocab = name in ("tok_embeddings.weight", "output.weight")
-        part = take(full, plan[name], rows if vocab else None) if name in plan else full
+        part = take(full, name, plan, rows)
         dst[name].copy_(part)
         moved += part.numel() * dst[name].element_size()
         del full, part

@@ -1,10 +1,5 @@
-"""Resumable units (selfreward.units.run_units) over data-parallel replicas of tensor-parallel engines.
-
-The units are split across replicas, not ranks. The first rank of each replica (its leader) runs
-run_units as rank `replica` of the leaders' group: it alone reads and writes the .partial / shard files
-and merges. Before each batch of work it broadcasts the batch to the other ranks of its replica, which
-run the same work (the engine needs every rank of the group) and drop the records. So every rank of a
-replica works on exactly the leader's batches, whatever the leader found already done on disk.
+"""Resumable units (units.run_units) over data-parallel replicas of tensor-parallel engines: each replica's
+first rank runs them and writes, the others follow its batches (infer/README.md, "DP x TP").
 """
 from __future__ import annotations
 
@@ -13,9 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
+import torch
 import torch.distributed as dist
 
-from selfreward.infer.parallel import TPGroup
+from selfreward.infer.parallel import TPGroup, init_tp
 from selfreward.units import Work, run_units
 
 
@@ -58,22 +54,19 @@ def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, k
 def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out: Path, units: Sequence[dict],
                     per_unit: int, key: Callable[[dict], Hashable], work: Work, progress: str = "",
                     unit: str = "units") -> bool:
-    """A recipe stage's units: records.run_units over the ranks, or (tensor_parallel > 1, the engine
-    config's) over the data-parallel replicas of tensor-parallel engines."""
-    if tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp
-        return run_units_tp(init_tp(tensor_parallel), out, units, per_unit, key, work, chunk, progress, unit)
-    return run_units(out, units, per_unit, key, work, chunk, rank, world, progress, unit)
+    """A recipe stage's units over the ranks, or (tensor_parallel > 1) over tensor-parallel replicas."""
+    tp = init_tp(tensor_parallel) if tensor_parallel > 1 else TPGroup(replica=rank, num_replicas=world)
+    return run_units_tp(tp, out, units, per_unit, key, work, chunk, progress, unit)
 
 
 @contextmanager
 def stage_group(device: str, world: int):
-    """The process group of a sharded stage under torchrun (world > 1): gloo on the CPU, NCCL with each rank
-    on its own GPU (cuda:LOCAL_RANK) when the engines run on CUDA; destroyed on the way out."""
-    if world <= 1:
+    """The process group of a sharded run under torchrun (world > 1): gloo on the CPU, NCCL with each rank on
+    its own GPU (cuda:LOCAL_RANK) when the engines run on CUDA; destroyed on the way out. A group the caller
+    made itself (tests/tp_worker.py) is used and left as it is."""
+    if world <= 1 or dist.is_initialized():
         yield
         return
-    import torch
     cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,17 +1,14 @@
-"""The KV pool and the model call: a scheduled step -> flat tensors -> the model's paged forward.
-
-Per layer the pool holds k_cache, v_cache: [num_blocks, block_size, Hkv, D]. A step's tokens go in one
-flat axis (sequences end to end, delimited by cu_seqlens); each token's cache slot is
-block_table[pos // block_size] * block_size + pos % block_size. The block-table tensor is built once per
-step and shared by every layer.
+"""The KV pool and the model call: a scheduled step -> flat tensors (slots, block tables, lengths) -> the
+model's paged forward; the decode step's tensors kept in place (infer/README.md, "KV pool", "Decode step tensors").
 """
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
 
 from selfreward.model.llama import AttnContext, Transformer
-from selfreward.infer.decode_inputs import DecodeInputs
 from selfreward.infer.sequence import Sequence
 
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
@@ -22,11 +19,8 @@ def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -
     on CUDA, DEFAULT_KV_BYTES on CPU); the least over a tensor-parallel group, whose ranks must schedule alike."""
     p, c = next(model.parameters()), model.cfg
     per = 2 * c.num_hidden_layers * block_size * model.layers[0].attention.nkv * c.head_dim * p.element_size()
-    budget = DEFAULT_KV_BYTES
-    if p.is_cuda:
-        free, _ = torch.cuda.mem_get_info(p.device)
-        budget = free // 2
-    want = max_num_seqs * ((model.cfg.max_position_embeddings + block_size - 1) // block_size)
+    budget = torch.cuda.mem_get_info(p.device)[0] // 2 if p.is_cuda else DEFAULT_KV_BYTES
+    want = max_num_seqs * -(-c.max_position_embeddings // block_size)
     n = max(1, min(want, budget // per))
     tp = getattr(model, "tp", None)
     if tp is not None and tp.size > 1:
@@ -39,12 +33,80 @@ LAZY_ZERO_BYTES = 64 * 1024**2
 
 
 def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero KV pool (the attention twins read whole blocks: the values must be finite). A large CPU pool is
-    torch.empty: above glibc's mmap threshold the kernel hands out zero pages on first touch (README)."""
+    """A zero KV pool; a large CPU one is torch.empty, zero pages on first touch (infer/README.md, "KV pool")."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def block_tables(seqs: list[Sequence], width: int, device) -> torch.Tensor:
+    """The sequences' block tables as an int32 [B, width] tensor, zero-padded."""
+    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32,
+                        device=device)
+
+
+class DecodeInputs:
+    def __init__(self, block_size: int, max_blocks: int, device: torch.device):
+        self.bs, self.max_blocks, self.device = block_size, max_blocks, device
+        self.ids: list[int] = []              # seq_id of each row of the current tensors
+        self.next_tokens: torch.Tensor | None = None   # [B] sampled at the last step, in row order
+        self.rebuilds = 0                     # how often the tensors were built from lists (statistics, tests)
+        self.tokens = self.pos = self.lens = self.bt = self.slots = self.cu = None
+        self._nb: list[int] = []              # per row: block-table entries written, and the last one
+        self._last: list[int] = []
+
+    def update(self, seqs: list[Sequence]) -> "DecodeInputs":
+        """Tensors for a decode step of `seqs` (each has its newest token to run) -> self, with
+        tokens [B] long, pos [B] long, lens [B] int32, bt [B, width] int32, slots [B] long, cu [B+1] int32."""
+        ids = [s.seq_id for s in seqs]
+        if not (ids == self.ids and self._advance(seqs)):
+            self._rebuild(seqs, ids)
+        self.next_tokens = None
+        bs = self.bs
+        self.slots = self.bt.gather(1, (self.pos // bs)[:, None])[:, 0].long() * bs + self.pos % bs
+        return self
+
+    def _advance(self, seqs: list[Sequence]) -> bool:
+        """In place: one more token per row. False if the tensors cannot follow (table too narrow, or no
+        sampled ids to take)."""
+        if self.next_tokens is None or self.next_tokens.shape[0] != len(seqs):
+            return False
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[int] = []
+        width = self.bt.shape[1]
+        for i, s in enumerate(seqs):
+            table = s.block_table
+            n = len(table)
+            if n != self._nb[i] or table[-1] != self._last[i]:
+                if n > width:
+                    return False
+                for j in range(self._nb[i] - 1, n):    # the old last entry (copy-on-write) and new ones
+                    rows.append(i), cols.append(j), vals.append(table[j])
+                self._nb[i], self._last[i] = n, table[-1]
+        if rows:
+            dev = self.device
+            self.bt[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = \
+                torch.tensor(vals, dtype=torch.int32, device=dev)
+        self.tokens = self.next_tokens
+        self.lens += 1
+        self.pos += 1
+        return True
+
+    def _rebuild(self, seqs: list[Sequence], ids: list[int]) -> None:
+        dev, B = self.device, len(seqs)
+        need = max(len(s.block_table) for s in seqs)
+        self.bt = block_tables(seqs, min(self.max_blocks, max(2 * need, need + 16)), dev)   # room to grow
+        self.tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=dev)
+        self.lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32, device=dev)
+        self.pos = self.lens.long() - 1
+        if self.cu is None or self.cu.shape[0] != B + 1:
+            self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.ids = ids
+        self._nb = [len(s.block_table) for s in seqs]
+        self._last = [s.block_table[-1] for s in seqs]
+        self.rebuilds += 1
 
 
 class Runner:
@@ -58,8 +120,7 @@ class Runner:
         shape = (num_blocks, block_size, model.layers[0].attention.nkv, c.head_dim)   # this rank's KV heads
         self.kv_caches = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                           for _ in range(c.num_hidden_layers)]
-        width = (c.max_position_embeddings + block_size - 1) // block_size
-        self.dec = DecodeInputs(block_size, width, self.device)
+        self.dec = DecodeInputs(block_size, -(-c.max_position_embeddings // block_size), self.device)
         self.graphs = None
         if cuda_graphs:   # infer/cuda_graphs.py: imported only when asked for, never on the CPU
             from selfreward.infer.cuda_graphs import DecodeGraphs
@@ -74,22 +135,14 @@ class Runner:
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """Run each sequence's next `chunk` tokens (from num_cached on; chunked prefill computes a long
         prompt over several steps). -> (hidden [N, H], start row of each sequence in it). The token at
         absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
         dev, bs = self.device, self.block_size
-        flat: list[int] = []
-        starts: list[int] = []
-        for s in seqs:
-            starts.append(len(flat))
-            flat.extend(s.token_ids[s.num_cached:s.num_cached + s.chunk])
+        flat = [t for s in seqs for t in s.token_ids[s.num_cached:s.num_cached + s.chunk]]
+        starts = [0, *accumulate(s.chunk for s in seqs)][:-1]
         N, S = len(flat), len(seqs)
         qlens = torch.tensor([s.chunk for s in seqs], device=dev)
         cached = torch.tensor([s.num_cached for s in seqs], device=dev)
@@ -97,7 +150,7 @@ class Runner:
         cu[1:] = qlens.cumsum(0)
         seq_idx = torch.repeat_interleave(torch.arange(S, device=dev), qlens)
         pos = torch.arange(N, device=dev) - cu[:-1].long()[seq_idx] + cached[seq_idx]
-        bt = self._block_tables(seqs)
+        bt = block_tables(seqs, max(len(s.block_table) for s in seqs), dev)
         slots = bt[seq_idx, pos // bs].long() * bs + pos % bs
         ctx = AttnContext(cu_seqlens=cu, max_seqlen=int(qlens.max()), kv_caches=self.kv_caches,
                           slot_mapping=slots, block_tables=bt, context_lens=(cached + qlens).to(torch.int32),
@@ -114,8 +167,3 @@ class Runner:
         ctx = AttnContext(cu_seqlens=d.cu, max_seqlen=1, kv_caches=self.kv_caches, slot_mapping=d.slots,
                           block_tables=d.bt, context_lens=d.lens, decode=True)
         return self.model(d.tokens, d.pos, ctx)
-
-    def sampled(self, tokens: torch.Tensor) -> None:
-        """The tokens [B] just sampled for the last decode step's sequences, in its order: the next step's
-        input ids when the batch is unchanged (no list -> tensor on the hot path)."""
-        self.dec.next_tokens = tokens

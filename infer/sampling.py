@@ -1,18 +1,10 @@
-"""Batched sampling with per-request settings and per-request random generators.
+"""Batched sampling, row by row: each row's token depends only on its logits and its request's own generator
+(infer/README.md, "Sampling": the filters, one uniform per row, inverse CDF in vocabulary order).
 
-Each row's token depends only on that row's logits and its own torch.Generator, never on the other rows
-of the batch: the filtering (temperature, top-k, top-p) is row-wise, and the randomness is one uniform
-draw per row from the row's generator, turned into a token by inverse-CDF over the kept probabilities
-(in vocabulary order).
-
-Filters, on the temperature-scaled distribution q:
-  top-k: keep tokens whose q is >= the k-th largest q (ties at the k-th value are all kept);
-  top-p: keep token i iff the mass of tokens with strictly larger q (after top-k) is < p. This is the
-         usual "smallest set of most likely tokens reaching p", with tied tokens treated alike.
-Top-p is computed without sorting the vocabulary (a sort of [B, 32000] costs more than the model's
-decode step on a CPU): token probabilities are bucketed by value, the bucket where the mass from the top
-crosses p is found with one cumulative sum, and only that bucket's tokens are compared exactly. Rows
-whose crossing bucket is crowded fall back to a full sort; both give the same set.
+Top-p is computed without sorting the vocabulary (a sort of [B, 32000] costs more than the model's decode
+step on a CPU): token probabilities are bucketed by value, the bucket where the mass from the top crosses p
+is found with one cumulative sum, and only that bucket's tokens are compared exactly. Rows whose crossing
+bucket is crowded fall back to a full sort; both give the same set.
 """
 from __future__ import annotations
 
@@ -31,19 +23,17 @@ def _top_p_keep_sorted(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return before.gather(1, first) < p[:, None]
 
 
-def _compact(mask: torch.Tensor, *tensors: torch.Tensor, fill: float = -1.0):
-    """Gather each row's masked entries to the left of a padded [R, M] -> (r, slot, counts, gathered...)."""
+def _compact(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor's masked entries gathered to the left of each row, padded with -1 to [R, M]."""
     R = mask.shape[0]
     counts = mask.sum(-1)
     M = int(counts.max()) if R else 0
     r, c = mask.nonzero(as_tuple=True)
     slot = torch.arange(len(r), device=mask.device) - (counts.cumsum(0) - counts)[r]
-    out = []
-    for t in tensors:
-        g = torch.full((R, M), fill, device=t.device, dtype=t.dtype)
+    out = [torch.full((R, M), -1, device=t.device, dtype=t.dtype) for t in tensors]
+    for g, t in zip(out, tensors):
         g[r, slot] = t[r, c]
-        out.append(g)
-    return r, c, slot, counts, out
+    return out
 
 
 def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tensor:
@@ -82,16 +72,15 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
             keep[hr, cols[hr, hc]] = True
         base = above.gather(1, kstar)
         width = vals.shape[1]
-        _, _, _, _, (vals, cols) = _compact(b == kstar, vals, cols)
+        vals, cols = _compact(b == kstar, vals, cols)
         first = False
         if vals.shape[1] == width:                      # no progress (tied values): stop refining
             break
-    counts = (vals >= 0).sum(-1)
-    crowded = counts > MAX_BOUNDARY
+    crowded = (vals >= 0).sum(-1) > MAX_BOUNDARY
     if bool(crowded.any()):                             # e.g. many exactly tied values: sort those rows
         keep[crowded] = _top_p_keep_sorted(q[crowded], p[crowded])
         vals = vals.masked_fill(crowded[:, None], -1.0)
-        _, _, _, _, (vals, cols) = _compact(vals >= 0, vals, cols)
+        vals, cols = _compact(vals >= 0, vals, cols)
     if vals.shape[1] == 0:
         return keep
     # exact rule for the remaining candidates: mass above = higher buckets + larger candidates

@@ -1,10 +1,5 @@
-"""Which sequences run in the next step, and what happens to them after it (nano-vllm's scheduler).
-
-A step is a prefill (waiting or preempted sequences admitted while slots, blocks and the token budget
-`max_num_batched_tokens` allow; the one that does not fit gets a chunk of what is left and stays `partial`)
-or a decode (one token for every running sequence); while a prompt is partial, chunk and decode steps
-alternate. A decode that cannot get a block preempts the most recently admitted sequence (recomputed later,
-its generator keeping its state). infer/README.md has the design.
+"""Which sequences run in the next step (a prefill, chunked to the token budget, or a decode; preemption), and
+what happens to them after it: nano-vllm's scheduler (infer/README.md, "Scheduler").
 """
 from __future__ import annotations
 

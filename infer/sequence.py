@@ -2,23 +2,18 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
 
+from selfreward.ranges import check_number
+
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings. temperature 0 = greedy (top_p / top_k / seed then ignored).
-
-    top_k 0 = off; top_p 1.0 = off. seed None draws one from torch's global generator, so
-    torch.manual_seed makes a whole run reproducible. A request with n samples uses seed, seed+1, ...
-    stop_token_ids end a sample (the token is kept in token_ids); stop strings end it with the text cut
-    right before the string. logprobs=True returns, per generated token, its log-prob under the model's
-    unmodified distribution (full-vocabulary softmax of the raw logits, before temperature / top-p / top-k).
-    """
+    """Per-request sampling settings (infer/README.md, "API": stopping, log-probs). temperature 0 = greedy;
+    top_k 0, top_p 1.0 = off; seed None draws one from torch's global generator; sample j uses seed + j."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -30,14 +25,8 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:      # NaN fails this too
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "top_k", "max_tokens"):   # a ValueError naming it (NaN too)
+            check_number(name, getattr(self, name))
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 

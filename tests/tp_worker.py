@@ -81,8 +81,9 @@ def main(spec_path: str, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()
     from selfreward.infer import sample
-    rc = sample.main(spec["sample_argv"])   # destroys the process group at its end
+    rc = sample.main(spec["sample_argv"])   # in the process group made above
     Path(out_dir, f"rank{rank}.rc").write_text(str(rc))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
