@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import inspect
 import json
 import re
@@ -79,7 +78,12 @@ def passive(default, metadata: dict = PASSIVE):
     return dataclasses.field(default=default, metadata=metadata)
 
 
-checkpoint, input_file = functools.partial(passive, metadata=MODEL), functools.partial(passive, metadata=FILE)
+def checkpoint(default=""):
+    return passive(default, MODEL)
+
+
+def input_file(default=""):
+    return passive(default, FILE)
 
 
 def shaping(cls, d: dict) -> dict:
