@@ -11,9 +11,8 @@ import torch
 import selfreward.kernels.ops as K
 from selfreward.kernels.attention import prefix_dependents
 from selfreward.train.data import Pair, pair_batch
-from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, \
-    sequence_logps
-from test_train_losses import V, assert_grads_close, grads, tiny
+from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, compute_reference, dpo_loss, sequence_logps
+from test_train_losses import V, assert_grads_close, grads, naive_sequence_logps, tiny
 
 
 def shared_pairs(seed: int = 0) -> list[Pair]:

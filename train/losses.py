@@ -4,8 +4,6 @@ The fused DPO pass: the chosen and rejected sequences of a batch go through the 
 flat token axis (train.data.PairBatch), the per-token log-probs summed per sequence; the reference log-probs
 come from a no-grad pass over the same batch or from the on-disk cache (ReferenceCache). The variants
 (sigmoid, ipo, cdpo, robust, simpo; + nll_alpha, RPO) and their papers: train/README.md, "The DPO step".
-`naive_sequence_logps` is the plain twin (padded batches, full logits) the tests and benchmarks hold the
-fused path against.
 """
 from __future__ import annotations
 
@@ -96,27 +94,6 @@ def sequence_logps(model, b: PairBatch) -> torch.Tensor:
     # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
     per_seq = torch.zeros(S, dtype=torch.float64, device=lp.device).index_add(0, b.seq_id.to(lp.device), lp.double())
     return per_seq[b.out_seq.to(lp.device)]                            # [S] -> [2B]
-
-
-def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
-    """The plain twin: chosen and rejected as two separate right-padded batches through
-    Transformer.forward_batch, full [B, T, V] logits, log_softmax, gather. -> [2B] (chosen first)."""
-    out = []
-    for which in ("chosen", "rejected"):
-        seqs = [p.prompt + getattr(p, which) for p in pairs]
-        T = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        attn = torch.zeros(len(seqs), T, dtype=torch.long)
-        resp = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, (p, s) in enumerate(zip(pairs, seqs)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            resp[i, len(p.prompt):len(s)] = True
-        logits = model.forward_batch(ids, attn)                          # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)             # predicts tokens 1..T-1
-        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]               # [B, T-1]
-        out.append((picked.double() * resp[:, 1:]).sum(-1))
-    return torch.cat(out)
 
 
 @dataclass
