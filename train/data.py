@@ -3,6 +3,7 @@ batch order. The record formats and the truncation rules are train/README.md's "
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,48 +178,46 @@ def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int) -
 
 
 @dataclass
-class PairBatch:
-    """B pairs as flat sequences for ONE forward pass; outputs are 2B (chosen 0..B-1, then rejected).
-
-    Unshared (share_prompt=False): 2B sequences, prompt + response[:-1] each. Shared: per distinct prompt
-    one sequence of its first len-1 tokens, then one sequence per distinct response of that prompt,
-    [last prompt token] + response[:-1], positions continuing from the prompt, that attends to the prompt
-    sequence as its prefix (kernels/attention.py). The last prompt token starts each response's sequence
-    because its hidden state predicts the response's first token, whose target differs per response."""
+class FlatBatch:
+    """Sequences laid end to end for ONE forward, one output (a summed response log-prob) per (prompt,
+    response) given to flat_batch; pair_batch's 2B outputs are the chosen ones (0..B-1), then the rejected."""
     tokens: torch.Tensor       # [N] the sequences' input ids, end to end
     positions: torch.Tensor    # [N]
     targets: torch.Tensor      # [N] the next token on response positions, IGNORE elsewhere
     seq_id: torch.Tensor       # [N] which of the S sequences a token belongs to
     cu_seqlens: torch.Tensor   # [S+1] int32
     max_seqlen: int
-    resp_len: torch.Tensor     # [2B] response tokens (targets) per output
-    out_seq: torch.Tensor      # [2B] the sequence whose summed log-prob each output is
+    resp_len: torch.Tensor     # [O] response tokens (targets) per output
+    out_seq: torch.Tensor      # [O] the sequence whose summed log-prob each output is
     prefix: torch.Tensor | None = None   # [S, 2] int32 (start, length) of each sequence's prefix; None: none
 
     @property
     def num_pairs(self) -> int:
         return self.resp_len.numel() // 2
 
+    def to(self, device) -> "FlatBatch":
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
 
-def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> PairBatch:
-    outs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+
+def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
+    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: per distinct prompt one
+    sequence of its first len-1 tokens, then one per distinct response of that prompt, [last prompt token] +
+    response[:-1], positions continuing from the prompt, that attends to the prompt sequence as its prefix
+    (kernels/attention.py); the last prompt token opens each response because its hidden state predicts the
+    response's first token."""
     toks, pos, tgt, sid, lens, pre = [], [], [], [], [], []
-    out_seq = []
 
     def add(inp: list[int], p0: int, t: list[int], prefix: tuple[int, int]) -> int:
-        s = len(lens)
         pre.append(prefix)
         toks.extend(inp)
         pos.extend(range(p0, p0 + len(inp)))
         tgt.extend(t)
-        sid.extend([s] * len(inp))
+        sid.extend([len(lens)] * len(inp))
         lens.append(len(inp))
-        return s
+        return len(lens) - 1
 
     if not share_prompt:
-        for pr, rs in outs:
-            full = pr + rs
-            out_seq.append(add(full[:-1], 0, [IGNORE] * (len(pr) - 1) + rs, (0, 0)))
+        out_seq = [add((pr + rs)[:-1], 0, [IGNORE] * (len(pr) - 1) + rs, (0, 0)) for pr, rs in outs]
     else:
         groups: dict[tuple, dict] = {}      # prompt -> {response: sequence}; insertion order = layout order
         for pr, rs in outs:
@@ -227,17 +226,20 @@ def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> PairBatch:
         for pr, resps in groups.items():
             prefix = (0, 0)
             if len(pr) > 1:   # the prompt minus its last token, once
-                start = len(toks)
+                prefix = (len(toks), len(pr) - 1)
                 add(list(pr[:-1]), 0, [IGNORE] * (len(pr) - 1), (0, 0))
-                prefix = (start, len(pr) - 1)
             for rs in resps:
                 seq_of[pr, rs] = add([pr[-1]] + list(rs[:-1]), len(pr) - 1, list(rs), prefix)
         out_seq = [seq_of[tuple(pr), tuple(rs)] for pr, rs in outs]
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     prefix = torch.tensor(pre, dtype=torch.int32) if share_prompt else None
-    return PairBatch(torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt), torch.tensor(sid), cu,
+    return FlatBatch(torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt), torch.tensor(sid), cu,
                      max(lens), torch.tensor([len(rs) for _, rs in outs]), torch.tensor(out_seq), prefix)
+
+
+def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> FlatBatch:
+    return flat_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], share_prompt)
 
 
 # ---- order -----------------------------------------------------------------------------------------

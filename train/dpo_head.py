@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from selfreward.train.data import IGNORE, PairBatch
+from selfreward.train.data import IGNORE, FlatBatch
 
 
 def _groups(out_seq: list[int], B: int, seq_rows: dict[int, int], chunk: int) -> list[tuple[list[int], list[int]]]:
@@ -117,7 +117,7 @@ class _HeadLoss(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def pair_head_loss(model, b: PairBatch, loss_fn, chunk: int = 1024):
+def pair_head_loss(model, b: FlatBatch, loss_fn, chunk: int = 1024):
     """One forward of the model over the batch and the fused head + loss. loss_fn(policy [2k] chosen first,
     output indices [2k]) -> (per-pair loss [k], chosen rewards [k], rejected rewards [k]).
     -> (summed loss with grad, policy log-probs [2B] detached, per-pair loss [B], rewards [B], [B])."""

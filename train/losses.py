@@ -1,7 +1,7 @@
 """Losses: SFT cross-entropy and the DPO family, all on kernels.linear_logprobs (no [tokens, vocab] logits).
 
 The fused DPO pass: the chosen and rejected sequences of a batch go through the policy in ONE forward over a
-flat token axis (train.data.PairBatch), the per-token log-probs summed per sequence; the reference log-probs
+flat token axis (train.data.FlatBatch), the per-token log-probs summed per sequence; the reference log-probs
 come from a no-grad pass over the same batch or from the on-disk cache (ReferenceCache). The variants
 (sigmoid, ipo, cdpo, robust, simpo; + nll_alpha, RPO) and their papers: train/README.md, "The DPO step".
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import selfreward.kernels.ops as K
 from selfreward.model.llama import AttnContext, context_from_positions
 from selfreward.records import write_atomic
-from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch
+from selfreward.train.data import IGNORE, Pair, FlatBatch, pair_batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "cdpo", "robust", "simpo")
 SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing eps
@@ -86,7 +86,7 @@ def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     return lp.sum(), int((tgt != IGNORE).sum())
 
 
-def sequence_logps(model, b: PairBatch) -> torch.Tensor:
+def sequence_logps(model, b: FlatBatch) -> torch.Tensor:
     """One forward over the batch's sequences -> summed response log-probs [2B] (chosen first)."""
     ctx = AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, prefix=b.prefix)
     lp = token_logps(model, b.tokens, b.positions, ctx, b.targets)     # [N] fp32

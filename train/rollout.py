@@ -8,6 +8,7 @@ every engine parameter must be written, and the prefix cache (KV of the old weig
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ import torch
 import selfreward.kernels.ops as K
 from selfreward.infer.config import EngineConfig, load_engine
 from selfreward.infer.sequence import SamplingParams
-from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.llama import AttnContext
+from selfreward.train import data
+from selfreward.train.data import IGNORE, FlatBatch
 
 VALUE_HEAD = "value_head."         # the trainer's extra parameters, never handed to the engine
 
@@ -67,38 +69,30 @@ def greedy(engine, prompts: list[list[int]], max_tokens: int) -> list:
 
 
 @dataclass
-class FlatBatch:
-    """B rollouts end to end for ONE forward: inputs are prompt + response[:-1]."""
-    tokens: torch.Tensor           # [N]
-    positions: torch.Tensor        # [N]
-    targets: torch.Tensor          # [N] the next token on response positions, IGNORE elsewhere
-    cu_seqlens: torch.Tensor       # [B+1] int32
-    max_seqlen: int
-    rows: torch.Tensor             # [M] the rows whose target is a response token, in order
-    seq: torch.Tensor              # [M] which rollout each of those rows belongs to
-    rewards: torch.Tensor          # [B]
-    group: torch.Tensor            # [B] prompt index (RLOO groups)
+class RolloutBatch(FlatBatch):
+    """The rollouts end to end, prompt + response[:-1] each, with their rewards and prompts."""
+    rewards: torch.Tensor | None = None   # [B]
+    group: torch.Tensor | None = None     # [B] the prompt's index (RLOO groups)
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """[M] the rows whose target is a response token, in order."""
+        return torch.nonzero(self.targets != IGNORE).flatten()
+
+    @functools.cached_property
+    def seq(self) -> torch.Tensor:
+        """[M] which rollout each of those rows belongs to."""
+        return self.seq_id[self.rows]
 
 
-def flat_batch(rolls: list[Rollout], device="cpu") -> FlatBatch:
-    toks, pos, tgt, seq, lens = [], [], [], [], []
-    for s, r in enumerate(rolls):
-        full = r.prompt_ids + r.response_ids
-        toks += full[:-1]
-        pos += range(len(full) - 1)
-        tgt += [IGNORE] * (len(r.prompt_ids) - 1) + r.response_ids
-        seq += [s] * len(r.response_ids)
-        lens.append(len(full) - 1)
-    cu = torch.zeros(len(rolls) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    t = torch.tensor(tgt)
-    f = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return FlatBatch(f(toks), f(pos), t.to(device), cu.to(device), max(lens),
-                     torch.nonzero(t != IGNORE).flatten().to(device), f(seq),
-                     f([r.reward for r in rolls], torch.float64), f([r.group for r in rolls]))
+def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
+    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]).to(device))
+    f = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return RolloutBatch(**b, rewards=f([r.reward for r in rolls], torch.float64),
+                        group=f([r.group for r in rolls], torch.long))
 
 
-def response_logps(model, b: FlatBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, b: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (log-probs of the response tokens at the sampling temperature [M], their hidden states [M, H]).
     The logits are h W^T / T, so dividing h by T gives exactly the sampled distribution's log-probs."""
     h = model(b.tokens, b.positions, AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen))   # [N, H]
