@@ -126,6 +126,7 @@ class Pair:
     prompt: list[int]     # chat-rendered with the generation prompt, BOS first
     chosen: list[int]     # response ids + EOS
     rejected: list[int]
+    p1: float = 1.0       # P(chosen is better): 1 for DPO's pairs, the label for the reward model's
 
 
 def dpo_pair(rec: dict, tok, where: str) -> Pair:
@@ -161,20 +162,34 @@ def truncate_pair(p: Pair, max_length: int, max_prompt_length: int) -> tuple[Pai
     prompt = p.prompt if len(p.prompt) <= max_prompt_length else \
         p.prompt[:1] + p.prompt[len(p.prompt) - (max_prompt_length - 1):]
     room = max_length - len(prompt)
-    q = Pair(prompt, p.chosen[:room], p.rejected[:room])
+    q = Pair(prompt, p.chosen[:room], p.rejected[:room], p.p1)
     cut = len(prompt) < len(p.prompt) or len(q.chosen) < len(p.chosen) or len(q.rejected) < len(p.rejected)
     return q, cut
 
 
-def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int) -> tuple[list[Pair], dict]:
+def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int, label=None
+               ) -> tuple[list[Pair], dict]:
+    """-> (pairs, counts {read, truncated}). `label(rec, where)` -> (the record with chosen / rejected, p1)."""
     out, counts = [], {"read": 0, "truncated": 0}
     for path in paths:
         for where, rec in read_jsonl(path):
+            rec, p1 = label(rec, where) if label else (rec, 1.0)
             q, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
             counts["read"] += 1
             counts["truncated"] += int(cut)
-            out.append(q)
+            out.append(dataclasses.replace(q, p1=p1))
     return out, counts
+
+
+def split_data(cfg, load) -> tuple[list, list, dict]:
+    """(training examples, held-out ones, the counts of --data): --eval-data read with `load(paths)` ->
+    (examples, counts), or a seeded --eval-fraction of --data, or none."""
+    train, counts = load(cfg.data)
+    if cfg.eval_data:
+        return train, load(cfg.eval_data)[0], counts
+    if cfg.eval_fraction > 0:
+        return *split_held_out(train, cfg.eval_fraction, cfg.seed), counts
+    return train, [], counts
 
 
 @dataclass

@@ -23,10 +23,10 @@ from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.dpo_head import pair_head_loss
-from selfreward.train.loop import cli, load_policy
-from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
-from selfreward.train.losses import resolve_loss_settings
-from selfreward.train.parallel import Dist, all_reduce_sum, parallelize, reshard
+from selfreward.train.loop import cli, eval_sums, load_policy
+from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
+    sequence_logps, weights_hash
+from selfreward.train.parallel import Dist, all_reduce_sum, parallelize
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -122,8 +122,8 @@ class DPOTask(loop.Task):
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
-    """Load the cached reference log-probs, or compute them with the (still untrained) model: each rank
-    scores every world-th pair, padded to equal forward counts, then one all-reduce fills the table."""
+    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model, the pairs
+    shared among the ranks (loop.eval_sums: each rank fills its rows of a zero table, then one all-reduce)."""
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
@@ -131,17 +131,14 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
         if d.is_main:
             print(f"[dpo] reference log-probs from cache {cache.path}")
         return table
-    mine = list(range(d.rank, len(pairs), d.world))
-    per_rank = -(-len(pairs) // d.world)
-    m = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
-    padded = mine + [0] * (per_rank - len(mine))
+
+    def rows(model, idx: list[int]) -> torch.Tensor:
+        t = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        t[idx] = compute_reference(model, pairs, idx, len(idx), cfg.share_prompt).cpu()
+        return t.flatten()
     t0 = time.perf_counter()
-    vals = compute_reference(model, pairs, padded, m, cfg.share_prompt)[:len(mine)]
-    if d.sharded:
-        reshard(model)
-    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    table[mine] = vals
-    table = all_reduce_sum(table, d)
+    table = eval_sums(model, list(range(len(pairs))), d, cfg.micro_batch_size or max(1, cfg.batch_size // d.world),
+                      rows).view(-1, 2)
     if d.is_main:
         cache.save(table)
         print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path} "
@@ -149,14 +146,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     return table
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return loop.main(DPOConfig, train, argv, __doc__)
-
-
-def train(cfg: DPOConfig) -> dict:
-    """One DPO run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    return loop.train(cfg, "dpo", DPOTask)
-
+train, main = loop.entry(DPOConfig, "dpo", DPOTask, __doc__)
 
 if __name__ == "__main__":
     cli(main)

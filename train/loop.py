@@ -1,11 +1,9 @@
 """The one training loop of the four trainers (sft, dpo, rm, rl): global batches, accumulation, clipping,
-schedule, NaN stop, metrics JSONL, progress, checkpoints, resume, exports (with `export_every` N also every N
-steps to OUTPUT/exports/step_N, atomic, for recipes.select).
+schedule, NaN stop, metrics JSONL, progress, checkpoints, resume, exports (train/README.md, "One loop").
 
-A trainer is `train(cfg) = loop.train(cfg, name, make_task)`: the config is checked once there, the run folder
-claimed, and `make_task(cfg, d, tok)` reads the data and builds the model (a `Task`, below). Each rank
-backpropagates `sum / norm * world`: FSDP averages gradients over ranks, so the update equals the
-single-process one on the same global batch whatever the world size and accumulation.
+A trainer is `loop.train(cfg, name, make_task)`; `make_task(cfg, d, tok)` reads the data and builds the model
+(a `Task`, below). Each rank backpropagates `sum / norm * world`: FSDP averages gradients over ranks, so the
+update equals the single-process one on the same global batch whatever the world size and accumulation.
 """
 from __future__ import annotations
 
@@ -38,15 +36,17 @@ def cli(main) -> None:
                                "steps and at the end); rerun with --resume to continue")
 
 
-def main(cls, train, argv: list[str] | None, doc: str) -> dict:
-    """A trainer's `main(argv)`: flags (or --config) -> `cls` -> `train(cfg)`, which checks it (once)."""
-    return train(build(cls, parser(cls, doc).parse_args(argv)))
+def entry(cls, name: str, make_task, doc: str):
+    """A trainer's `train(cfg)` (one run, `train` below) and `main(argv)` (flags or --config -> `cls` -> train)."""
+    def run_one(cfg) -> dict:
+        return train(cfg, name, make_task)
+    return run_one, lambda argv=None: run_one(build(cls, parser(cls, doc).parse_args(argv)))
 
 
 def train(cfg: TrainConfig, name: str, make_task) -> dict:
-    """One run of a trainer (in this process; under torchrun each rank calls it) -> the last step's metrics:
-    check the config, claim the run folder (train/runfolder.py), join the process group, fit the lengths to
-    the model's context, `make_task(cfg, d, tokenizer)`, the loop, tear down."""
+    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics: check the
+    config (once), claim the run folder (train/runfolder.py), join the process group, fit the lengths to the
+    model's context, `make_task(cfg, d, tokenizer)`, the loop, tear down."""
     cfg.check()
     with claim_run(cfg, name):
         if cfg.threads:
@@ -83,14 +83,20 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 
 
 class Task:
-    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the denominator of
-    the global batch's loss: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model,
-    indices)` -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. The
-    rest is optional; the defaults do nothing."""
+    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the global batch's
+    loss denominator: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model, indices)`
+    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. The rest is
+    optional; the defaults do nothing."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
-    evaluate = None                   # evaluate(model, micro) -> held-out metrics (step 0, every --eval-every, end)
+    held_out: list = []               # evaluated at step 0, every --eval-every steps and at the end (sft, rm)
+
+    def sums(self, model, examples: list) -> list:
+        """Numbers summed over held-out examples (in eval mode, without grad)."""
+
+    def eval_metrics(self, sums: torch.Tensor) -> dict:
+        """The held-out metrics from the sums over the whole held-out set."""
 
     def param_groups(self, model) -> list:
         return list(model.parameters())
@@ -110,17 +116,16 @@ def load_policy(cfg: TrainConfig, load=load_model, **kw):
 
 
 @torch.no_grad()
-def held_out_sums(model, held_out: list, d: Dist, micro: int, sums) -> torch.Tensor:
-    """Sum over the held-out set of `sums(model, chunk)` (a tuple of numbers), each rank its every world-th
-    example, in eval mode; all-reduced -> float64 [len(tuple)]. Every rank runs the same number of forwards
-    (FSDP's collectives need it): a short rank repeats an example and drops its numbers."""
-    mine = held_out[d.rank::d.world]
-    per_rank = -(-len(held_out) // d.world)
+def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
+    """Sum over `items` of `sums(model, chunk)` (numbers, or a tensor), each rank its every world-th item in
+    chunks of `micro`, in eval mode; all-reduced -> float64. Every rank runs the same number of forwards
+    (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
+    mine = items[d.rank::d.world]
     model.eval()
     tot = None
-    for s in range(0, per_rank, micro):
+    for s in range(0, -(-len(items) // d.world), micro):
         chunk = mine[s:s + micro]
-        vals = torch.tensor([float(v) for v in sums(model, chunk or held_out[:1])], dtype=torch.float64)
+        vals = torch.as_tensor(sums(model, chunk or items[:1]), dtype=torch.float64)
         tot = torch.zeros_like(vals) if tot is None else tot
         if chunk:
             tot += vals
@@ -211,8 +216,13 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         check_finite(model, d, out, step, name, start_scale)
         export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config)
 
-    if start == 0 and task.evaluate:
-        log.write({"step": 0, **task.evaluate(model, micro)})
+    def evaluate(step: int) -> dict:
+        ev = task.eval_metrics(eval_sums(model, task.held_out, d, micro, task.sums))
+        log.write({"step": step, **ev})
+        return ev
+
+    if start == 0 and task.held_out:
+        evaluate(0)
     model.train()
     t_start, tokens_seen, last = time.time(), 0, {}
     # steps between the logged ones: one updating line on a terminal (a line every 10 s in a log)
@@ -258,17 +268,15 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
                   f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
-        if task.evaluate and getattr(cfg, "eval_every", 0) and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            log.write({"step": step + 1, **task.evaluate(model, micro)})
+        if task.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            evaluate(step + 1)
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
             export(out / "exports" / f"step_{step + 1}", step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             check_finite(model, d, out, step + 1, name, start_scale)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
-    if task.evaluate and start < total:
-        ev = task.evaluate(model, micro)
-        log.write({"step": total, **ev})
-        last.update(ev)
+    if task.held_out and start < total:
+        last.update(evaluate(total))
     check_finite(model, d, out, total, name, start_scale)
     if start < total:
         save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
