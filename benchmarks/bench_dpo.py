@@ -173,11 +173,11 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS, share)   # before any update
         ref_s, ref_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     if variant.endswith("_ac"):
-        apply_activation_checkpointing(policy)
+        apply_checkpointing(policy)
     elif variant in ("ours_cache", "ours_cache_unfused", "ours_unshared", "ours_online", "sft"):
-        apply_selective_checkpointing(policy)
+        apply_checkpointing(policy, selective=True)
     policy.train()
     times, cpu = [], []
     setup_peak = mem_kb("VmHWM")

@@ -120,14 +120,15 @@ def _loss_grads_and_backward_mms(model, pairs):
 
 
 def test_selective_checkpointing_same_gradients_no_matmul_recompute():
-    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     pairs = shared_pairs(3)
     runs = {}
     for mode in ("none", "selective", "full"):
         m = tiny(6)
         m.cfg.dropout = 0.1
         m.train()
-        {"selective": apply_selective_checkpointing, "full": apply_activation_checkpointing}.get(mode, id)(m)
+        if mode != "none":
+            apply_checkpointing(m, selective=mode == "selective")
         runs[mode] = _loss_grads_and_backward_mms(m, pairs)
     for mode in ("selective", "full"):
         torch.testing.assert_close(runs[mode][0], runs["none"][0], rtol=0, atol=1e-5)

@@ -26,7 +26,7 @@ from selfreward.train.dpo_head import pair_head_loss
 from selfreward.train.loop import cli, eval_sums, load_policy
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
     sequence_logps, weights_hash
-from selfreward.train.parallel import Dist, all_reduce_sum, parallelize
+from selfreward.train.parallel import Dist, all_reduce, parallelize
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -127,7 +127,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
-    if all_reduce_sum(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
+    if all_reduce(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
         if d.is_main:
             print(f"[dpo] reference log-probs from cache {cache.path}")
         return table

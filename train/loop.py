@@ -26,7 +26,7 @@ from selfreward.train.checkpointing import check_finite, check_step_finite, expo
     load_checkpoint, save_checkpoint, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, reshard, set_grad_sync
+from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, reshard, set_grad_sync
 from selfreward.train.runfolder import claim_run
 
 
@@ -132,7 +132,7 @@ def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
     model.train()
     if d.sharded:
         reshard(model)
-    return all_reduce_sum(tot, d)
+    return all_reduce(tot, d)
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
@@ -241,7 +241,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
         keys = sorted(sums)
-        red = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).to(d.device) for k in keys]), d)
+        red = all_reduce(torch.stack([torch.as_tensor(sums[k]).to(d.device) for k in keys]), d)
         sums = dict(zip(keys, red.tolist()))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
