@@ -4,9 +4,8 @@
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
 The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
-before training, into --ref-cache-dir (keyed by hashes of the tokenized data and the weights), so no
-reference model is held; --ref-mode online scores each batch with a frozen copy. metrics.jsonl: loss,
-rewards (chosen, rejected), margin, accuracy, log-probs, lengths per step.
+before training, into --ref-cache-dir; --ref-mode online scores each batch with a frozen copy. The loss
+variants, the reference cache, metrics.jsonl: train/README.md, "The DPO step".
 """
 from __future__ import annotations
 
@@ -18,12 +17,11 @@ import torch
 
 import selfreward.kernels.ops as K
 from selfreward.cli import ConfigError, passive
-from selfreward.model.checkpoint import load_model
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.dpo_head import pair_head_loss
-from selfreward.train.loop import cli, eval_sums, load_policy
+from selfreward.train.loop import cli, eval_sums, load_policy, load_reference
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
     sequence_logps, weights_hash
 from selfreward.train.parallel import Dist, all_reduce, parallelize
@@ -51,19 +49,17 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
         try:
-            self.beta, self.label_smoothing, self.simpo_gamma = self._loss_settings()
+            self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
+                self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError:
             pass                # refused by check(), with the message
-
-    def _loss_settings(self) -> tuple[float, float, float]:
-        return resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
 
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
             raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
         try:   # flags a loss does not use are refused
-            self._loss_settings()
+            resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -85,10 +81,7 @@ class DPOTask(loop.Task):
         key = weights_hash(model.state_dict()) if cache else ""
         parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
         self.ref_table = reference_table(cfg, model, self.pairs, key, d) if cache else None
-        self.ref_model = None
-        if self.lcfg.needs_reference and not cache:
-            self.ref_model = load_model(cfg.model).eval().requires_grad_(False)   # dropout 0, eval: deterministic
-            parallelize(self.ref_model, d, False, cfg.mixed_precision)
+        self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))

@@ -26,7 +26,8 @@ from selfreward.train.checkpointing import check_finite, check_step_finite, expo
     load_checkpoint, save_checkpoint, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, reshard, set_grad_sync
+from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
+    set_grad_sync
 from selfreward.train.runfolder import claim_run
 
 
@@ -113,6 +114,11 @@ def load_policy(cfg: TrainConfig, load=load_model, **kw):
     mcfg = ModelConfig.from_json(cfg.model)
     mcfg.dropout = cfg.dropout
     return load(cfg.model, cfg=mcfg, **kw)
+
+
+def load_reference(cfg: TrainConfig, d: Dist):
+    """The frozen starting checkpoint (eval mode: no dropout), sharded like the policy (DPO online, RL's KL)."""
+    return parallelize(load_model(cfg.model).eval().requires_grad_(False), d, False, cfg.mixed_precision)
 
 
 @torch.no_grad()

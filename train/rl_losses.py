@@ -1,12 +1,7 @@
-"""The policy-gradient estimators of train/rl.py and the per-token KL, on a flat batch of rollouts.
-
-B responses, their M tokens end to end (`seq` [M] names each token's response; responses contiguous, in
-order). logp [M]: the policy's log-probs at the sampling temperature (with grad); ref [M]: the frozen SFT
-policy's; kl = logp - ref (detached, k1); G[t] = R - beta * sum_{s >= t} kl[s], the return to go with the
-KL paid per token and the reward at the end. REINFORCE: A = G - V (the value head's baseline, detached);
-RLOO: one advantage per response, its penalised reward minus the mean of its prompt's others'. Both fit the
-value head by 0.5 sum (V - G)^2. Everything returned is a SUM over the batch (the trainer divides by the
-global batch's responses). The formulas and their papers: train/README.md, "Online RL".
+"""The policy-gradient estimators of train/rl.py and the per-token KL, on a flat batch of rollouts: B
+responses, their M tokens end to end (`seq` [M] names each token's response; responses contiguous, in order).
+Everything returned is a SUM over the batch (the trainer divides by the global batch's responses). The
+formulas and their papers: train/README.md, "Online RL".
 """
 from __future__ import annotations
 
@@ -46,31 +41,28 @@ def returns_to_go(kl: torch.Tensor, seq: torch.Tensor, rewards: torch.Tensor, be
     return rewards.double()[seq] - beta * suffix
 
 
+def _pg(logp, values, G, A, value_coef: float) -> PGOut:
+    pg = -(logp.double() * A).sum()
+    v = 0.5 * ((values.double() - G) ** 2).sum()
+    return PGOut(pg + value_coef * v, pg, v, A, G)
+
+
 def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
                    rewards: torch.Tensor, group: torch.Tensor | None, beta: float, value_coef: float = 1.0) -> PGOut:
     """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B];
     `group` is not used (one signature for both estimators)."""
     G = returns_to_go(kl_per_token(logp, ref), seq, rewards, beta)
-    A = G - values.detach().double()
-    pg = -(logp.double() * A).sum()
-    v = 0.5 * ((values.double() - G) ** 2).sum()
-    return PGOut(pg + value_coef * v, pg, v, A, G)
+    return _pg(logp, values, G, G - values.detach().double(), value_coef)
 
 
 def rloo_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
               rewards: torch.Tensor, group: torch.Tensor, beta: float, value_coef: float = 1.0) -> PGOut:
     """RLOO: group [B] says which prompt each response answers; every group needs >= 2 responses."""
-    B = rewards.numel()
     kl = kl_per_token(logp, ref)
-    R = rewards.double() - beta * seq_sums(kl, seq, B)                   # [B] penalised rewards
-    G_ = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=R.device)
-    tot = G_.index_add(0, group, R)                                      # [P] per-prompt sums
-    cnt = torch.zeros_like(G_).index_add(0, group, torch.ones_like(R))
+    R = rewards.double() - beta * seq_sums(kl, seq, rewards.numel())     # [B] penalised rewards
+    zeros = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=R.device)
+    tot, cnt = zeros.index_add(0, group, R), zeros.index_add(0, group, torch.ones_like(R))   # [P] per prompt
     if bool((cnt[group] < 2).any()):
         raise ValueError("RLOO needs at least 2 responses per prompt (--num-samples >= 2)")
     adv = R - (tot[group] - R) / (cnt[group] - 1)                        # [B] leave-one-out baseline
-    A = adv[seq]
-    pg = -(logp.double() * A).sum()
-    G = returns_to_go(kl, seq, rewards, beta)
-    v = 0.5 * ((values.double() - G) ** 2).sum()
-    return PGOut(pg + value_coef * v, pg, v, A, G)
+    return _pg(logp, values, returns_to_go(kl, seq, rewards, beta), adv[seq], value_coef)

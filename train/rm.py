@@ -1,20 +1,9 @@
-"""Reward-model training on soft preference labels (distilled RLAIF).
+"""Reward-model training on soft preference labels (distilled RLAIF): per pair the cross-entropy of the
+Bradley-Terry probability sigmoid(r1 - r2) against the label p1, -(p1 log sigmoid(r1 - r2) + (1 - p1) log
+sigmoid(r2 - r1)), both replies of a batch in ONE forward. Records, labels, export: train/README.md, "Reward model".
 
     torchrun --nproc_per_node 8 train/rm.py --model M1 --data labels.jsonl --output runs/rm
     python train/rm.py --model M1 --data labels.jsonl --output runs/rm --max-steps 200 --batch-size 32
-
-Data: `{"prompt" (or "messages"), "response_1", "response_2", "label": [p1, p2]}` (what recipes.rlaif writes;
-p1 = P(response 1 is better)) or `{"prompt", "chosen", "rejected"}` (a hard label, p1 = 1). A response_1 /
-response_2 record without `label` (the unlabelled input of rlaif label, a torn line) is an error naming its
-file and line, unless --hard-labels says response_1 is the preferred reply of each. The model is the
-checkpoint's transformer with a scalar head (model/reward_model.py; a causal LM gets a fresh seeded head,
-a reward checkpoint keeps its own). Loss per pair: the cross-entropy of the Bradley-Terry probability
-sigmoid(r1 - r2) against the soft label,
-    -(p1 log sigmoid(r1 - r2) + (1 - p1) log sigmoid(r2 - r1)),
-mean over the global batch. Both replies of a batch go through ONE forward over a flat token axis.
-Writes OUTPUT/metrics.jsonl (loss, accuracy against the label's side, margin; eval_loss / eval_accuracy on
---eval-data or --eval-fraction), OUTPUT/checkpoints/ (resumable with --resume) and the Hugging Face
-sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) in OUTPUT/model/.
 """
 from __future__ import annotations
 

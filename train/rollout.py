@@ -1,10 +1,7 @@
-"""Online RL's side of the engine: train/'s one seam into infer/. The RL sampler is built, fed the trainer's
-weights and asked for rollouts and greedy probes here and nowhere else in train/ (rl.py takes the engine's
-config type from here too); the rest is the flat batch the policy, the reference and the value head read.
-
-Weight hand-off (`sync_weights`, no disk): every trainer parameter but the value head is copied into the
-engine's own model with `Engine.load_weights` (under FSDP2 one all-gathered parameter at a time);
-every engine parameter must be written, and the prefix cache (KV of the old weights) is emptied.
+"""Online RL's side of the engine, train/'s one seam into infer/: the RL sampler is built, fed the trainer's
+weights (no disk: `Engine.load_weights`, under FSDP2 one all-gathered parameter at a time, every engine
+parameter written, the prefix cache emptied; README "Weight hand-off") and asked for rollouts and greedy
+probes here and nowhere else in train/; and the rollout batch the policy, the reference and the value head read.
 """
 from __future__ import annotations
 

@@ -3,9 +3,7 @@
     torchrun --nproc_per_node 8 train/sft.py --model M0 --data ift.jsonl eft.jsonl --output runs/m1
     python train/sft.py --model M0 --data ift.jsonl --output runs/m1 --max-steps 100 --batch-size 16
 
-Writes OUTPUT/metrics.jsonl (per step: loss, lr, grad_norm, tokens/s; eval_loss rows when held-out data is
-set), OUTPUT/checkpoints/, and the final Hugging Face export in OUTPUT/model/ (or --export). See
-train/README.md.
+What it writes (metrics.jsonl, checkpoints/, the Hugging Face export): train/README.md, "Run folder".
 """
 from __future__ import annotations
 
