@@ -83,41 +83,24 @@ def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool 
     positions restart at 0 per example, so attention stays inside it. packing=True fills rows of row_len
     first-fit in order; packing=False puts one example per row, padded to the longest. Padding is its own
     segment (positions from 0) with IGNORE targets."""
-    segs = []
-    for ex in examples:
-        inp = ex.ids[:-1]
-        tgt = [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]
-        segs.append((inp, tgt))
+    segs = [(ex.ids[:-1], [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]) for ex in examples]
     rows: list[list[tuple]] = []
-    if packing:
-        fill: list[int] = []
-        for s in segs:
-            for r, used in enumerate(fill):
-                if used + len(s[0]) <= row_len:
-                    rows[r].append(s)
-                    fill[r] += len(s[0])
-                    break
-            else:
-                rows.append([s])
-                fill.append(len(s[0]))
-        T = row_len
-    else:
-        rows = [[s] for s in segs]
-        T = max(len(s[0]) for s in segs)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    for b, row in enumerate(rows):
-        c = 0
-        for inp, t in row:
-            n = len(inp)
-            ids[b, c:c + n] = torch.tensor(inp)
-            tgt[b, c:c + n] = torch.tensor(t)
-            pos[b, c:c + n] = torch.arange(n)
-            c += n
-        pos[b, c:] = torch.arange(T - c)
-    return {"input_ids": ids, "targets": tgt, "positions": pos}
+    fill: list[int] = []
+    for seg in segs:
+        r = next((r for r, used in enumerate(fill) if used + len(seg[0]) <= row_len), None) if packing else None
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            fill.append(0)
+        rows[r].append(seg)
+        fill[r] += len(seg[0])
+    T = row_len if packing else max(fill)
+    out: dict[str, list] = {"input_ids": [], "targets": [], "positions": []}
+    for row, n in zip(rows, fill):
+        out["input_ids"].append([x for inp, _ in row for x in inp] + [pad_id] * (T - n))
+        out["targets"].append([x for _, tgt in row for x in tgt] + [IGNORE] * (T - n))
+        out["positions"].append([p for inp, _ in row for p in range(len(inp))] + list(range(T - n)))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
 # ---- DPO -----------------------------------------------------------------------------------------
@@ -267,21 +250,16 @@ def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
     return [data[i] for i in sorted(order[k:])], [data[i] for i in order[:k]]
 
 
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Indices of the global batch at `step` (0-based). An epoch's order is a function of (seed, epoch) only,
+    so a resumed run sees the same; epochs drop their incomplete last batch."""
+    if n < batch:
+        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
+    epoch, k = divmod(step, n // batch)
     idx = list(range(n))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(idx)
-    return idx
-
-
-def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Indices of the global batch at `step` (0-based); epochs drop their incomplete last batch."""
-    per_epoch = n // batch
-    if per_epoch == 0:
-        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
-    epoch, k = divmod(step, per_epoch)
-    return epoch_order(n, epoch, seed, shuffle)[k * batch:(k + 1) * batch]
+    return idx[k * batch:(k + 1) * batch]
 
 
 def rank_micro_batches(batch: list, world: int, rank: int, micro: int) -> list[list]:

@@ -1,9 +1,6 @@
-"""The one training loop of the four trainers (sft, dpo, rm, rl): global batches, accumulation, clipping,
-schedule, NaN stop, metrics JSONL, progress, checkpoints, resume, exports (train/README.md, "One loop").
-
-A trainer is `loop.train(cfg, name, make_task)`; `make_task(cfg, d, tok)` reads the data and builds the model
-(a `Task`, below). Each rank backpropagates `sum / norm * world`: FSDP averages gradients over ranks, so the
-update equals the single-process one on the same global batch whatever the world size and accumulation.
+"""The one training loop of the four trainers (train/README.md, "One loop"). Each rank backpropagates
+`sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on the
+same global batch whatever the world size and accumulation.
 """
 from __future__ import annotations
 
@@ -45,9 +42,8 @@ def entry(cls, name: str, make_task, doc: str):
 
 
 def train(cfg: TrainConfig, name: str, make_task) -> dict:
-    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics: check the
-    config (once), claim the run folder (train/runfolder.py), join the process group, fit the lengths to the
-    model's context, `make_task(cfg, d, tokenizer)`, the loop, tear down."""
+    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics. `make_task(cfg,
+    d, tokenizer)` reads the data and builds the model (a `Task`)."""
     cfg.check()
     with claim_run(cfg, name):
         if cfg.threads:
@@ -72,15 +68,13 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
     ctx = ModelConfig.from_json(cfg.model).max_position_embeddings
     if cfg.max_length <= ctx:
         return cfg
+    mpl = getattr(cfg, "max_prompt_length", 0)
+    low = {"max_length": ctx} | ({"max_prompt_length": ctx // 2} if mpl and mpl >= ctx else {})
     if d.is_main:
         print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
-              f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}", flush=True)
-    mpl = getattr(cfg, "max_prompt_length", 0)
-    if mpl and mpl >= ctx:
-        if d.is_main:
-            print(f"[train] --max-prompt-length {mpl}: lowered to {ctx // 2} with it", flush=True)
-        return dataclasses.replace(cfg, max_length=ctx, max_prompt_length=ctx // 2)
-    return dataclasses.replace(cfg, max_length=ctx)
+              f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}"
+              + (f"; --max-prompt-length {mpl}: lowered to {ctx // 2} with it" if len(low) > 1 else ""), flush=True)
+    return dataclasses.replace(cfg, **low)
 
 
 class Task:
@@ -182,9 +176,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
                         f"example was dropped: see the counts above; a larger --max-length keeps more)")
     batch_size, micro = cfg.batch_size, cfg.micro_batch_size
     if n < batch_size:
-        # fewer examples than one batch (a late self-rewarding iteration can make few pairs): one smaller
-        # batch per epoch, said loudly, rather than zero steps and an unchanged model exported as trained
-        # (without --max-steps) or a crash (with it)
+        # one smaller batch per epoch, said loudly, rather than zero steps (or a crash with --max-steps)
         batch_size = n // d.world * d.world
         if batch_size < 1:
             raise DataError(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
@@ -199,8 +191,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     total = cfg.max_steps or cfg.epochs * (n // batch_size)     # >= 1: TrainConfig.check refuses 0 steps
     accum = batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
-    # fused AdamW (one kernel per parameter, no temporaries): 0.07 s a step against the per-op loop's 0.30 s
-    # (56M parameters, one CPU thread); FSDP2's sharded DTensor parameters keep the per-op loop
+    # fused AdamW in one process (README "fused AdamW"); FSDP2's sharded DTensor parameters keep the per-op loop
     fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": False}))

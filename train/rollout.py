@@ -17,6 +17,7 @@ from selfreward.infer.sequence import SamplingParams
 from selfreward.model.llama import AttnContext
 from selfreward.train import data
 from selfreward.train.data import IGNORE, FlatBatch
+from selfreward.train.losses import target_hidden
 
 VALUE_HEAD = "value_head."         # the trainer's extra parameters, never handed to the engine
 
@@ -72,14 +73,9 @@ class RolloutBatch(FlatBatch):
     group: torch.Tensor | None = None     # [B] the prompt's index (RLOO groups)
 
     @functools.cached_property
-    def rows(self) -> torch.Tensor:
-        """[M] the rows whose target is a response token, in order."""
-        return torch.nonzero(self.targets != IGNORE).flatten()
-
-    @functools.cached_property
     def seq(self) -> torch.Tensor:
-        """[M] which rollout each of those rows belongs to."""
-        return self.seq_id[self.rows]
+        """[M] which rollout each response token (target) belongs to, in order."""
+        return self.seq_id[self.targets != IGNORE]
 
 
 def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
@@ -92,10 +88,8 @@ def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
 def response_logps(model, b: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (log-probs of the response tokens at the sampling temperature [M], their hidden states [M, H]).
     The logits are h W^T / T, so dividing h by T gives exactly the sampled distribution's log-probs."""
-    h = model(b.tokens, b.positions, AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen))   # [N, H]
-    h = h[b.rows]                                                                                   # [M, H]
-    lp = K.linear_logprobs(h / temperature, model.lm_head_weight, b.targets[b.rows], ignore_index=IGNORE)
-    return lp, h
+    h, _, tgt = target_hidden(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen), b.targets)
+    return K.linear_logprobs(h / temperature, model.lm_head_weight, tgt, ignore_index=IGNORE), h
 
 
 @torch.no_grad()
