@@ -1,16 +1,10 @@
-"""The DPO loss with the LM head's forward and backward fused: three [rows, V] GEMMs a step instead of four.
-
-A DPO loss depends on the response tokens only through each pair's two summed log-probs, so the target rows
-are taken a group of pairs at a time (pairs sharing a reply sequence stay together, groups packed up to
-`chunk` rows) and, with a group's [rows, V] logits still in memory:
+"""The DPO loss with the LM head's forward and backward fused (train/README.md, "The fused head"): per group
+of pairs, with its [rows, V] logits still in memory,
 
     logits = h @ W.T; softmax; per-sequence sums s; loss(s) and g = d loss / d s (autograd on scalars)
     d logits = g_row * (onehot(t) - softmax);   dh = d logits @ W;   dW += d logits.T @ h
 
-Backward only scales dh and dW by the upstream gradient of the summed loss (a scalar). A group of more than
-`chunk` rows takes two passes over its chunks (the kernel's recompute), so the extra memory stays one
-[chunk, V] block. Why and how measured: train/README.md, "The fused head"; equal to token_logps + dpo_loss
-in every loss and gradient (tests/test_dpo_head.py).
+and backward only scales dh and dW by the upstream gradient of the summed loss (a scalar).
 """
 from __future__ import annotations
 

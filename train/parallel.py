@@ -95,9 +95,8 @@ def apply_checkpointing(model, selective: bool = False) -> None:
 
 
 def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
-    """fully_shard each block, then the root. bf16 parameters with fp32 gradient reduction on CUDA only
-    (CPU runs stay fp32). The root keeps its parameters gathered between forward and backward, which is
-    what lets the trainers apply kernels.linear_logprobs to model.lm_head_weight after the forward."""
+    """fully_shard each block, then the root (which keeps its parameters gathered between forward and backward,
+    so the losses can use model.lm_head_weight after the forward); bf16 with fp32 reduction on CUDA only."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kw = {"mesh": d.mesh}
     if mixed_precision and d.device.type == "cuda":
@@ -110,8 +109,7 @@ def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
 
 def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True,
                 selective: bool = False):
-    """The one place parallelism is applied, in a fixed order: activation checkpointing (whole blocks, or
-    `selective`: matmul outputs kept), then FSDP."""
+    """The one place parallelism is applied: activation checkpointing (whole blocks, or `selective`), then FSDP."""
     if activation_checkpointing or selective:
         apply_checkpointing(model, selective=not activation_checkpointing)
     if d.sharded:
@@ -122,9 +120,8 @@ def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_pr
 
 
 def reshard(model) -> None:
-    """Free the gathered parameters after a no-grad forward (reference scoring, evaluation). The root and
-    the last block keep theirs after forward for the backward that normally follows; without a backward
-    they would stay gathered, and model.parameters() would hand the optimizer plain tensors."""
+    """Free the parameters the root and the last block keep gathered for a backward, after a no-grad forward
+    (else model.parameters() would hand the optimizer plain tensors)."""
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -138,9 +135,8 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 def cleanup(d: Dist) -> None:
-    """Tear the process group down once the caller has dropped its model: objects that still hold gloo
-    work when the interpreter finalises after the group is gone can abort the process (SIGABRT,
-    "terminate called without an active exception") after a successful run."""
+    """Tear the process group down once the caller has dropped its model (objects still holding gloo work when
+    the interpreter finalises after the group is gone abort a successful run: SIGABRT)."""
     if d.world > 1 and dist.is_initialized():
         import gc
         gc.collect()

@@ -5,11 +5,6 @@ per-token KL penalty to the frozen SFT policy (train/README.md, "Online RL").
     torchrun --nproc_per_node 8 train/rl.py --model M1 --data prompts.jsonl --output runs/rl --reward direct
     python train/rl.py ... --estimator rloo --num-samples 4
     python train/rl.py ... --reward mypkg.rewards:length_penalty      # any reward factory (REWARDS below)
-
-Before each step the engine gets the trainer's weights (train/rollout.py, train/'s one seam into infer/),
-samples responses for the step's prompts, the reward scores them, and the policy takes one update
-(train/rl_losses.py). Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/, OUTPUT/probes.jsonl (--probe-data)
-and the HF export OUTPUT/model/ (the policy, without the value head).
 """
 from __future__ import annotations
 
@@ -102,9 +97,8 @@ def load_prompts(paths: list[str], tok, room: int) -> list[str]:
 
 
 class RLTask(loop.Task):
-    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward. Before
-    each step: weight sync, probes, sampling, rewards (`before_step`); a micro-batch is the rollouts of its
-    prompts."""
+    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward; a
+    micro-batch is the rollouts of its prompts."""
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):

@@ -1,7 +1,5 @@
-"""Online RL's side of the engine, train/'s one seam into infer/: the RL sampler is built, fed the trainer's
-weights (no disk: `Engine.load_weights`, under FSDP2 one all-gathered parameter at a time, every engine
-parameter written, the prefix cache emptied; README "Weight hand-off") and asked for rollouts and greedy
-probes here and nowhere else in train/; and the rollout batch the policy, the reference and the value head read.
+"""train/'s one seam into infer/: the RL sampler is built, fed the trainer's weights (README "Weight
+hand-off") and asked for rollouts and greedy probes here and nowhere else; and the rollout batch.
 """
 from __future__ import annotations
 
@@ -39,7 +37,8 @@ def build_engine(model_dir: str, cfg: EngineConfig):
 
 
 def sync_weights(engine, model) -> float:
-    """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
+    """Copy the trainer's weights into the engine (no disk; under FSDP2 one gathered parameter at a time;
+    every engine parameter written, the prefix cache emptied) -> seconds."""
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
