@@ -23,7 +23,7 @@ from selfreward.train.config import TrainConfig
 from selfreward.train.data import read_jsonl
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import parallelize, reshard
-from selfreward.train.rl_losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
+from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, build_engine, entropy_sum, flat_batch, greedy, \
     prompt_ids, response_logps, sample, sync_weights
 
