@@ -80,18 +80,21 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 class Task:
     """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the global batch's
     loss denominator: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model, indices)`
-    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. The rest is
-    optional; the defaults do nothing."""
+    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. SFT and RM give
+    `sums(model, examples)` -> the stat sums of `train` examples (micro) or of `held_out` ones, which are
+    evaluated at step 0, every --eval-every steps and at the end: summarize's `eval_keys` as eval_<key>, over
+    the held-out sum `eval_norm`. The rest is optional; the defaults do nothing."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
-    held_out: list = []               # evaluated at step 0, every --eval-every steps and at the end (sft, rm)
+    train: list = []
+    held_out: list = []
+    eval_keys: tuple[str, ...] = ()
+    eval_norm: str = ""
 
-    def sums(self, model, examples: list) -> list:
-        """Numbers summed over held-out examples (in eval mode, without grad)."""
-
-    def eval_metrics(self, sums: torch.Tensor) -> dict:
-        """The held-out metrics from the sums over the whole held-out set."""
+    def micro(self, model, idx: list[int]):
+        st = self.sums(model, [self.train[i] for i in idx])
+        return st["loss_sum"], st
 
     def param_groups(self, model) -> list:
         return list(model.parameters())
@@ -117,22 +120,25 @@ def load_reference(cfg: TrainConfig, d: Dist):
 
 @torch.no_grad()
 def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
-    """Sum over `items` of `sums(model, chunk)` (numbers, or a tensor), each rank its every world-th item in
-    chunks of `micro`, in eval mode; all-reduced -> float64. Every rank runs the same number of forwards
-    (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
-    mine = items[d.rank::d.world]
+    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers), each rank its every world-th
+    item in chunks of `micro`, in eval mode; all-reduced -> float64 (a dict). Every rank runs the same number of
+    forwards (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
+    mine, keys, tot = items[d.rank::d.world], None, None
     model.eval()
-    tot = None
     for s in range(0, -(-len(items) // d.world), micro):
         chunk = mine[s:s + micro]
-        vals = torch.as_tensor(sums(model, chunk or items[:1]), dtype=torch.float64)
+        vals = sums(model, chunk or items[:1])
+        if isinstance(vals, dict):
+            keys, vals = list(vals), [float(v) for v in vals.values()]
+        vals = torch.as_tensor(vals, dtype=torch.float64)
         tot = torch.zeros_like(vals) if tot is None else tot
         if chunk:
             tot += vals
     model.train()
     if d.sharded:
         reshard(model)
-    return all_reduce(tot, d)
+    tot = all_reduce(tot, d)
+    return dict(zip(keys, tot.tolist())) if keys else tot
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
@@ -214,7 +220,8 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config)
 
     def evaluate(step: int) -> dict:
-        ev = task.eval_metrics(eval_sums(model, task.held_out, d, micro, task.sums))
+        s = eval_sums(model, task.held_out, d, micro, task.sums)
+        ev = {f"eval_{k}": v for k, v in task.summarize(s, s[task.eval_norm]).items() if k in task.eval_keys}
         log.write({"step": step, **ev})
         return ev
 

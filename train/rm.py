@@ -76,6 +76,7 @@ def soft_bt_loss(r1: torch.Tensor, r2: torch.Tensor, p1: torch.Tensor) -> torch.
 
 class RMTask(loop.Task):
     """The labelled pairs (held-out part included) and the reward model; exported as sequence classification."""
+    eval_keys, eval_norm = ("loss", "accuracy"), "pairs"
 
     def __init__(self, cfg: RMConfig, d: Dist, tok):
         self.pad_id = tok.pad_id
@@ -93,27 +94,18 @@ class RMTask(loop.Task):
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
 
-    def sums(self, model, pairs: list[Pair]):
-        """(summed loss, label sides agreed, decided labels, summed margin) of the pairs."""
+    def sums(self, model, pairs: list[Pair]) -> dict:
         r1, r2 = pair_rewards(model, pairs, self.pad_id)
         p1 = torch.tensor([p.p1 for p in pairs], device=r1.device)
         loss = soft_bt_loss(r1, r2, p1).sum()
         side = ((r1 > r2).float() == (p1 > 0.5).float()).float()[p1 != 0.5]   # ties in the label don't count
-        return [loss, side.sum().detach(), torch.tensor(float(side.numel())), (r1 - r2).detach().sum()]
-
-    def micro(self, model, idx: list[int]):
-        pairs = [self.train[i] for i in idx]
-        loss, agree, n, margin = self.sums(model, pairs)
         toks = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-        return loss, {"loss_sum": loss, "agree": agree, "decided": n, "margin": margin,
-                      "tokens": torch.tensor(toks), "pairs": torch.tensor(len(pairs))}
+        return {"loss_sum": loss, "agree": side.sum().detach(), "decided": torch.tensor(float(side.numel())),
+                "margin": (r1 - r2).detach().sum(), "tokens": torch.tensor(toks), "pairs": torch.tensor(len(pairs))}
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "accuracy": s["agree"] / max(1.0, s["decided"]),
                 "margin": s["margin"] / max(1.0, s["pairs"])}
-
-    def eval_metrics(self, tot) -> dict:
-        return {"eval_loss": float(tot[0]) / len(self.held_out), "eval_accuracy": float(tot[1] / max(1.0, tot[2]))}
 
 
 train, main = loop.entry(RMConfig, "rm", RMTask, __doc__)

@@ -33,6 +33,7 @@ class SFTConfig(TrainConfig):
 
 class SFTTask(loop.Task):
     """The SFT data (held-out part included) and the policy; the loss is -(target log-probs) / targets."""
+    eval_keys, eval_norm = ("loss",), "targets"                 # eval_loss: the mean token cross-entropy
 
     def __init__(self, cfg: SFTConfig, d, tok):
         self.cfg, self.pad_id = cfg, tok.pad_id
@@ -48,20 +49,12 @@ class SFTTask(loop.Task):
     def norm(self, batch: list[int]) -> float:
         return float(max(1, sum(n_targets(self.train[i]) for i in batch)))
 
-    def sums(self, model, exs: list[Example]):
-        """(summed loss, targets, tokens) of the examples: a micro-batch's, or held-out ones'."""
+    def sums(self, model, exs: list[Example]) -> dict:
         lp, n = sft_logp_sum(model, pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing))
-        return [-lp, n, sum(len(e.ids) - 1 for e in exs)]
-
-    def micro(self, model, idx: list[int]):
-        loss, n, toks = self.sums(model, [self.train[i] for i in idx])
-        return loss, {"loss_sum": loss, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
+        return {"loss_sum": -lp, "targets": torch.tensor(n), "tokens": torch.tensor(sum(len(e.ids) - 1 for e in exs))}
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
-
-    def eval_metrics(self, tot) -> dict:
-        return {"eval_loss": float(tot[0] / tot[1])}   # mean token cross-entropy
 
 
 def _systems(cfg: SFTConfig) -> dict[str, str]:
