@@ -72,10 +72,6 @@ def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | N
     return out, counts
 
 
-def n_targets(ex: Example) -> int:
-    return sum(ex.mask[1:])
-
-
 def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool = True
               ) -> dict[str, torch.Tensor]:
     """Lay examples out as rows for Transformer.forward_packed: input_ids, targets, positions [B, T].

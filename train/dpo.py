@@ -87,12 +87,9 @@ class DPOTask(loop.Task):
         return float(len(batch))
 
     def micro(self, model, idx: list[int]):
-        b = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt)
-        B = len(idx)
-        ref = None
+        b, B, ref = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt), len(idx), None
         if self.ref_table is not None:
-            t = self.ref_table[idx]                                      # [B, 2]
-            ref = torch.cat([t[:, 0], t[:, 1]])
+            ref = self.ref_table[idx].T.flatten()                        # [B, 2] -> [2B], chosen first
         elif self.ref_model is not None:
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)

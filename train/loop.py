@@ -156,18 +156,17 @@ class MetricsLog:
 
     def __init__(self, path: Path, d: Dist, resume_step: int | None):
         self.path, self.on = path, d.is_main
-        if not self.on:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keep = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass   # a line cut by the crash
-        write_atomic(path, "".join(k + "\n" for k in keep))
+        if self.on:
+            old = path.read_text().splitlines() if resume_step is not None and path.exists() else []
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf   # a line cut by the crash
 
     def write(self, rec: dict) -> None:
         if self.on:

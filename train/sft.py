@@ -14,7 +14,7 @@ import torch
 from selfreward.cli import ConfigError, input_file, passive
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
-from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_data
+from selfreward.train.data import Example, load_sft, pack_rows, split_data
 from selfreward.train.loop import cli, load_policy
 from selfreward.train.losses import sft_logp_sum
 from selfreward.train.parallel import parallelize
@@ -47,11 +47,12 @@ class SFTTask(loop.Task):
         self.model = parallelize(load_policy(cfg), d, cfg.activation_checkpointing, cfg.mixed_precision)
 
     def norm(self, batch: list[int]) -> float:
-        return float(max(1, sum(n_targets(self.train[i]) for i in batch)))
+        return float(max(1, sum(sum(self.train[i].mask[1:]) for i in batch)))
 
     def sums(self, model, exs: list[Example]) -> dict:
         lp, n = sft_logp_sum(model, pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing))
-        return {"loss_sum": -lp, "targets": torch.tensor(n), "tokens": torch.tensor(sum(len(e.ids) - 1 for e in exs))}
+        toks = sum(len(e.ids) - 1 for e in exs)
+        return {"loss_sum": -lp, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
