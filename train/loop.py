@@ -161,17 +161,17 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
 
+    def write(self, rec: dict) -> None:
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
 
 def _step(line: str) -> float:
     try:
         return json.loads(line).get("step", 0)
     except json.JSONDecodeError:
         return math.inf   # a line cut by the crash
-
-    def write(self, rec: dict) -> None:
-        if self.on:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
 
 
 def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) -> dict:
