@@ -15,7 +15,7 @@ random ids) for every variant. Each variant runs in its own fresh process (so pe
                  peak RSS from wait4; step wall times from its metrics.jsonl)
     ours_online  fused one-pass loss, frozen reference model scored in a no-grad pass over the same batch
     naive        our model, full [B, T, V] logits, chosen and rejected in separate passes, policy and
-                 reference (losses.naive_sequence_logps)
+                 reference (tests/test_train_losses.naive_sequence_logps)
     trl          trl.DPOTrainer (defaults: online reference model), in its own venv
     trl_precompute  trl.DPOTrainer with precompute_ref_log_probs=True
     sft          our SFT step on the same 4 x 512 tokens (packed rows), for tokens/s
@@ -153,8 +153,9 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
     import torch
     from selfreward.model.checkpoint import load_model
     from selfreward.train.data import Example, Pair, pack_rows, pair_batch
-    from selfreward.train.losses import (DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, sequence_logps,
-                              sft_logp_sum)
+    from selfreward.train.losses import DPOLossConfig, compute_reference, dpo_loss, sequence_logps, sft_logp_sum
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train_losses import naive_sequence_logps
     n = steps + warmup
     pairs = [Pair(*p) for p in make_pairs(n)]
     from selfreward.train.dpo_head import pair_head_loss
@@ -172,11 +173,11 @@ def run_ours(variant: str, model_dir: Path, steps: int, warmup: int) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         table = compute_reference(policy, pairs, list(range(len(pairs))), PAIRS, share)   # before any update
         ref_s, ref_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     if variant.endswith("_ac"):
-        apply_activation_checkpointing(policy)
+        apply_checkpointing(policy)
     elif variant in ("ours_cache", "ours_cache_unfused", "ours_unshared", "ours_online", "sft"):
-        apply_selective_checkpointing(policy)
+        apply_checkpointing(policy, selective=True)
     policy.train()
     times, cpu = [], []
     setup_peak = mem_kb("VmHWM")

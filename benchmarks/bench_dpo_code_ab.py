@@ -18,7 +18,7 @@ import bench_dpo  # noqa: E402
 from selfreward.model.checkpoint import load_model  # noqa: E402
 from selfreward.train.data import Pair, pair_batch  # noqa: E402
 from selfreward.train.losses import DPOLossConfig, compute_reference, dpo_loss, sequence_logps  # noqa: E402
-from selfreward.train.parallel import apply_selective_checkpointing  # noqa: E402
+from selfreward.train.parallel import apply_checkpointing  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     c = time.process_time()
     table = compute_reference(m, pairs, list(range(12)), 4, True)             # [12, 2]
     ref_batch = (time.process_time() - c) / 3
-    apply_selective_checkpointing(m)
+    apply_checkpointing(m, selective=True)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-6, **({"fused": True} if new else {"foreach": False}))
     cfg = DPOLossConfig("sigmoid", 0.1)
     out = []

@@ -19,7 +19,7 @@ import torch
 from selfreward.model.checkpoint import load_model
 from selfreward.train.data import Pair, pair_batch
 from selfreward.train.losses import sequence_logps
-from selfreward.train.parallel import apply_selective_checkpointing
+from selfreward.train.parallel import apply_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def main() -> None:
     pairs = [Pair([1] + ids(a.prompt - 1), ids(a.resp - 1) + [2], ids(a.resp - 1) + [2]) for _ in range(4)]
     m = load_model(path).train()
     ms = load_model(path).train()
-    apply_selective_checkpointing(ms)
+    apply_checkpointing(ms, selective=True)
     res: dict[str, list[float]] = {}
     for _ in range(a.reps):
         for name, model, share in (("plain", m, False), ("shared", m, True), ("unshared_sac", ms, False),

@@ -35,14 +35,14 @@ def child(layout: str, prompt: int, resp: int) -> None:
     from selfreward.model.checkpoint import load_model
     from selfreward.train.data import Pair, pair_batch
     from selfreward.train.losses import DPOLossConfig, dpo_loss, sequence_logps
-    from selfreward.train.parallel import apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     rng = random.Random(0)
     ids = lambda n: [rng.randrange(3, 32000) for _ in range(n)]    # noqa: E731
     pairs = [Pair([1] + ids(prompt - 1), ids(resp - 1) + [2], ids(resp - 1) + [2]) for _ in range(4)]
     model = load_model(ROOT / ".cache" / "bench_dpo" / "model").train()
     out = [f"{layout}: after load {hwm_mb()} MB"]
     if layout == "shared_sac":
-        apply_selective_checkpointing(model)
+        apply_checkpointing(model, selective=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
     b = pair_batch(pairs, layout != "plain")
     for s in range(3):

@@ -11,9 +11,8 @@ import torch
 import selfreward.kernels.ops as K
 from selfreward.kernels.attention import prefix_dependents
 from selfreward.train.data import Pair, pair_batch
-from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, compute_reference, dpo_loss, naive_sequence_logps, \
-    sequence_logps
-from test_train_losses import V, assert_grads_close, grads, tiny
+from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, compute_reference, dpo_loss, sequence_logps
+from test_train_losses import V, assert_grads_close, grads, naive_sequence_logps, tiny
 
 
 def shared_pairs(seed: int = 0) -> list[Pair]:
@@ -121,14 +120,15 @@ def _loss_grads_and_backward_mms(model, pairs):
 
 
 def test_selective_checkpointing_same_gradients_no_matmul_recompute():
-    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     pairs = shared_pairs(3)
     runs = {}
     for mode in ("none", "selective", "full"):
         m = tiny(6)
         m.cfg.dropout = 0.1
         m.train()
-        {"selective": apply_selective_checkpointing, "full": apply_activation_checkpointing}.get(mode, id)(m)
+        if mode != "none":
+            apply_checkpointing(m, selective=mode == "selective")
         runs[mode] = _loss_grads_and_backward_mms(m, pairs)
     for mode in ("selective", "full"):
         torch.testing.assert_close(runs[mode][0], runs["none"][0], rtol=0, atol=1e-5)

@@ -67,7 +67,7 @@ def test_selective_checkpointing_draws_once():
 
     from selfreward.train.data import pair_batch
     from selfreward.train.losses import sequence_logps
-    from selfreward.train.parallel import apply_activation_checkpointing, apply_selective_checkpointing
+    from selfreward.train.parallel import apply_checkpointing
     from test_dpo_shared import shared_pairs, tiny
 
     class CountRandom(TorchDispatchMode):
@@ -78,11 +78,11 @@ def test_selective_checkpointing_draws_once():
             return func(*args, **(kwargs or {}))
 
     counts = {}
-    for mode, apply in (("selective", apply_selective_checkpointing), ("full", apply_activation_checkpointing)):
+    for mode, selective in (("selective", True), ("full", False)):
         m = tiny(6)
         m.cfg.dropout = 0.1
         m.train()
-        apply(m)
+        apply_checkpointing(m, selective)
         torch.manual_seed(0)
         lp = sequence_logps(m, pair_batch(shared_pairs(3)))
         CountRandom.n = 0

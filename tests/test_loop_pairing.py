@@ -14,9 +14,9 @@ from selfreward.recipes.self_reward import write_sft_mix
 from selfreward.records import read_jsonl, write_jsonl
 from selfreward.train.data import Pair
 from selfreward.train.dpo import DPOConfig
-from selfreward.train.losses import DPOLossConfig, dpo_loss, naive_sequence_logps, pair_batch, sequence_logps
+from selfreward.train.losses import DPOLossConfig, dpo_loss, pair_batch, sequence_logps
 
-from test_train_losses import assert_grads_close, grads, random_pairs, tiny
+from test_train_losses import assert_grads_close, grads, naive_sequence_logps, random_pairs, tiny
 
 
 def _case():

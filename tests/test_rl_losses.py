@@ -1,4 +1,4 @@
-"""train/rl_losses.py and train/rollout.py's log-probs against a plain-PyTorch twin on hand-built rollouts
+"""train/losses.py's RL estimators and train/rollout.py's log-probs against a plain-PyTorch twin on hand-built rollouts
 (one sequence at a time, full logits, Python loops over tokens), losses and every gradient; the KL term
 and the returns against numbers worked by hand."""
 from __future__ import annotations
@@ -67,7 +67,7 @@ def twin_loss(pol, ref, head, rolls, estimator: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("estimator", ["reinforce", "rloo"])
 def test_loss_and_gradients_equal_the_twin(models, estimator):
-    from selfreward.train.rl_losses import reinforce_loss, rloo_loss
+    from selfreward.train.losses import reinforce_loss, rloo_loss
     from selfreward.train.rollout import flat_batch, response_logps
     pol, ref = models
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_loss_and_gradients_equal_the_twin(models, estimator):
 
 
 def test_kl_term_and_returns_by_hand():
-    from selfreward.train.rl_losses import kl_per_token, reinforce_loss, returns_to_go, rloo_loss
+    from selfreward.train.losses import kl_per_token, reinforce_loss, returns_to_go, rloo_loss
     logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     ref = torch.tensor([-1.5, -1.0, -0.5])
     seq, rewards = torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.0])

@@ -71,8 +71,8 @@ def test_loss_and_gradients_equal_hf_twin(tiny, tmp_path):
 
     # the twin: transformers' model on right-padded batches, each response set separately, and the loss
     # written as a binary cross-entropy with logits
-    t1 = _hf_scores(hf, [lp.pair.prompt + lp.pair.chosen for lp in pairs], tok.pad_id)
-    t2 = _hf_scores(hf, [lp.pair.prompt + lp.pair.rejected for lp in pairs], tok.pad_id)
+    t1 = _hf_scores(hf, [lp.prompt + lp.chosen for lp in pairs], tok.pad_id)
+    t2 = _hf_scores(hf, [lp.prompt + lp.rejected for lp in pairs], tok.pad_id)
     twin = torch.nn.functional.binary_cross_entropy_with_logits(t1 - t2, p1, reduction="sum")
     twin.backward()
     torch.testing.assert_close(r1.detach(), t1.detach(), atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 from selfreward.train.data import IGNORE, Pair, pack_rows, Example
 from selfreward.train.losses import (LOSS_TYPES, DPOLossConfig, ReferenceCache, compute_reference, dpo_loss,
-                          naive_sequence_logps, pair_batch, sequence_logps, sft_logp_sum, weights_hash)
+                          pair_batch, sequence_logps, sft_logp_sum, weights_hash)
 
 V = 97
 
@@ -34,6 +34,27 @@ def random_pairs(n: int, seed: int = 0) -> list[Pair]:
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: torch.randint(3, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
     return [Pair([1] + r(2, 9), r(1, 8) + [2], r(1, 11) + [2]) for _ in range(n)]
+
+
+def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
+    """The plain twin: chosen and rejected as two separate right-padded batches through
+    Transformer.forward_batch, full [B, T, V] logits, log_softmax, gather. -> [2B] (chosen first)."""
+    out = []
+    for which in ("chosen", "rejected"):
+        seqs = [p.prompt + getattr(p, which) for p in pairs]
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        resp = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, (p, s) in enumerate(zip(pairs, seqs)):
+            ids[i, :len(s)] = torch.tensor(s)
+            attn[i, :len(s)] = 1
+            resp[i, len(p.prompt):len(s)] = True
+        logits = model.forward_batch(ids, attn)                          # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)             # predicts tokens 1..T-1
+        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]               # [B, T-1]
+        out.append((picked.double() * resp[:, 1:]).sum(-1))
+    return torch.cat(out)
 
 
 def assert_grads_close(got: dict, want: dict) -> None:

@@ -1,15 +1,5 @@
 """Training checkpoints that resume exactly, the rule that only good weights are kept, and the Hugging Face
-export.
-
-Layout under the run folder:
-    checkpoints/step_00000010/   torch.distributed.checkpoint files (model + optimizer, sharded under
-                                 FSDP), trainer_state.json (step, scheduler, counters), rng_<rank>.pt
-    checkpoints/latest           the name of the newest complete checkpoint
-A checkpoint is written into checkpoints/.tmp-step_N/ by every rank, then (after a barrier) rank 0 renames
-it into place and rewrites `latest` with os.replace; a crash at any moment leaves the previous checkpoint
-and pointer intact. Older checkpoints beyond `keep` are removed afterwards. A non-finite step, or weights
-that are not finite or blew up, stop the run (TrainingStopped) before anything of them is saved, and the
-checkpoints of the weights that led there are dropped.
+export. Layout, atomicity and the NaN stop: train/README.md, "Run folder".
 """
 from __future__ import annotations
 
@@ -22,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -31,7 +22,14 @@ from torch.distributed.checkpoint.state_dict import (
 from selfreward.cli import Stopped
 from selfreward.model.checkpoint import save_model
 from selfreward.records import write_atomic
-from selfreward.train.parallel import Dist, barrier
+from selfreward.train.parallel import Dist, all_reduce, barrier
+
+EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+
+
+class TrainingStopped(Stopped):
+    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
+    is kept, and `latest` points at the newest one whose next step was still finite."""
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -43,22 +41,20 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names; when that one is incomplete or missing, the newest complete one."""
     ptr = Path(run_dir) / "checkpoints" / "latest"
-    if not ptr.exists():
-        return None
-    p = ptr.parent / ptr.read_text().strip()
-    if not (p / "trainer_state.json").exists():
-        done = complete_checkpoints(run_dir)
-        print(f"[checkpoint] {ptr}: points to {p.name}, which is incomplete or missing; "
-              f"{'using ' + done[-1].name if done else 'no complete checkpoint: starting from step 0'}", flush=True)
-        return done[-1] if done else None
-    return p
+    p = ptr.parent / ptr.read_text().strip() if ptr.exists() else None
+    if p is None or (p / "trainer_state.json").exists():
+        return p
+    done = complete_checkpoints(run_dir)
+    print(f"[checkpoint] {ptr}: points to {p.name}, which is incomplete or missing; "
+          f"{'using ' + done[-1].name if done else 'no complete checkpoint: starting from step 0'}", flush=True)
+    return done[-1] if done else None
 
 
-def drop_checkpoints_from(run_dir: str | Path, step: int, d: Dist) -> Path | None:
-    """Remove the checkpoints of step >= `step` (weights that went on to give a non-finite loss) and point
-    `latest` at the newest one left -> that one, or None."""
+def stop(msg: str, run_dir: Path, step: int, d: Dist) -> None:
+    """Raise TrainingStopped(msg + the last good checkpoint) after removing the checkpoints of step >= `step`
+    (the weights that led here) and pointing `latest` at the newest one left."""
     if d.is_main:
-        root = Path(run_dir) / "checkpoints"
+        root = run_dir / "checkpoints"
         for p in complete_checkpoints(run_dir):
             if int(p.name.split("_")[1]) >= step:
                 shutil.rmtree(p, ignore_errors=True)
@@ -69,61 +65,31 @@ def drop_checkpoints_from(run_dir: str | Path, step: int, d: Dist) -> Path | Non
             (root / "latest").unlink()
     barrier(d)
     left = complete_checkpoints(run_dir)
-    return left[-1] if left else None
-
-
-class TrainingStopped(Stopped):
-    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
-    is kept, and `latest` points at the newest one whose next step was still finite."""
-
-
-EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+    raise TrainingStopped(f"{msg}; last good checkpoint: {left[-1] if left else 'none (nothing good saved)'}")
 
 
 def weight_scale(model, d: Dist) -> float:
     """max |w| over every parameter of every rank (inf when any is not finite)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    m = torch.tensor([max((float(t.detach().abs().max()) for t in local if t.numel()), default=0.0)])
-    m = torch.where(torch.isnan(m), torch.tensor([float("inf")]), m)
-    if d.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    return float(m)
+    vals = [float(t.detach().abs().max()) for t in local if t.numel()]
+    m = max((math.inf if math.isnan(v) else v for v in vals), default=0.0)
+    return float(all_reduce(torch.tensor([m]), d, dist.ReduceOp.MAX))
 
 
 def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: float) -> None:
-    """Before a checkpoint or export: every weight finite and not blown up (EXPLODED x the starting max
-    |w|), else stop: nothing is saved, and no checkpoint those weights came from is kept as good."""
+    """Before a checkpoint or export: every weight finite and not blown up (EXPLODED x the starting max |w|)."""
     scale = weight_scale(model, d)
     if not math.isfinite(scale) or scale > EXPLODED * max(start_scale, 1.0):
-        good = drop_checkpoints_from(out, step, d)
-        raise TrainingStopped(f"[{name}] weights {'not finite' if not math.isfinite(scale) else 'exploded'} "
-                              f"after step {step} (max |w| {scale:.3g}, {start_scale:.3g} at the start): not "
-                              f"saved; last good checkpoint: {good if good else 'none (nothing good saved)'}")
+        stop(f"[{name}] weights {'not finite' if not math.isfinite(scale) else 'exploded'} after step {step} (max "
+             f"|w| {scale:.3g}, {start_scale:.3g} at the start): not saved", out, step, d)
 
 
 def check_step_finite(loss: float, gnorm: float, d: Dist, out: Path, step: int, name: str) -> None:
     """Before applying step `step + 1`'s update: a non-finite loss or gradient norm stops training. The
     weights after `step` updates gave it, so a checkpoint of them (step_<step>) is not good either."""
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        good = drop_checkpoints_from(out, step, d)
-        raise TrainingStopped(
-            f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying "
-            f"it; last good checkpoint: {good if good else 'none (nothing good saved)'}")
-
-
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+        stop(f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying it",
+             out, step, d)
 
 
 def _dcp(fn, state: dict, path: Path) -> None:
@@ -143,6 +109,8 @@ def _dcp(fn, state: dict, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
                     keep: int = 2) -> Path:
+    """Every rank writes checkpoints/.tmp-step_N/; after a barrier rank 0 renames it into place, rewrites
+    `latest` and removes the oldest beyond `keep`: a crash at any moment leaves the previous one intact."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}"
@@ -152,21 +120,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     barrier(d)
     msd, osd = get_state_dict(model, optimizer)
     _dcp(dcp.save, {"model": msd, "optim": osd}, tmp)
-    torch.save(_rng_state(), tmp / f"rng_{d.rank}.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save(rng | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+               tmp / f"rng_{d.rank}.pt")
     if d.is_main:
         full = dict(state, step=step, world=d.world, scheduler=scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(full, indent=1))
     barrier(d)
-    final = root / name
     if d.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        shutil.rmtree(root / name, ignore_errors=True)
+        os.rename(tmp, root / name)
         write_atomic(root / "latest", name + "\n")
         old = sorted(p for p in root.glob("step_*") if p.name != name)
         for p in old[:max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     barrier(d)
-    return final
+    return root / name
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
@@ -179,7 +148,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_{d.rank}.pt"
     if state.get("world") == d.world and rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        rng = torch.load(rng, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     elif d.is_main:
         print(f"[checkpoint] {path}: saved with {state.get('world')} ranks, resuming with {d.world}: "
               f"RNG streams (dropout) are not restored")
@@ -188,8 +161,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
 
 def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist,
                  dtype: torch.dtype | None = None, hf_config: dict | None = None) -> Path:
-    """Gather the full weights on rank 0 and write a Hugging Face folder (config, safetensors, tokenizer)
-    with model.checkpoint.save_model, the one writer (`hf_config`: the reward model's config fields)."""
+    """Gather the full weights on rank 0 and write a Hugging Face folder with model.checkpoint.save_model, the
+    one writer (`hf_config`: the reward model's config fields)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype, hf_config=hf_config)

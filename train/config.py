@@ -4,9 +4,11 @@ extend TrainConfig and override the defaults; cli.py (the project's one flag gen
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from selfreward.cli import ConfigError, checkpoint, input_file, passive
+from selfreward.ranges import check_number
 
 
 @dataclass
@@ -54,16 +56,8 @@ class TrainConfig:
             raise ConfigError("--epochs 0 / --max-steps 0: 0 optimizer steps to take")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it over)")
-        for name, lo in (("batch_size", 1), ("epochs", 0), ("max_steps", 0), ("max_length", 2), ("save_every", 0),
-                         ("keep_checkpoints", 1), ("log_every", 1), ("micro_batch_size", 0)):
-            if getattr(self, name) < lo:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
-        if not self.lr > 0 or self.final_lr < 0 or not 0 <= self.dropout < 1 or self.grad_clip < 0:
-            raise ConfigError(f"--lr {self.lr:g} must be > 0, --final-lr {self.final_lr:g} >= 0, --dropout "
-                              f"{self.dropout:g} in [0, 1), --grad-clip {self.grad_clip:g} >= 0")
-        beta = getattr(self, "beta", None)   # DPO's and RL's KL weight (DPO's None: the loss's default)
-        if beta is not None and not beta >= 0:
-            raise ConfigError(f"--beta {beta:g}: must be >= 0 (leave it out for the default)")
+        for f in dataclasses.fields(self):   # the door's ranges (ranges.RANGES), for a config built in Python too
+            check_number("--" + f.name.replace("_", "-"), getattr(self, f.name))
         mpl = getattr(self, "max_prompt_length", None)   # DPO and the reward model
         if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
             raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "

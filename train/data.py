@@ -3,6 +3,7 @@ batch order. The record formats and the truncation rules are train/README.md's "
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,6 @@ def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | N
     return out, counts
 
 
-def n_targets(ex: Example) -> int:
-    return sum(ex.mask[1:])
-
-
 def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool = True
               ) -> dict[str, torch.Tensor]:
     """Lay examples out as rows for Transformer.forward_packed: input_ids, targets, positions [B, T].
@@ -82,41 +79,24 @@ def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool 
     positions restart at 0 per example, so attention stays inside it. packing=True fills rows of row_len
     first-fit in order; packing=False puts one example per row, padded to the longest. Padding is its own
     segment (positions from 0) with IGNORE targets."""
-    segs = []
-    for ex in examples:
-        inp = ex.ids[:-1]
-        tgt = [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]
-        segs.append((inp, tgt))
+    segs = [(ex.ids[:-1], [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]) for ex in examples]
     rows: list[list[tuple]] = []
-    if packing:
-        fill: list[int] = []
-        for s in segs:
-            for r, used in enumerate(fill):
-                if used + len(s[0]) <= row_len:
-                    rows[r].append(s)
-                    fill[r] += len(s[0])
-                    break
-            else:
-                rows.append([s])
-                fill.append(len(s[0]))
-        T = row_len
-    else:
-        rows = [[s] for s in segs]
-        T = max(len(s[0]) for s in segs)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    for b, row in enumerate(rows):
-        c = 0
-        for inp, t in row:
-            n = len(inp)
-            ids[b, c:c + n] = torch.tensor(inp)
-            tgt[b, c:c + n] = torch.tensor(t)
-            pos[b, c:c + n] = torch.arange(n)
-            c += n
-        pos[b, c:] = torch.arange(T - c)
-    return {"input_ids": ids, "targets": tgt, "positions": pos}
+    fill: list[int] = []
+    for seg in segs:
+        r = next((r for r, used in enumerate(fill) if used + len(seg[0]) <= row_len), None) if packing else None
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            fill.append(0)
+        rows[r].append(seg)
+        fill[r] += len(seg[0])
+    T = row_len if packing else max(fill)
+    out: dict[str, list] = {"input_ids": [], "targets": [], "positions": []}
+    for row, n in zip(rows, fill):
+        out["input_ids"].append([x for inp, _ in row for x in inp] + [pad_id] * (T - n))
+        out["targets"].append([x for _, tgt in row for x in tgt] + [IGNORE] * (T - n))
+        out["positions"].append([p for inp, _ in row for p in range(len(inp))] + list(range(T - n)))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
 # ---- DPO -----------------------------------------------------------------------------------------
@@ -125,6 +105,7 @@ class Pair:
     prompt: list[int]     # chat-rendered with the generation prompt, BOS first
     chosen: list[int]     # response ids + EOS
     rejected: list[int]
+    p1: float = 1.0       # P(chosen is better): 1 for DPO's pairs, the label for the reward model's
 
 
 def dpo_pair(rec: dict, tok, where: str) -> Pair:
@@ -160,65 +141,77 @@ def truncate_pair(p: Pair, max_length: int, max_prompt_length: int) -> tuple[Pai
     prompt = p.prompt if len(p.prompt) <= max_prompt_length else \
         p.prompt[:1] + p.prompt[len(p.prompt) - (max_prompt_length - 1):]
     room = max_length - len(prompt)
-    q = Pair(prompt, p.chosen[:room], p.rejected[:room])
+    q = Pair(prompt, p.chosen[:room], p.rejected[:room], p.p1)
     cut = len(prompt) < len(p.prompt) or len(q.chosen) < len(p.chosen) or len(q.rejected) < len(p.rejected)
     return q, cut
 
 
-def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int) -> tuple[list[Pair], dict]:
+def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int, label=None
+               ) -> tuple[list[Pair], dict]:
+    """-> (pairs, counts {read, truncated}). `label(rec, where)` -> (the record with chosen / rejected, p1)."""
     out, counts = [], {"read": 0, "truncated": 0}
     for path in paths:
         for where, rec in read_jsonl(path):
+            rec, p1 = label(rec, where) if label else (rec, 1.0)
             q, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
             counts["read"] += 1
             counts["truncated"] += int(cut)
-            out.append(q)
+            out.append(dataclasses.replace(q, p1=p1))
     return out, counts
 
 
-@dataclass
-class PairBatch:
-    """B pairs as flat sequences for ONE forward pass; outputs are 2B (chosen 0..B-1, then rejected).
+def split_data(cfg, load) -> tuple[list, list, dict]:
+    """(training examples, held-out ones, the counts of --data): --eval-data read with `load(paths)` ->
+    (examples, counts), or a seeded --eval-fraction of --data, or none."""
+    train, counts = load(cfg.data)
+    if cfg.eval_data:
+        return train, load(cfg.eval_data)[0], counts
+    if cfg.eval_fraction > 0:
+        return *split_held_out(train, cfg.eval_fraction, cfg.seed), counts
+    return train, [], counts
 
-    Unshared (share_prompt=False): 2B sequences, prompt + response[:-1] each. Shared: per distinct prompt
-    one sequence of its first len-1 tokens, then one sequence per distinct response of that prompt,
-    [last prompt token] + response[:-1], positions continuing from the prompt, that attends to the prompt
-    sequence as its prefix (kernels/attention.py). The last prompt token starts each response's sequence
-    because its hidden state predicts the response's first token, whose target differs per response."""
+
+@dataclass
+class FlatBatch:
+    """Sequences laid end to end for ONE forward, one output (a summed response log-prob) per (prompt,
+    response) given to flat_batch; pair_batch's 2B outputs are the chosen ones (0..B-1), then the rejected."""
     tokens: torch.Tensor       # [N] the sequences' input ids, end to end
     positions: torch.Tensor    # [N]
     targets: torch.Tensor      # [N] the next token on response positions, IGNORE elsewhere
     seq_id: torch.Tensor       # [N] which of the S sequences a token belongs to
     cu_seqlens: torch.Tensor   # [S+1] int32
     max_seqlen: int
-    resp_len: torch.Tensor     # [2B] response tokens (targets) per output
-    out_seq: torch.Tensor      # [2B] the sequence whose summed log-prob each output is
+    resp_len: torch.Tensor     # [O] response tokens (targets) per output
+    out_seq: torch.Tensor      # [O] the sequence whose summed log-prob each output is
     prefix: torch.Tensor | None = None   # [S, 2] int32 (start, length) of each sequence's prefix; None: none
 
     @property
     def num_pairs(self) -> int:
         return self.resp_len.numel() // 2
 
+    def to(self, device) -> "FlatBatch":
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
 
-def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> PairBatch:
-    outs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+
+def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
+    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: per distinct prompt one
+    sequence of its first len-1 tokens, then one per distinct response of that prompt, [last prompt token] +
+    response[:-1], positions continuing from the prompt, that attends to the prompt sequence as its prefix
+    (kernels/attention.py); the last prompt token opens each response because its hidden state predicts the
+    response's first token."""
     toks, pos, tgt, sid, lens, pre = [], [], [], [], [], []
-    out_seq = []
 
     def add(inp: list[int], p0: int, t: list[int], prefix: tuple[int, int]) -> int:
-        s = len(lens)
         pre.append(prefix)
         toks.extend(inp)
         pos.extend(range(p0, p0 + len(inp)))
         tgt.extend(t)
-        sid.extend([s] * len(inp))
+        sid.extend([len(lens)] * len(inp))
         lens.append(len(inp))
-        return s
+        return len(lens) - 1
 
     if not share_prompt:
-        for pr, rs in outs:
-            full = pr + rs
-            out_seq.append(add(full[:-1], 0, [IGNORE] * (len(pr) - 1) + rs, (0, 0)))
+        out_seq = [add((pr + rs)[:-1], 0, [IGNORE] * (len(pr) - 1) + rs, (0, 0)) for pr, rs in outs]
     else:
         groups: dict[tuple, dict] = {}      # prompt -> {response: sequence}; insertion order = layout order
         for pr, rs in outs:
@@ -227,17 +220,20 @@ def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> PairBatch:
         for pr, resps in groups.items():
             prefix = (0, 0)
             if len(pr) > 1:   # the prompt minus its last token, once
-                start = len(toks)
+                prefix = (len(toks), len(pr) - 1)
                 add(list(pr[:-1]), 0, [IGNORE] * (len(pr) - 1), (0, 0))
-                prefix = (start, len(pr) - 1)
             for rs in resps:
                 seq_of[pr, rs] = add([pr[-1]] + list(rs[:-1]), len(pr) - 1, list(rs), prefix)
         out_seq = [seq_of[tuple(pr), tuple(rs)] for pr, rs in outs]
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     prefix = torch.tensor(pre, dtype=torch.int32) if share_prompt else None
-    return PairBatch(torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt), torch.tensor(sid), cu,
+    return FlatBatch(torch.tensor(toks), torch.tensor(pos), torch.tensor(tgt), torch.tensor(sid), cu,
                      max(lens), torch.tensor([len(rs) for _, rs in outs]), torch.tensor(out_seq), prefix)
+
+
+def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> FlatBatch:
+    return flat_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], share_prompt)
 
 
 # ---- order -----------------------------------------------------------------------------------------
@@ -250,21 +246,16 @@ def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
     return [data[i] for i in sorted(order[k:])], [data[i] for i in order[:k]]
 
 
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Indices of the global batch at `step` (0-based). An epoch's order is a function of (seed, epoch) only,
+    so a resumed run sees the same; epochs drop their incomplete last batch."""
+    if n < batch:
+        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
+    epoch, k = divmod(step, n // batch)
     idx = list(range(n))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(idx)
-    return idx
-
-
-def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Indices of the global batch at `step` (0-based); epochs drop their incomplete last batch."""
-    per_epoch = n // batch
-    if per_epoch == 0:
-        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
-    epoch, k = divmod(step, per_epoch)
-    return epoch_order(n, epoch, seed, shuffle)[k * batch:(k + 1) * batch]
+    return idx[k * batch:(k + 1) * batch]
 
 
 def rank_micro_batches(batch: list, world: int, rank: int, micro: int) -> list[list]:

@@ -4,9 +4,8 @@
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
 The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
-before training, into --ref-cache-dir (keyed by hashes of the tokenized data and the weights), so no
-reference model is held; --ref-mode online scores each batch with a frozen copy. metrics.jsonl: loss,
-rewards (chosen, rejected), margin, accuracy, log-probs, lengths per step.
+before training, into --ref-cache-dir; --ref-mode online scores each batch with a frozen copy. The loss
+variants, the reference cache, metrics.jsonl: train/README.md, "The DPO step".
 """
 from __future__ import annotations
 
@@ -18,15 +17,14 @@ import torch
 
 import selfreward.kernels.ops as K
 from selfreward.cli import ConfigError, passive
-from selfreward.model.checkpoint import load_model
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.dpo_head import pair_head_loss
-from selfreward.train.loop import cli, load_policy
-from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, sequence_logps, weights_hash
-from selfreward.train.losses import resolve_loss_settings
-from selfreward.train.parallel import Dist, all_reduce_sum, parallelize, reshard
+from selfreward.train.loop import cli, eval_sums, load_policy, load_reference
+from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
+    sequence_logps, weights_hash
+from selfreward.train.parallel import Dist, all_reduce, parallelize
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -51,19 +49,17 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
         try:
-            self.beta, self.label_smoothing, self.simpo_gamma = self._loss_settings()
+            self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
+                self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError:
             pass                # refused by check(), with the message
-
-    def _loss_settings(self) -> tuple[float, float, float]:
-        return resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
 
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
             raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
         try:   # flags a loss does not use are refused
-            self._loss_settings()
+            resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -85,21 +81,15 @@ class DPOTask(loop.Task):
         key = weights_hash(model.state_dict()) if cache else ""
         parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
         self.ref_table = reference_table(cfg, model, self.pairs, key, d) if cache else None
-        self.ref_model = None
-        if self.lcfg.needs_reference and not cache:
-            self.ref_model = load_model(cfg.model).eval().requires_grad_(False)   # dropout 0, eval: deterministic
-            parallelize(self.ref_model, d, False, cfg.mixed_precision)
+        self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
 
     def micro(self, model, idx: list[int]):
-        b = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt)
-        B = len(idx)
-        ref = None
+        b, B, ref = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt), len(idx), None
         if self.ref_table is not None:
-            t = self.ref_table[idx]                                      # [B, 2]
-            ref = torch.cat([t[:, 0], t[:, 1]])
+            ref = self.ref_table[idx].T.flatten()                        # [B, 2] -> [2B], chosen first
         elif self.ref_model is not None:
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)
@@ -122,26 +112,23 @@ class DPOTask(loop.Task):
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
-    """Load the cached reference log-probs, or compute them with the (still untrained) model: each rank
-    scores every world-th pair, padded to equal forward counts, then one all-reduce fills the table."""
+    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model, the pairs
+    shared among the ranks (loop.eval_sums: each rank fills its rows of a zero table, then one all-reduce)."""
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
-    if all_reduce_sum(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
+    if all_reduce(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
         if d.is_main:
             print(f"[dpo] reference log-probs from cache {cache.path}")
         return table
-    mine = list(range(d.rank, len(pairs), d.world))
-    per_rank = -(-len(pairs) // d.world)
-    m = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
-    padded = mine + [0] * (per_rank - len(mine))
+
+    def rows(model, idx: list[int]) -> torch.Tensor:
+        t = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        t[idx] = compute_reference(model, pairs, idx, len(idx), cfg.share_prompt).cpu()
+        return t.flatten()
     t0 = time.perf_counter()
-    vals = compute_reference(model, pairs, padded, m, cfg.share_prompt)[:len(mine)]
-    if d.sharded:
-        reshard(model)
-    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    table[mine] = vals
-    table = all_reduce_sum(table, d)
+    table = eval_sums(model, list(range(len(pairs))), d, cfg.micro_batch_size or max(1, cfg.batch_size // d.world),
+                      rows).view(-1, 2)
     if d.is_main:
         cache.save(table)
         print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path} "
@@ -149,14 +136,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     return table
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return loop.main(DPOConfig, train, argv, __doc__)
-
-
-def train(cfg: DPOConfig) -> dict:
-    """One DPO run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    return loop.train(cfg, "dpo", DPOTask)
-
+train, main = loop.entry(DPOConfig, "dpo", DPOTask, __doc__)
 
 if __name__ == "__main__":
     cli(main)

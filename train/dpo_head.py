@@ -1,25 +1,18 @@
-"""The DPO loss with the LM head's forward and backward fused: three [rows, V] GEMMs a step instead of four.
-
-The chunked log-prob kernel (kernels/logprobs.py) must recompute each chunk's logits in backward, because
-the gradient of a token's log-prob, g * (onehot - softmax), needs g, known only once the whole loss is. A
-DPO loss, though, depends on the response tokens only through each pair's two summed log-probs: once a
-pair's rows have gone through the head, its loss and g = d loss / d (summed log-prob) are known at once.
-So the rows are taken a group of pairs at a time (pairs that share a reply sequence stay together; groups
-are packed up to `chunk` rows), and for each group, with its [rows, V] logits still in memory:
+"""The DPO loss with the LM head's forward and backward fused (train/README.md, "The fused head"): per group
+of pairs, with its [rows, V] logits still in memory,
 
     logits = h @ W.T; softmax; per-sequence sums s; loss(s) and g = d loss / d s (autograd on scalars)
     d logits = g_row * (onehot(t) - softmax);   dh = d logits @ W;   dW += d logits.T @ h
 
-dh [rows, H] and dW [V, H] wait for backward, which only scales them by the upstream gradient of the summed
-loss (the trainer backpropagates loss_sum x world / norm, a scalar). A group of more than `chunk` rows is
-done in two passes over its chunks (the kernel's recompute), so peak extra memory stays one [chunk, V]
-block. Equal to token_logps + dpo_loss in every loss and gradient (tests/test_dpo_head.py).
+and backward only scales dh and dW by the upstream gradient of the summed loss (a scalar).
 """
 from __future__ import annotations
 
 import torch
 
-from selfreward.train.data import IGNORE, PairBatch
+from selfreward.model.llama import AttnContext
+from selfreward.train.data import FlatBatch
+from selfreward.train.losses import target_hidden
 
 
 def _groups(out_seq: list[int], B: int, seq_rows: dict[int, int], chunk: int) -> list[tuple[list[int], list[int]]]:
@@ -117,15 +110,11 @@ class _HeadLoss(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def pair_head_loss(model, b: PairBatch, loss_fn, chunk: int = 1024):
+def pair_head_loss(model, b: FlatBatch, loss_fn, chunk: int = 1024):
     """One forward of the model over the batch and the fused head + loss. loss_fn(policy [2k] chosen first,
     output indices [2k]) -> (per-pair loss [k], chosen rewards [k], rejected rewards [k]).
     -> (summed loss with grad, policy log-probs [2B] detached, per-pair loss [B], rewards [B], [B])."""
-    from selfreward.model.llama import AttnContext
-    dev = model.lm_head_weight.device
-    ctx = AttnContext(b.cu_seqlens.to(dev), b.max_seqlen, prefix=None if b.prefix is None else b.prefix.to(dev))
-    targets = b.targets.to(dev)
-    sel = torch.nonzero(targets != IGNORE).flatten()                        # [n] target rows
-    h = model(b.tokens.to(dev), b.positions.to(dev), ctx, out_rows=sel)     # [n, H]
-    return _HeadLoss.apply(h, model.lm_head_weight, targets[sel], b.seq_id.to(dev)[sel], b.out_seq.to(dev),
+    ctx = AttnContext(b.cu_seqlens, b.max_seqlen, prefix=b.prefix)
+    h, sel, targets = target_hidden(model, b.tokens, b.positions, ctx, b.targets)     # [n, H], [n], [n]
+    return _HeadLoss.apply(h, model.lm_head_weight, targets, b.seq_id.to(h.device)[sel], b.out_seq.to(h.device),
                            loss_fn, chunk)

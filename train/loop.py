@@ -1,11 +1,6 @@
-"""The one training loop of the four trainers (sft, dpo, rm, rl): global batches, accumulation, clipping,
-schedule, NaN stop, metrics JSONL, progress, checkpoints, resume, exports (with `export_every` N also every N
-steps to OUTPUT/exports/step_N, atomic, for recipes.select).
-
-A trainer is `train(cfg) = loop.train(cfg, name, make_task)`: the config is checked once there, the run folder
-claimed, and `make_task(cfg, d, tok)` reads the data and builds the model (a `Task`, below). Each rank
-backpropagates `sum / norm * world`: FSDP averages gradients over ranks, so the update equals the
-single-process one on the same global batch whatever the world size and accumulation.
+"""The one training loop of the four trainers (train/README.md, "One loop"). Each rank backpropagates
+`sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on the
+same global batch whatever the world size and accumulation.
 """
 from __future__ import annotations
 
@@ -28,7 +23,8 @@ from selfreward.train.checkpointing import check_finite, check_step_finite, expo
     load_checkpoint, save_checkpoint, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce_sum, cleanup, init_distributed, reshard, set_grad_sync
+from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
+    set_grad_sync
 from selfreward.train.runfolder import claim_run
 
 
@@ -38,15 +34,16 @@ def cli(main) -> None:
                                "steps and at the end); rerun with --resume to continue")
 
 
-def main(cls, train, argv: list[str] | None, doc: str) -> dict:
-    """A trainer's `main(argv)`: flags (or --config) -> `cls` -> `train(cfg)`, which checks it (once)."""
-    return train(build(cls, parser(cls, doc).parse_args(argv)))
+def entry(cls, name: str, make_task, doc: str):
+    """A trainer's `train(cfg)` (one run, `train` below) and `main(argv)` (flags or --config -> `cls` -> train)."""
+    def run_one(cfg) -> dict:
+        return train(cfg, name, make_task)
+    return run_one, lambda argv=None: run_one(build(cls, parser(cls, doc).parse_args(argv)))
 
 
 def train(cfg: TrainConfig, name: str, make_task) -> dict:
-    """One run of a trainer (in this process; under torchrun each rank calls it) -> the last step's metrics:
-    check the config, claim the run folder (train/runfolder.py), join the process group, fit the lengths to
-    the model's context, `make_task(cfg, d, tokenizer)`, the loop, tear down."""
+    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics. `make_task(cfg,
+    d, tokenizer)` reads the data and builds the model (a `Task`)."""
     cfg.check()
     with claim_run(cfg, name):
         if cfg.threads:
@@ -71,26 +68,33 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
     ctx = ModelConfig.from_json(cfg.model).max_position_embeddings
     if cfg.max_length <= ctx:
         return cfg
+    mpl = getattr(cfg, "max_prompt_length", 0)
+    low = {"max_length": ctx} | ({"max_prompt_length": ctx // 2} if mpl and mpl >= ctx else {})
     if d.is_main:
         print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
-              f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}", flush=True)
-    mpl = getattr(cfg, "max_prompt_length", 0)
-    if mpl and mpl >= ctx:
-        if d.is_main:
-            print(f"[train] --max-prompt-length {mpl}: lowered to {ctx // 2} with it", flush=True)
-        return dataclasses.replace(cfg, max_length=ctx, max_prompt_length=ctx // 2)
-    return dataclasses.replace(cfg, max_length=ctx)
+              f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}"
+              + (f"; --max-prompt-length {mpl}: lowered to {ctx // 2} with it" if len(low) > 1 else ""), flush=True)
+    return dataclasses.replace(cfg, **low)
 
 
 class Task:
-    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the denominator of
-    the global batch's loss: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model,
-    indices)` -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. The
-    rest is optional; the defaults do nothing."""
+    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the global batch's
+    loss denominator: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model, indices)`
+    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. SFT and RM give
+    `sums(model, examples)` -> the stat sums of `train` examples (micro) or of `held_out` ones, which are
+    evaluated at step 0, every --eval-every steps and at the end: summarize's `eval_keys` as eval_<key>, over
+    the held-out sum `eval_norm`. The rest is optional; the defaults do nothing."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
-    evaluate = None                   # evaluate(model, micro) -> held-out metrics (step 0, every --eval-every, end)
+    train: list = []
+    held_out: list = []
+    eval_keys: tuple[str, ...] = ()
+    eval_norm: str = ""
+
+    def micro(self, model, idx: list[int]):
+        st = self.sums(model, [self.train[i] for i in idx])
+        return st["loss_sum"], st
 
     def param_groups(self, model) -> list:
         return list(model.parameters())
@@ -109,25 +113,32 @@ def load_policy(cfg: TrainConfig, load=load_model, **kw):
     return load(cfg.model, cfg=mcfg, **kw)
 
 
+def load_reference(cfg: TrainConfig, d: Dist):
+    """The frozen starting checkpoint (eval mode: no dropout), sharded like the policy (DPO online, RL's KL)."""
+    return parallelize(load_model(cfg.model).eval().requires_grad_(False), d, False, cfg.mixed_precision)
+
+
 @torch.no_grad()
-def held_out_sums(model, held_out: list, d: Dist, micro: int, sums) -> torch.Tensor:
-    """Sum over the held-out set of `sums(model, chunk)` (a tuple of numbers), each rank its every world-th
-    example, in eval mode; all-reduced -> float64 [len(tuple)]. Every rank runs the same number of forwards
-    (FSDP's collectives need it): a short rank repeats an example and drops its numbers."""
-    mine = held_out[d.rank::d.world]
-    per_rank = -(-len(held_out) // d.world)
+def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
+    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers), each rank its every world-th
+    item in chunks of `micro`, in eval mode; all-reduced -> float64 (a dict). Every rank runs the same number of
+    forwards (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
+    mine, keys, tot = items[d.rank::d.world], None, None
     model.eval()
-    tot = None
-    for s in range(0, per_rank, micro):
+    for s in range(0, -(-len(items) // d.world), micro):
         chunk = mine[s:s + micro]
-        vals = torch.tensor([float(v) for v in sums(model, chunk or held_out[:1])], dtype=torch.float64)
+        vals = sums(model, chunk or items[:1])
+        if isinstance(vals, dict):
+            keys, vals = list(vals), [float(v) for v in vals.values()]
+        vals = torch.as_tensor(vals, dtype=torch.float64)
         tot = torch.zeros_like(vals) if tot is None else tot
         if chunk:
             tot += vals
     model.train()
     if d.sharded:
         reshard(model)
-    return all_reduce_sum(tot, d)
+    tot = all_reduce(tot, d)
+    return dict(zip(keys, tot.tolist())) if keys else tot
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
@@ -145,23 +156,22 @@ class MetricsLog:
 
     def __init__(self, path: Path, d: Dist, resume_step: int | None):
         self.path, self.on = path, d.is_main
-        if not self.on:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keep = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass   # a line cut by the crash
-        write_atomic(path, "".join(k + "\n" for k in keep))
+        if self.on:
+            old = path.read_text().splitlines() if resume_step is not None and path.exists() else []
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
 
     def write(self, rec: dict) -> None:
         if self.on:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf   # a line cut by the crash
 
 
 def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) -> dict:
@@ -171,9 +181,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
                         f"example was dropped: see the counts above; a larger --max-length keeps more)")
     batch_size, micro = cfg.batch_size, cfg.micro_batch_size
     if n < batch_size:
-        # fewer examples than one batch (a late self-rewarding iteration can make few pairs): one smaller
-        # batch per epoch, said loudly, rather than zero steps and an unchanged model exported as trained
-        # (without --max-steps) or a crash (with it)
+        # one smaller batch per epoch, said loudly, rather than zero steps (or a crash with --max-steps)
         batch_size = n // d.world * d.world
         if batch_size < 1:
             raise DataError(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
@@ -188,8 +196,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     total = cfg.max_steps or cfg.epochs * (n // batch_size)     # >= 1: TrainConfig.check refuses 0 steps
     accum = batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
-    # fused AdamW (one kernel per parameter, no temporaries): 0.07 s a step against the per-op loop's 0.30 s
-    # (56M parameters, one CPU thread); FSDP2's sharded DTensor parameters keep the per-op loop
+    # fused AdamW in one process (README "fused AdamW"); FSDP2's sharded DTensor parameters keep the per-op loop
     fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": False}))
@@ -211,8 +218,14 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         check_finite(model, d, out, step, name, start_scale)
         export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config)
 
-    if start == 0 and task.evaluate:
-        log.write({"step": 0, **task.evaluate(model, micro)})
+    def evaluate(step: int) -> dict:
+        s = eval_sums(model, task.held_out, d, micro, task.sums)
+        ev = {f"eval_{k}": v for k, v in task.summarize(s, s[task.eval_norm]).items() if k in task.eval_keys}
+        log.write({"step": step, **ev})
+        return ev
+
+    if start == 0 and task.held_out:
+        evaluate(0)
     model.train()
     t_start, tokens_seen, last = time.time(), 0, {}
     # steps between the logged ones: one updating line on a terminal (a line every 10 s in a log)
@@ -231,7 +244,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
         keys = sorted(sums)
-        red = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).to(d.device) for k in keys]), d)
+        red = all_reduce(torch.stack([torch.as_tensor(sums[k]).to(d.device) for k in keys]), d)
         sums = dict(zip(keys, red.tolist()))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -258,17 +271,15 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
                   f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
-        if task.evaluate and getattr(cfg, "eval_every", 0) and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            log.write({"step": step + 1, **task.evaluate(model, micro)})
+        if task.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            evaluate(step + 1)
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
             export(out / "exports" / f"step_{step + 1}", step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             check_finite(model, d, out, step + 1, name, start_scale)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
-    if task.evaluate and start < total:
-        ev = task.evaluate(model, micro)
-        log.write({"step": total, **ev})
-        last.update(ev)
+    if task.held_out and start < total:
+        last.update(evaluate(total))
     check_finite(model, d, out, total, name, start_scale)
     if start < total:
         save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)

@@ -1,11 +1,7 @@
-"""Losses: SFT cross-entropy and the DPO family, all on kernels.linear_logprobs (no [tokens, vocab] logits).
-
-The fused DPO pass: the chosen and rejected sequences of a batch go through the policy in ONE forward over a
-flat token axis (train.data.PairBatch), the per-token log-probs summed per sequence; the reference log-probs
-come from a no-grad pass over the same batch or from the on-disk cache (ReferenceCache). The variants
-(sigmoid, ipo, cdpo, robust, simpo; + nll_alpha, RPO) and their papers: train/README.md, "The DPO step".
-`naive_sequence_logps` is the plain twin (padded batches, full logits) the tests and benchmarks hold the
-fused path against.
+"""The losses: SFT log-prob sums and the fused one-pass DPO log-probs on kernels.linear_logprobs (no [tokens,
+vocab] logits; chosen and rejected of every pair in ONE forward, train.data.FlatBatch), the DPO loss family
+and its reference cache, the online-RL estimators. Formulas and papers: train/README.md, "The DPO step" and
+"Online RL".
 """
 from __future__ import annotations
 
@@ -20,62 +16,53 @@ import torch.nn.functional as F
 import selfreward.kernels.ops as K
 from selfreward.model.llama import AttnContext, context_from_positions
 from selfreward.records import write_atomic
-from selfreward.train.data import IGNORE, Pair, PairBatch, pair_batch
+from selfreward.train.data import IGNORE, FlatBatch, Pair, pair_batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "cdpo", "robust", "simpo")
 SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing eps
-# the defaults of each loss's paper: beta 0.1 for the DPO family (Self-Rewarding LMs, DPO); SimPO (Meng et al.
-# 2024) uses beta 2.0-2.5 with gamma / beta about 0.5; eps 0.1 for cdpo / robust
-DEFAULT_BETA = {"simpo": 2.0}
-SIMPO_GAMMA_BETA_RATIO = 0.5
-DEFAULT_LABEL_SMOOTHING = 0.1
 
 
 def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
                           simpo_gamma: float | None) -> tuple[float, float, float]:
-    """The trainer's flags -> (beta, eps, gamma); None = the loss's default (beta 0.1, or 2.0 for simpo; gamma
-    0.5 x beta; eps 0.1). Refused (ValueError): a negative value, a label smoothing above 0 for a loss that has
-    none, a gamma above 0 for a loss other than simpo. The result maps to itself."""
+    """The trainer's flags -> (beta, eps, gamma); None = the loss's paper default: beta 0.1 (the DPO family)
+    or 2.0 (SimPO, Meng et al. 2024), gamma 0.5 x beta, eps 0.1. Refused (ValueError): a negative value, a
+    label smoothing above 0 for a loss that has none, a gamma above 0 for a loss other than simpo. The result
+    maps to itself."""
     if loss not in LOSS_TYPES:
-        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_TYPES)}")
+        raise ValueError(f"--loss {loss!r}: not a loss type; choose one of {', '.join(LOSS_TYPES)}")
     for flag, v in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--simpo-gamma", simpo_gamma)):
         if v is not None and v < 0:
             raise ValueError(f"{flag} {v:g}: must be >= 0 (leave it out for the loss's default)")
-    label_smoothing = -1.0 if label_smoothing is None else label_smoothing
-    simpo_gamma = -1.0 if simpo_gamma is None else simpo_gamma
-    beta = DEFAULT_BETA.get(loss, 0.1) if beta is None else beta
+    if label_smoothing and loss not in SMOOTHED:
+        raise ValueError(f"--label-smoothing: label smoothing applies to --loss {' / '.join(SMOOTHED)} only, "
+                         f"not {loss}")
+    if simpo_gamma and loss != "simpo":
+        raise ValueError(f"--simpo-gamma applies to --loss simpo only, not {loss}")
+    beta = (2.0 if loss == "simpo" else 0.1) if beta is None else beta
     if beta <= 0:
         raise ValueError(f"--beta {beta:g}: must be > 0 (--loss {loss} divides by it or scales by it)")
-    if loss in SMOOTHED:
-        eps = DEFAULT_LABEL_SMOOTHING if label_smoothing < 0 else label_smoothing
-        if not 0 <= eps < 0.5:
-            raise ValueError(f"--label-smoothing {eps}: must lie in [0, 0.5) (the assumed share of flipped labels)")
-    elif label_smoothing > 0:
-        raise ValueError(f"--label-smoothing applies to --loss {' / '.join(SMOOTHED)} only, not {loss}")
-    else:
-        eps = 0.0
-    if loss == "simpo":
-        gamma = SIMPO_GAMMA_BETA_RATIO * beta if simpo_gamma < 0 else simpo_gamma
-    elif simpo_gamma > 0:
-        raise ValueError(f"--simpo-gamma applies to --loss simpo only, not {loss}")
-    else:
-        gamma = 0.0
+    eps = (0.1 if label_smoothing is None else label_smoothing) if loss in SMOOTHED else 0.0
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"--label-smoothing {eps}: must lie in [0, 0.5) (the assumed share of flipped labels)")
+    gamma = (0.5 * beta if simpo_gamma is None else simpo_gamma) if loss == "simpo" else 0.0
     return beta, eps, gamma
 
 
-def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
-    """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel. Only the target
-    rows go through the LM head: in DPO and chat SFT the prompt rows, often half the tokens or more, would
-    cost a [rows, V] GEMM (V = 32k-128k) three times over (forward, recompute, gradient) for nothing; nor
-    through the last block's queries and feed-forward (Transformer.forward's out_rows)."""
+def target_hidden(model, tokens, positions, ctx: AttnContext, targets):
+    """-> (the last hidden states of the target rows [n, H], those rows [n], their targets [n]), on the
+    model's device. Only target rows go through the LM head and the last block's queries and feed-forward
+    (Transformer.forward's out_rows): prompt rows would cost [rows, V] GEMMs for nothing."""
     dev = model.lm_head_weight.device           # batches are built on the CPU; the model may live on a GPU
-    if tokens.device != dev:
-        tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
-        ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen,
-                          prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
-    sel = torch.nonzero(targets != IGNORE).flatten()                    # [n] target rows
-    h = model(tokens, positions, ctx, out_rows=sel)                     # [n, H]
-    lp = K.linear_logprobs(h, model.lm_head_weight, targets[sel], ignore_index=IGNORE)   # [n]
+    tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
+    ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen, prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
+    sel = torch.nonzero(targets != IGNORE).flatten()
+    return model(tokens, positions, ctx, out_rows=sel), sel, targets[sel]
+
+
+def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Tensor:
+    """[N] log-prob of each target (0 where IGNORE), through the chunked fused kernel."""
+    h, sel, tgt = target_hidden(model, tokens, positions, ctx, targets)
+    lp = K.linear_logprobs(h, model.lm_head_weight, tgt, ignore_index=IGNORE)   # [n]
     return h.new_zeros(targets.shape, dtype=lp.dtype).index_put((sel,), lp)
 
 
@@ -88,35 +75,12 @@ def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     return lp.sum(), int((tgt != IGNORE).sum())
 
 
-def sequence_logps(model, b: PairBatch) -> torch.Tensor:
+def sequence_logps(model, b: FlatBatch) -> torch.Tensor:
     """One forward over the batch's sequences -> summed response log-probs [2B] (chosen first)."""
-    ctx = AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, prefix=b.prefix)
-    lp = token_logps(model, b.tokens, b.positions, ctx, b.targets)     # [N] fp32
-    S = b.cu_seqlens.numel() - 1
+    lp = token_logps(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen, prefix=b.prefix), b.targets)
     # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
-    per_seq = torch.zeros(S, dtype=torch.float64, device=lp.device).index_add(0, b.seq_id.to(lp.device), lp.double())
-    return per_seq[b.out_seq.to(lp.device)]                            # [S] -> [2B]
-
-
-def naive_sequence_logps(model, pairs: list[Pair]) -> torch.Tensor:
-    """The plain twin: chosen and rejected as two separate right-padded batches through
-    Transformer.forward_batch, full [B, T, V] logits, log_softmax, gather. -> [2B] (chosen first)."""
-    out = []
-    for which in ("chosen", "rejected"):
-        seqs = [p.prompt + getattr(p, which) for p in pairs]
-        T = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        attn = torch.zeros(len(seqs), T, dtype=torch.long)
-        resp = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, (p, s) in enumerate(zip(pairs, seqs)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            resp[i, len(p.prompt):len(s)] = True
-        logits = model.forward_batch(ids, attn)                          # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)             # predicts tokens 1..T-1
-        picked = logp.gather(-1, ids[:, 1:, None])[..., 0]               # [B, T-1]
-        out.append((picked.double() * resp[:, 1:]).sum(-1))
-    return torch.cat(out)
+    per_seq = torch.zeros(b.cu_seqlens.numel() - 1, dtype=torch.float64, device=lp.device)
+    return per_seq.index_add(0, b.seq_id.to(lp.device), lp.double())[b.out_seq.to(lp.device)]   # [S] -> [2B]
 
 
 @dataclass
@@ -128,12 +92,7 @@ class DPOLossConfig:
     nll_alpha: float = 0.0          # + alpha * NLL of the chosen response per token (RPO, Pang et al. 2024)
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss type {self.loss_type!r}: choose one of {LOSS_TYPES}")
-        if self.label_smoothing and self.loss_type not in SMOOTHED:
-            raise ValueError(f"label smoothing applies to {SMOOTHED} only, not {self.loss_type!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label smoothing {self.label_smoothing}: must lie in [0, 0.5)")
+        resolve_loss_settings(self.loss_type, self.beta, self.label_smoothing, None)   # refuses what it refuses
 
     @property
     def needs_reference(self) -> bool:
@@ -144,36 +103,28 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """policy, ref: [2B] summed response log-probs (chosen first); resp_len: [2B].
     -> per-pair loss [B], chosen rewards [B], rejected rewards [B]."""
-    loss, rc, rr = _preference_loss(policy, ref, resp_len, cfg)
-    if cfg.nll_alpha:
-        B = policy.numel() // 2
-        loss = loss - cfg.nll_alpha * policy[:B] / resp_len[:B].clamp(min=1).to(policy)
-    return loss, rc, rr
-
-
-def _preference_loss(policy, ref, resp_len, cfg: DPOLossConfig):
-    B = policy.numel() // 2
-    beta = cfg.beta
+    B, beta, eps = policy.numel() // 2, cfg.beta, cfg.label_smoothing
+    lens = resp_len.clamp(min=1).to(policy)
     if cfg.loss_type == "simpo":
-        avg = policy / resp_len.clamp(min=1).to(policy)
-        rc, rr = beta * avg[:B], beta * avg[B:]
-        return -F.logsigmoid(rc - rr - cfg.simpo_gamma), rc.detach(), rr.detach()
-    if ref is None:
+        r = beta * (policy / lens)
+        loss = -F.logsigmoid(r[:B] - r[B:] - cfg.simpo_gamma)
+    elif ref is None:
         raise ValueError(f"loss {cfg.loss_type} needs reference log-probs")
-    ratio = policy - ref.to(policy)                                      # [2B]
-    z = ratio[:B] - ratio[B:]
-    if cfg.loss_type == "sigmoid":
-        loss = -F.logsigmoid(beta * z)
-    elif cfg.loss_type == "ipo":
-        per_tok = ratio / resp_len.clamp(min=1).to(ratio)
-        loss = (per_tok[:B] - per_tok[B:] - 1 / (2 * beta)) ** 2
-    elif cfg.loss_type == "cdpo":
-        eps = cfg.label_smoothing
-        loss = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
-    else:   # robust (rDPO): the sign of the flipped term is +, and the whole divided by 1 - 2 eps
-        eps = cfg.label_smoothing
-        loss = (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
-    return loss, beta * ratio[:B].detach(), beta * ratio[B:].detach()
+    else:
+        ratio = policy - ref.to(policy)                                  # [2B]
+        r, z = beta * ratio, ratio[:B] - ratio[B:]
+        if cfg.loss_type == "sigmoid":
+            loss = -F.logsigmoid(beta * z)
+        elif cfg.loss_type == "ipo":
+            per_tok = ratio / lens
+            loss = (per_tok[:B] - per_tok[B:] - 1 / (2 * beta)) ** 2
+        elif cfg.loss_type == "cdpo":
+            loss = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+        else:   # robust (rDPO): the sign of the flipped term is +, and the whole divided by 1 - 2 eps
+            loss = (-(1 - eps) * F.logsigmoid(beta * z) + eps * F.logsigmoid(-beta * z)) / (1 - 2 * eps)
+    if cfg.nll_alpha:
+        loss = loss - cfg.nll_alpha * policy[:B] / lens[:B]
+    return loss, r[:B].detach(), r[B:].detach()
 
 
 # ---- the reference log-prob cache ----------------------------------------------------------------
@@ -226,3 +177,64 @@ def compute_reference(model, pairs: list[Pair], indices: list[int], batch_pairs:
         out.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], 1))
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
+
+
+# ---- online RL (train/rl.py): B responses, their M tokens end to end, `seq` [M] naming each token's response
+# (contiguous, in order); every result a SUM over the batch (the trainer divides by the global responses)
+ESTIMATORS = ("reinforce", "rloo")
+
+
+@dataclass
+class PGOut:
+    loss: torch.Tensor        # () pg + value_coef * value, summed over the batch (with grad)
+    pg: torch.Tensor          # () the policy-gradient part
+    value: torch.Tensor       # () 0.5 sum (V - G)^2
+    advantages: torch.Tensor  # [M] per token (RLOO: the response's advantage on each of its tokens)
+    returns: torch.Tensor     # [M] G
+
+
+def kl_per_token(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[M] k1 = log pi - log pi_ref at the sampled tokens, without gradient."""
+    return (logp.detach() - ref).double()
+
+
+def seq_sums(x: torch.Tensor, seq: torch.Tensor, B: int) -> torch.Tensor:
+    """[M] -> [B] per-response sums (fp64)."""
+    return torch.zeros(B, dtype=torch.float64, device=x.device).index_add(0, seq, x.double())
+
+
+def returns_to_go(kl: torch.Tensor, seq: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """[M] G[t] = R_seq(t) - beta * (sum of kl from t to the end of its response). Responses contiguous."""
+    c = kl.double().cumsum(0)                                           # [M]
+    B = rewards.numel()
+    last = torch.zeros(B, dtype=torch.long, device=kl.device).scatter_reduce(
+        0, seq, torch.arange(len(seq), device=kl.device), "amax")       # [B] index of each response's last token
+    suffix = c[last][seq] - c + kl.double()                             # sum_{s >= t} kl[s]
+    return rewards.double()[seq] - beta * suffix
+
+
+def _pg(logp, values, G, A, value_coef: float) -> PGOut:
+    pg = -(logp.double() * A).sum()
+    v = 0.5 * ((values.double() - G) ** 2).sum()
+    return PGOut(pg + value_coef * v, pg, v, A, G)
+
+
+def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
+                   rewards: torch.Tensor, group: torch.Tensor | None, beta: float, value_coef: float = 1.0) -> PGOut:
+    """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B];
+    `group` is not used (one signature for both estimators)."""
+    G = returns_to_go(kl_per_token(logp, ref), seq, rewards, beta)
+    return _pg(logp, values, G, G - values.detach().double(), value_coef)
+
+
+def rloo_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
+              rewards: torch.Tensor, group: torch.Tensor, beta: float, value_coef: float = 1.0) -> PGOut:
+    """RLOO: group [B] says which prompt each response answers; every group needs >= 2 responses."""
+    kl = kl_per_token(logp, ref)
+    R = rewards.double() - beta * seq_sums(kl, seq, rewards.numel())     # [B] penalised rewards
+    zeros = torch.zeros(int(group.max()) + 1, dtype=torch.float64, device=R.device)
+    tot, cnt = zeros.index_add(0, group, R), zeros.index_add(0, group, torch.ones_like(R))   # [P] per prompt
+    if bool((cnt[group] < 2).any()):
+        raise ValueError("RLOO needs at least 2 responses per prompt (--num-samples >= 2)")
+    adv = R - (tot[group] - R) / (cnt[group] - 1)                        # [B] leave-one-out baseline
+    return _pg(logp, values, returns_to_go(kl, seq, rewards, beta), adv[seq], value_coef)

@@ -1,10 +1,6 @@
-"""Parallelism applied from outside the single-device model: process group, device mesh, activation
-checkpointing, FSDP2 (`fully_shard` on each block, then the root).
-
-Launched by torchrun (WORLD_SIZE set) we join a process group: NCCL on CUDA, gloo on CPU (how the tests
-run 2 ranks on one machine). Run as a plain `python train/sft.py` or called in-process (`main(argv)`),
-we stay single-process and the model is left unwrapped.
-"""
+"""Parallelism applied from outside the single-device model: under torchrun a process group (NCCL on CUDA,
+gloo on the CPU) and device mesh, activation checkpointing, FSDP2 (`fully_shard` on each block, then the
+root); a plain `python train/sft.py` or an in-process `main(argv)` stays single-process, unwrapped."""
 from __future__ import annotations
 
 import functools
@@ -64,21 +60,13 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum over ranks, returned on t's device (NCCL reduces tensors on the rank's GPU only)."""
+def all_reduce(t: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks, returned on t's device (NCCL reduces tensors on the rank's GPU only)."""
     if d.world > 1:
         x = t.to(d.device)
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=op)
         t = x.to(t.device)
     return t
-
-
-def apply_activation_checkpointing(model) -> None:
-    """Recompute each block in backward. The instance's forward is replaced, so parameter names (and
-    therefore checkpoints and exports) are unchanged; RNG state is replayed, so dropout matches."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 # what selective checkpointing keeps: the matmul outputs, attention's (output, logsumexp) and dropout's
@@ -95,20 +83,20 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if name in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_selective_checkpointing(model) -> None:
-    """Per block, keep only the outputs of the matmuls (and of attention) for backward and recompute the
-    cheap element-wise parts from them: about half a block's saved activations for a few % more time
-    (benchmarks/README.md). Names, checkpoints and RNG replay as apply_activation_checkpointing."""
+def apply_checkpointing(model, selective: bool = False) -> None:
+    """Recompute each block in backward; `selective`: keep its matmul (and attention) outputs and recompute
+    only the cheap element-wise parts, about half the saved activations for a few % more time. The
+    instance's forward is replaced, so parameter names (checkpoints, exports) are unchanged; RNG state is
+    replayed, so dropout matches."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)} if selective else {}
     for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **kw)
 
 
 def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
-    """fully_shard each block, then the root. bf16 parameters with fp32 gradient reduction on CUDA only
-    (CPU runs stay fp32). The root keeps its parameters gathered between forward and backward, which is
-    what lets the trainers apply kernels.linear_logprobs to model.lm_head_weight after the forward."""
+    """fully_shard each block, then the root (which keeps its parameters gathered between forward and backward,
+    so the losses can use model.lm_head_weight after the forward); bf16 with fp32 reduction on CUDA only."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kw = {"mesh": d.mesh}
     if mixed_precision and d.device.type == "cuda":
@@ -121,12 +109,9 @@ def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
 
 def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True,
                 selective: bool = False):
-    """The one place parallelism is applied, in a fixed order: activation checkpointing (whole blocks, or
-    `selective`: matmul outputs kept), then FSDP."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    elif selective:
-        apply_selective_checkpointing(model)
+    """The one place parallelism is applied: activation checkpointing (whole blocks, or `selective`), then FSDP."""
+    if activation_checkpointing or selective:
+        apply_checkpointing(model, selective=not activation_checkpointing)
     if d.sharded:
         apply_fsdp(model, d, mixed_precision)   # fully_shard moves the shards to the mesh's device
     else:
@@ -135,9 +120,8 @@ def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_pr
 
 
 def reshard(model) -> None:
-    """Free the gathered parameters after a no-grad forward (reference scoring, evaluation). The root and
-    the last block keep theirs after forward for the backward that normally follows; without a backward
-    they would stay gathered, and model.parameters() would hand the optimizer plain tensors."""
+    """Free the parameters the root and the last block keep gathered for a backward, after a no-grad forward
+    (else model.parameters() would hand the optimizer plain tensors)."""
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -151,9 +135,8 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 def cleanup(d: Dist) -> None:
-    """Tear the process group down once the caller has dropped its model: objects that still hold gloo
-    work when the interpreter finalises after the group is gone can abort the process (SIGABRT,
-    "terminate called without an active exception") after a successful run."""
+    """Tear the process group down once the caller has dropped its model (objects still holding gloo work when
+    the interpreter finalises after the group is gone abort a successful run: SIGABRT)."""
     if d.world > 1 and dist.is_initialized():
         import gc
         gc.collect()

@@ -1,17 +1,10 @@
-"""Online RL of a policy against an AI reward (RLAIF, PAPER_NOTES section 3): REINFORCE with a learned
-value baseline, or RLOO, plus a per-token KL penalty to the frozen SFT policy.
+"""Online RL of a policy against an AI reward (RLAIF): REINFORCE with a learned value baseline, or RLOO, plus a
+per-token KL penalty to the frozen SFT policy (train/README.md, "Online RL").
 
     python train/rl.py --model M1 --data prompts.jsonl --output runs/rl --reward rm --reward-model runs/rm/model
     torchrun --nproc_per_node 8 train/rl.py --model M1 --data prompts.jsonl --output runs/rl --reward direct
     python train/rl.py ... --estimator rloo --num-samples 4
     python train/rl.py ... --reward mypkg.rewards:length_penalty      # any reward factory (REWARDS below)
-
-A task of the one loop (train/loop.py). Before each step the engine gets the trainer's current weights (no
-disk: train/rollout.py, train/'s one seam into infer/), samples responses for --batch-size prompts (each rank
-its share) at --temperature, the reward scores them, and the policy takes one update (train/rl_losses.py).
-Prompts: {"prompt": "..."} JSONL, one user turn each. Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/
-(--resume is exact), OUTPUT/probes.jsonl (greedy replies to --probe-data every --probe-every steps, from the
-trainer's own engine) and the HF export OUTPUT/model/ (the policy, without the value head).
 """
 from __future__ import annotations
 
@@ -24,40 +17,32 @@ from pathlib import Path
 import torch
 
 from selfreward.cli import ConfigError, checkpoint, passive
-from selfreward.model.checkpoint import load_model
 from selfreward.records import DataError, field as rec_field
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import read_jsonl
-from selfreward.train.loop import MetricsLog, cli, load_policy
+from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import parallelize, reshard
-from selfreward.train.rl_losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
+from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, build_engine, entropy_sum, flat_batch, greedy, \
     prompt_ids, response_logps, sample, sync_weights
 
-# --reward NAME: one of these short names, or any `module:function` (imported with importlib, as TRL's reward
-# functions): a factory `function(path, template=..., device=..., dtype=...)` -> reward(prompts, responses)
-# -> [float], built once; `path` is --reward-model (default --model), `template` --reward-template, device and
-# dtype the sampler's. The recipes' sources are plugged in by name, so train/ never imports recipes/.
+# --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
+# dtype=...)` -> reward(prompts, responses) -> [float] (README "Rewards"); by name, so train/ imports no recipes/
 REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the distilled reward model (train/rm.py)
            "direct": "selfreward.recipes.reward:direct",             # a labeller's 1-10 score, in [-1, 1]
            "judge": "selfreward.recipes.reward:judge",               # the self-rewarding judge, in [-1, 1]
            "checker": "selfreward.recipes.world.checker:reward"}     # the checkable world: 1 right, 0 wrong
 
 
-def reward_spec(name: str) -> tuple[str, str]:
-    """--reward NAME -> (module, function); a name that is neither a short name nor module:function is refused."""
+def reward_factory(name: str, load: bool = True):
+    """The factory --reward NAME names (see REWARDS); a name that is neither a short name nor module:function
+    is refused (load=False: only that check)."""
     module, sep, fn = REWARDS.get(name, name).partition(":")
     if not (sep and module and fn):
         raise ConfigError(f"--reward {name!r}: choose one of {', '.join(REWARDS)}, or give module:function")
-    return module, fn
-
-
-def reward_factory(name: str):
-    """The factory --reward NAME names (see REWARDS)."""
-    module, fn = reward_spec(name)
     try:
-        return getattr(importlib.import_module(module), fn)
+        return getattr(importlib.import_module(module), fn) if load else None
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"--reward {name!r}: cannot import {module}:{fn} ({e})") from None
 
@@ -89,7 +74,7 @@ class RLConfig(TrainConfig):
         super().check()
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}")
-        reward_spec(self.reward)
+        reward_factory(self.reward, load=False)
         if self.reward == "rm" and not self.reward_model:
             raise ConfigError("--reward rm needs --reward-model (the folder train/rm.py wrote)")
         if self.estimator == "rloo" and self.num_samples < 2:
@@ -112,9 +97,8 @@ def load_prompts(paths: list[str], tok, room: int) -> list[str]:
 
 
 class RLTask(loop.Task):
-    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward. Before
-    each step: weight sync, probes, sampling, rewards (`before_step`); a micro-batch is the rollouts of its
-    prompts."""
+    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward; a
+    micro-batch is the rollouts of its prompts."""
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
@@ -126,8 +110,7 @@ class RLTask(loop.Task):
         for p in model.value_head.parameters():                           # zero: the baseline starts at 0
             torch.nn.init.zeros_(p)
         self.model = parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
-        self.ref = load_model(cfg.model).eval().requires_grad_(False)   # the frozen SFT policy
-        parallelize(self.ref, d, False, cfg.mixed_precision)
+        self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = build_engine(cfg.model, cfg.engine)
         self.reward = reward or reward_factory(cfg.reward)(
             cfg.reward_model or cfg.model, template=cfg.reward_template or None,
@@ -219,15 +202,13 @@ class RLTask(loop.Task):
         return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return loop.main(RLConfig, train, argv, __doc__)
-
-
 def train(cfg: RLConfig, reward=None) -> dict:
     """One RL run (in this process; under torchrun each rank calls it) -> the last step's metrics. `reward`:
     a function (prompts, responses) -> rewards; default built from --reward (REWARDS)."""
     return loop.train(cfg, "rl", lambda cfg, d, tok: RLTask(cfg, d, tok, reward))
 
+
+main = loop.entry(RLConfig, "rl", RLTask, __doc__)[1]
 
 if __name__ == "__main__":
     cli(main)

@@ -1,20 +1,9 @@
-"""Reward-model training on soft preference labels (distilled RLAIF).
+"""Reward-model training on soft preference labels (distilled RLAIF): per pair the cross-entropy of the
+Bradley-Terry probability sigmoid(r1 - r2) against the label p1, -(p1 log sigmoid(r1 - r2) + (1 - p1) log
+sigmoid(r2 - r1)), both replies of a batch in ONE forward. Records, labels, export: train/README.md, "Reward model".
 
     torchrun --nproc_per_node 8 train/rm.py --model M1 --data labels.jsonl --output runs/rm
     python train/rm.py --model M1 --data labels.jsonl --output runs/rm --max-steps 200 --batch-size 32
-
-Data: `{"prompt" (or "messages"), "response_1", "response_2", "label": [p1, p2]}` (what recipes.rlaif writes;
-p1 = P(response 1 is better)) or `{"prompt", "chosen", "rejected"}` (a hard label, p1 = 1). A response_1 /
-response_2 record without `label` (the unlabelled input of rlaif label, a torn line) is an error naming its
-file and line, unless --hard-labels says response_1 is the preferred reply of each. The model is the
-checkpoint's transformer with a scalar head (model/reward_model.py; a causal LM gets a fresh seeded head,
-a reward checkpoint keeps its own). Loss per pair: the cross-entropy of the Bradley-Terry probability
-sigmoid(r1 - r2) against the soft label,
-    -(p1 log sigmoid(r1 - r2) + (1 - p1) log sigmoid(r2 - r1)),
-mean over the global batch. Both replies of a batch go through ONE forward over a flat token axis.
-Writes OUTPUT/metrics.jsonl (loss, accuracy against the label's side, margin; eval_loss / eval_accuracy on
---eval-data or --eval-fraction), OUTPUT/checkpoints/ (resumable with --resume) and the Hugging Face
-sequence-classification export (`LlamaForSequenceClassification`, num_labels 1) in OUTPUT/model/.
 """
 from __future__ import annotations
 
@@ -28,8 +17,8 @@ from selfreward.model.reward_model import load_reward_model, packed_rewards, seq
 from selfreward.records import DataError
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
-from selfreward.train.data import Pair, dpo_pair, read_jsonl, split_held_out, truncate_pair
-from selfreward.train.loop import cli, held_out_sums, load_policy
+from selfreward.train.data import Pair, load_pairs, split_data
+from selfreward.train.loop import cli, load_policy
 from selfreward.train.parallel import Dist, parallelize
 
 
@@ -46,48 +35,36 @@ class RMConfig(TrainConfig):
     hard_labels: bool = False         # response_1/response_2 records without 'label': response_1 wins (p1 = 1)
 
 
-@dataclass
-class LabeledPair:
-    pair: Pair            # prompt ids, response 1 ids (as `chosen`), response 2 ids (as `rejected`)
-    p1: float             # P(response 1 is better)
-
-
-def _label(rec: dict, where: str, hard: bool) -> float:
-    """p1 from `label`; without one, 1 where the record's layout or --hard-labels says response 1 wins."""
+def _label(rec: dict, where: str, hard: bool) -> tuple[dict, float]:
+    """-> (the record with chosen / rejected, p1 from its `label`); without a label, p1 = 1 where the record's
+    layout (chosen / rejected) or --hard-labels says response 1 wins."""
+    soft = "response_1" in rec or "response_2" in rec
+    if soft:
+        for k in ("response_1", "response_2"):
+            if not isinstance(rec.get(k), str):
+                raise DataError(f"{where}: field '{k}' missing or not a string")
+        rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
     if "label" not in rec:
-        if hard:
-            return 1.0
+        if hard or not soft:
+            return rec, 1.0
         raise DataError(f"{where}: field 'label' missing: a response_1/response_2 record needs [p1, p2] (pass "
                         f"--hard-labels if response_1 is the preferred reply of every such record)")
     lab = rec["label"]
     ok = isinstance(lab, list) and len(lab) == 2 and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in lab)
     if not ok or abs(lab[0] + lab[1] - 1) > 1e-3:
         raise DataError(f"{where}: field 'label' should be [p1, p2], probabilities summing to 1, got {lab!r}")
-    return float(lab[0])
+    return rec, float(lab[0])
 
 
 def load_labeled(paths: list[str], tok, max_length: int, max_prompt_length: int,
-                 hard_labels: bool = False) -> tuple[list[LabeledPair], dict]:
-    out, counts = [], {"read": 0, "truncated": 0}
-    for path in paths:
-        for where, rec in read_jsonl(path):
-            soft = "response_1" in rec or "response_2" in rec    # else chosen/rejected: a hard label by its names
-            if soft:
-                for k in ("response_1", "response_2"):
-                    if not isinstance(rec.get(k), str):
-                        raise DataError(f"{where}: field '{k}' missing or not a string")
-                rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
-            p, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
-            out.append(LabeledPair(p, _label(rec, where, hard_labels or not soft)))
-            counts["read"] += 1
-            counts["truncated"] += int(cut)
-    return out, counts
+                 hard_labels: bool = False) -> tuple[list[Pair], dict]:
+    """Pairs with p1 = P(response 1, as `chosen`, is better)."""
+    return load_pairs(paths, tok, max_length, max_prompt_length, lambda rec, where: _label(rec, where, hard_labels))
 
 
-def pair_rewards(model, pairs: list[LabeledPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r1 [B], r2 [B]) from one forward over the 2B sequences prompt + response."""
-    seqs = [lp.pair.prompt + lp.pair.chosen for lp in pairs] + [lp.pair.prompt + lp.pair.rejected for lp in pairs]
-    r = packed_rewards(model, seqs, pad_id)                                  # [2B]
+    r = packed_rewards(model, [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs], pad_id)
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -99,16 +76,13 @@ def soft_bt_loss(r1: torch.Tensor, r2: torch.Tensor, p1: torch.Tensor) -> torch.
 
 class RMTask(loop.Task):
     """The labelled pairs (held-out part included) and the reward model; exported as sequence classification."""
+    eval_keys, eval_norm = ("loss", "accuracy"), "pairs"
 
     def __init__(self, cfg: RMConfig, d: Dist, tok):
-        self.d, self.pad_id = d, tok.pad_id
+        self.pad_id = tok.pad_id
         mpl = cfg.max_prompt_length or cfg.max_length // 2
-        self.train, counts = load_labeled(cfg.data, tok, cfg.max_length, mpl, cfg.hard_labels)
-        self.held_out: list[LabeledPair] = []
-        if cfg.eval_data:
-            self.held_out, _ = load_labeled(cfg.eval_data, tok, cfg.max_length, mpl, cfg.hard_labels)
-        elif cfg.eval_fraction > 0:
-            self.train, self.held_out = split_held_out(self.train, cfg.eval_fraction, cfg.seed)
+        self.train, self.held_out, counts = split_data(
+            cfg, lambda paths: load_labeled(paths, tok, cfg.max_length, mpl, cfg.hard_labels))
         if d.is_main:
             print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; held out: {len(self.held_out)}")
@@ -120,40 +94,21 @@ class RMTask(loop.Task):
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
 
-    def _sums(self, model, pairs: list[LabeledPair]):
+    def sums(self, model, pairs: list[Pair]) -> dict:
         r1, r2 = pair_rewards(model, pairs, self.pad_id)
-        p1 = torch.tensor([lp.p1 for lp in pairs], device=r1.device)
+        p1 = torch.tensor([p.p1 for p in pairs], device=r1.device)
         loss = soft_bt_loss(r1, r2, p1).sum()
         side = ((r1 > r2).float() == (p1 > 0.5).float()).float()[p1 != 0.5]   # ties in the label don't count
-        return loss, side.sum().detach(), torch.tensor(float(side.numel())), (r1 - r2).detach().sum()
-
-    def micro(self, model, idx: list[int]):
-        pairs = [self.train[i] for i in idx]
-        loss, agree, n, margin = self._sums(model, pairs)
-        toks = sum(2 * len(lp.pair.prompt) + len(lp.pair.chosen) + len(lp.pair.rejected) for lp in pairs)
-        return loss, {"loss_sum": loss, "agree": agree, "decided": n, "margin": margin,
-                      "tokens": torch.tensor(toks), "pairs": torch.tensor(len(pairs))}
+        toks = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        return {"loss_sum": loss, "agree": side.sum().detach(), "decided": torch.tensor(float(side.numel())),
+                "margin": (r1 - r2).detach().sum(), "tokens": torch.tensor(toks), "pairs": torch.tensor(len(pairs))}
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "accuracy": s["agree"] / max(1.0, s["decided"]),
                 "margin": s["margin"] / max(1.0, s["pairs"])}
 
-    def evaluate(self, model, micro: int) -> dict:
-        """Held-out loss and accuracy."""
-        if not self.held_out:
-            return {}
-        tot = held_out_sums(model, self.held_out, self.d, micro, lambda mod, prs: self._sums(mod, prs)[:3])
-        return {"eval_loss": float(tot[0]) / len(self.held_out), "eval_accuracy": float(tot[1] / max(1.0, tot[2]))}
 
-
-def main(argv: list[str] | None = None) -> dict:
-    return loop.main(RMConfig, train, argv, __doc__)
-
-
-def train(cfg: RMConfig) -> dict:
-    """One reward-model run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    return loop.train(cfg, "rm", RMTask)
-
+train, main = loop.entry(RMConfig, "rm", RMTask, __doc__)
 
 if __name__ == "__main__":
     cli(main)

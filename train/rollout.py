@@ -1,13 +1,9 @@
-"""Online RL's side of the engine: train/'s one seam into infer/. The RL sampler is built, fed the trainer's
-weights and asked for rollouts and greedy probes here and nowhere else in train/ (rl.py takes the engine's
-config type from here too); the rest is the flat batch the policy, the reference and the value head read.
-
-Weight hand-off (`sync_weights`, no disk): every trainer parameter but the value head is copied into the
-engine's own model with `Engine.load_weights` (under FSDP2 one all-gathered parameter at a time);
-every engine parameter must be written, and the prefix cache (KV of the old weights) is emptied.
+"""train/'s one seam into infer/: the RL sampler is built, fed the trainer's weights (README "Weight
+hand-off") and asked for rollouts and greedy probes here and nowhere else; and the rollout batch.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -16,8 +12,10 @@ import torch
 import selfreward.kernels.ops as K
 from selfreward.infer.config import EngineConfig, load_engine
 from selfreward.infer.sequence import SamplingParams
-from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.llama import AttnContext
+from selfreward.train import data
+from selfreward.train.data import IGNORE, FlatBatch
+from selfreward.train.losses import target_hidden
 
 VALUE_HEAD = "value_head."         # the trainer's extra parameters, never handed to the engine
 
@@ -39,7 +37,8 @@ def build_engine(model_dir: str, cfg: EngineConfig):
 
 
 def sync_weights(engine, model) -> float:
-    """Copy the trainer's current weights into the engine (see the module docstring) -> seconds."""
+    """Copy the trainer's weights into the engine (no disk; under FSDP2 one gathered parameter at a time;
+    every engine parameter written, the prefix cache emptied) -> seconds."""
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
@@ -67,44 +66,29 @@ def greedy(engine, prompts: list[list[int]], max_tokens: int) -> list:
 
 
 @dataclass
-class FlatBatch:
-    """B rollouts end to end for ONE forward: inputs are prompt + response[:-1]."""
-    tokens: torch.Tensor           # [N]
-    positions: torch.Tensor        # [N]
-    targets: torch.Tensor          # [N] the next token on response positions, IGNORE elsewhere
-    cu_seqlens: torch.Tensor       # [B+1] int32
-    max_seqlen: int
-    rows: torch.Tensor             # [M] the rows whose target is a response token, in order
-    seq: torch.Tensor              # [M] which rollout each of those rows belongs to
-    rewards: torch.Tensor          # [B]
-    group: torch.Tensor            # [B] prompt index (RLOO groups)
+class RolloutBatch(FlatBatch):
+    """The rollouts end to end, prompt + response[:-1] each, with their rewards and prompts."""
+    rewards: torch.Tensor | None = None   # [B]
+    group: torch.Tensor | None = None     # [B] the prompt's index (RLOO groups)
+
+    @functools.cached_property
+    def seq(self) -> torch.Tensor:
+        """[M] which rollout each response token (target) belongs to, in order."""
+        return self.seq_id[self.targets != IGNORE]
 
 
-def flat_batch(rolls: list[Rollout], device="cpu") -> FlatBatch:
-    toks, pos, tgt, seq, lens = [], [], [], [], []
-    for s, r in enumerate(rolls):
-        full = r.prompt_ids + r.response_ids
-        toks += full[:-1]
-        pos += range(len(full) - 1)
-        tgt += [IGNORE] * (len(r.prompt_ids) - 1) + r.response_ids
-        seq += [s] * len(r.response_ids)
-        lens.append(len(full) - 1)
-    cu = torch.zeros(len(rolls) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    t = torch.tensor(tgt)
-    f = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return FlatBatch(f(toks), f(pos), t.to(device), cu.to(device), max(lens),
-                     torch.nonzero(t != IGNORE).flatten().to(device), f(seq),
-                     f([r.reward for r in rolls], torch.float64), f([r.group for r in rolls]))
+def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
+    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]).to(device))
+    f = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return RolloutBatch(**b, rewards=f([r.reward for r in rolls], torch.float64),
+                        group=f([r.group for r in rolls], torch.long))
 
 
-def response_logps(model, b: FlatBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, b: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (log-probs of the response tokens at the sampling temperature [M], their hidden states [M, H]).
     The logits are h W^T / T, so dividing h by T gives exactly the sampled distribution's log-probs."""
-    h = model(b.tokens, b.positions, AttnContext(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen))   # [N, H]
-    h = h[b.rows]                                                                                   # [M, H]
-    lp = K.linear_logprobs(h / temperature, model.lm_head_weight, b.targets[b.rows], ignore_index=IGNORE)
-    return lp, h
+    h, _, tgt = target_hidden(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen), b.targets)
+    return K.linear_logprobs(h / temperature, model.lm_head_weight, tgt, ignore_index=IGNORE), h
 
 
 @torch.no_grad()

@@ -1,12 +1,6 @@
-"""The trainers' run folder: claimed before any work (selfreward.provenance), so a run never silently mixes
-with, truncates or replaces another.
-
-- an OUTPUT holding a run (checkpoints/, metrics.jsonl) needs --resume (OUTPUT/run.json must record the same
-  model, data and settings that shape training) or --overwrite (the old run is removed first);
-- a second trainer writing the same OUTPUT fails at once on OUTPUT/.lock;
-- --output or --export equal to --model (or --tokenizer), or an export folder that cannot be written, is
-  refused before the first step.
-Under torchrun rank 0 claims the folder (the other ranks write only after collectives rank 0 joins).
+"""The trainers' run folder, claimed before any work (selfreward.provenance) so a run never silently mixes
+with, truncates or replaces another (the rules: train/README.md, "Run folder"). Under torchrun rank 0 claims
+it (the other ranks write only after collectives rank 0 joins).
 """
 from __future__ import annotations
 

@@ -3,9 +3,7 @@
     torchrun --nproc_per_node 8 train/sft.py --model M0 --data ift.jsonl eft.jsonl --output runs/m1
     python train/sft.py --model M0 --data ift.jsonl --output runs/m1 --max-steps 100 --batch-size 16
 
-Writes OUTPUT/metrics.jsonl (per step: loss, lr, grad_norm, tokens/s; eval_loss rows when held-out data is
-set), OUTPUT/checkpoints/, and the final Hugging Face export in OUTPUT/model/ (or --export). See
-train/README.md.
+What it writes (metrics.jsonl, checkpoints/, the Hugging Face export): train/README.md, "Run folder".
 """
 from __future__ import annotations
 
@@ -16,8 +14,8 @@ import torch
 from selfreward.cli import ConfigError, input_file, passive
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
-from selfreward.train.data import Example, load_sft, n_targets, pack_rows, split_held_out
-from selfreward.train.loop import cli, held_out_sums, load_policy
+from selfreward.train.data import Example, load_sft, pack_rows, split_data
+from selfreward.train.loop import cli, load_policy
 from selfreward.train.losses import sft_logp_sum
 from selfreward.train.parallel import parallelize
 
@@ -35,16 +33,12 @@ class SFTConfig(TrainConfig):
 
 class SFTTask(loop.Task):
     """The SFT data (held-out part included) and the policy; the loss is -(target log-probs) / targets."""
+    eval_keys, eval_norm = ("loss",), "targets"                 # eval_loss: the mean token cross-entropy
 
     def __init__(self, cfg: SFTConfig, d, tok):
-        self.cfg, self.d, self.pad_id = cfg, d, tok.pad_id
+        self.cfg, self.pad_id = cfg, tok.pad_id
         systems = _systems(cfg)
-        self.train, counts = load_sft(cfg.data, tok, cfg.max_length, systems)
-        self.held_out: list[Example] = []
-        if cfg.eval_data:
-            self.held_out, _ = load_sft(cfg.eval_data, tok, cfg.max_length, systems)
-        elif cfg.eval_fraction > 0:
-            self.train, self.held_out = split_held_out(self.train, cfg.eval_fraction, cfg.seed)
+        self.train, self.held_out, counts = split_data(cfg, lambda p: load_sft(p, tok, cfg.max_length, systems))
         if d.is_main:
             print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
@@ -53,26 +47,15 @@ class SFTTask(loop.Task):
         self.model = parallelize(load_policy(cfg), d, cfg.activation_checkpointing, cfg.mixed_precision)
 
     def norm(self, batch: list[int]) -> float:
-        return float(max(1, sum(n_targets(self.train[i]) for i in batch)))
+        return float(max(1, sum(sum(self.train[i].mask[1:]) for i in batch)))
 
-    def _sums(self, model, exs: list[Example]):
-        rows = pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing)
-        lp, n = sft_logp_sum(model, rows)
-        return -lp, n, sum(len(e.ids) - 1 for e in exs)
-
-    def micro(self, model, idx: list[int]):
-        loss, n, toks = self._sums(model, [self.train[i] for i in idx])
-        return loss, {"loss_sum": loss, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
+    def sums(self, model, exs: list[Example]) -> dict:
+        lp, n = sft_logp_sum(model, pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing))
+        toks = sum(len(e.ids) - 1 for e in exs)
+        return {"loss_sum": -lp, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
-
-    def evaluate(self, model, micro: int) -> dict:
-        """Mean token cross-entropy on the held-out set (eval mode)."""
-        if not self.held_out:
-            return {}
-        tot = held_out_sums(model, self.held_out, self.d, micro, lambda mod, exs: self._sums(mod, exs)[:2])
-        return {"eval_loss": float(tot[0] / tot[1])}
 
 
 def _systems(cfg: SFTConfig) -> dict[str, str]:
@@ -85,14 +68,7 @@ def _systems(cfg: SFTConfig) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return loop.main(SFTConfig, train, argv, __doc__)
-
-
-def train(cfg: SFTConfig) -> dict:
-    """One SFT run (in this process; under torchrun, each rank calls it) -> the last step's metrics."""
-    return loop.train(cfg, "sft", SFTTask)
-
+train, main = loop.entry(SFTConfig, "sft", SFTTask, __doc__)
 
 if __name__ == "__main__":
     cli(main)
