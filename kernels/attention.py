@@ -109,11 +109,3 @@ def prefix_dependents(cu_seqlens: torch.Tensor, prefix: torch.Tensor) -> torch.T
         else:
             raise ValueError(f"attention: the sequences sharing prefix sequence {p} are not adjacent")
     return torch.tensor(dep, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
-
-
-def attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, prefix=None):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.attention_triton import attention_triton
-        return attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, prefix)
-    return attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, prefix)

@@ -121,29 +121,3 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             return o[:, :, 0]
         out[a:z] = o[:, :, 0]
     return out
-
-
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(k):
-        from selfreward.kernels.paged_triton import store_kv_triton
-        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-
-
-def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.paged_triton import paged_decode_triton
-        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-def paged_prefill(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale=None):
-    # Triton: the same block-table kernel as decode, with several new queries per sequence
-    # (flash-attn's paged varlen path needs block_size % 256 == 0, which our caches do not use).
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.paged_triton import paged_prefill_triton
-        return paged_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
-    return paged_prefill_ref(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
