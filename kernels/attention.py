@@ -16,27 +16,25 @@ import torch
 import torch.nn.functional as F
 
 
-def _pad_index(cu_seqlens: torch.Tensor):
-    """Per-token (sequence, offset) for scattering a flat [N, ...] tensor into a padded [S, L, ...]."""
+def pad_index(cu_seqlens: torch.Tensor):
+    """Per-token (sequence, offset) and the longest length: `to_padded` scatters a flat [N, h, D] into a
+    padded [S, h, L, D]; o.transpose(1, 2)[seq, off] takes it back."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
     off = torch.arange(int(cu_seqlens[-1]), device=lens.device) - cu_seqlens[:-1].long()[seq]
     return seq, off, int(lens.max()) if len(lens) else 0
 
 
+def to_padded(x: torch.Tensor, seq: torch.Tensor, off: torch.Tensor, S: int, L: int) -> torch.Tensor:
+    return x.new_zeros(S, L, *x.shape[1:]).index_put((seq, off), x).transpose(1, 2)
+
+
 def _causal_padded(q, k, v, cu_seqlens, scale):
-    N, Hq, D = q.shape
-    seq, off, L = _pad_index(cu_seqlens)
-    S = len(cu_seqlens) - 1
-
-    def pad(x):  # [N, h, D] -> [S, h, L, D]
-        out = x.new_zeros(S, L, x.shape[1], D)
-        out = out.index_put((seq, off), x)
-        return out.transpose(1, 2)
-
+    seq, off, L = pad_index(cu_seqlens)
+    qp, kp, vp = (to_padded(x, seq, off, len(cu_seqlens) - 1, L) for x in (q, k, v))
     # kv head j serves query heads j*rep .. j*rep+rep-1 (enable_gqa: as transformers' repeat_kv, no copy)
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale,
-                                       enable_gqa=Hq != k.shape[1])           # [S, Hq, L, D]
+    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])   # [S, Hq, L, D]
     return o.transpose(1, 2)[seq, off]
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from selfreward.kernels.attention_triton import LOG2E, softmax_step
+
 
 @triton.jit
 def _store_kv(K, V, KC, VC, SLOT, skn, skh, svn, svh, s_kslot, s_kh, s_vslot, s_vh, Hkv, D,
@@ -65,7 +67,7 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     last_q = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // REP, qlen - 1)
     lo = split * span
     hi = tl.minimum(tl.minimum(ctx, ctx - qlen + last_q + 1), lo + span)
@@ -78,25 +80,15 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
         k = tl.load(KC + (blk * s_kb + off * s_kt + kvh * s_kh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         v = tl.load(VC + (blk * s_vb + off * s_vt + kvh * s_vh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = (tok[None, :] <= qpos[:, None]) & tmask[None, :]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet (splits)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    if SPLIT:     # a split may hold no visible key: weight 0 (lse -inf), output 0
-        has = l_i > 0
-        acc = acc / tl.where(has, l_i, 1.0)[:, None]
+        s = tl.where((tok[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)   # a row may see no key yet (splits)
+    has = l_i > 0                   # a split may hold no visible key: weight 0 (lse -inf), output 0
+    acc = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SPLIT:
         lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(LSEP + split * s_ls + qrow * s_ln + head, lse2, mask=rmask)
-        tl.store(O + split * s_ps + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc, mask=qmask)
-    else:
-        acc = acc / l_i[:, None]
-        tl.store(O + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=qmask)
+    o = O + split * s_ps + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :]
+    tl.store(o, acc.to(O.dtype.element_ty), mask=qmask)
 
 
 def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
@@ -166,23 +158,17 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
     P = num_splits if num_splits is not None else _auto_splits(q, m_tiles * S * Hkv, max_ctx_bound)
     span = triton.cdiv(triton.cdiv(max_ctx_bound, P), BN) * BN
-    if P > 1:
-        o = torch.empty(P, N, Hq, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(P, N, Hq, dtype=torch.float32, device=q.device)
-        o_strides, lse_strides = (o.stride(1), o.stride(2), o.stride(0)), (lse.stride(0), lse.stride(1))
-    else:
-        o = torch.empty_like(q)
-        lse = o                                           # unused
-        o_strides, lse_strides = (o.stride(0), o.stride(1), 0), (0, 0)
+    o = torch.empty(P, N, Hq, D, dtype=torch.float32 if P > 1 else q.dtype, device=q.device)   # [1, ...]: no split
+    lse = torch.empty(P if P > 1 else 0, N, Hq, dtype=torch.float32, device=q.device)
     if N and S:
         _paged_attn[(m_tiles, S, Hkv * P)](
-            q, k_cache, v_cache, o, lse, cu, bt, ctx, scale, q.stride(0), q.stride(1), o_strides[0], o_strides[1],
+            q, k_cache, v_cache, o, lse, cu, bt, ctx, scale, q.stride(0), q.stride(1), o.stride(1), o.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), bt.stride(0), o_strides[2], *lse_strides, bs, span, P, REP=rep, D=D,
+            v_cache.stride(2), bt.stride(0), o.stride(0), lse.stride(0), lse.stride(1), bs, span, P, REP=rep, D=D,
             BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
             PREC="ieee" if q.dtype == torch.float32 else None, SPLIT=P > 1, num_warps=nw)
     if P == 1:
-        return o
+        return o[0]
     w = torch.exp2(lse - lse.amax(0, keepdim=True))       # [P, N, Hq]; split 0 always sees key 0
     return ((w[..., None] * o).sum(0) / w.sum(0)[..., None]).to(q.dtype)
 
