@@ -29,9 +29,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _tile(P, rows, stride_n, head, stride_h, offs_d, mask):
-    """The [rows, D] tile of an [N, H, D] tensor at one head (zeros where masked)."""
-    return tl.load(P + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+def _tile(P, rows, stride, offs_d, mask):
+    """The [rows, D] tile at P (an [N, D] slice: one head of an [N, H, D] tensor), zeros where masked."""
+    return tl.load(P + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -53,20 +53,20 @@ def _visible(offs_m, offs_n, klen, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _kv(K, V, base, offs_n, klen, kvh, skn, skh, svn, svh, offs_d, dmask):
+def _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask):
     """The key and value tiles at flat rows base + offs_n (zeros past klen)."""
     cols = (base + offs_n).to(tl.int64)
     mask = (offs_n < klen)[:, None] & dmask[None, :]
-    return _tile(K, cols, skn, kvh, skh, offs_d, mask), _tile(V, cols, svn, kvh, svh, offs_d, mask)
+    return _tile(K, cols, skn, offs_d, mask), _tile(V, cols, svn, offs_d, mask)
 
 
 @triton.jit
-def _q_rows(Q, DO, LSE, DELTA, rows, rmask, h, N, sqn, sqh, son, soh, offs_d, dmask):
-    """Backward: the query and dO tiles of `rows` at head h, their base-2 logsumexp and delta."""
+def _q_rows(Q, DO, LSE, DELTA, rows, rmask, sqn, son, offs_d, dmask):
+    """Backward: the query and dO tiles of `rows` (pointers at one head), their base-2 logsumexp and delta."""
     qmask = rmask[:, None] & dmask[None, :]
-    lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * LOG2E
-    return (_tile(Q, rows, sqn, h, sqh, offs_d, qmask), _tile(DO, rows, son, h, soh, offs_d, qmask), lse2,
-            tl.load(DELTA + h * N + rows, mask=rmask, other=0.0))
+    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * LOG2E
+    return _tile(Q, rows, sqn, offs_d, qmask), _tile(DO, rows, son, offs_d, qmask), lse2, \
+        tl.load(DELTA + rows, mask=rmask, other=0.0)
 
 
 @triton.jit
@@ -92,12 +92,12 @@ def _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_keys(q, K, V, base, klen, hi, offs_m, kvh, skn, skh, svn, svh, offs_d, dmask, m_i, l_i, acc, qk_scale,
+def _fwd_keys(q, K, V, base, klen, hi, offs_m, skn, svn, offs_d, dmask, m_i, l_i, acc, qk_scale,
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
     """The forward over keys [0, hi) of a range of klen keys at flat row base."""
     for n0 in tl.range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv(K, V, base, offs_n, klen, kvh, skn, skh, svn, svh, offs_d, dmask)
+        k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(_visible(offs_m, offs_n, klen, CAUSAL), s, float("-inf"))
         m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)
@@ -105,12 +105,12 @@ def _fwd_keys(q, K, V, base, klen, hi, offs_m, kvh, skn, skh, svn, svh, offs_d, 
 
 
 @triton.jit
-def _dq_keys(q, do, lse2, delta, rmask, K, V, base, klen, hi, offs_m, kvh, skn, skh, svn, svh, offs_d, dmask,
-             dq, qk_scale, BLOCK_N: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
+def _dq_keys(q, do, lse2, delta, rmask, K, V, base, klen, hi, offs_m, skn, svn, offs_d, dmask, dq, qk_scale,
+             BLOCK_N: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
     """dQ over keys [0, hi) of a range of klen keys at flat row base: dq + dS @ K."""
     for n0 in tl.range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv(K, V, base, offs_n, klen, kvh, skn, skh, svn, svh, offs_d, dmask)
+        k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
         valid = rmask[:, None] & _visible(offs_m, offs_n, klen, CAUSAL)
         _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -118,89 +118,90 @@ def _dq_keys(q, do, lse2, delta, rmask, K, V, base, klen, hi, offs_m, kvh, skn, 
 
 
 @triton.jit
-def _dkdv_queries(k, v, Q, DO, LSE, DELTA, base, lo, qlen, offs_n, klen, h, N, sqn, sqh, son, soh, offs_d, dmask,
-                  dk, dv, qk_scale, BLOCK_M: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    """dK, dV of one key tile (offs_n of klen keys) from query head h's rows [lo, qlen) at flat row base."""
+def _dkdv_queries(k, v, Q, DO, LSE, DELTA, base, lo, qlen, offs_n, klen, sqn, son, offs_d, dmask, dk, dv, qk_scale,
+                  BLOCK_M: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
+    """dK, dV of one key tile (offs_n of klen keys) from the query rows [lo, qlen) at flat row base."""
     for m0 in tl.range(lo, qlen, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rmask = offs_m < qlen
-        q, do, lse2, delta = _q_rows(Q, DO, LSE, DELTA, (base + offs_m).to(tl.int64), rmask, h, N, sqn, sqh,
-                                     son, soh, offs_d, dmask)
-        valid = rmask[:, None] & _visible(offs_m, offs_n, klen, CAUSAL)
-        p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
+        q, do, lse2, delta = _q_rows(Q, DO, LSE, DELTA, (base + offs_m).to(tl.int64), rmask, sqn, son, offs_d, dmask)
+        p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, rmask[:, None] & _visible(offs_m, offs_n, klen, CAUSAL),
+                          qk_scale, PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     return dk, dv
 
 
+# The kernels: Q, O, DO, DQ (strides sq*, so*; DQ has Q's) and LSE, DELTA [Hq, N] at query head h;
+# K, V, DK, DV (strides sk*, sv*; DK, DV have K's, V's) at kv head h // REP.
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
               REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Q, O, LSE, K, V = Q + h * sqh, O + h * soh, LSE + h * N, K + h // REP * skh, V + h // REP * svh
     start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     qmask = (offs_m < L)[:, None] & dmask[None, :]
-    q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
+    q = _tile(Q, rows, sqn, offs_d, qmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
     if HAS_PREFIX:   # the prefix's keys first, all visible
         plen = tl.load(PRE + 2 * sid + 1)
-        m_i, l_i, acc = _fwd_keys(q, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, h // REP, skn, skh, svn,
-                                  svh, offs_d, dmask, m_i, l_i, acc, qk_scale, BLOCK_N, PREC, False)
-    m_i, l_i, acc = _fwd_keys(q, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, h // REP, skn, skh,
-                              svn, svh, offs_d, dmask, m_i, l_i, acc, qk_scale, BLOCK_N, PREC, True)
+        m_i, l_i, acc = _fwd_keys(q, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, skn, svn, offs_d, dmask,
+                                  m_i, l_i, acc, qk_scale, BLOCK_N, PREC, False)
+    m_i, l_i, acc = _fwd_keys(q, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, skn, svn, offs_d, dmask,
+                              m_i, l_i, acc, qk_scale, BLOCK_N, PREC, True)
     acc = acc / l_i[:, None]        # every row sees a key (key 0 of its prefix or its sequence): l_i > 0
-    tl.store(O + rows[:, None] * son + h * soh + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
-    tl.store(LSE + h * N + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < L)
+    tl.store(O + rows[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < L)
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, sqh, skn, skh, svn, svh,
-                   son, soh, REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr):
-    # DO has the strides (son, soh); DK / DV the strides of K / V
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
+                   REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     nt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    K, V, DK, DV = K + kvh * skh, V + kvh * svh, DK + kvh * skh, DV + kvh * svh
     start, L, offs_n, cols, offs_d, dmask = _seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
-    k, v = _kv(K, V, start, offs_n, L, kvh, skn, skh, svn, svh, offs_d, dmask)
+    k, v = _kv(K, V, start, offs_n, L, skn, svn, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
     lo = (nt * BLOCK_N // BLOCK_M) * BLOCK_M          # first query tile that can see this key tile
     for hh in tl.static_range(REP):                   # every query head of the group: no atomics
         h = kvh * REP + hh
-        dk, dv = _dkdv_queries(k, v, Q, DO, LSE, DELTA, start, lo, L, offs_n, L, h, N, sqn, sqh, son, soh,
-                               offs_d, dmask, dk, dv, qk_scale, BLOCK_M, PREC, True)
+        Qh, DOh, LSEh, DELTAh = Q + h * sqh, DO + h * soh, LSE + h * N, DELTA + h * N
+        dk, dv = _dkdv_queries(k, v, Qh, DOh, LSEh, DELTAh, start, lo, L, offs_n, L, sqn, son, offs_d, dmask,
+                               dk, dv, qk_scale, BLOCK_M, PREC, True)
         if HAS_PREFIX:   # the queries of the sequences this one is the prefix of: they see every key here
             d0 = tl.load(DEP + 2 * sid)
-            dk, dv = _dkdv_queries(k, v, Q, DO, LSE, DELTA, d0, 0, tl.load(DEP + 2 * sid + 1) - d0, offs_n, L, h,
-                                   N, sqn, sqh, son, soh, offs_d, dmask, dk, dv, qk_scale, BLOCK_M, PREC, False)
+            dk, dv = _dkdv_queries(k, v, Qh, DOh, LSEh, DELTAh, d0, 0, tl.load(DEP + 2 * sid + 1) - d0, offs_n, L,
+                                   sqn, son, offs_d, dmask, dk, dv, qk_scale, BLOCK_M, PREC, False)
     kvmask = (offs_n < L)[:, None] & dmask[None, :]
-    tl.store(DK + cols[:, None] * skn + kvh * skh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kvmask)
-    tl.store(DV + cols[:, None] * svn + kvh * svh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
+    tl.store(DK + cols[:, None] * skn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + cols[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
                  REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
-    # DQ has the strides of Q
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Q, DO, DQ, K, V = Q + h * sqh, DO + h * soh, DQ + h * sqh, K + h // REP * skh, V + h // REP * svh
     start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     rmask = offs_m < L
-    q, do, lse2, delta = _q_rows(Q, DO, LSE, DELTA, rows, rmask, h, N, sqn, sqh, son, soh, offs_d, dmask)
+    q, do, lse2, delta = _q_rows(Q, DO, LSE + h * N, DELTA + h * N, rows, rmask, sqn, son, offs_d, dmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
     if HAS_PREFIX:
         plen = tl.load(PRE + 2 * sid + 1)
-        dq = _dq_keys(q, do, lse2, delta, rmask, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, h // REP, skn,
-                      skh, svn, svh, offs_d, dmask, dq, qk_scale, BLOCK_N, PREC, False)
-    dq = _dq_keys(q, do, lse2, delta, rmask, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, h // REP,
-                  skn, skh, svn, svh, offs_d, dmask, dq, qk_scale, BLOCK_N, PREC, True)
-    tl.store(DQ + rows[:, None] * sqn + h * sqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+        dq = _dq_keys(q, do, lse2, delta, rmask, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, skn, svn, offs_d,
+                      dmask, dq, qk_scale, BLOCK_N, PREC, False)
+    dq = _dq_keys(q, do, lse2, delta, rmask, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, skn, svn,
+                  offs_d, dmask, dq, qk_scale, BLOCK_N, PREC, True)
+    tl.store(DQ + rows[:, None] * sqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
 
 
@@ -246,6 +247,7 @@ class _FlashAttn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu, pre, dep = ctx.saved_tensors
+        q, k, v = (t.contiguous() for t in (q, k, v))   # dQ, dK, dV are written with q's, k's, v's strides
         N, Hq, S = q.shape[0], q.shape[1], cu.numel() - 1
         do = do.contiguous() if do.stride(-1) != 1 or do.stride() != o.stride() else do
         delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
