@@ -92,44 +92,14 @@ def _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_keys(q, K, V, base, klen, hi, offs_m, skn, svn, offs_d, dmask, m_i, l_i, acc, qk_scale,
-              BLOCK_N: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    """The forward over keys [0, hi) of a range of klen keys at flat row base."""
-    for n0 in tl.range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, klen, CAUSAL), s, float("-inf"))
-        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _dq_keys(q, do, lse2, delta, rmask, K, V, base, klen, hi, offs_m, skn, svn, offs_d, dmask, dq, qk_scale,
-             BLOCK_N: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    """dQ over keys [0, hi) of a range of klen keys at flat row base: dq + dS @ K."""
-    for n0 in tl.range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
-        valid = rmask[:, None] & _visible(offs_m, offs_n, klen, CAUSAL)
-        _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    return dq
-
-
-@triton.jit
-def _dkdv_queries(k, v, Q, DO, LSE, DELTA, base, lo, qlen, offs_n, klen, sqn, son, offs_d, dmask, dk, dv, qk_scale,
-                  BLOCK_M: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    """dK, dV of one key tile (offs_n of klen keys) from the query rows [lo, qlen) at flat row base."""
-    for m0 in tl.range(lo, qlen, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        rmask = offs_m < qlen
-        q, do, lse2, delta = _q_rows(Q, DO, LSE, DELTA, (base + offs_m).to(tl.int64), rmask, sqn, son, offs_d, dmask)
-        p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, rmask[:, None] & _visible(offs_m, offs_n, klen, CAUSAL),
-                          qk_scale, PREC)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    return dk, dv
+def _key_range(part: tl.constexpr, PRE, sid, start, L, hi):
+    """Part 0 of a query tile's keys: its prefix's (flat start, length, loop end); part 1: its own, causal."""
+    if part == 0:
+        plen = tl.load(PRE + 2 * sid + 1)
+        base, klen, hi = tl.load(PRE + 2 * sid), plen, plen
+    else:
+        base, klen = start, L
+    return base, klen, hi
 
 
 # The kernels: Q, O, DO, DQ (strides sq*, so*; DQ has Q's) and LSE, DELTA [Hq, N] at query head h;
@@ -147,12 +117,14 @@ def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, sv
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
-    if HAS_PREFIX:   # the prefix's keys first, all visible
-        plen = tl.load(PRE + 2 * sid + 1)
-        m_i, l_i, acc = _fwd_keys(q, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, skn, svn, offs_d, dmask,
-                                  m_i, l_i, acc, qk_scale, BLOCK_N, PREC, False)
-    m_i, l_i, acc = _fwd_keys(q, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, skn, svn, offs_d, dmask,
-                              m_i, l_i, acc, qk_scale, BLOCK_N, PREC, True)
+    for part in tl.static_range(0 if HAS_PREFIX else 1, 2):
+        base, klen, hi = _key_range(part, PRE, sid, start, L, tl.minimum(L, (mt + 1) * BLOCK_M))
+        for n0 in tl.range(0, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(_visible(offs_m, offs_n, klen, part == 1), s, float("-inf"))
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)
     acc = acc / l_i[:, None]        # every row sees a key (key 0 of its prefix or its sequence): l_i > 0
     tl.store(O + rows[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < L)
@@ -169,16 +141,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, s
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
-    lo = (nt * BLOCK_N // BLOCK_M) * BLOCK_M          # first query tile that can see this key tile
     for hh in tl.static_range(REP):                   # every query head of the group: no atomics
         h = kvh * REP + hh
-        Qh, DOh, LSEh, DELTAh = Q + h * sqh, DO + h * soh, LSE + h * N, DELTA + h * N
-        dk, dv = _dkdv_queries(k, v, Qh, DOh, LSEh, DELTAh, start, lo, L, offs_n, L, sqn, son, offs_d, dmask,
-                               dk, dv, qk_scale, BLOCK_M, PREC, True)
-        if HAS_PREFIX:   # the queries of the sequences this one is the prefix of: they see every key here
-            d0 = tl.load(DEP + 2 * sid)
-            dk, dv = _dkdv_queries(k, v, Qh, DOh, LSEh, DELTAh, d0, 0, tl.load(DEP + 2 * sid + 1) - d0, offs_n, L,
-                                   sqn, son, offs_d, dmask, dk, dv, qk_scale, BLOCK_M, PREC, False)
+        for part in tl.static_range(2 if HAS_PREFIX else 1):
+            if part == 0:   # the sequence's own queries, from the first tile that can see this key tile
+                base, lo, qlen = start, (nt * BLOCK_N // BLOCK_M) * BLOCK_M, L
+            else:           # the queries of the sequences this one is the prefix of: they see every key here
+                base, lo = tl.load(DEP + 2 * sid), 0
+                qlen = tl.load(DEP + 2 * sid + 1) - base
+            for m0 in tl.range(lo, qlen, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                rmask = offs_m < qlen
+                q, do, lse2, delta = _q_rows(Q + h * sqh, DO + h * soh, LSE + h * N, DELTA + h * N,
+                                             (base + offs_m).to(tl.int64), rmask, sqn, son, offs_d, dmask)
+                valid = rmask[:, None] & _visible(offs_m, offs_n, L, part == 0)
+                p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     kvmask = (offs_n < L)[:, None] & dmask[None, :]
     tl.store(DK + cols[:, None] * skn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + cols[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
@@ -195,12 +174,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, sk
     q, do, lse2, delta = _q_rows(Q, DO, LSE + h * N, DELTA + h * N, rows, rmask, sqn, son, offs_d, dmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * LOG2E
-    if HAS_PREFIX:
-        plen = tl.load(PRE + 2 * sid + 1)
-        dq = _dq_keys(q, do, lse2, delta, rmask, K, V, tl.load(PRE + 2 * sid), plen, plen, offs_m, skn, svn, offs_d,
-                      dmask, dq, qk_scale, BLOCK_N, PREC, False)
-    dq = _dq_keys(q, do, lse2, delta, rmask, K, V, start, L, tl.minimum(L, (mt + 1) * BLOCK_M), offs_m, skn, svn,
-                  offs_d, dmask, dq, qk_scale, BLOCK_N, PREC, True)
+    for part in tl.static_range(0 if HAS_PREFIX else 1, 2):
+        base, klen, hi = _key_range(part, PRE, sid, start, L, tl.minimum(L, (mt + 1) * BLOCK_M))
+        for n0 in tl.range(0, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
+            valid = rmask[:, None] & _visible(offs_m, offs_n, klen, part == 1)
+            _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + rows[:, None] * sqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
 
