@@ -1,19 +1,15 @@
-"""Flash attention in Triton: causal, grouped-query, packed variable-length sequences (cu_seqlens).
+"""Flash attention in Triton (FlashAttention-2); layout and contract: the twin `kernels.attention`.
 
-Layout as the twin `kernels.attention.attention_ref`: q [N, Hq, D], k, v [N, Hkv, D], sequences end to end,
-delimited by cu_seqlens [S+1]; query head h reads kv head h // (Hq // Hkv).
-
-- forward (FlashAttention-2): one program per (query tile, sequence, query head) streams the key/value
-  tiles up to the causal diagonal with a running max / sum-exp in base 2 (`softmax_step`, shared with
-  paged_triton) and writes O and the row logsumexp (lse [Hq, N] fp32) for the backward.
+- forward: one program per (query tile, sequence, query head) streams the key/value tiles up to the causal
+  diagonal (`softmax_step`, shared with paged_triton) and writes O and the row logsumexp (lse [Hq, N] fp32).
 - backward: delta = rowsum(O * dO) (torch); one program per (key tile, sequence, kv head) accumulates dK,
   dV over every query head of its group (GQA without atomics), one per (query tile, sequence, query head)
   dQ. P is recomputed from lse, never stored.
-- prefixes (shared-prompt DPO): a sequence's query tiles first stream its prefix's keys, all visible; a
-  prefix sequence's dK/dV program also loops over the (adjacent) query rows of the sequences that read it.
+- prefixes: a query tile first streams its prefix's keys, all visible; a prefix sequence's dK/dV program
+  also loops over the (adjacent) query rows of the sequences that read it.
 
-On CUDA with flash-attn installed, fp16/bf16 inputs and no prefix, `flash_attn_varlen_func` runs instead
-(imported lazily). fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
+On CUDA with flash-attn installed, fp16/bf16 inputs and no prefix, `flash_attn_varlen_func` runs instead.
+fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
 """
 from __future__ import annotations
 

@@ -1,22 +1,15 @@
-"""Paged KV cache in Triton: store new keys/values through a slot mapping, attend over a block table.
+"""Paged KV cache in Triton; cache layout and contract: the twin `kernels.paged`.
 
-Cache layout (twin: `kernels.paged`): k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot =
-block_id * block_size + offset, slot -1 = skip. Block table [S, max_blocks]; context_lens [S].
-
-- `_store_kv`: one program per new token copies its Hkv x D keys and values into the slot.
-- `_paged_attn`: one program per (row tile, sequence, kv head). The rows of a tile are
-  (query, head-in-group) pairs, so every query head that shares a kv head is served by one pass over the
-  cached keys (GQA reads K/V once per group; for decode the tile is just the group's heads). Keys are
-  visited in BLOCK_N-token tiles; each token's physical block comes from the block table, so any
-  block_size works. Causal: query i of a sequence with qlen new tokens sits at position
-  ctx - qlen + i. Online softmax in base 2, as in attention_triton.
-  `paged_decode_triton` is the qlen = 1 case, `paged_prefill_triton` the general one.
-Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into
-ranges processed in parallel, each writing a partial output and its logsumexp, merged in torch.
+- `_store_kv`: one program per new token copies its Hkv x D keys and values into its slot.
+- `_paged_attn`: one program per (row tile, sequence, kv head); the rows of a tile are (query, head-in-group)
+  pairs, so one pass over the cached keys serves every query head of a kv head. Each key's physical block
+  comes from the block table (any block_size). Query i of a sequence with qlen new tokens sits at position
+  ctx - qlen + i. `paged_decode_triton` is the qlen = 1 case.
+Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into ranges
+processed in parallel, each writing a partial output and its logsumexp, merged in torch.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -109,24 +102,16 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hkv, D = k.shape
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     if N:
         _store_kv[(N,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1), v.stride(0),
                         v.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
     """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
-    if not q.is_cuda:
-        return 1
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
@@ -146,9 +131,7 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"paged attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
     rep = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
-    cu = cu_seqlens_q.to(torch.int32).contiguous()
-    bt = block_tables.to(torch.int32).contiguous()
-    ctx = context_lens.to(torch.int32).contiguous()
+    cu, bt, ctx = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, block_tables, context_lens))
     S = cu.numel() - 1
     if max_qlen is None:
         max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0

@@ -1,10 +1,8 @@
-"""RMSNorm (optionally fused with the residual add) in Triton: forward, backward, autograd Function.
+"""RMSNorm (optionally fused with the residual add) in Triton; numerics as the twin `kernels.rmsnorm`.
 
-One program normalises one row of H features (the whole row sits in registers, BLOCK = next_pow2(H)).
-The backward recomputes x_hat from the saved input and per-row 1/rms; the weight gradient is summed in
-fp32 per program over a stripe of rows, then the few stripes are added by torch.
-Numerics follow the twin `kernels.rmsnorm.rmsnorm_ref` (statistics in fp32, the normalised row rounded
-to the input dtype before the weight multiply).
+One program normalises one row (the whole row in registers, BLOCK = next_pow2(H)). The backward recomputes
+x_hat from the saved input and per-row 1/rms; dW is summed in fp32 per program over a stripe of rows,
+then the few stripes are added by torch.
 """
 from __future__ import annotations
 
