@@ -66,19 +66,14 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def _prefixed_padded(q, k, v, starts, lens, prefix, scale):
     """Sequences with a prefix: queries [S, Lq] (own tokens from flat `starts`), keys [S, Lk] = prefix then
     own tokens, with an explicit mask (key j visible to query i if j is in the prefix or j - plen <= i)."""
-    dev = q.device
     pst, plen = prefix[:, 0].long(), prefix[:, 1].long()
-    Lq = int(lens.max())
-    Lk = int((plen + lens).max())
-    i = torch.arange(Lq, device=dev)
-    j = torch.arange(Lk, device=dev)
+    i, j = torch.arange(int(lens.max()), device=q.device), torch.arange(int((plen + lens).max()), device=q.device)
     q_ok = i[None] < lens[:, None]                                              # [S, Lq]
     q_idx = torch.where(q_ok, starts[:, None] + i[None], 0)
     in_pre = j[None] < plen[:, None]                                            # [S, Lk]
     own = j[None] - plen[:, None]
     k_ok = in_pre | (own < lens[:, None])
-    k_idx = torch.where(in_pre, pst[:, None] + j[None], starts[:, None] + own)
-    k_idx = torch.where(k_ok, k_idx, 0)
+    k_idx = torch.where(k_ok, torch.where(in_pre, pst[:, None] + j[None], starts[:, None] + own), 0)
     mask = k_ok[:, None, :] & (in_pre[:, None, :] | (own[:, None, :] <= i[None, :, None]))  # [S, Lq, Lk]
     qp = q[q_idx].transpose(1, 2)                                               # [S, Hq, Lq, D]
     kp, vp = k[k_idx].transpose(1, 2), v[k_idx].transpose(1, 2)                 # [S, Hkv, Lk, D]

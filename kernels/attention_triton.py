@@ -186,18 +186,17 @@ def tile_config(cuda: bool, D: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) forward and backward. Interpreter: small tiles."""
     if not cuda:
         return (16, 16, 1, 1), (16, 16, 1, 1)
-    fwd = (128, 64, 8, 3 if D <= 64 else 2)
-    bwd = (64, 64, 8, 2) if D <= 64 else (32, 64, 8, 2)
-    return fwd, bwd
+    return (128, 64, 8, 3 if D <= 64 else 2), (64 if D <= 64 else 32, 64, 8, 2)
 
 
 def _run(kernel, grid, args, q, k, v, o, tiles, has_prefix):
     """kernel[grid](q, k, v, *args, N, the strides of q, k, v and o (O or dO), the constants of `tiles`)."""
     BM, BN, nw, ns = tiles
     N, Hq, D = q.shape
-    kernel[grid](q, k, v, *args, N, *(s for t in (q, k, v, o) for s in t.stride()[:2]), REP=Hq // k.shape[1], D=D,
-                 BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN, HAS_PREFIX=has_prefix,
-                 PREC="ieee" if q.dtype == torch.float32 else None, num_warps=nw, num_stages=ns)   # fp32: no TF32
+    if N and grid[1]:   # tokens and sequences
+        kernel[grid](q, k, v, *args, N, *(s for t in (q, k, v, o) for s in t.stride()[:2]), REP=Hq // k.shape[1],
+                     D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN, HAS_PREFIX=has_prefix,
+                     PREC="ieee" if q.dtype == torch.float32 else None, num_warps=nw, num_stages=ns)   # no TF32
 
 
 class _FlashAttn(torch.autograd.Function):
@@ -214,9 +213,8 @@ class _FlashAttn(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
         tiles = tile_config(q.is_cuda, q.shape[2])[0]
-        if N and S:
-            _run(_attn_fwd, (triton.cdiv(max_seqlen, tiles[0]), S, Hq), (o, lse, cu, pre, scale), q, k, v, o, tiles,
-                 prefix is not None)
+        _run(_attn_fwd, (triton.cdiv(max_seqlen, tiles[0]), S, Hq), (o, lse, cu, pre, scale), q, k, v, o, tiles,
+             prefix is not None)
         ctx.save_for_backward(q, k, v, o, lse, cu, pre, dep)
         ctx.max_seqlen, ctx.scale, ctx.has_prefix = max_seqlen, scale, prefix is not None
         return o
@@ -225,17 +223,25 @@ class _FlashAttn(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu, pre, dep = ctx.saved_tensors
         q, k, v = (t.contiguous() for t in (q, k, v))   # dQ, dK, dV are written with q's, k's, v's strides
-        N, Hq, S = q.shape[0], q.shape[1], cu.numel() - 1
+        Hq, S = q.shape[1], cu.numel() - 1
         do = do.contiguous() if do.stride(-1) != 1 or do.stride() != o.stride() else do
         delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tiles = tile_config(q.is_cuda, q.shape[2])[1]
-        if N and S:
-            _run(_attn_bwd_dkdv, (triton.cdiv(ctx.max_seqlen, tiles[1]), S, k.shape[1]),
-                 (do, lse, delta, dk, dv, cu, dep, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
-            _run(_attn_bwd_dq, (triton.cdiv(ctx.max_seqlen, tiles[0]), S, Hq),
-                 (do, lse, delta, dq, cu, pre, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
+        _run(_attn_bwd_dkdv, (triton.cdiv(ctx.max_seqlen, tiles[1]), S, k.shape[1]),
+             (do, lse, delta, dk, dv, cu, dep, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
+        _run(_attn_bwd_dq, (triton.cdiv(ctx.max_seqlen, tiles[0]), S, Hq),
+             (do, lse, delta, dq, cu, pre, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
         return dq, dk, dv, None, None, None, None
+
+
+def check_args(q: torch.Tensor, Hkv: int, cu_seqlens: torch.Tensor, max_len: int | None, scale: float | None):
+    """The GQA head count check, then (max_len, scale) with their defaults: the longest sequence, 1/sqrt(D)."""
+    if q.shape[1] % Hkv:
+        raise ValueError(f"attention: {q.shape[1]} query heads is not a multiple of {Hkv} kv heads")
+    if max_len is None:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return max_len, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 def _flash_attn_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -254,11 +260,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1]; prefix: [S, 2] (start, length) or None
     -> [N, Hq, D], causal within each sequence, after its prefix's keys (kernels/attention.py)."""
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    max_seqlen, scale = check_args(q, k.shape[1], cu_seqlens, max_seqlen, scale)
     if prefix is not None and not bool((prefix[:, 1] > 0).any()):
         prefix = None
     if prefix is None and _flash_attn_fits(q, k):

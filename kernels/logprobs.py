@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 class ChunkedLogprobs(torch.autograd.Function):
     """The chunk loop. `rows` = (forward, backward), each on one chunk of logits [c, V]:
     forward(logits, t, lse, logp, ignore_index) fills lse and logp [c] (logp 0 where ignored; may clobber
-    logits); backward(logits, t, lse, g, ignore_index) overwrites logits with d logits (g is 0 where ignored).
+    logits); backward(logits, t, lse, g) overwrites logits with d logits (ignored rows: t 0 and g 0).
     upcast: fp32 logits (else the GEMM's dtype: the Triton kernels upcast per tile, halving the buffer)."""
 
     @staticmethod
@@ -36,14 +36,15 @@ class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, weight, targets, lse = ctx.saved_tensors
-        g = torch.where(targets != ctx.ignore_index, g.float(), 0.0).contiguous()
+        valid = targets != ctx.ignore_index
+        g, t = torch.where(valid, g.float(), 0.0).contiguous(), torch.where(valid, targets, 0)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             c = slice(s, s + ctx.chunk)
             dl = _logits(h[c], weight, ctx.upcast)
-            ctx.rows[1](dl, targets[c], lse[c], g[c], ctx.ignore_index)
+            ctx.rows[1](dl, t[c], lse[c], g[c])
             if dh is not None:
                 dh[c] = (dl.to(weight.dtype) @ weight).to(h.dtype)
             if dw is not None and dl.dtype == torch.float32:
@@ -66,10 +67,10 @@ def _lse_logp(logits, t, lse, logp, ignore_index):
     logp.copy_(torch.where(valid, picked - lse, 0.0))
 
 
-def _dlogits(logits, t, lse, g, ignore_index):
+def _dlogits(logits, t, lse, g):
     dl = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
     dl.mul_(-g[:, None])
-    dl.scatter_add_(1, torch.where(t != ignore_index, t, 0)[:, None], g[:, None])
+    dl.scatter_add_(1, t[:, None], g[:, None])
 
 
 def linear_logprobs_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

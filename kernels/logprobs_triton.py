@@ -9,6 +9,8 @@ On CUDA the logits keep the GEMM's dtype (the kernels upcast per tile); under th
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +44,7 @@ def _dlogits_bwd(L, stride, V, T, LSE, G, BLOCK_V: tl.constexpr):
     base = L + row.to(tl.int64) * stride
     t = tl.load(T + row)
     lse = tl.load(LSE + row)
-    g = tl.load(G + row)            # already 0 on ignored rows
+    g = tl.load(G + row)            # ignored rows: g 0 (and t 0)
     for start in tl.range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -58,16 +60,9 @@ def block_v(V: int, device: torch.device) -> tuple[int, int]:
 
 
 def _rows(kernel, logits, *args):
+    """One program per row of a chunk of logits [c, V]."""
     BV, nw = block_v(logits.shape[1], logits.device)
     kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, BLOCK_V=BV, num_warps=nw)
-
-
-def _lse_logp(logits, t, lse, logp, ignore_index):
-    _rows(_lse_fwd, logits, t, lse, logp, ignore_index)
-
-
-def _dlogits(logits, t, lse, g, ignore_index):
-    _rows(_dlogits_bwd, logits, t, lse, g)
 
 
 def linear_logprobs_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -79,5 +74,5 @@ def linear_logprobs_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch
         i = int(bad.nonzero()[0])
         raise ValueError(f"linear_logprobs: target {int(targets[i])} at row {i} is outside [0, {V}) "
                          f"and is not ignore_index {ignore_index}")
-    return ChunkedLogprobs.apply(h, weight, targets.contiguous(), chunk, ignore_index, (_lse_logp, _dlogits),
-                                 not h.is_cuda)
+    rows = functools.partial(_rows, _lse_fwd), functools.partial(_rows, _dlogits_bwd)
+    return ChunkedLogprobs.apply(h, weight, targets.contiguous(), chunk, ignore_index, rows, not h.is_cuda)

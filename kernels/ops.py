@@ -23,7 +23,6 @@ from selfreward.kernels.swiglu import swiglu_ref
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False

@@ -16,15 +16,10 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  slot_mapping: torch.Tensor) -> None:
     """k, v: [N, Hkv, D]; slot_mapping: [N] int -> writes in place."""
     keep = slot_mapping >= 0
-    kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    if bool(keep.all()):               # the sampler's steps: every token is stored (no boolean gathers)
-        slots = slot_mapping.long()
-        kf.index_copy_(0, slots, k.to(kf.dtype))
-        vf.index_copy_(0, slots, v.to(vf.dtype))
-        return
-    slots = slot_mapping[keep].long()
-    kf[slots] = k[keep]
-    vf[slots] = v[keep]
+    if not bool(keep.all()):           # the sampler's steps store every token (no boolean gathers)
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.long(), x.to(cache.dtype))
 
 
 def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -50,8 +45,7 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for g in groups:
         rows = torch.cat([torch.arange(cu[i], cu[i + 1], device=q.device) for i in g])
         sel = torch.tensor(g, device=q.device)
-        gcu = torch.zeros(len(g) + 1, dtype=cu_seqlens_q.dtype, device=q.device)
-        gcu[1:] = torch.tensor([qlens[i] for i in g], device=q.device).cumsum(0)
+        gcu = torch.tensor([0] + [qlens[i] for i in g], device=q.device).cumsum(0)
         out[rows] = _paged_prefill_padded(q[rows], k_cache, v_cache, gcu, block_tables[sel], context_lens[sel], scale)
     return out
 

@@ -10,13 +10,11 @@ processed in parallel, each writing a partial output and its logsumexp, merged i
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from selfreward.kernels.attention_triton import LOG2E, softmax_step
+from selfreward.kernels.attention_triton import LOG2E, check_args, softmax_step
 
 
 @triton.jit
@@ -127,15 +125,11 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hq, D = q.shape
     Hkv, bs = k_cache.shape[2], k_cache.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"paged attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
     rep = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
     cu, bt, ctx = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, block_tables, context_lens))
     S = cu.numel() - 1
-    if max_qlen is None:
-        max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    max_qlen, scale = check_args(q, Hkv, cu, max_qlen, scale)
     BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
     m_tiles = triton.cdiv(max_qlen * rep, BM)
     max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
