@@ -204,11 +204,9 @@ class _FlashAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, prefix):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         cu = cu_seqlens.to(torch.int32).contiguous()
-        if prefix is not None:   # pre: [S, 2] (start, length) of each sequence's prefix; dep: the queries reading it
-            pre = prefix.to(device=q.device, dtype=torch.int32).contiguous()
-            dep = prefix_dependents(cu, pre).to(q.device)
-        else:
-            pre = dep = cu          # unused pointers
+        # pre: [S, 2] (start, length) of each sequence's prefix; dep: the queries that read it (without: unused cu)
+        pre = cu if prefix is None else prefix.to(device=q.device, dtype=torch.int32).contiguous()
+        dep = cu if prefix is None else prefix_dependents(cu, pre).to(q.device)
         N, Hq, S = q.shape[0], q.shape[1], cu.numel() - 1
         o = torch.empty_like(q)
         lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)

@@ -154,7 +154,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
     """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
-    B = q.shape[0]
-    cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
                                 num_splits=num_splits)
