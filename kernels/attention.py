@@ -16,27 +16,25 @@ import torch
 import torch.nn.functional as F
 
 
-def _pad_index(cu_seqlens: torch.Tensor):
-    """Per-token (sequence, offset) for scattering a flat [N, ...] tensor into a padded [S, L, ...]."""
+def pad_index(cu_seqlens: torch.Tensor):
+    """Per-token (sequence, offset) and the longest length: `to_padded` scatters a flat [N, h, D] into a
+    padded [S, h, L, D]; o.transpose(1, 2)[seq, off] takes it back."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
     off = torch.arange(int(cu_seqlens[-1]), device=lens.device) - cu_seqlens[:-1].long()[seq]
     return seq, off, int(lens.max()) if len(lens) else 0
 
 
+def to_padded(x: torch.Tensor, seq: torch.Tensor, off: torch.Tensor, S: int, L: int) -> torch.Tensor:
+    return x.new_zeros(S, L, *x.shape[1:]).index_put((seq, off), x).transpose(1, 2)
+
+
 def _causal_padded(q, k, v, cu_seqlens, scale):
-    N, Hq, D = q.shape
-    seq, off, L = _pad_index(cu_seqlens)
-    S = len(cu_seqlens) - 1
-
-    def pad(x):  # [N, h, D] -> [S, h, L, D]
-        out = x.new_zeros(S, L, x.shape[1], D)
-        out = out.index_put((seq, off), x)
-        return out.transpose(1, 2)
-
+    seq, off, L = pad_index(cu_seqlens)
+    qp, kp, vp = (to_padded(x, seq, off, len(cu_seqlens) - 1, L) for x in (q, k, v))
     # kv head j serves query heads j*rep .. j*rep+rep-1 (enable_gqa: as transformers' repeat_kv, no copy)
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale,
-                                       enable_gqa=Hq != k.shape[1])           # [S, Hq, L, D]
+    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])   # [S, Hq, L, D]
     return o.transpose(1, 2)[seq, off]
 
 
@@ -56,10 +54,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     tok_has = torch.repeat_interleave(has, lens)                                # [N]
     out = q.new_zeros(q.shape)
-    sub_cu = lambda m: torch.cat([cu_seqlens.new_zeros(1), lens[m].cumsum(0).to(cu_seqlens.dtype)])
-    if bool((~has).any()):
-        plain = ~tok_has
-        out = out.index_put((plain,), _causal_padded(q[plain], k[plain], v[plain], sub_cu(~has), scale))
+    if bool((~has).any()):             # the others, with their own cu_seqlens
+        plain, cu = ~tok_has, torch.cat([cu_seqlens.new_zeros(1), lens[~has].cumsum(0).to(cu_seqlens.dtype)])
+        out = out.index_put((plain,), _causal_padded(q[plain], k[plain], v[plain], cu, scale))
     # the prefixed sequences' queries, with keys gathered from the whole flat axis
     o_h = _prefixed_padded(q, k, v, cu_seqlens[:-1][has].long(), lens[has], prefix[has], scale)
     return out.index_put((tok_has,), o_h)
@@ -68,19 +65,14 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def _prefixed_padded(q, k, v, starts, lens, prefix, scale):
     """Sequences with a prefix: queries [S, Lq] (own tokens from flat `starts`), keys [S, Lk] = prefix then
     own tokens, with an explicit mask (key j visible to query i if j is in the prefix or j - plen <= i)."""
-    dev = q.device
     pst, plen = prefix[:, 0].long(), prefix[:, 1].long()
-    Lq = int(lens.max())
-    Lk = int((plen + lens).max())
-    i = torch.arange(Lq, device=dev)
-    j = torch.arange(Lk, device=dev)
+    i, j = torch.arange(int(lens.max()), device=q.device), torch.arange(int((plen + lens).max()), device=q.device)
     q_ok = i[None] < lens[:, None]                                              # [S, Lq]
     q_idx = torch.where(q_ok, starts[:, None] + i[None], 0)
     in_pre = j[None] < plen[:, None]                                            # [S, Lk]
     own = j[None] - plen[:, None]
     k_ok = in_pre | (own < lens[:, None])
-    k_idx = torch.where(in_pre, pst[:, None] + j[None], starts[:, None] + own)
-    k_idx = torch.where(k_ok, k_idx, 0)
+    k_idx = torch.where(k_ok, torch.where(in_pre, pst[:, None] + j[None], starts[:, None] + own), 0)
     mask = k_ok[:, None, :] & (in_pre[:, None, :] | (own[:, None, :] <= i[None, :, None]))  # [S, Lq, Lk]
     qp = q[q_idx].transpose(1, 2)                                               # [S, Hq, Lq, D]
     kp, vp = k[k_idx].transpose(1, 2), v[k_idx].transpose(1, 2)                 # [S, Hkv, Lk, D]
@@ -109,11 +101,3 @@ def prefix_dependents(cu_seqlens: torch.Tensor, prefix: torch.Tensor) -> torch.T
         else:
             raise ValueError(f"attention: the sequences sharing prefix sequence {p} are not adjacent")
     return torch.tensor(dep, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
-
-
-def attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, prefix=None):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.attention_triton import attention_triton
-        return attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, prefix)
-    return attention_ref(q, k, v, cu_seqlens, max_seqlen, scale, prefix)

@@ -1,21 +1,15 @@
-"""Flash attention in Triton: causal, grouped-query, packed variable-length sequences (cu_seqlens).
+"""Flash attention in Triton (FlashAttention-2); layout and contract: the twin `kernels.attention`.
 
-Layout as the twin `kernels.attention.attention_ref`: q [N, Hq, D], k, v [N, Hkv, D], sequences laid
-end to end and delimited by cu_seqlens [S+1]. Query head h reads kv head h // (Hq // Hkv).
+- forward: one program per (query tile, sequence, query head) streams the key/value tiles up to the causal
+  diagonal (`softmax_step`, shared with paged_triton) and writes O and the row logsumexp (lse [Hq, N] fp32).
+- backward: delta = rowsum(O * dO) (torch); one program per (key tile, sequence, kv head) accumulates dK,
+  dV over every query head of its group (GQA without atomics), one per (query tile, sequence, query head)
+  dQ. P is recomputed from lse, never stored.
+- prefixes: a query tile first streams its prefix's keys, all visible; a prefix sequence's dK/dV program
+  also loops over the (adjacent) query rows of the sequences that read it.
 
-- forward (FlashAttention-2 style): one program per (query tile, sequence, query head); it streams the
-  key/value tiles up to the causal diagonal, keeps a running max / sum-exp in base 2, and writes O and
-  the row logsumexp (lse, [Hq, N] fp32) for the backward.
-- backward: delta = rowsum(O * dO) (torch), then two kernels: one program per (key tile, sequence,
-  kv head) accumulates dK, dV over every query head of its group (so GQA needs no atomics), and one per
-  (query tile, sequence, query head) accumulates dQ. P is recomputed from lse, never stored.
-- prefixes (shared-prompt DPO): a sequence's query tiles first stream its prefix's key tiles unmasked;
-  a prefix sequence's dK/dV program then also loops over the (adjacent) query rows of the sequences that
-  read it, unmasked. With prefixes, flash-attn is not used (it has no such layout).
-
-On CUDA with flash-attn installed and fp16/bf16 inputs, `flash_attn_varlen_func` is used instead
-(imported lazily). fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
-GPU paths are untested here (no GPU); the interpreter runs the kernels on CPU in the tests.
+On CUDA with flash-attn installed, fp16/bf16 inputs and no prefix, `flash_attn_varlen_func` runs instead.
+fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
 """
 from __future__ import annotations
 
@@ -27,13 +21,61 @@ import triton.language as tl
 
 from selfreward.kernels.attention import prefix_dependents
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _tile(P, rows, stride_n, head, stride_h, offs_d, mask):
-    """The [rows, D] tile of an [N, H, D] tensor at one head (zeros where masked)."""
-    return tl.load(P + rows[:, None] * stride_n + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+def _tile(P, rows, stride, offs_d, mask):
+    """The [rows, D] tile at P (an [N, D] slice: one head of an [N, H, D] tensor), zeros where masked."""
+    return tl.load(P + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _seq_tile(CU, sid, t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Tile t of sequence sid: its start, length L, offsets in the sequence, flat rows, and the head dims."""
+    start = tl.load(CU + sid)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return start, tl.load(CU + sid + 1) - start, offs, (start + offs).to(tl.int64), offs_d, offs_d < D
+
+
+@triton.jit
+def _visible(offs_m, offs_n, klen, CAUSAL: tl.constexpr):
+    """Which keys offs_n (of a range of klen) the queries offs_m see: causal in their own sequence, all of a prefix."""
+    ok = (offs_n < klen)[None, :]
+    if CAUSAL:
+        ok = (offs_n[None, :] <= offs_m[:, None]) & ok
+    return ok
+
+
+@triton.jit
+def _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask):
+    """The key and value tiles at flat rows base + offs_n (zeros past klen)."""
+    cols = (base + offs_n).to(tl.int64)
+    mask = (offs_n < klen)[:, None] & dmask[None, :]
+    return _tile(K, cols, skn, offs_d, mask), _tile(V, cols, svn, offs_d, mask)
+
+
+@triton.jit
+def _q_rows(Q, DO, LSE, DELTA, rows, rmask, sqn, son, offs_d, dmask):
+    """Backward: the query and dO tiles of `rows` (pointers at one head), their base-2 logsumexp and delta."""
+    qmask = rmask[:, None] & dmask[None, :]
+    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * LOG2E
+    return _tile(Q, rows, sqn, offs_d, qmask), _tile(DO, rows, son, offs_d, qmask), lse2, \
+        tl.load(DELTA + rows, mask=rmask, other=0.0)
+
+
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """One tile of the online softmax in base 2: (m_i, l_i, acc) updated with scores s (-inf: hidden) and
+    values v. A row that has seen no key yet keeps m_i = -inf and adds nothing."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -46,226 +88,158 @@ def _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, valid, m_i, l_i, acc, qk_scale,
-              PREC: tl.constexpr):
-    """One key tile of the online softmax: (m_i, l_i, acc) updated with the keys at `cols` where `valid`."""
-    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
-    s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+def _key_range(part: tl.constexpr, PRE, sid, start, L, hi):
+    """Part 0 of a query tile's keys: its prefix's (flat start, length, loop end); part 1: its own, causal."""
+    if part == 0:
+        plen = tl.load(PRE + 2 * sid + 1)
+        base, klen, hi = tl.load(PRE + 2 * sid), plen, plen
+    else:
+        base, klen = start, L
+    return base, klen, hi
 
 
-@triton.jit
-def _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq, qk_scale,
-             PREC: tl.constexpr):
-    """One key tile of dQ: dq + dS @ K for the keys at `cols` where `valid`."""
-    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
-    _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-
-
+# The kernels: Q, O, DO, DQ (strides sq*, so*; DQ has Q's) and LSE, DELTA [Hq, N] at query head h;
+# K, V, DK, DV (strides sk*, sv*; DK, DV have K's, V's) at kv head h // REP.
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
               REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kvh = h // REP
-    start = tl.load(CU + sid)
-    L = tl.load(CU + sid + 1) - start
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
+    Q, O, LSE, K, V = Q + h * sqh, O + h * soh, LSE + h * N, K + h // REP * skh, V + h // REP * svh
+    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     qmask = (offs_m < L)[:, None] & dmask[None, :]
-    q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
+    q = _tile(Q, rows, sqn, offs_d, qmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    if HAS_PREFIX:   # the prefix's keys first, all visible (every row sees its key 0: no -inf rows)
-        pst = tl.load(PRE + 2 * sid)
-        plen = tl.load(PRE + 2 * sid + 1)
-        for n0 in tl.range(0, plen, BLOCK_N):
+    qk_scale = sm_scale * LOG2E
+    for part in tl.static_range(0 if HAS_PREFIX else 1, 2):
+        base, klen, hi = _key_range(part, PRE, sid, start, L, tl.minimum(L, (mt + 1) * BLOCK_M))
+        for n0 in tl.range(0, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            cols = (pst + offs_n).to(tl.int64)
-            kvmask = (offs_n < plen)[:, None] & dmask[None, :]
-            m_i, l_i, acc = _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d,
-                                      (offs_n < plen)[None, :], m_i, l_i, acc, qk_scale, PREC)
-    hi = tl.minimum(L, (mt + 1) * BLOCK_M)
-    for n0 in tl.range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = (start + offs_n).to(tl.int64)
-        kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < L)   # every row sees key 0: finite max
-        m_i, l_i, acc = _fwd_step(q, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, valid, m_i, l_i, acc,
-                                  qk_scale, PREC)
-    acc = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * son + h * soh + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
-    tl.store(LSE + h * N + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < L)
+            k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.where(_visible(offs_m, offs_n, klen, part == 1), s, float("-inf"))
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)
+    acc = acc / l_i[:, None]        # every row sees a key (key 0 of its prefix or its sequence): l_i > 0
+    tl.store(O + rows[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < L)
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, sqh, skn, skh, svn, svh,
-                   son, soh, REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr):
-    # DO has the strides (son, soh); DK / DV the strides of K / V
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
+                   REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     nt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + sid)
-    L = tl.load(CU + sid + 1) - start
-    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    cols = (start + offs_n).to(tl.int64)
-    kvmask = (offs_n < L)[:, None] & dmask[None, :]
-    k = _tile(K, cols, skn, kvh, skh, offs_d, kvmask)
-    v = _tile(V, cols, svn, kvh, svh, offs_d, kvmask)
+    K, V, DK, DV = K + kvh * skh, V + kvh * svh, DK + kvh * skh, DV + kvh * svh
+    start, L, offs_n, cols, offs_d, dmask = _seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
+    k, v = _kv(K, V, start, offs_n, L, skn, svn, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    lo = (nt * BLOCK_N // BLOCK_M) * BLOCK_M          # first query tile that can see this key tile
+    qk_scale = sm_scale * LOG2E
     for hh in tl.static_range(REP):                   # every query head of the group: no atomics
         h = kvh * REP + hh
-        for m0 in tl.range(lo, L, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            rows = (start + offs_m).to(tl.int64)
-            rmask = offs_m < L
-            qmask = rmask[:, None] & dmask[None, :]
-            q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
-            do = _tile(DO, rows, son, h, soh, offs_d, qmask)
-            lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
-            valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
-            p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if HAS_PREFIX:   # the queries of the sequences this one is the prefix of: they see every key here
-            d0 = tl.load(DEP + 2 * sid)
-            d1 = tl.load(DEP + 2 * sid + 1)
-            for r0 in tl.range(d0, d1, BLOCK_M):
-                rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-                rmask = rows < d1
-                qmask = rmask[:, None] & dmask[None, :]
-                q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
-                do = _tile(DO, rows, son, h, soh, offs_d, qmask)
-                lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
-                valid = rmask[:, None] & (offs_n[None, :] < L)
+        for part in tl.static_range(2 if HAS_PREFIX else 1):
+            if part == 0:   # the sequence's own queries, from the first tile that can see this key tile
+                base, lo, qlen = start, (nt * BLOCK_N // BLOCK_M) * BLOCK_M, L
+            else:           # the queries of the sequences this one is the prefix of: they see every key here
+                base, lo = tl.load(DEP + 2 * sid), 0
+                qlen = tl.load(DEP + 2 * sid + 1) - base
+            for m0 in tl.range(lo, qlen, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                rmask = offs_m < qlen
+                q, do, lse2, delta = _q_rows(Q + h * sqh, DO + h * soh, LSE + h * N, DELTA + h * N,
+                                             (base + offs_m).to(tl.int64), rmask, sqn, son, offs_d, dmask)
+                valid = rmask[:, None] & _visible(offs_m, offs_n, L, part == 0)
                 p, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + cols[:, None] * skn + kvh * skh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kvmask)
-    tl.store(DV + cols[:, None] * svn + kvh * svh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
+    kvmask = (offs_n < L)[:, None] & dmask[None, :]
+    tl.store(DK + cols[:, None] * skn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + cols[:, None] * svn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, svh, son, soh,
                  REP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
-    # DQ has the strides of Q
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kvh = h // REP
-    start = tl.load(CU + sid)
-    L = tl.load(CU + sid + 1) - start
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
+    Q, DO, DQ, K, V = Q + h * sqh, DO + h * soh, DQ + h * sqh, K + h // REP * skh, V + h // REP * svh
+    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     rmask = offs_m < L
-    qmask = rmask[:, None] & dmask[None, :]
-    q = _tile(Q, rows, sqn, h, sqh, offs_d, qmask)
-    do = _tile(DO, rows, son, h, soh, offs_d, qmask)
-    lse2 = tl.load(LSE + h * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + h * N + rows, mask=rmask, other=0.0)
+    q, do, lse2, delta = _q_rows(Q, DO, LSE + h * N, DELTA + h * N, rows, rmask, sqn, son, offs_d, dmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    if HAS_PREFIX:
-        pst = tl.load(PRE + 2 * sid)
-        plen = tl.load(PRE + 2 * sid + 1)
-        for n0 in tl.range(0, plen, BLOCK_N):
+    qk_scale = sm_scale * LOG2E
+    for part in tl.static_range(0 if HAS_PREFIX else 1, 2):
+        base, klen, hi = _key_range(part, PRE, sid, start, L, tl.minimum(L, (mt + 1) * BLOCK_M))
+        for n0 in tl.range(0, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            cols = (pst + offs_n).to(tl.int64)
-            kvmask = (offs_n < plen)[:, None] & dmask[None, :]
-            valid = rmask[:, None] & (offs_n < plen)[None, :]
-            dq = _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq,
-                          qk_scale, PREC)
-    hi = tl.minimum(L, (mt + 1) * BLOCK_M)
-    for n0 in tl.range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = (start + offs_n).to(tl.int64)
-        kvmask = (offs_n < L)[:, None] & dmask[None, :]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & rmask[:, None] & (offs_n[None, :] < L)
-        dq = _dq_step(q, do, K, V, cols, kvmask, kvh, skn, skh, svn, svh, offs_d, lse2, delta, valid, dq,
-                      qk_scale, PREC)
-    tl.store(DQ + rows[:, None] * sqn + h * sqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qmask)
+            k, v = _kv(K, V, base, offs_n, klen, skn, svn, offs_d, dmask)
+            valid = rmask[:, None] & _visible(offs_m, offs_n, klen, part == 1)
+            _, ds = _bwd_p_ds(q, k, v, do, lse2, delta, valid, qk_scale, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + rows[:, None] * sqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
 
 
 def tile_config(cuda: bool, D: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) forward and backward. Interpreter: small tiles."""
     if not cuda:
         return (16, 16, 1, 1), (16, 16, 1, 1)
-    fwd = (128, 64, 8, 3 if D <= 64 else 2)
-    bwd = (64, 64, 8, 2) if D <= 64 else (32, 64, 8, 2)
-    return fwd, bwd
+    return (128, 64, 8, 3 if D <= 64 else 2), (64 if D <= 64 else 32, 64, 8, 2)
+
+
+def _run(kernel, grid, args, q, k, v, o, tiles, has_prefix):
+    """kernel[grid](q, k, v, *args, N, the strides of q, k, v and o (O or dO), the constants of `tiles`)."""
+    BM, BN, nw, ns = tiles
+    N, Hq, D = q.shape
+    if N and grid[1]:   # tokens and sequences
+        kernel[grid](q, k, v, *args, N, *(s for t in (q, k, v, o) for s in t.stride()[:2]), REP=Hq // k.shape[1],
+                     D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN, HAS_PREFIX=has_prefix,
+                     PREC="ieee" if q.dtype == torch.float32 else None, num_warps=nw, num_stages=ns)   # no TF32
 
 
 class _FlashAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, prefix):
-        N, Hq, D = q.shape
-        Hkv = k.shape[1]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         cu = cu_seqlens.to(torch.int32).contiguous()
-        has_prefix = prefix is not None
-        if has_prefix:   # pre: [S, 2] (start, length) of each sequence's prefix; dep: the queries reading it
-            pre = prefix.to(device=q.device, dtype=torch.int32).contiguous()
-            dep = prefix_dependents(cu, pre).to(q.device)
-        else:
-            pre = dep = cu          # unused pointers
-        S = cu.numel() - 1
+        # pre: [S, 2] (start, length) of each sequence's prefix; dep: the queries that read it (without: unused cu)
+        pre = cu if prefix is None else prefix.to(device=q.device, dtype=torch.int32).contiguous()
+        dep = cu if prefix is None else prefix_dependents(cu, pre).to(q.device)
+        N, Hq, S = q.shape[0], q.shape[1], cu.numel() - 1
         o = torch.empty_like(q)
         lse = torch.empty(Hq, N, dtype=torch.float32, device=q.device)
-        (BM, BN, nw, ns), _ = tile_config(q.is_cuda, D)
-        BD, prec = triton.next_power_of_2(D), "ieee" if q.dtype == torch.float32 else None   # fp32: no TF32
-        if N and S:
-            grid = (triton.cdiv(max_seqlen, BM), S, Hq)
-            _attn_fwd[grid](q, k, v, o, lse, cu, pre, scale, N, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                            v.stride(0), v.stride(1), o.stride(0), o.stride(1), REP=Hq // Hkv, D=D, BLOCK_D=BD,
-                            BLOCK_M=BM, BLOCK_N=BN, PREC=prec, HAS_PREFIX=has_prefix,
-                            num_warps=nw, num_stages=ns)
+        tiles = tile_config(q.is_cuda, q.shape[2])[0]
+        _run(_attn_fwd, (triton.cdiv(max_seqlen, tiles[0]), S, Hq), (o, lse, cu, pre, scale), q, k, v, o, tiles,
+             prefix is not None)
         ctx.save_for_backward(q, k, v, o, lse, cu, pre, dep)
-        ctx.max_seqlen, ctx.scale, ctx.has_prefix = max_seqlen, scale, has_prefix
+        ctx.max_seqlen, ctx.scale, ctx.has_prefix = max_seqlen, scale, prefix is not None
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu, pre, dep = ctx.saved_tensors
-        N, Hq, D = q.shape
-        Hkv = k.shape[1]
-        S = cu.numel() - 1
+        q, k, v = (t.contiguous() for t in (q, k, v))   # dQ, dK, dV are written with q's, k's, v's strides
+        Hq, S = q.shape[1], cu.numel() - 1
         do = do.contiguous() if do.stride(-1) != 1 or do.stride() != o.stride() else do
         delta = (o.float() * do.float()).sum(-1).T.contiguous()             # [Hq, N]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _, (BM, BN, nw, ns) = tile_config(q.is_cuda, D)
-        BD, prec = triton.next_power_of_2(D), "ieee" if q.dtype == torch.float32 else None   # fp32: no TF32
-        common = dict(REP=Hq // Hkv, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, PREC=prec,
-                      HAS_PREFIX=ctx.has_prefix, num_warps=nw, num_stages=ns)
-        if N and S:
-            strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                       do.stride(0), do.stride(1))
-            _attn_bwd_dkdv[(triton.cdiv(ctx.max_seqlen, BN), S, Hkv)](
-                q, k, v, do, lse, delta, dk, dv, cu, dep, ctx.scale, N, *strides, **common)
-            _attn_bwd_dq[(triton.cdiv(ctx.max_seqlen, BM), S, Hq)](
-                q, k, v, do, lse, delta, dq, cu, pre, ctx.scale, N, *strides, **common)
+        tiles = tile_config(q.is_cuda, q.shape[2])[1]
+        _run(_attn_bwd_dkdv, (triton.cdiv(ctx.max_seqlen, tiles[1]), S, k.shape[1]),
+             (do, lse, delta, dk, dv, cu, dep, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
+        _run(_attn_bwd_dq, (triton.cdiv(ctx.max_seqlen, tiles[0]), S, Hq),
+             (do, lse, delta, dq, cu, pre, ctx.scale), q, k, v, do, tiles, ctx.has_prefix)
         return dq, dk, dv, None, None, None, None
+
+
+def check_args(q: torch.Tensor, Hkv: int, cu_seqlens: torch.Tensor, max_len: int | None, scale: float | None):
+    """The GQA head count check, then (max_len, scale) with their defaults: the longest sequence, 1/sqrt(D)."""
+    if q.shape[1] % Hkv:
+        raise ValueError(f"attention: {q.shape[1]} query heads is not a multiple of {Hkv} kv heads")
+    if max_len is None:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return max_len, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 def _flash_attn_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -284,11 +258,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
     """q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1]; prefix: [S, 2] (start, length) or None
     -> [N, Hq, D], causal within each sequence, after its prefix's keys (kernels/attention.py)."""
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    max_seqlen, scale = check_args(q, k.shape[1], cu_seqlens, max_seqlen, scale)
     if prefix is not None and not bool((prefix[:, 1] > 0).any()):
         prefix = None
     if prefix is None and _flash_attn_fits(q, k):

@@ -2,11 +2,11 @@
 
     logp[i] = (h[i] @ W.T)[t[i]] - logsumexp(h[i] @ W.T)
 
-Tokens are processed in chunks of `chunk` rows: the forward keeps only the per-token logsumexp; the
-backward recomputes each chunk's logits and turns them into gradients at once
-(d logits = g * (onehot(t) - softmax)), accumulating dW chunk by chunk. Peak extra memory is one chunk
-of logits, [chunk, V], instead of several copies of [N, V]. Targets equal to `ignore_index` give
-log-prob 0 and no gradient. SFT's cross-entropy and every DPO loss are built on this.
+Tokens go through in chunks of `chunk` rows: the forward keeps only the per-token logsumexp; the backward
+recomputes each chunk's logits and overwrites them in place with d logits = g * (onehot(t) - softmax),
+then dh = d logits @ W and dW += d logits.T @ h. Peak extra memory is one [chunk, V] logits buffer instead
+of several [N, V]. Targets equal to `ignore_index` give log-prob 0 and no gradient. SFT's cross-entropy
+and every DPO loss are built on this. The chunk loop (`ChunkedLogprobs`) also runs the Triton row kernels.
 """
 from __future__ import annotations
 
@@ -15,66 +15,76 @@ import torch
 IGNORE_INDEX = -100
 
 
-class _ChunkedLinearLogprobs(torch.autograd.Function):
+class ChunkedLogprobs(torch.autograd.Function):
+    """The chunk loop. `rows` = (forward, backward), each on one chunk of logits [c, V]:
+    forward(logits, t, lse, logp, ignore_index) fills lse and logp [c] (logp 0 where ignored; may clobber
+    logits); backward(logits, t, lse, g) overwrites logits with d logits (ignored rows: t 0 and g 0).
+    upcast: fp32 logits (else the GEMM's dtype: the Triton kernels upcast per tile, halving the buffer)."""
+
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, ignore_index):
-        # h: [N, H]; weight: [V, H]; targets: [N] -> logp: [N] fp32
+    def forward(ctx, h, weight, targets, chunk, ignore_index, rows, upcast):
         N = h.shape[0]
         logp = torch.zeros(N, dtype=torch.float32, device=h.device)
         lse = torch.zeros(N, dtype=torch.float32, device=h.device)
-        valid = targets != ignore_index
-        safe_t = torch.where(valid, targets, 0)
         for s in range(0, N, chunk):
-            logits = (h[s:s + chunk] @ weight.T).float()              # [c, V]
-            picked = logits.gather(1, safe_t[s:s + chunk, None])[:, 0]
-            m = logits.amax(dim=-1)                                    # logsumexp in place: one [c, V]
-            lse[s:s + chunk] = logits.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
-            logp[s:s + chunk] = picked - lse[s:s + chunk]
-        logp = torch.where(valid, logp, torch.zeros_like(logp))
-        ctx.save_for_backward(h, weight, safe_t, valid, lse)
-        ctx.chunk = chunk
+            c = slice(s, s + chunk)
+            rows[0](_logits(h[c], weight, upcast), targets[c], lse[c], logp[c], ignore_index)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk, ctx.ignore_index, ctx.rows, ctx.upcast = chunk, ignore_index, rows, upcast
         return logp
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, safe_t, valid, lse = ctx.saved_tensors
-        chunk = ctx.chunk
-        g = torch.where(valid, g.float(), torch.zeros_like(g, dtype=torch.float32))
+        h, weight, targets, lse = ctx.saved_tensors
+        valid = targets != ctx.ignore_index
+        g, t = torch.where(valid, g.float(), 0.0).contiguous(), torch.where(valid, targets, 0)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
-            logits = (hc @ weight.T).float()                          # [c, V]
-            dlogits = logits.sub_(lse[s:s + chunk, None]).exp_()       # softmax, in place
-            dlogits.mul_(-g[s:s + chunk, None])
-            dlogits.scatter_add_(1, safe_t[s:s + chunk, None], g[s:s + chunk, None])
+        for s in range(0, h.shape[0], ctx.chunk):
+            c = slice(s, s + ctx.chunk)
+            dl = _logits(h[c], weight, ctx.upcast)
+            ctx.rows[1](dl, t[c], lse[c], g[c])
             if dh is not None:
-                dh[s:s + chunk] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
-            if dw is not None:
-                dw.addmm_(dlogits.T, hc.float())
-        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
+                dh[c] = (dl.to(weight.dtype) @ weight).to(h.dtype)
+            if dw is not None and dl.dtype == torch.float32:
+                dw.addmm_(dl.T, h[c].float())
+            elif dw is not None:                                       # bf16/fp16 GEMM, fp32 accumulator
+                dw += dl.T @ h[c].to(dl.dtype)
+        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None, None
+
+
+def _logits(hc: torch.Tensor, weight: torch.Tensor, upcast: bool) -> torch.Tensor:
+    logits = hc @ weight.T                                             # [c, V]
+    return logits.float() if upcast else logits
+
+
+def _lse_logp(logits, t, lse, logp, ignore_index):
+    valid = t != ignore_index
+    picked = logits.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    m = logits.amax(dim=-1)                                            # logsumexp in place: one [c, V]
+    lse.copy_(logits.sub_(m[:, None]).exp_().sum(-1).log_().add_(m))
+    logp.copy_(torch.where(valid, picked - lse, 0.0))
+
+
+def _dlogits(logits, t, lse, g):
+    dl = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
+    dl.mul_(-g[:, None])
+    dl.scatter_add_(1, t[:, None], g[:, None])
 
 
 def linear_logprobs_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         chunk: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """h: [N, H]; weight: [V, H]; targets: [N] -> per-token log-probs [N] (fp32).
+    """h: [N, H]; weight: [V, H]; targets: [N] -> per-token log-probs [N] (fp32, 0 where ignored).
     Cross-entropy is -logp (averaged over targets != ignore_index)."""
-    return _ChunkedLinearLogprobs.apply(h, weight, targets, chunk, ignore_index)
-
-
-def linear_logprobs(h, weight, targets, chunk: int = 1024, ignore_index: int = IGNORE_INDEX):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(h):
-        from selfreward.kernels.logprobs_triton import linear_logprobs_triton
-        return linear_logprobs_triton(h, weight, targets, chunk, ignore_index)
-    return linear_logprobs_ref(h, weight, targets, chunk, ignore_index)
+    return ChunkedLogprobs.apply(h, weight, targets, chunk, ignore_index, (_lse_logp, _dlogits), True)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of lm_head(h) against targets, on the fused log-probs (never [N, V]).
     reduction: "mean" (over targets != ignore_index), "sum", or "none" ([N], 0 where ignored)."""
+    from selfreward.kernels.ops import linear_logprobs   # the switch (ops imports this module)
     nll = -linear_logprobs(h, weight, targets, chunk, ignore_index)
     if reduction == "none":
         return nll

@@ -1,26 +1,25 @@
-"""Fused linear -> log-softmax -> gather with Triton row kernels, chunked over tokens.
+"""Fused linear -> log-softmax -> gather with Triton row kernels, in the twin's chunk loop.
 
-Same algorithm as the twin `kernels.logprobs.linear_logprobs_ref`: tokens go through in chunks of
-`chunk` rows, so at most one [chunk, V] logits buffer exists at a time.
-
-- forward, per chunk: logits = h_c @ W.T (the GEMM stays with cuBLAS / torch), then `_lse_fwd`
-  streams each row once over V in BLOCK_V tiles with an online max / sum-exp and returns the row's
-  logsumexp and target log-prob. Only lse [N] is kept for the backward.
-- backward, per chunk: the logits are recomputed and `_dlogits_bwd` overwrites them in place with
-  d logits = g * (onehot(t) - exp(logits - lse)); then dh_c = dlogits @ W and dW += dlogits.T @ h_c.
-  No second [chunk, V] buffer is allocated.
-
-Targets equal to ignore_index give log-prob 0 and no gradient.
+`kernels.logprobs.ChunkedLogprobs` runs the chunks (the GEMMs stay with cuBLAS / torch); per chunk of
+logits [c, V], one program per row streams V once in BLOCK_V tiles:
+- `_lse_fwd`: online max / sum-exp -> the row's logsumexp and target log-prob (0 where ignored);
+- `_dlogits_bwd`: overwrites the recomputed logits in place with d logits = g * (onehot(t) - exp(x - lse)),
+  so no second [chunk, V] buffer exists.
+On CUDA the logits keep the GEMM's dtype (the kernels upcast per tile); under the interpreter fp32, as the twin.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from selfreward.kernels.logprobs import IGNORE_INDEX, ChunkedLogprobs
+
 
 @triton.jit
-def _lse_fwd(L, T, LSE, LOGP, stride, V, ignore_index, BLOCK_V: tl.constexpr):
+def _lse_fwd(L, stride, V, T, LSE, LOGP, ignore_index, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     base = L + row.to(tl.int64) * stride
     t = tl.load(T + row)
@@ -40,12 +39,12 @@ def _lse_fwd(L, T, LSE, LOGP, stride, V, ignore_index, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _dlogits_bwd(L, T, LSE, G, stride, V, BLOCK_V: tl.constexpr):
+def _dlogits_bwd(L, stride, V, T, LSE, G, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     base = L + row.to(tl.int64) * stride
     t = tl.load(T + row)
     lse = tl.load(LSE + row)
-    g = tl.load(G + row)            # already 0 on ignored rows
+    g = tl.load(G + row)            # ignored rows: g 0 (and t 0)
     for start in tl.range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -54,60 +53,20 @@ def _dlogits_bwd(L, T, LSE, G, stride, V, BLOCK_V: tl.constexpr):
         tl.store(base + cols, d.to(L.dtype.element_ty), mask=mask)
 
 
-def _block_v(V: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(V), 4096 if device.type == "cuda" else 1024)
+def block_v(V: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernels."""
+    BV = min(triton.next_power_of_2(V), 4096 if device.type == "cuda" else 1024)
+    return BV, 8 if BV >= 2048 else 4
 
 
-def _chunk_logits(hc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = hc @ weight.T                                     # [c, V]
-    # off CUDA (the interpreter) keep fp32 logits as the twin does; on CUDA keep the GEMM's dtype and let
-    # the kernels upcast per tile, which halves the chunk buffer for bf16
-    return logits if hc.is_cuda else logits.float()
-
-
-class _FusedLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk, ignore_index):
-        N, V = h.shape[0], weight.shape[0]
-        targets = targets.contiguous()
-        logp = torch.zeros(N, dtype=torch.float32, device=h.device)
-        lse = torch.zeros(N, dtype=torch.float32, device=h.device)
-        BV = _block_v(V, h.device)
-        for s in range(0, N, chunk):
-            logits = _chunk_logits(h[s:s + chunk], weight)
-            c = logits.shape[0]
-            _lse_fwd[(c,)](logits, targets[s:], lse[s:], logp[s:], logits.stride(0), V, ignore_index,
-                           BLOCK_V=BV, num_warps=8 if BV >= 2048 else 4)
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk, ctx.ignore_index = chunk, ignore_index
-        return logp
-
-    @staticmethod
-    def backward(ctx, g):
-        h, weight, targets, lse = ctx.saved_tensors
-        chunk, V = ctx.chunk, weight.shape[0]
-        g = torch.where(targets != ctx.ignore_index, g.float(), 0.0).contiguous()
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        BV = _block_v(V, h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
-            dl = _chunk_logits(hc, weight)                         # overwritten in place with d logits
-            _dlogits_bwd[(dl.shape[0],)](dl, targets[s:], lse[s:], g[s:], dl.stride(0), V,
-                                         BLOCK_V=BV, num_warps=8 if BV >= 2048 else 4)
-            if need_h:
-                dh[s:s + chunk] = (dl.to(weight.dtype) @ weight).to(h.dtype)
-            if need_w:
-                if dl.dtype == torch.float32:
-                    dw.addmm_(dl.T, hc.float())
-                else:                                              # bf16/fp16 GEMM, fp32 accumulator
-                    dw += dl.T @ hc.to(dl.dtype)
-        return dh, (dw.to(weight.dtype) if need_w else None), None, None, None
+def _rows(kernel, logits, *args):
+    """One program per row of a chunk of logits [c, V]."""
+    BV, nw = block_v(logits.shape[1], logits.device)
+    kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, BLOCK_V=BV, num_warps=nw)
 
 
 def linear_logprobs_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                           chunk: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+                           chunk: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """h: [N, H]; weight: [V, H]; targets: [N] -> per-token log-probs [N] fp32 (0 where ignored)."""
     V = weight.shape[0]
     bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
@@ -115,4 +74,5 @@ def linear_logprobs_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch
         i = int(bad.nonzero()[0])
         raise ValueError(f"linear_logprobs: target {int(targets[i])} at row {i} is outside [0, {V}) "
                          f"and is not ignore_index {ignore_index}")
-    return _FusedLinearLogprobs.apply(h, weight, targets, chunk, ignore_index)
+    rows = functools.partial(_rows, _lse_fwd), functools.partial(_rows, _dlogits_bwd)
+    return ChunkedLogprobs.apply(h, weight, targets.contiguous(), chunk, ignore_index, rows, not h.is_cuda)

@@ -9,20 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfreward.kernels.attention import pad_index, to_padded
+
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """k, v: [N, Hkv, D]; slot_mapping: [N] int -> writes in place."""
     keep = slot_mapping >= 0
-    kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    if bool(keep.all()):               # the sampler's steps: every token is stored (no boolean gathers)
-        slots = slot_mapping.long()
-        kf.index_copy_(0, slots, k.to(kf.dtype))
-        vf.index_copy_(0, slots, v.to(vf.dtype))
-        return
-    slots = slot_mapping[keep].long()
-    kf[slots] = k[keep]
-    vf[slots] = v[keep]
+    if not bool(keep.all()):           # the sampler's steps store every token (no boolean gathers)
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.long(), x.to(cache.dtype))
 
 
 def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -48,8 +45,7 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for g in groups:
         rows = torch.cat([torch.arange(cu[i], cu[i + 1], device=q.device) for i in g])
         sel = torch.tensor(g, device=q.device)
-        gcu = torch.zeros(len(g) + 1, dtype=cu_seqlens_q.dtype, device=q.device)
-        gcu[1:] = torch.tensor([qlens[i] for i in g], device=q.device).cumsum(0)
+        gcu = torch.tensor([0] + [qlens[i] for i in g], device=q.device).cumsum(0)
         out[rows] = _paged_prefill_padded(q[rows], k_cache, v_cache, gcu, block_tables[sel], context_lens[sel], scale)
     return out
 
@@ -66,26 +62,24 @@ def _length_groups(lens: list[int]) -> list[list[int]]:
     return groups
 
 
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, L: int) -> torch.Tensor:
+    """[S, Hkv, nb * bs, D]: the cached rows of each sequence's first L tokens, in whole blocks."""
+    bs = cache.shape[1]
+    bt = block_tables[:, :(L + bs - 1) // bs].long().clamp_min(0)
+    return cache.index_select(0, bt.reshape(-1)).view(bt.shape[0], bt.shape[1] * bs, *cache.shape[2:]).transpose(1, 2)
+
+
 def _paged_prefill_padded(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale):
-    N, Hq, D = q.shape
-    S = block_tables.shape[0]
-    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    seq, off, Lq = pad_index(cu_seqlens_q)
+    Lk, ctx = int(context_lens.max()), context_lens.long()
+    kp, vp = (_gather(c, block_tables, Lk)[:, :, :Lk] for c in (k_cache, v_cache))   # [S, Hkv, Lk, D]
     qlens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    Lq = int(qlens.max())
-    Lk = int(context_lens.max())
-    nb = (Lk + bs - 1) // bs
-    bt = block_tables[:, :nb].long().clamp_min(0)
-    kp = k_cache[bt].reshape(S, nb * bs, Hkv, D)[:, :Lk].transpose(1, 2)   # [S, Hkv, Lk, D]
-    vp = v_cache[bt].reshape(S, nb * bs, Hkv, D)[:, :Lk].transpose(1, 2)
-    seq = torch.repeat_interleave(torch.arange(S, device=q.device), qlens)
-    off = torch.arange(N, device=q.device) - cu_seqlens_q[:-1].long()[seq]
-    qp = q.new_zeros(S, Lq, Hq, D).index_put((seq, off), q).transpose(1, 2)  # [S, Hq, Lq, D]
-    ctx = context_lens.long()
     qpos = (ctx - qlens)[:, None] + torch.arange(Lq, device=q.device)[None, :]   # [S, Lq]
     kpos = torch.arange(Lk, device=q.device)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx[:, None, None])
     # enable_gqa: kv head j serves query heads j*rep .. j*rep+rep-1 without materialising the repeat
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None], scale=scale, enable_gqa=Hq != Hkv)
+    o = F.scaled_dot_product_attention(to_padded(q, seq, off, len(qlens), Lq), kp, vp, attn_mask=mask[:, None],
+                                       scale=scale, enable_gqa=q.shape[1] != k_cache.shape[2])
     return o.transpose(1, 2)[seq, off]
 
 
@@ -100,50 +94,20 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Rows are taken in consecutive groups of DECODE_ROWS; each group gathers its blocks up to its own
     longest context (one index_select) and makes one GQA SDPA call with a length mask. On a CPU the gather
     is the cost, so a caller that orders sequences by length (infer/runner does) gathers little padding."""
-    B, Hq, D = q.shape
-    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    B = q.shape[0]
     out = torch.empty_like(q)
     lens = context_lens.tolist()
     for a in range(0, B, DECODE_ROWS):
         z = min(a + DECODE_ROWS, B)
         L = max(lens[a:z])
-        nb = (L + bs - 1) // bs
-        bt = block_tables[a:z, :nb].long().clamp_min(0).reshape(-1)
-        kp = k_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)   # [b, Hkv, nb*bs, D]
-        vp = v_cache.index_select(0, bt).view(z - a, nb * bs, Hkv, D).transpose(1, 2)
+        kp, vp = (_gather(c, block_tables[a:z], L) for c in (k_cache, v_cache))      # [b, Hkv, nb * bs, D]
         if min(lens[a:z]) == L:        # rows of one length (a greedy batch of equal prompts): no mask
             mask, kp, vp = None, kp[:, :, :L], vp[:, :, :L]
         else:
-            mask = (torch.arange(nb * bs, device=q.device)[None, :] < context_lens[a:z, None])[:, None, None]
+            mask = (torch.arange(kp.shape[2], device=q.device)[None, :] < context_lens[a:z, None])[:, None, None]
         o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask, scale=scale,
-                                           enable_gqa=Hq != Hkv)                     # [b, Hq, 1, D]
+                                           enable_gqa=q.shape[1] != k_cache.shape[2])   # [b, Hq, 1, D]
         if a == 0 and z == B:
             return o[:, :, 0]
         out[a:z] = o[:, :, 0]
     return out
-
-
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(k):
-        from selfreward.kernels.paged_triton import store_kv_triton
-        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-
-
-def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.paged_triton import paged_decode_triton
-        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-def paged_prefill(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale=None):
-    # Triton: the same block-table kernel as decode, with several new queries per sequence
-    # (flash-attn's paged varlen path needs block_size % 256 == 0, which our caches do not use).
-    from selfreward.kernels.ops import use_triton
-    if use_triton(q):
-        from selfreward.kernels.paged_triton import paged_prefill_triton
-        return paged_prefill_triton(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
-    return paged_prefill_ref(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)

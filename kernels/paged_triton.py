@@ -1,27 +1,20 @@
-"""Paged KV cache in Triton: store new keys/values through a slot mapping, attend over a block table.
+"""Paged KV cache in Triton; cache layout and contract: the twin `kernels.paged`.
 
-Cache layout (twin: `kernels.paged`): k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot =
-block_id * block_size + offset, slot -1 = skip. Block table [S, max_blocks]; context_lens [S].
-
-- `_store_kv`: one program per new token copies its Hkv x D keys and values into the slot.
-- `_paged_attn`: one program per (row tile, sequence, kv head). The rows of a tile are
-  (query, head-in-group) pairs, so every query head that shares a kv head is served by one pass over the
-  cached keys (GQA reads K/V once per group; for decode the tile is just the group's heads). Keys are
-  visited in BLOCK_N-token tiles; each token's physical block comes from the block table, so any
-  block_size works. Causal: query i of a sequence with qlen new tokens sits at position
-  ctx - qlen + i. Online softmax in base 2, as in attention_triton.
-  `paged_decode_triton` is the qlen = 1 case, `paged_prefill_triton` the general one.
-Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into
-ranges processed in parallel, each writing a partial output and its logsumexp, merged in torch.
+- `_store_kv`: one program per new token copies its Hkv x D keys and values into its slot.
+- `_paged_attn`: one program per (row tile, sequence, kv head); the rows of a tile are (query, head-in-group)
+  pairs, so one pass over the cached keys serves every query head of a kv head. Each key's physical block
+  comes from the block table (any block_size). Query i of a sequence with qlen new tokens sits at position
+  ctx - qlen + i. `paged_decode_triton` is the qlen = 1 case.
+Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into ranges
+processed in parallel, each writing a partial output and its logsumexp, merged in torch.
 """
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from selfreward.kernels.attention_triton import LOG2E, check_args, softmax_step
 
 
 @triton.jit
@@ -65,7 +58,7 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     last_q = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // REP, qlen - 1)
     lo = split * span
     hi = tl.minimum(tl.minimum(ctx, ctx - qlen + last_q + 1), lo + span)
@@ -78,25 +71,15 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
         k = tl.load(KC + (blk * s_kb + off * s_kt + kvh * s_kh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         v = tl.load(VC + (blk * s_vb + off * s_vt + kvh * s_vh)[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = (tok[None, :] <= qpos[:, None]) & tmask[None, :]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no visible key yet (splits)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    if SPLIT:     # a split may hold no visible key: weight 0 (lse -inf), output 0
-        has = l_i > 0
-        acc = acc / tl.where(has, l_i, 1.0)[:, None]
+        s = tl.where((tok[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, PREC)   # a row may see no key yet (splits)
+    has = l_i > 0                   # a split may hold no visible key: weight 0 (lse -inf), output 0
+    acc = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SPLIT:
         lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(LSEP + split * s_ls + qrow * s_ln + head, lse2, mask=rmask)
-        tl.store(O + split * s_ps + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc, mask=qmask)
-    else:
-        acc = acc / l_i[:, None]
-        tl.store(O + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=qmask)
+    o = O + split * s_ps + qrow[:, None] * son + head[:, None] * soh + offs_d[None, :]
+    tl.store(o, acc.to(O.dtype.element_ty), mask=qmask)
 
 
 def _check_cache(k_cache: torch.Tensor, name: str = "k_cache") -> None:
@@ -117,24 +100,16 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hkv, D = k.shape
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     if N:
         _store_kv[(N,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1), v.stride(0),
                         v.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
     """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
-    if not q.is_cuda:
-        return 1
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
@@ -150,39 +125,27 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hq, D = q.shape
     Hkv, bs = k_cache.shape[2], k_cache.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"paged attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
     rep = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
-    cu = cu_seqlens_q.to(torch.int32).contiguous()
-    bt = block_tables.to(torch.int32).contiguous()
-    ctx = context_lens.to(torch.int32).contiguous()
+    cu, bt, ctx = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, block_tables, context_lens))
     S = cu.numel() - 1
-    if max_qlen is None:
-        max_qlen = int((cu[1:] - cu[:-1]).max()) if S else 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    max_qlen, scale = check_args(q, Hkv, cu, max_qlen, scale)
     BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
     m_tiles = triton.cdiv(max_qlen * rep, BM)
     max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
     P = num_splits if num_splits is not None else _auto_splits(q, m_tiles * S * Hkv, max_ctx_bound)
     span = triton.cdiv(triton.cdiv(max_ctx_bound, P), BN) * BN
-    if P > 1:
-        o = torch.empty(P, N, Hq, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(P, N, Hq, dtype=torch.float32, device=q.device)
-        o_strides, lse_strides = (o.stride(1), o.stride(2), o.stride(0)), (lse.stride(0), lse.stride(1))
-    else:
-        o = torch.empty_like(q)
-        lse = o                                           # unused
-        o_strides, lse_strides = (o.stride(0), o.stride(1), 0), (0, 0)
+    o = torch.empty(P, N, Hq, D, dtype=torch.float32 if P > 1 else q.dtype, device=q.device)   # [1, ...]: no split
+    lse = torch.empty(P if P > 1 else 0, N, Hq, dtype=torch.float32, device=q.device)
     if N and S:
         _paged_attn[(m_tiles, S, Hkv * P)](
-            q, k_cache, v_cache, o, lse, cu, bt, ctx, scale, q.stride(0), q.stride(1), o_strides[0], o_strides[1],
+            q, k_cache, v_cache, o, lse, cu, bt, ctx, scale, q.stride(0), q.stride(1), o.stride(1), o.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), bt.stride(0), o_strides[2], *lse_strides, bs, span, P, REP=rep, D=D,
+            v_cache.stride(2), bt.stride(0), o.stride(0), lse.stride(0), lse.stride(1), bs, span, P, REP=rep, D=D,
             BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BM, BLOCK_N=BN,
             PREC="ieee" if q.dtype == torch.float32 else None, SPLIT=P > 1, num_warps=nw)
     if P == 1:
-        return o
+        return o[0]
     w = torch.exp2(lse - lse.amax(0, keepdim=True))       # [P, N, Hq]; split 0 always sees key 0
     return ((w[..., None] * o).sum(0) / w.sum(0)[..., None]).to(q.dtype)
 
@@ -191,7 +154,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
     """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
-    B = q.shape[0]
-    cu = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
                                 num_splits=num_splits)

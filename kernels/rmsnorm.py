@@ -16,11 +16,3 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = weight * y.to(x.dtype)
     return y if residual is None else (y, x)
-
-
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    from selfreward.kernels.ops import use_triton
-    if use_triton(x):
-        from selfreward.kernels.rmsnorm_triton import rmsnorm_triton
-        return rmsnorm_triton(x, weight, eps, residual)
-    return rmsnorm_ref(x, weight, eps, residual)

@@ -1,10 +1,8 @@
-"""RMSNorm (optionally fused with the residual add) in Triton: forward, backward, autograd Function.
+"""RMSNorm (optionally fused with the residual add) in Triton; numerics as the twin `kernels.rmsnorm`.
 
-One program normalises one row of H features (the whole row sits in registers, BLOCK = next_pow2(H)).
-The backward recomputes x_hat from the saved input and per-row 1/rms; the weight gradient is summed in
-fp32 per program over a stripe of rows, then the few stripes are added by torch.
-Numerics follow the twin `kernels.rmsnorm.rmsnorm_ref` (statistics in fp32, the normalised row rounded
-to the input dtype before the weight multiply).
+One program normalises one row (the whole row in registers, BLOCK = next_pow2(H)). The backward recomputes
+x_hat from the saved input and per-row 1/rms; dW is summed in fp32 per program over a stripe of rows,
+then the few stripes are added by torch.
 """
 from __future__ import annotations
 
@@ -60,59 +58,40 @@ def num_warps(BLOCK: int) -> int:
     return 4 if BLOCK <= 4096 else 8
 
 
-def _fwd(x2, r2, weight, eps):
-    M, H = x2.shape
-    out_dtype = torch.promote_types(weight.dtype, x2.dtype)
-    y = torch.empty(M, H, dtype=out_dtype, device=x2.device)
-    s = torch.empty_like(x2) if r2 is not None else x2
-    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
-    BLOCK = triton.next_power_of_2(H)
-    if M:
-        _rmsnorm_fwd[(M,)](x2, r2 if r2 is not None else x2, weight, y, s, rstd,
-                           x2.stride(0), (r2 if r2 is not None else x2).stride(0), y.stride(0), s.stride(0),
-                           H, eps, HAS_RES=r2 is not None, BLOCK=BLOCK, num_warps=num_warps(BLOCK))
-    return y, s, rstd
-
-
-def _n_stripes(x: torch.Tensor, M: int) -> int:
-    if x.is_cuda:
-        return max(1, min(M, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    return max(1, min(M, 4))   # interpreter: few programs, each looping over rows
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        shape = x.shape
-        H = shape[-1]
+        H = x.shape[-1]
         x2 = x.reshape(-1, H).contiguous()
-        r2 = residual.reshape(-1, H).contiguous() if residual is not None else None
-        y, s, rstd = _fwd(x2, r2, weight.contiguous(), eps)
+        r2 = residual.reshape(-1, H).contiguous() if residual is not None else x2    # x2: an unused pointer
+        M, weight = x2.shape[0], weight.contiguous()
+        y = torch.empty(M, H, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        s = torch.empty_like(x2) if residual is not None else x2                      # x + residual
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        BLOCK = triton.next_power_of_2(H)
+        if M:
+            _rmsnorm_fwd[(M,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), H,
+                               eps, HAS_RES=residual is not None, BLOCK=BLOCK, num_warps=num_warps(BLOCK))
         ctx.save_for_backward(s, weight, rstd)
-        ctx.has_res, ctx.shape = residual is not None, shape
-        ctx.mark_non_differentiable(rstd)
-        if residual is None:
-            return y.view(shape)
-        return y.view(shape), s.view(shape)
+        ctx.has_res = residual is not None
+        return y.view(x.shape) if residual is None else (y.view(x.shape), s.view(x.shape))
 
     @staticmethod
     def backward(ctx, dy, ds=None):
         s, weight, rstd = ctx.saved_tensors
         M, H = s.shape
         dy2 = dy.reshape(-1, H).contiguous()
-        ds2 = ds.reshape(-1, H).contiguous() if ds is not None else None
+        ds2 = ds.reshape(-1, H).contiguous() if ds is not None else dy2               # dy2: an unused pointer
         dx = torch.empty_like(s)
-        G = _n_stripes(s, M)
+        sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 1
+        G = max(1, min(M, 4 * sms))   # stripes of rows; the interpreter: few programs, each looping over rows
         dwp = torch.zeros(G, H, dtype=torch.float32, device=s.device)
         BLOCK = triton.next_power_of_2(H)
         if M:
-            _rmsnorm_bwd[(G,)](dy2, ds2 if ds2 is not None else dy2, s, weight, rstd, dx, dwp, M, H,
-                               dy2.stride(0), (ds2 if ds2 is not None else dy2).stride(0), s.stride(0),
-                               dx.stride(0), HAS_DS=ds2 is not None, BLOCK=BLOCK,
-                               num_warps=num_warps(BLOCK))
-        dw = dwp.sum(0).to(weight.dtype)
-        dx = dx.view(ctx.shape)
-        return dx, dw, None, (dx if ctx.has_res else None)
+            _rmsnorm_bwd[(G,)](dy2, ds2, s, weight, rstd, dx, dwp, M, H, dy2.stride(0), ds2.stride(0), s.stride(0),
+                               dx.stride(0), HAS_DS=ds is not None, BLOCK=BLOCK, num_warps=num_warps(BLOCK))
+        dx = dx.view(dy.shape)
+        return dx, dwp.sum(0).to(weight.dtype), None, (dx if ctx.has_res else None)
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

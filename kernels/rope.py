@@ -21,11 +21,3 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     sin = sin[:, None, :].to(x.dtype)
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from selfreward.kernels.ops import use_triton
-    if use_triton(x):
-        from selfreward.kernels.rope_triton import rope_triton
-        return rope_triton(x, cos, sin)
-    return rope_ref(x, cos, sin)

@@ -1,10 +1,6 @@
-"""Rotary position embedding (rotate-half layout) in Triton, forward and backward.
-
-x: [N, nh, D]; cos, sin: [N, D/2] fp32, one row per token, so positions restarting inside packed
-sequences and llama3-scaled frequencies need nothing special here (the model builds the tables).
-One program rotates all heads of one token: out1 = x1*c - x2*s, out2 = x2*c + x1*s.
-The backward is the inverse rotation (sin negated). Twin: `kernels.rope.rope_ref`, which rounds
-cos/sin to x's dtype first; so does this kernel.
+"""RoPE (rotate-half) in Triton; contract: the twin `kernels.rope.rope_ref`, whose rounding of cos/sin to
+x's dtype this kernel copies. One program rotates all heads of one token: out1 = x1*c - x2*s,
+out2 = x2*c + x1*s; the backward is the inverse rotation (sin negated).
 """
 from __future__ import annotations
 

@@ -34,26 +34,25 @@ def _swiglu_bwd(G, U, DY, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
+def _elementwise(kernel, *ts):
+    """kernel over the flat tensors ts (inputs, then outputs) in BLOCK-sized programs."""
+    n = ts[0].numel()
+    if n:
+        kernel[(triton.cdiv(n, BLOCK),)](*ts, n, BLOCK=BLOCK)
+    return ts
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate)
-        n = gate.numel()
-        if n:
-            _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK)
         ctx.save_for_backward(gate, up)
-        return y
+        return _elementwise(_swiglu_fwd, gate, up, torch.empty_like(gate))[-1]
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, dy, dg, du, n, BLOCK=BLOCK)
-        return dg, du
+        return _elementwise(_swiglu_bwd, gate, up, dy.contiguous(), torch.empty_like(gate), torch.empty_like(up))[-2:]
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

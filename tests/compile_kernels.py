@@ -46,8 +46,7 @@ def _cases(dt: str):
     out.append(("swiglu_fwd", S._swiglu_fwd, dict(BLOCK=S.BLOCK), dict(num_warps=4), {"G": f"*{dt}"}))
     out.append(("swiglu_bwd", S._swiglu_bwd, dict(BLOCK=S.BLOCK), dict(num_warps=4), {"G": f"*{dt}"}))
     out.append(("rope hd128 32 heads", RO._rope_kernel, dict(SIGN=1.0, BLOCK_H=32, BLOCK_D=64), dict(num_warps=4), {}))
-    BV = LP._block_v(128256, torch.device("cuda"))
-    nw = 8 if BV >= 2048 else 4
+    BV, nw = LP.block_v(128256, torch.device("cuda"))
     out.append(("logprobs lse_fwd V128k", LP._lse_fwd, dict(BLOCK_V=BV), dict(num_warps=nw), {"V": "i32"}))
     out.append(("logprobs dlogits_bwd", LP._dlogits_bwd, dict(BLOCK_V=BV), dict(num_warps=nw), {"V": "i32"}))
     for D in (64, 128):

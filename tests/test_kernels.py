@@ -50,24 +50,22 @@ def _check(fn_tri, fn_ref, inputs, dtype, grad_out=None):
 @pytest.mark.parametrize("shape", [(7, 37), (3, 5, 64), (1, 130)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rmsnorm(dtype, shape, residual):
-    from selfreward.kernels.rmsnorm import rmsnorm, rmsnorm_ref
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
     if residual:
         r = torch.randn(shape, generator=g).to(dtype)
-        _check(lambda x, w, r: rmsnorm(x, w, 1e-5, r), lambda x, w, r: rmsnorm_ref(x, w, 1e-5, r),
+        _check(lambda x, w, r: K.rmsnorm(x, w, 1e-5, r), lambda x, w, r: K.rmsnorm_ref(x, w, 1e-5, r),
                [x, w, r], dtype)
     else:
-        _check(lambda x, w: rmsnorm(x, w, 1e-6), lambda x, w: rmsnorm_ref(x, w, 1e-6), [x, w], dtype)
+        _check(lambda x, w: K.rmsnorm(x, w, 1e-6), lambda x, w: K.rmsnorm_ref(x, w, 1e-6), [x, w], dtype)
 
 
 def test_rmsnorm_fp32_weight_fp16_input():   # the model keeps norm weights fp32 under autocast-free fp16
-    from selfreward.kernels.rmsnorm import rmsnorm, rmsnorm_ref
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 48, generator=g).half()
     w = torch.randn(48, generator=g)
-    _check(lambda x, w: rmsnorm(x, w, 1e-5), lambda x, w: rmsnorm_ref(x, w, 1e-5), [x, w], torch.float16)
+    _check(lambda x, w: K.rmsnorm(x, w, 1e-5), lambda x, w: K.rmsnorm_ref(x, w, 1e-5), [x, w], torch.float16)
 
 
 def test_switch_really_runs_triton(monkeypatch):
