@@ -1,5 +1,6 @@
-"""Training checkpoints that resume exactly, the rule that only good weights are kept, and the Hugging Face
-export. Layout, atomicity and the NaN stop: train/README.md, "Run folder".
+"""The run folder: claimed before any work (selfreward.provenance; rank 0 claims it, the other ranks write only
+after collectives rank 0 joins), checkpoints that resume exactly, the rule that only good weights are kept, and
+the Hugging Face export. The rules, layout and atomicity: train/README.md, "Run folder".
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,12 +22,49 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from selfreward.cli import Stopped
+from selfreward.cli import Stopped, to_dict
 from selfreward.model.checkpoint import save_model
-from selfreward.records import write_atomic
+from selfreward.provenance import check_not_input, claim, made_by
+from selfreward.records import DataError, write_atomic, write_json
 from selfreward.train.parallel import Dist, all_reduce, barrier
 
 EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e}); checked before training") from None
+
+
+def _clear(out: Path) -> None:
+    for p in (out / "checkpoints", out / "exports", out / "model"):   # a separate --export is replaced at the end
+        shutil.rmtree(p, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+@contextmanager
+def claim_run(cfg, name: str):
+    out = Path(cfg.output)
+    export = Path(cfg.export or out / "model")
+    check_not_input([cfg.model] + ([cfg.tokenizer] if cfg.tokenizer else []), [out, export])
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    old = [p.name for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
+    if old and not cfg.resume and not cfg.overwrite:
+        raise DataError(f"{out}: holds an earlier run ({', '.join(old)}); pass --resume to continue it, "
+                        f"--overwrite to start over, or choose another --output")
+    check_writable(out, "--output")
+    check_writable(export.parent, "--export" if cfg.export else "--output")
+    made = made_by(cfg)
+    with claim(out, made, overwrite=cfg.overwrite, folder=True, clear=lambda: _clear(out)):
+        write_json(out / "run.json", {"made_by": made, "config": to_dict(cfg)})   # and what ran, whole
+        yield
 
 
 class TrainingStopped(Stopped):

@@ -19,13 +19,12 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
-from selfreward.train.checkpointing import check_finite, check_step_finite, export_model, latest_checkpoint, \
-    load_checkpoint, save_checkpoint, weight_scale
+from selfreward.train.checkpointing import check_finite, check_step_finite, claim_run, export_model, \
+    latest_checkpoint, load_checkpoint, save_checkpoint, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
 from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
     set_grad_sync
-from selfreward.train.runfolder import claim_run
 
 
 def cli(main) -> None:
@@ -106,11 +105,15 @@ class Task:
         """Before the final export (rl: the last weight sync and probe)."""
 
 
-def load_policy(cfg: TrainConfig, load=load_model, **kw):
-    """The starting checkpoint with the trainer's dropout, single-device (parallelize() comes after)."""
+def load_policy(cfg: TrainConfig, d: Dist, load=load_model, prepare=None, **kw):
+    """The starting checkpoint with the trainer's dropout, `prepare(model)` (DPO's weights hash, RL's value
+    head) while it is whole, then parallelized with the config's checkpointing."""
     mcfg = ModelConfig.from_json(cfg.model)
     mcfg.dropout = cfg.dropout
-    return load(cfg.model, cfg=mcfg, **kw)
+    model = load(cfg.model, cfg=mcfg, **kw)
+    if prepare:
+        prepare(model)
+    return parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
 
 
 def load_reference(cfg: TrainConfig, d: Dist):

@@ -22,7 +22,7 @@ from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import read_jsonl
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
-from selfreward.train.parallel import parallelize, reshard
+from selfreward.train.parallel import reshard
 from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, build_engine, entropy_sum, flat_batch, greedy, \
     prompt_ids, response_logps, sample, sync_weights
@@ -96,6 +96,13 @@ def load_prompts(paths: list[str], tok, room: int) -> list[str]:
     return out
 
 
+def add_value_head(model) -> None:
+    """V(state), a linear head on the detached hidden state; zero, so the baseline starts at 0."""
+    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
+    for p in model.value_head.parameters():
+        torch.nn.init.zeros_(p)
+
+
 class RLTask(loop.Task):
     """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward; a
     micro-batch is the rollouts of its prompts."""
@@ -105,11 +112,7 @@ class RLTask(loop.Task):
         self.cfg, self.d, self.tok = cfg, d, tok
         self.prompts = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
         self.num_examples = len(self.prompts)
-        model = load_policy(cfg)
-        model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)     # V(state) from the detached hidden state
-        for p in model.value_head.parameters():                           # zero: the baseline starts at 0
-            torch.nn.init.zeros_(p)
-        self.model = parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = build_engine(cfg.model, cfg.engine)
         self.reward = reward or reward_factory(cfg.reward)(

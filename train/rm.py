@@ -19,7 +19,7 @@ from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, split_data
 from selfreward.train.loop import cli, load_policy
-from selfreward.train.parallel import Dist, parallelize
+from selfreward.train.parallel import Dist
 
 
 @dataclass
@@ -87,8 +87,7 @@ class RMTask(loop.Task):
             print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; held out: {len(self.held_out)}")
         self.num_examples = len(self.train)
-        self.model = parallelize(load_policy(cfg, load_reward_model, seed=cfg.head_seed), d,
-                                 cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 
     def norm(self, batch: list[int]) -> float:

@@ -17,7 +17,6 @@ from selfreward.train.config import TrainConfig
 from selfreward.train.data import Example, load_sft, pack_rows, split_data
 from selfreward.train.loop import cli, load_policy
 from selfreward.train.losses import sft_logp_sum
-from selfreward.train.parallel import parallelize
 
 
 @dataclass
@@ -44,7 +43,7 @@ class SFTTask(loop.Task):
                   f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
         self.counts = {"truncated": counts["truncated"], "dropped": counts["dropped"]}
         self.num_examples = len(self.train)
-        self.model = parallelize(load_policy(cfg), d, cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d)
 
     def norm(self, batch: list[int]) -> float:
         return float(max(1, sum(sum(self.train[i].mask[1:]) for i in batch)))
