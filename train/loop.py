@@ -47,11 +47,7 @@ def train(cfg: TrainConfig, name: str, make_task) -> dict:
     with claim_run(cfg, name):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        try:
-            d = init_distributed(cfg.device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        task = None
+        d, task = init_distributed(cfg.device), None
         try:
             cfg = fit_context(cfg, d)
             tok_dir = cfg.tokenizer or cfg.model
@@ -77,12 +73,10 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 
 
 class Task:
-    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the global batch's
-    loss denominator: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model, indices)`
-    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. SFT and RM give
-    `sums(model, examples)` -> the stat sums of `train` examples (micro) or of `held_out` ones, which are
-    evaluated at step 0, every --eval-every steps and at the end: summarize's `eval_keys` as eval_<key>, over
-    the held-out sum `eval_norm`. The rest is optional; the defaults do nothing."""
+    """What a trainer hands the loop (train/README.md, "One loop"): `model`, `num_examples`, `norm(batch)` (the
+    global batch's loss denominator), `micro(model, indices)` -> (summed loss, stat sums with "loss_sum"),
+    `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)` of `train` or `held_out` ones
+    (summarized as eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
@@ -98,11 +92,11 @@ class Task:
     def param_groups(self, model) -> list:
         return list(model.parameters())
 
-    def before_step(self, model, step: int, batch: list[int]) -> None:
-        """Before a step's micro-batches, with its global batch (rl: weight sync, sampling, rewards)."""
+    def before_step(self, model, step: int, batch: list[int]) -> None:   # rl: weight sync, sampling, rewards
+        pass
 
-    def before_export(self, model, step: int) -> None:
-        """Before the final export (rl: the last weight sync and probe)."""
+    def before_export(self, model, step: int) -> None:                   # rl: the last weight sync and probe
+        pass
 
 
 def load_policy(cfg: TrainConfig, d: Dist, load=load_model, prepare=None, **kw):
@@ -161,7 +155,6 @@ class MetricsLog:
         self.path, self.on = path, d.is_main
         if self.on:
             old = path.read_text().splitlines() if resume_step is not None and path.exists() else []
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
 
     def write(self, rec: dict) -> None:
@@ -258,8 +251,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         sched.step()
         opt.zero_grad(set_to_none=True)
         metrics = task.summarize(sums, norm)
-        if cfg.sleep_per_step:
-            time.sleep(cfg.sleep_per_step)
+        time.sleep(cfg.sleep_per_step)
         dt = time.time() - t0
         tokens_seen += int(sums.get("tokens", 0))
         elapsed = time.time() - t_start
@@ -274,18 +266,13 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
                   f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
-        if task.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            evaluate(step + 1)
+        if task.held_out and (step + 1 == total or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            last.update(evaluate(step + 1))
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
             export(out / "exports" / f"step_{step + 1}", step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+        if step + 1 == total or cfg.save_every and (step + 1) % cfg.save_every == 0:
             check_finite(model, d, out, step + 1, name, start_scale)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
-    if task.held_out and start < total:
-        last.update(evaluate(total))
-    check_finite(model, d, out, total, name, start_scale)
-    if start < total:
-        save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     task.before_export(model, total)
     export(Path(cfg.export or out / "model"), total)
     if d.is_main:

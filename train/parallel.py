@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from selfreward.cli import ConfigError
+
 
 @dataclass
 class Dist:
@@ -31,9 +33,9 @@ def train_device(choice: str = "auto", local_rank: int = 0, cuda: bool | None = 
     """--device auto (cuda:LOCAL_RANK where CUDA is available, else the CPU), cpu or cuda (insists on CUDA)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {choice!r}: should be auto, cpu or cuda")
+        raise ConfigError(f"--device {choice!r}: should be auto, cpu or cuda")
     if choice == "cuda" and not cuda:
-        raise ValueError("--device cuda: CUDA is not available on this machine")
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
     return torch.device("cuda", local_rank) if cuda and choice != "cpu" else torch.device("cpu")
 
 
