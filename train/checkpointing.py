@@ -73,7 +73,7 @@ class TrainingStopped(Stopped):
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints (trainer_state.json written last), oldest first."""
+    """Oldest first; trainer_state.json is written last."""
     root = Path(run_dir) / "checkpoints"
     return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists()) if root.is_dir() else []
 
@@ -91,8 +91,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def stop(msg: str, run_dir: Path, step: int, d: Dist) -> None:
-    """Raise TrainingStopped(msg + the last good checkpoint) after removing the checkpoints of step >= `step`
-    (the weights that led here) and pointing `latest` at the newest one left."""
+    """Remove the checkpoints of step >= `step` (the weights that led here), point `latest` at the newest one
+    left, raise TrainingStopped(msg + that checkpoint)."""
     if d.is_main:
         root = run_dir / "checkpoints"
         for p in complete_checkpoints(run_dir):
@@ -101,8 +101,8 @@ def stop(msg: str, run_dir: Path, step: int, d: Dist) -> None:
         left = complete_checkpoints(run_dir)
         if left:
             write_atomic(root / "latest", left[-1].name + "\n")
-        elif (root / "latest").exists():
-            (root / "latest").unlink()
+        else:
+            (root / "latest").unlink(missing_ok=True)
     barrier(d)
     left = complete_checkpoints(run_dir)
     raise TrainingStopped(f"{msg}; last good checkpoint: {left[-1] if left else 'none (nothing good saved)'}")
@@ -124,18 +124,9 @@ def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: f
              f"|w| {scale:.3g}, {start_scale:.3g} at the start): not saved", out, step, d)
 
 
-def check_step_finite(loss: float, gnorm: float, d: Dist, out: Path, step: int, name: str) -> None:
-    """Before applying step `step + 1`'s update: a non-finite loss or gradient norm stops training. The
-    weights after `step` updates gave it, so a checkpoint of them (step_<step>) is not good either."""
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        stop(f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying it",
-             out, step, d)
-
-
 def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save / dcp.load; DCP wraps any failure, even Ctrl-C, in a CheckpointException (a BaseException
-    whose text is a traceback): a Ctrl-C or an OS error (a full disk) is raised as itself instead, so the
-    entry point says it in one line (cli.run_main)."""
+    """dcp.save / dcp.load, a Ctrl-C or an OS error (a full disk) raised as itself, not in DCP's
+    CheckpointException (a traceback as its text), so the entry point says it in one line."""
     with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
         warnings.simplefilter("ignore", UserWarning)
         try:

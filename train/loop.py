@@ -19,8 +19,8 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
-from selfreward.train.checkpointing import check_finite, check_step_finite, claim_run, export_model, \
-    latest_checkpoint, load_checkpoint, save_checkpoint, weight_scale
+from selfreward.train.checkpointing import check_finite, claim_run, export_model, latest_checkpoint, \
+    load_checkpoint, save_checkpoint, stop, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
 from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
@@ -245,7 +245,9 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        check_step_finite(sums["loss_sum"] / norm, gnorm, d, out, step, name)
+        if not (math.isfinite(sums["loss_sum"]) and math.isfinite(gnorm)):   # the weights after `step` gave it
+            stop(f"[{name}] non-finite loss {sums['loss_sum'] / norm} / grad norm {gnorm} at step {step + 1}: "
+                 f"stopped before applying it", out, step, d)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
