@@ -47,11 +47,9 @@ class TrainConfig:
     sleep_per_step: float = passive(0.0)       # test aid: slow the loop so a test can kill it mid-run
 
     def check(self) -> None:
-        for name in ("model", "output"):
+        for name in ("model", "data", "output"):
             if not getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} is required")
-        if not self.data:
-            raise ConfigError("--data is required")
+                raise ConfigError(f"--{name} is required")
         if self.max_steps == 0 and self.epochs == 0:   # the untouched model would be exported as trained
             raise ConfigError("--epochs 0 / --max-steps 0: 0 optimizer steps to take")
         if self.resume and self.overwrite:

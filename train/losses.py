@@ -24,15 +24,10 @@ SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing
 
 def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
                           simpo_gamma: float | None) -> tuple[float, float, float]:
-    """The trainer's flags -> (beta, eps, gamma); None = the loss's paper default: beta 0.1 (the DPO family)
-    or 2.0 (SimPO, Meng et al. 2024), gamma 0.5 x beta, eps 0.1. Refused (ValueError): a negative value, a
-    label smoothing above 0 for a loss that has none, a gamma above 0 for a loss other than simpo. The result
-    maps to itself."""
+    """The trainer's flags -> (beta, eps, gamma), which map to themselves; None = the loss's paper default
+    (train/README.md, "Flags"). ValueError: a setting the loss does not use, or out of its range."""
     if loss not in LOSS_TYPES:
         raise ValueError(f"--loss {loss!r}: not a loss type; choose one of {', '.join(LOSS_TYPES)}")
-    for flag, v in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--simpo-gamma", simpo_gamma)):
-        if v is not None and v < 0:
-            raise ValueError(f"{flag} {v:g}: must be >= 0 (leave it out for the loss's default)")
     if label_smoothing and loss not in SMOOTHED:
         raise ValueError(f"--label-smoothing: label smoothing applies to --loss {' / '.join(SMOOTHED)} only, "
                          f"not {loss}")
@@ -138,22 +133,18 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def pairs_hash(pairs: list[Pair]) -> str:
-    """Hash of the tokenized, truncated pairs: covers the data, the tokenizer and the truncation settings."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for part in (p.prompt, p.chosen, p.rejected):
-            h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
-            h.update(b"|")
-    return h.hexdigest()[:16]
-
-
 class ReferenceCache:
-    """Summed reference log-probs of every pair, [num_pairs, 2] (chosen, rejected), in
-    `dir/ref_logps-<data hash>-<weights hash>.pt`, written atomically."""
+    """Summed reference log-probs of every pair, [pairs, 2] (chosen, rejected), in
+    `dir/ref_logps-<data hash>-<weights hash>.pt`, written atomically. The data hash is of the tokenized,
+    truncated pairs: it covers the data, the tokenizer and the truncation settings."""
 
     def __init__(self, directory: str | Path, pairs: list[Pair], weights_key: str):
-        self.path = Path(directory) / f"ref_logps-{pairs_hash(pairs)}-{weights_key}.pt"
+        h = hashlib.sha256()
+        for p in pairs:
+            for part in (p.prompt, p.chosen, p.rejected):
+                h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+                h.update(b"|")
+        self.path = Path(directory) / f"ref_logps-{h.hexdigest()[:16]}-{weights_key}.pt"
 
     def load(self) -> torch.Tensor | None:
         return torch.load(self.path) if self.path.exists() else None

@@ -24,7 +24,7 @@ from selfreward.train.data import read_jsonl
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import reshard
 from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
-from selfreward.train.rollout import VALUE_HEAD, EngineConfig, build_engine, entropy_sum, flat_batch, greedy, \
+from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
     prompt_ids, response_logps, sample, sync_weights
 
 # --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
@@ -114,7 +114,7 @@ class RLTask(loop.Task):
         self.num_examples = len(self.prompts)
         self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
-        self.engine = build_engine(cfg.model, cfg.engine)
+        self.engine = load_engine(cfg.model, cfg.engine)
         self.reward = reward or reward_factory(cfg.reward)(
             cfg.reward_model or cfg.model, template=cfg.reward_template or None,
             device=str(self.engine.runner.device), dtype=self.engine.runner.dtype)

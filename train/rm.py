@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from selfreward.cli import input_file, passive
 from selfreward.model.reward_model import load_reward_model, packed_rewards, seq_cls_config
-from selfreward.records import DataError
+from selfreward.records import DataError, field
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, split_data
@@ -40,10 +40,7 @@ def _label(rec: dict, where: str, hard: bool) -> tuple[dict, float]:
     layout (chosen / rejected) or --hard-labels says response 1 wins."""
     soft = "response_1" in rec or "response_2" in rec
     if soft:
-        for k in ("response_1", "response_2"):
-            if not isinstance(rec.get(k), str):
-                raise DataError(f"{where}: field '{k}' missing or not a string")
-        rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
+        rec = dict(rec, chosen=field(rec, "response_1", where), rejected=field(rec, "response_2", where))
     if "label" not in rec:
         if hard or not soft:
             return rec, 1.0

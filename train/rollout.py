@@ -1,5 +1,6 @@
-"""train/'s one seam into infer/: the RL sampler is built, fed the trainer's weights (README "Weight
-hand-off") and asked for rollouts and greedy probes here and nowhere else; and the rollout batch.
+"""train/'s one seam into infer/: the RL sampler (infer's `load_engine`, on its own --engine-device and dtype) is
+built, fed the trainer's weights (README "Weight hand-off") and asked for rollouts and greedy probes through here
+and nowhere else; and the rollout batch.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import selfreward.kernels.ops as K
-from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer.config import EngineConfig, load_engine  # noqa: F401  (for rl.py)
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.llama import AttnContext
 from selfreward.train import data
@@ -29,11 +30,6 @@ class Rollout:
     group: int                     # the prompt's index within this rank's share of the step
     finish: str                    # stop | length
     reward: float = 0.0
-
-
-def build_engine(model_dir: str, cfg: EngineConfig):
-    """The sampler: infer's one factory, on the engine's own device and dtype (--engine-device, -dtype)."""
-    return load_engine(model_dir, cfg)
 
 
 def sync_weights(engine, model) -> float:
