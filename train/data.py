@@ -181,9 +181,6 @@ class FlatBatch:
     out_seq: torch.Tensor      # [O] the sequence whose summed log-prob each output is
     prefix: torch.Tensor | None = None   # [S, 2] int32 (start, length) of each sequence's prefix; None: none
 
-    def to(self, device) -> "FlatBatch":
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
-
 
 def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
     """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: per distinct prompt one

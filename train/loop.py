@@ -23,8 +23,7 @@ from selfreward.train.checkpointing import check_finite, claim_run, export_model
     load_checkpoint, save_checkpoint, stop, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
-    set_grad_sync
+from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard
 
 
 def cli(main) -> None:
@@ -34,9 +33,10 @@ def cli(main) -> None:
 
 
 def entry(cls, name: str, make_task, doc: str):
-    """A trainer's `train(cfg)` (one run, `train` below) and `main(argv)` (flags or --config -> `cls` -> train)."""
-    def run_one(cfg) -> dict:
-        return train(cfg, name, make_task)
+    """A trainer's `train(cfg, **kw)` (one run, `train` below; `kw` goes to `make_task`, e.g. RL's reward) and
+    `main(argv)` (flags or --config -> `cls` -> train)."""
+    def run_one(cfg, **kw) -> dict:
+        return train(cfg, name, lambda cfg, d, tok: make_task(cfg, d, tok, **kw))
     return run_one, lambda argv=None: run_one(build(cls, parser(cls, doc).parse_args(argv)))
 
 
@@ -234,7 +234,8 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         parts = rank_micro_batches(batch, d.world, d.rank, micro)
         sums: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(parts):
-            set_grad_sync(model, i == len(parts) - 1)
+            if d.sharded:   # the gradient reduce-scatter on the last micro-batch only
+                model.set_requires_gradient_sync(i == len(parts) - 1)
             loss_sum, stats = task.micro(model, mb)
             (loss_sum * (d.world / norm)).backward()
             for k, v in stats.items():

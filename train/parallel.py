@@ -124,11 +124,6 @@ def reshard(model) -> None:
             m.reshard()
 
 
-def set_grad_sync(model, sync: bool) -> None:
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-
-
 def cleanup(d: Dist) -> None:
     """Tear the process group down once the caller has dropped its model (objects still holding gloo work when
     the interpreter finalises after the group is gone abort a successful run: SIGABRT)."""

@@ -205,13 +205,7 @@ class RLTask(loop.Task):
         return time.perf_counter() - t0
 
 
-def train(cfg: RLConfig, reward=None) -> dict:
-    """One RL run (in this process; under torchrun each rank calls it) -> the last step's metrics. `reward`:
-    a function (prompts, responses) -> rewards; default built from --reward (REWARDS)."""
-    return loop.train(cfg, "rl", lambda cfg, d, tok: RLTask(cfg, d, tok, reward))
-
-
-main = loop.entry(RLConfig, "rl", RLTask, __doc__)[1]
+train, main = loop.entry(RLConfig, "rl", RLTask, __doc__)   # train(cfg, reward=fn): any (prompts, responses) -> [float]
 
 if __name__ == "__main__":
     cli(main)

@@ -74,7 +74,8 @@ class RolloutBatch(FlatBatch):
 
 
 def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
-    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]).to(device))
+    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]))
+    b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
     f = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     return RolloutBatch(**b, rewards=f([r.reward for r in rolls], torch.float64),
                         group=f([r.group for r in rolls], torch.long))
