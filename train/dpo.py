@@ -3,9 +3,8 @@
     torchrun --nproc_per_node 8 train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --beta 0.1
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
-The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
-before training, into --ref-cache-dir; --ref-mode online scores each batch with a frozen copy. The loss
-variants, the reference cache, metrics.jsonl: train/README.md, "The DPO step".
+The reference is the starting checkpoint in eval mode, cached before training (--ref-mode cache) or a frozen
+copy (online). The loss variants, the reference, metrics.jsonl: train/README.md, "The DPO step".
 """
 from __future__ import annotations
 
@@ -107,8 +106,8 @@ class DPOTask(loop.Task):
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
-    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model, the pairs
-    shared among the ranks (loop.eval_sums: each rank fills its rows of a zero table, then one all-reduce)."""
+    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model: loop.eval_sums,
+    each rank its rows of a zero table."""
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])

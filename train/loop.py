@@ -132,8 +132,7 @@ def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
         if chunk:
             tot += vals
     model.train()
-    if d.sharded:
-        reshard(model)
+    reshard(model)
     tot = all_reduce(tot, d)
     return dict(zip(keys, tot.tolist())) if keys else tot
 

@@ -1,7 +1,6 @@
-"""The losses: SFT log-prob sums and the fused one-pass DPO log-probs on kernels.linear_logprobs (no [tokens,
-vocab] logits; chosen and rejected of every pair in ONE forward, train.data.FlatBatch), the DPO loss family
-and its reference cache, the online-RL estimators. Formulas and papers: train/README.md, "The DPO step" and
-"Online RL".
+"""The losses on kernels.linear_logprobs (no [tokens, vocab] logits): SFT log-prob sums, the one-pass DPO
+log-probs, the DPO loss family and its reference cache, the online-RL estimators. Formulas and papers:
+train/README.md, "The DPO step" and "Online RL".
 """
 from __future__ import annotations
 
@@ -44,9 +43,8 @@ def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float 
 
 
 def target_hidden(model, tokens, positions, ctx: AttnContext, targets):
-    """-> (the last hidden states of the target rows [n, H], those rows [n], their targets [n]), on the
-    model's device. Only target rows go through the LM head and the last block's queries and feed-forward
-    (Transformer.forward's out_rows): prompt rows would cost [rows, V] GEMMs for nothing."""
+    """-> (the last hidden states of the target rows [n, H], those rows [n], their targets [n]), on the model's
+    device; only target rows go through the last block's queries and feed-forward (out_rows)."""
     dev = model.lm_head_weight.device           # batches are built on the CPU; the model may live on a GPU
     tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
     ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen, prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
@@ -62,8 +60,7 @@ def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Te
 
 
 def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Packed rows (train.data.pack_rows) -> (sum of target log-probs, number of targets).
-    SFT loss = -sum / (targets in the global batch)."""
+    """Packed rows (train.data.pack_rows) -> (sum of target log-probs, number of targets)."""
     pos, ctx = context_from_positions(rows["positions"])
     tgt = rows["targets"].reshape(-1)
     lp = token_logps(model, rows["input_ids"].reshape(-1), pos, ctx, tgt)
@@ -134,9 +131,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 class ReferenceCache:
-    """Summed reference log-probs of every pair, [pairs, 2] (chosen, rejected), in
-    `dir/ref_logps-<data hash>-<weights hash>.pt`, written atomically. The data hash is of the tokenized,
-    truncated pairs: it covers the data, the tokenizer and the truncation settings."""
+    """Reference log-probs [pairs, 2] in `dir/ref_logps-<data hash>-<weights hash>.pt` (README "The DPO step")."""
 
     def __init__(self, directory: str | Path, pairs: list[Pair], weights_key: str):
         h = hashlib.sha256()
@@ -212,8 +207,7 @@ def _pg(logp, values, G, A, value_coef: float) -> PGOut:
 
 def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
                    rewards: torch.Tensor, group: torch.Tensor | None, beta: float, value_coef: float = 1.0) -> PGOut:
-    """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B];
-    `group` is not used (one signature for both estimators)."""
+    """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B]."""
     G = returns_to_go(kl_per_token(logp, ref), seq, rewards, beta)
     return _pg(logp, values, G, G - values.detach().double(), value_coef)
 

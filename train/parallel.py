@@ -116,8 +116,8 @@ def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_pr
 
 
 def reshard(model) -> None:
-    """Free the parameters the root and the last block keep gathered for a backward, after a no-grad forward
-    (else model.parameters() would hand the optimizer plain tensors)."""
+    """After a no-grad forward under FSDP: free the parameters the root and the last block keep gathered for a
+    backward (else model.parameters() would hand the optimizer plain tensors)."""
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):

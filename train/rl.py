@@ -36,8 +36,7 @@ REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the disti
 
 
 def reward_factory(name: str, load: bool = True):
-    """The factory --reward NAME names (see REWARDS); a name that is neither a short name nor module:function
-    is refused (load=False: only that check)."""
+    """The factory --reward NAME names (load=False: only the check that it names one)."""
     module, sep, fn = REWARDS.get(name, name).partition(":")
     if not (sep and module and fn):
         raise ConfigError(f"--reward {name!r}: choose one of {', '.join(REWARDS)}, or give module:function")
@@ -104,8 +103,7 @@ def add_value_head(model) -> None:
 
 
 class RLTask(loop.Task):
-    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward; a
-    micro-batch is the rollouts of its prompts."""
+    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward."""
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
@@ -157,8 +155,7 @@ class RLTask(loop.Task):
         logp, h = response_logps(model, b, c.temperature)                        # [M], [M, H]
         with torch.no_grad():
             ref_lp, _ = response_logps(self.ref, b, c.temperature)              # [M]
-        if self.d.sharded:
-            reshard(self.ref)
+        reshard(self.ref)
         values = model.value_head(h.detach()).squeeze(-1)                        # [M]
         o = self.loss_fn(logp, values, ref_lp, b.seq, b.rewards, b.group, c.beta, c.value_coef)
         ent = entropy_sum(model, h, c.temperature)               # before backward reshards the LM head
