@@ -31,16 +31,6 @@ from selfreward.train.parallel import Dist, all_reduce, barrier
 EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e}); checked before training") from None
-
-
 def _clear(out: Path) -> None:
     for p in (out / "checkpoints", out / "exports", out / "model"):   # a separate --export is replaced at the end
         shutil.rmtree(p, ignore_errors=True)
@@ -48,7 +38,7 @@ def _clear(out: Path) -> None:
 
 
 @contextmanager
-def claim_run(cfg, name: str):
+def claim_run(cfg):
     out = Path(cfg.output)
     export = Path(cfg.export or out / "model")
     check_not_input([cfg.model] + ([cfg.tokenizer] if cfg.tokenizer else []), [out, export])
@@ -59,8 +49,14 @@ def claim_run(cfg, name: str):
     if old and not cfg.resume and not cfg.overwrite:
         raise DataError(f"{out}: holds an earlier run ({', '.join(old)}); pass --resume to continue it, "
                         f"--overwrite to start over, or choose another --output")
-    check_writable(out, "--output")
-    check_writable(export.parent, "--export" if cfg.export else "--output")
+    for folder, flag in ((out, "--output"), (export.parent, "--export" if cfg.export else "--output")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e}); checked before training") from None
     made = made_by(cfg)
     with claim(out, made, overwrite=cfg.overwrite, folder=True, clear=lambda: _clear(out)):
         write_json(out / "run.json", {"made_by": made, "config": to_dict(cfg)})   # and what ran, whole

@@ -12,21 +12,16 @@ import torch
 
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.tokenizer import check_messages
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.records import DataError, field, iter_jsonl, nonempty
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON or a non-object raises DataError."""
-    out = [(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)]
-    if not out:
-        raise DataError(f"{path}: no records")
-    return out
+    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON, a non-object or none: DataError."""
+    return nonempty([(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)], path)
 
 
 def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
-    if system is None or msgs[0]["role"] == "system":
-        return msgs
-    return [{"role": "system", "content": system}] + msgs
+    return msgs if system is None or msgs[0]["role"] == "system" else [{"role": "system", "content": system}] + msgs
 
 
 @dataclass
@@ -96,7 +91,6 @@ def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool 
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
-# ---- DPO -----------------------------------------------------------------------------------------
 @dataclass
 class Pair:
     prompt: list[int]     # chat-rendered with the generation prompt, BOS first
@@ -225,7 +219,6 @@ def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> FlatBatch:
     return flat_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], share_prompt)
 
 
-# ---- order -----------------------------------------------------------------------------------------
 def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): a share `fraction` (at least one) of `data` held out, drawn by `seed`; the
     training examples keep their order."""

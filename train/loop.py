@@ -44,7 +44,7 @@ def train(cfg: TrainConfig, name: str, make_task) -> dict:
     """One run (in this process; under torchrun each rank calls it) -> the last step's metrics. `make_task(cfg,
     d, tokenizer)` reads the data and builds the model (a `Task`)."""
     cfg.check()
-    with claim_run(cfg, name):
+    with claim_run(cfg):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         d, task = init_distributed(cfg.device), None

@@ -119,7 +119,6 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     return loss, r[:B].detach(), r[B:].detach()
 
 
-# ---- the reference log-prob cache ----------------------------------------------------------------
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
