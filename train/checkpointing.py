@@ -135,7 +135,7 @@ def _dcp(fn, state: dict, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
-                    keep: int = 2) -> Path:
+                    keep: int = 2) -> None:
     """Every rank writes checkpoints/.tmp-step_N/; after a barrier rank 0 renames it into place, rewrites
     `latest` and removes the oldest beyond `keep`: a crash at any moment leaves the previous one intact."""
     root = Path(run_dir) / "checkpoints"
@@ -162,7 +162,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         for p in old[:max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     barrier(d)
-    return root / name
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
@@ -186,12 +185,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     return state
 
 
-def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist,
-                 dtype: torch.dtype | None = None, hf_config: dict | None = None) -> Path:
-    """Gather the full weights on rank 0 and write a Hugging Face folder with model.checkpoint.save_model, the
-    one writer (`hf_config`: the reward model's config fields)."""
+def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist, hf_config: dict | None = None):
+    """The full weights gathered on rank 0, written by model.checkpoint.save_model, the one writer (`hf_config`:
+    the reward model's config fields)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype, hf_config=hf_config)
+        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, hf_config=hf_config)
     barrier(d)
-    return Path(out)

@@ -1,6 +1,5 @@
-"""The settings the four trainers share. The trainer dataclasses (SFTConfig, DPOConfig, RMConfig, RLConfig)
-extend TrainConfig and override the defaults; cli.py (the project's one flag generator) turns them into flags.
-`check()` runs once, at the entry (train.loop.train), and nothing changes a config after it.
+"""The settings the four trainers share (SFTConfig, DPOConfig, RMConfig and RLConfig extend TrainConfig; cli.py
+makes the flags). `check()` runs once, at the entry (train.loop.train); nothing changes a config after it.
 """
 from __future__ import annotations
 

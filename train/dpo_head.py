@@ -21,7 +21,6 @@ def _groups(out_seq: list[int], B: int, seq_rows: dict[int, int], chunk: int) ->
 
     def find(s):
         while parent[s] != s:
-            parent[s] = parent[parent[s]]
             s = parent[s]
         return s
 

@@ -41,8 +41,7 @@ def entry(cls, name: str, make_task, doc: str):
 
 
 def train(cfg: TrainConfig, name: str, make_task) -> dict:
-    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics. `make_task(cfg,
-    d, tokenizer)` reads the data and builds the model (a `Task`)."""
+    """One run (under torchrun, each rank's) -> the last step's metrics; `make_task(cfg, d, tokenizer)` -> a Task."""
     cfg.check()
     with claim_run(cfg):
         if cfg.threads:
@@ -117,9 +116,8 @@ def load_reference(cfg: TrainConfig, d: Dist):
 
 @torch.no_grad()
 def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
-    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers), each rank its every world-th
-    item in chunks of `micro`, in eval mode; all-reduced -> float64 (a dict). Every rank runs the same number of
-    forwards (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
+    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers) in eval mode, each rank its every
+    world-th item, all-reduced in float64. Every rank runs as many forwards (a short rank repeats an item)."""
     mine, keys, tot = items[d.rank::d.world], None, None
     model.eval()
     for s in range(0, -(-len(items) // d.world), micro):

@@ -33,8 +33,7 @@ class Rollout:
 
 
 def sync_weights(engine, model) -> float:
-    """Copy the trainer's weights into the engine (no disk; under FSDP2 one gathered parameter at a time;
-    every engine parameter written, the prefix cache emptied) -> seconds."""
+    """The trainer's weights into the engine (README "Weight hand-off") -> seconds."""
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
@@ -68,8 +67,7 @@ class RolloutBatch(FlatBatch):
     group: torch.Tensor | None = None     # [B] the prompt's index (RLOO groups)
 
     @functools.cached_property
-    def seq(self) -> torch.Tensor:
-        """[M] which rollout each response token (target) belongs to, in order."""
+    def seq(self) -> torch.Tensor:   # [M] which rollout each response token (target) belongs to, in order
         return self.seq_id[self.targets != IGNORE]
 
 
