@@ -71,12 +71,11 @@ class DPOTask(loop.Task):
                   f"tokens): {counts['truncated']}")
         self.counts, self.num_examples = {"truncated": counts["truncated"]}, len(self.pairs)
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
-        needs_ref = cfg.loss != "simpo"                                 # simpo is reference-free
-        cache = needs_ref and cfg.ref_mode == "cache"
+        cache = self.lcfg.needs_reference and cfg.ref_mode == "cache"
         key = lambda m: setattr(self, "key", weights_hash(m.state_dict()))  # noqa: E731  (of the whole weights)
         self.model = load_policy(cfg, d, prepare=key if cache else None)
         self.ref_table = reference_table(cfg, self.model, self.pairs, self.key, d) if cache else None
-        self.ref_model = load_reference(cfg, d) if needs_ref and not cache else None
+        self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))

@@ -86,6 +86,10 @@ class DPOLossConfig:
     def __post_init__(self):
         resolve_loss_settings(self.loss_type, self.beta, self.label_smoothing, None)   # refuses what it refuses
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
 
 def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Tensor, cfg: DPOLossConfig
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
