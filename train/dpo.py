@@ -46,17 +46,21 @@ class DPOConfig(TrainConfig):
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
-    def __post_init__(self):   # unset loss settings take the loss's paper defaults; settings it does not use are refused
+    def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
         try:
             self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
                 self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        except ValueError:
+            pass                # refused by check(), with the message
 
     def check(self) -> None:
         super().check()
         if self.ref_mode not in ("cache", "online"):
             raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
+        try:   # flags a loss does not use are refused
+            resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 class DPOTask(loop.Task):
