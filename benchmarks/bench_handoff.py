@@ -56,7 +56,7 @@ def main() -> None:
     model = Transformer(mcfg)
     model.init_weights(seed=0)
     n = sum(p.numel() for p in model.parameters())
-    d = Dist(rank, world, 0, torch.device("cpu"), init_device_mesh("cpu", (world,)))
+    d = Dist(rank, world, torch.device("cpu"), init_device_mesh("cpu", (world,)))
     apply_fsdp(model, d, mixed_precision=False)
     tp = init_tp(cfg.tp)
     eng = Engine(tp_model(mcfg, tp), block_size=16, num_blocks=16)

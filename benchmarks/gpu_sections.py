@@ -164,7 +164,7 @@ def _init_one_gpu_group():
     os.environ.setdefault("MASTER_PORT", "29533")
     if not dist.is_initialized():
         dist.init_process_group("nccl", rank=0, world_size=1)
-    return Dist(0, 1, 0, torch.device("cuda", 0), init_device_mesh("cuda", (1,)))
+    return Dist(0, 1, torch.device("cuda", 0), init_device_mesh("cuda", (1,)))
 
 
 def train(out: Path, budget: float) -> dict:

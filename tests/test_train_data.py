@@ -98,7 +98,7 @@ def test_pair_batch_layout():
     assert b.positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1]
     assert b.cu_seqlens.tolist() == [0, 3, 5, 9, 11] and b.max_seqlen == 4
     assert b.seq_id.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]
-    assert b.resp_len.tolist() == [2, 2, 3, 2] and b.num_pairs == 2
+    assert b.resp_len.tolist() == [2, 2, 3, 2] and b.resp_len.numel() // 2 == 2
     assert b.out_seq.tolist() == [0, 1, 2, 3] and b.prefix is None
 
 

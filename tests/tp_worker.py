@@ -43,7 +43,7 @@ def handoff(spec: dict, tp, out: dict) -> None:
     from selfreward.train.checkpointing import export_model
     from selfreward.train.parallel import Dist, apply_fsdp
     h = spec["handoff"]
-    d = Dist(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"),
+    d = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"),
              init_device_mesh("cpu", (dist.get_world_size(),)))
     model = load_model(h["ckpt"])
     apply_fsdp(model, d, mixed_precision=False)

@@ -1,5 +1,6 @@
-"""Training checkpoints that resume exactly, the rule that only good weights are kept, and the Hugging Face
-export. Layout, atomicity and the NaN stop: train/README.md, "Run folder".
+"""The run folder: claimed before any work (selfreward.provenance; rank 0 claims it, the other ranks write only
+after collectives rank 0 joins), checkpoints that resume exactly, the rule that only good weights are kept, and
+the Hugging Face export. The rules, layout and atomicity: train/README.md, "Run folder".
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,12 +22,45 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from selfreward.cli import Stopped
+from selfreward.cli import Stopped, to_dict
 from selfreward.model.checkpoint import save_model
-from selfreward.records import write_atomic
+from selfreward.provenance import check_not_input, claim, made_by
+from selfreward.records import DataError, write_atomic, write_json
 from selfreward.train.parallel import Dist, all_reduce, barrier
 
 EXPLODED = 1000.0   # weights whose largest |w| grew past this many times the starting one's have blown up
+
+
+def _clear(out: Path) -> None:
+    for p in (out / "checkpoints", out / "exports", out / "model"):   # a separate --export is replaced at the end
+        shutil.rmtree(p, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+@contextmanager
+def claim_run(cfg):
+    out = Path(cfg.output)
+    export = Path(cfg.export or out / "model")
+    check_not_input([cfg.model] + ([cfg.tokenizer] if cfg.tokenizer else []), [out, export])
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    old = [p.name for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
+    if old and not cfg.resume and not cfg.overwrite:
+        raise DataError(f"{out}: holds an earlier run ({', '.join(old)}); pass --resume to continue it, "
+                        f"--overwrite to start over, or choose another --output")
+    for folder, flag in ((out, "--output"), (export.parent, "--export" if cfg.export else "--output")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e}); checked before training") from None
+    made = made_by(cfg)
+    with claim(out, made, overwrite=cfg.overwrite, folder=True, clear=lambda: _clear(out)):
+        write_json(out / "run.json", {"made_by": made, "config": to_dict(cfg)})   # and what ran, whole
+        yield
 
 
 class TrainingStopped(Stopped):
@@ -33,7 +69,7 @@ class TrainingStopped(Stopped):
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints (trainer_state.json written last), oldest first."""
+    """Oldest first; trainer_state.json is written last."""
     root = Path(run_dir) / "checkpoints"
     return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists()) if root.is_dir() else []
 
@@ -51,8 +87,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def stop(msg: str, run_dir: Path, step: int, d: Dist) -> None:
-    """Raise TrainingStopped(msg + the last good checkpoint) after removing the checkpoints of step >= `step`
-    (the weights that led here) and pointing `latest` at the newest one left."""
+    """Remove the checkpoints of step >= `step` (the weights that led here), point `latest` at the newest one
+    left, raise TrainingStopped(msg + that checkpoint)."""
     if d.is_main:
         root = run_dir / "checkpoints"
         for p in complete_checkpoints(run_dir):
@@ -61,8 +97,8 @@ def stop(msg: str, run_dir: Path, step: int, d: Dist) -> None:
         left = complete_checkpoints(run_dir)
         if left:
             write_atomic(root / "latest", left[-1].name + "\n")
-        elif (root / "latest").exists():
-            (root / "latest").unlink()
+        else:
+            (root / "latest").unlink(missing_ok=True)
     barrier(d)
     left = complete_checkpoints(run_dir)
     raise TrainingStopped(f"{msg}; last good checkpoint: {left[-1] if left else 'none (nothing good saved)'}")
@@ -84,18 +120,9 @@ def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: f
              f"|w| {scale:.3g}, {start_scale:.3g} at the start): not saved", out, step, d)
 
 
-def check_step_finite(loss: float, gnorm: float, d: Dist, out: Path, step: int, name: str) -> None:
-    """Before applying step `step + 1`'s update: a non-finite loss or gradient norm stops training. The
-    weights after `step` updates gave it, so a checkpoint of them (step_<step>) is not good either."""
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        stop(f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step {step + 1}: stopped before applying it",
-             out, step, d)
-
-
 def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save / dcp.load; DCP wraps any failure, even Ctrl-C, in a CheckpointException (a BaseException
-    whose text is a traceback): a Ctrl-C or an OS error (a full disk) is raised as itself instead, so the
-    entry point says it in one line (cli.run_main)."""
+    """dcp.save / dcp.load, a Ctrl-C or an OS error (a full disk) raised as itself, not in DCP's
+    CheckpointException (a traceback as its text), so the entry point says it in one line."""
     with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
         warnings.simplefilter("ignore", UserWarning)
         try:
@@ -108,7 +135,7 @@ def _dcp(fn, state: dict, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
-                    keep: int = 2) -> Path:
+                    keep: int = 2) -> None:
     """Every rank writes checkpoints/.tmp-step_N/; after a barrier rank 0 renames it into place, rewrites
     `latest` and removes the oldest beyond `keep`: a crash at any moment leaves the previous one intact."""
     root = Path(run_dir) / "checkpoints"
@@ -135,7 +162,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         for p in old[:max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     barrier(d)
-    return root / name
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
@@ -159,12 +185,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     return state
 
 
-def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist,
-                 dtype: torch.dtype | None = None, hf_config: dict | None = None) -> Path:
-    """Gather the full weights on rank 0 and write a Hugging Face folder with model.checkpoint.save_model, the
-    one writer (`hf_config`: the reward model's config fields)."""
+def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist, hf_config: dict | None = None):
+    """The full weights gathered on rank 0, written by model.checkpoint.save_model, the one writer (`hf_config`:
+    the reward model's config fields)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype, hf_config=hf_config)
+        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, hf_config=hf_config)
     barrier(d)
-    return Path(out)

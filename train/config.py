@@ -1,6 +1,5 @@
-"""The settings the four trainers share. The trainer dataclasses (SFTConfig, DPOConfig, RMConfig, RLConfig)
-extend TrainConfig and override the defaults; cli.py (the project's one flag generator) turns them into flags.
-`check()` runs once, at the entry (train.loop.train), and nothing changes a config after it.
+"""The settings the four trainers share (SFTConfig, DPOConfig, RMConfig and RLConfig extend TrainConfig; cli.py
+makes the flags). `check()` runs once, at the entry (train.loop.train); nothing changes a config after it.
 """
 from __future__ import annotations
 
@@ -47,11 +46,9 @@ class TrainConfig:
     sleep_per_step: float = passive(0.0)       # test aid: slow the loop so a test can kill it mid-run
 
     def check(self) -> None:
-        for name in ("model", "output"):
+        for name in ("model", "data", "output"):
             if not getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} is required")
-        if not self.data:
-            raise ConfigError("--data is required")
+                raise ConfigError(f"--{name} is required")
         if self.max_steps == 0 and self.epochs == 0:   # the untouched model would be exported as trained
             raise ConfigError("--epochs 0 / --max-steps 0: 0 optimizer steps to take")
         if self.resume and self.overwrite:

@@ -12,21 +12,16 @@ import torch
 
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.tokenizer import check_messages
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.records import DataError, field, iter_jsonl, nonempty
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON or a non-object raises DataError."""
-    out = [(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)]
-    if not out:
-        raise DataError(f"{path}: no records")
-    return out
+    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON, a non-object or none: DataError."""
+    return nonempty([(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)], path)
 
 
 def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
-    if system is None or msgs[0]["role"] == "system":
-        return msgs
-    return [{"role": "system", "content": system}] + msgs
+    return msgs if system is None or msgs[0]["role"] == "system" else [{"role": "system", "content": system}] + msgs
 
 
 @dataclass
@@ -55,12 +50,11 @@ def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Exampl
 
 def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | None = None
              ) -> tuple[list[Example], dict]:
-    """Read and render every file; truncate. -> (examples, counts {read, truncated, dropped})."""
-    systems = systems or {}
+    """-> (examples, counts {read, truncated, dropped})."""
     out, counts = [], {"read": 0, "truncated": 0, "dropped": 0}
     for p in paths:
         for where, rec in read_jsonl(p):
-            ex = sft_example(rec, tok, where, systems.get(p))
+            ex = sft_example(rec, tok, where, (systems or {}).get(p))
             counts["read"] += 1
             if len(ex.ids) > max_length:
                 counts["truncated"] += 1
@@ -74,11 +68,9 @@ def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | N
 
 def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool = True
               ) -> dict[str, torch.Tensor]:
-    """Lay examples out as rows for Transformer.forward_packed: input_ids, targets, positions [B, T].
-    Each example contributes its ids[:-1] as inputs and ids[1:] as targets (IGNORE where not a target);
-    positions restart at 0 per example, so attention stays inside it. packing=True fills rows of row_len
-    first-fit in order; packing=False puts one example per row, padded to the longest. Padding is its own
-    segment (positions from 0) with IGNORE targets."""
+    """-> input_ids, targets, positions [B, T]: each example's ids[:-1] as inputs, ids[1:] as targets (IGNORE
+    where not a target), positions from 0 per example (and per padding), so attention stays inside it; rows of
+    row_len filled first-fit in order, or (packing=False) one example per row, padded to the longest."""
     segs = [(ex.ids[:-1], [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])]) for ex in examples]
     rows: list[list[tuple]] = []
     fill: list[int] = []
@@ -99,7 +91,6 @@ def pack_rows(examples: list[Example], row_len: int, pad_id: int, packing: bool 
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
-# ---- DPO -----------------------------------------------------------------------------------------
 @dataclass
 class Pair:
     prompt: list[int]     # chat-rendered with the generation prompt, BOS first
@@ -137,7 +128,6 @@ def _ids_field(rec: dict, name: str, where: str, tok) -> list[int]:
 
 
 def truncate_pair(p: Pair, max_length: int, max_prompt_length: int) -> tuple[Pair, bool]:
-    assert 2 <= max_prompt_length < max_length
     prompt = p.prompt if len(p.prompt) <= max_prompt_length else \
         p.prompt[:1] + p.prompt[len(p.prompt) - (max_prompt_length - 1):]
     room = max_length - len(prompt)
@@ -161,8 +151,8 @@ def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int, l
 
 
 def split_data(cfg, load) -> tuple[list, list, dict]:
-    """(training examples, held-out ones, the counts of --data): --eval-data read with `load(paths)` ->
-    (examples, counts), or a seeded --eval-fraction of --data, or none."""
+    """-> (training examples, held-out ones: --eval-data or --eval-fraction, the counts of --data);
+    `load(paths)` -> (examples, counts)."""
     train, counts = load(cfg.data)
     if cfg.eval_data:
         return train, load(cfg.eval_data)[0], counts
@@ -184,13 +174,6 @@ class FlatBatch:
     resp_len: torch.Tensor     # [O] response tokens (targets) per output
     out_seq: torch.Tensor      # [O] the sequence whose summed log-prob each output is
     prefix: torch.Tensor | None = None   # [S, 2] int32 (start, length) of each sequence's prefix; None: none
-
-    @property
-    def num_pairs(self) -> int:
-        return self.resp_len.numel() // 2
-
-    def to(self, device) -> "FlatBatch":
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
 
 
 def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
@@ -236,7 +219,6 @@ def pair_batch(pairs: list[Pair], share_prompt: bool = True) -> FlatBatch:
     return flat_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], share_prompt)
 
 
-# ---- order -----------------------------------------------------------------------------------------
 def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): a share `fraction` (at least one) of `data` held out, drawn by `seed`; the
     training examples keep their order."""
@@ -259,7 +241,7 @@ def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True)
 
 
 def rank_micro_batches(batch: list, world: int, rank: int, micro: int) -> list[list]:
-    """Split a global batch among ranks, then into micro-batches: rank r gets the r-th contiguous slice."""
+    """Rank r's (the r-th contiguous slice of the batch) micro-batches."""
     per_rank = len(batch) // world
     mine = batch[rank * per_rank:(rank + 1) * per_rank]
     return [mine[i:i + micro] for i in range(0, per_rank, micro)]

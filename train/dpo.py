@@ -3,9 +3,8 @@
     torchrun --nproc_per_node 8 train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --beta 0.1
     python train/dpo.py --model M1 --data pairs.jsonl --output runs/m2 --loss simpo --beta 2.0
 
-The reference is the starting checkpoint in eval mode: --ref-mode cache (default) scores every pair once,
-before training, into --ref-cache-dir; --ref-mode online scores each batch with a frozen copy. The loss
-variants, the reference cache, metrics.jsonl: train/README.md, "The DPO step".
+The reference is the starting checkpoint in eval mode, cached before training (--ref-mode cache) or a frozen
+copy (online). The loss variants, the reference, metrics.jsonl: train/README.md, "The DPO step".
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from selfreward.train.dpo_head import pair_head_loss
 from selfreward.train.loop import cli, eval_sums, load_policy, load_reference
 from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
     sequence_logps, weights_hash
-from selfreward.train.parallel import Dist, all_reduce, parallelize
+from selfreward.train.parallel import Dist, all_reduce
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
          "logp_rejected", "len_chosen", "len_rejected")
@@ -76,11 +75,10 @@ class DPOTask(loop.Task):
                   f"tokens): {counts['truncated']}")
         self.counts, self.num_examples = {"truncated": counts["truncated"]}, len(self.pairs)
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
-        self.model = model = load_policy(cfg)
         cache = self.lcfg.needs_reference and cfg.ref_mode == "cache"
-        key = weights_hash(model.state_dict()) if cache else ""
-        parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
-        self.ref_table = reference_table(cfg, model, self.pairs, key, d) if cache else None
+        key = lambda m: setattr(self, "key", weights_hash(m.state_dict()))  # noqa: E731  (of the whole weights)
+        self.model = load_policy(cfg, d, prepare=key if cache else None)
+        self.ref_table = reference_table(cfg, self.model, self.pairs, self.key, d) if cache else None
         self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
 
     def norm(self, batch: list[int]) -> float:
@@ -112,8 +110,8 @@ class DPOTask(loop.Task):
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
-    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model, the pairs
-    shared among the ranks (loop.eval_sums: each rank fills its rows of a zero table, then one all-reduce)."""
+    """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model: loop.eval_sums,
+    each rank its rows of a zero table."""
     cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])

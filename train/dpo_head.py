@@ -16,13 +16,11 @@ from selfreward.train.losses import target_hidden
 
 
 def _groups(out_seq: list[int], B: int, seq_rows: dict[int, int], chunk: int) -> list[tuple[list[int], list[int]]]:
-    """Pairs joined by a shared sequence (union-find), packed in order into units of <= chunk rows (a larger
-    group alone) -> [(pair indices, sequence ids)]."""
+    """Pairs joined by a shared sequence, in units of <= chunk rows (a larger group alone): [(pairs, sequences)]."""
     parent = {s: s for s in out_seq}
 
     def find(s):
         while parent[s] != s:
-            parent[s] = parent[parent[s]]
             s = parent[s]
         return s
 
@@ -111,9 +109,8 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def pair_head_loss(model, b: FlatBatch, loss_fn, chunk: int = 1024):
-    """One forward of the model over the batch and the fused head + loss. loss_fn(policy [2k] chosen first,
-    output indices [2k]) -> (per-pair loss [k], chosen rewards [k], rejected rewards [k]).
-    -> (summed loss with grad, policy log-probs [2B] detached, per-pair loss [B], rewards [B], [B])."""
+    """One forward, then the fused head + loss. loss_fn(policy [2k] chosen first, output indices [2k]) -> (loss,
+    chosen rewards, rejected rewards) [k] each. -> (summed loss, policy [2B], loss [B], rewards [B], [B])."""
     ctx = AttnContext(b.cu_seqlens, b.max_seqlen, prefix=b.prefix)
     h, sel, targets = target_hidden(model, b.tokens, b.positions, ctx, b.targets)     # [n, H], [n], [n]
     return _HeadLoss.apply(h, model.lm_head_weight, targets, b.seq_id.to(h.device)[sel], b.out_seq.to(h.device),

@@ -19,13 +19,11 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
-from selfreward.train.checkpointing import check_finite, check_step_finite, export_model, latest_checkpoint, \
-    load_checkpoint, save_checkpoint, weight_scale
+from selfreward.train.checkpointing import check_finite, claim_run, export_model, latest_checkpoint, \
+    load_checkpoint, save_checkpoint, stop, weight_scale
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
-from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard, \
-    set_grad_sync
-from selfreward.train.runfolder import claim_run
+from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard
 
 
 def cli(main) -> None:
@@ -35,24 +33,20 @@ def cli(main) -> None:
 
 
 def entry(cls, name: str, make_task, doc: str):
-    """A trainer's `train(cfg)` (one run, `train` below) and `main(argv)` (flags or --config -> `cls` -> train)."""
-    def run_one(cfg) -> dict:
-        return train(cfg, name, make_task)
+    """A trainer's `train(cfg, **kw)` (one run, `train` below; `kw` goes to `make_task`, e.g. RL's reward) and
+    `main(argv)` (flags or --config -> `cls` -> train)."""
+    def run_one(cfg, **kw) -> dict:
+        return train(cfg, name, lambda cfg, d, tok: make_task(cfg, d, tok, **kw))
     return run_one, lambda argv=None: run_one(build(cls, parser(cls, doc).parse_args(argv)))
 
 
 def train(cfg: TrainConfig, name: str, make_task) -> dict:
-    """One run (in this process; under torchrun each rank calls it) -> the last step's metrics. `make_task(cfg,
-    d, tokenizer)` reads the data and builds the model (a `Task`)."""
+    """One run (under torchrun, each rank's) -> the last step's metrics; `make_task(cfg, d, tokenizer)` -> a Task."""
     cfg.check()
-    with claim_run(cfg, name):
+    with claim_run(cfg):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        try:
-            d = init_distributed(cfg.device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        task = None
+        d, task = init_distributed(cfg.device), None
         try:
             cfg = fit_context(cfg, d)
             tok_dir = cfg.tokenizer or cfg.model
@@ -78,12 +72,10 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 
 
 class Task:
-    """What a trainer hands the loop: `model` (parallelized), `num_examples`, `norm(batch)` (the global batch's
-    loss denominator: target tokens for SFT, pairs for DPO and RM, responses for RL), `micro(model, indices)`
-    -> (summed loss with grad, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics. SFT and RM give
-    `sums(model, examples)` -> the stat sums of `train` examples (micro) or of `held_out` ones, which are
-    evaluated at step 0, every --eval-every steps and at the end: summarize's `eval_keys` as eval_<key>, over
-    the held-out sum `eval_norm`. The rest is optional; the defaults do nothing."""
+    """What a trainer hands the loop (train/README.md, "One loop"): `model`, `num_examples`, `norm(batch)` (the
+    global batch's loss denominator), `micro(model, indices)` -> (summed loss, stat sums with "loss_sum"),
+    `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)` of `train` or `held_out` ones
+    (summarized as eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
@@ -99,18 +91,22 @@ class Task:
     def param_groups(self, model) -> list:
         return list(model.parameters())
 
-    def before_step(self, model, step: int, batch: list[int]) -> None:
-        """Before a step's micro-batches, with its global batch (rl: weight sync, sampling, rewards)."""
+    def before_step(self, model, step: int, batch: list[int]) -> None:   # rl: weight sync, sampling, rewards
+        pass
 
-    def before_export(self, model, step: int) -> None:
-        """Before the final export (rl: the last weight sync and probe)."""
+    def before_export(self, model, step: int) -> None:                   # rl: the last weight sync and probe
+        pass
 
 
-def load_policy(cfg: TrainConfig, load=load_model, **kw):
-    """The starting checkpoint with the trainer's dropout, single-device (parallelize() comes after)."""
+def load_policy(cfg: TrainConfig, d: Dist, load=load_model, prepare=None, **kw):
+    """The starting checkpoint with the trainer's dropout, `prepare(model)` (DPO's weights hash, RL's value
+    head) while it is whole, then parallelized with the config's checkpointing."""
     mcfg = ModelConfig.from_json(cfg.model)
     mcfg.dropout = cfg.dropout
-    return load(cfg.model, cfg=mcfg, **kw)
+    model = load(cfg.model, cfg=mcfg, **kw)
+    if prepare:
+        prepare(model)
+    return parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision, cfg.selective_checkpointing)
 
 
 def load_reference(cfg: TrainConfig, d: Dist):
@@ -120,9 +116,8 @@ def load_reference(cfg: TrainConfig, d: Dist):
 
 @torch.no_grad()
 def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
-    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers), each rank its every world-th
-    item in chunks of `micro`, in eval mode; all-reduced -> float64 (a dict). Every rank runs the same number of
-    forwards (FSDP's collectives need it): a short rank repeats an item and drops its numbers."""
+    """Sum over `items` of `sums(model, chunk)` (a tensor, or a dict of numbers) in eval mode, each rank its every
+    world-th item, all-reduced in float64. Every rank runs as many forwards (a short rank repeats an item)."""
     mine, keys, tot = items[d.rank::d.world], None, None
     model.eval()
     for s in range(0, -(-len(items) // d.world), micro):
@@ -135,8 +130,7 @@ def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
         if chunk:
             tot += vals
     model.train()
-    if d.sharded:
-        reshard(model)
+    reshard(model)
     tot = all_reduce(tot, d)
     return dict(zip(keys, tot.tolist())) if keys else tot
 
@@ -158,7 +152,6 @@ class MetricsLog:
         self.path, self.on = path, d.is_main
         if self.on:
             old = path.read_text().splitlines() if resume_step is not None and path.exists() else []
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
 
     def write(self, rec: dict) -> None:
@@ -238,7 +231,8 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         parts = rank_micro_batches(batch, d.world, d.rank, micro)
         sums: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(parts):
-            set_grad_sync(model, i == len(parts) - 1)
+            if d.sharded:   # the gradient reduce-scatter on the last micro-batch only
+                model.set_requires_gradient_sync(i == len(parts) - 1)
             loss_sum, stats = task.micro(model, mb)
             (loss_sum * (d.world / norm)).backward()
             for k, v in stats.items():
@@ -249,14 +243,15 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        check_step_finite(sums["loss_sum"] / norm, gnorm, d, out, step, name)
+        if not (math.isfinite(sums["loss_sum"]) and math.isfinite(gnorm)):   # the weights after `step` gave it
+            stop(f"[{name}] non-finite loss {sums['loss_sum'] / norm} / grad norm {gnorm} at step {step + 1}: "
+                 f"stopped before applying it", out, step, d)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         metrics = task.summarize(sums, norm)
-        if cfg.sleep_per_step:
-            time.sleep(cfg.sleep_per_step)
+        time.sleep(cfg.sleep_per_step)
         dt = time.time() - t0
         tokens_seen += int(sums.get("tokens", 0))
         elapsed = time.time() - t_start
@@ -271,18 +266,13 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
             print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
                   f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
-        if task.held_out and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            evaluate(step + 1)
+        if task.held_out and (step + 1 == total or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            last.update(evaluate(step + 1))
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
             export(out / "exports" / f"step_{step + 1}", step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+        if step + 1 == total or cfg.save_every and (step + 1) % cfg.save_every == 0:
             check_finite(model, d, out, step + 1, name, start_scale)
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
-    if task.held_out and start < total:
-        last.update(evaluate(total))
-    check_finite(model, d, out, total, name, start_scale)
-    if start < total:
-        save_checkpoint(out, total, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     task.before_export(model, total)
     export(Path(cfg.export or out / "model"), total)
     if d.is_main:

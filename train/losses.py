@@ -1,7 +1,6 @@
-"""The losses: SFT log-prob sums and the fused one-pass DPO log-probs on kernels.linear_logprobs (no [tokens,
-vocab] logits; chosen and rejected of every pair in ONE forward, train.data.FlatBatch), the DPO loss family
-and its reference cache, the online-RL estimators. Formulas and papers: train/README.md, "The DPO step" and
-"Online RL".
+"""The losses on kernels.linear_logprobs (no [tokens, vocab] logits): SFT log-prob sums, the one-pass DPO
+log-probs, the DPO loss family and its reference cache, the online-RL estimators. Formulas and papers:
+train/README.md, "The DPO step" and "Online RL".
 """
 from __future__ import annotations
 
@@ -24,15 +23,10 @@ SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing
 
 def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
                           simpo_gamma: float | None) -> tuple[float, float, float]:
-    """The trainer's flags -> (beta, eps, gamma); None = the loss's paper default: beta 0.1 (the DPO family)
-    or 2.0 (SimPO, Meng et al. 2024), gamma 0.5 x beta, eps 0.1. Refused (ValueError): a negative value, a
-    label smoothing above 0 for a loss that has none, a gamma above 0 for a loss other than simpo. The result
-    maps to itself."""
+    """The trainer's flags -> (beta, eps, gamma), which map to themselves; None = the loss's paper default
+    (train/README.md, "Flags"). ValueError: a setting the loss does not use, or out of its range."""
     if loss not in LOSS_TYPES:
         raise ValueError(f"--loss {loss!r}: not a loss type; choose one of {', '.join(LOSS_TYPES)}")
-    for flag, v in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--simpo-gamma", simpo_gamma)):
-        if v is not None and v < 0:
-            raise ValueError(f"{flag} {v:g}: must be >= 0 (leave it out for the loss's default)")
     if label_smoothing and loss not in SMOOTHED:
         raise ValueError(f"--label-smoothing: label smoothing applies to --loss {' / '.join(SMOOTHED)} only, "
                          f"not {loss}")
@@ -49,9 +43,8 @@ def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float 
 
 
 def target_hidden(model, tokens, positions, ctx: AttnContext, targets):
-    """-> (the last hidden states of the target rows [n, H], those rows [n], their targets [n]), on the
-    model's device. Only target rows go through the LM head and the last block's queries and feed-forward
-    (Transformer.forward's out_rows): prompt rows would cost [rows, V] GEMMs for nothing."""
+    """-> (the last hidden states of the target rows [n, H], those rows [n], their targets [n]), on the model's
+    device; only target rows go through the last block's queries and feed-forward (out_rows)."""
     dev = model.lm_head_weight.device           # batches are built on the CPU; the model may live on a GPU
     tokens, positions, targets = tokens.to(dev), positions.to(dev), targets.to(dev)
     ctx = AttnContext(ctx.cu_seqlens.to(dev), ctx.max_seqlen, prefix=None if ctx.prefix is None else ctx.prefix.to(dev))
@@ -67,8 +60,7 @@ def token_logps(model, tokens, positions, ctx: AttnContext, targets) -> torch.Te
 
 
 def sft_logp_sum(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Packed rows (train.data.pack_rows) -> (sum of target log-probs, number of targets).
-    SFT loss = -sum / (targets in the global batch)."""
+    """Packed rows (train.data.pack_rows) -> (sum of target log-probs, number of targets)."""
     pos, ctx = context_from_positions(rows["positions"])
     tgt = rows["targets"].reshape(-1)
     lp = token_logps(model, rows["input_ids"].reshape(-1), pos, ctx, tgt)
@@ -127,7 +119,6 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     return loss, r[:B].detach(), r[B:].detach()
 
 
-# ---- the reference log-prob cache ----------------------------------------------------------------
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
@@ -138,22 +129,16 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def pairs_hash(pairs: list[Pair]) -> str:
-    """Hash of the tokenized, truncated pairs: covers the data, the tokenizer and the truncation settings."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for part in (p.prompt, p.chosen, p.rejected):
-            h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
-            h.update(b"|")
-    return h.hexdigest()[:16]
-
-
 class ReferenceCache:
-    """Summed reference log-probs of every pair, [num_pairs, 2] (chosen, rejected), in
-    `dir/ref_logps-<data hash>-<weights hash>.pt`, written atomically."""
+    """Reference log-probs [pairs, 2] in `dir/ref_logps-<data hash>-<weights hash>.pt` (README "The DPO step")."""
 
     def __init__(self, directory: str | Path, pairs: list[Pair], weights_key: str):
-        self.path = Path(directory) / f"ref_logps-{pairs_hash(pairs)}-{weights_key}.pt"
+        h = hashlib.sha256()
+        for p in pairs:
+            for part in (p.prompt, p.chosen, p.rejected):
+                h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+                h.update(b"|")
+        self.path = Path(directory) / f"ref_logps-{h.hexdigest()[:16]}-{weights_key}.pt"
 
     def load(self) -> torch.Tensor | None:
         return torch.load(self.path) if self.path.exists() else None
@@ -221,8 +206,7 @@ def _pg(logp, values, G, A, value_coef: float) -> PGOut:
 
 def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,
                    rewards: torch.Tensor, group: torch.Tensor | None, beta: float, value_coef: float = 1.0) -> PGOut:
-    """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B];
-    `group` is not used (one signature for both estimators)."""
+    """REINFORCE minus the value head's baseline. logp, values [M] (grad), ref [M], seq [M], rewards [B]."""
     G = returns_to_go(kl_per_token(logp, ref), seq, rewards, beta)
     return _pg(logp, values, G, G - values.detach().double(), value_coef)
 

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from selfreward.cli import ConfigError
+
 
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: object = None
 
@@ -29,21 +30,18 @@ class Dist:
 
 
 def train_device(choice: str = "auto", local_rank: int = 0, cuda: bool | None = None) -> torch.device:
-    """The trainer's device from its config: "auto" = cuda:LOCAL_RANK where CUDA is available, else the CPU;
-    "cpu" forces the CPU (gloo); "cuda" insists on CUDA."""
+    """--device auto (cuda:LOCAL_RANK where CUDA is available, else the CPU), cpu or cuda (insists on CUDA)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {choice!r}: should be auto, cpu or cuda")
+        raise ConfigError(f"--device {choice!r}: should be auto, cpu or cuda")
     if choice == "cuda" and not cuda:
-        raise ValueError("--device cuda: CUDA is not available on this machine")
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
     return torch.device("cuda", local_rank) if cuda and choice != "cpu" else torch.device("cpu")
 
 
 def init_distributed(device: str = "auto") -> Dist:
-    """Process group (NCCL on CUDA, gloo on the CPU) and device mesh under torchrun; one process otherwise.
-    Either way the trainer's model goes to `Dist.device` (parallelize)."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = train_device(device, local)
+    """Process group and device mesh under torchrun; one process otherwise."""
+    dev = train_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -52,7 +50,7 @@ def init_distributed(device: str = "auto") -> Dist:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
-    return Dist(dist.get_rank(), dist.get_world_size(), local, dev, mesh)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, mesh)
 
 
 def barrier(d: Dist) -> None:
@@ -84,10 +82,8 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 
 
 def apply_checkpointing(model, selective: bool = False) -> None:
-    """Recompute each block in backward; `selective`: keep its matmul (and attention) outputs and recompute
-    only the cheap element-wise parts, about half the saved activations for a few % more time. The
-    instance's forward is replaced, so parameter names (checkpoints, exports) are unchanged; RNG state is
-    replayed, so dropout matches."""
+    """Recompute each block in backward (`selective`: all but _SAVE_OPS' outputs). The instance's forward is
+    replaced, so parameter names are unchanged; RNG state is replayed, so dropout matches."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
     kw = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)} if selective else {}
     for block in model.layers:
@@ -109,7 +105,7 @@ def apply_fsdp(model, d: Dist, mixed_precision: bool = True) -> None:
 
 def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_precision: bool = True,
                 selective: bool = False):
-    """The one place parallelism is applied: activation checkpointing (whole blocks, or `selective`), then FSDP."""
+    """Activation checkpointing (whole blocks; else `selective`), then FSDP (or the move to d.device)."""
     if activation_checkpointing or selective:
         apply_checkpointing(model, selective=not activation_checkpointing)
     if d.sharded:
@@ -120,18 +116,12 @@ def parallelize(model, d: Dist, activation_checkpointing: bool = False, mixed_pr
 
 
 def reshard(model) -> None:
-    """Free the parameters the root and the last block keep gathered for a backward, after a no-grad forward
-    (else model.parameters() would hand the optimizer plain tensors)."""
+    """After a no-grad forward under FSDP: free the parameters the root and the last block keep gathered for a
+    backward (else model.parameters() would hand the optimizer plain tensors)."""
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-
-
-def set_grad_sync(model, sync: bool) -> None:
-    """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
 
 
 def cleanup(d: Dist) -> None:

@@ -22,9 +22,9 @@ from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import read_jsonl
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
-from selfreward.train.parallel import parallelize, reshard
+from selfreward.train.parallel import reshard
 from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
-from selfreward.train.rollout import VALUE_HEAD, EngineConfig, build_engine, entropy_sum, flat_batch, greedy, \
+from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
     prompt_ids, response_logps, sample, sync_weights
 
 # --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
@@ -36,8 +36,7 @@ REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the disti
 
 
 def reward_factory(name: str, load: bool = True):
-    """The factory --reward NAME names (see REWARDS); a name that is neither a short name nor module:function
-    is refused (load=False: only that check)."""
+    """The factory --reward NAME names (load=False: only the check that it names one)."""
     module, sep, fn = REWARDS.get(name, name).partition(":")
     if not (sep and module and fn):
         raise ConfigError(f"--reward {name!r}: choose one of {', '.join(REWARDS)}, or give module:function")
@@ -96,22 +95,24 @@ def load_prompts(paths: list[str], tok, room: int) -> list[str]:
     return out
 
 
+def add_value_head(model) -> None:
+    """V(state), a linear head on the detached hidden state; zero, so the baseline starts at 0."""
+    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
+    for p in model.value_head.parameters():
+        torch.nn.init.zeros_(p)
+
+
 class RLTask(loop.Task):
-    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward; a
-    micro-batch is the rollouts of its prompts."""
+    """The prompts, the policy with its value head, the frozen SFT policy, the sampler and the reward."""
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
         self.cfg, self.d, self.tok = cfg, d, tok
         self.prompts = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
         self.num_examples = len(self.prompts)
-        model = load_policy(cfg)
-        model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)     # V(state) from the detached hidden state
-        for p in model.value_head.parameters():                           # zero: the baseline starts at 0
-            torch.nn.init.zeros_(p)
-        self.model = parallelize(model, d, cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
-        self.engine = build_engine(cfg.model, cfg.engine)
+        self.engine = load_engine(cfg.model, cfg.engine)
         self.reward = reward or reward_factory(cfg.reward)(
             cfg.reward_model or cfg.model, template=cfg.reward_template or None,
             device=str(self.engine.runner.device), dtype=self.engine.runner.dtype)
@@ -154,8 +155,7 @@ class RLTask(loop.Task):
         logp, h = response_logps(model, b, c.temperature)                        # [M], [M, H]
         with torch.no_grad():
             ref_lp, _ = response_logps(self.ref, b, c.temperature)              # [M]
-        if self.d.sharded:
-            reshard(self.ref)
+        reshard(self.ref)
         values = model.value_head(h.detach()).squeeze(-1)                        # [M]
         o = self.loss_fn(logp, values, ref_lp, b.seq, b.rewards, b.group, c.beta, c.value_coef)
         ent = entropy_sum(model, h, c.temperature)               # before backward reshards the LM head
@@ -202,13 +202,7 @@ class RLTask(loop.Task):
         return time.perf_counter() - t0
 
 
-def train(cfg: RLConfig, reward=None) -> dict:
-    """One RL run (in this process; under torchrun each rank calls it) -> the last step's metrics. `reward`:
-    a function (prompts, responses) -> rewards; default built from --reward (REWARDS)."""
-    return loop.train(cfg, "rl", lambda cfg, d, tok: RLTask(cfg, d, tok, reward))
-
-
-main = loop.entry(RLConfig, "rl", RLTask, __doc__)[1]
+train, main = loop.entry(RLConfig, "rl", RLTask, __doc__)   # train(cfg, reward=fn): any (prompts, responses) -> [float]
 
 if __name__ == "__main__":
     cli(main)

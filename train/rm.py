@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from selfreward.cli import input_file, passive
 from selfreward.model.reward_model import load_reward_model, packed_rewards, seq_cls_config
-from selfreward.records import DataError
+from selfreward.records import DataError, field
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, split_data
 from selfreward.train.loop import cli, load_policy
-from selfreward.train.parallel import Dist, parallelize
+from selfreward.train.parallel import Dist
 
 
 @dataclass
@@ -40,10 +40,7 @@ def _label(rec: dict, where: str, hard: bool) -> tuple[dict, float]:
     layout (chosen / rejected) or --hard-labels says response 1 wins."""
     soft = "response_1" in rec or "response_2" in rec
     if soft:
-        for k in ("response_1", "response_2"):
-            if not isinstance(rec.get(k), str):
-                raise DataError(f"{where}: field '{k}' missing or not a string")
-        rec = dict(rec, chosen=rec["response_1"], rejected=rec["response_2"])
+        rec = dict(rec, chosen=field(rec, "response_1", where), rejected=field(rec, "response_2", where))
     if "label" not in rec:
         if hard or not soft:
             return rec, 1.0
@@ -87,8 +84,7 @@ class RMTask(loop.Task):
             print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; held out: {len(self.held_out)}")
         self.num_examples = len(self.train)
-        self.model = parallelize(load_policy(cfg, load_reward_model, seed=cfg.head_seed), d,
-                                 cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 
     def norm(self, batch: list[int]) -> float:

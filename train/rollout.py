@@ -1,5 +1,6 @@
-"""train/'s one seam into infer/: the RL sampler is built, fed the trainer's weights (README "Weight
-hand-off") and asked for rollouts and greedy probes here and nowhere else; and the rollout batch.
+"""train/'s one seam into infer/: the RL sampler (infer's `load_engine`, on its own --engine-device and dtype) is
+built, fed the trainer's weights (README "Weight hand-off") and asked for rollouts and greedy probes through here
+and nowhere else; and the rollout batch.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import selfreward.kernels.ops as K
-from selfreward.infer.config import EngineConfig, load_engine
+from selfreward.infer.config import EngineConfig, load_engine  # noqa: F401  (for rl.py)
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.llama import AttnContext
 from selfreward.train import data
@@ -31,14 +32,8 @@ class Rollout:
     reward: float = 0.0
 
 
-def build_engine(model_dir: str, cfg: EngineConfig):
-    """The sampler: infer's one factory, on the engine's own device and dtype (--engine-device, -dtype)."""
-    return load_engine(model_dir, cfg)
-
-
 def sync_weights(engine, model) -> float:
-    """Copy the trainer's weights into the engine (no disk; under FSDP2 one gathered parameter at a time;
-    every engine parameter written, the prefix cache emptied) -> seconds."""
+    """The trainer's weights into the engine (README "Weight hand-off") -> seconds."""
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
@@ -72,13 +67,13 @@ class RolloutBatch(FlatBatch):
     group: torch.Tensor | None = None     # [B] the prompt's index (RLOO groups)
 
     @functools.cached_property
-    def seq(self) -> torch.Tensor:
-        """[M] which rollout each response token (target) belongs to, in order."""
+    def seq(self) -> torch.Tensor:   # [M] which rollout each response token (target) belongs to, in order
         return self.seq_id[self.targets != IGNORE]
 
 
 def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
-    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]).to(device))
+    b = vars(data.flat_batch([(r.prompt_ids, r.response_ids) for r in rolls]))
+    b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
     f = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     return RolloutBatch(**b, rewards=f([r.reward for r in rolls], torch.float64),
                         group=f([r.group for r in rolls], torch.long))

@@ -17,7 +17,6 @@ from selfreward.train.config import TrainConfig
 from selfreward.train.data import Example, load_sft, pack_rows, split_data
 from selfreward.train.loop import cli, load_policy
 from selfreward.train.losses import sft_logp_sum
-from selfreward.train.parallel import parallelize
 
 
 @dataclass
@@ -30,6 +29,13 @@ class SFTConfig(TrainConfig):
     eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     system_prompt: list[str] = field(default_factory=list)  # FILE=TEXT: system turn for that data file
 
+    def check(self) -> None:
+        super().check()
+        for s in self.system_prompt:
+            path, sep, _ = s.partition("=")
+            if not sep or path not in self.data + self.eval_data:
+                raise ConfigError(f"--system-prompt {s!r}: expected FILE=TEXT with FILE one of the --data files")
+
 
 class SFTTask(loop.Task):
     """The SFT data (held-out part included) and the policy; the loss is -(target log-probs) / targets."""
@@ -37,14 +43,14 @@ class SFTTask(loop.Task):
 
     def __init__(self, cfg: SFTConfig, d, tok):
         self.cfg, self.pad_id = cfg, tok.pad_id
-        systems = _systems(cfg)
+        systems = dict(s.partition("=")[::2] for s in cfg.system_prompt)
         self.train, self.held_out, counts = split_data(cfg, lambda p: load_sft(p, tok, cfg.max_length, systems))
         if d.is_main:
             print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
         self.counts = {"truncated": counts["truncated"], "dropped": counts["dropped"]}
         self.num_examples = len(self.train)
-        self.model = parallelize(load_policy(cfg), d, cfg.activation_checkpointing, cfg.mixed_precision)
+        self.model = load_policy(cfg, d)
 
     def norm(self, batch: list[int]) -> float:
         return float(max(1, sum(sum(self.train[i].mask[1:]) for i in batch)))
@@ -56,16 +62,6 @@ class SFTTask(loop.Task):
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {"loss": s["loss_sum"] / norm, "targets": int(s["targets"])}
-
-
-def _systems(cfg: SFTConfig) -> dict[str, str]:
-    out = {}
-    for s in cfg.system_prompt:
-        path, sep, text = s.partition("=")
-        if not sep or path not in cfg.data + cfg.eval_data:
-            raise ConfigError(f"--system-prompt {s!r}: expected FILE=TEXT with FILE one of the --data files")
-        out[path] = text
-    return out
 
 
 train, main = loop.entry(SFTConfig, "sft", SFTTask, __doc__)
