@@ -63,11 +63,9 @@ class HumpbackConfig:
     # --sft-weight-decay 0.1 --sft-dropout 0.1 --sft-batch-size 32 (8 below 3k examples); train/sft.py's defaults here
     engine: EngineConfig = field(default_factory=EngineConfig)
 
-    def __post_init__(self):
+    def __post_init__(self):   # the numbers are checked at the door (ranges.py)
         if self.train_k not in self.curate.keep:
             raise cli.ConfigError(f"--train-k {self.train_k} must be one of --curate-keep {self.curate.keep}")
-        if self.iterations < 1 or self.chunk < 1 or self.nproc < 1:
-            raise cli.ConfigError("--iterations, --chunk and --nproc must be >= 1")
         self.engine.check()
 
 
@@ -100,28 +98,24 @@ def backward_records(seed: list[dict]) -> list[dict]:
     return [{"prompt": r["response"], "response": r["prompt"]} for r in seed]
 
 
-def sft_model(cfg: HumpbackConfig, home: Path, seed_files: list[str], aug_files: list[str], seed: int) -> str:
+def sft_model(cfg: HumpbackConfig, home: Path, seed_files: list[str], aug_files: list[str], seed: int,
+              tags: bool = True) -> str:
     """train/sft.py from the base on seed_files + aug_files (each source with its tag) -> home/model."""
     from selfreward.train.sft import train
-    if (home / "model" / "config.json").exists():
-        return str(home / "model")
-    tags = [f"{p}={cfg.seed_tag}" for p in seed_files if cfg.tags and cfg.seed_tag] + \
-        [f"{p}={cfg.augmented_tag}" for p in aug_files if cfg.tags and cfg.augmented_tag]
-    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=seed_files + aug_files, output=str(home / "sft"),
-                               export=str(home / "model"), resume=True, seed=seed, system_prompt=tags)
-    cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
+    if not (home / "model" / "config.json").exists():
+        tags = [f"{p}={cfg.seed_tag}" for p in seed_files if tags and cfg.tags and cfg.seed_tag] + \
+            [f"{p}={cfg.augmented_tag}" for p in aug_files if tags and cfg.tags and cfg.augmented_tag]
+        scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=seed_files + aug_files, resume=True, seed=seed,
+                                   output=str(home / "sft"), export=str(home / "model"), system_prompt=tags)
+        cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
     return str(home / "model")
 
 
 def stage_backward(cfg: HumpbackConfig) -> None:
-    from selfreward.train.sft import train
     home = run_path(cfg, "backward")
-    if (home / "model" / "config.json").exists():
-        return
-    data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data, cfg.base_model)))
-    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=[str(data)], output=str(home / "sft"),
-                               export=str(home / "model"), resume=True, seed=pipeline.seed(cfg, 0, 0), system_prompt=[])
-    cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
+    if not (home / "model" / "config.json").exists():
+        data = write_jsonl(home / "data.jsonl", backward_records(read_seed(cfg.seed_data, cfg.base_model)))
+        sft_model(cfg, home, [str(data)], [], pipeline.seed(cfg, 0, 0), tags=False)
 
 
 def stage_forward(cfg: HumpbackConfig) -> None:

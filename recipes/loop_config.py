@@ -71,20 +71,16 @@ class LoopConfig:
         """The judge's settings as the loop runs them: --score-from expected also reads the expected score."""
         return dataclasses.replace(self.judge, expected=self.judge.expected or self.score_from == "expected")
 
-    def __post_init__(self):
+    def __post_init__(self):   # the numbers are checked at the door (ranges.py); the loop's own rules here
         if self.score_from not in ("sampled", "expected"):
             raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
-        low = [f for f, v, lo in (("--candidates-n", self.candidates.n, 2), ("--iterations", self.iterations, 1),
-                                  ("--nproc", self.nproc, 1), ("--chunk", self.chunk, 1)) if v < lo]
-        if low:
-            raise cli.ConfigError(f"{low[0]} is below its minimum (candidates-n 2; iterations, nproc, chunk 1)")
+        if self.candidates.n < 2:
+            raise cli.ConfigError("--candidates-n is below its minimum (2: a pair needs two candidates)")
         from selfreward.recipes.pairs import PAIRINGS
         if self.pairing not in PAIRINGS:
             raise cli.ConfigError(f"--pairing {self.pairing!r}: choose {' or '.join(PAIRINGS)}")
         if self.sft_mix and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--sft-mix trains through the NLL term only: it needs --dpo-nll-alpha > 0")
-        if self.judge_self_train < 0:
-            raise cli.ConfigError("--judge-self-train must be >= 0 (0 = off)")
         if self.judge_self_train and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--judge-self-train trains through the NLL term only: it needs --dpo-nll-alpha > 0")
         if self.n_prompts < 0 or (self.n_prompts == 0 and self.prompt_source == "self-instruct"):
