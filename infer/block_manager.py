@@ -125,7 +125,7 @@ class BlockManager:
         for bid in parent.block_table:
             self.blocks[bid].ref += 1
         child.block_table = list(parent.block_table)
-        child.num_cached = parent.num_cached
+        child.num_cached, child.num_keyed = parent.num_cached, parent.num_keyed
 
     # -- decode ------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
@@ -150,16 +150,8 @@ class BlockManager:
 
     def written(self, seq: Sequence) -> None:
         """After a decode step stored position len-1: key the block if that filled it."""
-        bs = self.block_size
-        n = len(seq)
-        seq.num_cached = n
-        if n % bs or not self.prefix_cache:
-            return
-        bi = n // bs - 1
-        prev = -1 if bi == 0 else self.blocks[seq.block_table[bi - 1]].key
-        b = self.blocks[seq.block_table[bi]]
-        if prev is not None and b.key is None:
-            self._register(b, prev, tuple(seq.token_ids[bi * bs:n]))
+        seq.num_cached = len(seq)
+        self.computing(seq, len(seq))
 
     def take_copies(self) -> list[tuple[int, int]]:
         c, self.copies = self.copies, []

@@ -46,7 +46,6 @@ class Engine:
         return {"prefill_computed": self.bm.prefill_computed, "prefix_hit": self.bm.prefill_hit,
                 "generated": self.generated_tokens, "preempted": self.scheduler.num_preempted}
 
-    # -- the interface: what recipes and trainers call (tests/scripted.py stands in for it) -----------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
@@ -112,7 +111,6 @@ class Engine:
         stop = c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos
         return list(c.token_ids[:-1] if stop else c.token_ids)
 
-    # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Schedule, run, postprocess -> the sequences that finished."""
         seqs, is_prefill = self.scheduler.schedule()
@@ -123,8 +121,7 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[list[tuple[int, float | None]]]:
-        """The model on a step's sequences -> per sequence its samples' (token, log-prob), none for a prompt
-        chunk; score and next-token requests keep their log-probs (infer/README.md, "API": a step)."""
+        """The model on a step's sequences -> per sequence its samples' (token, log-prob) (infer/README.md, "API")."""
         self.runner.copy_blocks(self.bm.take_copies())
         if not is_prefill:
             h = self.runner.decode(seqs)

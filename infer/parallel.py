@@ -1,6 +1,5 @@
 """Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does): this
-rank's slices of the weights (`shard_plan`), local head counts, the collectives as forward hooks. Every rank of
-a group runs the same deterministic scheduler, with no messages. infer/README.md has the table and the reasons.
+rank's slices of the weights (`shard_plan`), local head counts, the collectives as forward hooks (infer/README.md).
 """
 from __future__ import annotations
 
@@ -101,27 +100,17 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int
     return plan
 
 
-VOCAB = ("tok_embeddings.weight", "output.weight")
-
-
 def take(full: torch.Tensor, name: str, plan: dict, rows: int) -> torch.Tensor:
     """This rank's part of full tensor `name` (all of it when not in `plan`); vocab shards zero-padded to `rows`."""
     if name in plan:
         dim, a, b = plan[name]
         full = full.narrow(dim, a, b - a)
-    if name in VOCAB and full.shape[0] < rows:
+    if name in ("tok_embeddings.weight", "output.weight") and full.shape[0] < rows:
         full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
     return full
 
 
 # -- applying it to a model --------------------------------------------------------------------------
-def _all_reduce_hook(group):
-    def hook(_mod, _inp, out):
-        dist.all_reduce(out, group=group)
-        return out
-    return hook
-
-
 def _embed(self, ids, lo: int, hi: int, group):                       # ids [N] -> [N, H]
     inside = (ids >= lo) & (ids < hi)
     x = F.embedding(torch.where(inside, ids - lo, 0), self.weight) * inside[:, None].to(self.weight.dtype)
@@ -165,8 +154,8 @@ def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
                                                                   requires_grad=False))
     for layer in model.layers:
         layer.attention.nh, layer.attention.nkv = qh, kvh
-        layer.attention.wo.register_forward_hook(_all_reduce_hook(tp.group))
-        layer.feed_forward.w2.register_forward_hook(_all_reduce_hook(tp.group))
+        for row_parallel in (layer.attention.wo, layer.feed_forward.w2):   # partial sums, reduced in place
+            row_parallel.register_forward_hook(lambda _mod, _inp, out: dist.all_reduce(out, group=tp.group))
     emb = model.tok_embeddings
     emb.forward = types.MethodType(lambda self, ids: _embed(self, ids, lo, hi, tp.group), emb)
     model.logits = types.MethodType(_logits, model)
@@ -189,9 +178,8 @@ def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.floa
     cfg = ModelConfig.from_json(Path(path))
     state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
     rows = vocab_range(cfg, tp.rank, tp.size)[2]
-    state = {k: take(v, k, {}, rows) for k, v in state.items()}   # the vocab shards padded
     model = tp_model(cfg, tp, dtype, device)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: take(v, k, {}, rows) for k, v in state.items()}, strict=True)   # vocab shards padded
     model.loaded_bytes = nbytes
     return model
 

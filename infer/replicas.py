@@ -11,16 +11,17 @@ from typing import Callable, Hashable, Sequence
 import torch
 import torch.distributed as dist
 
-from selfreward.infer.parallel import TPGroup, init_tp
+from selfreward.infer.parallel import init_tp
 from selfreward.units import Work, run_units
 
 
-def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, key: Callable[[dict], Hashable],
-                 work: Work, chunk: int = 32, progress: str = "", unit: str = "units") -> bool:
-    """run_units for DP x TP. -> True on the rank that wrote the final OUT."""
-    if tp.size == 1:
-        return run_units(out, units, per_unit, key, work, chunk, rank=tp.replica, world=tp.num_replicas,
-                         progress=progress, unit=unit)
+def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out: Path, units: Sequence[dict],
+                    per_unit: int, key: Callable[[dict], Hashable], work: Work, progress: str = "",
+                    unit: str = "units") -> bool:
+    """run_units over the ranks, or (tensor_parallel > 1) over DP x TP replicas -> True on the rank that wrote OUT."""
+    if tensor_parallel == 1:
+        return run_units(out, units, per_unit, key, work, chunk, rank, world, progress, unit)
+    tp = init_tp(tensor_parallel)
     leader = tp.replica * tp.size    # the leader's global rank
 
     def share(msg):
@@ -51,19 +52,10 @@ def run_units_tp(tp: TPGroup, out: Path, units: Sequence[dict], per_unit: int, k
     return wrote
 
 
-def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out: Path, units: Sequence[dict],
-                    per_unit: int, key: Callable[[dict], Hashable], work: Work, progress: str = "",
-                    unit: str = "units") -> bool:
-    """A recipe stage's units over the ranks, or (tensor_parallel > 1) over tensor-parallel replicas."""
-    tp = init_tp(tensor_parallel) if tensor_parallel > 1 else TPGroup(replica=rank, num_replicas=world)
-    return run_units_tp(tp, out, units, per_unit, key, work, chunk, progress, unit)
-
-
 @contextmanager
 def stage_group(device: str, world: int):
-    """The process group of a sharded run under torchrun (world > 1): gloo on the CPU, NCCL with each rank on
-    its own GPU (cuda:LOCAL_RANK) when the engines run on CUDA; destroyed on the way out. A group the caller
-    made itself (tests/tp_worker.py) is used and left as it is."""
+    """The process group of a sharded run under torchrun (world > 1), gloo or NCCL (cuda:LOCAL_RANK), destroyed on
+    the way out; one the caller made itself (tests/tp_worker.py) is used and left as it is."""
     if world <= 1 or dist.is_initialized():
         yield
         return

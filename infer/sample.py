@@ -22,7 +22,7 @@ import torch.distributed as dist
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.parallel import init_tp
-from selfreward.infer.replicas import run_units_tp, stage_group
+from selfreward.infer.replicas import run_stage_units, stage_group
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
@@ -56,20 +56,15 @@ class SampleConfig(EngineConfig):
 
 
 def parse(argv: list[str] | None) -> SampleConfig:
-    p = cli.parser(SampleConfig, __doc__, skip={"": {"device", "n", "stop"}})
+    """The door: the flags (numbers by their ranges), then what no single number's range covers."""
+    p = cli.parser(SampleConfig, __doc__, skip={"": {"device"}}, own=("n", "stop"))
     p.add_argument("--n", "--num-samples", dest="n", type=int, help="samples per prompt; under torchrun write "
                    "--num-samples: torchrun reads --n as its own (default: 1)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable) (default: [])")
-    p.set_defaults(_cfg_dests=p.get_default("_cfg_dests") + ["n", "stop"])
     cfg = cli.build(SampleConfig, p.parse_args(argv))
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
-    return cfg
-
-
-def check(cfg: SampleConfig) -> None:
-    """The settings no single number's range covers, each error naming its flag."""
     if any(not s for s in cfg.stop):
         raise ConfigError("--stop '': an empty stop string would end every sample at once")
     if same_file(cfg.input, cfg.output) or same_file(cfg.input, partial_path(cfg.output)):
@@ -79,6 +74,7 @@ def check(cfg: SampleConfig) -> None:
         resolve_device(cfg)
     except ValueError as e:   # "engine cuda_graphs ..." -> "--cuda-graphs ..."
         raise ConfigError(re.sub(r"engine (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+    return cfg
 
 
 def id_key(v) -> str:
@@ -127,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     out, lock = Path(cfg.output), None
     with stage_group("", world):
         try:
-            check(cfg)
             tp = init_tp(cfg.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
             check_file(cfg.input)
             requests = nonempty(read_requests(cfg.input), cfg.input, "prompts")
@@ -145,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             eng = load_engine(cfg.model, cfg)   # a bad checkpoint fails here, before any work
             if eng.tokenizer is None:
                 raise DataError(f"{cfg.model}: no tokenizer.model or tokenizer.json to encode prompts with")
-            run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, eng), max(1, len(requests)),
-                         f"sample rank {rank}", "prompts")
+            run_stage_units(cfg.tensor_parallel, max(1, len(requests)), rank, world, out, requests, cfg.n, key,
+                            partial(work, cfg, eng), f"sample rank {rank}", "prompts")
             if rank == 0:
                 print(f"[sample] wrote {len(read_jsonl(out))} records to {out}", file=sys.stderr, flush=True)
         except DataError as e:
