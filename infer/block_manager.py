@@ -1,6 +1,5 @@
 """KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping only:
-the runner owns the tensors; infer/README.md, "Prefix cache"). `copies`: the (src, dst) copies the runner
-makes before the next forward.
+the runner owns the tensors and makes `copies` before the next forward; infer/README.md, "Prefix cache").
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ def chain_key(prev: int, tokens: tuple[int, ...]) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True):
-        assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -40,7 +38,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free)
 
-    # -- internals ---------------------------------------------------------------------------------
     def _take_free(self) -> Block:
         bid, _ = self.free.popitem(last=False)
         b = self.blocks[bid]
@@ -58,8 +55,7 @@ class BlockManager:
 
     # -- prefill -----------------------------------------------------------------------------------
     def _hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold seq's leading full blocks (only before seq.need_from), each hit checked
-        token by token."""
+        """Cached blocks holding seq's leading full blocks before seq.need_from, each hit checked token by token."""
         hits: list[int] = []
         bs, toks, prev = self.block_size, seq.token_ids, -1
         for i in range(seq.need_from // bs if self.prefix_cache else 0):   # positions to compute are never served
@@ -72,9 +68,8 @@ class BlockManager:
         return hits
 
     def allocate(self, seq: Sequence, budget: int | None = None) -> bool:
-        """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix, and set
-        seq.chunk: the tokens its first prefill step computes (all uncached ones, or at most `budget`:
-        chunked prefill). Returns False (changing nothing) if the free list is too short."""
+        """Blocks for all of seq's tokens, cached full blocks of its prefix reused; seq.chunk: the uncached tokens
+        its first prefill step computes (at most `budget`). False (nothing changed): the free list is too short."""
         assert not seq.block_table
         bs, toks = self.block_size, seq.token_ids
         n = -(-len(toks) // bs)             # blocks for all its tokens
@@ -98,10 +93,8 @@ class BlockManager:
         return True
 
     def computing(self, seq: Sequence, upto: int) -> None:
-        """The step being scheduled computes seq's tokens up to position `upto` (exclusive): key the full
-        blocks below it. They are computed in that very step (each layer stores K/V before it attends), so
-        a later sequence of the same step may already read them; a block a later chunk computes is not
-        keyed yet, so nothing can hit it before its K/V exist."""
+        """The step being scheduled computes seq's tokens below position `upto`: key the full blocks below it
+        (infer/README.md, "Prefix cache": why at scheduling, and not before)."""
         bs, toks = self.block_size, seq.token_ids
         i = seq.num_keyed
         prev = -1 if i == 0 else self.blocks[seq.block_table[i - 1]].key

@@ -25,7 +25,7 @@ class Engine:
         replaced: the pool and batching settings (device, dtype and tensor_parallel are the model's)."""
         self.cfg = cfg = replace(cfg or EngineConfig(), **fields)
         self.model = model.eval()
-        self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
+        fuse_for_inference(model)                # CPU: weights re-stored in place for decode (model/fused.py)
         self.tokenizer = tokenizer
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:
@@ -49,8 +49,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
-        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
-        Sample j of a request with seed s is that request alone with seed s + j."""
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -97,8 +96,7 @@ class Engine:
         return out
 
     def load_weights(self, model, skip: tuple[str, ...] = ()) -> dict:
-        """A trainer's weights copied in place (parallel.copy_weights), no request in flight; clears the prefix
-        cache -> {seconds, bytes}."""
+        """A trainer's weights copied in place (parallel.copy_weights), no request in flight -> {seconds, bytes}."""
         from selfreward.infer.parallel import copy_weights
         if not self.scheduler.done():
             raise RuntimeError("weight sync while the engine still has requests in flight")
@@ -151,7 +149,7 @@ class Engine:
         return outs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, decode: bool = False):
-        """logits: one row per sequence -> per sequence one (token, log-prob) per sample it stands for."""
+        """logits: one row per sequence -> per sequence a (token, log-prob) per sample it stands for."""
         counts = [s.n_forks for s in seqs]
         if sum(counts) > len(seqs):         # forks draw from their request's row
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)

@@ -138,20 +138,18 @@ def _score_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return both[1] - m - both[0].log()
 
 
-def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
-    """Shard `model` (full weights, or on the meta device) in place for rank tp.rank of tp.size."""
-    model.tp = tp
-    if tp.size == 1:
-        return model
-    cfg = model.cfg
-    plan = shard_plan(cfg, tp.rank, tp.size)
-    qh, kvh = local_heads(cfg, tp.size)
+def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Rank tp.rank's shard (tp.size > 1) with uninitialised weights, to be filled by load or hand-off: the sliced
+    parameters, the local head counts, the collectives as forward hooks; never full size."""
+    plan, (qh, kvh) = shard_plan(cfg, tp.rank, tp.size), local_heads(cfg, tp.size)
     lo, hi, rows = vocab_range(cfg, tp.rank, tp.size)
-    for name, p in list(model.named_parameters()):
-        if name in plan:
-            mod, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(mod), attr, nn.Parameter(take(p.data, name, plan, rows).clone(),
-                                                                  requires_grad=False))
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+        for name, p in list(model.named_parameters()):
+            if name in plan:
+                mod, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(mod), attr, nn.Parameter(take(p.data, name, plan, rows).clone(),
+                                                                      requires_grad=False))
     for layer in model.layers:
         layer.attention.nh, layer.attention.nkv = qh, kvh
         for row_parallel in (layer.attention.wo, layer.feed_forward.w2):   # partial sums, reduced in place
@@ -160,13 +158,7 @@ def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
     emb.forward = types.MethodType(lambda self, ids: _embed(self, ids, lo, hi, tp.group), emb)
     model.logits = types.MethodType(_logits, model)
     model.score_logprobs = types.MethodType(_score_logprobs, model)
-    return model
-
-
-def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """A sharded model with uninitialised weights (to be filled by load or hand-off): never full size."""
-    with torch.device("meta"):
-        model = apply_tp(Transformer(cfg).to(dtype), tp)
+    model.tp = tp
     model = model.to_empty(device=device)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # as model.checkpoint.load_model casts it
     return model.eval()

@@ -90,9 +90,8 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], outs: list[list[tuple[int, float | None]]], is_prefill: bool,
                     stopped: Callable[[Sequence], bool]) -> list[Sequence]:
-        """After a step's forward: advance each sequence's cache, fork a request into its samples at its first
-        token, append each sample's (token, log-prob), free the finished (`stopped` decides for a sampled
-        token; a score / next-token request finishes with its last chunk) -> the finished sequences."""
+        """After a step's forward: advance the caches, fork, append each sample's (token, log-prob), free the
+        finished (`stopped` decides for a sampled token; others finish with their last chunk) -> the finished."""
         finished, started = [], []
         for s, out in zip(seqs, outs):
             if is_prefill:

@@ -13,7 +13,7 @@ from selfreward.ranges import check_number
 @dataclass
 class SamplingParams:
     """Per-request sampling settings (infer/README.md, "API": stopping, log-probs). temperature 0 = greedy;
-    top_k 0, top_p 1.0 = off; seed None draws one from torch's global generator; sample j uses seed + j."""
+    top_k 0, top_p 1.0 = off; seed None: one drawn from torch's global generator."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
