@@ -42,11 +42,9 @@ def add_engine_flags(p) -> set[str]:
 
 
 def engine_from_flags(ns, dests: set[str]) -> EngineConfig:
-    """The checked EngineConfig of the flags parsed by add_engine_flags' parser (defaults for those not given)."""
-    cfg = cli.from_dict(EngineConfig, {k.split(".", 1)[1]: getattr(ns, k) for k in dests
-                                       if getattr(ns, k) is not None}, "flags")
-    cfg.check()
-    return cfg
+    """The EngineConfig of add_engine_flags' flags (defaults for those not given; resolve_device checks it)."""
+    return cli.from_dict(EngineConfig, {k.split(".", 1)[1]: getattr(ns, k) for k in dests
+                                        if getattr(ns, k) is not None}, "flags")
 
 
 def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:

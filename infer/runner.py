@@ -72,15 +72,12 @@ class DecodeInputs:
         sampled ids to take)."""
         if self.next_tokens is None or self.next_tokens.shape[0] != len(seqs):
             return False
-        rows: list[int] = []
-        cols: list[int] = []
-        vals: list[int] = []
-        width = self.bt.shape[1]
+        rows, cols, vals = [], [], []
         for i, s in enumerate(seqs):
             table = s.block_table
             n = len(table)
             if n != self._nb[i] or table[-1] != self._last[i]:
-                if n > width:
+                if n > self.bt.shape[1]:
                     return False
                 for j in range(self._nb[i] - 1, n):    # the old last entry (copy-on-write) and new ones
                     rows.append(i), cols.append(j), vals.append(table[j])

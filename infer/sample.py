@@ -21,8 +21,7 @@ import torch.distributed as dist
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
-from selfreward.infer.parallel import init_tp
-from selfreward.infer.replicas import run_stage_units, stage_group
+from selfreward.infer.parallel import init_tp, run_stage_units, stage_group
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
@@ -77,8 +76,9 @@ def parse(argv: list[str] | None) -> SampleConfig:
     return cfg
 
 
-def id_key(v) -> str:
-    return json.dumps(v)
+def key(rec: dict) -> str:
+    """A request's (or record's) unit: its id as JSON, so 1 and "1" are two."""
+    return json.dumps(rec["id"])
 
 
 def read_requests(path: str | Path) -> list[dict]:
@@ -97,17 +97,16 @@ def read_requests(path: str | Path) -> list[dict]:
         for k, types in OVERRIDES.items():
             if k in rec and (isinstance(rec[k], bool) or not isinstance(rec[k], types)):
                 raise DataError(f"{where}: field '{k}': expected {' or '.join(t.__name__ for t in types)}")
-        key = id_key(rec["id"])
-        if key in seen:
-            raise DataError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key]})")
-        seen[key] = line_no
+        if key(rec) in seen:
+            raise DataError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key(rec)]})")
+        seen[key(rec)] = line_no
         rec["_where"] = where
         out.append(rec)
     return out
 
 
 def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{id_key(rec['id'])}".encode()).digest()[:7], "little")
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{key(rec)}".encode()).digest()[:7], "little")
     try:
         return SamplingParams(
             temperature=float(rec.get("temperature", cfg.temperature)), top_p=float(rec.get("top_p", cfg.top_p)),
@@ -129,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(cfg.model):
                 raise DataError(f"--model {cfg.model}: not a checkpoint folder")
             ModelConfig.from_json(cfg.model)  # a bad config.json is refused before OUTPUT is claimed
-            key = lambda r: id_key(r["id"])   # noqa: E731
             lock = _claim(out, cfg, rank, world)
             if out.exists() and {key(r) for r in requests} <= {key(r) for r in read_jsonl(out)}:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
