@@ -1,6 +1,4 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping only:
-the runner owns the tensors and makes `copies` before the next forward; infer/README.md, "Prefix cache").
-"""
+"""KV blocks' bookkeeping: ref counts, free list, prefix cache, copy-on-write (infer/README.md, "Prefix cache")."""
 from __future__ import annotations
 
 from collections import OrderedDict

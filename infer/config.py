@@ -1,6 +1,4 @@
-"""The engine's settings (EngineConfig) and load_engine, the one factory every caller loads an engine with
-(infer/README.md, "API"; under torchrun the default device is cuda:LOCAL_RANK).
-"""
+"""EngineConfig and load_engine, the one factory every caller loads an engine with (infer/README.md, "API")."""
 from __future__ import annotations
 
 import os
@@ -50,8 +48,7 @@ def engine_from_flags(ns, dests: set[str]) -> EngineConfig:
 def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     """(device, dtype) the engine runs with: the configured ones, else CUDA/bf16 where available."""
     cfg.check()
-    cuda = torch.cuda.is_available()
-    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if cfg.cuda_graphs and not device.startswith("cuda"):
         raise DataError(f"engine cuda_graphs needs a CUDA device; the engine's device is {device}")

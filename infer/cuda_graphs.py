@@ -1,6 +1,4 @@
-"""CUDA graphs for the decode step (EngineConfig.cuda_graphs), one per batch-size bucket, as nano-vllm does it
-(infer/README.md, "CUDA graphs for decode"). Nothing on the CPU path imports this module.
-"""
+"""The decode step replayed from CUDA graphs per batch-size bucket (infer/README.md); the CPU never imports it."""
 from __future__ import annotations
 
 import torch
@@ -57,8 +55,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def replay(self, d) -> torch.Tensor:
-        """d: the step's DecodeInputs (B rows) -> hidden [B, H] (a view of the static output buffer; the
-        caller uses it before the next replay)."""
+        """d: the step's DecodeInputs -> hidden [B, H], a view of the static output (used before the next replay)."""
         B = d.tokens.shape[0]
         b = bucket_for(self.sizes, B)
         for buf, src in ((self.tokens, d.tokens), (self.pos, d.pos), (self.slots, d.slots), (self.lens, d.lens)):

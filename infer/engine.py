@@ -1,6 +1,4 @@
-"""The engine: generate, score, next_token_logprobs over one paged KV pool; a step is nano-vllm's (schedule,
-run, postprocess). infer/README.md has the design and the API.
-"""
+"""The engine: generate, score, next_token_logprobs over one paged KV pool (infer/README.md, "API")."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -25,7 +23,7 @@ class Engine:
         replaced: the pool and batching settings (device, dtype and tensor_parallel are the model's)."""
         self.cfg = cfg = replace(cfg or EngineConfig(), **fields)
         self.model = model.eval()
-        fuse_for_inference(model)                # CPU: weights re-stored in place for decode (model/fused.py)
+        self.fused = fuse_for_inference(model)   # CPU: weights re-stored in place for decode (model/fused.py)
         self.tokenizer = tokenizer
         p = next(model.parameters())
         if cfg.cuda_graphs and not p.is_cuda:

@@ -1,7 +1,4 @@
-"""Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does): this
-rank's slices of the weights (`shard_plan`), local head counts, the collectives as forward hooks; DP x TP groups
-and resumable units over their replicas; the FSDP2 -> TP weight hand-off (infer/README.md).
-"""
+"""Tensor parallelism applied from outside the model, DP x TP groups, the FSDP2 -> TP hand-off (infer/README.md)."""
 from __future__ import annotations
 
 import os
@@ -37,9 +34,8 @@ _GROUPS: dict[int, TPGroup] = {}
 
 
 def init_tp(tp: int) -> TPGroup:
-    """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), so a
-    replica stays on one node when tp divides the GPUs per node. Call after init_process_group, on every
-    rank; the groups are made once per job and degree."""
+    """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), made once per
+    degree; call after init_process_group, on every rank."""
     if tp in _GROUPS:
         return _GROUPS[tp]
     up = dist.is_initialized()

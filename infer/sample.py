@@ -36,8 +36,7 @@ OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, f
 
 @dataclass
 class SampleConfig(EngineConfig):
-    """The engine's settings (flags of their own: --dtype, --block-size, ...; no --device: cuda:LOCAL_RANK where
-    CUDA is available, else the CPU) and the sampling ones."""
+    """The engine's settings (flags of their own: --dtype, --block-size, ...; no --device) and the sampling ones."""
     model: str = cli.checkpoint()         # checkpoint folder
     input: str = cli.input_file()         # JSONL of requests
     output: str = cli.passive("")         # JSONL of samples (OUTPUT.partial while running)

@@ -1,6 +1,4 @@
-"""Batched sampling, row by row: each row's token depends only on its logits and its request's own generator
-(infer/README.md, "Sampling": the filters, the sort-free top-p, one uniform per row, inverse CDF).
-"""
+"""Batched sampling, each row by its logits and its request's own generator alone (infer/README.md, "Sampling")."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,4 @@
-"""Which sequences run in the next step (a prefill, chunked to the token budget, or a decode; preemption), and
-what happens to them after it: nano-vllm's scheduler (infer/README.md, "Scheduler").
-"""
+"""nano-vllm's scheduler: the next step's sequences, and what becomes of them after it (infer/README.md)."""
 from __future__ import annotations
 
 from collections import deque
@@ -28,8 +26,7 @@ class Scheduler:
         return not self.waiting and not self.running and self.partial is None
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (sequences of this step, is_prefill). In a prefill step each sequence's `chunk` says how many
-        of its tokens (from num_cached on) the step computes."""
+        """-> (this step's sequences, is_prefill); a prefill computes each one's `chunk` tokens from num_cached on."""
         if not (self._chunk_turn and self.running):
             batch = self._prefill_batch()
             if batch:

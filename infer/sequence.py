@@ -86,8 +86,7 @@ class Sequence:
 
     @property
     def need_from(self) -> int:
-        """First position whose hidden state this sequence needs; the prefix cache may only serve tokens
-        before it (so those positions are computed and their outputs exist)."""
+        """First position whose output this sequence needs: the prefix cache serves only tokens before it."""
         if self.kind is Kind.SCORE:
             return self.num_prompt - 1
         return len(self.token_ids) - 1
