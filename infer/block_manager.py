@@ -51,7 +51,6 @@ class BlockManager:
             self.cache[key] = b.id
         return key
 
-    # -- prefill -----------------------------------------------------------------------------------
     def _hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks before seq.need_from, each hit checked token by token."""
         hits: list[int] = []
@@ -118,14 +117,13 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_cached, child.num_keyed = parent.num_cached, parent.num_keyed
 
-    # -- decode ------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
         bi = (len(seq) - 1) // self.block_size
         return self.num_free > 0 or (bi < len(seq.block_table) and self.blocks[seq.block_table[bi]].ref == 1)
 
     def append(self, seq: Sequence) -> None:
-        """Make room for the K/V of seq's newest token (position len-1): a fresh block at a block
-        boundary, or a private copy of a shared partial block. Call can_append first."""
+        """Room for the K/V of seq's newest token: a fresh block at a boundary, or a private copy of a shared
+        partial block (copy-on-write). Call can_append first."""
         bi = (len(seq) - 1) // self.block_size
         if bi == len(seq.block_table):
             seq.block_table.append(self._take_free().id)

@@ -64,8 +64,9 @@ def load_engine(path, cfg: EngineConfig | None = None):
     cfg = cfg or EngineConfig()
     device, dtype = resolve_device(cfg)
     if cfg.tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp, load_tp_model
-        model = load_tp_model(path, init_tp(cfg.tensor_parallel), dtype, device)
+        from selfreward.infer.parallel import init_tp, tp_model
+        from selfreward.model.config import ModelConfig
+        model = tp_model(ModelConfig.from_json(path), init_tp(cfg.tensor_parallel), dtype, device, path)
     else:
         model = load_model(path, dtype=dtype, device=device)
     has_tok = any((Path(path) / f).exists() for f in ("tokenizer.model", "tokenizer.json"))

@@ -48,8 +48,7 @@ class Engine:
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
         """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done."""
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         if n < 1:

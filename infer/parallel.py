@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 from selfreward.records import DataError
-from selfreward.units import Work, run_units
+from selfreward.units import Work, dist_env, run_units
 
 
 @dataclass
@@ -39,8 +39,7 @@ def init_tp(tp: int) -> TPGroup:
     if tp in _GROUPS:
         return _GROUPS[tp]
     up = dist.is_initialized()
-    world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
-    rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if up else dist_env()
     if world % tp:
         raise DataError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
     if tp == 1:
@@ -192,9 +191,10 @@ def _score_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return both[1] - m - both[0].log()
 
 
-def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Rank tp.rank's shard (tp.size > 1) with uninitialised weights, to be filled by load or hand-off: the sliced
-    parameters, the local head counts, the collectives as forward hooks; never full size."""
+def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu",
+             path: str | Path | None = None) -> Transformer:
+    """Rank tp.rank's shard (tp.size > 1): the sliced parameters, the local head counts, the collectives as forward
+    hooks; its weights read from checkpoint `path` (this rank's slices only), else uninitialised (for a hand-off)."""
     plan, (qh, kvh) = shard_plan(cfg, tp.rank, tp.size), local_heads(cfg, tp.size)
     lo, hi, rows = vocab_range(cfg, tp.rank, tp.size)
     with torch.device("meta"):
@@ -215,19 +215,11 @@ def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, 
     model.tp = tp
     model = model.to_empty(device=device)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # as model.checkpoint.load_model casts it
+    if path is not None:
+        from selfreward.model.checkpoint import read_state
+        state, model.loaded_bytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=plan)
+        model.load_state_dict({k: take(v, k, {}, rows) for k, v in state.items()}, strict=True)  # vocab padded
     return model.eval()
-
-
-def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Sharded loading: this rank reads only its slices from the safetensors files (model.loaded_bytes)."""
-    from selfreward.model.checkpoint import read_state
-    cfg = ModelConfig.from_json(Path(path))
-    state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
-    rows = vocab_range(cfg, tp.rank, tp.size)[2]
-    model = tp_model(cfg, tp, dtype, device)
-    model.load_state_dict({k: take(v, k, {}, rows) for k, v in state.items()}, strict=True)   # vocab shards padded
-    model.loaded_bytes = nbytes
-    return model
 
 
 # -- FSDP2 trainer -> TP engine, without a disk round trip (infer/README.md, "FSDP2 -> TP weight hand-off") ---
