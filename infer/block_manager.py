@@ -28,9 +28,7 @@ class BlockManager:
         self.cache: dict[int, int] = {}   # key -> block id
         self.prefix_cache = prefix_cache
         self.copies: list[tuple[int, int]] = []
-        self.prefill_computed = 0         # statistics: prompt tokens computed vs served by the cache
-        self.prefill_hit = 0
-        self.num_cow = 0
+        self.prefill_computed = self.prefill_hit = self.num_cow = 0   # statistics (prompt tokens), copies on write
 
     @property
     def num_free(self) -> int:

@@ -21,16 +21,14 @@ class DecodeGraphs:
     def __init__(self, runner, max_batch: int):
         self.runner = runner
         self.sizes = buckets(max_batch)
-        dev, M = runner.device, self.sizes[-1]
-        W = runner.dec.max_blocks
+        dev, M, W = runner.device, self.sizes[-1], runner.dec.max_blocks
         self.tokens = torch.zeros(M, dtype=torch.long, device=dev)
         self.pos = torch.zeros(M, dtype=torch.long, device=dev)
         self.slots = torch.full((M,), -1, dtype=torch.long, device=dev)
         self.lens = torch.ones(M, dtype=torch.int32, device=dev)
         self.bt = torch.zeros(M, W, dtype=torch.int32, device=dev)
         self.cu = torch.arange(M + 1, dtype=torch.int32, device=dev)
-        p = next(runner.model.parameters())
-        self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=p.dtype, device=dev)   # static output
+        self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=runner.dtype, device=dev)   # static output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 

@@ -15,6 +15,7 @@ from selfreward.infer.scheduler import Scheduler
 from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
 from selfreward.model.fused import fuse_for_inference
 from selfreward.progress import Progress
+from selfreward.ranges import check_number
 
 
 class Engine:
@@ -51,8 +52,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_number("n", n)
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self._check_prompt(p, i)
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -185,8 +185,7 @@ class Engine:
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's max_position_embeddings is "
-                             f"{self.max_len}")
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's max_position_embeddings is {self.max_len}")
 
     def _drain(self, total: int, progress: bool = False) -> Iterator[Sequence]:
         """Step until every request is done, yielding each finished sequence (progress: a progress.Progress line)."""

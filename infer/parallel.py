@@ -132,9 +132,8 @@ def vocab_range(cfg: ModelConfig, rank: int, tp: int) -> tuple[int, int, int]:
 
 def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int, int]]:
     """Our parameter name -> (dim, start, stop) of the full tensor; names not listed are replicated."""
-    hd = cfg.head_dim
+    hd, nkv = cfg.head_dim, cfg.num_key_value_heads
     qh, kvh = local_heads(cfg, tp)
-    nkv = cfg.num_key_value_heads
     kv0 = rank * kvh if nkv >= tp else rank // (tp // nkv)   # first KV head of this rank
     q = (0, rank * qh * hd, (rank + 1) * qh * hd)
     kv = (0, kv0 * hd, (kv0 + kvh) * hd)

@@ -57,8 +57,7 @@ class DecodeInputs:
         if not (ids == self.ids and self._advance(seqs)):
             self._rebuild(seqs, ids)
         self.next_tokens = None
-        bs = self.bs
-        self.slots = self.bt.gather(1, (self.pos // bs)[:, None])[:, 0].long() * bs + self.pos % bs
+        self.slots = self.bt.gather(1, (self.pos // self.bs)[:, None])[:, 0].long() * self.bs + self.pos % self.bs
         return self
 
     def _advance(self, seqs: list[Sequence]) -> bool:
@@ -102,8 +101,7 @@ class DecodeInputs:
 class Runner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graphs: bool = False,
                  max_batch: int = 256):
-        self.model = model
-        self.block_size = block_size
+        self.model, self.block_size = model, block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = model.cfg

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch.distributed as dist
-
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
 from selfreward.infer.parallel import init_tp, run_stage_units, stage_group
@@ -26,12 +24,10 @@ from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
 from selfreward.provenance import OutputLock, check_record, claim, made_by, same_file
-from selfreward.ranges import ConfigError
 from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl
-from selfreward.units import dist_env
+from selfreward.units import barrier, dist_env
 
-OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
-             "seed": (int,)}
+OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
 
 
 @dataclass
@@ -62,16 +58,16 @@ def parse(argv: list[str] | None) -> SampleConfig:
     cfg = cli.build(SampleConfig, p.parse_args(argv))
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
-            raise ConfigError(f"--{name} is required")
+            raise cli.ConfigError(f"--{name} is required")
     if any(not s for s in cfg.stop):
-        raise ConfigError("--stop '': an empty stop string would end every sample at once")
+        raise cli.ConfigError("--stop '': an empty stop string would end every sample at once")
     if same_file(cfg.input, cfg.output) or same_file(cfg.input, partial_path(cfg.output)):
-        raise ConfigError(f"--input {cfg.input} and --output {cfg.output} are one file: refusing to write "
-                          f"over the input")
+        raise cli.ConfigError(f"--input {cfg.input} and --output {cfg.output} are one file: refusing to write "
+                              f"over the input")
     try:
         resolve_device(cfg)
     except ValueError as e:   # "engine cuda_graphs ..." -> "--cuda-graphs ..."
-        raise ConfigError(re.sub(r"engine (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+        raise cli.ConfigError(re.sub(r"engine (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     return cfg
 
 
@@ -165,7 +161,7 @@ def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
         ctx = claim(out, made, [cfg.input], cfg.overwrite, clear=clear)
         ctx.__enter__()
     if world > 1:
-        dist.barrier()
+        barrier()
     if rank != 0:
         ctx = OutputLock(out.with_name(f"{out.name}.rank{rank}")).acquire()
         check_record(out, made, "--overwrite")

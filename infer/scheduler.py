@@ -11,8 +11,7 @@ from selfreward.infer.sequence import Kind, Sequence
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096):
         self.bm = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.partial: Sequence | None = None   # admitted, prefilled up to num_cached, more chunks to go
