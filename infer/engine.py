@@ -116,7 +116,7 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[list[tuple[int, float | None]]]:
-        """The model on a step's sequences -> per sequence its samples' (token, log-prob) (infer/README.md, "API")."""
+        """The model on a step's sequences -> per sequence its samples' (token, log-prob); infer/README.md, "API"."""
         self.runner.copy_blocks(self.bm.take_copies())
         if not is_prefill:
             h = self.runner.decode(seqs)
