@@ -135,10 +135,14 @@ class _Parser(argparse.ArgumentParser):
         return check_args(ns), rest
 
 
-def parser(cls, description: str = "", skip: dict | None = None) -> argparse.ArgumentParser:
+def parser(cls, description: str = "", skip: dict | None = None, own: tuple[str, ...] = ()
+           ) -> argparse.ArgumentParser:
+    """--config and a flag per field of `cls` (but `skip`'s, as add_flags). `own`: top-level fields whose flags the
+    caller adds itself (dest: the field's name; e.g. an alias, action="append"), read by build() like the rest."""
     p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a JSON config this command wrote (e.g. RUN/config.json); flags override it")
-    p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)))
+    skip = {**(skip or {}), "": {*(skip or {}).get("", ()), *own}}
+    p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)) + list(own))
     return p
 
 

@@ -31,7 +31,7 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
               group=None) -> bool:
     """Process the units not yet done, `chunk` at a time, appending to OUT.partial (per rank).
     Returns True when this process wrote the final OUT (rank 0), False on other ranks. `group`: the
-    process group that rank / world number (default the whole job; infer/replicas.py passes the first
+    process group that rank / world number (default the whole job; infer/parallel.py passes the first
     rank of each tensor-parallel replica)."""
     out = Path(out)
     sync = barrier if group is None else (lambda: barrier(group))

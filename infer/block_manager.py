@@ -1,7 +1,4 @@
-"""KV blocks: reference counts, a free list, a prefix cache of full blocks, copy-on-write (the bookkeeping only:
-the runner owns the tensors; infer/README.md, "Prefix cache"). `copies`: the (src, dst) copies the runner
-makes before the next forward.
-"""
+"""KV blocks' bookkeeping: ref counts, free list, prefix cache, copy-on-write (infer/README.md, "Prefix cache")."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,22 +22,18 @@ def chain_key(prev: int, tokens: tuple[int, ...]) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = True):
-        assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cache: dict[int, int] = {}   # key -> block id
         self.prefix_cache = prefix_cache
         self.copies: list[tuple[int, int]] = []
-        self.prefill_computed = 0         # statistics: prompt tokens computed vs served by the cache
-        self.prefill_hit = 0
-        self.num_cow = 0
+        self.prefill_computed = self.prefill_hit = self.num_cow = 0   # statistics (prompt tokens), copies on write
 
     @property
     def num_free(self) -> int:
         return len(self.free)
 
-    # -- internals ---------------------------------------------------------------------------------
     def _take_free(self) -> Block:
         bid, _ = self.free.popitem(last=False)
         b = self.blocks[bid]
@@ -56,10 +49,8 @@ class BlockManager:
             self.cache[key] = b.id
         return key
 
-    # -- prefill -----------------------------------------------------------------------------------
     def _hits(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold seq's leading full blocks (only before seq.need_from), each hit checked
-        token by token."""
+        """Cached blocks holding seq's leading full blocks before seq.need_from, each hit checked token by token."""
         hits: list[int] = []
         bs, toks, prev = self.block_size, seq.token_ids, -1
         for i in range(seq.need_from // bs if self.prefix_cache else 0):   # positions to compute are never served
@@ -72,9 +63,8 @@ class BlockManager:
         return hits
 
     def allocate(self, seq: Sequence, budget: int | None = None) -> bool:
-        """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix, and set
-        seq.chunk: the tokens its first prefill step computes (all uncached ones, or at most `budget`:
-        chunked prefill). Returns False (changing nothing) if the free list is too short."""
+        """Blocks for all of seq's tokens, cached full blocks of its prefix reused; seq.chunk: the uncached tokens
+        its first prefill step computes (at most `budget`). False (nothing changed): the free list is too short."""
         assert not seq.block_table
         bs, toks = self.block_size, seq.token_ids
         n = -(-len(toks) // bs)             # blocks for all its tokens
@@ -98,10 +88,8 @@ class BlockManager:
         return True
 
     def computing(self, seq: Sequence, upto: int) -> None:
-        """The step being scheduled computes seq's tokens up to position `upto` (exclusive): key the full
-        blocks below it. They are computed in that very step (each layer stores K/V before it attends), so
-        a later sequence of the same step may already read them; a block a later chunk computes is not
-        keyed yet, so nothing can hit it before its K/V exist."""
+        """The step being scheduled computes seq's tokens below position `upto`: key the full blocks below it
+        (infer/README.md, "Prefix cache": why at scheduling, and not before)."""
         bs, toks = self.block_size, seq.token_ids
         i = seq.num_keyed
         prev = -1 if i == 0 else self.blocks[seq.block_table[i - 1]].key
@@ -125,16 +113,15 @@ class BlockManager:
         for bid in parent.block_table:
             self.blocks[bid].ref += 1
         child.block_table = list(parent.block_table)
-        child.num_cached = parent.num_cached
+        child.num_cached, child.num_keyed = parent.num_cached, parent.num_keyed
 
-    # -- decode ------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
         bi = (len(seq) - 1) // self.block_size
         return self.num_free > 0 or (bi < len(seq.block_table) and self.blocks[seq.block_table[bi]].ref == 1)
 
     def append(self, seq: Sequence) -> None:
-        """Make room for the K/V of seq's newest token (position len-1): a fresh block at a block
-        boundary, or a private copy of a shared partial block. Call can_append first."""
+        """Room for the K/V of seq's newest token: a fresh block at a boundary, or a private copy of a shared
+        partial block (copy-on-write). Call can_append first."""
         bi = (len(seq) - 1) // self.block_size
         if bi == len(seq.block_table):
             seq.block_table.append(self._take_free().id)
@@ -150,16 +137,8 @@ class BlockManager:
 
     def written(self, seq: Sequence) -> None:
         """After a decode step stored position len-1: key the block if that filled it."""
-        bs = self.block_size
-        n = len(seq)
-        seq.num_cached = n
-        if n % bs or not self.prefix_cache:
-            return
-        bi = n // bs - 1
-        prev = -1 if bi == 0 else self.blocks[seq.block_table[bi - 1]].key
-        b = self.blocks[seq.block_table[bi]]
-        if prev is not None and b.key is None:
-            self._register(b, prev, tuple(seq.token_ids[bi * bs:n]))
+        seq.num_cached = len(seq)
+        self.computing(seq, len(seq))
 
     def take_copies(self) -> list[tuple[int, int]]:
         c, self.copies = self.copies, []

@@ -1,6 +1,4 @@
-"""The engine's settings (EngineConfig) and load_engine, the one factory every caller loads an engine with
-(infer/README.md, "API"; under torchrun the default device is cuda:LOCAL_RANK).
-"""
+"""EngineConfig and load_engine, the one factory every caller loads an engine with (infer/README.md, "API")."""
 from __future__ import annotations
 
 import os
@@ -42,18 +40,15 @@ def add_engine_flags(p) -> set[str]:
 
 
 def engine_from_flags(ns, dests: set[str]) -> EngineConfig:
-    """The checked EngineConfig of the flags parsed by add_engine_flags' parser (defaults for those not given)."""
-    cfg = cli.from_dict(EngineConfig, {k.split(".", 1)[1]: getattr(ns, k) for k in dests
-                                       if getattr(ns, k) is not None}, "flags")
-    cfg.check()
-    return cfg
+    """The EngineConfig of add_engine_flags' flags (defaults for those not given; resolve_device checks it)."""
+    return cli.from_dict(EngineConfig, {k.split(".", 1)[1]: getattr(ns, k) for k in dests
+                                        if getattr(ns, k) is not None}, "flags")
 
 
 def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     """(device, dtype) the engine runs with: the configured ones, else CUDA/bf16 where available."""
     cfg.check()
-    cuda = torch.cuda.is_available()
-    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if cfg.cuda_graphs and not device.startswith("cuda"):
         raise DataError(f"engine cuda_graphs needs a CUDA device; the engine's device is {device}")
@@ -69,8 +64,9 @@ def load_engine(path, cfg: EngineConfig | None = None):
     cfg = cfg or EngineConfig()
     device, dtype = resolve_device(cfg)
     if cfg.tensor_parallel > 1:
-        from selfreward.infer.parallel import init_tp, load_tp_model
-        model = load_tp_model(path, init_tp(cfg.tensor_parallel), dtype, device)
+        from selfreward.infer.parallel import init_tp, tp_model
+        from selfreward.model.config import ModelConfig
+        model = tp_model(ModelConfig.from_json(path), init_tp(cfg.tensor_parallel), dtype, device, path)
     else:
         model = load_model(path, dtype=dtype, device=device)
     has_tok = any((Path(path) / f).exists() for f in ("tokenizer.model", "tokenizer.json"))

@@ -1,6 +1,4 @@
-"""CUDA graphs for the decode step (EngineConfig.cuda_graphs), one per batch-size bucket, as nano-vllm does it
-(infer/README.md, "CUDA graphs for decode"). Nothing on the CPU path imports this module.
-"""
+"""The decode step replayed from CUDA graphs per batch-size bucket (infer/README.md); the CPU never imports it."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +8,6 @@ from selfreward.model.llama import AttnContext
 
 def buckets(max_batch: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, 8, 16, 32, 48, ... up to max_batch (and max_batch itself)."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     out = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
     return out if out[-1] == max_batch else out + [max_batch]
 
@@ -23,20 +19,16 @@ def bucket_for(sizes: list[int], B: int) -> int | None:
 
 class DecodeGraphs:
     def __init__(self, runner, max_batch: int):
-        if runner.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {runner.device}")
         self.runner = runner
         self.sizes = buckets(max_batch)
-        dev, M = runner.device, self.sizes[-1]
-        W = runner.dec.max_blocks
+        dev, M, W = runner.device, self.sizes[-1], runner.dec.max_blocks
         self.tokens = torch.zeros(M, dtype=torch.long, device=dev)
         self.pos = torch.zeros(M, dtype=torch.long, device=dev)
         self.slots = torch.full((M,), -1, dtype=torch.long, device=dev)
         self.lens = torch.ones(M, dtype=torch.int32, device=dev)
         self.bt = torch.zeros(M, W, dtype=torch.int32, device=dev)
         self.cu = torch.arange(M + 1, dtype=torch.int32, device=dev)
-        p = next(runner.model.parameters())
-        self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=p.dtype, device=dev)   # static output
+        self.hidden = torch.zeros(M, runner.model.cfg.hidden_size, dtype=runner.dtype, device=dev)   # static output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -61,8 +53,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def replay(self, d) -> torch.Tensor:
-        """d: the step's DecodeInputs (B rows) -> hidden [B, H] (a view of the static output buffer; the
-        caller uses it before the next replay)."""
+        """d: the step's DecodeInputs -> hidden [B, H], a view of the static output (used before the next replay)."""
         B = d.tokens.shape[0]
         b = bucket_for(self.sizes, B)
         for buf, src in ((self.tokens, d.tokens), (self.pos, d.pos), (self.slots, d.slots), (self.lens, d.lens)):

@@ -1,6 +1,4 @@
-"""The engine: generate, score, next_token_logprobs over one paged KV pool; a step is nano-vllm's (schedule,
-run, postprocess). infer/README.md has the design and the API.
-"""
+"""The engine: generate, score, next_token_logprobs over one paged KV pool (infer/README.md, "API")."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,6 +15,7 @@ from selfreward.infer.scheduler import Scheduler
 from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
 from selfreward.model.fused import fuse_for_inference
 from selfreward.progress import Progress
+from selfreward.ranges import check_number
 
 
 class Engine:
@@ -46,18 +45,14 @@ class Engine:
         return {"prefill_computed": self.bm.prefill_computed, "prefix_hit": self.bm.prefill_hit,
                 "generated": self.generated_tokens, "preempted": self.scheduler.num_preempted}
 
-    # -- the interface: what recipes and trainers call (tests/scripted.py stands in for it) -----------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
-        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done.
-        Sample j of a request with seed s is that request alone with seed s + j."""
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_number("n", n)
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self._check_prompt(p, i)
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -98,8 +93,7 @@ class Engine:
         return out
 
     def load_weights(self, model, skip: tuple[str, ...] = ()) -> dict:
-        """A trainer's weights copied in place (parallel.copy_weights), no request in flight; clears the prefix
-        cache -> {seconds, bytes}."""
+        """A trainer's weights copied in place (parallel.copy_weights), no request in flight -> {seconds, bytes}."""
         from selfreward.infer.parallel import copy_weights
         if not self.scheduler.done():
             raise RuntimeError("weight sync while the engine still has requests in flight")
@@ -112,7 +106,6 @@ class Engine:
         stop = c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos
         return list(c.token_ids[:-1] if stop else c.token_ids)
 
-    # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Schedule, run, postprocess -> the sequences that finished."""
         seqs, is_prefill = self.scheduler.schedule()
@@ -123,8 +116,7 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[list[tuple[int, float | None]]]:
-        """The model on a step's sequences -> per sequence its samples' (token, log-prob), none for a prompt
-        chunk; score and next-token requests keep their log-probs (infer/README.md, "API": a step)."""
+        """The model on a step's sequences -> per sequence its samples' (token, log-prob); infer/README.md, "API"."""
         self.runner.copy_blocks(self.bm.take_copies())
         if not is_prefill:
             h = self.runner.decode(seqs)
@@ -154,7 +146,7 @@ class Engine:
         return outs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, decode: bool = False):
-        """logits: one row per sequence -> per sequence one (token, log-prob) per sample it stands for."""
+        """logits: one row per sequence -> per sequence a (token, log-prob) per sample it stands for."""
         counts = [s.n_forks for s in seqs]
         if sum(counts) > len(seqs):         # forks draw from their request's row
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
@@ -193,8 +185,7 @@ class Engine:
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's max_position_embeddings is "
-                             f"{self.max_len}")
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's max_position_embeddings is {self.max_len}")
 
     def _drain(self, total: int, progress: bool = False) -> Iterator[Sequence]:
         """Step until every request is done, yielding each finished sequence (progress: a progress.Progress line)."""

@@ -1,14 +1,13 @@
-"""Tensor parallelism for the engine, applied from outside the single-device model (as gpt-fast does): this
-rank's slices of the weights (`shard_plan`), local head counts, the collectives as forward hooks. Every rank of
-a group runs the same deterministic scheduler, with no messages. infer/README.md has the table and the reasons.
-"""
+"""Tensor parallelism applied from outside the model, DP x TP groups, the FSDP2 -> TP hand-off (infer/README.md)."""
 from __future__ import annotations
 
 import os
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from selfreward.model.config import ModelConfig
 from selfreward.model.llama import Transformer
 from selfreward.records import DataError
+from selfreward.units import Work, dist_env, run_units
 
 
 @dataclass
@@ -34,14 +34,12 @@ _GROUPS: dict[int, TPGroup] = {}
 
 
 def init_tp(tp: int) -> TPGroup:
-    """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), so a
-    replica stays on one node when tp divides the GPUs per node. Call after init_process_group, on every
-    rank; the groups are made once per job and degree."""
+    """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), made once per
+    degree; call after init_process_group, on every rank."""
     if tp in _GROUPS:
         return _GROUPS[tp]
     up = dist.is_initialized()
-    world = dist.get_world_size() if up else int(os.environ.get("WORLD_SIZE", 1))
-    rank = dist.get_rank() if up else int(os.environ.get("RANK", 0))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if up else dist_env()
     if world % tp:
         raise DataError(f"--tensor-parallel {tp} does not divide WORLD_SIZE {world}")
     if tp == 1:
@@ -54,6 +52,60 @@ def init_tp(tp: int) -> TPGroup:
     leaders = dist.new_group(list(range(0, world, tp)))
     _GROUPS[tp] = TPGroup(rank % tp, tp, groups[rank // tp], rank // tp, world // tp, leaders)
     return _GROUPS[tp]
+
+
+@contextmanager
+def stage_group(device: str, world: int):
+    """The process group of a sharded run under torchrun (world > 1), gloo or NCCL (cuda:LOCAL_RANK), destroyed on
+    the way out; one the caller made itself (tests/tp_worker.py) is used and left as it is."""
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")   # the shards' barrier, the TP collectives
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_stage_units(tensor_parallel: int, chunk: int, rank: int, world: int, out: Path, units: Sequence[dict],
+                    per_unit: int, key: Callable[[dict], Hashable], work: Work, progress: str = "",
+                    unit: str = "units") -> bool:
+    """run_units over the ranks, or (tensor_parallel > 1) over DP x TP replicas -> True on the rank that wrote OUT."""
+    if tensor_parallel == 1:
+        return run_units(out, units, per_unit, key, work, chunk, rank, world, progress, unit)
+    tp = init_tp(tensor_parallel)
+    leader = tp.replica * tp.size    # the leader's global rank
+
+    def share(msg):
+        box = [msg]
+        dist.broadcast_object_list(box, src=leader, group=tp.group)
+        return box[0]
+
+    if tp.rank == 0:
+        def lead(batch, emit):
+            share(batch)
+            work(batch, emit)
+        try:
+            wrote = run_units(out, units, per_unit, key, lead, chunk, rank=tp.replica, world=tp.num_replicas,
+                              progress=progress, unit=unit, group=tp.leaders if tp.num_replicas > 1 else None)
+        finally:
+            share(None)              # the followers stop (also when the leader failed: no rank hangs)
+    else:
+        wrote, err = False, None
+        while (batch := share(None)) is not None:
+            if err is None:
+                try:
+                    work(batch, lambda *emitted: None)
+                except Exception as e:   # the leader fails alike (same inputs): wait for its stop message
+                    err = e
+        if err is not None:
+            raise err
+    dist.barrier()                   # the merged OUT exists before any rank goes on
+    return wrote
 
 
 # -- the shard plan: which slice of each full tensor rank r holds ----------------------------------
@@ -80,9 +132,8 @@ def vocab_range(cfg: ModelConfig, rank: int, tp: int) -> tuple[int, int, int]:
 
 def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int, int]]:
     """Our parameter name -> (dim, start, stop) of the full tensor; names not listed are replicated."""
-    hd = cfg.head_dim
+    hd, nkv = cfg.head_dim, cfg.num_key_value_heads
     qh, kvh = local_heads(cfg, tp)
-    nkv = cfg.num_key_value_heads
     kv0 = rank * kvh if nkv >= tp else rank // (tp // nkv)   # first KV head of this rank
     q = (0, rank * qh * hd, (rank + 1) * qh * hd)
     kv = (0, kv0 * hd, (kv0 + kvh) * hd)
@@ -101,27 +152,17 @@ def shard_plan(cfg: ModelConfig, rank: int, tp: int) -> dict[str, tuple[int, int
     return plan
 
 
-VOCAB = ("tok_embeddings.weight", "output.weight")
-
-
 def take(full: torch.Tensor, name: str, plan: dict, rows: int) -> torch.Tensor:
     """This rank's part of full tensor `name` (all of it when not in `plan`); vocab shards zero-padded to `rows`."""
     if name in plan:
         dim, a, b = plan[name]
         full = full.narrow(dim, a, b - a)
-    if name in VOCAB and full.shape[0] < rows:
+    if name in ("tok_embeddings.weight", "output.weight") and full.shape[0] < rows:
         full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
     return full
 
 
 # -- applying it to a model --------------------------------------------------------------------------
-def _all_reduce_hook(group):
-    def hook(_mod, _inp, out):
-        dist.all_reduce(out, group=group)
-        return out
-    return hook
-
-
 def _embed(self, ids, lo: int, hi: int, group):                       # ids [N] -> [N, H]
     inside = (ids >= lo) & (ids < hi)
     x = F.embedding(torch.where(inside, ids - lo, 0), self.weight) * inside[:, None].to(self.weight.dtype)
@@ -149,51 +190,35 @@ def _score_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return both[1] - m - both[0].log()
 
 
-def apply_tp(model: Transformer, tp: TPGroup) -> Transformer:
-    """Shard `model` (full weights, or on the meta device) in place for rank tp.rank of tp.size."""
-    model.tp = tp
-    if tp.size == 1:
-        return model
-    cfg = model.cfg
-    plan = shard_plan(cfg, tp.rank, tp.size)
-    qh, kvh = local_heads(cfg, tp.size)
+def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu",
+             path: str | Path | None = None) -> Transformer:
+    """Rank tp.rank's shard (tp.size > 1): the sliced parameters, the local head counts, the collectives as forward
+    hooks; its weights read from checkpoint `path` (this rank's slices only), else uninitialised (for a hand-off)."""
+    plan, (qh, kvh) = shard_plan(cfg, tp.rank, tp.size), local_heads(cfg, tp.size)
     lo, hi, rows = vocab_range(cfg, tp.rank, tp.size)
-    for name, p in list(model.named_parameters()):
-        if name in plan:
-            mod, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(mod), attr, nn.Parameter(take(p.data, name, plan, rows).clone(),
-                                                                  requires_grad=False))
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+        for name, p in list(model.named_parameters()):
+            if name in plan:
+                mod, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(mod), attr, nn.Parameter(take(p.data, name, plan, rows).clone(),
+                                                                      requires_grad=False))
     for layer in model.layers:
         layer.attention.nh, layer.attention.nkv = qh, kvh
-        layer.attention.wo.register_forward_hook(_all_reduce_hook(tp.group))
-        layer.feed_forward.w2.register_forward_hook(_all_reduce_hook(tp.group))
+        for row_parallel in (layer.attention.wo, layer.feed_forward.w2):   # partial sums, reduced in place
+            row_parallel.register_forward_hook(lambda _mod, _inp, out: dist.all_reduce(out, group=tp.group))
     emb = model.tok_embeddings
     emb.forward = types.MethodType(lambda self, ids: _embed(self, ids, lo, hi, tp.group), emb)
     model.logits = types.MethodType(_logits, model)
     model.score_logprobs = types.MethodType(_score_logprobs, model)
-    return model
-
-
-def tp_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """A sharded model with uninitialised weights (to be filled by load or hand-off): never full size."""
-    with torch.device("meta"):
-        model = apply_tp(Transformer(cfg).to(dtype), tp)
+    model.tp = tp
     model = model.to_empty(device=device)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # as model.checkpoint.load_model casts it
+    if path is not None:
+        from selfreward.model.checkpoint import read_state
+        state, model.loaded_bytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=plan)
+        model.load_state_dict({k: take(v, k, {}, rows) for k, v in state.items()}, strict=True)  # vocab padded
     return model.eval()
-
-
-def load_tp_model(path: str | Path, tp: TPGroup, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Sharded loading: this rank reads only its slices from the safetensors files (model.loaded_bytes)."""
-    from selfreward.model.checkpoint import read_state
-    cfg = ModelConfig.from_json(Path(path))
-    state, nbytes = read_state(path, Transformer(cfg, device="meta"), dtype, plan=shard_plan(cfg, tp.rank, tp.size))
-    rows = vocab_range(cfg, tp.rank, tp.size)[2]
-    state = {k: take(v, k, {}, rows) for k, v in state.items()}   # the vocab shards padded
-    model = tp_model(cfg, tp, dtype, device)
-    model.load_state_dict(state, strict=True)
-    model.loaded_bytes = nbytes
-    return model
 
 
 # -- FSDP2 trainer -> TP engine, without a disk round trip (infer/README.md, "FSDP2 -> TP weight hand-off") ---

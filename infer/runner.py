@@ -1,6 +1,4 @@
-"""The KV pool and the model call: a scheduled step -> flat tensors (slots, block tables, lengths) -> the
-model's paged forward; the decode step's tensors kept in place (infer/README.md, "KV pool", "Decode step tensors").
-"""
+"""The KV pool and the model call: a step's flat tensors -> the paged forward (infer/README.md, "KV pool")."""
 from __future__ import annotations
 
 from itertools import accumulate
@@ -12,6 +10,7 @@ from selfreward.model.llama import AttnContext, Transformer
 from selfreward.infer.sequence import Sequence
 
 DEFAULT_KV_BYTES = 2 * 1024**3   # CPU default pool size when num_blocks is not given
+LAZY_ZERO_BYTES = 64 * 1024**2   # a CPU pool this large is torch.empty (infer/README.md, "KV pool")
 
 
 def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -> int:
@@ -22,18 +21,14 @@ def default_num_blocks(model: Transformer, block_size: int, max_num_seqs: int) -
     budget = torch.cuda.mem_get_info(p.device)[0] // 2 if p.is_cuda else DEFAULT_KV_BYTES
     want = max_num_seqs * -(-c.max_position_embeddings // block_size)
     n = max(1, min(want, budget // per))
-    tp = getattr(model, "tp", None)
-    if tp is not None and tp.size > 1:
+    if hasattr(model, "tp"):            # a tensor-parallel shard (parallel.tp_model)
         n = torch.tensor([n], device=p.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.group)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=model.tp.group)
     return int(n)
 
 
-LAZY_ZERO_BYTES = 64 * 1024**2
-
-
 def _pool(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero KV pool; a large CPU one is torch.empty, zero pages on first touch (infer/README.md, "KV pool")."""
+    """A zero KV pool; a large CPU one is torch.empty: the kernel zeroes its pages on first touch."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if device.type == "cpu" and nbytes >= LAZY_ZERO_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -53,8 +48,7 @@ class DecodeInputs:
         self.next_tokens: torch.Tensor | None = None   # [B] sampled at the last step, in row order
         self.rebuilds = 0                     # how often the tensors were built from lists (statistics, tests)
         self.tokens = self.pos = self.lens = self.bt = self.slots = self.cu = None
-        self._nb: list[int] = []              # per row: block-table entries written, and the last one
-        self._last: list[int] = []
+        self._nb, self._last = [], []         # per row: block-table entries written, and the last one
 
     def update(self, seqs: list[Sequence]) -> "DecodeInputs":
         """Tensors for a decode step of `seqs` (each has its newest token to run) -> self, with
@@ -63,24 +57,19 @@ class DecodeInputs:
         if not (ids == self.ids and self._advance(seqs)):
             self._rebuild(seqs, ids)
         self.next_tokens = None
-        bs = self.bs
-        self.slots = self.bt.gather(1, (self.pos // bs)[:, None])[:, 0].long() * bs + self.pos % bs
+        self.slots = self.bt.gather(1, (self.pos // self.bs)[:, None])[:, 0].long() * self.bs + self.pos % self.bs
         return self
 
     def _advance(self, seqs: list[Sequence]) -> bool:
-        """In place: one more token per row. False if the tensors cannot follow (table too narrow, or no
-        sampled ids to take)."""
+        """In place: one more token per row; False if the tensors cannot follow (table too narrow, no sampled ids)."""
         if self.next_tokens is None or self.next_tokens.shape[0] != len(seqs):
             return False
-        rows: list[int] = []
-        cols: list[int] = []
-        vals: list[int] = []
-        width = self.bt.shape[1]
+        rows, cols, vals = [], [], []
         for i, s in enumerate(seqs):
             table = s.block_table
             n = len(table)
             if n != self._nb[i] or table[-1] != self._last[i]:
-                if n > width:
+                if n > self.bt.shape[1]:
                     return False
                 for j in range(self._nb[i] - 1, n):    # the old last entry (copy-on-write) and new ones
                     rows.append(i), cols.append(j), vals.append(table[j])
@@ -112,8 +101,7 @@ class DecodeInputs:
 class Runner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graphs: bool = False,
                  max_batch: int = 256):
-        self.model = model
-        self.block_size = block_size
+        self.model, self.block_size = model, block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = model.cfg
@@ -137,9 +125,8 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Run each sequence's next `chunk` tokens (from num_cached on; chunked prefill computes a long
-        prompt over several steps). -> (hidden [N, H], start row of each sequence in it). The token at
-        absolute position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
+        """Each sequence's next `chunk` tokens from num_cached on -> (hidden [N, H], each one's first row): the
+        token at position p of seqs[i] is row starts[i] + p - seqs[i].num_cached."""
         dev, bs = self.device, self.block_size
         flat = [t for s in seqs for t in s.token_ids[s.num_cached:s.num_cached + s.chunk]]
         starts = [0, *accumulate(s.chunk for s in seqs)][:-1]

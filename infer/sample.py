@@ -17,28 +17,22 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch.distributed as dist
-
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, load_engine, resolve_device
-from selfreward.infer.parallel import init_tp
-from selfreward.infer.replicas import run_units_tp, stage_group
+from selfreward.infer.parallel import init_tp, run_stage_units, stage_group
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
 from selfreward.provenance import OutputLock, check_record, claim, made_by, same_file
-from selfreward.ranges import ConfigError
 from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl
-from selfreward.units import dist_env
+from selfreward.units import barrier, dist_env
 
-OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
-             "seed": (int,)}
+OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
 
 
 @dataclass
 class SampleConfig(EngineConfig):
-    """The engine's settings (flags of their own: --dtype, --block-size, ...; no --device: cuda:LOCAL_RANK where
-    CUDA is available, else the CPU) and the sampling ones."""
+    """The engine's settings (flags of their own: --dtype, --block-size, ...; no --device) and the sampling ones."""
     model: str = cli.checkpoint()         # checkpoint folder
     input: str = cli.input_file()         # JSONL of requests
     output: str = cli.passive("")         # JSONL of samples (OUTPUT.partial while running)
@@ -56,33 +50,30 @@ class SampleConfig(EngineConfig):
 
 
 def parse(argv: list[str] | None) -> SampleConfig:
-    p = cli.parser(SampleConfig, __doc__, skip={"": {"device", "n", "stop"}})
+    """The door: the flags (numbers by their ranges), then what no single number's range covers."""
+    p = cli.parser(SampleConfig, __doc__, skip={"": {"device"}}, own=("n", "stop"))
     p.add_argument("--n", "--num-samples", dest="n", type=int, help="samples per prompt; under torchrun write "
                    "--num-samples: torchrun reads --n as its own (default: 1)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable) (default: [])")
-    p.set_defaults(_cfg_dests=p.get_default("_cfg_dests") + ["n", "stop"])
     cfg = cli.build(SampleConfig, p.parse_args(argv))
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
-            raise ConfigError(f"--{name} is required")
-    return cfg
-
-
-def check(cfg: SampleConfig) -> None:
-    """The settings no single number's range covers, each error naming its flag."""
+            raise cli.ConfigError(f"--{name} is required")
     if any(not s for s in cfg.stop):
-        raise ConfigError("--stop '': an empty stop string would end every sample at once")
+        raise cli.ConfigError("--stop '': an empty stop string would end every sample at once")
     if same_file(cfg.input, cfg.output) or same_file(cfg.input, partial_path(cfg.output)):
-        raise ConfigError(f"--input {cfg.input} and --output {cfg.output} are one file: refusing to write "
-                          f"over the input")
+        raise cli.ConfigError(f"--input {cfg.input} and --output {cfg.output} are one file: refusing to write "
+                              f"over the input")
     try:
         resolve_device(cfg)
     except ValueError as e:   # "engine cuda_graphs ..." -> "--cuda-graphs ..."
-        raise ConfigError(re.sub(r"engine (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+        raise cli.ConfigError(re.sub(r"engine (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+    return cfg
 
 
-def id_key(v) -> str:
-    return json.dumps(v)
+def key(rec: dict) -> str:
+    """A request's (or record's) unit: its id as JSON, so 1 and "1" are two."""
+    return json.dumps(rec["id"])
 
 
 def read_requests(path: str | Path) -> list[dict]:
@@ -101,17 +92,16 @@ def read_requests(path: str | Path) -> list[dict]:
         for k, types in OVERRIDES.items():
             if k in rec and (isinstance(rec[k], bool) or not isinstance(rec[k], types)):
                 raise DataError(f"{where}: field '{k}': expected {' or '.join(t.__name__ for t in types)}")
-        key = id_key(rec["id"])
-        if key in seen:
-            raise DataError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key]})")
-        seen[key] = line_no
+        if key(rec) in seen:
+            raise DataError(f"{where}: field 'id': duplicate {rec['id']!r} (first on line {seen[key(rec)]})")
+        seen[key(rec)] = line_no
         rec["_where"] = where
         out.append(rec)
     return out
 
 
 def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{id_key(rec['id'])}".encode()).digest()[:7], "little")
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{key(rec)}".encode()).digest()[:7], "little")
     try:
         return SamplingParams(
             temperature=float(rec.get("temperature", cfg.temperature)), top_p=float(rec.get("top_p", cfg.top_p)),
@@ -127,14 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     out, lock = Path(cfg.output), None
     with stage_group("", world):
         try:
-            check(cfg)
             tp = init_tp(cfg.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
             check_file(cfg.input)
             requests = nonempty(read_requests(cfg.input), cfg.input, "prompts")
             if not os.path.isdir(cfg.model):
                 raise DataError(f"--model {cfg.model}: not a checkpoint folder")
             ModelConfig.from_json(cfg.model)  # a bad config.json is refused before OUTPUT is claimed
-            key = lambda r: id_key(r["id"])   # noqa: E731
             lock = _claim(out, cfg, rank, world)
             if out.exists() and {key(r) for r in requests} <= {key(r) for r in read_jsonl(out)}:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
@@ -145,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             eng = load_engine(cfg.model, cfg)   # a bad checkpoint fails here, before any work
             if eng.tokenizer is None:
                 raise DataError(f"{cfg.model}: no tokenizer.model or tokenizer.json to encode prompts with")
-            run_units_tp(tp, out, requests, cfg.n, key, partial(work, cfg, eng), max(1, len(requests)),
-                         f"sample rank {rank}", "prompts")
+            run_stage_units(cfg.tensor_parallel, max(1, len(requests)), rank, world, out, requests, cfg.n, key,
+                            partial(work, cfg, eng), f"sample rank {rank}", "prompts")
             if rank == 0:
                 print(f"[sample] wrote {len(read_jsonl(out))} records to {out}", file=sys.stderr, flush=True)
         except DataError as e:
@@ -173,7 +161,7 @@ def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
         ctx = claim(out, made, [cfg.input], cfg.overwrite, clear=clear)
         ctx.__enter__()
     if world > 1:
-        dist.barrier()
+        barrier()
     if rank != 0:
         ctx = OutputLock(out.with_name(f"{out.name}.rank{rank}")).acquire()
         check_record(out, made, "--overwrite")

@@ -1,11 +1,4 @@
-"""Batched sampling, row by row: each row's token depends only on its logits and its request's own generator
-(infer/README.md, "Sampling": the filters, one uniform per row, inverse CDF in vocabulary order).
-
-Top-p is computed without sorting the vocabulary (a sort of [B, 32000] costs more than the model's decode
-step on a CPU): token probabilities are bucketed by value, the bucket where the mass from the top crosses p
-is found with one cumulative sum, and only that bucket's tokens are compared exactly. Rows whose crossing
-bucket is crowded fall back to a full sort; both give the same set.
-"""
+"""Batched sampling, each row by its logits and its request's own generator alone (infer/README.md, "Sampling")."""
 from __future__ import annotations
 
 import torch

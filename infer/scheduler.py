@@ -1,6 +1,4 @@
-"""Which sequences run in the next step (a prefill, chunked to the token budget, or a decode; preemption), and
-what happens to them after it: nano-vllm's scheduler (infer/README.md, "Scheduler").
-"""
+"""nano-vllm's scheduler: the next step's sequences, and what becomes of them after it (infer/README.md)."""
 from __future__ import annotations
 
 from collections import deque
@@ -13,8 +11,7 @@ from selfreward.infer.sequence import Kind, Sequence
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096):
         self.bm = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.partial: Sequence | None = None   # admitted, prefilled up to num_cached, more chunks to go
@@ -28,8 +25,7 @@ class Scheduler:
         return not self.waiting and not self.running and self.partial is None
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (sequences of this step, is_prefill). In a prefill step each sequence's `chunk` says how many
-        of its tokens (from num_cached on) the step computes."""
+        """-> (this step's sequences, is_prefill); a prefill computes each one's `chunk` tokens from num_cached on."""
         if not (self._chunk_turn and self.running):
             batch = self._prefill_batch()
             if batch:
@@ -90,9 +86,8 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], outs: list[list[tuple[int, float | None]]], is_prefill: bool,
                     stopped: Callable[[Sequence], bool]) -> list[Sequence]:
-        """After a step's forward: advance each sequence's cache, fork a request into its samples at its first
-        token, append each sample's (token, log-prob), free the finished (`stopped` decides for a sampled
-        token; a score / next-token request finishes with its last chunk) -> the finished sequences."""
+        """After a step's forward: advance the caches, fork, append each sample's (token, log-prob), free the
+        finished (`stopped` decides for a sampled token; others finish with their last chunk) -> the finished."""
         finished, started = [], []
         for s, out in zip(seqs, outs):
             if is_prefill:

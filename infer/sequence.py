@@ -13,7 +13,7 @@ from selfreward.ranges import check_number
 @dataclass
 class SamplingParams:
     """Per-request sampling settings (infer/README.md, "API": stopping, log-probs). temperature 0 = greedy;
-    top_k 0, top_p 1.0 = off; seed None draws one from torch's global generator; sample j uses seed + j."""
+    top_k 0, top_p 1.0 = off; seed None: one drawn from torch's global generator."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -86,8 +86,7 @@ class Sequence:
 
     @property
     def need_from(self) -> int:
-        """First position whose hidden state this sequence needs; the prefix cache may only serve tokens
-        before it (so those positions are computed and their outputs exist)."""
+        """First position whose output this sequence needs: the prefix cache serves only tokens before it."""
         if self.kind is Kind.SCORE:
             return self.num_prompt - 1
         return len(self.token_ids) - 1

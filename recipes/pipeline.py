@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from selfreward import cli
-from selfreward.infer.replicas import run_stage_units, stage_group
+from selfreward.infer.parallel import run_stage_units, stage_group
 from selfreward.provenance import OutputLock, check_settings
 from selfreward.recipes.session import Session
 from selfreward.records import read_json, write_json
@@ -64,7 +64,7 @@ def folder(cfg, t: int) -> Path:
 
 
 def units(cfg, rank: int, world: int, out: Path, todo, per_unit: int, key, work, label: str, unit: str) -> bool:
-    """A sampling stage's resumable units over the ranks, or over tensor-parallel replicas (infer/replicas.py)."""
+    """A sampling stage's resumable units over the ranks, or over tensor-parallel replicas (infer/parallel.py)."""
     return run_stage_units(cfg.engine.tensor_parallel, cfg.chunk, rank, world, out, todo, per_unit, key, work,
                            label, unit)
 
