@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from selfreward import cli
 from selfreward.provenance import file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
+from selfreward.recipes.h2h import H2HConfig
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
 from selfreward.recipes.onestage import claimed, parse, unit_records
@@ -167,8 +170,7 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
 def _rm_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.recipes.session import Session
     groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
-    cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
-                      template=a.judge_template or "default", expected=a.expected)
+    cfg = _from_args(JudgeConfig, a, template=a.judge_template or "default")
     made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
     items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
@@ -190,25 +192,46 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
                             "replies")
         res = rm_result(groups, cfg, [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"])
                                       for r in recs])
-        res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
-                           "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
+        res["settings"] = {"judge": a.judge, "groups": a.groups, **cli.to_dict(cfg)}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
         return done(res)
 
 
+@dataclass
+class H2HRun(H2HConfig):
+    a: str = cli.checkpoint("")
+    b: str = cli.checkpoint("")
+
+
+def _from_args(cls, a, **kw):
+    """`cls` from the parsed flags of its fields' names (a flag not given keeps the field's default)."""
+    return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if getattr(a, f.name, None) is not None}, **kw)
+
+
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, read_prompts, resumable_h2h
+    """A's replies, B's replies, then the verdicts, each a resumable file in OUT.h2h, a unit a prompt: a killed
+    run's rerun does only what is missing; one model in memory at a time."""
+    from selfreward.recipes.h2h import generate_responses, h2h_result, h2h_work_dir, pair_verdicts, read_prompts
+    from selfreward.recipes.session import Session
+    cfg = _from_args(H2HRun, a)
     prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
-    tmpl = load_pair_template(a.pair_template)
-    made.update(a_fingerprint=model_fingerprint(a.a), b_fingerprint=model_fingerprint(a.b),
-                judge_fingerprint=model_fingerprint(a.judge), prompts_hash=file_hash(a.prompts),
-                template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
-                top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
-    inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
-    work = h2h_work_dir(a.out)       # the resumable parts (A's and B's replies, the verdicts) and the record
-    with claimed(work, made, inputs, a.overwrite, folder=True, also=[a.out]):
-        res = resumable_h2h(a, ecfg, prompts, tmpl, work)
-        res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
+    work, session, units = h2h_work_dir(a.out), Session(ecfg), [{"i": i} for i in range(len(prompts))]
+
+    def stage(name: str, model: str, fn) -> list[dict]:
+        return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
+                            lambda eng, tok, batch: [(r, 0) for r in fn(eng, tok, [i for i, _ in batch])],
+                            a.chunk, f"h2h {name}", "prompts")
+
+    def replies(eng, tok, idx):
+        texts = generate_responses(eng, tok, [prompts[i] for i in idx], cfg, progress=True, index=idx)
+        return [{"i": i, "text": t} for i, t in zip(idx, texts)]
+    with claimed(work, {**made, **made_by(cfg)}, [a.prompts] + ([a.pair_template] if a.pair_template else []),
+                 a.overwrite, folder=True, also=[a.out]):
+        resp_a = [r["text"] for r in stage("replies_a", a.a, replies)]
+        resp_b = [r["text"] for r in stage("replies_b", a.b, replies)]
+        res = h2h_result(prompts, resp_a, resp_b, stage("verdicts", a.judge, lambda eng, tok, idx: pair_verdicts(
+            eng, tok, prompts, resp_a, resp_b, idx, cfg, progress=True)))
+        res["settings"] = cli.to_dict(cfg)
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
               f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
         return done(res)
@@ -221,5 +244,4 @@ def judgments_path(out: str | Path) -> Path:
 
 
 if __name__ == "__main__":
-    from selfreward.cli import run_main
-    run_main(main)
+    cli.run_main(main)
