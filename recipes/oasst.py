@@ -1,7 +1,6 @@
 """Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples
-(recipes/README.md, "Seed data"). Two input formats, detected from the first record, both read into the same
-`Node` trees: the tree export (`{"prompt": {message, "replies": [...]}}`) and the flat message table
-(`message_id`, `parent_id` (null at the root), `role`, `lang`, `text`, `rank` (null or NaN when unranked)).
+(recipes/README.md, "Seed data"). The tree export and the flat message table (`message_id`, `parent_id`,
+`role`, `lang`, `text`, `rank`) are detected from the first record and read into the same `Node` trees.
 
     python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
         [--eft-model DIR --tries 1]       # also the EFT examples, judged by that model (recipes.judge)
@@ -10,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import math
 import random
 from collections import Counter
@@ -46,13 +46,8 @@ def _node(m: dict, where: str) -> Node:
     if role not in ("prompter", "assistant"):
         raise DataError(f"{where}: field 'role' should be 'prompter' or 'assistant', got {role!r}")
     return Node(id=str(field(m, "message_id", where)), role=role, text=field(m, "text", where),
-                lang=m.get("lang"), rank=_rank(m.get("rank"), where), deleted=bool(m.get("deleted", False)))
-
-
-def _tree(m: dict, where: str) -> Node:
-    n = _node(m, where)
-    n.replies = [_tree(c, where) for c in field(m, "replies", where, list)] if "replies" in m else []
-    return n
+                lang=m.get("lang"), rank=_rank(m.get("rank"), where), deleted=bool(m.get("deleted", False)),
+                replies=[_node(c, where) for c in field(m, "replies", where, list)] if "replies" in m else [])
 
 
 def load_messages(path: str | Path) -> list[Node]:
@@ -71,7 +66,7 @@ def load_messages(path: str | Path) -> list[Node]:
             raise DataError(f"{where}: a {kind} record in a file of {fmt} records")
         fmt = kind
         if kind == "tree":
-            roots.append(_tree(rec["prompt"], where))
+            roots.append(_node(rec["prompt"], where))
         else:
             n = _node(rec, where)
             if n.id in flat:
@@ -197,11 +192,10 @@ def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
     from selfreward.recipes.judge import judge_items, judge_prompt
     from selfreward.recipes.session import Session
     engine, tok = Session().get(str(model_dir))
-    calls = [0]
+    calls = itertools.count(1)
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
-        calls[0] += 1
-        base = cfg.seed + 100_003 * calls[0]
+        base = cfg.seed + 100_003 * next(calls)
         res = judge_items(engine, tok, items, replace(cfg, k=1, expected=False), [base + j for j in range(len(items))])
         return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
     return fn
