@@ -14,17 +14,14 @@ PAIRINGS = ("best-worst", "best-rest")
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                 key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
                 pairing: str = "best-worst") -> tuple[list[dict], Counter]:
-    """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean
-    over K judgments). Candidates with no parsable judgment are left out (not losers); a prompt with fewer
+    """Preference pairs from the candidates' mean scores over their K judgments (`key`: "score" or
+    "expected"). pairing "best-worst" (the paper): per prompt its highest- against its lowest-scored candidate;
+    "best-rest": the best against each lower-scored distinct text (with the checker's scores, every
+    right-vs-wrong pair). Candidates with no parsable judgment are left out (not losers); a prompt with fewer
     than two scored candidates, or whose best and worst tie, gives no pair; among equal scores the lowest
-    sample index is taken. pool_identical (default): a prompt's candidates with the very same text are one
-    response (their judgments pooled), so chosen and rejected always differ. min_margin > 0 drops pairs whose
-    best and worst differ by less (counted "below_margin"; the paper keeps every untied pair).
-
-    pairing "best-worst" (default, the paper): one pair per prompt. "best-rest": the best against each
-    lower-scored distinct text, one pair each (texts tied with the best, or within min_margin of it, are
-    not paired); with two distinct texts it is the paper's pair. With the checker's scores (one right text)
-    that is every right-vs-wrong pair of the prompt. Returns (pairs, counts)."""
+    sample index is taken. pool_identical: candidates with the very same text are one response (judgments
+    pooled), so chosen and rejected always differ. min_margin > 0 drops pairs closer than that (counted
+    "below_margin"; the paper keeps every untied pair). Returns (pairs, counts)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
