@@ -65,17 +65,6 @@ def rm_result(groups: list[dict], cfg: JudgeConfig, res: list[Judged]) -> dict:
             "records": [r for rs in per_group for r in rs]}
 
 
-def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
-    """Table 4 metrics of any recipes.reward source: each reply's reward as its score. `perfect`: the best
-    grade, for the 5-best metric (None for an unbounded RM score)."""
-    items = reply_items(groups)
-    scores = reward([i for i, _ in items], [r for _, r in items])
-    it = iter(scores)
-    ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
-    return {"metrics": rm_metrics(ranked, perfect), "records": [{"group": g.get("id"), "rank": r["rank"], "reward": x}
-            for g, (_, xs) in zip(groups, ranked) for r, x in zip(g["replies"], xs)]}
-
-
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -157,10 +146,15 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.recipes.reward import load_reward
     device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
-    with claimed(a.out, made, [a.groups], a.overwrite):
-        res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
-                          load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
-        res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
+    with claimed(a.out, made, [a.groups], a.overwrite):   # Table 4 metrics, each reply's reward as its score
+        reward, groups = load_reward(a.kind, a.model, device=device, dtype=dtype), load_groups(a.groups)[:a.limit]
+        items = reply_items(groups)
+        it = iter(reward([p for p, _ in items], [r for _, r in items]))
+        ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
+        res = {"metrics": rm_metrics(ranked, None if a.kind == "rm" else 1.0),   # an RM's score has no best grade
+               "records": [{"group": g.get("id"), "rank": r["rank"], "reward": x}
+                           for g, (_, xs) in zip(groups, ranked) for r, x in zip(g["replies"], xs)],
+               "settings": {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}}
         m = res["metrics"]
         print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(f"{k} {_fmt(m[k])}" for k in NAMES)
               + f"; groups used {m['groups_used']}, pairs {m['pairs']}")

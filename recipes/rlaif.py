@@ -4,14 +4,17 @@ text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
 from __future__ import annotations
 
+import argparse
 import json
 from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
+from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import expected_scores
+from selfreward.recipes.onestage import claimed, parse, unit_records
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
@@ -155,15 +158,9 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
-    [--cot] [--template T.json] [--limit N] [--engine-...]: soft labels in both orders (records + `label`,
-    `p_first`, ...) and a summary JSON beside them (position bias, prefill saved, agreement with human ranks if
-    given). OUT follows the output rules of docs/guarantees.md (recipes/onestage.py)."""
-    import argparse
+    [--cot] [--template T.json]: soft labels in both orders and L.jsonl.summary.json (recipes/README.md)."""
     from selfreward.infer.config import add_engine_flags
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
-    from selfreward.records import nonempty, write_json
-    from selfreward.recipes.onestage import claimed, parse, unit_records
     from selfreward.recipes.session import Session
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
@@ -183,13 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     a, ecfg, _, dtype = parse(argv, ap, add_engine_flags(ap))
     t = read_template(LabelTemplate, a.template)
-    if a.groups:
-        from selfreward.recipes.evaluate import load_groups
-        pairs = group_pairs(load_groups(a.groups), a.limit)
-    else:
-        pairs = read_pairs(a.pairs, a.limit)
+    from selfreward.recipes.evaluate import load_groups
     source = a.pairs or a.groups
-    nonempty(pairs, source, "pairs")
+    pairs = nonempty(group_pairs(load_groups(a.groups), a.limit) if a.groups else read_pairs(a.pairs, a.limit),
+                     source, "pairs")
     out, summary_path = Path(a.out), Path(str(a.out) + ".summary.json")
     check_not_input([source], [out, summary_path])
     if not Path(a.labeller).is_dir():

@@ -1,7 +1,5 @@
 """Unlabelled text for instruction backtranslation: reading (JSONL `{"text"}` or plain text, errors naming
 file:line), paragraph-aware segmentation and exact + near-duplicate removal (recipes/README.md, step 3).
-A paragraph longer than `max_chars` is cut at its last sentence end before the limit, else its last space,
-else hard; a segment of fewer words than a shingle is one shingle.
 """
 from __future__ import annotations
 
@@ -96,6 +94,7 @@ def fold(text: str) -> str:
 
 
 def shingles(text: str, n: int) -> frozenset:
+    """The n-word shingles of the folded text; a text of fewer words is one shingle."""
     w = fold(text).split(" ")
     return frozenset([" ".join(w)] if len(w) <= n else (" ".join(w[i:i + n]) for i in range(len(w) - n + 1)))
 
