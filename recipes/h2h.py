@@ -1,8 +1,6 @@
-"""Head-to-head: the replies of checkpoints A and B to the same prompts, judged by a third in both orders; a
-win only when both orders prefer A (recipes.metrics.h2h_outcome). The judge sees a pairwise template (ours;
-placeholders {instruction}, {response_1}, {response_2}; `--pair-template FILE` to bring your own) and ends
-with `Better: 1` or `Better: 2` (the last such label counts; anything else is no verdict, counted as a tie).
-Used by `recipes.evaluate h2h` and recipes.select.
+"""Head-to-head (`recipes.evaluate h2h`, recipes.select): the replies of checkpoints A and B to the same prompts,
+judged by a third in both orders with a pairwise template (ours, or `--pair-template FILE`) that ends with
+`Better: 1` or `Better: 2` (the last such label counts); a win only when both orders prefer A (recipes.metrics).
 """
 from __future__ import annotations
 

@@ -49,8 +49,7 @@ _NEXT = re.compile(r"\n\s*Request \d+\s*:")
 
 def cut_generated(text: str) -> str:
     """The model's new request: its text up to the next 'Request k:' marker, stripped."""
-    m = _NEXT.search(text)
-    return (text[:m.start()] if m else text).strip()
+    return _NEXT.split(text, maxsplit=1)[0].strip()
 
 
 def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str],
@@ -82,9 +81,7 @@ class PromptFilter:
         self.cfg = cfg
         self.tok = tokenizers.DefaultTokenizer(use_stemmer=False)
         self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        self.texts: list[str] = []
-        self.bags: list[Counter] = []
-        self.seen: set[str] = set()
+        self.texts, self.bags, self.seen = [], [], set()     # the pool: texts, their word bags, folded texts
         self.kw = re.compile(r"\b(" + "|".join(re.escape(k) for k in cfg.keywords) + r")\b", re.IGNORECASE) \
             if cfg.keywords else None
         for p in pool:

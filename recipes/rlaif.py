@@ -78,7 +78,6 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
               for c, x, y in orders]
     base = [f[0] for f in fitted]
-    rationales = None
     if cfg.cot:
         index = list(range(len(items))) if index is None else list(index)
         seeds = [cfg.seed + 2 * j for j in index] + [cfg.seed + 2 * j + 1 for j in index]
@@ -87,16 +86,13 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
     texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cfg.cot else t.ending
     probs = option_probs(engine, tok, base, texts, ["1", "2"])
-    n = len(items)
-    records = []
+    n, records = len(items), []
     for i in range(n):
         p_first, p_first_sw = probs[i][0], probs[n + i][0]
         p1 = (p_first + (1 - p_first_sw)) / 2          # response 1 first, then response 1 second
-        rec = {"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
-               "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1])}
-        if rationales is not None:
-            rec["rationales"] = [rationales[i], rationales[n + i]]
-        records.append(rec)
+        records.append({"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
+                        "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1]),
+                        **({"rationales": [rationales[i], rationales[n + i]]} if cfg.cot else {})})
     return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 

@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
-from selfreward.records import DataError, check_file, field, iter_jsonl
+from selfreward.records import DataError, check_file, field, iter_jsonl, nonempty
 
 
 @dataclass
@@ -45,11 +45,7 @@ def read_documents(paths: list[str]) -> list[tuple[str, str]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{p}:{_line(data, e.start)}: binary file (not UTF-8), not text") from None
         if path.suffix == ".jsonl":
-            n0 = len(out)
-            for i, rec in iter_jsonl(path):
-                out.append((f"{p}:{i}", field(rec, "text", f"{p}:{i}")))
-            if len(out) == n0:
-                raise DataError(f"{p}:1: empty file (no records)")
+            out += nonempty([(f"{p}:{i}", field(rec, "text", f"{p}:{i}")) for i, rec in iter_jsonl(path)], f"{p}:1")
         else:
             out.append((f"{p}:1", text))
     return out

@@ -1,9 +1,6 @@
-"""Checkpoint selection (PAPER_NOTES section 1): of the exports a DPO run wrote (`train/dpo.py --export-every
-N`), keep the one that wins most often against the iteration's starting model M_t, judged head-to-head in both
-orders on held-out prompts (recipes/h2h.py); the chosen folder is copied to --out atomically, the choice with
-every candidate's scores returned (and written to --report). Rule: the most wins, then the fewest losses, then
-the LATER candidate (selection departs from the last checkpoint only when an earlier one does strictly better).
---out and --report keep the output rules of docs/guarantees.md (recipes/README.md, "Checkpoint selection").
+"""Checkpoint selection (PAPER_NOTES section 1; recipes/README.md, "Checkpoint selection"): of the exports a
+DPO run wrote (`train/dpo.py --export-every N`), keep the one that wins most often head-to-head against the
+iteration's starting model M_t (most wins, then fewest losses, then the later one), copied to --out.
 
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
