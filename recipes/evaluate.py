@@ -1,12 +1,10 @@
 """Evaluation commands: reward-model metrics of a judge checkpoint (or any recipes.reward source) against
 human ranks, and head-to-head win / tie / loss of two checkpoints judged by a third in both orders
-(recipes/h2h.py). Each prints a table and writes JSON.
+(recipes/h2h.py). Each prints a table and writes JSON (recipes/README.md, "Metrics").
 
     python -m selfreward.recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
     python -m selfreward.recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
     python -m selfreward.recipes.evaluate reward --kind rm --model RM_DIR --groups groups_eval.jsonl --out r.json
-
-Metric definitions: recipes/metrics.py.
 """
 from __future__ import annotations
 
@@ -29,10 +27,8 @@ def load_groups(path: str | Path) -> list[dict]:
     for i, rec in iter_jsonl(path):
         where = f"{path}:{i}"
         field(rec, "prompt", where)
-        reps = field(rec, "replies", where, list)
-        for r in reps:
-            if not isinstance(r, dict) or "text" not in r or "rank" not in r:
-                raise DataError(f"{where}: field 'replies' needs objects with 'text' and 'rank'")
+        if not all(isinstance(r, dict) and "text" in r and "rank" in r for r in field(rec, "replies", where, list)):
+            raise DataError(f"{where}: field 'replies' needs objects with 'text' and 'rank'")
         out.append(rec)
     return out
 

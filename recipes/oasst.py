@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
@@ -187,7 +187,7 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
 
 
 def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
-    """build_eft's judge from a checkpoint: one judgment per item (recipes.judge.judge_items), call c's item j
+    """build_eft's judge from a checkpoint and a JudgeConfig of k=1: one judgment per item (recipes.judge.judge_items), call c's item j
     seeded seed + 100_003 * c + j."""
     from selfreward.recipes.judge import judge_items, judge_prompt
     from selfreward.recipes.session import Session
@@ -196,7 +196,7 @@ def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
         base = cfg.seed + 100_003 * next(calls)
-        res = judge_items(engine, tok, items, replace(cfg, k=1, expected=False), [base + j for j in range(len(items))])
+        res = judge_items(engine, tok, items, cfg, [base + j for j in range(len(items))])
         return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
     return fn
 
@@ -248,9 +248,8 @@ def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
     if not ift and not train and not held:
         raise DataError(f"{a.input}: no IFT pair and no ranked group (no rank-0 reply, or fewer than two ranked "
                         f"replies, in --lang {a.lang}); nothing written")
-    write_jsonl(out / "ift.jsonl", ift)
-    write_jsonl(out / "groups_train.jsonl", train)
-    write_jsonl(out / "groups_eval.jsonl", held)
+    for name, recs in (("ift", ift), ("groups_train", train), ("groups_eval", held)):
+        write_jsonl(out / f"{name}.jsonl", recs)
     counts: dict = {"trees": len(roots), "trees_train": len(train_roots), "trees_eval": len(held_roots),
                     "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:

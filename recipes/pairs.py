@@ -93,36 +93,27 @@ def _mean(xs: list) -> float | None:
 def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                     pairs: Sequence[dict], pair_counts: Counter | dict) -> dict:
     """Counts, score histograms and mean lengths of one iteration (what the manifest holds)."""
-    verdicts = Counter(p.get("verdict", "ok") for p in prompts)
-    scores = mean_scores(judgments)
-    counts = {
-        "prompts": verdicts.get("ok", 0),
-        "prompts_made": len(prompts),
-        "prompts_filtered": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
-        "candidates": len(candidates),
-        "judgments": len(judgments),
-        "parse_failures": sum(j["score"] is None for j in judgments),
-        **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties", "below_margin",
-                                              "identical_merged")},
-        "pairs": len(pairs),
-        "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
-    }
+    verdicts, scores = Counter(p.get("verdict", "ok") for p in prompts), mean_scores(judgments)
     first = [j for j in judgments if j.get("k") == 0]
-    counts["judge_prompts_cut"] = sum(bool(j.get("prompt_cut")) for j in first)
     exp = [j["expected"] for j in first if "expected" in j]
+    counts = {"prompts": verdicts.get("ok", 0), "prompts_made": len(prompts),
+              "prompts_filtered": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
+              "candidates": len(candidates), "judgments": len(judgments),
+              "parse_failures": sum(j["score"] is None for j in judgments),
+              **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties",
+                                                    "below_margin", "identical_merged")},
+              "pairs": len(pairs), "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
+              "judge_prompts_cut": sum(bool(j.get("prompt_cut")) for j in first)}
     return {
         **({"expected_score_mean": round(mean(exp), 4)} if exp else {}),
         "counts": counts,
         "score_histogram": _hist(j["score"] for j in judgments if j["score"] is not None),
         "mean_score_histogram": _hist(round(s, 2) for s in scores.values() if s is not None),
         # the expected score (one value per candidate), in bins of 0.5: 2.3 counts under 2.5
-        "expected_score_histogram": _hist(round(j["expected"] * 2) / 2 for j in judgments
-                                          if j.get("k") == 0 and j.get("expected") is not None),
-        "mean_len": {
-            "candidate_chars": _mean([len(c["text"]) for c in candidates]),
-            "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),
-            "chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
-            "rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
-            "judgment_chars": _mean([len(j["judgment"]) for j in judgments]),
-        },
+        "expected_score_histogram": _hist(round(e * 2) / 2 for e in exp if e is not None),
+        "mean_len": {"candidate_chars": _mean([len(c["text"]) for c in candidates]),
+                     "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),
+                     "chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
+                     "rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
+                     "judgment_chars": _mean([len(j["judgment"]) for j in judgments])},
     }
