@@ -4,7 +4,7 @@ file:line), paragraph-aware segmentation and exact + near-duplicate removal (rec
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from selfreward.records import DataError, check_file, field, iter_jsonl, nonempty
@@ -97,22 +97,17 @@ def shingles(text: str, n: int) -> frozenset:
 
 def dedup(segs: list[dict], near_dup: float, n: int) -> tuple[list[dict], dict]:
     """Exact then near-duplicate removal over [{"text", ...}] (first kept) -> (kept, counts)."""
-    seen, exact = set(), []
+    first: dict[str, dict] = {}
     for s in segs:
-        k = fold(s["text"])
-        if k not in seen:
-            seen.add(k)
-            exact.append(s)
+        first.setdefault(fold(s["text"]), s)
+    exact = list(first.values())                      # in order of first appearance
     if near_dup <= 0:
         return exact, {"exact_duplicates": len(segs) - len(exact), "near_duplicates": 0}
     index: dict[str, list[int]] = defaultdict(list)   # shingle -> kept segments holding it
     kept, sets = [], []
     for s in exact:
         sh = shingles(s["text"], n)
-        overlap: dict[int, int] = defaultdict(int)
-        for g in sh:
-            for j in index[g]:
-                overlap[j] += 1
+        overlap = Counter(j for g in sh for j in index[g])   # kept segment -> shingles shared
         if any(c / (len(sh) + len(sets[j]) - c) >= near_dup for j, c in overlap.items()):
             continue
         for g in sh:
