@@ -119,10 +119,9 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
                 out.append({"id": n.id, "prompt": n.text if len(path) == 1 else talk,
                             "turn": len(path) // 2 + 1,
                             "replies": [{"text": c.text, "rank": c.rank} for c in ranked]})
-        if not first_turn_only:
-            for c in n.replies:
-                if kept(c, lang):
-                    visit(c, path)
+        for c in [] if first_turn_only else n.replies:
+            if kept(c, lang):
+                visit(c, path)
 
     for r in roots:
         if r.role == "prompter":
@@ -136,8 +135,7 @@ def held_out(key: str, frac: float, seed: int) -> bool:
 
 
 def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out groups by held_out(id); the CLI splits whole trees the same way (a first-turn group's
-    id is its root's), so nothing built from a held-out tree trains."""
+    """Train / held-out groups by held_out(id), as the CLI splits trees (a first-turn group's id is its root's)."""
     return ([g for g in groups if not held_out(g["id"], eval_frac, seed)],
             [g for g in groups if held_out(g["id"], eval_frac, seed)])
 
@@ -157,9 +155,8 @@ JudgeFn = Callable[[list[tuple[str, str]]], list[tuple[str, str, float | None]]]
 
 def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample: bool = True,
               seed: int = 0) -> tuple[list[dict], dict]:
-    """EFT examples: each group's replies judged once per try; a group's judgments are kept (first try that
-    agrees) only where their scores order the replies as the humans did. Then the most common score is
-    down-sampled to the count of the next most common one. Returns (examples, stats)."""
+    """EFT examples (recipes/README.md, "Seed data"): a group's judgments of its first try that orders its replies
+    as the humans did; then the most common score down-sampled to the next one's count. -> (examples, stats)"""
     examples: list[dict] = []
     stats = Counter(groups=len(groups), judgments=0, unparsable=0, groups_kept=0)
     for g in groups:
@@ -187,7 +184,7 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
 
 
 def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
-    """build_eft's judge from a checkpoint and a JudgeConfig of k=1: one judgment per item (recipes.judge.judge_items), call c's item j
+    """build_eft's judge from a checkpoint and a JudgeConfig of k=1 (recipes.judge.judge_items): call c's item j
     seeded seed + 100_003 * c + j."""
     from selfreward.recipes.judge import judge_items, judge_prompt
     from selfreward.recipes.session import Session
