@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --temperature, --max-tokens
     if a.tries < 1:
         raise ConfigError(f"--tries {a.tries}: must be >= 1")
-    lang = None if a.lang == "any" else a.lang
-    out = Path(a.out)
+    lang, out = None if a.lang == "any" else a.lang, Path(a.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
     check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
     roots = nonempty(load_messages(a.input), a.input, "Open Assistant messages")

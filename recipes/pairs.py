@@ -46,8 +46,7 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         if len(scored) < 2:
             counts["prompts_too_few_scored"] += 1
             continue
-        hi = max(scored, key=lambda x: x[0])   # max/min return the first of equals: lowest sample index
-        lo = min(scored, key=lambda x: x[0])
+        hi, lo = max(scored, key=lambda x: x[0]), min(scored, key=lambda x: x[0])   # first of equals: lowest sample
         if hi[0] == lo[0]:
             counts["ties"] += 1
             continue
@@ -56,8 +55,7 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
             continue
         losers = [lo] if pairing == "best-worst" else \
             [x for x in scored if x[0] < hi[0] and hi[0] - x[0] >= min_margin]
-        for lo in losers:
-            pairs.append(_pair(pid, text[pid], hi, lo))
+        pairs += [_pair(pid, text[pid], hi, x) for x in losers]
         counts["prompts_paired"] += 1
     counts["pairs"] = len(pairs)
     return pairs, counts
@@ -73,9 +71,8 @@ def _pair(pid: str, prompt: str, hi: tuple, lo: tuple) -> dict:
 
 
 def distinct_candidates(cands: list[dict]) -> list[dict]:
-    """The candidates worth judging when identical texts are pooled (recipes.pairs.build_pairs does): the
-    first sample of each distinct text, on prompts with at least two distinct texts. A small model repeats
-    itself often, and a prompt with a single text can make no pair whatever its scores."""
+    """The candidates worth judging when identical texts are pooled (as build_pairs does): the first sample of
+    each distinct text, on prompts with at least two distinct texts (one text can make no pair)."""
     by: dict[str, dict[str, dict]] = {}
     for c in sorted(cands, key=lambda c: c["sample"]):
         by.setdefault(c["id"], {}).setdefault(c["text"], c)

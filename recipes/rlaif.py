@@ -45,8 +45,7 @@ def read_template(cls, path: str | Path | None):
 
 
 def prefill_since(engine, start: dict) -> dict:
-    """The engine's own prefix-cache counters since `start` (a copy of engine.stats): prefill tokens computed
-    vs served from the cache."""
+    """Prefill tokens computed vs served from the prefix cache since `start` (a copy of engine.stats)."""
     comp, hit = (engine.stats[k] - start[k] for k in ("prefill_computed", "prefix_hit"))
     return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
@@ -72,8 +71,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     t = cfg.template or LabelTemplate()
     start = dict(engine.stats)
     user = t.sample + (t.cot_request if cfg.cot else "")
-    reserve = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4 + (cfg.cot_max_tokens if cfg.cot else 0)
-    budget = engine.max_len - reserve
+    budget = engine.max_len - len(forced_options(tok, t.ending, ["1", "2"])[0]) - 4 - cfg.cot * cfg.cot_max_tokens
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
     fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
               for c, x, y in orders]
