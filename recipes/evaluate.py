@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.provenance import file_hash, made_by, model_fingerprint
+from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.h2h import H2HConfig
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
@@ -85,7 +85,6 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from selfreward.provenance import check_not_input
     a, ecfg, device, dtype = parse(argv, *_parser())
     if a.cmd == "reward":
         nonempty(load_groups(a.groups), a.groups, "groups")
@@ -229,8 +228,7 @@ def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
 
 def judgments_path(out: str | Path) -> Path:
     """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
-    out = Path(out)
-    return out.with_name(out.name + ".judgments.jsonl")
+    return Path(f"{out}.judgments.jsonl")
 
 
 if __name__ == "__main__":

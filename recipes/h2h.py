@@ -58,8 +58,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def parse_choice(text: str) -> int | None:
-    found = _BETTER.findall(text)
-    return int(found[-1]) if found else None
+    return int(found[-1]) if (found := _BETTER.findall(text)) else None
 
 
 def generate_responses(engine, tok, prompts: list[str], cfg: H2HConfig, progress: bool = False,
@@ -105,12 +104,10 @@ def h2h_result(prompts: list[str], resp_a: list[str], resp_b: list[str], verdict
 def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str], resp_b: list[str],
                  cfg: H2HConfig = H2HConfig(), progress: bool = False) -> dict:
     """Judge each prompt's (A, B) pair in both orders, in one call."""
-    verdicts = pair_verdicts(judge_engine, judge_tok, prompts, resp_a, resp_b, list(range(len(prompts))), cfg,
-                             progress)
-    return h2h_result(prompts, resp_a, resp_b, verdicts)
+    return h2h_result(prompts, resp_a, resp_b, pair_verdicts(judge_engine, judge_tok, prompts, resp_a, resp_b,
+                                                             list(range(len(prompts))), cfg, progress))
 
 
 def h2h_work_dir(out: str | Path) -> Path:
     """Where `evaluate h2h --out OUT` keeps its resumable parts: OUT.h2h/{replies_a,replies_b,verdicts}.jsonl."""
-    out = Path(out)
-    return out.with_name(out.name + ".h2h")
+    return Path(f"{out}.h2h")

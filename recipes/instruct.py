@@ -52,8 +52,7 @@ def cut_generated(text: str) -> str:
     return _NEXT.split(text, maxsplit=1)[0].strip()
 
 
-def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str],
-               cfg: InstructConfig) -> list[str]:
+def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str], cfg: InstructConfig) -> list[str]:
     """6 seed + 2 generated examples (fewer generated while the pool is small: seeds fill in), shuffled."""
     n_gen = min(cfg.n_generated_shots, len(generated))
     n_seed = min(cfg.n_seed_shots + cfg.n_generated_shots - n_gen, len(seeds))

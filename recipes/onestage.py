@@ -42,8 +42,8 @@ def unit_records(out: str | Path, units: list[dict], load: Callable, fn: Callabl
 
 
 def parse(argv: list[str] | None, ap, engine_dests: set[str]):
-    """The door of a hand-written command: ranges.check_args, then the counts it has no rule for (--k, --limit:
-    >= 1), then the engine flags -> (args, EngineConfig, device, dtype name), before any file is touched."""
+    """The door of a hand-written command, before any file is touched: ranges.check_args, --k and --limit >= 1
+    (no range rule), the engine flags -> (args, EngineConfig, device, dtype name)."""
     from selfreward.infer.config import engine_from_flags, resolve_device
     a = check_args(ap.parse_args(argv))
     for flag in ("k", "limit"):
