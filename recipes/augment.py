@@ -1,7 +1,6 @@
-"""Humpback's unlabelled side (recipes/humpback.py's stages `segments` and `augment`): the segments of the
-unlabelled files (recipes/segment.py) and, for each, one instruction sampled from the backward model M_yx with
-the segment as the user turn (cut to fit the context: `output_cut`); resumable and shardable, each segment
-seeded by its index.
+"""Humpback's unlabelled side, the stages `segments` (recipes/segment.py) and `augment`: one instruction per
+segment sampled from the backward model M_yx with the segment as the user turn (cut to fit: `output_cut`);
+resumable and shardable, each segment seeded by its index.
 """
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
               for i, _ in batch]
 
         def done(j: int, comps) -> None:
-            i, sg = batch[j]
-            x = comps[0]
+            (i, sg), x = batch[j], comps[0]
             emit(i, [{"id": sg["id"], "instruction": x.text.strip(), "output": sg["text"], "source": sg["source"],
                       "n_tokens": len(x.token_ids), "finish_reason": x.finish_reason, "output_cut": fitted[j][1]}],
                  len(x.token_ids))

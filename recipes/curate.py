@@ -1,7 +1,5 @@
 """Self-curation for instruction backtranslation (recipes/README.md, step 5): the forward model rates each
-candidate (instruction, output) pair on a 5-point scale (our wording; `--curate-template FILE` replaces it:
-{instruction}, {response}, a final `Score: <n>` line); a pair's score is the mean of its K parsed ratings, or
-the expected score (`--curate-score-from expected`); the pairs scoring >= k are A_k.
+(instruction, output) candidate on a 5-point scale (our wording); the pairs whose score is >= k are A_k.
 """
 from __future__ import annotations
 

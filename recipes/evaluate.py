@@ -1,21 +1,22 @@
 """Evaluation commands: reward-model metrics of a judge checkpoint (or any recipes.reward source) against
 human ranks, and head-to-head win / tie / loss of two checkpoints judged by a third in both orders
-(recipes/h2h.py). Each prints a table and writes JSON.
+(recipes/h2h.py). Each prints a table and writes JSON (recipes/README.md, "Metrics").
 
     python -m selfreward.recipes.evaluate rm  --judge DIR --groups groups_eval.jsonl --out rm.json [--k 3] [--expected]
     python -m selfreward.recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
     python -m selfreward.recipes.evaluate reward --kind rm --model RM_DIR --groups groups_eval.jsonl --out r.json
-
-Metric definitions: recipes/metrics.py.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from selfreward.provenance import file_hash, made_by, model_fingerprint
+from selfreward import cli
+from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
+from selfreward.recipes.h2h import H2HConfig
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
 from selfreward.recipes.onestage import claimed, parse, unit_records
@@ -26,17 +27,15 @@ def load_groups(path: str | Path) -> list[dict]:
     for i, rec in iter_jsonl(path):
         where = f"{path}:{i}"
         field(rec, "prompt", where)
-        reps = field(rec, "replies", where, list)
-        for r in reps:
-            if not isinstance(r, dict) or "text" not in r or "rank" not in r:
-                raise DataError(f"{where}: field 'replies' needs objects with 'text' and 'rank'")
+        if not all(isinstance(r, dict) and "text" in r and "rank" in r for r in field(rec, "replies", where, list)):
+            raise DataError(f"{where}: field 'replies' needs objects with 'text' and 'rank'")
         out.append(rec)
     return out
 
 
 def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
-    """Judge every reply of every group (K samples, mean score; optionally the expected score too) and
-    compute the metrics: rm_result. Reply j is judged from seed + j * K."""
+    """rm_result of every reply of every group judged (K samples; the expected score too if asked), reply j from
+    seed + j * K."""
     items = reply_items(groups)
     return rm_result(groups, cfg, judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k
                                                                         for j in range(len(items))], progress))
@@ -60,17 +59,6 @@ def rm_result(groups: list[dict], cfg: JudgeConfig, res: list[Judged]) -> dict:
             "judgments": sum(len(r.samples) for r in res), "prompts_cut": sum(r.prompt_cut for r in res),
             "parse_failures": sum(s is None for r in res for _, s in r.samples),
             "records": [r for rs in per_group for r in rs]}
-
-
-def reward_eval(reward, groups: list[dict], perfect: float | None = None) -> dict:
-    """Table 4 metrics of any recipes.reward source: each reply's reward as its score. `perfect`: the best
-    grade, for the 5-best metric (None for an unbounded RM score)."""
-    items = reply_items(groups)
-    scores = reward([i for i, _ in items], [r for _, r in items])
-    it = iter(scores)
-    ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
-    return {"metrics": rm_metrics(ranked, perfect), "records": [{"group": g.get("id"), "rank": r["rank"], "reward": x}
-            for g, (_, xs) in zip(groups, ranked) for r, x in zip(g["replies"], xs)]}
 
 
 def _fmt(v) -> str:
@@ -97,7 +85,6 @@ def print_rm(res: dict, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from selfreward.provenance import check_not_input
     a, ecfg, device, dtype = parse(argv, *_parser())
     if a.cmd == "reward":
         nonempty(load_groups(a.groups), a.groups, "groups")
@@ -154,10 +141,15 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.recipes.reward import load_reward
     device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
-    with claimed(a.out, made, [a.groups], a.overwrite):
-        res = reward_eval(load_reward(a.kind, a.model, device=device, dtype=dtype),
-                          load_groups(a.groups)[:a.limit], None if a.kind == "rm" else 1.0)
-        res["settings"] = {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}
+    with claimed(a.out, made, [a.groups], a.overwrite):   # Table 4 metrics, each reply's reward as its score
+        reward, groups = load_reward(a.kind, a.model, device=device, dtype=dtype), load_groups(a.groups)[:a.limit]
+        items = reply_items(groups)
+        it = iter(reward([p for p, _ in items], [r for _, r in items]))
+        ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
+        res = {"metrics": rm_metrics(ranked, None if a.kind == "rm" else 1.0),   # an RM's score has no best grade
+               "records": [{"group": g.get("id"), "rank": r["rank"], "reward": x}
+                           for g, (_, xs) in zip(groups, ranked) for r, x in zip(g["replies"], xs)],
+               "settings": {"kind": a.kind, "model": a.model, "groups": a.groups, "limit": a.limit}}
         m = res["metrics"]
         print(f"reward metrics ({a.kind} {a.model} on {a.groups}): " + ", ".join(f"{k} {_fmt(m[k])}" for k in NAMES)
               + f"; groups used {m['groups_used']}, pairs {m['pairs']}")
@@ -167,8 +159,7 @@ def _reward_cmd(a, ecfg, made: dict, done) -> dict:
 def _rm_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.recipes.session import Session
     groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
-    cfg = JudgeConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed,
-                      template=a.judge_template or "default", expected=a.expected)
+    cfg = _from_args(JudgeConfig, a, template=a.judge_template or "default")
     made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
     items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
@@ -190,25 +181,46 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
                             "replies")
         res = rm_result(groups, cfg, [Judged([tuple(x) for x in r["samples"]], r["prompt_cut"], r["expected"])
                                       for r in recs])
-        res["settings"] = {"judge": a.judge, "groups": a.groups, "k": a.k, "temperature": a.temperature,
-                           "top_p": a.top_p, "max_tokens": a.max_tokens, "seed": a.seed}
+        res["settings"] = {"judge": a.judge, "groups": a.groups, **cli.to_dict(cfg)}
         print_rm(res, f"reward-model metrics: judge {a.judge} on {a.groups}")
         return done(res)
 
 
+@dataclass
+class H2HRun(H2HConfig):
+    a: str = cli.checkpoint("")
+    b: str = cli.checkpoint("")
+
+
+def _from_args(cls, a, **kw):
+    """`cls` from the parsed flags of its fields' names (a flag not given keeps the field's default)."""
+    return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if getattr(a, f.name, None) is not None}, **kw)
+
+
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
-    from selfreward.recipes.h2h import h2h_work_dir, load_pair_template, read_prompts, resumable_h2h
+    """A's replies, B's replies, then the verdicts, each a resumable file in OUT.h2h, a unit a prompt: a killed
+    run's rerun does only what is missing; one model in memory at a time."""
+    from selfreward.recipes.h2h import generate_responses, h2h_result, h2h_work_dir, pair_verdicts, read_prompts
+    from selfreward.recipes.session import Session
+    cfg = _from_args(H2HRun, a)
     prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
-    tmpl = load_pair_template(a.pair_template)
-    made.update(a_fingerprint=model_fingerprint(a.a), b_fingerprint=model_fingerprint(a.b),
-                judge_fingerprint=model_fingerprint(a.judge), prompts_hash=file_hash(a.prompts),
-                template=hashlib.sha256(tmpl.encode()).hexdigest()[:16], temperature=a.temperature,
-                top_p=a.top_p, judge_temperature=a.judge_temperature, max_tokens=a.max_tokens)
-    inputs = [a.prompts] + ([a.pair_template] if a.pair_template else [])
-    work = h2h_work_dir(a.out)       # the resumable parts (A's and B's replies, the verdicts) and the record
-    with claimed(work, made, inputs, a.overwrite, folder=True, also=[a.out]):
-        res = resumable_h2h(a, ecfg, prompts, tmpl, work)
-        res["settings"] = {"a": a.a, "b": a.b, "judge": a.judge, "prompts": a.prompts}
+    work, session, units = h2h_work_dir(a.out), Session(ecfg), [{"i": i} for i in range(len(prompts))]
+
+    def stage(name: str, model: str, fn) -> list[dict]:
+        return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
+                            lambda eng, tok, batch: [(r, 0) for r in fn(eng, tok, [i for i, _ in batch])],
+                            a.chunk, f"h2h {name}", "prompts")
+
+    def replies(eng, tok, idx):
+        texts = generate_responses(eng, tok, [prompts[i] for i in idx], cfg, progress=True, index=idx)
+        return [{"i": i, "text": t} for i, t in zip(idx, texts)]
+    with claimed(work, {**made, **made_by(cfg)}, [a.prompts] + ([a.pair_template] if a.pair_template else []),
+                 a.overwrite, folder=True, also=[a.out]):
+        resp_a = [r["text"] for r in stage("replies_a", a.a, replies)]
+        resp_b = [r["text"] for r in stage("replies_b", a.b, replies)]
+        res = h2h_result(prompts, resp_a, resp_b, stage("verdicts", a.judge, lambda eng, tok, idx: pair_verdicts(
+            eng, tok, prompts, resp_a, resp_b, idx, cfg, progress=True)))
+        res["settings"] = cli.to_dict(cfg)
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
               f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
         return done(res)
@@ -216,10 +228,8 @@ def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
 
 def judgments_path(out: str | Path) -> Path:
     """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
-    out = Path(out)
-    return out.with_name(out.name + ".judgments.jsonl")
+    return Path(f"{out}.judgments.jsonl")
 
 
 if __name__ == "__main__":
-    from selfreward.cli import run_main
-    run_main(main)
+    cli.run_main(main)

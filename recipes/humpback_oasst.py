@@ -5,10 +5,8 @@ prompts hidden from the recipe (kept aside in RUN/data/hidden.jsonl for the repo
     python -m selfreward.recipes.humpback_oasst --oasst-input oasst.jsonl --base-model BASE --run-dir runs/hb-oasst
         [--oasst-seed-frac 0.5] [any recipes.humpback flag: --curate-k 3, --sft-max-steps 100, ...]
 
-Report (RUN/oasst_report.json, printed): ROUGE-L F1 of each backtranslated instruction x_hat against the
-reply's real prompt (mean, and the share >= 0.5); per iteration, the curation scores against the human
-ranks: the mean score of the rank-0 replies and of the others, and over every (rank 0, lower-ranked) pair of
-replies to one prompt, the share where the rank-0 reply scored higher, lower, or the same.
+Report (RUN/oasst_report.json, printed): ROUGE-L F1 of x_hat against the real prompt; per iteration, the
+curation scores against the human ranks (recipes/README.md, "OASST mode").
 """
 from __future__ import annotations
 

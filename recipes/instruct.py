@@ -1,11 +1,8 @@
-"""Self-instruct prompts: 8-shot generation (6 seed + 2 generated earlier) and the Self-Instruct filters.
-
-Each few-shot prompt is plain text (BOS + text, no chat template) listing numbered requests; the model writes
-the next one. Every generated text gets a verdict, in this order:
-    empty | too_short | too_long (word bounds) | duplicate (exact, after case and whitespace folding)
-    | keyword (a word naming something a text model cannot do) | rouge (ROUGE-L F >= 0.7 against any prompt
-    in the pool: seeds + accepted) | ok | surplus (accepted after the target count was reached)
-An accepted prompt joins the pool at once, so two near-copies in one batch do not both pass.
+"""Self-instruct prompts: 8-shot generation (6 seed + 2 generated earlier; plain text, BOS + numbered
+`Request k:` items, no chat template) and the Self-Instruct filters. Verdicts, in order: empty | too_short |
+too_long | duplicate | keyword | rouge | ok | surplus (accepted past the target count); an accepted prompt joins
+the pool at once, so two near-copies in one batch do not both pass (recipes/README.md, "Choices where the
+paper is silent").
 """
 from __future__ import annotations
 
@@ -52,12 +49,10 @@ _NEXT = re.compile(r"\n\s*Request \d+\s*:")
 
 def cut_generated(text: str) -> str:
     """The model's new request: its text up to the next 'Request k:' marker, stripped."""
-    m = _NEXT.search(text)
-    return (text[:m.start()] if m else text).strip()
+    return _NEXT.split(text, maxsplit=1)[0].strip()
 
 
-def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str],
-               cfg: InstructConfig) -> list[str]:
+def pick_shots(rng: random.Random, seeds: Sequence[str], generated: Sequence[str], cfg: InstructConfig) -> list[str]:
     """6 seed + 2 generated examples (fewer generated while the pool is small: seeds fill in), shuffled."""
     n_gen = min(cfg.n_generated_shots, len(generated))
     n_seed = min(cfg.n_seed_shots + cfg.n_generated_shots - n_gen, len(seeds))
@@ -85,9 +80,7 @@ class PromptFilter:
         self.cfg = cfg
         self.tok = tokenizers.DefaultTokenizer(use_stemmer=False)
         self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        self.texts: list[str] = []
-        self.bags: list[Counter] = []
-        self.seen: set[str] = set()
+        self.texts, self.bags, self.seen = [], [], set()     # the pool: texts, their word bags, folded texts
         self.kw = re.compile(r"\b(" + "|".join(re.escape(k) for k in cfg.keywords) + r")\b", re.IGNORECASE) \
             if cfg.keywords else None
         for p in pool:
@@ -100,41 +93,29 @@ class PromptFilter:
 
     def max_rouge(self, text: str) -> float:
         """Max ROUGE-L F over the pool. The LCS is at most the bag-of-words overlap, so pool texts whose
-        overlap bound is below the best so far (or below what could reach the threshold) are skipped."""
+        overlap bound is not above the best so far are skipped."""
         bag = Counter(self.tok.tokenize(text))
-        n = sum(bag.values())
-        best = 0.0
+        n, best = sum(bag.values()), 0.0
         for t, b in zip(self.texts, self.bags):
             m = sum(b.values())
-            if n == 0 or m == 0:
-                continue
-            bound = 2 * sum((bag & b).values()) / (n + m)
-            if bound <= best:
-                continue
-            best = max(best, self.scorer.score(t, text)["rougeL"].fmeasure)
+            if n and m and 2 * sum((bag & b).values()) / (n + m) > best:
+                best = max(best, self.scorer.score(t, text)["rougeL"].fmeasure)
         return best
 
     def check(self, text: str) -> tuple[str, float | None]:
         words = len(text.split())
-        if not text.strip():
-            return "empty", None
-        if words < self.cfg.min_words:
-            return "too_short", None
-        if words > self.cfg.max_words:
-            return "too_long", None
-        if fold(text) in self.seen:
-            return "duplicate", None
-        if self.kw is not None and self.kw.search(text):
-            return "keyword", None
+        for verdict, hit in (("empty", words == 0), ("too_short", words < self.cfg.min_words),
+                             ("too_long", words > self.cfg.max_words), ("duplicate", fold(text) in self.seen),
+                             ("keyword", self.kw is not None and self.kw.search(text))):
+            if hit:
+                return verdict, None
         r = self.max_rouge(text)
-        if r >= self.cfg.rouge_threshold:
-            return "rouge", r
-        return "ok", r
+        return "rouge" if r >= self.cfg.rouge_threshold else "ok", r
 
 
 def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructConfig, writer,
                      earlier: Sequence[str] = (), progress: bool = False) -> list[dict]:
-    """Make `n` accepted prompts. Records go to `writer` (a model.jsonl.PartialWriter) one round at a
+    """Make `n` accepted prompts. Records go to `writer` (a records.PartialWriter) one round at a
     time: {id, prompt, source: "generated", verdict, rouge, round}. Rounds already in the writer (a resumed
     run) rebuild the pool and are not redone; round r draws its shots from (seed, r), and its row j samples
     with its own seed, seed * 1_000_003 + r * batch + j."""
@@ -144,10 +125,10 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
     filt = PromptFilter(list(seeds) + list(earlier) + accepted, cfg)
     rnd = 1 + max((r["round"] for r in done), default=-1)
     limit = getattr(engine, "max_len", 1 << 30) - cfg.max_tokens - 1
-    gen_pool = list(earlier) + accepted
     while len(accepted) < n and rnd < cfg.max_rounds:
         rng = random.Random(cfg.seed * 1_000_003 + rnd)
-        ids = [fit_shots(tok, pick_shots(rng, seeds, gen_pool, cfg), cfg, limit) for _ in range(cfg.batch)]
+        pool = list(earlier) + accepted
+        ids = [fit_shots(tok, pick_shots(rng, seeds, pool, cfg), cfg, limit) for _ in range(cfg.batch)]
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                  seed=cfg.seed * 1_000_003 + rnd * cfg.batch + j, stop=("\nRequest",))
                   for j in range(len(ids))]
@@ -162,7 +143,6 @@ def generate_prompts(engine, tok, seeds: Sequence[str], n: int, cfg: InstructCon
                 else:
                     filt.add(text)
                     accepted.append(text)
-                    gen_pool.append(text)
             recs.append({"id": f"gen-{rnd}-{j}", "prompt": text, "source": "generated", "verdict": verdict,
                          "rouge": None if rouge is None else round(rouge, 4), "round": rnd})
         writer.write(recs)

@@ -1,7 +1,6 @@
-"""The judge: an additive 5-point rubric (our wording), score parsing, K-sample means and the expected score
-read from the next-token distribution over the digits "0".."5". A rubric (recipes/prompts.py templates) has
-the slots {instruction} and {response} and asks for a final line `Score: <n>`; the judge prompt is one user
-turn, the judgment the assistant turn.
+"""The judge: an additive 5-point rubric (our wording; slots {instruction} and {response}, a final line
+`Score: <n>`), score parsing, K-sample means and the expected score from the next-token distribution over the
+digits "0".."5" (recipes/README.md, "The judge").
 """
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ SLOTS = ("instruction", "response")
 
 
 def load_rubric(path: str | Path | None) -> str:
-    """The default rubric (None), a built-in by name ("default", "short"), or a rubric file (an existing file
-    wins over a built-in name) holding both placeholders."""
+    """The default rubric (None), a built-in by name, or a rubric file (which wins over a built-in name)."""
     return load_template(path, DEFAULT_TEMPLATE, SLOTS, "judge template", BUILTIN)
 
 
@@ -65,10 +63,8 @@ _NUMBER = re.compile(r"\s*(?:\*\*|\*|__)?\s*([0-9]+(?:\.[0-9]+)?)(?![0-9]|\.[0-9
 
 
 def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
-    """The number after the LAST `Score:` label in `text`; None when there is no label, when the last label
-    is not followed by a number ("Score: 3 ... Score: N/A" is None, not 3), or when the number lies outside
-    [lo, hi] ("Score: 45" is 45, out of range, not 4). Case-insensitive; `Score:4`, `Score: **4**`,
-    `Score: 4.5`, `Score: 5/5` and `Score: 3.` are read as 4, 4, 4.5, 5 and 3."""
+    """The number after the LAST `Score:` label in `text`, in [lo, hi]; else None ("Score: 3 ... Score: N/A"
+    and "Score: 45" are None). The rules: recipes/README.md, "The judge"."""
     labels = list(_LABEL.finditer(text))
     num = _NUMBER.match(text, labels[-1].end()) if labels else None
     return float(num.group(1)) if num and lo <= float(num.group(1)) <= hi else None
@@ -105,12 +101,12 @@ class JudgeConfig:
         self.text = load_rubric(self.template)   # the rubric itself (not a field: the config keeps the name)
 
 
-def check_fits(engine, tok, cfg: "JudgeConfig", flag: str = "--judge-template") -> None:
+def check_fits(engine, tok, cfg: JudgeConfig) -> None:
     """Before any work: the rubric with empty slots leaves room for a request and a reply in the context."""
     budget = prompt_budget(engine, cfg.max_tokens)
     empty = len(chat_prompt_ids(tok, judge_prompt(cfg.text, "", "")))
     if empty + 8 > budget:
-        raise TemplateError(f"{flag} {cfg.template}: the rubric alone takes {empty} tokens, but the model's "
+        raise TemplateError(f"--judge-template {cfg.template}: the rubric alone takes {empty} tokens, but the model's "
                             f"context of {engine.max_len} less {cfg.max_tokens} judgment tokens leaves {budget}: "
                             f"use a shorter template or fewer judge max tokens")
 

@@ -15,19 +15,12 @@ def _avg_ranks(xs: Sequence[float]) -> list[float]:
     return [(bisect_left(s, x) + bisect_right(s, x) + 1) / 2 for x in xs]
 
 
-def _pearson(a: Sequence[float], b: Sequence[float]) -> float | None:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    va = sum((x - ma) ** 2 for x in a)
-    vb = sum((y - mb) ** 2 for y in b)
-    if va == 0 or vb == 0:
-        return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rho with average ranks for ties; None when either side is constant."""
-    return _pearson(_avg_ranks(a), _avg_ranks(b))
+    """Spearman's rho (Pearson's r of the ranks) with average ranks for ties; None when either side is constant."""
+    a, b = _avg_ranks(a), _avg_ranks(b)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb) if va and vb else None
 
 
 def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -57,29 +50,20 @@ def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], p
             continue
         used += 1
         rk, sc = [r for r, _ in kept], [float(s) for _, s in kept]
-        same = True
-        for i in range(len(rk)):
-            for j in range(i + 1, len(rk)):
-                if _sign(sc[i] - sc[j]) != _sign(rk[j] - rk[i]):
-                    same = False
-                if rk[i] == rk[j]:
-                    continue
-                pairs += 1
-                if sc[i] == sc[j]:
-                    tied += 1
-                elif (sc[i] > sc[j]) == (rk[i] < rk[j]):
-                    agree += 1
-        exact += same
+        ij = [(i, j) for i in range(len(rk)) for j in range(i + 1, len(rk))]
+        exact += all(_sign(sc[i] - sc[j]) == _sign(rk[j] - rk[i]) for i, j in ij)
+        ordered = [(i, j) for i, j in ij if rk[i] != rk[j]]          # the pairs the humans order
+        pairs += len(ordered)
+        tied += sum(sc[i] == sc[j] for i, j in ordered)
+        agree += sum(sc[i] != sc[j] and (sc[i] > sc[j]) == (rk[i] < rk[j]) for i, j in ordered)
         neg = [-r for r in rk]
         if len(set(rk)) == 1:
             human_tied += 1             # no human order to correlate with: not a 0, not counted
         else:
             rhos.append(spearman(sc, neg) or 0.0)
             taus.append(kendall_tau_b(sc, neg) or 0.0)
-        for r, s in kept:
-            if s == perfect:
-                n_perfect += 1
-                perfect_best += r == best
+        n_perfect += sum(s == perfect for _, s in kept)
+        perfect_best += sum(s == perfect and r == best for r, s in kept)
     return {
         "pairwise_accuracy": agree / pairs if pairs else None,
         "five_best": perfect_best / n_perfect if n_perfect else None,

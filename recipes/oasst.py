@@ -1,7 +1,6 @@
 """Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples
-(recipes/README.md, "Seed data"). Two input formats, detected from the first record, both read into the same
-`Node` trees: the tree export (`{"prompt": {message, "replies": [...]}}`) and the flat message table
-(`message_id`, `parent_id` (null at the root), `role`, `lang`, `text`, `rank` (null or NaN when unranked)).
+(recipes/README.md, "Seed data"). The tree export and the flat message table (`message_id`, `parent_id`,
+`role`, `lang`, `text`, `rank`) are detected from the first record and read into the same `Node` trees.
 
     python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
         [--eft-model DIR --tries 1]       # also the EFT examples, judged by that model (recipes.judge)
@@ -10,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field as dfield, replace
+from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
@@ -46,13 +46,8 @@ def _node(m: dict, where: str) -> Node:
     if role not in ("prompter", "assistant"):
         raise DataError(f"{where}: field 'role' should be 'prompter' or 'assistant', got {role!r}")
     return Node(id=str(field(m, "message_id", where)), role=role, text=field(m, "text", where),
-                lang=m.get("lang"), rank=_rank(m.get("rank"), where), deleted=bool(m.get("deleted", False)))
-
-
-def _tree(m: dict, where: str) -> Node:
-    n = _node(m, where)
-    n.replies = [_tree(c, where) for c in field(m, "replies", where, list)] if "replies" in m else []
-    return n
+                lang=m.get("lang"), rank=_rank(m.get("rank"), where), deleted=bool(m.get("deleted", False)),
+                replies=[_node(c, where) for c in field(m, "replies", where, list)] if "replies" in m else [])
 
 
 def load_messages(path: str | Path) -> list[Node]:
@@ -71,7 +66,7 @@ def load_messages(path: str | Path) -> list[Node]:
             raise DataError(f"{where}: a {kind} record in a file of {fmt} records")
         fmt = kind
         if kind == "tree":
-            roots.append(_tree(rec["prompt"], where))
+            roots.append(_node(rec["prompt"], where))
         else:
             n = _node(rec, where)
             if n.id in flat:
@@ -124,10 +119,9 @@ def ranked_groups(roots: list[Node], lang: str | None = "en", first_turn_only: b
                 out.append({"id": n.id, "prompt": n.text if len(path) == 1 else talk,
                             "turn": len(path) // 2 + 1,
                             "replies": [{"text": c.text, "rank": c.rank} for c in ranked]})
-        if not first_turn_only:
-            for c in n.replies:
-                if kept(c, lang):
-                    visit(c, path)
+        for c in [] if first_turn_only else n.replies:
+            if kept(c, lang):
+                visit(c, path)
 
     for r in roots:
         if r.role == "prompter":
@@ -141,8 +135,7 @@ def held_out(key: str, frac: float, seed: int) -> bool:
 
 
 def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out groups by held_out(id); the CLI splits whole trees the same way (a first-turn group's
-    id is its root's), so nothing built from a held-out tree trains."""
+    """Train / held-out groups by held_out(id), as the CLI splits trees (a first-turn group's id is its root's)."""
     return ([g for g in groups if not held_out(g["id"], eval_frac, seed)],
             [g for g in groups if held_out(g["id"], eval_frac, seed)])
 
@@ -162,9 +155,8 @@ JudgeFn = Callable[[list[tuple[str, str]]], list[tuple[str, str, float | None]]]
 
 def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample: bool = True,
               seed: int = 0) -> tuple[list[dict], dict]:
-    """EFT examples: each group's replies judged once per try; a group's judgments are kept (first try that
-    agrees) only where their scores order the replies as the humans did. Then the most common score is
-    down-sampled to the count of the next most common one. Returns (examples, stats)."""
+    """EFT examples (recipes/README.md, "Seed data"): a group's judgments of its first try that orders its replies
+    as the humans did; then the most common score down-sampled to the next one's count. -> (examples, stats)"""
     examples: list[dict] = []
     stats = Counter(groups=len(groups), judgments=0, unparsable=0, groups_kept=0)
     for g in groups:
@@ -192,17 +184,16 @@ def build_eft(groups: list[dict], judge_fn: JudgeFn, tries: int = 1, downsample:
 
 
 def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
-    """build_eft's judge from a checkpoint: one judgment per item (recipes.judge.judge_items), call c's item j
+    """build_eft's judge from a checkpoint and a JudgeConfig of k=1 (recipes.judge.judge_items): call c's item j
     seeded seed + 100_003 * c + j."""
     from selfreward.recipes.judge import judge_items, judge_prompt
     from selfreward.recipes.session import Session
     engine, tok = Session().get(str(model_dir))
-    calls = [0]
+    calls = itertools.count(1)
 
     def fn(items: list[tuple[str, str]]) -> list[tuple[str, str, float | None]]:
-        calls[0] += 1
-        base = cfg.seed + 100_003 * calls[0]
-        res = judge_items(engine, tok, items, replace(cfg, k=1, expected=False), [base + j for j in range(len(items))])
+        base = cfg.seed + 100_003 * next(calls)
+        res = judge_items(engine, tok, items, cfg, [base + j for j in range(len(items))])
         return [(judge_prompt(cfg.text, i, r), *j.samples[0]) for (i, r), j in zip(items, res)]
     return fn
 
@@ -226,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --temperature, --max-tokens
     if a.tries < 1:
         raise ConfigError(f"--tries {a.tries}: must be >= 1")
-    lang = None if a.lang == "any" else a.lang
-    out = Path(a.out)
+    lang, out = None if a.lang == "any" else a.lang, Path(a.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
     check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
     roots = nonempty(load_messages(a.input), a.input, "Open Assistant messages")
@@ -254,9 +244,8 @@ def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
     if not ift and not train and not held:
         raise DataError(f"{a.input}: no IFT pair and no ranked group (no rank-0 reply, or fewer than two ranked "
                         f"replies, in --lang {a.lang}); nothing written")
-    write_jsonl(out / "ift.jsonl", ift)
-    write_jsonl(out / "groups_train.jsonl", train)
-    write_jsonl(out / "groups_eval.jsonl", held)
+    for name, recs in (("ift", ift), ("groups_train", train), ("groups_eval", held)):
+        write_jsonl(out / f"{name}.jsonl", recs)
     counts: dict = {"trees": len(roots), "trees_train": len(train_roots), "trees_eval": len(held_roots),
                     "ift": len(ift), "groups_train": len(train), "groups_eval": len(held)}
     if a.eft_model:

@@ -3,7 +3,6 @@
 (units.run_units) with the model loaded only when a unit is left, and write the result under the lock."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
@@ -13,7 +12,6 @@ from selfreward.records import partial_path, read_jsonl
 from selfreward.units import run_units
 
 
-@contextmanager
 def claimed(out: str | Path, made: dict, inputs: Iterable = (), overwrite: bool = False, also: Iterable = (),
             folder: bool = False, adopt: bool = True):
     """provenance.claim(OUT); --overwrite first removes what an earlier run wrote: the file OUT (a folder: its
@@ -25,8 +23,7 @@ def claimed(out: str | Path, made: dict, inputs: Iterable = (), overwrite: bool 
             for q in (p, partial_path(p)):
                 if not q.is_dir():
                     q.unlink(missing_ok=True)
-    with claim(out, made, inputs, overwrite, folder=folder, clear=clear, adopt=adopt) as same:
-        yield same
+    return claim(out, made, inputs, overwrite, folder=folder, clear=clear, adopt=adopt)
 
 
 def unit_records(out: str | Path, units: list[dict], load: Callable, fn: Callable, chunk: int, progress: str,
@@ -45,8 +42,8 @@ def unit_records(out: str | Path, units: list[dict], load: Callable, fn: Callabl
 
 
 def parse(argv: list[str] | None, ap, engine_dests: set[str]):
-    """The door of a hand-written command: ranges.check_args, then the counts it has no rule for (--k, --limit:
-    >= 1), then the engine flags -> (args, EngineConfig, device, dtype name), before any file is touched."""
+    """The door of a hand-written command, before any file is touched: ranges.check_args, --k and --limit >= 1
+    (no range rule), the engine flags -> (args, EngineConfig, device, dtype name)."""
     from selfreward.infer.config import engine_from_flags, resolve_device
     a = check_args(ap.parse_args(argv))
     for flag in ("k", "limit"):

@@ -14,17 +14,14 @@ PAIRINGS = ("best-worst", "best-rest")
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                 key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
                 pairing: str = "best-worst") -> tuple[list[dict], Counter]:
-    """One pair per prompt (pairing "best-worst"): its highest- against its lowest-scored candidate (mean
-    over K judgments). Candidates with no parsable judgment are left out (not losers); a prompt with fewer
+    """Preference pairs from the candidates' mean scores over their K judgments (`key`: "score" or
+    "expected"). pairing "best-worst" (the paper): per prompt its highest- against its lowest-scored candidate;
+    "best-rest": the best against each lower-scored distinct text (with the checker's scores, every
+    right-vs-wrong pair). Candidates with no parsable judgment are left out (not losers); a prompt with fewer
     than two scored candidates, or whose best and worst tie, gives no pair; among equal scores the lowest
-    sample index is taken. pool_identical (default): a prompt's candidates with the very same text are one
-    response (their judgments pooled), so chosen and rejected always differ. min_margin > 0 drops pairs whose
-    best and worst differ by less (counted "below_margin"; the paper keeps every untied pair).
-
-    pairing "best-worst" (default, the paper): one pair per prompt. "best-rest": the best against each
-    lower-scored distinct text, one pair each (texts tied with the best, or within min_margin of it, are
-    not paired); with two distinct texts it is the paper's pair. With the checker's scores (one right text)
-    that is every right-vs-wrong pair of the prompt. Returns (pairs, counts)."""
+    sample index is taken. pool_identical: candidates with the very same text are one response (judgments
+    pooled), so chosen and rejected always differ. min_margin > 0 drops pairs closer than that (counted
+    "below_margin"; the paper keeps every untied pair). Returns (pairs, counts)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
@@ -49,8 +46,7 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         if len(scored) < 2:
             counts["prompts_too_few_scored"] += 1
             continue
-        hi = max(scored, key=lambda x: x[0])   # max/min return the first of equals: lowest sample index
-        lo = min(scored, key=lambda x: x[0])
+        hi, lo = max(scored, key=lambda x: x[0]), min(scored, key=lambda x: x[0])   # first of equals: lowest sample
         if hi[0] == lo[0]:
             counts["ties"] += 1
             continue
@@ -59,8 +55,7 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
             continue
         losers = [lo] if pairing == "best-worst" else \
             [x for x in scored if x[0] < hi[0] and hi[0] - x[0] >= min_margin]
-        for lo in losers:
-            pairs.append(_pair(pid, text[pid], hi, lo))
+        pairs += [_pair(pid, text[pid], hi, x) for x in losers]
         counts["prompts_paired"] += 1
     counts["pairs"] = len(pairs)
     return pairs, counts
@@ -76,9 +71,8 @@ def _pair(pid: str, prompt: str, hi: tuple, lo: tuple) -> dict:
 
 
 def distinct_candidates(cands: list[dict]) -> list[dict]:
-    """The candidates worth judging when identical texts are pooled (recipes.pairs.build_pairs does): the
-    first sample of each distinct text, on prompts with at least two distinct texts. A small model repeats
-    itself often, and a prompt with a single text can make no pair whatever its scores."""
+    """The candidates worth judging when identical texts are pooled (as build_pairs does): the first sample of
+    each distinct text, on prompts with at least two distinct texts (one text can make no pair)."""
     by: dict[str, dict[str, dict]] = {}
     for c in sorted(cands, key=lambda c: c["sample"]):
         by.setdefault(c["id"], {}).setdefault(c["text"], c)
@@ -96,36 +90,27 @@ def _mean(xs: list) -> float | None:
 def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                     pairs: Sequence[dict], pair_counts: Counter | dict) -> dict:
     """Counts, score histograms and mean lengths of one iteration (what the manifest holds)."""
-    verdicts = Counter(p.get("verdict", "ok") for p in prompts)
-    scores = mean_scores(judgments)
-    counts = {
-        "prompts": verdicts.get("ok", 0),
-        "prompts_made": len(prompts),
-        "prompts_filtered": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
-        "candidates": len(candidates),
-        "judgments": len(judgments),
-        "parse_failures": sum(j["score"] is None for j in judgments),
-        **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties", "below_margin",
-                                              "identical_merged")},
-        "pairs": len(pairs),
-        "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
-    }
+    verdicts, scores = Counter(p.get("verdict", "ok") for p in prompts), mean_scores(judgments)
     first = [j for j in judgments if j.get("k") == 0]
-    counts["judge_prompts_cut"] = sum(bool(j.get("prompt_cut")) for j in first)
     exp = [j["expected"] for j in first if "expected" in j]
+    counts = {"prompts": verdicts.get("ok", 0), "prompts_made": len(prompts),
+              "prompts_filtered": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
+              "candidates": len(candidates), "judgments": len(judgments),
+              "parse_failures": sum(j["score"] is None for j in judgments),
+              **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties",
+                                                    "below_margin", "identical_merged")},
+              "pairs": len(pairs), "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
+              "judge_prompts_cut": sum(bool(j.get("prompt_cut")) for j in first)}
     return {
         **({"expected_score_mean": round(mean(exp), 4)} if exp else {}),
         "counts": counts,
         "score_histogram": _hist(j["score"] for j in judgments if j["score"] is not None),
         "mean_score_histogram": _hist(round(s, 2) for s in scores.values() if s is not None),
         # the expected score (one value per candidate), in bins of 0.5: 2.3 counts under 2.5
-        "expected_score_histogram": _hist(round(j["expected"] * 2) / 2 for j in judgments
-                                          if j.get("k") == 0 and j.get("expected") is not None),
-        "mean_len": {
-            "candidate_chars": _mean([len(c["text"]) for c in candidates]),
-            "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),
-            "chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
-            "rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
-            "judgment_chars": _mean([len(j["judgment"]) for j in judgments]),
-        },
+        "expected_score_histogram": _hist(round(e * 2) / 2 for e in exp if e is not None),
+        "mean_len": {"candidate_chars": _mean([len(c["text"]) for c in candidates]),
+                     "candidate_tokens": _mean([c["n_tokens"] for c in candidates if "n_tokens" in c]),
+                     "chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
+                     "rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
+                     "judgment_chars": _mean([len(j["judgment"]) for j in judgments])},
     }

@@ -1,21 +1,15 @@
-"""Prompts of the judging recipes (judge, rlaif, h2h, augment) and answers read from them.
-
-A template is text with {slot} placeholders, filled in one pass (a value is never substituted again; other
-braces are left alone), sent as one user turn (after an optional system turn); a prompt too long for the
-context has its longest slot value cut (its start kept, marked ' [...]') until it fits. A forced choice reads
-an answer without sampling: the assistant turn is forced to begin with a text ("Score:") and the next-token
-probabilities of a few options are renormalised over them; an option of several tokens is scored whole, and
-one that is a prefix of another ("1" of "10") is taken as not continued by it, so the options are disjoint.
+"""Prompts of the judging recipes (judge, rlaif, h2h, augment) and answers read from them: {slot} templates,
+filled in one pass (a value is never substituted again; other braces are left alone), sent as one user turn
+and fitted to the context; forced choices, the next-token probabilities of a few options after a forced start.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import fields, replace
 from pathlib import Path
 
-from selfreward.records import DataError
+from selfreward.records import DataError, read_json
 
 _SLOT = re.compile(r"\{(\w+)\}")
 
@@ -53,14 +47,11 @@ def load_template(path: str | Path | None, default, slots: tuple[str, ...], what
     if not Path(path).is_file():
         raise TemplateError(f"{path}: no such {what} file" + (f" (built-in names: {', '.join(builtin)})"
                                                              if builtin else ""))
-    text = Path(path).read_text(encoding="utf-8")
     if isinstance(default, str):
+        text = Path(path).read_text(encoding="utf-8")
         check_slots(text, slots, f"{path}: {what}")
         return text
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TemplateError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    raw = read_json(path, error=TemplateError)
     known = {f.name for f in fields(default)}
     bad = [k for k in raw if k not in known or not isinstance(raw[k], str)] if isinstance(raw, dict) else ["?"]
     if bad:
@@ -135,6 +126,8 @@ def option_probs(engine, tok, prompts: list[list[int]], forced: str | list[str],
 
 
 def _renormalise(logp: list[float], tails) -> list[float]:
+    """P(option) renormalised over the options; an option that is a prefix of another ("1" of "10") counts
+    only where that other does not continue it, so the options are disjoint."""
     m = max(logp)
     p = [math.exp(x - m) if m > -math.inf else 0.0 for x in logp]
     p = [max(0.0, p[c] - sum(p[d] for d, t in enumerate(tails) if len(t) > len(tails[c])

@@ -5,8 +5,8 @@ model/reward_model.py, `checker` in recipes/world/checker.py.
     reward = load_reward("direct", "runs/m1/model")       # a labeller's 1-10 score, in [-1, 1]
     rewards = reward(["What is 2 + 2?"], ["4"])           # -> [float]
 
-Prompts are single user turns, responses reply texts. Each source reads one token distribution or one score
-per response (no sampling: deterministic); the RM's score is unbounded, the others lie in [-1, 1].
+Prompts are single user turns. Each source reads one distribution or score per response (deterministic); the
+RM's score is unbounded, the others lie in [-1, 1].
 """
 from __future__ import annotations
 
@@ -59,10 +59,9 @@ def judge(path: str | Path, template: str | None = None, device="cpu", dtype=tor
 
 def load_reward(kind: str, path: str | Path | None = None, template=None, device: str | None = None,
                 dtype: torch.dtype | None = None) -> Callable[[list[str], list[str]], list[float]]:
-    """A reward function of `kind` (a name of train/rl.py's REWARDS, or module:function) from the checkpoint at
-    `path` (none for the checker). `template`: for "direct" a ScoreTemplate (or a JSON file), for "judge" a
-    rubric. `device` / `dtype` None: the engine's default (infer.config.resolve_device: CUDA + bf16 where
-    there is one, else CPU fp32)."""
+    """A reward function of `kind` (train/rl.py's REWARDS name, or module:function) from the checkpoint at `path`.
+    `template`: "direct"'s ScoreTemplate (or JSON file), "judge"'s rubric. `device` / `dtype` None: the engine's
+    default (infer.config.resolve_device)."""
     from selfreward.train.rl import reward_factory
     if device is None or dtype is None:
         from selfreward.infer.config import EngineConfig, resolve_device

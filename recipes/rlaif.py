@@ -4,14 +4,17 @@ text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
 from __future__ import annotations
 
+import argparse
 import json
 from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from selfreward.records import DataError, field, iter_jsonl
+from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
+from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import expected_scores
+from selfreward.recipes.onestage import claimed, parse, unit_records
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 
@@ -42,8 +45,7 @@ def read_template(cls, path: str | Path | None):
 
 
 def prefill_since(engine, start: dict) -> dict:
-    """The engine's own prefix-cache counters since `start` (a copy of engine.stats): prefill tokens computed
-    vs served from the cache."""
+    """Prefill tokens computed vs served from the prefix cache since `start` (a copy of engine.stats)."""
     comp, hit = (engine.stats[k] - start[k] for k in ("prefill_computed", "prefix_hit"))
     return {"prefill_computed": comp, "prefix_hit": hit, "saved": hit / (comp + hit) if comp + hit else None}
 
@@ -69,13 +71,11 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     t = cfg.template or LabelTemplate()
     start = dict(engine.stats)
     user = t.sample + (t.cot_request if cfg.cot else "")
-    reserve = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4 + (cfg.cot_max_tokens if cfg.cot else 0)
-    budget = engine.max_len - reserve
+    budget = engine.max_len - len(forced_options(tok, t.ending, ["1", "2"])[0]) - 4 - cfg.cot * cfg.cot_max_tokens
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
     fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
               for c, x, y in orders]
     base = [f[0] for f in fitted]
-    rationales = None
     if cfg.cot:
         index = list(range(len(items))) if index is None else list(index)
         seeds = [cfg.seed + 2 * j for j in index] + [cfg.seed + 2 * j + 1 for j in index]
@@ -84,16 +84,13 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
     texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cfg.cot else t.ending
     probs = option_probs(engine, tok, base, texts, ["1", "2"])
-    n = len(items)
-    records = []
+    n, records = len(items), []
     for i in range(n):
         p_first, p_first_sw = probs[i][0], probs[n + i][0]
         p1 = (p_first + (1 - p_first_sw)) / 2          # response 1 first, then response 1 second
-        rec = {"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
-               "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1])}
-        if rationales is not None:
-            rec["rationales"] = [rationales[i], rationales[n + i]]
-        records.append(rec)
+        records.append({"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
+                        "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1]),
+                        **({"rationales": [rationales[i], rationales[n + i]]} if cfg.cot else {})})
     return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 
@@ -155,15 +152,9 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """python -m selfreward.recipes.rlaif label --labeller DIR (--pairs P.jsonl | --groups G.jsonl) --out L.jsonl
-    [--cot] [--template T.json] [--limit N] [--engine-...]: soft labels in both orders (records + `label`,
-    `p_first`, ...) and a summary JSON beside them (position bias, prefill saved, agreement with human ranks if
-    given). OUT follows the output rules of docs/guarantees.md (recipes/onestage.py)."""
-    import argparse
+    [--cot] [--template T.json]: soft labels in both orders and L.jsonl.summary.json (recipes/README.md)."""
     from selfreward.infer.config import add_engine_flags
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
-    from selfreward.records import nonempty, write_json
-    from selfreward.recipes.onestage import claimed, parse, unit_records
     from selfreward.recipes.session import Session
     ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
@@ -183,13 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start over when OUT (or its .partial) was made with another labeller, input or settings")
     a, ecfg, _, dtype = parse(argv, ap, add_engine_flags(ap))
     t = read_template(LabelTemplate, a.template)
-    if a.groups:
-        from selfreward.recipes.evaluate import load_groups
-        pairs = group_pairs(load_groups(a.groups), a.limit)
-    else:
-        pairs = read_pairs(a.pairs, a.limit)
+    from selfreward.recipes.evaluate import load_groups
     source = a.pairs or a.groups
-    nonempty(pairs, source, "pairs")
+    pairs = nonempty(group_pairs(load_groups(a.groups), a.limit) if a.groups else read_pairs(a.pairs, a.limit),
+                     source, "pairs")
     out, summary_path = Path(a.out), Path(str(a.out) + ".summary.json")
     check_not_input([source], [out, summary_path])
     if not Path(a.labeller).is_dir():

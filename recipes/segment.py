@@ -1,15 +1,13 @@
 """Unlabelled text for instruction backtranslation: reading (JSONL `{"text"}` or plain text, errors naming
 file:line), paragraph-aware segmentation and exact + near-duplicate removal (recipes/README.md, step 3).
-A paragraph longer than `max_chars` is cut at its last sentence end before the limit, else its last space,
-else hard; a segment of fewer words than a shingle is one shingle.
 """
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from selfreward.records import DataError, check_file, field, iter_jsonl
+from selfreward.records import DataError, check_file, field, iter_jsonl, nonempty
 
 
 @dataclass
@@ -47,11 +45,7 @@ def read_documents(paths: list[str]) -> list[tuple[str, str]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{p}:{_line(data, e.start)}: binary file (not UTF-8), not text") from None
         if path.suffix == ".jsonl":
-            n0 = len(out)
-            for i, rec in iter_jsonl(path):
-                out.append((f"{p}:{i}", field(rec, "text", f"{p}:{i}")))
-            if len(out) == n0:
-                raise DataError(f"{p}:1: empty file (no records)")
+            out += nonempty([(f"{p}:{i}", field(rec, "text", f"{p}:{i}")) for i, rec in iter_jsonl(path)], f"{p}:1")
         else:
             out.append((f"{p}:1", text))
     return out
@@ -96,28 +90,24 @@ def fold(text: str) -> str:
 
 
 def shingles(text: str, n: int) -> frozenset:
+    """The n-word shingles of the folded text; a text of fewer words is one shingle."""
     w = fold(text).split(" ")
     return frozenset([" ".join(w)] if len(w) <= n else (" ".join(w[i:i + n]) for i in range(len(w) - n + 1)))
 
 
 def dedup(segs: list[dict], near_dup: float, n: int) -> tuple[list[dict], dict]:
     """Exact then near-duplicate removal over [{"text", ...}] (first kept) -> (kept, counts)."""
-    seen, exact = set(), []
+    first: dict[str, dict] = {}
     for s in segs:
-        k = fold(s["text"])
-        if k not in seen:
-            seen.add(k)
-            exact.append(s)
+        first.setdefault(fold(s["text"]), s)
+    exact = list(first.values())                      # in order of first appearance
     if near_dup <= 0:
         return exact, {"exact_duplicates": len(segs) - len(exact), "near_duplicates": 0}
     index: dict[str, list[int]] = defaultdict(list)   # shingle -> kept segments holding it
     kept, sets = [], []
     for s in exact:
         sh = shingles(s["text"], n)
-        overlap: dict[int, int] = defaultdict(int)
-        for g in sh:
-            for j in index[g]:
-                overlap[j] += 1
+        overlap = Counter(j for g in sh for j in index[g])   # kept segment -> shingles shared
         if any(c / (len(sh) + len(sets[j]) - c) >= near_dup for j, c in overlap.items()):
             continue
         for g in sh:

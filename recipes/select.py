@@ -1,9 +1,6 @@
-"""Checkpoint selection (PAPER_NOTES section 1): of the exports a DPO run wrote (`train/dpo.py --export-every
-N`), keep the one that wins most often against the iteration's starting model M_t, judged head-to-head in both
-orders on held-out prompts (recipes/h2h.py); the chosen folder is copied to --out atomically, the choice with
-every candidate's scores returned (and written to --report). Rule: the most wins, then the fewest losses, then
-the LATER candidate (selection departs from the last checkpoint only when an earlier one does strictly better).
---out and --report keep the output rules of docs/guarantees.md (recipes/README.md, "Checkpoint selection").
+"""Checkpoint selection (PAPER_NOTES section 1; recipes/README.md, "Checkpoint selection"): of the exports a
+DPO run wrote (`train/dpo.py --export-every N`), keep the one that wins most often head-to-head against the
+iteration's starting model M_t (most wins, then fewest losses, then the later one), copied to --out.
 
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
@@ -20,26 +17,18 @@ from selfreward.infer.config import EngineConfig
 from selfreward.model.checkpoint import write_folder
 from selfreward.provenance import made_by, same_file
 from selfreward.records import DataError, read_json, write_json
-from selfreward.recipes.h2h import generate_responses, head_to_head, load_pair_template, read_prompts
+from selfreward.recipes.h2h import H2HConfig, generate_responses, head_to_head, read_prompts
 from selfreward.recipes.onestage import claimed
 from selfreward.recipes.session import Session
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(H2HConfig):
+    judge: str = cli.checkpoint("")   # the judging checkpoint; "" = the reference (as the self-judging loop)
     candidates: list[str] = cli.checkpoint([])   # checkpoint folders, in training order
-    reference: str = cli.checkpoint("")               # M_t, the iteration's starting model
-    judge: str = cli.checkpoint("")                   # the judging checkpoint; "" = the reference (as the self-judging loop)
-    prompts: str = cli.input_file("")                 # held-out JSONL with a 'prompt' field
-    out: str = cli.passive("")                     # folder that receives a copy of the chosen checkpoint ("" = none)
-    report: str = cli.passive("")                  # JSON file for the choice and every candidate's scores ("" = none)
-    limit: int = 0                    # only the first N prompts (0 = all)
-    pair_template: str = cli.input_file("")           # pairwise judge template file; "" = recipes.h2h's own
-    temperature: float = 0.0          # the responses: greedy by default, as recipes.evaluate h2h
-    top_p: float = 1.0
-    judge_temperature: float = 0.0
-    max_tokens: int = 256             # response tokens, and the judge's
-    seed: int = 0
+    reference: str = cli.checkpoint("")          # M_t, the iteration's starting model
+    out: str = cli.passive("")        # folder that receives a copy of the chosen checkpoint ("" = none)
+    report: str = cli.passive("")     # JSON file for the choice and every candidate's scores ("" = none)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -65,26 +54,17 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     if not prompts:
         raise DataError("select: no prompts to judge on")
     check_models(candidates, reference, judge_model)
-    template = load_pair_template(cfg.pair_template)
     session = Session(cfg.engine)             # one model in memory at a time
-
-    def answers(path: str) -> list[str]:
-        engine, tok = session.get(str(path))
-        return generate_responses(engine, tok, prompts, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed,
-                                  progress=True)
-    ref = answers(reference)
-    cand = [answers(c) for c in candidates]
+    ref, *cand = [generate_responses(*session.get(str(m)), prompts, cfg, progress=True)
+                  for m in [reference, *candidates]]
     jeng, jtok = session.get(str(judge_model))
     scores = []
     for c, resp in zip(candidates, cand):
-        r = head_to_head(jeng, jtok, prompts, resp, ref, template, cfg.judge_temperature, cfg.max_tokens, cfg.seed,
-                         progress=True)
-        n = r["n"]
-        scores.append({"candidate": str(c), "wins": round(r["win"] * n), "ties": round(r["tie"] * n),
-                       "losses": round(r["loss"] * n), "win": r["win"], "tie": r["tie"], "loss": r["loss"],
-                       "no_verdict": r["no_verdict"]})
-        print(f"[select] {c}: {scores[-1]['wins']} wins, {scores[-1]['ties']} ties, {scores[-1]['losses']} losses "
-              f"of {n} against {reference}", flush=True)
+        r = head_to_head(jeng, jtok, prompts, resp, ref, cfg, progress=True)
+        wins, ties, losses = (sum(x["outcome"] == k for x in r["records"]) for k in ("win", "tie", "loss"))
+        scores.append({"candidate": str(c), "wins": wins, "ties": ties, "losses": losses, "win": r["win"],
+                       "tie": r["tie"], "loss": r["loss"], "no_verdict": r["no_verdict"]})
+        print(f"[select] {c}: {wins} wins, {ties} ties, {losses} losses of {r['n']} against {reference}", flush=True)
     session.release()
     i = pick(scores)
     res = {"chosen": str(candidates[i]), "chosen_index": i, "reference": str(reference), "judge": str(judge_model),
@@ -121,17 +101,6 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
     return res
 
 
-def check_outputs(cfg: SelectConfig) -> None:
-    """--out / --report never an input: not a model, the prompts or the template, nor (--out) a folder holding
-    one (the chosen copy replaces the folder whole)."""
-    ins = [("--reference", cfg.reference), ("--judge", cfg.judge), ("--prompts", cfg.prompts),
-           ("--pair-template", cfg.pair_template)] + [("--candidates", c) for c in cfg.candidates]
-    for oflag, o in (("--out", cfg.out), ("--report", cfg.report)):
-        for iflag, i in ins:
-            if o and i and (same_file(i, o) or Path(i).resolve().is_relative_to(Path(o).resolve())):
-                raise cli.ConfigError(f"{oflag} {o}: is {iflag} {i} or holds it; refusing to write over an input")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(SelectConfig, __doc__)
     p.add_argument("--overwrite", action="store_true", help="replace an --out or --report that select did not "
@@ -141,14 +110,20 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("reference", "prompts"):
         if not getattr(cfg, name):
             raise cli.ConfigError(f"--{name} is required")
-    check_outputs(cfg)
+    # --out / --report never an input: not a model, the prompts or the template, nor (--out) a folder holding
+    # one (the chosen copy replaces the folder whole)
+    ins = [("--reference", cfg.reference), ("--judge", cfg.judge), ("--prompts", cfg.prompts),
+           ("--pair-template", cfg.pair_template)] + [("--candidates", c) for c in cfg.candidates]
+    for oflag, o in (("--out", cfg.out), ("--report", cfg.report)):
+        for iflag, i in ins:
+            if o and i and (same_file(i, o) or Path(i).resolve().is_relative_to(Path(o).resolve())):
+                raise cli.ConfigError(f"{oflag} {o}: is {iflag} {i} or holds it; refusing to write over an input")
     prompts = read_prompts(cfg.prompts, cfg.limit)
     check_models(cfg.candidates, cfg.reference, cfg.judge or cfg.reference)
     made = made_by(cfg)          # every model, the prompts and the template by content; the settings
-    inputs = [x for x in (cfg.reference, cfg.judge, cfg.prompts, cfg.pair_template, *cfg.candidates) if x]
     with ExitStack() as stack:   # each output locked, checked and recorded (OUT.meta.json) before the work
         for out in filter(None, (cfg.out, cfg.report)):
-            stack.enter_context(claimed(out, made, inputs, ns.overwrite, adopt=False))
+            stack.enter_context(claimed(out, made, [i for _, i in ins if i], ns.overwrite, adopt=False))
         res = select_checkpoint(cfg.candidates, cfg.reference, prompts, cfg.judge or cfg.reference, cfg.out, cfg)
         if cfg.report:
             write_json(cfg.report, res)

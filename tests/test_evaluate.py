@@ -88,7 +88,7 @@ def test_head_to_head_scripted_judge_win_then_swapped_loss():
     """Issue 13 item 11: a judge that prefers the marked reply. A marked: a win on every prompt (both orders
     agree); A and B swapped: a loss on every prompt; a judge with no preference (no mark): position bias, a tie."""
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.h2h import head_to_head
+    from selfreward.recipes.h2h import H2HConfig, head_to_head
     from conftest import TOKENIZER_DIR
     from scripted import MARK, ScriptedEngine, pairwise_judge
     tok = Tokenizer.load(TOKENIZER_DIR)
@@ -96,15 +96,15 @@ def test_head_to_head_scripted_judge_win_then_swapped_loss():
     prompts = ["Name a red fruit.", "Say hi to the cat."]
     good = [f"An apple. {MARK}", f"Hi, cat! {MARK}"]
     plain = ["A blue stone.", "Bye."]
-    res = head_to_head(judge, tok, prompts, good, plain, max_tokens=16)
+    res = head_to_head(judge, tok, prompts, good, plain, H2HConfig(max_tokens=16))
     assert (res["win"], res["tie"], res["loss"], res["n"], res["no_verdict"]) == (1.0, 0.0, 0.0, 2, 0)
     assert [(r["a_first"], r["b_first"]) for r in res["records"]] == [(1, 2), (1, 2)]
     texts, _, _ = judge.calls[0]
     assert len(texts) == 4 and all(MARK in t.split("Reply 2:")[0] for t in texts[:2])    # A shown first
     assert all(MARK in t.split("Reply 2:")[1] for t in texts[2:])                          # then B first
-    res = head_to_head(judge, tok, prompts, plain, good, max_tokens=16)
+    res = head_to_head(judge, tok, prompts, plain, good, H2HConfig(max_tokens=16))
     assert (res["win"], res["tie"], res["loss"]) == (0.0, 0.0, 1.0)
-    res = head_to_head(judge, tok, prompts, plain, ["Hello.", "Yo."], max_tokens=16)
+    res = head_to_head(judge, tok, prompts, plain, ["Hello.", "Yo."], H2HConfig(max_tokens=16))
     assert (res["win"], res["tie"], res["loss"]) == (0.0, 1.0, 0.0)     # always "1": both orders disagree
 
 
