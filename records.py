@@ -49,7 +49,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield i, rec
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, made_by: str = "") -> list[dict]:
+    """The records of `path`; with `made_by` (e.g. "the prompts stage"), a missing file is an error naming it."""
+    if made_by and not Path(path).exists():
+        raise DataError(f"{path}: missing (run {made_by} first)")
     return [r for _, r in iter_jsonl(path)]
 
 
@@ -65,13 +68,6 @@ def user_mode(path: str | Path, folder: bool = False) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
-def need_jsonl(path: str | Path, made_by: str) -> list[dict]:
-    """read_jsonl, or an error naming the missing file and what makes it (e.g. "the prompts stage")."""
-    if not Path(path).exists():
-        raise DataError(f"{path}: missing (run {made_by} first)")
-    return read_jsonl(path)
 
 
 def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
