@@ -168,20 +168,16 @@ def parse_config(cls, argv: list[str] | None, description: str = ""):
     return cfg
 
 
-def torchrun(module: str, args: list[str], nproc: int) -> None:
-    """`python -m module args` under torchrun with `nproc` ranks on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
-    if (rc := subprocess.run(cmd + list(args)).returncode) != 0:
-        raise RuntimeError(f"torchrun {module} {' '.join(args)}: exit {rc}")
-
-
-def launch(fn, cfg, module: str, nproc: int, config_path: str | Path):
-    """One stage: `fn(cfg)` in this process, or with nproc > 1 the same config saved to `config_path` and
-    `module --config config_path` under torchrun (its main reads it back exactly)."""
+def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, *args: str):
+    """One stage: `fn(cfg)` in this process, or with nproc > 1 the config saved to `config_path` and
+    `python -m module --config config_path ARGS` under torchrun (its main reads the config back exactly)."""
     if nproc <= 1:
         return fn(cfg)
     write_json(config_path, to_dict(cfg))
-    torchrun(module, ["--config", str(config_path)], nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
+           "--config", str(config_path), *args]
+    if (rc := subprocess.run(cmd).returncode) != 0:
+        raise RuntimeError(f"torchrun {' '.join(cmd[6:])}: exit {rc}")
 
 
 class Stopped(RuntimeError):

@@ -31,7 +31,7 @@ from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores,
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, field as rfield, iter_jsonl, need_jsonl, read_json, \
+from selfreward.records import DataError, field as rfield, iter_jsonl, read_json, \
     read_jsonl, write_json, write_jsonl
 from selfreward.train.sft import SFTConfig
 
