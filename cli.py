@@ -64,26 +64,26 @@ def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | No
     return dests
 
 
-# Field metadata, declared where the field is (provenance.made_by and cli.shaping read it): PASSIVE, the setting
-# does not change what a run makes (where it writes, how often it logs or saves, batching, threads), so a rerun
-# or --resume may change it; MODEL / FILE, a checkpoint folder / an input file (or a list), which shapes the
-# data by its content, not its path. Every other field shapes the data as it is.
-PASSIVE, MODEL, FILE = {"shapes": False}, {"shapes": "model"}, {"shapes": "file"}
+# Field metadata (provenance.made_by and cli.shaping read it): PASSIVE, the setting does not change what a run
+# makes (where it writes, how often it logs or saves, batching, threads), so a rerun or --resume may change it;
+# checkpoint() / input_file(): a folder / file (or a list) that shapes the data by its content, not its path.
+# Every other field shapes the data as it is.
+PASSIVE = {"shapes": False}
 
 
 def passive(default, metadata: dict = PASSIVE):
-    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or `metadata`: checkpoint(), input_file())."""
+    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or with `metadata`)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def checkpoint(default=""):
-    return passive(default, MODEL)
+    return passive(default, {"shapes": "model"})
 
 
 def input_file(default=""):
-    return passive(default, FILE)
+    return passive(default, {"shapes": "file"})
 
 
 def shaping(cls, d: dict) -> dict:
@@ -184,16 +184,13 @@ class Stopped(RuntimeError):
     """A run that stopped itself for a reason its message explains (a non-finite loss): exit 1, no traceback."""
 
 
-HEAD, TAIL = 300, 150   # an error line keeps this much of each end of a longer message (a 6 MB field echoed)
-
-
-def error_line(msg: object) -> str:
-    """`error: MSG`, a longer message cut to its two ends around the size left out: `... (6.0 MB cut) ...`."""
+def error_line(msg: object, head: int = 300, tail: int = 150) -> str:
+    """`error: MSG`; a longer one (a 6 MB field echoed) keeps its two ends: `... (6.0 MB cut) ...`."""
     msg = str(msg)
-    if len(msg) > HEAD + TAIL + 40:
-        n = len(msg[HEAD:-TAIL].encode())
+    if len(msg) > head + tail + 40:
+        n = len(msg[head:-tail].encode())
         size = f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
-        msg = f"{msg[:HEAD]} ... ({size} cut) ... {msg[-TAIL:]}"
+        msg = f"{msg[:head]} ... ({size} cut) ... {msg[-tail:]}"
     return f"error: {msg}"
 
 
