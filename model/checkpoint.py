@@ -1,10 +1,7 @@
-"""Hugging Face checkpoint I/O through one explicit name table.
-
-Reads `model.safetensors` or a sharded set (`model.safetensors.index.json` + shards) into our module
-names (whole, or a rank's tensor-parallel slices); writes the same layout back (sharded above a size limit)
-with `config.json` and the tokenizer files, so transformers (and vLLM) load our checkpoints unchanged.
-Errors name the file and tensor.
-"""
+"""Hugging Face checkpoint I/O through one explicit name table: reads `model.safetensors` or a sharded set
+(`model.safetensors.index.json` + shards) into our module names (whole, or a rank's tensor-parallel slices);
+writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer files, so
+transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor."""
 from __future__ import annotations
 
 import json
@@ -85,13 +82,12 @@ def open_safetensors(f: Path):
 def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.float32, device="cpu",
                plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
                ) -> tuple[dict[str, torch.Tensor], int]:
-    """The tensors of `model` (on the meta device: its cfg and shapes) from a HF folder -> (our name -> tensor
-    as dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
-    tensor-parallel shards): safetensors' get_slice copies only that range out of the memory-mapped file, so a 70B
-    checkpoint never materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the
-    embedding (it would index out of range at the first rare token), a missing tensor, a shape other than
-    config.json's, a tensor the name table does not know (but a tied model's lm_head.weight, rotary inv_freq
-    buffers and the names in `ignore`, left to the caller: model/reward_model.py's score.weight)."""
+    """`model`'s tensors (it is on the meta device: cfg and shapes) from a HF folder -> (our name -> tensor as
+    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
+    shards): get_slice copies only that range out of the memory-mapped file, so a 70B checkpoint never
+    materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the embedding, a
+    missing tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
+    lm_head.weight, rotary inv_freq buffers and `ignore`, left to the caller: reward_model.py's score.weight)."""
     path, plan, cfg = Path(path), plan or {}, model.cfg
     tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
     if tok is not None:

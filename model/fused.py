@@ -1,17 +1,15 @@
-"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on
-never uses the fused tensors).
+"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on never
+uses the fused tensors).
 
-At decode a CPU step is bound by reading the weights once per token, and MKL's fp32 matrix-vector product
-reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out]
-contiguous (benchmarks/README.md, Sampler). So each projection's weight is re-stored once, in place, as
-the transpose of an [in, out] contiguous tensor, and the projections that read the same input sit side by
-side in one tensor: q | k | v -> `attention.wqkv_t` [H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t`
-[H, 2I]. Each Parameter keeps its identity, name and shape; its data becomes a view of its columns, so
-nothing is duplicated and an in-place write to a parameter (infer/parallel.load_from_fsdp, a trainer step)
-is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True), `.to()`) no
-longer points into it, which the forward checks (`fused_ok`), falling back to the separate projections.
-A tied LM head (the embedding table) keeps its layout; `lm_head_t` is a transposed copy, remade when the
-weight changed (its version counter) or was replaced.
+A CPU decode step is bound by reading the weights, and MKL's fp32 matrix-vector product reads an nn.Linear
+weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out] contiguous
+(benchmarks/README.md, Sampler). So each weight is re-stored once, in place, as the transpose of an [in, out]
+contiguous tensor, and projections of the same input sit side by side: q | k | v -> `attention.wqkv_t`
+[H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t` [H, 2I]. Each Parameter keeps its identity, name and
+shape, its data a view of its columns: nothing is duplicated and an in-place write (infer/parallel.load_from_fsdp,
+a trainer step) is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True),
+`.to()`) no longer points into it; the forward checks (`fused_ok`) and falls back to the separate projections.
+A tied LM head keeps its layout; `lm_head_t` is a transposed copy, remade when the weight changed or was replaced.
 """
 from __future__ import annotations
 
