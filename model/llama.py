@@ -126,9 +126,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
-        """device="meta": shapes only, for a loader to fill. (Passed to each layer, not set by a `with
-        torch.device("meta")` block, and the embedding given an empty weight: on meta, random inits import
-        torch._dynamo, seconds of start-up.)"""
+        """device="meta": shapes only, for a loader to fill; passed to each layer (no `with torch.device` block)
+        and the embedding given an empty weight, as random inits on meta import torch._dynamo (seconds)."""
         super().__init__()
         self.cfg = cfg
         w = torch.empty(cfg.vocab_size, cfg.hidden_size, device=device) if str(device) == "meta" else None
@@ -147,11 +146,9 @@ class Transformer(nn.Module):
         """Fresh random weights (for models trained from scratch, e.g. the embedded world's M0)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if "bias" in name:
-                    p.zero_()
-                else:
-                    p.copy_(torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=g) * std)
+            for name, p in self.named_parameters():   # biases 0, norms 1, matrices N(0, std)
+                p.copy_(torch.zeros(p.shape) if "bias" in name else torch.ones(p.shape) if p.dim() == 1
+                        else torch.randn(p.shape, generator=g) * std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
