@@ -38,11 +38,6 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return wt, bias, _ptrs(linears)
 
 
-def _transposed(m: nn.Linear) -> None:
-    if not m.weight.T.is_contiguous():
-        _side_by_side([m])
-
-
 def fused_ok(linears: list[nn.Linear], ptrs: tuple[int, ...] | None) -> bool:
     """Do these projections still read the fused tensor (no parameter re-assigned since)?"""
     return ptrs is not None and _ptrs(linears) == ptrs
@@ -51,8 +46,7 @@ def fused_ok(linears: list[nn.Linear], ptrs: tuple[int, ...] | None) -> bool:
 def fuse_for_inference(model) -> bool:
     """Re-store `model`'s weights in the inference layout above, in place. CPU only (on CUDA cuBLAS reads
     either layout at the same speed and this path is untested there): -> whether it was applied."""
-    p = model.lm_head_weight
-    if p.device.type != "cpu":
+    if model.lm_head_weight.device.type != "cpu":
         return False
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -60,12 +54,11 @@ def fuse_for_inference(model) -> bool:
             a.wqkv_t, a.bqkv, a.fused_ptrs = _side_by_side([a.wq, a.wk, a.wv])
         if not fused_ok([f.w1, f.w3], f.fused_ptrs):
             f.w13_t, _, f.fused_ptrs = _side_by_side([f.w1, f.w3])
-        for m in (a.wo, f.w2):                                                # alone: transposed in place
-            _transposed(m)
-    if model.output is not None:
-        _transposed(model.output)           # Transformer.logits' `h @ W.T` then reads it contiguous
-    else:
-        model.lm_head_t_src = None          # the tied copy is made on first use (Transformer.lm_head_t)
+    # the rest alone, transposed in place (an LM head: Transformer.logits' `h @ W.T` then reads it contiguous)
+    for m in [m for layer in model.layers for m in (layer.attention.wo, layer.feed_forward.w2)] + [model.output]:
+        if m is not None and not m.weight.T.is_contiguous():
+            _side_by_side([m])
+    model.lm_head_t_src = None              # a tied head's copy is made on first use (tied_head_t)
     model.fused = True
     return True
 

@@ -214,8 +214,7 @@ class Tokenizer:
     def prompt_ids(self, record: dict, raw: bool = False) -> list[int]:
         """A request record's prompt ids: `messages` rendered with the generation prompt; a `prompt` string
         as one user turn, as the trainers read `{"prompt"}` records (raw=True: BOS + the text, no template)."""
-        if "messages" in record:
-            return self.render_chat(record["messages"], add_generation_prompt=True)[0]
-        if raw:
+        if raw and "messages" not in record:
             return self.encode(record["prompt"], bos=True)
-        return self.render_chat([{"role": "user", "content": record["prompt"]}], add_generation_prompt=True)[0]
+        msgs = record["messages"] if "messages" in record else [{"role": "user", "content": record["prompt"]}]
+        return self.render_chat(msgs, add_generation_prompt=True)[0]
