@@ -1,11 +1,9 @@
-"""Resumable, shardable work over units (a prompt and its N candidates; a candidate and its K judgments).
-
-Each unit's records are written together once the unit is done. On restart the `.partial` file tells which
-units are complete (exactly `per_unit` records); the records of an incomplete unit are dropped and the unit
-is redone, so nothing is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ...
-into its own `NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent
-and seeded by their index, so the merged file is the same whatever the number of ranks.
-"""
+"""Resumable, shardable work over units (a prompt and its N candidates; a candidate and its K judgments): each
+unit's records are written together once it is done. On restart the `.partial` file tells which units are
+complete (exactly `per_unit` records); an incomplete unit's records are dropped and the unit redone, so nothing
+is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ... into its own
+`NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent and seeded by
+their index, so the merged file is the same whatever the number of ranks."""
 from __future__ import annotations
 
 import json
