@@ -88,14 +88,11 @@ def input_file(default=""):
 
 def shaping(cls, d: dict) -> dict:
     """`d` (plain data of class `cls`: to_dict's, or a saved config.json) without the PASSIVE fields."""
-    hints, out = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d or not f.metadata.get("shapes", True):
-            continue
-        t = hints[f.name]
-        out[f.name] = shaping(t, d[f.name]) if dataclasses.is_dataclass(t) and isinstance(d[f.name], dict) \
-            else d[f.name]
-    return out
+    if not (dataclasses.is_dataclass(cls) and isinstance(d, dict)):
+        return d
+    hints = typing.get_type_hints(cls)
+    return {f.name: shaping(hints[f.name], d[f.name]) for f in dataclasses.fields(cls)
+            if f.name in d and f.metadata.get("shapes", True)}
 
 
 def to_dict(cfg) -> dict:
@@ -121,9 +118,7 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
             v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
-        flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
-            check_number(flag, x)
+        check_number("--" + (prefix + k).replace(".", "-").replace("_", "-"), v)
         kw[k] = v
     return cls(**kw)
 

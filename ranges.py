@@ -49,7 +49,10 @@ def range_suffix(name: str) -> str | None:
 
 
 def check_number(flag: str, v) -> None:
-    """A number given for `flag`: finite, and inside RANGES' rule for its name -> ConfigError naming the flag."""
+    """`flag`'s number (a list: each one): finite and inside RANGES' rule for its name, else a ConfigError."""
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            check_number(flag, x)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return
     if not math.isfinite(v):
@@ -67,6 +70,5 @@ def check_args(ns: argparse.Namespace) -> argparse.Namespace:
     """check_number on every number parsed (lists too), for the hand-written parsers."""
     for dest, v in vars(ns).items():
         if not dest.startswith("_"):
-            for x in (v if isinstance(v, list) else [v]):
-                check_number("--" + dest.replace(".", "-").replace("_", "-"), x)
+            check_number("--" + dest.replace(".", "-").replace("_", "-"), v)
     return ns
