@@ -4,11 +4,11 @@
                inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
         ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
 
-- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid and is
-  locked with fcntl.flock, so the kernel drops the lock when the holder dies (the next run takes it over).
-- the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape
-  the data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is
-  refused (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
+- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid, locked with
+  fcntl.flock: the kernel drops the lock when the holder dies (the next run takes it over).
+- the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape the
+  data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused
+  (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
 - `check_not_input`: a command never writes over one of its own inputs.
 """
 from __future__ import annotations

@@ -147,7 +147,7 @@ def read_partial(path: str | Path) -> list[dict]:
     return recs
 
 
-class PartialWriter:
+class PartialWriter(contextlib.AbstractContextManager):   # `with`: itself, closed (not renamed) at the end
     """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`. `keep`
     rewrites the partial file at open to the records it accepts (drops an incomplete unit's records)."""
 
@@ -185,9 +185,6 @@ class PartialWriter:
         self._f.close()
         os.replace(self.partial, self.path)
         return self.path
-
-    def __enter__(self) -> "PartialWriter":
-        return self
 
     def __exit__(self, *exc) -> None:
         self._f.close()
