@@ -64,38 +64,35 @@ def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | No
     return dests
 
 
-# Field metadata, declared where the field is (provenance.made_by and cli.shaping read it): PASSIVE, the setting
-# does not change what a run makes (where it writes, how often it logs or saves, batching, threads), so a rerun
-# or --resume may change it; MODEL / FILE, a checkpoint folder / an input file (or a list), which shapes the
-# data by its content, not its path. Every other field shapes the data as it is.
-PASSIVE, MODEL, FILE = {"shapes": False}, {"shapes": "model"}, {"shapes": "file"}
+# Field metadata (provenance.made_by and cli.shaping read it): PASSIVE, the setting does not change what a run
+# makes (where it writes, how often it logs or saves, batching, threads), so a rerun or --resume may change it;
+# checkpoint() / input_file(): a folder / file (or a list) that shapes the data by its content, not its path.
+# Every other field shapes the data as it is.
+PASSIVE = {"shapes": False}
 
 
 def passive(default, metadata: dict = PASSIVE):
-    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or `metadata`: checkpoint(), input_file())."""
+    """`x: int = cli.passive(0)`: a dataclass field marked PASSIVE (or with `metadata`)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def checkpoint(default=""):
-    return passive(default, MODEL)
+    return passive(default, {"shapes": "model"})
 
 
 def input_file(default=""):
-    return passive(default, FILE)
+    return passive(default, {"shapes": "file"})
 
 
 def shaping(cls, d: dict) -> dict:
     """`d` (plain data of class `cls`: to_dict's, or a saved config.json) without the PASSIVE fields."""
-    hints, out = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d or not f.metadata.get("shapes", True):
-            continue
-        t = hints[f.name]
-        out[f.name] = shaping(t, d[f.name]) if dataclasses.is_dataclass(t) and isinstance(d[f.name], dict) \
-            else d[f.name]
-    return out
+    if not (dataclasses.is_dataclass(cls) and isinstance(d, dict)):
+        return d
+    hints = typing.get_type_hints(cls)
+    return {f.name: shaping(hints[f.name], d[f.name]) for f in dataclasses.fields(cls)
+            if f.name in d and f.metadata.get("shapes", True)}
 
 
 def to_dict(cfg) -> dict:
@@ -121,9 +118,7 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
             v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
-        flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
-            check_number(flag, x)
+        check_number("--" + (prefix + k).replace(".", "-").replace("_", "-"), v)
         kw[k] = v
     return cls(**kw)
 
@@ -172,36 +167,29 @@ def parse_config(cls, argv: list[str] | None, description: str = ""):
     return cfg
 
 
-def torchrun(module: str, args: list[str], nproc: int) -> None:
-    """`python -m module args` under torchrun with `nproc` ranks on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
-    if (rc := subprocess.run(cmd + list(args)).returncode) != 0:
-        raise RuntimeError(f"torchrun {module} {' '.join(args)}: exit {rc}")
-
-
-def launch(fn, cfg, module: str, nproc: int, config_path: str | Path):
-    """One stage: `fn(cfg)` in this process, or with nproc > 1 the same config saved to `config_path` and
-    `module --config config_path` under torchrun (its main reads it back exactly)."""
+def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, *args: str):
+    """One stage: `fn(cfg)` in this process, or with nproc > 1 the config saved to `config_path` and
+    `python -m module --config config_path ARGS` under torchrun (its main reads the config back exactly)."""
     if nproc <= 1:
         return fn(cfg)
     write_json(config_path, to_dict(cfg))
-    torchrun(module, ["--config", str(config_path)], nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
+           "--config", str(config_path), *args]
+    if (rc := subprocess.run(cmd).returncode) != 0:
+        raise RuntimeError(f"torchrun {' '.join(cmd[6:])}: exit {rc}")
 
 
 class Stopped(RuntimeError):
     """A run that stopped itself for a reason its message explains (a non-finite loss): exit 1, no traceback."""
 
 
-HEAD, TAIL = 300, 150   # an error line keeps this much of each end of a longer message (a 6 MB field echoed)
-
-
-def error_line(msg: object) -> str:
-    """`error: MSG`, a longer message cut to its two ends around the size left out: `... (6.0 MB cut) ...`."""
+def error_line(msg: object, head: int = 300, tail: int = 150) -> str:
+    """`error: MSG`; a longer one (a 6 MB field echoed) keeps its two ends: `... (6.0 MB cut) ...`."""
     msg = str(msg)
-    if len(msg) > HEAD + TAIL + 40:
-        n = len(msg[HEAD:-TAIL].encode())
+    if len(msg) > head + tail + 40:
+        n = len(msg[head:-tail].encode())
         size = f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
-        msg = f"{msg[:HEAD]} ... ({size} cut) ... {msg[-TAIL:]}"
+        msg = f"{msg[:head]} ... ({size} cut) ... {msg[-tail:]}"
     return f"error: {msg}"
 
 

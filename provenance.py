@@ -4,14 +4,12 @@
                inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
         ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
 
-- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid and is
-  locked with fcntl.flock, so the kernel drops the lock when the holder dies (the next run takes it over).
-- the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape
-  the data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is
-  refused (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
+- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid, locked with
+  fcntl.flock: the kernel drops the lock when the holder dies (the next run takes it over).
+- the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape the
+  data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused
+  (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
 - `check_not_input`: a command never writes over one of its own inputs.
-Hashes are cheap: a file is hashed whole (JSONL inputs are small next to the work done on them); a model
-folder by its config and tokenizer, and per weights file its size, header and first and last MiB.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ MIB = 1 << 20
 
 
 def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits)."""
+    """sha256 of a file's bytes (first 16 hex digits): JSONL inputs are small next to the work done on them."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(4 * MIB), b""):
@@ -42,7 +40,8 @@ def file_hash(path: str | Path) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A checkpoint folder's fingerprint ("" when not a folder); paths are not part of it."""
+    """A checkpoint folder's fingerprint ("" when not a folder): its config and tokenizer files and, per weights
+    file, its size, header and first and last MiB; paths are not part of it."""
     path = Path(path)
     if not path.is_dir():
         return ""
@@ -63,8 +62,8 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def made_by(cfg) -> dict:
-    """What made an output, by the fields' declarations (cli.PASSIVE, MODEL, FILE): every field that shapes the
-    data, a checkpoint as NAME_fingerprint (a list: NAME), an input file as NAME_hash (a list: NAME_hashes)."""
+    """What made an output, by the fields' metadata (cli.passive, checkpoint, input_file): every field that shapes
+    the data, a checkpoint as NAME_fingerprint (a list: NAME), an input file as NAME_hash (a list: NAME_hashes)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), f.metadata.get("shapes", True)

@@ -15,50 +15,49 @@ class ConfigError(DataError):
     """A bad flag or config value: the message names the flag."""
 
 
-RANGES = {  # suffix: (low, high, low open, high open); None = unbounded
-    "temperature": (0, None, False, False), "top_p": (0, 1, True, False), "top_k": (0, None, False, False),
-    "max_tokens": (1, None, False, False), "max_new_tokens": (1, None, False, False),
-    "num_samples": (1, None, False, False), "n_candidates": (1, None, False, False), "judge_k": (1, None, False, False),
-    "final_lr": (0, None, False, False), "lr": (0, None, True, False), "weight_decay": (0, None, False, False),
-    "beta": (0, None, False, False), "threads": (0, None, False, False), "nproc": (1, None, False, False),
-    "near_dup": (0, 1, False, False), "rouge_threshold": (0, 1, False, False), "n": (1, None, False, False),
-    "fraction": (0, 1, False, True), "eval_frac": (0, 1, False, True), "chunk": (1, None, False, False),
-    "frac": (0, 1, False, False), "p_right": (0, 1, False, False), "p_judge": (0, 1, False, False),
-    "block_size": (1, None, False, False), "num_blocks": (0, None, False, False), "max_num_seqs": (1, None, False, False),
-    "max_num_batched_tokens": (1, None, False, False), "tensor_parallel": (1, None, False, False),
-    # the trainers' settings (TrainConfig.check's rules), so a recipe's nested --dpo-* / --sft-* are checked too
-    "micro_batch_size": (0, None, False, False), "batch_size": (1, None, False, False), "batch": (1, None, False, False),
-    "epochs": (0, None, False, False), "max_steps": (0, None, False, False), "warmup_steps": (-1, None, False, False),
-    "log_every": (1, None, False, False), "every": (0, None, False, False), "keep_checkpoints": (1, None, False, False),
-    "max_prompt_length": (0, None, False, False), "max_length": (2, None, False, False),
-    "beta1": (0, 1, False, True), "beta2": (0, 1, False, True), "dropout": (0, 1, False, True),
-    "grad_clip": (0, None, False, False), "nll_alpha": (0, None, False, False), "value_coef": (0, None, False, False),
-    "label_smoothing": (0, 0.5, False, True), "simpo_gamma": (0, None, False, False),
-    "sleep_per_step": (0, None, False, False), "margin": (0, None, False, False), "scale": (0, None, True, False),
-    "limit": (0, None, False, False), "curate_k": (1, None, False, False), "iterations": (1, None, False, False),
-    "iter": (1, None, False, False),
-    "judge_self_train": (0, None, False, False), "eft_mix": (0, None, False, False), "steps": (0, None, False, False),
-    "shots": (0, None, False, False), "words": (0, None, False, False), "rounds": (1, None, False, False),
-    "segments": (0, None, False, False), "shingle": (1, None, False, False), "groups": (0, None, False, False),
-    # the world's sizes (recipes/world): counts, and M0's shape
-    **{k: (0, None, False, False) for k in ("n_control", "n_eft", "n_eval", "n_ift", "n_judge", "n_pass", "n_pref",
-                                            "n_prompts", "n_unlabelled", "web_docs")},
-    **{k: (1, None, False, False) for k in ("context", "ffn", "heads", "hidden", "layers", "vocab")},
-    "seed": (None, None, False, False),   # any integer
+_RULES = {  # a range -> the settings (the last part of their names) it holds for; "any": any number
+    ">=0": "temperature top_k final_lr weight_decay beta threads num_blocks micro_batch_size epochs max_steps every "
+           "max_prompt_length grad_clip nll_alpha value_coef simpo_gamma sleep_per_step margin limit judge_self_train "
+           "eft_mix steps shots words segments groups n_control n_eft n_eval n_ift n_judge n_pass n_pref n_prompts "
+           "n_unlabelled web_docs",
+    ">=1": "max_tokens max_new_tokens num_samples n_candidates judge_k nproc n chunk block_size max_num_seqs "
+           "max_num_batched_tokens tensor_parallel batch_size batch log_every keep_checkpoints curate_k iterations "
+           "iter rounds shingle context ffn heads hidden layers vocab",
+    ">0": "lr scale", ">=2": "max_length", ">=-1": "warmup_steps", "(0,1]": "top_p",
+    "[0,1]": "near_dup rouge_threshold frac p_right p_judge", "[0,1)": "fraction eval_frac beta1 beta2 dropout",
+    "[0,0.5)": "label_smoothing", "any": "seed",
 }
 
 
-def _range_rule(name: str):
-    return next((r for suf, r in RANGES.items() if name == suf or name.endswith("_" + suf)), None)
+def _parse(rule: str) -> tuple:
+    """">=0", ">0", "[0,1)", "any", ... -> (low, high, low open, high open); None = unbounded."""
+    num = lambda x: float(x) if "." in x else int(x)   # noqa: E731
+    if rule == "any":
+        return None, None, False, False
+    if rule[0] == ">":
+        return num(rule.lstrip(">=")), None, rule[1] != "=", False
+    lo, hi = rule[1:-1].split(",")
+    return num(lo), num(hi), rule[0] == "(", rule[-1] == ")"
+
+
+RANGES = {name: _parse(rule) for rule, names in _RULES.items() for name in names.split()}
+
+
+def range_suffix(name: str) -> str | None:
+    """The longest key of RANGES that the setting `name` is, or ends with after a "_"."""
+    return max((s for s in RANGES if name == s or name.endswith("_" + s)), key=len, default=None)
 
 
 def check_number(flag: str, v) -> None:
-    """A number given for `flag`: finite, and inside RANGES' rule for its name -> ConfigError naming the flag."""
+    """`flag`'s number (a list: each one): finite and inside RANGES' rule for its name, else a ConfigError."""
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            check_number(flag, x)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return
     if not math.isfinite(v):
         raise ConfigError(f"{flag} {v}: must be a finite number")
-    rule = _range_rule(flag.lstrip("-").replace("-", "_"))
+    rule = RANGES.get(range_suffix(flag.lstrip("-").replace("-", "_")))
     if rule:
         lo, hi, lo_open, hi_open = rule
         if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
@@ -71,6 +70,5 @@ def check_args(ns: argparse.Namespace) -> argparse.Namespace:
     """check_number on every number parsed (lists too), for the hand-written parsers."""
     for dest, v in vars(ns).items():
         if not dest.startswith("_"):
-            for x in (v if isinstance(v, list) else [v]):
-                check_number("--" + dest.replace(".", "-").replace("_", "-"), x)
+            check_number("--" + dest.replace(".", "-").replace("_", "-"), v)
     return ns

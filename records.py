@@ -1,11 +1,7 @@
-"""JSONL readers whose errors name file, line and field; atomic writes; resumable appends (units.py builds
-resumable, shardable work on them). Imports nothing of ours.
-
-A stage writes its records to `NAME.partial` as it goes (one flush per unit of work) and renames the file
-to `NAME` when the stage is complete. A stage that was killed finds the `.partial` file on restart:
-`read_partial` drops a torn last line (the kill can land mid-write), the stage works out which units are
-complete, and continues with the rest, so nothing is lost or duplicated.
-"""
+"""JSONL readers whose errors name file, line and field; atomic writes; resumable appends: a stage appends to
+`NAME.partial` as it goes (one flush per unit of work) and renames it to `NAME` when complete; killed, it finds
+the file on restart, `read_partial` dropping a torn last line (units.py builds resumable, shardable work on
+this). Imports nothing of ours."""
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +45,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield i, rec
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, made_by: str = "") -> list[dict]:
+    """The records of `path`; with `made_by` (e.g. "the prompts stage"), a missing file is an error naming it."""
+    if made_by and not Path(path).exists():
+        raise DataError(f"{path}: missing (run {made_by} first)")
     return [r for _, r in iter_jsonl(path)]
 
 
@@ -65,13 +64,6 @@ def user_mode(path: str | Path, folder: bool = False) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
-def need_jsonl(path: str | Path, made_by: str) -> list[dict]:
-    """read_jsonl, or an error naming the missing file and what makes it (e.g. "the prompts stage")."""
-    if not Path(path).exists():
-        raise DataError(f"{path}: missing (run {made_by} first)")
-    return read_jsonl(path)
 
 
 def field(rec: dict, key: str, where: str, types: type | tuple = str) -> Any:
@@ -103,12 +95,12 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
     return path
 
 
-def read_json(path: str | Path, default: Any = None, error: type = DataError) -> Any:
-    """The JSON in `path`, or `default` ({} when not given) when the file does not exist; bad JSON or bytes
-    that are not UTF-8 are an `error` naming the file (and line)."""
+def read_json(path: str | Path, error: type = DataError) -> Any:
+    """The JSON in `path` ({} when the file does not exist); bad JSON or bytes that are not UTF-8 are an
+    `error` naming the file (and line)."""
     path = Path(path)
     if not path.exists():
-        return {} if default is None else default
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -130,8 +122,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def partial_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
+    return (p := Path(path)).with_name(p.name + ".partial")
 
 
 def read_partial(path: str | Path) -> list[dict]:
@@ -156,7 +147,7 @@ def read_partial(path: str | Path) -> list[dict]:
     return recs
 
 
-class PartialWriter:
+class PartialWriter(contextlib.AbstractContextManager):   # `with`: itself, closed (not renamed) at the end
     """Appends records to `path.partial`, one flushed write per call; `finish()` renames it to `path`. `keep`
     rewrites the partial file at open to the records it accepts (drops an incomplete unit's records)."""
 
@@ -194,9 +185,6 @@ class PartialWriter:
         self._f.close()
         os.replace(self.partial, self.path)
         return self.path
-
-    def __enter__(self) -> "PartialWriter":
-        return self
 
     def __exit__(self, *exc) -> None:
         self._f.close()

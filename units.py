@@ -1,11 +1,9 @@
-"""Resumable, shardable work over units (a prompt and its N candidates; a candidate and its K judgments).
-
-Each unit's records are written together once the unit is done. On restart the `.partial` file tells which
-units are complete (exactly `per_unit` records); the records of an incomplete unit are dropped and the unit
-is redone, so nothing is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ...
-into its own `NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent
-and seeded by their index, so the merged file is the same whatever the number of ranks.
-"""
+"""Resumable, shardable work over units (a prompt and its N candidates; a candidate and its K judgments): each
+unit's records are written together once it is done. On restart the `.partial` file tells which units are
+complete (exactly `per_unit` records); an incomplete unit's records are dropped and the unit redone, so nothing
+is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ... into its own
+`NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent and seeded by
+their index, so the merged file is the same whatever the number of ranks."""
 from __future__ import annotations
 
 import json
@@ -66,7 +64,20 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     if missing := [p for p in shards if not p.exists()]:
         raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
     order = {key(u): i for i, u in enumerate(units)}
-    recs = _same_units(out, [r for p in shards for r in read_jsonl(p)], order, key, per_unit)
+    recs = [r for p in shards for r in read_jsonl(p)]
+
+    def unit_of(r: dict):
+        try:
+            return key(r)
+        except (KeyError, TypeError):              # a record without the unit's key field
+            return ("no key", json.dumps(r, sort_keys=True)[:60])
+    # exactly this run's units, or a file made for others (an adopted output, an earlier version) is refused
+    n = Counter(unit_of(r) for r in recs)
+    other = [k for k in n if k not in order]
+    if other or len(n) != len(order) or any(v != per_unit for v in n.values()):
+        what = f"unit {other[0]!r} is not one of this run's" if other else \
+            f"{len(n)} of this run's {len(order)} units, {per_unit} record(s) each expected"
+        raise DataError(f"{out}: holds other work ({what}); remove it or pass --overwrite to start over")
     ordered = sorted(recs, key=lambda r: order[key(r)])   # units finish out of order; stable within a unit
     if world > 1 or ordered != recs:
         write_jsonl(out, ordered)
@@ -75,25 +86,6 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
             p.unlink()
         sync()                        # the merged file exists before any rank goes on
     return True
-
-
-def _same_units(out: Path, recs: list[dict], order: dict, key: Callable[[dict], Hashable], per_unit: int
-                ) -> list[dict]:
-    """`recs` (a finished OUT, or its shards) hold exactly this run's units, `per_unit` records each; else a
-    DataError: a file made for other units (an adopted output of another input or an earlier version) would be
-    reused or reordered wrongly."""
-    def unit_of(r: dict):
-        try:
-            return key(r)
-        except (KeyError, TypeError):              # a record without the unit's key field
-            return ("no key", json.dumps(r, sort_keys=True)[:60])
-    n = Counter(unit_of(r) for r in recs)
-    other = [k for k in n if k not in order]
-    if other or len(n) != len(order) or any(v != per_unit for v in n.values()):
-        what = f"unit {other[0]!r} is not one of this run's" if other else \
-            f"{len(n)} of this run's {len(order)} units, {per_unit} record(s) each expected"
-        raise DataError(f"{out}: holds other work ({what}); remove it or pass --overwrite to start over")
-    return recs
 
 
 def barrier(group=None) -> None:

@@ -1,10 +1,7 @@
-"""Hugging Face checkpoint I/O through one explicit name table.
-
-Reads `model.safetensors` or a sharded set (`model.safetensors.index.json` + shards) into our module
-names (whole, or a rank's tensor-parallel slices); writes the same layout back (sharded above a size limit)
-with `config.json` and the tokenizer files, so transformers (and vLLM) load our checkpoints unchanged.
-Errors name the file and tensor.
-"""
+"""Hugging Face checkpoint I/O through one explicit name table: reads `model.safetensors` or a sharded set
+(`model.safetensors.index.json` + shards) into our module names (whole, or a rank's tensor-parallel slices);
+writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer files, so
+transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor."""
 from __future__ import annotations
 
 import json
@@ -45,27 +42,22 @@ def name_table(cfg: ModelConfig) -> dict[str, str]:
     t = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm": "model.norm.weight"}
     if not cfg.tie_word_embeddings:
         t["output.weight"] = "lm_head.weight"
-    for i in range(cfg.num_hidden_layers):
-        for ours, hf in _LAYER_TABLE.items():
-            if ours.endswith(".bias") and not cfg.attention_bias:
-                continue
-            t[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"
+    t.update((f"layers.{i}.{ours}", f"model.layers.{i}.{hf}") for i in range(cfg.num_hidden_layers)
+             for ours, hf in _LAYER_TABLE.items() if cfg.attention_bias or not ours.endswith(".bias"))
     return t
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.exists():
         try:
             wm = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         files = {k: path / v for k, v in wm.items()}
-        for f in set(files.values()):
-            if not f.exists():
-                raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
+        if missing := sorted({f.name for f in files.values() if not f.exists()}):
+            raise CheckpointError(f"{index}: names shard {missing[0]}, which is missing")
         return files
     if single.exists():
         with open_safetensors(single) as f:
@@ -85,13 +77,12 @@ def open_safetensors(f: Path):
 def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.float32, device="cpu",
                plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
                ) -> tuple[dict[str, torch.Tensor], int]:
-    """The tensors of `model` (on the meta device: its cfg and shapes) from a HF folder -> (our name -> tensor
-    as dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
-    tensor-parallel shards): safetensors' get_slice copies only that range out of the memory-mapped file, so a 70B
-    checkpoint never materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the
-    embedding (it would index out of range at the first rare token), a missing tensor, a shape other than
-    config.json's, a tensor the name table does not know (but a tied model's lm_head.weight, rotary inv_freq
-    buffers and the names in `ignore`, left to the caller: model/reward_model.py's score.weight)."""
+    """`model`'s tensors (it is on the meta device: cfg and shapes) from a HF folder -> (our name -> tensor as
+    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
+    shards): get_slice copies only that range out of the memory-mapped file, so a 70B checkpoint never
+    materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the embedding, a
+    missing tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
+    lm_head.weight, rotary inv_freq buffers and `ignore`, left to the caller: reward_model.py's score.weight)."""
     path, plan, cfg = Path(path), plan or {}, model.cfg
     tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
     if tok is not None:
@@ -132,9 +123,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     cfg = cfg or ModelConfig.from_json(path)
     model = Transformer(cfg, device="meta")
     state, _ = read_state(path, model, dtype, device, ignore=ignore)
-    # assign=True swaps the loaded tensors in for the meta parameters. Module.to_empty() would instead
-    # run empty_like on every meta tensor, whose Python decomposition imports sympy and
-    # torch.fx.experimental.symbolic_shapes (0.3 s of start-up), then copy every tensor once more.
+    # assign=True swaps the loaded tensors in for the meta ones; Module.to_empty() would run empty_like on each
+    # (its decomposition imports sympy and torch.fx's symbolic_shapes: 0.3 s of start-up) and copy them again.
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # cast as Module.to(dtype) did
     return model
@@ -172,8 +162,7 @@ def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tok
     for ours, hf in dict(name_table(cfg), **({"score.weight": "score.weight"} if "score.weight" in sd else {})).items():
         if ours not in sd:
             raise CheckpointError(f"state dict has no '{ours}' (for {hf})")
-        t = sd[ours].detach().to("cpu")
-        tensors[hf] = (t.to(dtype) if dtype else t).contiguous()
+        tensors[hf] = sd[ours].detach().to("cpu", dtype).contiguous()
 
     def write(tmp: Path):
         shards, size = [{}], 0

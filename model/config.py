@@ -1,9 +1,6 @@
-"""ModelConfig: the Llama-family architecture read from a Hugging Face `config.json`.
-
-Supported: model_type llama (Llama 2, Llama 3/3.1 with `llama3` rope scaling), mistral, qwen2 (bias on
-q/k/v). Anything we would compute differently from transformers is refused with a message naming the
-file and field, never silently mis-computed.
-"""
+"""ModelConfig: the Llama-family architecture read from a Hugging Face `config.json`: model_type llama
+(Llama 2, Llama 3/3.1 with `llama3` rope scaling), mistral, qwen2 (bias on q/k/v). Anything we would compute
+differently from transformers is refused with a message naming the file and field, never mis-computed."""
 from __future__ import annotations
 
 import math
@@ -62,16 +59,13 @@ class ModelConfig:
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         rs = self.rope_scaling
         if rs and rs.get("rope_type") == "llama3":
-            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-            old = rs["original_max_position_embeddings"]
-            lo_wl, hi_wl = old / lo, old / hi
+            factor, lo, hi, old = (rs[k] for k in LLAMA3)
             wavelen = 2 * math.pi / inv
             # long wavelengths are slowed by `factor`, short ones kept, the band between blended
-            scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+            scaled = torch.where(wavelen > old / lo, inv / factor, inv)
             smooth = (old / wavelen - lo) / (hi - lo)
             blended = (1 - smooth) * scaled / factor + smooth * scaled
-            mid = (wavelen >= hi_wl) & (wavelen <= lo_wl)
-            inv = torch.where(mid, blended, scaled)
+            inv = torch.where((wavelen >= old / hi) & (wavelen <= old / lo), blended, scaled)
         return inv
 
     @classmethod

@@ -1,13 +1,11 @@
 """Residual dropout with a mask that is cheap to draw on the CPU.
 
-`F.dropout` on a CPU tensor draws one fp32 Bernoulli sample per element, scales it and multiplies: about
-12 ms for a [3072, 512] activation at 2 threads (one residual branch of a 4-pair DPO step; 17 per forward,
-drawn again in backward by selective checkpointing). Here the mask comes from 16 random bits per element,
-four per 64-bit draw, and backward replays nothing: the bits are one tensor, kept by selective checkpointing
-(train/parallel.py saves `randint`'s output) and by autograd (`where` saves the boolean mask). p is rounded
-to a multiple of 1/65536 and the kept values scaled by 1 / (1 - that p), so E[dropout(x)] = x exactly.
-CUDA tensors keep `F.dropout` (one fused kernel). The RNG is torch's default generator, so
-`torch.manual_seed`, checkpoint RNG replay and resume's saved RNG state govern it as they govern `F.dropout`.
+`F.dropout` on a CPU tensor draws one fp32 Bernoulli sample per element: about 12 ms for a [3072, 512]
+activation at 2 threads (one residual branch of a 4-pair DPO step; 17 per forward, drawn again in backward by
+selective checkpointing). Here the mask comes from 16 random bits per element, four per 64-bit draw, and
+backward replays nothing (train/parallel.py saves `randint`'s output; `where` saves the boolean mask). p is
+rounded to a multiple of 1/65536 and the kept values scaled by 1 / (1 - that p): E[dropout(x)] = x exactly.
+CUDA keeps `F.dropout`. The RNG is torch's default generator (manual_seed, checkpoint RNG replay, resume).
 """
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ _LEVELS = 1 << 16
 
 
 def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, float]:
-    """-> (bool mask of `shape`, True = kept, each element dropped with probability p_q; p_q) where
-    p_q = round(p * 65536) / 65536."""
+    """-> (bool mask of `shape`, True = kept; p_q): each element dropped with probability p_q (p rounded)."""
     n = math.prod(shape)
     drop_levels = round(p * _LEVELS)
     bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)

@@ -1,17 +1,15 @@
-"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on
-never uses the fused tensors).
+"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on never
+uses the fused tensors).
 
-At decode a CPU step is bound by reading the weights once per token, and MKL's fp32 matrix-vector product
-reads an nn.Linear weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out]
-contiguous (benchmarks/README.md, Sampler). So each projection's weight is re-stored once, in place, as
-the transpose of an [in, out] contiguous tensor, and the projections that read the same input sit side by
-side in one tensor: q | k | v -> `attention.wqkv_t` [H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t`
-[H, 2I]. Each Parameter keeps its identity, name and shape; its data becomes a view of its columns, so
-nothing is duplicated and an in-place write to a parameter (infer/parallel.load_from_fsdp, a trainer step)
-is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True), `.to()`) no
-longer points into it, which the forward checks (`fused_ok`), falling back to the separate projections.
-A tied LM head (the embedding table) keeps its layout; `lm_head_t` is a transposed copy, remade when the
-weight changed (its version counter) or was replaced.
+A CPU decode step is bound by reading the weights, and MKL's fp32 matrix-vector product reads an nn.Linear
+weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out] contiguous
+(benchmarks/README.md, Sampler). So each weight is re-stored once, in place, as the transpose of an [in, out]
+contiguous tensor, and projections of the same input sit side by side: q | k | v -> `attention.wqkv_t`
+[H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t` [H, 2I]. Each Parameter keeps its identity, name and
+shape, its data a view of its columns: nothing is duplicated and an in-place write (infer/parallel.load_from_fsdp,
+a trainer step) is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True),
+`.to()`) no longer points into it; the forward checks (`fused_ok`) and falls back to the separate projections.
+A tied LM head keeps its layout; `lm_head_t` is a transposed copy, remade when the weight changed or was replaced.
 """
 from __future__ import annotations
 
@@ -40,11 +38,6 @@ def _side_by_side(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return wt, bias, _ptrs(linears)
 
 
-def _transposed(m: nn.Linear) -> None:
-    if not m.weight.T.is_contiguous():
-        _side_by_side([m])
-
-
 def fused_ok(linears: list[nn.Linear], ptrs: tuple[int, ...] | None) -> bool:
     """Do these projections still read the fused tensor (no parameter re-assigned since)?"""
     return ptrs is not None and _ptrs(linears) == ptrs
@@ -53,8 +46,7 @@ def fused_ok(linears: list[nn.Linear], ptrs: tuple[int, ...] | None) -> bool:
 def fuse_for_inference(model) -> bool:
     """Re-store `model`'s weights in the inference layout above, in place. CPU only (on CUDA cuBLAS reads
     either layout at the same speed and this path is untested there): -> whether it was applied."""
-    p = model.lm_head_weight
-    if p.device.type != "cpu":
+    if model.lm_head_weight.device.type != "cpu":
         return False
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -62,12 +54,11 @@ def fuse_for_inference(model) -> bool:
             a.wqkv_t, a.bqkv, a.fused_ptrs = _side_by_side([a.wq, a.wk, a.wv])
         if not fused_ok([f.w1, f.w3], f.fused_ptrs):
             f.w13_t, _, f.fused_ptrs = _side_by_side([f.w1, f.w3])
-        for m in (a.wo, f.w2):                                                # alone: transposed in place
-            _transposed(m)
-    if model.output is not None:
-        _transposed(model.output)           # Transformer.logits' `h @ W.T` then reads it contiguous
-    else:
-        model.lm_head_t_src = None          # the tied copy is made on first use (Transformer.lm_head_t)
+    # the rest alone, transposed in place (an LM head: Transformer.logits' `h @ W.T` then reads it contiguous)
+    for m in [m for layer in model.layers for m in (layer.attention.wo, layer.feed_forward.w2)] + [model.output]:
+        if m is not None and not m.weight.T.is_contiguous():
+            _side_by_side([m])
+    model.lm_head_t_src = None              # a tied head's copy is made on first use (tied_head_t)
     model.fused = True
     return True
 

@@ -28,8 +28,7 @@ class AttnContext:
     block_tables: torch.Tensor | None = None  # [S, max_blocks]
     context_lens: torch.Tensor | None = None  # [S] cached + new tokens per sequence
     decode: bool = False                     # every sequence has exactly one new token
-    prefix: torch.Tensor | None = None       # [S, 2] int32 (start, length): keys a sequence sees in full
-                                             # before its own (shared-prompt DPO; kernels/attention.py)
+    prefix: torch.Tensor | None = None       # [S, 2] int32 (start, length): keys seen in full first (shared-prompt DPO)
 
 
 def context_from_positions(positions: torch.Tensor) -> tuple[torch.Tensor, AttnContext]:
@@ -126,9 +125,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
-        """device="meta": shapes only, for a loader to fill. (Passed to each layer, not set by a `with
-        torch.device("meta")` block, and the embedding given an empty weight: on meta, random inits import
-        torch._dynamo, seconds of start-up.)"""
+        """device="meta": shapes only, for a loader to fill; passed to each layer (no `with torch.device` block)
+        and the embedding given an empty weight, as random inits on meta import torch._dynamo (seconds)."""
         super().__init__()
         self.cfg = cfg
         w = torch.empty(cfg.vocab_size, cfg.hidden_size, device=device) if str(device) == "meta" else None
@@ -147,19 +145,16 @@ class Transformer(nn.Module):
         """Fresh random weights (for models trained from scratch, e.g. the embedded world's M0)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if "bias" in name:
-                    p.zero_()
-                else:
-                    p.copy_(torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=g) * std)
+            for name, p in self.named_parameters():   # biases 0, norms 1, matrices N(0, std)
+                p.copy_(torch.zeros(p.shape) if "bias" in name else torch.ones(p.shape) if p.dim() == 1
+                        else torch.randn(p.shape, generator=g) * std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions: [N] -> final-norm hidden states [N, H]. Use .logits() or
-        kernels.linear_logprobs(h, model.lm_head_weight, targets) on the result.
+        """tokens, positions: [N] -> final-norm hidden states [N, H] (for .logits() or kernels.linear_logprobs).
         out_rows: [n] the rows whose hidden state is wanted (the loss's target rows) -> [n, H]: the last block
-        then makes only keys and values for the others (all that later rows need of them) and runs its
-        queries, attention output and feed-forward on these rows alone (DPO's prompt rows: no work there)."""
+        makes only keys and values for the others (all that later rows need) and runs its queries, attention
+        output and feed-forward on these rows alone (DPO's prompt rows: no work there)."""
         if self.cfg.sliding_window is not None and ctx.max_seqlen > self.cfg.sliding_window and ctx.kv_caches is None:
             raise ValueError(f"sequence of {ctx.max_seqlen} tokens exceeds sliding_window "
                              f"{self.cfg.sliding_window}, which this model does not implement")
@@ -186,8 +181,7 @@ class Transformer(nn.Module):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lens = mask.sum(1)
         pos = (mask.long().cumsum(1) - 1)[mask]                     # [N] positions of real tokens
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=input_ids.device)
-        cu[1:] = lens.cumsum(0)
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
         h = self(input_ids[mask], pos, AttnContext(cu, int(lens.max())))
         out = torch.zeros(B, T, self.cfg.vocab_size, device=h.device)
         out[mask] = self.logits(h)

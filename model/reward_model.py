@@ -1,12 +1,11 @@
-"""A reward model: our transformer with a scalar head, in the Hugging Face sequence-classification layout.
-
-The layout is what `LlamaForSequenceClassification` (Mistral-, Qwen2-) with `num_labels=1` reads:
+"""A reward model: our transformer with a scalar head, in the Hugging Face sequence-classification layout
+that `LlamaForSequenceClassification` (Mistral-, Qwen2-) with `num_labels=1` reads:
     model.*          the backbone tensors (the causal LM's names, without lm_head.weight)
     score.weight     [1, H], no bias
     config.json      architectures [...ForSequenceClassification], num_labels 1, pad_token_id
-The reward of a sequence is score(final-norm hidden state) at its LAST NON-PAD token (the rule
-transformers applies): a reply ending in EOS is read at EOS unless pad_token_id == EOS (then at the token
-before it, in both implementations). `RMReward` is `--reward rm`: reward(prompts, responses) -> scores.
+A sequence's reward is score(final-norm hidden state) at its LAST NON-PAD token (transformers' rule): a reply
+ending in EOS is read at EOS unless pad_token_id == EOS (then at the token before, in both implementations).
+`RMReward` is `--reward rm`: reward(prompts, responses) -> scores.
 """
 from __future__ import annotations
 

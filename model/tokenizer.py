@@ -1,22 +1,17 @@
 """Tokenizers of Hugging Face checkpoint folders, chat rendering, and the assistant-target mask.
 
-Two backends behind one interface: SentencePiece (`tokenizer.model`, Llama 2 style) and HF `tokenizers`
-(`tokenizer.json`, Llama 3 / Mistral / Qwen2 style). Special tokens come from `tokenizer_config.json`
-(falling back to the SentencePiece model's own ids) and stop ids also from `generation_config.json`.
+Two backends behind one interface: SentencePiece (`tokenizer.model`, Llama 2) and HF `tokenizers`
+(`tokenizer.json`, Llama 3 / Mistral / Qwen2). Special tokens come from `tokenizer_config.json` (else the
+SentencePiece model's own ids), stop ids also from `generation_config.json`.
 
-Chat rendering works on token segments, not on one rendered string: each message is turned into
-(header text, content, trailer text), each piece is encoded on its own and the ids are concatenated. This
-is what makes the assistant mask exact and what makes
-
+Chat rendering encodes each message's pieces (header, content, trailer) on their own and concatenates the ids:
+the assistant mask is exact, and
     render_chat(prompt_messages, add_generation_prompt=True)[0] + render_response(reply)
         == render_chat(prompt_messages + [assistant reply])[0]
-
-hold by construction, so the sampler, the SFT trainer and the DPO trainer see the very same ids. (For a
-SentencePiece tokenizer this can differ from encoding the whole rendered string at a segment boundary; we
-choose consistency across our own stages.)
-
-Templates: the checkpoint's own `chat_template` (tokenizer_config.json or chat_template.jinja) when it has
-one, rendered with jinja2 as transformers does; otherwise the PLAIN template below.
+holds by construction, so the sampler and the trainers see the very same ids (for SentencePiece this can differ
+from encoding the whole rendered string at a segment boundary: we choose consistency across our own stages).
+Templates: the checkpoint's `chat_template` (tokenizer_config.json or chat_template.jinja), rendered with jinja2
+as transformers does; else the PLAIN template below.
 """
 from __future__ import annotations
 
@@ -78,12 +73,9 @@ class Tokenizer:
         self.eos_id = self._special("eos_token", self._sp.eos_id() if self._sp else None)
         pad = self._special("pad_token", self._sp.pad_id() if self._sp else None)
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        # stop ids: EOS, and generation_config.json's eos_token_id (an id or a list)
-        self.stop_ids = [] if self.eos_id is None else [self.eos_id]
-        e = read_json(path / "generation_config.json").get("eos_token_id")
-        for t in [e] if isinstance(e, int) else (e or []):
-            if t not in self.stop_ids:
-                self.stop_ids.append(t)
+        e = read_json(path / "generation_config.json").get("eos_token_id")   # an id or a list: stop ids too
+        gen = [e] if isinstance(e, int) else (e or [])
+        self.stop_ids = list(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + gen))
         t = self.config.get("chat_template")
         if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
             named = {d.get("name"): d.get("template") for d in t}
@@ -109,7 +101,6 @@ class Tokenizer:
                                  f"is not in the vocabulary")
         return tid
 
-    # ---- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Plain text -> ids. Special-token strings in the text (e.g. "<s>" written by a chat template) map to
         their ids, as HF tokenizers do for its added tokens."""
@@ -141,7 +132,6 @@ class Tokenizer:
             return self._hf.decode(list(ids), skip_special_tokens=True)
         return self._sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id, self.pad_id)])
 
-    # ---- chat -----------------------------------------------------------------------------------
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -218,17 +208,13 @@ class Tokenizer:
         (plain template: content + EOS; a jinja template: content + its closing text up to the stop id)."""
         if self.chat_template is None:
             return self.encode(text) + ([self.eos_id] if self.eos_id is not None else [])
-        probe = [{"role": "user", "content": "x"}]
-        p_ids, _ = self.render_chat(probe, add_generation_prompt=True)
-        f_ids, f_mask = self.render_chat(probe + [{"role": "assistant", "content": text}])
-        tail = f_ids[len(p_ids):]
-        return [t for t, m in zip(tail, f_mask[len(p_ids):]) if m]
+        ids, mask = self.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": text}])
+        return [t for t, m in zip(ids, mask) if m]     # the mask is True on the reply's tokens alone
 
     def prompt_ids(self, record: dict, raw: bool = False) -> list[int]:
         """A request record's prompt ids: `messages` rendered with the generation prompt; a `prompt` string
         as one user turn, as the trainers read `{"prompt"}` records (raw=True: BOS + the text, no template)."""
-        if "messages" in record:
-            return self.render_chat(record["messages"], add_generation_prompt=True)[0]
-        if raw:
+        if raw and "messages" not in record:
             return self.encode(record["prompt"], bos=True)
-        return self.render_chat([{"role": "user", "content": record["prompt"]}], add_generation_prompt=True)[0]
+        msgs = record["messages"] if "messages" in record else [{"role": "user", "content": record["prompt"]}]
+        return self.render_chat(msgs, add_generation_prompt=True)[0]

@@ -11,7 +11,7 @@ from selfreward.recipes import pipeline
 from selfreward.recipes.prompts import fit_prompt
 from selfreward.recipes.segment import build_segments
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, need_jsonl, read_json, write_jsonl
+from selfreward.records import DataError, read_json, read_jsonl, write_jsonl
 
 
 @dataclass
@@ -44,7 +44,7 @@ def stage_augment(cfg, s: Session, rank: int = 0, world: int = 1) -> None:
     out = pipeline.folder(cfg, 0) / "candidates.jsonl"
     if out.exists():
         return
-    segs = need_jsonl(pipeline.folder(cfg, 0) / "segments.jsonl", "the segments stage")
+    segs = read_jsonl(pipeline.folder(cfg, 0) / "segments.jsonl", made_by="the segments stage")
     engine, tok = s.get(str(pipeline.folder(cfg, 0) / "backward" / "model"))
     a, base = cfg.augment, pipeline.seed(cfg, 0, 2)
     budget = engine.max_len - a.max_tokens - 1

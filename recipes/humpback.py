@@ -31,7 +31,7 @@ from selfreward.recipes.curate import CurateConfig, curation_stats, pair_scores,
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, field as rfield, iter_jsonl, need_jsonl, read_json, \
+from selfreward.records import DataError, field as rfield, iter_jsonl, read_json, \
     read_jsonl, write_json, write_jsonl
 from selfreward.train.sft import SFTConfig
 
@@ -125,7 +125,7 @@ def stage_forward(cfg: HumpbackConfig) -> None:
 
 
 def rateable(cfg: HumpbackConfig) -> list[dict]:
-    return [c for c in need_jsonl(run_path(cfg, "candidates.jsonl"), "the augment stage") if c["instruction"]]
+    return [c for c in read_jsonl(run_path(cfg, "candidates.jsonl"), made_by="the augment stage") if c["instruction"]]
 
 
 def stage_curate(cfg: HumpbackConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
@@ -147,7 +147,7 @@ def stage_curate(cfg: HumpbackConfig, t: int, s: Session, rank: int = 0, world: 
 def stage_select(cfg: HumpbackConfig, t: int) -> dict:
     it = run_path(cfg, f"iter_{t}")
     cands = rateable(cfg)
-    ratings = need_jsonl(it / "ratings.jsonl", "the curate stage")
+    ratings = read_jsonl(it / "ratings.jsonl", made_by="the curate stage")
     per_pair = pair_scores(ratings, cfg.curate.score_from)
     kept = {}
     for k in cfg.curate.keep:
@@ -161,7 +161,7 @@ def stage_select(cfg: HumpbackConfig, t: int) -> dict:
 def stage_train(cfg: HumpbackConfig, t: int) -> None:
     """M_t on the seed + A_k(t); with A_k(t) empty, on the seed alone (said on stderr and in the manifest)."""
     a = run_path(cfg, f"iter_{t}", f"A{cfg.train_k}.jsonl")
-    aug = [str(a)] if need_jsonl(a, "the select stage") else []
+    aug = [str(a)] if read_jsonl(a, made_by="the select stage") else []
     if not aug:
         print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k}): M{t} trains on the seed "
               f"alone", file=sys.stderr, flush=True)

@@ -97,8 +97,8 @@ def _timed(r: Recipe, cfg, st: Stage, t: int, s: Session) -> tuple[float, dict |
     t0 = time.perf_counter()
     if st.shards and cfg.nproc > 1 and not (folder(cfg, t) / st.output).exists():
         s.release()
-        cli.torchrun(r.module, ["--config", str(Path(cfg.run_dir) / "config.json"), "--stage", st.name,
-                                "--iter", str(t)], cfg.nproc)
+        cli.launch(None, cfg, r.module, cfg.nproc, Path(cfg.run_dir) / "config.json", "--stage", st.name,
+                   "--iter", str(t))
         return round(time.perf_counter() - t0, 2), None
     stats = run_stage(r, cfg, st.name, t, s)
     return round(time.perf_counter() - t0, 2), stats

@@ -24,7 +24,7 @@ from selfreward.infer.config import EngineConfig
 from selfreward.recipes import pipeline
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, read_pairs, read_template, soft_labels
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, need_jsonl, nonempty, read_json, write_json
+from selfreward.records import DataError, nonempty, read_json, read_jsonl, write_json
 from selfreward.train.rl import RLConfig, train as train_rl
 from selfreward.train.rm import RMConfig, train as train_rm
 
@@ -90,7 +90,7 @@ def _train(cfg: RLAIFConfig, name: str, train, tcfg) -> None:
 def stage_rm(cfg: RLAIFConfig) -> None:
     labels = pipeline.folder(cfg, 0) / "labels.jsonl"
     if cfg.reward == "rm":
-        nonempty(need_jsonl(labels, "the label stage"), labels, "labels")
+        nonempty(read_jsonl(labels, made_by="the label stage"), labels, "labels")
         _train(cfg, "rm", train_rm, dataclasses.replace(cfg.rm, data=[str(labels)]))
 
 
@@ -105,7 +105,7 @@ def write_manifest(cfg: RLAIFConfig, t: int, timings: dict, stats: dict | None =
     m = read_json(path)
     labels = pipeline.folder(cfg, 0) / "labels.jsonl"
     if labels.exists():
-        recs = need_jsonl(labels, "the label stage")
+        recs = read_jsonl(labels, made_by="the label stage")
         m.update(labels=len(recs), position_bias=position_bias(recs))
     m.update(reward=cfg.reward, rm=str(pipeline.folder(cfg, 0) / "rm" / "model") if cfg.reward == "rm" else None,
              policy_out=str(pipeline.folder(cfg, 0) / "rl" / "model"), settings=cli.to_dict(cfg))

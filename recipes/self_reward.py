@@ -26,7 +26,7 @@ from selfreward.recipes.prompts import chat_prompt_ids
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
-from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, need_jsonl, \
+from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, \
     nonempty, read_json, read_jsonl, write_json, write_jsonl
 
 def iter_dir(cfg: LoopConfig, t: int) -> Path:
@@ -79,7 +79,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
     out = it / "candidates.jsonl"
     if out.exists():
         return
-    prompts = [r for r in need_jsonl(it / "prompts.jsonl", "the prompts stage") if r["verdict"] == "ok"]
+    prompts = [r for r in read_jsonl(it / "prompts.jsonl", made_by="the prompts stage") if r["verdict"] == "ok"]
     engine, tok = s.get(model_at(cfg, t))
     c, base = cfg.candidates, pipeline.seed(cfg, t, 1)
 
@@ -103,7 +103,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     if out.exists():
         return
     text = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
-    cands = need_jsonl(it / "candidates.jsonl", "the candidates stage")
+    cands = read_jsonl(it / "candidates.jsonl", made_by="the candidates stage")
     if cfg.judge.distinct:
         cands = distinct_candidates(cands)
     engine, tok = s.get(model_at(cfg, t))
@@ -122,8 +122,8 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     from selfreward.model.tokenizer import Tokenizer
     it = iter_dir(cfg, t)
     prompts = read_jsonl(it / "prompts.jsonl")
-    cands = need_jsonl(it / "candidates.jsonl", "the candidates stage")
-    judg = need_jsonl(it / "judgments.jsonl", "the judge stage")
+    cands = read_jsonl(it / "candidates.jsonl", made_by="the candidates stage")
+    judg = read_jsonl(it / "judgments.jsonl", made_by="the judge stage")
     pairs, counts = build_pairs([p for p in prompts if p["verdict"] == "ok"], cands, judg,
                                 "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin,
                                 pairing=cfg.pairing)
@@ -143,7 +143,7 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
     it = iter_dir(cfg, t)
     if (it / "model" / "config.json").exists():
         return
-    if not need_jsonl(it / "pairs.jsonl", "the pairs stage"):
+    if not read_jsonl(it / "pairs.jsonl", made_by="the pairs stage"):
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
     sel = cfg.select_every > 0

@@ -143,7 +143,7 @@ def flags_of(entry: Entry) -> list[Flag]:
 
 
 def range_rule(flag: Flag):
-    return ranges._range_rule(flag.name.split(",")[0].lstrip("-").replace("-", "_"))
+    return ranges.RANGES.get(ranges.range_suffix(flag.name.split(",")[0].lstrip("-").replace("-", "_")))
 
 
 def outside(rule, kind: str) -> list[float]:
@@ -334,8 +334,7 @@ def rule_of(flag: Flag) -> tuple[str, str]:
     stricter = [p for v, p in flag.probes.items() if p[0] == "refused" and not expected_refused(flag, v)]
     extra = next(iter(stricter or refusals), None)
     if rule is not None:
-        suffix = next(k for k in ranges.RANGES if ranges.RANGES[k] == rule and (flag.spelled.lstrip("-").replace("-", "_")
-                      == k or flag.spelled.lstrip("-").replace("-", "_").endswith("_" + k)))
+        suffix = ranges.range_suffix(flag.spelled.lstrip("-").replace("-", "_"))
         text, by = words(rule, flag.kind), f"ranges.RANGES[{suffix!r}]"
         if extra and extra[1] != "ranges.check_number":
             text, by = f"{text}; {extra[2]}", f"{by}, {extra[1]}"
