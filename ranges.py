@@ -24,7 +24,8 @@ _RULES = {  # a range -> the settings (the last part of their names) it holds fo
            "max_num_batched_tokens tensor_parallel batch_size batch log_every keep_checkpoints curate_k iterations "
            "iter rounds shingle context ffn heads hidden layers vocab",
     ">0": "lr scale", ">=2": "max_length", ">=-1": "warmup_steps", "(0,1]": "top_p",
-    "[0,1]": "near_dup rouge_threshold frac p_right p_judge", "[0,1)": "fraction eval_frac beta1 beta2 dropout",
+    "[0,1]": "near_dup rouge_threshold frac p_right p_judge min_p",
+    "[0,1)": "fraction eval_frac beta1 beta2 dropout",
     "[0,0.5)": "label_smoothing", "any": "seed",
 }
 

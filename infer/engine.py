@@ -152,7 +152,7 @@ class Engine:
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
         ps = [s.params for s in seqs for _ in s.generators]
         tokens = sample(logits, [p.temperature for p in ps], [p.top_p for p in ps], [p.top_k for p in ps],
-                        [g for s in seqs for g in s.generators])
+                        [g for s in seqs for g in s.generators], [p.min_p for p in ps])
         if decode:
             self.runner.dec.next_tokens = tokens   # the next decode step's input ids, if its batch is this one
         lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in ps) else None

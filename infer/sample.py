@@ -27,7 +27,8 @@ from selfreward.provenance import OutputLock, check_record, claim, made_by, same
 from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl
 from selfreward.units import barrier, dist_env
 
-OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
+OVERRIDES = {"max_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
+             "min_p": (int, float), "seed": (int,)}
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SampleConfig(EngineConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                        # 0 = off
+    min_p: float = 0.0                    # keep tokens at >= min_p x the top token's probability; 0 = off
     max_tokens: int = 256
     seed: int = 0                         # a request without its own seed: one derived from this and its id
     stop: list[str] = field(default_factory=list)
@@ -105,7 +107,8 @@ def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
     try:
         return SamplingParams(
             temperature=float(rec.get("temperature", cfg.temperature)), top_p=float(rec.get("top_p", cfg.top_p)),
-            top_k=rec.get("top_k", cfg.top_k), max_tokens=rec.get("max_tokens", cfg.max_tokens),
+            top_k=rec.get("top_k", cfg.top_k), min_p=float(rec.get("min_p", cfg.min_p)),
+            max_tokens=rec.get("max_tokens", cfg.max_tokens),
             seed=rec.get("seed", seed), stop=tuple(cfg.stop), ignore_eos=cfg.ignore_eos, logprobs=cfg.logprobs)
     except ValueError as e:
         raise DataError(f"{rec['_where']}: {e}") from None

@@ -86,8 +86,9 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
 
 
 def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits: [B, V] fp32 -> token ids [B] (long). temperature 0 = greedy (argmax)."""
+           generators: list[torch.Generator | None], min_p: list[float] | None = None) -> torch.Tensor:
+    """logits: [B, V] fp32 -> token ids [B] (long). temperature 0 = greedy (argmax). The filters apply in the
+    order top-k, top-p, min-p (a token is kept if its probability is >= min_p x the most likely one's)."""
     B, V = logits.shape
     rows = [i for i in range(B) if temperature[i] > 0]
     if not rows:
@@ -112,6 +113,9 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], t
     elif bool((ps < 1).any()):
         pr = (ps < 1).nonzero()[:, 0]
         q[pr] = q[pr] * top_p_keep(q[pr], ps[pr])
+    if min_p and any(min_p[i] > 0 for i in rows):
+        mp = torch.tensor([min_p[i] for i in rows], device=dev, dtype=q.dtype)
+        q = q * (q >= mp[:, None] * q.max(-1, keepdim=True).values)
     cdf = q.cumsum(-1)                                                        # [R, V], unnormalised
     # one uniform per row from that request's own generator (CPU generators: same stream on any device)
     u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev)

@@ -13,10 +13,11 @@ from selfreward.ranges import check_number
 @dataclass
 class SamplingParams:
     """Per-request sampling settings (infer/README.md, "API": stopping, log-probs). temperature 0 = greedy;
-    top_k 0, top_p 1.0 = off; seed None: one drawn from torch's global generator."""
+    top_k 0, top_p 1.0, min_p 0 = off; seed None: one drawn from torch's global generator."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_tokens: int = 256
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | list[int] = ()
@@ -25,7 +26,7 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "top_k", "max_tokens"):   # a ValueError naming it (NaN too)
+        for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens"):   # a ValueError naming it (NaN too)
             check_number(name, getattr(self, name))
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

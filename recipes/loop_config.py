@@ -25,6 +25,7 @@ class CandidatesConfig:
     n: int = 4                        # responses sampled per prompt (paper: 4)
     temperature: float = 0.7
     top_p: float = 0.9
+    min_p: float = 0.0                # keep tokens at >= min_p x the top token's probability; 0 = off
     max_tokens: int = 512
 
 

@@ -85,7 +85,8 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
 
     def work(batch, emit):
         ids = [chat_prompt_ids(tok, p["prompt"]) for _, p in batch]
-        ps = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=base + i * c.n)
+        ps = [SamplingParams(temperature=c.temperature, top_p=c.top_p, min_p=c.min_p, max_tokens=c.max_tokens,
+                             seed=base + i * c.n)
               for i, _ in batch]
 
         def done(j: int, comps) -> None:           # a prompt's N samples, as soon as they are all finished
