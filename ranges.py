@@ -6,6 +6,7 @@ their own keep their extra rules in their config's check(). docs/flags.md lists 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 from selfreward.records import DataError
@@ -65,6 +66,12 @@ def check_number(flag: str, v) -> None:
             want = f"be {'>' if lo_open else '>='} {lo}" if hi is None else \
                 f"lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
             raise ConfigError(f"{flag} {v:g}: must {want}")
+
+
+def check_fields(cfg) -> None:
+    """The door for a config built in Python (flags and files pass cli.from_dict): each of its own fields."""
+    for f in dataclasses.fields(cfg):
+        check_number("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
 
 
 def check_args(ns: argparse.Namespace) -> argparse.Namespace:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes import pipeline
 from selfreward.recipes.augment import AugmentConfig, stage_augment, stage_segments
@@ -63,7 +64,8 @@ class HumpbackConfig:
     # --sft-weight-decay 0.1 --sft-dropout 0.1 --sft-batch-size 32 (8 below 3k examples); train/sft.py's defaults here
     engine: EngineConfig = field(default_factory=EngineConfig)
 
-    def __post_init__(self):   # the numbers are checked at the door (ranges.py)
+    def __post_init__(self):   # the door's ranges (ranges.py), then Humpback's own rules
+        check_fields(self)
         if self.train_k not in self.curate.keep:
             raise cli.ConfigError(f"--train-k {self.train_k} must be one of --curate-keep {self.curate.keep}")
         self.engine.check()

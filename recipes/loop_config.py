@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfreward import cli
+from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes.instruct import InstructConfig
 from selfreward.recipes.judge import JudgeConfig
@@ -72,7 +73,8 @@ class LoopConfig:
         """The judge's settings as the loop runs them: --score-from expected also reads the expected score."""
         return dataclasses.replace(self.judge, expected=self.judge.expected or self.score_from == "expected")
 
-    def __post_init__(self):   # the numbers are checked at the door (ranges.py); the loop's own rules here
+    def __post_init__(self):   # the door's ranges (ranges.py), then the loop's own rules
+        check_fields(self)
         if self.score_from not in ("sampled", "expected"):
             raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
         if self.candidates.n < 2:

@@ -3,11 +3,10 @@ makes the flags). `check()` runs once, at the entry (train.loop.train); nothing 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from selfreward.cli import ConfigError, checkpoint, input_file, passive
-from selfreward.ranges import check_number
+from selfreward.ranges import check_fields
 
 
 @dataclass
@@ -53,8 +52,7 @@ class TrainConfig:
             raise ConfigError("--epochs 0 / --max-steps 0: 0 optimizer steps to take")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it over)")
-        for f in dataclasses.fields(self):   # the door's ranges (ranges.RANGES), for a config built in Python too
-            check_number("--" + f.name.replace("_", "-"), getattr(self, f.name))
+        check_fields(self)                   # the door's ranges (ranges.RANGES), for a config built in Python too
         mpl = getattr(self, "max_prompt_length", None)   # DPO and the reward model
         if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
             raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "
