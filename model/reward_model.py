@@ -78,7 +78,7 @@ class RMReward:
         self.pad_id = int(pad)
 
     def ids(self, prompt: str, response: str) -> list[int]:
-        p = self.tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+        p = self.tok.user_ids(prompt)
         r = self.tok.render_response(response)
         r = r[:self.max_len // 2] if len(p) + len(r) > self.max_len and len(r) > self.max_len // 2 else r
         room = self.max_len - len(r)          # a long prompt keeps BOS and its last tokens (as train/rm.py)

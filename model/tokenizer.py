@@ -211,10 +211,16 @@ class Tokenizer:
         ids, mask = self.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": text}])
         return [t for t, m in zip(ids, mask) if m]     # the mask is True on the reply's tokens alone
 
+    def user_ids(self, text: str, system: str | None = None) -> list[int]:
+        """One user turn (after a system turn when given) with the generation prompt: every one-turn prompt."""
+        turns = [{"role": "system", "content": system}] if system is not None else []
+        return self.render_chat(turns + [{"role": "user", "content": text}], add_generation_prompt=True)[0]
+
     def prompt_ids(self, record: dict, raw: bool = False) -> list[int]:
         """A request record's prompt ids: `messages` rendered with the generation prompt; a `prompt` string
         as one user turn, as the trainers read `{"prompt"}` records (raw=True: BOS + the text, no template)."""
         if raw and "messages" not in record:
             return self.encode(record["prompt"], bos=True)
-        msgs = record["messages"] if "messages" in record else [{"role": "user", "content": record["prompt"]}]
-        return self.render_chat(msgs, add_generation_prompt=True)[0]
+        if "messages" not in record:
+            return self.user_ids(record["prompt"])
+        return self.render_chat(record["messages"], add_generation_prompt=True)[0]

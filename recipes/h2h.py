@@ -13,7 +13,7 @@ from selfreward import cli
 from selfreward.records import field, iter_jsonl
 from selfreward.recipes.judge import prompt_budget
 from selfreward.recipes.metrics import h2h_outcome
-from selfreward.recipes.prompts import chat_prompt_ids, fit_prompt, load_template
+from selfreward.recipes.prompts import fit_prompt, load_template
 
 PAIR_TEMPLATE = """\
 A user sent the request below to an AI assistant, and two replies came back. Decide which reply serves the \
@@ -67,7 +67,7 @@ def generate_responses(engine, tok, prompts: list[str], cfg: H2HConfig, progress
     from selfreward.infer.sequence import SamplingParams
     ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed + i)
           for i in (range(len(prompts)) if index is None else index)]
-    return [g[0].text for g in engine.generate([chat_prompt_ids(tok, p) for p in prompts], ps, n=1,
+    return [g[0].text for g in engine.generate([tok.user_ids(p) for p in prompts], ps, n=1,
                                                progress=progress)]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from selfreward.recipes.prompts import TemplateError, chat_prompt_ids, fill, fit_prompt, load_template, \
+from selfreward.recipes.prompts import TemplateError, fill, fit_prompt, load_template, \
     option_probs
 
 DEFAULT_TEMPLATE = """\
@@ -104,7 +104,7 @@ class JudgeConfig:
 def check_fits(engine, tok, cfg: JudgeConfig) -> None:
     """Before any work: the rubric with empty slots leaves room for a request and a reply in the context."""
     budget = prompt_budget(engine, cfg.max_tokens)
-    empty = len(chat_prompt_ids(tok, judge_prompt(cfg.text, "", "")))
+    empty = len(tok.user_ids(judge_prompt(cfg.text, "", "")))
     if empty + 8 > budget:
         raise TemplateError(f"--judge-template {cfg.template}: the rubric alone takes {empty} tokens, but the model's "
                             f"context of {engine.max_len} less {cfg.max_tokens} judgment tokens leaves {budget}: "

@@ -18,12 +18,6 @@ class TemplateError(DataError):
     pass
 
 
-def chat_prompt_ids(tok, user: str, system: str | None = None) -> list[int]:
-    """Chat ids of one user turn (after a system turn when given), ending in the generation prompt."""
-    turns = [{"role": "system", "content": system}] if system is not None else []
-    return tok.render_chat(turns + [{"role": "user", "content": user}], add_generation_prompt=True)[0]
-
-
 def fill(template: str, **vals: str) -> str:
     return _SLOT.sub(lambda m: vals.get(m.group(1), m.group(0)), template)
 
@@ -66,7 +60,7 @@ def fit_prompt(tok, template: str, vals: dict[str, str], budget: int, system: st
                ) -> tuple[list[int], bool]:
     """Chat ids of the filled template, at most `budget` tokens, the longest slot value cut until it fits.
     Returns (ids, was_cut)."""
-    ids_of = lambda v: chat_prompt_ids(tok, fill(template, **v), system)  # noqa: E731
+    ids_of = lambda v: tok.user_ids(fill(template, **v), system)  # noqa: E731
     ids = ids_of(vals)
     if len(ids) <= budget:
         return ids, False

@@ -22,7 +22,6 @@ from selfreward.recipes import pipeline
 from selfreward.recipes.instruct import generate_prompts, given_prompts
 from selfreward.recipes.judge import check_fits, judge_items, judge_prompt
 from selfreward.recipes.loop_config import LOOP_SET, LoopConfig
-from selfreward.recipes.prompts import chat_prompt_ids
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
@@ -67,7 +66,7 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
     if dup:
         raise DataError(f"prompts of iteration {t}: duplicate id {dup[0]!r}")
     for r in recs:
-        if r["verdict"] == "ok" and len(chat_prompt_ids(tok, r["prompt"])) > engine.max_len - 16:
+        if r["verdict"] == "ok" and len(tok.user_ids(r["prompt"])) > engine.max_len - 16:
             r["verdict"] = "too_long_for_context"
     write_jsonl(out, recs)
     Path(str(out) + ".partial").unlink(missing_ok=True)
@@ -84,7 +83,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
     c, base = cfg.candidates, pipeline.seed(cfg, t, 1)
 
     def work(batch, emit):
-        ids = [chat_prompt_ids(tok, p["prompt"]) for _, p in batch]
+        ids = [tok.user_ids(p["prompt"]) for _, p in batch]
         ps = [SamplingParams(temperature=c.temperature, top_p=c.top_p, min_p=c.min_p, max_tokens=c.max_tokens,
                              seed=base + i * c.n)
               for i, _ in batch]
@@ -133,7 +132,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     else:
         tok = Tokenizer.load(model_at(cfg, t))
         for p in pairs:
-            p["prompt_token_ids"] = chat_prompt_ids(tok, p["prompt"])
+            p["prompt_token_ids"] = tok.user_ids(p["prompt"])
         write_jsonl(it / "pairs.jsonl", pairs)
     return iteration_stats(prompts, cands, judg, pairs, counts)
 

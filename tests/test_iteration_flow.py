@@ -94,7 +94,6 @@ def test_dpo_trains_on_the_sampled_ids_not_re_encoded_text(tiny, tmp_path):
     on) are exactly prompt ids as given to the sampler + sampled ids + the end token, also where the text
     re-encodes to other ids."""
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.train.data import load_pairs
     cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), n_prompts=8, n_candidates=4,
                       max_tokens=24, temperature=1.0, prompt_source=str(write_prompts(tmp_path / "p.jsonl", SEEDS)))
@@ -118,7 +117,7 @@ def test_dpo_trains_on_the_sampled_ids_not_re_encoded_text(tiny, tmp_path):
     pairs = read_jsonl(iter_dir(cfg, 1) / "pairs.jsonl")
     assert pairs
     by = {(c["id"], c["sample"]): c for c in cands}
-    prompt_ids = {p["id"]: chat_prompt_ids(tok, p["prompt"]) for p in read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl")}
+    prompt_ids = {p["id"]: tok.user_ids(p["prompt"]) for p in read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl")}
     assert sorted(map(tuple, given)) == sorted(tuple(v) for v in prompt_ids.values())
     trained, _ = load_pairs([str(iter_dir(cfg, 1) / "pairs.jsonl")], Tokenizer.load(tiny), 512, 256)
     end = tok.render_response("")

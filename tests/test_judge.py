@@ -93,10 +93,10 @@ def test_fit_prompt_to_budget():
     from conftest import TOKENIZER_DIR
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import SHORT_TEMPLATE
-    from selfreward.recipes.prompts import chat_prompt_ids, fit_prompt
+    from selfreward.recipes.prompts import fit_prompt
     tok = Tokenizer.load(TOKENIZER_DIR)
     ins, resp = "Why is the sky blue?", "Because of Rayleigh scattering. " * 40
-    full = chat_prompt_ids(tok, judge_prompt(SHORT_TEMPLATE, ins, resp))
+    full = tok.user_ids(judge_prompt(SHORT_TEMPLATE, ins, resp))
     vals = {"instruction": ins, "response": resp}
     assert fit_prompt(tok, SHORT_TEMPLATE, vals, len(full)) == (full, False)
     for budget in (len(full) - 1, 400, 260):

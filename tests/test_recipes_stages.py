@@ -133,10 +133,10 @@ def test_expected_score_against_plain_forward(tiny):
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import expected_scores
-    from selfreward.recipes.prompts import chat_prompt_ids, forced_options
+    from selfreward.recipes.prompts import forced_options
     tok = Tokenizer.load(tiny)
     eng = load_engine(tiny, EngineConfig(device="cpu"))
-    prompts = [chat_prompt_ids(tok, "Rate this: hello"), chat_prompt_ids(tok, "Rate: the sky is green")]
+    prompts = [tok.user_ids("Rate this: hello"), tok.user_ids("Rate: the sky is green")]
     got = expected_scores(eng, tok, prompts)
     head, tails = forced_options(tok, "Score:", [str(d) for d in range(6)])
     assert all(len(t) == 1 for t in tails)
@@ -240,7 +240,7 @@ def test_expected_score_multi_token_digits(tiny):
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.judge import expected_scores
-    from selfreward.recipes.prompts import chat_prompt_ids, forced_options
+    from selfreward.recipes.prompts import forced_options
     tok = Tokenizer.load(tiny)
 
     class TwoTokenDigits:   # every "Score: d" gains a trailing token, so each digit is two tokens long
@@ -253,7 +253,7 @@ def test_expected_score_multi_token_digits(tiny):
     wrapped = TwoTokenDigits(tok)
     head, tails = forced_options(wrapped, "Score:", [str(d) for d in range(6)])
     assert all(len(t) == 2 and t[1] == 7 for t in tails)
-    prompt = chat_prompt_ids(tok, "Rate this: hello")
+    prompt = tok.user_ids("Rate this: hello")
     (e, p), = expected_scores(load_engine(tiny, EngineConfig(device="cpu")), wrapped, [prompt])
     model = load_model(tiny)
     with torch.no_grad():

@@ -12,7 +12,6 @@ def test_rm_reward_equals_transformers(tmp_path):
     import transformers
     from selfreward.model.reward_model import load_reward_model, save_reward_model
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.reward import load_reward
     d = tiny_chat_model(tmp_path / "m")
     tok = Tokenizer.load(d)
@@ -24,7 +23,7 @@ def test_rm_reward_equals_transformers(tmp_path):
     got = load_reward("rm", tmp_path / "rm")(prompts, replies)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
     with torch.no_grad():
-        want = [float(hf(torch.tensor([chat_prompt_ids(tok, p) + tok.render_response(r)])).logits[0, 0])
+        want = [float(hf(torch.tensor([tok.user_ids(p) + tok.render_response(r)])).logits[0, 0])
                 for p, r in zip(prompts, replies)]
     assert got == pytest.approx(want, abs=1e-4)
     assert abs(got[0] - got[1]) > 1e-3

@@ -46,9 +46,8 @@ def fresh_greedy(model_dir: Path, probes: list[str]) -> tuple[list[list[int]], l
     """Greedy ids and their log-probs from a fresh engine on `model_dir` (default block size: 16)."""
     from selfreward.infer.config import EngineConfig, load_engine
     from selfreward.infer.sequence import SamplingParams
-    from selfreward.train.rollout import prompt_ids
     eng = load_engine(model_dir, EngineConfig(device="cpu", max_num_seqs=16))
-    outs = eng.generate([prompt_ids(eng.tokenizer, p) for p in probes],
+    outs = eng.generate([eng.tokenizer.user_ids(p) for p in probes],
                         SamplingParams(temperature=0.0, max_tokens=6, logprobs=True))
     return [o[0].token_ids for o in outs], [x for o in outs for x in o[0].logprobs]
 

@@ -25,7 +25,7 @@ from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import reshard
 from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
-    prompt_ids, response_logps, sample, sync_weights
+    response_logps, sample, sync_weights
 
 # --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
 # dtype=...)` -> reward(prompts, responses) -> [float] (README "Rewards"); by name, so train/ imports no recipes/
@@ -89,7 +89,7 @@ def load_prompts(paths: list[str], tok, room: int) -> list[str]:
     for path in paths:
         for where, rec in read_jsonl(path):
             text = rec_field(rec, "prompt", where)
-            if len(prompt_ids(tok, text)) > room:
+            if len(tok.user_ids(text)) > room:
                 raise DataError(f"{where}: field 'prompt' has more than {room} tokens (context - max_new_tokens)")
             out.append(text)
     return out
@@ -191,7 +191,7 @@ class RLTask(loop.Task):
         if not (c.probe_data and c.probe_every and self.d.is_main):
             return 0.0
         if self.probes is None:          # the first call is at the run's first step (after a resume: the restored one)
-            self.probe_ids = [prompt_ids(self.tok, rec_field(r, "prompt", w)) for w, r in read_jsonl(c.probe_data)]
+            self.probe_ids = [self.tok.user_ids(rec_field(r, "prompt", w)) for w, r in read_jsonl(c.probe_data)]
             self.probes = MetricsLog(Path(c.output) / "probes.jsonl", self.d, step - 1 if step else None)
         if step % c.probe_every and not last:
             return 0.0

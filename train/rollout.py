@@ -37,16 +37,11 @@ def sync_weights(engine, model) -> float:
     return engine.load_weights(model, skip=(VALUE_HEAD,))["seconds"]
 
 
-def prompt_ids(tok, text: str) -> list[int]:
-    """One user turn through the chat template, with the generation prompt (as the recipes' chat_prompt_ids)."""
-    return tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
-
-
 def sample(engine, tok, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
            seeds: list[int]) -> tuple[list[Rollout], float]:
     """n responses per prompt; prompt k's samples use seeds[k], seeds[k] + 1, ... -> (rollouts, seconds)."""
     t0 = time.perf_counter()
-    ids = [prompt_ids(tok, p) for p in prompts]
+    ids = [tok.user_ids(p) for p in prompts]
     ps = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for s in seeds]
     outs = engine.generate(ids, ps, n=n)
     rolls = [Rollout(p, i, list(c.token_ids), c.text, k, c.finish_reason)

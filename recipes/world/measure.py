@@ -64,12 +64,11 @@ def measure(model_dir: str, cfg: MeasureConfig, engine_cfg=None) -> dict:
     from selfreward.infer.sequence import SamplingParams
     from selfreward.recipes.evaluate import rm_eval
     from selfreward.recipes.judge import JudgeConfig
-    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.session import Session
 
     engine, tok = Session(engine_cfg).get(model_dir)
     tasks = heldout_eval_set(cfg.n_eval, seed=1234 + cfg.seed, kinds=cfg.kinds)
-    ids = [chat_prompt_ids(tok, t.prompt) for t in tasks]
+    ids = [tok.user_ids(t.prompt) for t in tasks]
     greedy = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
     n_pass = min(cfg.n_pass, len(ids))
     ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,

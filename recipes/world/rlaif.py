@@ -103,9 +103,8 @@ def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dic
 def candidate_pairs(engine, tok, prompts: list[dict], cfg: RLAIFWorldConfig) -> list[dict]:
     """M1's candidates -> per prompt with two distinct texts, one random pair in a random order (+ truth)."""
     from selfreward.infer.sequence import SamplingParams
-    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.world.checker import check
-    ids = [chat_prompt_ids(tok, p["prompt"]) for p in prompts]
+    ids = [tok.user_ids(p["prompt"]) for p in prompts]
     ps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                          seed=cfg.seed * 1_000_003 + i * cfg.n_candidates) for i in range(len(ids))]
     outs = engine.generate(ids, ps, n=cfg.n_candidates)

@@ -32,7 +32,6 @@ def pass_at_n(prompts: dict[str, str], candidates: list[dict]) -> dict:
 def self_judge_vs_likelihood(lc, t: int) -> dict:
     """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under the model that
     sampled the candidates (M_t of `lc`)."""
-    from selfreward.recipes.prompts import chat_prompt_ids
     from selfreward.recipes.self_reward import iter_dir, model_at
     from selfreward.recipes.session import Session
 
@@ -41,7 +40,7 @@ def self_judge_vs_likelihood(lc, t: int) -> dict:
     engine, tok = Session(lc.engine).get(model_at(lc, t))
 
     def likelihood(items):
-        lps = engine.score([chat_prompt_ids(tok, p) for p, _ in items], [tok.render_response(x) for _, x in items])
+        lps = engine.score([tok.user_ids(p) for p, _ in items], [tok.render_response(x) for _, x in items])
         return [sum(lp) for lp in lps]
     r = ranking_on_mixed(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"), likelihood)
     print(f"[world] {Path(lc.run_dir).name} iteration {t}: {r['mixed_prompts']} prompts with right and wrong "
