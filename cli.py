@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from selfreward.ranges import ConfigError, check_args, check_number
+from selfreward.ranges import ConfigError, check_args, check_choice, check_number
 from selfreward.records import DataError, write_json
 
 
@@ -78,6 +78,11 @@ def passive(default, metadata: dict = PASSIVE):
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def choice(default: str, *others: str):
+    """A setting with named values, `default` first: anything else is refused at the door (ranges.check_choice)."""
+    return dataclasses.field(default=default, metadata={"choices": (default, *others)})
+
+
 def checkpoint(default=""):
     return passive(default, {"shapes": "model"})
 
@@ -109,16 +114,18 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
-    hints, names, kw = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}, {}
+    hints, fields, kw = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
-        if k not in names:
+        if k not in fields:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
         t = _flag_type(hints[k])
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
-        check_number("--" + (prefix + k).replace(".", "-").replace("_", "-"), v)
+        flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")
+        check_number(flag, v)
+        check_choice(flag, v, fields[k].metadata.get("choices"))
         kw[k] = v
     return cls(**kw)
 

@@ -68,10 +68,17 @@ def check_number(flag: str, v) -> None:
             raise ConfigError(f"{flag} {v:g}: must {want}")
 
 
+def check_choice(flag: str, v, choices: tuple | None) -> None:
+    """A setting declared with choices (cli.choice): one of them, else a ConfigError naming the flag."""
+    if choices and v not in choices:
+        raise ConfigError(f"{flag} {v!r}: choose one of {', '.join(choices)}")
+
+
 def check_fields(cfg) -> None:
-    """The door for a config built in Python (flags and files pass cli.from_dict): each of its own fields."""
+    """The door for a config built in Python (flags and files go through cli.from_dict): its own fields."""
     for f in dataclasses.fields(cfg):
         check_number("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
+        check_choice("--" + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata.get("choices"))
 
 
 def check_args(ns: argparse.Namespace) -> argparse.Namespace:

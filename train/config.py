@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfreward.cli import ConfigError, checkpoint, input_file, passive
+from selfreward.cli import ConfigError, checkpoint, choice, input_file, passive
 from selfreward.ranges import check_fields
 
 
@@ -22,7 +22,7 @@ class TrainConfig:
     micro_batch_size: int = passive(0)         # examples per forward per rank; 0 = batch_size // world (no accumulation)
     lr: float = 1e-5
     final_lr: float = 1e-6            # the schedule decays lr to this at the last step
-    schedule: str = "cosine"          # cosine | linear
+    schedule: str = choice("cosine", "linear")
     warmup_steps: int = -1            # linear warmup from 0; -1 = 3% of the steps
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -57,5 +57,3 @@ class TrainConfig:
         if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
             raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "
                               f"{self.max_length})")
-        if self.schedule not in ("cosine", "linear"):
-            raise ConfigError(f"--schedule {self.schedule!r}: choose cosine or linear")

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 import selfreward.kernels.ops as K
-from selfreward.cli import ConfigError, passive
+from selfreward.cli import ConfigError, choice, passive
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
 from selfreward.train.dpo_head import pair_head_loss
 from selfreward.train.loop import cli, eval_sums, load_policy, load_reference
-from selfreward.train.losses import DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, resolve_loss_settings, \
-    sequence_logps, weights_hash
+from selfreward.train.losses import LOSS_TYPES, DPOLossConfig, ReferenceCache, compute_reference, dpo_loss, \
+    resolve_loss_settings, sequence_logps, weights_hash
 from selfreward.train.parallel import Dist, all_reduce
 
 STATS = ("loss_sum", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen",
@@ -34,12 +34,12 @@ class DPOConfig(TrainConfig):
     lr: float = 1e-6                  # paper: 1e-6 -> 1e-7, beta 0.1, global batch 16, dropout 0.1
     final_lr: float = 1e-7
     beta: float | None = None         # unset = the loss's paper: 0.1 (DPO family), 2.0 (simpo)
-    loss: str = "sigmoid"             # sigmoid | ipo | cdpo (label-smoothed) | robust (rDPO) | simpo (reference-free)
+    loss: str = choice(*LOSS_TYPES)   # sigmoid | ipo | cdpo (label-smoothed) | robust (rDPO) | simpo (reference-free)
     label_smoothing: float | None = None  # cdpo / robust only: assumed share of flipped labels; unset = 0.1
     simpo_gamma: float | None = None  # simpo only: target margin between length-normalised rewards; unset = 0.5 x beta
     nll_alpha: float = 0.0            # + alpha * chosen per-token NLL (RPO); 0 = plain DPO
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
-    ref_mode: str = "cache"           # cache | online
+    ref_mode: str = choice("cache", "online")
     ref_cache_dir: str = passive("")           # default OUTPUT/ref_cache
     export_every: int = passive(0)             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
     share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
@@ -55,8 +55,6 @@ class DPOConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.ref_mode not in ("cache", "online"):
-            raise ConfigError(f"--ref-mode {self.ref_mode!r}: choose cache or online")
         try:   # flags a loss does not use are refused
             resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:

@@ -166,7 +166,6 @@ def compute_reference(model, pairs: list[Pair], indices: list[int], batch_pairs:
 
 # ---- online RL (train/rl.py): B responses, their M tokens end to end, `seq` [M] naming each token's response
 # (contiguous, in order); every result a SUM over the batch (the trainer divides by the global responses)
-ESTIMATORS = ("reinforce", "rloo")
 
 
 @dataclass

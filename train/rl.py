@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from selfreward.cli import ConfigError, checkpoint, passive
+from selfreward.cli import ConfigError, checkpoint, choice, passive
 from selfreward.records import DataError, field as rec_field
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import read_jsonl
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import reshard
-from selfreward.train.losses import ESTIMATORS, reinforce_loss, rloo_loss, seq_sums
+from selfreward.train.losses import reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
     response_logps, sample, sync_weights
 
@@ -56,7 +56,7 @@ class RLConfig(TrainConfig):
     reward: str = "rm"                # rm | direct | judge | checker | module:function (REWARDS in train/rl.py)
     reward_model: str = checkpoint("")            # RM folder (rm) or labeller (direct, judge; default --model, the SFT policy)
     reward_template: str = ""         # direct: ScoreTemplate JSON; judge: rubric file or built-in name
-    estimator: str = "reinforce"      # reinforce (value baseline) | rloo (leave-one-out over --num-samples)
+    estimator: str = choice("reinforce", "rloo")   # reinforce: a value baseline; rloo: leave-one-out over --num-samples
     num_samples: int = 1              # responses per prompt (rloo: >= 2)
     beta: float = 0.05                # per-token KL penalty to the frozen SFT policy (--model)
     temperature: float = 0.9
@@ -71,8 +71,6 @@ class RLConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"--estimator {self.estimator!r}: choose {' or '.join(ESTIMATORS)}")
         reward_factory(self.reward, load=False)
         if self.reward == "rm" and not self.reward_model:
             raise ConfigError("--reward rm needs --reward-model (the folder train/rm.py wrote)")
