@@ -135,11 +135,6 @@ class BlockManager:
             self.num_cow += 1
             seq.block_table[bi] = new.id
 
-    def written(self, seq: Sequence) -> None:
-        """After a decode step stored position len-1: key the block if that filled it."""
-        seq.num_cached = len(seq)
-        self.computing(seq, len(seq))
-
     def take_copies(self) -> list[tuple[int, int]]:
         c, self.copies = self.copies, []
         return c

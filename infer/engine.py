@@ -147,7 +147,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, decode: bool = False):
         """logits: one row per sequence -> per sequence a (token, log-prob) per sample it stands for."""
-        counts = [s.n_forks for s in seqs]
+        counts = [len(s.generators) for s in seqs]
         if sum(counts) > len(seqs):         # forks draw from their request's row
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
         ps = [s.params for s in seqs for _ in s.generators]

@@ -35,7 +35,7 @@ _GROUPS: dict[int, TPGroup] = {}
 
 def init_tp(tp: int) -> TPGroup:
     """WORLD_SIZE ranks -> WORLD_SIZE / tp replicas of consecutive ranks (0..tp-1, tp..2tp-1, ...), made once per
-    degree; call after init_process_group, on every rank."""
+    degree; call on every rank after init_process_group and, on CUDA, set_device (stage_group does both)."""
     if tp in _GROUPS:
         return _GROUPS[tp]
     up = dist.is_initialized()
@@ -46,8 +46,6 @@ def init_tp(tp: int) -> TPGroup:
         return TPGroup(replica=rank, num_replicas=world)
     if not up:
         raise DataError(f"--tensor-parallel {tp} needs torchrun (a process group of WORLD_SIZE ranks)")
-    if torch.cuda.is_available():       # NCCL collectives run on the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]   # every rank makes all
     leaders = dist.new_group(list(range(0, world, tp)))
     _GROUPS[tp] = TPGroup(rank % tp, tp, groups[rank // tp], rank // tp, world // tp, leaders)

@@ -103,13 +103,12 @@ def read_requests(path: str | Path) -> list[dict]:
 
 
 def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{key(rec)}".encode()).digest()[:7], "little")
+    """The record's OVERRIDES over the flags; without its own seed, one derived from --seed and its id."""
+    given = {k: rec.get(k, getattr(cfg, k)) for k in OVERRIDES}
+    if "seed" not in rec:
+        given["seed"] = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{key(rec)}".encode()).digest()[:7], "little")
     try:
-        return SamplingParams(
-            temperature=float(rec.get("temperature", cfg.temperature)), top_p=float(rec.get("top_p", cfg.top_p)),
-            top_k=rec.get("top_k", cfg.top_k), min_p=float(rec.get("min_p", cfg.min_p)),
-            max_tokens=rec.get("max_tokens", cfg.max_tokens),
-            seed=rec.get("seed", seed), stop=tuple(cfg.stop), ignore_eos=cfg.ignore_eos, logprobs=cfg.logprobs)
+        return SamplingParams(**given, stop=tuple(cfg.stop), ignore_eos=cfg.ignore_eos, logprobs=cfg.logprobs)
     except ValueError as e:
         raise DataError(f"{rec['_where']}: {e}") from None
 

@@ -44,10 +44,10 @@ class Scheduler:
             self.bm.computing(p, p.num_cached + p.chunk)
             batch.append(p)
             tokens += p.chunk
-        n_running = len(self.running) + sum(s.n_forks for s in batch)
+        n_running = len(self.running) + sum(len(s.generators) for s in batch)
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
-            if n_running + seq.n_forks > self.max_num_seqs and (batch or self.running):
+            if n_running + len(seq.generators) > self.max_num_seqs and (batch or self.running):
                 break
             if not self.bm.allocate(seq, budget - tokens):
                 if not batch and not self.running:
@@ -56,7 +56,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             batch.append(seq)
-            n_running += seq.n_forks
+            n_running += len(seq.generators)
             tokens += seq.chunk
         last = batch[-1] if batch else None
         if last is not None and last.num_cached + last.chunk < len(last):
@@ -94,8 +94,9 @@ class Scheduler:
                 s.num_cached += s.chunk
                 if s.num_cached < len(s):
                     continue                # chunked prefill: more of this prompt in a later step
-            else:
-                self.bm.written(s)
+            else:                           # a decode step stored position len-1: key its block if that filled it
+                s.num_cached = len(s)
+                self.bm.computing(s, len(s))
             if s.kind is not Kind.GENERATE:
                 finished.append(s)
                 continue

@@ -74,10 +74,6 @@ class Sequence:
         if self.num_prompt < 0:
             self.num_prompt = len(self.token_ids)
 
-    @property
-    def n_forks(self) -> int:
-        return len(self.generators)
-
     def __len__(self) -> int:
         return len(self.token_ids)
 
