@@ -46,17 +46,10 @@ class DPOConfig(TrainConfig):
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
-    def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
+    def __post_init__(self):   # unset loss settings take the loss's paper defaults; flags it doesn't use: refused
         try:
             self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
                 self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
-        except ValueError:
-            pass                # refused by check(), with the message
-
-    def check(self) -> None:
-        super().check()
-        try:   # flags a loss does not use are refused
-            resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -78,9 +71,6 @@ class DPOTask(loop.Task):
         self.model = load_policy(cfg, d, prepare=key if cache else None)
         self.ref_table = reference_table(cfg, self.model, self.pairs, self.key, d) if cache else None
         self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
-
-    def norm(self, batch: list[int]) -> float:
-        return float(len(batch))
 
     def micro(self, model, idx: list[int]):
         b, B, ref = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt), len(idx), None

@@ -73,9 +73,9 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 
 class Task:
     """What a trainer hands the loop (train/README.md, "One loop"): `model`, `num_examples`, `norm(batch)` (the
-    global batch's loss denominator), `micro(model, indices)` -> (summed loss, stat sums with "loss_sum"),
-    `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)` of `train` or `held_out` ones
-    (summarized as eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
+    global batch's loss denominator; default: its size), `micro(model, indices)` -> (summed loss, stat sums with
+    "loss_sum"), `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)` of `train` or `held_out`
+    ones (summarized as eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
@@ -83,6 +83,9 @@ class Task:
     held_out: list = []
     eval_keys: tuple[str, ...] = ()
     eval_norm: str = ""
+
+    def norm(self, batch: list[int]) -> float:
+        return float(len(batch))
 
     def micro(self, model, idx: list[int]):
         st = self.sums(model, [self.train[i] for i in idx])

@@ -100,8 +100,6 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     if cfg.loss_type == "simpo":
         r = beta * (policy / lens)
         loss = -F.logsigmoid(r[:B] - r[B:] - cfg.simpo_gamma)
-    elif ref is None:
-        raise ValueError(f"loss {cfg.loss_type} needs reference log-probs")
     else:
         ratio = policy - ref.to(policy)                                  # [2B]
         r, z = beta * ratio, ratio[:B] - ratio[B:]
@@ -174,7 +172,6 @@ class PGOut:
     pg: torch.Tensor          # () the policy-gradient part
     value: torch.Tensor       # () 0.5 sum (V - G)^2
     advantages: torch.Tensor  # [M] per token (RLOO: the response's advantage on each of its tokens)
-    returns: torch.Tensor     # [M] G
 
 
 def kl_per_token(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -200,7 +197,7 @@ def returns_to_go(kl: torch.Tensor, seq: torch.Tensor, rewards: torch.Tensor, be
 def _pg(logp, values, G, A, value_coef: float) -> PGOut:
     pg = -(logp.double() * A).sum()
     v = 0.5 * ((values.double() - G) ** 2).sum()
-    return PGOut(pg + value_coef * v, pg, v, A, G)
+    return PGOut(pg + value_coef * v, pg, v, A)
 
 
 def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,

@@ -87,9 +87,6 @@ class RMTask(loop.Task):
         self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 
-    def norm(self, batch: list[int]) -> float:
-        return float(len(batch))
-
     def sums(self, model, pairs: list[Pair]) -> dict:
         r1, r2 = pair_rewards(model, pairs, self.pad_id)
         p1 = torch.tensor([p.p1 for p in pairs], device=r1.device)
