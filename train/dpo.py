@@ -46,17 +46,10 @@ class DPOConfig(TrainConfig):
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
-    def __post_init__(self):   # the unset loss settings take the loss's paper defaults, once, at construction
+    def __post_init__(self):   # unset loss settings take the loss's paper defaults; flags it doesn't use: refused
         try:
             self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
                 self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
-        except ValueError:
-            pass                # refused by check(), with the message
-
-    def check(self) -> None:
-        super().check()
-        try:   # flags a loss does not use are refused
-            resolve_loss_settings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -67,23 +60,20 @@ class DPOTask(loop.Task):
     def __init__(self, cfg: DPOConfig, d: Dist, tok):
         self.cfg = cfg
         mpl = cfg.max_prompt_length or cfg.max_length // 2
-        self.pairs, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
+        self.train, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
         if d.is_main:
             print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
                   f"tokens): {counts['truncated']}")
-        self.counts, self.num_examples = {"truncated": counts["truncated"]}, len(self.pairs)
+        self.counts = {"truncated": counts["truncated"]}
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
         cache = self.lcfg.needs_reference and cfg.ref_mode == "cache"
         key = lambda m: setattr(self, "key", weights_hash(m.state_dict()))  # noqa: E731  (of the whole weights)
         self.model = load_policy(cfg, d, prepare=key if cache else None)
-        self.ref_table = reference_table(cfg, self.model, self.pairs, self.key, d) if cache else None
+        self.ref_table = reference_table(cfg, self.model, self.train, self.key, d) if cache else None
         self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
 
-    def norm(self, batch: list[int]) -> float:
-        return float(len(batch))
-
     def micro(self, model, idx: list[int]):
-        b, B, ref = pair_batch([self.pairs[i] for i in idx], self.cfg.share_prompt), len(idx), None
+        b, B, ref = pair_batch([self.train[i] for i in idx], self.cfg.share_prompt), len(idx), None
         if self.ref_table is not None:
             ref = self.ref_table[idx].T.flatten()                        # [B, 2] -> [2B], chosen first
         elif self.ref_model is not None:

@@ -72,17 +72,19 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
 
 
 class Task:
-    """What a trainer hands the loop (train/README.md, "One loop"): `model`, `num_examples`, `norm(batch)` (the
-    global batch's loss denominator), `micro(model, indices)` -> (summed loss, stat sums with "loss_sum"),
-    `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)` of `train` or `held_out` ones
-    (summarized as eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
+    """What a trainer hands the loop (train/README.md, "One loop"): `model`, `train` (the items batches index),
+    `norm(batch)` (the global batch's loss denominator; default: its size), `micro(model, indices)` -> (summed
+    loss, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)`
+    (of `train`; of `held_out`: eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
-    train: list = []
     held_out: list = []
     eval_keys: tuple[str, ...] = ()
     eval_norm: str = ""
+
+    def norm(self, batch: list[int]) -> float:
+        return float(len(batch))
 
     def micro(self, model, idx: list[int]):
         st = self.sums(model, [self.train[i] for i in idx])
@@ -168,7 +170,7 @@ def _step(line: str) -> float:
 
 
 def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) -> dict:
-    out, model, n = Path(cfg.output), task.model, task.num_examples
+    out, model, n = Path(cfg.output), task.model, len(task.train)
     if n == 0:
         raise DataError(f"{', '.join(cfg.data)}: no examples left to train on (the files are empty, or every "
                         f"example was dropped: see the counts above; a larger --max-length keeps more)")
@@ -219,7 +221,6 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
 
     if start == 0 and task.held_out:
         evaluate(0)
-    model.train()
     t_start, tokens_seen, last = time.time(), 0, {}
     # steps between the logged ones: one updating line on a terminal (a line every 10 s in a log)
     prog = Progress(name, total, start, unit="steps", every=10.0) if d.is_main and cfg.log_every > 1 else None

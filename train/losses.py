@@ -71,8 +71,12 @@ def sequence_logps(model, b: FlatBatch) -> torch.Tensor:
     """One forward over the batch's sequences -> summed response log-probs [2B] (chosen first)."""
     lp = token_logps(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen, prefix=b.prefix), b.targets)
     # sums in fp64: a response of thousands of tokens would lose the digits the DPO margin lives in
-    per_seq = torch.zeros(b.cu_seqlens.numel() - 1, dtype=torch.float64, device=lp.device)
-    return per_seq.index_add(0, b.seq_id.to(lp.device), lp.double())[b.out_seq.to(lp.device)]   # [S] -> [2B]
+    return seq_sums(lp, b.seq_id.to(lp.device), b.cu_seqlens.numel() - 1)[b.out_seq.to(lp.device)]   # [S] -> [2B]
+
+
+def seq_sums(x: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """[M] -> [n] the sums over each sequence's tokens (fp64)."""
+    return torch.zeros(n, dtype=torch.float64, device=x.device).index_add(0, seq, x.double())
 
 
 @dataclass
@@ -100,8 +104,6 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, resp_len: torch.Ten
     if cfg.loss_type == "simpo":
         r = beta * (policy / lens)
         loss = -F.logsigmoid(r[:B] - r[B:] - cfg.simpo_gamma)
-    elif ref is None:
-        raise ValueError(f"loss {cfg.loss_type} needs reference log-probs")
     else:
         ratio = policy - ref.to(policy)                                  # [2B]
         r, z = beta * ratio, ratio[:B] - ratio[B:]
@@ -174,17 +176,11 @@ class PGOut:
     pg: torch.Tensor          # () the policy-gradient part
     value: torch.Tensor       # () 0.5 sum (V - G)^2
     advantages: torch.Tensor  # [M] per token (RLOO: the response's advantage on each of its tokens)
-    returns: torch.Tensor     # [M] G
 
 
 def kl_per_token(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """[M] k1 = log pi - log pi_ref at the sampled tokens, without gradient."""
     return (logp.detach() - ref).double()
-
-
-def seq_sums(x: torch.Tensor, seq: torch.Tensor, B: int) -> torch.Tensor:
-    """[M] -> [B] per-response sums (fp64)."""
-    return torch.zeros(B, dtype=torch.float64, device=x.device).index_add(0, seq, x.double())
 
 
 def returns_to_go(kl: torch.Tensor, seq: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
@@ -200,7 +196,7 @@ def returns_to_go(kl: torch.Tensor, seq: torch.Tensor, rewards: torch.Tensor, be
 def _pg(logp, values, G, A, value_coef: float) -> PGOut:
     pg = -(logp.double() * A).sum()
     v = 0.5 * ((values.double() - G) ** 2).sum()
-    return PGOut(pg + value_coef * v, pg, v, A, G)
+    return PGOut(pg + value_coef * v, pg, v, A)
 
 
 def reinforce_loss(logp: torch.Tensor, values: torch.Tensor, ref: torch.Tensor, seq: torch.Tensor,

@@ -106,8 +106,7 @@ class RLTask(loop.Task):
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
         self.cfg, self.d, self.tok = cfg, d, tok
-        self.prompts = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
-        self.num_examples = len(self.prompts)
+        self.train = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
         self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = load_engine(cfg.model, cfg.engine)
@@ -117,7 +116,7 @@ class RLTask(loop.Task):
         self.loss_fn = reinforce_loss if cfg.estimator == "reinforce" else rloo_loss
         self.probes = None
         if d.is_main:
-            print(f"[rl] {len(self.prompts)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
+            print(f"[rl] {len(self.train)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
                   f"T {cfg.temperature}, reward {'given' if reward is not None else cfg.reward})")
 
     def param_groups(self, model) -> list[dict]:
@@ -135,7 +134,7 @@ class RLTask(loop.Task):
         self.group = {i: k for k, i in enumerate(mine)}       # prompt -> its place in this rank's share
         # each request's seed is a function of (seed, step, place in the batch): not of the world size or a resume
         seeds = [((c.seed * 1_000_003 + step) * 1_000_033 + first + k) * c.num_samples for k in range(per)]
-        self.rolls, self.sample_s = sample(self.engine, self.tok, [self.prompts[i] for i in mine], c.num_samples,
+        self.rolls, self.sample_s = sample(self.engine, self.tok, [self.train[i] for i in mine], c.num_samples,
                                            c.temperature, c.top_p, c.max_new_tokens, seeds)
         t = time.perf_counter()
         for r, v in zip(self.rolls, self.reward([r.prompt for r in self.rolls], [r.text for r in self.rolls])):

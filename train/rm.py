@@ -83,12 +83,8 @@ class RMTask(loop.Task):
         if d.is_main:
             print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; held out: {len(self.held_out)}")
-        self.num_examples = len(self.train)
         self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
-
-    def norm(self, batch: list[int]) -> float:
-        return float(len(batch))
 
     def sums(self, model, pairs: list[Pair]) -> dict:
         r1, r2 = pair_rewards(model, pairs, self.pad_id)

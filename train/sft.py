@@ -49,7 +49,6 @@ class SFTTask(loop.Task):
             print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
                   f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
         self.counts = {"truncated": counts["truncated"], "dropped": counts["dropped"]}
-        self.num_examples = len(self.train)
         self.model = load_policy(cfg, d)
 
     def norm(self, batch: list[int]) -> float:
