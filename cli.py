@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from selfreward.ranges import ConfigError, check_args, check_choice, check_number
+from selfreward.ranges import ConfigError, check_choice, check_number
 from selfreward.records import DataError, write_json
 
 
@@ -130,18 +130,21 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     return cls(**kw)
 
 
-class _Parser(argparse.ArgumentParser):
-    """check_args on what it parses: the flags an entry adds to a config's parser are checked at the door too."""
+class Parser(argparse.ArgumentParser):
+    """Every number it parses (lists too) goes through check_number: cli.parser's and the hand-written ones."""
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
-        return check_args(ns), rest
+        for dest, v in vars(ns).items():
+            if not dest.startswith("_"):
+                check_number("--" + dest.replace(".", "-").replace("_", "-"), v)
+        return ns, rest
 
 
 def parser(cls, description: str = "", skip: dict | None = None, own: tuple[str, ...] = ()
            ) -> argparse.ArgumentParser:
     """--config and a flag per field of `cls` (but `skip`'s, as add_flags). `own`: top-level fields whose flags the
     caller adds itself (dest: the field's name; e.g. an alias, action="append"), read by build() like the rest."""
-    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a JSON config this command wrote (e.g. RUN/config.json); flags override it")
     skip = {**(skip or {}), "": {*(skip or {}).get("", ()), *own}}
     p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)) + list(own))

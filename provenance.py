@@ -4,7 +4,7 @@
                inputs=[inp], overwrite=args.overwrite, flag="--overwrite"):
         ...   # write OUT (or OUT.partial); OUT.meta.json already says what makes it
 
-- `OutputLock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid, locked with
+- `output_lock`: a second writer of the same output fails fast. OUT.lock holds its holder's pid, locked with
   fcntl.flock: the kernel drops the lock when the holder dies (the next run takes it over).
 - the provenance record (OUT.meta.json beside a file, FOLDER/run.json in a folder): the settings that shape the
   data (`made_by`), the model's fingerprint and the inputs' hashes. A rerun whose record differs is refused
@@ -143,48 +143,37 @@ def check_not_input(inputs: Iterable[str | Path], outputs: Iterable[str | Path])
             raise DataError(f"{i}: is also an output of this command ({o}); refusing to write over an input")
 
 
-class OutputLock:
+@contextmanager
+def output_lock(out: str | Path, folder: bool = False) -> Iterator[None]:
     """An exclusive lock on OUT: OUT.lock (FOLDER/.lock for a folder), with the holder's pid in it."""
-
-    def __init__(self, out: str | Path, folder: bool = False):
-        out = Path(out)
-        self.path = out / ".lock" if folder else out.with_name(out.name + ".lock")
-        self.fd: int | None = None
-
-    def acquire(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                try:
-                    pid = int(self.path.read_text().strip() or 0) or "?"
-                except (OSError, ValueError):
-                    pid = "?"
-                raise DataError(f"{self.path}: another run (pid {pid}) is writing this output; "
-                                f"wait for it to finish or stop it") from None
-            with suppress(FileNotFoundError):   # unless a holder releasing it removed the file meanwhile: retry
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
-                    self.fd = fd
-                    return self
+    out = Path(out)
+    path = out / ".lock" if folder else out.with_name(out.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-        raise DataError(f"{self.path}: could not take the lock (the file keeps being replaced)")
-
-    def release(self) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "OutputLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+            try:
+                pid = int(path.read_text().strip() or 0) or "?"
+            except (OSError, ValueError):
+                pid = "?"
+            raise DataError(f"{path}: another run (pid {pid}) is writing this output; "
+                            f"wait for it to finish or stop it") from None
+        with suppress(FileNotFoundError):   # unless a holder releasing it removed the file meanwhile: retry
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                break
+        os.close(fd)
+    else:
+        raise DataError(f"{path}: could not take the lock (the file keeps being replaced)")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _has_data(out: Path, folder: bool) -> bool:
@@ -203,7 +192,7 @@ def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), ove
     (something this command did not write) is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
-    with OutputLock(out, folder=folder):
+    with output_lock(out, folder=folder):
         same = False
         if overwrite:
             if clear is not None:

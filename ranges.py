@@ -1,11 +1,10 @@
 """The door every number passes: one table of ranges by the last part of a setting's name (the flag's too),
-checked for flags and `--config` files alike (cli.from_dict, every cli.parser parser, and check_args for the
-hand-written parsers), before any model loads; every float must also be finite. Settings with a meaning of
-their own keep their extra rules in their config's check(). docs/flags.md lists every entry point's flags.
+checked for flags and `--config` files alike (cli.from_dict, cli.Parser: every parser, hand-written ones too),
+before any model loads; every float must also be finite. Settings with a meaning of their own keep their extra
+rules in their config's check(). docs/flags.md lists every entry point's flags.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
@@ -80,10 +79,3 @@ def check_fields(cfg) -> None:
         check_number("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
         check_choice("--" + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata.get("choices"))
 
-
-def check_args(ns: argparse.Namespace) -> argparse.Namespace:
-    """check_number on every number parsed (lists too), for the hand-written parsers."""
-    for dest, v in vars(ns).items():
-        if not dest.startswith("_"):
-            check_number("--" + dest.replace(".", "-").replace("_", "-"), v)
-    return ns

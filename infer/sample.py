@@ -23,7 +23,7 @@ from selfreward.infer.parallel import init_tp, run_stage_units, stage_group
 from selfreward.infer.sequence import SamplingParams
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import check_messages
-from selfreward.provenance import OutputLock, check_record, claim, made_by, same_file
+from selfreward.provenance import check_record, claim, made_by, output_lock, same_file
 from selfreward.records import DataError, check_file, iter_jsonl, nonempty, partial_path, read_jsonl
 from selfreward.units import barrier, dist_env
 
@@ -165,7 +165,8 @@ def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
     if world > 1:
         barrier()
     if rank != 0:
-        ctx = OutputLock(out.with_name(f"{out.name}.rank{rank}")).acquire()
+        ctx = output_lock(out.with_name(f"{out.name}.rank{rank}"))
+        ctx.__enter__()
         check_record(out, made, "--overwrite")
     return ctx
 

@@ -177,12 +177,9 @@ class Transformer(nn.Module):
     def forward_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A padded batch (left or right padding), as transformers takes it -> logits [B, T, V] (fp32).
         Padding positions' logits are zeros."""
-        B, T = input_ids.shape
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        lens = mask.sum(1)
         pos = (mask.long().cumsum(1) - 1)[mask]                     # [N] positions of real tokens
-        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
-        h = self(input_ids[mask], pos, AttnContext(cu, int(lens.max())))
-        out = torch.zeros(B, T, self.cfg.vocab_size, device=h.device)
+        h = self.forward_packed(input_ids[mask][None], pos[None])[0]   # the rows laid end to end
+        out = torch.zeros(*input_ids.shape, self.cfg.vocab_size, device=h.device)
         out[mask] = self.logits(h)
         return out

@@ -206,8 +206,6 @@ class Tokenizer:
     def render_response(self, text: str) -> list[int]:
         """Ids of an assistant reply as render_chat lays it after the generation prompt, end token included
         (plain template: content + EOS; a jinja template: content + its closing text up to the stop id)."""
-        if self.chat_template is None:
-            return self.encode(text) + ([self.eos_id] if self.eos_id is not None else [])
         ids, mask = self.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": text}])
         return [t for t, m in zip(ids, mask) if m]     # the mask is True on the reply's tokens alone
 
@@ -219,8 +217,6 @@ class Tokenizer:
     def prompt_ids(self, record: dict, raw: bool = False) -> list[int]:
         """A request record's prompt ids: `messages` rendered with the generation prompt; a `prompt` string
         as one user turn, as the trainers read `{"prompt"}` records (raw=True: BOS + the text, no template)."""
-        if raw and "messages" not in record:
-            return self.encode(record["prompt"], bos=True)
-        if "messages" not in record:
-            return self.user_ids(record["prompt"])
-        return self.render_chat(record["messages"], add_generation_prompt=True)[0]
+        if "messages" in record:
+            return self.render_chat(record["messages"], add_generation_prompt=True)[0]
+        return self.encode(record["prompt"], bos=True) if raw else self.user_ids(record["prompt"])

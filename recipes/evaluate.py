@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
     from selfreward.infer.config import add_engine_flags
-    ap = argparse.ArgumentParser(description="reward-model metrics and head-to-head evaluation")
+    ap = cli.Parser(description="reward-model metrics and head-to-head evaluation")
     sub = ap.add_subparsers(dest="cmd", required=True)
     rm = sub.add_parser("rm", help="judge held-out human-ranked groups; Table 4 metrics")
     rm.add_argument("--judge", required=True)

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import math
@@ -17,7 +16,8 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from selfreward.ranges import ConfigError, check_args
+from selfreward.cli import Parser
+from selfreward.ranges import ConfigError
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
@@ -199,7 +199,7 @@ def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True)
     ap.add_argument("--out", required=True, help="folder for ift.jsonl, groups_{train,eval}.jsonl, eft_*.jsonl "
                     "(ift and groups_train from the training trees only)")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
                     "or with other settings")
-    a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --temperature, --max-tokens
+    a = ap.parse_args(argv)      # cli.Parser: ranges.py checks --eval-frac, --temperature, --max-tokens
     if a.tries < 1:
         raise ConfigError(f"--tries {a.tries}: must be >= 1")
     lang, out = None if a.lang == "any" else a.lang, Path(a.out)

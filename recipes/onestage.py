@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
 from selfreward.provenance import claim
-from selfreward.ranges import ConfigError, check_args
+from selfreward.ranges import ConfigError
 from selfreward.records import partial_path, read_jsonl
 from selfreward.units import run_units
 
@@ -42,10 +42,10 @@ def unit_records(out: str | Path, units: list[dict], load: Callable, fn: Callabl
 
 
 def parse(argv: list[str] | None, ap, engine_dests: set[str]):
-    """The door of a hand-written command, before any file is touched: ranges.check_args, --k and --limit >= 1
-    (no range rule), the engine flags -> (args, EngineConfig, device, dtype name)."""
+    """The door of a hand-written command, before any file is touched: the numbers (`ap`: a cli.Parser), --k and
+    --limit >= 1 (no range rule), the engine flags -> (args, EngineConfig, device, dtype name)."""
     from selfreward.infer.config import engine_from_flags, resolve_device
-    a = check_args(ap.parse_args(argv))
+    a = ap.parse_args(argv)
     for flag in ("k", "limit"):
         if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
             raise ConfigError(f"--{flag} {getattr(a, flag)}: must be >= 1")

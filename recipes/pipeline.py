@@ -22,7 +22,7 @@ from typing import Callable
 
 from selfreward import cli
 from selfreward.infer.parallel import run_stage_units, stage_group
-from selfreward.provenance import OutputLock, check_settings
+from selfreward.provenance import check_settings, output_lock
 from selfreward.recipes.session import Session
 from selfreward.records import read_json, write_json
 from selfreward.units import dist_env
@@ -120,7 +120,7 @@ def run(r: Recipe, cfg, s: Session | None = None, overwrite: bool = False) -> li
     """Every stage: the head, then iterations 1..T -> [the head's manifest (if any), iter_1's, ...]. Rerunning
     the same command after a crash continues where it stopped; a rerun with settings that shape the data is
     refused (overwrite: the recipe's layout is deleted first); one driver per RUN."""
-    with OutputLock(cfg.run_dir, folder=True):
+    with output_lock(cfg.run_dir, folder=True):
         run_dir, conf = Path(cfg.run_dir), Path(cfg.run_dir) / "config.json"
         if overwrite:
             for pattern in r.layout + ("config.json",):

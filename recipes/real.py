@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.ranges import check_args
 
 COLUMNS = [("model", "model", "{}"), ("judge_pairwise", "judge pw", "{:.3f}"), ("judge_spearman", "spearman", "{:.3f}"),
            ("judge_parse_failures", "j.unparsed", "{}"), ("mean_len_tokens", "len tok", "{:.1f}"),
@@ -85,14 +84,14 @@ def run_real(model: str, seed_dir: str, run_dir: str, iterations: int = 2, n_pro
 
 def main(argv: list[str] | None = None) -> dict:
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="M0: a Llama-family HF checkpoint folder")
     ap.add_argument("--oasst-seed", required=True, help="the folder `python -m selfreward.recipes.oasst --out` wrote")
     ap.add_argument("--run-dir", default="runs/real")
     for flag, default in (("iterations", 2), ("n-prompts", 1000), ("nproc", 1), ("seed", 0), ("n-eval-groups", 200),
                           ("sft-steps", 0)):
         ap.add_argument(f"--{flag}", type=int, default=default, help=f"(default: {default})")
-    a = check_args(ap.parse_args(argv))
+    a = ap.parse_args(argv)
     return run_real(a.model, a.oasst_seed, a.run_dir, a.iterations, a.n_prompts, a.nproc, a.seed, a.n_eval_groups,
                     sft_steps=a.sft_steps)
 

@@ -4,13 +4,13 @@ text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
 from __future__ import annotations
 
-import argparse
 import json
 from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from selfreward.cli import Parser
 from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import expected_scores
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     from selfreward.infer.config import add_engine_flags
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.session import Session
-    ap = argparse.ArgumentParser(description="RLAIF soft preference labels")
+    ap = Parser(description="RLAIF soft preference labels")
     ap.add_argument("cmd", choices=["label"])
     ap.add_argument("--labeller", required=True)
     src = ap.add_mutually_exclusive_group(required=True)

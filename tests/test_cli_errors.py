@@ -214,9 +214,9 @@ def test_user_error_is_one_line_exit_2(w, name, argv, needle):
 
 
 def test_a_second_loop_driver_is_locked_out(w):
-    from selfreward.provenance import OutputLock
+    from selfreward.provenance import output_lock
     run = w["dir"] / "loop_locked"
-    with OutputLock(run, folder=True):
+    with output_lock(run, folder=True):
         code, err = run_cli("self_reward", LOOP()(w)[:1] + [run] + LOOP()(w)[2:])
     assert code == 2 and f"another run (pid {os.getpid()})" in err, err
 

@@ -173,7 +173,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     from selfreward import records
     from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
-    from selfreward.provenance import OutputLock
+    from selfreward.provenance import output_lock
     from selfreward.recipes.evaluate import judgments_path, main as evaluate
     from selfreward.records import DataError
     from conftest import TOKENIZER_DIR
@@ -200,7 +200,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"seed: 0 -> 1"):
         evaluate(args + ["--seed", "1"])
     assert (store.read_bytes(), out.read_bytes()) == before
-    with OutputLock(store):
+    with output_lock(store):
         with pytest.raises(DataError, match="another run"):
             evaluate(args)
     assert (store.read_bytes(), out.read_bytes()) == before

@@ -175,9 +175,9 @@ def test_case9_two_samplers_into_one_output(w):
     assert sorted((r["id"], r["sample"]) for r in recs) == [(i, j) for i in range(24) for j in range(2)]
     # the refused run leaves the holder's files alone: an empty .partial the holder has just opened (the holder
     # has not flushed its first prompt yet) stays (a refused run once deleted it, and the holder's finish failed)
-    from selfreward.provenance import OutputLock
+    from selfreward.provenance import output_lock
     out3 = w["dir"] / "s9c.jsonl"
-    with OutputLock(out3):
+    with output_lock(out3):
         out3.with_name("s9c.jsonl.partial").write_bytes(b"")
         refused(run_cli("sample", sample_args(w, out3)), "another run")
         assert out3.with_name("s9c.jsonl.partial").exists()

@@ -254,10 +254,10 @@ def test_label_cli_resumes_after_a_failed_write_and_refuses_a_mismatch(label_wor
 
 
 def test_label_cli_second_writer_is_refused_and_leaves_the_files(label_world):
-    from selfreward.provenance import OutputLock
+    from selfreward.provenance import output_lock
     d, m, (pairs, _) = label_world
     out = d / "locked.jsonl"
-    with OutputLock(out):
+    with output_lock(out):
         out.with_name("locked.jsonl.partial").write_bytes(b"")
         with pytest.raises(DataError, match="another run"):
             _label(d, m, pairs, out)

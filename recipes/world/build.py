@@ -16,7 +16,6 @@ from pathlib import Path
 from selfreward.recipes.world.data import eft_seed, ift_seed, web_docs
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE, check_format
 from selfreward.recipes.world.tasks import BASE_SIZES, SIZES, parse_kinds
-from selfreward.ranges import check_args
 from selfreward.records import write_json, write_jsonl
 
 
@@ -175,18 +174,16 @@ def ship(model_dir: Path, out: Path, mc: WorldModelConfig, command: str) -> Path
 def main(argv: list[str] | None = None) -> Path:
     """python -m selfreward.recipes.world.build [--out recipes/world/m0] [--cache-dir D] [--threads 2] [--m0-FIELD V]:
     build M0 (each phase cached) and ship it to --out."""
-    import argparse
     import os
     import shlex
     import sys
 
     from selfreward import cli
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = cli.Parser(description=main.__doc__)
     ap.add_argument("--out", default=str(SHIPPED))
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "selfreward" / "world"))
     ap.add_argument("--threads", type=int, default=0)
     a, rest = ap.parse_known_args(argv)
-    check_args(a)
     mc = cli.parse_config(WorldModelConfig, [x.replace("--m0-", "--", 1) for x in rest])
     if a.threads:
         import torch
