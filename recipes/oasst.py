@@ -17,7 +17,7 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from selfreward.ranges import ConfigError, check_args
+from selfreward.ranges import check_args
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
                     "or with other settings")
-    a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --temperature, --max-tokens
-    if a.tries < 1:
-        raise ConfigError(f"--tries {a.tries}: must be >= 1")
+    a = check_args(ap.parse_args(argv))      # ranges.py checks --eval-frac, --tries, --temperature, --max-tokens
     lang, out = None if a.lang == "any" else a.lang, Path(a.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
     check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
