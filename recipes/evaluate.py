@@ -162,7 +162,7 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
     cfg = _from_args(JudgeConfig, a, template=a.judge_template or "default")
     made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
-    items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
+    items, store = reply_items(groups), Path(f"{a.out}.judgments.jsonl")   # the claimed, resumable judgments
 
     def load():
         engine, tok = Session(ecfg).get(a.judge)
@@ -200,11 +200,11 @@ def _from_args(cls, a, **kw):
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
     """A's replies, B's replies, then the verdicts, each a resumable file in OUT.h2h, a unit a prompt: a killed
     run's rerun does only what is missing; one model in memory at a time."""
-    from selfreward.recipes.h2h import generate_responses, h2h_result, h2h_work_dir, pair_verdicts, read_prompts
+    from selfreward.recipes.h2h import generate_responses, h2h_result, pair_verdicts, read_prompts
     from selfreward.recipes.session import Session
     cfg = _from_args(H2HRun, a)
     prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
-    work, session, units = h2h_work_dir(a.out), Session(ecfg), [{"i": i} for i in range(len(prompts))]
+    work, session, units = Path(f"{a.out}.h2h"), Session(ecfg), [{"i": i} for i in range(len(prompts))]
 
     def stage(name: str, model: str, fn) -> list[dict]:
         return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
@@ -224,11 +224,6 @@ def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
               f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
         return done(res)
-
-
-def judgments_path(out: str | Path) -> Path:
-    """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
-    return Path(f"{out}.judgments.jsonl")
 
 
 if __name__ == "__main__":
