@@ -86,8 +86,6 @@ def print_rm(res: dict, title: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     a, ecfg, device, dtype = parse(argv, *_parser())
-    if a.cmd == "reward":
-        nonempty(load_groups(a.groups), a.groups, "groups")
     check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
                      if getattr(a, k, None)], [a.out])
     made = {"cmd": a.cmd, "seed": a.seed, "dtype": dtype, "limit": a.limit}
@@ -139,10 +137,11 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
 def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.infer.config import resolve_device
     from selfreward.recipes.reward import load_reward
+    groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
     device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
     with claimed(a.out, made, [a.groups], a.overwrite):   # Table 4 metrics, each reply's reward as its score
-        reward, groups = load_reward(a.kind, a.model, device=device, dtype=dtype), load_groups(a.groups)[:a.limit]
+        reward = load_reward(a.kind, a.model, device=device, dtype=dtype)
         items = reply_items(groups)
         it = iter(reward([p for p, _ in items], [r for _, r in items]))
         ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
