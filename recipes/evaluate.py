@@ -34,8 +34,7 @@ def load_groups(path: str | Path) -> list[dict]:
 
 
 def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
-    """rm_result of every reply of every group judged (K samples; the expected score too if asked), reply j from
-    seed + j * K."""
+    """rm_result of every reply judged (K samples; the expected score if asked), reply j from seed + j * K."""
     items = reply_items(groups)
     return rm_result(groups, cfg, judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k
                                                                         for j in range(len(items))], progress))

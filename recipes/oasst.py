@@ -134,10 +134,10 @@ def held_out(key: str, frac: float, seed: int) -> bool:
     return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12 < frac
 
 
-def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out groups by held_out(id), as the CLI splits trees (a first-turn group's id is its root's)."""
-    return ([g for g in groups if not held_out(g["id"], eval_frac, seed)],
-            [g for g in groups if held_out(g["id"], eval_frac, seed)])
+def split_groups(items: list, eval_frac: float = 0.25, seed: int = 0, key=lambda g: g["id"]) -> tuple[list, list]:
+    """Train / held-out items by held_out(key(item)); the CLI splits trees (a first-turn group's id is its root's)."""
+    return ([g for g in items if not held_out(key(g), eval_frac, seed)],
+            [g for g in items if held_out(key(g), eval_frac, seed)])
 
 
 def agrees_with_humans(ranks: list[int], scores: list[float | None]) -> bool:
@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
-    train_roots = [r for r in roots if not held_out(r.id, a.eval_frac, a.seed)]   # split trees first: nothing
-    held_roots = [r for r in roots if held_out(r.id, a.eval_frac, a.seed)]        # held-out trains
+    train_roots, held_roots = split_groups(roots, a.eval_frac, a.seed, lambda r: r.id)  # trees: nothing held-out trains
     ift = ift_pairs(train_roots, lang)
     train = ranked_groups(train_roots, lang, not a.all_turns)
     held = ranked_groups(held_roots, lang, not a.all_turns)
