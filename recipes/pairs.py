@@ -22,6 +22,8 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
     sample index is taken. pool_identical: candidates with the very same text are one response (judgments
     pooled), so chosen and rejected always differ. min_margin > 0 drops pairs closer than that (counted
     "below_margin"; the paper keeps every untied pair). Returns (pairs, counts)."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
     score = mean_scores(judgments, key, lambda j: (j["id"], cand_text.get((j["id"], j["sample"])) if pool_identical
                                                    else j["sample"]))
