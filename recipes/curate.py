@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from selfreward import cli
 from selfreward.recipes.judge import JudgeConfig, load_rubric, mean_scores
 
 CURATE_TEMPLATE = """\
@@ -33,13 +34,8 @@ class CurateConfig:
     top_p: float = 0.9
     max_tokens: int = 256
     template: str = ""                # rubric file with {instruction} and {response}; "" = the built-in one
-    score_from: str = "sampled"       # sampled (mean of K) | expected (digit distribution after "Score:")
+    score_from: str = cli.choice("sampled", "expected")  # sampled (mean of K) | expected (P of digits after "Score:")
     keep: list[int] = field(default_factory=lambda: [4, 5])   # thresholds reported (A_k: score >= k)
-
-    def __post_init__(self):
-        if self.score_from not in ("sampled", "expected"):
-            from selfreward.cli import ConfigError
-            raise ConfigError(f"--curate-score-from {self.score_from!r}: choose sampled or expected")
 
     def judge(self, seed: int = 0) -> JudgeConfig:
         """The JudgeConfig recipes.judge.judge_items runs (the rubric text set on it)."""

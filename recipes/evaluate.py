@@ -34,8 +34,7 @@ def load_groups(path: str | Path) -> list[dict]:
 
 
 def rm_eval(engine, tok, groups: list[dict], cfg: JudgeConfig, progress: bool = False) -> dict:
-    """rm_result of every reply of every group judged (K samples; the expected score too if asked), reply j from
-    seed + j * K."""
+    """rm_result of every reply judged (K samples; the expected score if asked), reply j from seed + j * K."""
     items = reply_items(groups)
     return rm_result(groups, cfg, judge_items(engine, tok, items, cfg, [cfg.seed + j * cfg.k
                                                                         for j in range(len(items))], progress))
@@ -86,8 +85,6 @@ def print_rm(res: dict, title: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     a, ecfg, device, dtype = parse(argv, *_parser())
-    if a.cmd == "reward":
-        nonempty(load_groups(a.groups), a.groups, "groups")
     check_not_input([getattr(a, k) for k in ("groups", "prompts", "judge_template", "pair_template")
                      if getattr(a, k, None)], [a.out])
     made = {"cmd": a.cmd, "seed": a.seed, "dtype": dtype, "limit": a.limit}
@@ -139,10 +136,11 @@ def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
 def _reward_cmd(a, ecfg, made: dict, done) -> dict:
     from selfreward.infer.config import resolve_device
     from selfreward.recipes.reward import load_reward
+    groups = nonempty(load_groups(a.groups)[:a.limit], a.groups, "groups")
     device, dtype = resolve_device(ecfg)
     made.update(kind=a.kind, model_fingerprint=model_fingerprint(a.model), groups_hash=file_hash(a.groups))
     with claimed(a.out, made, [a.groups], a.overwrite):   # Table 4 metrics, each reply's reward as its score
-        reward, groups = load_reward(a.kind, a.model, device=device, dtype=dtype), load_groups(a.groups)[:a.limit]
+        reward = load_reward(a.kind, a.model, device=device, dtype=dtype)
         items = reply_items(groups)
         it = iter(reward([p for p, _ in items], [r for _, r in items]))
         ranked = [([r["rank"] for r in g["replies"]], [next(it) for _ in g["replies"]]) for g in groups]
@@ -162,7 +160,7 @@ def _rm_cmd(a, ecfg, made: dict, done) -> dict:
     cfg = _from_args(JudgeConfig, a, template=a.judge_template or "default")
     made.update(judge_fingerprint=model_fingerprint(a.judge), groups_hash=file_hash(a.groups), **made_by(cfg),
                 rubric=hashlib.sha256(cfg.text.encode()).hexdigest()[:16])
-    items, store = reply_items(groups), judgments_path(a.out)   # the judgments: the claimed, resumable output
+    items, store = reply_items(groups), Path(f"{a.out}.judgments.jsonl")   # the claimed, resumable judgments
 
     def load():
         engine, tok = Session(ecfg).get(a.judge)
@@ -200,11 +198,11 @@ def _from_args(cls, a, **kw):
 def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
     """A's replies, B's replies, then the verdicts, each a resumable file in OUT.h2h, a unit a prompt: a killed
     run's rerun does only what is missing; one model in memory at a time."""
-    from selfreward.recipes.h2h import generate_responses, h2h_result, h2h_work_dir, pair_verdicts, read_prompts
+    from selfreward.recipes.h2h import generate_responses, h2h_result, pair_verdicts, read_prompts
     from selfreward.recipes.session import Session
     cfg = _from_args(H2HRun, a)
     prompts = nonempty(read_prompts(a.prompts, a.limit), a.prompts, "prompts")
-    work, session, units = h2h_work_dir(a.out), Session(ecfg), [{"i": i} for i in range(len(prompts))]
+    work, session, units = Path(f"{a.out}.h2h"), Session(ecfg), [{"i": i} for i in range(len(prompts))]
 
     def stage(name: str, model: str, fn) -> list[dict]:
         return unit_records(work / f"{name}.jsonl", units, lambda: session.get(model),
@@ -224,11 +222,6 @@ def _h2h_cmd(a, ecfg, made: dict, done) -> dict:
         print(f"| A vs B | win | tie | loss | n |\n|---|---|---|---|---|\n| {a.a} vs {a.b} | {_fmt(res['win'])} | "
               f"{_fmt(res['tie'])} | {_fmt(res['loss'])} | {res['n']} |  (no verdict: {res['no_verdict']})")
         return done(res)
-
-
-def judgments_path(out: str | Path) -> Path:
-    """Where `evaluate rm --out OUT` keeps its judgments (resumable; OUT is computed from them)."""
-    return Path(f"{out}.judgments.jsonl")
 
 
 if __name__ == "__main__":

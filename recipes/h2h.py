@@ -106,8 +106,3 @@ def head_to_head(judge_engine, judge_tok, prompts: list[str], resp_a: list[str],
     """Judge each prompt's (A, B) pair in both orders, in one call."""
     return h2h_result(prompts, resp_a, resp_b, pair_verdicts(judge_engine, judge_tok, prompts, resp_a, resp_b,
                                                              list(range(len(prompts))), cfg, progress))
-
-
-def h2h_work_dir(out: str | Path) -> Path:
-    """Where `evaluate h2h --out OUT` keeps its resumable parts: OUT.h2h/{replies_a,replies_b,verdicts}.jsonl."""
-    return Path(f"{out}.h2h")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 from selfreward.cli import Parser
-from selfreward.ranges import ConfigError
 from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
@@ -134,10 +133,10 @@ def held_out(key: str, frac: float, seed: int) -> bool:
     return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12 < frac
 
 
-def split_groups(groups: list[dict], eval_frac: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out groups by held_out(id), as the CLI splits trees (a first-turn group's id is its root's)."""
-    return ([g for g in groups if not held_out(g["id"], eval_frac, seed)],
-            [g for g in groups if held_out(g["id"], eval_frac, seed)])
+def split_groups(items: list, eval_frac: float = 0.25, seed: int = 0, key=lambda g: g["id"]) -> tuple[list, list]:
+    """Train / held-out items by held_out(key(item)); the CLI splits trees (a first-turn group's id is its root's)."""
+    return ([g for g in items if not held_out(key(g), eval_frac, seed)],
+            [g for g in items if held_out(key(g), eval_frac, seed)])
 
 
 def agrees_with_humans(ranks: list[int], scores: list[float | None]) -> bool:
@@ -214,9 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
                     "or with other settings")
-    a = ap.parse_args(argv)      # cli.Parser: ranges.py checks --eval-frac, --temperature, --max-tokens
-    if a.tries < 1:
-        raise ConfigError(f"--tries {a.tries}: must be >= 1")
+    a = ap.parse_args(argv)      # cli.Parser: ranges.py checks --eval-frac, --tries, --temperature, --max-tokens
     lang, out = None if a.lang == "any" else a.lang, Path(a.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
     check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
@@ -236,8 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
-    train_roots = [r for r in roots if not held_out(r.id, a.eval_frac, a.seed)]   # split trees first: nothing
-    held_roots = [r for r in roots if held_out(r.id, a.eval_frac, a.seed)]        # held-out trains
+    train_roots, held_roots = split_groups(roots, a.eval_frac, a.seed, lambda r: r.id)  # trees: nothing held-out trains
     ift = ift_pairs(train_roots, lang)
     train = ranked_groups(train_roots, lang, not a.all_turns)
     held = ranked_groups(held_roots, lang, not a.all_turns)

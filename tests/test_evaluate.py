@@ -174,7 +174,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
     from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.provenance import output_lock
-    from selfreward.recipes.evaluate import judgments_path, main as evaluate
+    from selfreward.recipes.evaluate import main as evaluate
     from selfreward.records import DataError
     from conftest import TOKENIZER_DIR
     from guarantee_fixtures import disk_full_at
@@ -189,7 +189,7 @@ def test_rm_command_resumes_refuses_a_mismatch_and_locks(tmp_path, monkeypatch):
             "--judge-template", "short", "--expected", "--chunk", "2", "--out", str(out)]
     with disk_full_at(monkeypatch, 4), pytest.raises(OSError):   # one append per reply: chunk 2's second
         evaluate(args)
-    store = judgments_path(out)
+    store = tmp_path / "rm.json.judgments.jsonl"
     assert not out.exists() and len(records.read_partial(store)) == 3
     fake.calls.clear()
     res = evaluate(args)
@@ -233,7 +233,6 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
     from selfreward.infer import config
     from selfreward.model.tokenizer import Tokenizer
     from selfreward.recipes.evaluate import main as evaluate
-    from selfreward.recipes.h2h import h2h_work_dir
     from selfreward.records import DataError
     from conftest import TOKENIZER_DIR
     from guarantee_fixtures import disk_full_at
@@ -253,7 +252,7 @@ def test_h2h_command_resumes_and_refuses_a_mismatch(tmp_path, monkeypatch):
             str(pf), "--max-tokens", "16", "--chunk", "1", "--out", str(out)]
     with disk_full_at(monkeypatch, 3), pytest.raises(OSError):     # A's third reply cannot be written
         evaluate(args)
-    work = h2h_work_dir(out)
+    work = tmp_path / "h2h.json.h2h"
     assert not out.exists() and len(read_partial(work / "replies_a.jsonl")) == 2
     for f in fakes.values():
         f.calls.clear()
