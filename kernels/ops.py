@@ -13,7 +13,7 @@ import os
 import torch
 
 from selfreward.kernels.attention import attention_ref
-from selfreward.kernels.logprobs import linear_cross_entropy, linear_logprobs_ref
+from selfreward.kernels.logprobs import linear_logprobs_ref
 from selfreward.kernels.paged import paged_decode_ref, paged_prefill_ref, store_kv_ref
 from selfreward.kernels.rmsnorm import rmsnorm_ref
 from selfreward.kernels.rope import rope_cos_sin, rope_ref
