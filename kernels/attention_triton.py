@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from selfreward.kernels.attention import prefix_dependents
+from selfreward.kernels.ops import importable
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -242,17 +243,6 @@ def check_args(q: torch.Tensor, Hkv: int, cu_seqlens: torch.Tensor, max_len: int
     return max_len, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _flash_attn_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256 \
-            or q.shape[-1] % 8 or k.dtype != q.dtype:
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int | None = None, scale: float | None = None,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,7 +251,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     max_seqlen, scale = check_args(q, k.shape[1], cu_seqlens, max_seqlen, scale)
     if prefix is not None and not bool((prefix[:, 1] > 0).any()):
         prefix = None
-    if prefix is None and _flash_attn_fits(q, k):
+    if prefix is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype \
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and importable("flash_attn"):
         from flash_attn import flash_attn_varlen_func
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
