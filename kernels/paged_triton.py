@@ -107,14 +107,6 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
 
 
-def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
-    """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
-
-
 def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          scale: float | None = None, max_qlen: int | None = None,
@@ -133,7 +125,11 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
     m_tiles = triton.cdiv(max_qlen * rep, BM)
     max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
-    P = num_splits if num_splits is not None else _auto_splits(q, m_tiles * S * Hkv, max_ctx_bound)
+    P = num_splits
+    if P is None:                   # split only when the grid leaves SMs idle, into ranges of >= 512 keys
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        programs = m_tiles * S * Hkv
+        P = 1 if programs >= sms else max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
     span = triton.cdiv(triton.cdiv(max_ctx_bound, P), BN) * BN
     o = torch.empty(P, N, Hq, D, dtype=torch.float32 if P > 1 else q.dtype, device=q.device)   # [1, ...]: no split
     lse = torch.empty(P if P > 1 else 0, N, Hq, dtype=torch.float32, device=q.device)
