@@ -32,8 +32,9 @@ def _tile(P, rows, stride, offs_d, mask):
 
 
 @triton.jit
-def _seq_tile(CU, sid, t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
-    """Tile t of sequence sid: its start, length L, offsets in the sequence, flat rows, and the head dims."""
+def seq_tile(CU, sid, t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Tile t of sequence sid (flash and paged attention): its start, length L, the tile's offsets in the
+    sequence, their flat rows, and the head dims."""
     start = tl.load(CU + sid)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,7 +108,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, sv
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Q, O, LSE, K, V = Q + h * sqh, O + h * soh, LSE + h * N, K + h // REP * skh, V + h // REP * svh
-    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
+    start, L, offs_m, rows, offs_d, dmask = seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     qmask = (offs_m < L)[:, None] & dmask[None, :]
     q = _tile(Q, rows, sqn, offs_d, qmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -133,7 +134,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, s
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     nt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     K, V, DK, DV = K + kvh * skh, V + kvh * svh, DK + kvh * skh, DV + kvh * svh
-    start, L, offs_n, cols, offs_d, dmask = _seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
+    start, L, offs_n, cols, offs_d, dmask = seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
     k, v = _kv(K, V, start, offs_n, L, skn, svn, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -166,7 +167,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, sk
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Q, DO, DQ, K, V = Q + h * sqh, DO + h * soh, DQ + h * sqh, K + h // REP * skh, V + h // REP * svh
-    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
+    start, L, offs_m, rows, offs_d, dmask = seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     rmask = offs_m < L
     q, do, lse2, delta = _q_rows(Q, DO, LSE + h * N, DELTA + h * N, rows, rmask, sqn, son, offs_d, dmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

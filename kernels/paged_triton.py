@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from selfreward.kernels.attention_triton import LOG2E, check_args, softmax_step
+from selfreward.kernels.attention_triton import LOG2E, seq_tile, check_args, softmax_step
 
 
 @triton.jit
@@ -42,16 +42,12 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
     mt, sid = tl.program_id(0), tl.program_id(1)
     kvh = tl.program_id(2) // n_splits
     split = tl.program_id(2) % n_splits
-    qs = tl.load(CUQ + sid)
-    qlen = tl.load(CUQ + sid + 1) - qs
+    qs, qlen, r, _, offs_d, dmask = seq_tile(CUQ, sid, mt, BLOCK_M, BLOCK_D, D)   # r: (query, head-in-group)
     ctx = tl.load(CTX + sid)
-    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = r // REP
     head = kvh * REP + r % REP
     rmask = qi < qlen
     qpos = ctx - qlen + qi
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     qrow = (qs + qi).to(tl.int64)
     qmask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + qrow[:, None] * sqn + head[:, None] * sqh + offs_d[None, :], mask=qmask, other=0.0)
