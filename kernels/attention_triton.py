@@ -8,8 +8,8 @@
 - prefixes: a query tile first streams its prefix's keys, all visible; a prefix sequence's dK/dV program
   also loops over the (adjacent) query rows of the sequences that read it.
 
-On CUDA with flash-attn installed, fp16/bf16 inputs and no prefix, `flash_attn_varlen_func` runs instead.
-fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
+On CUDA, flash-attn runs instead where it fits (kernels/README.md). fp32 dots ask for IEEE precision
+(no TF32), so fp32 results match the twin closely.
 """
 from __future__ import annotations
 
@@ -247,8 +247,6 @@ def check_args(q: torch.Tensor, Hkv: int, cu_seqlens: torch.Tensor, max_len: int
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int | None = None, scale: float | None = None,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1]; prefix: [S, 2] (start, length) or None
-    -> [N, Hq, D], causal within each sequence, after its prefix's keys (kernels/attention.py)."""
     max_seqlen, scale = check_args(q, k.shape[1], cu_seqlens, max_seqlen, scale)
     if prefix is not None and not bool((prefix[:, 1] > 0).any()):
         prefix = None

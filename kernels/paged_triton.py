@@ -93,7 +93,6 @@ def tile_config(cuda: bool, max_qlen: int, rep: int, D: int = 128) -> tuple[int,
 
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
-    """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hkv, D = k.shape
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
@@ -145,7 +144,6 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
     cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
                                 num_splits=num_splits)

@@ -95,5 +95,4 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Same contract as `kernels.rmsnorm.rmsnorm_ref`: y, or (y, x + residual) when residual is given."""
     return _RMSNorm.apply(x, weight, eps, residual)
