@@ -57,7 +57,6 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if bool((~has).any()):             # the others, with their own cu_seqlens
         plain, cu = ~tok_has, torch.cat([cu_seqlens.new_zeros(1), lens[~has].cumsum(0).to(cu_seqlens.dtype)])
         out = out.index_put((plain,), _causal_padded(q[plain], k[plain], v[plain], cu, scale))
-    # the prefixed sequences' queries, with keys gathered from the whole flat axis
     o_h = _prefixed_padded(q, k, v, cu_seqlens[:-1][has].long(), lens[has], prefix[has], scale)
     return out.index_put((tok_has,), o_h)
 

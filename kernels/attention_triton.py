@@ -8,8 +8,8 @@
 - prefixes: a query tile first streams its prefix's keys, all visible; a prefix sequence's dK/dV program
   also loops over the (adjacent) query rows of the sequences that read it.
 
-On CUDA with flash-attn installed, fp16/bf16 inputs and no prefix, `flash_attn_varlen_func` runs instead.
-fp32 dots ask for IEEE precision (no TF32), so fp32 results match the twin closely.
+On CUDA, flash-attn runs instead where it fits (kernels/README.md). fp32 dots ask for IEEE precision
+(no TF32), so fp32 results match the twin closely.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from selfreward.kernels.attention import prefix_dependents
+from selfreward.kernels.ops import importable
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -31,8 +32,9 @@ def _tile(P, rows, stride, offs_d, mask):
 
 
 @triton.jit
-def _seq_tile(CU, sid, t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
-    """Tile t of sequence sid: its start, length L, offsets in the sequence, flat rows, and the head dims."""
+def seq_tile(CU, sid, t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Tile t of sequence sid (flash and paged attention): its start, length L, the tile's offsets in the
+    sequence, their flat rows, and the head dims."""
     start = tl.load(CU + sid)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,7 +108,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU, PRE, sm_scale, N, sqn, sqh, skn, skh, svn, sv
               BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Q, O, LSE, K, V = Q + h * sqh, O + h * soh, LSE + h * N, K + h // REP * skh, V + h // REP * svh
-    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
+    start, L, offs_m, rows, offs_d, dmask = seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     qmask = (offs_m < L)[:, None] & dmask[None, :]
     q = _tile(Q, rows, sqn, offs_d, qmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -132,7 +134,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, DEP, sm_scale, N, sqn, s
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     nt, sid, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     K, V, DK, DV = K + kvh * skh, V + kvh * svh, DK + kvh * skh, DV + kvh * svh
-    start, L, offs_n, cols, offs_d, dmask = _seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
+    start, L, offs_n, cols, offs_d, dmask = seq_tile(CU, sid, nt, BLOCK_N, BLOCK_D, D)
     k, v = _kv(K, V, start, offs_n, L, skn, svn, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -165,7 +167,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, PRE, sm_scale, N, sqn, sqh, sk
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     mt, sid, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Q, DO, DQ, K, V = Q + h * sqh, DO + h * soh, DQ + h * sqh, K + h // REP * skh, V + h // REP * svh
-    start, L, offs_m, rows, offs_d, dmask = _seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
+    start, L, offs_m, rows, offs_d, dmask = seq_tile(CU, sid, mt, BLOCK_M, BLOCK_D, D)
     rmask = offs_m < L
     q, do, lse2, delta = _q_rows(Q, DO, LSE + h * N, DELTA + h * N, rows, rmask, sqn, son, offs_d, dmask)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -242,26 +244,14 @@ def check_args(q: torch.Tensor, Hkv: int, cu_seqlens: torch.Tensor, max_len: int
     return max_len, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _flash_attn_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256 \
-            or q.shape[-1] % 8 or k.dtype != q.dtype:
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int | None = None, scale: float | None = None,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S+1]; prefix: [S, 2] (start, length) or None
-    -> [N, Hq, D], causal within each sequence, after its prefix's keys (kernels/attention.py)."""
     max_seqlen, scale = check_args(q, k.shape[1], cu_seqlens, max_seqlen, scale)
     if prefix is not None and not bool((prefix[:, 1] > 0).any()):
         prefix = None
-    if prefix is None and _flash_attn_fits(q, k):
+    if prefix is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype \
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and importable("flash_attn"):
         from flash_attn import flash_attn_varlen_func
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)

@@ -79,17 +79,3 @@ def linear_logprobs_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     Cross-entropy is -logp (averaged over targets != ignore_index)."""
     return ChunkedLogprobs.apply(h, weight, targets, chunk, ignore_index, (_lse_logp, _dlogits), True)
 
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
-                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of lm_head(h) against targets, on the fused log-probs (never [N, V]).
-    reduction: "mean" (over targets != ignore_index), "sum", or "none" ([N], 0 where ignored)."""
-    from selfreward.kernels.ops import linear_logprobs   # the switch (ops imports this module)
-    nll = -linear_logprobs(h, weight, targets, chunk, ignore_index)
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.sum() / (targets != ignore_index).sum().clamp_min(1)
-    raise ValueError(f"linear_cross_entropy: reduction must be mean, sum or none, not {reduction!r}")

@@ -5,7 +5,6 @@ logits [c, V], one program per row streams V once in BLOCK_V tiles:
 - `_lse_fwd`: online max / sum-exp -> the row's logsumexp and target log-prob (0 where ignored);
 - `_dlogits_bwd`: overwrites the recomputed logits in place with d logits = g * (onehot(t) - exp(x - lse)),
   so no second [chunk, V] buffer exists.
-On CUDA the logits keep the GEMM's dtype (the kernels upcast per tile); under the interpreter fp32, as the twin.
 """
 from __future__ import annotations
 
@@ -67,7 +66,6 @@ def _rows(kernel, logits, *args):
 
 def linear_logprobs_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            chunk: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """h: [N, H]; weight: [V, H]; targets: [N] -> per-token log-probs [N] fp32 (0 where ignored)."""
     V = weight.shape[0]
     bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
     if bool(bad.any()):

@@ -13,7 +13,7 @@ import os
 import torch
 
 from selfreward.kernels.attention import attention_ref
-from selfreward.kernels.logprobs import linear_cross_entropy, linear_logprobs_ref
+from selfreward.kernels.logprobs import linear_logprobs_ref
 from selfreward.kernels.paged import paged_decode_ref, paged_prefill_ref, store_kv_ref
 from selfreward.kernels.rmsnorm import rmsnorm_ref
 from selfreward.kernels.rope import rope_cos_sin, rope_ref
@@ -21,9 +21,10 @@ from selfreward.kernels.swiglu import swiglu_ref
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def importable(module: str) -> bool:
+    """Whether an optional module (triton, flash_attn) imports here."""
     try:
-        import triton.language  # noqa: F401
+        importlib.import_module(module)
     except Exception:
         return False
     return True
@@ -34,7 +35,7 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode == "ref":
         return False
     if t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return triton_available()
+        return importable("triton.language")
     if mode == "triton":   # Triton cannot run CPU tensors without its interpreter: say so, don't crash deep inside
         raise RuntimeError("SRLM_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 in the environment "
                            "before the process starts (triton reads it at import)")

@@ -37,7 +37,12 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     a group closes where the length more than doubles (padding stays under half of each call).
     """
     qlens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    groups = _length_groups(qlens)
+    groups: list[list[int]] = []
+    for i in sorted(range(len(qlens)), key=qlens.__getitem__):
+        if groups and qlens[i] <= 2 * max(1, qlens[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     if len(groups) == 1:
         return _paged_prefill_padded(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale)
     cu = cu_seqlens_q.tolist()
@@ -48,18 +53,6 @@ def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         gcu = torch.tensor([0] + [qlens[i] for i in g], device=q.device).cumsum(0)
         out[rows] = _paged_prefill_padded(q[rows], k_cache, v_cache, gcu, block_tables[sel], context_lens[sel], scale)
     return out
-
-
-def _length_groups(lens: list[int]) -> list[list[int]]:
-    """Indices sorted by length, cut where a length exceeds twice its group's shortest."""
-    order = sorted(range(len(lens)), key=lens.__getitem__)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lens[i] <= 2 * max(1, lens[groups[-1][0]]):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, L: int) -> torch.Tensor:
@@ -77,7 +70,6 @@ def _paged_prefill_padded(q, k_cache, v_cache, cu_seqlens_q, block_tables, conte
     qpos = (ctx - qlens)[:, None] + torch.arange(Lq, device=q.device)[None, :]   # [S, Lq]
     kpos = torch.arange(Lk, device=q.device)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx[:, None, None])
-    # enable_gqa: kv head j serves query heads j*rep .. j*rep+rep-1 without materialising the repeat
     o = F.scaled_dot_product_attention(to_padded(q, seq, off, len(qlens), Lq), kp, vp, attn_mask=mask[:, None],
                                        scale=scale, enable_gqa=q.shape[1] != k_cache.shape[2])
     return o.transpose(1, 2)[seq, off]
@@ -107,7 +99,5 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             mask = (torch.arange(kp.shape[2], device=q.device)[None, :] < context_lens[a:z, None])[:, None, None]
         o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask, scale=scale,
                                            enable_gqa=q.shape[1] != k_cache.shape[2])   # [b, Hq, 1, D]
-        if a == 0 and z == B:
-            return o[:, :, 0]
         out[a:z] = o[:, :, 0]
     return out

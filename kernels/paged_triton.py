@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from selfreward.kernels.attention_triton import LOG2E, check_args, softmax_step
+from selfreward.kernels.attention_triton import LOG2E, seq_tile, check_args, softmax_step
 
 
 @triton.jit
@@ -42,16 +42,12 @@ def _paged_attn(Q, KC, VC, O, LSEP, CUQ, BT, CTX, sm_scale, sqn, sqh, son, soh, 
     mt, sid = tl.program_id(0), tl.program_id(1)
     kvh = tl.program_id(2) // n_splits
     split = tl.program_id(2) % n_splits
-    qs = tl.load(CUQ + sid)
-    qlen = tl.load(CUQ + sid + 1) - qs
+    qs, qlen, r, _, offs_d, dmask = seq_tile(CUQ, sid, mt, BLOCK_M, BLOCK_D, D)   # r: (query, head-in-group)
     ctx = tl.load(CTX + sid)
-    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = r // REP
     head = kvh * REP + r % REP
     rmask = qi < qlen
     qpos = ctx - qlen + qi
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     qrow = (qs + qi).to(tl.int64)
     qmask = rmask[:, None] & dmask[None, :]
     q = tl.load(Q + qrow[:, None] * sqn + head[:, None] * sqh + offs_d[None, :], mask=qmask, other=0.0)
@@ -97,7 +93,6 @@ def tile_config(cuda: bool, max_qlen: int, rep: int, D: int = 128) -> tuple[int,
 
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
-    """k, v: [N, Hkv, D]; slot_mapping: [N] (-1 = skip) -> writes k_cache / v_cache in place."""
     _check_cache(k_cache), _check_cache(v_cache, "v_cache")
     N, Hkv, D = k.shape
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
@@ -105,14 +100,6 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         _store_kv[(N,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1), v.stride(0),
                         v.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
                         Hkv, D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
-
-
-def _auto_splits(q: torch.Tensor, programs: int, max_ctx_bound: int) -> int:
-    """Split the keys of decode when the grid would leave SMs idle (flash-decoding), never below 512 keys."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
 
 
 def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,7 +120,11 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     BM, BN, nw = tile_config(q.is_cuda, max_qlen, rep, D)
     m_tiles = triton.cdiv(max_qlen * rep, BM)
     max_ctx_bound = bt.shape[1] * bs                     # no device sync: the table's width bounds ctx
-    P = num_splits if num_splits is not None else _auto_splits(q, m_tiles * S * Hkv, max_ctx_bound)
+    P = num_splits
+    if P is None:                   # split only when the grid leaves SMs idle, into ranges of >= 512 keys
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        programs = m_tiles * S * Hkv
+        P = 1 if programs >= sms else max(1, min(triton.cdiv(sms, programs), triton.cdiv(max_ctx_bound, 512), 16))
     span = triton.cdiv(triton.cdiv(max_ctx_bound, P), BN) * BN
     o = torch.empty(P, N, Hq, D, dtype=torch.float32 if P > 1 else q.dtype, device=q.device)   # [1, ...]: no split
     lse = torch.empty(P if P > 1 else 0, N, Hq, dtype=torch.float32, device=q.device)
@@ -153,7 +144,6 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D]."""
     cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
                                 num_splits=num_splits)

@@ -40,8 +40,7 @@ def _rmsnorm_bwd(DY, DS, X, W, RSTD, DX, DWP, M, H, stride_dy, stride_ds, stride
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     for row in tl.range(pid, M, G):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-        xf = x.to(tl.float32)
+        xf = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
         xhat = xf * rstd
@@ -95,5 +94,4 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Same contract as `kernels.rmsnorm.rmsnorm_ref`: y, or (y, x + residual) when residual is given."""
     return _RMSNorm.apply(x, weight, eps, residual)

@@ -1,8 +1,5 @@
-"""SwiGLU, silu(gate) * up, in Triton: one elementwise forward and one backward kernel, fp32 math.
-
-Backward: with s = sigmoid(g), d gate = dy * up * s * (1 + g * (1 - s)), d up = dy * g * s.
-Twin: `kernels.swiglu.swiglu_ref`.
-"""
+"""SwiGLU, silu(gate) * up, in Triton (twin: `kernels.swiglu.swiglu_ref`): one elementwise forward and
+one backward kernel, fp32 math."""
 from __future__ import annotations
 
 import torch
@@ -56,7 +53,6 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [..., I] (same shape and dtype) -> silu(gate) * up."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu_triton: gate {tuple(gate.shape)} {gate.dtype} and up "
                          f"{tuple(up.shape)} {up.dtype} must match")
