@@ -129,7 +129,9 @@ def _dcp(fn, state: dict, path: Path) -> None:
             fn(state, checkpoint_id=str(path))
         except CheckpointException as e:
             first = next(iter(e.failures.values()), (None,))[0]
-            if isinstance(first, (KeyboardInterrupt, OSError)):
+            while first is not None and not isinstance(first, (KeyboardInterrupt, OSError)):
+                first = first.__cause__ or first.__context__   # e.g. torch.save's zip writer failing on
+            if first is not None:                              # its way out of a Ctrl-C
                 raise first from None
             raise
 
