@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,8 +117,8 @@ def params_for(rec: dict, cfg: SampleConfig) -> SamplingParams:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     rank, world = dist_env()
-    out, lock = Path(cfg.output), None
-    with stage_group("", world):
+    out = Path(cfg.output)
+    with stage_group("", world), ExitStack() as held:
         try:
             tp = init_tp(cfg.tensor_parallel)   # a flag too: checked before the input, the model or OUTPUT
             check_file(cfg.input)
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(cfg.model):
                 raise DataError(f"--model {cfg.model}: not a checkpoint folder")
             ModelConfig.from_json(cfg.model)  # a bad config.json is refused before OUTPUT is claimed
-            lock = _claim(out, cfg, rank, world)
+            _claim(held, out, cfg, rank, world)
+            held.callback(_tidy, out, rank)   # only the lock's holder tidies: a refused run leaves the files
             if out.exists() and {key(r) for r in requests} <= {key(r) for r in read_jsonl(out)}:
                 print(f"[sample] rank {rank}/{world}: 0 prompts to do ({len(requests)} already done)",
                       file=sys.stderr, flush=True)
@@ -142,33 +144,31 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as e:
             print(cli.error_line(e), file=sys.stderr)
             return 2
-        finally:
-            if lock is not None:       # only the lock's holder tidies: a refused second run leaves the files alone
-                for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
-                    if p.exists() and p.stat().st_size == 0:
-                        p.unlink()     # a run that wrote nothing leaves nothing
-                lock.__exit__(None, None, None)
     return 0
 
 
-def _claim(out: Path, cfg: SampleConfig, rank: int, world: int):
+def _tidy(out: Path, rank: int) -> None:
+    """A run that wrote nothing leaves nothing: empty .partial files go."""
+    for p in (partial_path(out), partial_path(out.with_name(f"{out.name}.rank{rank}"))):
+        if p.exists() and p.stat().st_size == 0:
+            p.unlink()
+
+
+def _claim(held: ExitStack, out: Path, cfg: SampleConfig, rank: int, world: int) -> None:
     """Rank 0 claims OUTPUT (lock, provenance record, --overwrite clears the old files); after a barrier
-    every other rank locks its own shard and checks the record rank 0 left -> the context to exit at the end."""
+    every other rank locks its own shard and checks the record rank 0 left; `held` releases them at the end."""
     made = made_by(cfg)
 
     def clear() -> None:
         for p in [out, partial_path(out)] + list(out.parent.glob(f"{glob.escape(out.name)}.rank*")):
             p.unlink(missing_ok=True)
     if rank == 0:
-        ctx = claim(out, made, [cfg.input], cfg.overwrite, clear=clear)
-        ctx.__enter__()
+        held.enter_context(claim(out, made, [cfg.input], cfg.overwrite, clear=clear))
     if world > 1:
         barrier()
     if rank != 0:
-        ctx = output_lock(out.with_name(f"{out.name}.rank{rank}"))
-        ctx.__enter__()
+        held.enter_context(output_lock(out.with_name(f"{out.name}.rank{rank}")))
         check_record(out, made, "--overwrite")
-    return ctx
 
 
 def work(cfg: SampleConfig, eng, batch: list[tuple[int, dict]], emit) -> None:
