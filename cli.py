@@ -5,7 +5,6 @@ One convention everywhere: field `some_name` is `--some-name`; a nested config's
 takes `--config FILE` (a JSON the command wrote, e.g. RUN/config.json): its values first, flags over them;
 `to_dict` / `from_dict` round-trip a config exactly. A field's help is the `# comment` after it.
 """
-from __future__ import annotations
 
 import argparse
 import dataclasses

@@ -1,6 +1,5 @@
 """What long work shows on the terminal: the one progress line every long stage prints (units.run_units uses
 it) and the reports' tables. Imports nothing of ours."""
-from __future__ import annotations
 
 import sys
 import time

@@ -11,7 +11,6 @@
   (it would reuse, append to or truncate data made otherwise) unless given the start-over flag.
 - `check_not_input`: a command never writes over one of its own inputs.
 """
-from __future__ import annotations
 
 import dataclasses
 import fcntl

@@ -3,7 +3,6 @@ checked for flags and `--config` files alike (cli.from_dict, cli.Parser: every p
 before any model loads; every float must also be finite. Settings with a meaning of their own keep their extra
 rules in their config's check(). docs/flags.md lists every entry point's flags.
 """
-from __future__ import annotations
 
 import dataclasses
 import math

@@ -2,7 +2,6 @@
 `NAME.partial` as it goes (one flush per unit of work) and renames it to `NAME` when complete; killed, it finds
 the file on restart, `read_partial` dropping a torn last line (units.py builds resumable, shardable work on
 this). Imports nothing of ours."""
-from __future__ import annotations
 
 import contextlib
 import json

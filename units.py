@@ -4,7 +4,6 @@ complete (exactly `per_unit` records); an incomplete unit's records are dropped 
 is lost or duplicated. Under torchrun (WORLD_SIZE > 1) rank r takes units r, r+W, ... into its own
 `NAME.rank{r}` file; rank 0 then merges them in unit order into NAME. Units are independent and seeded by
 their index, so the merged file is the same whatever the number of ranks."""
-from __future__ import annotations
 
 import json
 import os

@@ -1,5 +1,4 @@
 """KV blocks' bookkeeping: ref counts, free list, prefix cache, copy-on-write (infer/README.md, "Prefix cache")."""
-from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass

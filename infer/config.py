@@ -1,5 +1,4 @@
 """EngineConfig and load_engine, the one factory every caller loads an engine with (infer/README.md, "API")."""
-from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields

@@ -1,5 +1,4 @@
 """The decode step replayed from CUDA graphs per batch-size bucket (infer/README.md); the CPU never imports it."""
-from __future__ import annotations
 
 import torch
 

@@ -1,5 +1,4 @@
 """The engine: generate, score, next_token_logprobs over one paged KV pool (infer/README.md, "API")."""
-from __future__ import annotations
 
 from dataclasses import replace
 from typing import Callable, Iterator

@@ -1,5 +1,4 @@
 """Tensor parallelism applied from outside the model, DP x TP groups, the FSDP2 -> TP hand-off (infer/README.md)."""
-from __future__ import annotations
 
 import os
 import time

@@ -1,5 +1,4 @@
 """The KV pool and the model call: a step's flat tensors -> the paged forward (infer/README.md, "KV pool")."""
-from __future__ import annotations
 
 from itertools import accumulate
 

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node 8 infer/sample.py --num-samples 4 ...        (rank r takes prompts r, r + world, ...)
     torchrun --nproc_per_node 8 infer/sample.py --tensor-parallel 4 ...    (2 replicas of 4-way tensor parallelism)
 """
-from __future__ import annotations
 
 import glob
 import hashlib

@@ -1,5 +1,4 @@
 """Batched sampling, each row by its logits and its request's own generator alone (infer/README.md, "Sampling")."""
-from __future__ import annotations
 
 import torch
 

@@ -1,5 +1,4 @@
 """nano-vllm's scheduler: the next step's sequences, and what becomes of them after it (infer/README.md)."""
-from __future__ import annotations
 
 from collections import deque
 from typing import Callable

@@ -1,5 +1,4 @@
 """One request's state inside the engine (Sequence) and the knobs a caller sets on it (SamplingParams)."""
-from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field

@@ -10,7 +10,6 @@ own keys (causally). Length 0 = no prefix. A sequence with a prefix cannot itsel
 sequences that share one prefix lie next to each other (the Triton backward needs the range of queries
 that read a prefix's keys; `prefix_dependents` computes it).
 """
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,6 @@
 On CUDA, flash-attn runs instead where it fits (kernels/README.md). fp32 dots ask for IEEE precision
 (no TF32), so fp32 results match the twin closely.
 """
-from __future__ import annotations
 
 import math
 

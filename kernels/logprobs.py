@@ -8,7 +8,6 @@ then dh = d logits @ W and dW += d logits.T @ h. Peak extra memory is one [chunk
 of several [N, V]. Targets equal to `ignore_index` give log-prob 0 and no gradient. SFT's cross-entropy
 and every DPO loss are built on this. The chunk loop (`ChunkedLogprobs`) also runs the Triton row kernels.
 """
-from __future__ import annotations
 
 import torch
 

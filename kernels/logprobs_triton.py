@@ -6,7 +6,6 @@ logits [c, V], one program per row streams V once in BLOCK_V tiles:
 - `_dlogits_bwd`: overwrites the recomputed logits in place with d logits = g * (onehot(t) - exp(x - lse)),
   so no second [chunk, V] buffer exists.
 """
-from __future__ import annotations
 
 import functools
 

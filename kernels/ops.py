@@ -4,7 +4,6 @@ An op's plain-PyTorch twin `<op>_ref` in `kernels/<file>.py` is its definition; 
 `<op>_triton` in `kernels/<file>_triton.py` is imported lazily, only when `use_triton` asks for it, so CPU
 paths (and macOS, where Triton does not install) never touch Triton. Which runs: kernels/README.md.
 """
-from __future__ import annotations
 
 import functools
 import importlib

@@ -4,7 +4,6 @@ Cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, Hkv, D]. A 
 block_id * block_size + offset; slot -1 means "do not store" (padding). A sequence's block table row
 lists its block ids in order; entries past its length are ignored (fill with 0 or -1).
 """
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,6 @@
 Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into ranges
 processed in parallel, each writing a partial output and its logsumexp, merged in torch.
 """
-from __future__ import annotations
 
 import torch
 import triton

@@ -2,7 +2,6 @@
 
     y = w * x / sqrt(mean(x^2) + eps)          (statistics in fp32, as transformers' Llama does)
 """
-from __future__ import annotations
 
 import torch
 

@@ -4,7 +4,6 @@ One program normalises one row (the whole row in registers, BLOCK = next_pow2(H)
 x_hat from the saved input and per-row 1/rms; dW is summed in fp32 per program over a stripe of rows,
 then the few stripes are added by torch.
 """
-from __future__ import annotations
 
 import torch
 import triton

@@ -3,7 +3,6 @@
 The model computes the frequencies (including llama3 scaling) and passes per-token cos/sin tables of
 width D/2; positions may restart inside packed sequences because each token carries its own position.
 """
-from __future__ import annotations
 
 import torch
 

@@ -1,7 +1,6 @@
 """RoPE (rotate-half) in Triton; contract: the twin `kernels.rope.rope_ref`, whose rounding of cos/sin to
 x's dtype this kernel copies. One program rotates all heads of one token; the backward is the inverse
 rotation (sin negated)."""
-from __future__ import annotations
 
 import torch
 import triton

@@ -1,5 +1,4 @@
 """SwiGLU gate: silu(gate) * up, the middle of the Llama MLP."""
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F

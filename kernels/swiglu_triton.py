@@ -1,6 +1,5 @@
 """SwiGLU, silu(gate) * up, in Triton (twin: `kernels.swiglu.swiglu_ref`): one elementwise forward and
 one backward kernel, fp32 math."""
-from __future__ import annotations
 
 import torch
 import triton

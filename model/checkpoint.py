@@ -2,7 +2,6 @@
 (`model.safetensors.index.json` + shards) into our module names (whole, or a rank's tensor-parallel slices);
 writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer files, so
 transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor."""
-from __future__ import annotations
 
 import json
 import os

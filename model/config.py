@@ -1,7 +1,6 @@
 """ModelConfig: the Llama-family architecture read from a Hugging Face `config.json`: model_type llama
 (Llama 2, Llama 3/3.1 with `llama3` rope scaling), mistral, qwen2 (bias on q/k/v). Anything we would compute
 differently from transformers is refused with a message naming the file and field, never mis-computed."""
-from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field

@@ -7,7 +7,6 @@ backward replays nothing (train/parallel.py saves `randint`'s output; `where` sa
 rounded to a multiple of 1/65536 and the kept values scaled by 1 / (1 - that p): E[dropout(x)] = x exactly.
 CUDA keeps `F.dropout`. The RNG is torch's default generator (manual_seed, checkpoint RNG replay, resume).
 """
-from __future__ import annotations
 
 import math
 

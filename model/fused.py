@@ -11,7 +11,6 @@ a trainer step) is what the fused tensor holds. A parameter re-assigned since (l
 `.to()`) no longer points into it; the forward checks (`fused_ok`) and falls back to the separate projections.
 A tied LM head keeps its layout; `lm_head_t` is a transposed copy, remade when the weight changed or was replaced.
 """
-from __future__ import annotations
 
 import torch
 import torch.nn as nn

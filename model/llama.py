@@ -4,7 +4,6 @@ from outside (train/parallel.py); math goes through the `kernels` switch.
 Every forward works on a flat token axis: N tokens from S sequences laid end to end, delimited by
 `cu_seqlens`. A padded batch, a packed training row and a paged inference step are all this one shape.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 

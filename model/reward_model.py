@@ -7,7 +7,6 @@ A sequence's reward is score(final-norm hidden state) at its LAST NON-PAD token 
 ending in EOS is read at EOS unless pad_token_id == EOS (then at the token before, in both implementations).
 `RMReward` is `--reward rm`: reward(prompts, responses) -> scores.
 """
-from __future__ import annotations
 
 from itertools import accumulate
 from pathlib import Path

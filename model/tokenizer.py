@@ -13,7 +13,6 @@ from encoding the whole rendered string at a segment boundary: we choose consist
 Templates: the checkpoint's `chat_template` (tokenizer_config.json or chat_template.jinja), rendered with jinja2
 as transformers does; else the PLAIN template below.
 """
-from __future__ import annotations
 
 import re
 from pathlib import Path

@@ -2,7 +2,6 @@
 segment sampled from the backward model M_yx with the segment as the user turn (cut to fit: `output_cut`);
 resumable and shardable, each segment seeded by its index.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 

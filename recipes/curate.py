@@ -1,7 +1,6 @@
 """Self-curation for instruction backtranslation (recipes/README.md, step 5): the forward model rates each
 (instruction, output) candidate on a 5-point scale (our wording); the pairs whose score is >= k are A_k.
 """
-from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field

@@ -6,7 +6,6 @@ human ranks, and head-to-head win / tie / loss of two checkpoints judged by a th
     python -m selfreward.recipes.evaluate h2h --a DIR --b DIR --judge DIR --prompts p.jsonl --out h2h.json
     python -m selfreward.recipes.evaluate reward --kind rm --model RM_DIR --groups groups_eval.jsonl --out r.json
 """
-from __future__ import annotations
 
 import argparse
 import hashlib

@@ -2,7 +2,6 @@
 judged by a third in both orders with a pairwise template (ours, or `--pair-template FILE`) that ends with
 `Better: 1` or `Better: 2` (the last such label counts); a win only when both orders prefer A (recipes.metrics).
 """
-from __future__ import annotations
 
 import re
 from collections import Counter

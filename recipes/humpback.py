@@ -16,7 +16,6 @@ Layout: RUN/config.json, RUN/backward/{data.jsonl,sft/,model/}, RUN/m0/{sft/,mod
 RUN/candidates.jsonl, RUN/manifest.json; RUN/iter_t/{ratings.jsonl,A4.jsonl,A5.jsonl,sft/,model/,manifest.json}.
 A stage whose output exists is skipped; a killed sampling stage continues from its .partial file.
 """
-from __future__ import annotations
 
 import dataclasses
 import sys

@@ -8,7 +8,6 @@ prompts hidden from the recipe (kept aside in RUN/data/hidden.jsonl for the repo
 Report (RUN/oasst_report.json, printed): ROUGE-L F1 of x_hat against the real prompt; per iteration, the
 curation scores against the human ranks (recipes/README.md, "OASST mode").
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path

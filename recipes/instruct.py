@@ -4,7 +4,6 @@ too_long | duplicate | keyword | rouge | ok | surplus (accepted past the target 
 the pool at once, so two near-copies in one batch do not both pass (recipes/README.md, "Choices where the
 paper is silent").
 """
-from __future__ import annotations
 
 import random
 import re

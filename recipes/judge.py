@@ -2,7 +2,6 @@
 `Score: <n>`), score parsing, K-sample means and the expected score from the next-token distribution over the
 digits "0".."5" (recipes/README.md, "The judge").
 """
-from __future__ import annotations
 
 import re
 from dataclasses import dataclass

@@ -1,7 +1,6 @@
 """The self-rewarding loop's settings: one nested config (what `RUN/config.json` holds, and what the flags of
 `python -m selfreward.recipes.self_reward` set: `--candidates-n`, `--judge-k`, `--dpo-beta`, `--engine-dtype`).
 """
-from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field

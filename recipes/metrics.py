@@ -2,7 +2,6 @@
 recipes/README.md's "Metrics". Input: one (human ranks, judge scores) pair of lists per group; rank 0 is the
 humans' best; a score is None when the judge's output was unparsable.
 """
-from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right

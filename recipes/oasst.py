@@ -5,7 +5,6 @@
     python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
         [--eft-model DIR --tries 1]       # also the EFT examples, judged by that model (recipes.judge)
 """
-from __future__ import annotations
 
 import hashlib
 import itertools

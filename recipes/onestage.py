@@ -1,7 +1,6 @@
 """The shape of a one-output command (rlaif label, evaluate rm / h2h / reward, select): claim the output
 (provenance.claim: the lock, the record of what made it, --overwrite), make its records as resumable units
 (units.run_units) with the model loaded only when a unit is left, and write the result under the lock."""
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Hashable, Iterable

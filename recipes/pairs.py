@@ -1,5 +1,4 @@
 """From judgments to preference pairs, and the per-iteration statistics the manifest records."""
-from __future__ import annotations
 
 from collections import Counter, defaultdict
 from statistics import mean

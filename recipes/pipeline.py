@@ -12,7 +12,6 @@ over ranks or trains) and its manifest; this module owns the rest, once:
     pipeline.run(RECIPE, cfg)                         # every stage of every iteration
     pipeline.main(RECIPE, argv, __doc__, skip)        # python -m MODULE [--stage S --iter T] [--overwrite]
 """
-from __future__ import annotations
 
 import shutil
 import time

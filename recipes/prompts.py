@@ -2,7 +2,6 @@
 filled in one pass (a value is never substituted again; other braces are left alone), sent as one user turn
 and fitted to the context; forced choices, the next-token probabilities of a few options after a forced start.
 """
-from __future__ import annotations
 
 import math
 import re

@@ -9,7 +9,6 @@ replies). M1 = train/sft.py on IFT (+ EFT); M2, M3 = recipes.self_reward with se
 default additive rubric. There is no checker here: after each model the report holds the judge's agreement
 with the human ranks (recipes.evaluate.rm_eval on groups_eval.jsonl) and the loop's counts.
 """
-from __future__ import annotations
 
 import dataclasses
 import time

@@ -8,7 +8,6 @@ model/reward_model.py, `checker` in recipes/world/checker.py.
 Prompts are single user turns. Each source reads one distribution or score per response (deterministic); the
 RM's score is unbounded, the others lie in [-1, 1].
 """
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable

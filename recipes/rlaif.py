@@ -2,7 +2,6 @@
 a rationale) and direct 1-10 scores, both read as forced choices (recipes/prompts.py), never parsed from sampled
 text; the `label` CLI. The method: recipes/README.md, "RLAIF, part 1".
 """
-from __future__ import annotations
 
 import json
 from itertools import combinations

@@ -12,7 +12,6 @@ the labels -> RUN/rm/model), rl (train/rl.py from the policy on --prompts, JSONL
 the labeller -> RUN/rl/model). --rm-* and --rl-* are the trainers' own flags. A stage whose output exists is
 skipped; a rerun with settings that shape the data is refused (--overwrite starts over).
 """
-from __future__ import annotations
 
 import dataclasses
 import json

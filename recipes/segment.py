@@ -1,7 +1,6 @@
 """Unlabelled text for instruction backtranslation: reading (JSONL `{"text"}` or plain text, errors naming
 file:line), paragraph-aware segmentation and exact + near-duplicate removal (recipes/README.md, step 3).
 """
-from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict

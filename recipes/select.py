@@ -5,7 +5,6 @@ iteration's starting model M_t (most wins, then fewest losses, then the later on
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
 """
-from __future__ import annotations
 
 import shutil
 from contextlib import ExitStack

@@ -10,7 +10,6 @@ Layout: RUN/config.json (the nested config), RUN/iter_t/{prompts,candidates,judg
 (the trainer's folder), iter_t/model/ (= M_{t+1}), iter_t/manifest.json. A stage whose file exists is skipped;
 a killed stage continues from its .partial file (selfreward.records).
 """
-from __future__ import annotations
 
 import dataclasses
 import random

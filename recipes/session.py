@@ -5,7 +5,6 @@
     engine, tok = s.get("runs/m1/model")     # loaded once; the same path again reuses it
     s.release()                               # before a trainer needs the memory
 """
-from __future__ import annotations
 
 from selfreward.infer import config
 from selfreward.infer.config import EngineConfig

@@ -2,7 +2,6 @@
 after collectives rank 0 joins), checkpoints that resume exactly, the rule that only good weights are kept, and
 the Hugging Face export. The rules, layout and atomicity: train/README.md, "Run folder".
 """
-from __future__ import annotations
 
 import json
 import math

@@ -1,7 +1,6 @@
 """The settings the four trainers share (SFTConfig, DPOConfig, RMConfig and RLConfig extend TrainConfig; cli.py
 makes the flags). `check()` runs once, at the entry (train.loop.train); nothing changes a config after it.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 

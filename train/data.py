@@ -1,7 +1,6 @@
 """Training data: JSONL readers with file:line errors, chat rendering, truncation, packing, pair batches, the
 batch order. The record formats and the truncation rules are train/README.md's "Data".
 """
-from __future__ import annotations
 
 import dataclasses
 import random

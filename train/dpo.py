@@ -6,7 +6,6 @@
 The reference is the starting checkpoint in eval mode, cached before training (--ref-mode cache) or a frozen
 copy (online). The loss variants, the reference, metrics.jsonl: train/README.md, "The DPO step".
 """
-from __future__ import annotations
 
 import time
 from dataclasses import dataclass

@@ -6,7 +6,6 @@ of pairs, with its [rows, V] logits still in memory,
 
 and backward only scales dh and dW by the upstream gradient of the summed loss (a scalar).
 """
-from __future__ import annotations
 
 import torch
 

@@ -2,7 +2,6 @@
 `sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on the
 same global batch whatever the world size and accumulation.
 """
-from __future__ import annotations
 
 import dataclasses
 import datetime

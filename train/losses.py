@@ -2,7 +2,6 @@
 log-probs, the DPO loss family and its reference cache, the online-RL estimators. Formulas and papers:
 train/README.md, "The DPO step" and "Online RL".
 """
-from __future__ import annotations
 
 import hashlib
 import io

@@ -1,7 +1,6 @@
 """Parallelism applied from outside the single-device model: under torchrun a process group (NCCL on CUDA,
 gloo on the CPU) and device mesh, activation checkpointing, FSDP2 (`fully_shard` on each block, then the
 root); a plain `python train/sft.py` or an in-process `main(argv)` stays single-process, unwrapped."""
-from __future__ import annotations
 
 import functools
 import os

@@ -6,7 +6,6 @@ per-token KL penalty to the frozen SFT policy (train/README.md, "Online RL").
     python train/rl.py ... --estimator rloo --num-samples 4
     python train/rl.py ... --reward mypkg.rewards:length_penalty      # any reward factory (REWARDS below)
 """
-from __future__ import annotations
 
 import importlib
 import math

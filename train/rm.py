@@ -5,7 +5,6 @@ sigmoid(r2 - r1)), both replies of a batch in ONE forward. Records, labels, expo
     torchrun --nproc_per_node 8 train/rm.py --model M1 --data labels.jsonl --output runs/rm
     python train/rm.py --model M1 --data labels.jsonl --output runs/rm --max-steps 200 --batch-size 32
 """
-from __future__ import annotations
 
 from dataclasses import dataclass
 

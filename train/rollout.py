@@ -2,7 +2,6 @@
 built, fed the trainer's weights (README "Weight hand-off") and asked for rollouts and greedy probes through here
 and nowhere else; and the rollout batch.
 """
-from __future__ import annotations
 
 import functools
 import time

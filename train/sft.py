@@ -5,7 +5,6 @@
 
 What it writes (metrics.jsonl, checkpoints/, the Hugging Face export): train/README.md, "Run folder".
 """
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 
