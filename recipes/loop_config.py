@@ -13,10 +13,12 @@ from selfreward.recipes.instruct import InstructConfig
 from selfreward.recipes.judge import JudgeConfig
 from selfreward.recipes.select import SelectConfig
 from selfreward.train.dpo import DPOConfig
+from selfreward.train.sft import SFTConfig
 
 # fields the loop sets itself (no flags): DPO's input/output per iteration, the seeds and grain of rounds
 LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "export_every"},
             "select": {"candidates", "reference", "out", "report", "engine"},
+            "sft": {"model", "output", "export", "tokenizer", "resume", "overwrite", "seed"},
             "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
 
 
@@ -32,7 +34,8 @@ class CandidatesConfig:
 @dataclass
 class LoopConfig:
     run_dir: str = ""
-    init_model: str = ""              # M1: the checkpoint iteration 1 starts from
+    init_model: str = ""              # M1: the checkpoint iteration 1 starts from (or --base-model + --sft-data)
+    base_model: str = ""              # M0: with --sft-data (IFT + EFT JSONL), M1 = train/sft.py of it (RUN/m1)
     iterations: int = cli.passive(2)               # 2 = M1 -> M2 -> M3
     # "self-instruct" | a JSONL file of {"id"?, "prompt"} | (Python) fn(t, n, seed) -> [str | {"id", "prompt"}]
     prompt_source: str | Callable = "self-instruct"
@@ -66,6 +69,11 @@ class LoopConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)   # M0 -> M1 with --base-model: --sft-data, --sft-lr, ...
+    # held-out human-ranked groups (recipes.oasst's groups_eval.jsonl): the judge's Table 4 metrics (K samples
+    # each) against the human ranks, on M_1 .. M_{T+1}, in the manifests' "eval"; "" = off
+    eval_groups: str = cli.input_file("")
+    eval_limit: int = cli.passive(200)             # the first N groups of --eval-groups
     eval_hook: Callable | None = cli.passive(None)  # (Python) fn(t, model_dir) -> dict, on M_t for t = 1..T+1
 
     def judging(self) -> JudgeConfig:
@@ -90,5 +98,7 @@ class LoopConfig:
         if self.sft_mix_repeat < 1:
             raise cli.ConfigError("--sft-mix-repeat must be >= 1")
         self.engine.check()
+        if bool(self.sft.data) != bool(self.base_model) or (self.sft.data and self.init_model):
+            raise cli.ConfigError("M1 is --init-model, or SFT of --base-model on --sft-data (give both), not both")
         if self.select_every > 0 and not self.select.prompts:
             raise cli.ConfigError("--select-every needs --select-prompts (held-out prompts, a JSONL with 'prompt')")

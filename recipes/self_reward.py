@@ -32,8 +32,21 @@ def iter_dir(cfg: LoopConfig, t: int) -> Path:
 
 
 def model_at(cfg: LoopConfig, t: int) -> str:
-    """M_t: the init model for t = 1, else what iteration t-1 trained."""
-    return cfg.init_model if t == 1 else str(iter_dir(cfg, t - 1) / "model")
+    """M_t: M1 (--init-model, or RUN/m1 trained from --base-model) for t = 1, else what iteration t-1 trained."""
+    if t == 1:
+        return str(Path(cfg.run_dir) / "m1") if cfg.sft.data else cfg.init_model
+    return str(iter_dir(cfg, t - 1) / "model")
+
+
+def stage_sft(cfg: LoopConfig) -> None:
+    """M0 -> M1 (RUN/m1): train/sft.py of --base-model on --sft-data (the paper: IFT + EFT)."""
+    from selfreward.train.sft import train
+    run = Path(cfg.run_dir)
+    if not cfg.sft.data or (run / "m1" / "config.json").exists():
+        return
+    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, output=str(run / "sft"),
+                               export=str(run / "m1"), resume=True, seed=cfg.seed)
+    cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, run / "sft_config.json")
 
 
 def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
@@ -60,7 +73,7 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
             recs = w.records
     # a prompt that leaves no room to answer within the context is set aside (M_t may not exist yet when
     # prompts are made ahead: the tokenizer and context are the init model's, which DPO does not change)
-    engine, tok = s.get(model_at(cfg, t) if Path(model_at(cfg, t)).exists() else cfg.init_model)
+    engine, tok = s.get(model_at(cfg, t) if Path(model_at(cfg, t)).exists() else model_at(cfg, 1))
     dup = [k for k, n in Counter(r["id"] for r in recs).items() if n > 1]
     if dup:
         raise DataError(f"prompts of iteration {t}: duplicate id {dup[0]!r}")
@@ -207,11 +220,12 @@ def write_judge_self(cfg: LoopConfig, t: int) -> Path:
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
-    """RUN/iter_t/manifest.json: the stage timings, the pairs stage's statistics, evaluations, settings."""
-    mpath = iter_dir(cfg, t) / "manifest.json"
+    """RUN/iter_t/manifest.json (t = 0: RUN/manifest.json, M0 -> M1): the stage timings, the pairs stage's
+    statistics, evaluations, settings."""
+    mpath = pipeline.folder(cfg, t) / "manifest.json"
     stats = dict(stats or {})
     ev, m = stats.pop("eval", {}), read_json(mpath)
-    m.update(iteration=t, model_in=model_at(cfg, t), model_out=str(iter_dir(cfg, t) / "model"), **stats)
+    m.update(iteration=t, model_in=model_at(cfg, t) if t else cfg.base_model, model_out=model_at(cfg, t + 1), **stats)
     m["timings"] = {**m.get("timings", {}), **timings}
     m["eval"] = {**m.get("eval", {}), **ev}
     if (iter_dir(cfg, t) / "select.json").exists():
@@ -221,44 +235,60 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
     return m
 
 
-def stage_eval(cfg: LoopConfig, t: int, last: bool) -> dict | None:
-    """cfg.eval_hook on M_t at the start of iteration t (last: on M_{T+1} at the end of iteration T), once."""
+def stage_eval(cfg: LoopConfig, t: int, last: bool, s: Session) -> dict | None:
+    """M_t at the start of iteration t (last: M_{T+1} at the end of iteration T), once: the judge's Table 4
+    metrics on --eval-groups, and cfg.eval_hook(t, model) (Python)."""
     k = t + last
-    if cfg.eval_hook is None or (last and t != cfg.iterations) or \
+    if not (cfg.eval_hook or cfg.eval_groups) or (last and t != cfg.iterations) or \
             f"M{k}" in read_json(iter_dir(cfg, t) / "manifest.json").get("eval", {}):
         return None
-    return {"eval": {f"M{k}": cfg.eval_hook(k, str(iter_dir(cfg, t) / "model") if last else model_at(cfg, t))}}
+    model, ev = model_at(cfg, k), {}
+    if cfg.eval_groups:
+        from selfreward.recipes.evaluate import load_groups, rm_eval
+        jc = dataclasses.replace(cfg.judge, seed=cfg.seed)
+        r = rm_eval(*s.get(model), load_groups(cfg.eval_groups)[:cfg.eval_limit], jc)
+        ev = {f"judge_{k}": r["sampled"][m] for k, m in (("pairwise", "pairwise_accuracy"), ("five_best", "five_best"),
+              ("exact_match", "exact_match"), ("spearman", "spearman"), ("kendall_tau", "kendall_tau"))}
+        ev["judge_parse_failures"] = r["parse_failures"]
+    return {"eval": {f"M{k}": ev | (cfg.eval_hook(k, model) if cfg.eval_hook else {})}}
 
 
 def prepare(cfg: LoopConfig, s: Session) -> None:
+    if not (cfg.init_model or cfg.sft.data):
+        raise cli.ConfigError("--init-model (M1), or --base-model and --sft-data (M1 trained here), is required")
     if cfg.prompt_source == "self-instruct":
         if not cfg.seed_prompts:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
         nonempty(read_jsonl(cfg.seed_prompts), f"--seed-prompts {cfg.seed_prompts}", "seed prompts")
-    check_fits(*s.get(cfg.init_model), cfg.judge)     # a rubric that cannot fit fails now, not after sampling
+    check_fits(*s.get(cfg.init_model or cfg.base_model), cfg.judge)   # a rubric that cannot fit fails now
 
 
 def report(cfg: LoopConfig, t: int, m: dict) -> None:
-    c = m["counts"]
+    c, ev = m["counts"], m.get("eval", {}).get(f"M{t}", {})
     print(f"[self-reward] iter {t}: {c['prompts']} prompts, {c['candidates']} candidates, "
-          f"{c['parse_failures']}/{c['judgments']} unparsable, {c['ties']} ties, {c['pairs']} pairs", flush=True)
+          f"{c['parse_failures']}/{c['judgments']} unparsable, {c['ties']} ties, {c['pairs']} pairs"
+          + "".join(f"; M{t} {k} {v:.3f}" for k, v in ev.items() if k == "judge_pairwise" and v is not None),
+          flush=True)
 
 
 RECIPE = pipeline.Recipe(
-    "selfreward.recipes.self_reward", LoopConfig, head=(), body=(
-        pipeline.Stage("eval_in", lambda c, t, *_: stage_eval(c, t, False), timed=False),
+    "selfreward.recipes.self_reward", LoopConfig, head=(
+        pipeline.Stage("sft", lambda c, *_: stage_sft(c), trains=True),), body=(
+        pipeline.Stage("eval_in", lambda c, t, s, *_: stage_eval(c, t, False, s), timed=False),
         pipeline.Stage("prompts", lambda c, t, s, *_: stage_prompts(c, t, s), "prompts.jsonl"),
         pipeline.Stage("candidates", stage_candidates, "candidates.jsonl", shards=True),
         pipeline.Stage("judge", stage_judge, "judgments.jsonl", shards=True),
         pipeline.Stage("pairs", lambda c, t, *_: stage_pairs(c, t)),
         pipeline.Stage("dpo", lambda c, t, *_: stage_dpo(c, t), trains=True),
-        pipeline.Stage("eval_out", lambda c, t, *_: stage_eval(c, t, True), timed=False)),
-    manifest=write_manifest, layout=("iter_*",), prepare=prepare, report=report)
+        pipeline.Stage("eval_out", lambda c, t, s, *_: stage_eval(c, t, True, s), timed=False)),
+    manifest=write_manifest, layout=("iter_*", "m1", "sft", "sft_config.json", "manifest.json"), prepare=prepare,
+    report=report)
 
 
 def run_loop(cfg: LoopConfig, overwrite: bool = False) -> list[dict]:
-    """M1 -> M_{T+1}: pipeline.run of the stages above (rerun to continue; --overwrite starts over)."""
-    return pipeline.run(RECIPE, cfg, overwrite=overwrite)
+    """(M0 ->) M1 -> M_{T+1}: pipeline.run of the stages above (rerun to continue; --overwrite starts over) ->
+    the iterations' manifests."""
+    return pipeline.run(RECIPE, cfg, overwrite=overwrite)[1:]
 
 
 def main(argv: list[str] | None = None):

@@ -64,7 +64,6 @@ ENTRIES = [
     Entry("recipes.rlaif label", "selfreward.recipes.rlaif", ["label", "--labeller", M, "--pairs", M, "--out", O],
           [(["label", "--help"], "")]),
     Entry("recipes.oasst", "selfreward.recipes.oasst", ["--input", M, "--out", O]),
-    Entry("recipes.real", "selfreward.recipes.real", ["--model", M, "--oasst-seed", M, "--run-dir", O]),
     Entry("recipes.rlaif_run", "selfreward.recipes.rlaif_run",
           ["--policy", M, "--pairs", M, "--prompts", M, "--run-dir", O]),
     Entry("recipes.world.demo", "selfreward.recipes.world.demo", ["--run-dir", O, "--cache-dir", O]),

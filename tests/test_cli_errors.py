@@ -144,7 +144,7 @@ CASES = [
     ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--base-model", w["model"], "--seed-data",
                             w["dir"] / "missing.jsonl", "--unlabelled", w["prompts"]], "missing.jsonl"),
     ("humpback", lambda w: ["--run-dir", w["dir"] / "hb_err", "--train-k", "9"], "--train-k 9"),
-    ("world_demo", lambda w: ["--real-model", w["model"]], "--real-model and --oasst-seed go together"),
+    ("self_reward", lambda w: LOOP("--sft-data", w["prompts"])(w), "M1 is --init-model, or SFT of --base-model"),
     # issue 33: the reward model's loader names the tensor, as every other loader (was a load_state_dict trace)
     ("rm", lambda w: ["--model", w["dir"] / "bad_shape", "--data", w["pairs"], "--output", w["dir"] / "rm_shape",
                       "--max-steps", "1", "--batch-size", "2", "--max-length", "40"],

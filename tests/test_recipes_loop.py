@@ -50,3 +50,30 @@ def test_loop_m1_to_m3_and_rerun(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in files} == stamp and len(hooked) == 3
     assert [m["counts"] for m in ms2] == [m["counts"] for m in ms]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 2
+
+
+def test_loop_from_m0_on_oasst_seed(stories260k, tmp_path, one_thread):
+    """The loop on a real checkpoint with OASST seed data: SFT of M0 on the OASST
+    seed -> M1, one self-rewarding iteration (self-instruct prompts, candidates, judge, pairs from the expected
+    score, DPO), the judge's agreement with the human ranks on M1 and M2."""
+    from conftest import need_shared
+    from selfreward.recipes.oasst import main as oasst_main
+    from selfreward.recipes.self_reward import main as loop_main
+    seed = tmp_path / "seed"
+    oasst_main(["--input", str(need_shared("data/oasst_en_100_trees.jsonl")), "--out", str(seed)])
+    run = tmp_path / "real"
+    manifests = loop_main(["--base-model", str(stories260k), "--sft-data", str(seed / "ift.jsonl"),
+                           "--seed-prompts", str(seed / "ift.jsonl"), "--eval-groups", str(seed / "groups_eval.jsonl"),
+                           "--run-dir", str(run), "--iterations", "1", "--n-prompts", "4", "--candidates-n", "2",
+                           "--judge-k", "1", "--judge-template", "short", "--candidates-max-tokens", "16",
+                           "--judge-max-tokens", "16", "--score-from", "expected", "--dpo-lr", "1e-5",
+                           "--sft-max-steps", "4", "--eval-limit", "3"])
+    head, m = manifests
+    assert head["model_in"] == str(stories260k) and head["model_out"] == str(run / "m1")
+    assert m["counts"]["pairs"] >= 1 and set(m["eval"]) == {"M1", "M2"}
+    replies = sum(len(json.loads(x)["replies"]) for x in (seed / "groups_eval.jsonl").read_text().splitlines()[:3])
+    for ev in m["eval"].values():      # stories260k rarely writes a score: the metrics may be None, never missing
+        assert set(ev) == {"judge_pairwise", "judge_five_best", "judge_exact_match", "judge_spearman",
+                           "judge_kendall_tau", "judge_parse_failures"}
+        assert 0 <= ev["judge_parse_failures"] <= replies
+    assert (run / "m1" / "config.json").exists() and (run / "iter_1" / "model" / "config.json").exists()

@@ -91,20 +91,3 @@ def test_pair_quality_by_checker():
     assert pair_quality([]) == {"pair_quality": None, "pair_backwards": None, "pair_identical": None}
     text = table([{"model": "M1", "greedy_acc": 0.5, "pairs": 3}])
     assert "M1" in text and "0.500" in text and text.count("\n") == 2
-
-
-def test_real_model_mode_end_to_end(stories260k, tmp_path, one_thread):
-    """--real-model + --oasst-seed: SFT on the OASST seed, one self-rewarding iteration (self-instruct
-    prompts, candidates, judge, pairs from the expected score, DPO), the human-rank report."""
-    from conftest import need_shared
-    from selfreward.recipes.oasst import main as oasst_main
-    oasst_main(["--input", str(need_shared("data/oasst_en_100_trees.jsonl")), "--out", str(tmp_path / "seed")])
-    summary = demo.main(["--real-model", str(stories260k), "--oasst-seed", str(tmp_path / "seed"),
-                         "--run-dir", str(tmp_path / "real"), "--iterations", "1", "--n-prompts", "4",
-                         "--n-candidates", "2", "--judge-k", "1", "--judge-template", "short", "--max-tokens", "16",
-                         "--judge-max-tokens", "16", "--score-from", "expected", "--dpo-lr", "1e-5",
-                         "--sft-steps", "4"])
-    rows = {r["model"]: r for r in summary["rows"]}
-    assert list(rows) == ["M1", "M2"] and rows["M1"]["pairs"] >= 1
-    assert (tmp_path / "real" / "loop" / "iter_1" / "model" / "config.json").exists()
-    assert json.loads((tmp_path / "real" / "summary.json").read_text())["mode"] == "real"

@@ -4,7 +4,6 @@
     python -m selfreward.recipes.world.demo --seed 1 --run-dir runs/world-s1
     python -m selfreward.recipes.world.demo --scale 2 --iterations 3 # bigger: more web text, steps, prompts
     python -m selfreward.recipes.world.demo --smoke                  # every stage at tiny sizes from the shipped M0
-    python -m selfreward.recipes.world.demo --real-model M0 --oasst-seed data/seed --nproc 8   # a real checkpoint + OASST
 
 Stages: M0 (the shipped one, recipes/world/m0/, when its key matches the settings; else built and cached) ->
 seeds (IFT, EFT in the world's judge format) -> M1 = train/sft.py on the
@@ -309,10 +308,6 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-REAL_FLAGS = {"judge_template": ("judge", "template"), "max_tokens": ("candidates", "max_tokens"),
-              "judge_max_tokens": ("judge", "max_tokens"), "score_from": ("", "score_from")}
-
-
 def _parser():
     ap = cli.parser(DemoConfig, __doc__.split("\n")[0])
     ap.add_argument("--method", choices=("self-reward", "rlaif", "humpback"), default="self-reward",
@@ -320,13 +315,6 @@ def _parser():
     ap.add_argument("--scale", type=float, default=1.0, help="multiply data sizes, steps and prompts")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage at tiny sizes from the shipped M0 (CI; checks an install)")
-    ap.add_argument("--real-model", help="instead of the world: this HF checkpoint as M0 (see recipes/real.py)")
-    ap.add_argument("--oasst-seed", help="with --real-model: the folder `python -m selfreward.recipes.oasst --out` wrote")
-    ap.add_argument("--judge-template", help="with --real-model: a rubric file or built-in name (default, short)")
-    ap.add_argument("--max-tokens", type=int, help="with --real-model: candidate length limit (default 512)")
-    ap.add_argument("--judge-max-tokens", type=int, help="with --real-model: judgment length limit (default 256)")
-    ap.add_argument("--score-from", choices=("sampled", "expected"),
-                    help="with --real-model: pairs from the sampled scores (default) or the expected score")
     return ap
 
 
@@ -341,20 +329,6 @@ def main(argv: list[str] | None = None) -> dict:
         from selfreward.recipes.world.humpback import main as humpback_main
         return humpback_main(rest)
     a = _parser().parse_args(argv)
-    if a.real_model or a.oasst_seed:
-        if not (a.real_model and a.oasst_seed):
-            raise cli.ConfigError("--real-model and --oasst-seed go together")
-        from selfreward.recipes.real import run_real
-        loop: dict = {"candidates": {}, "judge": {}, "dpo": {}}
-        for name, (sec, key) in {"n_candidates": ("candidates", "n"), "temperature": ("candidates", "temperature"),
-                                 "top_p": ("candidates", "top_p"), "judge_k": ("judge", "k"),
-                                 "judge_temperature": ("judge", "temperature"), "min_margin": ("", "min_margin"),
-                                 "dpo_lr": ("dpo", "lr"), "dpo_beta": ("dpo", "beta"),
-                                 "dpo_nll_alpha": ("dpo", "nll_alpha"), **REAL_FLAGS}.items():
-            if getattr(a, name, None) is not None:
-                (loop if not sec else loop[sec])[key] = getattr(a, name)
-        return run_real(a.real_model, a.oasst_seed, a.run_dir or "runs/real", a.iterations or 2,
-                        a.n_prompts or 1000, a.nproc or 1, a.seed or 0, loop=loop, sft_steps=a.sft_steps or 0)
     cfg = smoke_config(a.run_dir or "runs/world-smoke", a.cache_dir or "") if a.smoke else DemoConfig()
     if a.scale != 1.0:
         cfg = cfg.scaled(a.scale)
