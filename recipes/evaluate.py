@@ -18,7 +18,7 @@ from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jso
 from selfreward.recipes.h2h import H2HConfig
 from selfreward.recipes.judge import JudgeConfig, Judged, check_fits, judge_items, mean_score
 from selfreward.recipes.metrics import rm_metrics
-from selfreward.recipes.onestage import claimed, parse, unit_records
+from selfreward.recipes.pipeline import claimed, parse, unit_records
 
 
 def load_groups(path: str | Path) -> list[dict]:

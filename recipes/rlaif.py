@@ -13,7 +13,7 @@ from selfreward.cli import Parser
 from selfreward.provenance import check_not_input, file_hash, made_by, model_fingerprint
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import expected_scores
-from selfreward.recipes.onestage import claimed, parse, unit_records
+from selfreward.recipes.pipeline import claimed, parse, unit_records
 from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
 
 

@@ -17,7 +17,7 @@ from selfreward.model.checkpoint import write_folder
 from selfreward.provenance import made_by, same_file
 from selfreward.records import DataError, read_json, write_json
 from selfreward.recipes.h2h import H2HConfig, generate_responses, head_to_head, read_prompts
-from selfreward.recipes.onestage import claimed
+from selfreward.recipes.pipeline import claimed
 from selfreward.recipes.session import Session
 
 
