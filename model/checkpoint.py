@@ -122,8 +122,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     cfg = cfg or ModelConfig.from_json(path)
     model = Transformer(cfg, device="meta")
     state, _ = read_state(path, model, dtype, device, ignore=ignore)
-    # assign=True swaps the loaded tensors in for the meta ones; Module.to_empty() would run empty_like on each
-    # (its decomposition imports sympy and torch.fx's symbolic_shapes: 0.3 s of start-up) and copy them again.
+    # assign=True swaps the loaded tensors in: no to_empty() (infer/README.md, "Design": its sympy import, a copy)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # cast as Module.to(dtype) did
     return model
