@@ -77,10 +77,9 @@ def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.
                plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
                ) -> tuple[dict[str, torch.Tensor], int]:
     """`model`'s tensors (it is on the meta device: cfg and shapes) from a HF folder -> (our name -> tensor as
-    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
-    shards): get_slice copies only that range out of the memory-mapped file, so a 70B checkpoint never
-    materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the embedding, a
-    missing tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
+    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the only slice read (infer/README.md,
+    "Sharded loading"). Refused, naming the file: a tokenizer whose ids run past the embedding, a missing
+    tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
     lm_head.weight, rotary inv_freq buffers and `ignore`, left to the caller: reward_model.py's score.weight)."""
     path, plan, cfg = Path(path), plan or {}, model.cfg
     tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
