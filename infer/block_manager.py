@@ -41,13 +41,6 @@ class BlockManager:
         b.key, b.prev, b.tokens, b.ref = None, None, (), 1
         return b
 
-    def _register(self, b: Block, prev: int, tokens: tuple[int, ...]) -> int:
-        key = chain_key(prev, tokens)
-        b.key, b.prev, b.tokens = key, prev, tokens
-        if self.prefix_cache and key not in self.cache:
-            self.cache[key] = b.id
-        return key
-
     def _hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks before seq.need_from, each hit checked token by token."""
         hits: list[int] = []
@@ -93,7 +86,11 @@ class BlockManager:
         i = seq.num_keyed
         prev = -1 if i == 0 else self.blocks[seq.block_table[i - 1]].key
         while (i + 1) * bs <= min(upto, len(toks)):
-            prev = self._register(self.blocks[seq.block_table[i]], prev, tuple(toks[i * bs:(i + 1) * bs]))
+            b, tokens = self.blocks[seq.block_table[i]], tuple(toks[i * bs:(i + 1) * bs])
+            b.key, b.prev, b.tokens = chain_key(prev, tokens), prev, tokens
+            if self.prefix_cache and b.key not in self.cache:
+                self.cache[b.key] = b.id
+            prev = b.key
             i += 1
         seq.num_keyed = i
 

@@ -1,13 +1,13 @@
 """EngineConfig and load_engine, the one factory every caller loads an engine with (infer/README.md, "API")."""
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from selfreward import cli
-from selfreward.ranges import check_number
+from selfreward.ranges import check_fields
 from selfreward.records import DataError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,11 +26,10 @@ class EngineConfig:
     cuda_graphs: bool = False         # decode from CUDA graphs per batch-size bucket (CUDA only; untested)
 
     def check(self) -> None:
-        """A bad setting is a DataError (a ValueError) naming it; the numbers by ranges.RANGES, as at the door."""
+        """A bad setting is a DataError (a ValueError) naming it; the numbers by ranges.check_fields, as at the door."""
         if self.dtype and self.dtype not in DTYPES:
             raise DataError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        for f in fields(EngineConfig):
-            check_number(f"--engine-{f.name.replace('_', '-')}", getattr(self, f.name))
+        check_fields(self)
 
 
 def add_engine_flags(p) -> set[str]:

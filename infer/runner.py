@@ -116,11 +116,9 @@ class Runner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src, dst = torch.tensor(copies, device=self.device).T   # copies: (source, destination) block pairs
         for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+            k[dst], v[dst] = k[src], v[src]
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:

@@ -38,12 +38,11 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
     vals = q                                             # [R, M] candidate values (-1 = padding)
     cols = torch.arange(V, device=dev).expand(R, V)      # their vocabulary columns
     base = torch.zeros(R, 1, device=dev, dtype=q.dtype)  # mass of tokens above every candidate
-    first = True
-    for _ in range(levels):
+    for level in range(levels):
         if vals.shape[1] <= MAX_BOUNDARY:
             break
         hi = vals.max(-1, keepdim=True).values
-        if first:   # vals = q >= 0, lo = 0: q * scale lies in [0, N_BUCKETS - 1] (no shift, clamp or padding)
+        if level == 0:   # vals = q >= 0, lo = 0: q * scale lies in [0, N_BUCKETS - 1] (no shift, clamp or padding)
             b = (vals * ((N_BUCKETS - 1) / hi.clamp_min(1e-30))).long()
             mass = torch.zeros(R, N_BUCKETS + 1, device=dev, dtype=q.dtype).scatter_add_(1, b, vals)
         else:
@@ -56,7 +55,7 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
         above = base + mass.flip(-1).cumsum(-1).flip(-1) - mass               # mass in higher buckets
         cross = (above < pp) & (above + mass >= pp)                           # the bucket where p is crossed
         kstar = torch.where(cross, ar, -1).max(-1, keepdim=True).values.clamp_min(0)   # [R, 1]
-        if first:
+        if level == 0:
             keep = b > kstar                                                  # (b < N_BUCKETS: always)
         else:
             higher = (b > kstar) & (b < N_BUCKETS)
@@ -65,7 +64,6 @@ def top_p_keep(q: torch.Tensor, p: torch.Tensor, levels: int = 3) -> torch.Tenso
         base = above.gather(1, kstar)
         width = vals.shape[1]
         vals, cols = _compact(b == kstar, vals, cols)
-        first = False
         if vals.shape[1] == width:                      # no progress (tied values): stop refining
             break
     crowded = (vals >= 0).sum(-1) > MAX_BOUNDARY

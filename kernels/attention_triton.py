@@ -1,15 +1,7 @@
-"""Flash attention in Triton (FlashAttention-2); layout and contract: the twin `kernels.attention`.
-
-- forward: one program per (query tile, sequence, query head) streams the key/value tiles up to the causal
-  diagonal (`softmax_step`, shared with paged_triton) and writes O and the row logsumexp (lse [Hq, N] fp32).
-- backward: delta = rowsum(O * dO) (torch); one program per (key tile, sequence, kv head) accumulates dK,
-  dV over every query head of its group (GQA without atomics), one per (query tile, sequence, query head)
-  dQ. P is recomputed from lse, never stored.
-- prefixes: a query tile first streams its prefix's keys, all visible; a prefix sequence's dK/dV program
-  also loops over the (adjacent) query rows of the sequences that read it.
-
-On CUDA, flash-attn runs instead where it fits (kernels/README.md). fp32 dots ask for IEEE precision
-(no TF32), so fp32 results match the twin closely.
+"""Flash attention in Triton (FlashAttention-2; kernels/README.md, "The ops": the forward, the GQA backward
+without atomics, prefixes, flash-attn where it fits); layout and contract: the twin `kernels.attention`.
+Programs: forward and dQ per (query tile, sequence, query head), dK/dV per (key tile, sequence, kv head).
+lse [Hq, N] fp32; delta = rowsum(O * dO) in torch; P is recomputed from lse, never stored.
 """
 
 import math

@@ -1,12 +1,7 @@
-"""Fused linear -> log-softmax -> gather: per-token log-probs without ever holding [N, V] logits.
+"""Fused linear -> log-softmax -> gather: per-token log-probs without ever holding [N, V] logits, in chunks
+of `chunk` tokens (kernels/README.md, "The ops": the forward, the in-place backward, the memory bound).
 
-    logp[i] = (h[i] @ W.T)[t[i]] - logsumexp(h[i] @ W.T)
-
-Tokens go through in chunks of `chunk` rows: the forward keeps only the per-token logsumexp; the backward
-recomputes each chunk's logits and overwrites them in place with d logits = g * (onehot(t) - softmax),
-then dh = d logits @ W and dW += d logits.T @ h. Peak extra memory is one [chunk, V] logits buffer instead
-of several [N, V]. Targets equal to `ignore_index` give log-prob 0 and no gradient. SFT's cross-entropy
-and every DPO loss are built on this. The chunk loop (`ChunkedLogprobs`) also runs the Triton row kernels.
+    logp[i] = (h[i] @ W.T)[t[i]] - logsumexp(h[i] @ W.T)          (0 and no gradient where t[i] == ignore_index)
 """
 
 import torch

@@ -1,11 +1,5 @@
-"""Fused linear -> log-softmax -> gather with Triton row kernels, in the twin's chunk loop.
-
-`kernels.logprobs.ChunkedLogprobs` runs the chunks (the GEMMs stay with cuBLAS / torch); per chunk of
-logits [c, V], one program per row streams V once in BLOCK_V tiles:
-- `_lse_fwd`: online max / sum-exp -> the row's logsumexp and target log-prob (0 where ignored);
-- `_dlogits_bwd`: overwrites the recomputed logits in place with d logits = g * (onehot(t) - exp(x - lse)),
-  so no second [chunk, V] buffer exists.
-"""
+"""Fused linear -> log-softmax -> gather: Triton row kernels (one program per row of a chunk of logits [c, V],
+streaming V in BLOCK_V tiles) in the twin's chunk loop `kernels.logprobs.ChunkedLogprobs`, which runs the GEMMs."""
 
 import functools
 

@@ -1,8 +1,5 @@
-"""The kernel switch: `import selfreward.kernels.ops as K` gives every op (`K.rmsnorm`, `K.attention`, ...).
-
-An op's plain-PyTorch twin `<op>_ref` in `kernels/<file>.py` is its definition; its Triton version
-`<op>_triton` in `kernels/<file>_triton.py` is imported lazily, only when `use_triton` asks for it, so CPU
-paths (and macOS, where Triton does not install) never touch Triton. Which runs: kernels/README.md.
+"""The kernel switch: `import selfreward.kernels.ops as K` gives every op (`K.rmsnorm`, `K.attention`, ...):
+its Triton version, imported only when `use_triton` asks for it, else its twin (kernels/README.md, "The switch").
 """
 
 import functools

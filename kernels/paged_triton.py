@@ -1,12 +1,6 @@
-"""Paged KV cache in Triton; cache layout and contract: the twin `kernels.paged`.
-
-- `_store_kv`: one program per new token copies its Hkv x D keys and values into its slot.
-- `_paged_attn`: one program per (row tile, sequence, kv head); the rows of a tile are (query, head-in-group)
-  pairs, so one pass over the cached keys serves every query head of a kv head. Each key's physical block
-  comes from the block table (any block_size). Query i of a sequence with qlen new tokens sits at position
-  ctx - qlen + i. `paged_decode_triton` is the qlen = 1 case.
-Split-K (flash-decoding): when the grid is smaller than the GPU, each sequence's keys are cut into ranges
-processed in parallel, each writing a partial output and its logsumexp, merged in torch.
+"""Paged KV cache in Triton (kernels/README.md, "The ops": store, (query, head-in-group) row tiles, split-K);
+cache layout and contract: the twin `kernels.paged`. `_paged_attn`: one program per (row tile, sequence, kv
+head); query i of a sequence with qlen new tokens sits at ctx - qlen + i (`paged_decode_triton`: qlen = 1).
 """
 
 import torch

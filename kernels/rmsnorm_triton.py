@@ -1,9 +1,5 @@
 """RMSNorm (optionally fused with the residual add) in Triton; numerics as the twin `kernels.rmsnorm`.
-
-One program normalises one row (the whole row in registers, BLOCK = next_pow2(H)). The backward recomputes
-x_hat from the saved input and per-row 1/rms; dW is summed in fp32 per program over a stripe of rows,
-then the few stripes are added by torch.
-"""
+One program per row (all of it in registers); the backward: kernels/README.md, "The ops"."""
 
 import torch
 import triton

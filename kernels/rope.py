@@ -1,8 +1,5 @@
-"""Rotary position embedding in the rotate-half layout transformers' Llama uses.
-
-The model computes the frequencies (including llama3 scaling) and passes per-token cos/sin tables of
-width D/2; positions may restart inside packed sequences because each token carries its own position.
-"""
+"""Rotary position embedding in the rotate-half layout transformers' Llama uses, from per-token cos/sin tables
+(kernels/README.md, "The ops": positions restart in packed rows; llama3 scaling is in the model's frequencies)."""
 
 import torch
 

@@ -1,6 +1,5 @@
-"""RoPE (rotate-half) in Triton; contract: the twin `kernels.rope.rope_ref`, whose rounding of cos/sin to
-x's dtype this kernel copies. One program rotates all heads of one token; the backward is the inverse
-rotation (sin negated)."""
+"""RoPE (rotate-half) in Triton, one program per token (all heads), the backward rotating back (sin negated);
+contract: the twin `kernels.rope.rope_ref`, whose rounding of cos/sin to x's dtype this kernel copies."""
 
 import torch
 import triton

@@ -77,10 +77,9 @@ def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.
                plan: dict[str, tuple[int, int, int]] | None = None, ignore: tuple[str, ...] = ()
                ) -> tuple[dict[str, torch.Tensor], int]:
     """`model`'s tensors (it is on the meta device: cfg and shapes) from a HF folder -> (our name -> tensor as
-    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the slice to read (infer/parallel.py's
-    shards): get_slice copies only that range out of the memory-mapped file, so a 70B checkpoint never
-    materialises whole on one rank. Refused, naming the file: a tokenizer whose ids run past the embedding, a
-    missing tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
+    dtype on device, bytes read). `plan`: our name -> (dim, start, stop), the only slice read (infer/README.md,
+    "Sharded loading"). Refused, naming the file: a tokenizer whose ids run past the embedding, a missing
+    tensor, a shape other than config.json's, a tensor the name table does not know (but a tied model's
     lm_head.weight, rotary inv_freq buffers and `ignore`, left to the caller: reward_model.py's score.weight)."""
     path, plan, cfg = Path(path), plan or {}, model.cfg
     tok = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).exists()), None)
@@ -122,8 +121,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     cfg = cfg or ModelConfig.from_json(path)
     model = Transformer(cfg, device="meta")
     state, _ = read_state(path, model, dtype, device, ignore=ignore)
-    # assign=True swaps the loaded tensors in for the meta ones; Module.to_empty() would run empty_like on each
-    # (its decomposition imports sympy and torch.fx's symbolic_shapes: 0.3 s of start-up) and copy them again.
+    # assign=True swaps the loaded tensors in: no to_empty() (infer/README.md, "Design": its sympy import, a copy)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = cfg.inv_freq().to(device=device, dtype=dtype)   # cast as Module.to(dtype) did
     return model

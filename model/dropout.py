@@ -1,11 +1,8 @@
-"""Residual dropout with a mask that is cheap to draw on the CPU.
-
-`F.dropout` on a CPU tensor draws one fp32 Bernoulli sample per element: about 12 ms for a [3072, 512]
-activation at 2 threads (one residual branch of a 4-pair DPO step; 17 per forward, drawn again in backward by
-selective checkpointing). Here the mask comes from 16 random bits per element, four per 64-bit draw, and
-backward replays nothing (train/parallel.py saves `randint`'s output; `where` saves the boolean mask). p is
-rounded to a multiple of 1/65536 and the kept values scaled by 1 / (1 - that p): E[dropout(x)] = x exactly.
-CUDA keeps `F.dropout`. The RNG is torch's default generator (manual_seed, checkpoint RNG replay, resume).
+"""Residual dropout with a mask that is cheap to draw on the CPU (train/README.md, "The fused head, ...": why,
+and its timings): 16 random bits per element, four per 64-bit draw; backward replays nothing (train/parallel.py
+saves `randint`'s output; `where` saves the boolean mask). p is rounded to a multiple of 1/65536 and the kept
+values scaled by 1 / (1 - that p): E[dropout(x)] = x exactly. CUDA keeps `F.dropout`. The RNG is torch's default
+generator (manual_seed, checkpoint RNG replay, resume).
 """
 
 import math

@@ -1,15 +1,9 @@
-"""The CPU inference layout of a Transformer's weights (Engine applies it; a forward with gradients on never
-uses the fused tensors).
-
-A CPU decode step is bound by reading the weights, and MKL's fp32 matrix-vector product reads an nn.Linear
-weight ([out, in], so `x @ W.T`) about 2x slower than the same numbers stored [in, out] contiguous
-(benchmarks/README.md, Sampler). So each weight is re-stored once, in place, as the transpose of an [in, out]
-contiguous tensor, and projections of the same input sit side by side: q | k | v -> `attention.wqkv_t`
-[H, (nh + 2 nkv) hd], gate | up -> `feed_forward.w13_t` [H, 2I]. Each Parameter keeps its identity, name and
-shape, its data a view of its columns: nothing is duplicated and an in-place write (infer/parallel.load_from_fsdp,
-a trainer step) is what the fused tensor holds. A parameter re-assigned since (load_state_dict(assign=True),
-`.to()`) no longer points into it; the forward checks (`fused_ok`) and falls back to the separate projections.
-A tied LM head keeps its layout; `lm_head_t` is a transposed copy, remade when the weight changed or was replaced.
+"""The CPU inference layout of a Transformer's weights (infer/README.md, "Design": CPU weight layout; Engine
+applies it, a forward with gradients on never uses it): each weight re-stored in place as the transpose of an
+[in, out] contiguous tensor, q | k | v side by side in `attention.wqkv_t` [H, (nh + 2 nkv) hd], gate | up in
+`feed_forward.w13_t` [H, 2I], each Parameter a view of its columns. A parameter re-assigned since no longer points
+into them: the forward checks (`fused_ok`) and falls back to the separate projections. A tied LM head keeps its
+layout; `lm_head_t` is a transposed copy, remade when the weight changed or was replaced.
 """
 
 import torch

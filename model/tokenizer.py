@@ -1,17 +1,10 @@
-"""Tokenizers of Hugging Face checkpoint folders, chat rendering, and the assistant-target mask.
-
-Two backends behind one interface: SentencePiece (`tokenizer.model`, Llama 2) and HF `tokenizers`
-(`tokenizer.json`, Llama 3 / Mistral / Qwen2). Special tokens come from `tokenizer_config.json` (else the
-SentencePiece model's own ids), stop ids also from `generation_config.json`.
-
-Chat rendering encodes each message's pieces (header, content, trailer) on their own and concatenates the ids:
-the assistant mask is exact, and
-    render_chat(prompt_messages, add_generation_prompt=True)[0] + render_response(reply)
-        == render_chat(prompt_messages + [assistant reply])[0]
-holds by construction, so the sampler and the trainers see the very same ids (for SentencePiece this can differ
+"""Tokenizers of Hugging Face checkpoint folders, chat rendering, and the assistant-target mask (README.md,
+"Tokens and chat": the templates). Two backends: SentencePiece (`tokenizer.model`, Llama 2) and HF `tokenizers`
+(`tokenizer.json`, Llama 3 / Mistral / Qwen2); special tokens from `tokenizer_config.json` (else the
+SentencePiece model's own ids), stop ids also from `generation_config.json`. Each message's pieces (header,
+content, trailer) are encoded on their own, so render_chat(prompt, add_generation_prompt=True)[0] +
+render_response(reply) == render_chat(prompt + [reply])[0] by construction (for SentencePiece this can differ
 from encoding the whole rendered string at a segment boundary: we choose consistency across our own stages).
-Templates: the checkpoint's `chat_template` (tokenizer_config.json or chat_template.jinja), rendered with jinja2
-as transformers does; else the PLAIN template below.
 """
 
 import re
