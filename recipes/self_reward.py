@@ -27,15 +27,11 @@ from selfreward.recipes.session import Session
 from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, \
     nonempty, read_json, read_jsonl, write_json, write_jsonl
 
-def iter_dir(cfg: LoopConfig, t: int) -> Path:
-    return Path(cfg.run_dir) / f"iter_{t}"
-
-
 def model_at(cfg: LoopConfig, t: int) -> str:
     """M_t: M1 (--init-model, or RUN/m1 trained from --base-model) for t = 1, else what iteration t-1 trained."""
     if t == 1:
         return str(Path(cfg.run_dir) / "m1") if cfg.sft.data else cfg.init_model
-    return str(iter_dir(cfg, t - 1) / "model")
+    return str(pipeline.folder(cfg, t - 1) / "model")
 
 
 def stage_sft(cfg: LoopConfig) -> None:
@@ -50,7 +46,7 @@ def stage_sft(cfg: LoopConfig) -> None:
 
 
 def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
-    out = iter_dir(cfg, t) / "prompts.jsonl"
+    out = pipeline.folder(cfg, t) / "prompts.jsonl"
     if out.exists():
         return
     n, src = cfg.n_prompts, cfg.prompt_source
@@ -60,7 +56,7 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
         if not cfg.seed_prompts:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
         seeds = [rfield(r, "prompt", f"{cfg.seed_prompts}:{i}") for i, r in iter_jsonl(cfg.seed_prompts)]
-        earlier = [r["prompt"] for k in range(1, t) for r in read_jsonl(iter_dir(cfg, k) / "prompts.jsonl")
+        earlier = [r["prompt"] for k in range(1, t) for r in read_jsonl(pipeline.folder(cfg, k) / "prompts.jsonl")
                    if r["verdict"] == "ok" and r["source"] == "generated"]
         icfg = dataclasses.replace(cfg.instruct, seed=pipeline.seed(cfg, t, 0), batch=min(cfg.chunk, max(n, 1)))
         engine, tok = s.get(cfg.prompt_model or model_at(cfg, t))
@@ -86,7 +82,7 @@ def stage_prompts(cfg: LoopConfig, t: int, s: Session) -> None:
 
 def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
     from selfreward.infer.sequence import SamplingParams
-    it = iter_dir(cfg, t)
+    it = pipeline.folder(cfg, t)
     out = it / "candidates.jsonl"
     if out.exists():
         return
@@ -110,7 +106,7 @@ def stage_candidates(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: 
 
 
 def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
-    it = iter_dir(cfg, t)
+    it = pipeline.folder(cfg, t)
     out = it / "judgments.jsonl"
     if out.exists():
         return
@@ -132,7 +128,7 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
 def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     """pairs.jsonl (with the prompt's ids as the sampler was given them) -> the iteration's statistics."""
     from selfreward.model.tokenizer import Tokenizer
-    it = iter_dir(cfg, t)
+    it = pipeline.folder(cfg, t)
     prompts = read_jsonl(it / "prompts.jsonl")
     cands = read_jsonl(it / "candidates.jsonl", made_by="the candidates stage")
     judg = read_jsonl(it / "judgments.jsonl", made_by="the judge stage")
@@ -152,7 +148,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
 def stage_dpo(cfg: LoopConfig, t: int) -> None:
     """train/dpo.py from M_t (also the reference) on pairs.jsonl -> M_{t+1} in iter_t/model."""
     from selfreward.train.dpo import train
-    it = iter_dir(cfg, t)
+    it = pipeline.folder(cfg, t)
     if (it / "model" / "config.json").exists():
         return
     if not read_jsonl(it / "pairs.jsonl", made_by="the pairs stage"):
@@ -190,7 +186,7 @@ def write_judge_self(cfg: LoopConfig, t: int) -> Path:
     same score and none had its prompt cut; the first one becomes an NLL-only record whose prompt is the judge
     prompt of that text (chosen == rejected: no DPO gradient, only the NLL term). At most n // 2 come from
     chosen texts and n - n // 2 from rejected ones, drawn in a seeded order; fewer when fewer qualify."""
-    it = iter_dir(cfg, t)
+    it = pipeline.folder(cfg, t)
     out = it / "judge_self.jsonl"
     if out.exists():
         return out
@@ -228,8 +224,8 @@ def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = 
     m.update(iteration=t, model_in=model_at(cfg, t) if t else cfg.base_model, model_out=model_at(cfg, t + 1), **stats)
     m["timings"] = {**m.get("timings", {}), **timings}
     m["eval"] = {**m.get("eval", {}), **ev}
-    if (iter_dir(cfg, t) / "select.json").exists():
-        m["selection"] = read_json(iter_dir(cfg, t) / "select.json")
+    if (pipeline.folder(cfg, t) / "select.json").exists():
+        m["selection"] = read_json(pipeline.folder(cfg, t) / "select.json")
     m["settings"] = cli.to_dict(cfg)
     write_json(mpath, m)
     return m
@@ -240,7 +236,7 @@ def stage_eval(cfg: LoopConfig, t: int, last: bool, s: Session) -> dict | None:
     metrics on --eval-groups, and cfg.eval_hook(t, model) (Python)."""
     k = t + last
     if not (cfg.eval_hook or cfg.eval_groups) or (last and t != cfg.iterations) or \
-            f"M{k}" in read_json(iter_dir(cfg, t) / "manifest.json").get("eval", {}):
+            f"M{k}" in read_json(pipeline.folder(cfg, t) / "manifest.json").get("eval", {}):
         return None
     model, ev = model_at(cfg, k), {}
     if cfg.eval_groups:

@@ -13,7 +13,8 @@ import torch
 from selfreward import cli
 from selfreward.infer.config import EngineConfig, resolve_device
 from selfreward.recipes.pipeline import run_stage, run_stages
-from selfreward.recipes.self_reward import RECIPE, LoopConfig, iter_dir, main as loop_main, stage_candidates, \
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import RECIPE, LoopConfig, main as loop_main, stage_candidates, \
     stage_pairs, stage_prompts
 from selfreward.recipes.session import Session
 from selfreward.records import read_jsonl, write_jsonl
@@ -82,7 +83,7 @@ def test_loop_engines_get_the_configured_device_and_dtype(tiny, tmp_path, monkey
     for st in ("prompts", "candidates"):
         run_stage(RECIPE, cfg, st, 1, s)
     assert seen and all(c is cfg.engine and dt == torch.bfloat16 and dev == "cpu" for _, c, dt, dev in seen)
-    assert len(read_jsonl(iter_dir(cfg, 1) / "candidates.jsonl")) == 4
+    assert len(read_jsonl(folder(cfg, 1) / "candidates.jsonl")) == 4
     # the world demo's flag reaches its loop and measurements the same way
     from selfreward.recipes.world.demo import DemoConfig
     d = cli.build(DemoConfig, cli.parser(DemoConfig).parse_args(["--engine-dtype", "bfloat16"]))
@@ -104,7 +105,7 @@ def test_dpo_trains_on_the_sampled_ids_not_re_encoded_text(tiny, tmp_path):
     real = eng.generate
     eng.generate = lambda ids, *a, **k: given.extend(ids) or real(ids, *a, **k)
     stage_candidates(cfg, 1, s)
-    cands = read_jsonl(iter_dir(cfg, 1) / "candidates.jsonl")
+    cands = read_jsonl(folder(cfg, 1) / "candidates.jsonl")
     assert all(c["token_ids"] and tok.eos_id not in c["token_ids"] for c in cands)
     assert [tok.decode(c["token_ids"]) for c in cands] == [c["text"] for c in cands]
     differs = [c for c in cands if tok.encode(c["text"]) != c["token_ids"]]
@@ -112,14 +113,14 @@ def test_dpo_trains_on_the_sampled_ids_not_re_encoded_text(tiny, tmp_path):
     # a judge that ranks by sample index, so every prompt makes one pair between distinct texts
     judg = [{"id": c["id"], "sample": c["sample"], "k": 0, "judgment": "", "score": float(4 - c["sample"])}
             for c in cands]
-    write_jsonl(iter_dir(cfg, 1) / "judgments.jsonl", judg)
+    write_jsonl(folder(cfg, 1) / "judgments.jsonl", judg)
     stage_pairs(cfg, 1)
-    pairs = read_jsonl(iter_dir(cfg, 1) / "pairs.jsonl")
+    pairs = read_jsonl(folder(cfg, 1) / "pairs.jsonl")
     assert pairs
     by = {(c["id"], c["sample"]): c for c in cands}
-    prompt_ids = {p["id"]: tok.user_ids(p["prompt"]) for p in read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl")}
+    prompt_ids = {p["id"]: tok.user_ids(p["prompt"]) for p in read_jsonl(folder(cfg, 1) / "prompts.jsonl")}
     assert sorted(map(tuple, given)) == sorted(tuple(v) for v in prompt_ids.values())
-    trained, _ = load_pairs([str(iter_dir(cfg, 1) / "pairs.jsonl")], Tokenizer.load(tiny), 512, 256)
+    trained, _ = load_pairs([str(folder(cfg, 1) / "pairs.jsonl")], Tokenizer.load(tiny), 512, 256)
     end = tok.render_response("")
     moved = 0
     for p, t in zip(pairs, trained):
@@ -180,7 +181,7 @@ def test_manifest_counts_are_the_pairs_written_under_min_margin(tiny, tmp_path):
     """issue 13 item 4: the manifest's counts come from the pairs stage itself (min_margin included)."""
     from selfreward.recipes.self_reward import write_manifest
     cfg = loop_config(run_dir=str(tmp_path / "run"), init_model=str(tiny), min_margin=2.0)
-    it = iter_dir(cfg, 1)
+    it = folder(cfg, 1)
     write_jsonl(it / "prompts.jsonl", [{"id": p, "prompt": f"Q {p}?", "source": "given", "verdict": "ok"}
                                         for p in "abc"])
     write_jsonl(it / "candidates.jsonl", [{"id": p, "sample": s, "text": f"{p}{s}", "n_tokens": 2}
@@ -206,7 +207,7 @@ def test_checkpoint_selection_in_the_loop(tiny, tmp_path):
                       select={"prompts": str(held), "max_tokens": 6},
                       dpo=dict(max_steps=2, batch_size=2, max_length=128, lr=1e-3, warmup_steps=0))
     m = run_stages(RECIPE, cfg, 1, Session(cfg.engine), RECIPE.body)
-    it = iter_dir(cfg, 1)
+    it = folder(cfg, 1)
     sel = json.loads((it / "select.json").read_text())
     names = [Path(s["candidate"]).name for s in sel["scores"]]
     assert names == ["step_1", "step_2", "final"] and m["selection"] == sel

@@ -7,7 +7,8 @@ import pytest
 from selfreward.cli import ConfigError
 from selfreward.recipes.judge import JudgeConfig
 from selfreward.recipes.loop_config import LoopConfig
-from selfreward.recipes.self_reward import iter_dir, write_judge_self
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import write_judge_self
 from selfreward.records import read_jsonl, write_jsonl
 from selfreward.train.dpo import DPOConfig
 
@@ -17,7 +18,7 @@ def _iteration(tmp_path, n: int) -> LoopConfig:
     tpl.write_text("J [{instruction}] <{response}>")
     cfg = LoopConfig(run_dir=str(tmp_path / "run"), judge_self_train=n, dpo=DPOConfig(nll_alpha=1.0),
                      judge=JudgeConfig(k=2, template=str(tpl)))
-    it = iter_dir(cfg, 1)
+    it = folder(cfg, 1)
     it.mkdir(parents=True)
     # prompt p: texts a (samples 0 and 3: one text), b, c, d; q: x, y
     texts = {"p": ["a", "b", "c", "a", "d"], "q": ["x", "y"]}

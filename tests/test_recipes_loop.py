@@ -6,7 +6,8 @@ import pytest
 from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
-from selfreward.recipes.self_reward import iter_dir, run_loop
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import run_loop
 from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +32,7 @@ def test_loop_m1_to_m3_and_rerun(tmp_path):
     for a, b in zip(weights, weights[1:]):   # each DPO step moved the weights
         assert any((a[k] != b[k]).any() for k in a)
     for t, m in enumerate(ms, 1):
-        it = iter_dir(cfg, t)
+        it = folder(cfg, t)
         c = m["counts"]
         assert c["prompts"] == 3 and c["candidates"] == 6 and c["judgments"] == 6
         assert c["pairs"] + c["ties"] + c["prompts_too_few_scored"] == 3 and c["pairs"] >= 1
@@ -41,7 +42,7 @@ def test_loop_m1_to_m3_and_rerun(tmp_path):
         assert m["mean_len"]["candidate_tokens"] <= 8 and "expected_score_mean" in m
         assert sum(m["expected_score_histogram"].values()) == 6   # one expected score per candidate
     assert ms[0]["eval"].keys() == {"M1"} and ms[1]["eval"].keys() == {"M2", "M3"}
-    gen2 = [r for r in read_jsonl(iter_dir(cfg, 2) / "prompts.jsonl") if r["verdict"] == "ok"]
+    gen2 = [r for r in read_jsonl(folder(cfg, 2) / "prompts.jsonl") if r["verdict"] == "ok"]
     assert len(gen2) == 3 and all(r["source"] == "generated" for r in gen2)
     # the same command again: every stage is skipped, nothing is rewritten, the hook is not called again
     files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file() and "manifest" not in p.name)

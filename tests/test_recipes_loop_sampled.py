@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from selfreward.records import read_jsonl
-from selfreward.recipes.self_reward import iter_dir, run_loop
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import run_loop
 from recipes_tiny import loop_config, tiny_chat_model, write_prompts
 from scripted import ScriptedEngine
 
@@ -58,7 +59,7 @@ def test_loop_pairs_from_sampled_parsed_judgments(tmp_path, monkeypatch):
     ms = run_loop(cfg)
     assert len(ms) == 2
     for t, m in enumerate(ms, 1):
-        it = iter_dir(cfg, t)
+        it = folder(cfg, t)
         cands = read_jsonl(it / "candidates.jsonl")
         judg = read_jsonl(it / "judgments.jsonl")
         assert len(cands) == 12 and len(judg) == 24
@@ -87,6 +88,6 @@ def test_loop_pairs_from_sampled_parsed_judgments(tmp_path, monkeypatch):
         assert c["parse_failures"] == sum(lv == 2 for lv in level.values())
         assert (it / "model" / "config.json").exists()
     # DPO trained on those pairs: each iteration's model differs from the one it started from
-    w = [load_file(str(p / "model.safetensors")) for p in (m1, iter_dir(cfg, 1) / "model", iter_dir(cfg, 2) / "model")]
+    w = [load_file(str(p / "model.safetensors")) for p in (m1, folder(cfg, 1) / "model", folder(cfg, 2) / "model")]
     for a, b in zip(w, w[1:]):
         assert any((a[k] != b[k]).any() for k in a)

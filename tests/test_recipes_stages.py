@@ -14,7 +14,8 @@ import torch
 from selfreward.records import partial_path, read_jsonl
 from selfreward.cli import to_dict
 from selfreward.recipes.session import Session as Models
-from selfreward.recipes.self_reward import iter_dir, stage_candidates, stage_judge, stage_pairs, stage_prompts
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import stage_candidates, stage_judge, stage_pairs, stage_prompts
 from conftest import ROOT
 from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
 
@@ -51,7 +52,7 @@ def test_prompt_sources(tiny, tmp_path):
     m = Models()
     stage_prompts(cfg, 1, m)
     stage_prompts(cfg, 2, m)
-    p1, p2 = read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl"), read_jsonl(iter_dir(cfg, 2) / "prompts.jsonl")
+    p1, p2 = read_jsonl(folder(cfg, 1) / "prompts.jsonl"), read_jsonl(folder(cfg, 2) / "prompts.jsonl")
     assert [r["prompt"] for r in p1] == SEEDS[:5]
     assert [r["prompt"] for r in p2] == SEEDS[5:] + SEEDS[:2]   # the next block, wrapping around
     assert all(r["verdict"] == "ok" and r["source"] == "given" for r in p1)
@@ -59,7 +60,7 @@ def test_prompt_sources(tiny, tmp_path):
     cfg = _cfg(tmp_path / "r2", tiny, prompt_source=lambda t, n, seed: seen.append((t, n)) or
                ["x " * 600, {"id": "q", "prompt": "hello"}])
     stage_prompts(cfg, 1, m)
-    recs = read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl")
+    recs = read_jsonl(folder(cfg, 1) / "prompts.jsonl")
     assert seen == [(1, 4)] and [r["verdict"] for r in recs] == ["too_long_for_context", "ok"]
     assert recs[1]["id"] == "q"
 
@@ -75,7 +76,7 @@ def test_candidates_sigkill_then_resume(tiny, tmp_path):
            "--candidates-max-tokens", "16", "--judge-template", "short",
            "--chunk", "1", "--stage", "candidates", "--iter", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = iter_dir(cfg, 1) / "candidates.jsonl"
+    out = folder(cfg, 1) / "candidates.jsonl"
     part = partial_path(out)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
@@ -110,7 +111,7 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
     stage_prompts(cfg, 1, m)
     stage_candidates(cfg, 1, m)
     stage_judge(cfg, 1, m)
-    ref = read_jsonl(iter_dir(cfg, 1) / "judgments.jsonl")
+    ref = read_jsonl(folder(cfg, 1) / "judgments.jsonl")
     assert len(ref) == 4 * 2 * 2 and {(r["k"]) for r in ref} == {0, 1}
     assert all(r["score"] is None or 0 <= r["score"] <= 5 for r in ref)
     assert all(0 <= r["expected"] <= 5 for r in ref)
@@ -121,9 +122,9 @@ def test_judge_failure_resume_and_pairs(tiny, tmp_path, monkeypatch):
     fail_on_call(monkeypatch, m.get(str(tiny))[0], 3)
     with pytest.raises(RuntimeError, match="injected"):
         stage_judge(cfg2, 1, m)
-    assert len(read_jsonl(partial_path(iter_dir(cfg2, 1) / "judgments.jsonl"))) == 2 * 2 * 2   # 2 chunks of 2
+    assert len(read_jsonl(partial_path(folder(cfg2, 1) / "judgments.jsonl"))) == 2 * 2 * 2   # 2 chunks of 2
     stage_judge(cfg2, 1, m)
-    assert read_jsonl(iter_dir(cfg2, 1) / "judgments.jsonl") == ref
+    assert read_jsonl(folder(cfg2, 1) / "judgments.jsonl") == ref
     counts = stage_pairs(cfg2, 1)["counts"]
     assert counts["pairs"] + counts["ties"] + counts["prompts_too_few_scored"] == 4
 
@@ -208,9 +209,9 @@ def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path, tp):
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, two = (read_jsonl(iter_dir(c, 1) / "candidates.jsonl") for c in cfgs)
+    one, two = (read_jsonl(folder(c, 1) / "candidates.jsonl") for c in cfgs)
     assert len(two) == 10 and two == one
-    assert not list(iter_dir(cfgs[1], 1).glob("candidates.jsonl.rank*"))
+    assert not list(folder(cfgs[1], 1).glob("candidates.jsonl.rank*"))
 
 
 def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
@@ -220,18 +221,18 @@ def test_self_instruct_prompts_resume(tiny, tmp_path, monkeypatch):
     ref_cfg, cfg = _cfg(tmp_path / "ref", tiny, **kw), _cfg(tmp_path / "run", tiny, **kw)
     m = Models()
     stage_prompts(ref_cfg, 1, m)
-    ref = read_jsonl(iter_dir(ref_cfg, 1) / "prompts.jsonl")
+    ref = read_jsonl(folder(ref_cfg, 1) / "prompts.jsonl")
     assert sum(r["verdict"] == "ok" for r in ref) == 4 and all(r["source"] == "generated" for r in ref)
     fail_on_call(monkeypatch, m.get(str(tiny))[0], 2)
     with pytest.raises(RuntimeError, match="injected"):
         stage_prompts(cfg, 1, m)
-    part = partial_path(iter_dir(cfg, 1) / "prompts.jsonl")
+    part = partial_path(folder(cfg, 1) / "prompts.jsonl")
     first = read_jsonl(part)
     assert [r["round"] for r in first] == [0, 0]
     # a round torn by a kill: 1 of its 2 records on disk, then half a line
     part.write_text(part.read_text() + json.dumps(dict(first[0], round=1, id="gen-1-0")) + "\n" + '{"id": "g')
     stage_prompts(cfg, 1, m)
-    assert read_jsonl(iter_dir(cfg, 1) / "prompts.jsonl") == ref and not part.exists()
+    assert read_jsonl(folder(cfg, 1) / "prompts.jsonl") == ref and not part.exists()
 
 
 def test_expected_score_multi_token_digits(tiny):
@@ -273,7 +274,7 @@ def test_judge_distinct_judges_each_text_once(tiny, tmp_path):
     m = Models()
     stage_prompts(cfg, 1, m)
     stage_candidates(cfg, 1, m)
-    cands = read_jsonl(iter_dir(cfg, 1) / "candidates.jsonl")
+    cands = read_jsonl(folder(cfg, 1) / "candidates.jsonl")
     # make the first prompt's candidates one text and the second's two texts (one repeated)
     ids = sorted({c["id"] for c in cands})
     for c in cands:
@@ -281,9 +282,9 @@ def test_judge_distinct_judges_each_text_once(tiny, tmp_path):
             c["text"] = "same"
         elif c["id"] == ids[1]:
             c["text"] = "a" if c["sample"] < 2 else "b"
-    write_jsonl(iter_dir(cfg, 1) / "candidates.jsonl", cands)
+    write_jsonl(folder(cfg, 1) / "candidates.jsonl", cands)
     stage_judge(cfg, 1, m)
-    judged = {(j["id"], j["sample"]) for j in read_jsonl(iter_dir(cfg, 1) / "judgments.jsonl")}
+    judged = {(j["id"], j["sample"]) for j in read_jsonl(folder(cfg, 1) / "judgments.jsonl")}
     assert not any(i == ids[0] for i, _ in judged)                       # one text: no pair possible
     assert {s for i, s in judged if i == ids[1]} == {0, 2}                # "a" once, "b" once
     n_texts = {i: len({c["text"] for c in cands if c["id"] == i}) for i in ids[2:]}

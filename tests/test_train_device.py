@@ -7,7 +7,8 @@ import torch
 
 from selfreward import cli
 from selfreward.recipes import self_reward
-from selfreward.recipes.self_reward import LoopConfig, iter_dir, stage_dpo
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import LoopConfig, stage_dpo
 from selfreward.train.parallel import Dist, init_distributed, parallelize, train_device
 from cli_harness import run_cli
 from guarantee_fixtures import build, dpo_args, one_thread, sft_args
@@ -56,7 +57,7 @@ def test_device_flag_reaches_the_trainer(tmp_path, name):
 def test_loop_dpo_device_reaches_the_dpo_run(tmp_path, monkeypatch):
     cfg = cli.build(LoopConfig, cli.parser(LoopConfig).parse_args(
         ["--run-dir", str(tmp_path / "run"), "--init-model", str(tmp_path / "m1"), "--dpo-device", "cuda"]))
-    it = iter_dir(cfg, 1)
+    it = folder(cfg, 1)
     it.mkdir(parents=True)
     (it / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     seen = []

@@ -21,7 +21,8 @@ from pathlib import Path
 from selfreward.recipes.judge import judge_items
 from selfreward.recipes.pairs import distinct_candidates
 from selfreward.recipes.pipeline import run_stage, seed
-from selfreward.recipes.self_reward import RECIPE, iter_dir, write_manifest
+from selfreward.recipes.pipeline import folder
+from selfreward.recipes.self_reward import RECIPE, write_manifest
 from selfreward.recipes.session import Session
 from selfreward.recipes.world.checker import is_correct, parse_prompt
 from selfreward.recipes.world.judging import judgment
@@ -71,7 +72,7 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
     cfg = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name), eval_hook=None)
     s, out = Session(cfg.engine), []
     for t in range(1, cfg.iterations + 1):
-        it, own = iter_dir(cfg, t), iter_dir(lc, t)
+        it, own = folder(cfg, t), folder(lc, t)
         timings = {}
         if name == "fixed" and t == 1:             # M1 judging M1: the self-judged iteration 1 itself
             _copy(own, it, ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl", "pairs.jsonl", "model"))

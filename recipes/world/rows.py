@@ -32,10 +32,11 @@ def pass_at_n(prompts: dict[str, str], candidates: list[dict]) -> dict:
 def self_judge_vs_likelihood(lc, t: int) -> dict:
     """recipes.world.report.ranking_on_mixed on iteration t's files, the likelihood under the model that
     sampled the candidates (M_t of `lc`)."""
-    from selfreward.recipes.self_reward import iter_dir, model_at
+    from selfreward.recipes.pipeline import folder
+    from selfreward.recipes.self_reward import model_at
     from selfreward.recipes.session import Session
 
-    it = iter_dir(lc, t)
+    it = folder(lc, t)
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
     engine, tok = Session(lc.engine).get(model_at(lc, t))
 
@@ -53,8 +54,8 @@ def self_judge_vs_likelihood(lc, t: int) -> dict:
 def iteration_stats(lc, t: int, manifest: dict, ranking: bool = True) -> dict:
     """The columns of iteration t of the loop (or control) `lc`: pairs, ties, pair quality by the checker,
     pass@N of the candidates, and (with `ranking`) the judge against the likelihood."""
-    from selfreward.recipes.self_reward import iter_dir
-    it = iter_dir(lc, t)
+    from selfreward.recipes.pipeline import folder
+    it = folder(lc, t)
     c = manifest["counts"]
     prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
     out = {"pairs": c["pairs"], "prompts_paired": c.get("prompts_paired"), "ties": c["ties"],
