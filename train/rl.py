@@ -48,7 +48,6 @@ def reward_factory(name: str, load: bool = True):
 @dataclass
 class RLConfig(TrainConfig):
     lr: float = 1e-5                  # RLAIF paper: lr 1e-5, batch 128, beta 0.05, temperature 0.9
-    final_lr: float = 1e-6
     batch_size: int = 128             # GLOBAL prompts per step (each rank batch / world)
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default

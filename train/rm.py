@@ -24,7 +24,6 @@ from selfreward.train.parallel import Dist
 @dataclass
 class RMConfig(TrainConfig):
     lr: float = 1e-5                  # RLAIF paper: reward model lr 1e-5, batch 128
-    final_lr: float = 1e-6
     batch_size: int = 128
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     eval_data: list[str] = input_file([])  # held-out label JSONL; or use --eval-fraction
