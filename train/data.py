@@ -176,11 +176,8 @@ class FlatBatch:
 
 
 def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
-    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: per distinct prompt one
-    sequence of its first len-1 tokens, then one per distinct response of that prompt, [last prompt token] +
-    response[:-1], positions continuing from the prompt, that attends to the prompt sequence as its prefix
-    (kernels/attention.py); the last prompt token opens each response because its hidden state predicts the
-    response's first token."""
+    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: each distinct prompt once,
+    its replies attending to it as their prefix (train/README.md, "Shared-prompt DPO and selective checkpointing")."""
     toks, pos, tgt, sid, lens, pre = [], [], [], [], [], []
 
     def add(inp: list[int], p0: int, t: list[int], prefix: tuple[int, int]) -> int:

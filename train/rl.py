@@ -26,8 +26,7 @@ from selfreward.train.losses import reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
     response_logps, sample, sync_weights
 
-# --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
-# dtype=...)` -> reward(prompts, responses) -> [float] (README "Rewards"); by name, so train/ imports no recipes/
+# --reward NAME: a name here or any `module:function`: a reward factory (README "Rewards"); train/ imports no recipes/
 REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the distilled reward model (train/rm.py)
            "direct": "selfreward.recipes.reward:direct",             # a labeller's 1-10 score, in [-1, 1]
            "judge": "selfreward.recipes.reward:judge",               # the self-rewarding judge, in [-1, 1]
@@ -113,9 +112,8 @@ class RLTask(loop.Task):
             device=str(self.engine.runner.device), dtype=self.engine.runner.dtype)
         self.loss_fn = reinforce_loss if cfg.estimator == "reinforce" else rloo_loss
         self.probes = None
-        if d.is_main:
-            print(f"[rl] {len(self.train)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
-                  f"T {cfg.temperature}, reward {'given' if reward is not None else cfg.reward})")
+        d.print(f"[rl] {len(self.train)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
+                f"T {cfg.temperature}, reward {'given' if reward is not None else cfg.reward})")
 
     def param_groups(self, model) -> list[dict]:
         named = list(model.named_parameters())

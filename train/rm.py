@@ -78,9 +78,8 @@ class RMTask(loop.Task):
         mpl = cfg.max_prompt_length or cfg.max_length // 2
         self.train, self.held_out, counts = split_data(
             cfg, lambda paths: load_labeled(paths, tok, cfg.max_length, mpl, cfg.hard_labels))
-        if d.is_main:
-            print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
-                  f"{counts['truncated']}; held out: {len(self.held_out)}")
+        d.print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
+                f"{counts['truncated']}; held out: {len(self.held_out)}")
         self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 
