@@ -137,8 +137,7 @@ def _dcp(fn, state: dict, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
                     keep: int = 2) -> None:
-    """Every rank writes checkpoints/.tmp-step_N/; after a barrier rank 0 renames it into place, rewrites
-    `latest` and removes the oldest beyond `keep`: a crash at any moment leaves the previous one intact."""
+    """Every rank writes checkpoints/.tmp-step_N/, which rank 0 renames into place (train/README.md, "Run folder")."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}"

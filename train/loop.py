@@ -1,7 +1,5 @@
-"""The one training loop of the four trainers (train/README.md, "One loop"). Each rank backpropagates
-`sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on the
-same global batch whatever the world size and accumulation.
-"""
+"""The one training loop of the four trainers (train/README.md, "One loop"); each rank backpropagates
+`sum / norm * world`, so FSDP's gradient averaging gives the single-process update (README "Parallelism")."""
 
 import dataclasses
 import datetime

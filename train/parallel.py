@@ -1,6 +1,5 @@
-"""Parallelism applied from outside the single-device model: under torchrun a process group (NCCL on CUDA,
-gloo on the CPU) and device mesh, activation checkpointing, FSDP2 (`fully_shard` on each block, then the
-root); a plain `python train/sft.py` or an in-process `main(argv)` stays single-process, unwrapped."""
+"""Parallelism applied from outside the single-device model under torchrun: process group, device mesh,
+activation checkpointing, FSDP2; one process stays unwrapped (train/README.md, "Parallelism")."""
 
 import functools
 import os
