@@ -201,10 +201,8 @@ def error_line(msg: object, head: int = 300, tail: int = 150) -> str:
     return f"error: {msg}"
 
 
-RERUN = "interrupted: finished work is kept (nothing half-written counts as done); rerun the same command to continue"
-
-
-def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
+def run_main(main, argv: list[str] | None = None, interrupted: str = "interrupted: finished work is kept (nothing "
+             "half-written counts as done); rerun the same command to continue") -> None:
     """Every entry point's `__main__`: a DataError (bad input, flag, checkpoint, tokenizer, template) or OSError
     prints `error: ...` and exits 2, a `Stopped` run exits 1, Ctrl-C prints `interrupted` (what was kept and how
     to continue) and exits 130; never a traceback for those."""

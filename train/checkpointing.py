@@ -63,8 +63,7 @@ def claim_run(cfg):
 
 
 class TrainingStopped(Stopped):
-    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
-    is kept, and `latest` points at the newest one whose next step was still finite."""
+    """A non-finite loss, gradient or weights: stopped before the update (train/README.md, "Run folder")."""
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:

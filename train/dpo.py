@@ -75,7 +75,6 @@ class DPOTask(loop.Task):
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)
         if self.cfg.fused_head and not K.use_triton(model.lm_head_weight):
-            # ONE forward; the LM head's forward and backward in one pass per group of pairs (train/dpo_head.py)
             fn = lambda lp, sub: dpo_loss(lp, None if ref is None else ref[sub], b.resp_len[sub], self.lcfg)
             loss_sum, pol, loss, rc, rr = pair_head_loss(model, b, fn)
         else:   # CUDA: the Triton log-prob kernel, autograd through the summed log-probs

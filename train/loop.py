@@ -184,8 +184,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     total = cfg.max_steps or cfg.epochs * (n // batch_size)     # >= 1: TrainConfig.check refuses 0 steps
     accum = batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
-    # fused AdamW in one process (README "fused AdamW"); FSDP2's sharded DTensor parameters keep the per-op loop
-    fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())   # README "fused AdamW"
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": False}))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -79,17 +79,6 @@ class RLConfig(TrainConfig):
             raise ConfigError("--engine-tensor-parallel: the RL sampler is one full replica per rank (1)")
 
 
-def load_prompts(paths: list[str], tok, room: int) -> list[str]:
-    out = []
-    for path in paths:
-        for where, rec in read_jsonl(path):
-            text = rec_field(rec, "prompt", where)
-            if len(tok.user_ids(text)) > room:
-                raise DataError(f"{where}: field 'prompt' has more than {room} tokens (context - max_new_tokens)")
-            out.append(text)
-    return out
-
-
 def add_value_head(model) -> None:
     """V(state), a linear head on the detached hidden state; zero, so the baseline starts at 0."""
     model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
@@ -102,8 +91,14 @@ class RLTask(loop.Task):
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
-        self.cfg, self.d, self.tok = cfg, d, tok
-        self.train = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
+        self.cfg, self.d, self.tok, self.train = cfg, d, tok, []
+        room = cfg.max_length - cfg.max_new_tokens
+        for path in cfg.data:
+            for where, rec in read_jsonl(path):
+                self.train.append(rec_field(rec, "prompt", where))
+                if len(tok.user_ids(self.train[-1])) > room:
+                    raise DataError(f"{where}: field 'prompt' has more than {room} tokens "
+                                    f"(context - max_new_tokens)")
         self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = load_engine(cfg.model, cfg.engine)
