@@ -223,7 +223,9 @@ def split_held_out(data: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def global_batch(n: int, batch: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
     """Indices of the global batch at `step` (0-based). An epoch's order is a function of (seed, epoch) only,
-    so a resumed run sees the same; epochs drop their incomplete last batch (loop.run: batch <= n)."""
+    so a resumed run sees the same; epochs drop their incomplete last batch."""
+    if n < batch:
+        raise DataError(f"{n} examples are fewer than one global batch of {batch}")
     epoch, k = divmod(step, n // batch)
     idx = list(range(n))
     if shuffle:
