@@ -118,9 +118,10 @@ def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: f
              f"|w| {scale:.3g}, {start_scale:.3g} at the start): not saved", out, step, d)
 
 
-def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save / dcp.load, a Ctrl-C or an OS error (a full disk) raised as itself, not in DCP's
-    CheckpointException (a traceback as its text), so the entry point says it in one line."""
+def _dcp(fn, model, optimizer, path: Path) -> dict:
+    """dcp.save / dcp.load of {"model", "optim"} state dicts -> them; a Ctrl-C or an OS error (a full disk) raised
+    as itself, not in DCP's CheckpointException (a traceback as its text), so the entry point says it in one line."""
+    state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
     with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
         warnings.simplefilter("ignore", UserWarning)
         try:
@@ -132,6 +133,7 @@ def _dcp(fn, state: dict, path: Path) -> None:
             if first is not None:                              # its way out of a Ctrl-C
                 raise first from None
             raise
+    return state
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
@@ -144,8 +146,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)   # leftovers of a crash during an earlier write
         tmp.mkdir(parents=True)
     barrier(d)
-    msd, osd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": msd, "optim": osd}, tmp)
+    _dcp(dcp.save, model, optimizer, tmp)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
                tmp / f"rng_{d.rank}.pt")
@@ -166,9 +167,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
 def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; -> the trainer state dict."""
     state = json.loads((path / "trainer_state.json").read_text())
-    msd, osd = get_state_dict(model, optimizer)
-    both = {"model": msd, "optim": osd}
-    _dcp(dcp.load, both, path)
+    both = _dcp(dcp.load, model, optimizer, path)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_{d.rank}.pt"
