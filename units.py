@@ -31,6 +31,7 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     process group that rank / world number (default the whole job; infer/parallel.py passes the first
     rank of each tensor-parallel replica)."""
     out = Path(out)
+    sync = barrier if group is None else (lambda: barrier(group))
     shards = [out] if world == 1 else [out.with_name(f"{out.name}.rank{r}") for r in range(world)]
     mine = [(i, u) for i, u in enumerate(units) if i % world == rank]
 
@@ -55,9 +56,9 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
                 work(todo[s:s + chunk], emit)
             w.finish()
     if world > 1:
-        barrier(group)                 # every rank's shard is complete before rank 0 merges
+        sync()                        # every rank's shard is complete before rank 0 merges
         if rank != 0:
-            barrier(group)
+            sync()
             return False
     if missing := [p for p in shards if not p.exists()]:
         raise RuntimeError(f"{out}: shard(s) {', '.join(map(str, missing))} missing after the barrier")
@@ -82,7 +83,7 @@ def run_units(out: Path, units: Sequence[dict], per_unit: int, key: Callable[[di
     if world > 1:
         for p in shards:
             p.unlink()
-        barrier(group)                 # the merged file exists before any rank goes on
+        sync()                        # the merged file exists before any rank goes on
     return True
 
 
