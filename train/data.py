@@ -1,6 +1,5 @@
-"""Training data: JSONL readers with file:line errors, chat rendering, truncation, packing, pair batches, the
-batch order. The record formats and the truncation rules are train/README.md's "Data".
-"""
+"""Training data: readers, chat rendering, truncation, packing, pair batches, the batch order (train/README.md,
+"Data": the record formats and the truncation rules)."""
 
 import dataclasses
 import random
