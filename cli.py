@@ -17,7 +17,7 @@ import types
 import typing
 from pathlib import Path
 
-from selfreward.ranges import ConfigError, check_choice, check_number
+from selfreward.ranges import ConfigError, check_number
 from selfreward.records import DataError, write_json
 
 
@@ -78,7 +78,7 @@ def passive(default, metadata: dict = PASSIVE):
 
 
 def choice(default: str, *others: str):
-    """A setting with named values, `default` first: anything else is refused at the door (ranges.check_choice)."""
+    """A setting with named values, `default` first: anything else is refused at the door (ranges.check_number)."""
     return dataclasses.field(default=default, metadata={"choices": (default, *others)})
 
 
@@ -123,8 +123,7 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
         flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")
-        check_number(flag, v)
-        check_choice(flag, v, fields[k].metadata.get("choices"))
+        check_number(flag, v, fields[k].metadata.get("choices"))
         kw[k] = v
     return cls(**kw)
 
@@ -202,10 +201,8 @@ def error_line(msg: object, head: int = 300, tail: int = 150) -> str:
     return f"error: {msg}"
 
 
-RERUN = "interrupted: finished work is kept (nothing half-written counts as done); rerun the same command to continue"
-
-
-def run_main(main, argv: list[str] | None = None, interrupted: str = RERUN) -> None:
+def run_main(main, argv: list[str] | None = None, interrupted: str = "interrupted: finished work is kept (nothing "
+             "half-written counts as done); rerun the same command to continue") -> None:
     """Every entry point's `__main__`: a DataError (bad input, flag, checkpoint, tokenizer, template) or OSError
     prints `error: ...` and exits 2, a `Stopped` run exits 1, Ctrl-C prints `interrupted` (what was kept and how
     to continue) and exits 130; never a traceback for those."""

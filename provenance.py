@@ -184,11 +184,9 @@ def _has_data(out: Path, folder: bool) -> bool:
 @contextmanager
 def claim(out: str | Path, made_by: dict, inputs: Iterable[str | Path] = (), overwrite: bool = False,
           flag: str = "--overwrite", folder: bool = False, clear=None, adopt: bool = True) -> Iterator[bool]:
-    """Lock OUT, refuse inputs that are OUT, and check OUT's record against `made_by`: equal -> go on (a
-    resume, or nothing to do); different -> refused unless `overwrite`, which calls `clear()` (remove what
-    the old run wrote) first. The record is (re)written before the body runs, so a killed run's partial output
-    is already labelled. Yields whether the record matched. adopt=False: OUT holding data but no record
-    (something this command did not write) is refused too."""
+    """Lock OUT, refuse inputs that are OUT, check OUT's record against `made_by` (different: refused unless
+    `overwrite`, which calls `clear()` first), (re)write the record before the body runs (a killed run's partial
+    output is labelled) and yield whether it matched. adopt=False: data in OUT without a record is refused too."""
     out = Path(out)
     check_not_input(inputs, [out, partial_path(out)] if not folder else [out])
     with output_lock(out, folder=folder):

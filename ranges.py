@@ -48,8 +48,11 @@ def range_suffix(name: str) -> str | None:
     return max((s for s in RANGES if name == s or name.endswith("_" + s)), key=len, default=None)
 
 
-def check_number(flag: str, v) -> None:
-    """`flag`'s number (a list: each one): finite and inside RANGES' rule for its name, else a ConfigError."""
+def check_number(flag: str, v, choices: tuple | None = None) -> None:
+    """`flag`'s value: one of `choices` where the setting has them (cli.choice); a number (a list: each one) finite
+    and inside RANGES' rule for its name; else a ConfigError."""
+    if choices and v not in choices:
+        raise ConfigError(f"{flag} {v!r}: choose one of {', '.join(choices)}")
     if isinstance(v, (list, tuple)):
         for x in v:
             check_number(flag, x)
@@ -66,15 +69,8 @@ def check_number(flag: str, v) -> None:
             raise ConfigError(f"{flag} {v:g}: must {want}")
 
 
-def check_choice(flag: str, v, choices: tuple | None) -> None:
-    """A setting declared with choices (cli.choice): one of them, else a ConfigError naming the flag."""
-    if choices and v not in choices:
-        raise ConfigError(f"{flag} {v!r}: choose one of {', '.join(choices)}")
-
-
 def check_fields(cfg) -> None:
     """The door for a config built in Python (flags and files go through cli.from_dict): its own fields."""
     for f in dataclasses.fields(cfg):
-        check_number("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
-        check_choice("--" + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata.get("choices"))
+        check_number("--" + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata.get("choices"))
 

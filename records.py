@@ -141,8 +141,7 @@ def read_partial(path: str | Path) -> list[dict]:
             end = pos
         pos += len(line) + 1
     if end < len(data):
-        with open(p, "r+b") as f:
-            f.truncate(end)
+        os.truncate(p, end)
     return recs
 
 

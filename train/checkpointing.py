@@ -63,8 +63,7 @@ def claim_run(cfg):
 
 
 class TrainingStopped(Stopped):
-    """A non-finite loss or gradient (or weights): the step was not applied, no checkpoint of those weights
-    is kept, and `latest` points at the newest one whose next step was still finite."""
+    """A non-finite loss, gradient or weights: stopped before the update (train/README.md, "Run folder")."""
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -119,9 +118,10 @@ def check_finite(model, d: Dist, out: Path, step: int, name: str, start_scale: f
              f"|w| {scale:.3g}, {start_scale:.3g} at the start): not saved", out, step, d)
 
 
-def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save / dcp.load, a Ctrl-C or an OS error (a full disk) raised as itself, not in DCP's
-    CheckpointException (a traceback as its text), so the entry point says it in one line."""
+def _dcp(fn, model, optimizer, path: Path) -> dict:
+    """dcp.save / dcp.load of {"model", "optim"} state dicts -> them; a Ctrl-C or an OS error (a full disk) raised
+    as itself, not in DCP's CheckpointException (a traceback as its text), so the entry point says it in one line."""
+    state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
     with warnings.catch_warnings():   # single process: DCP warns that it saves without a process group
         warnings.simplefilter("ignore", UserWarning)
         try:
@@ -133,12 +133,12 @@ def _dcp(fn, state: dict, path: Path) -> None:
             if first is not None:                              # its way out of a Ctrl-C
                 raise first from None
             raise
+    return state
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, d: Dist,
                     keep: int = 2) -> None:
-    """Every rank writes checkpoints/.tmp-step_N/; after a barrier rank 0 renames it into place, rewrites
-    `latest` and removes the oldest beyond `keep`: a crash at any moment leaves the previous one intact."""
+    """Every rank writes checkpoints/.tmp-step_N/, which rank 0 renames into place (train/README.md, "Run folder")."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}"
@@ -146,8 +146,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)   # leftovers of a crash during an earlier write
         tmp.mkdir(parents=True)
     barrier(d)
-    msd, osd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": msd, "optim": osd}, tmp)
+    _dcp(dcp.save, model, optimizer, tmp)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
                tmp / f"rng_{d.rank}.pt")
@@ -168,9 +167,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
 def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; -> the trainer state dict."""
     state = json.loads((path / "trainer_state.json").read_text())
-    msd, osd = get_state_dict(model, optimizer)
-    both = {"model": msd, "optim": osd}
-    _dcp(dcp.load, both, path)
+    both = _dcp(dcp.load, model, optimizer, path)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_{d.rank}.pt"

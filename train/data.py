@@ -1,6 +1,5 @@
-"""Training data: JSONL readers with file:line errors, chat rendering, truncation, packing, pair batches, the
-batch order. The record formats and the truncation rules are train/README.md's "Data".
-"""
+"""Training data: readers, chat rendering, truncation, packing, pair batches, the batch order (train/README.md,
+"Data": the record formats and the truncation rules)."""
 
 import dataclasses
 import random
@@ -19,10 +18,6 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     return nonempty([(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)], path)
 
 
-def _with_system(msgs: list[dict], system: str | None) -> list[dict]:
-    return msgs if system is None or msgs[0]["role"] == "system" else [{"role": "system", "content": system}] + msgs
-
-
 @dataclass
 class Example:
     ids: list[int]     # the whole rendered sequence, BOS first
@@ -31,19 +26,20 @@ class Example:
 
 def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Example:
     if "messages" in rec:
-        msgs = _with_system(check_messages(rec["messages"], where), system)
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
-        ids, mask = tok.render_chat(msgs)
+        msgs = check_messages(rec["messages"], where)
     elif "prompt" in rec or "response" in rec:
         msgs = [{"role": "user", "content": field(rec, "prompt", where, str)},
                 {"role": "assistant", "content": field(rec, "response", where, str)}]
-        ids, mask = tok.render_chat(_with_system(msgs, system))
     elif "text" in rec:
         ids = [tok.bos_id] + tok.encode(field(rec, "text", where, str)) + [tok.eos_id]
-        mask = [False] + [True] * (len(ids) - 1)
+        return Example(ids, [False] + [True] * (len(ids) - 1))
     else:
         raise DataError(f"{where}: needs field 'messages', 'prompt'+'response' or 'text'")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+    if system is not None and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system}] + msgs
+    ids, mask = tok.render_chat(msgs)
     return Example(list(ids), [bool(m) for m in mask])
 
 
@@ -176,11 +172,8 @@ class FlatBatch:
 
 
 def flat_batch(outs: list[tuple[list[int], list[int]]], share_prompt: bool = False) -> FlatBatch:
-    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: per distinct prompt one
-    sequence of its first len-1 tokens, then one per distinct response of that prompt, [last prompt token] +
-    response[:-1], positions continuing from the prompt, that attends to the prompt sequence as its prefix
-    (kernels/attention.py); the last prompt token opens each response because its hidden state predicts the
-    response's first token."""
+    """Unshared: one sequence per (prompt, response), prompt + response[:-1]. Shared: each distinct prompt once,
+    its replies attending to it as their prefix (train/README.md, "Shared-prompt DPO and selective checkpointing")."""
     toks, pos, tgt, sid, lens, pre = [], [], [], [], [], []
 
     def add(inp: list[int], p0: int, t: list[int], prefix: tuple[int, int]) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import selfreward.kernels.ops as K
-from selfreward.cli import ConfigError, choice, passive
+from selfreward.cli import choice, passive
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import Pair, load_pairs, pair_batch
@@ -46,11 +46,8 @@ class DPOConfig(TrainConfig):
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
     def __post_init__(self):   # unset loss settings take the loss's paper defaults; flags it doesn't use: refused
-        try:
-            self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
-                self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.beta, self.label_smoothing, self.simpo_gamma = resolve_loss_settings(
+            self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
 
 
 class DPOTask(loop.Task):
@@ -60,9 +57,8 @@ class DPOTask(loop.Task):
         self.cfg = cfg
         mpl = cfg.max_prompt_length or cfg.max_length // 2
         self.train, counts = load_pairs(cfg.data, tok, cfg.max_length, mpl)
-        if d.is_main:
-            print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
-                  f"tokens): {counts['truncated']}")
+        d.print(f"[dpo] read {counts['read']} pairs; truncated (prompt to {mpl}, total to {cfg.max_length} "
+                f"tokens): {counts['truncated']}")
         self.counts = {"truncated": counts["truncated"]}
         self.lcfg = DPOLossConfig(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.nll_alpha)
         cache = self.lcfg.needs_reference and cfg.ref_mode == "cache"
@@ -79,7 +75,6 @@ class DPOTask(loop.Task):
             with torch.no_grad():
                 ref = sequence_logps(self.ref_model, b)
         if self.cfg.fused_head and not K.use_triton(model.lm_head_weight):
-            # ONE forward; the LM head's forward and backward in one pass per group of pairs (train/dpo_head.py)
             fn = lambda lp, sub: dpo_loss(lp, None if ref is None else ref[sub], b.resp_len[sub], self.lcfg)
             loss_sum, pol, loss, rc, rr = pair_head_loss(model, b, fn)
         else:   # CUDA: the Triton log-prob kernel, autograd through the summed log-probs
@@ -103,8 +98,7 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
     if all_reduce(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
-        if d.is_main:
-            print(f"[dpo] reference log-probs from cache {cache.path}")
+        d.print(f"[dpo] reference log-probs from cache {cache.path}")
         return table
 
     def rows(model, idx: list[int]) -> torch.Tensor:

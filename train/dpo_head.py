@@ -1,10 +1,5 @@
-"""The DPO loss with the LM head's forward and backward fused (train/README.md, "The fused head"): per group
-of pairs, with its [rows, V] logits still in memory,
-
-    logits = h @ W.T; softmax; per-sequence sums s; loss(s) and g = d loss / d s (autograd on scalars)
-    d logits = g_row * (onehot(t) - softmax);   dh = d logits @ W;   dW += d logits.T @ h
-
-and backward only scales dh and dW by the upstream gradient of the summed loss (a scalar).
+"""The DPO loss with the LM head's forward and backward fused, per group of pairs with its [rows, V] logits still
+in memory; backward only scales dh and dW by the summed loss's upstream gradient (train/README.md, "The fused head").
 """
 
 import torch

@@ -1,7 +1,5 @@
-"""The one training loop of the four trainers (train/README.md, "One loop"). Each rank backpropagates
-`sum / norm * world`: FSDP averages gradients over ranks, so the update equals the single-process one on the
-same global batch whatever the world size and accumulation.
-"""
+"""The one training loop of the four trainers (train/README.md, "One loop"); each rank backpropagates
+`sum / norm * world`, so FSDP's gradient averaging gives the single-process update (README "Parallelism")."""
 
 import dataclasses
 import datetime
@@ -63,24 +61,21 @@ def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
         return cfg
     mpl = getattr(cfg, "max_prompt_length", 0)
     low = {"max_length": ctx} | ({"max_prompt_length": ctx // 2} if mpl and mpl >= ctx else {})
-    if d.is_main:
-        print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
-              f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}"
-              + (f"; --max-prompt-length {mpl}: lowered to {ctx // 2} with it" if len(low) > 1 else ""), flush=True)
+    d.print(f"[train] --max-length {cfg.max_length} is above the model's context ({ctx} tokens, "
+            f"max_position_embeddings in {cfg.model}/config.json): lowered to {ctx}"
+            + (f"; --max-prompt-length {mpl}: lowered to {ctx // 2} with it" if len(low) > 1 else ""))
     return dataclasses.replace(cfg, **low)
 
 
 class Task:
-    """What a trainer hands the loop (train/README.md, "One loop"): `model`, `train` (the items batches index),
-    `norm(batch)` (the global batch's loss denominator; default: its size), `micro(model, indices)` -> (summed
-    loss, stat sums with "loss_sum"), `summarize(sums, norm)` -> metrics; SFT and RM give `sums(model, examples)`
-    (of `train`; of `held_out`: eval_<key> for `eval_keys`, over the held-out sum `eval_norm`). The rest is optional."""
+    """What a trainer hands the loop: `model`, `train`, `summarize(sums, norm)`, and `micro(model, indices)` or
+    `sums(model, examples)`; the rest is optional (each member: train/README.md, "One loop")."""
     counts: dict = {}                 # returned with the last metrics (the data's truncation counts)
     hf_config: dict | None = None     # config.json fields of the exports (rm: sequence classification)
     show: tuple[str, ...] = ()        # metrics printed on the step line after the loss
     held_out: list = []
     eval_keys: tuple[str, ...] = ()
-    eval_norm: str = ""
+    eval_norm: str = ""               # the held-out sum (of `sums`) the eval_<key> metrics are divided by
 
     def norm(self, batch: list[int]) -> float:
         return float(len(batch))
@@ -179,8 +174,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         batch_size = n // d.world * d.world
         if batch_size < 1:
             raise DataError(f"[{name}] {n} examples cannot fill one micro-batch on each of {d.world} ranks")
-        if d.is_main:
-            print(f"[{name}] only {n} examples: batch size lowered from {cfg.batch_size} to {batch_size}", flush=True)
+        d.print(f"[{name}] only {n} examples: batch size lowered from {cfg.batch_size} to {batch_size}")
         if micro and batch_size % (micro * d.world):
             micro = batch_size // d.world
     micro = micro or batch_size // d.world
@@ -190,8 +184,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     total = cfg.max_steps or cfg.epochs * (n // batch_size)     # >= 1: TrainConfig.check refuses 0 steps
     accum = batch_size // (micro * d.world)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.03 * total)
-    # fused AdamW in one process (README "fused AdamW"); FSDP2's sharded DTensor parameters keep the per-op loop
-    fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    fused = d.world == 1 and all(p.device.type in ("cpu", "cuda") for p in model.parameters())   # README "fused AdamW"
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": False}))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -201,12 +194,10 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     start, ckpt = 0, latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, opt, sched, d)["step"]
-        if d.is_main:
-            print(f"[{name}] resumed from {ckpt} at step {start}")
+        d.print(f"[{name}] resumed from {ckpt} at step {start}")
     log = MetricsLog(out / "metrics.jsonl", d, start if ckpt is not None else None)
-    if d.is_main:
-        print(f"[{name}] {n} examples, {total} steps of {batch_size} (micro {micro} x accum {accum} x "
-              f"world {d.world}), warmup {warmup}, lr {cfg.lr:g} -> {cfg.final_lr:g} ({cfg.schedule})")
+    d.print(f"[{name}] {n} examples, {total} steps of {batch_size} (micro {micro} x accum {accum} x "
+            f"world {d.world}), warmup {warmup}, lr {cfg.lr:g} -> {cfg.final_lr:g} ({cfg.schedule})")
 
     def export(path: Path, step: int) -> None:
         check_finite(model, d, out, step, name, start_scale)
@@ -275,6 +266,5 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     task.before_export(model, total)
     export(Path(cfg.export or out / "model"), total)
-    if d.is_main:
-        print(f"[{name}] exported {cfg.export or out / 'model'}")
+    d.print(f"[{name}] exported {cfg.export or out / 'model'}")
     return {**last, **task.counts}

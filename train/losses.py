@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import selfreward.kernels.ops as K
 from selfreward.model.llama import AttnContext, context_from_positions
+from selfreward.ranges import ConfigError
 from selfreward.records import write_atomic
 from selfreward.train.data import IGNORE, FlatBatch, Pair, pair_batch
 
@@ -23,20 +24,20 @@ SMOOTHED = ("cdpo", "robust")           # the losses that take a label-smoothing
 def resolve_loss_settings(loss: str, beta: float | None, label_smoothing: float | None,
                           simpo_gamma: float | None) -> tuple[float, float, float]:
     """The trainer's flags -> (beta, eps, gamma), which map to themselves; None = the loss's paper default
-    (train/README.md, "Flags"). ValueError: a setting the loss does not use, or out of its range."""
+    (train/README.md, "Flags"). ConfigError: a setting the loss does not use, or out of its range."""
     if loss not in LOSS_TYPES:
-        raise ValueError(f"--loss {loss!r}: not a loss type; choose one of {', '.join(LOSS_TYPES)}")
+        raise ConfigError(f"--loss {loss!r}: not a loss type; choose one of {', '.join(LOSS_TYPES)}")
     if label_smoothing and loss not in SMOOTHED:
-        raise ValueError(f"--label-smoothing: label smoothing applies to --loss {' / '.join(SMOOTHED)} only, "
+        raise ConfigError(f"--label-smoothing: label smoothing applies to --loss {' / '.join(SMOOTHED)} only, "
                          f"not {loss}")
     if simpo_gamma and loss != "simpo":
-        raise ValueError(f"--simpo-gamma applies to --loss simpo only, not {loss}")
+        raise ConfigError(f"--simpo-gamma applies to --loss simpo only, not {loss}")
     beta = (2.0 if loss == "simpo" else 0.1) if beta is None else beta
     if beta <= 0:
-        raise ValueError(f"--beta {beta:g}: must be > 0 (--loss {loss} divides by it or scales by it)")
+        raise ConfigError(f"--beta {beta:g}: must be > 0 (--loss {loss} divides by it or scales by it)")
     eps = (0.1 if label_smoothing is None else label_smoothing) if loss in SMOOTHED else 0.0
     if not 0 <= eps < 0.5:
-        raise ValueError(f"--label-smoothing {eps}: must lie in [0, 0.5) (the assumed share of flipped labels)")
+        raise ConfigError(f"--label-smoothing {eps}: must lie in [0, 0.5) (the assumed share of flipped labels)")
     gamma = (0.5 * beta if simpo_gamma is None else simpo_gamma) if loss == "simpo" else 0.0
     return beta, eps, gamma
 

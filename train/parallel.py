@@ -1,6 +1,5 @@
-"""Parallelism applied from outside the single-device model: under torchrun a process group (NCCL on CUDA,
-gloo on the CPU) and device mesh, activation checkpointing, FSDP2 (`fully_shard` on each block, then the
-root); a plain `python train/sft.py` or an in-process `main(argv)` stays single-process, unwrapped."""
+"""Parallelism applied from outside the single-device model under torchrun: process group, device mesh,
+activation checkpointing, FSDP2; one process stays unwrapped (train/README.md, "Parallelism")."""
 
 import functools
 import os
@@ -26,6 +25,10 @@ class Dist:
     @property
     def sharded(self) -> bool:
         return self.mesh is not None
+
+    def print(self, *args) -> None:   # rank 0's lines (flushed: torchrun's ranks share the terminal)
+        if self.rank == 0:
+            print(*args, flush=True)
 
 
 def train_device(choice: str = "auto", local_rank: int = 0, cuda: bool | None = None) -> torch.device:
@@ -66,9 +69,7 @@ def all_reduce(t: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-# what selective checkpointing keeps: the matmul outputs, attention's (output, logsumexp) and dropout's
-# random bits (model/dropout.py: 2 bytes an element, cheaper kept than drawn again); everything else in a
-# block (RMSNorm, RoPE, SwiGLU, the dropout mask and product, the attention twin's padding) is recomputed
+# what selective checkpointing keeps; the rest of a block is recomputed (train/README.md, "Shared-prompt DPO ...")
 _SAVE_OPS = ("mm", "addmm", "bmm", "randint", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention")

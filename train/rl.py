@@ -26,8 +26,7 @@ from selfreward.train.losses import reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
     response_logps, sample, sync_weights
 
-# --reward NAME: a short name here or any `module:function`, a factory `function(path, template=..., device=...,
-# dtype=...)` -> reward(prompts, responses) -> [float] (README "Rewards"); by name, so train/ imports no recipes/
+# --reward NAME: a name here or any `module:function`: a reward factory (README "Rewards"); train/ imports no recipes/
 REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the distilled reward model (train/rm.py)
            "direct": "selfreward.recipes.reward:direct",             # a labeller's 1-10 score, in [-1, 1]
            "judge": "selfreward.recipes.reward:judge",               # the self-rewarding judge, in [-1, 1]
@@ -48,7 +47,6 @@ def reward_factory(name: str, load: bool = True):
 @dataclass
 class RLConfig(TrainConfig):
     lr: float = 1e-5                  # RLAIF paper: lr 1e-5, batch 128, beta 0.05, temperature 0.9
-    final_lr: float = 1e-6
     batch_size: int = 128             # GLOBAL prompts per step (each rank batch / world)
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default
@@ -81,17 +79,6 @@ class RLConfig(TrainConfig):
             raise ConfigError("--engine-tensor-parallel: the RL sampler is one full replica per rank (1)")
 
 
-def load_prompts(paths: list[str], tok, room: int) -> list[str]:
-    out = []
-    for path in paths:
-        for where, rec in read_jsonl(path):
-            text = rec_field(rec, "prompt", where)
-            if len(tok.user_ids(text)) > room:
-                raise DataError(f"{where}: field 'prompt' has more than {room} tokens (context - max_new_tokens)")
-            out.append(text)
-    return out
-
-
 def add_value_head(model) -> None:
     """V(state), a linear head on the detached hidden state; zero, so the baseline starts at 0."""
     model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
@@ -104,8 +91,14 @@ class RLTask(loop.Task):
     show = ("reward_mean", "kl", "response_len", "sync_s")
 
     def __init__(self, cfg: RLConfig, d, tok, reward=None):
-        self.cfg, self.d, self.tok = cfg, d, tok
-        self.train = load_prompts(cfg.data, tok, cfg.max_length - cfg.max_new_tokens)
+        self.cfg, self.d, self.tok, self.train = cfg, d, tok, []
+        room = cfg.max_length - cfg.max_new_tokens
+        for path in cfg.data:
+            for where, rec in read_jsonl(path):
+                self.train.append(rec_field(rec, "prompt", where))
+                if len(tok.user_ids(self.train[-1])) > room:
+                    raise DataError(f"{where}: field 'prompt' has more than {room} tokens "
+                                    f"(context - max_new_tokens)")
         self.model = load_policy(cfg, d, prepare=add_value_head)
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = load_engine(cfg.model, cfg.engine)
@@ -114,9 +107,8 @@ class RLTask(loop.Task):
             device=str(self.engine.runner.device), dtype=self.engine.runner.dtype)
         self.loss_fn = reinforce_loss if cfg.estimator == "reinforce" else rloo_loss
         self.probes = None
-        if d.is_main:
-            print(f"[rl] {len(self.train)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
-                  f"T {cfg.temperature}, reward {'given' if reward is not None else cfg.reward})")
+        d.print(f"[rl] {len(self.train)} prompts x {cfg.num_samples} samples ({cfg.estimator}, beta {cfg.beta}, "
+                f"T {cfg.temperature}, reward {'given' if reward is not None else cfg.reward})")
 
     def param_groups(self, model) -> list[dict]:
         named = list(model.named_parameters())

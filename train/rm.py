@@ -24,7 +24,6 @@ from selfreward.train.parallel import Dist
 @dataclass
 class RMConfig(TrainConfig):
     lr: float = 1e-5                  # RLAIF paper: reward model lr 1e-5, batch 128
-    final_lr: float = 1e-6
     batch_size: int = 128
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
     eval_data: list[str] = input_file([])  # held-out label JSONL; or use --eval-fraction
@@ -79,9 +78,8 @@ class RMTask(loop.Task):
         mpl = cfg.max_prompt_length or cfg.max_length // 2
         self.train, self.held_out, counts = split_data(
             cfg, lambda paths: load_labeled(paths, tok, cfg.max_length, mpl, cfg.hard_labels))
-        if d.is_main:
-            print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
-                  f"{counts['truncated']}; held out: {len(self.held_out)}")
+        d.print(f"[rm] read {counts['read']} labelled pairs; truncated to {cfg.max_length} tokens: "
+                f"{counts['truncated']}; held out: {len(self.held_out)}")
         self.model = load_policy(cfg, d, load_reward_model, seed=cfg.head_seed)
         self.hf_config = seq_cls_config(self.model.cfg, tok.pad_id)
 

@@ -1,7 +1,5 @@
-"""train/'s one seam into infer/: the RL sampler (infer's `load_engine`, on its own --engine-device and dtype) is
-built, fed the trainer's weights (README "Weight hand-off") and asked for rollouts and greedy probes through here
-and nowhere else; and the rollout batch.
-"""
+"""train/'s one seam into infer/ (train/README.md, "Layers", "Weight hand-off"): the RL sampler, its weights,
+rollouts and greedy probes; and the rollout batch."""
 
 import functools
 import time

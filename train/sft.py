@@ -44,9 +44,8 @@ class SFTTask(loop.Task):
         self.cfg, self.pad_id = cfg, tok.pad_id
         systems = dict(s.partition("=")[::2] for s in cfg.system_prompt)
         self.train, self.held_out, counts = split_data(cfg, lambda p: load_sft(p, tok, cfg.max_length, systems))
-        if d.is_main:
-            print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
-                  f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
+        d.print(f"[sft] read {counts['read']} examples; truncated to {cfg.max_length} tokens: "
+                f"{counts['truncated']}; dropped (no target left): {counts['dropped']}; held out: {len(self.held_out)}")
         self.counts = {"truncated": counts["truncated"], "dropped": counts["dropped"]}
         self.model = load_policy(cfg, d)
 
