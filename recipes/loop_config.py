@@ -11,6 +11,7 @@ from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes.instruct import InstructConfig
 from selfreward.recipes.judge import JudgeConfig
+from selfreward.recipes.pairs import PAIRINGS
 from selfreward.recipes.select import SelectConfig
 from selfreward.train.dpo import DPOConfig
 from selfreward.train.sft import SFTConfig
@@ -42,10 +43,10 @@ class LoopConfig:
     seed_prompts: str = ""            # self-instruct: JSONL with "prompt" (e.g. recipes.oasst's ift.jsonl)
     prompt_model: str = ""            # self-instruct generator; "" = M_t
     n_prompts: int = 1000             # prompts per iteration (from a --prompt-source file: 0 = the whole file)
-    score_from: str = "sampled"       # what pairs are built on: sampled (mean of K) | expected
+    score_from: str = cli.choice("sampled", "expected")   # what pairs are built on: the mean of K | expected
     min_margin: float = 0.0           # keep a pair only if best - worst mean score >= this (0: any gap)
     # best-worst: one pair per prompt (the paper); best-rest: the best against each lower-scored distinct text
-    pairing: str = "best-worst"
+    pairing: str = cli.choice(*PAIRINGS)
     # an SFT JSONL ({"prompt", "response"}, e.g. the EFT seed) mixed into every iteration's DPO data, each
     # record sft_mix_repeat times, as chosen == rejected records: no DPO gradient, only the NLL term
     # (--dpo-nll-alpha, which must be > 0): an SFT term that keeps what DPO on answers alone lets drift.
@@ -82,21 +83,14 @@ class LoopConfig:
 
     def __post_init__(self):   # the door's ranges (ranges.py), then the loop's own rules
         check_fields(self)
-        if self.score_from not in ("sampled", "expected"):
-            raise cli.ConfigError(f"--score-from {self.score_from!r}: choose sampled or expected")
         if self.candidates.n < 2:
             raise cli.ConfigError("--candidates-n is below its minimum (2: a pair needs two candidates)")
-        from selfreward.recipes.pairs import PAIRINGS
-        if self.pairing not in PAIRINGS:
-            raise cli.ConfigError(f"--pairing {self.pairing!r}: choose {' or '.join(PAIRINGS)}")
         if self.sft_mix and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--sft-mix trains through the NLL term only: it needs --dpo-nll-alpha > 0")
         if self.judge_self_train and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--judge-self-train trains through the NLL term only: it needs --dpo-nll-alpha > 0")
         if self.n_prompts < 0 or (self.n_prompts == 0 and self.prompt_source == "self-instruct"):
             raise cli.ConfigError(f"--n-prompts {self.n_prompts}: must be >= 1 (0 = a whole --prompt-source file)")
-        if self.sft_mix_repeat < 1:
-            raise cli.ConfigError("--sft-mix-repeat must be >= 1")
         self.engine.check()
         if bool(self.sft.data) != bool(self.base_model) or (self.sft.data and self.init_model):
             raise cli.ConfigError("M1 is --init-model, or SFT of --base-model on --sft-data (give both), not both")

@@ -23,6 +23,7 @@ from selfreward.infer.config import EngineConfig
 from selfreward.recipes import pipeline
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, read_pairs, read_template, soft_labels
 from selfreward.recipes.session import Session
+from selfreward.ranges import check_fields
 from selfreward.records import DataError, nonempty, read_json, read_jsonl, write_json
 from selfreward.train.rl import RLConfig, train as train_rl
 from selfreward.train.rm import RMConfig, train as train_rm
@@ -40,7 +41,7 @@ class RLAIFConfig:
     labeller: str = cli.checkpoint("")    # the AI labeller (and --reward direct's scorer); "" = the policy
     pairs: str = cli.input_file("")       # JSONL {"prompt", "response_1", "response_2", "id"?} to label
     prompts: str = cli.input_file("")     # JSONL {"prompt"}: RL's prompts
-    reward: str = "rm"                    # rm: the distilled RM (RLAIF) | direct: the labeller's score (d-RLAIF)
+    reward: str = cli.choice("rm", "direct")   # rm: the distilled RM (RLAIF) | direct: the labeller's score
     cot: bool = False                     # a sampled rationale before each label
     cot_max_tokens: int = 128
     label_template: str = cli.input_file("")   # JSON with LabelTemplate fields ("" = the default)
@@ -51,9 +52,8 @@ class RLAIFConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
-    def __post_init__(self):
-        if self.reward not in ("rm", "direct"):
-            raise cli.ConfigError(f"--reward {self.reward!r}: choose rm or direct")
+    def __post_init__(self):   # the door's ranges and choices (ranges.py), for a config built in Python too
+        check_fields(self)
 
 
 def labeller(cfg: RLAIFConfig) -> str:
