@@ -15,8 +15,8 @@ from dataclasses import dataclass, field as dfield
 from pathlib import Path
 from typing import Callable
 
-from selfreward.cli import Parser
-from selfreward.provenance import check_not_input, claim, file_hash, model_fingerprint
+from selfreward import cli
+from selfreward.provenance import check_not_input, claim, file_hash, made_by
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
 
 
@@ -196,42 +196,45 @@ def eft_judge(model_dir: str | Path, cfg) -> JudgeFn:
     return fn
 
 
+@dataclass
+class OasstConfig:
+    input: str = cli.input_file("")   # the export: trees or the flat message table
+    out: str = cli.passive("")        # the folder written: ift, groups_{train,eval}, eft_* (.jsonl; see above)
+    lang: str = "en"                  # language filter; "any" for none
+    eval_frac: float = 0.25           # share of the trees held out (by a hash of the root id)
+    all_turns: bool = False           # ranked groups at every depth, not only turn 1
+    seed: int = 0
+    eft_model: str = cli.checkpoint("")   # the checkpoint that writes the EFT judgments ("" = no EFT)
+    judge_template: str = "default"   # judge rubric: a file or a built-in name (recipes/judge.py)
+    tries: int = 1                    # EFT: judgings of a group until one orders it as the humans did
+    temperature: float = 0.7
+    max_tokens: int = 256
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = Parser(description=__doc__.split("\n")[0])
-    ap.add_argument("--input", required=True)
-    ap.add_argument("--out", required=True, help="folder for ift.jsonl, groups_{train,eval}.jsonl, eft_*.jsonl "
-                    "(ift and groups_train from the training trees only)")
-    ap.add_argument("--lang", default="en", help="language filter; 'any' for none")
-    ap.add_argument("--eval-frac", type=float, default=0.25)
-    ap.add_argument("--all-turns", action="store_true", help="ranked groups at every depth, not only turn 1")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eft-model", help="checkpoint that writes the EFT judgments")
-    ap.add_argument("--judge-template", help="judge template file (see recipes/judge.py)")
-    ap.add_argument("--tries", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
-                    "or with other settings")
-    a = ap.parse_args(argv)      # cli.Parser: ranges.py checks --eval-frac, --tries, --temperature, --max-tokens
-    lang, out = None if a.lang == "any" else a.lang, Path(a.out)
+    p = cli.parser(OasstConfig, __doc__)
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder made from another input "
+                   "or with other settings")
+    a = p.parse_args(argv)
+    cfg = cli.build(OasstConfig, a)
+    if not cfg.input or not cfg.out:
+        raise cli.ConfigError("--input and --out are required")
+    lang, out = None if cfg.lang == "any" else cfg.lang, Path(cfg.out)
     names = ["ift.jsonl", "groups_train.jsonl", "groups_eval.jsonl", "eft_train.jsonl", "eft_eval.jsonl"]
-    check_not_input([a.input] + ([a.judge_template] if a.judge_template else []), [out / n for n in names])
-    roots = nonempty(load_messages(a.input), a.input, "Open Assistant messages")
+    check_not_input([cfg.input, cfg.judge_template], [out / n for n in names])
+    roots = nonempty(load_messages(cfg.input), cfg.input, "Open Assistant messages")
     if lang is not None and not any(n.lang == lang for n in walk(roots)):
         have = ", ".join(f"{k} ({v})" for k, v in Counter(n.lang for n in walk(roots)).most_common(8))
-        raise DataError(f"--lang {a.lang}: no message matched (languages in the file: {have}); "
+        raise DataError(f"--lang {cfg.lang}: no message matched (languages in the file: {have}); "
                         f"codes are lower case, or pass --lang any")
-    tmpl = a.judge_template
-    made = {"input_hash": file_hash(a.input), "eft_model": a.eft_model and model_fingerprint(a.eft_model),
-            "judge_template": tmpl and (file_hash(tmpl) if Path(tmpl).is_file() else tmpl),
-            **{k: getattr(a, k) for k in ("lang", "eval_frac", "all_turns", "seed", "tries", "temperature",
-                                          "max_tokens")}}
+    tmpl = cfg.judge_template
+    made = {**made_by(cfg), "judge_template": file_hash(tmpl) if Path(tmpl).is_file() else tmpl}
     with claim(out, made, overwrite=a.overwrite, folder=True,
                clear=lambda: [(out / n).unlink(missing_ok=True) for n in names]):
-        return _write(a, lang, roots, out)
+        return _write(cfg, lang, roots, out)
 
 
-def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
+def _write(a: OasstConfig, lang: str | None, roots: list[Node], out: Path) -> dict:
     train_roots, held_roots = split_groups(roots, a.eval_frac, a.seed, lambda r: r.id)  # trees: nothing held-out trains
     ift = ift_pairs(train_roots, lang)
     train = ranked_groups(train_roots, lang, not a.all_turns)
@@ -246,7 +249,7 @@ def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
     if a.eft_model:
         from selfreward.recipes.judge import JudgeConfig
         fn = eft_judge(a.eft_model, JudgeConfig(k=1, temperature=a.temperature, max_tokens=a.max_tokens,
-                                                seed=a.seed, template=a.judge_template or "default"))
+                                                seed=a.seed, template=a.judge_template))
         for name, gs in (("train", train), ("eval", held)):
             ex, st = build_eft(gs, fn, tries=a.tries, seed=a.seed)
             write_jsonl(out / f"eft_{name}.jsonl", ex)
@@ -257,5 +260,4 @@ def _write(a, lang: str | None, roots: list[Node], out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    from selfreward.cli import run_main
-    run_main(main)
+    cli.run_main(main)
