@@ -7,14 +7,9 @@ the pairs it rated highly; the new model re-curates, and so on.
     python -m selfreward.recipes.humpback --config runs/hb/config.json --stage curate --iter 1   # one stage
     torchrun --nproc_per_node 4 -m selfreward.recipes.humpback --config RUN/config.json --stage augment
 
-Stages: backward (M_yx = SFT of the base on the seed turned around: the output is the user turn, the
-instruction the target), forward (M0 = SFT of the base on the seed; or --forward-model), segments
-(recipes/segment.py), augment (one instruction per segment from M_yx), then per iteration t = 1..T: curate
-(M_{t-1} rates every candidate K times, recipes/curate.py), select (A_k(t) for every reported k), train
-(M_t = SFT of the base on the seed + A_k(t) with k = --train-k, each source with its system prompt).
-Layout: RUN/config.json, RUN/backward/{data.jsonl,sft/,model/}, RUN/m0/{sft/,model/}, RUN/segments.jsonl,
-RUN/candidates.jsonl, RUN/manifest.json; RUN/iter_t/{ratings.jsonl,A4.jsonl,A5.jsonl,sft/,model/,manifest.json}.
-A stage whose output exists is skipped; a killed sampling stage continues from its .partial file.
+Stages (backward, forward, segments, augment; then per iteration curate, select, train), their settings and the
+run folder's layout: recipes/README.md, "Instruction backtranslation". A stage whose output exists is skipped; a
+killed sampling stage continues from its .partial file.
 """
 
 import dataclasses

@@ -6,11 +6,8 @@ with --reward direct, RL against the labeller's own 1-10 score (no reward model)
         --prompts rl_prompts.jsonl [--labeller DIR] [--reward direct] [--rm-epochs 2 --rl-max-steps 500 ...]
     python -m selfreward.recipes.rlaif_run --config runs/rlaif/config.json --stage rm    # one stage
 
-Stages (recipes/pipeline.py): label (RUN/labels.jsonl: recipes.rlaif.soft_labels in both orders on --pairs,
-JSONL {"prompt", "response_1", "response_2", "id"?}; resumable, shardable), rm (train/rm.py from the policy on
-the labels -> RUN/rm/model), rl (train/rl.py from the policy on --prompts, JSONL {"prompt"}, against the RM or
-the labeller -> RUN/rl/model). --rm-* and --rl-* are the trainers' own flags. A stage whose output exists is
-skipped; a rerun with settings that shape the data is refused (--overwrite starts over).
+Stages label -> rm -> rl, the run folder and the manifest: recipes/README.md, "RLAIF end to end". A stage whose
+output exists is skipped; a rerun with settings that shape the data is refused (--overwrite starts over).
 """
 
 import dataclasses

@@ -5,10 +5,9 @@ best with the worst, and DPO on those pairs (reference M_t) gives M_{t+1}. Itera
     python -m selfreward.recipes.self_reward --config runs/demo/config.json --stage judge --iter 1   # one stage
     torchrun --nproc_per_node 4 -m selfreward.recipes.self_reward --config RUN/config.json --stage candidates
 
-Flags are the nested config's fields (--candidates-n 4, --judge-k 3, --dpo-beta 0.1, --engine-dtype bfloat16).
-Layout: RUN/config.json (the nested config), RUN/iter_t/{prompts,candidates,judgments,pairs}.jsonl, iter_t/dpo/
-(the trainer's folder), iter_t/model/ (= M_{t+1}), iter_t/manifest.json. A stage whose file exists is skipped;
-a killed stage continues from its .partial file (selfreward.records).
+Flags are the nested config's fields (--candidates-n 4, --judge-k 3, --dpo-beta 0.1, --engine-dtype bfloat16);
+with --base-model M0 --sft-data FILES a first stage trains M1. The run folder's layout, resume and the stages:
+recipes/README.md, "The loop".
 """
 
 import dataclasses
