@@ -44,7 +44,7 @@ class HumpbackConfig:
     unlabelled: list[str] = field(default_factory=list)   # JSONL {"text"} or plain-text files
     forward_model: str = ""           # M0, the first curator; "" = SFT of the base on the seed (stage forward)
     iterations: int = cli.passive(2)               # 2 = A(1) -> M1 -> A(2) -> M2
-    train_k: int = 5                  # M_t trains on A_k(t) with this k (one of --curate-keep)
+    train_k: float = 5                # M_t trains on A_k(t) with this k (one of --curate-keep; paper's A5: 4.5)
     tags: bool = True                 # a system prompt per source (seed / augmented); --no-tags: none
     seed_tag: str = "Reply the way a helpful AI assistant would."        # "" = no system turn
     augmented_tag: str = "Reply with what a page on the web would say."   # "" = no system turn
@@ -54,8 +54,9 @@ class HumpbackConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)   # the paper's: --sft-lr 1e-5 --sft-final-lr 9e-6
-    # --sft-weight-decay 0.1 --sft-dropout 0.1 --sft-batch-size 32 (8 below 3k examples); train/sft.py's defaults here
+    # the paper's SFT (dropout 0.1 as train/sft.py); it uses batch 8 below 3,000 examples: --sft-batch-size 8
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-5, final_lr=9e-6, schedule="linear",
+                                                             weight_decay=0.1, batch_size=32))
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):   # the door's ranges (ranges.py), then Humpback's own rules
@@ -147,7 +148,7 @@ def stage_select(cfg: HumpbackConfig, t: int) -> dict:
     per_pair = pair_scores(ratings, cfg.curate.score_from)
     kept = {}
     for k in cfg.curate.keep:
-        path = it / f"A{k}.jsonl"
+        path = it / f"A{k:g}.jsonl"
         if not path.exists():
             write_jsonl(path, select(cands, per_pair, k))
         kept[k] = len(read_jsonl(path))
@@ -156,10 +157,10 @@ def stage_select(cfg: HumpbackConfig, t: int) -> dict:
 
 def stage_train(cfg: HumpbackConfig, t: int) -> None:
     """M_t on the seed + A_k(t); with A_k(t) empty, on the seed alone (said on stderr and in the manifest)."""
-    a = run_path(cfg, f"iter_{t}", f"A{cfg.train_k}.jsonl")
+    a = run_path(cfg, f"iter_{t}", f"A{cfg.train_k:g}.jsonl")
     aug = [str(a)] if read_jsonl(a, made_by="the select stage") else []
     if not aug:
-        print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k}): M{t} trains on the seed "
+        print(f"[humpback] warning: {a} is empty (no pair scored >= {cfg.train_k:g}): M{t} trains on the seed "
               f"alone", file=sys.stderr, flush=True)
     read_seed(cfg.seed_data, cfg.base_model)
     sft_model(cfg, run_path(cfg, f"iter_{t}"), [cfg.seed_data, *cfg.extra_seed], aug, pipeline.seed(cfg, t, 4))
@@ -182,7 +183,7 @@ def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | Non
         m.update(iteration=t, curator=model_at(cfg, t - 1), model_out=model_at(cfg, t), train_k=cfg.train_k,
                  **(stats or {}))
         if stats:
-            m["augmented_pairs_trained"] = stats[f"A{cfg.train_k}"]
+            m["augmented_pairs_trained"] = stats[f"A{cfg.train_k:g}"]
     m["timings"] = {**m.get("timings", {}), **timings}
     m["settings"] = cli.to_dict(cfg)
     write_json(path, m)
@@ -191,8 +192,8 @@ def write_manifest(cfg: HumpbackConfig, t: int, timings: dict, stats: dict | Non
 
 def report(cfg: HumpbackConfig, t: int, m: dict) -> None:
     print(f"[humpback] iter {t}: {m['pairs_rated']} pairs rated by {m['curator']}, {m['parse_failures']}/"
-          f"{m['ratings']} ratings unparsed; " + ", ".join(f"A{k} {m[f'A{k}']}" for k in cfg.curate.keep)
-          + f"; M{t} trained on A{cfg.train_k}", flush=True)
+          f"{m['ratings']} ratings unparsed; " + ", ".join(f"A{k:g} {m[f'A{k:g}']}" for k in cfg.curate.keep)
+          + f"; M{t} trained on A{cfg.train_k:g}", flush=True)
 
 
 RECIPE = pipeline.Recipe(

@@ -23,6 +23,7 @@ class LabelTemplate:
                      "is the one that helps the user more: correct, relevant, complete and clear, with "
                      "nothing that does not belong. Neither the order of the replies nor their length "
                      "should sway you.")
+    exemplars: str = ""               # few-shot examples, between the preamble and the sample (paper's slot)
     sample: str = "Conversation:\n{context}\n\nResponse 1:\n{response_1}\n\nResponse 2:\n{response_2}"
     ending: str = "Preferred response:"
     cot_request: str = "\n\nFirst explain which reply is better and why, then name it."
@@ -69,7 +70,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
     start = dict(engine.stats)
-    user = t.sample + (t.cot_request if cfg.cot else "")
+    user = t.exemplars + t.sample + (t.cot_request if cfg.cot else "")
     budget = engine.max_len - len(forced_options(tok, t.ending, ["1", "2"])[0]) - 4 - cfg.cot * cfg.cot_max_tokens
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
     fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)

@@ -11,8 +11,8 @@ from selfreward.records import DataError, check_file, field, iter_jsonl, nonempt
 
 @dataclass
 class SegmentConfig:
-    min_chars: int = 600              # shorter segments are dropped (paper: 600)
-    max_chars: int = 3000             # longest segment (paper: 3000)
+    min_chars: int = 600              # shorter ones dropped (public notes on the paper; its text: "length filtering")
+    max_chars: int = 3000             # longest segment (the same notes)
     near_dup: float = 0.8             # word-shingle Jaccard at or above this is a near duplicate; 0 = off
     shingle: int = 3                  # words per shingle for the near-duplicate test
     max_segments: int = 0             # keep the first N after dedup (0 = all)

@@ -277,8 +277,9 @@ TEXT = {
     "export": "output folder", "lang": "a language code: checked against the input (the languages it has)",
     "tag": "free text", "header": "free text", "prefix": "free text", "stop": "free text (not empty)",
     "system_prompt": "free text",
-    **{k: CHOICE for k in ("device", "dtype", "loss", "schedule", "ref_mode", "estimator", "reward", "score_from",
-                           "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls", "sources")},
+    **{k: CHOICE for k in ("device", "dtype", "loss", "schedule", "ref_mode", "estimator", "reward", "reward_weight",
+                           "score_from", "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls",
+                           "sources")},
     **{k: "input path: must exist" for k in (
         "model", "input", "data", "groups", "pairs", "labeller", "judge", "a", "b", "reference", "candidates",
         "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy")},

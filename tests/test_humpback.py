@@ -228,3 +228,45 @@ def test_curation_rubric_default_and_file(tmp_path):
     f.write_text("Rate {instruction} only.")
     with pytest.raises(TemplateError, match="lacks placeholder"):
         CurateConfig(template=str(f)).judge()
+
+
+def test_curation_rubric_levels_1_and_2_carry_the_papers_meaning():
+    """Issue 34: level 2 is a reply that covers most of the request but not directly (a general approach, not
+    the exact answer), not one that leaves most of it unanswered; level 1 names text taken from elsewhere."""
+    from selfreward.recipes.curate import CURATE_TEMPLATE
+    levels = {ln[0]: ln.lower() for ln in CURATE_TEMPLATE.replace("\\\n", "").splitlines() if ln[:2] in
+              {"1:", "2:", "3:", "4:", "5:"}}
+    assert sorted(levels) == ["1", "2", "3", "4", "5"]
+    assert all(w in levels["1"] for w in ("incomplete", "vague", "off-topic", "forum", "blog", "promotional"))
+    assert "most of what the request asks" in levels["2"] and "not directly" in levels["2"]
+    assert "general approach" in levels["2"] and "unanswered" not in levels["2"]
+
+
+def test_a5_at_4_5_from_the_flags(tmp_path):
+    """The paper's A5 is a mean rating >= 4.5: --curate-keep and --train-k take it (files A4.5.jsonl)."""
+    from selfreward.cli import ConfigError, parse_config
+    from selfreward.recipes.humpback import stage_select
+    cfg = parse_config(HumpbackConfig, ["--run-dir", str(tmp_path), "--curate-keep", "4", "4.5", "--train-k", "4.5"])
+    assert cfg.curate.keep == [4.0, 4.5] and cfg.train_k == 4.5
+    means = {"a": [5, 4], "b": [4, 5, 5], "c": [4, 4, 5], "d": [5, 5], "e": [3, 5]}   # 4.5, 4.67, 4.33, 5, 4
+    write_jsonl(run_path(cfg, "candidates.jsonl"), [{"id": i, "instruction": i, "output": i} for i in means])
+    write_jsonl(run_path(cfg, "iter_1", "ratings.jsonl"),
+                [{"id": i, "k": k, "score": float(v)} for i, vs in means.items() for k, v in enumerate(vs)])
+    st = stage_select(cfg, 1)
+    assert [r["id"] for r in read_jsonl(run_path(cfg, "iter_1", "A4.5.jsonl"))] == ["a", "b", "d"]
+    assert [r["id"] for r in read_jsonl(run_path(cfg, "iter_1", "A4.jsonl"))] == ["a", "b", "c", "d", "e"]
+    assert (st["A4"], st["A4.5"]) == (5, 3)
+    with pytest.raises(ConfigError, match="--train-k 5 must be one of --curate-keep"):
+        parse_config(HumpbackConfig, ["--curate-keep", "4", "4.5"])
+
+
+def test_sft_defaults_are_the_papers():
+    """Humpback's SFT: lr 1e-5 -> 9e-6 linear, weight decay 0.1, dropout 0.1, batch 32; the loop's SFT
+    (SRLM's 5.5e-6 -> 1.1e-6 cosine, batch 16) is unchanged."""
+    from selfreward.cli import parse_config
+    from selfreward.train.sft import SFTConfig
+    s = parse_config(HumpbackConfig, []).sft
+    assert (s.lr, s.final_lr, s.schedule, s.weight_decay, s.dropout, s.batch_size) == \
+        (1e-5, 9e-6, "linear", 0.1, 0.1, 32)
+    s = SFTConfig()
+    assert (s.lr, s.final_lr, s.schedule, s.weight_decay, s.batch_size) == (5.5e-6, 1.1e-6, "cosine", 0.0, 16)

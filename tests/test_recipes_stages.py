@@ -172,7 +172,10 @@ def test_rm_eval_and_h2h_commands(tiny, tmp_path, capsys):
     pf = write_prompts(tmp_path / "hp.jsonl", ["Say hi.", "Name a color."])
     res = evaluate(["h2h", "--a", str(tiny), "--b", str(tiny), "--judge", str(tiny), "--prompts", str(pf),
                     "--max-tokens", "8", "--out", str(tmp_path / "h2h.json")])
-    assert res["n"] == 2 and res["win"] + res["tie"] + res["loss"] == pytest.approx(1.0)
+    # each outcome from its two verdicts by the rule (a win or loss only when both orders agree), the rates from them
+    want = [{(1, 2): "win", (2, 1): "loss"}.get((r["a_first"], r["b_first"]), "tie") for r in res["records"]]
+    assert res["n"] == 2 and [r["outcome"] for r in res["records"]] == want
+    assert [res[k] for k in ("win", "tie", "loss")] == [want.count(k) / 2 for k in ("win", "tie", "loss")]
     # A and B are the same greedy model: identical responses, so no win or loss can be consistent across orders
     # unless the judge always picks one position -> tie
     assert all(r["a"] == r["b"] for r in res["records"]) and res["tie"] == 1.0

@@ -161,6 +161,26 @@ def test_nan_reward_stops_keeping_last_good_checkpoint(setup):
     assert not (d / "nan" / "model").exists()
 
 
+def test_reward_weight_one_minus_beta_is_the_papers_objective(setup):
+    """--reward-weight 1-beta trains on (1 - beta) r - beta KL: at beta 0.5 the very run of r / 2 - beta KL,
+    and not the run of r - beta KL."""
+    from selfreward.cli import parse_config
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import rl
+    d, m0, args = setup
+    base = args + ["--probe-every", "0", "--max-steps", "2", "--beta", "0.5"]
+    r = lambda scale: lambda ps, rs: [scale * (len(x) % 5) / 4 for x in rs]  # noqa: E731
+    runs = {}
+    for name, weight, scale in (("paper", "1-beta", 1.0), ("halved", "1", 0.5), ("plain", "1", 1.0)):
+        cfg = parse_config(rl.RLConfig, base + ["--output", str(d / f"w_{name}"), "--reward-weight", weight])
+        last = rl.train(cfg, reward=r(scale))
+        runs[name] = (last, load_model(d / f"w_{name}" / "model").state_dict())
+    (pl, p), (hl, h), (_, q) = runs["paper"], runs["halved"], runs["plain"]
+    assert all(torch.equal(p[k], h[k]) for k in p)
+    assert pl["reward_mean"] == pytest.approx(2 * hl["reward_mean"])     # the metrics log the reward itself
+    assert any(not torch.equal(p[k], q[k]) for k in p)
+
+
 def test_bad_prompt_record_names_file_and_line(setup, tmp_path):
     d, m0, args = setup
     bad = tmp_path / "bad.jsonl"

@@ -31,7 +31,7 @@ def _last_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def _hand_label_prompt(tok, t, ctx, a, b, text):
     """The prompt written out by hand: system = preamble, user = the sample, assistant begins with `text`."""
-    user = t.sample.replace("{context}", ctx).replace("{response_1}", a).replace("{response_2}", b)
+    user = getattr(t, "exemplars", "") + t.sample.replace("{context}", ctx).replace("{response_1}", a).replace("{response_2}", b)
     chat, _ = tok.render_chat([{"role": "system", "content": t.preamble}, {"role": "user", "content": user}],
                               add_generation_prompt=True)
     one, two = tok.encode(text + " 1"), tok.encode(text + " 2")
@@ -53,8 +53,26 @@ def test_label_equals_hand_computation_in_both_orders(tiny):
         assert rec["p_first"] == pytest.approx(want[0], abs=1e-5)
         assert rec["p_first_swapped"] == pytest.approx(want[1], abs=1e-5)
         assert rec["label"][0] == pytest.approx((want[0] + 1 - want[1]) / 2, abs=1e-5)
-        assert sum(rec["label"]) == pytest.approx(1.0)
+        assert rec["label"][1] == pytest.approx((want[1] + 1 - want[0]) / 2, abs=1e-5)   # response 2's side
     assert len({round(r["p_first"], 6) for r in res["records"]}) > 1     # the labels depend on the pair
+
+
+def test_few_shot_exemplars_sit_between_the_preamble_and_the_sample(tiny, tmp_path):
+    """The paper's prompt: preamble + exemplars + sample + ending; the exemplars open the user turn."""
+    from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, read_template, soft_labels
+    engine, tok, model = tiny
+    f = tmp_path / "t.json"
+    f.write_text('{"exemplars": "Example. Conversation: Say hi. Response 1: Hi! Response 2: No. Preferred: 1\\n\\n"}')
+    t = read_template(LabelTemplate, f)
+    assert t.exemplars.startswith("Example.") and t.sample == LabelTemplate().sample
+    ctx, a, b = ITEMS[0]
+    rec = soft_labels(engine, tok, [ITEMS[0]], LabelConfig(template=t))["records"][0]
+    ids, i1, i2 = _hand_label_prompt(tok, t, ctx, a, b, t.ending)
+    assert tok.decode(ids).count("Example.") == 1
+    lp = _last_logprobs(model, ids)
+    assert rec["p_first"] == pytest.approx(math.exp(lp[i1]) / (math.exp(lp[i1]) + math.exp(lp[i2])), abs=1e-5)
+    plain = soft_labels(engine, tok, [ITEMS[0]])["records"][0]
+    assert abs(rec["p_first"] - plain["p_first"]) > 1e-6          # the exemplars reach the labeller
 
 
 def test_chain_of_thought_label_is_read_after_the_rationale(tiny):
@@ -141,7 +159,7 @@ def test_direct_score_equals_hand_computation(which, ten_tokens, request):
     if ten_tokens == 2:
         assert tails[9][0] == tails[0][0] and len(tails[0]) == 1      # "10" = "1" + "0": the prefix rule is hit
     for (ctx, r), rec in zip(items, res["records"]):
-        user = t.sample.replace("{context}", ctx).replace("{response}", r)
+        user = getattr(t, "exemplars", "") + t.sample.replace("{context}", ctx).replace("{response}", r)
         chat, _ = tok.render_chat([{"role": "system", "content": t.preamble}, {"role": "user", "content": user}],
                                   add_generation_prompt=True)
         ids = chat + head

@@ -4,7 +4,7 @@ from collections import Counter
 
 from selfreward.recipes.world import checker, data, judging
 from selfreward.recipes.world.build import WorldModelConfig, write_seeds
-from selfreward.recipes.world.tasks import Task
+from selfreward.recipes.world.tasks import Task, corrupt, draw_args, sample_tasks, solve
 from selfreward.records import read_jsonl
 
 
@@ -33,8 +33,25 @@ def _cands(rows) -> list[tuple[Task, str]]:
     return out
 
 
+def _old_candidate(task: Task, rng: random.Random) -> str:
+    """data.eft_candidate as it was before --eft-close (near misses on), written out by hand."""
+    u = rng.random()
+    if u < 0.4:
+        return task.answer
+    if u < 0.55:
+        return corrupt(task.answer, rng)
+    if u < 0.8:
+        return data.near_miss(task, rng)
+    while True:
+        other = solve(task.kind, draw_args(task.kind, rng, None))
+        if other != task.answer:
+            return other
+
+
 def test_eft_close_shares_and_judgments():
-    assert data.eft_seed(200, 3, ("min",)) == data.eft_seed(200, 3, ("min",), close=0.0)   # 0: the old draws
+    rng = random.Random("eft:3")   # the default (close 0) draws what the seed drew before --eft-close
+    old = [_old_candidate(t, rng) for t in sample_tasks(200, seed=30_003, kinds=("min",))]
+    assert [c for _, c in _cands(data.eft_seed(200, 3, ("min",)))] == old
     rows = data.eft_seed(600, 3, ("min",), close=1.0)
     kinds = Counter()
     for (task, cand), r in zip(_cands(rows), rows):

@@ -61,7 +61,10 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
         lab = s["labels"][name]
         assert 0 <= lab["position_bias"]["one_order"] <= 1 and lab["prefill"]["prefix_hit"] > 0
         rows = [json.loads(x) for x in (run / f"labels_{name}.jsonl").read_text().splitlines()]
-        assert len(rows) == s["pairs"] and all(abs(sum(r["label"]) - 1) < 1e-6 for r in rows)
+        assert len(rows) == s["pairs"]
+        for r in rows:   # each label is the mean of its two orders, read off the probabilities it stores
+            want = (r["p_first"] + 1 - r["p_first_swapped"]) / 2
+            assert abs(r["label"][0] - want) < 1e-6 and abs(r["label"][1] - (1 - want)) < 1e-6
     assert all("rationales" in json.loads(x) for x in (run / "labels_cot.jsonl").read_text().splitlines())
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm" / "model", dtype=torch.float32)
     assert hf.config.num_labels == 1

@@ -46,7 +46,7 @@ def reward_factory(name: str, load: bool = True):
 
 @dataclass
 class RLConfig(TrainConfig):
-    lr: float = 1e-5                  # RLAIF paper: lr 1e-5, batch 128, beta 0.05, temperature 0.9
+    lr: float = 1e-5                  # RLAIF paper: lr 1e-5, batch 128, beta 0.05, T 0.9, 8 epochs (--epochs 8)
     batch_size: int = 128             # GLOBAL prompts per step (each rank batch / world)
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default
@@ -56,6 +56,7 @@ class RLConfig(TrainConfig):
     estimator: str = choice("reinforce", "rloo")   # reinforce: a value baseline; rloo: leave-one-out over --num-samples
     num_samples: int = 1              # responses per prompt (rloo: >= 2)
     beta: float = 0.05                # per-token KL penalty to the frozen SFT policy (--model)
+    reward_weight: str = choice("1", "1-beta")   # r - beta KL, or the paper's (1 - beta) r - beta KL
     temperature: float = 0.9
     top_p: float = 1.0
     max_new_tokens: int = 64         # per response; --max-length bounds prompt + response (lowered to the context)
@@ -145,7 +146,8 @@ class RLTask(loop.Task):
             ref_lp, _ = response_logps(self.ref, b, c.temperature)              # [M]
         reshard(self.ref)
         values = model.value_head(h.detach()).squeeze(-1)                        # [M]
-        o = self.loss_fn(logp, values, ref_lp, b.seq, b.rewards, b.group, c.beta, c.value_coef)
+        w = 1 - c.beta if c.reward_weight == "1-beta" else 1.0
+        o = self.loss_fn(logp, values, ref_lp, b.seq, w * b.rewards, b.group, c.beta, c.value_coef)
         ent = entropy_sum(model, h, c.temperature)               # before backward reshards the LM head
         kl = seq_sums(logp.detach() - ref_lp, b.seq, len(b.rewards))
         n = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
