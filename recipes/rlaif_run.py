@@ -128,10 +128,6 @@ RECIPE = pipeline.Recipe(
     manifest=write_manifest, prepare=prepare, layout=("labels.jsonl*", "rm", "rl", "manifest.json*", "*_config.json"))
 
 
-def run_rlaif(cfg: RLAIFConfig, overwrite: bool = False) -> dict:
-    return pipeline.run(RECIPE, cfg, overwrite=overwrite)[0]
-
-
 def main(argv: list[str] | None = None):
     return pipeline.main(RECIPE, argv, __doc__, SET_HERE)
 
