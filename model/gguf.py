@@ -64,7 +64,7 @@ def read_config(meta: dict, tensors: dict, where: str) -> ModelConfig:
 def write_tokenizer(meta: dict, out: Path, where: str) -> None:
     """tokenizer.json (byte-level BPE), tokenizer_config.json, chat_template.jinja, generation_config.json."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in PRE_TOKENIZERS:
         raise DataError(f"{where}: tokenizer {kind!r} (pre-tokenizer {pre!r}) is not supported "
                         f"(supported: gpt2 with pre-tokenizer {' or '.join(PRE_TOKENIZERS)})")
