@@ -4,6 +4,7 @@ weights, whose tokenizer encodes and renders chats as the source vocabulary and 
 from __future__ import annotations
 
 import json
+import sys
 
 import jinja2
 import numpy as np
@@ -190,6 +191,22 @@ def test_refused_with_an_error_line(world, capsys, arch, odd_type, msg):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: {src}: {msg}\n"
     assert not out.exists() and not [p for p in world["dir"].iterdir() if p.name.startswith(f".bad_{arch}_out")]
+
+
+
+def test_not_a_gguf_file(world, capsys):
+    junk = world["dir"] / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(convert_gguf.main, [str(junk), str(world["dir"] / "junk_out")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {junk}: not a readable GGUF file (")
+
+
+def test_gguf_package_missing(world, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)   # `import gguf` now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(convert_gguf.main, [str(world["src"]), str(world["dir"] / "no_pkg_out")])
+    assert e.value.code == 2 and "pip install 'selfreward[gguf]'" in capsys.readouterr().err
 
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
