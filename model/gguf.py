@@ -112,23 +112,24 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
     tensors = {t.name: t for t in reader.tensors}
     cfg = read_config(meta, tensors, str(src))
     ours = {hf: name for name, hf in name_table(cfg).items()}
-    state = {}
-    for name, t in tensors.items():
-        hf = hf_name(name)
-        if hf not in ours:
-            raise DataError(f"{src}: tensor {name}: not a tensor of a llama model")
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise DataError(f"{src}: tensor {name}: type {t.tensor_type.name} not supported") from None
-        w = np.array(w, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
-        if ".attn_q." in name or ".attn_k." in name:
-            w = unpermute(w, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
-        state[ours[hf]] = torch.from_numpy(w).to(dtype)
     with tempfile.TemporaryDirectory() as tok_dir:
-        write_tokenizer(meta, Path(tok_dir), str(src))
+        write_tokenizer(meta, Path(tok_dir), str(src))   # first: an unsupported tokenizer fails fast
+        state = {}
+        for name, t in tensors.items():
+            hf = hf_name(name)
+            if hf not in ours:
+                raise DataError(f"{src}: tensor {name}: not a tensor of a llama model")
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise DataError(f"{src}: tensor {name}: type {t.tensor_type.name} not supported") from None
+            w = np.array(w, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+            if ".attn_q." in name or ".attn_k." in name:
+                w = unpermute(w, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
+            state[ours[hf]] = torch.from_numpy(w).to(dtype)
+        if missing := [hf for hf, name in ours.items() if name not in state]:
+            raise DataError(f"{src}: no tensor for {missing[0]} ({len(missing)} missing in all)")
         return save_model(state, cfg, out, tokenizer_dir=tok_dir, dtype=dtype)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__.split("\n")[0])
