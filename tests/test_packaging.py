@@ -91,8 +91,8 @@ def _dist(module: str) -> str:
 
 
 @pytest.mark.parametrize("part,allowed", [
-    ("package", ["core", "gpu", "plot"]),        # the package itself: core, and the optional extras it imports lazily
-    ("tests", ["core", "gpu", "plot", "dev"]),
+    ("package", ["core", "gpu", "plot", "gguf"]),   # the package itself: core, and the optional extras it imports lazily
+    ("tests", ["core", "gpu", "plot", "gguf", "dev"]),
     ("benchmarks", ["core", "gpu", "plot", "bench"]),
 ])
 def test_every_import_has_its_package_declared(part, allowed):
