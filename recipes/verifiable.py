@@ -53,17 +53,24 @@ def registry() -> tuple[dict, dict]:
     return reg.INSTRUCTION_DICT, reg.conflict_make(copy.deepcopy(reg.INSTRUCTION_CONFLICTS))
 
 
-def describe(iid: str, rng: random.Random, text: str) -> tuple[str, dict]:
+def describe(iid: str, rng: random.Random, text: str, tries: int = 100) -> tuple[str, dict]:
     """The library's instruction text for `iid` and the kwargs it drew (its own random choices, under a seed from
-    `rng`; Python's global random state is restored) -> (text, kwargs)."""
-    checker = registry()[0][iid](iid)
+    `rng`; Python's global random state is restored) -> (text, kwargs). Drawn again until the kwargs rebuild the
+    same text, so the checker strict_ok builds from the record is the one the prompt states (the library's
+    nth_paragraph_first_word can draw paragraph n + 1 of n, which its kwargs do not rebuild)."""
+    cls = registry()[0][iid]
     state = random.getstate()
-    random.seed(rng.getrandbits(64))
     try:
-        desc = checker.build_description(prompt_to_repeat=text) if iid == REPEAT else checker.build_description()
-        return desc, checker.get_instruction_args() or {}
+        for _ in range(tries):
+            random.seed(rng.getrandbits(64))
+            checker = cls(iid)
+            desc = checker.build_description(prompt_to_repeat=text) if iid == REPEAT else checker.build_description()
+            kwargs = checker.get_instruction_args() or {}
+            if cls(iid).build_description(**kwargs) == desc:
+                return desc, kwargs
     finally:
         random.setstate(state)
+    raise RuntimeError(f"{iid}: {tries} draws, none whose kwargs rebuild its text")
 
 
 def attach(prompts: list[dict], rng: random.Random, per_prompt: tuple[int, int] = (1, 2),

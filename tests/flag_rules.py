@@ -64,6 +64,7 @@ ENTRIES = [
     Entry("recipes.rlaif label", "selfreward.recipes.rlaif", ["label", "--labeller", M, "--pairs", M, "--out", O],
           [(["label", "--help"], "")]),
     Entry("recipes.oasst", "selfreward.recipes.oasst", ["--input", M, "--out", O]),
+    Entry("recipes.verifiable", "selfreward.recipes.verifiable", ["--oasst", M, "--out", O]),
     Entry("recipes.rlaif_run", "selfreward.recipes.rlaif_run",
           ["--policy", M, "--pairs", M, "--prompts", M, "--run-dir", O]),
     Entry("recipes.world.demo", "selfreward.recipes.world.demo", ["--run-dir", O, "--cache-dir", O]),
@@ -282,7 +283,8 @@ TEXT = {
                            "sources")},
     **{k: "input path: must exist" for k in (
         "model", "input", "data", "groups", "pairs", "labeller", "judge", "a", "b", "reference", "candidates",
-        "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy")},
+        "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy",
+        "oasst")},
 }
 
 

@@ -30,7 +30,8 @@ from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat
 REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the distilled reward model (train/rm.py)
            "direct": "selfreward.recipes.reward:direct",             # a labeller's 1-10 score, in [-1, 1]
            "judge": "selfreward.recipes.reward:judge",               # the self-rewarding judge, in [-1, 1]
-           "checker": "selfreward.recipes.world.checker:reward"}     # the checkable world: 1 right, 0 wrong
+           "checker": "selfreward.recipes.world.checker:reward",     # the checkable world: 1 right, 0 wrong
+           "ifeval": "selfreward.recipes.verifiable:reward"}         # IFEval's checkers: 1 all followed, else 0
 
 
 def reward_factory(name: str, load: bool = True):
@@ -50,9 +51,9 @@ class RLConfig(TrainConfig):
     batch_size: int = 128             # GLOBAL prompts per step (each rank batch / world)
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default
-    reward: str = "rm"                # rm | direct | judge | checker | module:function (REWARDS in train/rl.py)
+    reward: str = "rm"                # rm | direct | judge | checker | ifeval | module:function (train/rl.py REWARDS)
     reward_model: str = checkpoint("")            # RM folder (rm) or labeller (direct, judge; default --model, the SFT policy)
-    reward_template: str = ""         # direct: ScoreTemplate JSON; judge: rubric file or built-in name
+    reward_template: str = ""         # direct: ScoreTemplate JSON; judge: a rubric file or name; ifeval: records JSONL
     estimator: str = choice("reinforce", "rloo")   # reinforce: a value baseline; rloo: leave-one-out over --num-samples
     num_samples: int = 1              # responses per prompt (rloo: >= 2)
     beta: float = 0.05                # per-token KL penalty to the frozen SFT policy (--model)
