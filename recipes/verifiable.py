@@ -56,7 +56,7 @@ def registry() -> tuple[dict, dict]:
 def describe(iid: str, rng: random.Random, text: str, tries: int = 100) -> tuple[str, dict]:
     """The library's instruction text for `iid` and the kwargs it drew (its own random choices, under a seed from
     `rng`; Python's global random state is restored) -> (text, kwargs). Drawn again until the kwargs rebuild the
-    same text, so the checker strict_ok builds from the record is the one the prompt states (the library's
+    same text without a random choice, so the checker strict_ok builds from the record is the one the prompt states (the library's
     nth_paragraph_first_word can draw paragraph n + 1 of n, which its kwargs do not rebuild)."""
     cls = registry()[0][iid]
     state = random.getstate()
@@ -65,8 +65,8 @@ def describe(iid: str, rng: random.Random, text: str, tries: int = 100) -> tuple
             random.seed(rng.getrandbits(64))
             checker = cls(iid)
             desc = checker.build_description(prompt_to_repeat=text) if iid == REPEAT else checker.build_description()
-            kwargs = checker.get_instruction_args() or {}
-            if cls(iid).build_description(**kwargs) == desc:
+            kwargs, drawn = checker.get_instruction_args() or {}, random.getstate()
+            if cls(iid).build_description(**kwargs) == desc and random.getstate() == drawn:   # nothing redrawn
                 return desc, kwargs
     finally:
         random.setstate(state)
