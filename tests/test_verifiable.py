@@ -14,7 +14,7 @@ from selfreward.cli import ConfigError                                      # no
 from selfreward.records import read_jsonl                                   # noqa: E402
 from selfreward.recipes import verifiable as V                              # noqa: E402
 from selfreward.recipes.oasst import kept, load_messages, split_groups      # noqa: E402
-from selfreward.train.rl import reward_factory                              # noqa: E402
+from selfreward.train.rl import RLConfig, reward_factory                    # noqa: E402
 from conftest import OASST_20                                               # noqa: E402
 
 SAMPLES = ["hello world, this is a short answer in plain english.", "HELLO WORLD. THIS IS AN ANSWER IN ENGLISH.",
@@ -106,6 +106,8 @@ def test_reward_factory(tmp_path):
             score(["another prompt"], [good])
     with pytest.raises(ConfigError, match="--reward-template"):
         V.reward(None)
+    with pytest.raises(ConfigError, match="--reward-template"):                 # train/rl.py's door, before a model
+        RLConfig(model="m", data=["d"], output="o", reward="ifeval").check()
     clash = {**LOWER, "instruction_id_list": ["punctuation:no_comma"]}
     with pytest.raises(ValueError, match="other instructions"):
         V.reward(None, template=[LOWER, clash])

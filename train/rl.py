@@ -73,6 +73,8 @@ class RLConfig(TrainConfig):
         reward_factory(self.reward, load=False)
         if self.reward == "rm" and not self.reward_model:
             raise ConfigError("--reward rm needs --reward-model (the folder train/rm.py wrote)")
+        if self.reward == "ifeval" and not self.reward_template:
+            raise ConfigError("--reward ifeval needs --reward-template (the records JSONL recipes/verifiable.py wrote)")
         if self.estimator == "rloo" and self.num_samples < 2:
             raise ConfigError("--estimator rloo needs --num-samples >= 2")
         if self.temperature <= 0:
