@@ -1,6 +1,6 @@
 """The recipes' reward sources for online RL, (prompts, responses) -> rewards, by train/rl.py's REWARDS names
 (`--reward`; any `module:function` factory plugs in too): `direct` and `judge` here, `rm` in
-model/reward_model.py, `checker` in recipes/world/checker.py.
+model/reward_model.py, `checker` in recipes/world/checker.py, `ifeval` in recipes/verifiable.py.
 
     reward = load_reward("direct", "runs/m1/model")       # a labeller's 1-10 score, in [-1, 1]
     rewards = reward(["What is 2 + 2?"], ["4"])           # -> [float]
