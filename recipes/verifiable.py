@@ -56,8 +56,8 @@ def registry() -> tuple[dict, dict]:
 def describe(iid: str, rng: random.Random, text: str, tries: int = 100) -> tuple[str, dict]:
     """The library's instruction text for `iid` and the kwargs it drew (its own random choices, under a seed from
     `rng`; Python's global random state is restored) -> (text, kwargs). Drawn again until the kwargs rebuild the
-    same text without a random choice, so the checker strict_ok builds from the record is the one the prompt states (the library's
-    nth_paragraph_first_word can draw paragraph n + 1 of n, which its kwargs do not rebuild)."""
+    same text without a random choice, so the checker strict_ok builds from the record is the one the prompt
+    states (the library's nth_paragraph_first_word can draw paragraph n + 1 of n, which its kwargs do not rebuild)."""
     cls = registry()[0][iid]
     state = random.getstate()
     try:
@@ -96,8 +96,11 @@ def strict_ok(record: dict, response: str) -> bool:
     """IFEval's strict prompt-level verdict by if-verifiable: every instruction of `record` followed."""
     from if_verifiable.common import evaluate_instructions
     ids = record["instruction_id_list"]
-    results, scores = evaluate_instructions(response, ids, record["kwargs"], record["prompt"], registry()[0])
-    return len(results) == len(ids) and scores.binary_strict == 1.0
+    unknown = [i for i in ids if i not in registry()[0]]
+    if unknown:                                # the library would skip them: a verdict on the rest only
+        raise DataError(f"record {record.get('id')!r}: instruction types if-verifiable does not have: {unknown}")
+    _, scores = evaluate_instructions(response, ids, record["kwargs"], record["prompt"], registry()[0])
+    return scores.binary_strict == 1.0
 
 
 def accuracy(records: list[dict], responses: list[str]) -> tuple[float, float]:

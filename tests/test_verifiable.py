@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("if_verifiable")
 
 from selfreward.cli import ConfigError                                      # noqa: E402
-from selfreward.records import read_jsonl                                   # noqa: E402
+from selfreward.records import DataError, read_jsonl                        # noqa: E402
 from selfreward.recipes import verifiable as V                              # noqa: E402
 from selfreward.recipes.oasst import kept, load_messages, split_groups      # noqa: E402
 from selfreward.train.rl import RLConfig, reward_factory                    # noqa: E402
@@ -63,6 +63,8 @@ def test_strict_ok_on_plain_cases():
     kw = {"id": "c", "prompt": "Fruit?", "instruction_id_list": ["keywords:existence", "startend:quotation"],
           "kwargs": [{"keywords": ["apple"]}, {}]}
     assert V.strict_ok(kw, '"An apple a day."') and not V.strict_ok(kw, "An apple a day.")
+    with pytest.raises(DataError, match="does not have"):
+        V.strict_ok({**LOWER, "instruction_id_list": ["change_case:klingon"]}, "hello")
 
 
 def test_attach_is_seeded_and_avoids_conflicts():
