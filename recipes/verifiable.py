@@ -92,15 +92,20 @@ def attach(prompts: list[dict], rng: random.Random, per_prompt: tuple[int, int] 
     return out
 
 
-def strict_ok(record: dict, response: str) -> bool:
-    """IFEval's strict prompt-level verdict by if-verifiable: every instruction of `record` followed."""
+def scores(record: dict, response: str):
+    """if-verifiable's EvaluationScores of `response` against every instruction of `record` (binary_strict: all
+    followed as written; partial_strict: the share followed)."""
     from if_verifiable.common import evaluate_instructions
     ids = record["instruction_id_list"]
     unknown = [i for i in ids if i not in registry()[0]]
     if unknown:                                # the library would skip them: a verdict on the rest only
         raise DataError(f"record {record.get('id')!r}: instruction types if-verifiable does not have: {unknown}")
-    _, scores = evaluate_instructions(response, ids, record["kwargs"], record["prompt"], registry()[0])
-    return scores.binary_strict == 1.0
+    return evaluate_instructions(response, ids, record["kwargs"], record["prompt"], registry()[0])[1]
+
+
+def strict_ok(record: dict, response: str) -> bool:
+    """IFEval's strict prompt-level verdict by if-verifiable: every instruction of `record` followed."""
+    return scores(record, response).binary_strict == 1.0
 
 
 def accuracy(records: list[dict], responses: list[str]) -> tuple[float, float]:
