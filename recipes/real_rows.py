@@ -1,0 +1,155 @@
+"""The real demo's rows (recipes/real_demo.py): the verifiable sets, the measure, and each method from M0, every
+one judged by if-verifiable's checkers (recipes.verifiable). `cfg` is the demo's RealConfig, `run` its folder.
+"""
+
+import shutil
+from pathlib import Path
+
+from selfreward.recipes import verifiable
+from selfreward.recipes.judge import JudgeConfig
+from selfreward.recipes.loop_config import CandidatesConfig, LoopConfig
+from selfreward.recipes.pairs import distinct_candidates
+from selfreward.recipes.pipeline import folder, run_stage
+from selfreward.recipes.self_reward import RECIPE, write_manifest
+from selfreward.records import read_jsonl, write_jsonl
+
+
+def make_sets(cfg, run: Path, s) -> dict:
+    """recipes.verifiable's train / held-out records (RUN/sets/drawn), less the items whose chat prompt leaves no
+    room for --max-tokens within the context (--max-length, at most M0's), the first --n-prompts and --n-eval
+    -> RUN/sets/train.jsonl, heldout.jsonl."""
+    drawn = run / "sets" / "drawn"
+    verifiable.main(["--oasst", cfg.oasst, "--out", str(drawn), "--held-out", str(cfg.n_eval),
+                     "--eval-frac", str(cfg.eval_frac), "--seed", str(cfg.seed)])
+    engine, tok = s.get(cfg.model)
+    room = min(cfg.max_length, engine.max_len) - cfg.max_tokens - 1
+    counts = {}
+    for name, n in (("train", cfg.n_prompts), ("heldout", cfg.n_eval)):
+        recs = read_jsonl(drawn / f"{name}.jsonl")
+        fits = [r for r in recs if len(tok.user_ids(r["prompt"])) <= room]
+        write_jsonl(run / "sets" / f"{name}.jsonl", fits[:n or None])
+        counts |= {name: len(fits[:n or None]), f"{name}_too_long": len(recs) - len(fits)}
+    return counts
+
+
+def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> dict:
+    """Greedy replies of `model` to `records` (its chat template) -> RUN/replies/NAME.jsonl and the row: strict
+    prompt-level accuracy (the library's), its SE, n."""
+    from selfreward.infer.sequence import SamplingParams
+    engine, tok = s.get(model)
+    outs = engine.generate([tok.user_ids(r["prompt"]) for r in records],
+                           SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    texts = [o[0].text for o in outs]
+    write_jsonl(out, [{"id": r["id"], "response": x, "strict_ok": verifiable.strict_ok(r, x)}
+                      for r, x in zip(records, texts)])
+    acc, se = verifiable.accuracy(records, texts)
+    return {"accuracy": acc, "se": se, "n": len(records), "model_dir": model,
+            "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
+
+
+def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:
+    """train/rl.py from M0 (also the KL reference) on the training prompts, the checker as the reward (1 when
+    every instruction is followed); RLOO over --rl-num-samples (REINFORCE with a value baseline for 1)."""
+    from selfreward.train.rl import RLConfig, train
+    train_set, out = str(run / "sets" / "train.jsonl"), run / "rl"
+    last = {}
+    if not (out / "model" / "config.json").exists():
+        s.release()
+        last = train(RLConfig(
+            model=cfg.model, data=[train_set], output=str(out), reward="ifeval", reward_template=train_set,
+            max_steps=cfg.rl_steps, batch_size=cfg.rl_batch, num_samples=cfg.rl_num_samples,
+            estimator="rloo" if cfg.rl_num_samples > 1 else "reinforce", lr=cfg.rl_lr, final_lr=cfg.rl_lr / 10,
+            beta=cfg.rl_beta, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_tokens,
+            max_length=cfg.max_length, dropout=0.0, resume=True, seed=cfg.seed, threads=cfg.threads,
+            engine=cfg.engine))
+    return measure(s, str(out / "model"), heldout, cfg.max_tokens, run / "replies" / "rl.jsonl") | \
+        {"train_reward_last": last.get("reward_mean")}
+
+
+def loop_config(cfg, run_dir: Path) -> LoopConfig:
+    """One iteration of recipes.self_reward from M0 (no SFT) on the training prompts: N candidates each, M0 judges
+    K times under the paper's rubric (--judge-template), best-worst pairs, --dpo-steps of train/dpo.py."""
+    from selfreward.train.dpo import DPOConfig
+    return LoopConfig(
+        run_dir=str(run_dir), init_model=cfg.model, iterations=1, n_prompts=0,
+        prompt_source=str(Path(cfg.run_dir) / "sets" / "train.jsonl"), score_from=cfg.score_from, seed=cfg.seed, engine=cfg.engine,
+        candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_tokens),
+        judge=JudgeConfig(k=cfg.judge_k, max_tokens=cfg.judge_max_tokens, template=cfg.judge_template,
+                          expected=cfg.score_from == "expected", distinct=True),
+        dpo=DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, max_steps=cfg.dpo_steps,
+                      batch_size=cfg.dpo_batch, max_length=cfg.max_length, dropout=0.0, threads=cfg.threads))
+
+
+def checker_judgments(by_id: dict[str, dict], cands: list[dict]) -> list[dict]:
+    """One judgment per distinct candidate text (of prompts with two or more): score 5 x the share of its
+    instructions followed (if-verifiable's partial_strict). The ranking is (strict_ok, instructions followed):
+    5 is strict_ok, and a count followed breaks ties among the failures; equal shares tie (no pair)."""
+    out = []
+    for c in distinct_candidates(cands):
+        share = verifiable.scores(by_id[c["id"]], c["text"]).partial_strict
+        out.append({"id": c["id"], "sample": c["sample"], "k": 0, "score": 5.0 * share, "prompt_cut": False,
+                    "judgment": f"checker: {share:.3f} of the instructions followed"})
+    return out
+
+
+def iteration(lc: LoopConfig, s, judgments=None, copy_from: Path | None = None) -> dict:
+    """The loop's stages for iteration 1: prompts, candidates (copied from `copy_from`'s iteration 1 when it has
+    them: the same M0, settings and seeds sample the same texts), judgments (`judgments(prompts by id,
+    candidates)`, else the loop's judge stage: M0 judging), pairs, and DPO when there are pairs and --dpo-steps
+    -> the pairs stage's statistics (also in iter_1/manifest.json)."""
+    it = folder(lc, 1)
+    it.mkdir(parents=True, exist_ok=True)
+    for name in ("prompts.jsonl", "candidates.jsonl"):
+        if copy_from and (copy_from / "iter_1" / name).exists() and not (it / name).exists():
+            shutil.copy2(copy_from / "iter_1" / name, it / name)
+    run_stage(RECIPE, lc, "prompts", 1, s)
+    run_stage(RECIPE, lc, "candidates", 1, s)
+    if judgments is None:
+        run_stage(RECIPE, lc, "judge", 1, s)
+    elif not (it / "judgments.jsonl").exists():
+        write_jsonl(it / "judgments.jsonl", judgments(read_jsonl(it / "candidates.jsonl")))
+    stats = run_stage(RECIPE, lc, "pairs", 1, s)
+    if stats["counts"]["pairs"] and lc.dpo.max_steps:
+        run_stage(RECIPE, lc, "dpo", 1, s)
+    write_manifest(lc, 1, {}, stats)
+    return stats
+
+
+def trained_row(lc: LoopConfig, s, stats: dict, heldout: list[dict], max_tokens: int, out: Path) -> dict:
+    """The measure of iter_1/model, with the iteration's counts; no pairs (or no DPO steps): no model, no row."""
+    c = stats["counts"]
+    row = {k: c[k] for k in ("prompts", "candidates", "ties", "pairs")}
+    model = folder(lc, 1) / "model"
+    return row | (measure(s, str(model), heldout, max_tokens, out) if (model / "config.json").exists()
+                  else {"accuracy": None, "note": "no model: no pairs or --dpo-steps 0"})
+
+
+def judge_agreement(by_id: dict[str, dict], pairs: list[dict]) -> dict:
+    """The self-judge's pairs against the checker (if-verifiable's share of instructions followed): the share
+    whose chosen reply follows more of them (agree), fewer (disagree), as many (tie)."""
+    d = [verifiable.scores(by_id[p["id"]], p["chosen"]).partial_strict
+         - verifiable.scores(by_id[p["id"]], p["rejected"]).partial_strict for p in pairs]
+    n = len(d) or None
+    return {"judge_pairs": len(d), "judge_agree": n and sum(x > 0 for x in d) / n,
+            "judge_disagree": n and sum(x < 0 for x in d) / n, "judge_tie": n and sum(x == 0 for x in d) / n}
+
+
+def label_row(cfg, s, pairs: list[dict], out: Path) -> dict:
+    """RLAIF part 1: M0's soft labels (recipes.rlaif.soft_labels, both orders) on checker-known pairs (the
+    oracle's: its chosen follows more instructions), the better reply shown first in every other pair ->
+    agreement with the checker (ties count half) and position bias."""
+    from selfreward.recipes.rlaif import LabelConfig, position_bias, soft_labels
+    pairs = pairs[:cfg.label_limit or None]
+    if not pairs:
+        return {"pairs": 0}
+    items = [(p["prompt"], p["chosen"], p["rejected"]) if i % 2 == 0 else (p["prompt"], p["rejected"], p["chosen"])
+             for i, p in enumerate(pairs)]
+    recs = soft_labels(*s.get(cfg.model), items, LabelConfig(seed=cfg.seed))["records"]
+    write_jsonl(out, [{"id": p["id"], "better_first": i % 2 == 0, **r} for i, (p, r) in enumerate(zip(pairs, recs))])
+
+    def agree(probs: list[float]) -> float:
+        hits = [0.5 if abs(q - 0.5) < 1e-9 else float((q > 0.5) == (i % 2 == 0)) for i, q in enumerate(probs)]
+        return sum(hits) / len(hits)
+    return {"pairs": len(recs), "agreement_one_order": agree([r["p_first"] for r in recs]),
+            "agreement_both_orders": agree([r["label"][0] for r in recs]), "position_bias": position_bias(recs)}
