@@ -70,8 +70,8 @@ class RealConfig:
                 raise cli.ConfigError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: must be {want}")
 
 # every size small: a tiny model runs all the stages in seconds (tests/test_real_demo.py)
-SMOKE = dict(n_eval=6, n_prompts=6, max_tokens=12, rl_steps=2, rl_batch=2, rl_num_samples=2, rl_lr=1e-4,
-             n_candidates=3, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4)
+SMOKE = dict(n_eval=6, n_prompts=16, max_tokens=24, rl_steps=2, rl_batch=2, rl_num_samples=2, rl_lr=1e-4,
+             n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4)
 
 
 def once(key: str, what: str, fn):
@@ -98,7 +98,7 @@ def by_id(run: Path) -> dict[str, dict]:
 
 
 def oracle(cfg, s, run: Path) -> dict:
-    lc = real_rows.loop_config(cfg, run / "oracle")
+    lc = real_rows.loop_config(cfg, run / "oracle", score_from="sampled")
     recs = by_id(run)
     stats = real_rows.iteration(lc, s, lambda cands: real_rows.checker_judgments(recs, cands))
     return real_rows.trained_row(lc, s, stats, heldout(run), cfg.max_tokens, run / "replies" / "oracle.jsonl")

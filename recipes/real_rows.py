@@ -66,13 +66,14 @@ def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:
         {"train_reward_last": last.get("reward_mean")}
 
 
-def loop_config(cfg, run_dir: Path) -> LoopConfig:
+def loop_config(cfg, run_dir: Path, score_from: str | None = None) -> LoopConfig:
     """One iteration of recipes.self_reward from M0 (no SFT) on the training prompts: N candidates each, M0 judges
-    K times under the paper's rubric (--judge-template), best-worst pairs, --dpo-steps of train/dpo.py."""
+    K times under the paper's rubric (--judge-template), best-worst pairs, --dpo-steps of train/dpo.py.
+    `score_from`: what pairs rank by (default --score-from; the checker's judgments are "sampled" scores)."""
     from selfreward.train.dpo import DPOConfig
     return LoopConfig(
-        run_dir=str(run_dir), init_model=cfg.model, iterations=1, n_prompts=0,
-        prompt_source=str(Path(cfg.run_dir) / "sets" / "train.jsonl"), score_from=cfg.score_from, seed=cfg.seed, engine=cfg.engine,
+        run_dir=str(run_dir), init_model=cfg.model, iterations=1, n_prompts=0, seed=cfg.seed, engine=cfg.engine,
+        prompt_source=str(Path(cfg.run_dir) / "sets" / "train.jsonl"), score_from=score_from or cfg.score_from,
         candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_tokens=cfg.max_tokens),
         judge=JudgeConfig(k=cfg.judge_k, max_tokens=cfg.judge_max_tokens, template=cfg.judge_template,
@@ -122,7 +123,7 @@ def trained_row(lc: LoopConfig, s, stats: dict, heldout: list[dict], max_tokens:
     row = {k: c[k] for k in ("prompts", "candidates", "ties", "pairs")}
     model = folder(lc, 1) / "model"
     return row | (measure(s, str(model), heldout, max_tokens, out) if (model / "config.json").exists()
-                  else {"accuracy": None, "note": "no model: no pairs or --dpo-steps 0"})
+                  else {"accuracy": None, "se": None, "n": None, "note": "no model: no pairs or --dpo-steps 0"})
 
 
 def judge_agreement(by_id: dict[str, dict], pairs: list[dict]) -> dict:

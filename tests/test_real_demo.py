@@ -1,0 +1,97 @@
+"""recipes/real_demo.py (issue 29): `--smoke` end to end on a tiny random model with SmolLM2-135M-Instruct's shape
+(GQA 9 / 3 heads, tied embeddings, ChatML with a default system turn, a tokenizer.json), the OASST fixture of every
+clone; the summary's rows and figures exist and lie in range; a rerun skips every finished stage."""
+
+import json
+
+import pytest
+
+pytest.importorskip("if_verifiable")
+
+from conftest import OASST_20   # noqa: E402
+from safetensors.torch import load_file, save_file   # noqa: E402
+from hf_tiny import make_hf_checkpoint   # noqa: E402
+
+# SmolLM2-Instruct's chat template: a default system turn when the chat has none
+SMOL_CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+COMMA = 8.0
+
+
+def smol_like(out):
+    """A byte-level BPE tokenizer.json (SmolLM2's specials: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2) and a
+    random tied llama with 9 query / 3 KV heads of width 8."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [json.loads(line)["prompt"]["text"] for line in OASST_20.read_text().splitlines()]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = SMOL_CHATML
+    fast.save_pretrained(out)
+    make_hf_checkpoint(out, "llama_tied", vocab=tok.get_vocab_size(), hidden=72, heads=9, kv_heads=3,
+                       intermediate=96, layers=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    # the comma's row x COMMA: a comma in some replies and none in others, so the checker (punctuation:no_comma)
+    # tells some candidates apart and the oracle has pairs
+    weights = load_file(out / "model.safetensors")
+    weights["model.embed_tokens.weight"][tok.token_to_id(",")] *= COMMA
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
+    from selfreward.recipes import real_demo
+    m0 = smol_like(tmp_path / "m0")
+    argv = ["--model", str(m0), "--oasst", str(OASST_20), "--run-dir", str(tmp_path / "run"), "--smoke",
+            "--max-length", "4096", "--temperature", "1.0"]
+    s = real_demo.main(argv)
+    rows = {r["model"]: r for r in s["rows"]}
+    assert list(rows) == ["M0", "RL-checker", "DPO-oracle", "self-rewarding"]
+    for r in rows.values():
+        assert {"accuracy", "se", "n"} <= set(r)
+        if r["model"] != "self-rewarding" or r["accuracy"] is not None:   # the loop's row needs pairs
+            assert 0 <= r["accuracy"] <= 1 and 0 <= r["se"] <= 0.5 and r["n"] == 6
+    assert rows["DPO-oracle"]["pairs"] >= 1
+    loop = rows["self-rewarding"]
+    assert loop["judgments"] >= 1 and 0 <= loop["judge_parse_rate"] <= 1
+    assert loop["judge_pairs"] == loop["pairs"]
+    if loop["judge_pairs"]:
+        assert loop["judge_agree"] + loop["judge_disagree"] + loop["judge_tie"] == pytest.approx(1)
+    lab = s["rlaif_labels"]
+    assert 1 <= lab["pairs"] <= 4
+    for k in ("agreement_one_order", "agreement_both_orders"):
+        assert 0 <= lab[k] <= 1
+    assert 0 <= lab["position_bias"]["one_order"] <= 1
+    assert s["sets"]["heldout"] == 6 and 1 <= s["sets"]["train"] <= 16
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["rows"] == s["rows"]
+    assert len((run / "replies" / "m0.jsonl").read_text().splitlines()) == 6
+
+    capsys.readouterr()
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")}
+    again = real_demo.main(argv)
+    out = capsys.readouterr().out
+    for key in ("sets", "M0", "RL-checker", "DPO-oracle", "self-rewarding", "rlaif_labels"):
+        assert f"[real] {key}: done earlier, skipped" in out
+    assert again["rows"] == s["rows"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # nothing rewritten
+
+
+def test_door(tmp_path):
+    from selfreward import cli
+    from selfreward.recipes import real_demo
+    from selfreward.records import DataError
+    with pytest.raises(cli.ConfigError, match="--n-candidates 1"):
+        real_demo.main(["--model", str(tmp_path), "--n-candidates", "1"])
+    with pytest.raises(DataError, match="not a checkpoint folder"):
+        real_demo.main(["--model", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
