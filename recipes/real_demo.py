@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items() if k not in given})
     cfg.check()
     if not (Path(cfg.model) / "config.json").is_file():
-        raise DataError(f"--model {cfg.model or '(not given)'}: not a checkpoint folder (no config.json)")
+        raise DataError(f"{cfg.model or '(no --model)'}: not a checkpoint folder (--model: one with config.json)")
     if not cfg.oasst:
         if not SHARED_OASST.is_file():
             raise cli.ConfigError(f"--oasst is required ({SHARED_OASST} is absent)")

@@ -67,6 +67,7 @@ ENTRIES = [
     Entry("recipes.verifiable", "selfreward.recipes.verifiable", ["--oasst", M, "--out", O]),
     Entry("recipes.rlaif_run", "selfreward.recipes.rlaif_run",
           ["--policy", M, "--pairs", M, "--prompts", M, "--run-dir", O]),
+    Entry("recipes.real_demo", "selfreward.recipes.real_demo", ["--model", M, "--run-dir", O]),
     Entry("recipes.world.demo", "selfreward.recipes.world.demo", ["--run-dir", O, "--cache-dir", O]),
     Entry("recipes.world.demo --method rlaif", "selfreward.recipes.world.demo",
           ["--method", "rlaif", "--run-dir", O, "--cache-dir", O], [(["--method", "rlaif", "--help"], "")]),
