@@ -24,7 +24,8 @@ if [ "${1-}" = "--real" ]; then
     m0=${SRLM_CACHE:-$HOME/.cache/selfreward}/smollm2-135m-instruct     # converted once
     if [ ! -f "$m0/config.json" ]; then
         gguf=$(python -c "$find; print(pathlib.Path(s.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
-        mkdir -p "$(dirname "$m0")" && rm -rf "$m0.tmp" && python -m selfreward.model.gguf "$gguf" "$m0.tmp" && mv "$m0.tmp" "$m0"
+        mkdir -p "$(dirname "$m0")" && rm -rf "$m0.tmp"
+        python -m selfreward.model.gguf "$gguf" "$m0.tmp" && mv "$m0.tmp" "$m0"
     fi
     exec python -u -m selfreward.recipes.real_demo --model "$m0" "$@"
 fi
