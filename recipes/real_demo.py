@@ -20,7 +20,7 @@ from pathlib import Path
 
 from selfreward import cli, progress
 from selfreward.infer.config import EngineConfig
-from selfreward.recipes import pipeline, real_rows
+from selfreward.recipes import pipeline, real_rows, verifiable
 from selfreward.records import DataError, read_json, read_jsonl, write_json
 
 SHARED_OASST = Path(__file__).resolve().parents[2] / "shared" / "data" / "oasst_en_100_trees.jsonl"
@@ -155,6 +155,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         print("[real] matplotlib is not installed: no plot (summary.json holds the figures)", flush=True)
         return None
     rows = [r for r in rows if r.get("accuracy") is not None]
+    if not rows:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(range(len(rows)), [r["accuracy"] for r in rows], yerr=[r["se"] for r in rows], capsize=4)
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(cfg, oasst=str(SHARED_OASST))
     if not Path(cfg.oasst).is_file():
         raise DataError(f"--oasst {cfg.oasst}: no such file")
-    real_rows.verifiable.registry()             # if-verifiable installed, before any work
+    verifiable.registry()                       # if-verifiable installed, before any work
     real_rows.loop_config(cfg, Path(cfg.run_dir) / "loop")   # the loop's own checks, the rubric loaded
     if cfg.threads:
         import torch
