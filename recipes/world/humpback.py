@@ -59,9 +59,9 @@ class WorldHumpbackConfig:
     # pool and evaluation ("" = M0's, --m0-kinds; M0 stays the one the --m0- flags name: the shipped M0 read
     # reverse in its first pretraining phase only, and answers it 0.0 of the time)
     kinds: str = ""
-    thin: str = ""                    # kinds the seed is thin on: `thin_ift` / `thin_eft` examples each
-    thin_ift: int = 0                 # (the rest of n_ift / n_eft spread over the other kinds)
-    thin_eft: int = 0
+    thin_kinds: str = ""              # kinds the seed is thin on: `thin_n_ift` / `thin_n_eft` examples each
+    thin_n_ift: int = 0               # (the rest of n_ift / n_eft spread over the other kinds)
+    thin_n_eft: int = 0
     pool_kinds: str = ""              # the unlabelled pool's kinds, a repeat weights one ("" = kinds)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -81,20 +81,22 @@ def world_kinds(cfg: WorldHumpbackConfig) -> tuple[tuple[str, ...], tuple[str, .
     from selfreward.recipes.world.tasks import parse_kinds
     try:
         kinds = tuple(dict.fromkeys(parse_kinds(cfg.kinds or cfg.m0.kinds)))
-        thin = parse_kinds(cfg.thin) if cfg.thin else ()
+        thin = parse_kinds(cfg.thin_kinds) if cfg.thin_kinds else ()
         pool = parse_kinds(cfg.pool_kinds) if cfg.pool_kinds else kinds
     except ValueError as e:
-        raise cli.ConfigError(f"--kinds / --thin / --pool-kinds: {e}") from None
+        raise cli.ConfigError(f"--kinds / --thin-kinds / --pool-kinds: {e}") from None
     bad = [k for k in (*thin, *pool) if k not in kinds]
     if bad:
-        raise cli.ConfigError(f"--thin / --pool-kinds: {bad[0]} is not one of the run's kinds ({','.join(kinds)})")
-    if len(thin) >= len(kinds) or cfg.thin_ift * len(thin) > cfg.n_ift or cfg.thin_eft * len(thin) > cfg.n_eft:
-        raise cli.ConfigError(f"--thin {cfg.thin}: leaves no other kind, or more thin examples than --n-ift / --n-eft")
+        raise cli.ConfigError(f"--thin-kinds / --pool-kinds: {bad[0]} is not one of the run's kinds "
+                              f"({','.join(kinds)})")
+    if len(thin) >= len(kinds) or cfg.thin_n_ift * len(thin) > cfg.n_ift or cfg.thin_n_eft * len(thin) > cfg.n_eft:
+        raise cli.ConfigError(f"--thin-kinds {cfg.thin_kinds}: leaves no other kind, or more thin examples than "
+                              "--n-ift / --n-eft")
     return kinds, thin, pool
 
 
 def write_thin_seeds(run_dir: Path, cfg: WorldHumpbackConfig, kinds, thin) -> None:
-    """The IFT and EFT seeds with `thin_ift` / `thin_eft` examples of each thin kind, the rest of the other kinds;
+    """The IFT and EFT seeds with `thin_n_ift` / `thin_n_eft` examples of each thin kind, the rest of the other kinds;
     without thin kinds, build.write_seeds' seeds of `kinds` (the very files of before)."""
     from selfreward.recipes.world.build import seed_paths, write_seeds
     from selfreward.recipes.world.data import eft_seed, ift_seed
@@ -103,11 +105,11 @@ def write_thin_seeds(run_dir: Path, cfg: WorldHumpbackConfig, kinds, thin) -> No
         write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds)
         return
     rich, fmt = tuple(k for k in kinds if k not in thin), cfg.m0.judge_format
-    ift = ift_seed(cfg.n_ift - cfg.thin_ift * len(thin), cfg.seed, rich)
-    eft = eft_seed(cfg.n_eft - cfg.thin_eft * len(thin), cfg.seed, rich, fmt)
+    ift = ift_seed(cfg.n_ift - cfg.thin_n_ift * len(thin), cfg.seed, rich)
+    eft = eft_seed(cfg.n_eft - cfg.thin_n_eft * len(thin), cfg.seed, rich, fmt)
     for k in thin:
-        ift += ift_seed(cfg.thin_ift, cfg.seed, (k,))
-        eft += eft_seed(cfg.thin_eft, cfg.seed, (k,), fmt)
+        ift += ift_seed(cfg.thin_n_ift, cfg.seed, (k,))
+        eft += eft_seed(cfg.thin_n_eft, cfg.seed, (k,), fmt)
     rng = random.Random(f"thin:{cfg.seed}")
     rng.shuffle(ift)
     rng.shuffle(eft)
@@ -257,7 +259,8 @@ def paired_se(a: str, b: str) -> float:
 
 def table(rows: list[dict], prec: dict) -> str:
     kinds = sorted(rows[0]["acc_by_kind"])
-    lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'SE':>5}  {'acc T':>6}  " + "  ".join(f"{k:>7}" for k in kinds),
+    lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'SE':>5}  {'acc T':>6}  "
+             + "  ".join(f"{k:>7}" for k in kinds),
              f"{'-' * 16}  {'-' * 4}  {'-' * 10}  {'-' * 5}  {'-' * 6}  " + "  ".join("-" * 7 for _ in kinds)]
     lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['greedy_acc_se']:>5.3f}  "
               f"{r['sampled_acc']:>6.3f}  " + "  ".join(f"{r['acc_by_kind'][k]:>7.3f}" for k in kinds) for r in rows]
