@@ -16,7 +16,9 @@ Settings: ours are the defaults a user gets (`python train/sft.py --model M --da
 --batch-size 4 --max-length 512 --no-shuffle`; dpo.py the same); TRL's are SFTConfig's / DPOConfig's defaults
 (gradient checkpointing on, TRL's chunked LM head, DPO's reference model in the step, dropout off) except
 fp32 (bf16=False, as ours; --trl-bf16 keeps TRL's bf16 default, autocast on the CPU) and the sequential order.
-Threads: OMP_NUM_THREADS=--threads in every process.
+Threads: OMP_NUM_THREADS=--threads in every process. On a shared 2-core machine, --threads 1 gives figures
+that other jobs do not distort (CPU s per step, from wait4, is then the work itself); at 2 threads a busy core
+makes every small op's OpenMP barrier wait (benchmarks/README.md, "SmolLM2 shape (issue 30)").
 
     python benchmarks/bench_real.py --model /tmp/smollm2-hf                  # SFT and DPO, ours and TRL
     python benchmarks/bench_real.py --model /tmp/smollm2-hf --trainers dpo --runs 3 --steps 2 6
@@ -160,8 +162,11 @@ def main() -> None:
     for trainer in a.trainers:
         o, t = med.get(f"{trainer}/ours"), med.get(f"{trainer}/trl")
         cell = lambda x, k: "-" if x is None else f"{x[k]:.2f} s, {x['peak_gb']:.2f} GB peak"  # noqa: E731
-        ratio = f"{t['step_s'] / o['step_s']:.2f}x speed, {o['peak_gb'] / t['peak_gb']:.2f}x memory" if o and t else "-"
-        print(f"| {trainer.upper()} per step | {cell(o, 'step_s')} | {cell(t, 'step_s')} | {ratio} |")
+        step = lambda x: "-" if x is None else \
+            f"{x['step_s']:.2f} s ({x['step_cpu_s']:.2f} s CPU), {x['peak_gb']:.2f} GB peak"  # noqa: E731
+        ratio = f"{t['step_s'] / o['step_s']:.2f}x speed ({t['step_cpu_s'] / o['step_cpu_s']:.2f}x CPU), " \
+            f"{o['peak_gb'] / t['peak_gb']:.2f}x memory" if o and t else "-"
+        print(f"| {trainer.upper()} per step | {step(o)} | {step(t)} | {ratio} |")
         ratio = f"{t['whole_s'] / o['whole_s']:.2f}x" if o and t else "-"
         print(f"| {trainer.upper()} whole process, {m} steps | {cell(o, 'whole_s')} | {cell(t, 'whole_s')} | {ratio} |")
 
