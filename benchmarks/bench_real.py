@@ -29,6 +29,7 @@ torch and transformers). The table goes to stdout, the JSON to .cache/bench_real
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def main() -> None:
                          str(a.max_length), "--trl-child", trainer, str(data[trainer]), str(steps)] + \
                         (["--trl-bf16"] if a.trl_bf16 else [])
                     runs[steps] = run(cmd, env)
+                    shutil.rmtree(CACHE / f"{who}_{trainer}_{steps}", ignore_errors=True)   # GBs of checkpoints
                 per = lambda k: (runs[m][k] - runs[n][k]) / (m - n)           # noqa: E731
                 rec = {"step_s": per("wall_s"), "step_cpu_s": per("cpu_s"), "peak_gb": runs[m]["peak_gb"],
                        "whole_s": runs[m]["wall_s"], "runs": runs}
