@@ -15,19 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_index(cu_seqlens: torch.Tensor):
-    """Per-token (sequence, offset) and the longest length: `to_padded` scatters a flat [N, h, D] into a
-    padded [S, h, L, D]; o.transpose(1, 2)[seq, off] takes it back."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
-    off = torch.arange(int(cu_seqlens[-1]), device=lens.device) - cu_seqlens[:-1].long()[seq]
-    return seq, off, int(lens.max()) if len(lens) else 0
-
-
-def to_padded(x: torch.Tensor, seq: torch.Tensor, off: torch.Tensor, S: int, L: int) -> torch.Tensor:
-    return x.new_zeros(S, L, *x.shape[1:]).index_put((seq, off), x).transpose(1, 2)
-
-
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_seqlen: int | None = None, scale: float | None = None,
                   prefix: torch.Tensor | None = None) -> torch.Tensor:
