@@ -8,7 +8,18 @@ lists its block ids in order; entries past its length are ignored (fill with 0 o
 import torch
 import torch.nn.functional as F
 
-from selfreward.kernels.attention import pad_index, to_padded
+
+def pad_index(cu_seqlens: torch.Tensor):
+    """Per-token (sequence, offset) and the longest length: `to_padded` scatters a flat [N, h, D] into a
+    padded [S, h, L, D]; o.transpose(1, 2)[seq, off] takes it back."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+    off = torch.arange(int(cu_seqlens[-1]), device=lens.device) - cu_seqlens[:-1].long()[seq]
+    return seq, off, int(lens.max()) if len(lens) else 0
+
+
+def to_padded(x: torch.Tensor, seq: torch.Tensor, off: torch.Tensor, S: int, L: int) -> torch.Tensor:
+    return x.new_zeros(S, L, *x.shape[1:]).index_put((seq, off), x).transpose(1, 2)
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

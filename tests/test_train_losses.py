@@ -192,8 +192,9 @@ def test_sft_loss_equals_cross_entropy_on_full_logits():
         ids = torch.randint(3, V, (n,), generator=g).tolist()
         mask = [False] * 3 + [True] * (n - 3)
         exs.append(Example(ids, mask))
-    for packing in (True, False):
-        rows = pack_rows(exs, 20, pad_id=0, packing=packing)
+    # rows of 20 (padding tails), end to end in one row (train/sft.py's layout: no padding), one per row
+    for row_len, packing in ((20, True), (sum(len(e.ids) - 1 for e in exs), True), (20, False)):
+        rows = pack_rows(exs, row_len, pad_id=0, packing=packing)
         lp, ntgt = sft_logp_sum(model, rows)
         assert ntgt == sum(n - 3 for n in (7, 12, 5, 9))
         # the twin: each example alone, full logits, torch's cross-entropy

@@ -22,7 +22,7 @@ from selfreward.train.losses import sft_logp_sum
 class SFTConfig(TrainConfig):
     lr: float = 5.5e-6                # paper: 5.5e-6 -> 1.1e-6, global batch 16, dropout 0.1
     final_lr: float = 1.1e-6
-    packing: bool = True              # several examples per row of max_length (False: one per row, padded)
+    packing: bool = True              # the examples end to end, no padding (False: one per row, padded)
     eval_data: list[str] = input_file([])  # held-out JSONL; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
     eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
@@ -53,8 +53,10 @@ class SFTTask(loop.Task):
         return float(max(1, sum(sum(self.train[i].mask[1:]) for i in batch)))
 
     def sums(self, model, exs: list[Example]) -> dict:
-        lp, n = sft_logp_sum(model, pack_rows(exs, self.cfg.max_length, self.pad_id, self.cfg.packing))
+        # packing: the examples end to end in one row, no padding (the model's axis is flat: rows of
+        # --max-length would add padding tails computed as sequences of their own; benchmarks/README.md, issue 30)
         toks = sum(len(e.ids) - 1 for e in exs)
+        lp, n = sft_logp_sum(model, pack_rows(exs, toks, self.pad_id, self.cfg.packing))
         return {"loss_sum": -lp, "targets": torch.tensor(n), "tokens": torch.tensor(toks)}
 
     def summarize(self, s: dict, norm: float) -> dict:

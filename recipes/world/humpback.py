@@ -55,23 +55,73 @@ class WorldHumpbackConfig:
     curate_temperature: float = 0.7
     n_eval: int = 200
     n_judge: int = 20                 # measure.py's judge groups (the judge is not what this mode studies)
+    # room for backtranslation (recipes/world/README.md, issue 36): the kinds of this run's seeds, unlabelled
+    # pool and evaluation ("" = M0's, --m0-kinds; M0 stays the one the --m0- flags name: the shipped M0 read
+    # reverse in its first pretraining phase only, and answers it 0.0 of the time)
+    kinds: str = ""
+    thin_kinds: str = ""              # kinds the seed is thin on: `thin_n_ift` / `thin_n_eft` examples each
+    thin_n_ift: int = 0               # (the rest of n_ift / n_eft spread over the other kinds)
+    thin_n_eft: int = 0
+    pool_kinds: str = ""              # the unlabelled pool's kinds, a repeat weights one ("" = kinds)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def unlabelled_answers(n: int, seed: int, kinds) -> list[dict]:
-    """{"text": answer} of n train-split tasks (their instructions are not written)."""
+    """{"text": answer, "kind"} of n train-split tasks (their instructions are not written; segment.py reads
+    only the text)."""
     from selfreward.recipes.world.tasks import sample_tasks
     tasks = sample_tasks(n, seed=50_000 + seed, unique=False, kinds=kinds)
     random.Random(f"unlabelled:{seed}").shuffle(tasks)
-    return [{"text": t.answer} for t in tasks]
+    return [{"text": t.answer, "kind": t.kind} for t in tasks]
+
+
+def world_kinds(cfg: WorldHumpbackConfig) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(the run's kinds, the thin ones, the pool's kinds with repeats), checked."""
+    from selfreward.recipes.world.tasks import parse_kinds
+    try:
+        kinds = tuple(dict.fromkeys(parse_kinds(cfg.kinds or cfg.m0.kinds)))
+        thin = parse_kinds(cfg.thin_kinds) if cfg.thin_kinds else ()
+        pool = parse_kinds(cfg.pool_kinds) if cfg.pool_kinds else kinds
+    except ValueError as e:
+        raise cli.ConfigError(f"--kinds / --thin-kinds / --pool-kinds: {e}") from None
+    bad = [k for k in (*thin, *pool) if k not in kinds]
+    if bad:
+        raise cli.ConfigError(f"--thin-kinds / --pool-kinds: {bad[0]} is not one of the run's kinds "
+                              f"({','.join(kinds)})")
+    if len(thin) >= len(kinds) or cfg.thin_n_ift * len(thin) > cfg.n_ift or cfg.thin_n_eft * len(thin) > cfg.n_eft:
+        raise cli.ConfigError(f"--thin-kinds {cfg.thin_kinds}: leaves no other kind, or more thin examples than "
+                              "--n-ift / --n-eft")
+    return kinds, thin, pool
+
+
+def write_thin_seeds(run_dir: Path, cfg: WorldHumpbackConfig, kinds, thin) -> None:
+    """The IFT and EFT seeds with `thin_n_ift` / `thin_n_eft` examples of each thin kind, the rest of the other kinds;
+    without thin kinds, build.write_seeds' seeds of `kinds` (the very files of before)."""
+    from selfreward.recipes.world.build import seed_paths, write_seeds
+    from selfreward.recipes.world.data import eft_seed, ift_seed
+    from selfreward.records import write_jsonl
+    if not thin:
+        write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds)
+        return
+    rich, fmt = tuple(k for k in kinds if k not in thin), cfg.m0.judge_format
+    ift = ift_seed(cfg.n_ift - cfg.thin_n_ift * len(thin), cfg.seed, rich)
+    eft = eft_seed(cfg.n_eft - cfg.thin_n_eft * len(thin), cfg.seed, rich, fmt)
+    for k in thin:
+        ift += ift_seed(cfg.thin_n_ift, cfg.seed, (k,))
+        eft += eft_seed(cfg.thin_n_eft, cfg.seed, (k,), fmt)
+    rng = random.Random(f"thin:{cfg.seed}")
+    rng.shuffle(ift)
+    rng.shuffle(eft)
+    for path, rows in zip(seed_paths(run_dir), (ift, eft)):
+        write_jsonl(path, rows)
 
 
 def precision(cands: list[dict], kept_ids: set[str] | None = None) -> tuple[float | None, float | None]:
     """(share of the kept pairs that are right, share of the right pairs that are kept); all when None."""
     from selfreward.recipes.world.checker import check
     right = {c["id"] for c in cands if check(c["instruction"], c["output"]) == 1.0}
-    kept = {c["id"] for c in cands} if kept_ids is None else kept_ids
+    kept = {c["id"] for c in cands} if kept_ids is None else kept_ids & {c["id"] for c in cands}
     prec = len(kept & right) / len(kept) if kept else None
     return prec, (len(kept & right) / len(right) if right else None)
 
@@ -100,13 +150,13 @@ def humpback_config(cfg: WorldHumpbackConfig, m0: Path, seed_dir: Path, thr: int
 def run(cfg: WorldHumpbackConfig) -> dict:
     from selfreward.recipes.pipeline import seed as stage_seed
     from selfreward.recipes.humpback import model_at, run_humpback, run_path, sft_model
-    from selfreward.recipes.world.build import m0_folder, write_seeds
+    from selfreward.recipes.world.build import m0_folder
     from selfreward.recipes.world.demo import Clock
     from selfreward.recipes.world.measure import MeasureConfig, measure
     from selfreward.recipes.world.report import plot_humpback
     from selfreward.records import read_jsonl, write_json, write_jsonl
 
-    kinds = cfg.m0.kind_tuple()
+    kinds, thin, pool = world_kinds(cfg)
     run_dir = Path(cfg.run_dir)
     clock = Clock()
     thr = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
@@ -120,8 +170,9 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     m0 = m0_folder(cfg.m0, Path(cfg.cache_dir or Path.home() / ".cache" / "selfreward" / "world"), False,
                    cfg.nproc, thr)
     seed_dir = run_dir / "seed"
-    write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0)
-    write_jsonl(seed_dir / "unlabelled.jsonl", unlabelled_answers(cfg.n_unlabelled, cfg.seed, kinds))
+    write_thin_seeds(run_dir, cfg, kinds, thin)
+    unlabelled = unlabelled_answers(cfg.n_unlabelled, cfg.seed, pool)
+    write_jsonl(seed_dir / "unlabelled.jsonl", unlabelled)
     hc = humpback_config(cfg, m0, seed_dir, thr)
     clock.banner(f"humpback: backward model, seed model, {cfg.n_unlabelled} unlabelled answers, "
                  f"{cfg.iterations} iterations of curation (K={cfg.curate_k}) and SFT")
@@ -151,6 +202,7 @@ def run(cfg: WorldHumpbackConfig) -> dict:
                 hc, hb / "controls" / f"iter_{it}_A{k}", [hc.seed_data, *hc.extra_seed], [str(a)],
                 stage_seed(hc, it, 10 + k))
             models.append((f"seed+A{k}", it, path))
+    prec["by_kind"] = by_kind(cands, unlabelled, hc, cfg.iterations)
     clock.stage("control_sft", time.perf_counter() - t)
     mcfg = MeasureConfig(n_eval=cfg.n_eval, n_judge=cfg.n_judge, kinds=kinds, seed=cfg.seed)
     rows = []
@@ -171,17 +223,64 @@ def run(cfg: WorldHumpbackConfig) -> dict:
     return summary
 
 
+def by_kind(cands: list[dict], unlabelled: list[dict], hc, iterations: int) -> dict:
+    """The precision figures per kind of the output's hidden task ("max/min" for an answer both made):
+    candidates, right, precision and, per iteration, |A_k|, precision and recall."""
+    from selfreward.recipes.humpback import run_path
+    from selfreward.records import read_jsonl
+    made = {}
+    for u in unlabelled:
+        made.setdefault(u["text"], set()).add(u["kind"])
+    groups = {}
+    for c in cands:
+        groups.setdefault("/".join(sorted(made.get(c["output"], {"?"}))), []).append(c)
+    out = {}
+    for name, cs in sorted(groups.items()):
+        p, _ = precision(cs)
+        d = out[name] = {"candidates": len(cs), "right": round(p * len(cs)), "precision_all": p}
+        for k in hc.curate.keep:
+            d[f"size_a{k}"], d[f"precision_a{k}"], d[f"recall_a{k}"] = [], [], []
+            for it in range(1, iterations + 1):
+                kept = {x["id"] for x in read_jsonl(run_path(hc, f"iter_{it}", f"A{k}.jsonl"))}
+                pk, rk = precision(cs, kept)
+                d[f"size_a{k}"].append(len(kept & {c["id"] for c in cs}))
+                d[f"precision_a{k}"].append(pk)
+                d[f"recall_a{k}"].append(rk)
+    return out
+
+
+def paired_se(a: str, b: str) -> float:
+    """The standard error of the mean paired difference of two models' per-prompt results (measure.py's
+    "greedy_correct" strings on the same prompts)."""
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
 def table(rows: list[dict], prec: dict) -> str:
-    lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'acc T':>6}",
-             f"{'-' * 16}  {'-' * 4}  {'-' * 10}  {'-' * 6}"]
-    lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['sampled_acc']:>6.3f}"
-              for r in rows]
+    kinds = sorted(rows[0]["acc_by_kind"])
+    lines = [f"{'model':>16}  {'iter':>4}  {'acc greedy':>10}  {'SE':>5}  {'acc T':>6}  "
+             + "  ".join(f"{k:>7}" for k in kinds),
+             f"{'-' * 16}  {'-' * 4}  {'-' * 10}  {'-' * 5}  {'-' * 6}  " + "  ".join("-" * 7 for _ in kinds)]
+    lines += [f"{r['model']:>16}  {r['iteration']:>4}  {r['greedy_acc']:>10.3f}  {r['greedy_acc_se']:>5.3f}  "
+              f"{r['sampled_acc']:>6.3f}  " + "  ".join(f"{r['acc_by_kind'][k]:>7.3f}" for k in kinds) for r in rows]
+    base = {r["model"]: r for r in rows if r["iteration"] == 0}
+    for r in rows:
+        if r["model"] == "seed+A5":
+            lines.append(f"seed+A5 iteration {r['iteration']} minus " + "; ".join(
+                f"{b}: {r['greedy_acc'] - base[b]['greedy_acc']:+.3f} (paired SE "
+                f"{paired_se(r['greedy_correct'], base[b]['greedy_correct']):.3f})" for b in base))
     f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     lines.append(f"\ncandidate pairs {prec['candidates']}: precision {f(prec['precision_all'])}")
     for i in range(len(prec.get("precision_a4", []))):
         lines.append(f"iteration {i + 1}: " + "; ".join(
             f"A{k} {prec[f'size_a{k}'][i]} pairs, precision {f(prec[f'precision_a{k}'][i])}, "
             f"recall {f(prec[f'recall_a{k}'][i])}" for k in (4, 5)))
+    for name, d in prec.get("by_kind", {}).items():
+        lines.append(f"  {name}: {d['right']} of {d['candidates']} right ({f(d['precision_all'])}); " + "; ".join(
+            f"iteration {i + 1} " + ", ".join(f"A{k} {d[f'size_a{k}'][i]} precision {f(d[f'precision_a{k}'][i])} "
+                                              f"recall {f(d[f'recall_a{k}'][i])}" for k in (4, 5))
+            for i in range(len(d["size_a4"]))))
     return "\n".join(lines)
 
 
