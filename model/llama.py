@@ -69,8 +69,8 @@ class Attention(nn.Module):
             if rows is None:
                 q = K.rope(self.wq(x).view(N, self.nh, self.hd), cos, sin)    # [N, nh, hd]
             else:
-                q = x.new_zeros(N, self.nh, self.hd).index_put(
-                    (rows,), K.rope(self.wq(x[rows]).view(-1, self.nh, self.hd), cos[rows], sin[rows]))
+                qr = K.rope(self.wq(x[rows]).view(-1, self.nh, self.hd), cos[rows], sin[rows])
+                q = qr.new_zeros(N, self.nh, self.hd).index_put((rows,), qr)   # qr's dtype (bf16 under autocast)
             k = K.rope(self.wk(x).view(N, self.nkv, self.hd), cos, sin)   # [N, nkv, hd]
             v = self.wv(x).view(N, self.nkv, self.hd)
         if ctx.kv_caches is None:

@@ -36,6 +36,7 @@ class RealConfig:
     eval_frac: float = 0.25           # share of the OASST trees held out (recipes.verifiable)
     n_eval: int = 300                 # held-out items measured (>= 1)
     n_prompts: int = 0                # training items (0 = all)
+    train_draws: int = 1              # instruction draws per training prompt (recipes.verifiable --train-draws)
     max_tokens: int = 256             # tokens per reply: the measure, the candidates, the RL samples
     max_length: int = 2048            # tokens per training example; prompts that leave no room for a reply are left out
     temperature: float = 0.7          # the candidates' and the RL samples' (> 0)
@@ -58,6 +59,7 @@ class RealConfig:
     score_from: str = cli.choice("expected", "sampled")
     label_limit: int = 100            # checker-known pairs M0 labels (RLAIF part 1); 0 = all the oracle's pairs
     threads: int = cli.passive(0)     # torch threads (0 = leave as is)
+    cpu_bf16: bool = False            # the trainers' forward in bf16 on the CPU (train --cpu-bf16; AMX CPUs)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def check(self) -> None:

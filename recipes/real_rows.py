@@ -20,7 +20,7 @@ def make_sets(cfg, run: Path, s) -> dict:
     -> RUN/sets/train.jsonl, heldout.jsonl."""
     drawn = run / "sets" / "drawn"
     verifiable.main(["--oasst", cfg.oasst, "--out", str(drawn), "--held-out", str(cfg.n_eval),
-                     "--eval-frac", str(cfg.eval_frac), "--seed", str(cfg.seed)])
+                     "--eval-frac", str(cfg.eval_frac), "--seed", str(cfg.seed), "--train-draws", str(cfg.train_draws)])
     engine, tok = s.get(cfg.model)
     room = min(cfg.max_length, engine.max_len) - cfg.max_tokens - 1
     counts = {}
@@ -38,7 +38,7 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
     from selfreward.infer.sequence import SamplingParams
     engine, tok = s.get(model)
     outs = engine.generate([tok.user_ids(r["prompt"]) for r in records],
-                           SamplingParams(temperature=0.0, max_tokens=max_tokens))
+                           SamplingParams(temperature=0.0, max_tokens=max_tokens), progress=True)
     texts = [o[0].text for o in outs]
     write_jsonl(out, [{"id": r["id"], "response": x, "strict_ok": verifiable.strict_ok(r, x)}
                       for r, x in zip(records, texts)])
@@ -60,7 +60,7 @@ def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:
             max_steps=cfg.rl_steps, batch_size=cfg.rl_batch, num_samples=cfg.rl_num_samples,
             estimator="rloo" if cfg.rl_num_samples > 1 else "reinforce", lr=cfg.rl_lr, final_lr=cfg.rl_lr / 10,
             beta=cfg.rl_beta, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_tokens,
-            max_length=cfg.max_length, dropout=0.0, resume=True, seed=cfg.seed, threads=cfg.threads,
+            max_length=cfg.max_length, dropout=0.0, resume=True, seed=cfg.seed, threads=cfg.threads, cpu_bf16=cfg.cpu_bf16,
             engine=cfg.engine))
     return measure(s, str(out / "model"), heldout, cfg.max_tokens, run / "replies" / "rl.jsonl") | \
         {"train_reward_last": last.get("reward_mean")}
@@ -79,7 +79,8 @@ def loop_config(cfg, run_dir: Path, score_from: str | None = None) -> LoopConfig
         judge=JudgeConfig(k=cfg.judge_k, max_tokens=cfg.judge_max_tokens, template=cfg.judge_template,
                           expected=cfg.score_from == "expected", distinct=True),
         dpo=DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, max_steps=cfg.dpo_steps,
-                      batch_size=cfg.dpo_batch, max_length=cfg.max_length, dropout=0.0, threads=cfg.threads))
+                      batch_size=cfg.dpo_batch, max_length=cfg.max_length, dropout=0.0, threads=cfg.threads,
+                      cpu_bf16=cfg.cpu_bf16))
 
 
 def checker_judgments(by_id: dict[str, dict], cands: list[dict]) -> list[dict]:

@@ -3,7 +3,7 @@ types, built and checked by if-verifiable's own classes (`if_verifiable.ifeval.i
 extra). The measure is IFEval's strict prompt-level accuracy, the library's `evaluate_instructions`: a response
 counts when it follows every instruction of its prompt, as written (no loose variants).
 
-    python -m selfreward.recipes.verifiable --oasst oasst.jsonl --out DIR [--held-out 300] [--seed 0]
+    python -m selfreward.recipes.verifiable --oasst oasst.jsonl --out DIR [--held-out 300] [--train-draws 1] [--seed 0]
         # -> DIR/train.jsonl, DIR/heldout.jsonl: {id, prompt, instruction_id_list, kwargs}
     python train/rl.py ... --data DIR/train.jsonl --reward ifeval --reward-template DIR/train.jsonl
 
@@ -157,6 +157,7 @@ class VerifiableConfig:
     oasst: str = cli.input_file("")   # the OASST export: trees or the flat message table (recipes.oasst)
     out: str = cli.passive("")        # the folder written: train.jsonl, heldout.jsonl
     held_out: int = 300               # held-out items at least: more draws per held-out prompt when too few
+    train_draws: int = 1              # instruction draws per training prompt (items PROMPT_ID:ROUND after the first)
     eval_frac: float = 0.25           # share of the trees held out (by a hash of the root id, as recipes.oasst)
     seed: int = 0                     # the split (as recipes.oasst's) and the instruction draws
 
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.build(VerifiableConfig, a)
     if not cfg.oasst or not cfg.out:
         raise cli.ConfigError("--oasst and --out are required")
-    if cfg.held_out < 1:
-        raise cli.ConfigError(f"--held-out {cfg.held_out}: must be >= 1")
+    for flag, v in (("--held-out", cfg.held_out), ("--train-draws", cfg.train_draws)):
+        if v < 1:
+            raise cli.ConfigError(f"{flag} {v}: must be >= 1")
     out, names = Path(cfg.out), ["train.jsonl", "heldout.jsonl"]
     check_not_input([cfg.oasst], [out / n for n in names])
     roots = nonempty(load_messages(cfg.oasst), cfg.oasst, "Open Assistant messages")
@@ -189,21 +191,29 @@ def first_turns(roots) -> list[dict]:
     return [{"id": i, "prompt": t} for t, i in texts.items()]
 
 
+def draws(prompts: list[dict], rng: random.Random, n: int) -> list[dict]:
+    """Rounds of one instruction draw per prompt (attach) until there are n items, or the rounds stop giving new
+    ones: ids PROMPT_ID:ROUND after the first round; an item drawn before (same instructions, same kwargs) is
+    skipped."""
+    out, seen = [], set()
+    for d in range(4 * math.ceil(n / len(prompts))):
+        if len(out) >= n:
+            break
+        for r in attach(prompts, rng):
+            if r["prompt"] not in seen:
+                seen.add(r["prompt"])
+                out.append({**r, "id": f"{r['id']}:{d}" if d else r["id"]})
+    return out
+
+
 def _write(cfg: VerifiableConfig, roots: list, out: Path) -> dict:
     train_roots, held_roots = split_groups(roots, cfg.eval_frac, cfg.seed, lambda r: r.id)
     train, held = first_turns(train_roots), first_turns(held_roots)
     if not train or not held:
         raise DataError(f"{cfg.oasst}: {len(train)} training and {len(held)} held-out English first-turn prompts "
                         f"(--eval-frac {cfg.eval_frac}): need at least one of each")
-    train_recs = attach(train, random.Random(f"{cfg.seed}:train"))
-    rng, held_recs, seen = random.Random(f"{cfg.seed}:heldout"), [], set()
-    for d in range(4 * math.ceil(cfg.held_out / len(held))):    # rounds of one draw per prompt
-        if len(held_recs) >= cfg.held_out:
-            break
-        for r in attach(held, rng):
-            if r["prompt"] not in seen:            # an item drawn before (same instructions, same kwargs) is skipped
-                seen.add(r["prompt"])
-                held_recs.append({**r, "id": f"{r['id']}:{d}" if d else r["id"]})
+    train_recs = draws(train, random.Random(f"{cfg.seed}:train"), cfg.train_draws * len(train))
+    held_recs = draws(held, random.Random(f"{cfg.seed}:heldout"), cfg.held_out)
     write_jsonl(out / "train.jsonl", train_recs)
     write_jsonl(out / "heldout.jsonl", held_recs)
     counts = {"trees": len(roots), "train": len(train_recs), "heldout_prompts": len(held),

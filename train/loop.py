@@ -131,6 +131,12 @@ def eval_sums(model, items: list, d: Dist, micro: int, sums) -> torch.Tensor:
     return dict(zip(keys, tot.tolist())) if keys else tot
 
 
+def cpu_autocast(cfg: TrainConfig, d: Dist):
+    """--cpu-bf16 on a CPU rank: the forward's matmuls in bfloat16 (AMX / AVX512-BF16 run them several times
+    faster than fp32), the weights, gradients and optimizer in fp32; elsewhere a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and d.device.type == "cpu")
+
+
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: str) -> float:
     """Multiplier of the peak lr before optimizer step `step` (0-based)."""
     if warmup > 0 and step < warmup:
@@ -204,7 +210,8 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config)
 
     def evaluate(step: int) -> dict:
-        s = eval_sums(model, task.held_out, d, micro, task.sums)
+        with cpu_autocast(cfg, d):
+            s = eval_sums(model, task.held_out, d, micro, task.sums)
         ev = {f"eval_{k}": v for k, v in task.summarize(s, s[task.eval_norm]).items() if k in task.eval_keys}
         log.write({"step": step, **ev})
         return ev
@@ -224,7 +231,8 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
         for i, mb in enumerate(parts):
             if d.sharded:   # the gradient reduce-scatter on the last micro-batch only
                 model.set_requires_gradient_sync(i == len(parts) - 1)
-            loss_sum, stats = task.micro(model, mb)
+            with cpu_autocast(cfg, d):
+                loss_sum, stats = task.micro(model, mb)
             (loss_sum * (d.world / norm)).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
