@@ -42,7 +42,21 @@ Request: {instruction}
 Reply: {response}
 Explain briefly, then end with "Score: <points>"."""
 
-BUILTIN = {"default": DEFAULT_TEMPLATE, "short": SHORT_TEMPLATE}
+# A rubric on the request's explicit instructions (format, length, words to use or avoid, letter case, how to
+# begin or end): the judge of the real demo's second self-rewarding row (recipes/real_demo.py).
+INSTRUCTIONS_TEMPLATE = """\
+The request below ends with instructions on the form of the reply (such as its length, format, letter case, \
+words to use or avoid, or how it must begin or end). Check the reply against each instruction, one at a time.
+Request:
+{instruction}
+
+Reply:
+{response}
+
+Name each instruction and say whether the reply follows it exactly. Then end with "Score: <points>": 5 when \
+every instruction is followed exactly, 0 when none is, and in between the share that is followed."""
+
+BUILTIN = {"default": DEFAULT_TEMPLATE, "short": SHORT_TEMPLATE, "instructions": INSTRUCTIONS_TEMPLATE}
 SLOTS = ("instruction", "response")
 
 

@@ -24,7 +24,7 @@ from selfreward.recipes import pipeline, real_rows, verifiable
 from selfreward.records import DataError, read_json, read_jsonl, write_json
 
 SHARED_OASST = Path(__file__).resolve().parents[2] / "shared" / "data" / "oasst_en_100_trees.jsonl"
-ROWS = ("M0", "RL-checker", "DPO-oracle", "self-rewarding")
+ROWS = ("M0", "RL-checker", "DPO-oracle", "self-rewarding", "self-rewarding (instructions rubric)")
 
 
 @dataclass
@@ -54,6 +54,9 @@ class RealConfig:
     judge_k: int = 3                  # M0's judgments per candidate (the self-rewarding row)
     judge_max_tokens: int = 256
     judge_template: str = "default"   # the paper's additive 5-point rubric (recipes.judge), or a rubric file
+    # the second self-rewarding row's rubric: recipes.judge's "instructions" (each of the request's instructions
+    # followed?), or a rubric file; "" = no second row
+    judge_template_2: str = "instructions"
     # what the self-judge's pairs rank by: expected (the expected score from the digits after "Score:", every
     # candidate scored) or sampled (the mean parsed score of K judgments: the paper's)
     score_from: str = cli.choice("expected", "sampled")
@@ -106,14 +109,19 @@ def oracle(cfg, s, run: Path) -> dict:
     return real_rows.trained_row(lc, s, stats, heldout(run), cfg.max_tokens, run / "replies" / "oracle.jsonl")
 
 
-def self_rewarding(cfg, s, run: Path) -> dict:
-    lc = real_rows.loop_config(cfg, run / "loop")
+def self_rewarding(cfg, s, run: Path, name: str, template: str) -> dict | None:
+    """One iteration of the loop in RUN/`name`, M0 judging its own candidates (the oracle's, copied) under
+    `template` ("": no row) -> its row, the judge's parse rate and its agreement with the checker on its pairs."""
+    if not template:
+        return None
+    lc = real_rows.loop_config(dataclasses.replace(cfg, judge_template=template), run / name)
     stats = real_rows.iteration(lc, s, copy_from=run / "oracle")
     it = pipeline.folder(lc, 1)
     judged = read_jsonl(it / "judgments.jsonl")
     parsed = sum(j["score"] is not None for j in judged)
-    row = real_rows.trained_row(lc, s, stats, heldout(run), cfg.max_tokens, run / "replies" / "loop.jsonl")
-    return row | {"judgments": len(judged), "judge_parse_rate": parsed / len(judged) if judged else None} | \
+    row = real_rows.trained_row(lc, s, stats, heldout(run), cfg.max_tokens, run / "replies" / f"{name}.jsonl")
+    return row | {"judge_template": template, "judgments": len(judged),
+                  "judge_parse_rate": parsed / len(judged) if judged else None} | \
         real_rows.judge_agreement(by_id(run), read_jsonl(it / "pairs.jsonl"))
 
 
@@ -137,10 +145,13 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
     once("RL-checker", "train/rl.py from M0, the checker as the reward",
          lambda c, s, run: real_rows.rl_row(c, run, s, heldout(run)) if c.rl_steps else None),
     once("DPO-oracle", "M0's candidates ranked by the checker, best vs worst pairs, train/dpo.py", oracle),
-    once("self-rewarding", "one iteration of the loop, M0 judging its own candidates", self_rewarding),
+    once("self-rewarding", "one iteration of the loop, M0 judging its own candidates (--judge-template)",
+         lambda c, s, run: self_rewarding(c, s, run, "loop", c.judge_template)),
+    once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge-template-2",
+         lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge_template_2)),
     once("rlaif_labels", "M0's soft labels on checker-known pairs", labels)),
     body=(), manifest=write_manifest,
-    layout=("sets", "replies", "rl", "oracle", "loop", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
+    layout=("sets", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
 COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"),
            ("pairs", "pairs", "{}"), ("judge_parse_rate", "judge parsed", "{:.2f}"),

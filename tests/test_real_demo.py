@@ -55,17 +55,26 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
             "--max-length", "4096", "--temperature", "1.0"]
     s = real_demo.main(argv)
     rows = {r["model"]: r for r in s["rows"]}
-    assert list(rows) == ["M0", "RL-checker", "DPO-oracle", "self-rewarding"]
+    loops = ["self-rewarding", "self-rewarding (instructions rubric)"]
+    assert list(rows) == ["M0", "RL-checker", "DPO-oracle", *loops]
     for r in rows.values():
         assert {"accuracy", "se", "n"} <= set(r)
-        if r["model"] != "self-rewarding" or r["accuracy"] is not None:   # the loop's row needs pairs
+        if r["model"] not in loops or r["accuracy"] is not None:   # the loop's rows need pairs
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["se"] <= 0.5 and r["n"] == 6
     assert rows["DPO-oracle"]["pairs"] >= 1
-    loop = rows["self-rewarding"]
-    assert loop["judgments"] >= 1 and 0 <= loop["judge_parse_rate"] <= 1
-    assert loop["judge_pairs"] == loop["pairs"]
-    if loop["judge_pairs"]:
-        assert loop["judge_agree"] + loop["judge_disagree"] + loop["judge_tie"] == pytest.approx(1)
+    for name, template in zip(loops, ("default", "instructions")):
+        loop = rows[name]
+        assert loop["judge_template"] == template
+        assert loop["judgments"] >= 1 and 0 <= loop["judge_parse_rate"] <= 1
+        assert loop["judge_pairs"] == loop["pairs"]
+        if loop["judge_pairs"]:
+            assert loop["judge_agree"] + loop["judge_disagree"] + loop["judge_tie"] == pytest.approx(1)
+    # the second loop judged the same candidates under the instruction rubric
+    for folder, template in (("loop", "default"), ("loop2", "instructions")):
+        settings = json.loads((tmp_path / "run" / folder / "iter_1" / "manifest.json").read_text())["settings"]
+        assert settings["judge"]["template"] == template
+    assert (tmp_path / "run" / "loop2" / "iter_1" / "candidates.jsonl").read_bytes() == \
+        (tmp_path / "run" / "oracle" / "iter_1" / "candidates.jsonl").read_bytes()
     lab = s["rlaif_labels"]
     assert 1 <= lab["pairs"] <= 4
     for k in ("agreement_one_order", "agreement_both_orders"):
@@ -80,7 +89,7 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")}
     again = real_demo.main(argv)
     out = capsys.readouterr().out
-    for key in ("sets", "M0", "RL-checker", "DPO-oracle", "self-rewarding", "rlaif_labels"):
+    for key in ("sets", "M0", "RL-checker", "DPO-oracle", *loops, "rlaif_labels"):
         assert f"[real] {key}: done earlier, skipped" in out
     assert again["rows"] == s["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # nothing rewritten

@@ -64,3 +64,24 @@ def test_loop_dpo_device_reaches_the_dpo_run(tmp_path, monkeypatch):
     monkeypatch.setattr(self_reward.cli, "launch", lambda fn, dcfg, *a, **k: seen.append(dcfg))
     stage_dpo(cfg, 1)
     assert [c.device for c in seen] == ["cuda"]
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_cpu_bf16_trains_under_autocast_close_to_fp32(tmp_path, name):
+    """--cpu-bf16: the forward's matmuls in bf16 (the first step's loss moves from the fp32 run's by bf16
+    rounding, not more), the weights stay fp32 (the export's dtype as the fp32 run's)."""
+    import json
+    from safetensors.torch import load_file
+    w = build(tmp_path)
+    make = sft_args if name == "sft" else dpo_args
+    runs = {}
+    for tag, extra in (("fp32", ()), ("bf16", ("--cpu-bf16",))):
+        with one_thread():
+            code, err = run_cli(name, make(w, tmp_path / tag, "--max-steps", "2", "--dropout", "0", *extra))
+        assert code == 0, err
+        rows = [json.loads(x) for x in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()]
+        runs[tag] = ([r["loss"] for r in rows if "loss" in r],
+                     {t.dtype for t in load_file(str(tmp_path / tag / "model" / "model.safetensors")).values()})
+    (l32, d32), (l16, d16) = runs["fp32"], runs["bf16"]
+    assert d16 == d32 == {torch.float32}
+    assert l16[0] != l32[0] and abs(l16[0] - l32[0]) <= 0.02 * abs(l32[0]), (l16, l32)
