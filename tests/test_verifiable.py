@@ -131,3 +131,20 @@ def test_builder_cli(tmp_path, capsys):
     V.check_records(train + held, "built")
     with pytest.raises(ConfigError, match="--held-out"):
         V.main(["--oasst", str(OASST_20), "--out", str(tmp_path / "x"), "--held-out", "0"])
+
+
+def test_train_draws(tmp_path):
+    """--train-draws 3: every training prompt drawn up to three times (ids P, P:1, P:2), each item's text its own;
+    the first round is the one --train-draws 1 writes, and no held-out tree's prompt enters training."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    V.main(["--oasst", str(OASST_20), "--out", str(one), "--held-out", "4"])
+    V.main(["--oasst", str(OASST_20), "--out", str(three), "--held-out", "4", "--train-draws", "3"])
+    first, drawn = read_jsonl(one / "train.jsonl"), read_jsonl(three / "train.jsonl")
+    assert drawn[:len(first)] == first and len(drawn) == 3 * len(first)
+    assert len({r["prompt"] for r in drawn}) == len(drawn)
+    base = {r["id"] for r in first}
+    assert {r["id"] for r in drawn} == base | {f"{i}:{d}" for i in base for d in (1, 2)}
+    held = {r["id"].split(":")[0] for r in read_jsonl(three / "heldout.jsonl")}
+    assert not held & base
+    with pytest.raises(ConfigError, match="--train-draws 0"):
+        V.main(["--oasst", str(OASST_20), "--out", str(tmp_path / "x"), "--train-draws", "0"])
