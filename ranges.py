@@ -21,7 +21,7 @@ _RULES = {  # a range -> the settings (the last part of their names) it holds fo
            "n_unlabelled web_docs",
     ">=1": "max_tokens max_new_tokens num_samples n_candidates judge_k nproc n chunk block_size max_num_seqs "
            "max_num_batched_tokens tensor_parallel batch_size batch log_every keep_checkpoints curate_k iterations "
-           "iter rounds shingle context ffn heads hidden layers vocab tries repeat",
+           "iter rounds draws shingle context ffn heads hidden layers vocab tries repeat",
     ">0": "lr scale", ">=2": "max_length", ">=-1": "warmup_steps", "(0,1]": "top_p",
     "[0,1]": "near_dup rouge_threshold frac p_right p_judge min_p",
     "[0,1)": "fraction eval_frac beta1 beta2 dropout",

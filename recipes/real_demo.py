@@ -56,7 +56,7 @@ class RealConfig:
     judge_template: str = "default"   # the paper's additive 5-point rubric (recipes.judge), or a rubric file
     # the second self-rewarding row's rubric: recipes.judge's "instructions" (each of the request's instructions
     # followed?), or a rubric file; "" = no second row
-    judge_template_2: str = "instructions"
+    judge2_template: str = "instructions"
     # what the self-judge's pairs rank by: expected (the expected score from the digits after "Score:", every
     # candidate scored) or sampled (the mean parsed score of K judgments: the paper's)
     score_from: str = cli.choice("expected", "sampled")
@@ -147,8 +147,8 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
     once("DPO-oracle", "M0's candidates ranked by the checker, best vs worst pairs, train/dpo.py", oracle),
     once("self-rewarding", "one iteration of the loop, M0 judging its own candidates (--judge-template)",
          lambda c, s, run: self_rewarding(c, s, run, "loop", c.judge_template)),
-    once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge-template-2",
-         lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge_template_2)),
+    once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge2-template",
+         lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge2_template)),
     once("rlaif_labels", "M0's soft labels on checker-known pairs", labels)),
     body=(), manifest=write_manifest,
     layout=("sets", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))

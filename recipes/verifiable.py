@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.build(VerifiableConfig, a)
     if not cfg.oasst or not cfg.out:
         raise cli.ConfigError("--oasst and --out are required")
-    for flag, v in (("--held-out", cfg.held_out), ("--train-draws", cfg.train_draws)):
-        if v < 1:
-            raise cli.ConfigError(f"{flag} {v}: must be >= 1")
+    if cfg.held_out < 1:
+        raise cli.ConfigError(f"--held-out {cfg.held_out}: must be >= 1")
     out, names = Path(cfg.out), ["train.jsonl", "heldout.jsonl"]
     check_not_input([cfg.oasst], [out / n for n in names])
     roots = nonempty(load_messages(cfg.oasst), cfg.oasst, "Open Assistant messages")
