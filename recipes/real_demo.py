@@ -61,6 +61,7 @@ class RealConfig:
     # candidate scored) or sampled (the mean parsed score of K judgments: the paper's)
     score_from: str = cli.choice("expected", "sampled")
     label_limit: int = 100            # checker-known pairs M0 labels (RLAIF part 1); 0 = all the oracle's pairs
+    table4_limit: int = 0             # held-out OASST reply groups judged for Table 4 (0 = all)
     threads: int = cli.passive(0)     # torch threads (0 = leave as is)
     cpu_bf16: bool = False            # the trainers' forward in bf16 on the CPU (train --cpu-bf16; AMX CPUs)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -76,7 +77,8 @@ class RealConfig:
 
 # every size small: a tiny model runs all the stages in seconds (tests/test_real_demo.py)
 SMOKE = dict(n_eval=6, n_prompts=16, max_tokens=24, rl_steps=2, rl_batch=2, rl_num_samples=2, rl_lr=1e-4,
-             n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4)
+             n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4,
+             table4_limit=3)
 
 
 def once(key: str, what: str, fn):
@@ -149,7 +151,10 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
          lambda c, s, run: self_rewarding(c, s, run, "loop", c.judge_template)),
     once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge2-template",
          lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge2_template)),
-    once("rlaif_labels", "M0's soft labels on checker-known pairs", labels)),
+    once("rlaif_labels", "M0's soft labels on checker-known pairs", labels),
+    once("table4", "M0 and the self-rewarding row's model judging the held-out OASST groups (Table 4)",
+         lambda c, s, run: real_rows.table4(c, s, run, {"M0": c.model, "self-rewarding": str(
+             pipeline.folder(real_rows.loop_config(c, run / "loop"), 1) / "model")}))),
     body=(), manifest=write_manifest,
     layout=("sets", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
@@ -192,8 +197,15 @@ def report(cfg: RealConfig, m: dict, wall: float) -> dict:
         print(f"[real] RLAIF soft labels by M0 on {lab['pairs']} checker-known pairs: agreement "
               f"{lab['agreement_both_orders']:.3f} (both orders), {lab['agreement_one_order']:.3f} (one order); "
               f"prefers the first shown {lab['position_bias']['one_order']:.3f}", flush=True)
+    t4 = {k: v for k, v in m.get("table4", {}).items() if isinstance(v, dict)}
+    f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
+    for name, r in t4.items():
+        print(f"[real] Table 4, {name} judging {r['groups']} held-out OASST groups ({r['replies']} replies, "
+              f"{r['parse_failures']} judgments unparsed): " + "; ".join(
+                  f"{how} pairwise {f(r[how]['pairwise_accuracy'])}, spearman {f(r[how]['spearman'])}"
+                  for how in ("sampled", "expected")), flush=True)
     png = plot(rows, run / "accuracy.png")
-    summary = {"rows": rows, "sets": m.get("sets"), "rlaif_labels": lab, "wall_seconds": round(wall, 1),
+    summary = {"rows": rows, "sets": m.get("sets"), "rlaif_labels": lab, "table4": t4, "wall_seconds": round(wall, 1),
                "plot": str(png) if png else None, "config": cli.to_dict(cfg)}
     print(f"[real] summary: {write_json(run / 'summary.json', summary)}", flush=True)
     return summary

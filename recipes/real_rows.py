@@ -155,3 +155,25 @@ def label_row(cfg, s, pairs: list[dict], out: Path) -> dict:
         return sum(hits) / len(hits)
     return {"pairs": len(recs), "agreement_one_order": agree([r["p_first"] for r in recs]),
             "agreement_both_orders": agree([r["label"][0] for r in recs]), "position_bias": position_bias(recs)}
+
+
+def table4(cfg, s, run: Path, models: dict[str, str]) -> dict:
+    """The paper's Table 4 (the judge against OASST's human ranks) on the held-out trees' ranked reply groups
+    (recipes.oasst with the sets' --eval-frac and --seed: the trees the verifiable held-out items come from),
+    each model judging every reply --judge-k times under the paper's rubric, with the expected score ->
+    {model: {sampled, expected: the metrics; groups, replies, parse_failures}}."""
+    from selfreward.recipes import oasst
+    from selfreward.recipes.evaluate import load_groups, rm_eval
+    out = run / "sets" / "oasst"
+    oasst.main(["--input", cfg.oasst, "--out", str(out), "--eval-frac", str(cfg.eval_frac), "--seed", str(cfg.seed)])
+    groups = load_groups(out / "groups_eval.jsonl")[:cfg.table4_limit or None]
+    jc = JudgeConfig(k=cfg.judge_k, max_tokens=cfg.judge_max_tokens, template="default", expected=True,
+                     seed=cfg.seed)
+    keys = ("pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau")
+    res = {}
+    for name, model in models.items():
+        if (Path(model) / "config.json").exists():
+            r = rm_eval(*s.get(model), groups, jc, progress=True)
+            res[name] = {"groups": len(groups), "replies": len(r["records"]), "parse_failures": r["parse_failures"],
+                         **{m: {k: r[m][k] for k in keys} for m in ("sampled", "expected")}}
+    return res

@@ -27,6 +27,12 @@ if [ "${1-}" = "--real" ]; then
         mkdir -p "$(dirname "$m0")" && rm -rf "$m0.tmp"
         python -m selfreward.model.gguf "$gguf" "$m0.tmp" && mv "$m0.tmp" "$m0"
     fi
+    # a CPU with bf16 matmuls in hardware (AMX, AVX512-BF16): the sampler and the trainers' forward in bf16
+    # (several times faster there; elsewhere bf16 is emulated and slower); flags given after --real still win
+    bf16="import torch; raise SystemExit(not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))"
+    if python -c "import torch; raise SystemExit(torch.cuda.is_available())" && python -c "$bf16" 2>/dev/null; then
+        set -- --engine-dtype bfloat16 --cpu-bf16 "$@"
+    fi
     exec python -u -m selfreward.recipes.real_demo --model "$m0" "$@"
 fi
 exec python -u -m selfreward.recipes.world.demo "$@"

@@ -81,6 +81,15 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
         assert 0 <= lab[k] <= 1
     assert 0 <= lab["position_bias"]["one_order"] <= 1
     assert s["sets"]["heldout"] == 6 and 1 <= s["sets"]["train"] <= 16
+    # Table 4 on the held-out trees' ranked groups: recipes.oasst's split with the sets' seed and fraction
+    from selfreward.recipes.oasst import load_messages, split_groups
+    held = {r.id for r in split_groups(load_messages(OASST_20), 0.25, 0, lambda r: r.id)[1]}
+    groups = [json.loads(x) for x in (tmp_path / "run" / "sets" / "oasst" / "groups_eval.jsonl").read_text().splitlines()]
+    assert groups and {g["id"] for g in groups} <= held
+    for name in ("M0", "self-rewarding"):
+        t4 = s["table4"][name]
+        assert t4["groups"] == min(3, len(groups)) and t4["replies"] == sum(len(g["replies"]) for g in groups[:3])
+        assert set(t4["sampled"]) == set(t4["expected"]) >= {"pairwise_accuracy", "spearman"}
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["rows"] == s["rows"]
     assert len((run / "replies" / "m0.jsonl").read_text().splitlines()) == 6
@@ -89,7 +98,7 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")}
     again = real_demo.main(argv)
     out = capsys.readouterr().out
-    for key in ("sets", "M0", "RL-checker", "DPO-oracle", *loops, "rlaif_labels"):
+    for key in ("sets", "M0", "RL-checker", "DPO-oracle", *loops, "rlaif_labels", "table4"):
         assert f"[real] {key}: done earlier, skipped" in out
     assert again["rows"] == s["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # nothing rewritten
