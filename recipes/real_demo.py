@@ -37,6 +37,7 @@ class RealConfig:
     n_eval: int = 300                 # held-out items measured (>= 1)
     n_prompts: int = 0                # training items (0 = all)
     train_draws: int = 1              # instruction draws per training prompt (recipes.verifiable --train-draws)
+    self_instruct: int = 0            # training requests M0 writes by the loop's self-instruct step (0 = none)
     max_tokens: int = 256             # tokens per reply: the measure, the candidates, the RL samples
     max_length: int = 2048            # tokens per training example; prompts that leave no room for a reply are left out
     temperature: float = 0.7          # the candidates' and the RL samples' (> 0)
@@ -78,7 +79,7 @@ class RealConfig:
 # every size small: a tiny model runs all the stages in seconds (tests/test_real_demo.py)
 SMOKE = dict(n_eval=6, n_prompts=16, max_tokens=24, rl_steps=2, rl_batch=2, rl_num_samples=2, rl_lr=1e-4,
              n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4,
-             table4_limit=3)
+             table4_limit=3, self_instruct=4)
 
 
 def once(key: str, what: str, fn):
@@ -156,7 +157,7 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
          lambda c, s, run: real_rows.table4(c, s, run, {"M0": c.model, "self-rewarding": str(
              pipeline.folder(real_rows.loop_config(c, run / "loop"), 1) / "model")}))),
     body=(), manifest=write_manifest,
-    layout=("sets", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
+    layout=("sets", "instruct", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
 COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"),
            ("pairs", "pairs", "{}"), ("judge_parse_rate", "judge parsed", "{:.2f}"),

@@ -15,21 +15,42 @@ from selfreward.records import read_jsonl, write_jsonl
 
 
 def make_sets(cfg, run: Path, s) -> dict:
-    """recipes.verifiable's train / held-out records (RUN/sets/drawn), less the items whose chat prompt leaves no
-    room for --max-tokens within the context (--max-length, at most M0's), the first --n-prompts and --n-eval
-    -> RUN/sets/train.jsonl, heldout.jsonl."""
+    """recipes.verifiable's train / held-out records (RUN/sets/drawn), the training items M0 wrote by the loop's
+    self-instruct step (--self-instruct), less the items whose chat prompt leaves no room for --max-tokens within
+    the context (--max-length, at most M0's): the first --n-prompts OASST items and every self-instruct one
+    -> RUN/sets/train.jsonl, the first --n-eval -> heldout.jsonl."""
     drawn = run / "sets" / "drawn"
     verifiable.main(["--oasst", cfg.oasst, "--out", str(drawn), "--held-out", str(cfg.n_eval),
                      "--eval-frac", str(cfg.eval_frac), "--seed", str(cfg.seed), "--train-draws", str(cfg.train_draws)])
     engine, tok = s.get(cfg.model)
     room = min(cfg.max_length, engine.max_len) - cfg.max_tokens - 1
+    made = self_instruct(cfg, run, s) if cfg.self_instruct else []
     counts = {}
-    for name, n in (("train", cfg.n_prompts), ("heldout", cfg.n_eval)):
+    for name, n, extra in (("train", cfg.n_prompts, made), ("heldout", cfg.n_eval, [])):
         recs = read_jsonl(drawn / f"{name}.jsonl")
-        fits = [r for r in recs if len(tok.user_ids(r["prompt"])) <= room]
-        write_jsonl(run / "sets" / f"{name}.jsonl", fits[:n or None])
-        counts |= {name: len(fits[:n or None]), f"{name}_too_long": len(recs) - len(fits)}
+        fits, more = ([r for r in rs if len(tok.user_ids(r["prompt"])) <= room] for rs in (recs, extra))
+        write_jsonl(run / "sets" / f"{name}.jsonl", fits[:n or None] + more)
+        counts |= {name: len(fits[:n or None] + more), f"{name}_too_long": len(recs + extra) - len(fits + more)}
+        counts.setdefault("self_instruct", len(more))
     return counts
+
+
+def self_instruct(cfg, run: Path, s) -> list[dict]:
+    """--self-instruct N: the loop's prompts stage (recipes.instruct: few-shot from the training trees' OASST
+    first turns, ROUGE-L filtered) with M0 writing up to N new requests in RUN/instruct/, each given one or two
+    verifiable instructions as the OASST ones are -> training items (ids si-ID; never held out)."""
+    import random
+    from selfreward.recipes.oasst import load_messages, split_groups
+    seeds = run / "sets" / "seed_prompts.jsonl"
+    train_roots = split_groups(load_messages(cfg.oasst), cfg.eval_frac, cfg.seed, lambda r: r.id)[0]
+    write_jsonl(seeds, [{"prompt": p["prompt"]} for p in verifiable.first_turns(train_roots)])
+    lc = LoopConfig(run_dir=str(run / "instruct"), init_model=cfg.model, iterations=1, seed=cfg.seed,
+                    n_prompts=cfg.self_instruct, prompt_source="self-instruct", seed_prompts=str(seeds),
+                    engine=cfg.engine)
+    run_stage(RECIPE, lc, "prompts", 1, s)
+    made = [{"id": f"si-{r['id']}", "prompt": r["prompt"]} for r in read_jsonl(folder(lc, 1) / "prompts.jsonl")
+            if r["verdict"] == "ok" and r["source"] == "generated"]
+    return verifiable.attach(made, random.Random(f"{cfg.seed}:self-instruct"))
 
 
 def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> dict:

@@ -80,7 +80,15 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
     for k in ("agreement_one_order", "agreement_both_orders"):
         assert 0 <= lab[k] <= 1
     assert 0 <= lab["position_bias"]["one_order"] <= 1
-    assert s["sets"]["heldout"] == 6 and 1 <= s["sets"]["train"] <= 16
+    assert s["sets"]["heldout"] == 6 and 1 <= s["sets"]["train"] <= 16 + 4
+    # the self-instruct step: M0's new requests, each with verifiable instructions, in training only
+    train = [json.loads(x) for x in (tmp_path / "run" / "sets" / "train.jsonl").read_text().splitlines()]
+    made = [json.loads(x) for x in (tmp_path / "run" / "instruct" / "iter_1" / "prompts.jsonl").read_text().splitlines()]
+    ok = {f"si-{r['id']}": r["prompt"] for r in made if r["verdict"] == "ok" and r["source"] == "generated"}
+    si = [r for r in train if r["id"].startswith("si-")]
+    assert len(si) == s["sets"]["self_instruct"] and {r["id"] for r in si} <= set(ok)
+    for r in si:
+        assert r["prompt"].startswith(ok[r["id"]] + "\n\n") and 1 <= len(r["instruction_id_list"]) <= 2
     # Table 4 on the held-out trees' ranked groups: recipes.oasst's split with the sets' seed and fraction
     from selfreward.recipes.oasst import load_messages, split_groups
     held = {r.id for r in split_groups(load_messages(OASST_20), 0.25, 0, lambda r: r.id)[1]}
