@@ -159,7 +159,7 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
     body=(), manifest=write_manifest,
     layout=("sets", "instruct", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
-COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"),
+COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"), ("instruction_accuracy", "instr acc", "{:.3f}"),
            ("pairs", "pairs", "{}"), ("judge_parse_rate", "judge parsed", "{:.2f}"),
            ("judge_agree", "judge agrees", "{:.2f}"), ("mean_reply_chars", "reply chars", "{:.0f}"),
            ("seconds", "s", "{:.0f}")]

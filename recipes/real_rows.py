@@ -64,8 +64,10 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
     write_jsonl(out, [{"id": r["id"], "response": x, "strict_ok": verifiable.strict_ok(r, x)}
                       for r, x in zip(records, texts)])
     acc, se = verifiable.accuracy(records, texts)
-    return {"accuracy": acc, "se": se, "n": len(records), "model_dir": model,
-            "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
+    k = [len(r["instruction_id_list"]) for r in records]       # IFEval's instruction-level strict accuracy too
+    followed = sum(verifiable.scores(r, x).partial_strict * n for r, x, n in zip(records, texts, k))
+    return {"accuracy": acc, "se": se, "n": len(records), "instruction_accuracy": followed / sum(k),
+            "model_dir": model, "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
 
 
 def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:

@@ -62,6 +62,17 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
         if r["model"] not in loops or r["accuracy"] is not None:   # the loop's rows need pairs
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["se"] <= 0.5 and r["n"] == 6
     assert rows["DPO-oracle"]["pairs"] >= 1
+    # IFEval's instruction-level accuracy of M0: the library's per-instruction verdicts, counted here
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+    held = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "sets" / "heldout.jsonl").read_text().splitlines())}
+    verdicts = []
+    for rep in map(json.loads, (tmp_path / "run" / "replies" / "m0.jsonl").read_text().splitlines()):
+        rec = held[rep["id"]]
+        res = evaluate_instructions(rep["response"], rec["instruction_id_list"], rec["kwargs"], rec["prompt"],
+                                    INSTRUCTION_DICT)[0]
+        verdicts += [x.strict_pass for x in res] or [False] * len(rec["instruction_id_list"])   # empty reply: none
+    assert rows["M0"]["instruction_accuracy"] == pytest.approx(sum(verdicts) / len(verdicts))
     for name, template in zip(loops, ("default", "instructions")):
         loop = rows[name]
         assert loop["judge_template"] == template
