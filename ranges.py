@@ -18,7 +18,7 @@ _RULES = {  # a range -> the settings (the last part of their names) it holds fo
     ">=0": "temperature top_k final_lr weight_decay beta threads num_blocks micro_batch_size epochs max_steps every "
            "max_prompt_length grad_clip nll_alpha value_coef simpo_gamma sleep_per_step margin limit judge_self_train "
            "eft_mix steps shots words segments groups n_control n_eft n_eval n_ift n_judge n_pass n_pref n_prompts "
-           "n_unlabelled web_docs",
+           "n_unlabelled web_docs self_instruct",
     ">=1": "max_tokens max_new_tokens num_samples n_candidates judge_k nproc n chunk block_size max_num_seqs "
            "max_num_batched_tokens tensor_parallel batch_size batch log_every keep_checkpoints curate_k iterations "
            "iter rounds draws shingle context ffn heads hidden layers vocab tries repeat",
