@@ -47,6 +47,7 @@ class RealConfig:
     rl_num_samples: int = 4           # replies per prompt (RLOO; 1 = REINFORCE with a value baseline)
     rl_lr: float = 1e-6
     rl_beta: float = 0.05             # KL penalty to M0
+    rl_reward: str = cli.choice("ifeval", "ifeval-partial")   # strict (1 all followed, else 0) or the share followed
     n_candidates: int = 4             # candidates per training prompt (the oracle's and the loop's; >= 2)
     dpo_steps: int = 20               # DPO steps of the DPO-oracle and self-rewarding rows; 0 = pairs only, no rows
     dpo_batch: int = 4                # pairs per DPO step

@@ -71,15 +71,16 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
 
 
 def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:
-    """train/rl.py from M0 (also the KL reference) on the training prompts, the checker as the reward (1 when
-    every instruction is followed); RLOO over --rl-num-samples (REINFORCE with a value baseline for 1)."""
+    """train/rl.py from M0 (also the KL reference) on the training prompts, the checker as the reward (--rl-reward
+    ifeval: 1 when every instruction is followed; ifeval-partial: the share followed); RLOO over --rl-num-samples
+    (REINFORCE with a value baseline for 1)."""
     from selfreward.train.rl import RLConfig, train
     train_set, out = str(run / "sets" / "train.jsonl"), run / "rl"
     last = {}
     if not (out / "model" / "config.json").exists():
         s.release()
         last = train(RLConfig(
-            model=cfg.model, data=[train_set], output=str(out), reward="ifeval", reward_template=train_set,
+            model=cfg.model, data=[train_set], output=str(out), reward=cfg.rl_reward, reward_template=train_set,
             max_steps=cfg.rl_steps, batch_size=cfg.rl_batch, num_samples=cfg.rl_num_samples,
             estimator="rloo" if cfg.rl_num_samples > 1 else "reinforce", lr=cfg.rl_lr, final_lr=cfg.rl_lr / 10,
             beta=cfg.rl_beta, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_tokens,

@@ -132,10 +132,16 @@ def check_records(records: list[dict], where: str) -> dict[str, dict]:
     return by_prompt
 
 
-def reward(path=None, template=None, device=None, dtype=None):
+def partial_reward(path=None, template=None, device=None, dtype=None):
+    """`--reward ifeval-partial`: as `reward`, the share of the prompt's instructions followed (if-verifiable's
+    partial_strict: 1.0 exactly when strict_ok), a denser signal than the strict verdict."""
+    return reward(path, template, partial=True)
+
+
+def reward(path=None, template=None, device=None, dtype=None, partial: bool = False):
     """`--reward ifeval --reward-template RECORDS.jsonl` (train/rl.py's REWARDS; `template` may also be a list of
-    records): (prompts, responses) -> 1.0 when strict_ok, else 0.0; each prompt is found by its text among the
-    records. Takes no model: the other arguments are unused."""
+    records): (prompts, responses) -> 1.0 when strict_ok, else 0.0 (partial: the share followed); each prompt is
+    found by its text among the records. Takes no model: the other arguments are unused."""
     if not template:
         raise cli.ConfigError("--reward ifeval needs --reward-template: the records JSONL "
                               "(python -m selfreward.recipes.verifiable wrote it)")
@@ -148,6 +154,8 @@ def reward(path=None, template=None, device=None, dtype=None):
         bad = next((p for p in prompts if p not in by_prompt), None)
         if bad is not None:
             raise ValueError(f"a prompt that is in no record: {bad[:60]!r}")
+        if partial:
+            return [scores(by_prompt[p], r).partial_strict for p, r in zip(prompts, responses)]
         return [float(strict_ok(by_prompt[p], r)) for p, r in zip(prompts, responses)]
     return score
 

@@ -110,6 +110,14 @@ def test_reward_factory(tmp_path):
         V.reward(None)
     with pytest.raises(ConfigError, match="--reward-template"):                 # train/rl.py's door, before a model
         RLConfig(model="m", data=["d"], output="o", reward="ifeval").check()
+    # the partial reward: the share of the prompt's instructions followed (hand-counted: "hello, world" is
+    # lowercase with a comma, 1 of TWO's 2; "Hello" follows LOWER's 0 of 1)
+    assert reward_factory("ifeval-partial") is V.partial_reward
+    part = V.partial_reward(None, template=[LOWER, TWO])
+    assert part([LOWER["prompt"], TWO["prompt"], TWO["prompt"], LOWER["prompt"]],
+                [good, good, comma, "Hello"]) == [1.0, 1.0, 0.5, 0.0]
+    with pytest.raises(ConfigError, match="--reward ifeval-partial needs --reward-template"):
+        RLConfig(model="m", data=["d"], output="o", reward="ifeval-partial").check()
     clash = {**LOWER, "instruction_id_list": ["punctuation:no_comma"]}
     with pytest.raises(ValueError, match="other instructions"):
         V.reward(None, template=[LOWER, clash])

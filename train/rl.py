@@ -31,7 +31,8 @@ REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the disti
            "direct": "selfreward.recipes.reward:direct",             # a labeller's 1-10 score, in [-1, 1]
            "judge": "selfreward.recipes.reward:judge",               # the self-rewarding judge, in [-1, 1]
            "checker": "selfreward.recipes.world.checker:reward",     # the checkable world: 1 right, 0 wrong
-           "ifeval": "selfreward.recipes.verifiable:reward"}         # IFEval's checkers: 1 all followed, else 0
+           "ifeval": "selfreward.recipes.verifiable:reward",         # IFEval's checkers: 1 all followed, else 0
+           "ifeval-partial": "selfreward.recipes.verifiable:partial_reward"}   # the share of them followed
 
 
 def reward_factory(name: str, load: bool = True):
@@ -51,7 +52,7 @@ class RLConfig(TrainConfig):
     batch_size: int = 128             # GLOBAL prompts per step (each rank batch / world)
     micro_batch_size: int = 0         # prompts per forward per rank (with their samples); 0 = all of the rank's
     dropout: float = 0.0              # the update's log-probs must be the sampler's: no dropout by default
-    reward: str = "rm"                # rm | direct | judge | checker | ifeval | module:function (train/rl.py REWARDS)
+    reward: str = "rm"                # rm | direct | judge | checker | ifeval[-partial] | module:function (REWARDS)
     reward_model: str = checkpoint("")            # RM folder (rm) or labeller (direct, judge; default --model, the SFT policy)
     reward_template: str = ""         # direct: ScoreTemplate JSON; judge: a rubric file or name; ifeval: records JSONL
     estimator: str = choice("reinforce", "rloo")   # reinforce: a value baseline; rloo: leave-one-out over --num-samples
@@ -73,8 +74,8 @@ class RLConfig(TrainConfig):
         reward_factory(self.reward, load=False)
         if self.reward == "rm" and not self.reward_model:
             raise ConfigError("--reward rm needs --reward-model (the folder train/rm.py wrote)")
-        if self.reward == "ifeval" and not self.reward_template:
-            raise ConfigError("--reward ifeval needs --reward-template (the records JSONL recipes/verifiable.py wrote)")
+        if self.reward.startswith("ifeval") and not self.reward_template:
+            raise ConfigError(f"--reward {self.reward} needs --reward-template (the records JSONL recipes/verifiable.py wrote)")
         if self.estimator == "rloo" and self.num_samples < 2:
             raise ConfigError("--estimator rloo needs --num-samples >= 2")
         if self.temperature <= 0:
