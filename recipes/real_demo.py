@@ -36,25 +36,25 @@ class RealConfig:
     eval_frac: float = 0.25           # share of the OASST trees held out (recipes.verifiable)
     n_eval: int = 300                 # held-out items measured (>= 1)
     n_prompts: int = 0                # training items (0 = all)
-    train_draws: int = 1              # instruction draws per training prompt (recipes.verifiable --train-draws)
-    self_instruct: int = 0            # training requests M0 writes by the loop's self-instruct step (0 = none)
+    train_draws: int = 2              # instruction draws per training prompt (recipes.verifiable --train-draws)
+    self_instruct: int = 32           # training requests M0 writes by the loop's self-instruct step (0 = none)
     max_tokens: int = 256             # tokens per reply: the measure, the candidates, the RL samples
     max_length: int = 2048            # tokens per training example; prompts that leave no room for a reply are left out
     temperature: float = 0.7          # the candidates' and the RL samples' (> 0)
     top_p: float = 0.9
-    rl_steps: int = 40                # RL-checker's optimizer steps; 0 = no RL row
+    rl_steps: int = 16                # RL-checker's optimizer steps; 0 = no RL row
     rl_batch: int = 8                 # prompts per RL step
     rl_num_samples: int = 4           # replies per prompt (RLOO; 1 = REINFORCE with a value baseline)
-    rl_lr: float = 1e-6
+    rl_lr: float = 5e-5
     rl_beta: float = 0.05             # KL penalty to M0
-    rl_reward: str = cli.choice("ifeval", "ifeval-partial")   # strict (1 all followed, else 0) or the share followed
+    rl_reward: str = cli.choice("ifeval-partial", "ifeval")   # the share of the instructions followed, or strict
     n_candidates: int = 4             # candidates per training prompt (the oracle's and the loop's; >= 2)
-    dpo_steps: int = 20               # DPO steps of the DPO-oracle and self-rewarding rows; 0 = pairs only, no rows
+    dpo_steps: int = 30               # DPO steps of the DPO-oracle and self-rewarding rows; 0 = pairs only, no rows
     dpo_batch: int = 4                # pairs per DPO step
-    dpo_lr: float = 1e-6
+    dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
-    judge_k: int = 3                  # M0's judgments per candidate (the self-rewarding row)
-    judge_max_tokens: int = 256
+    judge_k: int = 1                  # M0's judgments per candidate (the self-rewarding row)
+    judge_max_tokens: int = 64
     judge_template: str = "default"   # the paper's additive 5-point rubric (recipes.judge), or a rubric file
     # the second self-rewarding row's rubric: recipes.judge's "instructions" (each of the request's instructions
     # followed?), or a rubric file; "" = no second row
@@ -160,7 +160,8 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
     body=(), manifest=write_manifest,
     layout=("sets", "instruct", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
-COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"), ("instruction_accuracy", "instr acc", "{:.3f}"),
+COLUMNS = [("model", "model", "{}"), ("accuracy", "strict acc", "{:.3f}"), ("se", "SE", "{:.3f}"), ("n", "n", "{}"), ("instruction_accuracy", "instr acc", "{:.3f}"), ("vs_M0", "vs M0", "{:+.3f}"),
+           ("paired_se", "paired SE", "{:.3f}"),
            ("pairs", "pairs", "{}"), ("judge_parse_rate", "judge parsed", "{:.2f}"),
            ("judge_agree", "judge agrees", "{:.2f}"), ("mean_reply_chars", "reply chars", "{:.0f}"),
            ("seconds", "s", "{:.0f}")]
@@ -193,6 +194,9 @@ def report(cfg: RealConfig, m: dict, wall: float) -> dict:
     """The terminal table, RUN/summary.json and RUN/accuracy.png from the manifest."""
     run = Path(cfg.run_dir)
     rows = [{"model": k, **m[k]} for k in ROWS if k in m]
+    base = m.get("M0", {}).get("replies")
+    rows = [r | (real_rows.paired(base, r["replies"]) if base and r.get("replies") and r["model"] != "M0" else {})
+            for r in rows]
     print("\n" + progress.table(rows, COLUMNS), flush=True)
     lab = m.get("rlaif_labels", {})
     if lab.get("pairs"):

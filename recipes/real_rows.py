@@ -67,7 +67,17 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
     k = [len(r["instruction_id_list"]) for r in records]       # IFEval's instruction-level strict accuracy too
     followed = sum(verifiable.scores(r, x).partial_strict * n for r, x, n in zip(records, texts, k))
     return {"accuracy": acc, "se": se, "n": len(records), "instruction_accuracy": followed / sum(k),
-            "model_dir": model, "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
+            "model_dir": model, "replies": str(out), "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
+
+
+def paired(base: str, other: str) -> dict:
+    """Two models' replies to the same items (RUN/replies/*.jsonl): the other's strict accuracy minus the base's
+    and the paired SE of that difference, sd(d_i) / sqrt(n) over the items' d_i in {-1, 0, 1}."""
+    a, b = ({r["id"]: float(r["strict_ok"]) for r in read_jsonl(p)} for p in (base, other))
+    d = [b[k] - a[k] for k in a]
+    mu = sum(d) / len(d)
+    sd = (sum((x - mu) ** 2 for x in d) / max(1, len(d) - 1)) ** 0.5
+    return {"vs_M0": mu, "paired_se": sd / len(d) ** 0.5}
 
 
 def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:

@@ -62,6 +62,14 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
         if r["model"] not in loops or r["accuracy"] is not None:   # the loop's rows need pairs
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["se"] <= 0.5 and r["n"] == 6
     assert rows["DPO-oracle"]["pairs"] >= 1
+    # each row against M0 on the same items: the difference and its paired SE, by hand from the replies
+    import math
+    base = {r["id"]: r["strict_ok"] for r in map(json.loads, (tmp_path / "run" / "replies" / "m0.jsonl").read_text().splitlines())}
+    oracle = {r["id"]: r["strict_ok"] for r in map(json.loads, (tmp_path / "run" / "replies" / "oracle.jsonl").read_text().splitlines())}
+    d = [int(oracle[k]) - int(base[k]) for k in base]
+    mu = sum(d) / 6
+    assert rows["DPO-oracle"]["vs_M0"] == pytest.approx(rows["DPO-oracle"]["accuracy"] - rows["M0"]["accuracy"])
+    assert rows["DPO-oracle"]["paired_se"] == pytest.approx(math.sqrt(sum((x - mu) ** 2 for x in d) / 5 / 6))
     # IFEval's instruction-level accuracy of M0: the library's per-instruction verdicts, counted here
     from if_verifiable.common import evaluate_instructions
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
