@@ -44,6 +44,7 @@ class RealConfig:
     top_p: float = 0.9
     rl_steps: int = 16                # RL-checker's optimizer steps; 0 = no RL row
     rl_batch: int = 8                 # prompts per RL step
+    rl_micro_batch: int = 2           # prompts per forward (with their replies); the step accumulates the rest
     rl_num_samples: int = 4           # replies per prompt (RLOO; 1 = REINFORCE with a value baseline)
     rl_lr: float = 5e-5
     rl_beta: float = 0.05             # KL penalty to M0
@@ -72,15 +73,16 @@ class RealConfig:
         """The rules the ranges do not hold (ranges.py holds the rest), before any file is touched."""
         rules = (("--n-eval", self.n_eval < 1, ">= 1"), ("--n-candidates", self.n_candidates < 2, ">= 2 (a pair)"),
                  ("--temperature", self.temperature <= 0, "> 0 (RL samples)"),
-                 ("--max-length", self.max_length <= self.max_tokens, "above --max-tokens"))
+                 ("--max-length", self.max_length <= self.max_tokens, "above --max-tokens"),
+                 ("--rl-micro-batch", self.rl_batch % self.rl_micro_batch, "a divisor of --rl-batch"))
         for flag, bad, want in rules:
             if bad:
                 raise cli.ConfigError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: must be {want}")
 
 # every size small: a tiny model runs all the stages in seconds (tests/test_real_demo.py)
-SMOKE = dict(n_eval=6, n_prompts=16, max_tokens=24, rl_steps=2, rl_batch=2, rl_num_samples=2, rl_lr=1e-4,
-             n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8, label_limit=4,
-             table4_limit=3, self_instruct=4)
+SMOKE = dict(n_eval=6, n_prompts=16, max_tokens=24, rl_steps=2, rl_batch=2, rl_micro_batch=1, rl_num_samples=2,
+             rl_lr=1e-4, n_candidates=6, dpo_steps=2, dpo_batch=2, dpo_lr=1e-4, judge_k=1, judge_max_tokens=8,
+             label_limit=4, table4_limit=3, self_instruct=4)
 
 
 def once(key: str, what: str, fn):

@@ -91,7 +91,7 @@ def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:
         s.release()
         last = train(RLConfig(
             model=cfg.model, data=[train_set], output=str(out), reward=cfg.rl_reward, reward_template=train_set,
-            max_steps=cfg.rl_steps, batch_size=cfg.rl_batch, num_samples=cfg.rl_num_samples,
+            max_steps=cfg.rl_steps, batch_size=cfg.rl_batch, micro_batch_size=cfg.rl_micro_batch, num_samples=cfg.rl_num_samples,
             estimator="rloo" if cfg.rl_num_samples > 1 else "reinforce", lr=cfg.rl_lr, final_lr=cfg.rl_lr / 10,
             beta=cfg.rl_beta, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_tokens,
             max_length=cfg.max_length, dropout=0.0, resume=True, seed=cfg.seed, threads=cfg.threads, cpu_bf16=cfg.cpu_bf16,

@@ -54,6 +54,7 @@ def test_smoke_end_to_end_and_rerun_skips(tmp_path, one_thread, capsys):
     argv = ["--model", str(m0), "--oasst", str(OASST_20), "--run-dir", str(tmp_path / "run"), "--smoke",
             "--max-length", "4096", "--temperature", "1.0"]
     s = real_demo.main(argv)
+    assert "steps of 2 (micro 1 x accum 2 x world 1)" in capsys.readouterr().out    # --rl-micro-batch reached rl.py
     rows = {r["model"]: r for r in s["rows"]}
     loops = ["self-rewarding", "self-rewarding (instructions rubric)"]
     assert list(rows) == ["M0", "RL-checker", "DPO-oracle", *loops]
@@ -135,6 +136,8 @@ def test_door(tmp_path):
     from selfreward import cli
     from selfreward.recipes import real_demo
     from selfreward.records import DataError
+    with pytest.raises(cli.ConfigError, match="--rl-micro-batch 3: must be a divisor of --rl-batch"):
+        real_demo.main(["--model", str(tmp_path), "--rl-micro-batch", "3"])
     with pytest.raises(cli.ConfigError, match="--n-candidates 1"):
         real_demo.main(["--model", str(tmp_path), "--n-candidates", "1"])
     with pytest.raises(DataError, match="not a checkpoint folder"):
