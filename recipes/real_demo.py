@@ -153,12 +153,12 @@ RECIPE = pipeline.Recipe("selfreward.recipes.real_demo", RealConfig, head=(
     once("DPO-oracle", "M0's candidates ranked by the checker, best vs worst pairs, train/dpo.py", oracle),
     once("self-rewarding", "one iteration of the loop, M0 judging its own candidates (--judge-template)",
          lambda c, s, run: self_rewarding(c, s, run, "loop", c.judge_template)),
-    once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge2-template",
-         lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge2_template)),
     once("rlaif_labels", "M0's soft labels on checker-known pairs", labels),
     once("table4", "M0 and the self-rewarding row's model judging the held-out OASST groups (Table 4)",
          lambda c, s, run: real_rows.table4(c, s, run, {"M0": c.model, "self-rewarding": str(
-             pipeline.folder(real_rows.loop_config(c, run / "loop"), 1) / "model")}))),
+             pipeline.folder(real_rows.loop_config(c, run / "loop"), 1) / "model")})),
+    once("self-rewarding (instructions rubric)", "the same, M0 judging under --judge2-template",
+         lambda c, s, run: self_rewarding(c, s, run, "loop2", c.judge2_template))),
     body=(), manifest=write_manifest,
     layout=("sets", "instruct", "replies", "rl", "oracle", "loop", "loop2", "labels.jsonl", "manifest.json", "summary.json", "accuracy.png"))
 
