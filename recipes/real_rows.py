@@ -61,11 +61,11 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
     outs = engine.generate([tok.user_ids(r["prompt"]) for r in records],
                            SamplingParams(temperature=0.0, max_tokens=max_tokens), progress=True)
     texts = [o[0].text for o in outs]
-    write_jsonl(out, [{"id": r["id"], "response": x, "strict_ok": verifiable.strict_ok(r, x)}
-                      for r, x in zip(records, texts)])
-    acc, se = verifiable.accuracy(records, texts)
+    acc, se, sc = verifiable.accuracy(records, texts)
+    write_jsonl(out, [{"id": r["id"], "response": x, "strict_ok": v.binary_strict == 1.0}
+                      for r, x, v in zip(records, texts, sc)])
     k = [len(r["instruction_id_list"]) for r in records]       # IFEval's instruction-level strict accuracy too
-    followed = sum(verifiable.scores(r, x).partial_strict * n for r, x, n in zip(records, texts, k))
+    followed = sum(v.partial_strict * n for v, n in zip(sc, k))
     return {"accuracy": acc, "se": se, "n": len(records), "instruction_accuracy": followed / sum(k),
             "model_dir": model, "replies": str(out), "mean_reply_chars": round(sum(map(len, texts)) / len(texts), 1)}
 

@@ -108,12 +108,13 @@ def strict_ok(record: dict, response: str) -> bool:
     return scores(record, response).binary_strict == 1.0
 
 
-def accuracy(records: list[dict], responses: list[str]) -> tuple[float, float]:
-    """Strict prompt-level accuracy and its SE, sqrt(p (1 - p) / n)."""
+def accuracy(records: list[dict], responses: list[str]) -> tuple[float, float, list]:
+    """Strict prompt-level accuracy, its SE sqrt(p (1 - p) / n), and each response's EvaluationScores."""
     if len(records) != len(responses) or not records:
         raise ValueError(f"{len(records)} records and {len(responses)} responses: need as many, at least one")
-    p = sum(strict_ok(r, s) for r, s in zip(records, responses)) / len(records)
-    return p, math.sqrt(p * (1 - p) / len(records))
+    sc = [scores(r, s) for r, s in zip(records, responses)]
+    p = sum(x.binary_strict == 1.0 for x in sc) / len(records)
+    return p, math.sqrt(p * (1 - p) / len(records)), sc
 
 
 def check_records(records: list[dict], where: str) -> dict[str, dict]:

@@ -88,9 +88,9 @@ def test_attach_is_seeded_and_avoids_conflicts():
 def test_accuracy_and_se():
     recs = [LOWER] * 4
     good, bad = "hello world, this is a short answer in plain english.", "Hello World."
-    p, se = V.accuracy(recs, [good, good, good, bad])
+    p, se, _ = V.accuracy(recs, [good, good, good, bad])
     assert p == 0.75 and se == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
-    assert V.accuracy(recs[:2], [good, good]) == (1.0, 0.0)
+    assert V.accuracy(recs[:2], [good, good])[:2] == (1.0, 0.0)
     with pytest.raises(ValueError):
         V.accuracy(recs, [good])
 
