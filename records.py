@@ -4,9 +4,11 @@ the file on restart, `read_partial` dropping a torn last line (units.py builds r
 this). Imports nothing of ours."""
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,23 +27,35 @@ def check_file(path: str | Path) -> Path:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) per non-blank line; errors name the file and line."""
+    """(line number, record) per non-blank line (of a `.gz` file: of its gunzipped text); errors name the file
+    and line."""
     path = check_file(path)
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{i}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield i, rec
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        try:
+            for i, raw in enumerate(f, 1):
+                if (rec := _record(path, i, raw)) is not None:
+                    yield i, rec
+        except (OSError, EOFError, zlib.error) as e:        # gzip: not gzip, cut short, corrupt
+            if not isinstance(f, gzip.GzipFile):
+                raise
+            raise DataError(f"{path}: not a whole gzip file ({e})") from None
+
+
+def _record(path: Path, i: int, raw: bytes) -> dict | None:
+    """Line i's record; None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{i}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def read_jsonl(path: str | Path, made_by: str = "") -> list[dict]:

@@ -19,14 +19,14 @@ PLAIN_ASSISTANT = "Assistant:"   # the reply follows; SentencePiece's dummy pref
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(msgs, where: str) -> list[dict]:
-    """A chat record's `messages`: a non-empty list of {'role': system|user|assistant, 'content': str}; the
-    error names `where` (file:line) and the field."""
+def check_messages(msgs, where: str, name: str = "messages") -> list[dict]:
+    """A chat record's `messages` (or the field `name`): a non-empty list of {'role': system|user|assistant,
+    'content': str}; the error names `where` (file:line) and the field."""
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        raise DataError(f"{where}: field '{name}' must be a non-empty list")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{j}]' must be {{'role': {'|'.join(ROLES)}, "
+            raise DataError(f"{where}: field '{name}[{j}]' must be {{'role': {'|'.join(ROLES)}, "
                             f"'content': str}}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 

@@ -4,18 +4,13 @@
 import dataclasses
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from selfreward.kernels.logprobs import IGNORE_INDEX as IGNORE
 from selfreward.model.tokenizer import check_messages
-from selfreward.records import DataError, field, iter_jsonl, nonempty
-
-
-def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """-> [(where = 'file:line', record)], blank lines skipped; bad JSON, a non-object or none: DataError."""
-    return nonempty([(f"{path}:{i}", rec) for i, rec in iter_jsonl(path)], path)
+from selfreward.records import DataError, field
+from selfreward.train.layouts import pair_row, read_rows, sft_row
 
 
 @dataclass
@@ -25,8 +20,14 @@ class Example:
 
 
 def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Example:
+    """A native SFT record (layouts.sft_row's) -> its example."""
+    context = 0                     # the first `prompt_turns` messages: no loss on them
     if "messages" in rec:
         msgs = check_messages(rec["messages"], where)
+        if "prompt_turns" in rec:
+            context = field(rec, "prompt_turns", where, int)
+            if not 0 <= context < len(msgs):
+                raise DataError(f"{where}: field 'prompt_turns' should be in [0, {len(msgs)}), got {context}")
     elif "prompt" in rec or "response" in rec:
         msgs = [{"role": "user", "content": field(rec, "prompt", where, str)},
                 {"role": "assistant", "content": field(rec, "response", where, str)}]
@@ -35,12 +36,14 @@ def sft_example(rec: dict, tok, where: str, system: str | None = None) -> Exampl
         return Example(ids, [False] + [True] * (len(ids) - 1))
     else:
         raise DataError(f"{where}: needs field 'messages', 'prompt'+'response' or 'text'")
-    if not any(m["role"] == "assistant" for m in msgs):
+    if not any(m["role"] == "assistant" for m in msgs[context:]):
         raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
     if system is not None and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}] + msgs
+        context += 1 if context else 0      # the system turn joins the context
     ids, mask = tok.render_chat(msgs)
-    return Example(list(ids), [bool(m) for m in mask])
+    n = len(tok.render_chat(msgs[:context])[0]) if context else 0   # turns render as growing prefixes
+    return Example(list(ids), [False] * n + [bool(m) for m in mask[n:]])
 
 
 def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | None = None
@@ -48,8 +51,8 @@ def load_sft(paths: list[str], tok, max_length: int, systems: dict[str, str] | N
     """-> (examples, counts {read, truncated, dropped})."""
     out, counts = [], {"read": 0, "truncated": 0, "dropped": 0}
     for p in paths:
-        for where, rec in read_jsonl(p):
-            ex = sft_example(rec, tok, where, (systems or {}).get(p))
+        for where, rec in read_rows(p):
+            ex = sft_example(sft_row(rec, where), tok, where, (systems or {}).get(p))
             counts["read"] += 1
             if len(ex.ids) > max_length:
                 counts["truncated"] += 1
@@ -136,7 +139,8 @@ def load_pairs(paths: list[str], tok, max_length: int, max_prompt_length: int, l
     """-> (pairs, counts {read, truncated}). `label(rec, where)` -> (the record with chosen / rejected, p1)."""
     out, counts = [], {"read": 0, "truncated": 0}
     for path in paths:
-        for where, rec in read_jsonl(path):
+        for where, rec in read_rows(path):
+            rec = pair_row(rec, where)
             rec, p1 = label(rec, where) if label else (rec, 1.0)
             q, cut = truncate_pair(dpo_pair(rec, tok, where), max_length, max_prompt_length)
             counts["read"] += 1

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from selfreward.cli import ConfigError, checkpoint, choice, passive
-from selfreward.records import DataError, field as rec_field
+from selfreward.records import DataError
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
-from selfreward.train.data import read_jsonl
+from selfreward.train.layouts import prompt_text, read_rows
 from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import reshard
 from selfreward.train.losses import reinforce_loss, rloo_loss, seq_sums
@@ -99,8 +99,8 @@ class RLTask(loop.Task):
         self.cfg, self.d, self.tok, self.train = cfg, d, tok, []
         room = cfg.max_length - cfg.max_new_tokens
         for path in cfg.data:
-            for where, rec in read_jsonl(path):
-                self.train.append(rec_field(rec, "prompt", where))
+            for where, rec in read_rows(path):
+                self.train.append(prompt_text(rec, where))
                 if len(tok.user_ids(self.train[-1])) > room:
                     raise DataError(f"{where}: field 'prompt' has more than {room} tokens "
                                     f"(context - max_new_tokens)")
@@ -185,7 +185,7 @@ class RLTask(loop.Task):
         if not (c.probe_data and c.probe_every and self.d.is_main):
             return 0.0
         if self.probes is None:          # the first call is at the run's first step (after a resume: the restored one)
-            self.probe_ids = [self.tok.user_ids(rec_field(r, "prompt", w)) for w, r in read_jsonl(c.probe_data)]
+            self.probe_ids = [self.tok.user_ids(prompt_text(r, w)) for w, r in read_rows(c.probe_data)]
             self.probes = MetricsLog(Path(c.output) / "probes.jsonl", self.d, step - 1 if step else None)
         if step % c.probe_every and not last:
             return 0.0
