@@ -30,11 +30,16 @@ MIB = 1 << 20
 
 
 def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits): JSONL inputs are small next to the work done on them."""
+    """sha256 of a file's bytes, or of a folder's files' names and bytes (a `datasets.save_to_disk` input), the
+    first 16 hex digits: inputs are small next to the work done on them."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * MIB), b""):
-            h.update(block)
+    for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+        if p != path:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(4 * MIB), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -77,10 +82,16 @@ def made_by(cfg) -> dict:
             out[f"{f.name}_fingerprint"] = model_fingerprint(v) if v else ""
         elif kind == "file":
             out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = \
-                [file_hash(p) if Path(p).is_file() else "" for p in v] if many else file_hash(v) if v else ""
+                [file_hash(p) if _data(p) else "" for p in v] if many else file_hash(v) if v else ""
         else:
             out[f.name] = list(v) if many else v
     return out
+
+
+def _data(path: str | Path) -> bool:
+    """A data input to hash: a file, or a `datasets.save_to_disk` folder (not any folder: a wrong --data is an
+    error after the claim, not a hash of all it holds)."""
+    return Path(path).is_file() or (Path(path) / "state.json").is_file()
 
 
 def meta_path(out: str | Path, folder: bool = False) -> Path:

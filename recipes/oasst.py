@@ -1,6 +1,7 @@
 """Seed data from Open Assistant exports: IFT pairs, human-ranked groups (train / held-out), EFT examples
 (recipes/README.md, "Seed data"). The tree export and the flat message table (`message_id`, `parent_id`,
-`role`, `lang`, `text`, `rank`) are detected from the first record and read into the same `Node` trees.
+`role`, `lang`, `text`, `rank`: the hub's parquet too) are detected from the first record and read into the
+same `Node` trees.
 
     python -m selfreward.recipes.oasst --input oasst.jsonl --out data/seed [--lang en] [--eval-frac 0.25]
         [--eft-model DIR --tries 1]       # also the EFT examples, judged by that model (recipes.judge)
@@ -17,7 +18,8 @@ from typing import Callable
 
 from selfreward import cli
 from selfreward.provenance import check_not_input, claim, file_hash, made_by
-from selfreward.records import DataError, field, iter_jsonl, nonempty, write_jsonl
+from selfreward.records import DataError, field, nonempty, write_jsonl
+from selfreward.train.layouts import iter_rows
 
 
 @dataclass
@@ -54,8 +56,7 @@ def load_messages(path: str | Path) -> list[Node]:
     flat: dict[str, Node] = {}
     parents: list[tuple[str, str | None, str]] = []
     fmt = None
-    for i, rec in iter_jsonl(path):
-        where = f"{path}:{i}"
+    for where, rec in iter_rows(path):
         kind = "tree" if isinstance(rec.get("prompt"), dict) else "flat" if "message_id" in rec else None
         if kind is None:
             raise DataError(f"{where}: neither a tree record (field 'prompt' with replies) nor a flat message "

@@ -1,5 +1,6 @@
 """OASST builders: IFT, ranked groups and EFT on tests/data/oasst_20_trees.jsonl (20 of the shared trees, in
-every clone) and on the shared 100-tree export; held-out trees in no training file; flat table == trees; errors."""
+every clone) and on the shared 100-tree export; held-out trees in no training file; flat table (JSONL, or the
+hub's parquet) == trees; errors."""
 import json
 import random
 from collections import Counter
@@ -9,6 +10,7 @@ import pytest
 from selfreward.records import DataError, read_jsonl
 from selfreward.recipes.oasst import agrees_with_humans, build_eft, ift_pairs, load_messages, main, ranked_groups, \
     split_groups
+from selfreward.train.layouts import read_rows
 from conftest import OASST_20
 
 
@@ -94,6 +96,18 @@ def test_flat_table_gives_same_ift(tmp_path):
     assert sorted(ranked_groups(roots_t, first_turn_only=False), key=key) == \
         sorted(ranked_groups(roots_f, first_turn_only=False), key=key)
     assert n > 20 and len(ranked_groups(roots_t, first_turn_only=False)) > len(ranked_groups(roots_t))
+
+
+def test_hub_parquet_gives_same_ift(tmp_path):
+    """OpenAssistant/oasst1 on the hub is this flat table as parquet (nulls in parent_id and rank): read as is."""
+    datasets = pytest.importorskip("datasets")
+    _flatten(OASST_20, tmp_path / "flat.jsonl")
+    rows = [r for _, r in read_rows(tmp_path / "flat.jsonl")]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "flat.parquet"))
+    roots_t, roots_p = load_messages(OASST_20), load_messages(tmp_path / "flat.parquet")
+    key = lambda r: r["id"]  # noqa: E731
+    assert sorted(ift_pairs(roots_t), key=key) == sorted(ift_pairs(roots_p), key=key) != []
+    assert sorted(ranked_groups(roots_t), key=key) == sorted(ranked_groups(roots_p), key=key) != []
 
 
 def test_eft_builder_scripted_judge():

@@ -7,7 +7,8 @@ import pytest
 from selfreward.model.tokenizer import Tokenizer
 from test_train_fixtures import make_spm, write_jsonl
 from selfreward.train.data import (IGNORE, DataError, Example, global_batch, load_pairs, load_sft, pack_rows,
-                        pair_batch, rank_micro_batches, read_jsonl, sft_example, truncate_pair, Pair)
+                        pair_batch, rank_micro_batches, sft_example, truncate_pair, Pair)
+from selfreward.train.layouts import read_rows
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,10 @@ def test_bad_lines_name_file_line_and_field(tmp_path, tok):
         load_sft([str(p)], tok, 64)
     p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
-        read_jsonl(p)
+        read_rows(p)
     p.write_text('[1, 2]\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: expected a JSON object"):
-        read_jsonl(p)
+        read_rows(p)
     p.write_text('{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'response'"):
         load_sft([str(p)], tok, 64)

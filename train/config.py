@@ -11,7 +11,7 @@ from selfreward.ranges import check_fields
 @dataclass
 class TrainConfig:
     model: str = checkpoint("")                   # HF checkpoint folder to start from (also the DPO reference)
-    data: list[str] = input_file([])  # JSONL file(s)
+    data: list[str] = input_file([])  # JSONL (.jsonl.gz), parquet, datasets.save_to_disk folder(s)
     output: str = passive("")                  # run folder: metrics.jsonl, checkpoints/, model/
     export: str = passive("")                  # final HF export folder (default: OUTPUT/model)
     tokenizer: str = checkpoint("")               # tokenizer folder (default: --model)

@@ -12,16 +12,19 @@ NEEDS_DATASETS = "needs the datasets library: pip install datasets"
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """-> [(where = 'file:N', record)]: N the line of a JSONL file (`.gz`: gunzipped first), the row (from 1) of
-    a parquet file or of a `datasets.save_to_disk` folder; a table's null cell is an absent field. None: error."""
+    """iter_rows' rows; none: DataError."""
+    return nonempty(list(iter_rows(path)), path)
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where = 'file:N', record): N the line of a JSONL file (`.gz`: gunzipped first), the row (from 1) of a
+    parquet file or of a `datasets.save_to_disk` folder; a table's null cell is an absent field."""
     p = Path(path)
     if p.is_dir():
-        rows = _saved_dataset(p)
-    elif p.suffix == ".parquet":
-        rows = _parquet(check_file(p))
-    else:
-        rows = ((f"{path}:{i}", rec) for i, rec in iter_jsonl(p))
-    return nonempty(list(rows), path)
+        return _saved_dataset(p)
+    if p.suffix == ".parquet":
+        return _parquet(check_file(p))
+    return ((f"{path}:{i}", rec) for i, rec in iter_jsonl(p))
 
 
 def _table(path: Path, batches: Iterable[list[dict]]) -> Iterator[tuple[str, dict]]:
@@ -90,7 +93,7 @@ def pair_row(rec: dict, where: str) -> dict:
     'chosen' / 'rejected' the whole texts or conversations, the prompt their longest common prefix."""
     if "chosen" not in rec or "rejected" not in rec:
         return _prompt_messages(rec, where)    # the reward model's response_1 / response_2, or an error later
-    c, r = rec["chosen"], rec["rejected"]
+    c, r = (field(rec, k, where, (str, list)) for k in ("chosen", "rejected"))
     if isinstance(c, list) != isinstance(r, list):
         raise DataError(f"{where}: fields 'chosen' and 'rejected' should both be strings or both lists of messages")
     if isinstance(c, list):

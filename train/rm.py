@@ -26,7 +26,7 @@ class RMConfig(TrainConfig):
     lr: float = 1e-5                  # RLAIF paper: reward model lr 1e-5, batch 128
     batch_size: int = 128
     max_prompt_length: int = 0        # 0 = max_length // 2; prompts keep BOS + their last tokens
-    eval_data: list[str] = input_file([])  # held-out label JSONL; or use --eval-fraction
+    eval_data: list[str] = input_file([])  # held-out labels, as --data; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
     eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     head_seed: int = 0                # seed of the fresh score head (when --model is a causal LM)

@@ -23,7 +23,7 @@ class SFTConfig(TrainConfig):
     lr: float = 5.5e-6                # paper: 5.5e-6 -> 1.1e-6, global batch 16, dropout 0.1
     final_lr: float = 1.1e-6
     packing: bool = True              # the examples end to end, no padding (False: one per row, padded)
-    eval_data: list[str] = input_file([])  # held-out JSONL; or use --eval-fraction
+    eval_data: list[str] = input_file([])  # held-out data, as --data; or use --eval-fraction
     eval_fraction: float = 0.0        # hold out this share of --data (seeded) when no --eval-data
     eval_every: int = passive(0)               # also evaluate every N steps (always at start and end)
     system_prompt: list[str] = field(default_factory=list)  # FILE=TEXT: system turn for that data file
