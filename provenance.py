@@ -82,7 +82,7 @@ def made_by(cfg) -> dict:
             out[f"{f.name}_fingerprint"] = model_fingerprint(v) if v else ""
         elif kind == "file":
             out[f"{f.name}_hashes" if many else f"{f.name}_hash"] = \
-                [file_hash(p) if _data(p) else "" for p in v] if many else file_hash(v) if v else ""
+                [file_hash(p) if _data(p) else "" for p in v] if many else file_hash(v) if v and _data(v) else ""
         else:
             out[f.name] = list(v) if many else v
     return out

@@ -101,7 +101,8 @@ def pair_row(rec: dict, where: str) -> dict:
     else:
         implicit = "prompt" not in rec and "messages" not in rec
     if not implicit:
-        return dict(_prompt_messages(rec, where), chosen=reply(c, "chosen", where), rejected=reply(r, "rejected", where))
+        return dict(_prompt_messages(rec, where), chosen=reply(c, "chosen", where),
+                    rejected=reply(r, "rejected", where))
     if isinstance(c, list):
         c, r = check_messages(c, where, "chosen"), check_messages(r, where, "rejected")
     k = shared_prompt(c, r)
