@@ -226,3 +226,16 @@ def test_a_bad_row_through_the_cli_is_an_error_line(tmp_path, spm):
                                 "--batch-size", "2", "--max-length", "64"])
     assert code == 2 and f"error: {data}:2: field 'prompt' must end with a user turn" in err, err
     assert "Traceback" not in err
+
+
+def test_a_save_to_disk_folder_is_hashed_for_resume(tmp_path):
+    """A folder --data shapes the run as a file does: its hash is in run.json, so a resume on changed data is
+    refused; the same rows in another folder hash the same, other rows differently."""
+    datasets = pytest.importorskip("datasets")
+    from selfreward.provenance import made_by
+    from selfreward.train.dpo import DPOConfig
+    for name, rows in (("a", [PAIRS["string"][0]]), ("b", [PAIRS["string"][0]]), ("c", [PAIRS["string"][1]] * 2)):
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / name))
+    (tmp_path / "plain").mkdir()
+    h = {n: made_by(DPOConfig(data=[str(tmp_path / n)]))["data_hashes"][0] for n in ("a", "b", "c", "plain")}
+    assert h["a"] == h["b"] != h["c"] and h["a"] and h["plain"] == ""
