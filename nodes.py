@@ -92,11 +92,18 @@ def lead(cfg):
     write_json(root / "leader.json", {"session": s.name, "nnodes": cfg.nnodes})
     others = range(1, cfg.nnodes)
     missing = lambda: [str(r) for r in others if not (s / f"node_{r}.json").exists()]   # noqa: E731
-    _wait(lambda: not missing(), cfg.rdzv_timeout, lambda: (
-        f"{s}: node(s) {', '.join(missing())} did not check in within --rdzv-timeout {cfg.rdzv_timeout} s: start "
-        f"this command on every node with its --node-rank and a --run-dir that every node sees as the same folder "
-        f"(a shared filesystem)"))
-    write_json(s / "ready.json", {"nodes": {str(r): read_json(s / f"node_{r}.json")["nonce"] for r in others}})
+    try:
+        _wait(lambda: not missing(), cfg.rdzv_timeout, lambda: (
+            f"{s}: node(s) {', '.join(missing())} did not check in within --rdzv-timeout {cfg.rdzv_timeout} s: "
+            f"start this command on every node with its --node-rank and a --run-dir that every node sees as the "
+            f"same folder (a shared filesystem)"))
+        tokens = {str(r): read_json(s / f"node_{r}.json") for r in others}
+        if other := [r for r, t in tokens.items() if t["nnodes"] != cfg.nnodes]:
+            raise DataError(f"{s}: node(s) {', '.join(other)} run with another --nnodes than this node's {cfg.nnodes}")
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    write_json(s / "ready.json", {"nodes": {r: t["nonce"] for r, t in tokens.items()}})
     stop = threading.Event()
     threading.Thread(target=_beat, args=(s, stop, min(30.0, cfg.rdzv_timeout / 4)), daemon=True).start()
     _LEAD.update(cfg=cfg, session=s, launches=0)
@@ -118,14 +125,11 @@ def lead(cfg):
 
 def _joined(cfg, me: str, wrote: set) -> Path | None:
     """Node r's token in node 0's current session (once per session) -> the session, once node 0 names it back."""
-    lead = read_json(home(cfg) / "leader.json")
-    if not lead:
+    if not (lead := read_json(home(cfg) / "leader.json")):
         return None
-    if lead["nnodes"] != cfg.nnodes:
-        raise cli.ConfigError(f"--nnodes {cfg.nnodes}: node 0 runs with --nnodes {lead['nnodes']}")
     s = home(cfg) / lead["session"]
     if s.name not in wrote and s.is_dir():       # not a session node 0 has removed meanwhile
-        write_json(s / f"node_{cfg.node_rank}.json", {"nonce": me})
+        write_json(s / f"node_{cfg.node_rank}.json", {"nonce": me, "nnodes": cfg.nnodes})
         wrote.add(s.name)
     return s if read_json(s / "ready.json").get("nodes", {}).get(str(cfg.node_rank)) == me else None
 
@@ -133,10 +137,16 @@ def _joined(cfg, me: str, wrote: set) -> Path | None:
 def follow(cfg) -> None:
     """Node r > 0: join node 0's session, start each torchrun it announces as node r, until node 0 ends."""
     me, wrote = uuid.uuid4().hex, set()
-    s = _wait(lambda: _joined(cfg, me, wrote), cfg.rdzv_timeout, lambda: (
-        f"{home(cfg)}: node 0 did not take this node (--node-rank {cfg.node_rank}) in within --rdzv-timeout "
-        f"{cfg.rdzv_timeout} s: is node 0 running this command with the same --run-dir, is that folder the same "
-        f"one on every node (a shared filesystem), does another node have --node-rank {cfg.node_rank}?"))
+    try:
+        s = _wait(lambda: _joined(cfg, me, wrote), cfg.rdzv_timeout, lambda: (
+            f"{home(cfg)}: node 0 did not take this node (--node-rank {cfg.node_rank}) in within --rdzv-timeout "
+            f"{cfg.rdzv_timeout} s: is node 0 running this command with the same --run-dir and --nnodes, is that "
+            f"folder the same one on every node (a shared filesystem), does another node have --node-rank {cfg.node_rank}?"))
+    except BaseException:
+        for name in wrote:                       # this node's tokens in sessions that did not take it
+            if read_json(tok := home(cfg) / name / f"node_{cfg.node_rank}.json").get("nonce") == me:
+                tok.unlink(missing_ok=True)
+        raise
     k, beat, heard = 0, None, time.monotonic()
     try:
         while not (s / "end.json").exists():
@@ -156,7 +166,6 @@ def follow(cfg) -> None:
     finally:
         with suppress(OSError):
             (s / f"done_{cfg.node_rank}").touch()
-
 
 
 def _rdzv(cfg, nproc: int, node_rank: int, run_id: str) -> list[str]:

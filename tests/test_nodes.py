@@ -57,13 +57,16 @@ def test_loop_on_two_nodes_equals_one_process(tmp_path):
     assert w1.keys() == w2.keys() and any((w1[k] != w0[k]).any() for k in w1)     # DPO moved the weights
     for k in w1:   # 2 ranks sum their halves of the batch where 1 process sums it whole: float32 rounding only
         assert (w1[k] - w2[k]).abs().max() <= 1e-5, k
+    l1, l2 = ([r["loss"] for r in read_jsonl(d / "dpo" / "metrics.jsonl") if "loss" in r] for d in (a, b))
+    assert len(l1) == len(l2) == 2 and all(abs(x - y) <= 1e-5 for x, y in zip(l1, l2))
     assert not (tmp_path / "two" / ".nodes").exists()                              # the session folder is gone
     log = (tmp_path / "node1.log").read_text()
     assert "[self-reward]" not in log and "[self-reward] iter 1" in (tmp_path / "node0.log").read_text()
 
 
-def node(run, rank: int, timeout: float = 20) -> SimpleNamespace:
-    return SimpleNamespace(run_dir=str(run), nnodes=2, node_rank=rank, rdzv_endpoint="127.0.0.1:1", rdzv_timeout=timeout)
+def node(run, rank: int, timeout: float = 20, nnodes: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(run_dir=str(run), nnodes=nnodes, node_rank=rank, rdzv_endpoint="127.0.0.1:1",
+                           rdzv_timeout=timeout)
 
 
 def following(cfg) -> dict:
@@ -81,7 +84,7 @@ def following(cfg) -> dict:
     return out
 
 
-def test_stale_session_end_error_and_heartbeat(tmp_path, monkeypatch):
+def test_stale_session_end_error_heartbeat_and_nnodes(tmp_path, monkeypatch):
     run = tmp_path / "run"
     # what a killed run left: a session whose node 0 ended, naming another node 1
     write_json(run / ".nodes" / "leader.json", {"session": "old", "nnodes": 2})
@@ -103,10 +106,18 @@ def test_stale_session_end_error_and_heartbeat(tmp_path, monkeypatch):
     assert isinstance(f["error"], cli.Stopped) and str(f["error"]) == "node 0 stopped: boom"
 
     monkeypatch.setattr(nodes, "_beat", lambda *a: None)   # node 0 as if killed right after the start
-    f = following(node(run, 1, timeout=1.5))
-    with nodes.lead(node(run, 0, timeout=1.5)):
+    f = following(node(run, 1, timeout=3))
+    with nodes.lead(node(run, 0)):
         f["thread"].join(10)
     assert isinstance(f["error"], cli.Stopped) and "no heartbeat from node 0" in str(f["error"])
+
+    f = following(node(run, 1, timeout=4, nnodes=3))   # a node started with another --nnodes
+    with pytest.raises(DataError, match="node.s. 1 run with another --nnodes than this node's 2"):
+        with nodes.lead(node(run, 0)):
+            pass
+    f["thread"].join(10)
+    assert isinstance(f["error"], DataError) and "did not take this node" in str(f["error"])
+    assert not (run / ".nodes").exists()
 
 
 def test_nodes_that_do_not_share_the_folder_stop_at_the_start(tmp_path, capsys):
