@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 import json
 import re
-import subprocess
 import sys
 import types
 import typing
@@ -176,15 +175,14 @@ def parse_config(cls, argv: list[str] | None, description: str = ""):
 
 
 def launch(fn, cfg, module: str, nproc: int, config_path: str | Path, *args: str):
-    """One stage: `fn(cfg)` in this process, or with nproc > 1 the config saved to `config_path` and
-    `python -m module --config config_path ARGS` under torchrun (its main reads the config back exactly)."""
-    if nproc <= 1:
+    """One stage: `fn(cfg)` in this process, or with nproc > 1 (or on several nodes: nodes.py) the config saved to
+    `config_path` and `python -m module --config config_path ARGS` under torchrun (its main reads the config back
+    exactly)."""
+    from selfreward import nodes
+    if nproc <= 1 and not nodes.leading():
         return fn(cfg)
     write_json(config_path, to_dict(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
-           "--config", str(config_path), *args]
-    if (rc := subprocess.run(cmd).returncode) != 0:
-        raise RuntimeError(f"torchrun {' '.join(cmd[6:])}: exit {rc}")
+    nodes.torchrun(nproc, ["-m", module, "--config", str(config_path), *args])
 
 
 class Stopped(RuntimeError):

@@ -18,10 +18,10 @@ _RULES = {  # a range -> the settings (the last part of their names) it holds fo
     ">=0": "temperature top_k final_lr weight_decay beta threads num_blocks micro_batch_size epochs max_steps every "
            "max_prompt_length grad_clip nll_alpha value_coef simpo_gamma sleep_per_step margin limit judge_self_train "
            "eft_mix steps shots words segments groups n_control n_eft n_eval n_ift n_judge n_pass n_pref n_prompts "
-           "n_unlabelled web_docs self_instruct",
+           "n_unlabelled web_docs self_instruct node_rank",
     ">=1": "max_tokens max_new_tokens num_samples n_candidates judge_k nproc n chunk block_size max_num_seqs "
            "max_num_batched_tokens tensor_parallel batch_size batch log_every keep_checkpoints curate_k iterations "
-           "iter rounds draws shingle context ffn heads hidden layers vocab tries repeat",
+           "iter rounds draws shingle context ffn heads hidden layers vocab tries repeat nnodes timeout",
     ">0": "lr scale", ">=2": "max_length", ">=-1": "warmup_steps", "(0,1]": "top_p",
     "[0,1]": "near_dup rouge_threshold frac p_right p_judge min_p",
     "[0,1)": "fraction eval_frac beta1 beta2 dropout",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.nodes import NodeConfig
 from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes import pipeline
@@ -36,7 +37,7 @@ SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", 
 
 
 @dataclass
-class HumpbackConfig:
+class HumpbackConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.py
     run_dir: str = ""
     base_model: str = ""              # the base checkpoint: M_yx, M0 and every M_t are fine-tuned from it
     seed_data: str = ""               # JSONL {"prompt", "response"}: the seed (instruction, output) pairs
@@ -61,6 +62,7 @@ class HumpbackConfig:
 
     def __post_init__(self):   # the door's ranges (ranges.py), then Humpback's own rules
         check_fields(self)
+        self.check_nodes()
         if self.train_k not in self.curate.keep:
             raise cli.ConfigError(f"--train-k {self.train_k} must be one of --curate-keep {self.curate.keep}")
         self.engine.check()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from selfreward import cli
+from selfreward import cli, nodes
 from selfreward.recipes.humpback import SET_HERE, HumpbackConfig, run_humpback, run_path
 from selfreward.records import DataError, read_jsonl, write_json, write_jsonl
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.build(OasstHumpbackConfig, p.parse_args(argv))
     if not cfg.oasst_input or not cfg.run_dir:
         raise cli.ConfigError("--oasst-input and --run-dir are required")
+    if cfg.node_rank > 0:                 # node 0 writes the data and the report (nodes.py)
+        return nodes.follow(cfg) or {}
     seed, unl, hidden = write_data(cfg, Path(cfg.run_dir) / "data")
     plain = {k: v for k, v in cli.to_dict(cfg).items() if not k.startswith("oasst_")}
     hc = cli.from_dict(HumpbackConfig, {**plain, "seed_data": str(seed), "unlabelled": [str(unl)]})

@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from rouge_score import rouge_scorer, tokenizers
 
 from selfreward.records import DataError, field, iter_jsonl, nonempty
 from selfreward.recipes.segment import fold
@@ -76,6 +75,7 @@ class PromptFilter:
     """The Self-Instruct filters over a growing pool. `check` gives a verdict; `add` puts a text in the pool."""
 
     def __init__(self, pool: Sequence[str], cfg: InstructConfig):
+        from rouge_score import rouge_scorer, tokenizers   # here: nltk's import costs every torchrun rank seconds
         self.cfg = cfg
         self.tok = tokenizers.DefaultTokenizer(use_stemmer=False)
         self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfreward import cli
+from selfreward.nodes import NodeConfig
 from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes.instruct import InstructConfig
@@ -33,7 +34,7 @@ class CandidatesConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.py
     run_dir: str = ""
     init_model: str = ""              # M1: the checkpoint iteration 1 starts from (or --base-model + --sft-data)
     base_model: str = ""              # M0: with --sft-data (IFT + EFT JSONL), M1 = train/sft.py of it (RUN/m1)
@@ -83,6 +84,7 @@ class LoopConfig:
 
     def __post_init__(self):   # the door's ranges (ranges.py), then the loop's own rules
         check_fields(self)
+        self.check_nodes()
         if self.candidates.n < 2:
             raise cli.ConfigError("--candidates-n is below its minimum (2: a pair needs two candidates)")
         if self.sft_mix and self.dpo.nll_alpha <= 0:

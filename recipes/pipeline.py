@@ -6,6 +6,8 @@ over ranks or trains) and its manifest; this module owns the rest, once:
   data (cli.PASSIVE marks the others) before any stage, `--overwrite` deleting the recipe's layout first;
 - skip-if-done (a stage whose output exists is not run again; a killed sampling stage resumes its .partial);
 - the engine released before a training stage, a sharded stage re-entered under torchrun when cfg.nproc > 1;
+- several machines (cfg.nnodes > 1, nodes.py): node 0 runs all this, its torchruns spanning the nodes; the others
+  only join those torchruns;
 - the timings and the manifest after each stage, and the one `--stage/--iter/--overwrite` main.
 A one-output command (rlaif label, evaluate rm / h2h / reward, select) is one stage of the same parts: `claimed`
 (the lock, the record of what made OUT, --overwrite), `unit_records` (resumable units, the model loaded only when
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterable
 
-from selfreward import cli
+from selfreward import cli, nodes
 from selfreward.infer.parallel import run_stage_units, stage_group
 from selfreward.provenance import check_settings, claim, output_lock
 from selfreward.recipes.session import Session
@@ -97,7 +99,7 @@ def run_stage(r: Recipe, cfg, name: str, t: int, s: Session, rank: int = 0, worl
 
 def _timed(r: Recipe, cfg, st: Stage, t: int, s: Session) -> tuple[float, dict | None]:
     t0 = time.perf_counter()
-    if st.shards and cfg.nproc > 1 and not (folder(cfg, t) / st.output).exists():
+    if st.shards and (cfg.nproc > 1 or nodes.leading()) and not (folder(cfg, t) / st.output).exists():
         s.release()
         cli.launch(None, cfg, r.module, cfg.nproc, Path(cfg.run_dir) / "config.json", "--stage", st.name,
                    "--iter", str(t))
@@ -121,8 +123,12 @@ def run_stages(r: Recipe, cfg, t: int, s: Session, stages: tuple[Stage, ...]) ->
 def run(r: Recipe, cfg, s: Session | None = None, overwrite: bool = False) -> list[dict]:
     """Every stage: the head, then iterations 1..T -> [the head's manifest (if any), iter_1's, ...]. Rerunning
     the same command after a crash continues where it stopped; a rerun with settings that shape the data is
-    refused (overwrite: the recipe's layout is deleted first); one driver per RUN."""
-    with output_lock(cfg.run_dir, folder=True):
+    refused (overwrite: the recipe's layout is deleted first); one driver per RUN. On nodes r > 0 of several
+    (nodes.py): the torchruns node 0 starts, joined as node r -> []."""
+    if getattr(cfg, "node_rank", 0) > 0:
+        nodes.follow(cfg)
+        return []
+    with output_lock(cfg.run_dir, folder=True), nodes.lead(cfg):
         run_dir, conf = Path(cfg.run_dir), Path(cfg.run_dir) / "config.json"
         if overwrite:
             for pattern in r.layout + ("config.json",):
@@ -154,7 +160,8 @@ def main(r: Recipe, argv: list[str] | None, doc: str, skip: dict):
     rank, world = dist_env()
     if a.stage == "all":
         if world > 1:
-            raise cli.ConfigError("run the driver as one process and pass --nproc P: it launches torchrun per stage")
+            raise cli.ConfigError("run the driver as one process (one per machine, with --nnodes N --node-rank R "
+                                  "--rdzv-endpoint HOST:PORT) and pass --nproc P: it launches torchrun per stage")
         return run(r, cfg, overwrite=a.overwrite)
     check_run(cfg)
     st, t = r.stage(a.stage), (0 if r.stage(a.stage) in r.head else a.iter)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.nodes import NodeConfig
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes import pipeline
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, read_pairs, read_template, soft_labels
@@ -32,7 +33,7 @@ SET_HERE = {"rm": {"model", "data", "output", "export", "tokenizer", "resume", "
 
 
 @dataclass
-class RLAIFConfig:
+class RLAIFConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.py
     run_dir: str = ""
     policy: str = cli.checkpoint("")      # the SFT policy: the RM and RL both start from it
     labeller: str = cli.checkpoint("")    # the AI labeller (and --reward direct's scorer); "" = the policy
@@ -51,6 +52,7 @@ class RLAIFConfig:
 
     def __post_init__(self):   # the door's ranges and choices (ranges.py), for a config built in Python too
         check_fields(self)
+        self.check_nodes()
 
 
 def labeller(cfg: RLAIFConfig) -> str:

@@ -278,7 +278,7 @@ TEXT = {
     "output": "output path (never over an input; a record of what made it)", "report": "output file (as --out)",
     "export": "output folder", "lang": "a language code: checked against the input (the languages it has)",
     "tag": "free text", "header": "free text", "prefix": "free text", "stop": "free text (not empty)",
-    "system_prompt": "free text",
+    "system_prompt": "free text", "endpoint": "HOST:PORT: checked with --nnodes > 1 (nodes.NodeConfig)",
     **{k: CHOICE for k in ("device", "dtype", "loss", "schedule", "ref_mode", "estimator", "reward", "reward_weight",
                            "score_from", "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls",
                            "sources")},
