@@ -290,6 +290,13 @@ def child(variant: str, steps: int, warmup: int, threads: int, out: Path) -> Non
 
 
 def ensure_trl_venv() -> Path:
+    """This interpreter where it has TRL 1.16 (`pip install -e '.[bench]'`), else .cache/trl_venv, made once."""
+    try:
+        import trl
+        if trl.__version__ == "1.16.0":
+            return Path(sys.executable)
+    except ImportError:
+        pass
     py = VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)

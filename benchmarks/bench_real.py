@@ -67,7 +67,7 @@ def make_data(oasst: str, n: int) -> dict[str, Path]:
 def ours_cmd(trainer: str, a, data: Path, steps: int) -> list[str]:
     return [sys.executable, str(ROOT / "train" / f"{trainer}.py"), "--model", a.model, "--data", str(data),
             "--output", str(CACHE / f"ours_{trainer}_{steps}"), "--overwrite", "--max-steps", str(steps),
-            "--batch-size", str(a.batch), "--max-length", str(a.max_length), "--no-shuffle"]
+            "--batch-size", str(a.batch), "--max-length", str(a.max_length), "--no-shuffle", *a.ours_args.split()]
 
 
 def trl_child(trainer: str, model: str, data: str, steps: int, batch: int, max_length: int, bf16: bool,
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-bf16", action="store_true", help="TRL's default bf16 (autocast) instead of fp32")
+    ap.add_argument("--ours-args", default="", help="more flags for our trainers, e.g. '--cpu-bf16'")
     ap.add_argument("--trl-child", nargs=3, help=argparse.SUPPRESS)       # trainer data steps
     a = ap.parse_args()
     if a.trl_child:
@@ -158,7 +159,7 @@ def main() -> None:
     (CACHE / "results.json").write_text(json.dumps({"args": vars(a), "median": med, "runs": res,
                                                     "load_before": load0, "load_after": load1}, indent=1))
     print(f"\n{a.batch} examples / step, max {a.max_length} tokens, {a.threads} threads, {n}- and {m}-step runs "
-          f"differenced, median of {a.runs}; TRL {'bf16' if a.trl_bf16 else 'fp32'}; load average before {load0}, "
+          f"differenced, median of {a.runs}; TRL {'bf16' if a.trl_bf16 else 'fp32'}; ours {a.ours_args or 'defaults'}; load average before {load0}, "
           f"after {load1}\n")
     print("| | ours | TRL 1.16 | ratio (TRL time / ours; our peak / TRL's) |\n|---|---|---|---|")
     for trainer in a.trainers:

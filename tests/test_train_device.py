@@ -68,8 +68,9 @@ def test_loop_dpo_device_reaches_the_dpo_run(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["sft", "dpo"])
 def test_cpu_bf16_trains_under_autocast_close_to_fp32(tmp_path, name):
-    """--cpu-bf16: the forward's matmuls in bf16 (the first step's loss moves from the fp32 run's by bf16
-    rounding, not more), the weights stay fp32 (the export's dtype as the fp32 run's)."""
+    """--cpu-bf16: the forward's matmuls in bf16 (the loss moves from the fp32 run's by bf16 rounding, not more:
+    SFT's first step, DPO's second, since its first is ln 2 in both), the weights stay fp32 (the export's dtype as
+    the fp32 run's)."""
     import json
     from safetensors.torch import load_file
     w = build(tmp_path)
@@ -84,4 +85,24 @@ def test_cpu_bf16_trains_under_autocast_close_to_fp32(tmp_path, name):
                      {t.dtype for t in load_file(str(tmp_path / tag / "model" / "model.safetensors")).values()})
     (l32, d32), (l16, d16) = runs["fp32"], runs["bf16"]
     assert d16 == d32 == {torch.float32}
-    assert l16[0] != l32[0] and abs(l16[0] - l32[0]) <= 0.02 * abs(l32[0]), (l16, l32)
+    i = 0 if name == "sft" else 1
+    assert l16[i] != l32[i] and abs(l16[i] - l32[i]) <= 0.02 * abs(l32[i]), (l16, l32)
+
+
+def test_cpu_bf16_dpo_reference_in_the_policys_precision(tmp_path):
+    """--cpu-bf16 with the cached reference: the reference pass runs under the policy's autocast, so at the first
+    step (policy = reference, dropout 0) the implicit rewards beta * (log pi - log ref) are 0 up to bf16's
+    run-to-run rounding, and the loss is ln 2, as in fp32 (a reference cached in fp32 would carry each sequence's
+    bf16 rounding into the log-ratios)."""
+    import json
+    import math
+    w = build(tmp_path)
+    with one_thread():
+        code, err = run_cli("dpo", dpo_args(w, tmp_path / "o", "--max-steps", "1", "--dropout", "0", "--cpu-bf16",
+                                            "--beta", "1.0"))
+    assert code == 0, err
+    first = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    # a reference cached in fp32 gave -8.8e-4 / -5.4e-4 and a loss 1.7e-4 above ln 2 here
+    assert abs(first["reward_chosen"]) < 1e-4 and abs(first["reward_rejected"]) < 1e-4, first
+    assert abs(first["loss"] - math.log(2)) < 1e-5, first
+    assert any("cpubf16" in p.name for p in (tmp_path / "o" / "ref_cache").iterdir())

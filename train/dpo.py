@@ -93,8 +93,10 @@ class DPOTask(loop.Task):
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
     """The cached reference log-probs [pairs, 2], or computed with the (still untrained) model: loop.eval_sums,
-    each rank its rows of a zero table."""
-    cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key)
+    each rank its rows of a zero table, in the policy's precision (--cpu-bf16: under the same autocast, so the
+    first step's log-ratios are 0, not bf16's rounding of each sequence; the cache is keyed by it)."""
+    bf16 = cfg.cpu_bf16 and d.device.type == "cpu"
+    cache = ReferenceCache(cfg.ref_cache_dir or Path(cfg.output) / "ref_cache", pairs, key + "-cpubf16" * bf16)
     table = cache.load()
     ok = torch.tensor([float(table is not None and table.shape == (len(pairs), 2))])
     if all_reduce(ok, d).item() == d.world:      # every rank sees it (multi-node: each its own disk)
@@ -106,8 +108,9 @@ def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist)
         t[idx] = compute_reference(model, pairs, idx, len(idx), cfg.share_prompt).cpu()
         return t.flatten()
     t0 = time.perf_counter()
-    table = eval_sums(model, list(range(len(pairs))), d, cfg.micro_batch_size or max(1, cfg.batch_size // d.world),
-                      rows).view(-1, 2)
+    with loop.cpu_autocast(cfg, d):
+        table = eval_sums(model, list(range(len(pairs))), d, cfg.micro_batch_size or max(1, cfg.batch_size // d.world),
+                          rows).view(-1, 2)
     if d.is_main:
         cache.save(table)
         print(f"[dpo] reference log-probs of {len(pairs)} pairs cached in {cache.path} "
