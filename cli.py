@@ -116,15 +116,22 @@ _KINDS = {int: (int, float), float: (int, float), bool: (bool,), str: (str,)}   
 _KIND_NAMES = {int: "a number", float: "a number", bool: "true or false", str: "text"}
 
 
+def _plain(t):
+    """int, float, bool or str for a field of that type (or `| None`); else None (`str | Callable`: unchecked)."""
+    args = [a for a in typing.get_args(t) if a is not type(None)] \
+        if typing.get_origin(t) in (typing.Union, types.UnionType) else [t]
+    return args[0] if len(args) == 1 and args[0] in _KINDS else None
+
+
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
     hints, fields, kw = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in fields:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}{config_files.close(k, fields)}")
-        t = _flag_type(hints[k])
-        if t in _KINDS and v is not None and (not isinstance(v, _KINDS[t]) or isinstance(v, bool) != (t is bool)):
-            raise ConfigError(f"{where}: field '{k}': {v!r} is not {_KIND_NAMES[t]}")
+        t, kind = _flag_type(hints[k]), _plain(hints[k])
+        if kind and v is not None and (not isinstance(v, _KINDS[kind]) or isinstance(v, bool) != (kind is bool)):
+            raise ConfigError(f"{where}: field '{k}': {v!r} is not {_KIND_NAMES[kind]}")
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
