@@ -17,9 +17,9 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
+from selfreward.train import report
 from selfreward.train.checkpointing import check_finite, claim_run, export_model, latest_checkpoint, \
     load_checkpoint, save_checkpoint, stop, weight_scale
-from selfreward.train import report
 from selfreward.train.config import TrainConfig
 from selfreward.train.data import global_batch, rank_micro_batches
 from selfreward.train.parallel import Dist, all_reduce, cleanup, init_distributed, parallelize, reshard
@@ -235,7 +235,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     # on a terminal, one line updated in place (no line per step); in a log, the step lines every --log-every
     # steps and, between them, a progress line every 10 s
     live = d.is_main and sys.stdout.isatty() and sys.stderr.isatty()
-    prog = Progress(name, total, start, unit="steps", every=10.0) if d.is_main and (live or cfg.log_every > 1) else None
+    prog = Progress(name, total, start, unit="steps", every=10.0) if live or d.is_main and cfg.log_every > 1 else None
     if start == 0 and task.held_out:
         evaluate(0)
     t_start, tokens_seen, last = time.time(), 0, {}
@@ -276,7 +276,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
                 "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3),
                 "cpu_s": round(time.process_time() - c0, 3)}      # this process's CPU time, all threads
         log.write(last)
-        shown = f"loss {metrics['loss']:.4f}" + "".join(f" {k} {metrics[k]:.4g}" for k in task.show) + f" lr {lr:.3g}"
+        shown = f"loss {metrics['loss']:.4f}{''.join(f' {k} {metrics[k]:.4g}' for k in task.show)} lr {lr:.3g}"
         if prog is not None:
             prog.update(1, int(sums.get("tokens", 0)), shown)
         if d.is_main and not live and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
