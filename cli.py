@@ -2,20 +2,21 @@
 
 One convention everywhere: field `some_name` is `--some-name`; a nested config's fields carry its name,
 `LoopConfig.judge.k` is `--judge-k`; bools take `--x/--no-x`; list fields take several values. Every entry
-takes `--config FILE` (a JSON the command wrote, e.g. RUN/config.json): its values first, flags over them;
+takes `--config FILE [KEY=VALUE ...]` (JSON, e.g. the RUN/config.json a command wrote, or YAML; then overrides
+of its settings, `judge.k=5`: config_files.py): the file's values first, the overrides, flags over them;
 `to_dict` / `from_dict` round-trip a config exactly. A field's help is the `# comment` after it.
 """
 
 import argparse
 import dataclasses
 import inspect
-import json
 import re
 import sys
 import types
 import typing
 from pathlib import Path
 
+from selfreward import config_files
 from selfreward.ranges import ConfigError, check_number
 from selfreward.records import DataError, write_json
 
@@ -110,13 +111,26 @@ def to_dict(cfg) -> dict:
     return out
 
 
+_KINDS = {int: (int, float), float: (int, float), bool: (bool,), str: (str,)}   # what a file's value may be
+_KIND_NAMES = {int: "a number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _plain(t):
+    """int, float, bool or str for a field of that type (or `| None`); else None (`str | Callable`: unchecked)."""
+    args = [a for a in typing.get_args(t) if a is not type(None)] \
+        if typing.get_origin(t) in (typing.Union, types.UnionType) else [t]
+    return args[0] if len(args) == 1 and args[0] in _KINDS else None
+
+
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
     hints, fields, kw = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}, {}
     for k, v in d.items():
         if k not in fields:
-            raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}")
-        t = _flag_type(hints[k])
+            raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}{config_files.close(k, fields)}")
+        t, kind = _flag_type(hints[k]), _plain(hints[k])
+        if kind and v is not None and (not isinstance(v, _KINDS[kind]) or isinstance(v, bool) != (kind is bool)):
+            raise ConfigError(f"{where}: field '{k}': {v!r} is not {_KIND_NAMES[kind]}")
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
@@ -128,13 +142,24 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
 
 
 class Parser(argparse.ArgumentParser):
-    """Every number it parses (lists too) goes through check_number: cli.parser's and the hand-written ones."""
+    """Every number it parses (lists too) goes through check_number: cli.parser's and the hand-written ones.
+    Flags may come with underscores (`--max_steps`), TRL's names are refused with ours, --config's KEY=VALUE
+    overrides are read as their flags, an unknown flag is answered with the nearest (config_files.py)."""
     def parse_known_args(self, args=None, namespace=None):
+        args = config_files.respell(sys.argv[1:] if args is None else list(args), self._option_string_actions)
         ns, rest = super().parse_known_args(args, namespace)
+        if isinstance(getattr(ns, "config", None), list):
+            config_files.overrides(ns, self._option_string_actions, getattr(ns, "_cfg_dests", []))
         for dest, v in vars(ns).items():
             if not dest.startswith("_"):
                 check_number("--" + dest.replace(".", "-").replace("_", "-"), v)
         return ns, rest
+
+    def parse_args(self, args=None, namespace=None):
+        ns, rest = self.parse_known_args(args, namespace)
+        if rest:
+            self.error(config_files.unknown(rest, self._option_string_actions))
+        return ns
 
 
 def parser(cls, description: str = "", skip: dict | None = None, own: tuple[str, ...] = ()
@@ -142,7 +167,9 @@ def parser(cls, description: str = "", skip: dict | None = None, own: tuple[str,
     """--config and a flag per field of `cls` (but `skip`'s, as add_flags). `own`: top-level fields whose flags the
     caller adds itself (dest: the field's name; e.g. an alias, action="append"), read by build() like the rest."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a JSON config this command wrote (e.g. RUN/config.json); flags override it")
+    p.add_argument("--config", nargs="+", metavar=("FILE", "KEY=VALUE"),
+                   help="a JSON or YAML config (e.g. the RUN/config.json a command wrote), then overrides of its "
+                   "settings by their dotted names (lr=1e-5 engine.dtype=bfloat16; a list: a,b); flags override both")
     skip = {**(skip or {}), "": {*(skip or {}).get("", ()), *own}}
     p.set_defaults(_cfg_dests=sorted(add_flags(p, cls, skip=skip)) + list(own))
     return p
@@ -150,12 +177,7 @@ def parser(cls, description: str = "", skip: dict | None = None, own: tuple[str,
 
 def build(cls, ns: argparse.Namespace):
     """The config from `--config` (if given) with every config flag that was given over it."""
-    base: dict = {}
-    if getattr(ns, "config", None):
-        try:
-            base = json.loads(Path(ns.config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--config {ns.config}: {e}") from None
+    base = config_files.load(ns.config) if getattr(ns, "config", None) else {}
     for k in ns._cfg_dests:
         if getattr(ns, k) is not None:
             *head, last = k.split(".")

@@ -12,9 +12,10 @@ class Progress:
     def __init__(self, label: str, total: int, done: int = 0, unit: str = "units", every: float = 2.0):
         self.label, self.total, self.done, self.unit, self.every = label, total, done, unit, every
         self.start_done, self.tokens, self.t0, self.last = done, 0, time.perf_counter(), 0.0
-        self.tty = sys.stderr.isatty()
+        self.tty, self.pending = sys.stderr.isatty(), False
 
-    def update(self, units: int = 1, tokens: int = 0) -> None:
+    def update(self, units: int = 1, tokens: int = 0, note: str = "") -> None:
+        """`units` more done (`tokens` more made); `note` (a trainer's loss) is shown after the count."""
         self.done, self.tokens = self.done + units, self.tokens + tokens
         now = time.perf_counter()
         if now - self.last < (0.2 if self.tty else self.every) and self.done < self.total:
@@ -22,10 +23,18 @@ class Progress:
         self.last, el = now, max(now - self.t0, 1e-9)
         rate = (self.done - self.start_done) / el
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        line = f"[{self.label}] {self.done}/{self.total} {self.unit}" + \
+        line = f"[{self.label}] {self.done}/{self.total} {self.unit}" + (f" {note}" if note else "") + \
             (f", {self.tokens / el:.1f} tok/s" if self.tokens else f", {rate:.2f} {self.unit}/s") + f", ETA {eta:.0f}s"
         end = "\n" if not self.tty or self.done >= self.total else ""
         print(("\r\033[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        self.pending = not end
+
+    def clear(self) -> None:
+        """On a terminal, the line being updated is wiped (another line is printed in its place); the next
+        update draws it again at once."""
+        if self.pending:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            self.pending, self.last = False, 0.0
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -29,11 +29,12 @@ from selfreward.recipes.segment import SegmentConfig
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, field as rfield, iter_jsonl, read_json, \
     read_jsonl, write_json, write_jsonl
+from selfreward.train import report as dashboards
 from selfreward.train.sft import SFTConfig
 
 # fields the recipe sets itself (no flags)
 SET_HERE = {"sft": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "system_prompt",
-                    "eval_data"}}
+                    "eval_data", "report_to", "run_name", "tensorboard_dir"}}
 
 
 @dataclass
@@ -51,6 +52,9 @@ class HumpbackConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: no
     augmented_tag: str = "Reply with what a page on the web would say."   # "" = no system turn
     chunk: int = 32                   # units per generate call (the grain of resume)
     nproc: int = cli.passive(1)                    # >1: augment, curate and the SFT runs under torchrun
+    # the SFT runs' dashboards (train/report.py): tensorboard | wandb | mlflow | none, or a comma list;
+    # TensorBoard writes RUN/tensorboard/STAGE (backward, m0, iter_1, ...)
+    report_to: str = cli.passive("none")
     seed: int = 0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -63,6 +67,7 @@ class HumpbackConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: no
     def __post_init__(self):   # the door's ranges (ranges.py), then Humpback's own rules
         check_fields(self)
         self.check_nodes()
+        dashboards.check(self.report_to)
         if self.train_k not in self.curate.keep:
             raise cli.ConfigError(f"--train-k {self.train_k} must be one of --curate-keep {self.curate.keep}")
         self.engine.check()
@@ -105,7 +110,8 @@ def sft_model(cfg: HumpbackConfig, home: Path, seed_files: list[str], aug_files:
         tags = [f"{p}={cfg.seed_tag}" for p in seed_files if tags and cfg.tags and cfg.seed_tag] + \
             [f"{p}={cfg.augmented_tag}" for p in aug_files if tags and cfg.tags and cfg.augmented_tag]
         scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=seed_files + aug_files, resume=True, seed=seed,
-                                   output=str(home / "sft"), export=str(home / "model"), system_prompt=tags)
+                                   output=str(home / "sft"), export=str(home / "model"), system_prompt=tags,
+                                   **dashboards.for_stage(cfg.report_to, cfg.run_dir, home.name))
         cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")
     return str(home / "model")
 

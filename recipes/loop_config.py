@@ -14,13 +14,16 @@ from selfreward.recipes.instruct import InstructConfig
 from selfreward.recipes.judge import JudgeConfig
 from selfreward.recipes.pairs import PAIRINGS
 from selfreward.recipes.select import SelectConfig
+from selfreward.train import report as dashboards
 from selfreward.train.dpo import DPOConfig
 from selfreward.train.sft import SFTConfig
 
 # fields the loop sets itself (no flags): DPO's input/output per iteration, the seeds and grain of rounds
-LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "export_every"},
+REPORT = {"report_to", "run_name", "tensorboard_dir"}   # --report-to, the loop's, for each training stage
+LOOP_SET = {"dpo": {"model", "data", "output", "export", "tokenizer", "resume", "overwrite", "seed", "export_every",
+                    *REPORT},
             "select": {"candidates", "reference", "out", "report", "engine"},
-            "sft": {"model", "output", "export", "tokenizer", "resume", "overwrite", "seed"},
+            "sft": {"model", "output", "export", "tokenizer", "resume", "overwrite", "seed", *REPORT},
             "instruct": {"seed", "batch"}, "judge": {"seed"}, "": {"eval_hook"}}
 
 
@@ -61,6 +64,9 @@ class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.
     judge_self_train: int = 0
     chunk: int = 32                   # units per generate call (the grain of resume)
     nproc: int = cli.passive(1)                    # >1: sampling stages and DPO under torchrun
+    # the training stages' dashboards (train/report.py): tensorboard | wandb | mlflow | none, or a comma list;
+    # TensorBoard writes RUN/tensorboard/STAGE (sft, iter_1-dpo, ...)
+    report_to: str = cli.passive("none")
     seed: int = 0
     # checkpoint selection (paper: an export every 200 DPO steps, the one winning most head-to-heads against
     # M_t on held-out prompts becomes M_{t+1}); 0 = off: the final DPO export is M_{t+1}
@@ -85,6 +91,7 @@ class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.
     def __post_init__(self):   # the door's ranges (ranges.py), then the loop's own rules
         check_fields(self)
         self.check_nodes()
+        dashboards.check(self.report_to)
         if self.candidates.n < 2:
             raise cli.ConfigError("--candidates-n is below its minimum (2: a pair needs two candidates)")
         if self.sft_mix and self.dpo.nll_alpha <= 0:

@@ -25,6 +25,7 @@ from selfreward.recipes.select import select_from_run
 from selfreward.recipes.session import Session
 from selfreward.records import DataError, PartialWriter, field as rfield, iter_jsonl, \
     nonempty, read_json, read_jsonl, write_json, write_jsonl
+from selfreward.train import report as dashboards
 
 def model_at(cfg: LoopConfig, t: int) -> str:
     """M_t: M1 (--init-model, or RUN/m1 trained from --base-model) for t = 1, else what iteration t-1 trained."""
@@ -39,8 +40,8 @@ def stage_sft(cfg: LoopConfig) -> None:
     run = Path(cfg.run_dir)
     if not cfg.sft.data or (run / "m1" / "config.json").exists():
         return
-    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, output=str(run / "sft"),
-                               export=str(run / "m1"), resume=True, seed=cfg.seed)
+    scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, output=str(run / "sft"), export=str(run / "m1"),
+                               resume=True, seed=cfg.seed, **dashboards.for_stage(cfg.report_to, run, "sft"))
     cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, run / "sft_config.json")
 
 
@@ -158,7 +159,8 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
         + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else [])
     dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=data, resume=True,
                                output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
-                               seed=cfg.seed + t, export_every=cfg.select_every)
+                               seed=cfg.seed + t, export_every=cfg.select_every,
+                               **dashboards.for_stage(cfg.report_to, cfg.run_dir, f"iter_{t}-dpo"))
     if not (it / "dpo" / "final" / "config.json").exists():
         cli.launch(train, dcfg, "selfreward.train.dpo", cfg.nproc, it / "dpo_config.json")
     if sel:

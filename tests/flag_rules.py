@@ -279,12 +279,15 @@ TEXT = {
     "export": "output folder", "lang": "a language code: checked against the input (the languages it has)",
     "tag": "free text", "header": "free text", "prefix": "free text", "stop": "free text (not empty)",
     "system_prompt": "free text", "endpoint": "HOST:PORT: checked with --nnodes > 1 (nodes.NodeConfig)",
+    "run_name": "free text",
+    "report_to": "tensorboard, wandb, mlflow or none, or a comma list: each one known and installed (train/report.py)",
+    "config": "a JSON or YAML file (must exist), then KEY=VALUE overrides, each checked as its flag",
     **{k: CHOICE for k in ("device", "dtype", "loss", "schedule", "ref_mode", "estimator", "reward", "reward_weight",
                            "score_from", "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls",
                            "sources")},
     **{k: "input path: must exist" for k in (
         "model", "input", "data", "groups", "pairs", "labeller", "judge", "a", "b", "reference", "candidates",
-        "config", "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy",
+        "seed_data", "prompts", "unlabelled", "extra_seed", "seed", "tokenizer", "sft_mix", "policy",
         "oasst")},
 }
 

@@ -39,7 +39,8 @@ def test_two_ranks_equal_one_rank_and_export_loads(tmp_path):
     # 2 ranks: micro-batch 2 -> 2 accumulation steps per rank; SFT with activation checkpointing under
     # FSDP; DPO computes its reference cache sharded over the ranks
     p_sft = torchrun("sft.py", sft_args + ["--output", str(tmp_path / "sft2"), "--micro-batch-size", "2",
-                                           "--activation-checkpointing"], tmp_path / "sft2.log")
+                                           "--activation-checkpointing", "--report-to", "tensorboard"],
+                     tmp_path / "sft2.log")
     p_dpo = torchrun("dpo.py", dpo_args + ["--output", str(tmp_path / "dpo2"), "--micro-batch-size", "2"],
                      tmp_path / "dpo2.log")
     try:
@@ -64,6 +65,7 @@ def test_two_ranks_equal_one_rank_and_export_loads(tmp_path):
         losses = [r["loss"] for r in one if "loss" in r]
         assert losses[-1] < losses[0]                                     # it trained
     assert "margin" in metrics(tmp_path / "dpo2")[-1]
+    assert len(list((tmp_path / "sft2" / "tensorboard").iterdir())) == 1     # --report-to: rank 0 only
 
     # the 2-rank export: our loader and transformers give the same logits; it equals the 1-rank export
     import transformers

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from selfreward.cli import ConfigError, checkpoint, choice, input_file, passive
 from selfreward.ranges import check_fields
+from selfreward.train import report
 
 
 @dataclass
@@ -17,8 +18,8 @@ class TrainConfig:
     tokenizer: str = checkpoint("")               # tokenizer folder (default: --model)
     max_steps: int = 0                # optimizer steps; 0 = epochs x (examples // batch_size)
     epochs: int = 1
-    batch_size: int = 16              # GLOBAL batch in examples = micro x accumulation x world size
-    micro_batch_size: int = passive(0)         # examples per forward per rank; 0 = batch_size // world (no accumulation)
+    batch_size: int = 16              # GLOBAL batch in examples = micro x accumulation x world (TRL's is per device)
+    micro_batch_size: int = passive(0)         # examples per forward per rank (TRL's per_device_train_batch_size); 0 = batch // world
     lr: float = 1e-5
     final_lr: float = 1e-6            # the schedule decays lr to this at the last step
     schedule: str = choice("cosine", "linear")
@@ -35,7 +36,10 @@ class TrainConfig:
     keep_checkpoints: int = passive(2)
     resume: bool = passive(False)              # continue from OUTPUT/checkpoints/latest if there is one
     overwrite: bool = passive(False)           # start over: remove the checkpoints, metrics and model of OUTPUT's earlier run
-    log_every: int = passive(1)
+    log_every: int = passive(1)                # a step line every N steps (on a terminal: one line, updated in place)
+    report_to: str = passive("none")           # dashboards: tensorboard | wandb | mlflow | none, or a comma list
+    run_name: str = passive("")                # the run's name on them (default: OUTPUT's folder name)
+    tensorboard_dir: str = passive("")         # TensorBoard's event folder (default: OUTPUT/tensorboard)
     activation_checkpointing: bool = passive(False)
     selective_checkpointing: bool = False  # keep matmul outputs, recompute the rest (ignored with the above)
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: see --cpu-bf16)
@@ -53,6 +57,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it over)")
         check_fields(self)                   # the door's ranges (ranges.RANGES), for a config built in Python too
+        report.check(self.report_to)         # the dashboards' packages are installed
         mpl = getattr(self, "max_prompt_length", None)   # DPO and the reward model
         if mpl is not None and not 2 <= (mpl or self.max_length // 2) < self.max_length:
             raise ConfigError(f"--max-prompt-length {mpl} (0 = max-length // 2): must lie in [2, --max-length "

@@ -5,17 +5,19 @@ import dataclasses
 import datetime
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from selfreward.cli import ConfigError, build, parser, run_main
+from selfreward.cli import ConfigError, build, parser, run_main, to_dict
 from selfreward.model.checkpoint import load_model
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
+from selfreward.train import report
 from selfreward.train.checkpointing import check_finite, claim_run, export_model, latest_checkpoint, \
     load_checkpoint, save_checkpoint, stop, weight_scale
 from selfreward.train.config import TrainConfig
@@ -148,18 +150,29 @@ def lr_factor(step: int, total: int, warmup: int, final_ratio: float, schedule: 
 
 
 class MetricsLog:
-    """metrics.jsonl on rank 0; on resume, lines past the restored step are dropped (atomic rewrite)."""
+    """metrics.jsonl on rank 0, each record also sent to `cfg`'s --report-to dashboards (train/report.py); on
+    resume, lines past the restored step are dropped (atomic rewrite)."""
 
-    def __init__(self, path: Path, d: Dist, resume_step: int | None):
-        self.path, self.on = path, d.is_main
+    def __init__(self, path: Path, d: Dist, resume_step: int | None, cfg: TrainConfig | None = None):
+        self.path, self.on, self.report = path, d.is_main, None
         if self.on:
             old = path.read_text().splitlines() if resume_step is not None and path.exists() else []
             write_atomic(path, "".join(x + "\n" for x in old if _step(x) <= resume_step))
+            if cfg is not None and report.parse(cfg.report_to):
+                out = Path(cfg.output)
+                self.report = report.Reporter(cfg.report_to, cfg.run_name or out.name,
+                                              cfg.tensorboard_dir or out / "tensorboard", to_dict(cfg), resume_step)
 
     def write(self, rec: dict) -> None:
         if self.on:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.report:
+                self.report.log(rec)
+
+    def close(self) -> None:
+        if self.report:
+            self.report.close()
 
 
 def _step(line: str) -> float:
@@ -201,7 +214,7 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, opt, sched, d)["step"]
         d.print(f"[{name}] resumed from {ckpt} at step {start}")
-    log = MetricsLog(out / "metrics.jsonl", d, start if ckpt is not None else None)
+    log = MetricsLog(out / "metrics.jsonl", d, start if ckpt is not None else None, cfg)
     d.print(f"[{name}] {n} examples, {total} steps of {batch_size} (micro {micro} x accum {accum} x "
             f"world {d.world}), warmup {warmup}, lr {cfg.lr:g} -> {cfg.final_lr:g} ({cfg.schedule})")
 
@@ -214,13 +227,18 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             s = eval_sums(model, task.held_out, d, micro, task.sums)
         ev = {f"eval_{k}": v for k, v in task.summarize(s, s[task.eval_norm]).items() if k in task.eval_keys}
         log.write({"step": step, **ev})
+        if prog is not None:    # the terminal's progress line gives way to this one
+            prog.clear()
+        d.print(f"[{name}] step {step}/{total}" + "".join(f" {k} {v:.4f}" for k, v in ev.items()))
         return ev
 
+    # on a terminal, one line updated in place (no line per step); in a log, the step lines every --log-every
+    # steps and, between them, a progress line every 10 s
+    live = d.is_main and sys.stdout.isatty() and sys.stderr.isatty()
+    prog = Progress(name, total, start, unit="steps", every=10.0) if live or d.is_main and cfg.log_every > 1 else None
     if start == 0 and task.held_out:
         evaluate(0)
     t_start, tokens_seen, last = time.time(), 0, {}
-    # steps between the logged ones: one updating line on a terminal (a line every 10 s in a log)
-    prog = Progress(name, total, start, unit="steps", every=10.0) if d.is_main and cfg.log_every > 1 else None
     for step in range(start, total):
         t0, c0 = time.time(), time.process_time()
         batch = global_batch(n, batch_size, step, cfg.seed, cfg.shuffle)
@@ -258,13 +276,13 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
                 "tokens_per_s": sums.get("tokens", 0) / dt, "elapsed_s": round(elapsed, 3),
                 "cpu_s": round(time.process_time() - c0, 3)}      # this process's CPU time, all threads
         log.write(last)
+        shown = f"loss {metrics['loss']:.4f}{''.join(f' {k} {metrics[k]:.4g}' for k in task.show)} lr {lr:.3g}"
         if prog is not None:
-            prog.update(1, int(sums.get("tokens", 0)))
-        if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            prog.update(1, int(sums.get("tokens", 0)), shown)
+        if d.is_main and not live and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             eta = elapsed / (step + 1 - start) * (total - step - 1)
-            shown = "".join(f" {k} {metrics[k]:.4g}" for k in task.show)
-            print(f"[{name}] step {step + 1}/{total} loss {metrics['loss']:.4f}{shown} lr {lr:.3g} "
-                  f"| {tokens_seen / elapsed:.0f} tok/s | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
+            print(f"[{name}] step {step + 1}/{total} {shown} | {tokens_seen / elapsed:.0f} tok/s | "
+                  f"ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
         if task.held_out and (step + 1 == total or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             last.update(evaluate(step + 1))
         if getattr(cfg, "export_every", 0) and (step + 1) % cfg.export_every == 0:   # for checkpoint selection
@@ -274,5 +292,6 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
             save_checkpoint(out, step + 1, model, opt, sched, {"name": name}, d, cfg.keep_checkpoints)
     task.before_export(model, total)
     export(Path(cfg.export or out / "model"), total)
+    log.close()
     d.print(f"[{name}] exported {cfg.export or out / 'model'}")
     return {**last, **task.counts}
