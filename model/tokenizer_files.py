@@ -21,10 +21,13 @@ FAST = "PreTrainedTokenizerFast"    # the class that reads tokenizer.json as it 
 
 
 def write_tokenizer(src: str | Path, out: Path, pad_token_id: int | None = None) -> None:
-    src, tok = Path(src), Tokenizer.load(src)   # the training tokenizer: its special ids, template, separator
+    src = Path(src)
     for name in COPIED:
         if (src / name).exists():
             shutil.copy(src / name, out / name)
+    if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        return
+    tok = Tokenizer.load(src)     # the training tokenizer: its special ids, template, separator
     converted = not (out / "tokenizer.json").exists() and (out / "tokenizer.model").exists()
     if converted:
         try:
@@ -38,7 +41,7 @@ def write_tokenizer(src: str | Path, out: Path, pad_token_id: int | None = None)
     template = tok.chat_template or tok.plain_template()
     if not isinstance(cfg.get("chat_template"), list):   # named templates stay as they are
         cfg["chat_template"] = template
-    if converted or "tokenizer_class" not in cfg:
+    if (out / "tokenizer.json").exists() and (converted or "tokenizer_class" not in cfg):
         cfg["tokenizer_class"] = FAST
     for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", pad_token_id)):
         if cfg.get(key) is None and tid is not None:
