@@ -77,9 +77,10 @@ def passive(default, metadata: dict = PASSIVE):
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def choice(default: str, *others: str):
-    """A setting with named values, `default` first: anything else is refused at the door (ranges.check_number)."""
-    return dataclasses.field(default=default, metadata={"choices": (default, *others)})
+def choice(default: str, *others: str, shapes: bool = True):
+    """A setting with named values, `default` first: anything else is refused at the door (ranges.check_number);
+    shapes=False: PASSIVE too."""
+    return dataclasses.field(default=default, metadata={"choices": (default, *others), **({} if shapes else PASSIVE)})
 
 
 def checkpoint(default=""):

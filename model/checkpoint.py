@@ -1,7 +1,7 @@
 """Hugging Face checkpoint I/O through one explicit name table: reads `model.safetensors` or a sharded set
 (`model.safetensors.index.json` + shards) into our module names (whole, or a rank's tensor-parallel slices);
 writes the same layout back (sharded above a size limit) with `config.json` and the tokenizer files, so
-transformers (and vLLM) load our checkpoints unchanged. Errors name the file and tensor."""
+transformers (and vLLM) load our checkpoints unchanged; `export_dtype` picks the dtype an export is written in. Errors name the file and tensor."""
 
 import json
 import os
@@ -21,9 +21,6 @@ from selfreward.records import DataError, user_mode
 class CheckpointError(DataError):
     pass
 
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 # ours <- HF, per layer
 _LAYER_TABLE = {
@@ -71,6 +68,23 @@ def open_safetensors(f: Path):
         return safe_open(str(f), "pt", device="cpu")
     except Exception as e:   # safetensors raises its own SafetensorError (and OSError) for a bad header
         raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def export_dtype(choice: str, model: str | Path) -> torch.dtype:
+    """--export-dtype: a name of DTYPES, or "auto": `model`'s dtype on disk (config.json's dtype / torch_dtype,
+    else its first tensor's; float32 when that is none of DTYPES)."""
+    if choice != "auto":
+        return DTYPES[choice]
+    extra = ModelConfig.from_json(model).extra
+    if (name := extra.get("dtype") or extra.get("torch_dtype")) in DTYPES:
+        return DTYPES[name]
+    f = next(iter(tensor_files(Path(model)).values()))
+    with open_safetensors(f) as h:
+        return _ST_DTYPES.get(h.get_slice(next(iter(h.keys()))).get_dtype(), torch.float32)
 
 
 def read_state(path: str | Path, model: Transformer, dtype: torch.dtype = torch.float32, device="cpu",
@@ -150,8 +164,8 @@ def write_folder(out: Path, write) -> None:
 def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
                max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None, hf_config: dict | None = None
                ) -> Path:
-    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer files
-    copied from `tokenizer_dir`. `model` may be a module or a full (unsharded) state dict of our names;
+    """Write a HF checkpoint folder: config.json, model.safetensors (or shards + index) as `dtype` (None: as the
+    tensors are), the tokenizer files of `tokenizer_dir` completed by model/tokenizer_files.py. `model` may be a module or a full (unsharded) state dict of our names;
     entries outside the name table (RL's value head) are not written, but for a reward model's score.weight.
     `hf_config`: fields over config.json's (model/reward_model.py: the sequence-classification layout)."""
     sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
@@ -175,12 +189,13 @@ def save_model(model: Transformer | dict, cfg: ModelConfig, out: str | Path, tok
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {k: fname for fname, sh in zip(names, shards) for k in sh}}, indent=2))
-        hf = dict(cfg.to_hf_dict(), torch_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
-                  **(hf_config or {}))
+        # "dtype" as transformers 5 writes it, "torch_dtype" for readers before it (transformers 4, vLLM on it)
+        name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+        hf = dict(cfg.to_hf_dict(), dtype=name, torch_dtype=name, **(hf_config or {}))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+        if tokenizer_dir is not None:
+            from selfreward.model.tokenizer_files import write_tokenizer
+            write_tokenizer(tokenizer_dir, tmp, hf.get("pad_token_id"))
 
     write_folder(Path(out), write)
     return Path(out)

@@ -17,6 +17,15 @@ from selfreward.records import DataError, read_json
 PLAIN_HEADERS = {"system": "System: {}\n\n", "user": "User: {}\n\n"}
 PLAIN_ASSISTANT = "Assistant:"   # the reply follows; SentencePiece's dummy prefix supplies the space
 ROLES = ("system", "user", "assistant")
+# The same as jinja, what exports carry (model/README.md, "Exports"): SEP stands for the space a SentencePiece-style
+# tokenizer's dummy prefix puts before each segment render_chat encodes on its own (none after BOS / EOS).
+_C = "{{ m['content'] }}"
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(text=false) %}{% for m in messages %}{% if ns.text %}SEP{% endif %}"
+    "{% if m['role'] == 'assistant' %}" + PLAIN_ASSISTANT + "SEP" + _C + "{{ eos_token }}{% set ns.text = false %}"
+    "{% elif m['role'] == 'system' %}" + PLAIN_HEADERS["system"].format(_C) + "{% set ns.text = true %}"
+    "{% else %}" + PLAIN_HEADERS["user"].format(_C) + "{% set ns.text = true %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if ns.text %}SEP{% endif %}" + PLAIN_ASSISTANT + "{% endif %}")
 
 
 def check_messages(msgs, where: str, name: str = "messages") -> list[dict]:
@@ -74,6 +83,10 @@ class Tokenizer:
             t = named.get("default") or next(iter(named.values()), None)
         jinja = path / "chat_template.jinja"
         self.chat_template = jinja.read_text() if jinja.exists() else t
+        self._where = jinja if jinja.exists() else path / "tokenizer_config.json"
+        if self.chat_template in (PLAIN_TEMPLATE.replace("SEP", " "), PLAIN_TEMPLATE.replace("SEP", "")):
+            self.chat_template = None     # an export's plain template: rendered by the plain path, as in training
+        self._template = self._compile() if self.chat_template is not None else None
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -124,18 +137,29 @@ class Tokenizer:
             return self._hf.decode(list(ids), skip_special_tokens=True)
         return self._sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id, self.pad_id)])
 
+    def token(self, i: int) -> str:
+        return self._hf.id_to_token(i) if self._hf is not None else self._sp.id_to_piece(i)
+
+    def plain_template(self) -> str:
+        """The plain template as jinja, its SEP a space where this tokenizer encodes "x" twice as "x x"."""
+        return PLAIN_TEMPLATE.replace("SEP", " " if self.decode(self.encode("x") * 2) == "x x" else "")
+
+    def _compile(self):
+        import jinja2
+        from selfreward.model.chat_template import environment
+        try:
+            return environment().from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"{self._where}: chat template: line {e.lineno}: {e.message}") from None
+
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise TokenizerError(f"{self.path}: chat_template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        tmpl = env.from_string(self.chat_template)
+        import jinja2
         extra = {k: _token_text(v) for k, v in self.config.items()
                  if k.endswith("_token") and isinstance(_token_text(v), str)}
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        except jinja2.TemplateError as e:    # raise_exception's message, a sandbox refusal, ...
+            raise TokenizerError(f"{self._where}: chat template: {e}") from None
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool):
         """-> [(text, kind)]: kind True marks an assistant reply, None the closing text of an assistant turn

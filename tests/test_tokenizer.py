@@ -115,3 +115,60 @@ def test_generation_config_adds_stop_ids(tmp_path):
     d = make_hf_tokenizer(tmp_path / "tok")
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, 2]}))
     assert Tokenizer.load(d).stop_ids == [4, 2]
+
+
+# Templates transformers renders (its _compile_jinja_template environment): `{% break %}`, `strftime_now` as
+# Llama 3.2 uses it, `tojson` with non-ASCII and HTML characters (and its keyword arguments), `{% generation %}`.
+CHATML_TURN = "<|im_start|>{{ m['role'] }}\n{{ CONTENT }}<|im_end|>\n"
+ENV_TEMPLATES = {
+    "break": "{{ bos_token }}{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}" + CHATML_TURN
+             + "{% endfor %}",
+    "strftime_now": "{% if strftime_now is defined %}{% set day = strftime_now('%d %b %Y') %}{% else %}"
+                    "{% set day = '26 Jul 2024' %}{% endif %}{{ bos_token }}<|im_start|>system\nToday Date: {{ day }}"
+                    "<|im_end|>\n{% for m in messages %}" + CHATML_TURN + "{% endfor %}",
+    "tojson": "{{ bos_token }}{{ {'z': 'é<&>', 'a': [1, 2]} | tojson(indent=2, sort_keys=True) }}\n"
+              "{% for m in messages %}" + CHATML_TURN.replace("{{ CONTENT }}", "{{ m['content'] | tojson }}") + "{% endfor %}",
+    "generation": "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                  "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+                  "<|im_end|>{% endif %}\n{% endfor %}",
+}
+ODD = [{"role": "system", "content": "Answer <b>briefly</b> & kindly."},
+       {"role": "user", "content": "Is 1 < 2? \"Ünïcödé\" ☃"},
+       {"role": "assistant", "content": "Yes: 1 < 2 — sí"},
+       {"role": "user", "content": "And 3 > 2?"},
+       {"role": "assistant", "content": "Also yes."}]
+
+
+@pytest.mark.parametrize("name", list(ENV_TEMPLATES))
+def test_template_environment_renders_as_transformers(tmp_path, name):
+    import transformers as tf
+    d = make_hf_tokenizer(tmp_path / "tok")
+    (d / "chat_template.jinja").write_text(ENV_TEMPLATES[name].replace("{{ CONTENT }}", "{{ m['content'] }}")
+                                           + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ours, hf = Tokenizer.load(d), tf.AutoTokenizer.from_pretrained(d)
+    for msgs, gen in ((ODD, False), (ODD[:4], True), (ODD[1:3], False)):
+        text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        assert ours._render(msgs, gen) == text
+        if name != "break":   # break cuts the conversation: no growing prefixes to find the turns in
+            assert ours.render_chat(msgs, gen)[0] == hf(text, add_special_tokens=False)["input_ids"]
+    if name == "strftime_now":
+        import datetime
+        assert datetime.date.today().strftime("%d %b %Y") in text
+
+
+def test_template_errors_are_one_line(tmp_path):
+    import transformers as tf
+    from cli_harness import run_cli
+    from hf_tiny import make_hf_checkpoint
+    d = make_hf_tokenizer(make_hf_checkpoint(tmp_path / "m", vocab=320, hidden=32, intermediate=64))
+    (d / "chat_template.jinja").write_text("{% if messages[0]['role'] != 'user' %}"
+                                           "{{ raise_exception('the first turn must be the user') }}{% endif %}")
+    with pytest.raises(Exception, match="the first turn must be the user"):      # jinja2.TemplateError there
+        tf.AutoTokenizer.from_pretrained(d).apply_chat_template(CHAT, tokenize=False)
+    with pytest.raises(TokenizerError, match=r"chat_template.jinja: chat template: the first turn must be the user"):
+        Tokenizer.load(d).render_chat(CHAT)
+    (d / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    code, err = run_cli("sft", ["--model", d, "--data", data, "--output", tmp_path / "run"])
+    assert code == 2 and err.strip() == f"error: {d / 'chat_template.jinja'}: chat template: line 2: unexpected '}}'"

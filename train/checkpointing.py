@@ -183,10 +183,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d: Dist) -> dict:
     return state
 
 
-def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist, hf_config: dict | None = None):
+def export_model(model, out: str | Path, tokenizer_dir: str | Path | None, d: Dist, hf_config: dict | None = None,
+                 dtype: torch.dtype | None = None):
     """The full weights gathered on rank 0, written by model.checkpoint.save_model, the one writer (`hf_config`:
-    the reward model's config fields)."""
+    the reward model's config fields; `dtype`: --export-dtype's, the fp32 master weights cast as they are written)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, hf_config=hf_config)
+        save_model(sd, model.cfg, out, tokenizer_dir=tokenizer_dir, hf_config=hf_config, dtype=dtype)
     barrier(d)

@@ -15,6 +15,7 @@ class TrainConfig:
     data: list[str] = input_file([])  # JSONL (.jsonl.gz), parquet, datasets.save_to_disk folder(s)
     output: str = passive("")                  # run folder: metrics.jsonl, checkpoints/, model/
     export: str = passive("")                  # final HF export folder (default: OUTPUT/model)
+    export_dtype: str = choice("auto", "float32", "bfloat16", "float16", shapes=False)  # weights on disk; auto = --model's
     tokenizer: str = checkpoint("")               # tokenizer folder (default: --model)
     max_steps: int = 0                # optimizer steps; 0 = epochs x (examples // batch_size)
     epochs: int = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from selfreward.cli import ConfigError, build, parser, run_main, to_dict
-from selfreward.model.checkpoint import load_model
+from selfreward.model.checkpoint import export_dtype, load_model
 from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
@@ -218,9 +218,11 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     d.print(f"[{name}] {n} examples, {total} steps of {batch_size} (micro {micro} x accum {accum} x "
             f"world {d.world}), warmup {warmup}, lr {cfg.lr:g} -> {cfg.final_lr:g} ({cfg.schedule})")
 
+    dtype = export_dtype(cfg.export_dtype, cfg.model)
+
     def export(path: Path, step: int) -> None:
         check_finite(model, d, out, step, name, start_scale)
-        export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config)
+        export_model(model, path, tokenizer_dir, d, hf_config=task.hf_config, dtype=dtype)
 
     def evaluate(step: int) -> dict:
         with cpu_autocast(cfg, d):
@@ -293,5 +295,5 @@ def run(cfg: TrainConfig, task: Task, d: Dist, tokenizer_dir: str, name: str) ->
     task.before_export(model, total)
     export(Path(cfg.export or out / "model"), total)
     log.close()
-    d.print(f"[{name}] exported {cfg.export or out / 'model'}")
+    d.print(f"[{name}] exported {cfg.export or out / 'model'} ({str(dtype).replace('torch.', '')})")
     return {**last, **task.counts}

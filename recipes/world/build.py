@@ -161,7 +161,8 @@ def ship(model_dir: Path, out: Path, mc: WorldModelConfig, command: str) -> Path
     settings, the command that built it."""
     import datetime
     out.mkdir(parents=True, exist_ok=True)
-    files = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+    files = tuple(f for f in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
+                              "tokenizer_config.json", "chat_template.jinja") if (model_dir / f).exists())
     for f in files:
         shutil.copy2(model_dir / f, out / f)
     man = {"key": mc.key(), "phase_keys": [mc.key(i + 1) for i in range(len(mc.phases()))],
