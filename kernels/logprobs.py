@@ -22,7 +22,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         lse = torch.zeros(N, dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk):
             c = slice(s, s + chunk)
-            rows[0](_logits(h[c], weight, upcast), targets[c], lse[c], logp[c], ignore_index)
+            rows[0](head_logits(h[c], weight, upcast), targets[c], lse[c], logp[c], ignore_index)
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk, ctx.ignore_index, ctx.rows, ctx.upcast = chunk, ignore_index, rows, upcast
         return logp
@@ -37,7 +37,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             c = slice(s, s + ctx.chunk)
-            dl = _logits(h[c], weight, ctx.upcast)
+            dl = head_logits(h[c], weight, ctx.upcast)
             ctx.rows[1](dl, t[c], lse[c], g[c])
             if dh is not None:
                 dh[c] = (dl.to(weight.dtype) @ weight).to(h.dtype)
@@ -48,9 +48,14 @@ class ChunkedLogprobs(torch.autograd.Function):
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None, None
 
 
-def _logits(hc: torch.Tensor, weight: torch.Tensor, upcast: bool) -> torch.Tensor:
-    logits = hc @ weight.T                                             # [c, V]
-    return logits.float() if upcast else logits
+def head_logits(hc: torch.Tensor, weight: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """[c, V] logits; upcast: fp32 GEMM and output even under autocast (--cpu-bf16), since logits of size ~20 rounded
+    to bf16 move by up to 0.06 each, a sequence's summed log-prob by nats, and the backward's recomputed softmax
+    would not match the forward's logsumexp."""
+    if not upcast:
+        return hc @ weight.T
+    with torch.autocast(hc.device.type, enabled=False):
+        return hc.float() @ weight.float().T
 
 
 def _lse_logp(logits, t, lse, logp, ignore_index):

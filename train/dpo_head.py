@@ -4,6 +4,7 @@ in memory; backward only scales dh and dW by the summed loss's upstream gradient
 
 import torch
 
+from selfreward.kernels.logprobs import head_logits
 from selfreward.model.llama import AttnContext
 from selfreward.train.data import FlatBatch
 from selfreward.train.losses import target_hidden
@@ -60,7 +61,7 @@ class _HeadLoss(torch.autograd.Function):
             probs, lse, hcs = None, [], []
             for r in pieces:                          # pass 1: log-probs (and, for one chunk, the softmax)
                 hc = h[r]                                                       # [c, H]
-                logits = (hc @ weight.T).float()                                # [c, V]
+                logits = head_logits(hc, weight)                                # [c, V] fp32
                 picked = logits.gather(1, targets[r, None])[:, 0]
                 m = logits.amax(-1)
                 z = logits.sub_(m[:, None]).exp_()                              # in place: one [c, V]
@@ -82,7 +83,7 @@ class _HeadLoss(torch.autograd.Function):
                 continue
             for r, ls in zip(pieces, lse):            # pass 2 (several chunks: the logits recomputed)
                 hc = hcs[0] if keep else h[r]
-                p = probs if keep else (hc @ weight.T).float().sub_(ls[:, None]).exp_()   # [c, V] softmax
+                p = probs if keep else head_logits(hc, weight).sub_(ls[:, None]).exp_()     # [c, V] softmax
                 g = g_s[row_seq[r]].float()[:, None]                             # [c, 1]
                 dlogits = p.mul_(-g).scatter_add_(1, targets[r, None], g)       # g (onehot - softmax)
                 if need_h:
