@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,7 @@ def train(a, data: dict[str, Path], env: dict) -> dict[str, str]:
         run = CACHE / name
         subprocess.run([sys.executable, str(ROOT / "train" / f"{name}.py"), "--model", src, "--data",
                         str(data[name]), "--output", str(run)] + common, env=env, cwd=ROOT, check=True)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)     # optimizer state: GBs, not needed here
         out[name] = src = str(run / "model")
     return out
 
