@@ -16,14 +16,15 @@ by our tokenizer; every engine gets the same token ids):
 Each engine runs in a child process (benchmarks/vllm_engines.py) with OMP_NUM_THREADS=--threads. Whole process:
 --runs fresh processes (import, load, one generate call over the shape, exit), wall and CPU seconds (the
 process and its children, from getrusage) from the parent; median. Steady state: one process, a warm-up call
-(the shape's first 2 requests, 16 tokens), then --steady-calls timed calls: generated tokens / call seconds,
+(the shape's first 2 requests, 16 tokens), then --steady-calls timed calls, each after the engine's prefix cache
+is emptied (a call shares prefixes within itself, never with an earlier call): generated tokens / call seconds,
 median, and CPU seconds per 1,000 tokens (less distorted by other jobs than wall seconds). Time to first
 token: one prompt, 1 new token: process start to the end of that call (--runs processes), and in process after
 a warm-up (median of 3 calls). vLLM: eager (no compile), its defaults otherwise, KV cache --vllm-kv-gb GiB (ours:
 its default 2 GiB pool), its OpenMP threads OMP_NUM_THREADS, unpinned as ours
 (VLLM_CPU_OMP_THREADS_BIND=nobind; --vllm-bind). Samplers seed differently
 (ours per request, vLLM one global seed), so sampled replies, and so their lengths, differ: tok/s counts each
-engine's own tokens. The table goes to stdout, the JSON to .cache/bench_vllm/results.json.
+engine's own tokens. The table goes to stdout, the JSON to --out (.cache/bench_vllm/results.json).
 """
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--vllm-bind", default="nobind", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0,1 (pinned) or auto")
     ap.add_argument("--compile", action="store_true", help="vLLM without enforce_eager (its torch.compile)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter for the engine processes")
+    ap.add_argument("--out", default=str(CACHE / "results.json"))
     a = ap.parse_args()
     from selfreward.model.tokenizer import Tokenizer
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -195,7 +197,7 @@ def main() -> None:
                     say(f"{name} {dtype} {eng} whole run {r + 1}: {cell[eng]['whole_raw'][-1]['wall_s']:.1f} s")
             for eng in engines:
                 cell[eng]["whole"] = whole(cell[eng]["whole_raw"])
-            (CACHE / "results.json").write_text(json.dumps(res, indent=1))
+            Path(a.out).write_text(json.dumps(res, indent=1))
     if not a.no_ttft:
         one = write_requests(CACHE / "ttft.json", [Request(shape_requests(tok, data, "candidates")[0].ids,
                                                            max_tokens=1)])
@@ -208,7 +210,7 @@ def main() -> None:
                                                 "warm_s": median(c["s"] for c in warm["calls"])}
                 say(f"ttft {eng} {dtype}: {res['ttft'][f'{eng}/{dtype}']}")
     res["load_after"], res["end_utc"] = os.getloadavg(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (CACHE / "results.json").write_text(json.dumps(res, indent=1))
+    Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['start_utc']} - {res['end_utc']}, commit {commit}, device {a.device}, {a.threads} threads, "
           f"whole process: median of {a.runs}; load average before {res['load_before']}, after {res['load_after']}\n")
     print(table(res, engines))

@@ -6,7 +6,7 @@ tokenizer), so every engine starts from the same ids; each returns per request i
     python benchmarks/vllm_engines.py SPEC.json        (SPEC: the fields of Spec; prints one JSON line)
 
 A run: import the engine, load the model, optionally a warm-up call, then `calls` timed generate calls over
-the same requests; the ids of the first timed call go to spec.output. Each phase's wall seconds, the CPU
+the same requests, each after the prefix cache is emptied (so a call reuses no prompt of an earlier one); the ids of the first timed call go to spec.output. Each phase's wall seconds, the CPU
 seconds of this process and its children (vLLM's engine core is one), the generated tokens, and `first_done`
 (time.time() at the end of the first timed call: the parent's whole-process time to first token).
 vLLM on the CPU: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (the parent sets it), threads OMP_NUM_THREADS
@@ -77,6 +77,9 @@ class Ours:
         outs = self.eng.generate([r.ids for r in reqs], params, n=n)
         return [[c.token_ids for c in g] for g in outs]
 
+    def reset(self) -> None:
+        self.eng.bm.cache.clear()        # as Engine.load_weights does: no cached prefix is served again
+
 
 class VLLM:
     def __init__(self, s: Spec):
@@ -93,6 +96,9 @@ class VLLM:
                                  ignore_eos=r.ignore_eos) for r in reqs]
         outs = self.llm.generate([{"prompt_token_ids": r.ids} for r in reqs], params, use_tqdm=False)
         return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+    def reset(self) -> None:
+        self.llm.reset_prefix_cache()
 
 
 class HF:
@@ -123,6 +129,9 @@ class HF:
             out.append(samples)
         return out
 
+    def reset(self) -> None:
+        pass
+
 
 ENGINES = {"ours": Ours, "vllm": VLLM, "hf": HF}
 
@@ -144,6 +153,7 @@ def run(s: Spec) -> dict:
         res["warmup_s"], res["warmup_cpu_s"] = time.perf_counter() - t, tree_cpu_s() - c
     res["calls"] = []
     for k in range(s.calls):
+        eng.reset()                                     # each call shares prefixes within itself only
         t, c = time.perf_counter(), tree_cpu_s()
         ids = eng.generate(reqs)
         dt, dc = time.perf_counter() - t, tree_cpu_s() - c
