@@ -94,7 +94,7 @@ def _dist(module: str) -> str:
     ("package", ["core", "gpu", "plot", "gguf", "real", "data", "tensorboard", "wandb", "mlflow"]),   # core, and
     # the optional extras the package imports lazily
     ("tests", ["core", "gpu", "plot", "gguf", "dev"]),
-    ("benchmarks", ["core", "gpu", "plot", "bench"]),
+    ("benchmarks", ["core", "gpu", "plot", "bench", "vllm"]),
 ])
 def test_every_import_has_its_package_declared(part, allowed):
     declared = _declared()
