@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pin=${SRLM_CONSTRAINTS-constraints.txt}
 # (re)install unless `selfreward` already imports from this very tree with what the tests need (a rerun)
-python -c "import os, selfreward, pytest, hypothesis, kernels, scipy, gguf, datasets, jinja2, tokenizers, google.protobuf; raise SystemExit(not os.path.samefile(os.path.dirname(selfreward.__file__), '.'))" \
+python -c "import os, selfreward, pytest, hypothesis, kernels, scipy, gguf, datasets, tensorboard, jinja2, tokenizers, google.protobuf; raise SystemExit(not os.path.samefile(os.path.dirname(selfreward.__file__), '.'))" \
     2>/dev/null || pip install -q ${pin:+-c "$pin"} -e ".[dev]"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ $# -gt 0 ]; then      # a chosen subset: run it as given (kernel tests need TRITON_INTERPRET=1 set)
