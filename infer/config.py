@@ -24,11 +24,17 @@ class EngineConfig:
     prefix_cache: bool = cli.passive(True)         # share KV blocks of equal prefixes (judge rubric, few-shot header)
     tensor_parallel: int = cli.passive(1)          # ranks per engine replica (infer/parallel.py); > 1 needs torchrun
     cuda_graphs: bool = False         # decode from CUDA graphs per batch-size bucket (CUDA only; untested)
+    backend: str = cli.choice("ours", "vllm")      # ours | vllm (vllm.LLM in process: infer/external.py)
+    url: str = ""                     # OpenAI-compatible server(s) URL[,URL...] instead (infer/remote.py)
 
     def check(self) -> None:
         """A bad setting is a DataError (a ValueError) naming it; the numbers by ranges.check_fields, as at the door."""
         if self.dtype and self.dtype not in DTYPES:
             raise DataError(f"engine dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.url and self.backend != "ours":
+            raise DataError(f"--engine-url and --engine-backend {self.backend}: choose one (a URL is the engine)")
+        if (self.url or self.backend != "ours") and self.cuda_graphs:
+            raise DataError("--engine-cuda-graphs is our engine's; vLLM makes its own graphs")
         check_fields(self)
 
 
@@ -61,6 +67,11 @@ def load_engine(path, cfg: EngineConfig | None = None):
     from selfreward.model.tokenizer import Tokenizer
     cfg = cfg or EngineConfig()
     device, dtype = resolve_device(cfg)
+    if cfg.url or cfg.backend != "ours":      # another engine behind the same interface (infer/external.py)
+        from selfreward.infer.external import VLLMEngine
+        from selfreward.infer.remote import RemoteEngine
+        tok = Tokenizer.load(path)
+        return RemoteEngine(path, cfg, tok) if cfg.url else VLLMEngine(path, cfg, tok)
     if cfg.tensor_parallel > 1:
         from selfreward.infer.parallel import init_tp, tp_model
         from selfreward.model.config import ModelConfig

@@ -27,4 +27,7 @@ class Session:
         return self.pair
 
     def release(self) -> None:
+        close = getattr(self.pair[0], "close", None) if self.pair else None
         self.path, self.pair = None, None
+        if close is not None:          # vLLM's engine core process, a client's threads (infer/external.py)
+            close()

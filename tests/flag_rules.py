@@ -280,10 +280,11 @@ TEXT = {
     "tag": "free text", "header": "free text", "prefix": "free text", "stop": "free text (not empty)",
     "system_prompt": "free text", "endpoint": "HOST:PORT: checked with --nnodes > 1 (nodes.NodeConfig)",
     "run_name": "free text",
+    "url": "URL[,URL...] of OpenAI-compatible servers: each must answer /v1/models with the stage's checkpoint",
     "report_to": "tensorboard, wandb, mlflow or none, or a comma list: each one known and installed (train/report.py)",
     "config": "a JSON or YAML file (must exist), then KEY=VALUE overrides, each checked as its flag",
     **{k: CHOICE for k in ("device", "dtype", "loss", "schedule", "ref_mode", "estimator", "reward", "reward_weight",
-                           "score_from", "pairing", "prompt_source", "rm_labels", "judge_format", "kinds", "controls",
+                           "score_from", "pairing", "backend", "prompt_source", "rm_labels", "judge_format", "kinds", "controls",
                            "sources")},
     **{k: "input path: must exist" for k in (
         "model", "input", "data", "groups", "pairs", "labeller", "judge", "a", "b", "reference", "candidates",

@@ -82,6 +82,9 @@ class RLConfig(TrainConfig):
             raise ConfigError("--temperature must be > 0 (the update is on the sampling distribution)")
         if self.engine.tensor_parallel != 1:
             raise ConfigError("--engine-tensor-parallel: the RL sampler is one full replica per rank (1)")
+        if self.engine.backend != "ours" or self.engine.url:
+            raise ConfigError("--engine-backend/--engine-url: the RL sampler is ours (the policy's weights are "
+                              "handed to it in memory after every step)")
 
 
 def add_value_head(model) -> None:
