@@ -78,8 +78,8 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     session.release()
     i = pick(scores)
     res = {"chosen": str(candidates[i]), "chosen_index": i, "reference": str(reference), "judge": str(judge_model),
-           **({"judge_url": cfg.judge_url} if cfg.judge_url else {}), "n_prompts": len(prompts), "rule": "most wins, then fewest losses, then the later candidate",
-           "scores": scores}
+           **({"judge_url": cfg.judge_url} if cfg.judge_url else {}), "n_prompts": len(prompts),
+           "rule": "most wins, then fewest losses, then the later candidate", "scores": scores}
     if out:
         _copy(candidates[i], out)
         res["out"] = str(out)
