@@ -40,18 +40,33 @@ def _comments(cls) -> dict[str, str]:
     return out
 
 
-def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | None = None) -> set[str]:
+def outer_defaults(f: dataclasses.Field) -> dict:
+    """A nested config field's own settings: those its default sets apart from its class's defaults (recipes/
+    humpback.py's SFT is not train/sft.py's). A flag or a config file that gives some of the nested settings
+    keeps the rest of these; a setting a class fills in itself (DPO's beta, by loss) is not one of them."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    mine = f.default_factory()
+    plain = type(mine)()
+    return {g.name: getattr(mine, g.name) for g in dataclasses.fields(mine)
+            if getattr(mine, g.name) != getattr(plain, g.name)}
+
+
+def add_flags(p: argparse.ArgumentParser, cls, prefix: str = "", skip: dict | None = None,
+              over: dict | None = None) -> set[str]:
     """Flags for the fields of `cls` and of its nested configs (default None: not given) -> their dests.
-    `skip` maps "" or a nested field's name to the fields that get no flag (the caller sets them)."""
+    `skip` maps "" or a nested field's name to the fields that get no flag (the caller sets them); `over`: the
+    defaults the outer config sets for this nested one (outer_defaults), shown in the help."""
     skip, helps, hints, dests = skip or {}, _comments(cls), typing.get_type_hints(cls), set()
     for f in dataclasses.fields(cls):
         t, name = _flag_type(hints[f.name]), prefix + f.name
         if t is None or f.name in skip.get("", ()):
             continue
         if dataclasses.is_dataclass(t):
-            dests |= add_flags(p, t, name + ".", {"": skip.get(f.name, ())})
+            dests |= add_flags(p, t, name + ".", {"": skip.get(f.name, ())}, outer_defaults(f))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (over or {}).get(f.name, default)
         kw = dict(dest=name, default=None, help=f"{helps.get(f.name, '')} (default: {default!r})".strip())
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -123,9 +138,10 @@ def _plain(t):
     return args[0] if len(args) == 1 and args[0] in _KINDS else None
 
 
-def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
-    """`cls` filled from nested data: an unknown key is an error, every number goes through check_number."""
-    hints, fields, kw = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}, {}
+def from_dict(cls, d: dict, where: str = "config", prefix: str = "", over: dict | None = None):
+    """`cls` filled from nested data over `over` (outer_defaults'): an unknown key is an error, every number goes
+    through check_number."""
+    hints, fields, kw = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}, dict(over or {})
     for k, v in d.items():
         if k not in fields:
             raise ConfigError(f"{where}: unknown field '{k}' for {cls.__name__}{config_files.close(k, fields)}")
@@ -133,7 +149,7 @@ def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
         if kind and v is not None and (not isinstance(v, _KINDS[kind]) or isinstance(v, bool) != (kind is bool)):
             raise ConfigError(f"{where}: field '{k}': {v!r} is not {_KIND_NAMES[kind]}")
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
-            v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.")
+            v = from_dict(t, v, f"{where}.{k}", f"{prefix}{k}.", outer_defaults(fields[k]))
         elif typing.get_origin(hints[k]) is tuple and isinstance(v, list):
             v = tuple(v)                      # JSON has no tuples: a tuple field reloads as one
         flag = "--" + (prefix + k).replace(".", "-").replace("_", "-")

@@ -59,9 +59,10 @@ def resolve_device(cfg: EngineConfig) -> tuple[str, torch.dtype]:
     return device, DTYPES[dtype]
 
 
-def load_engine(path, cfg: EngineConfig | None = None):
+def load_engine(path, cfg: EngineConfig | None = None, url_flag: str = "--engine-url"):
     """The Engine for checkpoint `path` on the configured device, with the checkpoint's own tokenizer; with
-    tensor_parallel T > 1, this rank's shard of a T-way replica (every rank of the replica calls this)."""
+    tensor_parallel T > 1, this rank's shard of a T-way replica (every rank of the replica calls this).
+    `url_flag`: the setting that gave cfg.url, named in a server's errors."""
     from selfreward.infer.engine import Engine
     from selfreward.model.checkpoint import load_model
     from selfreward.model.tokenizer import Tokenizer
@@ -71,7 +72,7 @@ def load_engine(path, cfg: EngineConfig | None = None):
         from selfreward.infer.external import VLLMEngine
         from selfreward.infer.remote import RemoteEngine
         tok = Tokenizer.load(path)
-        return RemoteEngine(path, cfg, tok) if cfg.url else VLLMEngine(path, cfg, tok)
+        return RemoteEngine(path, cfg, tok, url_flag) if cfg.url else VLLMEngine(path, cfg, tok)
     if cfg.tensor_parallel > 1:
         from selfreward.infer.parallel import init_tp, tp_model
         from selfreward.model.config import ModelConfig

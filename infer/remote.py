@@ -5,7 +5,8 @@ back-off, then stops the stage with an error naming the server. The standard lib
 
 The server must serve the stage's checkpoint: /v1/models' `root` (the path the server was started on) is
 compared with it, and a server of another model is refused (the loop's next iteration needs its servers
-restarted on M_{t+1}; docs/engines.md).
+restarted on M_{t+1}; docs/engines.md). `flag` is the setting that gave the URL, named in every error
+(`--engine-url`; the selection judge's own server: `--judge-url`, recipes/select.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ TRIES = 4                # attempts per request; back-off 1, 2, 4 s between them
 TIMEOUT_S = 600          # one request (a long reply on a busy CPU server)
 
 
-def post(url: str, body: dict | None, timeout: float = TIMEOUT_S) -> dict:
+def post(url: str, body: dict | None, timeout: float = TIMEOUT_S, flag: str = "--engine-url") -> dict:
     """GET (body None) or POST JSON -> the JSON reply; retried on connection errors and 5xx, a DataError at the
     end (4xx at once: the request is wrong, the server's message is in the error)."""
     data = None if body is None else json.dumps(body).encode()
@@ -38,24 +39,24 @@ def post(url: str, body: dict | None, timeout: float = TIMEOUT_S) -> dict:
         except urllib.error.HTTPError as e:
             msg = e.read().decode(errors="replace")[:500]
             if e.code < 500:
-                raise DataError(f"--engine-url {url}: HTTP {e.code}: {msg}") from None
+                raise DataError(f"{flag} {url}: HTTP {e.code}: {msg}") from None
             last = f"HTTP {e.code}: {msg}"
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             last = str(getattr(e, "reason", e))
         if k + 1 < TRIES:
             time.sleep(2 ** k)
-    raise DataError(f"--engine-url {url}: no answer after {TRIES} tries ({last}); is the server running?")
+    raise DataError(f"{flag} {url}: no answer after {TRIES} tries ({last}); is the server running?")
 
 
-def served_model(base: str, path: str) -> str:
+def served_model(base: str, path: str, flag: str = "--engine-url") -> str:
     """The model name a server answers to, checked to be `path`'s checkpoint (by /v1/models' root)."""
-    models = post(base + "/v1/models", None, timeout=30).get("data") or []
+    models = post(base + "/v1/models", None, timeout=30, flag=flag).get("data") or []
     if not models:
-        raise DataError(f"--engine-url {base}: /v1/models lists no model")
+        raise DataError(f"{flag} {base}: /v1/models lists no model")
     m = models[0]
     root = str(m.get("root") or m.get("id"))
     if not same_checkpoint(root, path):
-        raise DataError(f"--engine-url {base} serves {root}, but this stage needs {path}: start it with "
+        raise DataError(f"{flag} {base} serves {root}, but this stage needs {path}: start it with "
                         f"`vllm serve {path}` (each iteration's model needs its own server)")
     return m["id"]
 
@@ -69,12 +70,12 @@ def same_checkpoint(root: str, path: str) -> bool:
     return a.parts[-2:] == b.resolve().parts[-2:] or a.parts[-2:] == b.parts[-2:]
 
 
-def openai_out(reply: dict, n: int) -> Out:
+def openai_out(reply: dict, n: int, flag: str = "--engine-url") -> Out:
     """A /v1/completions reply (n choices of one prompt) -> Out. Log-probs come as `token_id:N` keys
     (return_tokens_as_token_ids)."""
     choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
     if len(choices) != n:
-        raise DataError(f"--engine-url: asked for {n} samples, got {len(choices)}")
+        raise DataError(f"{flag}: asked for {n} samples, got {len(choices)}")
     out = []
     for c in choices:
         lp = c.get("logprobs") or None
@@ -83,7 +84,7 @@ def openai_out(reply: dict, n: int) -> Out:
         if lp and lp.get("top_logprobs"):
             first = {int(k.removeprefix("token_id:")): float(v) for k, v in (lp["top_logprobs"][0] or {}).items()}
         if c.get("token_ids") is None:
-            raise DataError("--engine-url: the server sent no token_ids (it needs `return_token_ids`: vLLM >= 0.10)")
+            raise DataError(f"{flag}: the server sent no token_ids (it needs `return_token_ids`: vLLM >= 0.10)")
         out.append(Choice(list(c["token_ids"]), c.get("text") or "", c.get("finish_reason") or "",
                           c.get("stop_reason"), chosen, first))
     plp = None
@@ -99,11 +100,12 @@ def openai_out(reply: dict, n: int) -> Out:
 class RemoteEngine(External):
     backend = "openai"
 
-    def __init__(self, path: str, cfg: EngineConfig, tokenizer):
+    def __init__(self, path: str, cfg: EngineConfig, tokenizer, flag: str = "--engine-url"):
+        self.flag = flag
         self.urls = [u.strip().rstrip("/").removesuffix("/v1") for u in cfg.url.split(",") if u.strip()]
         if not self.urls:
-            raise DataError("--engine-url: no server given")
-        self.names = [served_model(u, str(path)) for u in self.urls]
+            raise DataError(f"{flag}: no server given")
+        self.names = [served_model(u, str(path), flag) for u in self.urls]
         self.pool = ThreadPoolExecutor(PER_SERVER * len(self.urls))
         super().__init__(str(path), self._complete, tokenizer, chunk=4 * PER_SERVER * len(self.urls))
 
@@ -113,7 +115,8 @@ class RemoteEngine(External):
         if "logprob_token_ids" in body or "logprobs" in body:
             body.setdefault("logprobs", 0)
             body["return_tokens_as_token_ids"] = True
-        return openai_out(post(self.urls[s] + "/v1/completions", body), int(body.get("n", 1)))
+        return openai_out(post(self.urls[s] + "/v1/completions", body, flag=self.flag), int(body.get("n", 1)),
+                          self.flag)
 
     def _complete(self, reqs: list[Request]) -> list[Out]:
         return list(self.pool.map(self._one, range(len(reqs)), reqs))

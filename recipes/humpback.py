@@ -13,6 +13,7 @@ killed sampling stage continues from its .partial file.
 """
 
 import dataclasses
+import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from selfreward.recipes.session import Session
 from selfreward.records import DataError, field as rfield, iter_jsonl, read_json, \
     read_jsonl, write_json, write_jsonl
 from selfreward.train import report as dashboards
+from selfreward.train.layouts import iter_rows
 from selfreward.train.sft import SFTConfig
 
 # fields the recipe sets itself (no flags)
@@ -59,9 +61,9 @@ class HumpbackConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: no
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
-    # the paper's SFT (dropout 0.1 as train/sft.py); it uses batch 8 below 3,000 examples: --sft-batch-size 8
+    # the paper's SFT (dropout 0.1 as train/sft.py); batch unset (None): the paper's, per run (paper_batch)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-5, final_lr=9e-6, schedule="linear",
-                                                             weight_decay=0.1, batch_size=32))
+                                                             weight_decay=0.1, batch_size=None))
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):   # the door's ranges (ranges.py), then Humpback's own rules
@@ -102,14 +104,30 @@ def backward_records(seed: list[dict]) -> list[dict]:
     return [{"prompt": r["response"], "response": r["prompt"]} for r in seed]
 
 
+SMALL_SET, SMALL_BATCH, BATCH = 3000, 8, 32   # the paper's fine-tuning batch: 32, 8 for fewer than 3,000 examples
+
+
+def paper_batch(files: list[str]) -> int:
+    """The paper's SFT batch for the examples (rows) of `files`: 32, or 8 when they are fewer than 3,000."""
+    rows = itertools.chain.from_iterable(iter_rows(p) for p in files)
+    return SMALL_BATCH if sum(1 for _ in itertools.islice(rows, SMALL_SET)) < SMALL_SET else BATCH
+
+
 def sft_model(cfg: HumpbackConfig, home: Path, seed_files: list[str], aug_files: list[str], seed: int,
               tags: bool = True) -> str:
-    """train/sft.py from the base on seed_files + aug_files (each source with its tag) -> home/model."""
+    """train/sft.py from the base on seed_files + aug_files (each source with its tag) -> home/model; the batch is
+    --sft-batch-size where given, else paper_batch's."""
     from selfreward.train.sft import train
     if not (home / "model" / "config.json").exists():
         tags = [f"{p}={cfg.seed_tag}" for p in seed_files if tags and cfg.tags and cfg.seed_tag] + \
             [f"{p}={cfg.augmented_tag}" for p in aug_files if tags and cfg.tags and cfg.augmented_tag]
+        batch = cfg.sft.batch_size
+        if batch is None:
+            batch = paper_batch(seed_files + aug_files)
+            print(f"[humpback] {home.name}: SFT batch {batch} (the paper's: {BATCH}, {SMALL_BATCH} below "
+                  f"{SMALL_SET:,} examples)", flush=True)
         scfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=seed_files + aug_files, resume=True, seed=seed,
+                                   batch_size=batch,
                                    output=str(home / "sft"), export=str(home / "model"), system_prompt=tags,
                                    **dashboards.for_stage(cfg.report_to, cfg.run_dir, home.name))
         cli.launch(train, scfg, "selfreward.train.sft", cfg.nproc, home / "sft_config.json")

@@ -105,3 +105,4 @@ class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.
             raise cli.ConfigError("M1 is --init-model, or SFT of --base-model on --sft-data (give both), not both")
         if self.select_every > 0 and not self.select.prompts:
             raise cli.ConfigError("--select-every needs --select-prompts (held-out prompts, a JSONL with 'prompt')")
+        self.select.check_judge_url("--select-")

@@ -4,6 +4,7 @@ iteration's starting model M_t (most wins, then fewest losses, then the later on
 
     python -m selfreward.recipes.select --candidates RUN/iter_1/dpo/exports/step_* --reference M1 \
         --judge M1 --prompts heldout.jsonl --out RUN/iter_1/model --report RUN/iter_1/select.json
+    python -m selfreward.recipes.select ... --judge JUDGE --judge-url http://host:8000   # `vllm serve JUDGE` there
 """
 
 import shutil
@@ -24,11 +25,20 @@ from selfreward.recipes.session import Session
 @dataclass
 class SelectConfig(H2HConfig):
     judge: str = cli.checkpoint("")   # the judging checkpoint; "" = the reference (as the self-judging loop)
+    # the judge alone on OpenAI-compatible server(s) URL[,URL...] serving --judge (checked); the replies stay on
+    # the engine flags' engine; "" = the judge there too
+    judge_url: str = ""
     candidates: list[str] = cli.checkpoint([])   # checkpoint folders, in training order
     reference: str = cli.checkpoint("")          # M_t, the iteration's starting model
     out: str = cli.passive("")        # folder that receives a copy of the chosen checkpoint ("" = none)
     report: str = cli.passive("")     # JSON file for the choice and every candidate's scores ("" = none)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def check_judge_url(self, prefix: str = "--") -> None:
+        """A judge server needs the judge's path: the server is checked to serve it (`prefix`: the loop's --select-)."""
+        if self.judge_url and not self.judge:
+            raise cli.ConfigError(f"{prefix}judge-url needs {prefix}judge: the checkpoint that server serves "
+                                  f"(its /v1/models root is checked against it)")
 
 
 def pick(scores: list[dict]) -> int:
@@ -45,9 +55,10 @@ def check_models(candidates: list[str], reference: str, judge_model: str) -> Non
 
 
 def select_checkpoint(candidates: list[str], reference: str, prompts: list[str], judge_model: str,
-                      out: str | Path | None = None, cfg: SelectConfig | None = None) -> dict:
+                      out: str | Path | None = None, cfg: SelectConfig | None = None, prefix: str = "--") -> dict:
     """Judge each candidate against `reference` on `prompts` (recipes.h2h.head_to_head), choose by `pick`,
-    copy the chosen folder to `out`. `cfg`: the answering and judging settings (its paths are not read).
+    copy the chosen folder to `out`. `cfg`: the answering and judging settings (its paths are not read; its
+    judge_url is: the judge on that server, named `prefix`judge-url in errors).
     Returns {"chosen", "chosen_index", "rule", "reference", "judge", "n_prompts", "scores": per candidate}."""
     cfg = cfg or SelectConfig()
     if not prompts:
@@ -56,7 +67,7 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     session = Session(cfg.engine)             # one model in memory at a time
     ref, *cand = [generate_responses(*session.get(str(m)), prompts, cfg, progress=True)
                   for m in [reference, *candidates]]
-    jeng, jtok = session.get(str(judge_model))
+    jeng, jtok = session.get(str(judge_model), cfg.judge_url, f"{prefix}judge-url")
     scores = []
     for c, resp in zip(candidates, cand):
         r = head_to_head(jeng, jtok, prompts, resp, ref, cfg, progress=True)
@@ -67,8 +78,8 @@ def select_checkpoint(candidates: list[str], reference: str, prompts: list[str],
     session.release()
     i = pick(scores)
     res = {"chosen": str(candidates[i]), "chosen_index": i, "reference": str(reference), "judge": str(judge_model),
-           "n_prompts": len(prompts), "rule": "most wins, then fewest losses, then the later candidate",
-           "scores": scores}
+           **({"judge_url": cfg.judge_url} if cfg.judge_url else {}), "n_prompts": len(prompts),
+           "rule": "most wins, then fewest losses, then the later candidate", "scores": scores}
     if out:
         _copy(candidates[i], out)
         res["out"] = str(out)
@@ -95,7 +106,7 @@ def select_from_run(run: Path, reference: str, cfg: SelectConfig, out: Path, rep
         res = {"chosen": cands[0], "chosen_index": 0, "scores": [], "rule": "one candidate: no judging"}
     else:
         res = select_checkpoint(cands, reference, read_prompts(cfg.prompts, cfg.limit), cfg.judge or reference, out,
-                                cfg)
+                                cfg, "--select-")
     write_json(report, res)
     return res
 
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("reference", "prompts"):
         if not getattr(cfg, name):
             raise cli.ConfigError(f"--{name} is required")
+    cfg.check_judge_url()
     # --out / --report never an input: not a model, the prompts or the template, nor (--out) a folder holding
     # one (the chosen copy replaces the folder whole)
     ins = [("--reference", cfg.reference), ("--judge", cfg.judge), ("--prompts", cfg.prompts),

@@ -184,13 +184,30 @@ def test_sources_tagged_with_system_prompts(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(cli, "launch", lambda fn, c, *a, **k: seen.append(c))
     cfg = from_dict(HumpbackConfig, {"run_dir": str(tmp_path), "base_model": "B", "seed_tag": "S",
-                                     "augmented_tag": "W"})
+                                     "augmented_tag": "W", "sft": {"batch_size": 4}})
     sft_model(cfg, tmp_path / "m", ["seed.jsonl", "eft.jsonl"], ["A5.jsonl"], 1)
     cfg.tags = False
     sft_model(cfg, tmp_path / "m", ["seed.jsonl"], ["A5.jsonl"], 1)
     assert seen[0].system_prompt == ["seed.jsonl=S", "eft.jsonl=S", "A5.jsonl=W"]
     assert seen[0].data == ["seed.jsonl", "eft.jsonl", "A5.jsonl"] and seen[0].model == "B"
     assert seen[1].system_prompt == []
+
+
+@pytest.mark.parametrize("seed_rows, aug_rows, flags, batch", [
+    (2999, 0, [], 8), (3000, 0, [], 32), (2000, 1000, [], 32),          # the paper's: 8 below 3,000 examples
+    (1999, 1000, [], 8), (100, 0, ["--sft-batch-size", "16"], 16), (3000, 0, ["--sft-batch-size", "8"], 8)])
+def test_sft_batch_is_the_papers_unless_given(tmp_path, monkeypatch, seed_rows, aug_rows, flags, batch):
+    """The paper fine-tunes with batch 32, or 8 on fewer than 3,000 examples (seed + augmented pairs counted
+    together); --sft-batch-size, where given, holds at any size."""
+    from selfreward import cli
+    from selfreward.recipes.humpback import sft_model
+    seen = []
+    monkeypatch.setattr(cli, "launch", lambda fn, c, *a, **k: seen.append(c))
+    seed = write_jsonl(tmp_path / "seed.jsonl", [{"prompt": f"q{i}", "response": "a"} for i in range(seed_rows)])
+    aug = [str(write_jsonl(tmp_path / "A5.jsonl", [{"prompt": f"w{i}", "response": "b"} for i in range(aug_rows)]))]
+    cfg = cli.parse_config(HumpbackConfig, ["--run-dir", str(tmp_path), "--base-model", "B", *flags])
+    sft_model(cfg, tmp_path / "m", [str(seed)], aug if aug_rows else [], 1)
+    assert [c.batch_size for c in seen] == [batch]
 
 
 def test_whole_recipe_on_a_tiny_model(tiny, tmp_path):
@@ -261,12 +278,14 @@ def test_a5_at_4_5_from_the_flags(tmp_path):
 
 
 def test_sft_defaults_are_the_papers():
-    """Humpback's SFT: lr 1e-5 -> 9e-6 linear, weight decay 0.1, dropout 0.1, batch 32; the loop's SFT
-    (SRLM's 5.5e-6 -> 1.1e-6 cosine, batch 16) is unchanged."""
+    """Humpback's SFT: lr 1e-5 -> 9e-6 linear, weight decay 0.1, dropout 0.1, batch unset (the paper's rule,
+    next test), also when another --sft-* flag is given; the loop's SFT (SRLM's 5.5e-6 -> 1.1e-6 cosine,
+    batch 16) is unchanged."""
     from selfreward.cli import parse_config
     from selfreward.train.sft import SFTConfig
-    s = parse_config(HumpbackConfig, []).sft
-    assert (s.lr, s.final_lr, s.schedule, s.weight_decay, s.dropout, s.batch_size) == \
-        (1e-5, 9e-6, "linear", 0.1, 0.1, 32)
+    for argv in ([], ["--sft-dropout", "0.05"]):
+        s = parse_config(HumpbackConfig, argv).sft
+        assert (s.lr, s.final_lr, s.schedule, s.weight_decay, s.batch_size) == (1e-5, 9e-6, "linear", 0.1, None)
+        assert s.dropout == (0.05 if argv else 0.1)
     s = SFTConfig()
     assert (s.lr, s.final_lr, s.schedule, s.weight_decay, s.batch_size) == (5.5e-6, 1.1e-6, "cosine", 0.0, 16)

@@ -156,7 +156,8 @@ def test_the_loops_pass_it_to_each_training_stage(tmp_path, monkeypatch):
     write_jsonl(run_dir / "iter_1" / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     self_reward.stage_dpo(cfg, 1)
     hb = humpback.HumpbackConfig(run_dir=str(run_dir), base_model="b", report_to="tensorboard")
-    humpback.sft_model(hb, run_dir / "iter_2", ["s.jsonl"], [], 0)
+    seed = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b"}])   # read for the paper's batch
+    humpback.sft_model(hb, run_dir / "iter_2", [str(seed)], [], 0)
     assert [(c.report_to, c.run_name, c.tensorboard_dir) for c in got] == [
         ("tensorboard", f"demo-{s}", str(run_dir / "tensorboard" / s)) for s in ("sft", "iter_1-dpo", "iter_2")]
     assert isinstance(got[0], SFTConfig) and got[0].output == str(run_dir / "sft")

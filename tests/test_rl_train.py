@@ -181,6 +181,82 @@ def test_reward_weight_one_minus_beta_is_the_papers_objective(setup):
     assert any(not torch.equal(p[k], q[k]) for k in p)
 
 
+def checkpoint_weights(run: Path) -> dict:
+    """The model's tensors in a run's latest DCP checkpoint (the value head or critic included)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    dcp_to_torch_save(ckpt, run / "ckpt.pt")
+    return torch.load(run / "ckpt.pt", weights_only=False)["model"]
+
+
+def test_value_model_is_a_critic_of_its_own_and_learns(setup):
+    """--value-model M0: a critic initialised from that checkpoint, trained by the value loss. With a reward of 1
+    for every reply and beta 0 every return G_t is 1 and the baseline starts at 0, so the first value loss is
+    0.5 (per token, 0.5 (V - G)^2), by hand; it falls as the critic learns, its transformer moves away from M0,
+    and the policy's first update is the default run's (both baselines 0; the value loss reaches no policy
+    weight), the export holding the policy alone."""
+    from selfreward.cli import parse_config
+    from selfreward.model.checkpoint import load_model
+    from selfreward.train import rl
+    d, m0, args = setup
+    base = args + ["--probe-every", "0", "--beta", "0", "--grad-clip", "0", "--value-lr", "1e-2"]
+    one = lambda ps, rs: [1.0] * len(ps)  # noqa: E731
+    runs = {}
+    for name, extra in (("critic", ["--value-model", str(m0)]), ("head", [])):
+        for steps in (1, 6):
+            out = d / f"v_{name}_{steps}"
+            rl.train(parse_config(rl.RLConfig, base + extra + ["--output", str(out), "--max-steps", str(steps)]),
+                     reward=one)
+            runs[name, steps] = out
+    losses = [r["value_loss"] for r in rows(runs["critic", 6] / "metrics.jsonl")]
+    assert losses[0] == pytest.approx(0.5, abs=1e-9)
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert all(b < a for a, b in zip(losses[1:], losses[2:])), losses
+
+    w, start = checkpoint_weights(runs["critic", 6]), load_model(m0).state_dict()
+    body = {k[len("value_head.body."):]: v for k, v in w.items() if k.startswith("value_head.body.")}
+    assert body.keys() == start.keys()
+    assert max((body[k] - start[k]).abs().max().item() for k in start) > 1e-3       # the critic itself learned
+    assert {k for k in checkpoint_weights(runs["head", 6]) if k.startswith("value_head")} == \
+        {"value_head.weight", "value_head.bias"}                                     # the default: the linear head
+
+    a, b = (load_model(runs[name, 1] / "model").state_dict() for name in ("critic", "head"))
+    assert a.keys() == start.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3               # the step did move it
+
+
+def test_value_model_two_ranks_equal_one_rank(setup):
+    """The critic under FSDP2 (2 ranks, gloo, micro-batch 1): the losses and value losses of 1 process, 1e-5."""
+    from selfreward.train import rl
+    d, m0, args = setup
+    common = args + ["--probe-every", "0", "--value-model", str(m0), "--value-lr", "1e-2"]
+    log = d / "vm_two.log"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train" / "rl.py"), *common, "--output", str(d / "vm_two"), "--micro-batch-size",
+                        "1"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                       stderr=subprocess.STDOUT, timeout=240)
+    assert r.returncode == 0, log.read_text()[-3000:]
+    rl.main(common + ["--output", str(d / "vm_one")])
+    one, two = rows(d / "vm_one" / "metrics.jsonl"), rows(d / "vm_two" / "metrics.jsonl")
+    assert len(one) == 3
+    for a, b in zip(one, two, strict=True):
+        for k in ("loss", "value_loss", "reward_mean", "kl"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k)
+
+
+def test_value_model_refuses_another_vocabulary(setup, tmp_path):
+    from hf_tiny import make_hf_checkpoint
+    d, m0, args = setup
+    other = make_hf_checkpoint(tmp_path / "other", "llama_tied", vocab=77, hidden=32, layers=1, heads=2,
+                               kv_heads=1, intermediate=64)
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "rl.py"), *args, "--output", str(tmp_path / "o"),
+                        "--value-model", str(other)],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "error: --value-model" in r.stderr and "77 tokens" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_bad_prompt_record_names_file_and_line(setup, tmp_path):
     d, m0, args = setup
     bad = tmp_path / "bad.jsonl"

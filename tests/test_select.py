@@ -61,7 +61,9 @@ def scripted_models(tmp_path, monkeypatch):
             i = next(k for k, p in enumerate(PROMPTS) if p in text)
             return f"answer {i} of {name}" + (f" {MARK}" if i in marks[name] else "")
         return ScriptedEngine(Tokenizer.load(path), reply, max_len=2048)
-    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None: engine_for(path))
+    real = config.load_engine          # a model on a server (--judge-url): the real client engine
+    monkeypatch.setattr(config, "load_engine", lambda path, cfg=None, *a: real(path, cfg, *a) if cfg and cfg.url
+                        else engine_for(path))
     return paths, loaded
 
 
@@ -171,3 +173,78 @@ def test_select_keeps_the_output_rules(tmp_path, scripted_models):
     with pytest.raises(DataError, match=r"sel\.json: made with other settings or inputs \(seed: 0 -> 1\)"):
         main(_cli(tmp_path, paths, "--report", rep, "--seed", "1"))
     assert (out / "model.safetensors").read_text() == "step_8"
+
+
+@pytest.fixture
+def judge_server(tmp_path):
+    """A judge checkpoint (tiny, byte-level tokenizer) and a stub OpenAI-compatible server (tests/test_external.py's)
+    that judges as the scripted judge does: it reads the prompt's ids with the judge's tokenizer and answers the
+    ids of its verdict. -> (judge dir, start(root) -> the stub; every stub is closed at the end)."""
+    from hf_tiny import make_hf_checkpoint
+    from hf_tokenizer import make_hf_tokenizer
+    from selfreward.model.tokenizer import Tokenizer
+    from test_external import Stub, choice
+    judge = tmp_path / "judge"
+    make_hf_checkpoint(judge, vocab=300, max_position_embeddings=4096)   # room for the judge prompt
+    make_hf_tokenizer(judge)
+    tok, verdict, stubs = Tokenizer.load(judge), pairwise_judge(), []
+
+    def start(root=str(judge)):
+        stubs.append(Stub(root, lambda b: (200, {"choices": [choice(tok.encode(verdict(tok.decode(b["prompt"]),
+                                                                                            0, 0)), "length")]})))
+        return stubs[-1]
+    yield judge, start
+    for st in stubs:
+        st.close()
+
+
+def test_select_judge_on_a_server(tmp_path, scripted_models, judge_server):
+    """--judge J --judge-url URL: every verdict comes from the server (both orders of every prompt, for each
+    candidate), the replies from the local engines, the result is the local judge's (test above); the judge's
+    path is needed, and a server of another model is refused naming --judge-url."""
+    from selfreward.cli import ConfigError
+    from selfreward.records import DataError
+    from selfreward.recipes.select import main
+    paths, loaded = scripted_models
+    judge, start = judge_server
+    stub = start()
+    res = main(_cli(tmp_path, paths, "--judge", judge, "--judge-url", stub.url))
+    got = {s["candidate"].rsplit("/", 1)[1]: (s["wins"], s["ties"], s["losses"]) for s in res["scores"]}
+    assert got == {"step_6": (0, 3, 0), "step_8": (2, 1, 0)} and res["chosen"] == paths["step_8"]
+    assert len(stub.bodies) == 2 * 2 * len(PROMPTS) and {b["model"] for b in stub.bodies} == {"served"}
+    assert loaded == ["ref", "step_6", "step_8"]                  # the replies only: no local judge
+    assert res["judge"] == str(judge) and res["judge_url"] == stub.url
+    with pytest.raises(ConfigError, match="^--judge-url needs --judge"):
+        main(_cli(tmp_path, paths, "--judge-url", stub.url))
+    other = start(str(tmp_path / "other" / "model"))
+    with pytest.raises(DataError, match=f"^--judge-url {other.url} serves .*other/model, but this stage needs"):
+        main(_cli(tmp_path, paths, "--judge", judge, "--judge-url", other.url))
+
+
+def test_loop_select_judge_url(tmp_path, scripted_models, judge_server):
+    """The loop's --select-judge J --select-judge-url URL: parsed into its selection, the judge's path required
+    (named with the loop's flags), and its selection (select_from_run on a DPO run's exports and final model)
+    judged by the server alone."""
+    from selfreward import cli
+    from selfreward.recipes.loop_config import LoopConfig
+    from selfreward.recipes.select import select_from_run
+    paths, loaded = scripted_models
+    judge, start = judge_server
+    stub = start()
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    base = ["--run-dir", tmp_path / "run", "--init-model", paths["ref"], "--select-every", 2, "--select-prompts", pf,
+            "--select-judge-url", stub.url]
+    with pytest.raises(cli.ConfigError, match="^--select-judge-url needs --select-judge"):
+        cli.parse_config(LoopConfig, list(map(str, base)))
+    cfg = cli.parse_config(LoopConfig, list(map(str, base + ["--select-judge", judge])))
+    run = tmp_path / "dpo"
+    (run / "exports").mkdir(parents=True)
+    shutil.copytree(paths["step_2"], run / "exports" / "step_2")
+    shutil.copytree(paths["step_4"], run / "final")
+    # the scripted models answer there as they did: step_2 marked on 1 prompt, step_4 (the final one) on 3
+    paths.update(step_2=str(run / "exports" / "step_2"), step_4=str(run / "final"))
+    res = select_from_run(run, paths["ref"], cfg.select, tmp_path / "chosen", tmp_path / "select.json")
+    assert [(s["wins"], s["ties"], s["losses"]) for s in res["scores"]] == [(1, 2, 0), (3, 0, 0)]
+    assert res["chosen"] == str(run / "final") and len(stub.bodies) == 2 * 2 * len(PROMPTS)
+    assert loaded == ["ref", "step_2", "step_4"] and res["judge_url"] == stub.url

@@ -4,6 +4,7 @@ per-token KL penalty to the frozen SFT policy (train/README.md, "Online RL").
     python train/rl.py --model M1 --data prompts.jsonl --output runs/rl --reward rm --reward-model runs/rm/model
     torchrun --nproc_per_node 8 train/rl.py --model M1 --data prompts.jsonl --output runs/rl --reward direct
     python train/rl.py ... --estimator rloo --num-samples 4
+    python train/rl.py ... --value-model M1                  # the paper's separate value model, from SFT
     python train/rl.py ... --reward mypkg.rewards:length_penalty      # any reward factory (REWARDS below)
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from selfreward.cli import ConfigError, checkpoint, choice, passive
+from selfreward.model.checkpoint import load_model
+from selfreward.model.config import ModelConfig
 from selfreward.records import DataError
 from selfreward.train import loop
 from selfreward.train.config import TrainConfig
@@ -24,7 +27,7 @@ from selfreward.train.loop import MetricsLog, cli, load_policy, load_reference
 from selfreward.train.parallel import reshard
 from selfreward.train.losses import reinforce_loss, rloo_loss, seq_sums
 from selfreward.train.rollout import VALUE_HEAD, EngineConfig, entropy_sum, flat_batch, greedy, load_engine, \
-    response_logps, sample, sync_weights
+    response_hidden, response_logps, sample, sync_weights
 
 # --reward NAME: a name here or any `module:function`: a reward factory (README "Rewards"); train/ imports no recipes/
 REWARDS = {"rm": "selfreward.model.reward_model:RMReward",           # the distilled reward model (train/rm.py)
@@ -62,7 +65,9 @@ class RLConfig(TrainConfig):
     temperature: float = 0.9
     top_p: float = 1.0
     max_new_tokens: int = 64         # per response; --max-length bounds prompt + response (lowered to the context)
-    value_lr: float = 1e-3            # the value head's lr (a linear head on the policy's detached hidden states)
+    value_model: str = checkpoint("")   # a critic of its own from this HF folder (the paper's: the SFT model); "" = a
+    #                                     linear head on the policy's detached hidden states
+    value_lr: float = 1e-3            # the value head's lr (the whole critic's with --value-model)
     value_coef: float = 1.0
     probe_data: str = ""              # prompts JSONL: greedy replies every --probe-every steps -> probes.jsonl
     probe_every: int = 0
@@ -87,11 +92,45 @@ class RLConfig(TrainConfig):
                               "handed to it in memory after every step)")
 
 
-def add_value_head(model) -> None:
-    """V(state), a linear head on the detached hidden state; zero, so the baseline starts at 0."""
-    model.value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
-    for p in model.value_head.parameters():
+def zero_linear(hidden: int) -> torch.nn.Linear:
+    """A scalar linear head, zero, so the baseline starts at 0."""
+    head = torch.nn.Linear(hidden, 1)
+    for p in head.parameters():
         torch.nn.init.zeros_(p)
+    return head
+
+
+def add_value_head(model, critic=None) -> None:
+    """V(state): `model.value_head`, a linear head on the policy's detached hidden state, or a ValueModel
+    around `critic` (--value-model). Under VALUE_HEAD's name either way: never exported nor handed to the engine."""
+    model.value_head = zero_linear(model.cfg.hidden_size) if critic is None else ValueModel(critic)
+
+
+class ValueModel(torch.nn.Module):
+    """--value-model: a critic of its own (the paper's value model, initialised from the SFT model), a linear head
+    on its own last hidden state; the value loss alone trains it, the policy's states are not used."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, zero_linear(body.cfg.hidden_size)
+
+    def forward(self, b) -> torch.Tensor:                 # [M]: V before each response token of the batch
+        return self.head(response_hidden(self.body, b)[0]).squeeze(-1)
+
+
+def load_critic(cfg: RLConfig):
+    """--value-model's transformer (the trainer's dropout), or None; it reads the policy's token ids."""
+    if not cfg.value_model:
+        return None
+    try:
+        mcfg, vocab = ModelConfig.from_json(cfg.value_model), ModelConfig.from_json(cfg.model).vocab_size
+    except ConfigError as e:
+        raise ConfigError(f"--value-model: {e}") from None
+    if mcfg.vocab_size != vocab:
+        raise ConfigError(f"--value-model {cfg.value_model}: a vocabulary of {mcfg.vocab_size} tokens, the "
+                          f"policy's has {vocab} (the critic reads the policy's token ids)")
+    mcfg.dropout = cfg.dropout
+    return load_model(cfg.value_model, cfg=mcfg)
 
 
 class RLTask(loop.Task):
@@ -107,7 +146,8 @@ class RLTask(loop.Task):
                 if len(tok.user_ids(self.train[-1])) > room:
                     raise DataError(f"{where}: field 'prompt' has more than {room} tokens "
                                     f"(context - max_new_tokens)")
-        self.model = load_policy(cfg, d, prepare=add_value_head)
+        critic = load_critic(cfg)
+        self.model = load_policy(cfg, d, prepare=lambda m: add_value_head(m, critic))
         self.ref = load_reference(cfg, d)                                  # the frozen SFT policy
         self.engine = load_engine(cfg.model, cfg.engine)
         self.reward = reward or reward_factory(cfg.reward)(
@@ -152,7 +192,7 @@ class RLTask(loop.Task):
         with torch.no_grad():
             ref_lp, _ = response_logps(self.ref, b, c.temperature)              # [M]
         reshard(self.ref)
-        values = model.value_head(h.detach()).squeeze(-1)                        # [M]
+        values = model.value_head(b) if c.value_model else model.value_head(h.detach()).squeeze(-1)   # [M]
         w = 1 - c.beta if c.reward_weight == "1-beta" else 1.0
         o = self.loss_fn(logp, values, ref_lp, b.seq, w * b.rewards, b.group, c.beta, c.value_coef)
         ent = entropy_sum(model, h, c.temperature)               # before backward reshards the LM head

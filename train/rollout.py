@@ -71,10 +71,16 @@ def flat_batch(rolls: list[Rollout], device="cpu") -> RolloutBatch:
                         group=f([r.group for r in rolls], torch.long))
 
 
+def response_hidden(model, b: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (`model`'s last hidden states before each response token [M, H], those tokens [M])."""
+    h, _, tgt = target_hidden(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen), b.targets)
+    return h, tgt
+
+
 def response_logps(model, b: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (log-probs of the response tokens at the sampling temperature [M], their hidden states [M, H]).
     The logits are h W^T / T, so dividing h by T gives exactly the sampled distribution's log-probs."""
-    h, _, tgt = target_hidden(model, b.tokens, b.positions, AttnContext(b.cu_seqlens, b.max_seqlen), b.targets)
+    h, tgt = response_hidden(model, b)
     return K.linear_logprobs(h / temperature, model.lm_head_weight, tgt, ignore_index=IGNORE), h
 
 
