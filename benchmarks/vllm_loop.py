@@ -71,12 +71,13 @@ def summary(run: Path, tok) -> dict:
     ids = {(c["id"], c["sample"]): c["token_ids"] for c in cands}
     carried = sum(p["chosen_token_ids"] in ids.values() and p["rejected_token_ids"] in ids.values() for p in pairs)
     exp = [j["expected"] for j in judg if j.get("expected") is not None]
+    stages = json.loads((it / "manifest.json").read_text()).get("timings", {}) if (it / "manifest.json").exists() else {}
     step = next((m for m in dpo if m.get("step") == 1), {})
     return {"candidates": len(cands), "mean_tokens": statistics.mean(len(c["token_ids"]) for c in cands) if cands else 0,
             "text_is_decoded_ids": f"{decoded}/{len(cands)}", "pairs": len(pairs),
             "pairs_carry_candidate_ids": f"{carried}/{len(pairs)}",
             "expected_mean": statistics.mean(exp) if exp else None, "dpo_step1_loss": step.get("loss"),
-            "model": (it / "model" / "config.json").exists(), "ids": ids}
+            "model": (it / "model" / "config.json").exists(), "stage_s": stages, "ids": ids}
 
 
 def main(argv=None) -> None:
@@ -87,18 +88,24 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--engines", default="ours,vllm,url")
     ap.add_argument("--out", default=str(ROOT / ".cache" / "vllm_loop"))
+    ap.add_argument("--no-run", action="store_true", help="only the table, from the run folders of an earlier run")
     a = ap.parse_args(argv)
     from selfreward.model.tokenizer import Tokenizer
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
-                               for i, (p, _) in enumerate(oasst_prompts(OASST, a.prompts))))
+    if not a.no_run:
+        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                                   for i, (p, _) in enumerate(oasst_prompts(OASST, a.prompts))))
     tok = Tokenizer.load(a.model)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     rows = {}
+    old = json.loads((out / "results.json").read_text()) if a.no_run else {}
     for eng in a.engines.split(","):
         run = out / eng
+        if a.no_run:
+            rows[eng] = {k: old[eng][k] for k in ("server_start_s", "loop_s")} | summary(run, tok)
+            continue
         server = None
         extra = {"ours": [], "vllm": ["--engine-backend", "vllm"]}.get(eng, [])
         t0 = time.perf_counter()
@@ -119,14 +126,15 @@ def main(argv=None) -> None:
         rows[eng] = {"server_start_s": round(t1 - t0, 1) if server else None,
                      "loop_s": round(time.perf_counter() - t1, 1), **summary(run, tok)}
         print(eng, {k: v for k, v in rows[eng].items() if k != "ids"}, flush=True)
-    if "ours" in rows:
+    for base in ("ours", "vllm"):            # vLLM's two paths, same seeds: the same samples
         for eng, r in rows.items():
-            same = sum(r["ids"].get(k) == v for k, v in rows["ours"]["ids"].items())
-            r["same_ids_as_ours"] = f"{same}/{len(rows['ours']['ids'])}"
+            if base in rows and eng != base:
+                same = sum(r["ids"].get(k) == v for k, v in rows[base]["ids"].items())
+                r[f"same_ids_as_{base}"] = f"{same}/{len(rows[base]['ids'])}"
     for r in rows.values():
         r.pop("ids")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    keys = [k for k in next(iter(rows.values()))]
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
     print("| engine | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for eng, r in rows.items():
         print(f"| {eng} | " + " | ".join(str(r.get(k)) for k in keys) + " |")
