@@ -11,7 +11,7 @@ from selfreward.infer.config import EngineConfig
 from selfreward.infer.runner import Runner, default_num_blocks
 from selfreward.infer.sampling import sample, token_logprobs
 from selfreward.infer.scheduler import Scheduler
-from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence
+from selfreward.infer.sequence import Completion, Kind, SamplingParams, Sequence, per_prompt
 from selfreward.model.fused import fuse_for_inference
 from selfreward.progress import Progress
 from selfreward.ranges import check_number
@@ -48,9 +48,7 @@ class Engine:
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
         """n samples per prompt -> [per prompt][per sample]; on_request(i, completions) once prompt i is done."""
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        plist = per_prompt(prompts, params)
         check_number("n", n)
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self._check_prompt(p, i)

@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 
 from selfreward.infer.config import EngineConfig, resolve_device
-from selfreward.infer.sequence import Completion, SamplingParams
+from selfreward.infer.engine import Engine
+from selfreward.infer.sequence import Completion, SamplingParams, per_prompt
 from selfreward.progress import Progress
+from selfreward.ranges import check_number
 from selfreward.records import DataError
 
 
@@ -114,9 +116,8 @@ class External:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  n: int = 1, progress: bool = False,
                  on_request: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        plist = per_prompt(prompts, params)
+        check_number("n", n)
         for i, p in enumerate(prompts):
             self._check_prompt(p, i)
         reqs = [Request(list(p), request_fields(sp, n, self.eos)) for p, sp in zip(prompts, plist)]
@@ -167,9 +168,8 @@ class External:
     def close(self) -> None:
         """Give back what it holds (Session.release calls it before a trainer needs the memory)."""
 
-    def reply_ids(self, c: Completion) -> list[int]:
-        stop = c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.eos
-        return list(c.token_ids[:-1] if stop else c.token_ids)
+    reply_ids = Engine.reply_ids              # ours, as they read only self.eos and self.max_len
+    _check_prompt = Engine._check_prompt
 
     def _completion(self, c: Choice) -> Completion:
         """As our engine's: the ids include the stop token that ended it; the text leaves it out and is our
@@ -179,12 +179,6 @@ class External:
         if not isinstance(c.stop_reason, str) and self.tokenizer is not None:
             text = self.tokenizer.decode(ids[:-1] if c.finish_reason == "stop" and ids else ids)
         return Completion(token_ids=ids, text=text or "", finish_reason=c.finish_reason, logprobs=c.logprobs)
-
-    def _check_prompt(self, ids: list[int], i: int) -> None:
-        if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
-        if len(ids) >= self.max_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's max_position_embeddings is {self.max_len}")
 
 
 def vllm_out(o) -> Out:

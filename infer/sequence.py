@@ -31,6 +31,14 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+def per_prompt(prompts: list, params: "SamplingParams | list[SamplingParams] | None") -> list["SamplingParams"]:
+    """One SamplingParams per prompt: the list given, or the one (default) repeated."""
+    plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+    return plist
+
+
 @dataclass
 class Completion:
     token_ids: list[int]

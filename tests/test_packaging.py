@@ -91,7 +91,7 @@ def _dist(module: str) -> str:
 
 
 @pytest.mark.parametrize("part,allowed", [
-    ("package", ["core", "gpu", "plot", "gguf", "real", "data", "tensorboard", "wandb", "mlflow"]),   # core, and
+    ("package", ["core", "gpu", "plot", "gguf", "real", "data", "tensorboard", "wandb", "mlflow", "vllm"]),   # core, and
     # the optional extras the package imports lazily
     ("tests", ["core", "gpu", "plot", "gguf", "dev"]),
     ("benchmarks", ["core", "gpu", "plot", "bench", "vllm"]),
