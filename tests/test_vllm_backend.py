@@ -81,3 +81,27 @@ def test_vllm_serve_matches_ours(ckpt, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_base_models_sft_export_in_vllm(tmp_path):
+    """A base model (SentencePiece, no chat template) after SFT: vLLM loads its export and, on the prompt ids
+    training used (the base tokenizer's plain template), its greedy ids equal ours. (That the export's own
+    tokenizer renders other ids is tests/test_exports.py's xfail.)"""
+    from conftest import TOKENIZER_DIR
+    from test_train_fixtures import make_model, sft_records, write_jsonl
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.train import sft
+    base = make_model(tmp_path / "base", TOKENIZER_DIR / "tokenizer.model", vocab=512, hidden=128, heads=2,
+                      kv_heads=1, intermediate=192)                                    # head dim 64 (vLLM-CPU)
+    sft.main(["--model", str(base), "--data", str(write_jsonl(tmp_path / "s.jsonl", sft_records(8))),
+              "--output", str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "4", "--max-length", "64",
+              "--dropout", "0", "--lr", "1e-3"])
+    export = tmp_path / "sft" / "model"
+    ids = [Tokenizer.load(base).user_ids(t) for t in ("Tell me a story about a cat.", "What is two plus two?")]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ours = load_engine(str(export), EngineConfig(device="cpu", dtype="float32"))
+    eng = load_engine(str(export), EngineConfig(backend="vllm", dtype="float32"))
+    try:
+        assert [o[0].token_ids for o in eng.generate(ids, greedy)] == [o[0].token_ids for o in ours.generate(ids, greedy)]
+    finally:
+        eng.close()
