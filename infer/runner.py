@@ -40,6 +40,19 @@ def block_tables(seqs: list[Sequence], width: int, device) -> torch.Tensor:
                         device=device)
 
 
+def shared_blocks(seqs: list[Sequence], block_size: int) -> int:
+    """How many leading block-table entries all of `seqs` (two or more) have in common, counting only blocks
+    wholly before every row's newest token: those never change while the rows decode (appends and copies on
+    write touch a row's last block only), so the count holds until the rows change."""
+    if len(seqs) < 2:
+        return 0
+    first, limit = seqs[0].block_table, min((len(s) - 1) // block_size for s in seqs)
+    n = 0
+    while n < limit and all(s.block_table[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
 class DecodeInputs:
     def __init__(self, block_size: int, max_blocks: int, device: torch.device):
         self.bs, self.max_blocks, self.device = block_size, max_blocks, device
@@ -47,6 +60,7 @@ class DecodeInputs:
         self.next_tokens: torch.Tensor | None = None   # [B] sampled at the last step, in row order
         self.rebuilds = 0                     # how often the tensors were built from lists (statistics, tests)
         self.tokens = self.pos = self.lens = self.bt = self.slots = self.cu = None
+        self.shared = 0                       # leading blocks every row shares (kernels/paged.py: cascade)
         self._nb, self._last = [], []         # per row: block-table entries written, and the last one
 
     def update(self, seqs: list[Sequence]) -> "DecodeInputs":
@@ -92,6 +106,7 @@ class DecodeInputs:
         if self.cu is None or self.cu.shape[0] != B + 1:
             self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.ids = ids
+        self.shared = shared_blocks(seqs, self.bs)
         self._nb = [len(s.block_table) for s in seqs]
         self._last = [s.block_table[-1] for s in seqs]
         self.rebuilds += 1
@@ -149,5 +164,5 @@ class Runner:
         if self.graphs is not None and len(seqs) <= self.graphs.sizes[-1]:
             return self.graphs.replay(d)
         ctx = AttnContext(cu_seqlens=d.cu, max_seqlen=1, kv_caches=self.kv_caches, slot_mapping=d.slots,
-                          block_tables=d.bt, context_lens=d.lens, decode=True)
+                          block_tables=d.bt, context_lens=d.lens, decode=True, shared_blocks=d.shared)
         return self.model(d.tokens, d.pos, ctx)

@@ -90,14 +90,28 @@ DECODE_ROWS = 8   # rows per gather in the CPU decode twin
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, shared: int = 0) -> torch.Tensor:
     """One new query per sequence. q: [B, Hq, D] -> [B, Hq, D].
 
-    Rows are taken in consecutive groups of DECODE_ROWS; each group gathers its blocks up to its own
-    longest context (one index_select) and makes one GQA SDPA call with a length mask. On a CPU the gather
-    is the cost, so a caller that orders sequences by length (infer/runner does) gathers little padding."""
-    B = q.shape[0]
+    `shared`: the first `shared` entries of every row's block table are the same full blocks (a prompt prefix
+    all rows share: the judge's rubric, one prompt's N samples); they are attended once for all rows and
+    merged with the rest by log-sum-exp (cascade attention), so their K/V are read once, not once per row.
+
+    The rest: rows are taken in consecutive groups of DECODE_ROWS; each group gathers its blocks up to its
+    own longest context (one index_select) and makes one GQA SDPA call with a length mask. On a CPU the
+    gather is the cost, so a caller that orders sequences by length (infer/runner does) gathers little
+    padding."""
+    if shared and q.shape[0] > 1:
+        return _cascade(q, k_cache, v_cache, block_tables, context_lens, scale, shared)
+    return _decode_rows(q, k_cache, v_cache, block_tables, context_lens, scale)[0]
+
+
+def _decode_rows(q, k_cache, v_cache, block_tables, context_lens, scale, lse: bool = False):
+    """paged_decode_ref without a shared prefix -> (out [B, Hq, D], its log-sum-exp [B, Hq] fp32 if `lse`)."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
+    lses = q.new_empty(B, Hq, dtype=torch.float32) if lse else None
     lens = context_lens.tolist()
     for a in range(0, B, DECODE_ROWS):
         z = min(a + DECODE_ROWS, B)
@@ -107,7 +121,32 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             mask, kp, vp = None, kp[:, :, :L], vp[:, :, :L]
         else:
             mask = (torch.arange(kp.shape[2], device=q.device)[None, :] < context_lens[a:z, None])[:, None, None]
+        if lse:   # the query heads of one KV head as that head's query rows: [b, Hkv, G, D]; the op returns the lse
+            if mask is not None:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[a:z].view(z - a, Hkv, Hq // Hkv, D), kp, vp, attn_mask=mask, scale=scale)
+            out[a:z], lses[a:z] = o.reshape(z - a, Hq, D), m.reshape(z - a, Hq)
+            continue
         o = F.scaled_dot_product_attention(q[a:z, :, None], kp, vp, attn_mask=mask, scale=scale,
-                                           enable_gqa=q.shape[1] != k_cache.shape[2])   # [b, Hq, 1, D]
+                                           enable_gqa=Hq != Hkv)   # [b, Hq, 1, D]
         out[a:z] = o[:, :, 0]
-    return out
+    return out, lses
+
+
+def _cascade(q, k_cache, v_cache, block_tables, context_lens, scale, shared):
+    """The shared blocks against every row's queries at once (one GEMM per KV head, fp32 scores), the rest
+    row by row (_decode_rows), the two softmaxes merged by their log-sum-exps."""
+    B, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    P, G = shared * bs, Hq // Hkv
+    ids = block_tables[0, :shared].long()
+    kp, vp = (c.index_select(0, ids).view(P, Hkv, D).transpose(0, 1).float() for c in (k_cache, v_cache))
+    qf = q.float().view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv, B * G, D)           # [Hkv, B * G, D]
+    s = torch.matmul(qf, kp.transpose(1, 2)) * (D ** -0.5 if scale is None else scale)  # [Hkv, B * G, P]
+    lse_p = s.logsumexp(-1)
+    o_p = torch.matmul(torch.exp(s - lse_p[..., None]), vp)                            # [Hkv, B * G, D]
+    o_p, lse_p = o_p.view(Hkv, B, G, D).transpose(0, 1).reshape(B, Hq, D), lse_p.view(Hkv, B, G).transpose(0, 1)
+    o_s, lse_s = _decode_rows(q, k_cache, v_cache, block_tables[:, shared:], context_lens - P, scale, lse=True)
+    w = torch.sigmoid(lse_p.reshape(B, Hq) - lse_s)[..., None]                         # the prefix's share
+    return (o_p * w + o_s.float() * (1 - w)).to(q.dtype)

@@ -136,7 +136,8 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
-                        scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                        scale: float | None = None, num_splits: int | None = None, shared: int = 0) -> torch.Tensor:
+    """`shared` (the twin's cascade hint) is not used: each program reads its row's blocks in place."""
     cu = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_prefill_triton(q, k_cache, v_cache, cu, block_tables, context_lens, scale, max_qlen=1,
                                 num_splits=num_splits)

@@ -28,6 +28,7 @@ class AttnContext:
     context_lens: torch.Tensor | None = None  # [S] cached + new tokens per sequence
     decode: bool = False                     # every sequence has exactly one new token
     prefix: torch.Tensor | None = None       # [S, 2] int32 (start, length): keys seen in full first (shared-prompt DPO)
+    shared_blocks: int = 0                   # decode: leading blocks every sequence shares (kernels/paged.py)
 
 
 def context_from_positions(positions: torch.Tensor) -> tuple[torch.Tensor, AttnContext]:
@@ -79,7 +80,8 @@ class Attention(nn.Module):
             k_cache, v_cache = ctx.kv_caches[self.layer_idx]
             K.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.decode:
-                o = K.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+                o = K.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens,
+                                   shared=ctx.shared_blocks)
             else:
                 o = K.paged_prefill(q, k_cache, v_cache, ctx.cu_seqlens, ctx.block_tables, ctx.context_lens)
         if rows is not None:

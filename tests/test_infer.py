@@ -167,3 +167,30 @@ def test_score_and_next_token_logprobs(tiny):
     prompts = [rubric + p for p in _prompts(lens=(3, 8, 1), seed=9)] + [[5]]
     conts = _prompts(lens=(4, 1, 9, 6), seed=10)
     check_score_and_next_token(Engine(model, block_size=4, num_blocks=64), model, prompts, conts)
+
+
+def test_shared_prefix_decode_equals_nocache(tiny, monkeypatch):
+    """Prompts that share a long prefix (a judge's rubric before each reply) decode through the cascade path
+    (kernels/paged.py: the common blocks attended once): greedy ids equal transformers' and the no-cache loop."""
+    import transformers as tf
+    from selfreward.kernels import paged
+    ck, model = tiny
+    rubric = _prompts((21,), seed=3)[0]
+    prompts = [rubric + tail for tail in _prompts((3, 8, 1, 12), seed=4)]
+    seen = []
+    ref_decode = paged.paged_decode_ref
+    monkeypatch.setattr(paged, "paged_decode_ref", lambda *a, **k: seen.append(k.get("shared", 0)) or ref_decode(*a, **k))
+    import selfreward.kernels.ops as K
+    monkeypatch.setattr(K, "paged_decode", K._switch(paged.paged_decode_ref))
+    hf = tf.AutoModelForCausalLM.from_pretrained(ck, torch_dtype=torch.float32).eval()
+    eng = Engine(model, block_size=4, num_blocks=64)
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert max(seen) == 5                       # 21 shared tokens: 5 full blocks of 4, every row's own after
+    for p, o in zip(prompts, out):
+        assert o[0].token_ids == _nocache_greedy(model, p, 10)
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    for p, o in zip(prompts, out):
+        with torch.no_grad():
+            r = hf.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=10, pad_token_id=0,
+                            eos_token_id=EOS)[0, len(p):].tolist()
+        assert o[0].token_ids == (r[:r.index(EOS) + 1] if EOS in r else r)

@@ -37,3 +37,53 @@ def test_paged_twins_equal_contiguous_attention(monkeypatch):
     # decode: the last token of each sequence
     got = paged_decode_ref(torch.stack([x[-1] for x in q]), kc, vc, bt, ctx)
     assert torch.allclose(got, torch.stack([r[-1] for r in ref]), atol=1e-5)
+
+
+def _dense_decode(q, kc, vc, bt, lens):
+    """fp64 softmax attention of each row's one query over its context, read token by token from the blocks."""
+    B, Hq, D = q.shape
+    G, bs, out = Hq // kc.shape[2], kc.shape[1], []
+    for b, L in enumerate(lens.tolist()):
+        slots = [int(bt[b, t // bs]) * bs + t % bs for t in range(L)]
+        k = kc.reshape(-1, *kc.shape[2:])[slots].double().repeat_interleave(G, 1)   # [L, Hq, D]
+        v = vc.reshape(-1, *vc.shape[2:])[slots].double().repeat_interleave(G, 1)
+        p = (torch.einsum("hd,lhd->hl", q[b].double(), k) / D ** 0.5).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", p, v))
+    return torch.stack(out)
+
+
+def test_cascade_decode_equals_dense_attention(monkeypatch):
+    """`shared` leading blocks (one prefix for every row, attended once and merged by log-sum-exp) give each
+    row's plain attention: GQA and not, rows in several groups, fp32 and bf16."""
+    from selfreward.kernels import paged
+    monkeypatch.setattr(paged, "DECODE_ROWS", 4)
+    g = torch.Generator().manual_seed(1)
+    for Hq, Hkv, dtype, tol in ((6, 2, torch.float32, 1e-5), (4, 4, torch.float32, 1e-5), (6, 2, torch.bfloat16, 2e-2)):
+        B, D, bs, shared = 9, 16, 4, 3
+        kc = torch.randn(80, bs, Hkv, D, generator=g).to(dtype)
+        vc = torch.randn(80, bs, Hkv, D, generator=g).to(dtype)
+        own = torch.randperm(77, generator=g)[:B * 5].view(B, 5) + 3     # blocks 0..2 are the shared prefix
+        bt = torch.cat([torch.tensor([[2, 0, 1]]).expand(B, 3), own], 1).to(torch.int32)
+        lens = torch.randint(shared * bs + 1, 8 * bs + 1, (B,), generator=g).to(torch.int32)
+        q = torch.randn(B, Hq, D, generator=g).to(dtype)
+        ref = _dense_decode(q, kc, vc, bt, lens)
+        for s in (0, shared):
+            got = paged_decode_ref(q, kc, vc, bt, lens, shared=s)
+            assert got.dtype == dtype and (got.double() - ref).abs().max() < tol, (Hq, Hkv, dtype, s)
+
+
+def test_shared_blocks_counts_only_full_common_blocks():
+    from selfreward.infer.runner import shared_blocks
+    from selfreward.infer.sequence import SamplingParams, Sequence
+
+    def seq(n_tokens, table):
+        s = Sequence(list(range(n_tokens)), SamplingParams())
+        s.block_table = table
+        return s
+    bs = 4
+    # tokens 0..9 -> newest at position 9: blocks 0 and 1 lie wholly before it, block 2 holds it
+    assert shared_blocks([seq(10, [7, 3, 5]), seq(10, [7, 3, 6])], bs) == 2
+    assert shared_blocks([seq(10, [7, 3, 5]), seq(10, [7, 4, 5])], bs) == 1     # they part at block 1
+    assert shared_blocks([seq(10, [7, 3, 5]), seq(6, [7, 3])], bs) == 1        # position 5 is in block 1
+    assert shared_blocks([seq(9, [7, 3, 5]), seq(9, [7, 3, 5])], bs) == 2      # block 2 holds position 8: not counted
+    assert shared_blocks([seq(10, [7, 3, 5])], bs) == 0                        # one row: nothing to share
