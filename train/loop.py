@@ -17,7 +17,7 @@ from selfreward.model.config import ModelConfig
 from selfreward.model.tokenizer import Tokenizer
 from selfreward.progress import Progress
 from selfreward.records import DataError, write_atomic
-from selfreward.train import report
+from selfreward.train import heap, report
 from selfreward.train.checkpointing import check_finite, claim_run, export_model, latest_checkpoint, \
     load_checkpoint, save_checkpoint, stop, weight_scale
 from selfreward.train.config import TrainConfig
@@ -46,6 +46,8 @@ def train(cfg: TrainConfig, name: str, make_task) -> dict:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         d, task = init_distributed(cfg.device), None
+        if said := heap.release_freed_blocks(d.device, cfg.keep_freed_memory):
+            d.print(f"[{name}] {said}")
         try:
             cfg = fit_context(cfg, d)
             tok_dir = cfg.tokenizer or cfg.model
