@@ -42,7 +42,7 @@ class RealConfig:
     max_length: int = 2048            # tokens per training example; prompts that leave no room for a reply are left out
     temperature: float = 0.7          # the candidates' and the RL samples' (> 0)
     top_p: float = 0.9
-    rl_steps: int = 16                # RL-checker's optimizer steps; 0 = no RL row
+    rl_steps: int = 40                # RL-checker's optimizer steps; 0 = no RL row
     rl_batch: int = 8                 # prompts per RL step
     rl_micro_batch: int = 2           # prompts per forward (with their replies); the step accumulates the rest
     rl_num_samples: int = 4           # replies per prompt (RLOO; 1 = REINFORCE with a value baseline)
