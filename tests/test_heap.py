@@ -15,7 +15,7 @@ from selfreward.train.heap import release_freed_blocks
 def rss_mb():
     return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:")).split()[1]) / 1024
 if sys.argv[1] == "release":
-    release_freed_blocks(torch.device("cpu"), keep=False)
+    release_freed_blocks(torch.device("cpu"), release=True)
 torch.ones(4 << 20)                           # a 16 MiB block freed: glibc's own threshold rises above 1 MiB
 blocks = [torch.ones(1 << 18) for _ in range(300)]   # 300 blocks of 1 MiB, written
 before = rss_mb()
@@ -34,7 +34,7 @@ def test_freed_blocks_leave_the_process():
 
 
 def test_only_cpu_runs_and_the_environment_wins(monkeypatch):
-    assert release_freed_blocks(torch.device("cpu"), keep=True) == ""
-    assert release_freed_blocks(torch.device("cuda", 0), keep=False) == ""
+    assert release_freed_blocks(torch.device("cpu"), release=False) == ""
+    assert release_freed_blocks(torch.device("cuda", 0), release=True) == ""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert "environment" in release_freed_blocks(torch.device("cpu"), keep=False)
+    assert "environment" in release_freed_blocks(torch.device("cpu"), release=True)

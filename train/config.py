@@ -46,7 +46,7 @@ class TrainConfig:
     mixed_precision: bool = True      # bf16 params + fp32 reduction under FSDP on CUDA (CPU: see --cpu-bf16)
     cpu_bf16: bool = False            # CPU: forward under torch.autocast(bfloat16), fp32 weights and optimizer
     threads: int = passive(0)                  # torch.set_num_threads (0 = leave as is)
-    keep_freed_memory: bool = passive(False)   # CPU: glibc's default heap (train/heap.py; default: large blocks unmapped)
+    release_freed_memory: bool = passive(False)  # CPU: blocks >= 128 KiB unmapped when freed (train/heap.py; DPO: on)
     device: str = passive("auto")              # auto: cuda:LOCAL_RANK where available, else cpu | cpu | cuda
     sleep_per_step: float = passive(0.0)       # test aid: slow the loop so a test can kill it mid-run
 

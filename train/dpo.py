@@ -43,6 +43,7 @@ class DPOConfig(TrainConfig):
     export_every: int = passive(0)             # HF export every N steps to OUTPUT/exports/step_N (for recipes.select); 0 = off
     share_prompt: bool = True         # each distinct prompt of a micro-batch computed once (train/data.pair_batch)
     selective_checkpointing: bool = True   # about half the activations, a few % of time (benchmarks/README.md)
+    release_freed_memory: bool = passive(True)   # CPU: lower peak RSS for some time (train/README.md, "Memory on the CPU")
     fused_head: bool = passive(True)           # LM head forward + backward in one pass per group of pairs (CPU; dpo_head.py)
 
     def __post_init__(self):   # unset loss settings take the loss's paper defaults; flags it doesn't use: refused

@@ -46,7 +46,7 @@ def train(cfg: TrainConfig, name: str, make_task) -> dict:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         d, task = init_distributed(cfg.device), None
-        if said := heap.release_freed_blocks(d.device, cfg.keep_freed_memory):
+        if said := heap.release_freed_blocks(d.device, cfg.release_freed_memory):
             d.print(f"[{name}] {said}")
         try:
             cfg = fit_context(cfg, d)
