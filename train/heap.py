@@ -10,23 +10,41 @@ returned to the system when freed; the cost is the kernel's page faults when suc
 """
 import ctypes
 import os
+from contextlib import contextmanager
 
 import torch
 
 M_MMAP_THRESHOLD = -3          # glibc's malloc.h
 THRESHOLD = 128 * 1024         # glibc's own starting value, kept fixed
+AFTER = 32 * 1024 * 1024       # where glibc's own threshold ends up (its maximum on 64-bit): set when a run ends
 
 
-def release_freed_blocks(device: torch.device, release: bool) -> str:
+def release_freed_blocks(device: torch.device, release: bool, say=lambda message: None) -> str:
     """On a CPU run under glibc, if `release` and the environment does not set MALLOC_MMAP_THRESHOLD_: fix the
-    mmap threshold at THRESHOLD -> what was done, for the log."""
+    mmap threshold at THRESHOLD -> what was done ("" = nothing), also given to `say` for the log."""
     if device.type != "cpu" or not release:
         return ""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return "heap: MALLOC_MMAP_THRESHOLD_ from the environment"
+        said = "heap: MALLOC_MMAP_THRESHOLD_ from the environment"
+    else:
+        try:
+            ok = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, THRESHOLD)
+        except (OSError, AttributeError):      # not glibc (macOS, Windows): nothing to set
+            ok = 0
+        said = f"heap: blocks of {THRESHOLD // 1024} KiB or more are mapped and returned when freed " \
+               f"(--no-release-freed-memory: glibc's default)" if ok else ""
+    if said:
+        say(said)
+    return said
+
+
+@contextmanager
+def released(device: torch.device, release: bool, say=lambda message: None):
+    """release_freed_blocks for one run; after it, a process that goes on (the loop's next sampling stage) gets the
+    threshold glibc's own would have reached (AFTER), not 128 KiB's page faults."""
+    set_here = release_freed_blocks(device, release, say).startswith("heap: blocks")
     try:
-        ok = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, THRESHOLD)
-    except (OSError, AttributeError):      # not glibc (macOS, Windows): nothing to set
-        return ""
-    return f"heap: blocks of {THRESHOLD // 1024} KiB or more are mapped and returned when freed " \
-           f"(--no-release-freed-memory: glibc's default)" if ok else ""
+        yield
+    finally:
+        if set_here:
+            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, AFTER)

@@ -46,16 +46,15 @@ def train(cfg: TrainConfig, name: str, make_task) -> dict:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         d, task = init_distributed(cfg.device), None
-        if said := heap.release_freed_blocks(d.device, cfg.release_freed_memory):
-            d.print(f"[{name}] {said}")
-        try:
-            cfg = fit_context(cfg, d)
-            tok_dir = cfg.tokenizer or cfg.model
-            task = make_task(cfg, d, Tokenizer.load(tok_dir))
-            return run(cfg, task, d, tok_dir, name)
-        finally:
-            del task   # FSDP state, and any collective work it holds, freed while the group is alive
-            cleanup(d)
+        with heap.released(d.device, cfg.release_freed_memory, say=lambda m: d.print(f"[{name}] {m}")):
+            try:
+                cfg = fit_context(cfg, d)
+                tok_dir = cfg.tokenizer or cfg.model
+                task = make_task(cfg, d, Tokenizer.load(tok_dir))
+                return run(cfg, task, d, tok_dir, name)
+            finally:
+                del task   # FSDP state, and any collective work it holds, freed while the group is alive
+                cleanup(d)
 
 
 def fit_context(cfg: TrainConfig, d: Dist) -> TrainConfig:
