@@ -19,32 +19,29 @@ THRESHOLD = 128 * 1024         # glibc's own starting value, kept fixed
 AFTER = 32 * 1024 * 1024       # where glibc's own threshold ends up (its maximum on 64-bit): set when a run ends
 
 
-def release_freed_blocks(device: torch.device, release: bool, say=lambda message: None) -> str:
-    """On a CPU run under glibc, if `release` and the environment does not set MALLOC_MMAP_THRESHOLD_: fix the
-    mmap threshold at THRESHOLD -> what was done ("" = nothing), also given to `say` for the log."""
-    if device.type != "cpu" or not release:
-        return ""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        said = "heap: MALLOC_MMAP_THRESHOLD_ from the environment"
-    else:
-        try:
-            ok = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, THRESHOLD)
-        except (OSError, AttributeError):      # not glibc (macOS, Windows): nothing to set
-            ok = 0
-        said = f"heap: blocks of {THRESHOLD // 1024} KiB or more are mapped and returned when freed " \
-               f"(--no-release-freed-memory: glibc's default)" if ok else ""
-    if said:
-        say(said)
-    return said
+def _threshold(nbytes: int) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, nbytes); False where there is no glibc (macOS, Windows) or it refuses."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 @contextmanager
 def released(device: torch.device, release: bool, say=lambda message: None):
-    """release_freed_blocks for one run; after it, a process that goes on (the loop's next sampling stage) gets the
-    threshold glibc's own would have reached (AFTER), not 128 KiB's page faults."""
-    set_here = release_freed_blocks(device, release, say).startswith("heap: blocks")
+    """One run with the threshold fixed at THRESHOLD, if `release`, on the CPU, and the environment does not set
+    MALLOC_MMAP_THRESHOLD_ (then it wins); `say` gets what was done. After the run, a process that goes on (the
+    loop's next sampling stage) gets the threshold glibc's own would have reached (AFTER), not the page faults."""
+    release = release and device.type == "cpu"
+    env = release and "MALLOC_MMAP_THRESHOLD_" in os.environ
+    mine = release and not env and _threshold(THRESHOLD)
+    if env:
+        say("heap: MALLOC_MMAP_THRESHOLD_ from the environment")
+    elif mine:
+        say(f"heap: blocks of {THRESHOLD // 1024} KiB or more are mapped and returned when freed "
+            f"(--no-release-freed-memory: glibc's default)")
     try:
         yield
     finally:
-        if set_here:
-            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, AFTER)
+        if mine:
+            _threshold(AFTER)
