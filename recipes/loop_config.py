@@ -12,6 +12,7 @@ from selfreward.ranges import check_fields
 from selfreward.infer.config import EngineConfig
 from selfreward.recipes.instruct import InstructConfig
 from selfreward.recipes.judge import JudgeConfig
+from selfreward.recipes.meta_judge import MetaJudgeConfig
 from selfreward.recipes.pairs import PAIRINGS
 from selfreward.recipes.select import SelectConfig
 from selfreward.train import report as dashboards
@@ -62,6 +63,14 @@ class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.
     # samples agree, half from chosen texts and half from rejected ones. It keeps the judge on the model's
     # current samples while DPO trains the answers (recipes/self_reward.write_judge_self). 0 = off (the paper)
     judge_self_train: int = 0
+    # Meta-Rewarding: M_t also meta-judges its K judgments of each response (pairs of distinct judgments, both
+    # orders; --meta-template, --meta-temperature, ...) and the best against the worst judgment of a response
+    # joins the iteration's DPO data as a judge pair (recipes/meta_judge.py); off = the paper's loop
+    meta_judge: bool = False
+    meta: MetaJudgeConfig = field(default_factory=MetaJudgeConfig)
+    # Meta-Rewarding's length control of the actor's pairs: the chosen is the shortest text scored within
+    # rho x (best - worst) of the best (0 = off: the best-scored); in [0, 1)
+    length_control: float = 0.0
     chunk: int = 32                   # units per generate call (the grain of resume)
     nproc: int = cli.passive(1)                    # >1: sampling stages and DPO under torchrun
     # the training stages' dashboards (train/report.py): tensorboard | wandb | mlflow | none, or a comma list;
@@ -96,6 +105,8 @@ class LoopConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes.
             raise cli.ConfigError("--candidates-n is below its minimum (2: a pair needs two candidates)")
         if self.sft_mix and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--sft-mix trains through the NLL term only: it needs --dpo-nll-alpha > 0")
+        if not 0.0 <= self.length_control < 1.0:
+            raise cli.ConfigError(f"--length-control {self.length_control}: a share of the score range, in [0, 1)")
         if self.judge_self_train and self.dpo.nll_alpha <= 0:
             raise cli.ConfigError("--judge-self-train trains through the NLL term only: it needs --dpo-nll-alpha > 0")
         if self.n_prompts < 0 or (self.n_prompts == 0 and self.prompt_source == "self-instruct"):

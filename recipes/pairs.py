@@ -12,7 +12,7 @@ PAIRINGS = ("best-worst", "best-rest")
 
 def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: Sequence[dict],
                 key: str = "score", pool_identical: bool = True, min_margin: float = 0.0,
-                pairing: str = "best-worst") -> tuple[list[dict], Counter]:
+                pairing: str = "best-worst", length_control: float = 0.0) -> tuple[list[dict], Counter]:
     """Preference pairs from the candidates' mean scores over their K judgments (`key`: "score" or
     "expected"). pairing "best-worst" (the paper): per prompt its highest- against its lowest-scored candidate;
     "best-rest": the best against each lower-scored distinct text (with the checker's scores, every
@@ -20,7 +20,10 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
     than two scored candidates, or whose best and worst tie, gives no pair; among equal scores the lowest
     sample index is taken. pool_identical: candidates with the very same text are one response (judgments
     pooled), so chosen and rejected always differ. min_margin > 0 drops pairs closer than that (counted
-    "below_margin"; the paper keeps every untied pair). Returns (pairs, counts)."""
+    "below_margin"; the paper keeps every untied pair). length_control rho > 0 (Meta-Rewarding's length control):
+    the chosen is the shortest text (tokens, else characters) scored within rho x (best - worst) of the best,
+    so a longer text must score clearly higher to be chosen (counted "length_controlled" when that is not the
+    best-scored). Returns (pairs, counts)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
     cand_text = {(c["id"], c["sample"]): c["text"] for c in candidates}
@@ -49,6 +52,11 @@ def build_pairs(prompts: Sequence[dict], candidates: Sequence[dict], judgments: 
         if hi[0] == lo[0]:
             counts["ties"] += 1
             continue
+        if length_control > 0:
+            near = [x for x in scored if x[0] >= hi[0] - length_control * (hi[0] - lo[0])]
+            short = min(near, key=lambda x: (x[1].get("n_tokens", len(x[1]["text"])), x[1]["sample"]))
+            counts["length_controlled"] += short is not hi
+            hi = short
         if hi[0] - lo[0] < min_margin:
             counts["below_margin"] += 1
             continue
@@ -97,7 +105,7 @@ def iteration_stats(prompts: Sequence[dict], candidates: Sequence[dict], judgmen
               "candidates": len(candidates), "judgments": len(judgments),
               "parse_failures": sum(j["score"] is None for j in judgments),
               **{k: pair_counts.get(k, 0) for k in ("candidates_unscored", "prompts_too_few_scored", "ties",
-                                                    "below_margin", "identical_merged")},
+                                                    "below_margin", "identical_merged", "length_controlled")},
               "pairs": len(pairs), "prompts_paired": pair_counts.get("prompts_paired", len({p["id"] for p in pairs})),
               "judge_prompts_cut": sum(bool(j.get("prompt_cut")) for j in first)}
     return {

@@ -40,6 +40,7 @@ class Stage:
     shards: bool = False     # a sampling stage: split over cfg.nproc ranks (torchrun) when nproc > 1
     trains: bool = False     # a trainer: the engine is released first (it needs the memory)
     timed: bool = True       # recorded in the manifest's timings (hooks such as an evaluation are not)
+    when: Callable = lambda cfg: True   # the stage runs only where when(cfg) (an optional stage: --meta-judge)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _timed(r: Recipe, cfg, st: Stage, t: int, s: Session) -> tuple[float, dict |
 def run_stages(r: Recipe, cfg, t: int, s: Session, stages: tuple[Stage, ...]) -> dict:
     """The stages of iteration t (0: the head) in order, the manifest written after each -> the last one."""
     timings, stats, m = {}, {}, {}
-    for st in stages:
+    for st in (st for st in stages if st.when(cfg)):
         sec, got = _timed(r, cfg, st, t, s)
         stats.update(got or {})
         if st.timed:
@@ -165,6 +166,8 @@ def main(r: Recipe, argv: list[str] | None, doc: str, skip: dict):
         return run(r, cfg, overwrite=a.overwrite)
     check_run(cfg)
     st, t = r.stage(a.stage), (0 if r.stage(a.stage) in r.head else a.iter)
+    if not st.when(cfg):
+        raise cli.ConfigError(f"--stage {a.stage} is off in this run's settings (it is optional: see --help)")
     if world > 1 and not st.shards:
         names = " and ".join(x.name for x in r.head + r.body if x.shards)
         raise cli.ConfigError(f"--stage {a.stage} runs as one process (only {names} shard)")

@@ -11,14 +11,15 @@ recipes/README.md, "The loop".
 """
 
 import dataclasses
-import random
 from collections import Counter
 from pathlib import Path
 
 from selfreward import cli
 from selfreward.recipes import pipeline
 from selfreward.recipes.instruct import generate_prompts, given_prompts
-from selfreward.recipes.judge import check_fits, judge_items, judge_prompt
+from selfreward.recipes.dpo_data import write_judge_pairs, write_judge_self, write_sft_mix
+from selfreward.recipes.judge import check_fits, judge_items
+from selfreward.recipes.meta_judge import meta_judge_items, meta_units
 from selfreward.recipes.loop_config import LOOP_SET, LoopConfig
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
@@ -125,6 +126,29 @@ def stage_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int =
     pipeline.units(cfg, rank, world, out, cands, jc.k, lambda r: (r["id"], r["sample"]), work, f"judge {t}", "candidates")
 
 
+def stage_meta_judge(cfg: LoopConfig, t: int, s: Session, rank: int = 0, world: int = 1) -> None:
+    """--meta-judge: M_t compares each pair of distinct judgments of a response, in both orders
+    (recipes/meta_judge.py) -> meta_judgments.jsonl, one record per comparison with its verdict."""
+    it = pipeline.folder(cfg, t)
+    out = it / "meta_judgments.jsonl"
+    if out.exists():
+        return
+    text = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+    resp = {(c["id"], c["sample"]): c["text"] for c in read_jsonl(it / "candidates.jsonl")}
+    judg = read_jsonl(it / "judgments.jsonl", made_by="the judge stage")
+    jtext = {(j["id"], j["sample"], j["k"]): j["judgment"] for j in judg}
+    engine, tok = s.get(model_at(cfg, t))
+    base = pipeline.seed(cfg, t, 6)
+
+    def work(batch, emit):
+        items = [(text[u["id"]], resp[(u["id"], u["sample"])], jtext[(u["id"], u["sample"], u["a"])],
+                  jtext[(u["id"], u["sample"], u["b"])]) for _, u in batch]
+        for (i, u), (m, v, cut) in zip(batch, meta_judge_items(engine, tok, items, cfg.meta, [base + i for i, _ in batch])):
+            emit(i, [{**u, "meta": m, "verdict": v, "prompt_cut": cut}])
+    pipeline.units(cfg, rank, world, out, meta_units(judg), 1, lambda u: (u["id"], u["sample"], u["a"], u["b"]),
+                   work, f"meta-judge {t}", "comparisons")
+
+
 def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     """pairs.jsonl (with the prompt's ids as the sampler was given them) -> the iteration's statistics."""
     from selfreward.model.tokenizer import Tokenizer
@@ -134,7 +158,7 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
     judg = read_jsonl(it / "judgments.jsonl", made_by="the judge stage")
     pairs, counts = build_pairs([p for p in prompts if p["verdict"] == "ok"], cands, judg,
                                 "score" if cfg.score_from == "sampled" else "expected", min_margin=cfg.min_margin,
-                                pairing=cfg.pairing)
+                                pairing=cfg.pairing, length_control=cfg.length_control)
     if (it / "pairs.jsonl").exists():
         pairs = read_jsonl(it / "pairs.jsonl")
     else:
@@ -142,7 +166,10 @@ def stage_pairs(cfg: LoopConfig, t: int) -> dict:
         for p in pairs:
             p["prompt_token_ids"] = tok.user_ids(p["prompt"])
         write_jsonl(it / "pairs.jsonl", pairs)
-    return iteration_stats(prompts, cands, judg, pairs, counts)
+    stats = iteration_stats(prompts, cands, judg, pairs, counts)
+    if cfg.meta_judge:
+        stats["meta"] = write_judge_pairs(cfg, t)[1]
+    return stats
 
 
 def stage_dpo(cfg: LoopConfig, t: int) -> None:
@@ -156,7 +183,8 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
                         f"see {it / 'manifest.json'}")
     sel = cfg.select_every > 0
     data = [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else []) \
-        + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else [])
+        + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else []) \
+        + ([str(it / "judge_pairs.jsonl")] if cfg.meta_judge and write_judge_pairs(cfg, t)[1]["judge_pairs"] else [])
     dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=data, resume=True,
                                output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
                                seed=cfg.seed + t, export_every=cfg.select_every,
@@ -166,54 +194,6 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
     if sel:
         select_from_run(it / "dpo", model_at(cfg, t), dataclasses.replace(cfg.select, engine=cfg.engine), it / "model",
                         it / "select.json")
-
-
-def write_sft_mix(cfg: LoopConfig, it: Path) -> Path:
-    """iter_t/sft_mix.jsonl: each record of cfg.sft_mix ({"prompt", "response"}) sft_mix_repeat times as a
-    DPO record whose chosen and rejected are its response. The DPO margin of such a record is zero whatever
-    the weights (no DPO gradient); what it trains is the chosen NLL term, nll_alpha x its per-token NLL."""
-    out = it / "sft_mix.jsonl"
-    if not out.exists():
-        recs = [{"prompt": rfield(r, "prompt", f"{cfg.sft_mix}:{i}"),
-                 "chosen": rfield(r, "response", f"{cfg.sft_mix}:{i}"), "rejected": r["response"], "sft_only": True}
-                for i, r in iter_jsonl(cfg.sft_mix)]
-        write_jsonl(out, recs * cfg.sft_mix_repeat)
-    return out
-
-
-def write_judge_self(cfg: LoopConfig, t: int) -> Path:
-    """iter_t/judge_self.jsonl: judge self-training records from the iteration's own judgments. For each text a
-    pair uses (its chosen and its rejected side), the judgments of that text count when all of them give the
-    same score and none had its prompt cut; the first one becomes an NLL-only record whose prompt is the judge
-    prompt of that text (chosen == rejected: no DPO gradient, only the NLL term). At most n // 2 come from
-    chosen texts and n - n // 2 from rejected ones, drawn in a seeded order; fewer when fewer qualify."""
-    it = pipeline.folder(cfg, t)
-    out = it / "judge_self.jsonl"
-    if out.exists():
-        return out
-    text = {(c["id"], c["sample"]): c["text"] for c in read_jsonl(it / "candidates.jsonl")}
-    by_text: dict[tuple, list[dict]] = {}
-    for j in read_jsonl(it / "judgments.jsonl"):
-        by_text.setdefault((j["id"], text.get((j["id"], j["sample"]))), []).append(j)
-    sides: dict[str, list[dict]] = {"chosen": [], "rejected": []}
-    seen = set()
-    for p in read_jsonl(it / "pairs.jsonl"):
-        for side in sides:
-            key = (p["id"], p[side])
-            js = by_text.get(key, [])
-            if key in seen or not js or len({j["score"] for j in js}) != 1 or any(j["prompt_cut"] for j in js):
-                continue
-            seen.add(key)
-            sides[side].append({"prompt": judge_prompt(cfg.judge.text, p["prompt"], p[side]),
-                                "chosen": js[0]["judgment"], "rejected": js[0]["judgment"], "sft_only": True})
-    rng, n = random.Random(pipeline.seed(cfg, t, 5)), cfg.judge_self_train
-    for recs in sides.values():
-        rng.shuffle(recs)
-    chosen, rejected = sides["chosen"][:n // 2], sides["rejected"][:n - n // 2]
-    print(f"[judge self-train] iter {t}: {len(chosen) + len(rejected)} records ({len(chosen)} of "
-          f"{len(sides['chosen'])} chosen texts, {len(rejected)} of {len(sides['rejected'])} rejected)", flush=True)
-    write_jsonl(out, chosen + rejected)
-    return out
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
@@ -275,6 +255,7 @@ RECIPE = pipeline.Recipe(
         pipeline.Stage("prompts", lambda c, t, s, *_: stage_prompts(c, t, s), "prompts.jsonl"),
         pipeline.Stage("candidates", stage_candidates, "candidates.jsonl", shards=True),
         pipeline.Stage("judge", stage_judge, "judgments.jsonl", shards=True),
+        pipeline.Stage("meta_judge", stage_meta_judge, "meta_judgments.jsonl", shards=True, when=lambda c: c.meta_judge),
         pipeline.Stage("pairs", lambda c, t, *_: stage_pairs(c, t)),
         pipeline.Stage("dpo", lambda c, t, *_: stage_dpo(c, t), trains=True),
         pipeline.Stage("eval_out", lambda c, t, s, *_: stage_eval(c, t, True, s), timed=False)),

@@ -69,7 +69,8 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
     `evaluate(t, model_dir)` is called on each model it trains (M_{t+1} of the control)."""
     if name not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, not {name!r}")
-    cfg = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name), eval_hook=None)
+    cfg = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name), eval_hook=None,
+                              meta_judge=False)     # the controls change the actor's preferences only
     s, out = Session(cfg.engine), []
     for t in range(1, cfg.iterations + 1):
         it, own = folder(cfg, t), folder(lc, t)

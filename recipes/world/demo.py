@@ -71,6 +71,12 @@ class DemoConfig:
     # from the answer, the wrong answer M1 samples most, which the judge had marked equal to the answer);
     # 0 = the near-miss / one-edit mix alone (recipes/world/README.md, fifth session)
     eft_close: float = 0.5
+    # Meta-Rewarding (issue 35; recipes/world/meta.py): M_t also meta-judges its judgments and trains on judge
+    # pairs beside the answer pairs (recipes.self_reward --meta-judge); M1's SFT data gains n_meta meta-judge
+    # examples (checking the checks), also mixed into DPO with the EFT seed. Off: the paper's loop
+    meta_judge: bool = False
+    n_meta: int = 500
+    length_control: float = 0.0       # recipes.self_reward --length-control (Meta-Rewarding's rho)
     dpo_lr: float = 2e-4
     dpo_beta: float = 0.1
     dpo_nll_alpha: float = 3.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
@@ -200,21 +206,28 @@ def run(cfg: DemoConfig) -> dict:
     ift, eft = seed_paths(run_dir)
     m1 = run_dir / "m1"
     template = write_template(run_dir / "seed" / "judge_template.txt")
+    meta_seed, mix = run_dir / "seed" / "meta.jsonl", run_dir / "seed" / "eft_meta.jsonl"
     prompts = run_dir / "seed" / "loop_prompts.jsonl"
 
     def hook(t_: int, model_dir: str) -> dict:
         return evaluate(f"M{t_}", model_dir)
 
     from selfreward.recipes.judge import JudgeConfig
+    from selfreward.recipes.meta_judge import MetaJudgeConfig
+    from selfreward.recipes.world.meta import write_meta_seed, write_meta_template
     from selfreward.recipes.loop_config import CandidatesConfig
     from selfreward.train.dpo import DPOConfig
     dpo = DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, nll_alpha=cfg.dpo_nll_alpha,
-                    epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=192, dropout=0.0, log_every=10**6,
+                    epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch, max_length=256 if cfg.meta_judge else 192, dropout=0.0,
+                    log_every=10**6,
                     threads=thr)
     lc = LoopConfig(run_dir=str(run_dir / "loop"), init_model=str(m1), iterations=cfg.iterations,
                     prompt_source=str(prompts), n_prompts=cfg.n_prompts, min_margin=cfg.min_margin,
-                    pairing=cfg.pairing, sft_mix=str(eft) if cfg.eft_mix else "", sft_mix_repeat=max(1, cfg.eft_mix),
-                    judge_self_train=cfg.judge_self_train,
+                    pairing=cfg.pairing, sft_mix=str(mix if cfg.meta_judge else eft) if cfg.eft_mix else "",
+                    sft_mix_repeat=max(1, cfg.eft_mix), judge_self_train=cfg.judge_self_train,
+                    meta_judge=cfg.meta_judge, length_control=cfg.length_control,
+                    meta=MetaJudgeConfig(template=str(write_meta_template(run_dir / "seed" / "meta_template.txt")),
+                                         temperature=0.0, max_tokens=64),
                     nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed, engine=cfg.engine, dpo=dpo,
                     candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                                 max_tokens=mcfg.max_tokens),
@@ -222,6 +235,8 @@ def run(cfg: DemoConfig) -> dict:
                                       max_tokens=mcfg.judge_max_tokens, template=str(template), distinct=True))
     check_run_folder(run_dir, cfg)
     write_seeds(run_dir, cfg.n_ift, cfg.n_eft, cfg.seed, cfg.m0, kinds, cfg.eft_close)
+    if cfg.meta_judge:
+        write_meta_seed(meta_seed, mix, eft, cfg.n_meta, cfg.seed, kinds, cfg.eft_close)
     avoid = {r["prompt"] for r in read_jsonl(ift)}
     write_jsonl(prompts, loop_prompts(cfg.n_prompts * cfg.iterations, cfg.seed, avoid, kinds))
 
@@ -236,9 +251,10 @@ def run(cfg: DemoConfig) -> dict:
     t = time.perf_counter()
     if not (m1 / "config.json").exists():
         from selfreward.train.sft import SFTConfig
-        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)], output=str(run_dir / "sft"), export=str(m1),
+        run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft)] + [str(meta_seed)] * cfg.meta_judge,
+                          output=str(run_dir / "sft"), export=str(m1),
                           max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, final_lr=cfg.sft_lr / 10,
-                          max_length=128, dropout=0.0, seed=cfg.seed, resume=True, log_every=10**6, threads=thr),
+                          max_length=256 if cfg.meta_judge else 128, dropout=0.0, seed=cfg.seed, resume=True, log_every=10**6, threads=thr),
                 cfg.nproc)
     clock.stage("sft", time.perf_counter() - t)
 

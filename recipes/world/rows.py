@@ -65,7 +65,50 @@ def iteration_stats(lc, t: int, manifest: dict, ranking: bool = True) -> dict:
            **pass_at_n(prompts, read_jsonl(it / "candidates.jsonl"))}
     if ranking:
         out.update(self_judge_vs_likelihood(lc, t))
+    if (it / "meta_judgments.jsonl").exists():
+        out.update(meta_agreement(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"),
+                                  read_jsonl(it / "meta_judgments.jsonl"), read_jsonl(it / "judge_pairs.jsonl")),
+                   **{k: manifest.get("meta", {}).get(k) for k in ("judge_pairs", "meta_ties", "meta_parse_failures",
+                                                                   "meta_position_bias")})
     return out
+
+
+def meta_agreement(prompts: dict[str, str], candidates: list[dict], judgments: list[dict], metas: list[dict],
+                   judge_pairs: list[dict]) -> dict:
+    """The meta-judge against the checker, on an iteration's comparisons: where exactly one of the two judgments
+    gives the right score (5 for a right text, 1 for a wrong one), how often the verdict names it
+    (`meta_agree_score`, over `meta_score_cases`); where the reference meta-judgment (recipes/world/meta.py)
+    names one, how often the verdict does (`meta_agree_step`, over `meta_step_cases`); and the judge pairs'
+    quality: chosen with the right score and rejected with a wrong one (`judge_pair_ok`), the reverse
+    (`judge_pair_bad`), chosen == the reference judgment (`judge_pair_ref`)."""
+    from selfreward.recipes.world.judging import judgment
+    from selfreward.recipes.world.meta import meta_judgment
+    text = {(c["id"], c["sample"]): c["text"] for c in candidates}
+    jd = {(j["id"], j["sample"], j["k"]): j for j in judgments}
+    sc = st = sc_ok = st_ok = 0
+    for m in metas:
+        task, resp = parse_prompt(prompts[m["id"]]), text[(m["id"], m["sample"])]
+        want = 5.0 if check(prompts[m["id"]], resp) == 1.0 else 1.0
+        a, b = jd[(m["id"], m["sample"], m["a"])], jd[(m["id"], m["sample"], m["b"])]
+        if (a["score"] == want) != (b["score"] == want):
+            sc += 1
+            sc_ok += m["verdict"] == ("A" if a["score"] == want else "B")
+        ref = meta_judgment(task, resp, a["judgment"], b["judgment"])
+        if ref is not None:
+            st += 1
+            st_ok += m["verdict"] == ref[-1]
+    ok = bad = same = 0
+    for p in judge_pairs:
+        task, resp = parse_prompt(prompts[p["id"]]), text[(p["id"], p["sample"])]
+        want = 5.0 if check(prompts[p["id"]], resp) == 1.0 else 1.0
+        cs, rs = (jd[(p["id"], p["sample"], p[k])]["score"] for k in ("chosen_k", "rejected_k"))
+        ok += cs == want and rs != want
+        bad += rs == want and cs != want
+        same += p["chosen"] == judgment(task, resp)
+    n = max(1, len(judge_pairs))
+    return {"meta_comparisons": len(metas), "meta_score_cases": sc, "meta_agree_score": sc_ok / sc if sc else None,
+            "meta_step_cases": st, "meta_agree_step": st_ok / st if st else None,
+            "judge_pair_ok": ok / n, "judge_pair_bad": bad / n, "judge_pair_ref": same / n}
 
 
 def paired(results: dict[str, dict], a: str, b: str) -> dict | None:

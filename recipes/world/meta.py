@@ -1,0 +1,129 @@
+"""The world's meta-judge (issue 35): checking the checks. Shown a task, an answer and two judgments of it
+(recipes/world/judging.py's check format), the meta-judge copies the steps the two share, writes the right
+step where they first differ (one local check, the judge's own kind of step), and names the judgment whose
+step it is:
+
+    Task: Which is smallest: 7, 81, 5?  Answer: 5
+    A: 5 7 - 5 81 - 5 5 = Score: 5          B: 5 7 - 5 8 - 5 5 = Score: 5
+    ->  5 7 - 5 81 - Better: A
+
+Where the judgments' steps agree and only their scores differ, the disputed step is the score itself
+(`Score: n` as the reference gives it). The template goes to the loop as `--meta-template`, the mechanism a
+user's own meta-judge prompt takes.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from selfreward.recipes.world.judging import _render, check_steps, judgment
+from selfreward.recipes.world.tasks import Task, sample_tasks
+
+META_TEMPLATE = "Meta. Task: {instruction} Answer: {response} A: {judgment_a} B: {judgment_b} Which is right?"
+MARKS = ("+", "=", "-")
+
+
+def meta_prompt(instruction: str, response: str, a: str, b: str) -> str:
+    return META_TEMPLATE.format(instruction=instruction, response=response, judgment_a=a, judgment_b=b)
+
+
+def steps_of(judgment_text: str) -> list[str]:
+    """A judgment's steps, each ending at its mark, then its `Score: ...` (whatever follows the label)."""
+    toks, out, cur = judgment_text.split(), [], []
+    for i, x in enumerate(toks):
+        if x == "Score:":
+            out += [" ".join(cur)] if cur else []
+            return out + [" ".join(toks[i:])]
+        cur.append(x)
+        if x in MARKS:
+            out.append(" ".join(cur))
+            cur = []
+    return out + ([" ".join(cur)] if cur else [])
+
+
+def first_difference(a: str, b: str) -> int | None:
+    """The index of the first step where judgments a and b differ (None: the same steps)."""
+    sa, sb = steps_of(a), steps_of(b)
+    for i in range(max(len(sa), len(sb))):
+        if (sa[i] if i < len(sa) else None) != (sb[i] if i < len(sb) else None):
+            return i
+    return None
+
+
+def meta_judgment(task: Task, response: str, a: str, b: str) -> str | None:
+    """The reference meta-judgment of judgments a and b of `response`: the shared steps, the right step where
+    they first differ, `Better: A|B`; None when neither (or both) has the right step there."""
+    i = first_difference(a, b)
+    if i is None:
+        return None
+    ref = steps_of(judgment(task, response))
+    right = ref[i] if i < len(ref) else "_"
+    sa, sb = steps_of(a), steps_of(b)
+    ga, gb = (sa[i] if i < len(sa) else None), (sb[i] if i < len(sb) else None)
+    if (ga == right) == (gb == right):
+        return None
+    return " ".join(sa[:i] + [right, f"Better: {'A' if ga == right else 'B'}"])
+
+
+def slipped_judgment(task: Task, response: str, rng: random.Random) -> str | None:
+    """A wrong judgment of the kinds the judge writes: one mark flipped, one input copied wrong (max and min:
+    a neighbouring input, the candidate, or a number 1-3 away, the mark then following the wrong number), or
+    one step skipped; the score follows the marks. None if it came out right."""
+    steps = check_steps(task, response)
+    marked = [i for i, (_, m) in enumerate(steps) if m is not None]
+    how = rng.choice(("flip", "copy", "skip") if task.kind in ("max", "min") else ("flip", "skip"))
+    i = rng.choice(marked)
+    text, mark = steps[i]
+    if how == "flip":
+        choices = [x for x in MARKS if x != mark] if task.kind in ("max", "min") else ["-" if mark == "+" else "+"]
+        steps[i] = (text, rng.choice(choices))
+    elif how == "copy":
+        v, a = text.split()
+        args = list(task.args)
+        pool = [args[j] for j in (i - 1, i + 1) if 0 <= j < len(args)] + [int(a) + d for d in (-3, -2, -1, 1, 2, 3)]
+        if v.isdigit():
+            pool.append(int(v))
+        wrong = rng.choice([x for x in pool if 0 <= x < 100 and x != int(a)])
+        m = "_" if not v.isdigit() else "+" if int(v) > wrong else "=" if int(v) == wrong else "-"
+        steps[i] = (f"{v} {wrong}", "-" if m == "_" else m)
+    else:
+        del steps[i]
+    wrong_text = _render(steps, task.kind)
+    return None if wrong_text == judgment(task, response) else wrong_text
+
+
+def meta_seed(n: int, seed: int, kinds, candidate) -> list[dict]:
+    """n meta-judge examples {"prompt", "response", "kind"}: train-split tasks, a candidate drawn by
+    `candidate(task, rng)` (the EFT seed's), its reference judgment against a slipped one in a random order."""
+    rng = random.Random(f"meta:{seed}")
+    out = []
+    for t in sample_tasks(4 * n, seed=60_000 + seed, kinds=kinds):
+        cand = candidate(t, rng)
+        right, wrong = judgment(t, cand), slipped_judgment(t, cand, rng)
+        if wrong is None:
+            continue
+        a, b = (right, wrong) if rng.random() < 0.5 else (wrong, right)
+        target = meta_judgment(t, cand, a, b)
+        if target is None:
+            continue
+        out.append({"prompt": meta_prompt(t.prompt, cand, a, b), "response": target, "kind": t.kind})
+        if len(out) == n:
+            break
+    return out
+
+
+
+def write_meta_template(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(META_TEMPLATE)
+    return path
+
+
+def write_meta_seed(path: Path, mix: Path, eft: Path, n: int, seed: int, kinds, close: float) -> None:
+    """RUN/seed/meta.jsonl (n examples, candidates as the EFT seed's with its `close`) and RUN/seed/eft_meta.jsonl
+    (the EFT seed and these: what --eft-mix mixes into DPO when the loop meta-judges)."""
+    from selfreward.recipes.world.data import eft_candidate
+    from selfreward.records import read_jsonl, write_jsonl
+    recs = meta_seed(n, seed, kinds, lambda t, rng: eft_candidate(t, rng, close=close))
+    write_jsonl(path, recs)
+    write_jsonl(mix, read_jsonl(eft) + recs)
