@@ -182,9 +182,7 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
         raise DataError(f"{it / 'pairs.jsonl'}: no pairs (every prompt tied or went unscored); "
                         f"see {it / 'manifest.json'}")
     sel = cfg.select_every > 0
-    data = [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else []) \
-        + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else []) \
-        + ([str(it / "judge_pairs.jsonl")] if cfg.meta_judge and write_judge_pairs(cfg, t)[1]["judge_pairs"] else [])
+    data = dpo_inputs(cfg, t)
     dcfg = dataclasses.replace(cfg.dpo, model=model_at(cfg, t), data=data, resume=True,
                                output=str(it / "dpo"), export=str(it / ("dpo/final" if sel else "model")),
                                seed=cfg.seed + t, export_every=cfg.select_every,
@@ -194,6 +192,14 @@ def stage_dpo(cfg: LoopConfig, t: int) -> None:
     if sel:
         select_from_run(it / "dpo", model_at(cfg, t), dataclasses.replace(cfg.select, engine=cfg.engine), it / "model",
                         it / "select.json")
+
+
+def dpo_inputs(cfg: LoopConfig, t: int) -> list[str]:
+    """The files iteration t's DPO reads: the pairs, then the SFT mix, judge self-training, judge pairs."""
+    it = pipeline.folder(cfg, t)
+    return [str(it / "pairs.jsonl")] + ([str(write_sft_mix(cfg, it))] if cfg.sft_mix else []) \
+        + ([str(write_judge_self(cfg, t))] if cfg.judge_self_train else []) \
+        + ([str(it / "judge_pairs.jsonl")] if cfg.meta_judge and write_judge_pairs(cfg, t)[1]["judge_pairs"] else [])
 
 
 def write_manifest(cfg: LoopConfig, t: int, timings: dict, stats: dict | None = None) -> dict:
