@@ -37,19 +37,20 @@ and style. Give your reasons briefly, then end with a line "Better: A" or "Bette
 BUILTIN = {"default": DEFAULT_TEMPLATE}
 SLOTS = ("instruction", "response", "judgment_a", "judgment_b")
 
-# the last "Better:" label, then A or B (optionally "Evaluation A", "**B**", "(A)")
-_VERDICT = re.compile(r"(?<![A-Za-z0-9_])better\s*[:\uff1a]\s*(?:\*\*|\*|__)?\s*\(?\s*(?:evaluation|judgment|judgement)?"
-                      r"\s*\(?([AB])\)?(?![A-Za-z0-9_])", re.IGNORECASE)
-
-
 def load_meta_template(path: str | None) -> str:
     return load_template(path, DEFAULT_TEMPLATE, SLOTS, "meta-judge template", BUILTIN)
 
 
-def parse_verdict(text: str) -> str | None:
-    """'A' or 'B' from the last `Better:` label of a meta-judgment; None when there is none."""
-    found = list(_VERDICT.finditer(text))
-    return found[-1].group(1).upper() if found else None
+def parse_verdict(text: str, label: str = "Better", choices: tuple[str, str] = ("A", "B")) -> str | None:
+    """'A' (the first judgment shown) or 'B' (the second) from the last `<label>: <choice>` of a meta-judgment
+    (choices[0] names the first; "Evaluation A", "**B**", "(A)" are read too); None when there is none."""
+    alt = "|".join(re.escape(c) for c in choices)
+    found = list(re.finditer(rf"(?<![A-Za-z0-9_]){re.escape(label)}\s*[:\uff1a]\s*(?:\*\*|\*|__)?\s*\(?\s*"
+                             rf"(?:(?:evaluation|judgment|judgement)\s*)?\(?({alt})\)?(?![A-Za-z0-9_])", text, re.IGNORECASE))
+    if not found:
+        return None
+    got = found[-1].group(1).lower()
+    return "A" if got == choices[0].lower() else "B"
 
 
 @dataclass
@@ -58,9 +59,20 @@ class MetaJudgeConfig:
     temperature: float = 0.0       # one meta-judgment per order; 0 = greedy
     top_p: float = 1.0
     max_tokens: int = 256
+    label: str = "Better"          # the verdict line: "<label>: <first choice | second choice>"
+    choices: str = "A,B"           # how the template names the first and the second judgment shown
 
     def __post_init__(self):
         self.text = load_meta_template(self.template)
+        a, b = self.names()
+        if not (a and b and a.lower() != b.lower() and self.label.strip()):
+            from selfreward.cli import ConfigError
+            raise ConfigError(f"--meta-choices {self.choices!r} / --meta-label {self.label!r}: two different names, "
+                              f"comma-separated, and a label")
+
+    def names(self) -> tuple[str, str]:
+        a, _, b = self.choices.partition(",")
+        return a.strip(), b.strip()
 
 
 def meta_units(judgments: Sequence[dict]) -> list[dict]:
@@ -88,7 +100,7 @@ def meta_judge_items(engine, tok, items: Sequence[tuple[str, str, str, str]], cf
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=s)
               for s in seeds]
     outs = engine.generate([f[0] for f in fitted], params)
-    return [(g[0].text, parse_verdict(g[0].text), f[1]) for g, f in zip(outs, fitted)]
+    return [(g[0].text, parse_verdict(g[0].text, cfg.label, cfg.names()), f[1]) for g, f in zip(outs, fitted)]
 
 
 def judge_pairs(prompts: dict[str, str], texts: dict[tuple, str], judgments: Sequence[dict], metas: Sequence[dict],

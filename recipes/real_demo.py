@@ -63,6 +63,10 @@ class RealConfig:
     # what the self-judge's pairs rank by: expected (the expected score from the digits after "Score:", every
     # candidate scored) or sampled (the mean parsed score of K judgments: the paper's)
     score_from: str = cli.choice("expected", "sampled")
+    # Meta-Rewarding in the self-rewarding rows (recipes.self_reward --meta-judge; needs --judge-k >= 2: the
+    # meta-judge compares a reply's distinct judgments) and its length control of the actor's pairs
+    meta_judge: bool = False
+    length_control: float = 0.0
     label_limit: int = 100            # checker-known pairs M0 labels (RLAIF part 1); 0 = all the oracle's pairs
     table4_limit: int = 0             # held-out OASST reply groups judged for Table 4 (0 = all)
     threads: int = cli.passive(0)     # torch threads (0 = leave as is)
@@ -74,7 +78,8 @@ class RealConfig:
         rules = (("--n-eval", self.n_eval < 1, ">= 1"), ("--n-candidates", self.n_candidates < 2, ">= 2 (a pair)"),
                  ("--temperature", self.temperature <= 0, "> 0 (RL samples)"),
                  ("--max-length", self.max_length <= self.max_tokens, "above --max-tokens"),
-                 ("--rl-micro-batch", self.rl_batch % self.rl_micro_batch, "a divisor of --rl-batch"))
+                 ("--rl-micro-batch", self.rl_batch % self.rl_micro_batch, "a divisor of --rl-batch"),
+                 ("--judge-k", self.meta_judge and self.judge_k < 2, ">= 2 with --meta-judge (judgments to compare)"))
         for flag, bad, want in rules:
             if bad:
                 raise cli.ConfigError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: must be {want}")

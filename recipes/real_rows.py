@@ -108,6 +108,7 @@ def loop_config(cfg, run_dir: Path, score_from: str | None = None) -> LoopConfig
     return LoopConfig(
         run_dir=str(run_dir), init_model=cfg.model, iterations=1, n_prompts=0, seed=cfg.seed, engine=cfg.engine,
         prompt_source=str(Path(cfg.run_dir) / "sets" / "train.jsonl"), score_from=score_from or cfg.score_from,
+        meta_judge=cfg.meta_judge and score_from is None, length_control=cfg.length_control,
         candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_tokens=cfg.max_tokens),
         judge=JudgeConfig(k=cfg.judge_k, max_tokens=cfg.judge_max_tokens, template=cfg.judge_template,
@@ -143,6 +144,8 @@ def iteration(lc: LoopConfig, s, judgments=None, copy_from: Path | None = None) 
     run_stage(RECIPE, lc, "candidates", 1, s)
     if judgments is None:
         run_stage(RECIPE, lc, "judge", 1, s)
+        if lc.meta_judge:
+            run_stage(RECIPE, lc, "meta_judge", 1, s)
     elif not (it / "judgments.jsonl").exists():
         write_jsonl(it / "judgments.jsonl", judgments(read_jsonl(it / "candidates.jsonl")))
     stats = run_stage(RECIPE, lc, "pairs", 1, s)

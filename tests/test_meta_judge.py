@@ -18,6 +18,24 @@ def test_parse_verdict(text, want):
     assert parse_verdict(text) == want
 
 
+def test_parse_verdict_other_names():
+    assert parse_verdict("5 7 - Pick: 2", "Pick", ("1", "2")) == "B"
+    assert parse_verdict("Pick: 1 Score: 5", "Pick", ("1", "2")) == "A"
+    assert parse_verdict("Pick: 12", "Pick", ("1", "2")) is None and parse_verdict("Better: B", "Pick", ("1", "2")) is None
+
+
+def test_world_meta_prompt_is_in_the_world_vocabulary():
+    """Every character of the world's meta prompt and verdict is a piece of the shipped M0's tokenizer (a `B`
+    would be an unknown piece: the loop's default names cannot be used there)."""
+    from pathlib import Path
+    from selfreward.model.tokenizer import Tokenizer
+    from selfreward.recipes.world.meta import meta_prompt
+    tok = Tokenizer.load(Path(__file__).resolve().parents[1] / "recipes" / "world" / "m0")
+    text = meta_prompt("Which is smallest: 7, 81, 5?", "5", "5 7 - Score: 5", "5 7 + Score: 1") + " 5 7 - Pick: 1 Pick: 2"
+    assert 0 not in tok.encode(text) and tok.decode(tok.encode(text)).strip() == text
+    assert 0 in tok.encode("Better: B")                       # the default names, for contrast
+
+
 def test_template_slots(tmp_path):
     assert all(f"{{{s}}}" in DEFAULT_TEMPLATE for s in SLOTS)
     bad = tmp_path / "t.txt"
@@ -89,12 +107,12 @@ def test_world_meta_judgment_checks_the_disputed_step():
     assert steps_of(right) == ["5 7 -", "5 81 -", "5 5 =", "Score: 5"]
     slip = "5 7 - 5 8 - 5 5 = Score: 5"                     # 81 copied as 8
     assert first_difference(right, slip) == 1
-    assert meta_judgment(t, "5", right, slip) == "5 7 - 5 81 - Better: A"
-    assert meta_judgment(t, "5", slip, right) == "5 7 - 5 81 - Better: B"
+    assert meta_judgment(t, "5", right, slip) == "5 7 - 5 81 - Pick: 1"
+    assert meta_judgment(t, "5", slip, right) == "5 7 - 5 81 - Pick: 2"
     flipped = "5 7 - 5 81 - 5 5 - Score: 1"                  # the equal step marked smaller
-    assert meta_judgment(t, "5", flipped, right) == "5 7 - 5 81 - 5 5 = Better: B"
+    assert meta_judgment(t, "5", flipped, right) == "5 7 - 5 81 - 5 5 = Pick: 2"
     score_only = "5 7 - 5 81 - 5 5 = Score: 1"              # the steps agree, the score does not follow them
-    assert meta_judgment(t, "5", right, score_only) == "5 7 - 5 81 - 5 5 = Score: 5 Better: A"
+    assert meta_judgment(t, "5", right, score_only) == "5 7 - 5 81 - 5 5 = Score: 5 Pick: 1"
     assert meta_judgment(t, "5", slip, "5 7 - 5 80 - 5 5 = Score: 5") is None   # both wrong where they differ
     rng = random.Random(0)
     ref = "7 7 = 7 81 - 7 5 + Score: 1"                     # the candidate 7: the reference judgment
@@ -105,7 +123,7 @@ def test_world_meta_judgment_checks_the_disputed_step():
             continue
         seen.add(w)
         i = first_difference(w, ref)
-        assert meta_judgment(t, "7", w, ref) == " ".join(steps_of(w)[:i] + [steps_of(ref)[i], "Better: B"])
+        assert meta_judgment(t, "7", w, ref) == " ".join(steps_of(w)[:i] + [steps_of(ref)[i], "Pick: 2"])
     assert len(seen) >= 6
 
 

@@ -214,7 +214,7 @@ def run(cfg: DemoConfig) -> dict:
 
     from selfreward.recipes.judge import JudgeConfig
     from selfreward.recipes.meta_judge import MetaJudgeConfig
-    from selfreward.recipes.world.meta import write_meta_seed, write_meta_template
+    from selfreward.recipes.world.meta import CHOICES, LABEL, write_meta_seed, write_meta_template
     from selfreward.recipes.loop_config import CandidatesConfig
     from selfreward.train.dpo import DPOConfig
     dpo = DPOConfig(lr=cfg.dpo_lr, final_lr=cfg.dpo_lr / 10, beta=cfg.dpo_beta, nll_alpha=cfg.dpo_nll_alpha,
@@ -227,7 +227,7 @@ def run(cfg: DemoConfig) -> dict:
                     sft_mix_repeat=max(1, cfg.eft_mix), judge_self_train=cfg.judge_self_train,
                     meta_judge=cfg.meta_judge, length_control=cfg.length_control,
                     meta=MetaJudgeConfig(template=str(write_meta_template(run_dir / "seed" / "meta_template.txt")),
-                                         temperature=0.0, max_tokens=64),
+                                         temperature=0.0, max_tokens=64, label=LABEL, choices=CHOICES),
                     nproc=cfg.nproc, eval_hook=hook, seed=cfg.seed, engine=cfg.engine, dpo=dpo,
                     candidates=CandidatesConfig(n=cfg.n_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                                 max_tokens=mcfg.max_tokens),

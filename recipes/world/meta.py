@@ -4,12 +4,13 @@ step where they first differ (one local check, the judge's own kind of step), an
 step it is:
 
     Task: Which is smallest: 7, 81, 5?  Answer: 5
-    A: 5 7 - 5 81 - 5 5 = Score: 5          B: 5 7 - 5 8 - 5 5 = Score: 5
-    ->  5 7 - 5 81 - Better: A
+    First: 5 7 - 5 81 - 5 5 = Score: 5      Second: 5 7 - 5 8 - 5 5 = Score: 5
+    ->  5 7 - 5 81 - Pick: 1
 
 Where the judgments' steps agree and only their scores differ, the disputed step is the score itself
 (`Score: n` as the reference gives it). The template goes to the loop as `--meta-template`, the mechanism a
-user's own meta-judge prompt takes.
+user's own meta-judge prompt takes, with `--meta-label Pick --meta-choices 1,2`: the world's tokenizer has
+no `B` (nor `M`), so the loop's default `Better: A|B` would reach this model as unknown pieces.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from selfreward.recipes.world.judging import _render, check_steps, judgment
 from selfreward.recipes.world.tasks import Task, sample_tasks
 
-META_TEMPLATE = "Meta. Task: {instruction} Answer: {response} A: {judgment_a} B: {judgment_b} Which is right?"
+META_TEMPLATE = ("Recheck. Task: {instruction} Answer: {response} First: {judgment_a} Second: {judgment_b} "
+                 "Pick the right one.")
+LABEL, CHOICES = "Pick", "1,2"
 MARKS = ("+", "=", "-")
 
 
@@ -52,7 +55,7 @@ def first_difference(a: str, b: str) -> int | None:
 
 def meta_judgment(task: Task, response: str, a: str, b: str) -> str | None:
     """The reference meta-judgment of judgments a and b of `response`: the shared steps, the right step where
-    they first differ, `Better: A|B`; None when neither (or both) has the right step there."""
+    they first differ, `Pick: 1|2` (the first or the second shown); None when neither (or both) has the right step there."""
     i = first_difference(a, b)
     if i is None:
         return None
@@ -62,7 +65,7 @@ def meta_judgment(task: Task, response: str, a: str, b: str) -> str | None:
     ga, gb = (sa[i] if i < len(sa) else None), (sb[i] if i < len(sb) else None)
     if (ga == right) == (gb == right):
         return None
-    return " ".join(sa[:i] + [right, f"Better: {'A' if ga == right else 'B'}"])
+    return " ".join(sa[:i] + [right, f"{LABEL}: {'1' if ga == right else '2'}"])
 
 
 def slipped_judgment(task: Task, response: str, rng: random.Random) -> str | None:

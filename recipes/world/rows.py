@@ -96,7 +96,7 @@ def meta_agreement(prompts: dict[str, str], candidates: list[dict], judgments: l
         ref = meta_judgment(task, resp, a["judgment"], b["judgment"])
         if ref is not None:
             st += 1
-            st_ok += m["verdict"] == ref[-1]
+            st_ok += m["verdict"] == ("A" if ref.endswith("1") else "B")
     ok = bad = same = 0
     for p in judge_pairs:
         task, resp = parse_prompt(prompts[p["id"]]), text[(p["id"], p["sample"])]
