@@ -99,21 +99,27 @@ def test_length_control_picks_the_shortest_near_the_top():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("mid one", "short"), ("mid one", "bad")]
 
 
-def test_world_meta_judgment_checks_the_disputed_step():
+def test_world_meta_judgment_checks_the_checks():
     from selfreward.recipes.world.meta import first_difference, meta_judgment, slipped_judgment, steps_of
     from selfreward.recipes.world.tasks import Task
     t = Task("min", (7, 81, 5), "Which is smallest: 7, 81, 5?")
     right = "5 7 - 5 81 - 5 5 = Score: 5"
     assert steps_of(right) == ["5 7 -", "5 81 -", "5 5 =", "Score: 5"]
     slip = "5 7 - 5 8 - 5 5 = Score: 5"                     # 81 copied as 8
-    assert first_difference(right, slip) == 1
-    assert meta_judgment(t, "5", right, slip) == "5 7 - 5 81 - Pick: 1"
-    assert meta_judgment(t, "5", slip, right) == "5 7 - 5 81 - Pick: 2"
-    flipped = "5 7 - 5 81 - 5 5 - Score: 1"                  # the equal step marked smaller
-    assert meta_judgment(t, "5", flipped, right) == "5 7 - 5 81 - 5 5 = Pick: 2"
-    score_only = "5 7 - 5 81 - 5 5 = Score: 1"              # the steps agree, the score does not follow them
-    assert meta_judgment(t, "5", right, score_only) == "5 7 - 5 81 - 5 5 = Score: 5 Pick: 1"
-    assert meta_judgment(t, "5", slip, "5 7 - 5 80 - 5 5 = Score: 5") is None   # both wrong where they differ
+    # max / min: per input number, does each judgment hold its right step; then the score; fewer '-' wins
+    assert meta_judgment(t, "5", right, slip) == "7 + + 81 + - 5 + + Score: 5 + + Pick: 1"
+    assert meta_judgment(t, "5", slip, right) == "7 + + 81 - + 5 + + Score: 5 + + Pick: 2"
+    flipped = "5 7 - 5 81 - 5 5 - Score: 1"                  # the equal step marked smaller, the score following
+    assert meta_judgment(t, "5", flipped, right) == "7 + + 81 + + 5 - + Score: 5 - + Pick: 2"
+    assert meta_judgment(t, "5", slip, "5 7 - 5 80 - 5 5 = Score: 5") is None   # one wrong step each
+    # other kinds: the shared steps, the right step where the two first differ
+    s = Task("sort", (3, 1, 2), "Sort these digits: 3 1 2")
+    good = "1 2 + 2 3 + 3 + 1 + 2 + 3 3 + Score: 5"
+    assert steps_of(good) == steps_of(__import__("selfreward.recipes.world.judging", fromlist=["x"]).judgment(s, "1 2 3"))
+    bad = "1 2 + 2 3 - 3 + 1 + 2 + 3 3 + Score: 1"
+    assert first_difference(good, bad) == 1
+    assert meta_judgment(s, "1 2 3", bad, good) == "1 2 + 2 3 + Pick: 2"
+    assert meta_judgment(s, "1 2 3", good, good) is None
     rng = random.Random(0)
     ref = "7 7 = 7 81 - 7 5 + Score: 1"                     # the candidate 7: the reference judgment
     seen = set()
@@ -122,8 +128,7 @@ def test_world_meta_judgment_checks_the_disputed_step():
         if w is None:
             continue
         seen.add(w)
-        i = first_difference(w, ref)
-        assert meta_judgment(t, "7", w, ref) == " ".join(steps_of(w)[:i] + [steps_of(ref)[i], "Pick: 2"])
+        assert meta_judgment(t, "7", w, ref).endswith("Pick: 2") and meta_judgment(t, "7", ref, w).endswith("Pick: 1")
     assert len(seen) >= 6
 
 

@@ -143,3 +143,18 @@ def test_door(tmp_path):
     with pytest.raises(DataError, match="not a checkpoint folder"):
         real_demo.main(["--model", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+    with pytest.raises(cli.ConfigError, match="--judge-k 1: must be >= 2 with --meta-judge"):
+        real_demo.main(["--model", str(tmp_path), "--meta-judge"])
+
+
+def test_meta_judge_reaches_the_self_rewarding_rows_only(tmp_path):
+    """--meta-judge / --length-control go to the self-rewarding rows' loop config; the DPO-oracle's pairs come
+    from the checker (score_from sampled), where there are no judgments to meta-judge."""
+    from selfreward import cli
+    from selfreward.recipes import real_demo, real_rows
+    argv = ["--model", str(tmp_path), "--meta-judge", "--judge-k", "2", "--length-control", "0.2"]
+    cfg = cli.build(real_demo.RealConfig, cli.parser(real_demo.RealConfig, "").parse_args(argv))
+    loop = real_rows.loop_config(cfg, tmp_path / "loop")
+    oracle = real_rows.loop_config(cfg, tmp_path / "oracle", score_from="sampled")
+    assert (loop.meta_judge, loop.length_control, loop.judge.k) == (True, 0.2, 2)
+    assert (oracle.meta_judge, oracle.length_control) == (False, 0.2)

@@ -54,14 +54,31 @@ def first_difference(a: str, b: str) -> int | None:
 
 
 def meta_judgment(task: Task, response: str, a: str, b: str) -> str | None:
-    """The reference meta-judgment of judgments a and b of `response`: the shared steps, the right step where
-    they first differ, `Pick: 1|2` (the first or the second shown); None when neither (or both) has the right step there."""
+    """The reference meta-judgment of judgments a and b of `response`; None when it names neither (the same
+    number of wrong steps). max and min: per input number, in the task's order, the number and a mark for each
+    judgment (`+`: it holds the right step for that number, `-`: it does not), then the right score with a mark
+    for each judgment's score; the judgment with fewer `-` is named (`Pick: 1|2`, the first or the second
+    shown). Other kinds: the shared steps, the right step where the two first differ, and the name of the one
+    that has it."""
+    ref = steps_of(judgment(task, response))
+    sa, sb = steps_of(a), steps_of(b)
+    if task.kind in ("max", "min"):
+        out, bad = [], [0, 0]
+        for x, step in zip(task.args, ref[:-1]):
+            marks = ["+" if step in s[:-1] else "-" for s in (sa, sb)]
+            out.append(f"{x} {marks[0]} {marks[1]}")
+        marks = ["+" if s and s[-1] == ref[-1] else "-" for s in (sa, sb)]
+        out.append(f"{ref[-1]} {marks[0]} {marks[1]}")
+        for item in out:
+            bad[0] += item.endswith("- +") or item.endswith("- -")
+            bad[1] += item.endswith("+ -") or item.endswith("- -")
+        if bad[0] == bad[1]:
+            return None
+        return " ".join(out + [f"{LABEL}: {'1' if bad[0] < bad[1] else '2'}"])
     i = first_difference(a, b)
     if i is None:
         return None
-    ref = steps_of(judgment(task, response))
     right = ref[i] if i < len(ref) else "_"
-    sa, sb = steps_of(a), steps_of(b)
     ga, gb = (sa[i] if i < len(sa) else None), (sb[i] if i < len(sb) else None)
     if (ga == right) == (gb == right):
         return None
