@@ -3,7 +3,10 @@
 - oracle: every candidate is scored by the checker (5 right, 1 wrong), so every pair is right over wrong:
   what the loop's sampler, pairs and DPO reach when the preferences are perfect (the bound);
 - fixed: every iteration is judged by M1 (the judge does not improve): the paper's claim is that an
-  improving judge matters, and this row tests it against the self-judged M_t.
+  improving judge matters, and this row tests it against the self-judged M_t;
+- meta-oracle: the self-rewarding loop with Meta-Rewarding's judge pairs (recipes/meta_judge.py), the verdicts
+  on M_t's judgments given by the world's reference meta-judgment (recipes/world/meta.py) instead of M_t: what
+  judge pairs can do for the judge when the meta-judge is right (the bound of the meta-rewarding rows).
 
 Each control runs in RUN/controls/<name>/iter_t/ with the loop's own stages (recipes.self_reward: prompts,
 candidates, pairs, DPO) and its settings; only the judgments file is written here. Files that would be
@@ -28,7 +31,7 @@ from selfreward.recipes.world.checker import is_correct, parse_prompt
 from selfreward.recipes.world.judging import judgment
 from selfreward.records import read_jsonl, write_jsonl
 
-CONTROLS = ("oracle", "fixed")
+CONTROLS = ("oracle", "fixed", "meta-oracle")
 
 
 def checker_judgments(prompts: dict[str, str], cands: list[dict]) -> list[dict]:
@@ -54,6 +57,22 @@ def fixed_judgments(judge_model: str, prompts: dict[str, str], cands: list[dict]
             for c, r in zip(cands, res) for k, (x, sc) in enumerate(r.samples)]
 
 
+def checker_meta_judgments(prompts: dict[str, str], cands: list[dict], judgments: list[dict]) -> list[dict]:
+    """Every comparison recipes.meta_judge.meta_units names, its verdict the world's reference meta-judgment
+    (recipes/world/meta.py; null where that names neither judgment)."""
+    from selfreward.recipes.meta_judge import meta_units
+    from selfreward.recipes.world.meta import meta_judgment
+    text = {(c["id"], c["sample"]): c["text"] for c in cands}
+    jd = {(j["id"], j["sample"], j["k"]): j["judgment"] for j in judgments}
+    out = []
+    for u in meta_units(judgments):
+        key = (u["id"], u["sample"])
+        m = meta_judgment(parse_prompt(prompts[u["id"]]), text[key], jd[(*key, u["a"])], jd[(*key, u["b"])])
+        out.append({**u, "meta": m or "", "verdict": None if m is None else "A" if m.endswith("1") else "B",
+                    "prompt_cut": False})
+    return out
+
+
 def _copy(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -70,13 +89,15 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
     if name not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, not {name!r}")
     cfg = dataclasses.replace(lc, run_dir=str(Path(lc.run_dir).parent / "controls" / name), eval_hook=None,
-                              meta_judge=False)     # the controls change the actor's preferences only
+                              meta_judge=name == "meta-oracle")
     s, out = Session(cfg.engine), []
     for t in range(1, cfg.iterations + 1):
         it, own = folder(cfg, t), folder(lc, t)
         timings = {}
         if name == "fixed" and t == 1:             # M1 judging M1: the self-judged iteration 1 itself
             _copy(own, it, ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl", "pairs.jsonl", "model"))
+        elif name == "meta-oracle" and t == 1:     # M1's own iteration 1 up to its judgments
+            _copy(own, it, ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl"))
         elif (name == "oracle" and t == 1) or (name == "fixed" and t == 2):
             _copy(own, it, ("prompts.jsonl", "candidates.jsonl"))
         for st in ("prompts", "candidates"):
@@ -84,12 +105,17 @@ def run_control(name: str, lc, m1: str, evaluate=None) -> list[dict]:
             run_stage(RECIPE, cfg, st, t, s)
             timings[st] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        if not (it / "judgments.jsonl").exists():
-            prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+        prompts = {r["id"]: r["prompt"] for r in read_jsonl(it / "prompts.jsonl")}
+        if name == "meta-oracle":                  # M_t judges, as in the loop
+            run_stage(RECIPE, cfg, "judge", t, s)
+        elif not (it / "judgments.jsonl").exists():
             cands = read_jsonl(it / "candidates.jsonl")
             recs = checker_judgments(prompts, cands) if name == "oracle" else \
                 fixed_judgments(m1, prompts, cands, cfg, t, s)
             write_jsonl(it / "judgments.jsonl", recs)
+        if name == "meta-oracle" and not (it / "meta_judgments.jsonl").exists():
+            write_jsonl(it / "meta_judgments.jsonl", checker_meta_judgments(
+                prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl")))
         timings["judge"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         stats = run_stage(RECIPE, cfg, "pairs", t, s)
