@@ -178,3 +178,15 @@ def test_loop_meta_stage_to_dpo_data(tmp_path, monkeypatch):
     assert sr.dpo_inputs(cfg, 1) == [str(it / "pairs.jsonl"), str(it / "judge_pairs.jsonl")]
     sr.stage_meta_judge(cfg, 1, s)                     # done: not made again
     assert len(seen) == len(units)
+
+
+def test_meta_oracle_verdicts_name_the_right_judgment():
+    """The world's meta-oracle control: every comparison meta_units names gets the reference verdict, which
+    names the judgment holding the right steps in both orders; where it names neither, the verdict is null."""
+    from selfreward.recipes.world.controls import checker_meta_judgments
+    prompt = "Which is smallest: 7, 81, 5?"
+    cands = [{"id": "p", "sample": 0, "text": "5"}, {"id": "p", "sample": 1, "text": "7"}]
+    js = [_j("p", 0, 0, "5 7 - 5 81 - 5 5 = Score: 5"), _j("p", 0, 1, "5 7 - 5 8 - 5 5 = Score: 5"),
+          _j("p", 1, 0, "7 7 = 7 8 - 7 5 + Score: 1", 1.0), _j("p", 1, 1, "7 7 = 7 80 - 7 5 + Score: 1", 1.0)]
+    got = {(m["sample"], m["a"], m["b"]): m["verdict"] for m in checker_meta_judgments({"p": prompt}, cands, js)}
+    assert got == {(0, 0, 1): "A", (0, 1, 0): "B", (1, 0, 1): None, (1, 1, 0): None}
