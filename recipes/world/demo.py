@@ -82,7 +82,7 @@ class DemoConfig:
     dpo_nll_alpha: float = 3.0        # train/dpo.py --nll-alpha: + alpha * chosen NLL per token (RPO)
     dpo_epochs: int = 3
     dpo_batch: int = 16
-    # the controls (recipes/world/controls.py), the same iterations from M1: "oracle" (the checker's
+    # the controls (recipes/world/controls.py), the same iterations from M1 ("none": no control): "oracle" (the checker's
     # preferences; rows M2-oracle, M3-oracle) and "fixed" (M1 judges every iteration; row M3-fixed)
     controls: list[str] = cli.passive(["oracle", "fixed"])
     # evaluation: greedy on n_eval held-out prompts; pass@N (N = n_candidates) on the first n_pass of them
@@ -168,9 +168,10 @@ def run(cfg: DemoConfig) -> dict:
     from selfreward.records import read_jsonl, write_json, write_jsonl
 
     from selfreward.recipes.world.controls import CONTROLS
-    bad = [c for c in cfg.controls if c not in CONTROLS]
+    bad = [c for c in cfg.controls if c not in CONTROLS + ("none",)]
     if bad:
-        raise cli.ConfigError(f"--controls {bad[0]!r}: choose from {', '.join(CONTROLS)}")
+        raise cli.ConfigError(f"--controls {bad[0]!r}: choose from {', '.join(CONTROLS)}, or none")
+    cfg = dataclasses.replace(cfg, controls=[c for c in cfg.controls if c != "none"])
     if not 0.0 <= cfg.eft_close <= 1.0:
         raise cli.ConfigError(f"--eft-close {cfg.eft_close}: a share, between 0 and 1")
     kinds = loop_kinds(cfg)              # the tasks of the seeds, the loop and the evaluation
@@ -275,7 +276,8 @@ def run(cfg: DemoConfig) -> dict:
         rows_at[f"M{t}"] = iteration_stats(lc, t, m)
     for name in cfg.controls:
         clock.banner(f"control {name}: the same {cfg.iterations} iterations from M1, "
-                     + ("the checker's preferences" if name == "oracle" else "M1 judging every iteration"))
+                         + {"oracle": "the checker's preferences", "fixed": "M1 judging every iteration",
+                        "meta-oracle": "M_t judging, judge pairs from the reference meta-judgment"}[name])
         t0 = time.perf_counter()
         ms = run_control(name, lc, str(m1))
         clock.stage(f"control_{name}", time.perf_counter() - t0)

@@ -68,8 +68,9 @@ def iteration_stats(lc, t: int, manifest: dict, ranking: bool = True) -> dict:
     if (it / "meta_judgments.jsonl").exists():
         out.update(meta_agreement(prompts, read_jsonl(it / "candidates.jsonl"), read_jsonl(it / "judgments.jsonl"),
                                   read_jsonl(it / "meta_judgments.jsonl"), read_jsonl(it / "judge_pairs.jsonl")),
-                   **{k: manifest.get("meta", {}).get(k) for k in ("judge_pairs", "meta_ties", "meta_parse_failures",
-                                                                   "meta_position_bias")})
+                   meta_judge_pairs=manifest.get("meta", {}).get("judge_pairs"),
+                   **{k: manifest.get("meta", {}).get(k) for k in ("meta_ties", "meta_parse_failures", "meta_verdicts",
+                                                                   "meta_position_bias", "meta_position_only")})
     return out
 
 
