@@ -190,3 +190,25 @@ def test_meta_oracle_verdicts_name_the_right_judgment():
           _j("p", 1, 0, "7 7 = 7 8 - 7 5 + Score: 1", 1.0), _j("p", 1, 1, "7 7 = 7 80 - 7 5 + Score: 1", 1.0)]
     got = {(m["sample"], m["a"], m["b"]): m["verdict"] for m in checker_meta_judgments({"p": prompt}, cands, js)}
     assert got == {(0, 0, 1): "A", (0, 1, 0): "B", (1, 0, 1): None, (1, 1, 0): None}
+
+
+def test_world_demo_meta_rows(tmp_path):
+    """The world demo with --meta-judge and the meta-oracle control at smoke sizes: M1 is trained on the meta
+    seed too, every iteration of the loop meta-judges its judgments (both orders of each comparison), the rows
+    carry the meta-judge's agreement with the checker, and the meta-oracle's verdicts are the reference's."""
+    from selfreward.recipes.world import demo
+    from selfreward.records import read_jsonl
+    run = tmp_path / "run"
+    s = demo.main(["--smoke", "--meta-judge", "--n-meta", "16", "--controls", "meta-oracle", "--run-dir", str(run),
+                   "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    assert len(read_jsonl(run / "seed" / "meta.jsonl")) == 16
+    assert len(read_jsonl(run / "seed" / "eft_meta.jsonl")) == 16 + len(read_jsonl(run / "seed" / "eft.jsonl"))
+    rows = {r["model"]: r for r in s["rows"]}
+    assert {"M1", "M2", "M3", "M2-meta-oracle", "M3-meta-oracle"} <= set(rows)
+    for t in (1, 2):
+        metas = read_jsonl(run / "loop" / f"iter_{t}" / "meta_judgments.jsonl")
+        pairs = {(m["id"], m["sample"], m["a"], m["b"]) for m in metas}
+        assert all((i, smp, b, a) in pairs for i, smp, a, b in pairs)       # both orders
+        assert rows[f"M{t}"]["meta_comparisons"] == len(metas)
+    oracle = rows["M2-meta-oracle"]
+    assert oracle["meta_step_cases"] == 0 or oracle["meta_agree_step"] == 1.0

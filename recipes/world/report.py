@@ -14,7 +14,8 @@ COLUMNS = [("model", "model", "{}"), ("greedy_acc", "acc greedy", "{:.3f}"), ("g
            ("loop_pass_at_n", "loop pass@N", "{:.3f}"), ("pairs", "pairs", "{}"), ("ties", "ties", "{}"),
            ("parse_failures", "unparsed", "{}"), ("pair_quality", "pair ok", "{:.2f}"),
            ("pair_backwards", "pair bad", "{:.2f}"), ("judge_rw", "judge r>w", "{:.2f}"),
-           ("judge_wr", "judge w>r", "{:.2f}"), ("likelihood_rw", "lik r>w", "{:.2f}")]
+           ("judge_wr", "judge w>r", "{:.2f}"), ("likelihood_rw", "lik r>w", "{:.2f}"),
+           ("meta_judge_pairs", "j.pairs", "{}"), ("meta_agree_score", "meta ok", "{:.2f}")]
 
 
 def pair_quality(pairs: list[dict]) -> dict:
@@ -49,8 +50,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     x = {n: i for i, n in enumerate(names)}
     lines = [("self-judged (M_t)", names, "-", "o")]
     for c, label, base, style in (("oracle", "oracle: the checker's pairs", "M1", ("--", "*")),
-                                  ("fixed", "fixed judge: M1 judges", "M2", (":", "s"))):
-        ctl = [n for n in by if n.endswith(f"-{c}")]
+                                  ("fixed", "fixed judge: M1 judges", "M2", (":", "s")),
+                                  ("meta-oracle", "judge pairs by the reference meta-judge", "M1", ("-.", "D"))):
+        ctl = [n for n in by if n.partition("-")[2] == c]
         if ctl:
             lines.append((label, [base] + ctl, *style))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
