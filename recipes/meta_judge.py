@@ -75,6 +75,17 @@ class MetaJudgeConfig:
         return a.strip(), b.strip()
 
 
+def check_meta_fits(engine, tok, cfg: MetaJudgeConfig) -> None:
+    """Before any work: the meta template with empty slots leaves room for a request, a reply and two judgments."""
+    from selfreward.recipes.prompts import TemplateError, fill
+    budget = prompt_budget(engine, cfg.max_tokens)
+    empty = len(tok.user_ids(fill(cfg.text, **{k: "" for k in SLOTS})))
+    if empty + 16 > budget:
+        raise TemplateError(f"--meta-template {cfg.template}: the template alone takes {empty} tokens, but the "
+                            f"model's context of {engine.max_len} less {cfg.max_tokens} meta-judgment tokens leaves "
+                            f"{budget}: use a shorter template or fewer --meta-max-tokens")
+
+
 def meta_units(judgments: Sequence[dict]) -> list[dict]:
     """The comparisons to make: per judged response (id, sample), each unordered pair of its distinct
     judgment texts (parsable ones whose prompt was not cut; the lowest k of equal texts stands for them),

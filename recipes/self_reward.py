@@ -19,7 +19,7 @@ from selfreward.recipes import pipeline
 from selfreward.recipes.instruct import generate_prompts, given_prompts
 from selfreward.recipes.dpo_data import write_judge_pairs, write_judge_self, write_sft_mix
 from selfreward.recipes.judge import check_fits, judge_items
-from selfreward.recipes.meta_judge import meta_judge_items, meta_units
+from selfreward.recipes.meta_judge import check_meta_fits, meta_judge_items, meta_units
 from selfreward.recipes.loop_config import LOOP_SET, LoopConfig
 from selfreward.recipes.pairs import build_pairs, distinct_candidates, iteration_stats
 from selfreward.recipes.select import select_from_run
@@ -244,6 +244,8 @@ def prepare(cfg: LoopConfig, s: Session) -> None:
             raise cli.ConfigError("--prompt-source self-instruct needs --seed-prompts (a JSONL with 'prompt')")
         nonempty(read_jsonl(cfg.seed_prompts), f"--seed-prompts {cfg.seed_prompts}", "seed prompts")
     check_fits(*s.get(cfg.init_model or cfg.base_model), cfg.judge)   # a rubric that cannot fit fails now
+    if cfg.meta_judge:
+        check_meta_fits(*s.get(cfg.init_model or cfg.base_model), cfg.meta)
 
 
 def report(cfg: LoopConfig, t: int, m: dict) -> None:

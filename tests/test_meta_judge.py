@@ -268,3 +268,19 @@ def test_meta_stage_refused_when_off(tmp_path):
         sr.main(["--config", str(tmp_path / "config.json"), "--stage", "meta_judge", "--iter", "1"])
     with pytest.raises(cli.ConfigError, match="--length-control 1.0"):
         sr.LoopConfig(run_dir=str(tmp_path), init_model="m", length_control=1.0)
+
+
+def test_meta_template_that_cannot_fit_is_refused_before_work(tmp_path):
+    from selfreward.recipes.meta_judge import MetaJudgeConfig, check_meta_fits
+
+    class Tok:
+        def user_ids(self, text):
+            return text.split()
+
+    class Engine:
+        max_len = 64
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 40 + "{instruction} {response} {judgment_a} {judgment_b}")
+    check_meta_fits(Engine(), Tok(), MetaJudgeConfig(template=str(long), max_tokens=4))     # 40 + 16 <= 59
+    with pytest.raises(TemplateError, match="the template alone takes 40 tokens"):
+        check_meta_fits(Engine(), Tok(), MetaJudgeConfig(template=str(long), max_tokens=16))
