@@ -67,6 +67,8 @@ class DPOTask(loop.Task):
         self.model = load_policy(cfg, d, prepare=key if cache else None)
         self.ref_table = reference_table(cfg, self.model, self.train, self.key, d) if cache else None
         self.ref_model = load_reference(cfg, d) if self.lcfg.needs_reference and not cache else None
+        if cache and cfg.dropout > 0:
+            warn_dropout_shift(cfg, self.model, self.train, self.ref_table, d)
 
     def micro(self, model, idx: list[int]):
         b, B, ref = pair_batch([self.train[i] for i in idx], self.cfg.share_prompt), len(idx), None
@@ -90,6 +92,31 @@ class DPOTask(loop.Task):
 
     def summarize(self, s: dict, norm: float) -> dict:
         return {("loss" if k == "loss_sum" else k): s[k] / norm for k in STATS}
+
+
+def warn_dropout_shift(cfg: DPOConfig, model, pairs: list[Pair], ref: torch.Tensor, d: Dist, n: int = 4,
+                       limit: float = 0.25) -> float:
+    """At the start the policy is the reference, so DPO's log-ratios begin at 0, but the policy runs with
+    --dropout and the reference without. On a checkpoint trained without dropout (most Llama-family releases)
+    dropout 0.1 moves its log-probs by nats per token, and DPO's first losses are far from ln 2 (SmolLM2-135M:
+    111). One forward of the first n pairs in train mode against their reference log-probs measures that shift
+    per response token; above `limit`, a warning names the flag. The RNG is put back: training draws the same
+    dropout masks as without this check. Returns the shift."""
+    idx = list(range(min(n, len(pairs))))
+    b = pair_batch([pairs[i] for i in idx], cfg.share_prompt)
+    cuda = d.device.type == "cuda"
+    state = torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+    with torch.no_grad(), loop.cpu_autocast(cfg, d):
+        pol = sequence_logps(model, b).cpu()
+    torch.set_rng_state(state[0])
+    if cuda:
+        torch.cuda.set_rng_state(state[1])
+    shift = float(((pol - ref[idx].T.flatten()).abs() / b.resp_len.double().clamp(min=1)).mean())
+    if shift > limit:
+        d.print(f"[dpo] warning: --dropout {cfg.dropout} moves this checkpoint's log-probs by {shift:.2f} nats per "
+                f"response token from the reference's (no dropout), so DPO does not start at its log-ratio 0; a "
+                f"checkpoint trained without dropout wants --dropout 0 (TRL's default)")
+    return shift
 
 
 def reference_table(cfg: DPOConfig, model, pairs: list[Pair], key: str, d: Dist) -> torch.Tensor:
