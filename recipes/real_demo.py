@@ -79,7 +79,8 @@ class RealConfig:
                  ("--temperature", self.temperature <= 0, "> 0 (RL samples)"),
                  ("--max-length", self.max_length <= self.max_tokens, "above --max-tokens"),
                  ("--rl-micro-batch", self.rl_batch % self.rl_micro_batch, "a divisor of --rl-batch"),
-                 ("--judge-k", self.meta_judge and self.judge_k < 2, ">= 2 with --meta-judge (judgments to compare)"))
+                 ("--judge-k", self.meta_judge and self.judge_k < 2, ">= 2 with --meta-judge (judgments to compare)"),
+                 ("--length-control", not 0.0 <= self.length_control < 1.0, "in [0, 1) (a share of the score range)"))
         for flag, bad, want in rules:
             if bad:
                 raise cli.ConfigError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: must be {want}")

@@ -280,6 +280,8 @@ TEXT = {
     "tag": "free text", "header": "free text", "prefix": "free text", "stop": "free text (not empty)",
     "system_prompt": "free text", "endpoint": "HOST:PORT: checked with --nnodes > 1 (nodes.NodeConfig)",
     "run_name": "free text",
+    "label": "free text (not empty): the meta-judge's verdict label, checked when the config is built",
+    "choices": "two different names, comma-separated: checked when the config is built (recipes/meta_judge.py)",
     "url": "URL[,URL...] of OpenAI-compatible servers: each must answer /v1/models with the stage's checkpoint",
     "report_to": "tensorboard, wandb, mlflow or none, or a comma list: each one known and installed (train/report.py)",
     "config": "a JSON or YAML file (must exist), then KEY=VALUE overrides, each checked as its flag",

@@ -174,6 +174,10 @@ def run(cfg: DemoConfig) -> dict:
     cfg = dataclasses.replace(cfg, controls=[c for c in cfg.controls if c != "none"])
     if not 0.0 <= cfg.eft_close <= 1.0:
         raise cli.ConfigError(f"--eft-close {cfg.eft_close}: a share, between 0 and 1")
+    if cfg.n_meta < 1:
+        raise cli.ConfigError(f"--n-meta {cfg.n_meta}: must be >= 1 (meta-judge examples in M1's seed)")
+    if not 0.0 <= cfg.length_control < 1.0:
+        raise cli.ConfigError(f"--length-control {cfg.length_control}: a share of the score range, in [0, 1)")
     kinds = loop_kinds(cfg)              # the tasks of the seeds, the loop and the evaluation
     check_format(cfg.m0.judge_format)    # the EFT seed's and the web text's judge format
     run_dir = Path(cfg.run_dir)
