@@ -71,3 +71,21 @@ def loop_config(**flat):
         else:
             d[k] = v
     return from_dict(LoopConfig, d)
+
+
+def torchrun_stage(cfg, run_dir: Path, stage: str, t: int = 1) -> None:
+    """Write `cfg` as RUN/config.json and run one of the loop's stages under torchrun on 2 ranks (as the driver
+    launches a sharded stage); a non-zero exit fails the test with the tail of stderr."""
+    import os
+    import subprocess
+    import sys
+    from selfreward.cli import to_dict
+    from selfreward.records import write_json
+    from conftest import ROOT
+    write_json(run_dir / "config.json", to_dict(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "selfreward.recipes.self_reward", "--config", str(run_dir / "config.json"), "--stage", stage,
+           "--iter", str(t)]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

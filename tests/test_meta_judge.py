@@ -218,17 +218,12 @@ def test_meta_stage_under_torchrun_two_ranks_equal_one(tmp_path):
     """The meta_judge stage shards like the judge stage: 2 ranks under torchrun write the file one process
     writes (the meta-judgments are greedy; units split by comparison)."""
     import json
-    import os
     import shutil
-    import subprocess
-    import sys
-    from selfreward.cli import to_dict
     from selfreward.recipes import self_reward as sr
     from selfreward.recipes.pipeline import folder
     from selfreward.recipes.session import Session
-    from selfreward.records import read_jsonl, write_json
-    from conftest import ROOT
-    from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
+    from selfreward.records import read_jsonl
+    from recipes_tiny import SEEDS, loop_config, tiny_chat_model, torchrun_stage, write_prompts
     m1 = tiny_chat_model(tmp_path / "m1")
     cfgs = [loop_config(run_dir=str(tmp_path / name), init_model=str(m1), n_prompts=3, n_candidates=2, judge_k=3,
                         max_tokens=4, judge_max_tokens=6, judge_template="short", chunk=2, meta_judge=True,
@@ -246,13 +241,7 @@ def test_meta_stage_under_torchrun_two_ranks_equal_one(tmp_path):
     for f in ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl"):
         shutil.copy2(it1 / f, it2 / f)
     sr.stage_meta_judge(cfgs[0], 1, s)
-    write_json(tmp_path / "two" / "config.json", to_dict(cfgs[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage",
-           "meta_judge", "--iter", "1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_stage(cfgs[1], tmp_path / "two", "meta_judge")
     one, two = read_jsonl(it1 / "meta_judgments.jsonl"), read_jsonl(it2 / "meta_judgments.jsonl")
     assert len(one) == len(meta_units(judg)) > 0 and two == one
 

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from selfreward.records import partial_path, read_jsonl
-from selfreward.cli import to_dict
 from selfreward.recipes.session import Session as Models
 from selfreward.recipes.pipeline import folder
 from selfreward.recipes.self_reward import stage_candidates, stage_judge, stage_pairs, stage_prompts
 from conftest import ROOT
-from recipes_tiny import SEEDS, loop_config, tiny_chat_model, write_prompts
+from recipes_tiny import SEEDS, loop_config, tiny_chat_model, torchrun_stage, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,19 +198,12 @@ def test_eft_cli_with_a_model_judge(tiny, tmp_path):
 def test_candidates_under_torchrun_two_ranks_equal_one(tiny, tmp_path, tp):
     """2 ranks as 2 data-parallel engines (tp 1) or as one tensor-parallel engine (tp 2, the tiny model's one
     KV head replicated on both ranks): the same file as one process."""
-    from selfreward.records import write_json
     cfgs = [_cfg(tmp_path / name, tiny, n_prompts=5, chunk=1, engine={"tensor_parallel": t})
             for name, t in (("one", 1), ("two", tp))]
     for c in cfgs:
         stage_prompts(c, 1, Models())
     stage_candidates(cfgs[0], 1, Models())
-    write_json(tmp_path / "two" / "config.json", to_dict(cfgs[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "selfreward.recipes.self_reward", "--config", str(tmp_path / "two" / "config.json"), "--stage",
-           "candidates", "--iter", "1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_stage(cfgs[1], tmp_path / "two", "candidates")
     one, two = (read_jsonl(folder(c, 1) / "candidates.jsonl") for c in cfgs)
     assert len(two) == 10 and two == one
     assert not list(folder(cfgs[1], 1).glob("candidates.jsonl.rank*"))
