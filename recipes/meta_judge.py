@@ -37,6 +37,7 @@ and style. Give your reasons briefly, then end with a line "Better: A" or "Bette
 BUILTIN = {"default": DEFAULT_TEMPLATE}
 SLOTS = ("instruction", "response", "judgment_a", "judgment_b")
 
+
 def load_meta_template(path: str | None) -> str:
     return load_template(path, DEFAULT_TEMPLATE, SLOTS, "meta-judge template", BUILTIN)
 

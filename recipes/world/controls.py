@@ -61,15 +61,14 @@ def checker_meta_judgments(prompts: dict[str, str], cands: list[dict], judgments
     """Every comparison recipes.meta_judge.meta_units names, its verdict the world's reference meta-judgment
     (recipes/world/meta.py; null where that names neither judgment)."""
     from selfreward.recipes.meta_judge import meta_units
-    from selfreward.recipes.world.meta import meta_judgment
+    from selfreward.recipes.world.meta import meta_judgment, reference_verdict
     text = {(c["id"], c["sample"]): c["text"] for c in cands}
     jd = {(j["id"], j["sample"], j["k"]): j["judgment"] for j in judgments}
     out = []
     for u in meta_units(judgments):
         key = (u["id"], u["sample"])
-        m = meta_judgment(parse_prompt(prompts[u["id"]]), text[key], jd[(*key, u["a"])], jd[(*key, u["b"])])
-        out.append({**u, "meta": m or "", "verdict": None if m is None else "A" if m.endswith("1") else "B",
-                    "prompt_cut": False})
+        args = (parse_prompt(prompts[u["id"]]), text[key], jd[(*key, u["a"])], jd[(*key, u["b"])])
+        out.append({**u, "meta": meta_judgment(*args) or "", "verdict": reference_verdict(*args), "prompt_cut": False})
     return out
 
 

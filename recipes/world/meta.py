@@ -1,16 +1,17 @@
 """The world's meta-judge (issue 35): checking the checks. Shown a task, an answer and two judgments of it
-(recipes/world/judging.py's check format), the meta-judge copies the steps the two share, writes the right
-step where they first differ (one local check, the judge's own kind of step), and names the judgment whose
-step it is:
+(recipes/world/judging.py's check format), the meta-judge checks their steps locally and names the better
+one. For max and min it walks the task's input numbers in order and marks, for each judgment, whether it
+holds the right step for that number, then the right score with a mark for each; the judgment with fewer
+`-` is named:
 
     Task: Which is smallest: 7, 81, 5?  Answer: 5
     First: 5 7 - 5 81 - 5 5 = Score: 5      Second: 5 7 - 5 8 - 5 5 = Score: 5
-    ->  5 7 - 5 81 - Pick: 1
+    ->  7 + + 81 + - 5 + + Score: 5 + + Pick: 1
 
-Where the judgments' steps agree and only their scores differ, the disputed step is the score itself
-(`Score: n` as the reference gives it). The template goes to the loop as `--meta-template`, the mechanism a
-user's own meta-judge prompt takes, with `--meta-label Pick --meta-choices 1,2`: the world's tokenizer has
-no `B` (nor `M`), so the loop's default `Better: A|B` would reach this model as unknown pieces.
+Other kinds: the steps the two share, the right step where they first differ (or the score, where only the
+scores differ), and the name of the one that has it. The template goes to the loop as `--meta-template`, the
+mechanism a user's own meta-judge prompt takes, with `--meta-label Pick --meta-choices 1,2`: the world's
+tokenizer has no `B` (nor `M`), so the loop's default `Better: A|B` would reach this model as unknown pieces.
 """
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ def meta_judgment(task: Task, response: str, a: str, b: str) -> str | None:
     return " ".join(sa[:i] + [right, f"{LABEL}: {'1' if ga == right else '2'}"])
 
 
+def reference_verdict(task: Task, response: str, a: str, b: str) -> str | None:
+    """The loop's verdict ("A": the first shown, "B": the second) of the reference meta-judgment; None when it
+    names neither."""
+    from selfreward.recipes.meta_judge import parse_verdict
+    m = meta_judgment(task, response, a, b)
+    return None if m is None else parse_verdict(m, LABEL, tuple(CHOICES.split(",")))
+
+
 def slipped_judgment(task: Task, response: str, rng: random.Random) -> str | None:
     """A wrong judgment of the kinds the judge writes: one mark flipped, one input copied wrong (max and min:
     a neighbouring input, the candidate, or a number 1-3 away, the mark then following the wrong number), or
@@ -130,7 +139,6 @@ def meta_seed(n: int, seed: int, kinds, candidate) -> list[dict]:
         if len(out) == n:
             break
     return out
-
 
 
 def write_meta_template(path: Path) -> Path:

@@ -83,7 +83,7 @@ def meta_agreement(prompts: dict[str, str], candidates: list[dict], judgments: l
     quality: chosen with the right score and rejected with a wrong one (`judge_pair_ok`), the reverse
     (`judge_pair_bad`), chosen == the reference judgment (`judge_pair_ref`)."""
     from selfreward.recipes.world.judging import judgment
-    from selfreward.recipes.world.meta import meta_judgment
+    from selfreward.recipes.world.meta import reference_verdict
     text = {(c["id"], c["sample"]): c["text"] for c in candidates}
     jd = {(j["id"], j["sample"], j["k"]): j for j in judgments}
     sc = st = sc_ok = st_ok = 0
@@ -94,10 +94,10 @@ def meta_agreement(prompts: dict[str, str], candidates: list[dict], judgments: l
         if (a["score"] == want) != (b["score"] == want):
             sc += 1
             sc_ok += m["verdict"] == ("A" if a["score"] == want else "B")
-        ref = meta_judgment(task, resp, a["judgment"], b["judgment"])
+        ref = reference_verdict(task, resp, a["judgment"], b["judgment"])
         if ref is not None:
             st += 1
-            st_ok += m["verdict"] == ("A" if ref.endswith("1") else "B")
+            st_ok += m["verdict"] == ref
     ok = bad = same = 0
     for p in judge_pairs:
         task, resp = parse_prompt(prompts[p["id"]]), text[(p["id"], p["sample"])]
