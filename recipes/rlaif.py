@@ -14,7 +14,8 @@ from selfreward.provenance import check_not_input, file_hash, made_by, model_fin
 from selfreward.records import DataError, field, iter_jsonl, nonempty, write_json
 from selfreward.recipes.judge import expected_scores
 from selfreward.recipes.pipeline import claimed, parse, unit_records
-from selfreward.recipes.prompts import fit_prompt, forced_options, load_template, option_probs
+from selfreward.recipes.prompts import (check_slots, fill, fit_prompt, forced_options, load_template,
+                                       option_probs)
 
 
 @dataclass
@@ -27,7 +28,18 @@ class LabelTemplate:
     sample: str = "Conversation:\n{context}\n\nResponse 1:\n{response_1}\n\nResponse 2:\n{response_2}"
     ending: str = "Preferred response:"
     cot_request: str = "\n\nFirst explain which reply is better and why, then name it."
+    # --checks: each reply is checked alone (`check`, a chat of its own), and the two checks, joined by
+    # `check_rationale`, are the rationale the label is read after
+    check: str = ("Check this reply of an AI assistant step by step: is it correct, relevant, complete and "
+                  "clear?\n\nConversation:\n{context}\n\nReply:\n{response}")
+    check_rationale: str = "Check of response 1: {check_1}\nCheck of response 2: {check_2}\n"
     SLOTS: ClassVar = ("context", "response_1", "response_2")
+
+    def check_checks(self, where: str = "template") -> None:
+        """The slots --checks needs: {context} and {response} in `check`, {check_1} and {check_2} in
+        `check_rationale`."""
+        check_slots(self.check, ("context", "response"), f"{where}: field 'check'")
+        check_slots(self.check_rationale, ("check_1", "check_2"), f"{where}: field 'check_rationale'")
 
 
 @dataclass
@@ -41,7 +53,10 @@ class ScoreTemplate:
 
 def read_template(cls, path: str | Path | None):
     """A LabelTemplate / ScoreTemplate: the default (None) or a JSON file holding some of its fields."""
-    return load_template(path, cls(), cls.SLOTS)
+    t = load_template(path, cls(), cls.SLOTS)
+    if isinstance(t, LabelTemplate):
+        t.check_checks(str(path))
+    return t
 
 
 def prefill_since(engine, start: dict) -> dict:
@@ -53,7 +68,8 @@ def prefill_since(engine, start: dict) -> dict:
 @dataclass
 class LabelConfig:
     cot: bool = False                 # sample a rationale first, read the label after it
-    cot_max_tokens: int = 128
+    checks: bool = False              # with cot: the rationale is the labeller's check of each reply alone
+    cot_max_tokens: int = 128         # the rationale's tokens (with checks: each check's)
     cot_temperature: float = 0.0      # the paper's labeller decodes at temperature 0
     seed: int = 0
     template: LabelTemplate = None    # None = LabelTemplate()
@@ -70,14 +86,19 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     cfg = cfg or LabelConfig()
     t = cfg.template or LabelTemplate()
     start = dict(engine.stats)
+    index = list(range(len(items))) if index is None else list(index)
     user = t.exemplars + t.sample + (t.cot_request if cfg.cot else "")
-    budget = engine.max_len - len(forced_options(tok, t.ending, ["1", "2"])[0]) - 4 - cfg.cot * cfg.cot_max_tokens
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
-    fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, budget, t.preamble)
-              for c, x, y in orders]
+    head = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4
+    if cfg.cot and cfg.checks:
+        rationales = _checked_rationales(engine, tok, items, index, cfg, t)
+        budgets = [engine.max_len - head - len(tok.encode(f"{r} {t.ending}")) for r in rationales]
+    else:
+        budgets = [engine.max_len - head - cfg.cot * cfg.cot_max_tokens] * len(orders)
+    fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, bud, t.preamble)
+              for (c, x, y), bud in zip(orders, budgets)]
     base = [f[0] for f in fitted]
-    if cfg.cot:
-        index = list(range(len(items))) if index is None else list(index)
+    if cfg.cot and not cfg.checks:
         seeds = [cfg.seed + 2 * j for j in index] + [cfg.seed + 2 * j + 1 for j in index]
         ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=sd,
                              stop=[t.ending]) for sd in seeds]
@@ -93,6 +114,22 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
                         **({"rationales": [rationales[i], rationales[n + i]]} if cfg.cot else {})})
     return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
+
+
+def _checked_rationales(engine, tok, items, index, cfg: LabelConfig, t: LabelTemplate) -> list[str]:
+    """Each reply checked alone by the labeller (`t.check`, no system turn, as the judge's own prompt), greedy
+    by default; the rationale of each order names the checks by that order's numbering (given orders, then
+    swapped). A check's seed is seed + 2 * index (+ 1 for the second reply)."""
+    from selfreward.infer.sequence import SamplingParams
+    t.check_checks()
+    budget = engine.max_len - cfg.cot_max_tokens - 2
+    ids = [fit_prompt(tok, t.check, {"context": c, "response": r}, budget)[0] for c, a, b in items for r in (a, b)]
+    ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=cfg.seed + 2 * j + k)
+          for j in index for k in (0, 1)]
+    checks = [g[0].text.strip() for g in engine.generate(ids, ps)]
+    pairs = list(zip(checks[0::2], checks[1::2]))
+    return ([fill(t.check_rationale, check_1=a, check_2=b).strip() for a, b in pairs]
+            + [fill(t.check_rationale, check_1=b, check_2=a).strip() for a, b in pairs])
 
 
 def position_bias(records: list[dict]) -> dict:

@@ -88,6 +88,51 @@ def test_chain_of_thought_label_is_read_after_the_rationale(tiny):
         assert rec["p_first"] == pytest.approx(math.exp(lp[i1]) / (math.exp(lp[i1]) + math.exp(lp[i2])), abs=1e-5)
 
 
+def _greedy(model, tok, ids: list[int], n: int) -> str:
+    """n greedy tokens after ids from a plain forward (stops at EOS), decoded."""
+    out = []
+    for _ in range(n):
+        nxt = int(_last_logprobs(model, ids + out).argmax())
+        if nxt in tok.stop_ids:
+            break
+        out.append(nxt)
+    return tok.decode(out)
+
+
+def test_checked_label_is_read_after_each_reply_checked_alone(tiny):
+    """--checks: each reply is checked in a chat of its own (the check template, no system turn, greedy),
+    the rationale names the checks by each order's numbering, and the label is read after it."""
+    from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, soft_labels
+    engine, tok, model = tiny
+    t = LabelTemplate()
+    res = soft_labels(engine, tok, ITEMS[:2], LabelConfig(cot=True, checks=True, cot_max_tokens=6))
+    for (ctx, a, b), rec in zip(ITEMS[:2], res["records"]):
+        checks = {}
+        for r in (a, b):
+            chat, _ = tok.render_chat([{"role": "user", "content": t.check.replace("{context}", ctx)
+                                       .replace("{response}", r)}], add_generation_prompt=True)
+            checks[r] = _greedy(model, tok, chat, 6).strip()
+        for (x, y), p, rationale in (((a, b), rec["p_first"], rec["rationales"][0]),
+                                     ((b, a), rec["p_first_swapped"], rec["rationales"][1])):
+            want = t.check_rationale.replace("{check_1}", checks[x]).replace("{check_2}", checks[y]).strip()
+            assert rationale == want
+            ids, i1, i2 = _hand_label_prompt(tok, replace_sample(t), ctx, x, y, f"{want} {t.ending}")
+            lp = _last_logprobs(model, ids)
+            assert p == pytest.approx(math.exp(lp[i1]) / (math.exp(lp[i1]) + math.exp(lp[i2])), abs=1e-5)
+    assert any(c for rec in res["records"] for c in rec["rationales"])
+    plain = soft_labels(engine, tok, ITEMS[:2], LabelConfig(cot=True, cot_max_tokens=6))["records"]
+    assert [r["rationales"] for r in plain] != [r["rationales"] for r in res["records"]]
+
+
+def test_checks_need_their_slots(tmp_path):
+    from selfreward.recipes.prompts import TemplateError
+    from selfreward.recipes.rlaif import LabelTemplate, read_template
+    f = tmp_path / "t.json"
+    f.write_text('{"check_rationale": "First: {check_1}"}')
+    with pytest.raises(TemplateError, match="check_rationale.*check_2"):
+        read_template(LabelTemplate, f)
+
+
 def replace_sample(t):
     from dataclasses import replace
     return replace(t, sample=t.sample + t.cot_request)

@@ -24,8 +24,7 @@ def test_pref_seed_labels_follow_the_checker():
     for r in recs:
         sys_, user, asst = (m["content"] for m in r["messages"])
         assert sys_ == WORLD_TEMPLATE.preamble
-        m = re.match(r"1: Judge\. Task: (.*) Answer: (.*) Score 5 .* 2: Judge\. Task: .* Answer: (.*) Score 5 if "
-                     r"every symbol matches, else 1\.( Check both\.)?$", user)
+        m = re.match(r"Task: (.*) 1: (.*) 2: (.*?)( Check both\.)?$", user)
         task = parse_prompt(m.group(1))
         right = [is_correct(task, m.group(2)), is_correct(task, m.group(3))]
         assert not all(right) and asst.endswith(("Preferred: 1", "Preferred: 2"))
@@ -35,6 +34,9 @@ def test_pref_seed_labels_follow_the_checker():
         if m.group(4):
             cot += 1
             assert asst.startswith("1: ") and " 2: " in asst and asst.count("Score:") == 2
+            # the reasons are the reference judgments of answer 1, then answer 2 (the checked labels' layout)
+            from selfreward.recipes.world.judging import judgment
+            assert asst == f"1: {judgment(task, m.group(2))} 2: {judgment(task, m.group(3))} " + asst[-12:]
     assert decided > 100 and 60 < cot < 140
 
 
@@ -57,7 +59,7 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
     for k in ("label_agreement", "position_bias_one_order", "position_bias_both_orders", "rm_pairwise"):
         assert k in on_disk
     assert s["pairs"] > 0
-    for name in ("direct", "cot"):
+    for name in ("direct", "cot", "checked"):
         lab = s["labels"][name]
         assert 0 <= lab["position_bias"]["one_order"] <= 1 and lab["prefill"]["prefix_hit"] > 0
         rows = [json.loads(x) for x in (run / f"labels_{name}.jsonl").read_text().splitlines()]
@@ -66,6 +68,12 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
             want = (r["p_first"] + 1 - r["p_first_swapped"]) / 2
             assert abs(r["label"][0] - want) < 1e-6 and abs(r["label"][1] - (1 - want)) < 1e-6
     assert all("rationales" in json.loads(x) for x in (run / "labels_cot.jsonl").read_text().splitlines())
+    # checked labels: each order's rationale holds the same two checks, numbered by that order
+    for r in map(json.loads, (run / "labels_checked.jsonl").read_text().splitlines()):
+        given, swapped = r["rationales"]
+        cuts = [i for i in range(len(given)) if given.startswith(" 2: ", i)]
+        assert given.startswith("1: ") and any(swapped == f"1: {given[i + 4:]} 2: {given[3:i]}".strip()
+                                               for i in cuts)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm" / "model", dtype=torch.float32)
     assert hf.config.num_labels == 1
     # part 2: RL from M1 against each source, the SFT row first, probes at steps 0, 1, 2

@@ -28,19 +28,23 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.infer.config import EngineConfig
+from selfreward.recipes.prompts import fill
 from selfreward.recipes.world.build import WorldModelConfig
+from selfreward.recipes.world.judging import JUDGE_TEMPLATE
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
 from selfreward.recipes.world.rlaif_rl import WorldRLConfig, plot, rl_stage, table
 
-# Each answer sits in the world's own judge phrase (recipes/world/judging.py), the layout M0's web text
-# taught it to check; the reasons are its check steps for answer 1, then for answer 2.
+# The task once, the two answers after it; the reasons are the world's check steps (recipes/world/judging.py)
+# for answer 1, then for answer 2, in the layout M0's web text taught it to check. With --checks (the
+# "checked" labels) each check is the labeller's own judgment of the answer alone, in the judge's prompt.
 WORLD_TEMPLATE = LabelTemplate(
     preamble="Judge two answers. Give the answer whose every symbol matches.",
-    sample=("1: Judge. Task: {context} Answer: {response_1} Score 5 if every symbol matches, else 1. "
-            "2: Judge. Task: {context} Answer: {response_2} Score 5 if every symbol matches, else 1."),
-    ending="Preferred:", cot_request=" Check both.")
+    sample="Task: {context} 1: {response_1} 2: {response_2}",
+    ending="Preferred:", cot_request=" Check both.",
+    check=JUDGE_TEMPLATE.replace("{instruction}", "{context}"), check_rationale="1: {check_1} 2: {check_2}")
+LABELS = {"direct": (False, False), "cot": (True, False), "checked": (True, True)}   # name: (cot, checks)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class RLAIFWorldConfig:
     top_p: float = 0.9
     max_tokens: int = 24
     cot_max_tokens: int = 96
-    rm_labels: str = "cot"            # which labels train the RM: cot | direct
+    rm_labels: str = "checked"        # which labels train the RM: checked | cot | direct
     heldout_fraction: float = 0.25    # share of the pairs' prompts kept from the RM
     rm_epochs: int = 4
     rm_batch: int = 16
@@ -93,8 +97,8 @@ def pref_seed(n: int, seed: int, mc: WorldModelConfig | None = None) -> list[dic
         k = 1 if ra else 2 if rb else rng.choice((1, 2))      # both wrong: no truth, either label
         cot = rng.random() < 0.5
         user = t.sample.format(context=task.prompt, response_1=a, response_2=b) + (t.cot_request if cot else "")
-        why = f"1: {judgment(task, a, fmt=mc.judge_format)} 2: {judgment(task, b, fmt=mc.judge_format)} " \
-            if cot else ""
+        why = fill(t.check_rationale, check_1=judgment(task, a, fmt=mc.judge_format),
+                   check_2=judgment(task, b, fmt=mc.judge_format)) + " " if cot else ""
         out.append({"messages": [{"role": "system", "content": t.preamble}, {"role": "user", "content": user},
                                  {"role": "assistant", "content": f"{why}{t.ending} {k}"}]})
     return out
@@ -155,6 +159,8 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
+    if cfg.rm_labels not in LABELS:
+        raise cli.ConfigError(f"--rm-labels {cfg.rm_labels}: choose from {', '.join(LABELS)}")
     # M1, the pairs and the RM are skipped when present: a rerun with other settings is refused (the RL
     # settings are checked per --rl-dir, in rl_stage: another --rl-dir reuses M1 and the RM)
     check_run_folder(run_dir, cfg, "rlaif_settings.json")
@@ -170,7 +176,7 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     if not (m1 / "config.json").exists():
         run_sft(SFTConfig(model=str(m0), data=[str(ift), str(eft), str(pref)], output=str(run_dir / "sft"),
                           export=str(m1), max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
-                          final_lr=cfg.sft_lr / 10, max_length=192, dropout=0.0, seed=cfg.seed, resume=True,
+                          final_lr=cfg.sft_lr / 10, max_length=256, dropout=0.0, seed=cfg.seed, resume=True,
                           log_every=50, threads=cfg.threads), cfg.nproc)
     stage("sft", t)
 
@@ -188,9 +194,10 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     results: dict[str, dict] = {}
     items = [(p["prompt"], p["response_1"], p["response_2"]) for p in pairs]
     control = seedlike_pairs(cfg.n_control, cfg.seed, mc)
-    for name, cot in (("direct", False), ("cot", True)):
+    for name, (cot, checks) in LABELS.items():
         t = time.perf_counter()
-        lcfg = LabelConfig(cot=cot, cot_max_tokens=cfg.cot_max_tokens, seed=cfg.seed, template=WORLD_TEMPLATE)
+        lcfg = LabelConfig(cot=cot, checks=checks, cot_max_tokens=cfg.cot_max_tokens, seed=cfg.seed,
+                           template=WORLD_TEMPLATE)
         ctl = soft_labels(engine, tok, [(p["prompt"], p["response_1"], p["response_2"]) for p in control], lcfg)
         lab = soft_labels(engine, tok, items, lcfg)
         recs = lab["records"]
