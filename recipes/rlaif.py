@@ -68,7 +68,7 @@ def prefill_since(engine, start: dict) -> dict:
 @dataclass
 class LabelConfig:
     cot: bool = False                 # sample a rationale first, read the label after it
-    checks: bool = False              # with cot: the rationale is the labeller's check of each reply alone
+    checks: bool = False              # the rationale is the labeller's check of each reply alone (implies cot)
     cot_max_tokens: int = 128         # the rationale's tokens (with checks: each check's)
     cot_temperature: float = 0.0      # the paper's labeller decodes at temperature 0
     seed: int = 0
@@ -87,23 +87,24 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
     t = cfg.template or LabelTemplate()
     start = dict(engine.stats)
     index = list(range(len(items))) if index is None else list(index)
-    user = t.exemplars + t.sample + (t.cot_request if cfg.cot else "")
+    cot = cfg.cot or cfg.checks
+    user = t.exemplars + t.sample + (t.cot_request if cot else "")
     orders = [(c, a, b) for c, a, b in items] + [(c, b, a) for c, a, b in items]     # given, then swapped
     head = len(forced_options(tok, t.ending, ["1", "2"])[0]) + 4
-    if cfg.cot and cfg.checks:
+    if cfg.checks:
         rationales = _checked_rationales(engine, tok, items, index, cfg, t)
         budgets = [engine.max_len - head - len(tok.encode(f"{r} {t.ending}")) for r in rationales]
     else:
-        budgets = [engine.max_len - head - cfg.cot * cfg.cot_max_tokens] * len(orders)
+        budgets = [engine.max_len - head - cot * cfg.cot_max_tokens] * len(orders)
     fitted = [fit_prompt(tok, user, {"context": c, "response_1": x, "response_2": y}, bud, t.preamble)
               for (c, x, y), bud in zip(orders, budgets)]
     base = [f[0] for f in fitted]
-    if cfg.cot and not cfg.checks:
+    if cot and not cfg.checks:
         seeds = [cfg.seed + 2 * j for j in index] + [cfg.seed + 2 * j + 1 for j in index]
         ps = [SamplingParams(temperature=cfg.cot_temperature, max_tokens=cfg.cot_max_tokens, seed=sd,
                              stop=[t.ending]) for sd in seeds]
         rationales = [g[0].text.strip() for g in engine.generate(base, ps)]
-    texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cfg.cot else t.ending
+    texts = [f"{r} {t.ending}" if r else t.ending for r in rationales] if cot else t.ending
     probs = option_probs(engine, tok, base, texts, ["1", "2"])
     n, records = len(items), []
     for i in range(n):
@@ -111,7 +112,7 @@ def soft_labels(engine, tok, items: list[tuple[str, str, str]], cfg: LabelConfig
         p1 = (p_first + (1 - p_first_sw)) / 2          # response 1 first, then response 1 second
         records.append({"label": [p1, 1 - p1], "p_first": p_first, "p_first_swapped": p_first_sw,
                         "prompts_cut": int(fitted[i][1]) + int(fitted[n + i][1]),
-                        **({"rationales": [rationales[i], rationales[n + i]]} if cfg.cot else {})})
+                        **({"rationales": [rationales[i], rationales[n + i]]} if cot else {})})
     return {"records": records, "prefill": prefill_since(engine, start), "prompts_cut": sum(f[1] for f in fitted),
             "prompt_tokens": [len(base[i]) + len(base[n + i]) for i in range(n)]}
 
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--groups", help="human-ranked groups JSONL (recipes.oasst groups_*.jsonl)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--cot", action="store_true")
+    ap.add_argument("--checks", action="store_true", help="the rationale is the labeller's check of each reply "
+                    "alone (the template's `check`, greedy), joined by its `check_rationale`; implies --cot")
     ap.add_argument("--cot-max-tokens", type=int, default=128)
     ap.add_argument("--template", help="JSON file with LabelTemplate fields")
     ap.add_argument("--limit", type=int)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(a.labeller).is_dir():
         raise DataError(f"--labeller {a.labeller}: not a checkpoint folder")
     forced_options(Tokenizer.load(a.labeller), t.ending, ["1", "2"])   # the options readable, before any file
-    cfg = LabelConfig(cot=a.cot, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
+    cfg = LabelConfig(cot=a.cot, checks=a.checks, cot_max_tokens=a.cot_max_tokens, seed=a.seed, template=t)
     made = {"labeller_fingerprint": model_fingerprint(a.labeller), "input_hash": file_hash(source),
             "input_kind": "groups" if a.groups else "pairs", "limit": a.limit, "settings": made_by(cfg),
             "dtype": dtype}

@@ -41,6 +41,7 @@ class RLAIFConfig(NodeConfig):   # --nnodes, --node-rank, --rdzv-endpoint: nodes
     prompts: str = cli.input_file("")     # JSONL {"prompt"}: RL's prompts
     reward: str = cli.choice("rm", "direct")   # rm: the distilled RM (RLAIF) | direct: the labeller's score
     cot: bool = False                     # a sampled rationale before each label
+    checks: bool = False                  # the rationale: each reply checked alone by the labeller (implies cot)
     cot_max_tokens: int = 128
     label_template: str = cli.input_file("")   # JSON with LabelTemplate fields ("" = the default)
     chunk: int = 64                       # pairs per engine call (the grain of resume)
@@ -64,7 +65,7 @@ def stage_label(cfg: RLAIFConfig, t: int, s: Session, rank: int = 0, world: int 
     if cfg.reward != "rm" or out.exists():
         return None
     pairs = nonempty(read_pairs(cfg.pairs), cfg.pairs, "pairs")
-    lc = LabelConfig(cot=cfg.cot, cot_max_tokens=cfg.cot_max_tokens, seed=cfg.seed,
+    lc = LabelConfig(cot=cfg.cot, checks=cfg.checks, cot_max_tokens=cfg.cot_max_tokens, seed=cfg.seed,
                      template=read_template(LabelTemplate, cfg.label_template or None))
 
     def work(batch, emit):

@@ -264,12 +264,14 @@ def _label(d, m, pairs, out, *extra):
                        *map(str, extra)])
 
 
-def test_label_cli_equals_one_call_over_every_pair(label_world, tiny):
+@pytest.mark.parametrize("flag", ["--cot", "--checks"])
+def test_label_cli_equals_one_call_over_every_pair(label_world, tiny, flag):
+    """Chunks of 3 label what one call over every pair does, with a sampled rationale or with checks."""
     from selfreward.recipes.rlaif import LabelConfig, soft_labels
     from selfreward.records import read_jsonl
     d, m, (pairs, rows) = label_world
-    out = d / "all.jsonl"
-    s = _label(d, m, pairs, out, "--cot", "--cot-max-tokens", "6")
+    out = d / f"all{flag}.jsonl"
+    s = _label(d, m, pairs, out, flag, "--cot-max-tokens", "6")
     got = read_jsonl(out)
     assert [r["id"] for r in got] == [0, 1, "two", 3, 4, 5, 6]
     assert [{k: r[k] for k in ("prompt", "response_1", "response_2")} for r in got] == \
@@ -279,7 +281,7 @@ def test_label_cli_equals_one_call_over_every_pair(label_world, tiny):
     from selfreward.model.tokenizer import Tokenizer
     ref = soft_labels(load_engine(str(m), EngineConfig(device="cpu")), Tokenizer.load(m),
                       [(r["prompt"], r["response_1"], r["response_2"]) for r in rows],
-                      LabelConfig(cot=True, cot_max_tokens=6))["records"]
+                      LabelConfig(cot=True, checks=flag == "--checks", cot_max_tokens=6))["records"]
     for r, w in zip(got, ref):
         assert r["label"][0] == pytest.approx(w["label"][0], abs=1e-5)
         assert r["p_first_swapped"] == pytest.approx(w["p_first_swapped"], abs=1e-5)

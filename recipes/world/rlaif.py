@@ -55,12 +55,12 @@ class RLAIFWorldConfig:
     threads: int = cli.passive(0)
     nproc: int = cli.passive(1)                    # ranks for train/sft.py and train/rm.py (torchrun)
     n_ift: int = 300
-    n_eft: int = 500
-    n_pref: int = 600                 # pairwise-label seed (half direct, half chain-of-thought)
-    sft_steps: int = 300
+    n_eft: int = 5000                 # the labeller's judging examples (issue 36: 500 left its checks at 0.72)
+    n_pref: int = 2000                # pairwise-label seed (half direct, half chain-of-thought)
+    sft_steps: int = 1500
     sft_batch: int = 16
     sft_lr: float = 3e-4
-    n_prompts: int = 1200             # fresh train-split prompts; those with two distinct candidates make a pair
+    n_prompts: int = 3000             # fresh train-split prompts; those with two distinct candidates make a pair
     n_candidates: int = 4
     temperature: float = 1.0
     top_p: float = 0.9
@@ -68,9 +68,9 @@ class RLAIFWorldConfig:
     cot_max_tokens: int = 96
     rm_labels: str = "checked"        # which labels train the RM: checked | cot | direct
     heldout_fraction: float = 0.25    # share of the pairs' prompts kept from the RM
-    rm_epochs: int = 4
+    rm_epochs: int = 8
     rm_batch: int = 16
-    rm_lr: float = 1e-4
+    rm_lr: float = 3e-4
     n_control: int = 200              # held-out right-vs-one-edit pairs labelled as a control (seed-like)
     m0: WorldModelConfig = field(default_factory=WorldModelConfig)   # M0's settings (its cache key); --m0-*
     rl: WorldRLConfig = field(default_factory=WorldRLConfig, metadata=cli.PASSIVE)   # part 2, RL from M1; --rl-*

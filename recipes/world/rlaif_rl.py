@@ -74,7 +74,7 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
     runs = {}
     for src in rc.sources:
         if src not in SOURCES:
-            raise ValueError(f"--rl-sources {src!r}: choose from {', '.join(SOURCES)}")
+            raise cli.ConfigError(f"--rl-sources {src!r}: choose from {', '.join(SOURCES)} (space-separated)")
         out = home / src
         cfg = RLConfig(model=str(m1), data=[str(prompts)], output=str(out), reward=src,
                        reward_model=str(rm) if src == "rm" else "",
