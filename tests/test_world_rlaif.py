@@ -79,6 +79,8 @@ def test_world_rlaif_smoke(tmp_path, monkeypatch):
     # part 2: RL from M1 against each source, the SFT row first, probes at steps 0, 1, 2
     assert [r["model"] for r in on_disk["rows"]] == ["SFT (M1)", "RL-checker", "RL-rm", "RL-direct"]
     assert all(0 <= r["greedy_acc"] <= 1 and 0 <= r["win_rate_vs_sft"] <= 1 for r in on_disk["rows"])
+    assert all(abs(r["gain_vs_sft"] - (r["greedy_acc"] - on_disk["rows"][0]["greedy_acc"])) < 1e-9
+               for r in on_disk["rows"][1:])
     assert 0 < on_disk["sync_share"] < 1
     assert [p["step"] for p in on_disk["rl_curves"]["rm"]["greedy_acc"]] == [0, 1, 2]
     # M1, the pairs, the RM and the RL runs are reused on a rerun: one with another setting is refused at once
@@ -103,3 +105,10 @@ def test_win_rate_counts_ties_half():
     # right-vs-wrong wins, wrong-vs-right loses, both right and both wrong are ties
     assert win_rate([True, True, False, False], [True, False, True, False]) == (0.5 + 1 + 0 + 0.5) / 4
     assert win_rate([True, True, True], [False, False, True]) == (1 + 1 + 0.5) / 3
+
+
+def test_gain_over_sft_and_its_paired_standard_error_by_hand():
+    from selfreward.recipes.world.rlaif_rl import paired_diff
+    # differences 0, 1, -1, 0, 1: mean 0.2; sample variance (0.04 + 0.64 + 1.44 + 0.04 + 0.64) / 4 = 0.7
+    m, se = paired_diff([True, True, False, False, True], [True, False, True, False, False])
+    assert m == 0.2 and abs(se - (0.7 / 5) ** 0.5) < 1e-12

@@ -111,6 +111,14 @@ def win_rate(a: list[bool], b: list[bool]) -> float:
     return sum(1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(a, b, strict=True)) / len(a)
 
 
+def paired_diff(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """(mean of a - b over the same prompts, its standard error): the gain over SFT and the error it is
+    judged against."""
+    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    return m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.0
+
+
 def summarize(runs: dict) -> dict:
     sft = next(iter(runs.values()))["first"]
     rows = [{"model": "SFT (M1)", "greedy_acc": sum(sft) / len(sft), "win_rate_vs_sft": 0.5}]
@@ -120,8 +128,9 @@ def summarize(runs: dict) -> dict:
         m = r["metrics"]
         sync += sum(x["sync_s"] for x in m)
         step += sum(x["step_s"] for x in m)
+        gain, se = paired_diff(r["final"], sft)
         rows.append({"model": f"RL-{src}", "greedy_acc": sum(r["final"]) / len(r["final"]),
-                     "win_rate_vs_sft": win_rate(r["final"], sft), "reward_first": m[0]["reward_mean"],
+                     "gain_vs_sft": gain, "gain_se": se, "win_rate_vs_sft": win_rate(r["final"], sft), "reward_first": m[0]["reward_mean"],
                      "reward_last": m[-1]["reward_mean"], "kl_last": m[-1]["kl"],
                      "sync_share": sum(x["sync_share"] for x in m) / len(m),
                      "sync_ms": 1e3 * sum(x["sync_s"] for x in m) / len(m),
@@ -159,10 +168,11 @@ def plot(rl: dict, path: Path) -> Path | None:
 
 def table(rl: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| model | greedy acc | win rate vs SFT | reward first -> last | KL last | sync share |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | greedy acc | minus SFT (paired SE) | win rate vs SFT | reward first -> last | KL last | "
+             "sync share |", "|---|---|---|---|---|---|---|"]
     for r in rl["rows"]:
-        lines.append(f"| {r['model']} | {f(r['greedy_acc'])} | {f(r['win_rate_vs_sft'])} | "
+        gain = f"{r['gain_vs_sft']:+.3f} ({r['gain_se']:.3f})" if "gain_vs_sft" in r else "-"
+        lines.append(f"| {r['model']} | {f(r['greedy_acc'])} | {gain} | {f(r['win_rate_vs_sft'])} | "
                      f"{f(r.get('reward_first'))} -> {f(r.get('reward_last'))} | {f(r.get('kl_last'))} | "
                      f"{f(r.get('sync_share'))} |")
     return "\n".join(lines + [f"weight hand-off share of step time (all runs): {f(rl['sync_share'])}"])
