@@ -1,14 +1,15 @@
 """RLAIF in the checkable world: part 1, AI labels on the world's candidate pairs and the distilled RM, with
 the checker as the truth; part 2, RL from M1 against three reward sources (recipes/world/rlaif_rl.py).
 
-    python -m selfreward.recipes.world.demo --method rlaif     # runs/world-rlaif; 9-10 min measured (M0 cached)
+    python -m selfreward.recipes.world.demo --method rlaif     # runs/world-rlaif; 10-13 min measured (M0 shipped)
     python -m selfreward.recipes.world.demo --method rlaif --seed 1 --run-dir runs/world-rlaif-s1
 
 Stages: M0 (the world's cached M0, recipes/world/build.py) -> seeds (IFT, EFT, and a pairwise-label seed)
 -> M1 = train/sft.py on them (the labeller, and the policy's size: the paper's same-size setting) -> M1
 samples candidates for fresh train-split prompts -> one pair of distinct candidate texts per prompt, in a
-random order -> soft labels by M1 in both orders, without and with chain-of-thought (recipes.rlaif) ->
-train/rm.py from M1 on the labels of 75% of the prompts -> the RM on the other 25% -> part 2: train/rl.py from
+random order -> soft labels by M1 in both orders (recipes.rlaif): direct, after reasons sampled in the pair's
+prompt (cot), and after M1's judgment of each answer alone in the judge's prompt (checked, `--checks`) ->
+train/rm.py from M1 on the checked labels of 75% of the prompts -> the RM on the other 25% -> part 2: train/rl.py from
 M1 against the checker, the RM and M1's direct scores (recipes/world/rlaif_rl.py; `rows`, `sync_share` and
 RUN/rl_curves.png; --rl-sources to choose, --rl-steps 0 to skip).
 
