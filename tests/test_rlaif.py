@@ -310,6 +310,8 @@ def test_label_cli_resumes_after_a_failed_write_and_refuses_a_mismatch(label_wor
     before = cut.read_bytes()
     with pytest.raises(DataError, match=r"settings.seed: 0 -> 1"):
         _label(d, m, pairs, cut, "--seed", "1")
+    with pytest.raises(DataError, match=r"settings.checks: false -> true"):
+        _label(d, m, pairs, cut, "--checks")
     other = tiny_chat_model(d / "m2", seed=1)
     with pytest.raises(DataError, match="labeller_fingerprint"):
         _label(d, other, pairs, cut)
