@@ -75,6 +75,14 @@ def rm_metrics(groups: Sequence[tuple[Sequence[int], Sequence[float | None]]], p
     }
 
 
+def paired_diff(a: Sequence, b: Sequence) -> tuple[float, float]:
+    """Two models' per-item results on the same items (0/1 as bools, numbers or "0"/"1" characters): the mean
+    of a - b and its paired standard error, sd(d_i) / sqrt(n)."""
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    return m, (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+
+
 def h2h_outcome(first: int | None, second: int | None) -> str:
     """A's fate from the two orders. `first`: the verdict with A shown first (1 = A, 2 = B); `second`: with
     B shown first (1 = B, 2 = A). A win needs both orders; a disagreement or no verdict is a tie."""

@@ -73,11 +73,10 @@ def measure(s, model: str, records: list[dict], max_tokens: int, out: Path) -> d
 def paired(base: str, other: str) -> dict:
     """Two models' replies to the same items (RUN/replies/*.jsonl): the other's strict accuracy minus the base's
     and the paired SE of that difference, sd(d_i) / sqrt(n) over the items' d_i in {-1, 0, 1}."""
+    from selfreward.recipes.metrics import paired_diff
     a, b = ({r["id"]: float(r["strict_ok"]) for r in read_jsonl(p)} for p in (base, other))
-    d = [b[k] - a[k] for k in a]
-    mu = sum(d) / len(d)
-    sd = (sum((x - mu) ** 2 for x in d) / max(1, len(d) - 1)) ** 0.5
-    return {"vs_M0": mu, "paired_se": sd / len(d) ** 0.5}
+    mu, se = paired_diff([b[k] for k in a], [a[k] for k in a])
+    return {"vs_M0": mu, "paired_se": se}
 
 
 def rl_row(cfg, run: Path, s, heldout: list[dict]) -> dict:

@@ -108,7 +108,19 @@ def test_win_rate_counts_ties_half():
 
 
 def test_gain_over_sft_and_its_paired_standard_error_by_hand():
-    from selfreward.recipes.world.rlaif_rl import paired_diff
+    from selfreward.recipes.metrics import paired_diff
     # differences 0, 1, -1, 0, 1: mean 0.2; sample variance (0.04 + 0.64 + 1.44 + 0.04 + 0.64) / 4 = 0.7
     m, se = paired_diff([True, True, False, False, True], [True, False, True, False, False])
     assert m == 0.2 and abs(se - (0.7 / 5) ** 0.5) < 1e-12
+
+
+def test_bad_label_and_source_names_are_refused_before_anything_is_written(tmp_path):
+    import pytest
+    from selfreward.cli import ConfigError
+    from selfreward.recipes.world import demo
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--rm-labels foo: choose from direct, cot, checked"):
+        demo.main(["--method", "rlaif", "--run-dir", str(run), "--rm-labels", "foo"])
+    with pytest.raises(ConfigError, match=r"--rl-sources 'checker,rm': choose from checker, rm, direct"):
+        demo.main(["--method", "rlaif", "--run-dir", str(run), "--rl-sources", "checker,rm"])
+    assert not run.exists()

@@ -252,9 +252,8 @@ def by_kind(cands: list[dict], unlabelled: list[dict], hc, iterations: int) -> d
 def paired_se(a: str, b: str) -> float:
     """The standard error of the mean paired difference of two models' per-prompt results (measure.py's
     "greedy_correct" strings on the same prompts)."""
-    d = [int(x) - int(y) for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    from selfreward.recipes.metrics import paired_diff
+    return paired_diff(a, b)[1]
 
 
 def table(rows: list[dict], prec: dict) -> str:

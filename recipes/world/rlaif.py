@@ -35,7 +35,7 @@ from selfreward.recipes.world.judging import JUDGE_TEMPLATE
 
 from selfreward.recipes.rlaif import LabelConfig, LabelTemplate, position_bias, soft_labels
 from selfreward.recipes.world.labels import agreement, reliability
-from selfreward.recipes.world.rlaif_rl import WorldRLConfig, plot, rl_stage, table
+from selfreward.recipes.world.rlaif_rl import SOURCES, WorldRLConfig, plot, rl_stage, table
 
 # The task once, the two answers after it; the reasons are the world's check steps (recipes/world/judging.py)
 # for answer 1, then for answer 2, in the layout M0's web text taught it to check. With --checks (the
@@ -56,7 +56,7 @@ class RLAIFWorldConfig:
     threads: int = cli.passive(0)
     nproc: int = cli.passive(1)                    # ranks for train/sft.py and train/rm.py (torchrun)
     n_ift: int = 300
-    n_eft: int = 5000                 # the labeller's judging examples (issue 36: 500 left its checks at 0.72)
+    n_eft: int = 5000                 # the labeller's judging examples (issue 36: 500 were too few to check)
     n_pref: int = 2000                # pairwise-label seed (half direct, half chain-of-thought)
     sft_steps: int = 1500
     sft_batch: int = 16
@@ -162,6 +162,9 @@ def run(cfg: RLAIFWorldConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     if cfg.rm_labels not in LABELS:
         raise cli.ConfigError(f"--rm-labels {cfg.rm_labels}: choose from {', '.join(LABELS)}")
+    bad = [src for src in cfg.rl.sources if src not in SOURCES]
+    if bad:
+        raise cli.ConfigError(f"--rl-sources {bad[0]!r}: choose from {', '.join(SOURCES)} (space-separated)")
     # M1, the pairs and the RM are skipped when present: a rerun with other settings is refused (the RL
     # settings are checked per --rl-dir, in rl_stage: another --rl-dir reuses M1 and the RM)
     check_run_folder(run_dir, cfg, "rlaif_settings.json")

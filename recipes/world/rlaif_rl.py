@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreward import cli
+from selfreward.recipes.metrics import paired_diff
 from selfreward.recipes.world.judging import JUDGE_TEMPLATE
 
 SOURCES = ("checker", "rm", "direct")
@@ -73,8 +74,6 @@ def rl_stage(run_dir: Path, m1: Path, rm: Path, avoid: set[str], seed: int, kind
                                                  heldout_eval_set(rc.n_eval, seed=1234 + seed, kinds=kinds)])
     runs = {}
     for src in rc.sources:
-        if src not in SOURCES:
-            raise cli.ConfigError(f"--rl-sources {src!r}: choose from {', '.join(SOURCES)} (space-separated)")
         out = home / src
         cfg = RLConfig(model=str(m1), data=[str(prompts)], output=str(out), reward=src,
                        reward_model=str(rm) if src == "rm" else "",
@@ -111,14 +110,6 @@ def win_rate(a: list[bool], b: list[bool]) -> float:
     return sum(1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def paired_diff(a: list[bool], b: list[bool]) -> tuple[float, float]:
-    """(mean of a - b over the same prompts, its standard error): the gain over SFT and the error it is
-    judged against."""
-    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
-    m = sum(d) / len(d)
-    return m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else 0.0
-
-
 def summarize(runs: dict) -> dict:
     sft = next(iter(runs.values()))["first"]
     rows = [{"model": "SFT (M1)", "greedy_acc": sum(sft) / len(sft), "win_rate_vs_sft": 0.5}]
@@ -130,7 +121,8 @@ def summarize(runs: dict) -> dict:
         step += sum(x["step_s"] for x in m)
         gain, se = paired_diff(r["final"], sft)
         rows.append({"model": f"RL-{src}", "greedy_acc": sum(r["final"]) / len(r["final"]),
-                     "gain_vs_sft": gain, "gain_se": se, "win_rate_vs_sft": win_rate(r["final"], sft), "reward_first": m[0]["reward_mean"],
+                     "gain_vs_sft": gain, "gain_se": se, "win_rate_vs_sft": win_rate(r["final"], sft),
+                     "reward_first": m[0]["reward_mean"],
                      "reward_last": m[-1]["reward_mean"], "kl_last": m[-1]["kl"],
                      "sync_share": sum(x["sync_share"] for x in m) / len(m),
                      "sync_ms": 1e3 * sum(x["sync_s"] for x in m) / len(m),

@@ -117,12 +117,10 @@ def paired(results: dict[str, dict], a: str, b: str) -> dict | None:
     (the standard deviation of the per-prompt differences over sqrt(n))."""
     if a not in results or b not in results:
         return None
+    from selfreward.recipes.metrics import paired_diff
     x, y = results[a]["greedy_correct"], results[b]["greedy_correct"]
-    d = [int(p) - int(q) for p, q in zip(x, y)]
-    n = len(d)
-    m = sum(d) / n
-    var = sum((v - m) ** 2 for v in d) / max(1, n - 1)
-    return {"diff": m, "se": (var / n) ** 0.5, "n": n}
+    m, se = paired_diff(x, y)
+    return {"diff": m, "se": se, "n": len(x)}
 
 
 def _f(v) -> str:
